@@ -1,0 +1,4 @@
+"""Code that runs inside workers: model, TP layers, KV cache, sampling, drafters.
+
+Pure torch. Never imports ``specray.cluster`` or ``specray.deploy``.
+"""

@@ -1,0 +1,1 @@
+"""Drafters: propose tokens cheaply for the target to verify."""

@@ -1,0 +1,1 @@
+"""Decoder-only transformer: config, layers, KV cache, forward pass and loader."""

@@ -1,0 +1,104 @@
+"""The input of one forward pass: a batch of sequences, each with its own new
+tokens and positions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+
+class Logits(Enum):
+    """Which of a sequence's new tokens need logits."""
+
+    ALL = "all"  # verification: one distribution per draft position and the bonus
+    LAST = "last"  # prefill and plain decode
+    NONE = "none"  # cache-only feeds (a drafter catching up)
+
+
+@dataclass(frozen=True)
+class SequenceInput:
+    """New tokens of one sequence, starting at position ``start`` of ``slot``."""
+
+    slot: int
+    token_ids: Sequence[int]
+    start: int
+    logits: Logits = Logits.LAST
+
+
+@dataclass
+class ForwardBatch:
+    """Padded tensors for a batch of :class:`SequenceInput`."""
+
+    slots: list[int]
+    token_ids: torch.Tensor  # [batch, max_new] int64, right-padded with 0
+    positions: torch.Tensor  # [batch, max_new] int64; padding repeats the last position
+    num_new: list[int]
+    flat_slots: torch.Tensor  # [num_tokens] int64: slot of each real token
+    flat_positions: torch.Tensor  # [num_tokens] int64: position of each real token
+    flat_index: torch.Tensor  # [num_tokens] int64: index of each real token in [batch*max_new]
+    logit_index: torch.Tensor  # [num_logit_rows] int64 into [batch*max_new]
+    logit_counts: list[int]  # logit rows per sequence, in batch order
+    context_len: int  # max(start + num_new): keys every query may need
+
+    @classmethod
+    def build(cls, seqs: Sequence[SequenceInput]) -> ForwardBatch:
+        if not seqs:
+            raise ValueError("a forward batch needs at least one sequence")
+        max_new = max(len(s.token_ids) for s in seqs)
+        if max_new == 0 or any(len(s.token_ids) == 0 for s in seqs):
+            raise ValueError("every sequence in a forward batch needs at least one new token")
+        batch = len(seqs)
+        token_ids = torch.zeros(batch, max_new, dtype=torch.int64)
+        positions = torch.zeros(batch, max_new, dtype=torch.int64)
+        flat_slots: list[int] = []
+        flat_positions: list[int] = []
+        flat_index: list[int] = []
+        logit_index: list[int] = []
+        logit_counts: list[int] = []
+        for b, seq in enumerate(seqs):
+            n = len(seq.token_ids)
+            token_ids[b, :n] = torch.as_tensor(seq.token_ids, dtype=torch.int64)
+            pos = torch.arange(seq.start, seq.start + n)
+            positions[b, :n] = pos
+            positions[b, n:] = seq.start + n - 1
+            flat_slots += [seq.slot] * n
+            flat_positions += pos.tolist()
+            rows = list(range(b * max_new, b * max_new + n))
+            flat_index += rows
+            wanted = {Logits.ALL: rows, Logits.LAST: rows[-1:], Logits.NONE: []}[seq.logits]
+            logit_index += wanted
+            logit_counts.append(len(wanted))
+        return cls(
+            slots=[s.slot for s in seqs],
+            token_ids=token_ids,
+            positions=positions,
+            num_new=[len(s.token_ids) for s in seqs],
+            flat_slots=torch.tensor(flat_slots, dtype=torch.int64),
+            flat_positions=torch.tensor(flat_positions, dtype=torch.int64),
+            flat_index=torch.tensor(flat_index, dtype=torch.int64),
+            logit_index=torch.tensor(logit_index, dtype=torch.int64),
+            logit_counts=logit_counts,
+            context_len=max(s.start + len(s.token_ids) for s in seqs),
+        )
+
+    def end_positions(self) -> list[int]:
+        """Per sequence, one past its last new position: its cache length after."""
+        return [int(self.positions[b, n - 1]) + 1 for b, n in enumerate(self.num_new)]
+
+    def attention_mask(self, window: int | None) -> torch.Tensor:
+        """``[batch, 1, max_new, context_len]`` bool: may query attend to key.
+
+        A query at position i sees keys at positions j with j <= i, and with a
+        sliding window also i - window < j. Padding queries repeat the last
+        real position, so their rows stay non-empty (no NaN); their outputs
+        are discarded.
+        """
+        key_pos = torch.arange(self.context_len)
+        query_pos = self.positions.unsqueeze(-1)  # [batch, max_new, 1]
+        visible = key_pos <= query_pos
+        if window is not None:
+            visible &= key_pos > query_pos - window
+        return visible.unsqueeze(1)

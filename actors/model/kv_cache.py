@@ -1,0 +1,103 @@
+"""A position-indexed KV cache with O(1) rollback.
+
+Every sequence owns a slot; the key and value of the token at position ``p``
+live at index ``p`` of that slot. Rolling back rejected draft tokens is
+"move the length back" (:meth:`KVCache.truncate`): stale entries beyond the
+length are never read, and are overwritten by the next write.
+
+Sliding-window layers keep every position too and apply the window as a
+mask. A ring buffer would save memory, but then a rollback could expose
+overwritten entries; full positions keep the window exact across rollbacks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CacheFullError(RuntimeError):
+    """No free slot, or a sequence would outgrow its slot."""
+
+
+class KVCache:
+    """Keys and values of every layer for ``num_slots`` sequences."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
+        # Zeros, not empty: masked-out garbage could be NaN, and 0 * NaN = NaN.
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.num_slots = num_slots
+        self._lengths = [0] * num_slots
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise CacheFullError(f"all {self.num_slots} KV cache slots are in use")
+        slot = self._free.pop()
+        self._lengths[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        if slot in self._free:
+            raise ValueError(f"KV cache slot {slot} is already free")
+        self._lengths[slot] = 0
+        self._free.append(slot)
+
+    def length(self, slot: int) -> int:
+        return self._lengths[slot]
+
+    def truncate(self, slot: int, new_len: int) -> None:
+        """Roll back: forget every position ``>= new_len``."""
+        if not 0 <= new_len <= self._lengths[slot]:
+            raise ValueError(
+                f"cannot truncate slot {slot} of length {self._lengths[slot]} to {new_len}"
+            )
+        self._lengths[slot] = new_len
+
+    def check_room(self, slot: int, end: int) -> None:
+        if end > self.max_len:
+            raise CacheFullError(
+                f"sequence in slot {slot} needs {end} positions; the cache holds {self.max_len}"
+            )
+
+    def set_length(self, slot: int, new_len: int) -> None:
+        self._lengths[slot] = new_len
+
+    def write(
+        self,
+        layer: int,
+        slots: torch.Tensor,  # [tokens] int64
+        positions: torch.Tensor,  # [tokens] int64
+        keys: torch.Tensor,  # [tokens, kv_heads, head_dim]
+        values: torch.Tensor,  # [tokens, kv_heads, head_dim]
+    ) -> None:
+        self.keys[layer][slots, :, positions] = keys
+        self.values[layer][slots, :, positions] = values
+
+    def read(self, layer: int, slots: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[batch, kv_heads, length, head_dim]`` keys and values of ``slots``."""
+        first = slots[0]
+        if slots == list(range(first, first + len(slots))):
+            # Contiguous slots: a view, no copy.
+            block = slice(first, first + len(slots))
+            return self.keys[layer, block, :, :length], self.values[layer, block, :, :length]
+        index = torch.tensor(slots)
+        return (
+            self.keys[layer, :, :, :length].index_select(0, index),
+            self.values[layer, :, :, :length].index_select(0, index),
+        )

@@ -1,0 +1,150 @@
+"""Attention and MLP blocks built from the parallel layers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specray.actors.model.batch import ForwardBatch
+from specray.actors.model.config import ModelConfig
+from specray.actors.model.kv_cache import KVCache
+from specray.actors.model.norm import RMSNorm
+from specray.actors.model.rotary import apply_rotary
+from specray.actors.parallel.group import TPGroup
+from specray.actors.parallel.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from specray.actors.parallel.weights import WeightSource
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over the KV cache, heads split by rank."""
+
+    def __init__(self, config: ModelConfig, layer: int, group: TPGroup, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layer = layer
+        self.head_dim = config.head_dim
+        self.scale = config.attention_scale
+        self.window = config.sliding_windows[layer] if config.sliding_windows else None
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            config.attention_bias,
+            group,
+            dtype,
+        )
+        self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, False, group, dtype)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if config.qk_norm:
+            eps, gemma = config.rms_norm_eps, config.gemma_norms
+            self.q_norm = RMSNorm(config.head_dim, eps, dtype, gemma)
+            self.k_norm = RMSNorm(config.head_dim, eps, dtype, gemma)
+
+    @property
+    def local_kv_heads(self) -> int:
+        return self.qkv_proj.local_kv_heads
+
+    def load(self, source: WeightSource, prefix: str) -> None:
+        self.qkv_proj.load(source, prefix)
+        self.o_proj.load(source, f"{prefix}.o_proj")
+        if self.q_norm is not None and self.k_norm is not None:
+            self.q_norm.load(source, f"{prefix}.q_norm")
+            self.k_norm.load(source, f"{prefix}.k_norm")
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [batch, max_new, hidden]
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [batch, max_new, 1, head_dim]
+        mask: torch.Tensor,  # [batch, 1, max_new, context_len] bool
+        batch: ForwardBatch,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        q, k, v = self.qkv_proj(x)
+        q = q.view(bsz, seq, -1, self.head_dim)
+        k = k.view(bsz, seq, -1, self.head_dim)
+        v = v.view(bsz, seq, -1, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        kv_heads = k.shape[2]
+        flat_k = k.reshape(-1, kv_heads, self.head_dim).index_select(0, batch.flat_index)
+        flat_v = v.reshape(-1, kv_heads, self.head_dim).index_select(0, batch.flat_index)
+        cache.write(self.layer, batch.flat_slots, batch.flat_positions, flat_k, flat_v)
+        keys, values = cache.read(self.layer, batch.slots, batch.context_len)
+
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` with the intermediate dim split by rank."""
+
+    def __init__(self, config: ModelConfig, group: TPGroup, dtype: torch.dtype) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, (inter, inter), group, dtype
+        )
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, False, group, dtype)
+        self.gelu = config.hidden_act == "gelu_pytorch_tanh"
+
+    def load(self, source: WeightSource, prefix: str) -> None:
+        self.gate_up_proj.load(source, (f"{prefix}.gate_proj", f"{prefix}.up_proj"))
+        self.down_proj.load(source, f"{prefix}.down_proj")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., hidden]
+        gate, up = self.gate_up_proj(x)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(act * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; Gemma 3 also norms each branch's output."""
+
+    def __init__(self, config: ModelConfig, layer: int, group: TPGroup, dtype: torch.dtype) -> None:
+        super().__init__()
+        eps, gemma = config.rms_norm_eps, config.gemma_norms
+        hidden = config.hidden_size
+        self.gemma = gemma
+        self.self_attn = Attention(config, layer, group, dtype)
+        self.mlp = GatedMLP(config, group, dtype)
+        self.input_layernorm = RMSNorm(hidden, eps, dtype, gemma)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, gemma)
+        if gemma:
+            self.pre_feedforward_layernorm = RMSNorm(hidden, eps, dtype, gemma)
+            self.post_feedforward_layernorm = RMSNorm(hidden, eps, dtype, gemma)
+
+    def load(self, source: WeightSource, prefix: str) -> None:
+        self.self_attn.load(source, f"{prefix}.self_attn")
+        self.mlp.load(source, f"{prefix}.mlp")
+        norms = ["input_layernorm", "post_attention_layernorm"]
+        if self.gemma:
+            norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        for name in norms:
+            getattr(self, name).load(source, f"{prefix}.{name}")
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [batch, max_new, hidden]
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        batch: ForwardBatch,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), rope, mask, batch, cache)
+        if self.gemma:
+            x = x + self.post_attention_layernorm(attn)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,33 @@
+"""RMSNorm in the two flavours the supported families use."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from specray.actors.parallel.weights import WeightSource
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * w`` (Llama, Qwen) or ``* (1 + w)`` (Gemma 3).
+
+    The two families also round differently: Llama casts the normalised
+    activations back to the input dtype before scaling, Gemma scales in fp32
+    and casts last. Both are kept exact so bf16 outputs match the reference.
+    """
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, gemma: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.gemma = gemma
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
+
+    def load(self, source: WeightSource, prefix: str) -> None:
+        self.weight.copy_(source.read(f"{prefix}.weight"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., dim]
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:
+            return (normed * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * normed.to(x.dtype)

@@ -1,0 +1,1 @@
+"""Tensor parallelism: the injected TP group, parallel layers and sliced weight reads."""

@@ -1,0 +1,1 @@
+"""Sampling: logits processing, seeded generators and lossless rejection sampling."""

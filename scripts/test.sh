@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The test command: set up ./.venv if needed, then lint, type-check the pure
+# core and run the whole test suite (slow and real-model tests included).
+# Extra arguments go to pytest.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/scripts/venv.sh"
+cd "$root"
+py="$root/.venv/bin/python"
+
+"$py" -m ruff check .
+"$py" -m ruff format --check .
+
+# mypy resolves `specray.*` through a link named after the package, since the
+# repository root is the package.
+typeroot="$(mktemp -d)"
+trap 'rm -rf "$typeroot"' EXIT
+ln -s "$root" "$typeroot/specray"
+MYPYPATH="$typeroot" "$py" -m mypy -p specray.actors
+
+"$py" -m pytest "$@"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create (once) and reuse ./.venv with specray and its pinned dependencies.
+# torch comes from `pip install torch==2.13.0` first: on CPU machines that is
+# the CPU wheel, and the pin in pyproject.toml is then already satisfied, so
+# no resolver can pull a multi-GB CUDA build.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+stamp="$venv/.specray-installed"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q torch==2.13.0
+  "$venv/bin/python" -m pip install -q -e "$root[dev]"
+  touch "$stamp"
+fi
