@@ -1,0 +1,1 @@
+"""The engine around the model: per-round loop, stopping and detokenization."""
