@@ -1,0 +1,135 @@
+"""A small language model with the target's tokenizer, drafting token by token.
+
+It keeps its own KV cache. After :meth:`propose` the cache holds the
+committed tokens plus the first ``γ - 1`` drafts; :meth:`accept` rolls it
+back to the committed tokens it already fed (including the accepted drafts),
+and the next propose feeds whatever committed tokens it has not seen yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from specray.actors.drafting.base import DraftProposal, DraftRequest
+from specray.actors.model.batch import ForwardBatch, SequenceInput
+from specray.actors.model.decoder import DecoderModel
+from specray.actors.sampling.logits import SamplingTensors, compute_probs, make_generator
+from specray.actors.sampling.params import SamplingParams
+
+# The drafter's random stream is derived from the request seed but distinct
+# from the target's, so the two never consume each other's draws.
+DRAFT_SEED_OFFSET = 0x5EED
+
+
+@dataclass
+class _DraftState:
+    slot: int
+    tokens: list[int]  # committed tokens
+    cached: int  # the draft cache is valid for tokens[:cached]
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    last_proposal: int = 0
+
+
+class DraftModelDrafter:
+    """Drafts with a separate model that shares the target's vocabulary."""
+
+    name = "draft-model"
+    hidden_layers: tuple[int, ...] = ()
+
+    def __init__(self, model: DecoderModel, num_slots: int, max_len: int) -> None:
+        self.model = model
+        self.cache = model.new_cache(num_slots, max_len)
+        self._states: dict[str, _DraftState] = {}
+
+    def start(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
+        if request_id in self._states:
+            raise ValueError(f"request {request_id!r} is already being drafted")
+        generator = None
+        if not sampling.greedy:
+            seed = sampling.seed if sampling.seed is not None else 0
+            generator = make_generator(seed + DRAFT_SEED_OFFSET)
+        self._states[request_id] = _DraftState(
+            self.cache.allocate(), list(prompt_ids), 0, sampling, generator
+        )
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
+        states = [self._state(r.request_id) for r in requests]
+        # Never draft past the end of the draft cache.
+        budgets = [
+            max(0, min(r.num_tokens, self.cache.max_len - len(s.tokens)))
+            for r, s in zip(requests, states, strict=True)
+        ]
+        drafted: list[list[int]] = [[] for _ in states]
+        probs: list[list[torch.Tensor]] = [[] for _ in states]
+        feeds = [s.tokens[s.cached :] for s in states]
+        for step in range(max(budgets, default=0)):
+            active = [i for i, b in enumerate(budgets) if b > step]
+            seqs = [
+                SequenceInput(states[i].slot, feeds[i], self.cache.length(states[i].slot))
+                for i in active
+            ]
+            logits = self.model(ForwardBatch.build(seqs), self.cache).logits
+            tokens, token_probs = self._sample(logits, [states[i] for i in active])
+            for row, i in enumerate(active):
+                drafted[i].append(tokens[row])
+                if token_probs is not None:
+                    probs[i].append(token_probs[row])
+                feeds[i] = [tokens[row]]
+        for state, ids in zip(states, drafted, strict=True):
+            state.last_proposal = len(ids)
+            if ids:
+                state.cached = len(state.tokens)
+        return [
+            DraftProposal(ids, torch.stack(p) if p else None)
+            for ids, p in zip(drafted, probs, strict=True)
+        ]
+
+    def accept(
+        self,
+        request_id: str,
+        num_accepted: int,
+        new_token_ids: Sequence[int],
+        target_hidden: torch.Tensor | None = None,
+    ) -> None:
+        state = self._state(request_id)
+        # Drafts 1..γ-1 were fed; the accepted ones among them stay cached.
+        fed_drafts = max(state.last_proposal - 1, 0)
+        if state.last_proposal:
+            state.cached = len(state.tokens) + min(num_accepted, fed_drafts)
+            self.cache.truncate(state.slot, state.cached)
+        state.tokens.extend(new_token_ids)
+        state.last_proposal = 0
+
+    def finish(self, request_id: str) -> None:
+        state = self._states.pop(request_id, None)
+        if state is not None:
+            self.cache.free(state.slot)
+
+    def _state(self, request_id: str) -> _DraftState:
+        try:
+            return self._states[request_id]
+        except KeyError:
+            raise KeyError(f"draft model has no request {request_id!r}") from None
+
+    def _sample(
+        self,
+        logits: torch.Tensor,  # [rows, vocab] float32
+        states: Sequence[_DraftState],
+    ) -> tuple[list[int], torch.Tensor | None]:
+        if all(s.sampling.greedy for s in states):
+            return logits.argmax(-1).tolist(), None
+        sampling = SamplingTensors.from_params([s.sampling for s in states])
+        draft_probs = compute_probs(logits, sampling)
+        tokens = []
+        for row, state in enumerate(states):
+            if state.generator is None:
+                tokens.append(int(draft_probs[row].argmax()))
+            else:
+                tokens.append(
+                    int(torch.multinomial(draft_probs[row], 1, generator=state.generator))
+                )
+        return tokens, draft_probs

@@ -1,0 +1,98 @@
+"""Build a ready engine from model names or paths: the one place that turns
+``--target`` / ``--draft`` / ``--dtype`` into loaded components."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from specray.actors.drafting.base import Drafter
+from specray.actors.drafting.draft_model import DraftModelDrafter
+from specray.actors.drafting.ngram import NgramDrafter
+from specray.actors.engine.calibrate import CostModel, calibrate
+from specray.actors.engine.engine import EngineConfig, SpecEngine
+from specray.actors.engine.gamma import GammaPolicy
+from specray.actors.engine.target import LocalTarget, Target
+from specray.actors.model.config import ModelConfig
+from specray.actors.model.decoder import DecoderModel
+from specray.actors.model.loader import load_model
+from specray.actors.store.resolve import resolve_model
+
+
+class IncompatibleDraftError(ValueError):
+    """The draft model cannot draft for this target (different vocabulary)."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    target: str  # a registered model name or a local path
+    draft: str = "ngram"  # none | ngram | a registered model name or a local path
+    dtype: str = "bfloat16"
+    num_speculative_tokens: int = 4
+    adaptive: bool = True
+    max_batch: int = 8
+    max_len: int = 4096
+    home: Path | None = None
+
+
+@dataclass
+class LoadedEngine:
+    engine: SpecEngine
+    tokenizer: PreTrainedTokenizerBase
+    target_dir: Path
+    target_config: ModelConfig
+    costs: CostModel | None
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def build_drafter(
+    spec: EngineSpec, target_config: ModelConfig
+) -> tuple[Drafter | None, DecoderModel | None]:
+    """The drafter named by ``spec.draft``, and its model if it has one."""
+    if spec.draft == "none":
+        return None, None
+    if spec.draft == "ngram":
+        return NgramDrafter(), None
+    draft_dir = resolve_model(spec.draft, home=spec.home)
+    draft_config = ModelConfig.from_pretrained(draft_dir)
+    if draft_config.vocab_size != target_config.vocab_size:
+        raise IncompatibleDraftError(
+            f"draft {spec.draft!r} has vocab_size {draft_config.vocab_size}, the target has "
+            f"{target_config.vocab_size}: a draft must share the target's tokenizer"
+        )
+    model = load_model(draft_dir, spec.dtype)
+    return DraftModelDrafter(model, spec.max_batch, spec.max_len), model
+
+
+def build_engine(spec: EngineSpec, target: Target | None = None) -> LoadedEngine:
+    """Resolve, load and calibrate. ``target`` replaces the local target
+    (e.g. a tensor-parallel group) while everything else stays the same."""
+    target_dir = resolve_model(spec.target, home=spec.home)
+    config = ModelConfig.from_pretrained(target_dir)
+    tokenizer = load_tokenizer(target_dir)
+    costs = None
+    if target is None:
+        model = load_model(target_dir, spec.dtype)
+        target = LocalTarget(model, spec.max_batch, spec.max_len)
+    drafter, draft_model = build_drafter(spec, config)
+    policy = GammaPolicy(spec.num_speculative_tokens, spec.adaptive)
+    if spec.adaptive and isinstance(target, LocalTarget) and drafter is not None:
+        costs = calibrate(target.model, draft_model, spec.num_speculative_tokens)
+        policy = GammaPolicy(spec.num_speculative_tokens, True, costs.draft_cost, costs.verify_cost)
+    eos = tuple(config.eos_token_ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos += (int(tokenizer.eos_token_id),)
+    engine = SpecEngine(
+        target,
+        drafter,
+        tokenizer,
+        eos,
+        EngineConfig(spec.max_batch, spec.num_speculative_tokens, spec.adaptive),
+        policy,
+    )
+    return LoadedEngine(engine, tokenizer, target_dir, config, costs)

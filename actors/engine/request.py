@@ -1,0 +1,123 @@
+"""One request's state inside the engine, and what it streams back."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specray.actors.engine.gamma import AcceptanceEstimate
+from specray.actors.engine.stopping import FinishReason, StopChecker
+from specray.actors.sampling.params import SamplingParams, StoppingCriteria
+
+
+@dataclass
+class RequestStats:
+    """Speculation counters of one request.
+
+    ``mean_acceptance_length`` (τ) counts the tokens one round commits,
+    including the recovered or bonus token, as vLLM and DSpark define it:
+    1.0 for target-only decoding, k + 1 when every draft is accepted.
+    """
+
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    rounds: int = 0
+    fallback: bool = False  # the drafter failed and the request went on target-only
+    created_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    num_output_tokens: int = 0
+
+    def record_round(self, num_drafts: int, num_accepted: int) -> None:
+        self.draft_tokens += num_drafts
+        self.accepted_tokens += num_accepted
+        self.rounds += 1
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return (self.accepted_tokens + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def elapsed_s(self) -> float:
+        end = self.finished_at if self.finished_at is not None else time.perf_counter()
+        return end - self.created_at
+
+    @property
+    def tokens_per_s(self) -> float:
+        elapsed = self.elapsed_s
+        return self.num_output_tokens / elapsed if elapsed > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        return {
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "rounds": self.rounds,
+            "mean_acceptance_length": round(self.mean_acceptance_length, 4),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "elapsed_s": round(self.elapsed_s, 4),
+            "fallback": self.fallback,
+        }
+
+
+@dataclass
+class GenerationRequest:
+    """What a caller asks for."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stopping: StoppingCriteria = field(default_factory=StoppingCriteria)
+    # Draft tokens per round: None uses the engine's policy, 0 disables
+    # speculation for this request (target-only on the same path).
+    num_speculative_tokens: int | None = None
+
+
+@dataclass
+class RequestOutput:
+    """One streamed chunk: the tokens and text a round added."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None
+    stats: RequestStats
+    seed: int
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RunningRequest:
+    """Engine-side state: committed tokens and where each cache stands."""
+
+    request: GenerationRequest
+    seed: int
+    generator: torch.Generator
+    stop: StopChecker
+    acceptance: AcceptanceEstimate
+    max_gamma: int
+    tokens: list[int]  # prompt + committed output
+    cached_len: int = 0  # the target's cache is valid for tokens[:cached_len]
+    output_ids: list[int] = field(default_factory=list)
+    stats: RequestStats = field(default_factory=RequestStats)
+    gamma: int = 0  # draft tokens asked for this round
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.request.sampling
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.request.stopping.max_tokens - len(self.output_ids)

@@ -1,0 +1,111 @@
+"""One propose → verify → accept → roll back round for a batch of requests.
+
+The whole speculative step, in the spirit of gpt-fast's
+``speculative_decode``: ask the drafter for tokens, verify every request's
+drafts in one batched target forward, keep what rejection sampling accepts,
+and tell both caches where the committed sequence now ends. Stop criteria
+and streaming are the caller's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest
+from specray.actors.engine.request import RunningRequest
+from specray.actors.engine.target import Target, VerifyInput, VerifyOutput
+from specray.actors.sampling.logits import SamplingTensors, compute_probs
+from specray.actors.sampling.rejection import DraftBatch, RejectionResult, rejection_sample
+
+
+@dataclass
+class RoundResult:
+    new_token_ids: list[list[int]]  # per request: accepted drafts + recovered/bonus
+    rejection: RejectionResult
+
+
+def speculative_round(
+    running: Sequence[RunningRequest], drafter: Drafter | None, target: Target
+) -> RoundResult:
+    # 1. Propose. Requests with γ = 0 decode target-only in the same batch.
+    asks = [DraftRequest(r.request_id, r.gamma) for r in running if r.gamma > 0]
+    proposed = dict(zip([a.request_id for a in asks], _propose(drafter, asks), strict=True))
+    drafts = [proposed.get(r.request_id, DraftProposal([])) for r in running]
+
+    # 2. Verify all drafts in one target forward. The target rolls its cache
+    # back to each request's cached_len before feeding.
+    hidden_layers = drafter.hidden_layers if drafter is not None else ()
+    outputs = target.verify(
+        [
+            VerifyInput(
+                r.request_id,
+                r.cached_len,
+                r.tokens[r.cached_len :] + d.token_ids,
+                len(d) + 1,
+            )
+            for r, d in zip(running, drafts, strict=True)
+        ],
+        hidden_layers,
+    )
+
+    # 3. Accept: lossless rejection sampling against the target.
+    rejection = _accept(running, drafts, outputs)
+
+    # 4. Commit. The target's cache now holds every committed token except
+    # the newest, which the next round feeds; the drafter rolls back its own.
+    for r, draft, out, new_ids, accepted in zip(
+        running, drafts, outputs, rejection.output_token_ids, rejection.num_accepted, strict=True
+    ):
+        r.cached_len = len(r.tokens) + accepted
+        r.tokens.extend(new_ids)
+        r.stats.record_round(len(draft), accepted)
+        r.acceptance.update(len(draft), accepted)
+        if drafter is not None:
+            hidden = None if out.hidden_states is None else out.hidden_states[: accepted + 1]
+            drafter.accept(r.request_id, accepted, new_ids, hidden)
+    return RoundResult(rejection.output_token_ids, rejection)
+
+
+def _propose(drafter: Drafter | None, asks: list[DraftRequest]) -> list[DraftProposal]:
+    if drafter is None or not asks:
+        return [DraftProposal([]) for _ in asks]
+    proposals = drafter.propose(asks)
+    # A drafter may return fewer tokens than asked, never more.
+    return [
+        p if len(p) <= a.num_tokens else _clip(p, a.num_tokens)
+        for p, a in zip(proposals, asks, strict=True)
+    ]
+
+
+def _clip(proposal: DraftProposal, n: int) -> DraftProposal:
+    probs = None if proposal.draft_probs is None else proposal.draft_probs[:n]
+    return DraftProposal(proposal.token_ids[:n], probs)
+
+
+def _accept(
+    running: Sequence[RunningRequest],
+    drafts: Sequence[DraftProposal],
+    outputs: Sequence[VerifyOutput],
+) -> RejectionResult:
+    draft_batch = DraftBatch.from_proposals(
+        [d.token_ids for d in drafts], [d.draft_probs for d in drafts]
+    )
+    greedy = [r.sampling.greedy for r in running]
+    rows = max(len(d) for d in drafts) + 1
+    if all(greedy):
+        argmax = torch.zeros(len(running), rows, dtype=torch.int64)
+        for i, out in enumerate(outputs):
+            argmax[i, : out.logits.shape[0]] = out.logits.argmax(-1)
+        return rejection_sample(draft_batch, None, greedy, [None] * len(running), argmax)
+
+    counts = [out.logits.shape[0] for out in outputs]
+    sampling = SamplingTensors.from_params([r.sampling for r in running]).repeat_interleave(counts)
+    flat_probs = compute_probs(torch.cat([out.logits for out in outputs]), sampling)
+    target_probs = torch.zeros(len(running), rows, flat_probs.shape[-1])
+    for i, probs in enumerate(flat_probs.split(counts)):
+        target_probs[i, : probs.shape[0]] = probs
+    generators = [None if r.sampling.greedy else r.generator for r in running]
+    return rejection_sample(draft_batch, target_probs, greedy, generators)

@@ -1,0 +1,91 @@
+"""The target model as the round logic sees it: one batched verify call.
+
+Each :class:`VerifyInput` says "your cache for this request is valid up to
+``start``; feed ``token_ids`` from there and give me logits for the last
+``num_logits`` of them". Rollback of rejected draft tokens therefore rides
+on the next call (the cache is truncated to ``start``), and re-prefilling a
+migrated request is the same call with ``start = 0``. One message per round
+is what a remote, sharded target needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from specray.actors.model.batch import ForwardBatch, SequenceInput
+from specray.actors.model.decoder import DecoderModel
+
+
+@dataclass(frozen=True)
+class VerifyInput:
+    request_id: str
+    start: int  # the cache is valid for positions [0, start)
+    token_ids: list[int]  # uncached committed tokens, then the draft tokens
+    num_logits: int  # number of drafts + 1
+
+
+@dataclass
+class VerifyOutput:
+    logits: torch.Tensor  # [num_logits, vocab] float32
+    hidden_states: torch.Tensor | None = None  # [num_logits, len(layers) * hidden]
+
+
+class Target(Protocol):
+    """A target model replica, local or sharded over a TP group."""
+
+    def verify(
+        self, inputs: Sequence[VerifyInput], hidden_layers: tuple[int, ...] = ()
+    ) -> list[VerifyOutput]: ...
+
+    def release(self, request_id: str) -> None: ...
+
+
+class LocalTarget:
+    """A target model in this process, with a KV cache slot per request."""
+
+    def __init__(self, model: DecoderModel, num_slots: int, max_len: int) -> None:
+        self.model = model
+        self.cache = model.new_cache(num_slots, max_len)
+        self._slots: dict[str, int] = {}
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    @property
+    def num_active(self) -> int:
+        return len(self._slots)
+
+    def verify(
+        self, inputs: Sequence[VerifyInput], hidden_layers: tuple[int, ...] = ()
+    ) -> list[VerifyOutput]:
+        seqs = []
+        for item in inputs:
+            slot = self._slots.get(item.request_id)
+            if slot is None:
+                slot = self._slots[item.request_id] = self.cache.allocate()
+            if item.start > self.cache.length(slot):
+                raise ValueError(
+                    f"request {item.request_id!r}: verify starts at {item.start} but only "
+                    f"{self.cache.length(slot)} positions are cached"
+                )
+            self.cache.truncate(slot, item.start)
+            seqs.append(SequenceInput(slot, item.token_ids, item.start, item.num_logits))
+        out = self.model(ForwardBatch.build(seqs), self.cache, hidden_layers)
+        counts = [item.num_logits for item in inputs]
+        logits = out.logits.split(counts)
+        hidden = (
+            out.hidden_states.split(counts)
+            if out.hidden_states is not None
+            else [None] * len(counts)
+        )
+        return [VerifyOutput(lg, hd) for lg, hd in zip(logits, hidden, strict=True)]
+
+    def release(self, request_id: str) -> None:
+        slot = self._slots.pop(request_id, None)
+        if slot is not None:
+            self.cache.free(slot)

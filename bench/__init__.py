@@ -1,0 +1,1 @@
+"""Benchmarks: reports, not timed tests."""

@@ -1,0 +1,131 @@
+"""``specray generate``: in-process generation through the speculative engine.
+
+``--draft none`` decodes target-only through the same code path, so the
+two are directly comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specray.actors.engine.factory import EngineSpec, build_engine
+from specray.actors.engine.request import GenerationRequest, RequestOutput
+from specray.actors.sampling.params import SamplingParams, StoppingCriteria
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("generate", help="generate text in-process with speculative decoding")
+    p.add_argument("--target", required=True, help="registered model name or local path")
+    p.add_argument(
+        "--draft", default="ngram", help="none | ngram | registered model name or local path"
+    )
+    p.add_argument("--k", type=int, default=4, help="draft tokens per round (γ), or its ceiling")
+    p.add_argument("--fixed-k", action="store_true", help="always draft k tokens (no adaptive γ)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--home", type=Path, default=None, help="model store (default $SPECRAY_HOME)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument("--prompt-file", type=Path)
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    try:
+        _validate(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    loaded = build_engine(
+        EngineSpec(
+            target=args.target,
+            draft=args.draft,
+            dtype=args.dtype,
+            num_speculative_tokens=args.k,
+            adaptive=not args.fixed_k,
+            max_batch=1,
+            home=args.home,
+        )
+    )
+    prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+    tokenizer = loaded.tokenizer
+    if args.chat:
+        prompt_ids = list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+        )
+    else:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+    request = GenerationRequest(
+        request_id=uuid.uuid4().hex,
+        prompt_ids=prompt_ids,
+        sampling=SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed),
+        stopping=StoppingCriteria(
+            max_tokens=args.max_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos
+        ),
+    )
+    token_ids: list[int] = []
+    text: list[str] = []
+    last: RequestOutput | None = None
+    for chunk in loaded.engine.generate([request]):
+        token_ids += chunk.token_ids
+        text.append(chunk.text)
+        last = chunk
+        if not args.json:
+            print(chunk.text, end="", flush=True)
+    assert last is not None and last.finished
+    stats = last.stats.as_dict()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "token_ids": token_ids,
+                    "text": "".join(text),
+                    "finish_reason": last.finish_reason,
+                    "seed": last.seed,
+                    "prompt_tokens": len(prompt_ids),
+                    "stats": stats,
+                }
+            )
+        )
+    else:
+        print()
+        print(
+            f"[{len(token_ids)} tokens, {stats['tokens_per_s']} tok/s, "
+            f"τ={stats['mean_acceptance_length']}, finish={last.finish_reason}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.k < 0:
+        raise ValueError(f"--k must be >= 0, got {args.k}")
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
