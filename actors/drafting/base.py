@@ -55,9 +55,7 @@ class Drafter(Protocol):
     # Target layers whose hidden states this drafter reads; () for none.
     hidden_layers: tuple[int, ...]
 
-    def start(
-        self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingParams
-    ) -> None:
+    def start(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
         """Begin tracking a request whose committed tokens are ``prompt_ids``."""
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
