@@ -92,15 +92,17 @@ class Reference:
     @torch.inference_mode()
     def prefill(self) -> None:
         self.cache = DynamicCache(config=self.model.config)
-        self.model(self.prompt, past_key_values=self.cache, use_cache=True)
+        self.model(self.prompt, cache=self.cache, use_cache=True)
 
     def feed(self, k: int) -> Callable[[], None]:
         @torch.inference_mode()
         def run() -> None:
             assert self.cache is not None
-            self.cache.crop(CONTEXT)
+            extra = self.cache.get_seq_length() - CONTEXT
+            if extra > 0:
+                self.cache.crop(-extra)  # transformers 5 crops by a negative count
             ids = torch.full((1, k), 7)
-            self.model(ids, past_key_values=self.cache, use_cache=True)
+            self.model(ids, cache=self.cache, use_cache=True)
 
         return run
 

@@ -31,31 +31,59 @@ def speculative_round(
     running: Sequence[RunningRequest], drafter: Drafter | None, target: Target
 ) -> RoundResult:
     # 1. Propose. Requests with γ = 0 decode target-only in the same batch.
-    asks = [DraftRequest(r.request_id, r.gamma) for r in running if r.gamma > 0]
+    asks = draft_requests(running)
     proposed = dict(zip([a.request_id for a in asks], _propose(drafter, asks), strict=True))
     drafts = [proposed.get(r.request_id, DraftProposal([])) for r in running]
 
     # 2. Verify all drafts in one target forward. The target rolls its cache
     # back to each request's cached_len before feeding.
     hidden_layers = drafter.hidden_layers if drafter is not None else ()
-    outputs = target.verify(
-        [
-            VerifyInput(
-                r.request_id,
-                r.cached_len,
-                r.tokens[r.cached_len :] + d.token_ids,
-                len(d) + 1,
-            )
-            for r, d in zip(running, drafts, strict=True)
-        ],
-        hidden_layers,
-    )
+    outputs = target.verify(verify_inputs(running, drafts), hidden_layers)
 
     # 3. Accept: lossless rejection sampling against the target.
-    rejection = _accept(running, drafts, outputs)
+    rejection = accept_drafts(running, drafts, outputs)
 
-    # 4. Commit. The target's cache now holds every committed token except
-    # the newest, which the next round feeds; the drafter rolls back its own.
+    # 4. Commit; the drafter rolls back its own state.
+    for u in commit(running, drafts, outputs, rejection):
+        if drafter is not None:
+            drafter.accept(u.request_id, u.num_accepted, u.new_token_ids, u.target_hidden)
+    return RoundResult(rejection.output_token_ids, rejection)
+
+
+def draft_requests(running: Sequence[RunningRequest]) -> list[DraftRequest]:
+    return [DraftRequest(r.request_id, r.gamma) for r in running if r.gamma > 0]
+
+
+def verify_inputs(
+    running: Sequence[RunningRequest], drafts: Sequence[DraftProposal]
+) -> list[VerifyInput]:
+    """Per request: where its target cache is valid, the uncached committed
+    tokens and the drafts, and logits for every draft plus one."""
+    return [
+        VerifyInput(r.request_id, r.cached_len, r.tokens[r.cached_len :] + d.token_ids, len(d) + 1)
+        for r, d in zip(running, drafts, strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class DraftUpdate:
+    """What a drafter must hear about one request after a round."""
+
+    request_id: str
+    num_accepted: int
+    new_token_ids: list[int]
+    target_hidden: torch.Tensor | None  # [num_accepted + 1, hidden] or None
+
+
+def commit(
+    running: Sequence[RunningRequest],
+    drafts: Sequence[DraftProposal],
+    outputs: Sequence[VerifyOutput],
+    rejection: RejectionResult,
+) -> list[DraftUpdate]:
+    """Append the round's tokens. The target's cache now holds every
+    committed token except the newest, which the next round feeds."""
+    updates = []
     for r, draft, out, new_ids, accepted in zip(
         running, drafts, outputs, rejection.output_token_ids, rejection.num_accepted, strict=True
     ):
@@ -63,10 +91,9 @@ def speculative_round(
         r.tokens.extend(new_ids)
         r.stats.record_round(len(draft), accepted)
         r.acceptance.update(len(draft), accepted)
-        if drafter is not None:
-            hidden = None if out.hidden_states is None else out.hidden_states[: accepted + 1]
-            drafter.accept(r.request_id, accepted, new_ids, hidden)
-    return RoundResult(rejection.output_token_ids, rejection)
+        hidden = None if out.hidden_states is None else out.hidden_states[: accepted + 1]
+        updates.append(DraftUpdate(r.request_id, accepted, new_ids, hidden))
+    return updates
 
 
 def _propose(drafter: Drafter | None, asks: list[DraftRequest]) -> list[DraftProposal]:
@@ -85,7 +112,7 @@ def _clip(proposal: DraftProposal, n: int) -> DraftProposal:
     return DraftProposal(proposal.token_ids[:n], probs)
 
 
-def _accept(
+def accept_drafts(
     running: Sequence[RunningRequest],
     drafts: Sequence[DraftProposal],
     outputs: Sequence[VerifyOutput],
