@@ -1,0 +1,69 @@
+"""The `specray` command as users run it: a real checkpoint, a subprocess,
+and the `--json` contract other tools depend on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from specray.deploy.cli import main
+
+SPECRAY = [sys.executable, "-m", "specray.deploy.cli"]
+
+
+def _generate(*flags: str) -> dict[str, object]:
+    proc = subprocess.run(
+        [*SPECRAY, "generate", "--target", "qwen2.5-coder-0.5b-instruct", "--json", *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_generate_json_contract_and_lossless_greedy() -> None:
+    common = ["--dtype", "float32", "--max-tokens", "24", "--ignore-eos", "--fixed-k"]
+    prompt = ["--prompt", "x = [1, 2, 3]\ny = [1, 2, 3]\nz = [1, 2,"]
+    target_only = _generate("--draft", "none", *common, *prompt)
+    spec = _generate("--draft", "ngram", "--k", "4", *common, *prompt)
+    for result in (target_only, spec):
+        assert set(result) >= {"token_ids", "text", "finish_reason", "stats"}
+        stats = result["stats"]
+        assert isinstance(stats, dict)
+        assert set(stats) >= {"draft_tokens", "accepted_tokens", "rounds", "tokens_per_s"}
+        assert set(stats) >= {"elapsed_s"}
+        assert result["finish_reason"] == "length"
+    assert spec["token_ids"] == target_only["token_ids"]
+    assert len(target_only["token_ids"]) == 24  # type: ignore[arg-type]
+    assert spec["stats"]["draft_tokens"] > 0  # type: ignore[index]
+    assert target_only["stats"]["draft_tokens"] == 0  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--k", "-1"], "--k must be >= 0, got -1"),
+        (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
+        (["--temperature", "-0.5"], "--temperature must be >= 0, got -0.5"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    ],
+)
+def test_generate_rejects_bad_flags_before_loading(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["generate", "--target", "does-not-matter", "--prompt", "hi", *flags])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_models_list_shows_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "gemma-3-270m"):
+        assert name in out
