@@ -10,7 +10,7 @@ import torch
 from tiny_models import VOCAB
 from transformers import AutoModelForCausalLM
 
-from specray.actors.model.batch import ForwardBatch, Logits, SequenceInput
+from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model
 
@@ -25,7 +25,9 @@ def _forward_all(
     cache = model.new_cache(1, 256)
     slot = cache.allocate()
     out = model(
-        ForwardBatch.build([SequenceInput(slot, token_ids, 0, Logits.ALL)]), cache, hidden_layers
+        ForwardBatch.build([SequenceInput(slot, token_ids, 0, len(token_ids))]),
+        cache,
+        hidden_layers,
     )
     if hidden_layers:
         assert out.hidden_states is not None
@@ -88,11 +90,11 @@ def test_prefill_then_decode_equals_full_forward(tiny_model_dir: Path) -> None:
     assert isinstance(full, torch.Tensor)
     cache = model.new_cache(1, 64)
     slot = cache.allocate()
-    rows = [model(ForwardBatch.build([SequenceInput(slot, ids[:6], 0, Logits.ALL)]), cache).logits]
+    rows = [model(ForwardBatch.build([SequenceInput(slot, ids[:6], 0, 6)]), cache).logits]
     for i in range(6, 14, 3):  # decode in chunks of 3, 3, 2
         chunk = ids[i : i + 3]
         rows.append(
-            model(ForwardBatch.build([SequenceInput(slot, chunk, i, Logits.ALL)]), cache).logits
+            model(ForwardBatch.build([SequenceInput(slot, chunk, i, len(chunk))]), cache).logits
         )
     torch.testing.assert_close(torch.cat(rows), full, atol=1e-5, rtol=1e-5)
 
@@ -111,7 +113,7 @@ def test_truncate_then_redecode_equals_fresh_cache(tiny_model_dir: Path) -> None
     cache.truncate(slot, len(prefix) + 2)  # keep two of the draft tokens
     kept = prefix + rejected[:2]
     rolled = model(
-        ForwardBatch.build([SequenceInput(slot, accepted, len(kept), Logits.ALL)]), cache
+        ForwardBatch.build([SequenceInput(slot, accepted, len(kept), len(accepted))]), cache
     ).logits
     fresh = _forward_all(model, kept + accepted)
     assert isinstance(fresh, torch.Tensor)
@@ -129,7 +131,7 @@ def test_mixed_length_batch_equals_each_alone(tiny_model_dir: Path) -> None:
     slots = [cache.allocate() for _ in prompts]
     cache.free(slots[1])
     slots[1] = cache.allocate()
-    seqs = [SequenceInput(s, p, 0, Logits.ALL) for s, p in zip(slots, prompts, strict=True)]
+    seqs = [SequenceInput(s, p, 0, len(p)) for s, p in zip(slots, prompts, strict=True)]
     out = model(ForwardBatch.build(seqs), cache)
     for got, want in zip(out.split([len(p) for p in prompts]), alone, strict=True):
         assert isinstance(want, torch.Tensor)
@@ -138,7 +140,7 @@ def test_mixed_length_batch_equals_each_alone(tiny_model_dir: Path) -> None:
     # Then a batched decode step of different lengths per sequence.
     steps = [[5], [6, 7], [8], [9, 10, 11]]
     seqs = [
-        SequenceInput(s, step, len(p), Logits.ALL)
+        SequenceInput(s, step, len(p), len(step))
         for s, p, step in zip(slots, prompts, steps, strict=True)
     ]
     out = model(ForwardBatch.build(seqs), cache)

@@ -5,27 +5,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
 
-class Logits(Enum):
-    """Which of a sequence's new tokens need logits."""
-
-    ALL = "all"  # verification: one distribution per draft position and the bonus
-    LAST = "last"  # prefill and plain decode
-    NONE = "none"  # cache-only feeds (a drafter catching up)
-
-
 @dataclass(frozen=True)
 class SequenceInput:
-    """New tokens of one sequence, starting at position ``start`` of ``slot``."""
+    """New tokens of one sequence, starting at position ``start`` of ``slot``.
+
+    ``num_logits`` asks for logits of the last that many new tokens: 1 for
+    prefill and plain decode, k + 1 to verify k draft tokens, 0 for a feed
+    that only fills the cache.
+    """
 
     slot: int
     token_ids: Sequence[int]
     start: int
-    logits: Logits = Logits.LAST
+    num_logits: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.num_logits <= len(self.token_ids):
+            raise ValueError(
+                f"num_logits must be in [0, {len(self.token_ids)}], got {self.num_logits}"
+            )
 
 
 @dataclass
@@ -68,7 +70,7 @@ class ForwardBatch:
             flat_positions += pos.tolist()
             rows = list(range(b * max_new, b * max_new + n))
             flat_index += rows
-            wanted = {Logits.ALL: rows, Logits.LAST: rows[-1:], Logits.NONE: []}[seq.logits]
+            wanted = rows[n - seq.num_logits :]
             logit_index += wanted
             logit_counts.append(len(wanted))
         return cls(
