@@ -69,10 +69,10 @@ def run(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
     tokenizer = loaded.tokenizer
     if args.chat:
-        text = tokenizer.apply_chat_template(
+        chat_text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(chat_text, add_special_tokens=False)["input_ids"]
     else:
         prompt_ids = tokenizer(prompt)["input_ids"]
     request = GenerationRequest(
@@ -84,11 +84,11 @@ def run(args: argparse.Namespace) -> int:
         ),
     )
     token_ids: list[int] = []
-    text: list[str] = []
+    pieces: list[str] = []
     last: RequestOutput | None = None
     for chunk in loaded.engine.generate([request]):
         token_ids += chunk.token_ids
-        text.append(chunk.text)
+        pieces.append(chunk.text)
         last = chunk
         if not args.json:
             print(chunk.text, end="", flush=True)
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "token_ids": token_ids,
-                    "text": "".join(text),
+                    "text": "".join(pieces),
                     "finish_reason": last.finish_reason,
                     "seed": last.seed,
                     "prompt_tokens": len(prompt_ids),

@@ -1,0 +1,113 @@
+"""``specray client generate --server HOST:PORT ...``: generate through a
+running ``specray serve``, with ``specray generate``'s flags and ``--json``
+shape (the server owns the model, so model and engine flags are absent)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from specray.deploy.client import GenerationResult, SpecrayClient, SpecrayError
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("client", help="talk to a running `specray serve`")
+    commands = p.add_subparsers(dest="client_command", required=True)
+    g = commands.add_parser("generate", help="generate through the gRPC endpoint")
+    g.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the gRPC server")
+    g.add_argument("--k", type=int, default=None, help="draft tokens per round (ceiling)")
+    g.add_argument(
+        "--no-speculative", action="store_true", help="target-only decoding (A/B, debugging)"
+    )
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    g.add_argument("--request-id", default="")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument("--prompt-file", type=Path)
+    source.add_argument("--token-ids", help="comma-separated prompt token ids")
+    g.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.token_ids is not None:
+        try:
+            prompt: str | list[int] = [int(t) for t in args.token_ids.split(",") if t.strip()]
+        except ValueError:
+            print(f"error: --token-ids must be integers, got {args.token_ids!r}", file=sys.stderr)
+            return 2
+    else:
+        prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+    options = {
+        "request_id": args.request_id,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "stop": args.stop,
+        "ignore_eos": args.ignore_eos,
+        "seed": args.seed,
+        "speculative": False if args.no_speculative else None,
+        "num_speculative_tokens": args.k,
+    }
+    token_ids: list[int] = []
+    text: list[str] = []
+    last: GenerationResult | None = None
+    start = time.perf_counter()
+    try:
+        with SpecrayClient(args.server, args.timeout) as client:
+            for last in client.generate_stream(prompt, **options):
+                token_ids += last.token_ids
+                text.append(last.text)
+                if not args.json:
+                    print(last.text, end="", flush=True)
+    except SpecrayError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if error.code == grpc.StatusCode.INVALID_ARGUMENT else 1
+    elapsed = time.perf_counter() - start
+    assert last is not None and last.finish_reason is not None
+    stats = {
+        "draft_tokens": last.draft_tokens,
+        "accepted_tokens": last.accepted_tokens,
+        "rounds": last.rounds,
+        "mean_acceptance_length": round(
+            (last.accepted_tokens + last.rounds) / last.rounds if last.rounds else 0.0, 4
+        ),
+        # Measured here, so they include the network and the server's queue.
+        "tokens_per_s": round(len(token_ids) / elapsed if elapsed > 0 else 0.0, 3),
+        "elapsed_s": round(elapsed, 4),
+        "fallback": last.fallback,
+    }
+    if args.json:
+        result = {
+            "token_ids": token_ids,
+            "text": "".join(text),
+            "finish_reason": last.finish_reason,
+            "seed": last.seed,
+            "prompt_tokens": last.prompt_tokens,
+            "stats": stats,
+        }
+        print(json.dumps(result))
+    else:
+        print()
+        print(
+            f"[{len(token_ids)} tokens, {stats['tokens_per_s']} tok/s, "
+            f"τ={stats['mean_acceptance_length']}, finish={last.finish_reason}]",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,142 @@
+"""The serving state the gRPC and OpenAI HTTP front ends share: one backend
+(absent while the model loads), one validator, the drain switch, and the
+request loop that enforces deadlines and frees work a caller abandons."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Coroutine
+from typing import Any, Literal
+
+from specray.deploy.backend import Backend, Chunk, ModelInfo
+from specray.deploy.errors import DeadlineExceededError, ServingError, UnavailableError
+from specray.deploy.validation import RawRequest, ValidatedRequest, Validator
+
+log = logging.getLogger(__name__)
+
+State = Literal["loading", "serving", "draining"]
+
+
+class Gateway:
+    """Admission for both front ends: ``loading`` → ``serving`` → ``draining``."""
+
+    def __init__(self) -> None:
+        self._backend: Backend | None = None
+        self._validator: Validator | None = None
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    def attach(self, backend: Backend, validator: Validator) -> None:
+        """The model is loaded: start serving."""
+        self._backend = backend
+        self._validator = validator
+
+    @property
+    def state(self) -> State:
+        if self._draining or (self._backend is not None and self._backend.draining):
+            return "draining"
+        return "loading" if self._backend is None else "serving"
+
+    @property
+    def num_in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def validator(self) -> Validator:
+        if self._validator is None:
+            raise UnavailableError("the model is still loading; retry shortly")
+        return self._validator
+
+    async def healthy(self) -> bool:
+        if self._backend is None or self.state != "serving":
+            return False
+        return await self._backend.health()
+
+    def model_info(self) -> ModelInfo:
+        if self._backend is None:
+            raise UnavailableError("the model is still loading; retry shortly")
+        return self._backend.model_info()
+
+    def validate(self, raw: RawRequest) -> ValidatedRequest:
+        self._ready_backend()
+        return self.validator.validate(raw)
+
+    def start_draining(self) -> None:
+        """Refuse new requests; those in flight go on."""
+        self._draining = True
+        if self._backend is not None:
+            self._backend.start_draining()
+
+    async def wait_idle(self, timeout_s: float | None) -> bool:
+        """Wait until no request is in flight; False if ``timeout_s`` ran out first."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def generate(
+        self, request: ValidatedRequest, timeout_s: float | None = None
+    ) -> AsyncGenerator[Chunk, None]:
+        """Stream ``request`` from the backend, within ``timeout_s`` if given.
+
+        Consumers must close this iterator (``contextlib.aclosing``) so that a
+        request they abandon is cancelled and its work freed at once.
+        """
+        backend = self._ready_backend()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        chunks = backend.generate(request)
+        self._in_flight += 1
+        self._idle.clear()
+        # The backend frees the work itself when it raises; anything else
+        # that ends the stream early (a deadline, the caller going away) must
+        # cancel it here.
+        must_cancel = True
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await anext(chunks)
+                except TimeoutError as error:
+                    raise DeadlineExceededError(
+                        f"the deadline ({timeout_s:.3g} s) passed before request "
+                        f"{request.request_id!r} finished"
+                    ) from error
+                except ServingError:
+                    must_cancel = False
+                    raise
+                yield chunk
+                if chunk.finished:
+                    must_cancel = False
+                    return
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+            if must_cancel:
+                # A task of its own: this one may be cancelled again (anyio
+                # cancellation is level-triggered), the cleanup must still run.
+                self._spawn(backend.cancel(request.request_id))
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    def _ready_backend(self) -> Backend:
+        if self._backend is None:
+            raise UnavailableError("the model is still loading; retry shortly")
+        if self.state == "draining":
+            raise UnavailableError("the server is draining and takes no new requests")
+        return self._backend
+
+    def _spawn(self, cleanup: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(cleanup)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)

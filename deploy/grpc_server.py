@@ -1,0 +1,244 @@
+"""The gRPC front door: ``specray.v1.Generation`` plus grpc.health.v1 and
+server reflection, on a :class:`~specray.deploy.gateway.Gateway`.
+
+Binds 127.0.0.1 unless told otherwise; port 0 picks a free port, which
+:attr:`GrpcServer.port` then reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from specray.deploy.backend import Chunk
+from specray.deploy.errors import (
+    INTERNAL,
+    RETRY_PUSHBACK_KEY,
+    public_message,
+    retry_after_s,
+    status_for,
+)
+from specray.deploy.gateway import Gateway
+from specray.deploy.validation import RawRequest
+from specray.protos.specray.v1 import generation_pb2 as pb
+from specray.protos.specray.v1 import generation_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+FINISH_REASONS = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+}
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def raw_request(message: pb.GenerateRequest) -> RawRequest:
+    """The wire request as a neutral :class:`RawRequest` (unset stays None)."""
+
+    def optional(name: str) -> Any:
+        return getattr(message, name) if message.HasField(name) else None
+
+    def float32(name: str) -> float | None:
+        # A float field holds float32: 0.7 arrives as 0.699999988; give the
+        # engine the number the caller wrote.
+        value = optional(name)
+        return None if value is None else float(f"{value:.7g}")
+
+    source = message.WhichOneof("input")
+    return RawRequest(
+        request_id=message.request_id,
+        text=message.text if source == "text" else None,
+        token_ids=list(message.token_ids.ids) if source == "token_ids" else None,
+        temperature=float32("temperature"),
+        top_p=float32("top_p"),
+        top_k=optional("top_k"),
+        min_p=float32("min_p"),
+        max_tokens=optional("max_tokens"),
+        stop=list(message.stop),
+        stop_token_ids=list(message.stop_token_ids),
+        ignore_eos=message.ignore_eos,
+        seed=optional("seed"),
+        speculative=optional("speculative"),
+        num_speculative_tokens=optional("num_speculative_tokens"),
+    )
+
+
+def response(chunk: Chunk, token_ids: list[int], text: str) -> pb.GenerateResponse:
+    """``chunk``'s counters with the given tokens and text (one chunk's or all)."""
+    stats = chunk.stats
+    return pb.GenerateResponse(
+        token_ids=token_ids,
+        text=text,
+        finish_reason=FINISH_REASONS[chunk.finish_reason],
+        usage=pb.Usage(
+            prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens
+        ),
+        spec_stats=pb.SpecStats(
+            draft_tokens=stats.draft_tokens,
+            accepted_tokens=stats.accepted_tokens,
+            rounds=stats.rounds,
+            fallback=stats.fallback,
+        ),
+        seed=chunk.seed,
+    )
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        request_id = request.request_id
+        try:
+            validated = self._gateway.validate(raw_request(request))
+            request_id = validated.request_id
+            token_ids: list[int] = []
+            text: list[str] = []
+            last: Chunk | None = None
+            stream = self._gateway.generate(validated, context.time_remaining())
+            async with contextlib.aclosing(stream) as chunks:
+                async for last in chunks:
+                    token_ids += last.token_ids
+                    text.append(last.text)
+            assert last is not None and last.finished
+            return response(last, token_ids, "".join(text))
+        except Exception as error:
+            await _abort(context, error, request_id)
+            raise  # unreachable: abort raises
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        request_id = request.request_id
+        try:
+            validated = self._gateway.validate(raw_request(request))
+            request_id = validated.request_id
+            stream = self._gateway.generate(validated, context.time_remaining())
+            async with contextlib.aclosing(stream) as chunks:
+                async for chunk in chunks:
+                    yield response(chunk, list(chunk.token_ids), chunk.text)
+        except Exception as error:
+            await _abort(context, error, request_id)
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        try:
+            info = self._gateway.model_info()
+            limits = self._gateway.validator.limits
+        except Exception as error:
+            await _abort(context, error, "")
+            raise
+        return pb.GetModelInfoResponse(
+            target=info.target,
+            drafts=list(info.drafts),
+            max_context=info.max_context,
+            dtype=info.dtype,
+            tensor_parallel_size=info.tensor_parallel_size,
+            vocab_size=info.vocab_size,
+            max_tokens_limit=limits.max_tokens,
+            max_num_speculative_tokens=info.max_num_speculative_tokens,
+        )
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, request_id: str) -> None:
+    status = status_for(error)
+    if status is INTERNAL:
+        log.error("request %r failed", request_id, exc_info=error)
+    metadata: tuple[tuple[str, str], ...] = ()
+    retry = retry_after_s(error)
+    if retry is not None:
+        metadata = ((RETRY_PUSHBACK_KEY, str(round(retry * 1000))),)
+    await context.abort(status.grpc_code, public_message(error, request_id), metadata)
+
+
+class GrpcServer:
+    """A grpc.aio server with Generation, health and reflection."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        host: str = "127.0.0.1",
+        port: int = 50051,
+        health_interval_s: float = 1.0,
+    ) -> None:
+        self.gateway = gateway
+        self.host = host
+        self.port = port
+        self._health_interval_s = health_interval_s
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None  # made in start(), on the serving loop
+        self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return host_port(self.host, self.port)
+
+    async def start(self) -> int:
+        """Bind and serve (health NOT_SERVING until the gateway serves); return the port."""
+        # Without so_reuseport=0 gRPC sets SO_REUSEPORT and two servers could share a port.
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(self.gateway), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        bound = self._server.add_insecure_port(host_port(self.host, self.port))
+        if bound == 0:
+            raise OSError(f"could not bind gRPC to {self.address}")
+        self.port = bound
+        await self.refresh_health()
+        await self._server.start()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_health())
+        return bound
+
+    async def refresh_health(self) -> None:
+        """Publish the gateway's state (and the backend's health) now."""
+        serving = await self.gateway.healthy()
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop taking requests (health NOT_SERVING, new calls UNAVAILABLE) and
+        wait for those in flight; False if ``timeout_s`` ran out first."""
+        self.gateway.start_draining()
+        await self.refresh_health()
+        return await self.gateway.wait_idle(timeout_s)
+
+    async def stop(self, grace_s: float | None = 1.0) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+
+    async def _watch_health(self) -> None:
+        # Transitions call refresh_health directly; this catches the backend
+        # failing on its own (e.g. its target group going down).
+        while True:
+            await asyncio.sleep(self._health_interval_s)
+            try:
+                await self.refresh_health()
+            except Exception:
+                log.exception("health check failed")

@@ -1,0 +1,222 @@
+"""``specray serve``: the gRPC and OpenAI HTTP front doors over one engine.
+
+Both servers start first and report NOT_SERVING / 503 while the model loads;
+one line containing ``ready`` goes to stdout once requests are served.
+SIGTERM or Ctrl-C drains: new requests get UNAVAILABLE, those in flight
+finish (up to ``drain_timeout_s``; a second signal cuts the wait short).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from pydantic import ValidationError
+
+from specray.actors.engine.factory import build_engine
+from specray.actors.engine.target import Target
+from specray.deploy.backend import Backend
+from specray.deploy.config import ServeConfig, load_config
+from specray.deploy.engine_backend import EngineBackend, model_info_for
+from specray.deploy.gateway import Gateway
+from specray.deploy.grpc_server import GrpcServer, host_port
+from specray.deploy.openai_http import HttpServer, create_app
+from specray.deploy.validation import Validator
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# Loads the model and returns its backend and validator (blocking; runs in a thread).
+BuildBackend = Callable[[ServeConfig], tuple[Backend, Validator]]
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="serve gRPC and OpenAI-compatible HTTP")
+    p.add_argument("--config", type=Path, default=None, help="YAML or JSON settings file")
+    p.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="gRPC port (default 50051; 0: any)")
+    p.add_argument("--http-port", type=int, default=None, help="HTTP port (default 8000; 0: any)")
+    p.add_argument("--no-http", action="store_true", help="serve gRPC only")
+    p.add_argument("--address", default=None, help="Ray cluster to join (router backend)")
+    p.add_argument("--target", default=None, help="override the config's target model")
+    p.add_argument("--draft", default=None, help="override the config's drafter")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        overrides = {
+            key: value
+            for key, value in {
+                "host": args.host,
+                "port": args.port,
+                "http_port": args.http_port,
+                "address": args.address,
+                "target": args.target,
+                "draft": args.draft,
+            }.items()
+            if value is not None
+        }
+        if args.no_http:
+            overrides["http_port"] = None
+        config = ServeConfig.model_validate({**config.model_dump(), **overrides})
+    except (OSError, ValueError, ValidationError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if config.address is not None:
+        print(
+            "error: --address (joining a Ray cluster) needs the router backend, which this "
+            "build does not have yet; omit it to serve in-process",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    return asyncio.run(serve(config))
+
+
+class Service:
+    """The gateway, both servers and the engine backend, started and stopped together."""
+
+    def __init__(self, config: ServeConfig, build: BuildBackend | None = None) -> None:
+        self.config = config
+        self._build = build or build_backend
+        self.gateway = Gateway()
+        self.grpc = GrpcServer(self.gateway, config.host, config.port)
+        self.http = (
+            None
+            if config.http_port is None
+            else HttpServer(create_app(self.gateway), config.host, config.http_port)
+        )
+        self.backend: Backend | None = None
+
+    async def start(self) -> None:
+        """Bind both servers; they answer NOT_SERVING / 503 until :meth:`load`."""
+        await self.grpc.start()
+        if self.http is not None:
+            await self.http.start()
+
+    async def load(self) -> None:
+        # A daemon thread, not the default executor: a model still loading
+        # must not hold up the process exiting on SIGTERM.
+        backend, validator = await in_daemon_thread(lambda: self._build(self.config))
+        self.backend = backend
+        self.gateway.attach(backend, validator)
+        await self.grpc.refresh_health()
+
+    async def shutdown(self, force: asyncio.Event | None = None) -> None:
+        """Drain (at most ``drain_timeout_s``, or until ``force`` is set), then stop."""
+        drain = asyncio.create_task(self.grpc.drain(self.config.drain_timeout_s))
+        waits: set[asyncio.Future[Any]] = {drain}
+        if force is not None:
+            waits.add(asyncio.create_task(force.wait()))
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        if self.http is not None:
+            await self.http.stop()
+        await self.grpc.stop(grace_s=1.0)
+        if self.backend is not None:
+            await self.backend.close()
+
+    def ready_line(self) -> str:
+        parts = [f"grpc={self.grpc.address}"]
+        if self.http is not None:
+            parts.append(f"http={host_port(self.config.host, self.http.port)}")
+        info = self.gateway.model_info()
+        drafts = ",".join(info.drafts) or "none"
+        return f"specray serve: ready {' '.join(parts)} target={info.target} draft={drafts}"
+
+
+def build_backend(config: ServeConfig, target: Target | None = None) -> tuple[Backend, Validator]:
+    """Load the engine (``target`` replaces the local target, as in build_engine)."""
+    spec = config.engine_spec()
+    loaded = build_engine(spec, target)
+    info = model_info_for(loaded, spec)
+    limits = config.limits
+    backend = EngineBackend(loaded.engine, info, limits.max_queued_requests, limits.retry_after_s)
+    return backend, Validator(config.validation_limits(info), loaded.tokenizer)
+
+
+async def in_daemon_thread(work: Callable[[], T]) -> T:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def target() -> None:
+        result: T | None = None
+        failure: BaseException | None = None
+        try:
+            result = work()
+        except BaseException as error:
+            failure = error
+        # The loop is gone if the server stopped while this was loading.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle, done, result, failure)
+
+    threading.Thread(target=target, name="specray-load", daemon=True).start()
+    return await done
+
+
+def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]
+
+
+async def serve(config: ServeConfig) -> int:
+    loop = asyncio.get_running_loop()
+    stop, force = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (force if stop.is_set() else stop).set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    if not _is_loopback(config.host):
+        log.warning("serving on %s: reachable from other machines, with no TLS", config.host)
+    service = Service(config)
+    await service.start()
+    log.info(
+        "loading %s (draft %s); health is NOT_SERVING until ready", config.target, config.draft
+    )
+    load = asyncio.create_task(service.load())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if load.done() and load.exception() is not None:
+        log.error("loading the model failed", exc_info=load.exception())
+        code = 1
+    elif load.done():
+        print(service.ready_line(), flush=True)
+        await stopped
+    for task in (load, stopped):
+        task.cancel()
+    log.info("draining (a second signal stops at once)")
+    await service.shutdown(force)
+    log.info("stopped")
+    return code
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

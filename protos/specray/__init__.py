@@ -1,0 +1,1 @@
+"""specray.protos.specray: generated code of the ``specray.*`` proto packages."""

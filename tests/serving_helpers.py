@@ -1,0 +1,148 @@
+"""A tiny served model with a real (tiny, trained-here) tokenizer and chat
+template, and a real `specray serve` Service running on its own event-loop
+thread, for the gRPC and OpenAI HTTP tests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
+from specray.deploy.config import ServeConfig
+from specray.deploy.engine_backend import EngineBackend
+from specray.deploy.serve import BuildBackend, Service
+
+T = TypeVar("T")
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i)\n",
+    "The quick brown fox jumps over the lazy dog.",
+    "x = [1, 2, 3]\ny = [1, 2, 3]\nz = [1, 2, 3]\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "Hello, world! Speculative decoding drafts tokens and the target verifies them.",
+]
+MODEL_VOCAB = 512  # padded past the tokenizer's ~400 ids, as Qwen pads its vocabulary
+
+
+def save_served_model(directory: Path, seed: int = 0) -> Path:
+    """A random-weight Qwen2 (hidden 64, 2 layers) with a tokenizer and chat template."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS * 4, vocab_size=400, special_tokens=SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+    tokenizer.save_pretrained(directory)
+    eos = tokenizer.eos_token_id
+    assert isinstance(eos, int)
+    config = Qwen2Config(
+        vocab_size=MODEL_VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        # Wider than the default 0.02 so greedy output varies: runs that
+        # n-gram drafts get accepted, and changes where they get rejected.
+        initializer_range=0.1,
+        eos_token_id=eos,
+        bos_token_id=eos,
+    )
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
+    return directory
+
+
+def serve_config(model_dir: Path, **overrides: Any) -> ServeConfig:
+    settings: dict[str, Any] = {
+        "target": str(model_dir),
+        "draft": "ngram",
+        "dtype": "float32",
+        "k": 4,
+        "adaptive": False,
+        "max_batch": 2,
+        "max_len": 512,
+        "port": 0,
+        "http_port": None,
+        "drain_timeout_s": 60,
+        "limits": {"max_tokens": 256, "max_queued_requests": 1},
+    }
+    return ServeConfig.model_validate(settings | overrides)
+
+
+class ServingThread:
+    """A :class:`Service` on a private event loop in a background thread."""
+
+    def __init__(
+        self, config: ServeConfig, load: bool = True, build: BuildBackend | None = None
+    ) -> None:
+        self.service = Service(config, build)
+        self._load = load
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> ServingThread:
+        self._thread.start()
+        self.call(self.service.start())
+        if self._load:
+            self.load()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.call(self.service.shutdown(), timeout_s=120)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def call(self, work: Coroutine[Any, Any, T], timeout_s: float = 120) -> T:
+        """Run ``work`` on the server's loop and wait for its result."""
+        return self.submit(work).result(timeout_s)
+
+    def submit(self, work: Coroutine[Any, Any, T]) -> Future[T]:
+        """Start ``work`` on the server's loop; return its future."""
+        return asyncio.run_coroutine_threadsafe(work, self._loop)
+
+    def load(self) -> None:
+        self.call(self.service.load())
+
+    @property
+    def backend(self) -> EngineBackend:
+        backend = self.service.backend
+        assert isinstance(backend, EngineBackend)
+        return backend
+
+    @property
+    def grpc_address(self) -> str:
+        return self.service.grpc.address
+
+    @property
+    def http_url(self) -> str:
+        assert self.service.http is not None
+        return f"http://127.0.0.1:{self.service.http.port}"
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    """Poll ``condition`` (a bound, not a timing assertion: it only stops a hang)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
