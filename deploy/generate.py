@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from specray.actors.engine.factory import EngineSpec, build_engine
+from specray.actors.engine.factory import EngineSpec, LoadedEngine, build_engine
 from specray.actors.engine.request import GenerationRequest, RequestOutput
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 
@@ -41,6 +41,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--home", type=Path, default=None, help="model store (default $SPECRAY_HOME)")
+    p.add_argument(
+        "--tp", type=int, default=1, help="run the target as N tensor-parallel shards in Ray actors"
+    )
+    p.add_argument(
+        "--address", default=None, help="Ray cluster to join (default: embedded Ray on loopback)"
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt")
     source.add_argument("--prompt-file", type=Path)
@@ -55,17 +61,38 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    loaded = build_engine(
-        EngineSpec(
-            target=args.target,
-            draft=args.draft,
-            dtype=args.dtype,
-            num_speculative_tokens=args.k,
-            adaptive=not args.fixed_k,
-            max_batch=1,
-            home=args.home,
-        )
+    spec = EngineSpec(
+        target=args.target,
+        draft=args.draft,
+        dtype=args.dtype,
+        num_speculative_tokens=args.k,
+        adaptive=not args.fixed_k,
+        max_batch=1,
+        home=args.home,
     )
+    sharded = _sharded_target(args, spec) if args.tp > 1 or args.address else None
+    try:
+        return _generate(args, build_engine(spec, target=sharded))
+    finally:
+        if sharded is not None:
+            sharded.shutdown()
+
+
+def _sharded_target(args: argparse.Namespace, spec: EngineSpec) -> Any:
+    """The target as ``--tp`` shards in Ray actors (embedded loopback Ray,
+    or the cluster at ``--address``)."""
+    from specray.actors.store.resolve import resolve_model
+    from specray.cluster.local_ray import start_ray
+    from specray.cluster.target_group import ShardedTarget
+
+    start_ray(args.address)
+    target_dir = resolve_model(spec.target, home=spec.home)
+    return ShardedTarget.create(
+        target_dir, tp=args.tp, dtype=spec.dtype, num_slots=spec.max_batch, max_len=spec.max_len
+    )
+
+
+def _generate(args: argparse.Namespace, loaded: LoadedEngine) -> int:
     prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
     tokenizer = loaded.tokenizer
     if args.chat:
@@ -126,5 +153,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
     if args.top_k < 0:
         raise ValueError(f"--top-k must be >= 0, got {args.top_k}")

@@ -67,3 +67,15 @@ def test_models_list_shows_the_registry(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     for name in ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "gemma-3-270m"):
         assert name in out
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_generate_tp2_equals_tp1() -> None:
+    """`--tp 2` runs the target as two gloo shards in Ray actors on loopback."""
+    common = ["--dtype", "float32", "--max-tokens", "12", "--ignore-eos", "--draft", "ngram"]
+    prompt = ["--prompt", "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n"]
+    tp1 = _generate(*common, *prompt)
+    tp2 = _generate(*common, "--tp", "2", *prompt)
+    assert tp2["token_ids"] == tp1["token_ids"]
+    assert len(tp1["token_ids"]) == 12  # type: ignore[arg-type]

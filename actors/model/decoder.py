@@ -68,7 +68,8 @@ class DecoderModel(nn.Module):
         return self.blocks[0].self_attn.local_kv_heads
 
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
-        """A KV cache sized for this model (this rank's KV heads only)."""
+        """A KV cache sized for this model (this rank's KV heads only), on
+        the device of its weights."""
         return KVCache(
             self.config.num_layers,
             num_slots,
@@ -76,6 +77,7 @@ class DecoderModel(nn.Module):
             self.local_kv_heads,
             self.config.head_dim,
             self.dtype,
+            self.norm.weight.device,
         )
 
     def load(self, source: WeightSource) -> None:

@@ -30,7 +30,7 @@ class KVCache:
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,  # None: torch's default device
     ) -> None:
         shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
         # Zeros, not empty: masked-out garbage could be NaN, and 0 * NaN = NaN.

@@ -1,0 +1,174 @@
+"""One tensor-parallel shard of the target model, in its own process.
+
+Every rank of a group receives the same calls in the same order and runs the
+same batch; each holds only its slice of the weights and KV heads. Rank 0
+answers, the other ranks return ``None``: the caller that fans calls out
+keeps rank 0's answer.
+"""
+
+from __future__ import annotations
+
+import resource
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specray.actors.engine.target import LocalTarget, VerifyInput, VerifyOutput
+from specray.actors.model.loader import load_model
+from specray.actors.parallel.distributed import TorchDistGroup, init_tp_group
+from specray.actors.parallel.group import SingleGroup, TPGroup
+from specray.actors.workers.timed_group import CollectiveStats, TimedGroup
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Everything one rank needs to join its group and load its slices."""
+
+    model_dir: str
+    rank: int = 0
+    size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    dtype: str = "float32"
+    num_slots: int = 8
+    max_len: int = 2048
+    num_threads: int = 1
+    timeout_s: float = 60.0  # every collective
+    rendezvous_timeout_s: float = 300.0  # waiting for the other ranks to join
+    device: str = "cpu"
+    time_collectives: bool = False
+
+
+@dataclass
+class ShardStats:
+    """What one rank spent since the last reset."""
+
+    verify_calls: int
+    verify_s: float
+    collectives: CollectiveStats | None  # None unless ``time_collectives``
+
+
+@dataclass
+class ShardMemory:
+    param_bytes: int
+    rss_bytes: int
+    peak_rss_bytes: int
+    device_bytes: int  # allocated on the accelerator; 0 on CPU
+
+
+class TargetShardWorker:
+    """Joins the TP group, loads this rank's slices and serves verify calls."""
+
+    def __init__(self, spec: ShardSpec, listen_socket: socket.socket | None = None) -> None:
+        """``listen_socket``: rank 0's reserved rendezvous socket, if any."""
+        self.spec = spec
+        torch.set_num_threads(spec.num_threads)
+        self.device = _resolve(torch.device(spec.device))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            # The model core allocates with factory defaults; in a shard's own
+            # process the default device is this shard's GPU.
+            torch.set_default_device(self.device)
+        self._dist: TorchDistGroup | None = None
+        group: TPGroup = SingleGroup()
+        if spec.size > 1:
+            self._dist = init_tp_group(
+                spec.rank,
+                spec.size,
+                spec.master_addr,
+                spec.master_port,
+                spec.timeout_s,
+                listen_socket,
+                rendezvous_timeout=spec.rendezvous_timeout_s,
+                device=self.device if self.device.type == "cuda" else None,
+            )
+            group = self._dist
+        self._timed = TimedGroup(group) if spec.time_collectives else None
+        model = load_model(Path(spec.model_dir), spec.dtype, self._timed or group)
+        self.target = LocalTarget(model, spec.num_slots, spec.max_len)
+        self._verify_calls = 0
+        self._verify_s = 0.0
+
+    @property
+    def rank(self) -> int:
+        return self.spec.rank
+
+    def verify(
+        self, inputs: Sequence[VerifyInput], hidden_layers: tuple[int, ...] = ()
+    ) -> list[VerifyOutput] | None:
+        start = time.perf_counter()
+        outputs = self.target.verify(inputs, hidden_layers)
+        self._verify_s += time.perf_counter() - start
+        self._verify_calls += 1
+        if self.rank != 0:
+            return None
+        return [
+            VerifyOutput(
+                out.logits.cpu(), None if out.hidden_states is None else out.hidden_states.cpu()
+            )
+            for out in outputs
+        ]
+
+    def release(self, request_id: str) -> None:
+        self.target.release(request_id)
+
+    def ping(self) -> int:
+        return self.rank
+
+    def param_bytes(self) -> int:
+        """Bytes of this rank's parameters (tied weights counted once)."""
+        return sum(p.numel() * p.element_size() for p in self.target.model.parameters())
+
+    def memory(self) -> ShardMemory:
+        device_bytes = 0
+        if self.device.type == "cuda":
+            device_bytes = torch.cuda.memory_allocated(self.device)
+        return ShardMemory(
+            param_bytes=self.param_bytes(),
+            rss_bytes=_rss_bytes(),
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            device_bytes=device_bytes,
+        )
+
+    def stats(self, reset: bool = False) -> ShardStats:
+        collectives = None
+        if self._timed is not None:
+            collectives = self._timed.reset() if reset else self._timed.stats
+        stats = ShardStats(self._verify_calls, self._verify_s, collectives)
+        if reset:
+            self._verify_calls, self._verify_s = 0, 0.0
+        return stats
+
+    def probe_all_reduce(self, numel: int, iters: int) -> float:
+        """Seconds per all-reduce of ``numel`` model-dtype values with no
+        compute around it: the pure communication cost a step pays per call."""
+        group = self._dist or SingleGroup()
+        probe = torch.zeros(numel, dtype=self.target.model.dtype)
+        group.all_reduce(probe)  # warm the connections
+        start = time.perf_counter()
+        for _ in range(iters):
+            group.all_reduce(probe)
+        if probe.is_cuda:
+            torch.cuda.synchronize(probe.device)
+        return (time.perf_counter() - start) / iters
+
+    def close(self) -> None:
+        if self._dist is not None:
+            self._dist.close()
+            self._dist = None
+
+
+def _resolve(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        resident_pages = int(statm.read().split()[1])
+    return resident_pages * resource.getpagesize()

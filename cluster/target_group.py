@@ -1,0 +1,319 @@
+"""A target replica sharded over tensor-parallel Ray actors.
+
+:class:`ShardedTarget` implements the ``Target`` protocol like ``LocalTarget``
+does, but its model lives in N ``TargetShard`` actors, one placement-group
+bundle each, that form one torch.distributed group. Like TGI's sharded
+client, every call goes to every shard with the same arguments
+(:meth:`ShardedTarget._fan_out`) and rank 0's answer is the answer
+(:meth:`ShardedTarget._call`); nothing else talks to the shards.
+
+Failure model: a shard that dies, fails out of step with the others, or does
+not answer within ``timeout_s`` makes the call raise
+:class:`~specray.cluster.errors.TargetGroupError` and marks the group broken
+(its survivors may be stuck in a collective until their own timeout). Later
+calls fail at once; recovery is :meth:`ShardedTarget.shutdown` and a new
+group (gang restart). An error every shard raises alike (a bad request, a
+full KV cache) is the caller's, is re-raised as itself, and leaves the group
+usable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import RayError, RayTaskError
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group,
+    remove_placement_group,
+)
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from specray.actors.engine.target import VerifyInput, VerifyOutput
+from specray.actors.parallel.distributed import reserve_port
+from specray.actors.workers.target_shard import (
+    ShardMemory,
+    ShardSpec,
+    ShardStats,
+    TargetShardWorker,
+)
+from specray.cluster.errors import TargetGroupError
+from specray.cluster.local_ray import start_ray
+
+STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
+
+
+@dataclass(frozen=True)
+class ShardedTargetConfig:
+    model_dir: str
+    tp: int = 1
+    dtype: str = "float32"
+    num_slots: int = 8
+    max_len: int = 2048
+    strategy: str = "STRICT_PACK"
+    threads_per_shard: int | None = None  # default: this machine's cores / tp
+    cpus_per_shard: float | None = None  # Ray CPUs per bundle; default threads_per_shard
+    gpus_per_shard: float = 0.0  # > 0: shards run on CUDA and talk over NCCL
+    # Extra Ray resources of each rank's bundle, e.g. ({"node_a": 1}, {"node_b": 1})
+    # to pin rank r to the node that offers the r-th resource.
+    bundle_resources: Sequence[Mapping[str, float]] = ()
+    timeout_s: float = 60.0  # bound on every call and on every collective
+    start_timeout_s: float = 300.0  # placement, process start, rendezvous, loading
+    time_collectives: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.bundle_resources and len(self.bundle_resources) != self.tp:
+            raise ValueError(f"bundle_resources needs one mapping per shard ({self.tp})")
+
+    @property
+    def threads(self) -> int:
+        if self.threads_per_shard is not None:
+            return self.threads_per_shard
+        return max(1, (os.cpu_count() or 1) // self.tp)
+
+
+@dataclass(frozen=True)
+class ShardPlacement:
+    rank: int
+    pid: int
+    node_id: str
+    node_ip: str
+
+
+class TargetShard:
+    """Ray actor body: one :class:`TargetShardWorker`, started in two steps so
+    rank 0 can reserve its rendezvous port on its own node first."""
+
+    def __init__(self) -> None:
+        self._worker: TargetShardWorker | None = None
+        self._listen: socket.socket | None = None
+
+    def reserve_rendezvous(self) -> tuple[str, int]:
+        node_ip = ray.util.get_node_ip_address()
+        self._listen = reserve_port(node_ip)
+        return node_ip, int(self._listen.getsockname()[1])
+
+    def start(self, spec: ShardSpec) -> ShardPlacement:
+        self._worker = TargetShardWorker(spec, self._listen)
+        self._listen = None
+        return ShardPlacement(
+            rank=spec.rank,
+            pid=os.getpid(),
+            node_id=ray.get_runtime_context().get_node_id(),
+            node_ip=ray.util.get_node_ip_address(),
+        )
+
+    def call(self, method: str, *args: Any) -> Any:
+        if self._worker is None:
+            raise RuntimeError("shard not started")
+        return getattr(self._worker, method)(*args)
+
+
+class ShardedTarget:
+    """The ``Target`` protocol over ``tp`` tensor-parallel shard actors."""
+
+    def __init__(self, config: ShardedTargetConfig) -> None:
+        self.config = config
+        self._submit = threading.Lock()
+        self._broken: TargetGroupError | None = None
+        self._shards: list[Any] = []  # ray ActorHandles, rank order
+        self.placements: list[ShardPlacement] = []
+        self._pg: PlacementGroup | None = None
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @classmethod
+    def create(
+        cls,
+        model_dir: str | Path,
+        tp: int = 1,
+        **options: Any,
+    ) -> ShardedTarget:
+        """``options``: any field of :class:`ShardedTargetConfig`."""
+        return cls(ShardedTargetConfig(str(model_dir), tp, **options))
+
+    @property
+    def max_len(self) -> int:
+        return self.config.max_len
+
+    # -- the Target protocol ------------------------------------------------
+
+    def verify(
+        self, inputs: Sequence[VerifyInput], hidden_layers: tuple[int, ...] = ()
+    ) -> list[VerifyOutput]:
+        outputs: list[VerifyOutput] = self._call("verify", list(inputs), tuple(hidden_layers))
+        return outputs
+
+    def release(self, request_id: str) -> None:
+        self._call("release", request_id)
+
+    # -- diagnostics, one entry per shard -----------------------------------
+
+    def ping(self) -> list[int]:
+        return self._fan_out("ping")
+
+    def param_bytes(self) -> list[int]:
+        return self._fan_out("param_bytes")
+
+    def memory(self) -> list[ShardMemory]:
+        return self._fan_out("memory")
+
+    def stats(self, reset: bool = False) -> list[ShardStats]:
+        return self._fan_out("stats", reset)
+
+    def probe_all_reduce(self, numel: int, iters: int = 50) -> list[float]:
+        """Seconds per bare all-reduce of ``numel`` values, per shard."""
+        return self._fan_out("probe_all_reduce", numel, iters)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Kill every shard and free the placement group. Idempotent."""
+        for shard in self._shards:
+            with contextlib.suppress(RayError):  # already gone
+                ray.kill(shard, no_restart=True)
+        self._shards = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+        self._broken = self._broken or TargetGroupError("target group is shut down", "closed")
+
+    def __enter__(self) -> ShardedTarget:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # -- fan-out and merge: the only code that talks to shards ---------------
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """Fan out; the merge rule is: rank 0's answer is the answer."""
+        return self._fan_out(method, *args)[0]
+
+    def _fan_out(self, method: str, *args: Any) -> list[Any]:
+        """Run ``method(*args)`` on every shard; their results in rank order."""
+        with self._submit:
+            if self._broken is not None:
+                raise TargetGroupError(
+                    f"target group is unusable ({self._broken})",
+                    self._broken.reason,
+                    self._broken.ranks,
+                )
+            # Submitting under the lock gives every shard the same call order,
+            # which their collectives need.
+            refs = [shard.call.remote(method, *args) for shard in self._shards]
+        try:
+            return self._gather(refs, self.config.timeout_s, method)
+        except TargetGroupError as err:
+            self._broken = err
+            raise
+
+    def _gather(self, refs: Sequence[Any], timeout_s: float, what: str) -> list[Any]:
+        """Wait (at most ``timeout_s``) for one result per rank.
+
+        Raises TargetGroupError on a dead shard at once, on a deadline, or on
+        shards failing differently; re-raises an error all shards share.
+        """
+        deadline = time.monotonic() + timeout_s
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        pending = list(refs)
+        failed: dict[int, RayTaskError] = {}
+        while pending:
+            left = max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                ranks = tuple(sorted(rank_of[ref] for ref in pending))
+                reason = "failed" if failed else "timeout"
+                raise TargetGroupError(
+                    f"{what}: shards {ranks} gave no answer within {timeout_s:g} s"
+                    + (f" after shards {sorted(failed)} failed" if failed else ""),
+                    reason,
+                    ranks,
+                )
+            for ref in ready:
+                rank = rank_of[ref]
+                try:
+                    ray.get(ref)
+                except RayTaskError as err:
+                    failed[rank] = err
+                except RayError as err:
+                    raise TargetGroupError(
+                        f"{what}: shard {rank} died: {err}", "died", (rank,)
+                    ) from err
+        if failed:
+            ranks = tuple(sorted(failed))
+            first = failed[ranks[0]]
+            if len(ranks) == len(refs) and len({type(failed[r].cause) for r in ranks}) == 1:
+                raise first.cause from first
+            raise TargetGroupError(
+                f"{what}: shards {ranks} failed: {first.cause!r}", "failed", ranks
+            ) from first
+        return list(ray.get(list(refs)))
+
+    def _start(self) -> None:
+        config = self.config
+        if not ray.is_initialized():
+            # Ray's own auto-init would bind the machine's outward address.
+            start_ray()
+        cpus = config.cpus_per_shard if config.cpus_per_shard is not None else config.threads
+        extra = list(config.bundle_resources) or [{} for _ in range(config.tp)]
+        gpu = {"GPU": config.gpus_per_shard} if config.gpus_per_shard > 0 else {}
+        bundles = [{"CPU": cpus, **gpu, **dict(res)} for res in extra]
+        self._pg = placement_group(bundles, strategy=config.strategy)
+        ready, _ = ray.wait([self._pg.ready()], timeout=config.start_timeout_s)
+        if not ready:
+            raise TargetGroupError(
+                f"no room for {config.tp} shards as {config.strategy} bundles {bundles}",
+                "unschedulable",
+            )
+        actor = ray.remote(TargetShard)
+        for rank in range(config.tp):
+            strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank)
+            self._shards.append(
+                actor.options(
+                    num_cpus=cpus,
+                    num_gpus=config.gpus_per_shard,
+                    resources=dict(extra[rank]),
+                    scheduling_strategy=strategy,
+                    max_restarts=0,
+                ).remote()
+            )
+        master_addr, master_port = self._gather(
+            [self._shards[0].reserve_rendezvous.remote()], config.start_timeout_s, "rendezvous"
+        )[0]
+        specs = [
+            ShardSpec(
+                model_dir=config.model_dir,
+                rank=rank,
+                size=config.tp,
+                master_addr=master_addr,
+                master_port=master_port,
+                dtype=config.dtype,
+                num_slots=config.num_slots,
+                max_len=config.max_len,
+                num_threads=config.threads,
+                timeout_s=config.timeout_s,
+                rendezvous_timeout_s=config.start_timeout_s,
+                device="cuda" if config.gpus_per_shard > 0 else "cpu",
+                time_collectives=config.time_collectives,
+            )
+            for rank in range(config.tp)
+        ]
+        refs = [shard.start.remote(spec) for shard, spec in zip(self._shards, specs, strict=True)]
+        self.placements = self._gather(refs, config.start_timeout_s, "start")
