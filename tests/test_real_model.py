@@ -78,7 +78,7 @@ def test_speculative_greedy_equals_target_only(qwen_dir: Path) -> None:
             config=EngineConfig(max_batch=2, num_speculative_tokens=k, adaptive=False),
         )
         requests = [
-            GenerationRequest(f"r{i}", p, stopping=StoppingCriteria(max_tokens=40, ignore_eos=True))
+            GenerationRequest(f"r{i}", p, stopping=StoppingCriteria(max_tokens=24, ignore_eos=True))
             for i, p in enumerate(prompts)
         ]
         out: dict[str, list[int]] = {r.request_id: [] for r in requests}
