@@ -90,29 +90,16 @@ class SpecEngine:
             return []
         batch = list(self.running.values())
         for r in batch:
-            own = r.request.num_speculative_tokens
-            limit = r.max_gamma if own is None else min(own, r.max_gamma)
-            # Drafting past max_tokens would be wasted work.
-            limit = min(limit, r.remaining_tokens - 1)
-            r.gamma = self.policy.choose(r.acceptance, limit) if self.drafter else 0
+            r.gamma = self.policy.choose(r.acceptance, gamma_limit(r)) if self.drafter else 0
         result = speculative_round(batch, self.drafter, self.target)
 
         outputs = []
         for r, new_ids in zip(batch, result.new_token_ids, strict=True):
-            delta = r.stop.update(new_ids)
-            r.output_ids.extend(delta.token_ids)
-            r.stats.num_output_tokens = len(r.output_ids)
-            if r.stats.first_token_at is None and delta.token_ids:
-                r.stats.first_token_at = time.perf_counter()
-            if delta.finished:
-                r.stats.finished_at = time.perf_counter()
+            output = stream_round(r, new_ids)
+            if output.finished:
                 del self.running[r.request_id]
                 self._release(r)
-            outputs.append(
-                RequestOutput(
-                    r.request_id, delta.token_ids, delta.text, delta.finish_reason, r.stats, r.seed
-                )
-            )
+            outputs.append(output)
         return outputs
 
     def generate(self, requests: list[GenerationRequest]) -> Iterator[RequestOutput]:
@@ -125,30 +112,73 @@ class SpecEngine:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.config.max_batch:
             request = self.waiting.popleft()
-            seed = resolve_seed(request.sampling.seed)
-            sampling = replace(request.sampling, seed=seed)
-            stopping = request.stopping
-            if not stopping.eos_token_ids:
-                stopping = replace(stopping, eos_token_ids=self.eos_token_ids)
-            decoder = (
-                IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
-                if self.tokenizer is not None
-                else None
-            )
-            running = RunningRequest(
-                request=replace(request, sampling=sampling, stopping=stopping),
-                seed=seed,
-                generator=make_generator(seed),
-                stop=StopChecker(stopping, decoder),
-                acceptance=AcceptanceEstimate(),
-                max_gamma=self.config.num_speculative_tokens,
-                tokens=list(request.prompt_ids),
+            running = start_request(
+                request, self.eos_token_ids, self.tokenizer, self.config.num_speculative_tokens
             )
             if self.drafter is not None:
-                self.drafter.start(request.request_id, request.prompt_ids, sampling)
+                self.drafter.start(request.request_id, request.prompt_ids, running.sampling)
             self.running[request.request_id] = running
 
     def _release(self, running: RunningRequest) -> None:
         self.target.release(running.request_id)
         if self.drafter is not None:
             self.drafter.finish(running.request_id)
+
+
+# -- per-request steps, shared with the distributed router -------------------
+
+
+def start_request(
+    request: GenerationRequest,
+    eos_token_ids: tuple[int, ...],
+    tokenizer: PreTrainedTokenizerBase | None,
+    max_gamma: int,
+    acceptance: AcceptanceEstimate | None = None,
+) -> RunningRequest:
+    """A request's running state: its seed resolved, the default EOS filled in
+    and its stop checker and detokenizer ready."""
+    seed = resolve_seed(request.sampling.seed)
+    sampling = replace(request.sampling, seed=seed)
+    stopping = request.stopping
+    if not stopping.eos_token_ids:
+        stopping = replace(stopping, eos_token_ids=eos_token_ids)
+    decoder = (
+        IncrementalDetokenizer(tokenizer, request.prompt_ids) if tokenizer is not None else None
+    )
+    return RunningRequest(
+        request=replace(request, sampling=sampling, stopping=stopping),
+        seed=seed,
+        generator=make_generator(seed),
+        stop=StopChecker(stopping, decoder),
+        acceptance=acceptance if acceptance is not None else AcceptanceEstimate(),
+        max_gamma=max_gamma,
+        tokens=list(request.prompt_ids),
+    )
+
+
+def gamma_limit(running: RunningRequest) -> int:
+    """The most drafts worth asking for: the request's own k and the engine's
+    ceiling, and never past ``max_tokens`` (those drafts would be wasted)."""
+    own = running.request.num_speculative_tokens
+    limit = running.max_gamma if own is None else min(own, running.max_gamma)
+    return min(limit, running.remaining_tokens - 1)
+
+
+def stream_round(running: RunningRequest, new_token_ids: list[int]) -> RequestOutput:
+    """Apply stop criteria to one round's committed tokens; the chunk to stream."""
+    delta = running.stop.update(new_token_ids)
+    running.output_ids.extend(delta.token_ids)
+    running.stats.num_output_tokens = len(running.output_ids)
+    now = time.perf_counter()
+    if running.stats.first_token_at is None and delta.token_ids:
+        running.stats.first_token_at = now
+    if delta.finished:
+        running.stats.finished_at = now
+    return RequestOutput(
+        running.request_id,
+        delta.token_ids,
+        delta.text,
+        delta.finish_reason,
+        running.stats,
+        running.seed,
+    )

@@ -11,7 +11,7 @@ expected to earn.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -73,3 +73,86 @@ class GammaPolicy:
             if gain > best:
                 best_gamma, best = gamma, gain
         return best_gamma
+
+
+@dataclass
+class SurvivalEstimate(AcceptanceEstimate):
+    """Per-token acceptance counted over *tested* drafts only.
+
+    A round stops at its first rejection, so the drafts after it are never
+    tested; :class:`AcceptanceEstimate` counts them as drafted, which reads
+    α = 0.8 at γ = 4 as about 0.59. Counting accepted drafts plus the one
+    rejected (if any) is the maximum-likelihood α under i.i.d. acceptance,
+    i.e. DSpark's conditional survival probability of the next draft. The
+    prior is a parameter so a new request can start from the pool's α.
+    """
+
+    prior_accepted: float = 2.0
+    prior_drafted: float = 3.0
+
+    @classmethod
+    def with_prior(cls, alpha: float, weight: float = 3.0) -> SurvivalEstimate:
+        """A fresh estimate whose prior is ``alpha`` worth ``weight`` drafts."""
+        alpha = min(max(alpha, 0.0), 1.0)
+        return cls(alpha * weight, weight, prior_accepted=alpha * weight, prior_drafted=weight)
+
+    def update(self, num_drafts: int, num_accepted: int) -> None:
+        if num_drafts == 0:
+            self.accepted = self.decay * self.accepted + (1 - self.decay) * self.prior_accepted
+            self.drafted = self.decay * self.drafted + (1 - self.decay) * self.prior_drafted
+            return
+        tested = num_accepted + (1 if num_accepted < num_drafts else 0)
+        self.accepted = self.decay * self.accepted + num_accepted
+        self.drafted = self.decay * self.drafted + tested
+
+
+def schedule_gammas(
+    alphas: Sequence[float],
+    limits: Sequence[int],
+    round_seconds: Callable[[int, int], float],
+    base_tokens: int | None = None,
+) -> list[int]:
+    """γ for every request of one round, maximising expected tokens per second.
+
+    DSpark's hardware-aware prefix scheduler (Algorithm 1 of the DSpark
+    paper) with survival probability ``alpha**i`` for request ``q``'s draft
+    ``i``. ``round_seconds(num_tokens, max_gamma)`` is the measured time of a
+    round that verifies ``num_tokens`` tokens in one batch and drafts
+    ``max_gamma`` deep; it is what makes the choice load-aware.
+
+    Start from plain decoding (every request verifies its one token). Adding
+    draft ``i`` of request ``q`` costs one verified token and earns
+    ``alpha_q**i`` expected tokens; since that is non-increasing in ``i``,
+    admitting candidates in descending order respects each request's prefix.
+    ``base_tokens`` is what the batch verifies without drafts (one token per
+    request, more for a prefill); it defaults to one per request.
+
+    The answer is the best prefix of that admission path, plain decoding
+    included, so a schedule never expects fewer tokens per second than no
+    speculation. The γs depend only on past acceptance, never on the drafts
+    themselves, which keeps rejection sampling lossless.
+    """
+    count = len(alphas)
+    if count == 0:
+        return []
+    candidates = sorted(
+        (
+            (-(alpha**i), i, q)
+            for q, (alpha, limit) in enumerate(zip(alphas, limits, strict=True))
+            for i in range(1, max(limit, 0) + 1)
+        ),
+    )
+    tokens = count if base_tokens is None else base_tokens
+    expected, deepest = float(count), 0
+    best, best_len = expected / round_seconds(tokens, 0), 0
+    for taken, (neg_survival, i, _) in enumerate(candidates, 1):
+        tokens += 1
+        expected -= neg_survival
+        deepest = max(deepest, i)
+        throughput = expected / round_seconds(tokens, deepest)
+        if throughput > best:
+            best, best_len = throughput, taken
+    gammas = [0] * count
+    for _, i, q in candidates[:best_len]:
+        gammas[q] = max(gammas[q], i)
+    return gammas

@@ -1,0 +1,146 @@
+"""One draft replica: any :class:`Drafter` in its own process, one RPC per round.
+
+The router talks to a replica with :meth:`DraftWorker.propose`, which first
+applies the verdicts of the requests' earlier rounds (their
+:class:`DraftUpdate`: how many drafts survived, what was committed, hence how
+far to roll back) and then drafts. Rollback rides on the next proposal, so a
+round costs one message each way, as the target's verify does.
+
+Pure torch; :mod:`specray.cluster.draft_pool` places it in a Ray actor.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest
+from specray.actors.drafting.draft_model import DraftModelDrafter
+from specray.actors.drafting.ngram import NgramDrafter
+from specray.actors.engine.round import DraftUpdate
+from specray.actors.model.loader import load_model
+from specray.actors.sampling.params import SamplingParams
+
+
+@dataclass(frozen=True)
+class DraftWorkerSpec:
+    """Which drafter a replica hosts and with what resources."""
+
+    kind: str = "ngram"  # "ngram" or "model"
+    model_dir: str | None = None  # the draft model's directory, for kind="model"
+    dtype: str = "float32"
+    num_slots: int = 16  # requests one replica drafts for at once (draft-model KV slots)
+    max_len: int = 2048
+    num_threads: int = 1  # torch intra-op threads in the replica's process
+    max_ngram: int = 5
+    min_ngram: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ngram", "model"):
+            raise ValueError(f"kind must be 'ngram' or 'model', got {self.kind!r}")
+        if self.kind == "model" and not self.model_dir:
+            raise ValueError("a draft-model replica needs model_dir")
+        if self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+
+
+def build_drafter(spec: DraftWorkerSpec) -> Drafter:
+    if spec.kind == "ngram":
+        return NgramDrafter(spec.max_ngram, spec.min_ngram)
+    assert spec.model_dir is not None
+    model = load_model(Path(spec.model_dir), spec.dtype)
+    return DraftModelDrafter(model, spec.num_slots, spec.max_len)
+
+
+def _clip(proposal: DraftProposal, num_tokens: int) -> DraftProposal:
+    """A drafter may return fewer tokens than asked, never more."""
+    if len(proposal) <= num_tokens:
+        return proposal
+    probs = None if proposal.draft_probs is None else proposal.draft_probs[:num_tokens]
+    return DraftProposal(proposal.token_ids[:num_tokens], probs)
+
+
+@dataclass(frozen=True)
+class DraftWorkerStats:
+    propose_calls: int
+    propose_s: float  # time inside propose (updates applied and drafting), this process
+
+
+class DraftWorker:
+    """Hosts one drafter; tracks which requests it drafts for."""
+
+    def __init__(self, spec: DraftWorkerSpec) -> None:
+        self.spec = spec
+        # The replica owns its process: its thread count is its own to set.
+        torch.set_num_threads(spec.num_threads)
+        self.drafter = build_drafter(spec)
+        self._requests: set[str] = set()
+        self._propose_calls = 0
+        self._propose_s = 0.0
+
+    def hidden_layers(self) -> tuple[int, ...]:
+        """Target layers whose hidden states the drafter reads; () for none."""
+        return tuple(self.drafter.hidden_layers)
+
+    def start(self, request_id: str, token_ids: Sequence[int], sampling: SamplingParams) -> None:
+        """Begin drafting for a request whose committed tokens are ``token_ids``
+        (its prompt, or prompt plus output when it moves here from elsewhere)."""
+        self.drafter.start(request_id, list(token_ids), sampling)
+        self._requests.add(request_id)
+
+    def propose(
+        self, requests: Sequence[DraftRequest], updates: Sequence[DraftUpdate] = ()
+    ) -> list[DraftProposal]:
+        """Apply ``updates`` in order, then draft for ``requests``.
+
+        ``updates`` may hold several rounds of one request (rounds in which it
+        drafted nothing here) and requests not in ``requests``.
+        """
+        began = time.perf_counter()
+        try:
+            return self._propose(requests, updates)
+        finally:
+            self._propose_s += time.perf_counter() - began
+            self._propose_calls += 1
+
+    def _propose(
+        self, requests: Sequence[DraftRequest], updates: Sequence[DraftUpdate]
+    ) -> list[DraftProposal]:
+        for update in updates:
+            self.drafter.accept(
+                update.request_id, update.num_accepted, update.new_token_ids, update.target_hidden
+            )
+        asks = [r for r in requests if r.num_tokens > 0]
+        if not asks:
+            return [DraftProposal([]) for _ in requests]
+        by_id = dict(zip([a.request_id for a in asks], self.drafter.propose(asks), strict=True))
+        return [_clip(by_id.get(r.request_id, DraftProposal([])), r.num_tokens) for r in requests]
+
+    def finish(self, request_ids: Sequence[str]) -> int:
+        """Free every state of these requests; unknown ids are ignored.
+        Returns how many were freed."""
+        freed = 0
+        for request_id in request_ids:
+            if request_id in self._requests:
+                self.drafter.finish(request_id)
+                self._requests.discard(request_id)
+                freed += 1
+        return freed
+
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def stats(self, reset: bool = False) -> DraftWorkerStats:
+        stats = DraftWorkerStats(self._propose_calls, self._propose_s)
+        if reset:
+            self._propose_calls, self._propose_s = 0, 0.0
+        return stats
+
+    def ping(self) -> int:
+        """This replica's process id (alive check, and for failure tests)."""
+        return os.getpid()

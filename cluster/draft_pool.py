@@ -1,0 +1,250 @@
+"""A pool of draft replicas, each a :class:`DraftWorker` in its own Ray actor.
+
+Requests are pinned to one replica (their draft state lives there); a new
+request goes to the least loaded replica that is not draining. Starting and
+finishing a request are sent without waiting: a replica runs its caller's
+calls in submission order, so the next :meth:`DraftPool.propose` to it comes
+after them, and awaits their outcome along with its own. A replica that dies
+or does not answer within ``timeout_s`` surfaces as a
+:class:`DraftReplicaError`; the pool drops (and kills) it, and the caller
+re-attaches its requests elsewhere by starting them again with their
+committed tokens.
+
+Every method runs on the router's event loop (no locks needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+
+from specray.actors.drafting.base import DraftProposal, DraftRequest
+from specray.actors.engine.round import DraftUpdate
+from specray.actors.sampling.params import SamplingParams
+from specray.actors.workers.draft_worker import DraftWorker, DraftWorkerSpec, DraftWorkerStats
+
+_MAX_UNSETTLED = 64
+
+
+class DraftReplicaError(RuntimeError):
+    """A draft replica can no longer serve; the pool has dropped it."""
+
+    def __init__(self, message: str, replica_id: int, reason: str) -> None:
+        super().__init__(message)
+        self.replica_id = replica_id
+        self.reason = reason  # "died" | "timeout" | "failed"
+
+
+@dataclass(frozen=True)
+class DraftPoolConfig:
+    spec: DraftWorkerSpec
+    num_cpus: float = 1.0  # Ray CPUs per replica; spec.num_threads is what it uses
+    timeout_s: float = 30.0  # bound on every propose
+    start_timeout_s: float = 300.0  # process start and model load
+
+
+@dataclass
+class DraftReplica:
+    replica_id: int
+    handle: Any  # ray ActorHandle of a DraftWorker
+    pid: int
+    requests: set[str] = field(default_factory=set)
+    draining: bool = False
+    # start/finish calls sent but not yet awaited; awaited with the next propose
+    unsettled: list[Any] = field(default_factory=list)
+
+    @property
+    def load(self) -> int:
+        return len(self.requests)
+
+
+class DraftPool:
+    def __init__(self, config: DraftPoolConfig) -> None:
+        self.config = config
+        self.replicas: dict[int, DraftReplica] = {}
+        self._ids = itertools.count()
+        self._actor: Any = ray.remote(DraftWorker)
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- membership -----------------------------------------------------------
+
+    @property
+    def live(self) -> list[DraftReplica]:
+        return [r for r in self.replicas.values() if not r.draining]
+
+    async def add(self, count: int) -> list[int]:
+        """Start ``count`` replicas; returns their ids once they answer."""
+        handles = [
+            self._actor.options(num_cpus=self.config.num_cpus, max_restarts=0).remote(
+                self.config.spec
+            )
+            for _ in range(count)
+        ]
+        try:
+            pids = await asyncio.wait_for(
+                asyncio.gather(*(h.ping.remote() for h in handles)),
+                self.config.start_timeout_s,
+            )
+        except BaseException:
+            for handle in handles:
+                ray.kill(handle, no_restart=True)
+            raise
+        ids = []
+        for handle, pid in zip(handles, pids, strict=True):
+            replica = DraftReplica(next(self._ids), handle, int(pid))
+            self.replicas[replica.replica_id] = replica
+            ids.append(replica.replica_id)
+        return ids
+
+    def drain(self, count: int) -> list[DraftReplica]:
+        """Mark the ``count`` least loaded live replicas draining: they take no
+        new requests, and their requests should move (:meth:`pick` elsewhere)."""
+        chosen = sorted(self.live, key=lambda r: (r.load, -r.replica_id))[:count]
+        for replica in chosen:
+            replica.draining = True
+        return chosen
+
+    async def retire(self, replica: DraftReplica) -> None:
+        """Kill a replica (drained, or given up on) after its last calls settle."""
+        self.replicas.pop(replica.replica_id, None)
+        if replica.unsettled:
+            settle = asyncio.gather(
+                *(_awaitable(ref) for ref in replica.unsettled), return_exceptions=True
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(settle, self.config.timeout_s)
+        with contextlib.suppress(RayError):  # already gone
+            ray.kill(replica.handle, no_restart=True)
+
+    def drop(self, replica_id: int) -> DraftReplica | None:
+        """Forget a failed replica at once and kill it; returns it if known."""
+        replica = self.replicas.pop(replica_id, None)
+        if replica is not None:
+            with contextlib.suppress(RayError):
+                ray.kill(replica.handle, no_restart=True)
+        return replica
+
+    def rebalance(self) -> list[str]:
+        """Requests to move so no live replica holds more than its fair share."""
+        live = self.live
+        if not live:
+            return []
+        total = sum(r.load for r in self.replicas.values())
+        fair = -(-total // len(live))
+        moves: list[str] = []
+        for replica in live:
+            moves += sorted(replica.requests)[fair:]
+        return moves
+
+    # -- requests -------------------------------------------------------------
+
+    def pick(self) -> DraftReplica | None:
+        """The least loaded replica that takes new requests, if any has room."""
+        room = [r for r in self.live if r.load < self.config.spec.num_slots]
+        return min(room, key=lambda r: (r.load, r.replica_id)) if room else None
+
+    def attach(
+        self,
+        replica: DraftReplica,
+        request_id: str,
+        token_ids: Sequence[int],
+        sampling: SamplingParams,
+    ) -> None:
+        """Start drafting ``request_id`` on ``replica`` from its committed tokens."""
+        replica.unsettled.append(replica.handle.start.remote(request_id, list(token_ids), sampling))
+        replica.requests.add(request_id)
+        self._bound_unsettled(replica)
+
+    def detach(self, replica_id: int | None, request_ids: Sequence[str]) -> None:
+        """Free the requests' draft state; a gone replica has nothing to free."""
+        replica = self.replicas.get(replica_id) if replica_id is not None else None
+        if replica is None or not request_ids:
+            return
+        replica.requests.difference_update(request_ids)
+        replica.unsettled.append(replica.handle.finish.remote(list(request_ids)))
+        self._bound_unsettled(replica)
+
+    def _bound_unsettled(self, replica: DraftReplica) -> None:
+        """A replica nobody proposes to for long (γ = 0 under load) would
+        collect refs without end: settle them in the background. A failure
+        among them resurfaces at the next propose, which the replica fails."""
+        if len(replica.unsettled) < _MAX_UNSETTLED:
+            return
+        refs, replica.unsettled = replica.unsettled, []
+
+        async def settle() -> None:
+            await asyncio.gather(*(_awaitable(ref) for ref in refs), return_exceptions=True)
+
+        task = asyncio.get_running_loop().create_task(settle())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def propose(
+        self,
+        replica_id: int,
+        requests: Sequence[DraftRequest],
+        updates: Sequence[DraftUpdate],
+    ) -> list[DraftProposal]:
+        """One round on one replica; raises :class:`DraftReplicaError` (after
+        dropping the replica) if it died, failed or timed out."""
+        replica = self.replicas.get(replica_id)
+        if replica is None:
+            raise DraftReplicaError(f"draft replica {replica_id} is gone", replica_id, "died")
+        unsettled, replica.unsettled = replica.unsettled, []
+        refs = [*unsettled, replica.handle.propose.remote(list(requests), list(updates))]
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(_awaitable(ref) for ref in refs)), self.config.timeout_s
+            )
+        except (TimeoutError, GetTimeoutError) as err:
+            self.drop(replica_id)
+            raise DraftReplicaError(
+                f"draft replica {replica_id} gave no answer within {self.config.timeout_s:g} s",
+                replica_id,
+                "timeout",
+            ) from err
+        except RayActorError as err:
+            self.drop(replica_id)
+            raise DraftReplicaError(
+                f"draft replica {replica_id} died: {err}", replica_id, "died"
+            ) from err
+        except RayTaskError as err:
+            self.drop(replica_id)
+            raise DraftReplicaError(
+                f"draft replica {replica_id} failed: {err}", replica_id, "failed"
+            ) from err
+        proposals: list[DraftProposal] = results[-1]
+        return proposals
+
+    async def num_requests(self) -> dict[int, int]:
+        """Requests each replica actually tracks (one RPC each); -1 if it is gone."""
+        ids = list(self.replicas)
+        answers = await asyncio.gather(
+            *(_awaitable(self.replicas[i].handle.num_requests.remote()) for i in ids),
+            return_exceptions=True,
+        )
+        return {i: a if isinstance(a, int) else -1 for i, a in zip(ids, answers, strict=True)}
+
+    async def stats(self, reset: bool = False) -> dict[int, DraftWorkerStats]:
+        """Each live replica's own propose time (one RPC each)."""
+        ids = list(self.replicas)
+        answers = await asyncio.gather(
+            *(_awaitable(self.replicas[i].handle.stats.remote(reset)) for i in ids)
+        )
+        return dict(zip(ids, answers, strict=True))
+
+    async def shutdown(self) -> None:
+        for replica in list(self.replicas.values()):
+            self.drop(replica.replica_id)
+
+
+async def _awaitable(ref: Any) -> Any:
+    """An ObjectRef as a coroutine, so asyncio can wrap and time it."""
+    return await ref

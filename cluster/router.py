@@ -1,0 +1,744 @@
+"""The router: an async Ray actor that runs propose → verify → accept rounds
+over draft replicas and tensor-parallel target replicas.
+
+It owns the request queue and every request's state (committed tokens,
+sampling parameters and seed, the target and draft replica it is pinned to,
+stats). Each lane (one, or two micro-batches with ``overlap``) loops:
+
+1. at the round boundary: free cancelled requests, move requests off
+   draining or broken replicas, re-attach drafts, admit waiting requests;
+2. choose γ per request (:func:`schedule_gammas`, load-aware);
+3. ask the draft replicas for proposals, all replicas at once, each call
+   carrying the previous rounds' verdicts (how far to roll back);
+4. verify each target replica's share of the batch in one forward;
+5. accept (lossless rejection sampling) and commit, both from
+   :mod:`specray.actors.engine.round`;
+6. stream each request's tokens to its caller.
+
+The round's pure steps are the single-process engine's; only the transport
+differs. A request moves between target replicas by re-prefilling its
+committed tokens (verify from position 0) and between draft replicas by
+starting again from them, so neither moves nor draft failures change greedy
+output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from specray.actors.drafting.base import DraftProposal, DraftRequest
+from specray.actors.engine.engine import gamma_limit, start_request, stream_round
+from specray.actors.engine.gamma import SurvivalEstimate, schedule_gammas
+from specray.actors.engine.request import GenerationRequest, RequestOutput, RunningRequest
+from specray.actors.engine.round import DraftUpdate, accept_drafts, commit, verify_inputs
+from specray.actors.engine.target import VerifyOutput
+from specray.actors.model.config import ModelConfig
+from specray.cluster.costs import RoundCostModel
+from specray.cluster.draft_pool import DraftPool, DraftPoolConfig, DraftReplicaError
+from specray.cluster.errors import TargetGroupError
+from specray.cluster.metrics import RouterMetrics
+from specray.cluster.router_state import (
+    DraftReplicaState,
+    RoundTimings,
+    RouterState,
+    RouterTimings,
+    ScaleReport,
+    TargetReplicaState,
+)
+from specray.cluster.target_group import ShardedTargetConfig
+from specray.cluster.target_pool import TargetPool, profile_sizes
+
+log = logging.getLogger(__name__)
+
+
+__all__ = [
+    "RequestCancelledError",
+    "Router",
+    "RouterConfig",
+    "RouterState",
+    "RouterTimings",
+    "ScaleReport",
+    "launch_router",
+    "open_stream",
+]
+
+
+class RequestCancelledError(RuntimeError):
+    """The request was cancelled before it finished."""
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    target: ShardedTargetConfig  # one target replica: a whole TP group
+    draft: DraftPoolConfig | None = None  # None: target-only decoding
+    num_targets: int = 1
+    num_drafts: int = 1
+    num_speculative_tokens: int = 4  # γ ceiling
+    adaptive: bool = True  # False: always draft the ceiling
+    overlap: bool = False  # two micro-batches: one drafts while the other verifies
+    tokenizer_dir: str | None = None  # streams text when set
+    eos_token_ids: tuple[int, ...] | None = None  # None: the target's config
+    model_name: str = ""  # the metrics' model_name label; default: the target's folder
+    metrics_port: int | None = None  # None: no endpoint; 0: any free port on 127.0.0.1
+    profile: bool = True  # time verify sizes when a target replica starts
+    reattach_drafts: bool = True  # after a draft replica dies; False: go on target-only
+    num_threads: int | None = 1  # torch threads of the router's own process
+
+    def __post_init__(self) -> None:
+        if self.num_targets < 1:
+            raise ValueError(f"num_targets must be >= 1, got {self.num_targets}")
+        if self.num_drafts < 0 or self.num_speculative_tokens < 0:
+            raise ValueError("num_drafts and num_speculative_tokens must be >= 0")
+
+
+@dataclass
+class _Tracked:
+    """The router's state of one request."""
+
+    run: RunningRequest
+    chunks: asyncio.Queue[RequestOutput | BaseException]
+    lane: int | None = None
+    target: int | None = None
+    draft: int | None = None
+    updates: list[DraftUpdate] = field(default_factory=list)  # not yet sent to the draft
+    cancelled: bool = False
+    move_target: bool = False
+    move_draft: bool = False
+    last_chunk_at: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.run.request_id
+
+    @property
+    def wants_draft(self) -> bool:
+        return self.run.request.num_speculative_tokens != 0 and self.run.max_gamma > 0
+
+
+class Router:
+    """The router actor's body; :func:`launch_router` is where Ray wraps it."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self._tracked: dict[str, _Tracked] = {}
+        self._waiting: deque[str] = deque()
+        self._targets = TargetPool(config.target, self._wake)
+        self._pool: DraftPool | None = None
+        self._lanes: list[dict[str, None]] = []  # ordered sets of request ids
+        self._tasks: list[asyncio.Task[None]] = []
+        self._costs = RoundCostModel(overlap=config.overlap)
+        self._pool_alpha = SurvivalEstimate(decay=0.98)  # prior for new requests
+        self._hidden_layers: tuple[int, ...] = ()
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._eos: tuple[int, ...] = ()
+        self._metrics: RouterMetrics | None = None
+        self._metrics_port: int | None = None
+        self._work: asyncio.Event | None = None
+        self._scale_lock: asyncio.Lock | None = None
+        self._scaling = False
+        self._started = False
+        self._closed = False
+        self._target_moves = 0
+        self._draft_moves = 0
+        self._failed_drafts: set[int] = set()
+        self._timings = RoundTimings()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> RouterState:
+        """Start the replicas, the metrics endpoint and the round loops."""
+        if self._started:
+            return await self.state()
+        config = self.config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)  # the router's own process
+        self._work = asyncio.Event()
+        self._scale_lock = asyncio.Lock()
+        # Blocking replica calls (verify, release, start-up) run in threads;
+        # the default pool (cores + 4) is small enough to queue releases
+        # behind verifies when several replicas and lanes are busy.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=32, thread_name_prefix="router")
+        )
+        model_dir = Path(config.target.model_dir)
+        if config.tokenizer_dir is not None:
+            self._tokenizer = await asyncio.to_thread(
+                AutoTokenizer.from_pretrained, config.tokenizer_dir
+            )
+        eos = config.eos_token_ids
+        if eos is None:
+            eos = tuple(ModelConfig.from_pretrained(model_dir).eos_token_ids)
+            tok_eos = self._tokenizer.eos_token_id if self._tokenizer is not None else None
+            if tok_eos is not None and tok_eos not in eos:
+                eos += (int(tok_eos),)
+        self._eos = eos
+        self._metrics = RouterMetrics(
+            config.model_name or model_dir.name, config.num_speculative_tokens
+        )
+        if config.metrics_port is not None:
+            self._metrics_port = self._metrics.serve(config.metrics_port)
+        starts: list[Any] = [self._add_target() for _ in range(config.num_targets)]
+        if config.draft is not None and config.num_speculative_tokens > 0:
+            self._pool = DraftPool(config.draft)
+            if config.num_drafts:
+                starts.append(self._pool.add(config.num_drafts))
+        await asyncio.gather(*starts)
+        if self._pool is not None and self._pool.replicas:
+            first = next(iter(self._pool.replicas.values()))
+            self._hidden_layers = tuple(await first.handle.hidden_layers.remote())
+        lanes = 2 if config.overlap else 1
+        self._lanes = [{} for _ in range(lanes)]
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._lane_loop(lane)) for lane in range(lanes)]
+        self._started = True
+        return await self.state()
+
+    async def shutdown(self) -> None:
+        """Fail what is left, stop the loops and every replica."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for tracked in list(self._tracked.values()):
+            tracked.chunks.put_nowait(RequestCancelledError("the router shut down"))
+        self._tracked.clear()
+        self._waiting.clear()
+        await self._targets.shutdown()
+        if self._pool is not None:
+            await self._pool.shutdown()
+        if self._metrics is not None:
+            self._metrics.close()
+
+    # -- requests ---------------------------------------------------------------
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Stream a request's chunks; call with ``num_returns="streaming"``.
+
+        Cancelling the Ray task (``ray.cancel`` on its generator) cancels the
+        request and frees its state on every actor.
+        """
+        tracked = self._submit(request)
+        finished = False
+        try:
+            while not finished:
+                item = await tracked.chunks.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self._cancel(request.request_id)
+
+    async def generate(self, request: GenerationRequest) -> RequestOutput:
+        """The whole output as one chunk."""
+        token_ids: list[int] = []
+        texts: list[str] = []
+        last: RequestOutput | None = None
+        async for chunk in self.generate_stream(request):
+            token_ids += chunk.token_ids
+            texts.append(chunk.text)
+            last = chunk
+        assert last is not None
+        return replace(last, token_ids=token_ids, text="".join(texts))
+
+    async def cancel(self, request_id: str) -> bool:
+        """Cancel a request; False if it is unknown or already finished."""
+        return self._cancel(request_id)
+
+    # -- scaling ------------------------------------------------------------------
+
+    async def scale(self, drafts: int | None = None, targets: int | None = None) -> ScaleReport:
+        """Grow or shrink to ``drafts`` draft and ``targets`` target replicas.
+
+        New replicas take new requests and a fair share of the running ones;
+        removed replicas drain first: each of their requests moves at its next
+        round boundary (re-prefill on a target, restart on a draft). Returns
+        once removed replicas are empty and stopped.
+        """
+        assert self._scale_lock is not None
+        if targets is not None and targets < 1:
+            raise ValueError(f"targets must be >= 1, got {targets}")
+        if drafts is not None and drafts < 0:
+            raise ValueError(f"drafts must be >= 0, got {drafts}")
+        if drafts and self._pool is None:
+            raise ValueError("this router has no draft spec to scale")
+        began = time.perf_counter()
+        moves_before = (self._target_moves, self._draft_moves)
+        async with self._scale_lock:
+            self._scaling = True
+            try:
+                await self._scale(drafts, targets)
+            finally:
+                self._scaling = False
+                self._wake()
+        return ScaleReport(
+            targets=len(self._targets.live),
+            drafts=len(self._pool.live) if self._pool is not None else 0,
+            target_moves=self._target_moves - moves_before[0],
+            draft_moves=self._draft_moves - moves_before[1],
+            seconds=time.perf_counter() - began,
+        )
+
+    async def _scale(self, drafts: int | None, targets: int | None) -> None:
+        pool, target_pool = self._pool, self._targets
+        add_targets = max(0, (targets or 0) - len(target_pool.live))
+        add_drafts = max(0, (drafts or 0) - len(pool.live)) if pool is not None else 0
+        grow: list[Any] = [self._add_target() for _ in range(add_targets)]
+        if pool is not None and add_drafts:
+            grow.append(pool.add(add_drafts))
+        await asyncio.gather(*grow)
+        if pool is not None and not self._hidden_layers and pool.replicas:
+            first = next(iter(pool.replicas.values()))
+            self._hidden_layers = tuple(await first.handle.hidden_layers.remote())
+
+        draining_targets = []
+        if targets is not None and targets < len(target_pool.live):
+            draining_targets = target_pool.drain(len(target_pool.live) - targets)
+        elif add_targets:
+            for request_id in target_pool.rebalance():
+                self._tracked[request_id].move_target = True
+        draining_drafts = []
+        if pool is not None and drafts is not None and drafts < len(pool.live):
+            draining_drafts = pool.drain(len(pool.live) - drafts)
+        elif pool is not None and add_drafts:
+            for request_id in pool.rebalance():
+                self._tracked[request_id].move_draft = True
+        self._wake()
+
+        # Lanes move their requests at round boundaries; requests without a
+        # lane (waiting) are in no round, so their drafts move from here.
+        while any(r.occupied for r in draining_targets) or any(r.requests for r in draining_drafts):
+            for tracked in list(self._tracked.values()):
+                if tracked.lane is None:
+                    self._reconcile_draft(tracked)
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*(target_pool.retire(r) for r in draining_targets))
+        if pool is not None:
+            await asyncio.gather(*(pool.retire(r) for r in draining_drafts))
+
+    # -- introspection ---------------------------------------------------------------
+
+    async def state(self) -> RouterState:
+        tracked_by_draft = await self._pool.num_requests() if self._pool is not None else {}
+        drafts: tuple[DraftReplicaState, ...] = ()
+        if self._pool is not None:
+            drafts = tuple(
+                DraftReplicaState(
+                    r.replica_id,
+                    r.pid,
+                    r.load,
+                    tracked_by_draft.get(r.replica_id, -1),
+                    r.draining,
+                )
+                for r in self._pool.replicas.values()
+            )
+        targets = tuple(
+            TargetReplicaState(
+                r.replica_id,
+                tuple(sorted(r.requests)),
+                len(r.releasing),
+                r.draining,
+                tuple(p.pid for p in r.target.placements),
+            )
+            for r in self._targets.replicas.values()
+        )
+        return RouterState(
+            waiting=len(self._waiting),
+            running=sum(len(lane) for lane in self._lanes),
+            targets=targets,
+            drafts=drafts,
+            target_moves=self._target_moves,
+            draft_moves=self._draft_moves,
+            draft_failures=len(self._failed_drafts),
+            metrics_port=self._metrics_port,
+            verify_costs=self._costs.verify.as_dict(),
+            draft_costs=self._costs.draft.as_dict(),
+        )
+
+    async def ping(self) -> bool:
+        return True
+
+    async def timings(self, reset: bool = False) -> RouterTimings:
+        """Round phases and replica compute since the last reset."""
+        replicas = list(self._targets.replicas.values())
+        shard_stats = await asyncio.gather(
+            *(asyncio.to_thread(r.target.stats, reset) for r in replicas)
+        )
+        drafts = await self._pool.stats(reset) if self._pool is not None else {}
+        timings = RouterTimings(
+            router=replace(self._timings),
+            target_compute_s=sum(ranks[0].verify_s for ranks in shard_stats),
+            draft_compute_s=sum(d.propose_s for d in drafts.values()),
+        )
+        if reset:
+            self._timings = RoundTimings()
+        return timings
+
+    # -- the round loop ------------------------------------------------------------------
+
+    async def _lane_loop(self, lane: int) -> None:
+        assert self._work is not None
+        while not self._closed:
+            self._work.clear()
+            self._boundary(lane)
+            batch = [self._tracked[request_id] for request_id in self._lanes[lane]]
+            if not batch:
+                await self._work.wait()
+                continue
+            try:
+                await self._round(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # a bug must not take the other requests down
+                log.exception("round failed")
+                for tracked in batch:
+                    if tracked.request_id in self._tracked:
+                        self._fail(tracked, err)
+
+    def _boundary(self, lane: int) -> None:
+        """Between two rounds of a lane: apply cancels, moves and admissions."""
+        for request_id in list(self._lanes[lane]):
+            tracked = self._tracked[request_id]
+            if tracked.cancelled:
+                self._free(tracked)
+                continue
+            self._reconcile_target(tracked)
+            self._reconcile_draft(tracked)
+        self._admit(lane)
+        if not self._targets.live and not self._scaling:
+            for request_id in list(self._waiting):
+                self._fail(self._tracked[request_id], RuntimeError("no target replica is left"))
+        self._update_gauges()
+
+    def _reconcile_target(self, tracked: _Tracked) -> None:
+        pool = self._targets
+        replica = pool.replicas.get(tracked.target) if tracked.target is not None else None
+        if replica is not None and not replica.draining and not tracked.move_target:
+            return
+        tracked.move_target = False
+        pool.release(tracked.target, tracked.request_id)
+        tracked.run.cached_len = 0  # re-prefill wherever it lands
+        new = pool.pick()
+        if new is None:  # no room: back to the queue's front, state kept
+            tracked.target = None
+            assert tracked.lane is not None
+            self._lanes[tracked.lane].pop(tracked.request_id, None)
+            tracked.lane = None
+            self._waiting.appendleft(tracked.request_id)
+        else:
+            tracked.target = new.replica_id
+            pool.pin(new, tracked.request_id)
+        self._target_moves += 1
+
+    def _reconcile_draft(self, tracked: _Tracked) -> None:
+        pool = self._pool
+        if pool is None or not tracked.wants_draft:
+            return
+        replica = pool.replicas.get(tracked.draft) if tracked.draft is not None else None
+        if tracked.draft is not None and replica is None:
+            tracked.draft = None  # its replica failed; already counted as a fallback
+        moving = replica is not None and (replica.draining or tracked.move_draft)
+        if moving:
+            pool.detach(tracked.draft, [tracked.request_id])
+            tracked.draft = None
+        tracked.move_draft = False
+        if tracked.draft is not None:
+            return
+        if tracked.run.stats.fallback and not self.config.reattach_drafts:
+            return
+        new = pool.pick()
+        if new is None:
+            return
+        tracked.updates.clear()  # the new state starts from every committed token
+        pool.attach(new, tracked.request_id, tracked.run.tokens, tracked.run.sampling)
+        tracked.draft = new.replica_id
+        if moving:
+            self._draft_moves += 1
+
+    def _admit(self, lane: int) -> None:
+        others = [len(self._lanes[i]) for i in range(len(self._lanes)) if i != lane]
+        while self._waiting and (not others or len(self._lanes[lane]) <= min(others)):
+            replica = self._targets.pick()
+            if replica is None:
+                return
+            tracked = self._tracked[self._waiting.popleft()]
+            tracked.target = replica.replica_id
+            self._targets.pin(replica, tracked.request_id)
+            tracked.lane = lane
+            self._lanes[lane][tracked.request_id] = None
+            self._reconcile_draft(tracked)
+
+    async def _round(self, batch: list[_Tracked]) -> None:
+        began = time.perf_counter()
+        self._choose_gammas(batch)
+        proposing = time.perf_counter()
+        drafts = await self._propose(batch)
+        verifying = time.perf_counter()
+        # Grouped after drafting: another lane may have lost a target meanwhile.
+        groups: dict[int | None, list[int]] = {}
+        for i, tracked in enumerate(batch):
+            groups.setdefault(tracked.target, []).append(i)
+        verified = await asyncio.gather(
+            *(
+                self._verify(target_id, [batch[i] for i in idx], [drafts[i] for i in idx])
+                for target_id, idx in groups.items()
+            )
+        )
+        verified_at = time.perf_counter()
+        survivors: list[_Tracked] = []
+        kept_drafts: list[DraftProposal] = []
+        outputs: list[VerifyOutput] = []
+        for idx, outs in zip(groups.values(), verified, strict=True):
+            if outs is None:
+                continue
+            survivors += [batch[i] for i in idx]
+            kept_drafts += [drafts[i] for i in idx]
+            outputs += outs
+        if not survivors:
+            return
+        runs = [t.run for t in survivors]
+        rejection = accept_drafts(runs, kept_drafts, outputs)
+        updates = commit(runs, kept_drafts, outputs, rejection)
+        assert self._metrics is not None
+        self._metrics.observe_round(rejection)
+        for tracked, draft, update, new_ids in zip(
+            survivors, kept_drafts, updates, rejection.output_token_ids, strict=True
+        ):
+            if len(draft):
+                self._pool_alpha.update(len(draft), update.num_accepted)
+            if tracked.draft is not None:
+                tracked.updates.append(update)
+            self._emit(tracked, stream_round(tracked.run, new_ids))
+        ended = time.perf_counter()
+        timings = self._timings
+        timings.rounds += 1
+        timings.request_rounds += len(survivors)
+        timings.round_s += ended - began
+        timings.propose_s += verifying - proposing
+        timings.verify_s += verified_at - verifying
+        timings.local_s += (proposing - began) + (ended - verified_at)
+
+    def _choose_gammas(self, batch: Sequence[_Tracked]) -> None:
+        for tracked in batch:
+            tracked.run.gamma = 0
+        if self._pool is None:
+            return
+        groups: dict[int | None, list[_Tracked]] = {}
+        for tracked in batch:
+            groups.setdefault(tracked.target, []).append(tracked)
+        for group in groups.values():
+            limits = [max(gamma_limit(t.run), 0) if t.draft is not None else 0 for t in group]
+            if self.config.adaptive:
+                base = sum(len(t.run.tokens) - t.run.cached_len for t in group)
+                alphas = [t.run.acceptance.alpha for t in group]
+                gammas = schedule_gammas(alphas, limits, self._costs.round_seconds, base)
+            else:
+                gammas = limits
+            for tracked, gamma in zip(group, gammas, strict=True):
+                tracked.run.gamma = gamma
+
+    async def _propose(self, batch: Sequence[_Tracked]) -> list[DraftProposal]:
+        drafts = [DraftProposal([]) for _ in batch]
+        pool = self._pool
+        by_replica: dict[int, list[int]] = {}
+        for i, tracked in enumerate(batch):
+            if tracked.draft is not None and tracked.run.gamma > 0:
+                by_replica.setdefault(tracked.draft, []).append(i)
+        if pool is None or not by_replica:
+            return drafts
+
+        async def one(replica_id: int, idx: list[int]) -> list[DraftProposal]:
+            asks = [DraftRequest(batch[i].request_id, batch[i].run.gamma) for i in idx]
+            updates: list[DraftUpdate] = []
+            for tracked in batch:
+                if tracked.draft == replica_id:
+                    updates += tracked.updates
+                    tracked.updates = []
+            return await pool.propose(replica_id, asks, updates)
+
+        began = time.perf_counter()
+        results = await asyncio.gather(
+            *(one(r, idx) for r, idx in by_replica.items()), return_exceptions=True
+        )
+        elapsed = time.perf_counter() - began
+        failed = False
+        for (replica_id, idx), result in zip(by_replica.items(), results, strict=True):
+            if isinstance(result, DraftReplicaError):
+                log.warning("draft replica %d lost: %s", replica_id, result)
+                self._draft_failed(replica_id)
+                failed = True
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                for i, proposal in zip(idx, result, strict=True):
+                    drafts[i] = proposal
+        if not failed:
+            self._costs.draft.observe(max(t.run.gamma for t in batch), elapsed)
+        return drafts
+
+    async def _verify(
+        self, target_id: int | None, group: list[_Tracked], drafts: list[DraftProposal]
+    ) -> list[VerifyOutput] | None:
+        """One target replica's share of the round; None if it failed."""
+        replica = self._targets.replicas.get(target_id) if target_id is not None else None
+        if replica is None:  # broke while this round was drafting
+            self._lost_target(target_id, group)
+            return None
+        inputs = verify_inputs([t.run for t in group], drafts)
+        num_tokens = sum(len(item.token_ids) for item in inputs)
+        began = time.perf_counter()
+        try:
+            outputs = await asyncio.to_thread(replica.target.verify, inputs, self._hidden_layers)
+        except TargetGroupError as err:
+            log.warning("target replica %d lost: %s", target_id, err)
+            self._targets.drop(replica.replica_id)
+            self._lost_target(target_id, group)
+            return None
+        except Exception as err:  # every shard refused it alike: the requests' fault
+            for tracked in group:
+                self._fail(tracked, err)
+            return None
+        self._costs.verify.observe(num_tokens, time.perf_counter() - began)
+        return outputs
+
+    def _lost_target(self, target_id: int | None, group: Sequence[_Tracked]) -> None:
+        """Requests of a broken target replica re-prefill elsewhere; the ones in
+        this round also restart their drafts, which drafted without a verdict."""
+        for tracked in self._tracked.values():
+            if target_id is not None and tracked.target == target_id:
+                tracked.target = None
+                tracked.run.cached_len = 0
+        for tracked in group:
+            tracked.move_draft = True
+
+    def _draft_failed(self, replica_id: int) -> None:
+        assert self._pool is not None
+        self._pool.drop(replica_id)
+        if replica_id not in self._failed_drafts:  # another lane may have seen it first
+            self._failed_drafts.add(replica_id)
+        for tracked in self._tracked.values():
+            if tracked.draft == replica_id:
+                tracked.draft = None
+                tracked.updates = []
+                tracked.run.stats.fallback = True
+
+    # -- per-request bookkeeping ----------------------------------------------------------
+
+    def _submit(self, request: GenerationRequest) -> _Tracked:
+        if not self._started or self._closed:
+            raise RuntimeError("the router is not running (call start() first)")
+        if request.request_id in self._tracked:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if not request.prompt_ids:
+            raise ValueError("prompt_ids must not be empty")
+        prior = SurvivalEstimate.with_prior(self._pool_alpha.alpha)
+        run = start_request(
+            request, self._eos, self._tokenizer, self.config.num_speculative_tokens, prior
+        )
+        tracked = _Tracked(run, asyncio.Queue())
+        self._tracked[request.request_id] = tracked
+        self._waiting.append(request.request_id)
+        self._update_gauges()
+        self._wake()
+        return tracked
+
+    def _emit(self, tracked: _Tracked, output: RequestOutput) -> None:
+        assert self._metrics is not None
+        now = time.perf_counter()
+        stats = copy.copy(output.stats)  # later rounds keep mutating the live one
+        if output.token_ids:
+            if tracked.last_chunk_at is None:
+                self._metrics.observe_first_token(now - stats.created_at)
+            else:
+                self._metrics.observe_inter_token(now - tracked.last_chunk_at)
+            tracked.last_chunk_at = now
+        tracked.chunks.put_nowait(replace(output, stats=stats))
+        if output.finished:
+            self._metrics.observe_finished(now - stats.created_at)
+            self._free(tracked)
+
+    def _cancel(self, request_id: str) -> bool:
+        tracked = self._tracked.get(request_id)
+        if tracked is None or tracked.cancelled:
+            return False
+        tracked.cancelled = True
+        tracked.chunks.put_nowait(RequestCancelledError(f"request {request_id!r} was cancelled"))
+        if tracked.lane is None:  # not in any round: free now
+            self._free(tracked)
+        self._wake()  # an idle lane frees it at its boundary
+        return True
+
+    def _fail(self, tracked: _Tracked, err: BaseException) -> None:
+        tracked.chunks.put_nowait(err)
+        self._free(tracked)
+
+    def _free(self, tracked: _Tracked) -> None:
+        """Drop a request everywhere: lane, queue, target slot and draft state."""
+        request_id = tracked.request_id
+        self._tracked.pop(request_id, None)
+        if tracked.lane is not None:
+            self._lanes[tracked.lane].pop(request_id, None)
+            tracked.lane = None
+        if request_id in self._waiting:
+            self._waiting.remove(request_id)
+        self._targets.release(tracked.target, request_id)
+        tracked.target = None
+        if self._pool is not None and tracked.draft is not None:
+            self._pool.detach(tracked.draft, [request_id])
+        tracked.draft = None
+        self._update_gauges()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Something a lane may act on changed: a request, a slot, a replica."""
+        if self._work is not None:
+            self._work.set()
+
+    async def _add_target(self) -> None:
+        config = self.config
+        sizes: list[int] = []
+        if config.profile:
+            target = config.target
+            sizes = profile_sizes(target.num_slots, config.num_speculative_tokens, target.max_len)
+        self._costs.verify.set_profile(await self._targets.add(sizes))
+
+    def _update_gauges(self) -> None:
+        if self._metrics is not None:
+            running = sum(len(lane) for lane in self._lanes)
+            self._metrics.set_queues(running, len(self._waiting))
+
+
+def launch_router(config: RouterConfig, **options: Any) -> Any:
+    """Create the router actor (the one place ``ray.remote`` wraps it) and start it.
+
+    ``options`` go to ``.options()`` (e.g. ``name``); the router itself takes
+    no CPU from Ray's accounting: it mostly waits on its replicas.
+    """
+    # Its blocking Ray calls run in worker threads (asyncio.to_thread), which
+    # Ray's blocking-get-in-async-actor warning cannot tell apart.
+    runtime_env = {"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}}
+    actor: Any = ray.remote(Router)
+    actor = actor.options(num_cpus=0, max_concurrency=1000, runtime_env=runtime_env, **options)
+    handle = actor.remote(config)
+    ray.get(handle.start.remote())
+    return handle
+
+
+def open_stream(router: Any, request: GenerationRequest) -> Any:
+    """The ObjectRefGenerator of a streamed request: iterate it and ``ray.get``
+    (or ``await``) each ref for a :class:`RequestOutput`."""
+    return router.generate_stream.options(num_returns="streaming").remote(request)

@@ -1,0 +1,150 @@
+"""The router's target replicas: each a whole tensor-parallel group
+(:class:`ShardedTarget`), holding the KV cache of the requests pinned to it.
+
+A slot counts as taken from the moment a request is pinned until its
+replica confirms the release, so a new request never finds the shards'
+cache full. Blocking calls of a :class:`ShardedTarget` run in worker
+threads; everything else runs on the router's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from specray.actors.engine.target import VerifyInput
+from specray.cluster.target_group import ShardedTarget, ShardedTargetConfig
+
+log = logging.getLogger(__name__)
+
+_PROFILE_ID = "__specray_profile__"
+PROFILE_CONTEXT = 16
+
+
+@dataclass
+class TargetReplica:
+    replica_id: int
+    target: ShardedTarget
+    requests: set[str] = field(default_factory=set)
+    releasing: set[str] = field(default_factory=set)  # released, not yet confirmed
+    draining: bool = False
+
+    @property
+    def occupied(self) -> int:
+        return len(self.requests) + len(self.releasing)
+
+
+class TargetPool:
+    def __init__(self, config: ShardedTargetConfig, on_change: Callable[[], None]) -> None:
+        """``on_change`` is called when a slot frees up or a replica joins."""
+        self.config = config
+        self.replicas: dict[int, TargetReplica] = {}
+        self._on_change = on_change
+        self._ids = itertools.count()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    @property
+    def live(self) -> list[TargetReplica]:
+        return [r for r in self.replicas.values() if not r.draining]
+
+    async def add(self, profile_sizes: Sequence[int] = ()) -> list[tuple[int, float]]:
+        """Start one replica; returns its verify timings at ``profile_sizes``."""
+        target = await asyncio.to_thread(ShardedTarget, self.config)
+        points = []
+        if profile_sizes:
+            points = await asyncio.to_thread(profile_verify, target, profile_sizes)
+        replica = TargetReplica(next(self._ids), target)
+        self.replicas[replica.replica_id] = replica
+        self._on_change()
+        return points
+
+    def pick(self) -> TargetReplica | None:
+        """The least occupied live replica with a free slot, if any."""
+        room = [r for r in self.live if r.occupied < self.config.num_slots]
+        return min(room, key=lambda r: (r.occupied, r.replica_id)) if room else None
+
+    def pin(self, replica: TargetReplica, request_id: str) -> None:
+        replica.requests.add(request_id)
+
+    def release(self, replica_id: int | None, request_id: str) -> None:
+        """Free a request's slot on its replica's shards (in the background)."""
+        replica = self.replicas.get(replica_id) if replica_id is not None else None
+        if replica is None or request_id not in replica.requests:
+            return
+        replica.requests.discard(request_id)
+        replica.releasing.add(request_id)
+
+        async def release() -> None:
+            try:
+                await asyncio.to_thread(replica.target.release, request_id)
+            except Exception as err:  # a broken group frees everything anyway
+                log.warning("release of %r failed: %s", request_id, err)
+            replica.releasing.discard(request_id)
+            self._on_change()
+
+        self._spawn(release())
+
+    def drain(self, count: int) -> list[TargetReplica]:
+        """Mark the ``count`` least occupied live replicas draining."""
+        chosen = sorted(self.live, key=lambda r: (r.occupied, -r.replica_id))[:count]
+        for replica in chosen:
+            replica.draining = True
+        return chosen
+
+    def rebalance(self) -> list[str]:
+        """Requests to move so no live replica holds more than its fair share."""
+        live = self.live
+        if not live:
+            return []
+        fair = -(-sum(len(r.requests) for r in live) // len(live))
+        return [rid for r in live for rid in sorted(r.requests)[fair:]]
+
+    async def retire(self, replica: TargetReplica) -> None:
+        """Stop a drained replica."""
+        self.replicas.pop(replica.replica_id, None)
+        await asyncio.to_thread(replica.target.shutdown)
+
+    def drop(self, replica_id: int) -> None:
+        """Forget a broken replica at once; its shards stop in the background."""
+        replica = self.replicas.pop(replica_id, None)
+        if replica is not None:
+            self._spawn(asyncio.to_thread(replica.target.shutdown))
+
+    async def shutdown(self) -> None:
+        replicas = list(self.replicas.values())
+        self.replicas.clear()
+        await asyncio.gather(*(asyncio.to_thread(r.target.shutdown) for r in replicas))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def profile_sizes(num_slots: int, max_gamma: int, max_len: int) -> list[int]:
+    """Powers of two up to the largest batch a round can verify, and that."""
+    largest = max(1, min(num_slots * (max_gamma + 1), max_len - PROFILE_CONTEXT - 1))
+    return [*(1 << i for i in range(largest.bit_length()) if 1 << i < largest), largest]
+
+
+def profile_verify(
+    target: ShardedTarget, sizes: Sequence[int], repeats: int = 3
+) -> list[tuple[int, float]]:
+    """Best-of-``repeats`` seconds of verifying ``n`` tokens after a short
+    context, returning logits for all of them as a round's drafts do."""
+    target.verify([VerifyInput(_PROFILE_ID, 0, [0] * PROFILE_CONTEXT, 1)])
+    points = []
+    for size in sizes:
+        best = float("inf")
+        for _ in range(repeats):
+            began = time.perf_counter()
+            target.verify([VerifyInput(_PROFILE_ID, PROFILE_CONTEXT, [0] * size, size)])
+            best = min(best, time.perf_counter() - began)
+        points.append((size, best))
+    target.release(_PROFILE_ID)
+    return points
