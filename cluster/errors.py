@@ -15,3 +15,8 @@ class TargetGroupError(RuntimeError):
         super().__init__(message)
         self.reason = reason  # "died" | "timeout" | "failed" | "unschedulable" | "closed"
         self.ranks = ranks  # the shards that caused it, where known
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, tuple[int, ...]]]:
+        # Ray pickles errors to hand them to callers; the default reduce
+        # would drop reason and ranks and fail to rebuild the error.
+        return (type(self), (str(self), self.reason, self.ranks))

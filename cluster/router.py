@@ -421,7 +421,10 @@ class Router:
         self._admit(lane)
         if not self._targets.live and not self._scaling:
             for request_id in list(self._waiting):
-                self._fail(self._tracked[request_id], RuntimeError("no target replica is left"))
+                self._fail(
+                    self._tracked[request_id],
+                    TargetGroupError("no target replica is left", "closed"),
+                )
         self._update_gauges()
 
     def _reconcile_target(self, tracked: _Tracked) -> None:

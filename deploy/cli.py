@@ -11,9 +11,9 @@ from types import ModuleType
 
 def _commands() -> list[ModuleType]:
     from specray.actors.store import cli as models
-    from specray.deploy import client_cli, generate, serve
+    from specray.deploy import client_cli, generate, scale_cli, serve
 
-    return [generate, models, serve, client_cli]
+    return [generate, models, serve, client_cli, scale_cli]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:

@@ -1,5 +1,13 @@
 """The ``specray serve`` configuration: a YAML or JSON file, every key optional.
 
+backend: router         # router (Ray; the ``router:`` section) | engine (in-process)
+router:
+  target: qwen2.5-coder-1.5b-instruct
+  tp: 2
+  drafts: [{kind: model, model: qwen2.5-coder-0.5b-instruct}]   # or [{kind: ngram}]
+  num_targets: 1        # target replicas, each a TP group
+  num_drafts: 1         # draft replicas
+# The in-process engine (backend: engine) reads the top-level model keys:
 target: qwen2.5-coder-0.5b-instruct
 draft: ngram            # none | ngram | a draft model's name or path
 dtype: bfloat16
@@ -16,11 +24,12 @@ limits:
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from specray.actors.engine.factory import EngineSpec
 from specray.deploy.backend import ModelInfo
@@ -45,10 +54,99 @@ class LimitsConfig(BaseModel):
     retry_after_s: float = Field(1.0, gt=0, description="retry hint sent when overloaded")
 
 
+Dtype = Literal["float32", "bfloat16"]
+
+
+class DrafterConfig(BaseModel):
+    """One kind of draft replica: n-gram lookup, or a small draft model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["ngram", "model"]
+    model: str | None = Field(None, description="kind model: registered name or local path")
+    dtype: Dtype | None = Field(None, description="default: the router's dtype")
+    num_slots: int | None = Field(
+        None, ge=1, description="requests one replica drafts for; default the router's num_slots"
+    )
+    threads: int = Field(1, ge=1, description="torch threads of one replica")
+    cpus: float = Field(1.0, ge=0, description="Ray CPUs one replica reserves")
+    max_ngram: int = Field(5, ge=1)
+    min_ngram: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _model_matches_kind(self) -> DrafterConfig:
+        if self.kind == "model" and not self.model:
+            raise ValueError("a `kind: model` drafter needs `model` (a name or a path)")
+        if self.kind == "ngram" and self.model:
+            raise ValueError("a `kind: ngram` drafter takes no `model`")
+        return self
+
+    @property
+    def name(self) -> str:
+        """How GetModelInfo reports it: "ngram" or the draft model."""
+        return self.model if self.kind == "model" and self.model else self.kind
+
+
+def _default_drafts() -> list[DrafterConfig]:
+    return [DrafterConfig.model_validate({"kind": "model", "model": "qwen2.5-coder-0.5b-instruct"})]
+
+
+class RouterSettings(BaseModel):
+    """The Ray router (``backend: router``): target replicas of ``tp`` shards
+    each, and a pool of draft replicas, scaled independently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field("qwen2.5-coder-1.5b-instruct", description="registered name or path")
+    tp: int = Field(2, ge=1, description="tensor-parallel shards per target replica")
+    dtype: Dtype = "bfloat16"
+    num_targets: int = Field(1, ge=1, description="target replicas at start")
+    # The router runs one draft pool, so one drafter kind: a list so that a
+    # config stays valid once pools of several kinds exist; [] is target-only.
+    drafts: list[DrafterConfig] = Field(default_factory=_default_drafts, max_length=1)
+    num_drafts: int = Field(1, ge=0, description="draft replicas at start")
+    k: int = Field(4, ge=0, description="draft tokens per round, or its ceiling")
+    adaptive: bool = True
+    overlap: bool = Field(False, description="two micro-batches: draft one, verify the other")
+    num_slots: int = Field(8, ge=1, description="requests one target replica batches (max_batch)")
+    max_len: int = Field(4096, ge=2, description="KV cache length: prompt + output")
+    threads_per_shard: int | None = Field(None, ge=1, description="default: cores / tp")
+    cpus_per_shard: float | None = Field(None, ge=0, description="default: threads_per_shard")
+    gpus_per_shard: float = Field(0.0, ge=0, description="> 0: shards on CUDA over NCCL")
+    strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    timeout_s: float = Field(60.0, gt=0, description="bound on every shard call")
+    start_timeout_s: float = Field(600.0, gt=0, description="placement and model loading")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="router Prometheus endpoint on 127.0.0.1; 0: any"
+    )
+    profile: bool = Field(True, description="time verify sizes when a target replica starts")
+    ray_num_cpus: int | None = Field(
+        None, ge=1, description="embedded Ray's logical CPUs; default: twice what the replicas need"
+    )
+
+    @property
+    def drafter(self) -> DrafterConfig | None:
+        return self.drafts[0] if self.drafts else None
+
+    def with_draft(self, draft: str) -> RouterSettings:
+        """These settings with ``--draft`` applied: none | ngram | a model."""
+        drafts: list[DrafterConfig] = []
+        if draft == "ngram":
+            drafts = [DrafterConfig.model_validate({"kind": "ngram"})]
+        elif draft != "none":
+            drafts = [DrafterConfig.model_validate({"kind": "model", "model": draft})]
+        return self.model_copy(update={"drafts": drafts})
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # The engine (see specray.actors.engine.factory.EngineSpec).
+    backend: Literal["router", "engine"] = Field(
+        "router", description="router: Ray actors (the router section); engine: in-process"
+    )
+    router: RouterSettings = Field(default_factory=lambda: RouterSettings.model_validate({}))
+
+    # The in-process engine, backend: engine (see specray.actors.engine.factory.EngineSpec).
     target: str = "qwen2.5-coder-0.5b-instruct"
     draft: str = "ngram"
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
@@ -64,9 +162,22 @@ class ServeConfig(BaseModel):
     port: int = Field(50051, ge=0, le=65535)
     http_port: int | None = Field(8000, ge=0, le=65535)
     address: str | None = Field(None, description="a Ray cluster to join (router backend)")
+    admin: bool | None = Field(
+        None, description="the Admin service (scaling); default: on only when host is loopback"
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="wait this long for in-flight work")
 
     limits: LimitsConfig = Field(default_factory=lambda: LimitsConfig.model_validate({}))
+
+    @model_validator(mode="after")
+    def _address_needs_router(self) -> ServeConfig:
+        if self.address is not None and self.backend != "router":
+            raise ValueError("`address` (joining a Ray cluster) needs `backend: router`")
+        return self
+
+    @property
+    def admin_enabled(self) -> bool:
+        return self.admin if self.admin is not None else is_loopback_host(self.host)
 
     def engine_spec(self) -> EngineSpec:
         return EngineSpec(
@@ -94,6 +205,15 @@ class ServeConfig(BaseModel):
             max_stop_token_ids=limits.max_stop_token_ids,
             max_request_id_length=limits.max_request_id_length,
         )
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_config(path: Path | None) -> ServeConfig:

@@ -20,9 +20,10 @@ from typing import TypeAlias
 
 from specray.actors.engine.engine import SpecEngine
 from specray.actors.engine.factory import EngineSpec, LoadedEngine
-from specray.actors.engine.request import GenerationRequest, RequestOutput
+from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget
-from specray.deploy.backend import Chunk, ChunkStats, ModelInfo
+from specray.deploy.backend import Chunk, ModelInfo
+from specray.deploy.conversion import chunk_from_output, generation_request
 from specray.deploy.errors import (
     InvalidRequestError,
     OverloadedError,
@@ -30,6 +31,7 @@ from specray.deploy.errors import (
     UnavailableError,
     UnsupportedError,
 )
+from specray.deploy.replicas import ReplicaState
 from specray.deploy.validation import ValidatedRequest
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,17 @@ class EngineBackend:
                 f"the in-process engine runs {current[0]} drafter(s) and 1 target; scaling to "
                 f"{drafts} and {targets} needs the Ray router"
             )
+
+    async def replicas(self) -> ReplicaState:
+        state = await self.snapshot()
+        return ReplicaState(
+            backend="engine",
+            drafts=len(self._info.drafts),
+            targets=1,
+            tensor_parallel_size=self._info.tensor_parallel_size,
+            running=len(state.running),
+            waiting=len(state.waiting),
+        )
 
     @property
     def draining(self) -> bool:
@@ -288,33 +301,3 @@ class EngineBackend:
             streams = list(self._streams.values())
         for stream in streams:
             stream.put(error)
-
-
-def generation_request(request: ValidatedRequest) -> GenerationRequest:
-    """The engine's (and the router's) request for a validated one."""
-    return GenerationRequest(
-        request_id=request.request_id,
-        prompt_ids=list(request.prompt_ids),
-        sampling=request.sampling,
-        stopping=request.stopping,
-        # 0 drafts per round is target-only decoding on the same path.
-        num_speculative_tokens=request.num_speculative_tokens if request.speculative else 0,
-    )
-
-
-def chunk_from_output(output: RequestOutput, prompt_tokens: int) -> Chunk:
-    """A front-door chunk from an engine (or router) output; stats are copied
-    because the engine keeps mutating its own."""
-    stats = output.stats
-    return Chunk(
-        request_id=output.request_id,
-        token_ids=tuple(output.token_ids),
-        text=output.text,
-        finish_reason=output.finish_reason,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=stats.num_output_tokens,
-        stats=ChunkStats(
-            stats.draft_tokens, stats.accepted_tokens, stats.rounds, stats.fallback, stats.elapsed_s
-        ),
-        seed=output.seed,
-    )

@@ -1,15 +1,21 @@
 """The serving errors and the one table that maps them to gRPC and HTTP codes.
 
-Everything the front door can fail with is a :class:`ServingError` subclass;
-:func:`status_for` looks its class up in :data:`ERROR_TABLE`, and anything
-that is not a ServingError is INTERNAL / 500.
+Everything the front door raises itself is a :class:`ServingError` subclass;
+errors from the Ray side that callers must tell apart (a target group going
+down) have rows of their own. :func:`status_for` looks an error's class up in
+:data:`ERROR_TABLE`; anything without a row is INTERNAL / 500.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import grpc
+
+from specray.cluster.errors import TargetGroupError
+
+log = logging.getLogger(__name__)
 
 
 class ServingError(Exception):
@@ -55,13 +61,16 @@ class ErrorStatus:
     grpc_code: grpc.StatusCode
     http_status: int
     openai_type: str  # the OpenAI error "type" field
+    # What the caller is told for an error from below the front door (not a
+    # ServingError), whose own message carries internals (shards, hosts).
+    public_message: str = ""
 
 
 INTERNAL = ErrorStatus(grpc.StatusCode.INTERNAL, 500, "internal_error")
 
 # The single mapping from error to status code. Subclasses of an entry map
 # like it unless they have their own row; order does not matter.
-ERROR_TABLE: dict[type[ServingError], ErrorStatus] = {
+ERROR_TABLE: dict[type[Exception], ErrorStatus] = {
     InvalidRequestError: ErrorStatus(
         grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"
     ),
@@ -73,6 +82,14 @@ ERROR_TABLE: dict[type[ServingError], ErrorStatus] = {
     # has usually gone by then, so it shows up in logs and metrics only.
     RequestCancelledError: ErrorStatus(grpc.StatusCode.CANCELLED, 499, "cancelled_error"),
     UnsupportedError: ErrorStatus(grpc.StatusCode.UNIMPLEMENTED, 501, "unsupported_error"),
+    # A shard died, fell out of step or timed out: the group is gone until
+    # it is restarted, so retrying later (elsewhere) may succeed.
+    TargetGroupError: ErrorStatus(
+        grpc.StatusCode.UNAVAILABLE,
+        503,
+        "unavailable_error",
+        "the target group is down; retry later",
+    ),
 }
 
 # Trailing-metadata key gRPC's own retry machinery reads as a retry hint.
@@ -89,12 +106,30 @@ def status_for(error: BaseException) -> ErrorStatus:
 
 def public_message(error: BaseException, request_id: str) -> str:
     """What the caller is told: a ServingError's own message; for anything
-    else only the request id to find it in the server log, never internals."""
+    else its row's public message or "internal error", with the request id to
+    find the details in the server log, never the internals themselves."""
     if isinstance(error, ServingError):
         return str(error)
+    summary = status_for(error).public_message
+    if summary:
+        return f"{summary} (request {request_id!r}; details in the server log)"
     return f"internal error while serving request {request_id!r}; see the server log"
 
 
 def retry_after_s(error: BaseException) -> float | None:
     """How long the caller should wait before retrying, where the error says."""
     return error.retry_after_s if isinstance(error, OverloadedError) else None
+
+
+async def abort_rpc(context: grpc.aio.ServicerContext, error: Exception, request_id: str) -> None:
+    """End the call with ``error``'s status from the error table (raises)."""
+    status = status_for(error)
+    if status is INTERNAL:
+        log.error("request %r failed", request_id, exc_info=error)
+    elif not isinstance(error, ServingError):  # mapped, but its details stay here
+        log.warning("request %r failed: %r", request_id, error)
+    metadata: tuple[tuple[str, str], ...] = ()
+    retry = retry_after_s(error)
+    if retry is not None:
+        metadata = ((RETRY_PUSHBACK_KEY, str(round(retry * 1000))),)
+    await context.abort(status.grpc_code, public_message(error, request_id), metadata)

@@ -47,6 +47,13 @@ class Gateway:
         return self._in_flight
 
     @property
+    def backend(self) -> Backend:
+        """The backend, for operator calls (scaling), which draining does not stop."""
+        if self._backend is None:
+            raise UnavailableError("the model is still loading; retry shortly")
+        return self._backend
+
+    @property
     def validator(self) -> Validator:
         if self._validator is None:
             raise UnavailableError("the model is still loading; retry shortly")

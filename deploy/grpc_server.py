@@ -1,5 +1,6 @@
 """The gRPC front door: ``specray.v1.Generation`` plus grpc.health.v1 and
-server reflection, on a :class:`~specray.deploy.gateway.Gateway`.
+server reflection, on a :class:`~specray.deploy.gateway.Gateway`, and the
+operator's ``specray.v1.Admin`` where enabled.
 
 Binds 127.0.0.1 unless told otherwise; port 0 picks a free port, which
 :attr:`GrpcServer.port` then reports.
@@ -17,14 +18,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from specray.deploy.admin_server import ADMIN_SERVICE_NAME, add_admin_servicer
 from specray.deploy.backend import Chunk
-from specray.deploy.errors import (
-    INTERNAL,
-    RETRY_PUSHBACK_KEY,
-    public_message,
-    retry_after_s,
-    status_for,
-)
+from specray.deploy.errors import abort_rpc
 from specray.deploy.gateway import Gateway
 from specray.deploy.validation import RawRequest
 from specray.protos.specray.v1 import generation_pb2 as pb
@@ -117,7 +113,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             assert last is not None and last.finished
             return response(last, token_ids, "".join(text))
         except Exception as error:
-            await _abort(context, error, request_id)
+            await abort_rpc(context, error, request_id)
             raise  # unreachable: abort raises
 
     async def GenerateStream(
@@ -132,7 +128,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 async for chunk in chunks:
                     yield response(chunk, list(chunk.token_ids), chunk.text)
         except Exception as error:
-            await _abort(context, error, request_id)
+            await abort_rpc(context, error, request_id)
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
@@ -141,7 +137,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             info = self._gateway.model_info()
             limits = self._gateway.validator.limits
         except Exception as error:
-            await _abort(context, error, "")
+            await abort_rpc(context, error, "")
             raise
         return pb.GetModelInfoResponse(
             target=info.target,
@@ -155,17 +151,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         )
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: Exception, request_id: str) -> None:
-    status = status_for(error)
-    if status is INTERNAL:
-        log.error("request %r failed", request_id, exc_info=error)
-    metadata: tuple[tuple[str, str], ...] = ()
-    retry = retry_after_s(error)
-    if retry is not None:
-        metadata = ((RETRY_PUSHBACK_KEY, str(round(retry * 1000))),)
-    await context.abort(status.grpc_code, public_message(error, request_id), metadata)
-
-
 class GrpcServer:
     """A grpc.aio server with Generation, health and reflection."""
 
@@ -175,10 +160,13 @@ class GrpcServer:
         host: str = "127.0.0.1",
         port: int = 50051,
         health_interval_s: float = 1.0,
+        admin: bool = False,
     ) -> None:
+        """``admin``: also serve ``specray.v1.Admin`` (scaling) on this port."""
         self.gateway = gateway
         self.host = host
         self.port = port
+        self.admin = admin
         self._health_interval_s = health_interval_s
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None  # made in start(), on the serving loop
@@ -194,9 +182,11 @@ class GrpcServer:
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServicer_to_server(GenerationServicer(self.gateway), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        if self.admin:
+            add_admin_servicer(self.gateway, self._server)
+            services.append(ADMIN_SERVICE_NAME)
+        reflection.enable_server_reflection(services, self._server)
         bound = self._server.add_insecure_port(host_port(self.host, self.port))
         if bound == 0:
             raise OSError(f"could not bind gRPC to {self.address}")

@@ -1,4 +1,6 @@
-"""``specray serve``: the gRPC and OpenAI HTTP front doors over one engine.
+"""``specray serve``: the gRPC and OpenAI HTTP front doors over one backend:
+the Ray router (default; an embedded Ray on loopback, or ``--address`` to
+join a cluster) or the in-process engine (``backend: engine``).
 
 Both servers start first and report NOT_SERVING / 503 while the model loads;
 one line containing ``ready`` goes to stdout once requests are served.
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
@@ -27,7 +28,7 @@ from pydantic import ValidationError
 from specray.actors.engine.factory import build_engine
 from specray.actors.engine.target import Target
 from specray.deploy.backend import Backend
-from specray.deploy.config import ServeConfig, load_config
+from specray.deploy.config import ServeConfig, is_loopback_host, load_config
 from specray.deploy.engine_backend import EngineBackend, model_info_for
 from specray.deploy.gateway import Gateway
 from specray.deploy.grpc_server import GrpcServer, host_port
@@ -48,44 +49,65 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=None, help="HTTP port (default 8000; 0: any)")
     p.add_argument("--no-http", action="store_true", help="serve gRPC only")
     p.add_argument("--address", default=None, help="Ray cluster to join (router backend)")
+    p.add_argument(
+        "--backend", choices=("router", "engine"), default=None, help="default: the config's"
+    )
     p.add_argument("--target", default=None, help="override the config's target model")
-    p.add_argument("--draft", default=None, help="override the config's drafter")
+    p.add_argument("--draft", default=None, help="override the drafter: none|ngram|NAME|PATH")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
-        overrides = {
-            key: value
-            for key, value in {
-                "host": args.host,
-                "port": args.port,
-                "http_port": args.http_port,
-                "address": args.address,
-                "target": args.target,
-                "draft": args.draft,
-            }.items()
-            if value is not None
-        }
-        if args.no_http:
-            overrides["http_port"] = None
-        config = ServeConfig.model_validate({**config.model_dump(), **overrides})
+        config = apply_overrides(load_config(args.config), args)
     except (OSError, ValueError, ValidationError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    if config.address is not None:
-        print(
-            "error: --address (joining a Ray cluster) needs the router backend, which this "
-            "build does not have yet; omit it to serve in-process",
-            file=sys.stderr,
-        )
         return 2
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
-    return asyncio.run(serve(config))
+    # With the router this process only tokenizes: the replicas own the cores.
+    default_threads = (os.cpu_count() or 1) if config.backend == "engine" else 1
+    torch.set_num_threads(config.threads or default_threads)
+    if config.backend == "engine":
+        return asyncio.run(serve(config))
+    # Imported here: the engine backend needs neither Ray nor the router.
+    from specray.deploy.router_backend import start_ray_for, stop_ray
+
+    try:
+        started = start_ray_for(config)  # here: on the main thread
+    except (RuntimeError, ConnectionError, ValueError) as error:
+        print(f"error: could not start or join Ray: {error}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(serve(config))
+    finally:
+        if started:
+            stop_ray()
+
+
+def apply_overrides(config: ServeConfig, args: argparse.Namespace) -> ServeConfig:
+    """The command-line flags over the file's settings; ``--target`` and
+    ``--draft`` go to the section of the backend in use."""
+    settings = config.model_dump()
+    for key in ("host", "port", "http_port", "address", "backend"):
+        value = getattr(args, key)
+        if value is not None:
+            settings[key] = value
+    if args.no_http:
+        settings["http_port"] = None
+    if settings["backend"] == "router":
+        router = config.router
+        if args.target is not None:
+            router = router.model_copy(update={"target": args.target})
+        if args.draft is not None:
+            router = router.with_draft(args.draft)
+        settings["router"] = router.model_dump()
+    else:
+        for key in ("target", "draft"):
+            if getattr(args, key) is not None:
+                settings[key] = getattr(args, key)
+    return ServeConfig.model_validate(settings)
 
 
 class Service:
@@ -93,9 +115,9 @@ class Service:
 
     def __init__(self, config: ServeConfig, build: BuildBackend | None = None) -> None:
         self.config = config
-        self._build = build or build_backend
+        self._build = build or select_backend
         self.gateway = Gateway()
-        self.grpc = GrpcServer(self.gateway, config.host, config.port)
+        self.grpc = GrpcServer(self.gateway, config.host, config.port, admin=config.admin_enabled)
         self.http = (
             None
             if config.http_port is None
@@ -141,8 +163,19 @@ class Service:
         return f"specray serve: ready {' '.join(parts)} target={info.target} draft={drafts}"
 
 
+def select_backend(config: ServeConfig) -> tuple[Backend, Validator]:
+    """The backend ``config.backend`` names, loaded (blocking)."""
+    if config.backend == "engine":
+        return build_backend(config)
+    # Imported here: Ray and the router are not needed for the engine.
+    from specray.deploy.router_backend import build_router_backend
+
+    return build_router_backend(config)
+
+
 def build_backend(config: ServeConfig, target: Target | None = None) -> tuple[Backend, Validator]:
-    """Load the engine (``target`` replaces the local target, as in build_engine)."""
+    """Load the in-process engine (``target`` replaces the local target, as in
+    build_engine), whatever ``config.backend`` says."""
     spec = config.engine_spec()
     loaded = build_engine(spec, target)
     info = model_info_for(loaded, spec)
@@ -188,13 +221,17 @@ async def serve(config: ServeConfig) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    if not _is_loopback(config.host):
+    if not is_loopback_host(config.host):
         log.warning("serving on %s: reachable from other machines, with no TLS", config.host)
     service = Service(config)
     await service.start()
-    log.info(
-        "loading %s (draft %s); health is NOT_SERVING until ready", config.target, config.draft
-    )
+    if config.backend == "router":
+        router = config.router
+        drafter = router.drafter.name if router.drafter is not None else "none"
+        model = f"router: {router.target} (tp {router.tp}), draft {drafter}"
+    else:
+        model = f"engine: {config.target}, draft {config.draft}"
+    log.info("loading %s; health is NOT_SERVING until ready", model)
     load = asyncio.create_task(service.load())
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -211,12 +248,3 @@ async def serve(config: ServeConfig) -> int:
     await service.shutdown(force)
     log.info("stopped")
     return code
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

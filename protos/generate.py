@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
-PROTO_FILES = ("specray/v1/generation.proto",)
+PROTO_FILES = ("specray/v1/generation.proto", "specray/v1/admin.proto")
 STUB_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 # protoc's import prefix, and the package the stubs really live in.
 PROTO_PACKAGE_IMPORT = "from specray.v1 import "

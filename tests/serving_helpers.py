@@ -73,6 +73,7 @@ def save_served_model(directory: Path, seed: int = 0) -> Path:
 
 def serve_config(model_dir: Path, **overrides: Any) -> ServeConfig:
     settings: dict[str, Any] = {
+        "backend": "engine",
         "target": str(model_dir),
         "draft": "ngram",
         "dtype": "float32",

@@ -1,0 +1,388 @@
+"""A :class:`~specray.deploy.backend.Backend` over the router actor.
+
+Each request is one streaming call of ``Router.generate_stream``: its
+``ObjectRefGenerator`` is iterated and each ref awaited on the caller's event
+loop, so nothing here blocks and no thread is involved. Errors cross the Ray
+boundary in one place, :func:`_serving_error`: the cause is taken out of
+Ray's wrapper and the router's own refusals become their front-door
+counterparts; a target group going down keeps its class and is mapped by the
+error table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayError, RayTaskError
+from transformers import PreTrainedTokenizerBase
+
+from specray.actors.engine.factory import load_tokenizer
+from specray.actors.model.config import ModelConfig
+from specray.actors.store.resolve import resolve_model
+from specray.actors.workers.draft_worker import DraftWorkerSpec
+from specray.cluster.draft_pool import DraftPoolConfig
+from specray.cluster.local_ray import start_ray
+from specray.cluster.router import RequestCancelledError as RouterCancelledError
+from specray.cluster.router import RouterConfig, launch_router, open_stream
+from specray.cluster.router_state import RouterState
+from specray.cluster.target_group import ShardedTargetConfig
+from specray.deploy.backend import Backend, Chunk, ModelInfo
+from specray.deploy.config import RouterSettings, ServeConfig
+from specray.deploy.conversion import chunk_from_output, generation_request
+from specray.deploy.errors import (
+    InvalidRequestError,
+    OverloadedError,
+    RequestCancelledError,
+    UnavailableError,
+)
+from specray.deploy.replicas import ReplicaState
+from specray.deploy.validation import ValidatedRequest, Validator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RouterAttachment:
+    """What a front door needs to serve through a router someone else launched
+    (the Ray Serve router holder hands this to its ingress)."""
+
+    router: Any  # the router's ActorHandle
+    info: ModelInfo
+    tokenizer: PreTrainedTokenizerBase | None
+    num_slots: int  # requests one target replica batches
+    num_targets: int  # target replicas when attached
+
+
+class RouterBackend:
+    """Serves through the router actor; at most ``targets × num_slots +
+    max_queued`` requests are in flight, more are refused as overloaded."""
+
+    def __init__(
+        self,
+        attachment: RouterAttachment,
+        max_queued: int = 64,
+        retry_after_s: float = 1.0,
+        health_timeout_s: float = 10.0,
+        owns_router: bool = True,
+    ) -> None:
+        """``owns_router``: :meth:`close` shuts the router down."""
+        self._router = attachment.router
+        self._info = attachment.info
+        self._num_slots = attachment.num_slots
+        self._num_targets = attachment.num_targets
+        self._max_queued = max_queued
+        self._retry_after_s = retry_after_s
+        self._health_timeout_s = health_timeout_s
+        self._owns_router = owns_router
+        self._in_flight: set[str] = set()
+        self._draining = False
+        self._closed = False
+        self._healthy = True
+
+    @property
+    def router(self) -> Any:
+        """The router's ActorHandle (for introspection: ``router.state.remote()``)."""
+        return self._router
+
+    # -- Backend -------------------------------------------------------------
+
+    async def generate(self, request: ValidatedRequest) -> AsyncIterator[Chunk]:
+        request_id = request.request_id
+        self._admit(request_id)
+        began = time.perf_counter()
+        finished = False
+        first = True
+        try:
+            stream = open_stream(self._router, generation_request(request))
+            while not finished:
+                try:
+                    output = await (await anext(stream))
+                except StopAsyncIteration:
+                    raise UnavailableError(
+                        f"the router ended request {request_id!r} without finishing it"
+                    ) from None
+                except Exception as error:
+                    finished = True  # the router freed it when it raised
+                    if self._closed:  # the router shut down under it
+                        raise UnavailableError("the server is shutting down") from error
+                    raise _serving_error(error, before_first_chunk=first) from error
+                first = False
+                chunk = chunk_from_output(
+                    output, request.prompt_tokens, time.perf_counter() - began
+                )
+                finished = chunk.finished
+                yield chunk
+        finally:
+            self._in_flight.discard(request_id)
+            if not finished:
+                # Closed early (the caller went away, a deadline): free it on
+                # every actor. Fire and forget, as this may run while cancelled.
+                self._router.cancel.remote(request_id)
+
+    async def cancel(self, request_id: str) -> None:
+        # The stream then raises the router's cancellation, mapped to ours.
+        with contextlib.suppress(RayError, TimeoutError):
+            await asyncio.wait_for(self._router.cancel.remote(request_id), self._health_timeout_s)
+
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    async def health(self) -> bool:
+        """The router answers and at least one target replica takes requests."""
+        if self._closed:
+            return False
+        try:
+            state = await asyncio.wait_for(self._state(), self._health_timeout_s)
+        except Exception as error:
+            self._report_health(False, f"the router does not answer: {error!r}")
+            return False
+        self._num_targets = _live_targets(state)
+        self._report_health(self._num_targets > 0, "no target replica is up")
+        return self._num_targets > 0
+
+    async def scale(self, drafts: int, targets: int) -> None:
+        """Add or drain replicas; returns once removed ones are stopped."""
+        try:
+            await self._router.scale.remote(drafts=drafts, targets=targets)
+        except Exception as error:
+            raise _serving_error(error, before_first_chunk=True) from error
+        finally:
+            with contextlib.suppress(Exception):
+                self._num_targets = _live_targets(await self._state())
+
+    async def replicas(self) -> ReplicaState:
+        try:
+            state = await self._state()
+        except Exception as error:
+            raise _serving_error(error, before_first_chunk=False) from error
+        self._num_targets = _live_targets(state)
+        return ReplicaState(
+            backend="router",
+            drafts=sum(not d.draining for d in state.drafts),
+            targets=self._num_targets,
+            tensor_parallel_size=self._info.tensor_parallel_size,
+            running=state.running,
+            waiting=state.waiting,
+            target_moves=state.target_moves,
+            draft_moves=state.draft_moves,
+        )
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def start_draining(self) -> None:
+        self._draining = True
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def close(self) -> None:
+        """Stop the router (when owned); requests still in flight fail as unavailable."""
+        self._closed = True
+        if self._owns_router:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._router.shutdown.remote(), self._health_timeout_s)
+            with contextlib.suppress(Exception):
+                ray.kill(self._router, no_restart=True)
+
+    # -- internals -------------------------------------------------------------
+
+    def _admit(self, request_id: str) -> None:
+        if self._draining:
+            raise UnavailableError("the server is draining and takes no new requests")
+        if self._closed:
+            raise UnavailableError("the server is shutting down")
+        if request_id in self._in_flight:
+            raise InvalidRequestError(
+                f"`request_id` {request_id!r} is already in use by a request in flight"
+            )
+        running = max(self._num_targets, 1) * self._num_slots
+        if len(self._in_flight) >= running + self._max_queued:
+            raise OverloadedError(
+                f"the server is overloaded: {len(self._in_flight)} requests in flight, at most "
+                f"{running} running and {self._max_queued} queued; retry later",
+                self._retry_after_s,
+            )
+        self._in_flight.add(request_id)
+
+    def _report_health(self, healthy: bool, why: str) -> None:
+        """Log health transitions only: it is polled every second."""
+        if healthy != self._healthy:
+            if healthy:
+                log.info("the router is healthy again")
+            else:
+                log.warning("unhealthy: %s", why)
+        self._healthy = healthy
+
+    async def _state(self) -> RouterState:
+        state: RouterState = await self._router.state.remote()
+        return state
+
+
+def _live_targets(state: RouterState) -> int:
+    return sum(not t.draining for t in state.targets)
+
+
+def _serving_error(error: BaseException, before_first_chunk: bool) -> BaseException:
+    """What the front door should see for an error from the router actor.
+
+    Ray wraps an actor's exception (RayTaskError); the cause is what the
+    router raised. The router refuses a request it cannot start (a duplicate
+    id, an empty prompt) with ValueError, as the engine does.
+    """
+    if isinstance(error, RayActorError):
+        return UnavailableError("the router is down; retry later")
+    cause = error.cause if isinstance(error, RayTaskError) else error
+    if isinstance(cause, RouterCancelledError):
+        return RequestCancelledError(str(cause))
+    if isinstance(cause, ValueError) and before_first_chunk:
+        return InvalidRequestError(str(cause))
+    return cause if isinstance(cause, BaseException) else error
+
+
+# -- building -------------------------------------------------------------------
+
+
+def router_config(settings: RouterSettings, home: Path | None = None) -> RouterConfig:
+    """The router's config, with registered model names resolved in the store
+    (in ``settings.dtype``, so a bf16 router loads the store's bf16 copy)."""
+    target_dir = resolve_model(settings.target, home=home, dtype=settings.dtype)
+    target = ShardedTargetConfig(
+        str(target_dir),
+        tp=settings.tp,
+        dtype=settings.dtype,
+        num_slots=settings.num_slots,
+        max_len=settings.max_len,
+        strategy=settings.strategy,
+        threads_per_shard=settings.threads_per_shard,
+        cpus_per_shard=settings.cpus_per_shard,
+        gpus_per_shard=settings.gpus_per_shard,
+        timeout_s=settings.timeout_s,
+        start_timeout_s=settings.start_timeout_s,
+    )
+    draft = None
+    drafter = settings.drafter
+    if drafter is not None:
+        dtype = drafter.dtype or settings.dtype
+        model_dir = None
+        if drafter.kind == "model":
+            assert drafter.model is not None
+            model_dir = str(resolve_model(drafter.model, home=home, dtype=dtype))
+        spec = DraftWorkerSpec(
+            kind=drafter.kind,
+            model_dir=model_dir,
+            dtype=dtype,
+            num_slots=drafter.num_slots or settings.num_slots,
+            max_len=settings.max_len,
+            num_threads=drafter.threads,
+            max_ngram=drafter.max_ngram,
+            min_ngram=drafter.min_ngram,
+        )
+        draft = DraftPoolConfig(
+            spec, num_cpus=drafter.cpus, start_timeout_s=settings.start_timeout_s
+        )
+    return RouterConfig(
+        target=target,
+        draft=draft,
+        num_targets=settings.num_targets,
+        num_drafts=settings.num_drafts if draft is not None else 0,
+        num_speculative_tokens=settings.k,
+        adaptive=settings.adaptive,
+        overlap=settings.overlap,
+        tokenizer_dir=str(target_dir),
+        model_name=Path(settings.target).name,
+        metrics_port=settings.metrics_port,
+        profile=settings.profile,
+    )
+
+
+def model_info_for(settings: RouterSettings, config: RouterConfig) -> ModelInfo:
+    model = ModelConfig.from_pretrained(Path(config.target.model_dir))
+    drafter = settings.drafter
+    return ModelInfo(
+        target=settings.target,
+        drafts=() if drafter is None else (drafter.name,),
+        max_context=min(settings.max_len, model.max_position_embeddings),
+        dtype=settings.dtype,
+        tensor_parallel_size=settings.tp,
+        vocab_size=model.vocab_size,
+        max_num_speculative_tokens=settings.k,
+    )
+
+
+def launch(settings: RouterSettings, home: Path | None = None, **options: Any) -> RouterAttachment:
+    """Resolve the models and start a router on the connected Ray (blocking);
+    ``options`` go to :func:`launch_router`."""
+    config = router_config(settings, home)
+    info = model_info_for(settings, config)
+    tokenizer = load_tokenizer(Path(config.target.model_dir))
+    router = launch_router(config, **options)
+    return RouterAttachment(router, info, tokenizer, settings.num_slots, settings.num_targets)
+
+
+def embedded_ray_cpus(settings: RouterSettings) -> int:
+    """Logical CPUs for an embedded Ray: room for twice the configured
+    replicas, so ``specray scale`` can grow on one machine. They are only
+    placement units: the replicas' threads are set separately."""
+    if settings.ray_num_cpus is not None:
+        return settings.ray_num_cpus
+    threads = settings.threads_per_shard or max(1, (os.cpu_count() or 1) // settings.tp)
+    per_shard = settings.cpus_per_shard if settings.cpus_per_shard is not None else threads
+    needed = settings.num_targets * settings.tp * per_shard
+    drafter = settings.drafter
+    if drafter is not None:
+        needed += settings.num_drafts * drafter.cpus
+    return max(os.cpu_count() or 1, math.ceil(2 * needed))
+
+
+def start_ray_for(config: ServeConfig) -> bool:
+    """Join ``config.address``, or start an embedded Ray on loopback sized for
+    the configured replicas; True if this started one (stop it with
+    ``ray.shutdown()``). Call it on the main thread: Ray's daemons are killed
+    when the thread that started them ends (PR_SET_PDEATHSIG)."""
+    if ray.is_initialized():
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("start Ray on the main thread: its daemons die with their thread")
+    num_cpus = None if config.address is not None else embedded_ray_cpus(config.router)
+    return start_ray(config.address, num_cpus=num_cpus).started_here
+
+
+def stop_ray() -> None:
+    """Stop the Ray :func:`start_ray_for` started (its daemons and workers)."""
+    ray.shutdown()
+
+
+def build_router_backend(config: ServeConfig) -> tuple[Backend, Validator]:
+    """Launch the router on the connected Ray (:func:`start_ray_for`) and wrap
+    it; blocking, so it may run on a loading thread."""
+    if not ray.is_initialized():
+        raise RuntimeError("Ray is not running: call start_ray_for(config) first")
+    return attach(config, launch(config.router, config.home), owns_router=True)
+
+
+def attach(
+    config: ServeConfig, attachment: RouterAttachment, owns_router: bool
+) -> tuple[RouterBackend, Validator]:
+    """A backend and validator for a running router."""
+    limits = config.limits
+    backend = RouterBackend(
+        attachment,
+        limits.max_queued_requests,
+        limits.retry_after_s,
+        owns_router=owns_router,
+    )
+    return backend, Validator(config.validation_limits(attachment.info), attachment.tokenizer)

@@ -1,0 +1,63 @@
+"""``specray scale --drafts N --targets M [--server HOST:PORT]``: rescale a
+running ``specray serve`` through its Admin service, then print its replicas.
+Without ``--drafts`` or ``--targets`` it only prints them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import grpc
+
+from specray.deploy.admin_client import AdminClient
+from specray.deploy.client import SpecrayError
+from specray.protos.specray.v1 import admin_pb2 as pb
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("scale", help="rescale a running `specray serve` (drafts, targets)")
+    p.add_argument("--drafts", type=int, default=None, help="draft replicas to run (0: none)")
+    p.add_argument("--targets", type=int, default=None, help="target replicas (TP groups) to run")
+    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the gRPC server")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--json", action="store_true", help="print the state as one JSON object")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("drafts", "targets"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            print(f"error: --{name} must be >= 0, got {value}", file=sys.stderr)
+            return 2
+    seconds: float | None = None
+    try:
+        with AdminClient(args.server, args.timeout) as admin:
+            if args.drafts is None and args.targets is None:
+                state = admin.state()
+            else:
+                response = admin.scale(args.drafts, args.targets)
+                state, seconds = response.state, response.seconds
+    except SpecrayError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if error.code == grpc.StatusCode.INVALID_ARGUMENT else 1
+    if args.json:
+        result = state_dict(state)
+        if seconds is not None:
+            result["seconds"] = round(seconds, 3)
+        print(json.dumps(result))
+    else:
+        took = "" if seconds is None else f" (scaled in {seconds:.1f} s)"
+        print(
+            f"{state.backend}: {state.drafts} draft, {state.targets} target replica(s) of "
+            f"tp {state.tensor_parallel_size}; {state.running} running, {state.waiting} "
+            f"waiting{took}"
+        )
+    return 0
+
+
+def state_dict(state: pb.ReplicaState) -> dict[str, Any]:
+    """Every field, zeros included, under its proto name (numbers stay numbers)."""
+    return {field.name: getattr(state, field.name) for field in state.DESCRIPTOR.fields}

@@ -1,0 +1,374 @@
+"""The gRPC front door over the Ray router, for real: a Service on 127.0.0.1
+with ephemeral ports, a router actor with one target shard and an n-gram
+draft replica on a loopback Ray, a tiny model with a real tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import ray
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from serving_helpers import ServingThread, save_served_model, wait_until
+
+from specray.actors.engine.request import GenerationRequest, RequestOutput
+from specray.cluster.errors import TargetGroupError
+from specray.cluster.local_ray import start_ray
+from specray.cluster.router_state import RouterState
+from specray.deploy.backend import ModelInfo
+from specray.deploy.cli import build_parser, main
+from specray.deploy.client import SpecrayClient, SpecrayError
+from specray.deploy.config import ServeConfig
+from specray.deploy.router_backend import RouterAttachment, RouterBackend, attach
+from specray.deploy.serve import apply_overrides
+
+REPEATING = "x = [1, 2, 3]\ny = [1, 2, 3]\nz = [1, 2, 3]\n"
+PROMPTS: list[str | list[int]] = [REPEATING, "def add(a, b):", [5, 9, 5, 9, 5, 9, 5]]
+
+
+def router_config(model_dir: Path, **router: Any) -> ServeConfig:
+    settings = {
+        "target": str(model_dir),
+        "tp": 1,
+        "dtype": "float32",
+        "drafts": [{"kind": "ngram", "max_ngram": 3}],
+        "k": 4,
+        "adaptive": False,
+        "num_slots": 4,
+        "max_len": 512,
+        "threads_per_shard": 1,
+        "profile": False,
+        "timeout_s": 60,
+        "start_timeout_s": 120,
+    }
+    return ServeConfig.model_validate(
+        {
+            "backend": "router",
+            "router": settings | router,
+            "port": 0,
+            "http_port": None,
+            "drain_timeout_s": 60,
+            "limits": {"max_tokens": 256, "max_queued_requests": 8},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    info = start_ray(num_cpus=8)  # logical CPUs for placement; each actor runs 1 thread
+    yield
+    if info.started_here:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_served_model(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="module")
+def server(local_ray: None, model_dir: Path) -> Iterator[ServingThread]:
+    with ServingThread(router_config(model_dir)) as serving:
+        yield serving
+
+
+@pytest.fixture(scope="module")
+def client(server: ServingThread) -> Iterator[SpecrayClient]:
+    with SpecrayClient(server.grpc_address, timeout_s=120) as specray:
+        yield specray
+
+
+def backend_of(server: ServingThread) -> RouterBackend:
+    backend = server.service.backend
+    assert isinstance(backend, RouterBackend)
+    return backend
+
+
+def router_state(server: ServingThread) -> RouterState:
+    state: RouterState = ray.get(backend_of(server).router.state.remote(), timeout=60)
+    return state
+
+
+def router_is_idle(server: ServingThread) -> bool:
+    state = router_state(server)
+    targets_free = all(not t.requests and not t.releasing for t in state.targets)
+    drafts_free = all(d.tracked == 0 and d.pinned == 0 for d in state.drafts)
+    idle = not state.running and not state.waiting and targets_free and drafts_free
+    return idle and backend_of(server).num_in_flight == 0
+
+
+def rpc_error(call: Callable[[], object]) -> SpecrayError:
+    with pytest.raises(SpecrayError) as caught:
+        call()
+    return caught.value
+
+
+def health_status(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return int(stub.Check(health_pb2.HealthCheckRequest(), timeout=30).status)
+
+
+def test_serve_flags_configure_the_router_section() -> None:
+    parser, _ = build_parser()
+    args = parser.parse_args(["serve", "--target", "/m/t", "--draft", "ngram", "--port", "0"])
+    config = apply_overrides(ServeConfig.model_validate({}), args)
+    assert (config.backend, config.router.target, config.port) == ("router", "/m/t", 0)
+    assert [d.kind for d in config.router.drafts] == ["ngram"]
+    args = parser.parse_args(["serve", "--backend", "engine", "--draft", "none"])
+    config = apply_overrides(ServeConfig.model_validate({}), args)
+    assert (config.backend, config.draft) == ("engine", "none")
+    assert config.router == ServeConfig.model_validate({}).router  # untouched
+    with pytest.raises(ValueError, match="needs `backend: router`"):
+        ServeConfig.model_validate({"backend": "engine", "address": "10.0.0.1:6379"})
+
+
+def test_admin_is_on_only_on_loopback_unless_asked() -> None:
+    assert ServeConfig.model_validate({}).admin_enabled
+    assert not ServeConfig.model_validate({"host": "0.0.0.0"}).admin_enabled
+    assert ServeConfig.model_validate({"host": "0.0.0.0", "admin": True}).admin_enabled
+
+
+def test_reflection_lists_generation_and_admin(server: ServingThread) -> None:
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert {"specray.v1.Generation", "specray.v1.Admin", "grpc.health.v1.Health"} <= set(services)
+
+
+def test_model_info_reports_the_router(client: SpecrayClient, model_dir: Path) -> None:
+    info = client.model_info()
+    assert info.target == str(model_dir)
+    assert list(info.drafts) == ["ngram"]
+    assert (info.max_context, info.vocab_size, info.tensor_parallel_size) == (512, 512, 1)
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 0.9, "seed": 7}])
+def test_unary_and_streaming_give_identical_tokens(
+    client: SpecrayClient, sampling: dict[str, float]
+) -> None:
+    options = {"max_tokens": 40, "ignore_eos": True, **sampling}
+    whole = client.generate(REPEATING, **options)
+    chunks = list(client.generate_stream(REPEATING, **options))
+    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
+    assert "".join(c.text for c in chunks) == whole.text
+    assert len(whole.token_ids) == 40 and whole.finish_reason == "length"
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    assert (chunks[-1].completion_tokens, chunks[-1].rounds) == (40, whole.rounds)
+    if "seed" in sampling:
+        assert whole.seed == chunks[-1].seed == 7
+
+
+def test_greedy_speculative_output_matches_target_only(client: SpecrayClient) -> None:
+    drafted = 0
+    for prompt in PROMPTS:
+        common = {"max_tokens": 32, "temperature": 0.0, "ignore_eos": True}
+        speculative = client.generate(prompt, **common)
+        target_only = client.generate(prompt, speculative=False, **common)
+        assert speculative.token_ids == target_only.token_ids, prompt
+        assert target_only.draft_tokens == 0 and target_only.rounds == 32
+        drafted += speculative.draft_tokens
+    assert drafted > 0  # the n-gram replica did propose, so the comparison means something
+
+
+def test_cancel_by_the_client_frees_router_state(
+    server: ServingThread, client: SpecrayClient
+) -> None:
+    stream = client.generate_stream(REPEATING, max_tokens=256, ignore_eos=True, temperature=0)
+    assert next(stream).finish_reason is None
+    state = router_state(server)
+    assert state.running == 1 and state.drafts[0].tracked == 1
+    stream.close()  # cancels the call
+    wait_until(lambda: router_is_idle(server))
+    # Every slot is free again: a full house of new requests runs.
+    with ThreadPoolExecutor(4) as pool:
+        options = {"max_tokens": 8, "ignore_eos": True}
+        results = list(pool.map(lambda _: client.generate(REPEATING, **options), range(4)))
+    assert all(len(r.token_ids) == 8 for r in results)
+
+
+def test_cancel_by_the_operator_is_cancelled(server: ServingThread, client: SpecrayClient) -> None:
+    options = {"request_id": "op-cancel", "max_tokens": 256, "ignore_eos": True}
+    stream = client.generate_stream(REPEATING, **options)
+    assert next(stream).finish_reason is None
+    server.call(backend_of(server).cancel("op-cancel"))
+    error = rpc_error(lambda: list(stream))
+    assert error.code == grpc.StatusCode.CANCELLED and "op-cancel" in error.details
+    wait_until(lambda: router_is_idle(server))
+
+
+@pytest.mark.slow
+def test_specray_scale_keeps_requests_identical(
+    server: ServingThread, client: SpecrayClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Scale drafts and targets up and back down through the Admin RPC while a
+    producer keeps requests in flight: every output equals target-only."""
+    common = {"max_tokens": 96, "temperature": 0.0, "ignore_eos": True}
+    reference = [client.generate(p, speculative=False, **common).token_ids for p in PROMPTS]
+    scaling = threading.Event()
+    mismatches: list[int] = []
+    done: list[int] = []
+
+    def producer(worker: int) -> None:
+        i = worker
+        while not scaling.is_set() or i < worker + 3 * len(PROMPTS):
+            tokens = client.generate(PROMPTS[i % len(PROMPTS)], **common).token_ids
+            (done if tokens == reference[i % len(PROMPTS)] else mismatches).append(i)
+            i += 4
+
+    def scale(*flags: str) -> dict[str, Any]:
+        address = server.grpc_address
+        assert main(["scale", "--server", address, "--timeout", "300", "--json", *flags]) == 0
+        result: dict[str, Any] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        return result
+
+    with ThreadPoolExecutor(4) as pool:
+        workers = [pool.submit(producer, w) for w in range(4)]
+        wait_until(lambda: len(done) + len(mismatches) >= 2 or any(w.done() for w in workers))
+        up = scale("--drafts", "2", "--targets", "2")
+        down = scale("--drafts", "1", "--targets", "1")
+        scaling.set()
+        for worker in workers:
+            worker.result(300)
+    assert (up["drafts"], up["targets"], up["backend"]) == (2, 2, "router")
+    assert (down["drafts"], down["targets"]) == (1, 1)
+    assert mismatches == [] and len(done) >= 12
+    state = router_state(server)
+    assert (len(state.targets), len(state.drafts)) == (1, 1)
+    wait_until(lambda: router_is_idle(server))
+    now = scale()  # no counts: only reports
+    assert (now["drafts"], now["targets"], now["running"], now["waiting"]) == (1, 1, 0, 0)
+
+
+def test_scale_refuses_bad_counts(
+    server: ServingThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = server.grpc_address
+    assert main(["scale", "--server", address, "--targets", "0"]) == 2
+    assert "`targets` must be >= 1 and <= 256, got 0" in capsys.readouterr().err
+
+
+# -- a target group going down ------------------------------------------------------
+
+
+def down_router() -> Any:
+    """A router stand-in whose target group is gone: every request fails the
+    way the router fails it, with a TargetGroupError raised in its actor.
+    (Made here so Ray ships the class by value: workers cannot import tests.)"""
+
+    class DownRouter:
+        async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+            raise TargetGroupError("verify: shard 1 died: secret internals", "died", (1,))
+            yield  # an async generator, like the router's
+
+        async def cancel(self, request_id: str) -> bool:
+            return False
+
+        async def state(self) -> RouterState:
+            return RouterState(
+                waiting=0,
+                running=0,
+                targets=(),  # none up
+                drafts=(),
+                target_moves=0,
+                draft_moves=0,
+                draft_failures=0,
+                metrics_port=None,
+                verify_costs={},
+                draft_costs={},
+            )
+
+    actor: Any = ray.remote(DownRouter)
+    return actor.options(num_cpus=0).remote()
+
+
+def test_target_group_error_is_unavailable(local_ray: None, model_dir: Path) -> None:
+    info = ModelInfo(str(model_dir), (), 512, "float32", 1, 512, 4)
+    router = down_router()
+    attachment = RouterAttachment(router, info, None, num_slots=4, num_targets=1)
+    config = router_config(model_dir)
+
+    def build(config: ServeConfig) -> tuple[RouterBackend, Any]:
+        return attach(config, attachment, owns_router=False)
+
+    try:
+        with (
+            ServingThread(config, build=build) as server,
+            SpecrayClient(server.grpc_address, timeout_s=60) as client,
+        ):
+            error = rpc_error(lambda: client.generate([5, 9, 5], max_tokens=4))
+            assert error.code == grpc.StatusCode.UNAVAILABLE
+            assert "target group is down" in error.details and "secret" not in error.details
+            # No live target replica: health says so too.
+            assert health_status(server.grpc_address) == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        ray.kill(router)
+
+
+@pytest.mark.slow
+def test_killed_target_shard_is_unavailable_and_not_serving(
+    local_ray: None, model_dir: Path
+) -> None:
+    config = router_config(model_dir, drafts=[], num_drafts=0, timeout_s=20)
+    with (
+        ServingThread(config) as server,
+        SpecrayClient(server.grpc_address, timeout_s=120) as client,
+    ):
+        stream = client.generate_stream(REPEATING, max_tokens=256, ignore_eos=True)
+        assert next(stream).finish_reason is None
+        (pid,) = router_state(server).targets[0].shard_pids
+        os.kill(pid, signal.SIGKILL)
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        wait_until(lambda: health_status(server.grpc_address) == not_serving)
+        error = rpc_error(lambda: list(stream))
+        assert error.code == grpc.StatusCode.UNAVAILABLE, error
+        error = rpc_error(lambda: client.generate(REPEATING, max_tokens=4))
+        assert error.code == grpc.StatusCode.UNAVAILABLE, error
+
+
+@pytest.mark.slow
+def test_specray_serve_on_the_router_prints_ready_scales_and_drains(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command itself: its own embedded Ray on loopback, the ready line,
+    `specray scale` against it, and SIGTERM draining to exit 0."""
+    config = tmp_path / "serve.yaml"
+    settings = router_config(model_dir, ray_num_cpus=4).model_dump(mode="json", exclude_none=True)
+    config.write_text(yaml.safe_dump(settings))
+    command = [sys.executable, "-m", "specray.deploy.cli", "serve", "--config", str(config)]
+    command += ["--http-port", "0"]  # the file has none: the default would be 8000
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline()
+        assert "ready" in ready and "draft=ngram" in ready, ready
+        found = re.search(r"grpc=(127\.0\.0\.1:\d+)", ready)
+        assert found is not None and re.search(r"http=127\.0\.0\.1:\d+", ready)
+        address = found.group(1)
+        assert main(["scale", "--server", address, "--drafts", "2", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["drafts"] == 2
+        with SpecrayClient(address, timeout_s=120) as client:
+            stream = client.generate_stream(REPEATING, max_tokens=200, ignore_eos=True)
+            assert next(stream).finish_reason is None
+            proc.send_signal(signal.SIGTERM)  # drains: the request in flight finishes
+            assert list(stream)[-1].finish_reason == "length"
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
