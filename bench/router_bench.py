@@ -13,11 +13,13 @@ decoding through the router, all in one run on the same model and prompts.
    replicas' own compute is the transport cost per round, a measure that
    machine load skews much less.
 3. Sweep: for each concurrency, ``max(c, --requests)`` requests served by
-   ``c`` closed-loop clients, for every mode: ``none`` (target-only),
+   ``c`` closed-loop clients, target-only (``none``: the same requests with
+   ``num_speculative_tokens=0``) against one router configuration per mode:
    ``spec`` (adaptive γ), ``spec-fixed`` (γ = k always) and ``spec-overlap``
-   (adaptive, two micro-batches), interleaved per concurrency in alternating
-   order over ``--passes`` passes, fastest kept, so machine noise hits all
-   modes alike. Greedy; outputs are checked against ``none``.
+   (adaptive, two micro-batches). One router lives at a time (memory);
+   within it the two are interleaved in alternating order over
+   ``--passes`` passes, fastest kept, so machine noise hits both alike.
+   Greedy; outputs are checked against ``none``.
 
     python -m specray.bench.router_bench --target qwen2.5-coder-0.5b-instruct \\
         --dtype bfloat16 --max-tokens 64 --concurrency 1,2,4,8,16
@@ -36,7 +38,7 @@ import platform
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,7 @@ from specray.cluster.router import (
 )
 from specray.cluster.target_group import ShardedTargetConfig
 
-MODES = ("none", "spec", "spec-fixed", "spec-overlap")
+SPEC_MODES = ("spec", "spec-fixed", "spec-overlap")
 NICENESS_ENV = "RAY_worker_niceness"  # read by Ray's raylet when it starts
 
 
@@ -76,7 +78,8 @@ class RunResult:
     """One batch of requests served to completion."""
 
     where: str  # "engine" or "router"
-    mode: str
+    mode: str  # "none" (target-only) or a speculative mode
+    phase: str  # the router configuration that served it
     concurrency: int
     requests: int
     output_tokens: int
@@ -154,12 +157,13 @@ def run_engine(
                 if pending:
                     engine.add_request(pending.pop(0))
     wall = time.perf_counter() - began
-    return _result("engine", mode, concurrency, finished, outputs, wall)
+    return _result("engine", mode, "engine", concurrency, finished, outputs, wall)
 
 
 def _result(
     where: str,
     mode: str,
+    phase: str,
     concurrency: int,
     finished: Sequence[RequestOutput],
     outputs: dict[str, list[int]],
@@ -173,6 +177,7 @@ def _result(
     return RunResult(
         where=where,
         mode=mode,
+        phase=phase,
         concurrency=concurrency,
         requests=len(finished),
         output_tokens=sum(len(v) for v in outputs.values()),
@@ -199,14 +204,11 @@ def router_config(args: argparse.Namespace, target_dir: Path, mode: str) -> Rout
         cpus_per_shard=1,
         timeout_s=600,
     )
-    draft = None
-    if mode != "none":
-        spec = DraftWorkerSpec("ngram", num_slots=slots, num_threads=1)
-        draft = DraftPoolConfig(spec, num_cpus=0.5, timeout_s=600)
+    spec = DraftWorkerSpec("ngram", num_slots=slots, num_threads=1)
     return RouterConfig(
         target=target,
-        draft=draft,
-        num_speculative_tokens=args.k if mode != "none" else 0,
+        draft=DraftPoolConfig(spec, num_cpus=0.5, timeout_s=600),
+        num_speculative_tokens=args.k,
         adaptive=mode in ("spec", "spec-overlap"),
         overlap=mode == "spec-overlap",
         eos_token_ids=None,
@@ -234,11 +236,14 @@ async def _serve(router: Any, requests: list[GenerationRequest], concurrency: in
 
 
 def run_router(
-    router: Any, requests: list[GenerationRequest], concurrency: int, mode: str
+    router: Any, requests: list[GenerationRequest], concurrency: int, mode: str, phase: str
 ) -> RunResult:
+    """``mode="none"``: the same requests with speculation off (γ = 0)."""
+    if mode == "none":
+        requests = [replace(r, num_speculative_tokens=0) for r in requests]
     ray.get(router.timings.remote(True))
     finished, outputs, wall = asyncio.run(_serve(router, requests, concurrency))
-    result = _result("router", mode, concurrency, finished, outputs, wall)
+    result = _result("router", mode, phase, concurrency, finished, outputs, wall)
     timings: RouterTimings = ray.get(router.timings.remote())
     rounds = max(timings.router.rounds, 1)
     result.round_ms = 1e3 * timings.router.round_s / rounds
@@ -293,8 +298,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     args.concurrency_levels = [int(c) for c in args.concurrency.split(",")]
     modes = [m for m in args.modes.split(",") if m]
-    if "none" not in modes or any(m not in MODES for m in modes):
-        raise SystemExit(f"--modes must include none and use {', '.join(MODES)}")
+    if not modes or any(m not in SPEC_MODES for m in modes):
+        raise SystemExit(f"--modes takes a comma list of {', '.join(SPEC_MODES)}")
     torch.set_num_threads(args.threads)  # this script's own process
     target_dir = resolve_model(args.target, fetch_missing=False, progress=False)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
@@ -305,64 +310,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     prompts = [prompts[i] for i in sorted(range(len(prompts)), key=lambda i: (i % 8, i))]
     started = time.perf_counter()
 
-    # 1. Routers, one per mode, alive for the whole run; round trips.
     # Ray starts its workers at nice 15; the in-process engine runs at 0. On
     # a shared machine that alone makes the actors slower, so compare at the
     # same priority (as on a dedicated machine).
     os.environ.setdefault(NICENESS_ENV, str(args.worker_niceness))
-    start_ray(num_cpus=max(8, 2 * len(modes)))
-    routers = {mode: launch_router(router_config(args, target_dir, mode)) for mode in modes}
-    trips = round_trips(routers["none"], prompts, args.round_trip_repeats)
-    print(f"round trips: {trips}", flush=True)
+    start_ray(num_cpus=8)
 
-    # 2. Ray overhead: the in-process engine and the router on the same
-    # requests, alternating, fastest of --overhead-repeats each (the machine
-    # is shared; the minimum is the least disturbed run).
-    model = load_model(target_dir, args.dtype)
+    # One router (one target replica) alive at a time, to fit in memory next
+    # to other people's jobs. Each serves its mode and, interleaved, the
+    # target-only baseline (the same requests with num_speculative_tokens=0).
+    trips: dict[str, float] = {}
     engine_runs: list[RunResult] = []
     overhead_runs: list[RunResult] = []
-    for concurrency in args.overhead_concurrency:
-        count = max(concurrency, args.requests)
-        requests = build_requests(prompts, count, args.max_tokens, f"e{concurrency}")
-        for mode in ("none", "spec-fixed"):
-            if mode not in routers:
-                continue
-            engine_tries, router_tries = [], []
-            for _ in range(args.overhead_repeats):
-                engine_tries.append(
-                    run_engine(model, requests, concurrency, args.k, eos, mode, args.max_len)
-                )
-                router_tries.append(run_router(routers[mode], requests, concurrency, mode))
-            engine_best, router_best = fastest(engine_tries), fastest(router_tries)
-            engine_runs.append(engine_best)
-            overhead_runs.append(router_best)
-            print(
-                f"{mode} c={concurrency}: engine {engine_best.tokens_per_s:.2f} tok/s, "
-                f"router {router_best.tokens_per_s:.2f} tok/s",
-                flush=True,
-            )
-    del model
-    gc.collect()
-
     sweep: list[RunResult] = []
-    for concurrency in args.concurrency_levels:
-        count = max(concurrency, args.requests)
-        requests = build_requests(prompts, count, args.max_tokens, f"s{concurrency}")
-        tries: dict[str, list[RunResult]] = {mode: [] for mode in modes}
-        for n in range(args.passes):  # alternate the order so drift hits modes alike
-            for mode in modes if n % 2 == 0 else reversed(modes):
-                run = run_router(routers[mode], requests, concurrency, mode)
-                tries[mode].append(run)
-                print(
-                    f"router {mode} c={concurrency}: {run.tokens_per_s:.2f} tok/s "
-                    f"tau={run.tau:.2f} ({run.wall_s:.1f} s, {run.round_ms:.0f} ms/round, "
-                    f"transport {run.transport_ms:.1f} ms/round)",
-                    flush=True,
-                )
-        sweep += [fastest(tries[mode]) for mode in modes]
-    states: dict[str, RouterState] = {m: ray.get(r.state.remote()) for m, r in routers.items()}
-    for router in routers.values():
+    states: dict[str, RouterState] = {}
+    for mode in modes:
+        router = launch_router(router_config(args, target_dir, mode))
+        if not trips:
+            trips = round_trips(router, prompts, args.round_trip_repeats)
+            print(f"round trips: {trips}", flush=True)
+        if mode == "spec-fixed":
+            engine, routed = measure_overhead(args, router, target_dir, prompts, eos)
+            engine_runs += engine
+            overhead_runs += routed
+        sweep += run_sweep(args, router, prompts, mode)
+        states[mode] = ray.get(router.state.remote())
         ray.get(router.shutdown.remote())
+        ray.kill(router)
 
     result = {
         "target": args.target,
@@ -391,6 +365,65 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     write_outputs(result, args.out, args.tag)
     return result
+
+
+def measure_overhead(
+    args: argparse.Namespace,
+    router: Any,
+    target_dir: Path,
+    prompts: Sequence[list[int]],
+    eos: tuple[int, ...],
+) -> tuple[list[RunResult], list[RunResult]]:
+    """The in-process engine and the router on the same requests, target-only
+    and fixed γ, alternating, fastest of ``--overhead-repeats`` each (the
+    minimum is the least disturbed run on a shared machine)."""
+    model = load_model(target_dir, args.dtype)
+    engine_runs, router_runs = [], []
+    for concurrency in args.overhead_concurrency:
+        count = max(concurrency, args.requests)
+        requests = build_requests(prompts, count, args.max_tokens, f"e{concurrency}")
+        for mode in ("none", "spec-fixed"):
+            engine_tries, router_tries = [], []
+            for _ in range(args.overhead_repeats):
+                engine_tries.append(
+                    run_engine(model, requests, concurrency, args.k, eos, mode, args.max_len)
+                )
+                router_tries.append(run_router(router, requests, concurrency, mode, "spec-fixed"))
+            engine_runs.append(fastest(engine_tries))
+            router_runs.append(fastest(router_tries))
+            print(
+                f"{mode} c={concurrency}: engine {engine_runs[-1].tokens_per_s:.2f} tok/s, "
+                f"router {router_runs[-1].tokens_per_s:.2f} tok/s",
+                flush=True,
+            )
+    del model
+    gc.collect()
+    return engine_runs, router_runs
+
+
+def run_sweep(
+    args: argparse.Namespace, router: Any, prompts: Sequence[list[int]], phase: str
+) -> list[RunResult]:
+    """Every concurrency, target-only and ``phase`` interleaved in alternating
+    order over ``--passes`` passes, fastest of each kept."""
+    sweep: list[RunResult] = []
+    modes = ["none", phase]
+    for concurrency in args.concurrency_levels:
+        count = max(concurrency, args.requests)
+        requests = build_requests(prompts, count, args.max_tokens, f"s{concurrency}")
+        tries: dict[str, list[RunResult]] = {mode: [] for mode in modes}
+        for n in range(args.passes):
+            for mode in modes if n % 2 == 0 else reversed(modes):
+                run = run_router(router, requests, concurrency, mode, phase)
+                tries[mode].append(run)
+                print(
+                    f"[{phase}] {mode} c={concurrency}: {run.tokens_per_s:.2f} tok/s "
+                    f"tau={run.tau:.2f} ({run.wall_s:.1f} s, {run.round_ms:.0f} ms/round, "
+                    f"transport {run.transport_ms:.1f} ms/round)",
+                    flush=True,
+                )
+        sweep += [fastest(tries[mode]) for mode in modes]
+    return sweep
 
 
 def overhead_table(engine: list[RunResult], router: list[RunResult]) -> list[dict[str, Any]]:
@@ -429,12 +462,13 @@ def _same(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
 
 
 def sweep_table(sweep: list[RunResult]) -> list[dict[str, Any]]:
-    baseline = {r.concurrency: r for r in sweep if r.mode == "none"}
+    baseline = {(r.phase, r.concurrency): r for r in sweep if r.mode == "none"}
     rows = []
     for r in sweep:
-        base = baseline[r.concurrency]
+        base = baseline[(r.phase, r.concurrency)]
         rows.append(
             {
+                "phase": r.phase,
                 "mode": r.mode,
                 "concurrency": r.concurrency,
                 "requests": r.requests,
@@ -454,18 +488,27 @@ def sweep_table(sweep: list[RunResult]) -> list[dict[str, Any]]:
 
 
 def goals(sweep: list[RunResult]) -> dict[str, Any]:
-    by = {(r.mode, r.concurrency): r for r in sweep}
+    by = {(r.phase, r.mode, r.concurrency): r for r in sweep}
     levels = sorted({r.concurrency for r in sweep})
-    spec_never_slower = {
-        f"c={c}": round(by[("spec", c)].tokens_per_s / by[("none", c)].tokens_per_s, 3)
-        for c in levels
-        if ("spec", c) in by
+    phases = sorted({r.phase for r in sweep})
+    spec_vs_none = {
+        phase: {
+            f"c={c}": round(
+                by[(phase, phase, c)].tokens_per_s / by[(phase, "none", c)].tokens_per_s, 3
+            )
+            for c in levels
+        }
+        for phase in phases
     }
-    scaling = {}
-    for mode in sorted({r.mode for r in sweep}):
-        if (mode, 1) in by and (mode, 8) in by:
-            scaling[mode] = round(by[(mode, 8)].tokens_per_s / by[(mode, 1)].tokens_per_s, 3)
-    return {"spec_vs_none": spec_never_slower, "tokens_per_s_c8_over_c1": scaling}
+    scaling = {
+        f"{phase}/{mode}": round(
+            by[(phase, mode, 8)].tokens_per_s / by[(phase, mode, 1)].tokens_per_s, 3
+        )
+        for phase in phases
+        for mode in ("none", phase)
+        if (phase, mode, 1) in by and (phase, mode, 8) in by
+    }
+    return {"spec_vs_none": spec_vs_none, "tokens_per_s_c8_over_c1": scaling}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -498,11 +541,12 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## Concurrency sweep through the router",
         "",
-        "| mode | c | requests | tok/s | × none | τ | drafted | accepted | TTFT s "
+        "| router | mode | c | requests | tok/s | × none | τ | drafted | accepted | TTFT s "
         "| ms/round | transport ms/round | same output |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(
-            f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['tokens_per_s']} | "
+            f"| {r['phase']} | {r['mode']} | {r['concurrency']} | {r['requests']} | "
+            f"{r['tokens_per_s']} | "
             f"{r['vs_none']} | {r['tau']} | {r['draft_tokens']} | {r['accepted_tokens']} | "
             f"{r['mean_ttft_s']} | {r['round_ms']} | {r['transport_ms']} | "
             f"{r['same_output_as_none']:.2f} |"
@@ -544,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=8, help="requests per level (at least c)")
     p.add_argument("--overhead-repeats", type=int, default=2)
     p.add_argument("--passes", type=int, default=2, help="sweep passes; fastest kept")
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=",".join(SPEC_MODES), help="routers to sweep, in order")
     p.add_argument("--categories", default=None, help="comma list; default all")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the target")
     p.add_argument("--round-trip-repeats", type=int, default=200)
