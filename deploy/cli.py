@@ -11,9 +11,17 @@ from types import ModuleType
 
 def _commands() -> list[ModuleType]:
     from specray.actors.store import cli as models
-    from specray.deploy import client_cli, generate, scale_cli, serve
+    from specray.deploy import (
+        bench_cli,
+        client_cli,
+        cluster_cli,
+        generate,
+        plan_cli,
+        scale_cli,
+        serve,
+    )
 
-    return [generate, models, serve, client_cli, scale_cli]
+    return [generate, models, serve, client_cli, scale_cli, bench_cli, cluster_cli, plan_cli]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
