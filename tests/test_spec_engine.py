@@ -16,6 +16,7 @@ from tiny_models import VOCAB
 
 from specray.actors.drafting.base import Drafter, DraftProposal
 from specray.actors.drafting.draft_model import DraftModelDrafter
+from specray.actors.drafting.hybrid import HybridDrafter
 from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest, RequestOutput
@@ -77,6 +78,9 @@ DRAFTERS: dict[str, DrafterFactory] = {
     "ngram": lambda make: NgramDrafter(max_ngram=3),
     "draft=copy": lambda make: DraftModelDrafter(load_model(make("qwen2")), 8, 128),
     "draft=unrelated": lambda make: DraftModelDrafter(load_model(make("qwen2", 7)), 8, 128),
+    "hybrid": lambda make: HybridDrafter(
+        NgramDrafter(max_ngram=3), DraftModelDrafter(load_model(make("qwen2", 7)), 8, 128), 2
+    ),
 }
 
 

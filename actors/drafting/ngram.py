@@ -27,6 +27,18 @@ from specray.actors.drafting.base import DraftProposal, DraftRequest
 from specray.actors.sampling.params import SamplingParams
 
 
+@dataclass(frozen=True)
+class LookupMatch:
+    """A lookup's proposal and the length of the suffix that matched (0: none).
+
+    A longer match is better evidence that the text is being copied, which is
+    what a hybrid drafter reads to choose between lookup and a model.
+    """
+
+    token_ids: list[int]
+    ngram_size: int
+
+
 @dataclass
 class _RequestState:
     token_ids: list[int]
@@ -65,9 +77,13 @@ class NgramDrafter:
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
         return [
-            DraftProposal(self._lookup(self._state(r.request_id), r.num_tokens), draft_probs=None)
+            DraftProposal(self.match(r.request_id, r.num_tokens).token_ids, draft_probs=None)
             for r in requests
         ]
+
+    def match(self, request_id: str, num_tokens: int) -> LookupMatch:
+        """The proposal for one request and the size of the n-gram it came from."""
+        return self._lookup(self._state(request_id), num_tokens)
 
     def accept(
         self,
@@ -113,11 +129,11 @@ class NgramDrafter:
             # Later starts overwrite earlier ones: the index keeps the latest.
             state.last_start[k].update(zip(grams, range(first, stop), strict=True))
 
-    def _lookup(self, state: _RequestState, num_tokens: int) -> list[int]:
+    def _lookup(self, state: _RequestState, num_tokens: int) -> LookupMatch:
         tokens = state.token_ids
         length = len(tokens)
         if num_tokens <= 0:
-            return []
+            return LookupMatch([], 0)
         for k in reversed(range(len(state.last_start))):
             n = self.min_ngram + k
             if n > length:
@@ -129,5 +145,5 @@ class NgramDrafter:
             proposal = tokens[start + n : start + n + num_tokens]
             while len(proposal) < num_tokens:
                 proposal.append(proposal[len(proposal) - period])
-            return proposal
-        return []
+            return LookupMatch(proposal, n)
+        return LookupMatch([], 0)

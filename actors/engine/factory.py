@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from specray.actors.drafting.base import Drafter
 from specray.actors.drafting.draft_model import DraftModelDrafter
+from specray.actors.drafting.hybrid import HybridDrafter
 from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.engine.calibrate import CostModel, calibrate
 from specray.actors.engine.engine import EngineConfig, SpecEngine
@@ -20,6 +21,8 @@ from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model
 from specray.actors.store.resolve import resolve_model
 
+HYBRID_PREFIX = "ngram+"  # --draft ngram+NAME: a HybridDrafter over that model
+
 
 class IncompatibleDraftError(ValueError):
     """The draft model cannot draft for this target (different vocabulary)."""
@@ -28,7 +31,9 @@ class IncompatibleDraftError(ValueError):
 @dataclass(frozen=True)
 class EngineSpec:
     target: str  # a registered model name or a local path
-    draft: str = "ngram"  # none | ngram | a registered model name or a local path
+    # none | ngram | a registered model name or a local path | ngram+ that model
+    # (n-gram lookup where the text is copied, the model elsewhere)
+    draft: str = "ngram"
     dtype: str = "bfloat16"
     num_speculative_tokens: int = 4
     adaptive: bool = True
@@ -58,7 +63,8 @@ def build_drafter(
         return None, None
     if spec.draft == "ngram":
         return NgramDrafter(), None
-    draft_dir = resolve_model(spec.draft, home=spec.home)
+    name = spec.draft.removeprefix(HYBRID_PREFIX)
+    draft_dir = resolve_model(name, home=spec.home)
     draft_config = ModelConfig.from_pretrained(draft_dir)
     if draft_config.vocab_size != target_config.vocab_size:
         raise IncompatibleDraftError(
@@ -66,7 +72,10 @@ def build_drafter(
             f"{target_config.vocab_size}: a draft must share the target's tokenizer"
         )
     model = load_model(draft_dir, spec.dtype)
-    return DraftModelDrafter(model, spec.max_batch, spec.max_len), model
+    drafter: Drafter = DraftModelDrafter(model, spec.max_batch, spec.max_len)
+    if name != spec.draft:
+        drafter = HybridDrafter(NgramDrafter(), drafter)
+    return drafter, model
 
 
 def build_engine(spec: EngineSpec, target: Target | None = None) -> LoadedEngine:

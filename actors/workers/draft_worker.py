@@ -21,18 +21,21 @@ import torch
 
 from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest
 from specray.actors.drafting.draft_model import DraftModelDrafter
+from specray.actors.drafting.hybrid import HybridDrafter
 from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.engine.round import DraftUpdate
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import SamplingParams
+
+DRAFTER_KINDS = ("ngram", "model", "hybrid")
 
 
 @dataclass(frozen=True)
 class DraftWorkerSpec:
     """Which drafter a replica hosts and with what resources."""
 
-    kind: str = "ngram"  # "ngram" or "model"
-    model_dir: str | None = None  # the draft model's directory, for kind="model"
+    kind: str = "ngram"  # "ngram", "model", or "hybrid" (lookup first, then the model)
+    model_dir: str | None = None  # the draft model's directory, for kind="model" | "hybrid"
     dtype: str = "float32"
     num_slots: int = 16  # requests one replica drafts for at once (draft-model KV slots)
     max_len: int = 2048
@@ -41,10 +44,10 @@ class DraftWorkerSpec:
     min_ngram: int = 1
 
     def __post_init__(self) -> None:
-        if self.kind not in ("ngram", "model"):
-            raise ValueError(f"kind must be 'ngram' or 'model', got {self.kind!r}")
-        if self.kind == "model" and not self.model_dir:
-            raise ValueError("a draft-model replica needs model_dir")
+        if self.kind not in DRAFTER_KINDS:
+            raise ValueError(f"kind must be one of {DRAFTER_KINDS}, got {self.kind!r}")
+        if self.kind != "ngram" and not self.model_dir:
+            raise ValueError(f"a {self.kind!r} draft replica needs model_dir")
         if self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
@@ -54,7 +57,10 @@ def build_drafter(spec: DraftWorkerSpec) -> Drafter:
         return NgramDrafter(spec.max_ngram, spec.min_ngram)
     assert spec.model_dir is not None
     model = load_model(Path(spec.model_dir), spec.dtype)
-    return DraftModelDrafter(model, spec.num_slots, spec.max_len)
+    drafter = DraftModelDrafter(model, spec.num_slots, spec.max_len)
+    if spec.kind == "hybrid":
+        return HybridDrafter(NgramDrafter(spec.max_ngram, spec.min_ngram), drafter)
+    return drafter
 
 
 def _clip(proposal: DraftProposal, num_tokens: int) -> DraftProposal:

@@ -1,0 +1,100 @@
+"""Prompt lookup where the text is being copied, a draft model everywhere else.
+
+Code edits, RAG answers and summaries copy long spans of their prompt: there
+n-gram lookup drafts as well as a model and costs nothing. Free-form chat
+copies little: there only a model drafts well, at a cost. A hybrid replica
+holds both and decides per request and round: a lookup whose matched suffix
+is at least ``min_match`` tokens long wins, otherwise the model proposes
+(one batched call for all the requests that fell through).
+
+Both drafters track every request. The model only drafts in some rounds; it
+feeds the committed tokens it has not seen on its next proposal (its cache
+stays valid for what it did see), so switching costs a longer feed, never a
+re-prefill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest
+from specray.actors.drafting.ngram import NgramDrafter
+from specray.actors.sampling.params import SamplingParams
+
+# One- and two-token matches happen by chance in any text ("the", "):");
+# from three tokens on, a match on free text is mostly a real copy.
+DEFAULT_MIN_MATCH = 3
+
+
+class HybridDrafter:
+    """N-gram lookup first, a model (any :class:`Drafter`) as the fallback."""
+
+    name = "hybrid"
+
+    def __init__(
+        self, lookup: NgramDrafter, model: Drafter, min_match: int = DEFAULT_MIN_MATCH
+    ) -> None:
+        if not lookup.min_ngram <= min_match <= lookup.max_ngram:
+            raise ValueError(
+                f"min_match must lie in the lookup's n-gram sizes "
+                f"[{lookup.min_ngram}, {lookup.max_ngram}], got {min_match}"
+            )
+        self.lookup = lookup
+        self.model = model
+        self.min_match = min_match
+        self.hidden_layers: tuple[int, ...] = model.hidden_layers
+        self.lookup_proposals = 0  # request-rounds drafted by lookup
+        self.model_proposals = 0  # request-rounds drafted by the model
+        self._model_drafted: set[str] = set()  # requests the model drafted for last
+
+    def start(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
+        self.lookup.start(request_id, prompt_ids, sampling)
+        try:
+            self.model.start(request_id, prompt_ids, sampling)
+        except BaseException:
+            self.lookup.finish(request_id)
+            raise
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
+        proposals: list[DraftProposal | None] = []
+        fallback: list[DraftRequest] = []
+        for request in requests:
+            found = self.lookup.match(request.request_id, request.num_tokens)
+            if found.token_ids and found.ngram_size >= self.min_match:
+                proposals.append(DraftProposal(found.token_ids, draft_probs=None))
+            else:
+                proposals.append(None)
+                if request.num_tokens > 0:
+                    fallback.append(request)
+        modelled = iter(self.model.propose(fallback) if fallback else [])
+        # Per request, not per call: calls for disjoint micro-batches interleave.
+        self._model_drafted.difference_update(r.request_id for r in requests)
+        self._model_drafted.update(r.request_id for r in fallback)
+        self.model_proposals += len(fallback)
+        self.lookup_proposals += sum(p is not None for p in proposals)
+        merged = []
+        for request, proposal in zip(requests, proposals, strict=True):
+            if proposal is None:
+                proposal = next(modelled) if request.num_tokens > 0 else DraftProposal([])
+            merged.append(proposal)
+        return merged
+
+    def accept(
+        self,
+        request_id: str,
+        num_accepted: int,
+        new_token_ids: Sequence[int],
+        target_hidden: torch.Tensor | None = None,
+    ) -> None:
+        self.lookup.accept(request_id, num_accepted, new_token_ids)
+        # The verdict is about the last proposal: the model's only if it made it.
+        model_accepted = num_accepted if request_id in self._model_drafted else 0
+        self._model_drafted.discard(request_id)
+        self.model.accept(request_id, model_accepted, new_token_ids, target_hidden)
+
+    def finish(self, request_id: str) -> None:
+        self._model_drafted.discard(request_id)
+        self.lookup.finish(request_id)
+        self.model.finish(request_id)
