@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from specray.actors.drafting.base import DraftProposal, DraftRequest
 from specray.actors.engine.round import DraftUpdate
 from specray.actors.sampling.params import SamplingParams
 from specray.actors.workers.draft_worker import DraftWorker, DraftWorkerSpec, DraftWorkerStats
+from specray.cluster.router_state import DraftReplicaState
 
 _MAX_UNSETTLED = 64
 
@@ -72,6 +73,7 @@ class DraftPool:
         self._ids = itertools.count()
         self._actor: Any = ray.remote(DraftWorker)
         self._background: set[asyncio.Task[Any]] = set()
+        self.starting = 0  # replicas being started
 
     # -- membership -----------------------------------------------------------
 
@@ -79,8 +81,19 @@ class DraftPool:
     def live(self) -> list[DraftReplica]:
         return [r for r in self.replicas.values() if not r.draining]
 
-    async def add(self, count: int) -> list[int]:
-        """Start ``count`` replicas; returns their ids once they answer."""
+    def add(self, count: int) -> asyncio.Task[list[int]]:
+        """Start ``count`` replicas; the task returns their ids once they
+        answer. They count in :attr:`starting` from this call on."""
+        self.starting += count
+        return asyncio.get_running_loop().create_task(self._add(count))
+
+    async def _add(self, count: int) -> list[int]:
+        try:
+            return await self._start(count)
+        finally:
+            self.starting -= count
+
+    async def _start(self, count: int) -> list[int]:
         handles = [
             self._actor.options(num_cpus=self.config.num_cpus, max_restarts=0).remote(
                 self.config.spec
@@ -127,6 +140,7 @@ class DraftPool:
         """Forget a failed replica at once and kill it; returns it if known."""
         replica = self.replicas.pop(replica_id, None)
         if replica is not None:
+            replica.requests.clear()  # their state died with it (a drain waits on none)
             with contextlib.suppress(RayError):
                 ray.kill(replica.handle, no_restart=True)
         return replica
@@ -222,6 +236,32 @@ class DraftPool:
             ) from err
         proposals: list[DraftProposal] = results[-1]
         return proposals
+
+    async def find_dead(self, timeout_s: float) -> list[int]:
+        """Replicas whose process is gone (a ping each). A replica still busy
+        after ``timeout_s`` counts as alive: proposals have their own deadline."""
+        ids = list(self.replicas)
+        pings = [
+            asyncio.ensure_future(_awaitable(self.replicas[i].handle.ping.remote())) for i in ids
+        ]
+        if not pings:
+            return []
+        await asyncio.wait(pings, timeout=timeout_s)
+        dead = []
+        for replica_id, ping in zip(ids, pings, strict=True):
+            if not ping.done():
+                ping.cancel()
+            elif isinstance(ping.exception(), ActorDiedError):  # not merely unreachable
+                dead.append(replica_id)
+        return dead
+
+    async def describe(self) -> tuple[DraftReplicaState, ...]:
+        """Each replica as the router sees it, with the requests it tracks itself."""
+        held = await self.num_requests()
+        return tuple(
+            DraftReplicaState(r.replica_id, r.pid, r.load, held.get(r.replica_id, -1), r.draining)
+            for r in self.replicas.values()
+        )
 
     async def num_requests(self) -> dict[int, int]:
         """Requests each replica actually tracks (one RPC each); -1 if it is gone."""

@@ -5,7 +5,8 @@ and labels (``model_name``; ``position`` for the per-position counter) under
 ``specray:<name>``, so dashboards built for vLLM work after a prefix swap.
 Counters appear with prometheus_client's ``_total`` suffix, as vLLM's do.
 Each router has its own registry (no process-global state) served on
-loopback.
+loopback. Failures and restarts have no vLLM counterpart and are specray's
+own (``specray:draft_restarts_total`` and its kin, below).
 """
 
 from __future__ import annotations
@@ -115,10 +116,30 @@ class RouterMetrics:
         )
         self.running = gauge("num_requests_running", "Number of requests in model execution.")
         self.waiting = gauge("num_requests_waiting", "Number of requests waiting to be processed.")
+        self.replica_failures = counter(
+            "replica_failures", "Replicas lost (died, failed or hung).", ("kind",)
+        )
+        self.draft_restarts = counter(
+            "draft_restarts", "Draft replicas started to replace lost ones."
+        )
+        self.target_restarts = counter(
+            "target_restarts", "Target groups started (gang restart) to replace lost ones."
+        )
+        self.fallbacks = counter(
+            "spec_decode_fallbacks",
+            "Requests whose draft replica was lost mid-request (target-only until re-attached).",
+        )
+        self.targets_up = gauge("target_replicas_up", "Target replicas taking requests.")
         for position in range(num_positions):
             self.accepted_per_pos.labels(model_name, str(position))
         for family in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens):
             family.labels(model_name)
+        for family in (self.draft_restarts, self.target_restarts, self.fallbacks):
+            family.labels(model_name)
+        for histogram_family in (self.ttft, self.itl, self.e2e):  # series exist from the start
+            histogram_family.labels(model_name)
+        for kind in ("draft", "target"):
+            self.replica_failures.labels(model_name, kind)
         self._server: Any = None
 
     def observe_round(self, rejection: RejectionResult) -> None:
@@ -147,6 +168,21 @@ class RouterMetrics:
     def set_queues(self, running: int, waiting: int) -> None:
         self.running.labels(self.model_name).set(running)
         self.waiting.labels(self.model_name).set(waiting)
+
+    def observe_failure(self, kind: str) -> None:
+        """A replica of ``kind`` ("draft" | "target") was lost."""
+        self.replica_failures.labels(self.model_name, kind).inc()
+
+    def observe_restart(self, kind: str) -> None:
+        """A replica of ``kind`` was started to replace a lost one."""
+        family = self.draft_restarts if kind == "draft" else self.target_restarts
+        family.labels(self.model_name).inc()
+
+    def observe_fallbacks(self, count: int) -> None:
+        self.fallbacks.labels(self.model_name).inc(count)
+
+    def set_targets_up(self, count: int) -> None:
+        self.targets_up.labels(self.model_name).set(count)
 
     def serve(self, port: int = 0) -> int:
         """Serve ``/metrics`` on 127.0.0.1:``port`` (0 picks a free one); returns the port."""

@@ -1,9 +1,10 @@
 """What the router reports about itself: replicas, moves, learned costs,
-where round time goes, and the outcome of a scale call."""
+failures and restarts, where round time goes, the per-request state every
+actor holds, and the outcome of a scale call."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -26,6 +27,51 @@ class DraftReplicaState:
 
 
 @dataclass(frozen=True)
+class RecoveryState:
+    """Replicas lost and started in their place since the router started."""
+
+    draft_failures: int = 0
+    target_failures: int = 0
+    draft_restarts: int = 0
+    target_restarts: int = 0  # whole TP groups (gang restarts)
+    failed_restarts: int = 0  # attempts that failed (each retried after a backoff)
+    fallbacks: int = 0  # requests that lost their draft replica mid-request
+    # Seconds each replacement took to start, oldest first (the last 32).
+    draft_restart_s: tuple[float, ...] = ()
+    target_restart_s: tuple[float, ...] = ()
+    outage_s: float | None = None  # how long no target replica has been up; None: one is
+
+
+@dataclass(frozen=True)
+class RouterHealth:
+    """The cheap liveness summary the front door polls (no replica is called)."""
+
+    targets_up: int  # live target replicas: 0 means nothing can be served now
+    targets_starting: int
+    drafts_up: int
+    outage_s: float | None
+
+    @property
+    def serving(self) -> bool:
+        return self.targets_up > 0
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Per-request state on every actor, each as the actor itself reports it
+    (leak checks: all of it returns to zero once the router is idle)."""
+
+    router_requests: int  # requests the router tracks (queued, running, cancelled)
+    target_slots: dict[int, tuple[int, ...]]  # replica -> KV slots in use, per shard
+    draft_requests: dict[int, int]  # replica -> requests it holds draft state for
+
+    @property
+    def total(self) -> int:
+        slots = sum(sum(per_shard) for per_shard in self.target_slots.values())
+        return self.router_requests + slots + sum(self.draft_requests.values())
+
+
+@dataclass(frozen=True)
 class RouterState:
     waiting: int
     running: int
@@ -37,6 +83,7 @@ class RouterState:
     metrics_port: int | None
     verify_costs: dict[str, Any]  # level (s) × shape (tokens -> relative cost)
     draft_costs: dict[int, float]  # deepest γ -> seconds (learned)
+    recovery: RecoveryState = field(default_factory=RecoveryState)
 
 
 @dataclass

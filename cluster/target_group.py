@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import ActorDiedError, RayError, RayTaskError
 from ray.util.placement_group import (
     PlacementGroup,
     placement_group,
@@ -121,6 +121,12 @@ class TargetShard:
             raise RuntimeError("shard not started")
         return getattr(self._worker, method)(*args)
 
+    def active_slots(self) -> int:
+        """KV cache slots this shard holds for requests."""
+        if self._worker is None:
+            raise RuntimeError("shard not started")
+        return self._worker.target.num_active
+
 
 class ShardedTarget:
     """The ``Target`` protocol over ``tp`` tensor-parallel shard actors."""
@@ -180,6 +186,32 @@ class ShardedTarget:
     def probe_all_reduce(self, numel: int, iters: int = 50) -> list[float]:
         """Seconds per bare all-reduce of ``numel`` values, per shard."""
         return self._fan_out("probe_all_reduce", numel, iters)
+
+    def active_slots(self) -> list[int]:
+        """KV cache slots in use, per shard (leak checks)."""
+        refs = [shard.active_slots.remote() for shard in self._shards]
+        return self._gather(refs, self.config.timeout_s, "active_slots")
+
+    def dead_ranks(self, timeout_s: float) -> tuple[int, ...]:
+        """Shards whose process is gone (all of them once the group is broken).
+
+        A liveness probe, not a call: a shard still busy after ``timeout_s``
+        counts as alive (calls have their own deadline), and nothing here
+        marks the group broken. It bypasses the submit lock: a ping is no
+        collective, so the shards need not see it in the same order.
+        """
+        if self._broken is not None:
+            return self._broken.ranks or tuple(range(self.config.tp))
+        refs = [shard.call.remote("ping") for shard in self._shards]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        dead = []
+        for rank, ref in enumerate(refs):
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                except ActorDiedError:  # not merely unreachable
+                    dead.append(rank)
+        return tuple(dead)
 
     # -- lifecycle ------------------------------------------------------------
 

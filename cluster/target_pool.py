@@ -3,8 +3,11 @@
 
 A slot counts as taken from the moment a request is pinned until its
 replica confirms the release, so a new request never finds the shards'
-cache full. Blocking calls of a :class:`ShardedTarget` run in worker
-threads; everything else runs on the router's event loop.
+cache full. A broken replica is dropped at once and torn down (every shard
+and its placement group) before the next replica starts, so a gang restart
+can take the broken group's resources. Blocking calls of a
+:class:`ShardedTarget` run in worker threads; everything else runs on the
+router's event loop.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from specray.actors.engine.target import VerifyInput
+from specray.cluster.router_state import TargetReplicaState
 from specray.cluster.target_group import ShardedTarget, ShardedTargetConfig
 
 log = logging.getLogger(__name__)
@@ -47,21 +51,48 @@ class TargetPool:
         self._on_change = on_change
         self._ids = itertools.count()
         self._background: set[asyncio.Task[Any]] = set()
+        self._teardowns: set[asyncio.Task[Any]] = set()
+        self.starting = 0  # replicas being started
+        self._closed = False
 
     @property
     def live(self) -> list[TargetReplica]:
         return [r for r in self.replicas.values() if not r.draining]
 
-    async def add(self, profile_sizes: Sequence[int] = ()) -> list[tuple[int, float]]:
-        """Start one replica; returns its verify timings at ``profile_sizes``."""
-        target = await asyncio.to_thread(ShardedTarget, self.config)
-        points = []
-        if profile_sizes:
-            points = await asyncio.to_thread(profile_verify, target, profile_sizes)
-        replica = TargetReplica(next(self._ids), target)
-        self.replicas[replica.replica_id] = replica
+    def add(self, profile_sizes: Sequence[int] = ()) -> asyncio.Task[list[tuple[int, float]]]:
+        """Start one replica; the task returns its verify timings at
+        ``profile_sizes``. It counts in :attr:`starting` from this call on."""
+        self.starting += 1
+        return asyncio.get_running_loop().create_task(self._add(profile_sizes))
+
+    async def _add(self, profile_sizes: Sequence[int]) -> list[tuple[int, float]]:
+        try:
+            if self._teardowns:  # broken groups free their resources first
+                await asyncio.gather(*self._teardowns, return_exceptions=True)
+            target = await asyncio.to_thread(self._start_group)
+            points = []
+            if profile_sizes:
+                try:
+                    points = await asyncio.to_thread(profile_verify, target, profile_sizes)
+                except BaseException:
+                    await asyncio.to_thread(target.shutdown)
+                    raise
+            if self._closed:
+                await asyncio.to_thread(target.shutdown)
+                raise RuntimeError("the target pool shut down while a replica started")
+            replica = TargetReplica(next(self._ids), target)
+            self.replicas[replica.replica_id] = replica
+        finally:
+            self.starting -= 1
         self._on_change()
         return points
+
+    def _start_group(self) -> ShardedTarget:
+        target = ShardedTarget(self.config)
+        if self._closed:  # checked here too: a cancelled caller never sees it
+            target.shutdown()
+            raise RuntimeError("the target pool shut down while a replica started")
+        return target
 
     def pick(self) -> TargetReplica | None:
         """The least occupied live replica with a free slot, if any."""
@@ -89,6 +120,18 @@ class TargetPool:
 
         self._spawn(release())
 
+    def describe(self) -> tuple[TargetReplicaState, ...]:
+        return tuple(
+            TargetReplicaState(
+                r.replica_id,
+                tuple(sorted(r.requests)),
+                len(r.releasing),
+                r.draining,
+                tuple(p.pid for p in r.target.placements),
+            )
+            for r in self.replicas.values()
+        )
+
     def drain(self, count: int) -> list[TargetReplica]:
         """Mark the ``count`` least occupied live replicas draining."""
         chosen = sorted(self.live, key=lambda r: (r.occupied, -r.replica_id))[:count]
@@ -109,16 +152,54 @@ class TargetPool:
         self.replicas.pop(replica.replica_id, None)
         await asyncio.to_thread(replica.target.shutdown)
 
-    def drop(self, replica_id: int) -> None:
-        """Forget a broken replica at once; its shards stop in the background."""
+    def drop(self, replica_id: int) -> TargetReplica | None:
+        """Forget a broken replica at once (returns it if it was known); its
+        shards and placement group are torn down in the background."""
         replica = self.replicas.pop(replica_id, None)
         if replica is not None:
-            self._spawn(asyncio.to_thread(replica.target.shutdown))
+            # Its slots died with it; nothing waits on them any more.
+            replica.requests.clear()
+            replica.releasing.clear()
+            task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(replica.target.shutdown)
+            )
+            self._teardowns.add(task)
+            task.add_done_callback(self._teardowns.discard)
+        return replica
+
+    async def find_dead(self, timeout_s: float) -> list[int]:
+        """Replicas with a shard whose process is gone (a probe of every shard)."""
+        replicas = list(self.replicas.values())
+        answers = await asyncio.gather(
+            *(asyncio.to_thread(r.target.dead_ranks, timeout_s) for r in replicas),
+            return_exceptions=True,
+        )
+        found = []
+        for replica, dead in zip(replicas, answers, strict=True):
+            if isinstance(dead, BaseException):  # an unanswered probe proves nothing
+                log.warning("probing target replica %d failed: %r", replica.replica_id, dead)
+            elif dead:
+                found.append(replica.replica_id)
+        return found
+
+    async def active_slots(self) -> dict[int, tuple[int, ...]]:
+        """KV slots in use on each replica, per shard, as the shards report them."""
+        replicas = list(self.replicas.values())
+        answers = await asyncio.gather(
+            *(asyncio.to_thread(r.target.active_slots) for r in replicas)
+        )
+        return {r.replica_id: tuple(a) for r, a in zip(replicas, answers, strict=True)}
+
+    def close(self) -> None:
+        """Start no replica from now on; one still starting is stopped once up."""
+        self._closed = True
 
     async def shutdown(self) -> None:
+        self.close()
         replicas = list(self.replicas.values())
         self.replicas.clear()
         await asyncio.gather(*(asyncio.to_thread(r.target.shutdown) for r in replicas))
+        await asyncio.gather(*self._teardowns, return_exceptions=True)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

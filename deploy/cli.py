@@ -21,7 +21,16 @@ def _commands() -> list[ModuleType]:
         serve,
     )
 
-    return [generate, models, serve, client_cli, scale_cli, bench_cli, cluster_cli, plan_cli]
+    return [
+        generate,
+        models,
+        serve,
+        client_cli,
+        scale_cli,
+        bench_cli,
+        cluster_cli,
+        plan_cli,
+    ]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:

@@ -4,17 +4,22 @@ with SpecrayClient("127.0.0.1:50051") as client:
     result = client.generate("def fib(n):", max_tokens=64, temperature=0)
     for chunk in client.generate_stream(token_ids, max_tokens=64):
         print(chunk.text, end="")
+
+A server with TLS and a token: ``SpecrayClient(address, tls_ca=Path("ca.pem"),
+token=os.environ["SPECRAY_AUTH_TOKEN"])``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import grpc
 
+from specray.deploy.auth import bearer_metadata
 from specray.deploy.errors import RETRY_PUSHBACK_KEY
 from specray.protos.specray.v1 import generation_pb2 as pb
 from specray.protos.specray.v1 import generation_pb2_grpc as pb_grpc
@@ -113,14 +118,34 @@ def build_request(
     )
 
 
-class SpecrayClient:
-    """Blocking client over one channel; ``timeout_s`` is each call's deadline."""
+def open_channel(address: str, tls: bool = False, tls_ca: Path | None = None) -> grpc.Channel:
+    """A channel to ``address``: plaintext, or TLS when ``tls`` or ``tls_ca``
+    (the CA that signed the server's certificate; default: the system's)."""
+    if not tls and tls_ca is None:
+        return grpc.insecure_channel(address)
+    roots = None if tls_ca is None else tls_ca.read_bytes()
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots))
 
-    def __init__(self, address: str, timeout_s: float | None = None) -> None:
+
+class SpecrayClient:
+    """Blocking client over one channel; ``timeout_s`` is each call's deadline.
+    ``tls`` / ``tls_ca``: see :func:`open_channel`; ``token``: the server's
+    bearer token, sent with every call."""
+
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float | None = None,
+        *,
+        tls: bool = False,
+        tls_ca: Path | None = None,
+        token: str | None = None,
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address)
+        self._channel = open_channel(address, tls, tls_ca)
         self._stub = pb_grpc.GenerationStub(self._channel)
+        self._metadata = bearer_metadata(token)
 
     def generate(
         self, prompt: str | Sequence[int], *, timeout_s: float | None = None, **options: Any
@@ -128,7 +153,9 @@ class SpecrayClient:
         """The whole generation (the unary Generate call); options as :func:`build_request`."""
         try:
             message = self._stub.Generate(
-                build_request(prompt, **options), timeout=timeout_s or self.timeout_s
+                build_request(prompt, **options),
+                timeout=timeout_s or self.timeout_s,
+                metadata=self._metadata,
             )
         except grpc.RpcError as error:
             raise SpecrayError.from_rpc(error) from None
@@ -139,7 +166,9 @@ class SpecrayClient:
     ) -> Generator[GenerationResult, None, None]:
         """Chunks as they are generated; stopping early cancels the request."""
         call = self._stub.GenerateStream(
-            build_request(prompt, **options), timeout=timeout_s or self.timeout_s
+            build_request(prompt, **options),
+            timeout=timeout_s or self.timeout_s,
+            metadata=self._metadata,
         )
         try:
             for message in call:
@@ -152,7 +181,9 @@ class SpecrayClient:
     def model_info(self, timeout_s: float | None = None) -> pb.GetModelInfoResponse:
         try:
             info: pb.GetModelInfoResponse = self._stub.GetModelInfo(
-                pb.GetModelInfoRequest(), timeout=timeout_s or self.timeout_s
+                pb.GetModelInfoRequest(),
+                timeout=timeout_s or self.timeout_s,
+                metadata=self._metadata,
             )
         except grpc.RpcError as error:
             raise SpecrayError.from_rpc(error) from None

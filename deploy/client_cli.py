@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from specray.deploy.auth import TOKEN_ENV
 from specray.deploy.client import GenerationResult, SpecrayClient, SpecrayError
 
 
@@ -40,6 +42,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     source.add_argument("--prompt-file", type=Path)
     source.add_argument("--token-ids", help="comma-separated prompt token ids")
     g.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    g.add_argument("--tls", action="store_true", help="connect with TLS (the system's CAs)")
+    g.add_argument("--tls-ca", type=Path, default=None, help="PEM CA of the server (implies TLS)")
+    g.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token (default ${TOKEN_ENV}; the variable keeps it out of `ps`)",
+    )
     return p
 
 
@@ -69,8 +78,11 @@ def run(args: argparse.Namespace) -> int:
     text: list[str] = []
     last: GenerationResult | None = None
     start = time.perf_counter()
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
     try:
-        with SpecrayClient(args.server, args.timeout) as client:
+        with SpecrayClient(
+            args.server, args.timeout, tls=args.tls, tls_ca=args.tls_ca, token=token
+        ) as client:
             for last in client.generate_stream(prompt, **options):
                 token_ids += last.token_ids
                 text.append(last.text)
@@ -79,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     except SpecrayError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if error.code == grpc.StatusCode.INVALID_ARGUMENT else 1
+    except OSError as error:  # an unreadable --tls-ca
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     elapsed = time.perf_counter() - start
     assert last is not None and last.finish_reason is not None
     stats = {

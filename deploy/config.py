@@ -4,7 +4,7 @@ backend: router         # router (Ray; the ``router:`` section) | engine (in-pro
 router:
   target: qwen2.5-coder-1.5b-instruct
   tp: 2
-  drafts: [{kind: model, model: qwen2.5-coder-0.5b-instruct}]   # or [{kind: ngram}]
+  drafts: [{kind: hybrid, model: qwen2.5-coder-0.5b-instruct}]  # or [{kind: ngram}], kind: model
   num_targets: 1        # target replicas, each a TP group
   num_drafts: 1         # draft replicas
 # The in-process engine (backend: engine) reads the top-level model keys:
@@ -31,7 +31,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from specray.actors.engine.factory import EngineSpec
+from specray.actors.engine.factory import HYBRID_PREFIX, EngineSpec
+from specray.deploy.auth import TlsFiles
 from specray.deploy.backend import ModelInfo
 from specray.deploy.validation import ValidationLimits
 
@@ -52,6 +53,12 @@ class LimitsConfig(BaseModel):
         64, ge=0, description="requests waiting beyond max_batch; more get RESOURCE_EXHAUSTED"
     )
     retry_after_s: float = Field(1.0, gt=0, description="retry hint sent when overloaded")
+    max_prompt_chars: int | None = Field(
+        None, ge=1, description="characters of text input; default 32 per token of context"
+    )
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="a gRPC message or HTTP body; larger are refused"
+    )
 
 
 Dtype = Literal["float32", "bfloat16"]
@@ -62,8 +69,12 @@ class DrafterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["ngram", "model"]
-    model: str | None = Field(None, description="kind model: registered name or local path")
+    # hybrid: n-gram lookup where the text is copied, the model everywhere else
+    # head: a trained draft head (``model`` is its directory; see docs/draft_head.md)
+    kind: Literal["ngram", "model", "hybrid", "head"]
+    model: str | None = Field(
+        None, description="kind model or hybrid: registered name or local path; head: its dir"
+    )
     dtype: Dtype | None = Field(None, description="default: the router's dtype")
     num_slots: int | None = Field(
         None, ge=1, description="requests one replica drafts for; default the router's num_slots"
@@ -75,20 +86,26 @@ class DrafterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _model_matches_kind(self) -> DrafterConfig:
-        if self.kind == "model" and not self.model:
-            raise ValueError("a `kind: model` drafter needs `model` (a name or a path)")
+        if self.kind != "ngram" and not self.model:
+            raise ValueError(f"a `kind: {self.kind}` drafter needs `model` (a name or a path)")
         if self.kind == "ngram" and self.model:
             raise ValueError("a `kind: ngram` drafter takes no `model`")
         return self
 
     @property
     def name(self) -> str:
-        """How GetModelInfo reports it: "ngram" or the draft model."""
-        return self.model if self.kind == "model" and self.model else self.kind
+        """How GetModelInfo reports it: "ngram", the draft model, or "ngram+" it."""
+        if self.kind == "ngram" or not self.model:
+            return self.kind
+        if self.kind == "head":
+            return f"head:{self.model}"
+        return f"ngram+{self.model}" if self.kind == "hybrid" else self.model
 
 
 def _default_drafts() -> list[DrafterConfig]:
-    return [DrafterConfig.model_validate({"kind": "model", "model": "qwen2.5-coder-0.5b-instruct"})]
+    return [
+        DrafterConfig.model_validate({"kind": "hybrid", "model": "qwen2.5-coder-0.5b-instruct"})
+    ]
 
 
 class RouterSettings(BaseModel):
@@ -116,6 +133,12 @@ class RouterSettings(BaseModel):
     strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
     timeout_s: float = Field(60.0, gt=0, description="bound on every shard call")
     start_timeout_s: float = Field(600.0, gt=0, description="placement and model loading")
+    target_restart_timeout_s: float = Field(
+        120.0,
+        ge=0,
+        description="while no target group is up, requests wait this long for its restart, "
+        "then fail UNAVAILABLE; 0: fail at once",
+    )
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="router Prometheus endpoint on 127.0.0.1; 0: any"
     )
@@ -129,10 +152,16 @@ class RouterSettings(BaseModel):
         return self.drafts[0] if self.drafts else None
 
     def with_draft(self, draft: str) -> RouterSettings:
-        """These settings with ``--draft`` applied: none | ngram | a model."""
+        """These settings with ``--draft`` applied: none | ngram | a model | ngram+ a model."""
         drafts: list[DrafterConfig] = []
         if draft == "ngram":
             drafts = [DrafterConfig.model_validate({"kind": "ngram"})]
+        elif draft.startswith(HYBRID_PREFIX):
+            model = draft.removeprefix(HYBRID_PREFIX)
+            drafts = [DrafterConfig.model_validate({"kind": "hybrid", "model": model})]
+        elif draft.startswith("head:"):
+            model = draft.removeprefix("head:")
+            drafts = [DrafterConfig.model_validate({"kind": "head", "model": model})]
         elif draft != "none":
             drafts = [DrafterConfig.model_validate({"kind": "model", "model": draft})]
         return self.model_copy(update={"drafts": drafts})
@@ -166,6 +195,13 @@ class ServeConfig(BaseModel):
         None, description="the Admin service (scaling); default: on only when host is loopback"
     )
     drain_timeout_s: float = Field(30.0, ge=0, description="wait this long for in-flight work")
+    # Security (docs/security.md): TLS for both servers, and a bearer token
+    # read from this file or $SPECRAY_AUTH_TOKEN, never from the config itself.
+    tls_cert: Path | None = Field(None, description="PEM certificate chain; needs tls_key")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    auth_token_file: Path | None = Field(
+        None, description="bearer token every call but health checks needs"
+    )
 
     limits: LimitsConfig = Field(default_factory=lambda: LimitsConfig.model_validate({}))
 
@@ -174,6 +210,18 @@ class ServeConfig(BaseModel):
         if self.address is not None and self.backend != "router":
             raise ValueError("`address` (joining a Ray cluster) needs `backend: router`")
         return self
+
+    @model_validator(mode="after")
+    def _tls_needs_cert_and_key(self) -> ServeConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both `tls_cert` and `tls_key`")
+        return self
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return TlsFiles(self.tls_cert, self.tls_key)
 
     @property
     def admin_enabled(self) -> bool:
@@ -204,6 +252,7 @@ class ServeConfig(BaseModel):
             max_stop_length=limits.max_stop_length,
             max_stop_token_ids=limits.max_stop_token_ids,
             max_request_id_length=limits.max_request_id_length,
+            max_prompt_chars=limits.max_prompt_chars,
         )
 
 

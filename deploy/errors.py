@@ -24,11 +24,26 @@ class ServingError(Exception):
 
 class InvalidRequestError(ServingError):
     """The request breaks a validation rule; the message names the field, the
-    limit and the value given."""
+    limit and the value given, and ``param`` is that field's wire name (for
+    OpenAI's error ``param``) where there is one."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class BodyTooLargeError(InvalidRequestError):
+    """The request is larger than the server accepts."""
+
+
+class UnauthenticatedError(ServingError):
+    """The call carries no bearer token, or a wrong one."""
 
 
 class ModelNotFoundError(ServingError):
     """The request names a model this server does not serve."""
+
+    param = "model"
 
 
 class OverloadedError(ServingError):
@@ -74,6 +89,8 @@ ERROR_TABLE: dict[type[Exception], ErrorStatus] = {
     InvalidRequestError: ErrorStatus(
         grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"
     ),
+    BodyTooLargeError: ErrorStatus(grpc.StatusCode.INVALID_ARGUMENT, 413, "invalid_request_error"),
+    UnauthenticatedError: ErrorStatus(grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"),
     ModelNotFoundError: ErrorStatus(grpc.StatusCode.NOT_FOUND, 404, "model_not_found"),
     OverloadedError: ErrorStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "overloaded_error"),
     UnavailableError: ErrorStatus(grpc.StatusCode.UNAVAILABLE, 503, "unavailable_error"),
@@ -114,6 +131,12 @@ def public_message(error: BaseException, request_id: str) -> str:
     if summary:
         return f"{summary} (request {request_id!r}; details in the server log)"
     return f"internal error while serving request {request_id!r}; see the server log"
+
+
+def error_param(error: BaseException) -> str | None:
+    """The request field an error is about, where it names one."""
+    param = getattr(error, "param", None) if isinstance(error, ServingError) else None
+    return param if isinstance(param, str) else None
 
 
 def retry_after_s(error: BaseException) -> float | None:

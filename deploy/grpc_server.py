@@ -3,7 +3,9 @@ server reflection, on a :class:`~specray.deploy.gateway.Gateway`, and the
 operator's ``specray.v1.Admin`` where enabled.
 
 Binds 127.0.0.1 unless told otherwise; port 0 picks a free port, which
-:attr:`GrpcServer.port` then reports.
+:attr:`GrpcServer.port` then reports. Optional TLS and bearer token
+(:mod:`specray.deploy.auth`); ``specray.v1`` requests are decoded strictly
+(:mod:`specray.deploy.strict_decoding`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from specray.deploy.admin_server import ADMIN_SERVICE_NAME, add_admin_servicer
+from specray.deploy.auth import TlsFiles, TokenAuth
 from specray.deploy.backend import Chunk
 from specray.deploy.errors import abort_rpc
 from specray.deploy.gateway import Gateway
+from specray.deploy.strict_decoding import StrictDecoding
 from specray.deploy.validation import RawRequest
+from specray.protos.specray.v1 import admin_pb2
 from specray.protos.specray.v1 import generation_pb2 as pb
 from specray.protos.specray.v1 import generation_pb2_grpc as pb_grpc
 
@@ -161,12 +166,21 @@ class GrpcServer:
         port: int = 50051,
         health_interval_s: float = 1.0,
         admin: bool = False,
+        tls: TlsFiles | None = None,
+        auth_token: str | None = None,
+        max_request_bytes: int | None = None,
     ) -> None:
-        """``admin``: also serve ``specray.v1.Admin`` (scaling) on this port."""
+        """``admin``: also serve ``specray.v1.Admin`` (scaling) on this port.
+        ``tls``: serve TLS only; ``auth_token``: every call but health checks
+        needs it; ``max_request_bytes``: larger requests get RESOURCE_EXHAUSTED
+        (None: gRPC's 4 MiB)."""
         self.gateway = gateway
         self.host = host
         self.port = port
         self.admin = admin
+        self.tls = tls
+        self._auth_token = auth_token
+        self._max_request_bytes = max_request_bytes
         self._health_interval_s = health_interval_s
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None  # made in start(), on the serving loop
@@ -179,7 +193,17 @@ class GrpcServer:
     async def start(self) -> int:
         """Bind and serve (health NOT_SERVING until the gateway serves); return the port."""
         # Without so_reuseport=0 gRPC sets SO_REUSEPORT and two servers could share a port.
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        options: list[tuple[str, Any]] = [("grpc.so_reuseport", 0)]
+        if self._max_request_bytes is not None:
+            options.append(("grpc.max_receive_message_length", self._max_request_bytes))
+        # Authentication first: a refused call's bytes are never decoded.
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self._auth_token is not None:
+            interceptors.append(TokenAuth(self._auth_token))
+        specray_services = [pb.DESCRIPTOR.services_by_name["Generation"]]
+        specray_services.append(admin_pb2.DESCRIPTOR.services_by_name["Admin"])
+        interceptors.append(StrictDecoding(specray_services))
+        self._server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GenerationServicer_to_server(GenerationServicer(self.gateway), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -187,7 +211,13 @@ class GrpcServer:
             add_admin_servicer(self.gateway, self._server)
             services.append(ADMIN_SERVICE_NAME)
         reflection.enable_server_reflection(services, self._server)
-        bound = self._server.add_insecure_port(host_port(self.host, self.port))
+        address = host_port(self.host, self.port)
+        if self.tls is not None:
+            cert, key = self.tls.read()
+            credentials = grpc.ssl_server_credentials([(key, cert)])
+            bound = self._server.add_secure_port(address, credentials)
+        else:
+            bound = self._server.add_insecure_port(address)
         if bound == 0:
             raise OSError(f"could not bind gRPC to {self.address}")
         self.port = bound

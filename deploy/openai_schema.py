@@ -1,14 +1,19 @@
 """Request bodies and response objects of the OpenAI-compatible HTTP API.
 
 Only single-choice, text-only generation is supported; parameters OpenAI has
-and specray does not (``n`` > 1, ``echo``, ``logprobs``, ``best_of``) are
-refused rather than ignored, so a client never silently gets less than it
-asked for. Unknown extra fields are ignored, as OpenAI's own API does.
+and specray does not (``n`` > 1, ``echo``, ``logprobs``, ``best_of``,
+penalties, ``logit_bias``, non-text content) are refused rather than ignored,
+so a client never silently gets less than it asked for; they are accepted at
+their no-op values, which some clients always send. Unknown fields are
+refused too, and types are strict: ``"max_tokens": "5"`` or ``true`` is an
+error, not 5 or 1 (a number is taken for a float field).
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,11 +22,22 @@ from specray.deploy.backend import Chunk
 from specray.deploy.errors import InvalidRequestError
 from specray.deploy.validation import RawRequest
 
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``; usage rides on every event regardless."""
+
+    model_config = STRICT
+
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
 
 class SamplingBody(BaseModel):
     """The parameters both endpoints share (vLLM's extras included)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str | None = None
     max_tokens: int | None = None
@@ -36,15 +52,38 @@ class SamplingBody(BaseModel):
     stream: bool = False
     n: int = 1
     logprobs: Any = None
+    # Accepted at their no-op values only (see check_supported).
+    user: str | None = None  # the caller's end user, for abuse tracking: nothing to do
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     # specray's own: speculation on or off, and its per-round ceiling.
     speculative: bool | None = None
     num_speculative_tokens: int | None = None
 
     def check_supported(self) -> None:
         if self.n != 1:
-            raise InvalidRequestError(f"`n` must be 1, got {self.n}")
+            raise InvalidRequestError(f"`n` must be 1, got {self.n}", "n")
         if self.logprobs not in (None, False):
-            raise InvalidRequestError("`logprobs` is not supported")
+            raise InvalidRequestError(
+                f"`logprobs` is not supported, got {self.logprobs!r}", "logprobs"
+            )
+        penalties = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+        for name, neutral in penalties.items():
+            value = getattr(self, name)
+            if value is not None and value != neutral:
+                raise InvalidRequestError(
+                    f"`{name}` is not supported: it must be {neutral:g} or unset, got {value!r}",
+                    name,
+                )
+        if self.logit_bias:
+            raise InvalidRequestError(
+                f"`logit_bias` is not supported: it must be empty or unset, got "
+                f"{len(self.logit_bias)} entries",
+                "logit_bias",
+            )
 
     def raw(self, **prompt: Any) -> RawRequest:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -68,20 +107,24 @@ class CompletionBody(SamplingBody):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
     best_of: int | None = None
+    suffix: str | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.echo:
-            raise InvalidRequestError("`echo` is not supported")
+            raise InvalidRequestError("`echo` is not supported", "echo")
         if self.best_of not in (None, 1):
-            raise InvalidRequestError(f"`best_of` must be 1, got {self.best_of}")
+            raise InvalidRequestError(f"`best_of` must be 1, got {self.best_of}", "best_of")
+        if self.suffix:
+            raise InvalidRequestError("`suffix` is not supported", "suffix")
 
     def raw_request(self) -> RawRequest:
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
             if len(prompt) != 1:
                 raise InvalidRequestError(
-                    f"`prompt` must be one prompt (batches are not supported), got {len(prompt)}"
+                    f"`prompt` must be one prompt (batches are not supported), got {len(prompt)}",
+                    "prompt",
                 )
             prompt = prompt[0]
         fields = {"text_field": "prompt", "token_ids_field": "prompt"}
@@ -90,22 +133,45 @@ class CompletionBody(SamplingBody):
         return self.raw(token_ids=prompt, **fields)
 
 
+class TextPart(BaseModel):
+    """One part of a message's content in the parts form; only text is served."""
+
+    model_config = STRICT
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[TextPart] | None = None
+    name: str | None = None  # a participant's name; the chat templates here ignore it
 
     def as_template_input(self) -> dict[str, str]:
         content = self.content
-        if isinstance(content, list):  # the parts form: keep the text parts
-            content = "".join(str(part.get("text", "")) for part in content)
+        if isinstance(content, list):  # the parts form
+            content = "".join(part.text for part in content)
         return {"role": self.role, "content": content or ""}
+
+
+class ResponseFormat(BaseModel):
+    model_config = STRICT
+
+    type: Literal["text"]  # structured output is not supported
 
 
 class ChatBody(SamplingBody):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(default=None)
+    response_format: ResponseFormat | None = None
+    top_logprobs: int | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs:
+            raise InvalidRequestError("`top_logprobs` is not supported", "top_logprobs")
 
     def effective(self) -> ChatBody:
         """``max_completion_tokens`` (OpenAI's newer name) wins over ``max_tokens``."""
@@ -167,5 +233,98 @@ def chunk_object(
     }
 
 
-def error_object(message: str, error_type: str, code: int) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+def error_object(
+    message: str, error_type: str, code: int, param: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+# What pydantic's union-member tags and strict type errors mean, in words.
+_KINDS = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "list[int]": "a list of token ids",
+    "list[str]": "a list of strings",
+    "list[list[int]]": "a list of one list of token ids",
+    "list[TextPart]": "a list of text parts",
+}
+_TYPE_ERRORS = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+}
+
+
+def describe_body_error(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
+    """A TGI-style message (field, what it must be, the value given) and the
+    top-level field, for pydantic's errors about a request body."""
+    first = errors[0]
+    kind, parts, given = first["type"], _parts(first["loc"]), _show(first.get("input"))
+    if kind == "json_invalid":
+        reason = first.get("ctx", {}).get("error", "")
+        return f"the request body is not valid JSON: {reason} (at character {parts[0]})", None
+    if not parts:
+        if kind == "missing":
+            return "the request body is missing: send a JSON object", None
+        if isinstance(first.get("input"), bytes):  # not sent as JSON
+            return "the request body must be JSON, sent with `Content-Type: application/json`", None
+        return (
+            "the request body must be a JSON object (with `Content-Type: application/json`), "
+            f"got {given}",
+            None,
+        )
+    top = str(parts[0])
+    tag_at = next((i for i, part in enumerate(parts) if i > 0 and _is_union_tag(part)), None)
+    if tag_at is not None:  # every member of a union refused the value
+        prefix = parts[:tag_at]
+        tags = [
+            str(other[tag_at])
+            for other in (_parts(e["loc"]) for e in errors)
+            if len(other) > tag_at and other[:tag_at] == prefix
+        ]
+        kinds = " or ".join(dict.fromkeys(_KINDS.get(tag, tag) for tag in tags))
+        return f"`{_path(prefix)}` must be {kinds}, got {given}", top
+    path = _path(parts)
+    if kind == "missing":
+        return f"`{path}` is required", top
+    if kind == "extra_forbidden":
+        return (
+            f"unknown field `{path}` (got {given}); this server refuses fields it does not "
+            "support rather than ignore them",
+            top,
+        )
+    must = _TYPE_ERRORS.get(kind)
+    what = f"must be {must}" if must else str(first["msg"]).replace("Input should", "should")
+    return f"`{path}` {what}, got {given}", top
+
+
+def _parts(loc: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(loc[1:]) if loc[:1] == ("body",) else tuple(loc)
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic names a union member's error after its type, e.g. "list[int]".
+    return isinstance(part, str) and (part in _KINDS or not part.isidentifier())
+
+
+def _path(parts: Sequence[Any]) -> str:
+    """``messages[0].content`` from a location's parts."""
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."

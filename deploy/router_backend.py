@@ -33,9 +33,10 @@ from specray.actors.store.resolve import resolve_model
 from specray.actors.workers.draft_worker import DraftWorkerSpec
 from specray.cluster.draft_pool import DraftPoolConfig
 from specray.cluster.local_ray import start_ray
+from specray.cluster.recovery import RecoveryConfig
 from specray.cluster.router import RequestCancelledError as RouterCancelledError
 from specray.cluster.router import RouterConfig, launch_router, open_stream
-from specray.cluster.router_state import RouterState
+from specray.cluster.router_state import RouterHealth, RouterState
 from specray.cluster.target_group import ShardedTargetConfig
 from specray.deploy.backend import Backend, Chunk, ModelInfo
 from specray.deploy.config import RouterSettings, ServeConfig
@@ -139,17 +140,20 @@ class RouterBackend:
         return self._info
 
     async def health(self) -> bool:
-        """The router answers and at least one target replica takes requests."""
+        """The router answers and at least one target replica takes requests:
+        NOT_SERVING while every target group is down (e.g. being restarted)."""
         if self._closed:
             return False
         try:
-            state = await asyncio.wait_for(self._state(), self._health_timeout_s)
+            health: RouterHealth = await asyncio.wait_for(
+                self._router.health.remote(), self._health_timeout_s
+            )
         except Exception as error:
             self._report_health(False, f"the router does not answer: {error!r}")
             return False
-        self._num_targets = _live_targets(state)
-        self._report_health(self._num_targets > 0, "no target replica is up")
-        return self._num_targets > 0
+        self._num_targets = health.targets_up
+        self._report_health(health.serving, "no target replica is up")
+        return health.serving
 
     async def scale(self, drafts: int, targets: int) -> None:
         """Add or drain replicas; returns once removed ones are stopped."""
@@ -278,7 +282,7 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
     if drafter is not None:
         dtype = drafter.dtype or settings.dtype
         model_dir = None
-        if drafter.kind == "model":
+        if drafter.kind != "ngram":
             assert drafter.model is not None
             model_dir = str(resolve_model(drafter.model, home=home, dtype=dtype))
         spec = DraftWorkerSpec(
@@ -306,6 +310,7 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
         model_name=Path(settings.target).name,
         metrics_port=settings.metrics_port,
         profile=settings.profile,
+        recovery=RecoveryConfig(target_restart_timeout_s=settings.target_restart_timeout_s),
     )
 
 

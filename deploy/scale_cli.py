@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from specray.deploy.admin_client import AdminClient
+from specray.deploy.auth import TOKEN_ENV
 from specray.deploy.client import SpecrayError
 from specray.protos.specray.v1 import admin_pb2 as pb
 
@@ -23,6 +26,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the gRPC server")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     p.add_argument("--json", action="store_true", help="print the state as one JSON object")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (the system's CAs)")
+    p.add_argument("--tls-ca", type=Path, default=None, help="PEM CA of the server (implies TLS)")
+    p.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token (default ${TOKEN_ENV}; the variable keeps it out of `ps`)",
+    )
     return p
 
 
@@ -34,7 +44,11 @@ def run(args: argparse.Namespace) -> int:
             return 2
     seconds: float | None = None
     try:
-        with AdminClient(args.server, args.timeout) as admin:
+        token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
+        client = AdminClient(
+            args.server, args.timeout, tls=args.tls, tls_ca=args.tls_ca, token=token
+        )
+        with client as admin:
             if args.drafts is None and args.targets is None:
                 state = admin.state()
             else:
@@ -43,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
     except SpecrayError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if error.code == grpc.StatusCode.INVALID_ARGUMENT else 1
+    except OSError as error:  # an unreadable --tls-ca
+        print(f"error: --tls-ca: {error}", file=sys.stderr)
+        return 2
     if args.json:
         result = state_dict(state)
         if seconds is not None:

@@ -6,6 +6,8 @@ Both servers start first and report NOT_SERVING / 503 while the model loads;
 one line containing ``ready`` goes to stdout once requests are served.
 SIGTERM or Ctrl-C drains: new requests get UNAVAILABLE, those in flight
 finish (up to ``drain_timeout_s``; a second signal cuts the wait short).
+Both servers bind 127.0.0.1 unless ``--host`` says otherwise, and take
+optional TLS and a bearer token (docs/security.md).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +29,7 @@ from pydantic import ValidationError
 
 from specray.actors.engine.factory import build_engine
 from specray.actors.engine.target import Target
+from specray.deploy.auth import TOKEN_ENV, is_private, load_token
 from specray.deploy.backend import Backend
 from specray.deploy.config import ServeConfig, is_loopback_host, load_config
 from specray.deploy.engine_backend import EngineBackend, model_info_for
@@ -54,12 +57,21 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--target", default=None, help="override the config's target model")
     p.add_argument("--draft", default=None, help="override the drafter: none|ngram|NAME|PATH")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (TLS)")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key (TLS)")
+    p.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=None,
+        help=f"file holding the bearer token callers must send (or set ${TOKEN_ENV})",
+    )
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         config = apply_overrides(load_config(args.config), args)
+        load_token(config.auth_token_file, os.environ)  # refuse a bad token before starting
     except (OSError, ValueError, ValidationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -90,7 +102,16 @@ def apply_overrides(config: ServeConfig, args: argparse.Namespace) -> ServeConfi
     """The command-line flags over the file's settings; ``--target`` and
     ``--draft`` go to the section of the backend in use."""
     settings = config.model_dump()
-    for key in ("host", "port", "http_port", "address", "backend"):
+    for key in (
+        "host",
+        "port",
+        "http_port",
+        "address",
+        "backend",
+        "tls_cert",
+        "tls_key",
+        "auth_token_file",
+    ):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
@@ -113,16 +134,32 @@ def apply_overrides(config: ServeConfig, args: argparse.Namespace) -> ServeConfi
 class Service:
     """The gateway, both servers and the engine backend, started and stopped together."""
 
-    def __init__(self, config: ServeConfig, build: BuildBackend | None = None) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        build: BuildBackend | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        """``environ`` (default: this process's) may hold ``$SPECRAY_AUTH_TOKEN``."""
         self.config = config
         self._build = build or select_backend
         self.gateway = Gateway()
-        self.grpc = GrpcServer(self.gateway, config.host, config.port, admin=config.admin_enabled)
-        self.http = (
-            None
-            if config.http_port is None
-            else HttpServer(create_app(self.gateway), config.host, config.http_port)
+        token = load_token(config.auth_token_file, os.environ if environ is None else environ)
+        self.authenticated = token is not None
+        max_bytes = config.limits.max_request_bytes
+        self.grpc = GrpcServer(
+            self.gateway,
+            config.host,
+            config.port,
+            admin=config.admin_enabled,
+            tls=config.tls,
+            auth_token=token,
+            max_request_bytes=max_bytes,
         )
+        self.http = None
+        if config.http_port is not None:
+            app = create_app(self.gateway, auth_token=token, max_body_bytes=max_bytes)
+            self.http = HttpServer(app, config.host, config.http_port, tls=config.tls)
         self.backend: Backend | None = None
 
     async def start(self) -> None:
@@ -221,9 +258,21 @@ async def serve(config: ServeConfig) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    if not is_loopback_host(config.host):
-        log.warning("serving on %s: reachable from other machines, with no TLS", config.host)
     service = Service(config)
+    for secret in (config.auth_token_file, config.tls_key):
+        if secret is not None and not is_private(secret):
+            log.warning("%s is readable by other users; chmod 600 it", secret)
+    if not is_loopback_host(config.host):
+        missing = [
+            what
+            for what, on in (("TLS", config.tls is not None), ("a token", service.authenticated))
+            if not on
+        ]
+        log.warning(
+            "serving on %s: reachable from other machines%s",
+            config.host,
+            f", without {' or '.join(missing)}" if missing else "",
+        )
     await service.start()
     if config.backend == "router":
         router = config.router

@@ -19,6 +19,9 @@ from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 from specray.deploy.errors import InvalidRequestError
 
 MAX_SEED = 2**64 - 1
+# Text longer than this many characters per token of context cannot fit, so
+# it is refused before tokenizing (which costs time in proportion to it).
+CHARS_PER_TOKEN_BOUND = 32
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,13 @@ class ValidationLimits:
     max_stop_length: int = 256  # characters per stop string
     max_stop_token_ids: int = 32
     max_request_id_length: int = 128
+    max_prompt_chars: int | None = None  # None: CHARS_PER_TOKEN_BOUND per token of context
+
+    @property
+    def prompt_char_limit(self) -> int:
+        if self.max_prompt_chars is not None:
+            return self.max_prompt_chars
+        return CHARS_PER_TOKEN_BOUND * self.max_context
 
 
 @dataclass(frozen=True)
@@ -83,11 +93,21 @@ class Validator:
         self.limits = limits
         self.tokenizer = tokenizer
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, field: str = "text") -> list[int]:
+        """``text`` (the wire field ``field``) as token ids."""
         if self.tokenizer is None:
             raise InvalidRequestError(
-                "text input needs a tokenizer and the served model has none; send token ids"
+                "text input needs a tokenizer and the served model has none; send token ids",
+                field,
             )
+        limit = self.limits.prompt_char_limit
+        if len(text) > limit:
+            raise InvalidRequestError(
+                f"`{field}` must be at most {limit:,} characters (it could not fit the context "
+                f"limit {self.limits.max_context:,} tokens), got {len(text):,}",
+                field,
+            )
+        _check_unicode(field, text)
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def validate(self, raw: RawRequest) -> ValidatedRequest:
@@ -99,7 +119,8 @@ class Validator:
             if room < 1:
                 raise InvalidRequestError(
                     f"prompt ({len(prompt_ids):,} tokens) leaves no room to generate within "
-                    f"the context limit {limits.max_context:,}"
+                    f"the context limit {limits.max_context:,}",
+                    raw.text_field if raw.text is not None else raw.token_ids_field,
                 )
             max_tokens = min(limits.default_max_tokens, room)
         else:
@@ -108,7 +129,8 @@ class Validator:
                 raise InvalidRequestError(
                     f"prompt ({len(prompt_ids):,} tokens) + `max_tokens` ({max_tokens:,}) = "
                     f"{len(prompt_ids) + max_tokens:,} exceeds the context limit "
-                    f"{limits.max_context:,}"
+                    f"{limits.max_context:,}",
+                    "max_tokens",
                 )
         sampling = SamplingParams(
             temperature=_temperature(raw.temperature, limits.default_temperature),
@@ -140,27 +162,32 @@ class Validator:
     def _prompt(self, raw: RawRequest) -> tuple[int, ...]:
         if raw.text is not None and raw.token_ids is not None:
             raise InvalidRequestError(
-                f"set one of `{raw.text_field}` and `{raw.token_ids_field}`, not both"
+                f"set one of `{raw.text_field}` and `{raw.token_ids_field}`, not both",
+                raw.text_field,
             )
         if raw.text is None and raw.token_ids is None:
             raise InvalidRequestError(
-                f"input must not be empty: set `{raw.text_field}` or `{raw.token_ids_field}`"
+                f"input must not be empty: set `{raw.text_field}` or `{raw.token_ids_field}`",
+                raw.text_field,
             )
         if raw.text is not None:
+            field = raw.text_field
             if not raw.text:
-                raise InvalidRequestError(f"`{raw.text_field}` must not be empty")
-            ids = tuple(self.encode(raw.text))
+                raise InvalidRequestError(f"`{field}` must not be empty", field)
+            ids = tuple(self.encode(raw.text, field=field))
             if not ids:
-                raise InvalidRequestError(f"`{raw.text_field}` tokenizes to no tokens")
+                raise InvalidRequestError(f"`{field}` tokenizes to no tokens", field)
         else:
             assert raw.token_ids is not None
+            field = raw.token_ids_field
             if not raw.token_ids:
-                raise InvalidRequestError(f"`{raw.token_ids_field}` must not be empty")
-            ids = _token_ids(raw.token_ids_field, raw.token_ids, self.limits.vocab_size, None)
+                raise InvalidRequestError(f"`{field}` must not be empty", field)
+            ids = _token_ids(field, raw.token_ids, self.limits.vocab_size, None)
         if len(ids) >= self.limits.max_context:
             raise InvalidRequestError(
-                f"prompt ({len(ids):,} tokens) leaves no room to generate within the context "
-                f"limit {self.limits.max_context:,}"
+                f"`{field}` ({len(ids):,} tokens) leaves no room to generate within the "
+                f"context limit {self.limits.max_context:,}",
+                field,
             )
         return ids
 
@@ -170,20 +197,22 @@ def _request_id(request_id: str, max_length: int) -> str:
         return uuid.uuid4().hex
     if len(request_id) > max_length:
         raise InvalidRequestError(
-            f"`request_id` must be at most {max_length} characters, got {len(request_id)}"
+            f"`request_id` must be at most {max_length} characters, got {len(request_id)}",
+            "request_id",
         )
     if not request_id.isprintable() or request_id.strip() != request_id:
         raise InvalidRequestError(
-            f"`request_id` must be printable with no surrounding spaces, got {request_id!r}"
+            f"`request_id` must be printable with no surrounding spaces, got {request_id!r}",
+            "request_id",
         )
     return request_id
 
 
 def _int_in(name: str, value: int, low: int, high: int) -> int:
     if value < low:
-        raise InvalidRequestError(f"`{name}` must be >= {low}, got {value}")
+        raise InvalidRequestError(f"`{name}` must be >= {low}, got {value}", name)
     if value > high:
-        raise InvalidRequestError(f"`{name}` must be <= {high}, got {value}")
+        raise InvalidRequestError(f"`{name}` must be <= {high}, got {value}", name)
     return int(value)
 
 
@@ -191,19 +220,21 @@ def _temperature(value: float | None, default: float) -> float:
     if value is None:
         return default
     if not (math.isfinite(value) and value >= 0):
-        raise InvalidRequestError(f"`temperature` must be >= 0 and finite, got {value:g}")
+        raise InvalidRequestError(
+            f"`temperature` must be >= 0 and finite, got {value:g}", "temperature"
+        )
     return float(value)
 
 
 def _top_p(value: float) -> float:
     if not (math.isfinite(value) and 0 < value <= 1):
-        raise InvalidRequestError(f"`top_p` must be > 0 and <= 1, got {value:g}")
+        raise InvalidRequestError(f"`top_p` must be > 0 and <= 1, got {value:g}", "top_p")
     return float(value)
 
 
 def _unit_interval(name: str, value: float) -> float:
     if not (math.isfinite(value) and 0 <= value <= 1):
-        raise InvalidRequestError(f"`{name}` must be >= 0 and <= 1, got {value:g}")
+        raise InvalidRequestError(f"`{name}` must be >= 0 and <= 1, got {value:g}", name)
     return float(value)
 
 
@@ -211,12 +242,15 @@ def _token_ids(
     name: str, ids: Sequence[int], vocab_size: int, max_count: int | None
 ) -> tuple[int, ...]:
     if max_count is not None and len(ids) > max_count:
-        raise InvalidRequestError(f"`{name}` must have at most {max_count} ids, got {len(ids)}")
+        raise InvalidRequestError(
+            f"`{name}` must have at most {max_count} ids, got {len(ids)}", name
+        )
     for index, token_id in enumerate(ids):
         if not 0 <= token_id < vocab_size:
             raise InvalidRequestError(
                 f"`{name}[{index}]` must be >= 0 and < {vocab_size} (the vocabulary size), "
-                f"got {token_id}"
+                f"got {token_id}",
+                name,
             )
     return tuple(int(i) for i in ids)
 
@@ -224,16 +258,18 @@ def _token_ids(
 def _stop_strings(stop: Sequence[str], limits: ValidationLimits) -> tuple[str, ...]:
     if len(stop) > limits.max_stop:
         raise InvalidRequestError(
-            f"`stop` must have at most {limits.max_stop} strings, got {len(stop)}"
+            f"`stop` must have at most {limits.max_stop} strings, got {len(stop)}", "stop"
         )
     for index, text in enumerate(stop):
         if not text:
-            raise InvalidRequestError(f"`stop[{index}]` must not be empty")
+            raise InvalidRequestError(f"`stop[{index}]` must not be empty", "stop")
         if len(text) > limits.max_stop_length:
             raise InvalidRequestError(
                 f"`stop[{index}]` must be at most {limits.max_stop_length} characters, "
-                f"got {len(text)}"
+                f"got {len(text)}",
+                "stop",
             )
+        _check_unicode(f"stop[{index}]", text, "stop")
     return tuple(stop)
 
 
@@ -242,11 +278,25 @@ def _num_speculative(value: int | None, speculative: bool, limits: ValidationLim
         return None
     if not speculative:
         raise InvalidRequestError(
-            f"`num_speculative_tokens` must be unset when `speculative` is false, got {value}"
+            f"`num_speculative_tokens` must be unset when `speculative` is false, got {value}",
+            "num_speculative_tokens",
         )
     if value < 1:
         raise InvalidRequestError(
             f"`num_speculative_tokens` must be >= 1 (set `speculative` to false for "
-            f"target-only decoding), got {value}"
+            f"target-only decoding), got {value}",
+            "num_speculative_tokens",
         )
     return _int_in("num_speculative_tokens", value, 1, limits.max_num_speculative_tokens)
+
+
+def _check_unicode(name: str, text: str, param: str | None = None) -> None:
+    # JSON can carry lone surrogates ("\ud800"), which no tokenizer can encode.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRequestError(
+            f"`{name}` must be valid Unicode, got a lone surrogate "
+            f"{text[error.start]!r} at character {error.start}",
+            param or name,
+        ) from None

@@ -9,39 +9,33 @@ torch thread each.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
 import ray
-import torch
-from tiny_models import VOCAB
+from router_helpers import (
+    MAX_LEN,
+    router_config,
+    router_state,
+    run_all,
+    stream_all,
+    target_only,
+    tiny_request,
+    wait_idle,
+)
 
 from specray.actors.drafting.draft_model import DraftModelDrafter
 from specray.actors.engine.engine import EngineConfig, SpecEngine
-from specray.actors.engine.request import GenerationRequest, RequestOutput
+from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget
 from specray.actors.model.loader import load_model
-from specray.actors.sampling.params import SamplingParams, StoppingCriteria
+from specray.actors.sampling.params import SamplingParams
 from specray.actors.workers.draft_worker import DraftWorkerSpec
-from specray.cluster.draft_pool import DraftPoolConfig
 from specray.cluster.local_ray import start_ray
-from specray.cluster.router import (
-    RequestCancelledError,
-    RouterConfig,
-    RouterState,
-    launch_router,
-    open_stream,
-)
-from specray.cluster.target_group import ShardedTargetConfig
-
-MAX_LEN = 256
+from specray.cluster.router import RequestCancelledError, launch_router, open_stream
 
 
 @pytest.fixture(scope="module")
@@ -52,76 +46,9 @@ def local_ray() -> Iterator[None]:
         ray.shutdown()
 
 
-def _prompt(i: int) -> list[int]:
-    gen = torch.Generator().manual_seed(1000 + i)
-    body = torch.randint(3, VOCAB, (3 + (7 * i) % 23,), generator=gen).tolist()
-    return body + body[:4]  # a repeat so n-gram lookup finds matches
-
-
-def _request(i: int, max_tokens: int | None = None, prefix: str = "r") -> GenerationRequest:
-    tokens = max_tokens if max_tokens is not None else 8 + (11 * i) % 29  # mixed lengths
-    return GenerationRequest(
-        f"{prefix}{i}", _prompt(i), stopping=StoppingCriteria(max_tokens=tokens, ignore_eos=True)
-    )
-
-
-def _reference(model_dir: Path, requests: list[GenerationRequest]) -> dict[str, list[int]]:
-    """Target-only greedy decoding in this process: the ground truth."""
-    target = LocalTarget(load_model(model_dir), num_slots=16, max_len=MAX_LEN)
-    engine = SpecEngine(target, None, None, (), EngineConfig(16, 0, adaptive=False))
-    outputs: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    for chunk in engine.generate(requests):
-        outputs[chunk.request_id] += chunk.token_ids
-    return outputs
-
-
-def _config(model_dir: Path, draft: DraftWorkerSpec | None = None, **options: Any) -> RouterConfig:
-    target = ShardedTargetConfig(
-        str(model_dir),
-        threads_per_shard=1,
-        num_slots=options.pop("num_slots", 8),
-        max_len=MAX_LEN,
-        timeout_s=60,
-    )
-    pool = DraftPoolConfig(draft, num_cpus=1, timeout_s=60) if draft is not None else None
-    return RouterConfig(target=target, draft=pool, **options)
-
-
-async def _stream(router: Any, request: GenerationRequest) -> tuple[list[int], RequestOutput]:
-    tokens: list[int] = []
-    last = None
-    async for ref in open_stream(router, request):
-        chunk: RequestOutput = await ref
-        tokens += chunk.token_ids
-        last = chunk
-    assert last is not None and last.finished
-    return tokens, last
-
-
-async def _run_all(router: Any, requests: list[GenerationRequest]) -> dict[str, list[int]]:
-    results = await asyncio.gather(*(_stream(router, r) for r in requests))
-    return {r.request_id: tokens for r, (tokens, _) in zip(requests, results, strict=True)}
-
-
-def _state(router: Any) -> RouterState:
-    state: RouterState = ray.get(router.state.remote())
-    return state
-
-
-def _wait_idle(router: Any) -> RouterState:
-    """The router's state once every slot release is confirmed (a generous
-    bound on a loaded machine, not a timing assertion)."""
-    for _ in range(3000):
-        state = _state(router)
-        if not state.running and not state.waiting and not any(t.releasing for t in state.targets):
-            return state
-        time.sleep(0.01)
-    raise AssertionError(f"router never went idle: {state}")
-
-
 @pytest.fixture(scope="module")
 def ngram_router(local_ray: None, tiny_dir_factory) -> Iterator[Any]:  # type: ignore[no-untyped-def]
-    config = _config(
+    config = router_config(
         tiny_dir_factory("qwen2"),
         DraftWorkerSpec("ngram", max_ngram=3),
         metrics_port=0,
@@ -137,7 +64,7 @@ def model_router(local_ray: None, tiny_dir_factory) -> Iterator[Any]:  # type: i
     """A draft model, two overlapped micro-batches and a fixed γ (so sampled
     output can be compared with the in-process engine's)."""
     spec = DraftWorkerSpec("model", str(tiny_dir_factory("qwen2", 7)), num_slots=8)
-    config = _config(
+    config = router_config(
         tiny_dir_factory("qwen2"), spec, overlap=True, adaptive=False, num_speculative_tokens=3
     )
     router = launch_router(config)
@@ -152,11 +79,11 @@ def test_greedy_equals_target_only_at_concurrency_1_and_8(
     router_name: str,
 ) -> None:
     router = request.getfixturevalue(router_name)
-    requests = [_request(i, prefix=router_name) for i in range(9)]
-    alone = asyncio.run(_run_all(router, requests[:1]))
-    together = asyncio.run(_run_all(router, requests[1:]))
-    assert {**alone, **together} == _reference(tiny_dir_factory("qwen2"), requests)
-    state = _wait_idle(router)
+    requests = [tiny_request(i, prefix=router_name) for i in range(9)]
+    alone = asyncio.run(run_all(router, requests[:1]))
+    together = asyncio.run(run_all(router, requests[1:]))
+    assert {**alone, **together} == target_only(tiny_dir_factory("qwen2"), requests)
+    state = wait_idle(router)
     assert all(d.tracked == 0 for d in state.drafts)
     assert all(not t.requests for t in state.targets)
 
@@ -164,21 +91,21 @@ def test_greedy_equals_target_only_at_concurrency_1_and_8(
 def test_sampled_output_equals_the_in_process_engine(model_router: Any, tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
     """Seeded sampling through actors draws exactly what one process draws."""
     sampling = SamplingParams(temperature=0.9, top_p=0.95, seed=4321)
-    requests = [replace(_request(i, prefix="p"), sampling=sampling) for i in range(4)]
+    requests = [replace(tiny_request(i, prefix="p"), sampling=sampling) for i in range(4)]
     drafter = DraftModelDrafter(load_model(tiny_dir_factory("qwen2", 7)), 8, MAX_LEN)
     target = LocalTarget(load_model(tiny_dir_factory("qwen2")), num_slots=8, max_len=MAX_LEN)
     engine = SpecEngine(target, drafter, None, (), EngineConfig(8, 3, adaptive=False))
     expected: dict[str, list[int]] = {r.request_id: [] for r in requests}
     for chunk in engine.generate(requests):
         expected[chunk.request_id] += chunk.token_ids
-    assert asyncio.run(_run_all(model_router, requests)) == expected
-    assert expected != _reference(tiny_dir_factory("qwen2"), requests)  # really sampled
+    assert asyncio.run(run_all(model_router, requests)) == expected
+    assert expected != target_only(tiny_dir_factory("qwen2"), requests)  # really sampled
 
 
 def test_unary_generate(ngram_router: Any, tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
-    requests = [_request(i, prefix="u") for i in range(3)]
+    requests = [tiny_request(i, prefix="u") for i in range(3)]
     outputs = ray.get([ngram_router.generate.remote(r) for r in requests])
-    assert {o.request_id: o.token_ids for o in outputs} == _reference(
+    assert {o.request_id: o.token_ids for o in outputs} == target_only(
         tiny_dir_factory("qwen2"), requests
     )
     assert all(o.finish_reason == "length" and o.stats.rounds > 0 for o in outputs)
@@ -187,13 +114,13 @@ def test_unary_generate(ngram_router: Any, tiny_dir_factory) -> None:  # type: i
 @pytest.mark.slow
 def test_target_only_router(local_ray: None, tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
     model_dir = tiny_dir_factory("qwen2")
-    requests = [_request(i, prefix="t") for i in range(3)]
-    router = launch_router(_config(model_dir, None))
+    requests = [tiny_request(i, prefix="t") for i in range(3)]
+    router = launch_router(router_config(model_dir, None))
     try:
         outputs = ray.get([router.generate.remote(r) for r in requests])
-        assert {o.request_id: o.token_ids for o in outputs} == _reference(model_dir, requests)
+        assert {o.request_id: o.token_ids for o in outputs} == target_only(model_dir, requests)
         assert all(o.stats.draft_tokens == 0 for o in outputs)
-        assert _state(router).drafts == ()
+        assert router_state(router).drafts == ()
     finally:
         ray.get(router.shutdown.remote())
 
@@ -206,7 +133,9 @@ def test_scale_drafts_and_targets_during_a_stream(local_ray: None, tiny_dir_fact
     queue with their state and re-prefill later. Two lanes (overlap)."""
     model_dir = tiny_dir_factory("qwen2")
     spec = DraftWorkerSpec("ngram", max_ngram=3)
-    router = launch_router(_config(model_dir, spec, adaptive=False, overlap=True, num_slots=6))
+    router = launch_router(
+        router_config(model_dir, spec, adaptive=False, overlap=True, num_slots=6)
+    )
     submitted: list[GenerationRequest] = []
     outputs: dict[str, list[int]] = {}
 
@@ -216,7 +145,7 @@ def test_scale_drafts_and_targets_during_a_stream(local_ray: None, tiny_dir_fact
 
         async def client(request: GenerationRequest) -> None:
             try:
-                outputs[request.request_id] = (await _stream(router, request))[0]
+                outputs[request.request_id] = (await stream_all(router, request))[0]
             finally:
                 in_flight.release()
 
@@ -225,7 +154,7 @@ def test_scale_drafts_and_targets_during_a_stream(local_ray: None, tiny_dir_fact
             i = 0
             while not scaling_done.is_set() or i < 24:
                 await in_flight.acquire()
-                request = _request(i, max_tokens=30 + (13 * i) % 40, prefix="s")
+                request = tiny_request(i, max_tokens=30 + (13 * i) % 40, prefix="s")
                 submitted.append(request)
                 clients.append(asyncio.create_task(client(request)))
                 i += 1
@@ -246,8 +175,8 @@ def test_scale_drafts_and_targets_during_a_stream(local_ray: None, tiny_dir_fact
     try:
         reports = asyncio.run(scenario())
         assert [(r.drafts, r.targets) for r in reports] == [(2, 1), (2, 2), (1, 1)]
-        assert outputs == _reference(model_dir, submitted)  # none lost, all identical
-        state = _wait_idle(router)
+        assert outputs == target_only(model_dir, submitted)  # none lost, all identical
+        state = wait_idle(router)
         assert len(state.targets) == 1 and len(state.drafts) == 1
         assert state.target_moves > 0 and state.draft_moves > 0
         assert all(d.tracked == 0 for d in state.drafts)
@@ -255,57 +184,15 @@ def test_scale_drafts_and_targets_during_a_stream(local_ray: None, tiny_dir_fact
         ray.get(router.shutdown.remote())
 
 
-@pytest.mark.slow
-def test_killed_draft_replica_falls_back_with_identical_output(
-    local_ray: None,
-    tiny_dir_factory,  # type: ignore[no-untyped-def]
-) -> None:
-    model_dir = tiny_dir_factory("qwen2")
-    requests = [_request(i, max_tokens=60, prefix="k") for i in range(2)]
-    reference = _reference(model_dir, requests)
-    # Fixed γ: every round asks the drafts, so the death is seen mid-request.
-    config = _config(model_dir, DraftWorkerSpec("ngram", max_ngram=3), num_drafts=2, adaptive=False)
-    router = launch_router(config)
-
-    async def scenario() -> list[tuple[list[int], RequestOutput]]:
-        streams = [open_stream(router, r) for r in requests]
-        firsts = [await (await anext(s)) for s in streams]
-        victim = _state(router).drafts[0]
-        os.kill(victim.pid, signal.SIGKILL)
-
-        async def rest(stream: Any, first: RequestOutput) -> tuple[list[int], RequestOutput]:
-            tokens, last = list(first.token_ids), first
-            async for ref in stream:
-                last = await ref
-                tokens += last.token_ids
-            return tokens, last
-
-        return await asyncio.gather(*(rest(s, f) for s, f in zip(streams, firsts, strict=True)))
-
-    try:
-        results = asyncio.run(scenario())
-        assert {r.request_id: t for r, (t, _) in zip(requests, results, strict=True)} == reference
-        fallbacks = [last.stats.fallback for _, last in results]
-        assert sorted(fallbacks) == [False, True]  # one request was pinned to each replica
-        state = _wait_idle(router)
-        assert state.draft_failures == 1 and len(state.drafts) == 1
-        assert state.drafts[0].tracked == 0
-        # The survivor still drafts for new requests.
-        again = asyncio.run(_run_all(router, [_request(5, prefix="k")]))
-        assert again == _reference(model_dir, [_request(5, prefix="k")])
-    finally:
-        ray.get(router.shutdown.remote())
-
-
 def test_cancel_frees_state_on_every_actor(ngram_router: Any, tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
     router = ngram_router
-    long = [_request(i, max_tokens=MAX_LEN - 40, prefix="c") for i in range(2)]
+    long = [tiny_request(i, max_tokens=MAX_LEN - 40, prefix="c") for i in range(2)]
 
     async def scenario() -> None:
         by_ray, by_router = (open_stream(router, r) for r in long)
         for stream in (by_ray, by_router):
             await (await anext(stream))
-        state = _state(router)
+        state = router_state(router)
         assert state.running == 2 and state.drafts[0].tracked == 2
         ray.cancel(by_ray)  # the caller goes away
         assert await router.cancel.remote(long[1].request_id)
@@ -314,16 +201,16 @@ def test_cancel_frees_state_on_every_actor(ngram_router: Any, tiny_dir_factory) 
                 await ref
 
     asyncio.run(scenario())
-    state = _wait_idle(router)
+    state = wait_idle(router)
     assert state.targets[0].requests == () and state.targets[0].releasing == 0
     assert state.drafts[0].tracked == 0 and state.drafts[0].pinned == 0
     # Every target slot is free again: a full house of new requests runs.
-    fresh = [_request(i, prefix="f") for i in range(8)]
-    assert asyncio.run(_run_all(router, fresh)) == _reference(tiny_dir_factory("qwen2"), fresh)
+    fresh = [tiny_request(i, prefix="f") for i in range(8)]
+    assert asyncio.run(run_all(router, fresh)) == target_only(tiny_dir_factory("qwen2"), fresh)
 
 
 def test_metrics_endpoint_serves_vllm_names(ngram_router: Any) -> None:
-    state = _state(ngram_router)
+    state = router_state(ngram_router)
     assert state.metrics_port is not None
 
     def scrape() -> str:
@@ -338,7 +225,7 @@ def test_metrics_endpoint_serves_vllm_names(ngram_router: Any) -> None:
         )
 
     before = e2e_count(scrape())
-    asyncio.run(_run_all(ngram_router, [_request(i, prefix="m") for i in range(3)]))
+    asyncio.run(run_all(ngram_router, [tiny_request(i, prefix="m") for i in range(3)]))
     text = scrape()
     names = [
         "specray:spec_decode_num_drafts_total",
@@ -350,6 +237,11 @@ def test_metrics_endpoint_serves_vllm_names(ngram_router: Any) -> None:
         "specray:e2e_request_latency_seconds_count",
         "specray:num_requests_running",
         "specray:num_requests_waiting",
+        'specray:replica_failures_total{kind="draft",model_name="tiny"}',
+        "specray:draft_restarts_total",
+        "specray:target_restarts_total",
+        "specray:spec_decode_fallbacks_total",
+        'specray:target_replicas_up{model_name="tiny"} 1.0',
     ]
     for name in names:
         assert name in text, name

@@ -1,6 +1,6 @@
 """The router's pure pieces, without Ray: the load-aware γ scheduler, the
-learned cost curves, the draft worker's fused update-and-propose call and
-the metrics registry."""
+learned cost curves, the draft worker's fused update-and-propose call, the
+metrics registry and the recovery's backoff and outage clock."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ from specray.actors.sampling.rejection import RejectionResult
 from specray.actors.workers.draft_worker import DraftWorker, DraftWorkerSpec
 from specray.cluster.costs import CostCurve, ProfiledCurve, RoundCostModel
 from specray.cluster.metrics import RouterMetrics
+from specray.cluster.recovery import Backoff, OutageClock, RecoveryConfig
+from specray.cluster.router_state import Footprint
 
 # -- the γ scheduler -----------------------------------------------------------
 
@@ -222,6 +224,10 @@ def test_metrics_count_like_vllm_and_serve_on_loopback() -> None:
     metrics.observe_round(RejectionResult([[1, 2], [3], [4]], [1, 0, 0], [3, 2, 0]))
     metrics.observe_first_token(0.05)
     metrics.set_queues(running=2, waiting=1)
+    metrics.observe_failure("draft")
+    metrics.observe_restart("draft")
+    metrics.observe_fallbacks(3)
+    metrics.set_targets_up(1)
     port = metrics.serve(0)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
@@ -241,3 +247,54 @@ def test_metrics_count_like_vllm_and_serve_on_loopback() -> None:
     assert samples['specray:num_requests_running{model_name="m"}'] == 2
     assert samples['specray:num_requests_waiting{model_name="m"}'] == 1
     assert samples['specray:time_to_first_token_seconds_count{model_name="m"}'] == 1
+    # Failures and restarts (specray's own names).
+    assert samples['specray:replica_failures_total{kind="draft",model_name="m"}'] == 1
+    assert samples['specray:replica_failures_total{kind="target",model_name="m"}'] == 0
+    assert samples['specray:draft_restarts_total{model_name="m"}'] == 1
+    assert samples['specray:target_restarts_total{model_name="m"}'] == 0
+    assert samples['specray:spec_decode_fallbacks_total{model_name="m"}'] == 3
+    assert samples['specray:target_replicas_up{model_name="m"}'] == 1
+
+
+# -- recovery -----------------------------------------------------------------------
+
+
+def test_backoff_doubles_to_its_cap_and_resets() -> None:
+    backoff = Backoff(0.5, 3.0)
+    assert [backoff.next() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    backoff.reset()
+    assert backoff.next() == 0.5
+
+
+def test_outage_clock_runs_from_the_first_loss_until_a_target_is_back() -> None:
+    clock = OutageClock()
+    clock.update(up=True, now=1.0)
+    assert clock.seconds(2.0) is None and not clock.expired(2.0, bound_s=0)
+    clock.update(up=False, now=10.0)
+    clock.update(up=False, now=12.0)  # still down: the outage began at 10
+    assert clock.seconds(13.0) == 3.0
+    assert not clock.expired(14.9, bound_s=5) and clock.expired(15.0, bound_s=5)
+    assert clock.expired(10.0, bound_s=0)  # a zero bound: fail at once
+    clock.update(up=True, now=16.0)
+    assert clock.seconds(17.0) is None and not clock.expired(100.0, bound_s=5)
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"target_restart_timeout_s": -1}, "target_restart_timeout_s"),
+        ({"watch_interval_s": 0}, "watch_interval_s"),
+        ({"max_replays": -1}, "max_replays"),
+        ({"backoff_s": 0}, "backoff_s"),
+        ({"backoff_s": 5, "max_backoff_s": 1}, "max_backoff_s"),
+    ],
+)
+def test_recovery_config_names_the_bad_field(options: dict[str, float], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        RecoveryConfig(**options)
+
+
+def test_footprint_totals_every_actor() -> None:
+    idle = Footprint(router_requests=0, target_slots={0: (0, 0)}, draft_requests={0: 0, 1: 0})
+    busy = Footprint(router_requests=2, target_slots={0: (2, 2)}, draft_requests={0: 1, 1: 1})
+    assert (idle.total, busy.total) == (0, 8)
