@@ -72,7 +72,18 @@ def model_router(local_ray: None, tiny_dir_factory) -> Iterator[Any]:  # type: i
     ray.get(router.shutdown.remote())
 
 
-@pytest.mark.parametrize("router_name", ["ngram_router", "model_router"])
+@pytest.fixture(scope="module")
+def hybrid_router(local_ray: None, tiny_dir_factory) -> Iterator[Any]:  # type: ignore[no-untyped-def]
+    """Draft replicas that look up n-grams first and fall back to a model,
+    with two overlapped micro-batches (their proposals interleave)."""
+    spec = DraftWorkerSpec("hybrid", str(tiny_dir_factory("qwen2", 7)), num_slots=8, max_ngram=3)
+    config = router_config(tiny_dir_factory("qwen2"), spec, overlap=True, adaptive=False)
+    router = launch_router(config)
+    yield router
+    ray.get(router.shutdown.remote())
+
+
+@pytest.mark.parametrize("router_name", ["ngram_router", "model_router", "hybrid_router"])
 def test_greedy_equals_target_only_at_concurrency_1_and_8(
     request: pytest.FixtureRequest,
     tiny_dir_factory,  # type: ignore[no-untyped-def]
