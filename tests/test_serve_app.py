@@ -89,14 +89,19 @@ def test_kuberay_manifest_has_gpu_targets_and_cpu_drafts() -> None:
     assert app["runtime_env"]["pip"] and "NetworkPolicy" in manifests
 
 
-def test_the_default_config_is_a_tp2_coder_with_a_draft_model() -> None:
+def test_the_default_config_is_a_tp2_coder_with_ngram_and_a_draft_model() -> None:
     router = ServeConfig.model_validate({}).router
     assert (router.target, router.tp, router.dtype) == (
         "qwen2.5-coder-1.5b-instruct",
         2,
         "bfloat16",
     )
-    assert router.drafter is not None and router.drafter.name == "qwen2.5-coder-0.5b-instruct"
+    drafter = router.drafter
+    assert drafter is not None and (drafter.kind, drafter.model) == (
+        "hybrid",
+        "qwen2.5-coder-0.5b-instruct",
+    )
+    assert drafter.name == "ngram+qwen2.5-coder-0.5b-instruct"  # what GetModelInfo reports
     config = serve_schema(DEPLOY / "serve_config.yaml").applications[0].args
     assert ServeConfig.model_validate(config).router == router
 
