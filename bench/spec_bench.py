@@ -14,7 +14,8 @@ tokens/s for the same drafter, and whether the greedy outputs match.
     python -m specray.bench.spec_bench --target qwen2.5-coder-1.5b-instruct \\
         --drafters none,ngram,qwen2.5-coder-0.5b-instruct --dtype bfloat16 --max-tokens 128 --k 8
 
-A drafter may carry its own γ as ``NAME:K`` (``--drafters ngram:8,qwen...:4``).
+A drafter may carry its own γ as ``NAME:K`` (``--drafters ngram:8,qwen...:4``); a
+trained draft head is ``head:DIR`` (``head:DIR:5`` with its own γ).
 Writes ``spec_<target>_<dtype>[_<tag>].{json,md,png}`` under ``--out``.
 """
 
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,6 +39,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest
 from specray.actors.drafting.draft_model import DraftModelDrafter
+from specray.actors.drafting.head.checkpoint import head_dir_of, load_head
+from specray.actors.drafting.head.cost import head_step_seconds
+from specray.actors.drafting.head.drafter import HeadDrafter
+from specray.actors.drafting.head.model import DraftHead
 from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.engine.calibrate import CostModel, calibrate, step_seconds
 from specray.actors.engine.engine import EngineConfig, SpecEngine
@@ -107,7 +112,10 @@ def parse_drafters(text: str, default_k: int) -> list[tuple[str, int]]:
     """``"none,ngram:8,NAME"`` → [("none", 0), ("ngram", 8), ("NAME", default_k)]."""
     drafters = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, k = item.rpartition(":") if ":" in item else (item, "", "")
+        # The part after the last colon is K only when it is a number: a
+        # draft head is named head:DIR, and head:DIR:K carries its own γ.
+        prefix, _, suffix = item.rpartition(":")
+        name, k = (prefix, suffix) if prefix and suffix.isdigit() else (item, "")
         gamma = 0 if name == TARGET_ONLY else int(k) if k else default_k
         if name != TARGET_ONLY and gamma < 1:
             raise ValueError(f"drafter {name!r} needs k >= 1, got {gamma}")
@@ -615,6 +623,7 @@ class Loaded:
     hf_target: Any
     drafts: dict[str, DecoderModel]  # draft-model name → our model
     hf_drafts: dict[str, Any]
+    heads: dict[str, DraftHead] = field(default_factory=dict)  # head:DIR → trained head
 
 
 def load_all(target_dir: Path, draft_dirs: dict[str, Path], dtype: str, with_hf: bool) -> Loaded:
@@ -651,8 +660,11 @@ def build_runners(
 
     def speculative_runner(name: str, k: int, policy: GammaPolicy | None) -> OursRunner:
         model = loaded.drafts.get(name)
-        if model is None:
-            drafter: Drafter = NgramDrafter()
+        head = loaded.heads.get(name)
+        if head is not None:
+            drafter: Drafter = HeadDrafter(head, 1, max_len)
+        elif model is None:
+            drafter = NgramDrafter()
         else:
             drafter = DraftModelDrafter(model, 1, max_len)
         label = name if policy is None else f"{name}+adaptive"
@@ -672,6 +684,8 @@ def build_runners(
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         runners.append(HFRunner("plain", loaded.hf_target, eos, pad))
         for name, k in speculative:
+            if name in loaded.heads:
+                continue  # HF has no counterpart of a hidden-state head
             assistant = loaded.hf_drafts.get(name)
             runners.append(HFRunner(name, loaded.hf_target, eos, pad, k, assistant))
     return runners
@@ -690,6 +704,18 @@ def monotone(costs: CostModel) -> CostModel:
     return CostModel(costs.draft_cost, tuple(verify))
 
 
+def load_heads(
+    drafters: Sequence[tuple[str, int]], target_dir: Path, dtype: str
+) -> dict[str, DraftHead]:
+    """Every ``head:DIR`` drafter's head, borrowing the target's embedding and LM head."""
+    heads = {}
+    for name, _ in drafters:
+        head_dir = head_dir_of(name)
+        if head_dir is not None:
+            heads[name] = load_head(head_dir, target_dir, dtype)
+    return heads
+
+
 def measure_costs(
     loaded: Loaded, drafters: Sequence[tuple[str, int]], repeats: int
 ) -> tuple[dict[str, CostModel], dict[str, CostModel]]:
@@ -705,6 +731,9 @@ def measure_costs(
         for name, k in drafters
         if name != TARGET_ONLY
     }
+    one = step_seconds(loaded.target, 1, repeats)
+    for name, head in loaded.heads.items():
+        raw[name] = replace(raw[name], draft_cost=head_step_seconds(head, repeats) / one)
     return raw, {name: monotone(cost) for name, cost in raw.items()}
 
 
@@ -843,7 +872,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     draft_dirs = {
         name: resolve_preferring(name, args.dtype)
         for name, _ in drafters
-        if name not in (TARGET_ONLY, "ngram")
+        if name not in (TARGET_ONLY, "ngram") and head_dir_of(name) is None
     }
     prompt_ids = {p.id: chat_ids(tokenizer, p.prompt) for p in prompts}
     max_k = max(k for _, k in drafters)
@@ -851,6 +880,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     load_start = time.perf_counter()
     loaded = load_all(target_dir, draft_dirs, args.dtype, with_hf=not args.no_hf)
+    loaded.heads = load_heads(drafters, target_dir, args.dtype)
     print(f"loaded in {time.perf_counter() - load_start:.1f} s", flush=True)
     raw_costs, costs = measure_costs(loaded, drafters, args.calibration_repeats)
     one = step_seconds(loaded.target, 1, args.calibration_repeats)

@@ -19,6 +19,7 @@ def _commands() -> list[ModuleType]:
         plan_cli,
         scale_cli,
         serve,
+        train_cli,
     )
 
     return [
@@ -30,6 +31,7 @@ def _commands() -> list[ModuleType]:
         bench_cli,
         cluster_cli,
         plan_cli,
+        train_cli,
     ]
 
 

@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from specray.actors.drafting.base import Drafter
 from specray.actors.drafting.draft_model import DraftModelDrafter
+from specray.actors.drafting.head.checkpoint import head_dir_of, load_head
+from specray.actors.drafting.head.cost import head_step_seconds
+from specray.actors.drafting.head.drafter import HeadDrafter
 from specray.actors.drafting.hybrid import HybridDrafter
 from specray.actors.drafting.ngram import NgramDrafter
-from specray.actors.engine.calibrate import CostModel, calibrate
+from specray.actors.engine.calibrate import CostModel, calibrate, step_seconds
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.gamma import GammaPolicy
 from specray.actors.engine.target import LocalTarget, Target
@@ -56,13 +59,20 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 
 
 def build_drafter(
-    spec: EngineSpec, target_config: ModelConfig
+    spec: EngineSpec, target_config: ModelConfig, target_dir: Path | None = None
 ) -> tuple[Drafter | None, DecoderModel | None]:
-    """The drafter named by ``spec.draft``, and its model if it has one."""
+    """The drafter named by ``spec.draft``, and its model if it has one (a
+    draft head borrows the target's embedding and LM head from ``target_dir``)."""
     if spec.draft == "none":
         return None, None
     if spec.draft == "ngram":
         return NgramDrafter(), None
+    head_dir = head_dir_of(spec.draft)
+    if head_dir is not None:
+        if target_dir is None:
+            raise ValueError("a draft head needs the target's directory")
+        head = load_head(head_dir, target_dir, spec.dtype, target_config)
+        return HeadDrafter(head, spec.max_batch, spec.max_len), None
     name = spec.draft.removeprefix(HYBRID_PREFIX)
     draft_dir = resolve_model(name, home=spec.home)
     draft_config = ModelConfig.from_pretrained(draft_dir)
@@ -88,10 +98,13 @@ def build_engine(spec: EngineSpec, target: Target | None = None) -> LoadedEngine
     if target is None:
         model = load_model(target_dir, spec.dtype)
         target = LocalTarget(model, spec.max_batch, spec.max_len)
-    drafter, draft_model = build_drafter(spec, config)
+    drafter, draft_model = build_drafter(spec, config, target_dir)
     policy = GammaPolicy(spec.num_speculative_tokens, spec.adaptive)
     if spec.adaptive and isinstance(target, LocalTarget) and drafter is not None:
         costs = calibrate(target.model, draft_model, spec.num_speculative_tokens)
+        if isinstance(drafter, HeadDrafter):
+            head_cost = head_step_seconds(drafter.head) / step_seconds(target.model, 1)
+            costs = replace(costs, draft_cost=head_cost)
         policy = GammaPolicy(spec.num_speculative_tokens, True, costs.draft_cost, costs.verify_cost)
     eos = tuple(config.eos_token_ids)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:

@@ -91,7 +91,9 @@ def commit(
         r.tokens.extend(new_ids)
         r.stats.record_round(len(draft), accepted)
         r.acceptance.update(len(draft), accepted)
-        hidden = None if out.hidden_states is None else out.hidden_states[: accepted + 1]
+        # Only the accepted positions travel on, in their own storage (a view
+        # would pickle every row of the verify batch into the draft's message).
+        hidden = None if out.hidden_states is None else out.hidden_states[: accepted + 1].clone()
         updates.append(DraftUpdate(r.request_id, accepted, new_ids, hidden))
     return updates
 

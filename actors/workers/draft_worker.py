@@ -21,13 +21,15 @@ import torch
 
 from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest
 from specray.actors.drafting.draft_model import DraftModelDrafter
+from specray.actors.drafting.head.checkpoint import load_head, resolve_head_target
+from specray.actors.drafting.head.drafter import HeadDrafter
 from specray.actors.drafting.hybrid import HybridDrafter
 from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.engine.round import DraftUpdate
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import SamplingParams
 
-DRAFTER_KINDS = ("ngram", "model", "hybrid")
+DRAFTER_KINDS = ("ngram", "model", "hybrid", "head")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class DraftWorkerSpec:
     num_threads: int = 1  # torch intra-op threads in the replica's process
     max_ngram: int = 5
     min_ngram: int = 1
+    target_dir: str | None = None  # kind="head": the target it reads (default: the head's record)
 
     def __post_init__(self) -> None:
         if self.kind not in DRAFTER_KINDS:
@@ -56,6 +59,12 @@ def build_drafter(spec: DraftWorkerSpec) -> Drafter:
     if spec.kind == "ngram":
         return NgramDrafter(spec.max_ngram, spec.min_ngram)
     assert spec.model_dir is not None
+    if spec.kind == "head":
+        head_dir = Path(spec.model_dir)
+        target = (
+            Path(spec.target_dir) if spec.target_dir else resolve_head_target(head_dir, spec.dtype)
+        )
+        return HeadDrafter(load_head(head_dir, target, spec.dtype), spec.num_slots, spec.max_len)
     model = load_model(Path(spec.model_dir), spec.dtype)
     drafter = DraftModelDrafter(model, spec.num_slots, spec.max_len)
     if spec.kind == "hybrid":

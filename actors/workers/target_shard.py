@@ -106,12 +106,7 @@ class TargetShardWorker:
         self._verify_calls += 1
         if self.rank != 0:
             return None
-        return [
-            VerifyOutput(
-                out.logits.cpu(), None if out.hidden_states is None else out.hidden_states.cpu()
-            )
-            for out in outputs
-        ]
+        return [VerifyOutput(out.logits.cpu(), ship_hidden(out.hidden_states)) for out in outputs]
 
     def release(self, request_id: str) -> None:
         self.target.release(request_id)
@@ -160,6 +155,16 @@ class TargetShardWorker:
         if self._dist is not None:
             self._dist.close()
             self._dist = None
+
+
+def ship_hidden(hidden: torch.Tensor | None) -> torch.Tensor | None:
+    """Hidden states as they leave rank 0: bf16 (half of fp32, what the head
+    reads anyway) and in their own storage per request. A view of the batch
+    tensor pickles its whole storage, so every later message carrying one
+    request's rows (the router's DraftUpdate) would carry every request's."""
+    if hidden is None:
+        return None
+    return hidden.to("cpu", torch.bfloat16, copy=True)
 
 
 def _resolve(device: torch.device) -> torch.device:

@@ -1,0 +1,208 @@
+"""Acceptance of drafters on held-out prompts: τ and α by γ, greedy and sampled.
+
+For each drafter, γ and sampling setting, every chosen prompt runs through the
+engine at once (continuous batching, fixed γ): acceptance does not depend on
+the batch, so one batched run per setting gives the same τ and α as runs one
+by one, in a fraction of the time. No timing is reported here (see
+``spec_bench`` for speed); the numbers are deterministic for a seed.
+
+    python -m specray.bench.head_eval --target qwen2.5-coder-0.5b-instruct \\
+        --drafters ngram,head:~/.cache/specray/heads/qwen2.5-coder-0.5b-instruct
+
+τ: tokens committed per round, over rounds after the first (which prefills and
+which a head cannot draft in: it has no hidden state yet); α: accepted /
+drafted over all rounds. Writes ``head_eval_<target>[_<tag>].{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from specray.actors.drafting.base import Drafter
+from specray.actors.drafting.draft_model import DraftModelDrafter
+from specray.actors.drafting.head.checkpoint import head_dir_of, load_head
+from specray.actors.drafting.head.drafter import HeadDrafter
+from specray.actors.drafting.ngram import NgramDrafter
+from specray.actors.engine.engine import EngineConfig, SpecEngine
+from specray.actors.engine.request import GenerationRequest
+from specray.actors.engine.target import LocalTarget
+from specray.actors.model.config import ModelConfig
+from specray.actors.model.loader import load_model
+from specray.actors.sampling.params import SamplingParams, StoppingCriteria
+from specray.bench.prompts import CATEGORIES, Prompt, load_prompts
+from specray.bench.spec_bench import chat_ids, eos_ids, resolve_preferring
+
+ALL = "all"
+
+
+@dataclass
+class RequestTally:
+    """One request's rounds under one setting."""
+
+    category: str
+    round_tokens: list[int]  # tokens committed per round
+    drafted: int = 0
+    accepted: int = 0
+
+
+def run_setting(
+    target: LocalTarget,
+    drafter: Drafter,
+    prompts: Sequence[Prompt],
+    prompt_ids: dict[str, list[int]],
+    eos: tuple[int, ...],
+    gamma: int,
+    sampling: SamplingParams,
+    max_tokens: int,
+) -> list[RequestTally]:
+    """Every prompt through the engine at once, fixed γ."""
+    engine = SpecEngine(
+        target, drafter, None, eos, EngineConfig(len(prompts), gamma, adaptive=False)
+    )
+    tallies = {p.id: RequestTally(p.category, []) for p in prompts}
+    requests = [
+        GenerationRequest(p.id, prompt_ids[p.id], sampling, StoppingCriteria(max_tokens=max_tokens))
+        for p in prompts
+    ]
+    for chunk in engine.generate(requests):
+        tally = tallies[chunk.request_id]
+        tally.round_tokens.append(len(chunk.token_ids))
+        tally.drafted, tally.accepted = chunk.stats.draft_tokens, chunk.stats.accepted_tokens
+    return list(tallies.values())
+
+
+def summarize(tallies: Sequence[RequestTally]) -> dict[str, float]:
+    later = [n for t in tallies for n in t.round_tokens[1:]]
+    drafted = sum(t.drafted for t in tallies)
+    return {
+        "tau": sum(later) / len(later) if later else float("nan"),
+        "alpha": sum(t.accepted for t in tallies) / drafted if drafted else 0.0,
+        "rounds": len(later),
+        "tokens": sum(sum(t.round_tokens) for t in tallies),
+    }
+
+
+def build_drafter(name: str, target_dir: Path, dtype: str, slots: int, max_len: int) -> Drafter:
+    if name == "ngram":
+        return NgramDrafter()
+    head_dir = head_dir_of(name)
+    if head_dir is not None:
+        return HeadDrafter(load_head(head_dir, target_dir, dtype), slots, max_len)
+    draft = load_model(resolve_preferring(name, dtype), dtype)
+    return DraftModelDrafter(draft, slots, max_len)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    gammas = result["gammas"]
+    lines = [
+        f"### τ / α on held-out prompts: {result['target']} ({result['dtype']}, "
+        f"max {result['max_tokens']} tokens, {len(result['prompts'])} prompts)",
+        "",
+        "τ: tokens per round after the first; α: accepted / drafted. "
+        f"Sampled: temperature {result['temperature']}, seed {result['seed']}.",
+        "",
+        "| drafter | sampling | category | "
+        + " | ".join(f"τ γ={g} | α γ={g}" for g in gammas)
+        + " |",
+        "|---" * (3 + 2 * len(gammas)) + "|",
+    ]
+    for row in result["rows"]:
+        cells = []
+        for g in gammas:
+            stats = row["by_gamma"][str(g)]
+            cells += [f"{stats['tau']:.2f}", f"{stats['alpha']:.2f}"]
+        lines.append(
+            f"| {row['drafter']} | {row['sampling']} | {row['category']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    categories = args.categories.split(",") if args.categories else list(CATEGORIES)
+    prompts = [p for c in categories for p in load_prompts([c], args.split)[: args.per_category]]
+    target_dir = resolve_preferring(args.target, args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    eos = eos_ids(ModelConfig.from_pretrained(target_dir), tokenizer)
+    prompt_ids = {p.id: chat_ids(tokenizer, p.prompt) for p in prompts}
+    gammas = [int(g) for g in args.gammas.split(",")]
+    max_len = max(map(len, prompt_ids.values())) + args.max_tokens + 2 * max(gammas) + 8
+    target = LocalTarget(load_model(target_dir, args.dtype), len(prompts), max_len)
+    settings = {
+        "greedy": SamplingParams(),
+        f"T={args.temperature}": SamplingParams(temperature=args.temperature, seed=args.seed),
+    }
+    rows = []
+    began = time.perf_counter()
+    for name in [d.strip() for d in args.drafters.split(",") if d.strip()]:
+        drafter = build_drafter(name, target_dir, args.dtype, len(prompts), max_len)
+        for label, sampling in settings.items():
+            by_gamma: dict[int, list[RequestTally]] = {}
+            for gamma in gammas:
+                by_gamma[gamma] = run_setting(
+                    target, drafter, prompts, prompt_ids, eos, gamma, sampling, args.max_tokens
+                )
+                print(f"{name} {label} γ={gamma}: {summarize(by_gamma[gamma])}", flush=True)
+            for category in [*categories, ALL]:
+                chosen = {
+                    str(g): summarize([t for t in ts if category in (ALL, t.category)])
+                    for g, ts in by_gamma.items()
+                }
+                rows.append(
+                    {"drafter": name, "sampling": label, "category": category, "by_gamma": chosen}
+                )
+    result = {
+        "command": "python -m specray.bench.head_eval " + " ".join(argv or []),
+        "target": args.target,
+        "dtype": args.dtype,
+        "max_tokens": args.max_tokens,
+        "gammas": gammas,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "split": args.split,
+        "prompts": [p.id for p in prompts],
+        "elapsed_s": time.perf_counter() - began,
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"head_eval_{Path(args.target).name}" + (f"_{args.tag}" if args.tag else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    text = markdown(result)
+    (args.out / f"{stem}.md").write_text(text)
+    print(text)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--target", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--drafters", default="ngram", help="comma list: ngram | head:DIR | NAME")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--gammas", default="3,5,8")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--per-category", type=int, default=4)
+    p.add_argument("--categories", default=None, help=f"comma list from {', '.join(CATEGORIES)}")
+    p.add_argument("--split", default="eval", choices=["train", "eval"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--tag", default=None)
+    return p
+
+
+if __name__ == "__main__":
+    main()

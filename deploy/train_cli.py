@@ -1,0 +1,305 @@
+"""``specray train-draft``: train a draft head for a target, on this machine.
+
+1. Prompts: the shipped train-split prompts, ``--prompts`` files and the
+   offline stdlib corpus (:mod:`specray.actors.drafting.head.corpus`).
+2. Data: the target answers them (greedy, every second one sampled at 0.7),
+   keeping hidden states and top-k distributions, cached under
+   ``$SPECRAY_HOME/draft-data/`` and reused when the settings match.
+3. Head: a reduced vocabulary from the answers, started from the target's
+   last layer, trained with the training-time test; saved as safetensors
+   plus ``config.json``, with ``train_log.json`` and ``train_curve.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from specray.actors.drafting.head.checkpoint import init_from_target, load_frozen, save_head
+from specray.actors.drafting.head.config import HeadConfig, default_hidden_layers
+from specray.actors.drafting.head.corpus import build_corpus, build_forced_pairs
+from specray.actors.drafting.head.data import DraftData, DraftDataWriter
+from specray.actors.drafting.head.datagen import (
+    GenerationSettings,
+    forced_samples,
+    generate_samples,
+)
+from specray.actors.drafting.head.model import DraftHead
+from specray.actors.drafting.head.trainer import (
+    TrainResult,
+    TrainSettings,
+    split_indices,
+    train_head,
+)
+from specray.actors.drafting.head.vocab import choose_draft_vocab, coverage, token_counts
+from specray.actors.model.config import ModelConfig
+from specray.actors.model.loader import load_model
+from specray.actors.store.layout import default_home
+from specray.actors.store.resolve import resolve_model
+from specray.bench.prompts import load_prompts
+
+# --smoke: a tiny model in well under two minutes; the loss must still fall.
+SMOKE = {
+    "num_samples": 32,
+    "num_forced": 8,
+    "max_tokens": 32,
+    "epochs": 6,
+    "steps": 2,
+    "draft_vocab": 256,
+    "lr": 3e-3,
+    "val_fraction": 0.2,
+}
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train-draft", help="train a hidden-state draft head for a target")
+    p.add_argument("--target", required=True, help="registered model name or local path")
+    p.add_argument("--prompts", type=Path, action="append", default=[], help="extra JSONL/text")
+    p.add_argument("--num-samples", type=int, default=1500, help="answers to generate")
+    p.add_argument("--max-tokens", type=int, default=192, help="tokens per answer")
+    p.add_argument(
+        "--num-forced", type=int, default=400, help="stdlib answers the target reads (cheaper)"
+    )
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="default $SPECRAY_HOME/heads/<target>")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes for CI (tiny targets)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--batch-size", type=int, default=32, help="answers generated at once")
+    p.add_argument("--train-batch", type=int, default=4, help="answers per optimiser step")
+    p.add_argument("--steps", type=int, default=3, help="chained steps of the training-time test")
+    p.add_argument("--draft-vocab", type=int, default=8192, help="reduced LM-head rows")
+    p.add_argument("--layers", default=None, help="target layers to read, e.g. 2,12,23")
+    p.add_argument(
+        "--init",
+        choices=["target", "random"],
+        default="target",
+        help="start from the target's last layer",
+    )
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--train-minutes", type=float, default=None, help="stop training after this")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="answers held out")
+    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument(
+        "--data-minutes", type=float, default=None, help="stop starting new answers after this"
+    )
+    p.add_argument("--data-only", action="store_true", help="make (or find) the data and stop")
+    p.add_argument("--data", type=Path, default=None, help="data directory (default: cached)")
+    p.add_argument("--home", type=Path, default=None, help="store (default $SPECRAY_HOME)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        _validate(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.smoke:
+        args = argparse.Namespace(**{**vars(args), **SMOKE})
+    torch.set_num_threads(args.threads)
+    home = args.home or default_home()
+    target_dir = resolve_model(args.target, home=home, dtype=args.dtype)
+    config = ModelConfig.from_pretrained(target_dir)
+    layers = _layers(args.layers, config)
+    began = time.perf_counter()
+    data = _data(args, target_dir, config, layers, home)
+    made_data = time.perf_counter()
+    print(f"data: {len(data)} answers, {int(data.lengths.sum())} rows in {data.directory}")
+    if args.data_only:
+        return 0
+    counts = token_counts((s.tokens for s in data), config.vocab_size)
+    vocab = choose_draft_vocab(counts, args.draft_vocab, config.eos_token_ids)
+    torch.manual_seed(args.seed)
+    head_config = HeadConfig.for_target(args.target, config, len(vocab), layers)
+    head = DraftHead(head_config, vocab, load_frozen(target_dir, vocab, torch.bfloat16))
+    copied = init_from_target(head, target_dir, config) if args.init == "target" else []
+    settings = TrainSettings(
+        epochs=args.epochs,
+        batch_size=args.train_batch,
+        max_rows=args.max_tokens,
+        steps=args.steps,
+        lr=args.lr,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        max_minutes=args.train_minutes,
+    )
+    result = _train(head, data, settings)
+    ended = time.perf_counter()
+    out = args.out or home / "heads" / Path(str(args.target)).name
+    save_head(head, out)
+    summary = {
+        "target": args.target,
+        "data": str(data.directory),
+        "samples": len(data),
+        "rows": int(data.lengths.sum()),
+        "draft_vocab": len(vocab),
+        "draft_vocab_coverage": coverage(counts, vocab),
+        "copied_from_target": len(copied),
+        "data_s": made_data - began,
+        "train_s": ended - made_data,
+        "settings": asdict(settings),
+        "val": [asdict(v) for v in result.val],
+        "train": [asdict(t) for t in result.train],
+    }
+    (out / "train_log.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _plot(result, out / "train_curve.png")
+    first, last = result.val[0] if result.val else None, result.val[-1] if result.val else None
+    print(f"saved {out} ({len(data)} answers, {summary['rows']} rows, vocab {len(vocab)})")
+    print(f"data {summary['data_s']:.0f} s, training {summary['train_s']:.0f} s")
+    if first is not None and last is not None:
+        print(f"validation loss {first.loss:.3f} -> {last.loss:.3f}, step accuracy {last.accuracy}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.num_forced < 0:
+        raise ValueError(f"--num-forced must be >= 0, got {args.num_forced}")
+    for name in ("num_samples", "max_tokens", "epochs", "batch_size", "train_batch", "steps"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.draft_vocab < 2:
+        raise ValueError(f"--draft-vocab must be >= 2, got {args.draft_vocab}")
+
+
+def _layers(text: str | None, config: ModelConfig) -> tuple[int, ...]:
+    if not text:
+        return default_hidden_layers(config.num_layers)
+    layers = tuple(int(part) for part in text.split(","))
+    bad = [i for i in layers if not 0 <= i < config.num_layers]
+    if bad:
+        raise ValueError(f"--layers {bad} outside [0, {config.num_layers})")
+    return layers
+
+
+def _prompt_texts(paths: list[Path]) -> list[str]:
+    """The shipped train split, then every extra file (JSONL with "prompt", or lines)."""
+    texts = [p.prompt for p in load_prompts(split="train")]
+    for path in paths:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                texts.append(json.loads(line)["prompt"] if line.startswith("{") else line)
+    return texts
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=False
+    )
+    return [int(t) for t in ids]
+
+
+def _data(
+    args: argparse.Namespace,
+    target_dir: Path,
+    config: ModelConfig,
+    layers: tuple[int, ...],
+    home: Path,
+) -> DraftData:
+    eos = tuple(config.eos_token_ids)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos += (int(tokenizer.eos_token_id),)
+    settings = GenerationSettings(layers, eos, args.max_tokens, args.batch_size, seed=args.seed)
+    meta = {
+        "target": str(target_dir),
+        "dtype": args.dtype,
+        "num_samples": args.num_samples,
+        "num_forced": args.num_forced,
+        "data_minutes": args.data_minutes,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "prompt_files": [str(p) for p in args.prompts],
+        "generation": asdict(settings),
+        "corpus": "stdlib-v1",
+    }
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+    directory = args.data or home / "draft-data" / f"{Path(str(args.target)).name}-{key}"
+    if DraftData.is_complete(directory, meta):
+        print(f"reusing draft data in {directory}")
+        return DraftData(directory)
+    corpus = build_corpus(args.num_samples, args.seed, _prompt_texts(args.prompts))
+    prompts = [_encode(tokenizer, p.text) for p in corpus]
+    prompts = [p for p in prompts if len(p) <= args.max_prompt_tokens][: args.num_samples]
+    pairs = [
+        (_encode(tokenizer, pair.prompt), tokenizer.encode(pair.answer))
+        for pair in build_forced_pairs(args.num_forced, args.seed)
+    ]
+    pairs = [(p, a) for p, a in pairs if len(p) <= args.max_prompt_tokens]
+    model = load_model(target_dir, args.dtype)
+    writer = DraftDataWriter(directory, meta)
+    with (
+        tqdm(total=len(prompts) + len(pairs), desc="answers", unit="ans") as answers,
+        tqdm(desc="tokens", unit="tok", position=1) as tokens,
+    ):
+
+        def on_sample(index: int, sample: Any) -> None:
+            writer.add(sample)
+            answers.update(1)
+
+        forced_samples(model, pairs, settings, on_sample, tokens.update)
+        deadline = None if args.data_minutes is None else time.monotonic() + 60 * args.data_minutes
+        generate_samples(
+            model,
+            prompts,
+            settings,
+            on_sample,
+            tokens.update,
+            lambda: deadline is not None and time.monotonic() > deadline,
+        )
+    writer.close()
+    del model
+    return DraftData(directory)
+
+
+def _train(head: DraftHead, data: DraftData, settings: TrainSettings) -> TrainResult:
+    train_ids, _ = split_indices(len(data), settings)
+    per_epoch = -(-len(train_ids) // settings.batch_size)
+    with tqdm(total=per_epoch * settings.epochs, desc="training", unit="step") as bar:
+
+        def on_step(log: Any) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{log.loss:.3f}", acc1=f"{log.accuracy[0]:.2f}")
+
+        def on_epoch(log: Any) -> None:
+            bar.write(f"epoch {log.epoch:.0f}: val loss {log.loss:.3f} acc {log.accuracy}")
+
+        return train_head(head, data, settings, on_step, on_epoch)
+
+
+def _plot(result: TrainResult, path: Path) -> None:
+    """Training loss per step and validation accuracy per draft step, by epoch."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is a dev extra
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot([t.epoch for t in result.train], [t.loss for t in result.train], linewidth=0.8)
+    left.plot([v.epoch for v in result.val], [v.loss for v in result.val], "o-", label="val")
+    left.set_xlabel("epoch")
+    left.set_ylabel("loss (CE + TV, position-weighted)")
+    left.legend()
+    steps = len(result.val[0].accuracy) if result.val else 0
+    for k in range(steps):
+        values = [v.accuracy[k] for v in result.val]
+        right.plot([v.epoch for v in result.val], values, "o-", label=f"draft step {k + 1}")
+    right.set_xlabel("epoch")
+    right.set_ylabel("val top-1 agreement with the target")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,118 @@
+"""A draft head in the router's draft actors: real Ray on loopback, a tiny
+fp32 target, an (untrained) head reading the hidden states that target rank 0
+ships in bf16. Greedy output must equal target-only decoding."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+from tiny_models import VOCAB
+
+from specray.actors.drafting.head.checkpoint import init_from_target, load_frozen, save_head
+from specray.actors.drafting.head.config import HeadConfig
+from specray.actors.drafting.head.model import DraftHead
+from specray.actors.engine.engine import EngineConfig, SpecEngine
+from specray.actors.engine.request import GenerationRequest, RequestOutput
+from specray.actors.engine.target import LocalTarget
+from specray.actors.model.config import ModelConfig
+from specray.actors.model.loader import load_model
+from specray.actors.sampling.params import StoppingCriteria
+from specray.actors.workers.draft_worker import DraftWorkerSpec
+from specray.cluster.draft_pool import DraftPoolConfig
+from specray.cluster.local_ray import start_ray
+from specray.cluster.router import RouterConfig, launch_router, open_stream
+from specray.cluster.target_group import ShardedTargetConfig
+
+MAX_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    info = start_ray(num_cpus=4)
+    yield
+    if info.started_here:
+        ray.shutdown()
+
+
+def _save_head(model_dir: Path, directory: Path) -> Path:
+    config = ModelConfig.from_pretrained(model_dir)
+    vocab = torch.arange(20, VOCAB)
+    torch.manual_seed(0)
+    head = DraftHead(
+        HeadConfig.for_target(str(model_dir), config, len(vocab), (0, 1, 2)),
+        vocab,
+        load_frozen(model_dir, vocab),
+    )
+    init_from_target(head, model_dir, config)
+    return save_head(head, directory)
+
+
+def _requests() -> list[GenerationRequest]:
+    gen = torch.Generator().manual_seed(5)
+    return [
+        GenerationRequest(
+            f"h{i}",
+            torch.randint(3, VOCAB, (4 + 3 * i,), generator=gen).tolist(),
+            stopping=StoppingCriteria(max_tokens=12 + 5 * i, ignore_eos=True),
+        )
+        for i in range(4)
+    ]
+
+
+def _reference(model_dir: Path, requests: list[GenerationRequest]) -> dict[str, list[int]]:
+    target = LocalTarget(load_model(model_dir), num_slots=8, max_len=MAX_LEN)
+    engine = SpecEngine(target, None, None, (), EngineConfig(8, 0, adaptive=False))
+    outputs: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    for chunk in engine.generate(requests):
+        outputs[chunk.request_id] += chunk.token_ids
+    return outputs
+
+
+async def _stream(router: Any, request: GenerationRequest) -> tuple[list[int], RequestOutput]:
+    tokens: list[int] = []
+    last = None
+    async for ref in open_stream(router, request):
+        chunk: RequestOutput = await ref
+        tokens += chunk.token_ids
+        last = chunk
+    assert last is not None and last.finished
+    return tokens, last
+
+
+async def _run_all(router: Any, requests: list[GenerationRequest]) -> list[Any]:
+    return list(await asyncio.gather(*(_stream(router, r) for r in requests)))
+
+
+@pytest.mark.slow
+def test_router_with_a_head_drafter_equals_target_only(
+    local_ray: None,
+    tiny_dir_factory,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    model_dir = tiny_dir_factory("qwen2")
+    head_dir = _save_head(model_dir, tmp_path / "head")
+    spec = DraftWorkerSpec("head", str(head_dir), target_dir=str(model_dir), num_slots=8)
+    config = RouterConfig(
+        target=ShardedTargetConfig(
+            str(model_dir), tp=1, threads_per_shard=1, num_slots=8, max_len=MAX_LEN, timeout_s=60
+        ),
+        draft=DraftPoolConfig(spec, num_cpus=1, timeout_s=60),
+        adaptive=False,
+        num_speculative_tokens=3,
+    )
+    router = launch_router(config)
+    try:
+        requests = _requests()
+        results = asyncio.run(_run_all(router, requests))
+        got = {r.request_id: tokens for r, (tokens, _) in zip(requests, results, strict=True)}
+        assert got == _reference(model_dir, requests)
+        # The head only drafts once hidden states reach it, so drafts prove they did.
+        assert sum(last.stats.draft_tokens for _, last in results) > 0
+    finally:
+        ray.get(router.shutdown.remote())
