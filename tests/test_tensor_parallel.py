@@ -77,8 +77,13 @@ def _assert_same(ours: list[VerifyOutput], ref: list[VerifyOutput]) -> None:
         if want.hidden_states is not None:
             assert got.hidden_states is not None
             hidden_scale = max(want.hidden_states.abs().max().item(), 1.0)
-            diff = (got.hidden_states - want.hidden_states).abs().max().item()
-            assert diff <= 1e-4 * hidden_scale
+            # Rank 0 ships hidden states in bf16 (what a draft head reads):
+            # equal up to bf16's rounding, 2^-9 of the magnitude, plus TP's.
+            tolerance = (
+                2**-8 if got.hidden_states.dtype == torch.bfloat16 else 1e-4
+            ) * hidden_scale
+            diff = (got.hidden_states.float() - want.hidden_states.float()).abs().max().item()
+            assert diff <= tolerance
 
 
 def _check_matches_tp1(target: Target, model_dir: Path) -> None:
