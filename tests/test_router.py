@@ -40,7 +40,9 @@ from specray.cluster.router import RequestCancelledError, launch_router, open_st
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    info = start_ray(num_cpus=8)  # logical CPUs for placement; each actor uses 1 thread
+    # Logical CPUs for placement only (each actor uses 1 thread): the three
+    # module-scoped routers hold 2 each while a test scales its own up to 6.
+    info = start_ray(num_cpus=16)
     yield
     if info.started_here:
         ray.shutdown()
