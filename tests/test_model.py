@@ -150,6 +150,26 @@ def test_mixed_length_batch_equals_each_alone(tiny_model_dir: Path) -> None:
         torch.testing.assert_close(got, want[len(prompt) :], atol=1e-5, rtol=1e-5)
 
 
+def test_hidden_states_of_a_mixed_batch_equal_each_alone(tiny_model_dir: Path) -> None:
+    """A prefill next to a decode: the packed rows hand back each sequence's
+    own hidden states, in batch order."""
+    model = load_model(tiny_model_dir)
+    prompt, other = list(range(3, 12)), [4, 5, 6]
+    layers = (0, 1)
+    cache = model.new_cache(2, 64)
+    first, second = cache.allocate(), cache.allocate()
+    model(ForwardBatch.build([SequenceInput(second, other, 0, 1)]), cache)
+    seqs = [SequenceInput(first, prompt, 0, 2), SequenceInput(second, [7], len(other), 1)]
+    out = model(ForwardBatch.build(seqs), cache, layers)
+    assert out.hidden_states is not None
+    want_first = _forward_all(model, prompt, layers)
+    want_second = _forward_all(model, [*other, 7], layers)
+    assert isinstance(want_first, tuple) and isinstance(want_second, tuple)
+    torch.testing.assert_close(out.hidden_states[:2], want_first[1][-2:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.hidden_states[2:], want_second[1][-1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits[2:], want_second[0][-1:], atol=1e-5, rtol=1e-5)
+
+
 def test_bfloat16_close_to_float32(tiny_model_dir: Path) -> None:
     ids = list(range(3, 20))
     fp32 = _forward_all(load_model(tiny_model_dir), ids)

@@ -32,7 +32,14 @@ class SequenceInput:
 
 @dataclass
 class ForwardBatch:
-    """Padded tensors for a batch of :class:`SequenceInput`."""
+    """A batch of :class:`SequenceInput` in two layouts.
+
+    *Packed*: the real tokens only, sequence after sequence (``num_tokens``
+    rows). Everything but attention runs packed, so a one-token decode that
+    shares a batch with a long prefill costs one row, not the prefill's
+    length. *Padded*: ``[batch, max_new]``, right-padded; attention runs
+    padded (one query block per sequence against its own slot's keys).
+    """
 
     slots: list[int]
     token_ids: torch.Tensor  # [batch, max_new] int64, right-padded with 0
@@ -44,6 +51,8 @@ class ForwardBatch:
     logit_index: torch.Tensor  # [num_logit_rows] int64 into [batch*max_new]
     logit_counts: list[int]  # logit rows per sequence, in batch order
     context_len: int  # max(start + num_new): keys every query may need
+    packed_token_ids: torch.Tensor  # [num_tokens] int64: the real tokens, packed
+    packed_logit_index: torch.Tensor  # [num_logit_rows] int64 into [num_tokens]
 
     @classmethod
     def build(cls, seqs: Sequence[SequenceInput]) -> ForwardBatch:
@@ -60,6 +69,8 @@ class ForwardBatch:
         flat_index: list[int] = []
         logit_index: list[int] = []
         logit_counts: list[int] = []
+        packed_token_ids: list[int] = []
+        packed_logit_index: list[int] = []
         for b, seq in enumerate(seqs):
             n = len(seq.token_ids)
             token_ids[b, :n] = torch.as_tensor(seq.token_ids, dtype=torch.int64)
@@ -73,6 +84,9 @@ class ForwardBatch:
             wanted = rows[n - seq.num_logits :]
             logit_index += wanted
             logit_counts.append(len(wanted))
+            end = len(packed_token_ids) + n
+            packed_logit_index += range(end - seq.num_logits, end)
+            packed_token_ids += seq.token_ids
         return cls(
             slots=[s.slot for s in seqs],
             token_ids=token_ids,
@@ -84,7 +98,28 @@ class ForwardBatch:
             logit_index=torch.tensor(logit_index, dtype=torch.int64),
             logit_counts=logit_counts,
             context_len=max(s.start + len(s.token_ids) for s in seqs),
+            packed_token_ids=torch.tensor(packed_token_ids, dtype=torch.int64),
+            packed_logit_index=torch.tensor(packed_logit_index, dtype=torch.int64),
         )
+
+    @property
+    def is_dense(self) -> bool:
+        """Every sequence has ``max_new`` tokens: packed and padded coincide."""
+        return all(n == self.token_ids.shape[1] for n in self.num_new)
+
+    def pad(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[num_tokens, ...]`` → ``[batch, max_new, ...]``, padding rows 0."""
+        batch, max_new = self.token_ids.shape
+        if self.is_dense:
+            return packed.view(batch, max_new, *packed.shape[1:])
+        padded = packed.new_zeros(batch * max_new, *packed.shape[1:])
+        padded.index_copy_(0, self.flat_index, packed)
+        return padded.view(batch, max_new, *packed.shape[1:])
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """``[batch, max_new, ...]`` → ``[num_tokens, ...]``: the real rows."""
+        rows = padded.reshape(-1, *padded.shape[2:])
+        return rows if self.is_dense else rows.index_select(0, self.flat_index)
 
     def end_positions(self) -> list[int]:
         """Per sequence, one past its last new position: its cache length after."""

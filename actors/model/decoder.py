@@ -101,12 +101,12 @@ class DecoderModel(nn.Module):
         new_lengths = batch.end_positions()
         for slot, end in zip(batch.slots, new_lengths, strict=True):
             cache.check_room(slot, end)
-        x = self.embed_tokens(batch.token_ids)
+        x = self.embed_tokens(batch.packed_token_ids)  # [num_tokens, hidden]
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        rope_full = self.rope_full(batch.positions, self.dtype)
+        rope_full = self.rope_full(batch.flat_positions, self.dtype)
         rope_sliding = (
-            self.rope_sliding(batch.positions, self.dtype) if self.rope_sliding else rope_full
+            self.rope_sliding(batch.flat_positions, self.dtype) if self.rope_sliding else rope_full
         )
         masks: dict[int | None, torch.Tensor] = {}
         captured: dict[int, torch.Tensor] = {}
@@ -122,7 +122,7 @@ class DecoderModel(nn.Module):
         for slot, end in zip(batch.slots, new_lengths, strict=True):
             cache.set_length(slot, end)
 
-        rows = x.reshape(-1, x.shape[-1]).index_select(0, batch.logit_index)
+        rows = x.index_select(0, batch.packed_logit_index)
         logits = self.lm_head(self.norm(rows)).float()
         cap = self.config.final_logit_softcapping
         if cap is not None:
@@ -130,10 +130,7 @@ class DecoderModel(nn.Module):
         hidden = None
         if hidden_layers:
             hidden = torch.cat(
-                [
-                    captured[i].reshape(-1, x.shape[-1]).index_select(0, batch.logit_index)
-                    for i in hidden_layers
-                ],
+                [captured[i].index_select(0, batch.packed_logit_index) for i in hidden_layers],
                 dim=-1,
             )
         return ForwardOutput(logits=logits, hidden_states=hidden)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specray.actors.model.attend import attend
 from specray.actors.model.batch import ForwardBatch
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.kv_cache import KVCache
@@ -59,32 +60,27 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [batch, max_new, hidden]
-        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [batch, max_new, 1, head_dim]
+        x: torch.Tensor,  # [num_tokens, hidden], packed
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [num_tokens, 1, head_dim]
         mask: torch.Tensor,  # [batch, 1, max_new, context_len] bool
         batch: ForwardBatch,
         cache: KVCache,
     ) -> torch.Tensor:
-        bsz, seq, _ = x.shape
+        tokens = x.shape[0]
         q, k, v = self.qkv_proj(x)
-        q = q.view(bsz, seq, -1, self.head_dim)
-        k = k.view(bsz, seq, -1, self.head_dim)
-        v = v.view(bsz, seq, -1, self.head_dim)
+        q = q.view(tokens, -1, self.head_dim)
+        k = k.view(tokens, -1, self.head_dim)
+        v = v.view(tokens, -1, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        kv_heads = k.shape[2]
-        flat_k = k.reshape(-1, kv_heads, self.head_dim).index_select(0, batch.flat_index)
-        flat_v = v.reshape(-1, kv_heads, self.head_dim).index_select(0, batch.flat_index)
-        cache.write(self.layer, batch.flat_slots, batch.flat_positions, flat_k, flat_v)
+        cache.write(self.layer, batch.flat_slots, batch.flat_positions, k, v)
         keys, values = cache.read(self.layer, batch.slots, batch.context_len)
 
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
+        out = attend(batch.pad(q).transpose(1, 2), keys, values, mask, self.scale)
+        return self.o_proj(batch.unpad(out.transpose(1, 2)).reshape(tokens, -1))
 
 
 class GatedMLP(nn.Module):
@@ -136,7 +132,7 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [batch, max_new, hidden]
+        x: torch.Tensor,  # [num_tokens, hidden], packed
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor,
         batch: ForwardBatch,

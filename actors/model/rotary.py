@@ -41,19 +41,19 @@ class RotaryEmbedding(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
-        dtype: torch.dtype,  # positions: [batch, seq] int64
+        positions: torch.Tensor,  # [tokens] or [batch, seq] int64
+        dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.unsqueeze(-1).float() * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
-        # [batch, seq, 1, head_dim] so they broadcast over heads
-        return angles.cos().to(dtype).unsqueeze(2), angles.sin().to(dtype).unsqueeze(2)
+        # [..., 1, head_dim] so they broadcast over heads
+        return angles.cos().to(dtype).unsqueeze(-2), angles.sin().to(dtype).unsqueeze(-2)
 
 
 def apply_rotary(
-    x: torch.Tensor,  # [batch, seq, heads, head_dim]
-    cos: torch.Tensor,  # [batch, seq, 1, head_dim]
-    sin: torch.Tensor,  # [batch, seq, 1, head_dim]
+    x: torch.Tensor,  # [..., heads, head_dim]
+    cos: torch.Tensor,  # [..., 1, head_dim]
+    sin: torch.Tensor,  # [..., 1, head_dim]
 ) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
