@@ -10,6 +10,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,25 @@ def test_tp2_matches_tp1(qwen2_tp2: ShardedTarget, tiny_dir_factory: DirFactory)
     assert [p.rank for p in qwen2_tp2.placements] == [0, 1]
     assert len({p.pid for p in qwen2_tp2.placements}) == 2
     _check_matches_tp1(qwen2_tp2, tiny_dir_factory("qwen2"))
+
+
+def test_argmax_only_ships_token_ids_instead_of_logits(
+    qwen2_tp2: ShardedTarget, tiny_dir_factory: DirFactory
+) -> None:
+    """Greedy requests ask for no logits: rank 0 answers with each row's
+    argmax (what greedy acceptance reads), hidden states unchanged."""
+    greedy_rounds = [[replace(item, argmax_only=True) for item in inputs] for inputs in ROUNDS]
+    ours = [out for inputs in greedy_rounds for out in qwen2_tp2.verify(inputs, HIDDEN_LAYERS)]
+    qwen2_tp2.release("a")
+    qwen2_tp2.release("b")
+    ref = _rounds(_reference(tiny_dir_factory("qwen2")))
+    for got, want in zip(ours, ref, strict=True):
+        assert got.logits is None and got.argmax_ids is not None
+        assert got.argmax_ids.dtype == torch.int64
+        assert torch.equal(got.greedy_ids(), want.greedy_ids())
+        assert got.num_rows == want.num_rows and got.hidden_states is not None
+        with pytest.raises(ValueError, match="argmax ids only"):
+            got.full_logits()
 
 
 def test_tp2_param_bytes_are_halved(qwen2_tp2: ShardedTarget, tiny_dir_factory: DirFactory) -> None:

@@ -60,7 +60,13 @@ def verify_inputs(
     """Per request: where its target cache is valid, the uncached committed
     tokens and the drafts, and logits for every draft plus one."""
     return [
-        VerifyInput(r.request_id, r.cached_len, r.tokens[r.cached_len :] + d.token_ids, len(d) + 1)
+        VerifyInput(
+            r.request_id,
+            r.cached_len,
+            r.tokens[r.cached_len :] + d.token_ids,
+            len(d) + 1,
+            argmax_only=r.sampling.greedy,
+        )
         for r, d in zip(running, drafts, strict=True)
     ]
 
@@ -127,12 +133,12 @@ def accept_drafts(
     if all(greedy):
         argmax = torch.zeros(len(running), rows, dtype=torch.int64)
         for i, out in enumerate(outputs):
-            argmax[i, : out.logits.shape[0]] = out.logits.argmax(-1)
+            argmax[i, : out.num_rows] = out.greedy_ids()
         return rejection_sample(draft_batch, None, greedy, [None] * len(running), argmax)
 
-    counts = [out.logits.shape[0] for out in outputs]
+    counts = [out.num_rows for out in outputs]
     sampling = SamplingTensors.from_params([r.sampling for r in running]).repeat_interleave(counts)
-    flat_probs = compute_probs(torch.cat([out.logits for out in outputs]), sampling)
+    flat_probs = compute_probs(torch.cat([out.full_logits() for out in outputs]), sampling)
     target_probs = torch.zeros(len(running), rows, flat_probs.shape[-1])
     for i, probs in enumerate(flat_probs.split(counts)):
         target_probs[i, : probs.shape[0]] = probs

@@ -26,12 +26,38 @@ class VerifyInput:
     start: int  # the cache is valid for positions [0, start)
     token_ids: list[int]  # uncached committed tokens, then the draft tokens
     num_logits: int  # number of drafts + 1
+    # The caller reads only each row's argmax (greedy acceptance): a remote
+    # target may answer with token ids instead of a vocabulary-wide row.
+    argmax_only: bool = False
 
 
 @dataclass
 class VerifyOutput:
-    logits: torch.Tensor  # [num_logits, vocab] float32
+    """One request's verify result: its logits, or, from a target that
+    honoured ``VerifyInput.argmax_only``, just their argmax per row."""
+
+    logits: torch.Tensor | None  # [num_logits, vocab] float32; None: argmax only
     hidden_states: torch.Tensor | None = None  # [num_logits, len(layers) * hidden]
+    argmax_ids: torch.Tensor | None = None  # [num_logits] int64, when logits is None
+
+    @property
+    def num_rows(self) -> int:
+        rows = self.argmax_ids if self.logits is None else self.logits
+        assert rows is not None, "a VerifyOutput holds logits or argmax ids"
+        return int(rows.shape[0])
+
+    def greedy_ids(self) -> torch.Tensor:
+        """[num_logits] int64: the target's greedy token at each row."""
+        if self.logits is not None:
+            return self.logits.argmax(-1)
+        assert self.argmax_ids is not None, "a VerifyOutput holds logits or argmax ids"
+        return self.argmax_ids
+
+    def full_logits(self) -> torch.Tensor:
+        """[num_logits, vocab]: the logits; an error for an argmax-only answer."""
+        if self.logits is None:
+            raise ValueError("this verify output carries argmax ids only (argmax_only=True)")
+        return self.logits
 
 
 class Target(Protocol):

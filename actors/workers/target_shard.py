@@ -106,7 +106,7 @@ class TargetShardWorker:
         self._verify_calls += 1
         if self.rank != 0:
             return None
-        return [VerifyOutput(out.logits.cpu(), ship_hidden(out.hidden_states)) for out in outputs]
+        return [_ship(out, item.argmax_only) for item, out in zip(inputs, outputs, strict=True)]
 
     def release(self, request_id: str) -> None:
         self.target.release(request_id)
@@ -155,6 +155,16 @@ class TargetShardWorker:
         if self._dist is not None:
             self._dist.close()
             self._dist = None
+
+
+def _ship(out: VerifyOutput, argmax_only: bool) -> VerifyOutput:
+    """One request's answer as it leaves rank 0: argmax ids when the caller
+    reads no more, else the logits in their own storage (a view of the batch
+    tensor would pickle every request's rows with each request's)."""
+    hidden = ship_hidden(out.hidden_states)
+    if argmax_only:
+        return VerifyOutput(None, hidden, out.greedy_ids().cpu())
+    return VerifyOutput(out.full_logits().to("cpu", copy=True), hidden)
 
 
 def ship_hidden(hidden: torch.Tensor | None) -> torch.Tensor | None:

@@ -104,7 +104,7 @@ def _step(
     eos = set(settings.eos_token_ids)
     for answer, out in zip(answers, outputs, strict=True):
         assert out.hidden_states is not None
-        _record(answer, out.logits[-1], out.hidden_states[-1], settings)
+        _record(answer, out.full_logits()[-1], out.hidden_states[-1], settings)
         if answer.tokens[-1] in eos or len(answer.tokens) >= settings.max_tokens:
             target.release(answer.request_id)
             on_sample(answer.index, _sample(answer))
@@ -133,7 +133,7 @@ def forced_samples(
         (out,) = target.verify([request], settings.hidden_layers)
         assert out.hidden_states is not None
         target.release(request.request_id)
-        top = torch.softmax(out.logits.float(), dim=-1).topk(settings.top_k)
+        top = torch.softmax(out.full_logits().float(), dim=-1).topk(settings.top_k)
         sample = DraftSample(
             torch.tensor(answer, dtype=torch.int64),
             out.hidden_states.to(torch.bfloat16),
