@@ -190,13 +190,32 @@ def build_prompts(
     args: argparse.Namespace,
     info: pb.GetModelInfoResponse,
     tokenizer: PreTrainedTokenizerBase | None,
-) -> list[BenchPrompt]:
+) -> tuple[list[BenchPrompt], int]:
+    """Every prompt the run may send, and how many each level sends at least
+    (``--num-prompts``, or the whole split, or 16 random). The list is longer
+    when a concurrency level needs more: prompts are then cycled (shipped:
+    ids suffixed ``#2``...) or drawn further (random)."""
+    deepest = max((load.max_concurrency or 0 for load in levels(args)), default=0)
     if args.dataset == RANDOM:
         vocab = tokenizer.vocab_size if tokenizer is not None else info.vocab_size
-        return random_prompts(args.num_prompts or 16, args.random_input_len, vocab, args.seed)
+        base = args.num_prompts or 16
+        count = max(base, deepest)
+        return random_prompts(count, args.random_input_len, vocab, args.seed), base
     categories = args.categories.split(",") if args.categories else None
     split = None if args.split == "all" else args.split
-    return shipped_prompts(args.num_prompts, categories, split, args.seed, tokenizer)
+    prompts = shipped_prompts(args.num_prompts, categories, split, args.seed, tokenizer)
+    base = len(prompts)
+    if deepest > base:
+        prompts = shipped_prompts(deepest, categories, split, args.seed, tokenizer)
+    return prompts, base
+
+
+def level_prompts(prompts: list[BenchPrompt], base: int, load: LoadShape) -> list[BenchPrompt]:
+    """The prompts one level sends: the first ``base``, or as many as its
+    concurrency cap when that is larger, so a level of concurrency c really
+    has c requests in flight (the prompt set is cycled round-robin by
+    category, so any prefix stays balanced)."""
+    return prompts[: max(base, load.max_concurrency or 0)]
 
 
 def levels(args: argparse.Namespace) -> list[LoadShape]:
@@ -217,7 +236,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(args.server) as channel:
         stub = pb_grpc.GenerationStub(channel)
         info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=args.timeout)
-        prompts = build_prompts(args, info, tokenizer)
+        prompts, base = build_prompts(args, info, tokenizer)
         random_set = args.dataset == RANDOM
         options = RequestOptions(
             max_tokens=args.random_output_len if random_set else args.max_tokens,
@@ -233,14 +252,11 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         runs = []
         for number, load in enumerate(levels(args)):
             spec_first = number % 2 == 0
-            plan = ab_schedule(prompts, args.ab_order, spec_first)
+            sent = level_prompts(prompts, base, load)
+            plan = ab_schedule(sent, args.ab_order, spec_first)
             # Phases: the second arm starts once the first has finished, so
             # no batch holds both (each arm then sees the same arrivals).
-            parts = (
-                [plan[: len(prompts)], plan[len(prompts) :]]
-                if args.ab_order == "phases"
-                else [plan]
-            )
+            parts = [plan[: len(sent)], plan[len(sent) :]] if args.ab_order == "phases" else [plan]
             records = []
             for part in parts:
                 records += await run_load(stub, part, options, load, f"bench{number}")
@@ -262,7 +278,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "label": args.label or ",".join(info.drafts) or "none",
         "model": model_dict(info),
         "settings": {key: getattr(args, key) for key in SETTINGS}
-        | {"gamma": gamma, "prompts": [p.id for p in prompts]},
+        | {"gamma": gamma, "prompts": [p.id for p in prompts[:base]]},
         "machine": machine_info(),
         "runs": runs,
     }

@@ -48,7 +48,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--categories", default=None, help=f"comma list from {', '.join(CATEGORIES)}")
     p.add_argument("--split", default="eval", choices=["train", "eval", "all"])
     p.add_argument(
-        "--num-prompts", type=int, default=None, help="default: the whole split (16 random)"
+        "--num-prompts",
+        type=int,
+        default=None,
+        help="per level, at least its concurrency (cycled); default: the whole split (16 random)",
     )
     p.add_argument("--random-input-len", type=int, default=128)
     p.add_argument("--random-output-len", type=int, default=128)

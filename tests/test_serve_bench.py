@@ -228,6 +228,26 @@ def test_phases_finish_one_arm_before_the_other_starts(
     assert run["modes"]["spec"]["completed"] == run["modes"]["no_spec"]["completed"] == 3
 
 
+def test_a_level_sends_at_least_as_many_prompts_as_its_concurrency(
+    server: ServingThread, tmp_path: Path
+) -> None:
+    out = tmp_path / "levels.json"
+    flags = ["--dataset", "random", "--random-input-len", "8", "--random-output-len", "3"]
+    flags += ["--num-prompts", "2", "--sweep-concurrency", "1,3", "--ab-order", "phases"]
+    assert (
+        main(["bench", "serve", "--server", server.grpc_address, *flags, "--save-result", str(out)])
+        == 0
+    )
+    result = json.loads(out.read_text())
+    first, second = result["runs"]
+    assert first["modes"]["spec"]["completed"] == first["modes"]["no_spec"]["completed"] == 2
+    assert second["modes"]["spec"]["completed"] == second["modes"]["no_spec"]["completed"] == 3
+    # The deeper level extends the same prompts, it does not draw new ones first.
+    ids = [r["prompt_id"] for r in second["records"] if r["speculative"]]
+    assert ids[:2] == [r["prompt_id"] for r in first["records"] if r["speculative"]]
+    assert len(set(ids)) == 3 and result["settings"]["prompts"] == ids[:2]
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
