@@ -826,6 +826,13 @@ def fp32_check(
 def pick_prompts(args: argparse.Namespace) -> list[Prompt]:
     categories = args.categories.split(",") if args.categories else list(CATEGORIES)
     split = None if args.split == "all" else args.split
+    if args.prompt_ids:  # e.g. the prompts a `specray bench serve` run recorded
+        wanted = args.prompt_ids.split(",")
+        by_id = {p.id: p for p in load_prompts(None, None)}
+        unknown = [i for i in wanted if i not in by_id]
+        if unknown:
+            raise SystemExit(f"--prompt-ids: unknown {unknown}")
+        return [by_id[i] for i in wanted]
     chosen = []
     for category in categories:
         chosen += load_prompts([category], split)[: args.prompts_per_category]
@@ -1094,6 +1101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-per-category", type=int, default=2)
     p.add_argument("--categories", default=None, help=f"comma list from {', '.join(CATEGORIES)}")
     p.add_argument("--split", default="eval", choices=["train", "eval", "all"])
+    p.add_argument(
+        "--prompt-ids", default=None, help="comma list of prompt ids (overrides the three above)"
+    )
     p.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-γ runs")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate()")
     p.add_argument("--fp32-check", type=int, default=2, help="prompts to re-check in fp32")

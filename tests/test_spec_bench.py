@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from specray.bench.spec_bench import (
     match_rates,
     monotone,
     parse_drafters,
+    pick_prompts,
     summarize,
 )
 
@@ -143,6 +145,21 @@ def test_load_prompts_filters_by_category_and_split() -> None:
         load_prompts(["poetry"])
     with pytest.raises(ValueError):
         load_prompts(split="test")
+
+
+def test_prompt_ids_pick_exactly_those_prompts_in_order() -> None:
+    def args(ids: str | None) -> argparse.Namespace:
+        return argparse.Namespace(
+            categories=None, split="eval", prompts_per_category=1, prompt_ids=ids
+        )
+
+    assert [p.id for p in pick_prompts(args(None))] == [
+        f"{c}-00" for c in ("code_edit", "summarization", "chat", "math", "translation")
+    ]
+    chosen = pick_prompts(args("math-02,code_edit-04"))
+    assert [p.id for p in chosen] == ["math-02", "code_edit-04"]
+    with pytest.raises(SystemExit, match="unknown \\['poem-01'\\]"):
+        pick_prompts(args("poem-01"))
 
 
 def test_prompt_files_are_valid_jsonl_with_the_documented_fields() -> None:
