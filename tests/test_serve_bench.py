@@ -8,6 +8,7 @@ import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from serving_helpers import ServingThread, save_served_model, serve_config
@@ -106,6 +107,14 @@ def server(model_dir: Path) -> Iterator[ServingThread]:
         yield serving
 
 
+def _bench(server: ServingThread, out: Path, flags: list[str]) -> dict[str, Any]:
+    """Run ``specray bench serve`` against ``server``; its result file, parsed."""
+    argv = ["bench", "serve", "--server", server.grpc_address, *flags, "--save-result", str(out)]
+    assert main(argv) == 0
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
 @pytest.fixture(scope="module")
 def shipped_run(
     server: ServingThread, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
@@ -114,10 +123,7 @@ def shipped_run(
     out = tmp_path_factory.mktemp("bench") / "ngram.json"
     flags = ["--tokenizer", str(model_dir), "--categories", "chat,math", "--num-prompts", "4"]
     flags += ["--max-tokens", "16", "--ignore-eos", "--sweep-concurrency", "1,2"]
-    assert (
-        main(["bench", "serve", "--server", server.grpc_address, *flags, "--save-result", str(out)])
-        == 0
-    )
+    _bench(server, out, flags)
     return out
 
 
@@ -195,9 +201,8 @@ def test_rejected_requests_count_as_failed_with_their_status(
     flags = ["--dataset", "random", "--random-input-len", "8", "--random-output-len", "6"]
     flags += ["--num-prompts", "3", "--request-rate", "50", "--max-concurrency", "2"]
     # The server allows at most k = 4: every spec request fails validation.
-    flags += ["--num-speculative-tokens", "99", "--warmup", "0", "--save-result", str(out)]
-    assert main(["bench", "serve", "--server", server.grpc_address, *flags]) == 0
-    (run,) = json.loads(out.read_text())["runs"]
+    flags += ["--num-speculative-tokens", "99", "--warmup", "0"]
+    (run,) = _bench(server, out, flags)["runs"]
     spec, base = run["modes"]["spec"], run["modes"]["no_spec"]
     assert (spec["requests"], spec["completed"], spec["failed"]) == (3, 0, 3)
     assert spec["failures"] == {"INVALID_ARGUMENT": 3}
@@ -216,11 +221,7 @@ def test_phases_finish_one_arm_before_the_other_starts(
     out = tmp_path / "phases.json"
     flags = ["--dataset", "random", "--random-input-len", "8", "--random-output-len", "4"]
     flags += ["--num-prompts", "3", "--ab-order", "phases", "--max-concurrency", "2"]
-    assert (
-        main(["bench", "serve", "--server", server.grpc_address, *flags, "--save-result", str(out)])
-        == 0
-    )
-    (run,) = json.loads(out.read_text())["runs"]
+    (run,) = _bench(server, out, flags)["runs"]
     records = run["records"]
     assert [r["speculative"] for r in records] == [True] * 3 + [False] * 3  # spec first
     first_done = max(r["chunk_s"][-1] for r in records[:3])
@@ -234,11 +235,7 @@ def test_a_level_sends_at_least_as_many_prompts_as_its_concurrency(
     out = tmp_path / "levels.json"
     flags = ["--dataset", "random", "--random-input-len", "8", "--random-output-len", "3"]
     flags += ["--num-prompts", "2", "--sweep-concurrency", "1,3", "--ab-order", "phases"]
-    assert (
-        main(["bench", "serve", "--server", server.grpc_address, *flags, "--save-result", str(out)])
-        == 0
-    )
-    result = json.loads(out.read_text())
+    result = _bench(server, out, flags)
     first, second = result["runs"]
     assert first["modes"]["spec"]["completed"] == first["modes"]["no_spec"]["completed"] == 2
     assert second["modes"]["spec"]["completed"] == second["modes"]["no_spec"]["completed"] == 3
