@@ -14,14 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from specray.actors.drafting.base import DraftProposal, DraftRequest
+from specray.actors.drafting.draws import draft_generator, draw_tokens
 from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.decoder import DecoderModel
-from specray.actors.sampling.logits import SamplingTensors, compute_probs, make_generator
+from specray.actors.sampling.logits import SamplingTensors, compute_probs
 from specray.actors.sampling.params import SamplingParams
-
-# The drafter's random stream is derived from the request seed but distinct
-# from the target's, so the two never consume each other's draws.
-DRAFT_SEED_OFFSET = 0x5EED
 
 
 @dataclass
@@ -48,12 +45,8 @@ class DraftModelDrafter:
     def start(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
         if request_id in self._states:
             raise ValueError(f"request {request_id!r} is already being drafted")
-        generator = None
-        if not sampling.greedy:
-            seed = sampling.seed if sampling.seed is not None else 0
-            generator = make_generator(seed + DRAFT_SEED_OFFSET)
         self._states[request_id] = _DraftState(
-            self.cache.allocate(), list(prompt_ids), 0, sampling, generator
+            self.cache.allocate(), list(prompt_ids), 0, sampling, draft_generator(sampling)
         )
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
@@ -124,12 +117,4 @@ class DraftModelDrafter:
             return logits.argmax(-1).tolist(), None
         sampling = SamplingTensors.from_params([s.sampling for s in states])
         draft_probs = compute_probs(logits, sampling)
-        tokens = []
-        for row, state in enumerate(states):
-            if state.generator is None:
-                tokens.append(int(draft_probs[row].argmax()))
-            else:
-                tokens.append(
-                    int(torch.multinomial(draft_probs[row], 1, generator=state.generator))
-                )
-        return tokens, draft_probs
+        return draw_tokens(draft_probs, [s.generator for s in states]), draft_probs

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 
 from specray.actors.drafting.base import DraftProposal, DraftRequest
-from specray.actors.drafting.draft_model import DRAFT_SEED_OFFSET
+from specray.actors.drafting.draws import draft_generator, draw_tokens
 from specray.actors.drafting.head.model import DraftHead, HeadStep
 from specray.actors.model.batch import ForwardBatch, SequenceInput
-from specray.actors.sampling.logits import SamplingTensors, compute_probs, make_generator
+from specray.actors.sampling.logits import SamplingTensors, compute_probs
 from specray.actors.sampling.params import SamplingParams
 
 
@@ -51,11 +51,9 @@ class HeadDrafter:
     def start(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
         if request_id in self._states:
             raise ValueError(f"request {request_id!r} is already being drafted")
-        generator = None
-        if not sampling.greedy:
-            seed = sampling.seed if sampling.seed is not None else 0
-            generator = make_generator(seed + DRAFT_SEED_OFFSET)
-        self._states[request_id] = _HeadState(self.cache.allocate(), sampling, generator)
+        self._states[request_id] = _HeadState(
+            self.cache.allocate(), sampling, draft_generator(sampling)
+        )
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
         states = [self._state(r.request_id) for r in requests]
@@ -188,10 +186,4 @@ class HeadDrafter:
         full = torch.full((logits.shape[0], self.head.config.target_vocab_size), -torch.inf)
         full[:, vocab] = logits
         probs = compute_probs(full, SamplingTensors.from_params([s.sampling for s in states]))
-        tokens = []
-        for row, state in enumerate(states):
-            if state.generator is None:
-                tokens.append(int(probs[row].argmax()))
-            else:
-                tokens.append(int(torch.multinomial(probs[row], 1, generator=state.generator)))
-        return tokens, probs
+        return draw_tokens(probs, [s.generator for s in states]), probs

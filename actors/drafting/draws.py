@@ -1,0 +1,35 @@
+"""Random draws of a model drafter: its own seeded stream per request, and
+one token per row of its draft distribution."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from specray.actors.sampling.logits import make_generator
+from specray.actors.sampling.params import SamplingParams
+
+# The drafter's random stream is derived from the request seed but distinct
+# from the target's, so the two never consume each other's draws.
+DRAFT_SEED_OFFSET = 0x5EED
+
+
+def draft_generator(sampling: SamplingParams) -> torch.Generator | None:
+    """The request's drafting stream; None for greedy requests, which draw nothing."""
+    if sampling.greedy:
+        return None
+    seed = sampling.seed if sampling.seed is not None else 0
+    return make_generator(seed + DRAFT_SEED_OFFSET)
+
+
+def draw_tokens(
+    draft_probs: torch.Tensor,  # [rows, vocab]
+    generators: Sequence[torch.Generator | None],  # per row; None: greedy (argmax)
+) -> list[int]:
+    return [
+        int(draft_probs[row].argmax())
+        if generator is None
+        else int(torch.multinomial(draft_probs[row], 1, generator=generator))
+        for row, generator in enumerate(generators)
+    ]
