@@ -180,11 +180,7 @@ class Recovery:
         log.warning("target replica %d lost (%s); restarting its group", replica_id, _brief(why))
         self._failures["target"] += 1
         self._metrics.observe_failure("target")
-        if self._note_targets():
-            # Wake the lanes when the bound runs out, so waiting requests fail
-            # even if nothing else happens meanwhile.
-            bound = self.config.target_restart_timeout_s
-            asyncio.get_running_loop().call_later(bound, self._hooks.wake)
+        self._note_targets()
         self._restore("target")
         return True
 
@@ -213,8 +209,8 @@ class Recovery:
         they should go on waiting (one is up, or being restarted within the bound)."""
         if self._targets.live:
             return None
+        self._note_targets()
         now = time.monotonic()
-        self._clock.update(False, now)
         bound = self.config.target_restart_timeout_s
         restarting = self._targets.starting > 0 or "target" in self._restoring
         if not restarting:
@@ -253,13 +249,18 @@ class Recovery:
 
     # -- internals -------------------------------------------------------------
 
-    def _note_targets(self) -> bool:
-        """Update the outage clock and gauge; True if an outage starts now."""
+    def _note_targets(self) -> None:
+        """Update the outage clock and gauge. Whoever sees an outage first
+        (a failed call, a lane waiting for a replica, a health probe) starts
+        the clock, and with it the wake-up at the bound, so waiting requests
+        fail even if nothing else happens meanwhile."""
         live = len(self._targets.live)
         was_down = self._clock.since is not None
         self._clock.update(live > 0, time.monotonic())
         self._metrics.set_targets_up(live)
-        return not was_down and self._clock.since is not None
+        if not was_down and self._clock.since is not None:
+            bound = self.config.target_restart_timeout_s
+            asyncio.get_running_loop().call_later(bound, self._hooks.wake)
 
     def _deficit(self, kind: Kind) -> int:
         pool = self._targets if kind == "target" else self._drafts
