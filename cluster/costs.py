@@ -8,7 +8,10 @@ smallest size) comes from a back-to-back profile when a replica starts, the
 forward swings with other people's load by several times within minutes, so
 a table of absolute times collected at different moments has no meaningful
 shape; a ratio measured back to back does, and it is the ratio that decides
-whether one more token pays. Drafting time is learned per depth.
+whether one more token pays. Drafting is modelled the same way, per step
+of a propose call: its shape from the drafter's own profile of feeding n
+tokens (a catch-up after rounds without drafting is a long feed), its level
+from every call.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 from typing import Any
+
+from specray.actors.engine.gamma import RoundShape
 
 
 @dataclass
@@ -26,11 +31,15 @@ class CostCurve:
 
     decay: float = 0.7  # weight of the old average on each new observation
     _points: dict[int, float] = field(default_factory=dict)
+    # sizes and their running maximum, rebuilt after an observation: the
+    # scheduler asks for hundreds of estimates a round
+    _table: tuple[list[int], list[float]] | None = None
 
     def observe(self, size: int, seconds: float) -> None:
         old = self._points.get(size)
         new = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
         self._points[size] = new
+        self._table = None
 
     @property
     def empty(self) -> bool:
@@ -40,10 +49,13 @@ class CostCurve:
         """The estimate at ``size``; 0 while nothing was observed."""
         if not self._points:
             return 0.0
-        sizes = sorted(self._points)
-        values: list[float] = []
-        for s in sizes:  # running maximum: monotone in size
-            values.append(max(self._points[s], values[-1] if values else 0.0))
+        if self._table is None:
+            sizes = sorted(self._points)
+            values: list[float] = []
+            for s in sizes:  # running maximum: monotone in size
+                values.append(max(self._points[s], values[-1] if values else 0.0))
+            self._table = (sizes, values)
+        sizes, values = self._table
         if size <= sizes[0]:
             # Below what was seen, assume proportional: optimistic, so smaller
             # sizes get tried and measured rather than ruled out unseen.
@@ -62,6 +74,15 @@ class CostCurve:
         return dict(sorted(self._points.items()))
 
 
+def relative_shape(points: list[tuple[int, float]]) -> tuple[CostCurve, float]:
+    """A profile's seconds relative to its smallest size's, and those seconds."""
+    smallest = max(min(points)[1], 1e-9)
+    shape = CostCurve(decay=0.0)
+    for size, seconds in points:
+        shape.observe(size, seconds / smallest)
+    return shape, smallest
+
+
 @dataclass
 class ProfiledCurve:
     """``level × shape(size)``: shape from a profile, level from observations.
@@ -76,14 +97,9 @@ class ProfiledCurve:
 
     def set_profile(self, points: list[tuple[int, float]]) -> None:
         """Seconds at several sizes, measured back to back."""
-        if not points:
-            return
-        smallest = min(points)[1]
-        shape = CostCurve(decay=0.0)
-        for size, seconds in points:
-            shape.observe(size, seconds / smallest)
-        self._shape = shape
-        self._level = smallest if self._level is None else self._level
+        if points:
+            self._shape, smallest = relative_shape(points)
+            self._level = smallest if self._level is None else self._level
 
     def observe(self, size: int, seconds: float) -> None:
         self.fallback.observe(size, seconds)
@@ -104,19 +120,68 @@ class ProfiledCurve:
 
 
 @dataclass
-class RoundCostModel:
-    """Seconds of one round: verifying ``num_tokens`` and drafting ``max_gamma`` deep.
+class StepCost:
+    """Seconds of one propose call: ``level × Σ_s shape(tokens_s)`` over its
+    sequential steps, ``tokens_s`` the tokens fed at step ``s``.
 
-    Without overlap the two run one after the other; with two micro-batches
-    the drafts of one run while the other verifies, so the slower one counts.
+    The shape (cost of feeding n tokens relative to one) comes from the
+    drafter's profile; a drafter without one (lookup) costs the same per step
+    whatever it feeds. The level is learned from every call, so the round
+    trip to the draft replicas is in it. Calls to several replicas run side
+    by side and are timed as one, against the whole batch's steps: the level
+    then reads low by the same factor the batch's steps read high, and their
+    product stays what a round costs.
+    """
+
+    decay: float = 0.8
+    _shape: CostCurve | None = None
+    _level: float | None = None
+
+    def set_profile(self, points: list[tuple[int, float]]) -> None:
+        """Seconds to feed several token counts, measured back to back."""
+        if points:
+            self._shape, smallest = relative_shape(points)
+            self._level = smallest if self._level is None else self._level
+
+    def relative(self, steps: tuple[int, ...]) -> float:
+        if self._shape is None:
+            return float(len(steps))
+        return sum(self._shape.seconds(tokens) for tokens in steps)
+
+    def observe(self, steps: tuple[int, ...], seconds: float) -> None:
+        if not steps:
+            return
+        level = seconds / max(self.relative(steps), 1e-9)
+        old = self._level
+        self._level = level if old is None else self.decay * old + (1 - self.decay) * level
+
+    def seconds(self, steps: tuple[int, ...]) -> float:
+        """0 until a call was timed or a profile set: an unmeasured drafter
+        is assumed free, so it gets tried and measured."""
+        if not steps or self._level is None:
+            return 0.0
+        return self._level * self.relative(steps)
+
+    def as_dict(self) -> dict[str, Any]:
+        shape = self._shape.as_dict() if self._shape is not None else {}
+        return {"level_s": self._level, "shape": shape}
+
+
+@dataclass
+class RoundCostModel:
+    """Seconds of one round of a given :class:`RoundShape`.
+
+    Without overlap drafting and verifying run one after the other; with two
+    micro-batches the drafts of one run while the other verifies, so the
+    slower one counts.
     """
 
     verify: ProfiledCurve = field(default_factory=ProfiledCurve)
-    draft: CostCurve = field(default_factory=CostCurve)
+    draft: StepCost = field(default_factory=StepCost)
     overlap: bool = False
 
-    def round_seconds(self, num_tokens: int, max_gamma: int) -> float:
-        verify = self.verify.seconds(num_tokens)
-        draft = self.draft.seconds(max_gamma) if max_gamma > 0 else 0.0
+    def round_seconds(self, shape: RoundShape) -> float:
+        verify = self.verify.seconds(shape.verify_tokens)
+        draft = self.draft.seconds(shape.draft_steps)
         total = max(verify, draft) if self.overlap else verify + draft
         return max(total, 1e-9)  # the scheduler divides by it

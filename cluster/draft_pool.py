@@ -34,6 +34,13 @@ from specray.cluster.router_state import DraftReplicaState
 _MAX_UNSETTLED = 64
 
 
+def feed_profile_sizes(max_len: int, largest: int = 256) -> tuple[int, ...]:
+    """Powers of two up to ``largest`` tokens (longer catch-ups extrapolate
+    linearly, as feeding that many is compute-bound)."""
+    top = min(largest, max_len - 1)
+    return tuple(1 << i for i in range(top.bit_length()) if 1 << i <= top)
+
+
 class DraftReplicaError(RuntimeError):
     """A draft replica can no longer serve; the pool has dropped it."""
 
@@ -58,8 +65,9 @@ class DraftReplica:
     pid: int
     requests: set[str] = field(default_factory=set)
     draining: bool = False
-    # start/finish calls sent but not yet awaited; awaited with the next propose
+    # start/finish/catch-up calls sent but not yet awaited; awaited with the next propose
     unsettled: list[Any] = field(default_factory=list)
+    catching_up: bool = False  # a catch-up is among them: the next propose waits on it
 
     @property
     def load(self) -> int:
@@ -67,8 +75,11 @@ class DraftReplica:
 
 
 class DraftPool:
-    def __init__(self, config: DraftPoolConfig) -> None:
+    def __init__(self, config: DraftPoolConfig, profile_sizes: Sequence[int] = ()) -> None:
         self.config = config
+        self.profile_sizes = tuple(profile_sizes)
+        # seconds to feed n tokens, from the first replica that started
+        self.profile: list[tuple[int, float]] = []
         self.replicas: dict[int, DraftReplica] = {}
         self._ids = itertools.count()
         self._actor: Any = ray.remote(DraftWorker)
@@ -105,6 +116,11 @@ class DraftPool:
                 asyncio.gather(*(h.ping.remote() for h in handles)),
                 self.config.start_timeout_s,
             )
+            if self.profile_sizes and not self.profile:
+                self.profile = await asyncio.wait_for(
+                    _awaitable(handles[0].feed_profile.remote(self.profile_sizes)),
+                    self.config.start_timeout_s,
+                )
         except BaseException:
             for handle in handles:
                 ray.kill(handle, no_restart=True)
@@ -176,6 +192,20 @@ class DraftPool:
         replica.requests.add(request_id)
         self._bound_unsettled(replica)
 
+    def catch_up(
+        self, replica_id: int, request_ids: Sequence[str], updates: Sequence[DraftUpdate]
+    ) -> None:
+        """Have a replica apply ``updates`` and feed the requests' backlogs,
+        without waiting: it works on them while the target verifies, and the
+        next propose to it awaits them."""
+        replica = self.replicas.get(replica_id)
+        if replica is None:
+            return
+        ref = replica.handle.catch_up.remote(list(request_ids), list(updates))
+        replica.unsettled.append(ref)
+        replica.catching_up = True
+        self._bound_unsettled(replica)
+
     def detach(self, replica_id: int | None, request_ids: Sequence[str]) -> None:
         """Free the requests' draft state; a gone replica has nothing to free."""
         replica = self.replicas.get(replica_id) if replica_id is not None else None
@@ -192,6 +222,7 @@ class DraftPool:
         if len(replica.unsettled) < _MAX_UNSETTLED:
             return
         refs, replica.unsettled = replica.unsettled, []
+        replica.catching_up = False
 
         async def settle() -> None:
             await asyncio.gather(*(_awaitable(ref) for ref in refs), return_exceptions=True)
@@ -212,6 +243,7 @@ class DraftPool:
         if replica is None:
             raise DraftReplicaError(f"draft replica {replica_id} is gone", replica_id, "died")
         unsettled, replica.unsettled = replica.unsettled, []
+        replica.catching_up = False
         refs = [*unsettled, replica.handle.propose.remote(list(requests), list(updates))]
         try:
             results = await asyncio.wait_for(

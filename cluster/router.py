@@ -50,11 +50,17 @@ from specray.actors.engine.round import accept_drafts, commit, verify_inputs
 from specray.actors.engine.target import VerifyOutput
 from specray.actors.model.config import ModelConfig
 from specray.cluster.costs import RoundCostModel
-from specray.cluster.draft_pool import DraftPool, DraftPoolConfig
+from specray.cluster.draft_pool import DraftPool, DraftPoolConfig, feed_profile_sizes
 from specray.cluster.errors import TargetGroupError
 from specray.cluster.metrics import RouterMetrics
 from specray.cluster.recovery import Recovery, RecoveryConfig, RecoveryHooks
-from specray.cluster.round_drafts import choose_gammas, propose
+from specray.cluster.round_drafts import (
+    backlog_after,
+    catch_up,
+    choose_gammas,
+    draft_shape,
+    propose,
+)
 from specray.cluster.router_state import (
     Footprint,
     RoundTimings,
@@ -137,6 +143,7 @@ class Router:
         self._closed = False
         self._target_moves = 0
         self._draft_moves = 0
+        self._catch_ups = 0
         self._recovery: Recovery | None = None  # made in start(), with the metrics
         self._timings = RoundTimings()
 
@@ -176,10 +183,13 @@ class Router:
             self._metrics_port = self._metrics.serve(config.metrics_port)
         starts: list[Any] = [self._add_target() for _ in range(config.num_targets)]
         if config.draft is not None and config.num_speculative_tokens > 0:
-            self._pool = DraftPool(config.draft)
+            sizes = feed_profile_sizes(config.draft.spec.max_len) if config.profile else ()
+            self._pool = DraftPool(config.draft, sizes)
             if config.num_drafts:
                 starts.append(self._pool.add(config.num_drafts))
         await asyncio.gather(*starts)
+        if self._pool is not None:
+            self._costs.draft.set_profile(self._pool.profile)
         if self._pool is not None and self._pool.replicas:
             first = next(iter(self._pool.replicas.values()))
             self._hidden_layers = tuple(await first.handle.hidden_layers.remote())
@@ -347,6 +357,7 @@ class Router:
             verify_costs=self._costs.verify.as_dict(),
             draft_costs=self._costs.draft.as_dict(),
             recovery=recovery,
+            draft_catch_ups=self._catch_ups,
         )
 
     async def ping(self) -> bool:
@@ -457,6 +468,7 @@ class Router:
             return
         tracked.updates.clear()  # the new state starts from every committed token
         pool.attach(new, tracked.request_id, tracked.run.tokens, tracked.run.sampling)
+        tracked.draft_backlog = len(tracked.run.tokens)
         tracked.draft = new.replica_id
         if moving:
             self._draft_moves += 1
@@ -476,9 +488,16 @@ class Router:
 
     async def _round(self, batch: list[Tracked]) -> None:
         began = time.perf_counter()
-        choose_gammas(batch, self._pool is not None, self.config.adaptive, self._costs)
+        pool = self._pool
+        catches_up = pool is not None and pool.config.spec.catches_up
+        behind = choose_gammas(
+            batch, pool is not None, self.config.adaptive, self._costs, catches_up
+        )
         proposing = time.perf_counter()
         drafts = await self._propose(batch)
+        # After this round's proposals, so the drafts catch up while it verifies.
+        catch_up(self._pool, behind, self._tracked.values())
+        self._catch_ups += len(behind)
         verifying = time.perf_counter()
         # Grouped after drafting: another lane may have lost a target meanwhile.
         groups: dict[int | None, list[int]] = {}
@@ -514,6 +533,8 @@ class Router:
                 self._pool_alpha.update(len(draft), update.num_accepted)
             if tracked.draft is not None:
                 tracked.updates.append(update)
+                fed = 0 if draft.from_lookup else len(draft)
+                tracked.draft_backlog = backlog_after(tracked.draft_backlog, fed, update)
             self._emit(tracked, stream_round(tracked.run, new_ids))
         ended = time.perf_counter()
         timings = self._timings
@@ -528,8 +549,14 @@ class Router:
         proposals = await propose(self._pool, batch)
         for replica_id, error in proposals.failures.items():
             self._draft_failed(replica_id, error)
-        if proposals.elapsed_s is not None and not proposals.failures:
-            self._costs.draft.observe(max(t.run.gamma for t in batch), proposals.elapsed_s)
+        elapsed = proposals.elapsed_s
+        if elapsed is not None and not proposals.failures and not proposals.waited_on_catch_up:
+            # A drafter with a model is timed by what its model fed (a hybrid's
+            # lookups cost next to nothing); lookup alone by its steps.
+            assert self._pool is not None
+            model = self._pool.config.spec.catches_up
+            steps = draft_shape(batch, proposals.drafts if model else None)
+            self._costs.draft.observe(steps, elapsed)
         return proposals.drafts
 
     async def _verify(

@@ -82,8 +82,9 @@ class RouterState:
     draft_failures: int  # draft replicas lost
     metrics_port: int | None
     verify_costs: dict[str, Any]  # level (s) × shape (tokens -> relative cost)
-    draft_costs: dict[int, float]  # deepest γ -> seconds (learned)
+    draft_costs: dict[str, Any]  # level (s) × shape (tokens fed in a step -> relative cost)
     recovery: RecoveryState = field(default_factory=RecoveryState)
+    draft_catch_ups: int = 0  # requests whose drafter was caught up off the critical path
 
 
 @dataclass

@@ -21,6 +21,8 @@ class Tracked:
     target: int | None = None  # target replica it is pinned to
     draft: int | None = None  # draft replica it is pinned to
     updates: list[DraftUpdate] = field(default_factory=list)  # not yet sent to the draft
+    # committed tokens its draft replica has not fed (its next proposal's first step)
+    draft_backlog: int = 0
     cancelled: bool = False
     move_target: bool = False
     move_draft: bool = False

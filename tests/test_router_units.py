@@ -4,7 +4,9 @@ metrics registry and the recovery's backoff and outage clock."""
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,25 +15,35 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import VOCAB
 
-from specray.actors.drafting.base import DraftRequest
+from specray.actors.drafting.base import DraftProposal, DraftRequest
 from specray.actors.drafting.draft_model import DraftModelDrafter
+from specray.actors.engine.engine import start_request
 from specray.actors.engine.gamma import (
     AcceptanceEstimate,
+    RoundShape,
     SurvivalEstimate,
     expected_tokens,
     schedule_gammas,
 )
+from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.round import DraftUpdate
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import SamplingParams
 from specray.actors.sampling.rejection import RejectionResult
 from specray.actors.workers.draft_worker import DraftWorker, DraftWorkerSpec
-from specray.cluster.costs import CostCurve, ProfiledCurve, RoundCostModel
+from specray.cluster.costs import CostCurve, ProfiledCurve, RoundCostModel, StepCost
 from specray.cluster.metrics import RouterMetrics
 from specray.cluster.recovery import Backoff, OutageClock, RecoveryConfig
+from specray.cluster.round_drafts import backlog_after, catch_up, choose_gammas, draft_shape
 from specray.cluster.router_state import Footprint
+from specray.cluster.tracked import Tracked
 
 # -- the γ scheduler -----------------------------------------------------------
+
+
+def _by(cost: Callable[[int, int], float]) -> Callable[[RoundShape], float]:
+    """A round cost from verified tokens and draft depth only."""
+    return lambda shape: cost(shape.verify_tokens, shape.depth)
 
 
 def _throughput(alphas: list[float], gammas: list[int], seconds: float) -> float:
@@ -40,14 +52,14 @@ def _throughput(alphas: list[float], gammas: list[int], seconds: float) -> float
 
 def test_flat_verify_cost_drafts_everything_worth_anything() -> None:
     """Verifying extra tokens is free (bf16 on CPU, a GPU at low load): draft to the cap."""
-    gammas = schedule_gammas([0.8, 0.5, 0.1], [4, 4, 2], lambda tokens, depth: 1.0)
+    gammas = schedule_gammas([0.8, 0.5, 0.1], [4, 4, 2], _by(lambda tokens, depth: 1.0))
     assert gammas == [4, 4, 2]
 
 
 def test_linear_verify_cost_turns_speculation_off() -> None:
     """Compute-bound (fp32 on CPU at high load): a token costs as much as it
     earns at best, so any α < 1 loses and γ drops to 0."""
-    gammas = schedule_gammas([0.9] * 8, [4] * 8, lambda tokens, depth: float(tokens))
+    gammas = schedule_gammas([0.9] * 8, [4] * 8, _by(lambda tokens, depth: float(tokens)))
     assert gammas == [0] * 8
 
 
@@ -57,8 +69,8 @@ def test_load_shrinks_gamma() -> None:
     def cost(tokens: int, depth: int) -> float:  # flat up to 16 tokens, then linear
         return max(1.0, tokens / 16)
 
-    alone = schedule_gammas([0.7], [8], cost)
-    crowded = schedule_gammas([0.7] * 16, [8] * 16, cost)
+    alone = schedule_gammas([0.7], [8], _by(cost))
+    crowded = schedule_gammas([0.7] * 16, [8] * 16, _by(cost))
     assert alone[0] > 0 and max(crowded) < alone[0]
 
 
@@ -66,14 +78,14 @@ def test_confident_requests_get_the_budget_first() -> None:
     def cost(tokens: int, depth: int) -> float:
         return max(1.0, tokens / 6)
 
-    low, high = schedule_gammas([0.3, 0.95], [4, 4], cost)
+    low, high = schedule_gammas([0.3, 0.95], [4, 4], _by(cost))
     assert high > low
 
 
 def test_draft_depth_cost_limits_gamma() -> None:
     """A slow draft model makes deep proposals not worth it."""
-    cheap = schedule_gammas([0.8], [8], lambda tokens, depth: 1.0 + 0.01 * depth)
-    slow = schedule_gammas([0.8], [8], lambda tokens, depth: 1.0 + 0.5 * depth)
+    cheap = schedule_gammas([0.8], [8], _by(lambda tokens, depth: 1.0 + 0.01 * depth))
+    slow = schedule_gammas([0.8], [8], _by(lambda tokens, depth: 1.0 + 0.5 * depth))
     assert cheap == [8] and slow[0] < 3
 
 
@@ -84,8 +96,8 @@ def test_prefill_tokens_count_toward_the_batch() -> None:
     def cost(tokens: int, depth: int) -> float:
         return float(tokens)
 
-    assert schedule_gammas([0.6], [4], cost) == [0]
-    assert schedule_gammas([0.6], [4], cost, base_tokens=100) == [4]
+    assert schedule_gammas([0.6], [4], _by(cost)) == [0]
+    assert schedule_gammas([0.6], [4], _by(cost), base_tokens=100) == [4]
 
 
 @settings(max_examples=200, deadline=None)
@@ -94,18 +106,42 @@ def test_prefill_tokens_count_toward_the_batch() -> None:
     limit=st.integers(0, 8),
     flat=st.integers(1, 64),
     draft_cost=st.floats(0.0, 0.5),
+    backlogs=st.lists(st.integers(1, 300), min_size=12, max_size=12),
 )
 def test_schedule_never_expects_less_than_no_speculation(
-    alphas: list[float], limit: int, flat: int, draft_cost: float
+    alphas: list[float], limit: int, flat: int, draft_cost: float, backlogs: list[int]
 ) -> None:
-    def cost(tokens: int, depth: int) -> float:
-        return max(1.0, tokens / flat) + draft_cost * depth
+    behind = backlogs[: len(alphas)]
 
-    gammas = schedule_gammas(alphas, [limit] * len(alphas), cost)
+    def cost(shape: RoundShape) -> float:  # a draft step costs more the more it feeds
+        draft = sum(draft_cost * max(1.0, tokens / 8) for tokens in shape.draft_steps)
+        return max(1.0, shape.verify_tokens / flat) + draft
+
+    gammas = schedule_gammas(alphas, [limit] * len(alphas), cost, backlogs=behind)
     assert all(0 <= g <= limit for g in gammas)
     tokens = len(alphas) + sum(gammas)
-    plain = _throughput(alphas, [0] * len(alphas), cost(len(alphas), 0))
-    assert _throughput(alphas, gammas, cost(tokens, max(gammas))) >= plain - 1e-9
+    plain = _throughput(alphas, [0] * len(alphas), cost(RoundShape(len(alphas))))
+    chosen = cost(RoundShape.of(tokens, gammas, behind))
+    assert _throughput(alphas, gammas, chosen) >= plain - 1e-9
+
+
+def test_a_request_far_behind_waits_while_the_others_draft() -> None:
+    """Catching up 500 tokens on the draft costs more than its drafts earn;
+    the requests in step draft as if it were not there."""
+
+    def cost(shape: RoundShape) -> float:
+        return 1.0 + sum(0.05 * max(1.0, tokens / 4) for tokens in shape.draft_steps)
+
+    alphas, limits = [0.9, 0.8, 0.8], [4, 4, 4]
+    assert schedule_gammas(alphas, limits, cost)[0] > 0
+    gammas = schedule_gammas(alphas, limits, cost, backlogs=[500, 1, 2])
+    assert gammas[0] == 0 and gammas[1] > 0 and gammas[2] > 0
+
+
+def test_round_shape_counts_the_backlog_in_the_first_step() -> None:
+    shape = RoundShape.of(10, [3, 0, 1], [40, 7, 1])
+    assert shape.draft_steps == (41, 1, 1) and shape.depth == 3
+    assert RoundShape.of(3, [0, 0, 0]).draft_steps == ()
 
 
 def test_survival_estimate_counts_only_tested_drafts() -> None:
@@ -162,11 +198,32 @@ def test_profiled_curve_keeps_the_shape_and_follows_the_load() -> None:
 def test_round_cost_overlap_hides_the_cheaper_side() -> None:
     model = RoundCostModel()
     model.verify.observe(4, 1.0)
-    model.draft.observe(2, 0.4)
-    assert model.round_seconds(4, 0) == pytest.approx(1.0)
-    assert model.round_seconds(4, 2) == pytest.approx(1.4)
+    model.draft.observe((2, 2), 0.4)  # no profile: every step costs the same
+    assert model.round_seconds(RoundShape(4)) == pytest.approx(1.0)
+    assert model.round_seconds(RoundShape(4, (2, 2))) == pytest.approx(1.4)
+    assert model.round_seconds(RoundShape(4, (9, 2, 2))) == pytest.approx(1.6)
     model.overlap = True
-    assert model.round_seconds(4, 2) == pytest.approx(1.0)
+    assert model.round_seconds(RoundShape(4, (2, 2))) == pytest.approx(1.0)
+
+
+def test_step_cost_prices_a_catch_up_by_the_drafter_profile() -> None:
+    """Feeding 64 tokens costs 8 one-token steps on this drafter; the machine
+    then slows 2×: the level follows, the shape stays."""
+    cost = StepCost(decay=0.0)
+    assert cost.seconds((1, 1)) == 0.0  # unmeasured: assumed free, so it gets tried
+    cost.set_profile([(1, 0.01), (8, 0.01), (64, 0.08)])
+    assert cost.seconds((1, 1, 1)) == pytest.approx(0.03)
+    assert cost.seconds((64, 1)) == pytest.approx(0.09)
+    cost.observe((1, 1), 0.04)
+    assert cost.seconds((64, 1)) == pytest.approx(0.18)
+    assert cost.as_dict()["level_s"] == pytest.approx(0.02)
+
+
+def test_backlog_after_a_round() -> None:
+    update = DraftUpdate("r", 2, [5, 6, 7], None)  # 2 of 4 drafts accepted, plus one
+    assert backlog_after(1, 4, update) == 1  # both accepted drafts were fed
+    assert backlog_after(1, 2, update) == 2  # only the first draft was fed
+    assert backlog_after(9, 0, DraftUpdate("r", 0, [5], None)) == 10
 
 
 # -- the draft worker ------------------------------------------------------------
@@ -298,3 +355,62 @@ def test_footprint_totals_every_actor() -> None:
     idle = Footprint(router_requests=0, target_slots={0: (0, 0)}, draft_requests={0: 0, 1: 0})
     busy = Footprint(router_requests=2, target_slots={0: (2, 2)}, draft_requests={0: 1, 1: 1})
     assert (idle.total, busy.total) == (0, 8)
+
+
+# -- catching drafts up -------------------------------------------------------------
+
+
+class _RecordingPool:
+    """Records catch-up calls (the Ray-side pool is exercised in test_router)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, list[str], list[str]]] = []
+
+    def catch_up(self, replica_id: int, request_ids: list[str], updates: list[DraftUpdate]) -> None:
+        self.calls.append((replica_id, list(request_ids), [u.request_id for u in updates]))
+
+
+def _tracked(request_id: str, backlog: int, alpha: float) -> Tracked:
+    request = GenerationRequest(request_id, list(range(3, 3 + backlog)))
+    run = start_request(request, (), None, 4, SurvivalEstimate.with_prior(alpha))
+    run.cached_len = len(run.tokens) - 1  # decoding: the target verifies one token each
+    tracked = Tracked(run, asyncio.Queue(), target=0, draft=0, draft_backlog=backlog)
+    tracked.updates = [DraftUpdate(request_id, 0, [1], None)]
+    return tracked
+
+
+def test_a_request_behind_catches_up_off_the_critical_path() -> None:
+    """Flat verify, a drafter whose feed of 300 tokens costs 40 steps: the
+    requests in step draft; the one 300 tokens behind drafts nothing now and
+    is caught up (with every verdict its replica has not heard) instead."""
+    costs = RoundCostModel()
+    costs.verify.set_profile([(1, 0.1), (64, 0.1)])
+    costs.draft.set_profile([(1, 0.01), (8, 0.01), (256, 0.4)])
+    batch = [_tracked("a", 300, 0.9), _tracked("b", 1, 0.8), _tracked("c", 2, 0.8)]
+    behind = choose_gammas(batch, drafting=True, adaptive=True, costs=costs, catches_up=True)
+    gammas = [t.run.gamma for t in batch]
+    assert gammas[0] == 0 and gammas[1] > 0 and gammas[2] > 0
+    assert behind == [batch[0]]
+    pool = _RecordingPool()
+    catch_up(pool, behind, batch)  # type: ignore[arg-type]
+    assert pool.calls == [(0, ["a"], ["a", "b", "c"])]
+    assert batch[0].draft_backlog == 1 and all(not t.updates for t in batch)
+    assert draft_shape(batch) == RoundShape.of(0, gammas, [1, 1, 2]).draft_steps
+    # Timed by what a model fed: "b"'s proposal came from a lookup.
+    drafts = [DraftProposal([]), DraftProposal([1] * gammas[1], from_lookup=True)]
+    drafts.append(DraftProposal([1] * gammas[2]))
+    assert draft_shape(batch, drafts) == RoundShape.of(0, [0, 0, gammas[2]], [1, 1, 2]).draft_steps
+    # Lookup drafting: no backlog to price, nobody to catch up.
+    assert choose_gammas(batch, drafting=True, adaptive=True, costs=costs) == []
+    assert all(t.run.gamma > 0 for t in batch)
+
+
+def test_nothing_catches_up_when_drafting_would_not_pay_anyway() -> None:
+    """Compute-bound verify: in step or not, no request should draft, so a
+    request behind stays behind (catching it up would be wasted work)."""
+    costs = RoundCostModel()
+    costs.verify.set_profile([(1, 0.1), (64, 6.4)])
+    costs.draft.set_profile([(1, 0.01), (256, 0.4)])
+    batch = [_tracked("a", 300, 0.6), _tracked("b", 1, 0.6)]
+    assert choose_gammas(batch, drafting=True, adaptive=True, costs=costs, catches_up=True) == []
+    assert [t.run.gamma for t in batch] == [0, 0]

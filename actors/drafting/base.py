@@ -10,13 +10,19 @@ Hidden-state-conditioned drafters (EAGLE / DFlash / DSpark style) name the
 target layers they read in ``hidden_layers``; the engine then asks the target
 for those layers and passes the hidden states of the newly committed positions
 to :meth:`Drafter.accept`.
+
+A drafter with a cache of its own (a draft model, a head) must feed every
+committed token before it drafts from it; it feeds lazily, on its next
+proposal, so rounds without drafts cost it nothing. :class:`CatchesUp` lets
+a scheduler see and move that work: how long feeding ``n`` tokens takes,
+and feeding a request's backlog ahead of time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -43,9 +49,20 @@ class DraftProposal:
 
     token_ids: list[int]
     draft_probs: torch.Tensor | None = None  # [len(token_ids), vocab] float32
+    # Copied from the context: no model fed anything for it, so a drafter
+    # that keeps a cache fell one more round behind (see CatchesUp).
+    from_lookup: bool = False
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def clipped(self, num_tokens: int) -> DraftProposal:
+        """At most ``num_tokens`` of it: a drafter may return fewer tokens
+        than asked, never more."""
+        if len(self) <= num_tokens:
+            return self
+        probs = None if self.draft_probs is None else self.draft_probs[:num_tokens]
+        return DraftProposal(self.token_ids[:num_tokens], probs, self.from_lookup)
 
 
 class Drafter(Protocol):
@@ -81,3 +98,20 @@ class Drafter(Protocol):
 
     def finish(self, request_id: str) -> None:
         """Free all state of a request (finished, cancelled or migrated)."""
+
+
+@runtime_checkable
+class CatchesUp(Protocol):
+    """A drafter whose next proposal first feeds the committed tokens it has
+    not seen: the whole prompt for a new request, every token of a stretch
+    without drafts."""
+
+    def catch_up(self, request_ids: Sequence[str]) -> None:
+        """Feed the requests' unseen committed tokens now (all but the last,
+        which the next proposal feeds to draft from), so that proposal is a
+        plain draft step."""
+
+    def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
+        """Seconds to feed ``n`` tokens of one request, for each ``n`` in
+        ``sizes`` (best of a few, back to back): the shape of its catch-up
+        cost. Needs one free request slot."""

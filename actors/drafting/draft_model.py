@@ -3,7 +3,8 @@
 It keeps its own KV cache. After :meth:`propose` the cache holds the
 committed tokens plus the first ``γ - 1`` drafts; :meth:`accept` rolls it
 back to the committed tokens it already fed (including the accepted drafts),
-and the next propose feeds whatever committed tokens it has not seen yet.
+and the next propose feeds whatever committed tokens it has not seen yet
+(:meth:`DraftModelDrafter.catch_up` feeds them ahead of time).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from specray.actors.drafting.base import DraftProposal, DraftRequest
 from specray.actors.drafting.draws import draft_generator, draw_tokens
+from specray.actors.drafting.feed_profile import profile_feeds
 from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.sampling.logits import SamplingTensors, compute_probs
@@ -96,6 +98,28 @@ class DraftModelDrafter:
             self.cache.truncate(state.slot, state.cached)
         state.tokens.extend(new_token_ids)
         state.last_proposal = 0
+
+    def catch_up(self, request_ids: Sequence[str]) -> None:
+        states = map(self._state, dict.fromkeys(request_ids))
+        behind = [s for s in states if s.cached < len(s.tokens) - 1]
+        if not behind:
+            return
+        seqs = [
+            SequenceInput(s.slot, s.tokens[s.cached : -1], self.cache.length(s.slot))
+            for s in behind
+        ]
+        self.model(ForwardBatch.build(seqs), self.cache)
+        for state in behind:
+            state.cached = len(state.tokens) - 1
+
+    def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
+        return profile_feeds(
+            self.cache,
+            sizes,
+            lambda slot, n: self.model(
+                ForwardBatch.build([SequenceInput(slot, [0] * n, 0)]), self.cache
+            ),
+        )
 
     def finish(self, request_id: str) -> None:
         state = self._states.pop(request_id, None)

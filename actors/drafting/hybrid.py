@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest
+from specray.actors.drafting.base import CatchesUp, Drafter, DraftProposal, DraftRequest
 from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.sampling.params import SamplingParams
 
@@ -63,7 +63,7 @@ class HybridDrafter:
         for request in requests:
             found = self.lookup.match(request.request_id, request.num_tokens)
             if found.token_ids and found.ngram_size >= self.min_match:
-                proposals.append(DraftProposal(found.token_ids, draft_probs=None))
+                proposals.append(DraftProposal(found.token_ids, from_lookup=True))
             else:
                 proposals.append(None)
                 if request.num_tokens > 0:
@@ -93,6 +93,13 @@ class HybridDrafter:
         model_accepted = num_accepted if request_id in self._model_drafted else 0
         self._model_drafted.discard(request_id)
         self.model.accept(request_id, model_accepted, new_token_ids, target_hidden)
+
+    def catch_up(self, request_ids: Sequence[str]) -> None:
+        if isinstance(self.model, CatchesUp):
+            self.model.catch_up(request_ids)
+
+    def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
+        return self.model.feed_profile(sizes) if isinstance(self.model, CatchesUp) else []
 
     def finish(self, request_id: str) -> None:
         self._model_drafted.discard(request_id)

@@ -106,53 +106,94 @@ class SurvivalEstimate(AcceptanceEstimate):
         self.drafted = self.decay * self.drafted + tested
 
 
+@dataclass(frozen=True)
+class RoundShape:
+    """What one round does, as its cost model sees it: the tokens the target
+    verifies in one batch, and the tokens the drafter feeds at each of its
+    sequential steps (step 0 feeds each drafting request's committed tokens
+    it has not seen; step ``s`` one draft per request drafting deeper than
+    ``s``). Its depth is the deepest γ."""
+
+    verify_tokens: int
+    draft_steps: tuple[int, ...] = ()
+
+    @property
+    def depth(self) -> int:
+        return len(self.draft_steps)
+
+    @classmethod
+    def of(
+        cls, verify_tokens: int, gammas: Sequence[int], backlogs: Sequence[int] | None = None
+    ) -> RoundShape:
+        """The shape of a round that drafts ``gammas`` (``backlogs`` as in
+        :func:`schedule_gammas`)."""
+        behind = [1] * len(gammas) if backlogs is None else backlogs
+        steps = [0] * max(gammas, default=0)
+        for gamma, backlog in zip(gammas, behind, strict=True):
+            for step in range(gamma):
+                steps[step] += max(backlog, 1) if step == 0 else 1
+        return cls(verify_tokens, tuple(steps))
+
+
 def schedule_gammas(
     alphas: Sequence[float],
     limits: Sequence[int],
-    round_seconds: Callable[[int, int], float],
+    round_seconds: Callable[[RoundShape], float],
     base_tokens: int | None = None,
+    backlogs: Sequence[int] | None = None,
 ) -> list[int]:
     """γ for every request of one round, maximising expected tokens per second.
 
     DSpark's hardware-aware prefix scheduler (Algorithm 1 of the DSpark
     paper) with survival probability ``alpha**i`` for request ``q``'s draft
-    ``i``. ``round_seconds(num_tokens, max_gamma)`` is the measured time of a
-    round that verifies ``num_tokens`` tokens in one batch and drafts
-    ``max_gamma`` deep; it is what makes the choice load-aware.
+    ``i``. ``round_seconds`` is the measured time of a round of a given
+    :class:`RoundShape`; it is what makes the choice load-aware.
 
     Start from plain decoding (every request verifies its one token). Adding
-    draft ``i`` of request ``q`` costs one verified token and earns
-    ``alpha_q**i`` expected tokens; since that is non-increasing in ``i``,
-    admitting candidates in descending order respects each request's prefix.
-    ``base_tokens`` is what the batch verifies without drafts (one token per
-    request, more for a prefill); it defaults to one per request.
+    draft ``i`` of request ``q`` costs one verified token and a draft step
+    and earns ``alpha_q**i`` expected tokens; since that is non-increasing in
+    ``i``, admitting candidates in descending order respects each request's
+    prefix. ``base_tokens`` is what the batch verifies without drafts (one
+    token per request, more for a prefill); it defaults to one per request.
 
-    The answer is the best prefix of that admission path, plain decoding
-    included, so a schedule never expects fewer tokens per second than no
-    speculation. The γs depend only on past acceptance, never on the drafts
-    themselves, which keeps rejection sampling lossless.
+    ``backlogs[q]`` is how many committed tokens request ``q``'s drafter must
+    feed before its first draft (1 when it is in step; the whole context
+    after a stretch without drafting). A request far behind can make every
+    path through it lose while the others would win, so the path is also
+    walked over the requests at most each backlog behind, and the best of
+    all is kept.
+
+    The answer is the best prefix of those paths, plain decoding included,
+    so a schedule never expects fewer tokens per second than no speculation.
+    The γs depend only on past acceptance, never on the drafts themselves,
+    which keeps rejection sampling lossless.
     """
     count = len(alphas)
     if count == 0:
         return []
+    behind = [1] * count if backlogs is None else [max(b, 1) for b in backlogs]
     candidates = sorted(
-        (
-            (-(alpha**i), i, q)
-            for q, (alpha, limit) in enumerate(zip(alphas, limits, strict=True))
-            for i in range(1, max(limit, 0) + 1)
-        ),
+        (-(alpha**i), i, q)
+        for q, (alpha, limit) in enumerate(zip(alphas, limits, strict=True))
+        for i in range(1, max(limit, 0) + 1)
     )
     tokens = count if base_tokens is None else base_tokens
-    expected, deepest = float(count), 0
-    best, best_len = expected / round_seconds(tokens, 0), 0
-    for taken, (neg_survival, i, _) in enumerate(candidates, 1):
-        tokens += 1
-        expected -= neg_survival
-        deepest = max(deepest, i)
-        throughput = expected / round_seconds(tokens, deepest)
-        if throughput > best:
-            best, best_len = throughput, taken
+    best = float(count) / round_seconds(RoundShape(tokens))
+    best_path: list[tuple[float, int, int]] = []
+    for most_behind in sorted(set(behind)):
+        path = [c for c in candidates if behind[c[2]] <= most_behind]
+        steps: list[int] = []
+        expected, verified = float(count), tokens
+        for taken, (neg_survival, i, q) in enumerate(path, 1):
+            verified += 1
+            expected -= neg_survival
+            if i > len(steps):
+                steps.append(0)
+            steps[i - 1] += behind[q] if i == 1 else 1
+            throughput = expected / round_seconds(RoundShape(verified, tuple(steps)))
+            if throughput > best:
+                best, best_path = throughput, path[:taken]
     gammas = [0] * count
-    for _, i, q in candidates[:best_len]:
+    for _, i, q in best_path:
         gammas[q] = max(gammas[q], i)
     return gammas

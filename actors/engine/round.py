@@ -108,16 +108,7 @@ def _propose(drafter: Drafter | None, asks: list[DraftRequest]) -> list[DraftPro
     if drafter is None or not asks:
         return [DraftProposal([]) for _ in asks]
     proposals = drafter.propose(asks)
-    # A drafter may return fewer tokens than asked, never more.
-    return [
-        p if len(p) <= a.num_tokens else _clip(p, a.num_tokens)
-        for p, a in zip(proposals, asks, strict=True)
-    ]
-
-
-def _clip(proposal: DraftProposal, n: int) -> DraftProposal:
-    probs = None if proposal.draft_probs is None else proposal.draft_probs[:n]
-    return DraftProposal(proposal.token_ids[:n], probs)
+    return [p.clipped(a.num_tokens) for p, a in zip(proposals, asks, strict=True)]
 
 
 def accept_drafts(

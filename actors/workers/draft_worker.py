@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest
+from specray.actors.drafting.base import CatchesUp, Drafter, DraftProposal, DraftRequest
 from specray.actors.drafting.draft_model import DraftModelDrafter
 from specray.actors.drafting.head.checkpoint import load_head, resolve_head_target
 from specray.actors.drafting.head.drafter import HeadDrafter
@@ -45,6 +45,12 @@ class DraftWorkerSpec:
     max_ngram: int = 5
     min_ngram: int = 1
     target_dir: str | None = None  # kind="head": the target it reads (default: the head's record)
+
+    @property
+    def catches_up(self) -> bool:
+        """Whether its drafter keeps a cache that must see every committed
+        token (all but n-gram lookup, which reads the tokens directly)."""
+        return self.kind != "ngram"
 
     def __post_init__(self) -> None:
         if self.kind not in DRAFTER_KINDS:
@@ -72,18 +78,11 @@ def build_drafter(spec: DraftWorkerSpec) -> Drafter:
     return drafter
 
 
-def _clip(proposal: DraftProposal, num_tokens: int) -> DraftProposal:
-    """A drafter may return fewer tokens than asked, never more."""
-    if len(proposal) <= num_tokens:
-        return proposal
-    probs = None if proposal.draft_probs is None else proposal.draft_probs[:num_tokens]
-    return DraftProposal(proposal.token_ids[:num_tokens], probs)
-
-
 @dataclass(frozen=True)
 class DraftWorkerStats:
     propose_calls: int
     propose_s: float  # time inside propose (updates applied and drafting), this process
+    catch_up_s: float = 0.0  # time inside catch_up, this process
 
 
 class DraftWorker:
@@ -97,6 +96,7 @@ class DraftWorker:
         self._requests: set[str] = set()
         self._propose_calls = 0
         self._propose_s = 0.0
+        self._catch_up_s = 0.0
 
     def hidden_layers(self) -> tuple[int, ...]:
         """Target layers whose hidden states the drafter reads; () for none."""
@@ -126,15 +126,39 @@ class DraftWorker:
     def _propose(
         self, requests: Sequence[DraftRequest], updates: Sequence[DraftUpdate]
     ) -> list[DraftProposal]:
-        for update in updates:
-            self.drafter.accept(
-                update.request_id, update.num_accepted, update.new_token_ids, update.target_hidden
-            )
+        self._apply(updates)
         asks = [r for r in requests if r.num_tokens > 0]
         if not asks:
             return [DraftProposal([]) for _ in requests]
         by_id = dict(zip([a.request_id for a in asks], self.drafter.propose(asks), strict=True))
-        return [_clip(by_id.get(r.request_id, DraftProposal([])), r.num_tokens) for r in requests]
+        return [by_id.get(r.request_id, DraftProposal([])).clipped(r.num_tokens) for r in requests]
+
+    def catch_up(self, request_ids: Sequence[str], updates: Sequence[DraftUpdate] = ()) -> None:
+        """Apply ``updates``, then feed the requests' committed tokens the
+        drafter has not seen, so their next proposal is a plain draft step.
+        Sent when the router wants a request that fell behind (rounds
+        without drafts) drafting again, off the round's critical path."""
+        began = time.perf_counter()
+        try:
+            self._apply(updates)
+            if isinstance(self.drafter, CatchesUp):
+                self.drafter.catch_up([r for r in request_ids if r in self._requests])
+        finally:
+            self._catch_up_s += time.perf_counter() - began
+
+    def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
+        """Seconds the drafter takes to feed each of ``sizes`` tokens; [] for
+        a drafter that keeps no cache (its proposals cost the same whatever
+        it fell behind)."""
+        if isinstance(self.drafter, CatchesUp):
+            return self.drafter.feed_profile(sizes)
+        return []
+
+    def _apply(self, updates: Sequence[DraftUpdate]) -> None:
+        for update in updates:
+            self.drafter.accept(
+                update.request_id, update.num_accepted, update.new_token_ids, update.target_hidden
+            )
 
     def finish(self, request_ids: Sequence[str]) -> int:
         """Free every state of these requests; unknown ids are ignored.
@@ -151,9 +175,9 @@ class DraftWorker:
         return len(self._requests)
 
     def stats(self, reset: bool = False) -> DraftWorkerStats:
-        stats = DraftWorkerStats(self._propose_calls, self._propose_s)
+        stats = DraftWorkerStats(self._propose_calls, self._propose_s, self._catch_up_s)
         if reset:
-            self._propose_calls, self._propose_s = 0, 0.0
+            self._propose_calls, self._propose_s, self._catch_up_s = 0, 0.0, 0.0
         return stats
 
     def ping(self) -> int:

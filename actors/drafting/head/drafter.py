@@ -20,6 +20,7 @@ import torch
 
 from specray.actors.drafting.base import DraftProposal, DraftRequest
 from specray.actors.drafting.draws import draft_generator, draw_tokens
+from specray.actors.drafting.feed_profile import profile_feeds
 from specray.actors.drafting.head.model import DraftHead, HeadStep
 from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.sampling.logits import SamplingTensors, compute_probs
@@ -108,6 +109,18 @@ class HeadDrafter:
         self.cache.truncate(state.slot, state.fed)  # drop the chained drafts
         state.pending_hidden.append(target_hidden)
         state.pending_tokens.extend(int(t) for t in new_token_ids)
+
+    def catch_up(self, request_ids: Sequence[str]) -> None:
+        self._feed_pending([self._state(r) for r in dict.fromkeys(request_ids)])
+
+    def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
+        fused = self.head.config.fused_size
+
+        def feed(slot: int, n: int) -> None:
+            batch = ForwardBatch.build([SequenceInput(slot, [0] * n, 0)])
+            self.head.forward_cached(torch.zeros(1, n, fused), batch, self.cache, from_target=True)
+
+        return profile_feeds(self.cache, sizes, feed)
 
     def finish(self, request_id: str) -> None:
         state = self._states.pop(request_id, None)
