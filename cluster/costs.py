@@ -169,7 +169,8 @@ class StepCost:
 
 @dataclass
 class RoundCostModel:
-    """Seconds of one round of a given :class:`RoundShape`.
+    """Seconds of one round of a given :class:`RoundShape`, drafting with a
+    model (``draft``) or by lookup (``lookup``: one call, whatever it copies).
 
     Without overlap drafting and verifying run one after the other; with two
     micro-batches the drafts of one run while the other verifies, so the
@@ -178,10 +179,17 @@ class RoundCostModel:
 
     verify: ProfiledCurve = field(default_factory=ProfiledCurve)
     draft: StepCost = field(default_factory=StepCost)
+    lookup: StepCost = field(default_factory=StepCost)
     overlap: bool = False
 
     def round_seconds(self, shape: RoundShape) -> float:
+        return self._total(shape, self.draft)
+
+    def lookup_round_seconds(self, shape: RoundShape) -> float:
+        return self._total(shape, self.lookup)
+
+    def _total(self, shape: RoundShape, drafter: StepCost) -> float:
         verify = self.verify.seconds(shape.verify_tokens)
-        draft = self.draft.seconds(shape.draft_steps)
+        draft = drafter.seconds(shape.draft_steps)
         total = max(verify, draft) if self.overlap else verify + draft
         return max(total, 1e-9)  # the scheduler divides by it

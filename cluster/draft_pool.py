@@ -65,9 +65,8 @@ class DraftReplica:
     pid: int
     requests: set[str] = field(default_factory=set)
     draining: bool = False
-    # start/finish/catch-up calls sent but not yet awaited; awaited with the next propose
+    # start/finish calls sent but not yet awaited; awaited with the next propose
     unsettled: list[Any] = field(default_factory=list)
-    catching_up: bool = False  # a catch-up is among them: the next propose waits on it
 
     @property
     def load(self) -> int:
@@ -192,20 +191,6 @@ class DraftPool:
         replica.requests.add(request_id)
         self._bound_unsettled(replica)
 
-    def catch_up(
-        self, replica_id: int, request_ids: Sequence[str], updates: Sequence[DraftUpdate]
-    ) -> None:
-        """Have a replica apply ``updates`` and feed the requests' backlogs,
-        without waiting: it works on them while the target verifies, and the
-        next propose to it awaits them."""
-        replica = self.replicas.get(replica_id)
-        if replica is None:
-            return
-        ref = replica.handle.catch_up.remote(list(request_ids), list(updates))
-        replica.unsettled.append(ref)
-        replica.catching_up = True
-        self._bound_unsettled(replica)
-
     def detach(self, replica_id: int | None, request_ids: Sequence[str]) -> None:
         """Free the requests' draft state; a gone replica has nothing to free."""
         replica = self.replicas.get(replica_id) if replica_id is not None else None
@@ -222,7 +207,6 @@ class DraftPool:
         if len(replica.unsettled) < _MAX_UNSETTLED:
             return
         refs, replica.unsettled = replica.unsettled, []
-        replica.catching_up = False
 
         async def settle() -> None:
             await asyncio.gather(*(_awaitable(ref) for ref in refs), return_exceptions=True)
@@ -243,7 +227,6 @@ class DraftPool:
         if replica is None:
             raise DraftReplicaError(f"draft replica {replica_id} is gone", replica_id, "died")
         unsettled, replica.unsettled = replica.unsettled, []
-        replica.catching_up = False
         refs = [*unsettled, replica.handle.propose.remote(list(requests), list(updates))]
         try:
             results = await asyncio.wait_for(

@@ -1,72 +1,104 @@
-"""The drafting half of a router round: γ for each request, catch-ups for
-requests whose drafter fell behind, then one fused update-and-propose call
-per draft replica, all replicas at once."""
+"""The drafting half of a router round: γ for each request and drafting path,
+then one fused update-and-propose call per draft replica, all replicas at
+once."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from specray.actors.drafting.base import DraftProposal, DraftRequest
 from specray.actors.engine.engine import gamma_limit
-from specray.actors.engine.gamma import RoundShape, schedule_gammas
+from specray.actors.engine.gamma import RoundShape, expected_tokens, schedule_gammas
 from specray.actors.engine.round import DraftUpdate
 from specray.cluster.costs import RoundCostModel
 from specray.cluster.draft_pool import DraftPool, DraftReplicaError
 from specray.cluster.tracked import Tracked
 
-# A request whose drafter is more than this many committed tokens behind
-# has missed rounds (in step, it is one or two behind: the bonus token and
-# an accepted last draft).
-IN_STEP = 2
+
+@dataclass(frozen=True)
+class DraftPaths:
+    """How a pool's drafter drafts: with a model (priced by the tokens it
+    feeds, backlog included), by copying from the context (priced per call:
+    next to nothing), or both, as the hybrid does."""
+
+    model: bool
+    lookup: bool
 
 
 def choose_gammas(
-    batch: Sequence[Tracked],
-    drafting: bool,
-    adaptive: bool,
-    costs: RoundCostModel,
-    catches_up: bool = False,
-) -> list[Tracked]:
-    """Set each request's γ for this round: per target replica (each verifies
-    its own batch), from :func:`schedule_gammas` when ``adaptive``, else the
-    ceiling; 0 for requests without a draft replica or when not ``drafting``.
+    batch: Sequence[Tracked], paths: DraftPaths | None, adaptive: bool, costs: RoundCostModel
+) -> None:
+    """Set each request's γ for this round, per path: ``run.gamma`` for a
+    model's drafts, ``lookup_gamma`` for copies. Per target replica (each
+    verifies its own batch), from :func:`schedule_gammas` with the path's
+    acceptance and cost when ``adaptive``, else the ceiling; 0 for requests
+    without a draft replica or with no drafter (``paths`` None).
 
-    When the drafter ``catches_up`` (keeps a cache, see :class:`CatchesUp`),
-    adaptive schedules price each request's draft backlog (its first step
-    feeds every committed token its drafter has not seen) and the requests
-    to catch up off the critical path are returned: behind, so not drafting
-    now, but drafting if they were in step, i.e. as soon as they are.
+    A model's drafts also pay for each request's backlog (:func:`entry_seconds`).
     """
     for tracked in batch:
-        tracked.run.gamma = 0
-    if not drafting:
-        return []
+        tracked.run.gamma = tracked.lookup_gamma = 0
+    if paths is None:
+        return
     groups: dict[int | None, list[Tracked]] = {}
     for tracked in batch:
         groups.setdefault(tracked.target, []).append(tracked)
-    behind: list[Tracked] = []
     for group in groups.values():
         limits = [max(gamma_limit(t.run), 0) if t.draft is not None else 0 for t in group]
         if not adaptive:
             for tracked, gamma in zip(group, limits, strict=True):
-                tracked.run.gamma = gamma
+                tracked.run.gamma = gamma if paths.model else 0
+                tracked.lookup_gamma = gamma if paths.lookup else 0
             continue
         base = sum(len(t.run.tokens) - t.run.cached_len for t in group)
-        alphas = [t.run.acceptance.alpha for t in group]
-        backlogs = [t.draft_backlog for t in group] if catches_up else None
-        gammas = schedule_gammas(alphas, limits, costs.round_seconds, base, backlogs)
-        for tracked, gamma in zip(group, gammas, strict=True):
-            tracked.run.gamma = gamma
-        if backlogs is None:
-            continue
-        lagging = [q for q in range(len(group)) if gammas[q] == 0 and backlogs[q] > IN_STEP]
-        if lagging:
-            in_step = schedule_gammas(alphas, limits, costs.round_seconds)
-            behind += [group[q] for q in lagging if in_step[q] > 0]
-    return behind
+        if paths.lookup:
+            alphas = [t.lookup_acceptance.alpha for t in group]
+            copies = schedule_gammas(alphas, limits, costs.lookup_round_seconds, base)
+            for tracked, gamma in zip(group, copies, strict=True):
+                tracked.lookup_gamma = gamma
+        if paths.model:
+            alphas = [t.model_acceptance.alpha for t in group]
+            entries = [
+                entry_seconds(t, alpha, limit, costs)
+                for t, alpha, limit in zip(group, alphas, limits, strict=True)
+            ]
+            gammas = schedule_gammas(alphas, limits, costs.round_seconds, base, entries)
+            for tracked, gamma in zip(group, gammas, strict=True):
+                tracked.run.gamma = gamma
+
+
+def entry_seconds(tracked: Tracked, alpha: float, limit: int, costs: RoundCostModel) -> float:
+    """What a model drafter's catch-up costs the round in which a request
+    drafts again: its first step feeds the request's backlog (the whole
+    prompt for a new request) instead of one token.
+
+    Paid once, it lets every later round draft in step, so it is spread over
+    the rounds the request has left, counted as if each drafted its limit
+    (the fewest rounds, so the largest share). It is paid on the critical
+    path, inside that round's proposal: a catch-up sent ahead to run while
+    the target verifies would be free only where the draft has hardware of
+    its own; on shared cores it slowed every target step it overlapped
+    (docs/router.md).
+    """
+    extra = costs.draft.seconds((tracked.draft_backlog,)) - costs.draft.seconds((1,))
+    if extra <= 0.0 or limit <= 0:
+        return 0.0
+    rounds_left = tracked.run.remaining_tokens / expected_tokens(alpha, limit)
+    return extra / max(rounds_left, 1.0)
+
+
+def record_verdict(tracked: Tracked, draft: DraftProposal, num_accepted: int) -> None:
+    """Update the acceptance estimate of the path the proposal came by; a
+    round without one lets both drift back toward their priors."""
+    if len(draft):
+        path = tracked.lookup_acceptance if draft.from_lookup else tracked.model_acceptance
+        path.update(len(draft), num_accepted)
+    else:
+        tracked.lookup_acceptance.update(0, 0)
+        tracked.model_acceptance.update(0, 0)
 
 
 def backlog_after(backlog: int, drafted: int, update: DraftUpdate) -> int:
@@ -79,38 +111,14 @@ def backlog_after(backlog: int, drafted: int, update: DraftUpdate) -> int:
     return committed - min(update.num_accepted, drafted - 1)
 
 
-def draft_shape(
-    batch: Sequence[Tracked], drafts: Sequence[DraftProposal] | None = None
+def fed_steps(
+    batch: Sequence[Tracked], drafts: Sequence[DraftProposal], lookup: bool = False
 ) -> tuple[int, ...]:
-    """The draft steps of this round's γs (see :class:`RoundShape`); given
-    the ``drafts``, of the ones a model made (lookups feed nothing)."""
-    gammas = [t.run.gamma for t in batch]
-    if drafts is not None:
-        gammas = [
-            0 if d.from_lookup or not len(d) else g for g, d in zip(gammas, drafts, strict=True)
-        ]
-    return RoundShape.of(0, gammas, [t.draft_backlog for t in batch]).draft_steps
-
-
-def catch_up(
-    pool: DraftPool | None, behind: Sequence[Tracked], everyone: Iterable[Tracked]
-) -> None:
-    """Have each request's draft replica feed its backlog now, with the
-    verdicts it has not heard yet (of every request pinned there, in order)."""
-    if pool is None or not behind:
-        return
-    by_replica: dict[int, list[str]] = {}
-    for tracked in behind:
-        if tracked.draft is not None:
-            by_replica.setdefault(tracked.draft, []).append(tracked.request_id)
-            tracked.draft_backlog = 1
-    updates: dict[int, list[DraftUpdate]] = {r: [] for r in by_replica}
-    for tracked in everyone:
-        if tracked.draft in updates and tracked.updates:
-            updates[tracked.draft] += tracked.updates
-            tracked.updates = []
-    for replica_id, request_ids in by_replica.items():
-        pool.catch_up(replica_id, request_ids, updates[replica_id])
+    """The steps the drafts of one path took: a model's (each fed its
+    backlog first), or with ``lookup`` the copies'."""
+    lengths = [len(d) if d.from_lookup == lookup else 0 for d in drafts]
+    backlogs = [1 if lookup else t.draft_backlog for t in batch]
+    return RoundShape.of(0, lengths, backlogs).draft_steps
 
 
 @dataclass
@@ -121,8 +129,6 @@ class Proposals:
     drafts: list[DraftProposal]
     failures: dict[int, DraftReplicaError] = field(default_factory=dict)  # by replica
     elapsed_s: float | None = None  # None: no replica was asked
-    # a replica asked was still catching up: the time is not the drafts' alone
-    waited_on_catch_up: bool = False
 
 
 async def propose(pool: DraftPool | None, batch: Sequence[Tracked]) -> Proposals:
@@ -132,13 +138,16 @@ async def propose(pool: DraftPool | None, batch: Sequence[Tracked]) -> Proposals
     proposals = Proposals([DraftProposal([]) for _ in batch])
     by_replica: dict[int, list[int]] = {}
     for i, tracked in enumerate(batch):
-        if tracked.draft is not None and tracked.run.gamma > 0:
+        if tracked.draft is not None and max(tracked.run.gamma, tracked.lookup_gamma) > 0:
             by_replica.setdefault(tracked.draft, []).append(i)
     if pool is None or not by_replica:
         return proposals
 
     async def one(replica_id: int, idx: list[int]) -> list[DraftProposal]:
-        asks = [DraftRequest(batch[i].request_id, batch[i].run.gamma) for i in idx]
+        asks = [
+            DraftRequest(batch[i].request_id, batch[i].run.gamma, batch[i].lookup_gamma)
+            for i in idx
+        ]
         updates: list[DraftUpdate] = []
         for tracked in batch:
             if tracked.draft == replica_id:
@@ -146,9 +155,6 @@ async def propose(pool: DraftPool | None, batch: Sequence[Tracked]) -> Proposals
                 tracked.updates = []
         return await pool.propose(replica_id, asks, updates)
 
-    proposals.waited_on_catch_up = any(
-        pool.replicas[r].catching_up for r in by_replica if r in pool.replicas
-    )
     began = time.perf_counter()
     results = await asyncio.gather(
         *(one(r, idx) for r, idx in by_replica.items()), return_exceptions=True

@@ -55,11 +55,12 @@ from specray.cluster.errors import TargetGroupError
 from specray.cluster.metrics import RouterMetrics
 from specray.cluster.recovery import Recovery, RecoveryConfig, RecoveryHooks
 from specray.cluster.round_drafts import (
+    DraftPaths,
     backlog_after,
-    catch_up,
     choose_gammas,
-    draft_shape,
+    fed_steps,
     propose,
+    record_verdict,
 )
 from specray.cluster.router_state import (
     Footprint,
@@ -130,7 +131,9 @@ class Router:
         self._lanes: list[dict[str, None]] = []  # ordered sets of request ids
         self._tasks: list[asyncio.Task[None]] = []
         self._costs = RoundCostModel(overlap=config.overlap)
-        self._pool_alpha = SurvivalEstimate(decay=0.98)  # prior for new requests
+        # per drafting path, the prior of new requests
+        self._pool_alpha = {path: SurvivalEstimate(decay=0.98) for path in ("lookup", "model")}
+        self._paths: DraftPaths | None = None  # set when a draft pool starts
         self._hidden_layers: tuple[int, ...] = ()
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._eos: tuple[int, ...] = ()
@@ -143,7 +146,6 @@ class Router:
         self._closed = False
         self._target_moves = 0
         self._draft_moves = 0
-        self._catch_ups = 0
         self._recovery: Recovery | None = None  # made in start(), with the metrics
         self._timings = RoundTimings()
 
@@ -185,6 +187,8 @@ class Router:
         if config.draft is not None and config.num_speculative_tokens > 0:
             sizes = feed_profile_sizes(config.draft.spec.max_len) if config.profile else ()
             self._pool = DraftPool(config.draft, sizes)
+            spec = config.draft.spec
+            self._paths = DraftPaths(model=spec.catches_up, lookup=spec.looks_up)
             if config.num_drafts:
                 starts.append(self._pool.add(config.num_drafts))
         await asyncio.gather(*starts)
@@ -357,7 +361,6 @@ class Router:
             verify_costs=self._costs.verify.as_dict(),
             draft_costs=self._costs.draft.as_dict(),
             recovery=recovery,
-            draft_catch_ups=self._catch_ups,
         )
 
     async def ping(self) -> bool:
@@ -488,16 +491,9 @@ class Router:
 
     async def _round(self, batch: list[Tracked]) -> None:
         began = time.perf_counter()
-        pool = self._pool
-        catches_up = pool is not None and pool.config.spec.catches_up
-        behind = choose_gammas(
-            batch, pool is not None, self.config.adaptive, self._costs, catches_up
-        )
+        choose_gammas(batch, self._paths, self.config.adaptive, self._costs)
         proposing = time.perf_counter()
         drafts = await self._propose(batch)
-        # After this round's proposals, so the drafts catch up while it verifies.
-        catch_up(self._pool, behind, self._tracked.values())
-        self._catch_ups += len(behind)
         verifying = time.perf_counter()
         # Grouped after drafting: another lane may have lost a target meanwhile.
         groups: dict[int | None, list[int]] = {}
@@ -530,8 +526,10 @@ class Router:
             survivors, kept_drafts, updates, rejection.output_token_ids, strict=True
         ):
             if len(draft):
-                self._pool_alpha.update(len(draft), update.num_accepted)
+                pool_alpha = self._pool_alpha["lookup" if draft.from_lookup else "model"]
+                pool_alpha.update(len(draft), update.num_accepted)
             if tracked.draft is not None:
+                record_verdict(tracked, draft, update.num_accepted)
                 tracked.updates.append(update)
                 fed = 0 if draft.from_lookup else len(draft)
                 tracked.draft_backlog = backlog_after(tracked.draft_backlog, fed, update)
@@ -550,13 +548,14 @@ class Router:
         for replica_id, error in proposals.failures.items():
             self._draft_failed(replica_id, error)
         elapsed = proposals.elapsed_s
-        if elapsed is not None and not proposals.failures and not proposals.waited_on_catch_up:
-            # A drafter with a model is timed by what its model fed (a hybrid's
-            # lookups cost next to nothing); lookup alone by its steps.
-            assert self._pool is not None
-            model = self._pool.config.spec.catches_up
-            steps = draft_shape(batch, proposals.drafts if model else None)
-            self._costs.draft.observe(steps, elapsed)
+        if elapsed is not None and not proposals.failures:
+            # Timed as the model's call when a model drafted (a hybrid's
+            # copies in the same call cost next to nothing), else the copies'.
+            model_steps = fed_steps(batch, proposals.drafts)
+            if model_steps:
+                self._costs.draft.observe(model_steps, elapsed)
+            else:
+                self._costs.lookup.observe(fed_steps(batch, proposals.drafts, True), elapsed)
         return proposals.drafts
 
     async def _verify(
@@ -631,11 +630,13 @@ class Router:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         if not request.prompt_ids:
             raise ValueError("prompt_ids must not be empty")
-        prior = SurvivalEstimate.with_prior(self._pool_alpha.alpha)
-        run = start_request(
-            request, self._eos, self._tokenizer, self.config.num_speculative_tokens, prior
+        run = start_request(request, self._eos, self._tokenizer, self.config.num_speculative_tokens)
+        tracked = Tracked(
+            run,
+            asyncio.Queue(),
+            lookup_acceptance=SurvivalEstimate.with_prior(self._pool_alpha["lookup"].alpha),
+            model_acceptance=SurvivalEstimate.with_prior(self._pool_alpha["model"].alpha),
         )
-        tracked = Tracked(run, asyncio.Queue())
         self._tracked[request.request_id] = tracked
         self._waiting.append(request.request_id)
         self._update_gauges()

@@ -84,7 +84,6 @@ class RouterState:
     verify_costs: dict[str, Any]  # level (s) × shape (tokens -> relative cost)
     draft_costs: dict[str, Any]  # level (s) × shape (tokens fed in a step -> relative cost)
     recovery: RecoveryState = field(default_factory=RecoveryState)
-    draft_catch_ups: int = 0  # requests whose drafter was caught up off the critical path
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from specray.actors.engine.gamma import SurvivalEstimate
 from specray.actors.engine.request import RequestOutput, RunningRequest
 from specray.actors.engine.round import DraftUpdate
 
@@ -23,6 +24,10 @@ class Tracked:
     updates: list[DraftUpdate] = field(default_factory=list)  # not yet sent to the draft
     # committed tokens its draft replica has not fed (its next proposal's first step)
     draft_backlog: int = 0
+    lookup_gamma: int = 0  # copies asked for this round (a model's drafts: run.gamma)
+    # per-token acceptance of each way of drafting (a hybrid has both)
+    lookup_acceptance: SurvivalEstimate = field(default_factory=SurvivalEstimate)
+    model_acceptance: SurvivalEstimate = field(default_factory=SurvivalEstimate)
     cancelled: bool = False
     move_target: bool = False
     move_draft: bool = False

@@ -39,6 +39,19 @@ def test_long_match_drafts_by_lookup_short_by_model(hybrid: HybridDrafter) -> No
     assert (hybrid.lookup_proposals, hybrid.model_proposals) == (1, 1)
 
 
+def test_lookup_budget_apart_from_the_model_budget(hybrid: HybridDrafter) -> None:
+    """Asked for no model drafts but some copies: a match is copied (up to
+    its own budget), a miss costs no model step; the proposal says which."""
+    hybrid.start("copy", [1, *COPIED, 2, *COPIED[:3]], GREEDY)
+    hybrid.start("fresh", [20, 21, 22, 23, 24, 21], GREEDY)
+    asks = [DraftRequest("copy", 0, lookup_tokens=3), DraftRequest("fresh", 0, lookup_tokens=3)]
+    copy, fresh = hybrid.propose(asks)
+    assert copy.token_ids == COPIED[3:6] and copy.from_lookup
+    assert fresh.token_ids == [] and hybrid.model_proposals == 0
+    (model_made,) = hybrid.propose([DraftRequest("fresh", 2, lookup_tokens=4)])
+    assert len(model_made) == 2 and not model_made.from_lookup
+
+
 def test_model_hears_a_verdict_only_on_its_own_proposal(hybrid: HybridDrafter) -> None:
     """After a lookup round the model's cache holds no drafts: it must not be
     told that any of them were accepted, and it catches up on its next call."""

@@ -28,13 +28,20 @@ from specray.actors.engine.gamma import (
 from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.round import DraftUpdate
 from specray.actors.model.loader import load_model
-from specray.actors.sampling.params import SamplingParams
+from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 from specray.actors.sampling.rejection import RejectionResult
 from specray.actors.workers.draft_worker import DraftWorker, DraftWorkerSpec
 from specray.cluster.costs import CostCurve, ProfiledCurve, RoundCostModel, StepCost
 from specray.cluster.metrics import RouterMetrics
 from specray.cluster.recovery import Backoff, OutageClock, RecoveryConfig
-from specray.cluster.round_drafts import backlog_after, catch_up, choose_gammas, draft_shape
+from specray.cluster.round_drafts import (
+    DraftPaths,
+    backlog_after,
+    choose_gammas,
+    entry_seconds,
+    fed_steps,
+    record_verdict,
+)
 from specray.cluster.router_state import Footprint
 from specray.cluster.tracked import Tracked
 
@@ -106,35 +113,36 @@ def test_prefill_tokens_count_toward_the_batch() -> None:
     limit=st.integers(0, 8),
     flat=st.integers(1, 64),
     draft_cost=st.floats(0.0, 0.5),
-    backlogs=st.lists(st.integers(1, 300), min_size=12, max_size=12),
+    entries=st.lists(st.floats(0.0, 3.0), min_size=12, max_size=12),
 )
 def test_schedule_never_expects_less_than_no_speculation(
-    alphas: list[float], limit: int, flat: int, draft_cost: float, backlogs: list[int]
+    alphas: list[float], limit: int, flat: int, draft_cost: float, entries: list[float]
 ) -> None:
-    behind = backlogs[: len(alphas)]
+    entry = entries[: len(alphas)]
 
     def cost(shape: RoundShape) -> float:  # a draft step costs more the more it feeds
         draft = sum(draft_cost * max(1.0, tokens / 8) for tokens in shape.draft_steps)
         return max(1.0, shape.verify_tokens / flat) + draft
 
-    gammas = schedule_gammas(alphas, [limit] * len(alphas), cost, backlogs=behind)
+    gammas = schedule_gammas(alphas, [limit] * len(alphas), cost, entry_seconds=entry)
     assert all(0 <= g <= limit for g in gammas)
     tokens = len(alphas) + sum(gammas)
     plain = _throughput(alphas, [0] * len(alphas), cost(RoundShape(len(alphas))))
-    chosen = cost(RoundShape.of(tokens, gammas, behind))
+    entered = sum(e for e, g in zip(entry, gammas, strict=True) if g > 0)
+    chosen = cost(RoundShape.of(tokens, gammas)) + entered
     assert _throughput(alphas, gammas, chosen) >= plain - 1e-9
 
 
-def test_a_request_far_behind_waits_while_the_others_draft() -> None:
-    """Catching up 500 tokens on the draft costs more than its drafts earn;
-    the requests in step draft as if it were not there."""
+def test_a_request_with_a_costly_entry_waits_while_the_others_draft() -> None:
+    """Catching up costs more than its drafts earn this round; the requests
+    in step draft as if it were not there."""
 
     def cost(shape: RoundShape) -> float:
-        return 1.0 + sum(0.05 * max(1.0, tokens / 4) for tokens in shape.draft_steps)
+        return 1.0 + 0.05 * shape.depth
 
     alphas, limits = [0.9, 0.8, 0.8], [4, 4, 4]
     assert schedule_gammas(alphas, limits, cost)[0] > 0
-    gammas = schedule_gammas(alphas, limits, cost, backlogs=[500, 1, 2])
+    gammas = schedule_gammas(alphas, limits, cost, entry_seconds=[5.0, 0.0, 0.01])
     assert gammas[0] == 0 and gammas[1] > 0 and gammas[2] > 0
 
 
@@ -360,57 +368,105 @@ def test_footprint_totals_every_actor() -> None:
 # -- catching drafts up -------------------------------------------------------------
 
 
-class _RecordingPool:
-    """Records catch-up calls (the Ray-side pool is exercised in test_router)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, list[str], list[str]]] = []
-
-    def catch_up(self, replica_id: int, request_ids: list[str], updates: list[DraftUpdate]) -> None:
-        self.calls.append((replica_id, list(request_ids), [u.request_id for u in updates]))
-
-
-def _tracked(request_id: str, backlog: int, alpha: float) -> Tracked:
-    request = GenerationRequest(request_id, list(range(3, 3 + backlog)))
-    run = start_request(request, (), None, 4, SurvivalEstimate.with_prior(alpha))
+def _tracked(
+    request_id: str, backlog: int, alpha: float, lookup_alpha: float = 0.5, max_tokens: int = 256
+) -> Tracked:
+    stopping = StoppingCriteria(max_tokens=max_tokens)
+    run = start_request(
+        GenerationRequest(request_id, [3] * backlog, stopping=stopping), (), None, 4
+    )
     run.cached_len = len(run.tokens) - 1  # decoding: the target verifies one token each
-    tracked = Tracked(run, asyncio.Queue(), target=0, draft=0, draft_backlog=backlog)
-    tracked.updates = [DraftUpdate(request_id, 0, [1], None)]
-    return tracked
+    return Tracked(
+        run,
+        asyncio.Queue(),
+        target=0,
+        draft=0,
+        draft_backlog=backlog,
+        model_acceptance=SurvivalEstimate.with_prior(alpha),
+        lookup_acceptance=SurvivalEstimate.with_prior(lookup_alpha),
+    )
 
 
-def test_a_request_behind_catches_up_off_the_critical_path() -> None:
-    """Flat verify, a drafter whose feed of 300 tokens costs 40 steps: the
-    requests in step draft; the one 300 tokens behind drafts nothing now and
-    is caught up (with every verdict its replica has not heard) instead."""
+MODEL = DraftPaths(model=True, lookup=False)
+
+
+def _flat_verify_costs() -> RoundCostModel:
+    """Verifying is flat; feeding 256 tokens costs the drafter 40 one-token steps."""
     costs = RoundCostModel()
     costs.verify.set_profile([(1, 0.1), (64, 0.1)])
     costs.draft.set_profile([(1, 0.01), (8, 0.01), (256, 0.4)])
-    batch = [_tracked("a", 300, 0.9), _tracked("b", 1, 0.8), _tracked("c", 2, 0.8)]
-    behind = choose_gammas(batch, drafting=True, adaptive=True, costs=costs, catches_up=True)
+    return costs
+
+
+def test_a_catch_up_is_spread_over_the_rounds_left() -> None:
+    costs = _flat_verify_costs()
+    in_step, new, ending = (
+        _tracked("a", 1, 0.9),
+        _tracked("b", 300, 0.9),
+        _tracked("c", 300, 0.9, max_tokens=3),
+    )
+    assert entry_seconds(in_step, 0.9, 4, costs) == 0.0
+    feed = costs.draft.seconds((300,)) - costs.draft.seconds((1,))
+    assert feed > 0.4
+    assert entry_seconds(new, 0.9, 4, costs) == pytest.approx(feed * expected_tokens(0.9, 4) / 256)
+    assert entry_seconds(ending, 0.9, 4, costs) == pytest.approx(feed)  # one round left
+
+
+def test_a_request_far_behind_drafts_only_if_its_catch_up_pays_off() -> None:
+    """Three requests 300 tokens behind: the two with many tokens left
+    draft (their catch-up, spread over ~60 rounds, is cheap); the one about
+    to end would pay the whole feed for one round, so it decodes plainly
+    while the others draft."""
+    costs = _flat_verify_costs()
+    batch = [
+        _tracked("long", 300, 0.9),
+        _tracked("ending", 300, 0.9, max_tokens=6),
+        _tracked("in step", 1, 0.8),
+    ]
+    choose_gammas(batch, MODEL, adaptive=True, costs=costs)
     gammas = [t.run.gamma for t in batch]
-    assert gammas[0] == 0 and gammas[1] > 0 and gammas[2] > 0
-    assert behind == [batch[0]]
-    pool = _RecordingPool()
-    catch_up(pool, behind, batch)  # type: ignore[arg-type]
-    assert pool.calls == [(0, ["a"], ["a", "b", "c"])]
-    assert batch[0].draft_backlog == 1 and all(not t.updates for t in batch)
-    assert draft_shape(batch) == RoundShape.of(0, gammas, [1, 1, 2]).draft_steps
-    # Timed by what a model fed: "b"'s proposal came from a lookup.
-    drafts = [DraftProposal([]), DraftProposal([1] * gammas[1], from_lookup=True)]
+    assert gammas[0] > 0 and gammas[1] == 0 and gammas[2] > 0
+    assert [t.lookup_gamma for t in batch] == [0, 0, 0]
+    # Timed by what each path did: "ending"'s proposal came from a lookup.
+    drafts = [DraftProposal([1] * gammas[0]), DraftProposal([1, 2], from_lookup=True)]
     drafts.append(DraftProposal([1] * gammas[2]))
-    assert draft_shape(batch, drafts) == RoundShape.of(0, [0, 0, gammas[2]], [1, 1, 2]).draft_steps
-    # Lookup drafting: no backlog to price, nobody to catch up.
-    assert choose_gammas(batch, drafting=True, adaptive=True, costs=costs) == []
-    assert all(t.run.gamma > 0 for t in batch)
+    fed = RoundShape.of(0, [gammas[0], 0, gammas[2]], [300, 300, 1]).draft_steps
+    assert fed_steps(batch, drafts) == fed and fed[0] == 301
+    assert fed_steps(batch, drafts, lookup=True) == (1, 1)
 
 
-def test_nothing_catches_up_when_drafting_would_not_pay_anyway() -> None:
-    """Compute-bound verify: in step or not, no request should draft, so a
-    request behind stays behind (catching it up would be wasted work)."""
+def test_compute_bound_verify_drafts_nothing_behind_or_not() -> None:
     costs = RoundCostModel()
     costs.verify.set_profile([(1, 0.1), (64, 6.4)])
     costs.draft.set_profile([(1, 0.01), (256, 0.4)])
     batch = [_tracked("a", 300, 0.6), _tracked("b", 1, 0.6)]
-    assert choose_gammas(batch, drafting=True, adaptive=True, costs=costs, catches_up=True) == []
+    choose_gammas(batch, MODEL, adaptive=True, costs=costs)
     assert [t.run.gamma for t in batch] == [0, 0]
+
+
+def test_a_hybrid_copies_where_model_drafts_do_not_pay() -> None:
+    """A draft model that costs most of a target step drafts nothing at
+    batch 1; lookups cost a round trip, so copying is still asked for (and
+    a lookup drafter alone never prices a backlog)."""
+    costs = RoundCostModel()
+    costs.verify.set_profile([(1, 0.1), (8, 0.1)])
+    costs.draft.set_profile([(1, 0.08), (8, 0.09)])
+    costs.lookup.observe((1, 1), 0.002)
+    batch = [_tracked("a", 1, 0.6, lookup_alpha=0.7)]
+    hybrid = DraftPaths(model=True, lookup=True)
+    choose_gammas(batch, hybrid, adaptive=True, costs=costs)
+    assert batch[0].run.gamma == 0 and batch[0].lookup_gamma == 4
+    batch = [_tracked("a", 300, 0.6, lookup_alpha=0.7)]
+    choose_gammas(batch, DraftPaths(model=False, lookup=True), True, costs)
+    assert batch[0].run.gamma == 0 and batch[0].lookup_gamma == 4
+    # Fixed γ: each path the drafter has gets the ceiling.
+    choose_gammas(batch, hybrid, adaptive=False, costs=costs)
+    assert batch[0].run.gamma == batch[0].lookup_gamma == 4
+
+
+def test_verdicts_update_the_path_they_came_by() -> None:
+    tracked = _tracked("a", 1, 0.5, lookup_alpha=0.5)
+    record_verdict(tracked, DraftProposal([1, 2, 3, 4], from_lookup=True), 4)
+    assert tracked.lookup_acceptance.alpha > 0.5 and tracked.model_acceptance.alpha == 0.5
+    record_verdict(tracked, DraftProposal([1, 2]), 0)
+    assert tracked.model_acceptance.alpha < 0.5

@@ -13,9 +13,9 @@ to :meth:`Drafter.accept`.
 
 A drafter with a cache of its own (a draft model, a head) must feed every
 committed token before it drafts from it; it feeds lazily, on its next
-proposal, so rounds without drafts cost it nothing. :class:`CatchesUp` lets
-a scheduler see and move that work: how long feeding ``n`` tokens takes,
-and feeding a request's backlog ahead of time.
+proposal, so rounds without drafts cost it nothing and the first proposal
+after them feeds the whole stretch. :class:`CatchesUp` lets a scheduler
+price that: how long feeding ``n`` tokens takes.
 """
 
 from __future__ import annotations
@@ -35,6 +35,15 @@ class DraftRequest:
 
     request_id: str
     num_tokens: int  # γ for this round; the drafter may return fewer
+    # Tokens a drafter that can copy from the context (n-gram lookup) may
+    # propose that way when it finds a match: copying costs no model step,
+    # so a scheduler can allow it more than the drafts a model would make.
+    lookup_tokens: int = 0
+
+    @property
+    def most(self) -> int:
+        """The most tokens any proposal may have."""
+        return max(self.num_tokens, self.lookup_tokens)
 
 
 @dataclass
@@ -103,13 +112,8 @@ class Drafter(Protocol):
 @runtime_checkable
 class CatchesUp(Protocol):
     """A drafter whose next proposal first feeds the committed tokens it has
-    not seen: the whole prompt for a new request, every token of a stretch
-    without drafts."""
-
-    def catch_up(self, request_ids: Sequence[str]) -> None:
-        """Feed the requests' unseen committed tokens now (all but the last,
-        which the next proposal feeds to draft from), so that proposal is a
-        plain draft step."""
+    not seen (the whole prompt for a new request, every token of a stretch
+    without drafts), and that can say what feeding costs."""
 
     def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
         """Seconds to feed ``n`` tokens of one request, for each ``n`` in

@@ -3,8 +3,7 @@
 It keeps its own KV cache. After :meth:`propose` the cache holds the
 committed tokens plus the first ``γ - 1`` drafts; :meth:`accept` rolls it
 back to the committed tokens it already fed (including the accepted drafts),
-and the next propose feeds whatever committed tokens it has not seen yet
-(:meth:`DraftModelDrafter.catch_up` feeds them ahead of time).
+and the next propose feeds whatever committed tokens it has not seen yet.
 """
 
 from __future__ import annotations
@@ -98,19 +97,6 @@ class DraftModelDrafter:
             self.cache.truncate(state.slot, state.cached)
         state.tokens.extend(new_token_ids)
         state.last_proposal = 0
-
-    def catch_up(self, request_ids: Sequence[str]) -> None:
-        states = map(self._state, dict.fromkeys(request_ids))
-        behind = [s for s in states if s.cached < len(s.tokens) - 1]
-        if not behind:
-            return
-        seqs = [
-            SequenceInput(s.slot, s.tokens[s.cached : -1], self.cache.length(s.slot))
-            for s in behind
-        ]
-        self.model(ForwardBatch.build(seqs), self.cache)
-        for state in behind:
-            state.cached = len(state.tokens) - 1
 
     def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
         return profile_feeds(

@@ -4,8 +4,11 @@ Code edits, RAG answers and summaries copy long spans of their prompt: there
 n-gram lookup drafts as well as a model and costs nothing. Free-form chat
 copies little: there only a model drafts well, at a cost. A hybrid replica
 holds both and decides per request and round: a lookup whose matched suffix
-is at least ``min_match`` tokens long wins, otherwise the model proposes
-(one batched call for all the requests that fell through).
+is at least ``min_match`` tokens long wins (up to ``lookup_tokens``, or
+``num_tokens`` if more), otherwise the model proposes up to ``num_tokens``
+(one batched call for all the requests that fell through). A scheduler that
+prices the two paths apart asks for a model γ of 0 where a model draft
+does not pay and still gets the free copies.
 
 Both drafters track every request. The model only drafts in some rounds; it
 feeds the committed tokens it has not seen on its next proposal (its cache
@@ -61,13 +64,13 @@ class HybridDrafter:
         proposals: list[DraftProposal | None] = []
         fallback: list[DraftRequest] = []
         for request in requests:
-            found = self.lookup.match(request.request_id, request.num_tokens)
+            found = self.lookup.match(request.request_id, request.most)
             if found.token_ids and found.ngram_size >= self.min_match:
                 proposals.append(DraftProposal(found.token_ids, from_lookup=True))
             else:
                 proposals.append(None)
                 if request.num_tokens > 0:
-                    fallback.append(request)
+                    fallback.append(DraftRequest(request.request_id, request.num_tokens))
         modelled = iter(self.model.propose(fallback) if fallback else [])
         # Per request, not per call: calls for disjoint micro-batches interleave.
         self._model_drafted.difference_update(r.request_id for r in requests)
@@ -93,10 +96,6 @@ class HybridDrafter:
         model_accepted = num_accepted if request_id in self._model_drafted else 0
         self._model_drafted.discard(request_id)
         self.model.accept(request_id, model_accepted, new_token_ids, target_hidden)
-
-    def catch_up(self, request_ids: Sequence[str]) -> None:
-        if isinstance(self.model, CatchesUp):
-            self.model.catch_up(request_ids)
 
     def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
         return self.model.feed_profile(sizes) if isinstance(self.model, CatchesUp) else []

@@ -77,7 +77,7 @@ class NgramDrafter:
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
         return [
-            DraftProposal(self.match(r.request_id, r.num_tokens).token_ids, from_lookup=True)
+            DraftProposal(self.match(r.request_id, r.most).token_ids, from_lookup=True)
             for r in requests
         ]
 

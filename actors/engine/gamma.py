@@ -111,8 +111,8 @@ class RoundShape:
     """What one round does, as its cost model sees it: the tokens the target
     verifies in one batch, and the tokens the drafter feeds at each of its
     sequential steps (step 0 feeds each drafting request's committed tokens
-    it has not seen; step ``s`` one draft per request drafting deeper than
-    ``s``). Its depth is the deepest γ."""
+    it has not seen, one when it is in step; step ``s`` one draft per
+    request drafting deeper than ``s``). Its depth is the deepest γ."""
 
     verify_tokens: int
     draft_steps: tuple[int, ...] = ()
@@ -125,8 +125,8 @@ class RoundShape:
     def of(
         cls, verify_tokens: int, gammas: Sequence[int], backlogs: Sequence[int] | None = None
     ) -> RoundShape:
-        """The shape of a round that drafts ``gammas`` (``backlogs`` as in
-        :func:`schedule_gammas`)."""
+        """The shape of a round that drafts ``gammas``, each request's first
+        step feeding its backlog (1 each when ``backlogs`` is None)."""
         behind = [1] * len(gammas) if backlogs is None else backlogs
         steps = [0] * max(gammas, default=0)
         for gamma, backlog in zip(gammas, behind, strict=True):
@@ -140,7 +140,7 @@ def schedule_gammas(
     limits: Sequence[int],
     round_seconds: Callable[[RoundShape], float],
     base_tokens: int | None = None,
-    backlogs: Sequence[int] | None = None,
+    entry_seconds: Sequence[float] | None = None,
 ) -> list[int]:
     """γ for every request of one round, maximising expected tokens per second.
 
@@ -156,12 +156,11 @@ def schedule_gammas(
     prefix. ``base_tokens`` is what the batch verifies without drafts (one
     token per request, more for a prefill); it defaults to one per request.
 
-    ``backlogs[q]`` is how many committed tokens request ``q``'s drafter must
-    feed before its first draft (1 when it is in step; the whole context
-    after a stretch without drafting). A request far behind can make every
-    path through it lose while the others would win, so the path is also
-    walked over the requests at most each backlog behind, and the best of
-    all is kept.
+    ``entry_seconds[q]`` is charged once if request ``q`` drafts at all: its
+    drafter's share of catching up on tokens it has not seen. A request
+    with a high entry can make every path through it lose while the others
+    would win, so the path is also walked over the requests with at most
+    each entry, and the best of all is kept.
 
     The answer is the best prefix of those paths, plain decoding included,
     so a schedule never expects fewer tokens per second than no speculation.
@@ -171,7 +170,7 @@ def schedule_gammas(
     count = len(alphas)
     if count == 0:
         return []
-    behind = [1] * count if backlogs is None else [max(b, 1) for b in backlogs]
+    entry = [0.0] * count if entry_seconds is None else list(entry_seconds)
     candidates = sorted(
         (-(alpha**i), i, q)
         for q, (alpha, limit) in enumerate(zip(alphas, limits, strict=True))
@@ -180,19 +179,21 @@ def schedule_gammas(
     tokens = count if base_tokens is None else base_tokens
     best = float(count) / round_seconds(RoundShape(tokens))
     best_path: list[tuple[float, int, int]] = []
-    for most_behind in sorted(set(behind)):
-        path = [c for c in candidates if behind[c[2]] <= most_behind]
+    for most in sorted(set(entry)):
+        path = [c for c in candidates if entry[c[2]] <= most]
         steps: list[int] = []
-        expected, verified = float(count), tokens
+        expected, verified, entered = float(count), tokens, 0.0
         for taken, (neg_survival, i, q) in enumerate(path, 1):
             verified += 1
             expected -= neg_survival
             if i > len(steps):
                 steps.append(0)
-            steps[i - 1] += behind[q] if i == 1 else 1
-            throughput = expected / round_seconds(RoundShape(verified, tuple(steps)))
-            if throughput > best:
-                best, best_path = throughput, path[:taken]
+            steps[i - 1] += 1
+            if i == 1:
+                entered += entry[q]
+            seconds = round_seconds(RoundShape(verified, tuple(steps))) + entered
+            if expected / seconds > best:
+                best, best_path = expected / seconds, path[:taken]
     gammas = [0] * count
     for _, i, q in best_path:
         gammas[q] = max(gammas[q], i)

@@ -108,7 +108,7 @@ def _propose(drafter: Drafter | None, asks: list[DraftRequest]) -> list[DraftPro
     if drafter is None or not asks:
         return [DraftProposal([]) for _ in asks]
     proposals = drafter.propose(asks)
-    return [p.clipped(a.num_tokens) for p, a in zip(proposals, asks, strict=True)]
+    return [p.clipped(a.most) for p, a in zip(proposals, asks, strict=True)]
 
 
 def accept_drafts(

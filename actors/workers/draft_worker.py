@@ -52,6 +52,11 @@ class DraftWorkerSpec:
         token (all but n-gram lookup, which reads the tokens directly)."""
         return self.kind != "ngram"
 
+    @property
+    def looks_up(self) -> bool:
+        """Whether its drafter can copy proposals from the context."""
+        return self.kind in ("ngram", "hybrid")
+
     def __post_init__(self) -> None:
         if self.kind not in DRAFTER_KINDS:
             raise ValueError(f"kind must be one of {DRAFTER_KINDS}, got {self.kind!r}")
@@ -82,7 +87,6 @@ def build_drafter(spec: DraftWorkerSpec) -> Drafter:
 class DraftWorkerStats:
     propose_calls: int
     propose_s: float  # time inside propose (updates applied and drafting), this process
-    catch_up_s: float = 0.0  # time inside catch_up, this process
 
 
 class DraftWorker:
@@ -96,7 +100,6 @@ class DraftWorker:
         self._requests: set[str] = set()
         self._propose_calls = 0
         self._propose_s = 0.0
-        self._catch_up_s = 0.0
 
     def hidden_layers(self) -> tuple[int, ...]:
         """Target layers whose hidden states the drafter reads; () for none."""
@@ -127,24 +130,11 @@ class DraftWorker:
         self, requests: Sequence[DraftRequest], updates: Sequence[DraftUpdate]
     ) -> list[DraftProposal]:
         self._apply(updates)
-        asks = [r for r in requests if r.num_tokens > 0]
+        asks = [r for r in requests if r.most > 0]
         if not asks:
             return [DraftProposal([]) for _ in requests]
         by_id = dict(zip([a.request_id for a in asks], self.drafter.propose(asks), strict=True))
-        return [by_id.get(r.request_id, DraftProposal([])).clipped(r.num_tokens) for r in requests]
-
-    def catch_up(self, request_ids: Sequence[str], updates: Sequence[DraftUpdate] = ()) -> None:
-        """Apply ``updates``, then feed the requests' committed tokens the
-        drafter has not seen, so their next proposal is a plain draft step.
-        Sent when the router wants a request that fell behind (rounds
-        without drafts) drafting again, off the round's critical path."""
-        began = time.perf_counter()
-        try:
-            self._apply(updates)
-            if isinstance(self.drafter, CatchesUp):
-                self.drafter.catch_up([r for r in request_ids if r in self._requests])
-        finally:
-            self._catch_up_s += time.perf_counter() - began
+        return [by_id.get(r.request_id, DraftProposal([])).clipped(r.most) for r in requests]
 
     def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
         """Seconds the drafter takes to feed each of ``sizes`` tokens; [] for
@@ -175,9 +165,9 @@ class DraftWorker:
         return len(self._requests)
 
     def stats(self, reset: bool = False) -> DraftWorkerStats:
-        stats = DraftWorkerStats(self._propose_calls, self._propose_s, self._catch_up_s)
+        stats = DraftWorkerStats(self._propose_calls, self._propose_s)
         if reset:
-            self._propose_calls, self._propose_s, self._catch_up_s = 0, 0.0, 0.0
+            self._propose_calls, self._propose_s = 0, 0.0
         return stats
 
     def ping(self) -> int:

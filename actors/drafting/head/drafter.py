@@ -110,9 +110,6 @@ class HeadDrafter:
         state.pending_hidden.append(target_hidden)
         state.pending_tokens.extend(int(t) for t in new_token_ids)
 
-    def catch_up(self, request_ids: Sequence[str]) -> None:
-        self._feed_pending([self._state(r) for r in dict.fromkeys(request_ids)])
-
     def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
         fused = self.head.config.fused_size
 
