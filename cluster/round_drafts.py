@@ -60,32 +60,52 @@ def choose_gammas(
             for tracked, gamma in zip(group, copies, strict=True):
                 tracked.lookup_gamma = gamma
         if paths.model:
-            alphas = [t.model_acceptance.alpha for t in group]
-            entries = [
-                entry_seconds(t, alpha, limit, costs)
-                for t, alpha, limit in zip(group, alphas, limits, strict=True)
-            ]
-            gammas = schedule_gammas(alphas, limits, costs.round_seconds, base, entries)
-            for tracked, gamma in zip(group, gammas, strict=True):
-                tracked.run.gamma = gamma
+            _model_gammas(group, limits, base, costs)
 
 
-def entry_seconds(tracked: Tracked, alpha: float, limit: int, costs: RoundCostModel) -> float:
+def _model_gammas(
+    group: Sequence[Tracked], limits: Sequence[int], base: int, costs: RoundCostModel
+) -> None:
+    alphas = [t.model_acceptance.alpha for t in group]
+    entries = [0.0] * len(group)
+    if any(t.draft_backlog > 1 for t in group):
+        # Would each draft in a plain decode round, were it in step?
+        in_step = schedule_gammas(alphas, limits, costs.round_seconds)
+        entries = [
+            entry_seconds(t, alpha, limit, costs, gamma > 0)
+            for t, alpha, limit, gamma in zip(group, alphas, limits, in_step, strict=True)
+        ]
+    gammas = schedule_gammas(alphas, limits, costs.round_seconds, base, entries)
+    for tracked, gamma in zip(group, gammas, strict=True):
+        tracked.run.gamma = gamma
+
+
+def entry_seconds(
+    tracked: Tracked, alpha: float, limit: int, costs: RoundCostModel, drafts_in_step: bool
+) -> float:
     """What a model drafter's catch-up costs the round in which a request
     drafts again: its first step feeds the request's backlog (the whole
     prompt for a new request) instead of one token.
 
-    Paid once, it lets every later round draft in step, so it is spread over
-    the rounds the request has left, counted as if each drafted its limit
-    (the fewest rounds, so the largest share). It is paid on the critical
-    path, inside that round's proposal: a catch-up sent ahead to run while
-    the target verifies would be free only where the draft has hardware of
-    its own; on shared cores it slowed every target step it overlapped
-    (docs/router.md).
+    Paid once, it lets every later round draft in step. So when the request
+    ``drafts_in_step`` (a plain decode round with it in step would draft
+    it), the cost is spread over the rounds it has left, counted as if each
+    drafted its limit (the fewest rounds, so the largest share). Otherwise
+    later rounds would not draft it and the whole feed is this round's: a
+    prefill round verifies so many tokens that a few drafts look free, and
+    without this a loaded server fed every new prompt to the draft model
+    for nothing (TTFT at c = 16 rose from 20 s to 33 s).
+
+    It is paid on the critical path, inside that round's proposal: a
+    catch-up sent ahead to run while the target verifies is free only where
+    the draft has hardware of its own; on shared cores it slowed every
+    target step it overlapped (docs/router.md).
     """
     extra = costs.draft.seconds((tracked.draft_backlog,)) - costs.draft.seconds((1,))
     if extra <= 0.0 or limit <= 0:
         return 0.0
+    if not drafts_in_step:
+        return extra
     rounds_left = tracked.run.remaining_tokens / expected_tokens(alpha, limit)
     return extra / max(rounds_left, 1.0)
 

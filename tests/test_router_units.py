@@ -96,15 +96,23 @@ def test_draft_depth_cost_limits_gamma() -> None:
     assert cheap == [8] and slow[0] < 3
 
 
-def test_prefill_tokens_count_toward_the_batch() -> None:
-    """Compute-bound, a lone decode step should not speculate; riding along a
-    long prefill in the same forward, a few more tokens cost relatively little."""
+def test_a_prefill_is_sunk_so_drafts_riding_on_it_pay_their_own_way() -> None:
+    """Compute-bound verify: a lone decode step should not speculate, and a
+    long prefill in the same forward does not change that (its 100 tokens
+    cost the same whatever is drafted); memory-bound, drafts pay either way.
+    A 5 s catch-up spread thin over a prefill round of 100 s would look cheap
+    against that round's rate: against decoding's it does not."""
 
-    def cost(tokens: int, depth: int) -> float:
+    def linear(tokens: int, depth: int) -> float:
         return float(tokens)
 
-    assert schedule_gammas([0.6], [4], _by(cost)) == [0]
-    assert schedule_gammas([0.6], [4], _by(cost), base_tokens=100) == [4]
+    def flat(tokens: int, depth: int) -> float:
+        return max(1.0, tokens / 64)
+
+    assert schedule_gammas([0.6], [4], _by(linear)) == [0]
+    assert schedule_gammas([0.6], [4], _by(linear), base_tokens=100) == [0]
+    assert schedule_gammas([0.6], [4], _by(flat), base_tokens=100) == [4]
+    assert schedule_gammas([0.9], [4], _by(flat), base_tokens=100, entry_seconds=[5.0]) == [0]
 
 
 @settings(max_examples=200, deadline=None)
@@ -405,11 +413,14 @@ def test_a_catch_up_is_spread_over_the_rounds_left() -> None:
         _tracked("b", 300, 0.9),
         _tracked("c", 300, 0.9, max_tokens=3),
     )
-    assert entry_seconds(in_step, 0.9, 4, costs) == 0.0
+    assert entry_seconds(in_step, 0.9, 4, costs, True) == 0.0
     feed = costs.draft.seconds((300,)) - costs.draft.seconds((1,))
     assert feed > 0.4
-    assert entry_seconds(new, 0.9, 4, costs) == pytest.approx(feed * expected_tokens(0.9, 4) / 256)
-    assert entry_seconds(ending, 0.9, 4, costs) == pytest.approx(feed)  # one round left
+    assert entry_seconds(new, 0.9, 4, costs, True) == pytest.approx(
+        feed * expected_tokens(0.9, 4) / 256
+    )
+    assert entry_seconds(ending, 0.9, 4, costs, True) == pytest.approx(feed)  # one round left
+    assert entry_seconds(new, 0.9, 4, costs, False) == pytest.approx(feed)  # no later drafts
 
 
 def test_a_request_far_behind_drafts_only_if_its_catch_up_pays_off() -> None:

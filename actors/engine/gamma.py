@@ -155,6 +155,8 @@ def schedule_gammas(
     ``i``, admitting candidates in descending order respects each request's
     prefix. ``base_tokens`` is what the batch verifies without drafts (one
     token per request, more for a prefill); it defaults to one per request.
+    The prefill beyond one token per request is done whatever is drafted,
+    so its time is left out of the comparison.
 
     ``entry_seconds[q]`` is charged once if request ``q`` drafts at all: its
     drafter's share of catching up on tokens it has not seen. A request
@@ -177,7 +179,14 @@ def schedule_gammas(
         for i in range(1, max(limit, 0) + 1)
     )
     tokens = count if base_tokens is None else base_tokens
-    best = float(count) / round_seconds(RoundShape(tokens))
+    # A prefill's tokens are verified whatever is drafted: their time is
+    # sunk, and drafts are judged by what they add against the rate of plain
+    # decoding. Against a prefill round's own (far lower) rate, drafts riding
+    # on it look free even when feeding the draft model a prompt costs more
+    # than the tokens it earns.
+    decode = round_seconds(RoundShape(count))
+    sunk = max(round_seconds(RoundShape(tokens)) - decode, 0.0) if tokens > count else 0.0
+    best = float(count) / decode
     best_path: list[tuple[float, int, int]] = []
     for most in sorted(set(entry)):
         path = [c for c in candidates if entry[c[2]] <= most]
@@ -191,7 +200,8 @@ def schedule_gammas(
             steps[i - 1] += 1
             if i == 1:
                 entered += entry[q]
-            seconds = round_seconds(RoundShape(verified, tuple(steps))) + entered
+            seconds = round_seconds(RoundShape(verified, tuple(steps))) + entered - sunk
+            seconds = max(seconds, 1e-12)
             if expected / seconds > best:
                 best, best_path = expected / seconds, path[:taken]
     gammas = [0] * count
