@@ -74,11 +74,8 @@ class DraftReplica:
 
 
 class DraftPool:
-    def __init__(self, config: DraftPoolConfig, profile_sizes: Sequence[int] = ()) -> None:
+    def __init__(self, config: DraftPoolConfig) -> None:
         self.config = config
-        self.profile_sizes = tuple(profile_sizes)
-        # seconds to feed n tokens, from the first replica that started
-        self.profile: list[tuple[int, float]] = []
         self.replicas: dict[int, DraftReplica] = {}
         self._ids = itertools.count()
         self._actor: Any = ray.remote(DraftWorker)
@@ -115,11 +112,6 @@ class DraftPool:
                 asyncio.gather(*(h.ping.remote() for h in handles)),
                 self.config.start_timeout_s,
             )
-            if self.profile_sizes and not self.profile:
-                self.profile = await asyncio.wait_for(
-                    _awaitable(handles[0].feed_profile.remote(self.profile_sizes)),
-                    self.config.start_timeout_s,
-                )
         except BaseException:
             for handle in handles:
                 ray.kill(handle, no_restart=True)
@@ -130,6 +122,19 @@ class DraftPool:
             self.replicas[replica.replica_id] = replica
             ids.append(replica.replica_id)
         return ids
+
+    async def profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
+        """Seconds the first replica's drafter takes to feed each of ``sizes``
+        tokens ([] for lookup, or without a replica). Only before it takes
+        requests: it borrows a request slot."""
+        if not self.replicas or not sizes:
+            return []
+        replica = next(iter(self.replicas.values()))
+        points: list[tuple[int, float]] = await asyncio.wait_for(
+            _awaitable(replica.handle.feed_profile.remote(list(sizes))),
+            self.config.start_timeout_s,
+        )
+        return points
 
     def drain(self, count: int) -> list[DraftReplica]:
         """Mark the ``count`` least loaded live replicas draining: they take no

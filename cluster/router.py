@@ -183,17 +183,16 @@ class Router:
         )
         if config.metrics_port is not None:
             self._metrics_port = self._metrics.serve(config.metrics_port)
-        starts: list[Any] = [self._add_target() for _ in range(config.num_targets)]
+        starts: list[Any] = [self._targets.add() for _ in range(config.num_targets)]
         if config.draft is not None and config.num_speculative_tokens > 0:
-            sizes = feed_profile_sizes(config.draft.spec.max_len) if config.profile else ()
-            self._pool = DraftPool(config.draft, sizes)
+            self._pool = DraftPool(config.draft)
             spec = config.draft.spec
             self._paths = DraftPaths(model=spec.catches_up, lookup=spec.looks_up)
             if config.num_drafts:
                 starts.append(self._pool.add(config.num_drafts))
         await asyncio.gather(*starts)
-        if self._pool is not None:
-            self._costs.draft.set_profile(self._pool.profile)
+        if config.profile:
+            await self._profile()
         if self._pool is not None and self._pool.replicas:
             first = next(iter(self._pool.replicas.values()))
             self._hidden_layers = tuple(await first.handle.hidden_layers.remote())
@@ -694,6 +693,19 @@ class Router:
         """Something a lane may act on changed: a request, a slot, a replica."""
         if self._work is not None:
             self._work.set()
+
+    async def _profile(self) -> None:
+        """The cost curves' shapes, timed once every replica is up and one
+        after the other: a profile taken while another replica loads or
+        profiles reads that one's load too (on shared cores a draft step
+        timed during the target's profile came out several times too slow,
+        and the scheduler never drafted)."""
+        target = self.config.target
+        sizes = profile_sizes(target.num_slots, self.config.num_speculative_tokens, target.max_len)
+        self._costs.verify.set_profile(await self._targets.profile(sizes))
+        if self._pool is not None:
+            feeds = feed_profile_sizes(self._pool.config.spec.max_len)
+            self._costs.draft.set_profile(await self._pool.profile(feeds))
 
     async def _add_target(self) -> None:
         config = self.config

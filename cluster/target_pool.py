@@ -87,6 +87,14 @@ class TargetPool:
         self._on_change()
         return points
 
+    async def profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
+        """Verify timings of the first live replica at ``sizes``, back to
+        back; [] without one. Only before it takes requests."""
+        live = self.live
+        if not live or not sizes:
+            return []
+        return await asyncio.to_thread(profile_verify, live[0].target, sizes)
+
     def _start_group(self) -> ShardedTarget:
         target = ShardedTarget(self.config)
         if self._closed:  # checked here too: a cancelled caller never sees it

@@ -36,6 +36,7 @@ from specray.actors.sampling.params import SamplingParams
 from specray.actors.workers.draft_worker import DraftWorkerSpec
 from specray.cluster.local_ray import start_ray
 from specray.cluster.router import RequestCancelledError, launch_router, open_stream
+from specray.cluster.router_state import RouterState
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,17 @@ def test_sampled_output_equals_the_in_process_engine(model_router: Any, tiny_dir
         expected[chunk.request_id] += chunk.token_ids
     assert asyncio.run(run_all(model_router, requests)) == expected
     assert expected != target_only(tiny_dir_factory("qwen2"), requests)  # really sampled
+
+
+def test_cost_shapes_are_profiled_at_start(model_router: Any, ngram_router: Any) -> None:
+    """The verify shape and, for a drafter with a cache, its feed shape are
+    timed once every replica is up; lookup has no feed to time."""
+    for router, feeds in ((model_router, True), (ngram_router, False)):
+        state: RouterState = ray.get(router.state.remote())
+        assert 1 in state.verify_costs["shape"] and state.verify_costs["level_s"] > 0
+        assert bool(state.draft_costs["shape"]) == feeds
+        if feeds:
+            assert max(state.draft_costs["shape"]) >= 64  # catch-ups of a prompt's length
 
 
 def test_unary_generate(ngram_router: Any, tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
