@@ -106,7 +106,7 @@ class RouterConfig:
     eos_token_ids: tuple[int, ...] | None = None  # None: the target's config
     model_name: str = ""  # the metrics' model_name label; default: the target's folder
     metrics_port: int | None = None  # None: no endpoint; 0: any free port on 127.0.0.1
-    profile: bool = True  # time verify sizes when a target replica starts
+    profile: bool = True  # time verify sizes and draft feeds once the replicas are up
     reattach_drafts: bool = True  # after a draft replica dies; False: go on target-only
     num_threads: int | None = 1  # torch threads of the router's own process
     # Restarts of lost replicas, and how long requests wait for a target group.

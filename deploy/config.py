@@ -142,7 +142,9 @@ class RouterSettings(BaseModel):
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="router Prometheus endpoint on 127.0.0.1; 0: any"
     )
-    profile: bool = Field(True, description="time verify sizes when a target replica starts")
+    profile: bool = Field(
+        True, description="time verify sizes and draft feeds once the replicas are up"
+    )
     ray_num_cpus: int | None = Field(
         None, ge=1, description="embedded Ray's logical CPUs; default: twice what the replicas need"
     )
