@@ -71,8 +71,7 @@ def start_ray(
     if address is None:
         # "local" starts a fresh instance; None could join whichever cluster
         # another user last recorded in /tmp/ray.
-        ray.init(
-            address="local",
+        _init_fresh(
             include_dashboard=False,
             num_cpus=num_cpus,
             resources=dict(resources) if resources else None,
@@ -87,6 +86,24 @@ def start_ray(
             ray.shutdown()
             raise RuntimeError(f"Ray did not stay on loopback: {ips}")
     return info
+
+
+# Ray gives a fresh node's raylet 30 s to register; on two busy cores (a
+# previous instance still shutting down) it once did not, in CI.
+_STARTUP_TIMEOUT = "timed out during startup"
+
+
+def _init_fresh(attempts: int = 2, **init_args: Any) -> None:
+    """``ray.init(address="local")``, tried once more if the new node timed
+    out during startup; any other failure is raised at once."""
+    for attempt in range(attempts):
+        try:
+            ray.init(address="local", **init_args)
+            return
+        except Exception as err:
+            if _STARTUP_TIMEOUT not in str(err) or attempt == attempts - 1:
+                raise
+            ray.shutdown()
 
 
 def describe_ray(started_here: bool = False) -> RayInfo:
