@@ -12,6 +12,7 @@ private name of Ray's, checked by ``start_ray`` after every start).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -88,22 +89,25 @@ def start_ray(
     return info
 
 
-# Ray gives a fresh node's raylet 30 s to register; on two busy cores (a
-# previous instance still shutting down) it once did not, in CI.
-_STARTUP_TIMEOUT = "timed out during startup"
+# Ray gives a fresh node's GCS and raylet fixed times to come up; on two
+# busy cores (a previous instance still shutting down) they twice did not,
+# in CI, at the same test, which passes on its own.
+_STARTUP_TIMEOUTS = ("timed out during startup", "timed out waiting for file")
 
 
-def _init_fresh(attempts: int = 2, **init_args: Any) -> None:
-    """``ray.init(address="local")``, tried once more if the new node timed
-    out during startup; any other failure is raised at once."""
+def _init_fresh(attempts: int = 3, pause_s: float = 5.0, **init_args: Any) -> None:
+    """``ray.init(address="local")``, tried again (after a pause) if the new
+    node timed out while starting; any other failure is raised at once."""
     for attempt in range(attempts):
         try:
             ray.init(address="local", **init_args)
             return
         except Exception as err:
-            if _STARTUP_TIMEOUT not in str(err) or attempt == attempts - 1:
+            timed_out = any(t in str(err).lower() for t in _STARTUP_TIMEOUTS)
+            if not timed_out or attempt == attempts - 1:
                 raise
             ray.shutdown()
+            time.sleep(pause_s)
 
 
 def describe_ray(started_here: bool = False) -> RayInfo:
