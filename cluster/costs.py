@@ -84,14 +84,12 @@ def relative_shape(points: list[tuple[int, float]]) -> tuple[CostCurve, float]:
 
 
 @dataclass
-class ProfiledCurve:
-    """``level × shape(size)``: shape from a profile, level from observations.
-
-    Until a profile is set it is a plain :class:`CostCurve`.
-    """
+class _ShapeAndLevel:
+    """A profiled shape (cost relative to the profile's smallest size) times
+    a level that follows the load: an exponential average of observed
+    seconds over the shape's prediction."""
 
     decay: float = 0.8
-    fallback: CostCurve = field(default_factory=CostCurve)
     _shape: CostCurve | None = None
     _level: float | None = None
 
@@ -101,18 +99,10 @@ class ProfiledCurve:
             self._shape, smallest = relative_shape(points)
             self._level = smallest if self._level is None else self._level
 
-    def observe(self, size: int, seconds: float) -> None:
-        self.fallback.observe(size, seconds)
-        if self._shape is None:
-            return
-        level = seconds / max(self._shape.seconds(size), 1e-9)
+    def _learn(self, seconds: float, relative: float) -> None:
+        level = seconds / max(relative, 1e-9)
         old = self._level
         self._level = level if old is None else self.decay * old + (1 - self.decay) * level
-
-    def seconds(self, size: int) -> float:
-        if self._shape is None or self._level is None:
-            return self.fallback.seconds(size)
-        return self._level * self._shape.seconds(size)
 
     def as_dict(self) -> dict[str, Any]:
         shape = self._shape.as_dict() if self._shape is not None else {}
@@ -120,7 +110,27 @@ class ProfiledCurve:
 
 
 @dataclass
-class StepCost:
+class ProfiledCurve(_ShapeAndLevel):
+    """``level × shape(size)``: shape from a profile, level from observations.
+
+    Until a profile is set it is a plain :class:`CostCurve`.
+    """
+
+    fallback: CostCurve = field(default_factory=CostCurve)
+
+    def observe(self, size: int, seconds: float) -> None:
+        self.fallback.observe(size, seconds)
+        if self._shape is not None:
+            self._learn(seconds, self._shape.seconds(size))
+
+    def seconds(self, size: int) -> float:
+        if self._shape is None or self._level is None:
+            return self.fallback.seconds(size)
+        return self._level * self._shape.seconds(size)
+
+
+@dataclass
+class StepCost(_ShapeAndLevel):
     """Seconds of one propose call: ``level × Σ_s shape(tokens_s)`` over its
     sequential steps, ``tokens_s`` the tokens fed at step ``s``.
 
@@ -133,27 +143,14 @@ class StepCost:
     product stays what a round costs.
     """
 
-    decay: float = 0.8
-    _shape: CostCurve | None = None
-    _level: float | None = None
-
-    def set_profile(self, points: list[tuple[int, float]]) -> None:
-        """Seconds to feed several token counts, measured back to back."""
-        if points:
-            self._shape, smallest = relative_shape(points)
-            self._level = smallest if self._level is None else self._level
-
     def relative(self, steps: tuple[int, ...]) -> float:
         if self._shape is None:
             return float(len(steps))
         return sum(self._shape.seconds(tokens) for tokens in steps)
 
     def observe(self, steps: tuple[int, ...], seconds: float) -> None:
-        if not steps:
-            return
-        level = seconds / max(self.relative(steps), 1e-9)
-        old = self._level
-        self._level = level if old is None else self.decay * old + (1 - self.decay) * level
+        if steps:
+            self._learn(seconds, self.relative(steps))
 
     def seconds(self, steps: tuple[int, ...]) -> float:
         """0 until a call was timed or a profile set: an unmeasured drafter
@@ -161,10 +158,6 @@ class StepCost:
         if not steps or self._level is None:
             return 0.0
         return self._level * self.relative(steps)
-
-    def as_dict(self) -> dict[str, Any]:
-        shape = self._shape.as_dict() if self._shape is not None else {}
-        return {"level_s": self._level, "shape": shape}
 
 
 @dataclass
