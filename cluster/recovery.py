@@ -220,6 +220,13 @@ class Recovery:
                 f"no target replica is up: a restart has not finished within {bound:g} s",
                 "timeout",
             )
+        # Check again at the bound. The wake-up the outage clock scheduled can
+        # fire a hair early (asyncio rounds to its clock resolution); with
+        # nothing else waking the lanes, the waiting requests would then sit
+        # there past the bound (seen in CI: a 120 s client deadline instead
+        # of UNAVAILABLE).
+        remaining = bound - (self._clock.seconds(now) or 0.0)
+        asyncio.get_running_loop().call_later(max(remaining, 0.0) + 1e-3, self._hooks.wake)
         return None
 
     # -- reporting -------------------------------------------------------------
