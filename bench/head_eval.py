@@ -35,11 +35,12 @@ from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget
+from specray.actors.engine.tokenizer import eos_token_ids
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
+from specray.bench.common import chat_ids, resolve_preferring
 from specray.bench.prompts import CATEGORIES, Prompt, load_prompts
-from specray.bench.spec_bench import chat_ids, eos_ids, resolve_preferring
 
 ALL = "all"
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prompts = [p for c in categories for p in load_prompts([c], args.split)[: args.per_category]]
     target_dir = resolve_preferring(args.target, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    eos = eos_ids(ModelConfig.from_pretrained(target_dir), tokenizer)
+    eos = eos_token_ids(ModelConfig.from_pretrained(target_dir), tokenizer)
     prompt_ids = {p.id: chat_ids(tokenizer, p.prompt) for p in prompts}
     gammas = [int(g) for g in args.gammas.split(",")]
     max_len = max(map(len, prompt_ids.values())) + args.max_tokens + 2 * max(gammas) + 8

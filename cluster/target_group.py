@@ -47,7 +47,6 @@ from specray.actors.workers.target_shard import (
     TargetShardWorker,
 )
 from specray.cluster.errors import TargetGroupError
-from specray.cluster.local_ray import start_ray
 
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
@@ -302,7 +301,10 @@ class ShardedTarget:
         config = self.config
         if not ray.is_initialized():
             # Ray's own auto-init would bind the machine's outward address.
-            start_ray()
+            raise RuntimeError(
+                "Ray is not running: start it first (specray.cluster.local_ray.start_ray "
+                "binds a local one to 127.0.0.1)"
+            )
         cpus = config.cpus_per_shard if config.cpus_per_shard is not None else config.threads
         extra = list(config.bundle_resources) or [{} for _ in range(config.tp)]
         gpu = {"GPU": config.gpus_per_shard} if config.gpus_per_shard > 0 else {}

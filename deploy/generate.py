@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.factory import EngineSpec, LoadedEngine, build_engine
 from specray.actors.engine.request import GenerationRequest, RequestOutput
+from specray.actors.engine.tokenizer import chat_ids
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 
 
@@ -25,7 +27,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="generate text in-process with speculative decoding")
     p.add_argument("--target", required=True, help="registered model name or local path")
     p.add_argument(
-        "--draft", default="ngram", help="none | ngram | registered model name or local path"
+        "--draft",
+        default="ngram",
+        help="none | ngram | a model (name or path) | ngram+MODEL (hybrid) | head:DIR",
     )
     p.add_argument("--k", type=int, default=4, help="draft tokens per round (γ), or its ceiling")
     p.add_argument("--fixed-k", action="store_true", help="always draft k tokens (no adaptive γ)")
@@ -58,12 +62,13 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     try:
         _validate(args)
+        drafter = DrafterSpec.parse(args.draft)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     spec = EngineSpec(
         target=args.target,
-        draft=args.draft,
+        draft=drafter,
         dtype=args.dtype,
         num_speculative_tokens=args.k,
         adaptive=not args.fixed_k,
@@ -95,13 +100,7 @@ def _sharded_target(args: argparse.Namespace, spec: EngineSpec) -> Any:
 def _generate(args: argparse.Namespace, loaded: LoadedEngine) -> int:
     prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
     tokenizer = loaded.tokenizer
-    if args.chat:
-        chat_text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        prompt_ids = tokenizer(chat_text, add_special_tokens=False)["input_ids"]
-    else:
-        prompt_ids = tokenizer(prompt)["input_ids"]
+    prompt_ids = chat_ids(tokenizer, prompt) if args.chat else tokenizer(prompt)["input_ids"]
     request = GenerationRequest(
         request_id=uuid.uuid4().hex,
         prompt_ids=prompt_ids,

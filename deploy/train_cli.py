@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from specray.actors.drafting.head.checkpoint import init_from_target, load_frozen, save_head
 from specray.actors.drafting.head.config import HeadConfig, default_hidden_layers
@@ -42,11 +41,11 @@ from specray.actors.drafting.head.trainer import (
     train_head,
 )
 from specray.actors.drafting.head.vocab import choose_draft_vocab, coverage, token_counts
+from specray.actors.engine.tokenizer import chat_ids, eos_token_ids, load_tokenizer
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.store.layout import default_home
 from specray.actors.store.resolve import resolve_model
-from specray.bench.prompts import load_prompts
 
 # --smoke: a tiny model in well under two minutes; the loss must still fall.
 SMOKE = {
@@ -186,19 +185,14 @@ def _layers(text: str | None, config: ModelConfig) -> tuple[int, ...]:
 
 def _prompt_texts(paths: list[Path]) -> list[str]:
     """The shipped train split, then every extra file (JSONL with "prompt", or lines)."""
+    from specray.bench.prompts import load_prompts  # the shipped prompt set's train split
+
     texts = [p.prompt for p in load_prompts(split="train")]
     for path in paths:
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 texts.append(json.loads(line)["prompt"] if line.startswith("{") else line)
     return texts
-
-
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=False
-    )
-    return [int(t) for t in ids]
 
 
 def _data(
@@ -208,10 +202,8 @@ def _data(
     layers: tuple[int, ...],
     home: Path,
 ) -> DraftData:
-    eos = tuple(config.eos_token_ids)
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos += (int(tokenizer.eos_token_id),)
+    tokenizer = load_tokenizer(target_dir)
+    eos = eos_token_ids(config, tokenizer)
     settings = GenerationSettings(layers, eos, args.max_tokens, args.batch_size, seed=args.seed)
     meta = {
         "target": str(target_dir),
@@ -230,10 +222,10 @@ def _data(
         print(f"reusing draft data in {directory}")
         return DraftData(directory)
     corpus = build_corpus(args.num_samples, args.seed, _prompt_texts(args.prompts))
-    prompts = [_encode(tokenizer, p.text) for p in corpus]
+    prompts = [chat_ids(tokenizer, p.text) for p in corpus]
     prompts = [p for p in prompts if len(p) <= args.max_prompt_tokens][: args.num_samples]
     pairs = [
-        (_encode(tokenizer, pair.prompt), tokenizer.encode(pair.answer))
+        (chat_ids(tokenizer, pair.prompt), tokenizer.encode(pair.answer))
         for pair in build_forced_pairs(args.num_forced, args.seed)
     ]
     pairs = [(p, a) for p, a in pairs if len(p) <= args.max_prompt_tokens]

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Con
 
 from specray.deploy.config import ServeConfig
 from specray.deploy.engine_backend import EngineBackend
+from specray.deploy.router_backend import RouterBackend
 from specray.deploy.serve import BuildBackend, Service
 
 T = TypeVar("T")
@@ -128,6 +129,12 @@ class ServingThread:
     def backend(self) -> EngineBackend:
         backend = self.service.backend
         assert isinstance(backend, EngineBackend)
+        return backend
+
+    @property
+    def router_backend(self) -> RouterBackend:
+        backend = self.service.backend
+        assert isinstance(backend, RouterBackend)
         return backend
 
     @property

@@ -40,7 +40,7 @@ from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
-from specray.bench.spec_bench import parse_drafters
+from specray.bench.common import parse_drafters
 from specray.deploy.cli import main
 from specray.deploy.config import DrafterConfig, RouterSettings
 

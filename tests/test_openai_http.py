@@ -16,7 +16,8 @@ import pytest
 from serving_helpers import ServingThread, save_served_model, serve_config, wait_until
 from transformers import AutoTokenizer
 
-from specray.deploy.client import SpecrayClient, build_request
+from specray.deploy.client import SpecrayClient
+from specray.protos.messages import build_request
 from specray.protos.specray.v1 import generation_pb2_grpc as pb_grpc
 
 PROMPT = "x = [1, 2, 3]\ny = [1, 2, 3]\n"
@@ -162,7 +163,7 @@ def test_overload_is_429_with_retry_after(server: ServingThread, stream: bool) -
         with grpc.insecure_channel(server.grpc_address) as channel:
             stub = pb_grpc.GenerationStub(channel)
             calls = [stub.GenerateStream(build_request(PROMPT, max_tokens=4)) for _ in range(3)]
-            wait_until(lambda: server.backend.num_in_flight == 3)
+            wait_until(lambda: server.service.gateway.num_in_flight == 3)
             body = {"prompt": PROMPT, "max_tokens": 4, "stream": stream}
             status, result, headers = request(f"{server.http_url}/v1/completions", body)
             for call in calls:
@@ -171,7 +172,7 @@ def test_overload_is_429_with_retry_after(server: ServingThread, stream: bool) -
         server.backend.resume()
     assert status == 429 and result["error"]["type"] == "overloaded_error"
     assert headers["Retry-After"] == "1"
-    wait_until(lambda: server.backend.num_in_flight == 0)
+    wait_until(lambda: server.service.gateway.num_in_flight == 0)
 
 
 def test_client_disconnect_frees_the_request(server: ServingThread) -> None:
@@ -184,9 +185,9 @@ def test_client_disconnect_frees_the_request(server: ServingThread) -> None:
     assert response.readline().startswith(b"data: ")
     server.backend.pause()  # so it is surely still running when the client goes
     try:
-        assert server.backend.num_in_flight == 1
+        assert server.service.gateway.num_in_flight == 1
         response.close()
-        wait_until(lambda: server.backend.num_in_flight == 0)
+        wait_until(lambda: server.service.gateway.num_in_flight == 0)
     finally:
         server.backend.resume()
     state = server.call(server.backend.snapshot())

@@ -74,12 +74,36 @@ class DraftProposal:
         return DraftProposal(self.token_ids[:num_tokens], probs, self.from_lookup)
 
 
+@dataclass(frozen=True)
+class DraftPaths:
+    """How a drafter drafts: with a model (each draft a model step, after
+    feeding the committed tokens it has not seen: see :class:`CatchesUp`),
+    by copying from the context (``from_lookup`` proposals: no model step),
+    or both, as the hybrid does. A scheduler prices the two apart."""
+
+    model: bool
+    lookup: bool
+
+
+@dataclass(frozen=True)
+class DraftUpdate:
+    """What a drafter must hear about one request after a round (the
+    arguments of :meth:`Drafter.accept`). Updates ride on the drafter's next
+    proposal, so a round costs one message each way."""
+
+    request_id: str
+    num_accepted: int
+    new_token_ids: list[int]
+    target_hidden: torch.Tensor | None  # [num_accepted + 1, hidden] or None
+
+
 class Drafter(Protocol):
     """What the engine needs from any drafter."""
 
     name: str
     # Target layers whose hidden states this drafter reads; () for none.
     hidden_layers: tuple[int, ...]
+    paths: DraftPaths
 
     def start(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
         """Begin tracking a request whose committed tokens are ``prompt_ids``."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specray.actors.drafting.base import DraftProposal, DraftRequest
+from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest
 from specray.actors.drafting.draws import draft_generator, draw_tokens
 from specray.actors.drafting.feed_profile import profile_feeds
 from specray.actors.model.batch import ForwardBatch, SequenceInput
@@ -37,6 +37,7 @@ class DraftModelDrafter:
 
     name = "draft-model"
     hidden_layers: tuple[int, ...] = ()
+    paths = DraftPaths(model=True, lookup=False)
 
     def __init__(self, model: DecoderModel, num_slots: int, max_len: int) -> None:
         self.model = model

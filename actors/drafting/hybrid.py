@@ -22,7 +22,13 @@ from collections.abc import Sequence
 
 import torch
 
-from specray.actors.drafting.base import CatchesUp, Drafter, DraftProposal, DraftRequest
+from specray.actors.drafting.base import (
+    CatchesUp,
+    Drafter,
+    DraftPaths,
+    DraftProposal,
+    DraftRequest,
+)
 from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.sampling.params import SamplingParams
 
@@ -35,6 +41,7 @@ class HybridDrafter:
     """N-gram lookup first, a model (any :class:`Drafter`) as the fallback."""
 
     name = "hybrid"
+    paths = DraftPaths(model=True, lookup=True)
 
     def __init__(
         self, lookup: NgramDrafter, model: Drafter, min_match: int = DEFAULT_MIN_MATCH

@@ -1,4 +1,4 @@
-"""One request's state inside the engine, and what it streams back."""
+"""One request's state inside a round, and what it streams back."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specray.actors.engine.gamma import AcceptanceEstimate
+from specray.actors.drafting.base import DraftUpdate
+from specray.actors.engine.errors import RequestRejectedError
+from specray.actors.engine.gamma import SurvivalEstimate
 from specray.actors.engine.stopping import FinishReason, StopChecker
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 
@@ -77,6 +79,10 @@ class GenerationRequest:
     # speculation for this request (target-only on the same path).
     num_speculative_tokens: int | None = None
 
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise RequestRejectedError("prompt_ids must not be empty")
+
 
 @dataclass
 class RequestOutput:
@@ -95,20 +101,51 @@ class RequestOutput:
 
 
 @dataclass
+class DraftState:
+    """A request's drafting between rounds: which drafter holds its state,
+    what that drafter has yet to hear, and how well each way of drafting
+    (copying from the context, or a model) has done for it."""
+
+    lookup_acceptance: SurvivalEstimate
+    model_acceptance: SurvivalEstimate
+    replica: int | None = None  # the drafter holding its state; None: target-only for now
+    gamma: int = 0  # a model's drafts asked for this round
+    lookup_gamma: int = 0  # copies asked for this round
+    backlog: int = 0  # committed tokens the drafter has not fed (its next first step)
+    updates: list[DraftUpdate] = field(default_factory=list)  # verdicts not yet sent
+
+    @property
+    def most(self) -> int:
+        return max(self.gamma, self.lookup_gamma)
+
+    def attach(self, replica: int, num_committed: int) -> None:
+        """The drafter ``replica`` starts from the request's committed tokens."""
+        self.replica = replica
+        self.updates = []
+        self.backlog = num_committed
+
+    def detach(self) -> None:
+        """No drafter holds the request's state any more."""
+        self.replica = None
+        self.updates = []
+
+
+@dataclass
 class RunningRequest:
-    """Engine-side state: committed tokens and where each cache stands."""
+    """A request between admission and its last chunk: committed tokens and
+    where each cache stands."""
 
     request: GenerationRequest
     seed: int
     generator: torch.Generator
     stop: StopChecker
-    acceptance: AcceptanceEstimate
     max_gamma: int
+    draft: DraftState
     tokens: list[int]  # prompt + committed output
     cached_len: int = 0  # the target's cache is valid for tokens[:cached_len]
+    target: int | None = None  # the target replica that verifies it (None: the only one)
     output_ids: list[int] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
-    gamma: int = 0  # draft tokens asked for this round
 
     @property
     def request_id(self) -> str:
@@ -121,3 +158,7 @@ class RunningRequest:
     @property
     def remaining_tokens(self) -> int:
         return self.request.stopping.max_tokens - len(self.output_ids)
+
+    @property
+    def wants_draft(self) -> bool:
+        return self.request.num_speculative_tokens != 0 and self.max_gamma > 0
