@@ -87,9 +87,11 @@ class EngineBackend:
                 if isinstance(item, BaseException):
                     stream.finished = True  # the engine thread already dropped it
                     raise item
+                # Marked before the yield: a consumer that got the last chunk
+                # closes this generator without resuming it.
+                stream.finished = item.finished
                 yield item
-                if item.finished:
-                    stream.finished = True
+                if stream.finished:
                     return
         finally:
             if stream.finished:  # an abandoned one stays until the gateway cancels it

@@ -143,17 +143,18 @@ class Gateway:
                     must_cancel = False
                     return
         finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+            if must_cancel:
+                # First, and a task of its own: this one may be cancelled
+                # again while it closes the stream below (anyio cancellation
+                # is level-triggered), and the cleanup must still run.
+                self._spawn(backend.cancel(request.request_id))
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
-            if must_cancel:
-                # A task of its own: this one may be cancelled again (anyio
-                # cancellation is level-triggered), the cleanup must still run.
-                self._spawn(backend.cancel(request.request_id))
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
 
     def _ready_backend(self) -> Backend:
         if self._backend is None:

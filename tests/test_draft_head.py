@@ -230,7 +230,7 @@ def test_serve_config_names_a_head_replica() -> None:
     settings = RouterSettings.model_validate({}).with_draft("head:/heads/qwen")
     drafter = settings.drafter
     assert drafter is not None and (drafter.kind, drafter.model) == ("head", "/heads/qwen")
-    assert drafter.name == "head:/heads/qwen"
+    assert drafter.spec.name == "head:/heads/qwen"
     with pytest.raises(ValueError, match="needs `model`"):
         DrafterConfig.model_validate({"kind": "head"})
 

@@ -64,7 +64,7 @@ def test_ngram_worker_restart_from_committed_tokens() -> None:
 
 
 def test_drafter_spec_validation() -> None:
-    with pytest.raises(ValueError, match="needs a model"):
+    with pytest.raises(ValueError, match="needs `model`"):
         DrafterSpec("model")
     with pytest.raises(ValueError, match="kind"):
         DrafterSpec("eagle")

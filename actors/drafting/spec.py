@@ -39,7 +39,7 @@ class DrafterSpec:
         if self.kind == "ngram" and self.model:
             raise ValueError("an `ngram` drafter takes no model")
         if self.kind != "ngram" and not self.model:
-            raise ValueError(f"a `{self.kind}` drafter needs a model (a name or a path)")
+            raise ValueError(f"a `{self.kind}` drafter needs `model` (a name or a path)")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(
                 f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram} and {self.max_ngram}"
