@@ -35,7 +35,7 @@ import torch
 from specray.actors.engine.errors import NotRunningError
 from specray.actors.engine.lifecycle import start_request
 from specray.actors.engine.request import GenerationRequest, RequestOutput
-from specray.actors.engine.scheduling import GammaScheduler
+from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS, GammaScheduler
 from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
 from specray.actors.model.config import ModelConfig
 from specray.cluster.draft_pool import DraftPool, DraftPoolConfig
@@ -68,6 +68,9 @@ class RouterConfig:
     num_drafts: int = 1
     num_speculative_tokens: int = 4  # γ ceiling
     adaptive: bool = True  # False: always draft the ceiling
+    # Tokens a target replica feeds per round: prompts prefill in chunks
+    # beside the decoding requests. None: every prompt in one round.
+    max_batched_tokens: int | None = DEFAULT_MAX_BATCHED_TOKENS
     overlap: bool = False  # two micro-batches: one drafts while the other verifies
     tokenizer_dir: str | None = None  # streams text when set
     eos_token_ids: tuple[int, ...] | None = None  # None: the target's config and tokenizer
@@ -154,6 +157,7 @@ class Router:
         scheduler = GammaScheduler(
             config.draft.spec.drafter.paths if drafts is not None and config.draft else None,
             config.adaptive,
+            max_batched_tokens=config.max_batched_tokens,
         )
         scheduler.costs.overlap = config.overlap
         lanes = Lanes(
@@ -172,6 +176,7 @@ class Router:
             config.target.num_slots,
             config.num_speculative_tokens,
             config.target.max_len,
+            config.max_batched_tokens,
         )
         scaler = Scaler(targets, drafts, drafting, recovery, lanes, scheduler.costs, plan, inbox)
         await scaler.profile()

@@ -32,6 +32,12 @@ class ProfilePlan:
     num_slots: int  # a target replica's batch
     max_gamma: int
     max_len: int
+    max_batched_tokens: int | None = None  # a round's prefill budget
+
+    def verify_sizes(self) -> list[int]:
+        if not self.enabled:
+            return []
+        return profile_sizes(self.num_slots, self.max_gamma, self.max_len, self.max_batched_tokens)
 
 
 class Scaler:
@@ -67,8 +73,7 @@ class Scaler:
         plan = self.plan
         if not plan.enabled:
             return
-        sizes = profile_sizes(plan.num_slots, plan.max_gamma, plan.max_len)
-        self.costs.verify.set_profile(await self.targets.profile(sizes))
+        self.costs.verify.set_profile(await self.targets.profile(plan.verify_sizes()))
         if self.drafts is not None:
             feeds = feed_profile_sizes(self.drafts.config.spec.max_len)
             self.costs.draft.set_profile(await self.drafts.profile(feeds))
@@ -85,7 +90,9 @@ class Scaler:
         plan = self.plan
         sizes: list[int] = []
         if plan.enabled:
-            sizes = profile_sizes(plan.num_slots, plan.max_gamma, plan.max_len)
+            sizes = profile_sizes(
+                plan.num_slots, plan.max_gamma, plan.max_len, plan.max_batched_tokens
+            )
         self.costs.verify.set_profile(await self.targets.add(sizes))
 
     # -- scaling -----------------------------------------------------------------

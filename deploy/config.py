@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from specray.actors.drafting.spec import DRAFTER_KINDS, DrafterSpec
 from specray.actors.engine.factory import EngineSpec
+from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
 from specray.deploy.auth import TlsFiles
 from specray.deploy.backend import ModelInfo
 from specray.deploy.gateway import QueueLimits
@@ -132,6 +133,12 @@ class RouterSettings(BaseModel):
     overlap: bool = Field(False, description="two micro-batches: draft one, verify the other")
     num_slots: int = Field(8, ge=1, description="requests one target replica batches (max_batch)")
     max_len: int = Field(4096, ge=2, description="KV cache length: prompt + output")
+    max_num_batched_tokens: int | None = Field(
+        DEFAULT_MAX_BATCHED_TOKENS,
+        ge=1,
+        description="tokens a target replica feeds per round; longer prompts prefill in chunks "
+        "beside the decoding requests (null: whole prompts in one round)",
+    )
     threads_per_shard: int | None = Field(None, ge=1, description="default: cores / tp")
     cpus_per_shard: float | None = Field(None, ge=0, description="default: threads_per_shard")
     gpus_per_shard: float = Field(0.0, ge=0, description="> 0: shards on CUDA over NCCL")
@@ -181,6 +188,9 @@ class ServeConfig(BaseModel):
     adaptive: bool = True
     max_batch: int = Field(8, ge=1)
     max_len: int = Field(4096, ge=2, description="KV cache length: prompt + output")
+    max_num_batched_tokens: int | None = Field(
+        DEFAULT_MAX_BATCHED_TOKENS, ge=1, description="as the router's: the prefill chunk budget"
+    )
     home: Path | None = Field(None, description="model store (default $SPECRAY_HOME)")
     threads: int | None = Field(None, ge=1, description="torch threads (default: all cores)")
 
@@ -239,6 +249,7 @@ class ServeConfig(BaseModel):
             adaptive=self.adaptive,
             max_batch=self.max_batch,
             max_len=self.max_len,
+            max_batched_tokens=self.max_num_batched_tokens,
             home=self.home,
         )
 

@@ -19,6 +19,7 @@ import torch
 from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.factory import EngineSpec, LoadedEngine, build_engine
 from specray.actors.engine.request import GenerationRequest, RequestOutput
+from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.tokenizer import chat_ids
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 
@@ -32,6 +33,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="none | ngram | a model (name or path) | ngram+MODEL (hybrid) | head:DIR",
     )
     p.add_argument("--k", type=int, default=4, help="draft tokens per round (γ), or its ceiling")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=DEFAULT_MAX_BATCHED_TOKENS,
+        help="tokens the target feeds per round; longer prompts prefill in chunks",
+    )
     p.add_argument("--fixed-k", action="store_true", help="always draft k tokens (no adaptive γ)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -73,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         num_speculative_tokens=args.k,
         adaptive=not args.fixed_k,
         max_batch=1,
+        max_batched_tokens=args.max_num_batched_tokens,
         home=args.home,
     )
     sharded = _sharded_target(args, spec) if args.tp > 1 or args.address else None
@@ -154,5 +162,9 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    if args.max_num_batched_tokens < 1:
+        raise ValueError(
+            f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}"
+        )
     if args.top_k < 0:
         raise ValueError(f"--top-k must be >= 0, got {args.top_k}")

@@ -243,6 +243,7 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
         num_drafts=settings.num_drafts if draft is not None else 0,
         num_speculative_tokens=settings.k,
         adaptive=settings.adaptive,
+        max_batched_tokens=settings.max_num_batched_tokens,
         overlap=settings.overlap,
         tokenizer_dir=str(target_dir) if has_tokenizer(target_dir) else None,
         model_name=Path(settings.target).name,

@@ -41,6 +41,9 @@ class EngineConfig:
     max_batch: int = 8  # running requests per round; ≤ the target's KV slots
     num_speculative_tokens: int = 4  # γ, or its ceiling when adaptive
     adaptive: bool = True
+    # Tokens the target feeds per round; longer prompts prefill in chunks
+    # beside the decoding requests. None: every prompt in one round.
+    max_batched_tokens: int | None = None
 
 
 class LocalDrafting:
@@ -101,7 +104,9 @@ class SpecEngine:
         self._verifying = LocalVerifying(target)
         if drafter is not None and paths is None:
             paths = drafter.paths
-        self.scheduler = GammaScheduler(paths, self.config.adaptive, costs)
+        self.scheduler = GammaScheduler(
+            paths, self.config.adaptive, costs, self.config.max_batched_tokens
+        )
         self.waiting: deque[GenerationRequest] = deque()
         self.running: dict[str, RunningRequest] = {}
         # The round is a coroutine (the router awaits replicas in it); here

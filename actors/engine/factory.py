@@ -12,6 +12,7 @@ from specray.actors.drafting.build import build_drafter, resolve_drafter
 from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.profile import profile_costs
+from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.target import LocalTarget, Target
 from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
 from specray.actors.model.config import ModelConfig
@@ -28,6 +29,8 @@ class EngineSpec:
     adaptive: bool = True
     max_batch: int = 8
     max_len: int = 4096
+    # Tokens the target feeds per round; longer prompts prefill in chunks.
+    max_batched_tokens: int | None = DEFAULT_MAX_BATCHED_TOKENS
     home: Path | None = None
 
 
@@ -54,13 +57,17 @@ def build_engine(spec: EngineSpec, target: Target | None = None) -> LoadedEngine
     costs = None
     if spec.adaptive and drafter is not None:
         k = spec.num_speculative_tokens
-        costs = profile_costs(target, drafter, spec.max_batch, k, spec.max_len)
+        costs = profile_costs(
+            target, drafter, spec.max_batch, k, spec.max_len, spec.max_batched_tokens
+        )
     engine = SpecEngine(
         target,
         drafter,
         tokenizer,
         eos_token_ids(config, tokenizer),
-        EngineConfig(spec.max_batch, spec.num_speculative_tokens, spec.adaptive),
+        EngineConfig(
+            spec.max_batch, spec.num_speculative_tokens, spec.adaptive, spec.max_batched_tokens
+        ),
         costs,
     )
     return LoadedEngine(engine, tokenizer, target_dir, config)

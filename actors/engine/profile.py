@@ -16,9 +16,13 @@ _PROFILE_ID = "__specray_profile__"
 PROFILE_CONTEXT = 16
 
 
-def profile_sizes(num_slots: int, max_gamma: int, max_len: int) -> list[int]:
-    """Powers of two up to the largest batch a round can verify, and that."""
-    largest = max(1, min(num_slots * (max_gamma + 1), max_len - PROFILE_CONTEXT - 1))
+def profile_sizes(
+    num_slots: int, max_gamma: int, max_len: int, max_batched_tokens: int | None = None
+) -> list[int]:
+    """Powers of two up to the largest batch a round can verify (a full
+    round of drafts, or a round's prefill budget), and that."""
+    largest = max(num_slots * (max_gamma + 1), max_batched_tokens or 0)
+    largest = max(1, min(largest, max_len - PROFILE_CONTEXT - 1))
     return [*(1 << i for i in range(largest.bit_length()) if 1 << i < largest), largest]
 
 
@@ -49,13 +53,19 @@ def profile_verify(
 
 
 def profile_costs(
-    target: Target, drafter: Drafter | None, num_slots: int, max_gamma: int, max_len: int
+    target: Target,
+    drafter: Drafter | None,
+    num_slots: int,
+    max_gamma: int,
+    max_len: int,
+    max_batched_tokens: int | None = None,
 ) -> RoundCostModel:
     """A cost model with the verify shape of ``target`` and the feed shape
     of ``drafter`` (for one that keeps a cache), timed back to back: what an
     in-process engine starts from, as a router does from its replicas'."""
     costs = RoundCostModel()
-    costs.verify.set_profile(profile_verify(target, profile_sizes(num_slots, max_gamma, max_len)))
+    sizes = profile_sizes(num_slots, max_gamma, max_len, max_batched_tokens)
+    costs.verify.set_profile(profile_verify(target, sizes))
     if isinstance(drafter, CatchesUp):
         costs.draft.set_profile(drafter.feed_profile(feed_profile_sizes(max_len)))
     return costs

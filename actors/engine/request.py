@@ -143,6 +143,9 @@ class RunningRequest:
     draft: DraftState
     tokens: list[int]  # prompt + committed output
     cached_len: int = 0  # the target's cache is valid for tokens[:cached_len]
+    # Uncached committed tokens this round feeds the target (the scheduler
+    # sets it; fewer than all of them: a prefill chunk, see ``prefilling``).
+    feed: int = 0
     target: int | None = None  # the target replica that verifies it (None: the only one)
     output_ids: list[int] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
@@ -154,6 +157,19 @@ class RunningRequest:
     @property
     def sampling(self) -> SamplingParams:
         return self.request.sampling
+
+    @property
+    def uncached(self) -> int:
+        """Committed tokens the target's cache does not hold: 1 while
+        decoding (the newest), the prompt (or what is left of it) while
+        prefilling, every token after a move to another target replica."""
+        return len(self.tokens) - self.cached_len
+
+    @property
+    def prefilling(self) -> bool:
+        """This round feeds a chunk of the uncached tokens, not all of them:
+        it only fills the cache (no logits, no drafts, no output)."""
+        return self.feed < self.uncached
 
     @property
     def remaining_tokens(self) -> int:

@@ -77,7 +77,8 @@ class RoundTimes:
 
 @dataclass
 class RoundResult:
-    """The requests a round verified, each with the chunk it streams."""
+    """The requests a round committed tokens for, each with the chunk it
+    streams (a prefill chunk commits none: it only fills the cache)."""
 
     requests: list[RunningRequest]
     outputs: list[RequestOutput]  # same order as ``requests``
@@ -92,7 +93,8 @@ async def speculative_round(
     scheduler: GammaScheduler,
 ) -> RoundResult:
     began = time.perf_counter()
-    # 1. How many tokens each request drafts, by each way of drafting.
+    # 1. What each request feeds the target (prompts prefill in chunks within
+    # the round's token budget) and drafts, by each way of drafting.
     scheduler.choose(batch)
     proposing = time.perf_counter()
 
@@ -101,11 +103,13 @@ async def speculative_round(
     drafts = await propose(batch, drafting, scheduler)
     verifying_at = time.perf_counter()
 
-    # 3. Verify: one batched forward per target replica, all at once.
+    # 3. Verify: one batched forward per target replica, all at once. A
+    # request whose prefill has no room this round sits it out.
     hidden_layers = drafting.hidden_layers if drafting is not None else ()
     groups: dict[int | None, list[int]] = {}
     for i, run in enumerate(batch):
-        groups.setdefault(run.target, []).append(i)
+        if run.feed > 0:
+            groups.setdefault(run.target, []).append(i)
     verified = await asyncio.gather(
         *(
             verify(
@@ -124,10 +128,14 @@ async def speculative_round(
     kept: list[DraftProposal] = []
     outputs: list[VerifyOutput] = []
     for idx, outs in zip(groups.values(), verified, strict=True):
-        if outs is not None:
-            runs += [batch[i] for i in idx]
-            kept += [drafts[i] for i in idx]
-            outputs += outs
+        for i, out in zip(idx, outs or [], strict=False):
+            run = batch[i]
+            if run.prefilling:  # a chunk only filled the cache
+                run.cached_len += run.feed
+                continue
+            runs.append(run)
+            kept.append(drafts[i])
+            outputs.append(out)
     times = RoundTimes(verifying_at - proposing, verified_at - verifying_at)
     if not runs:
         times.local_s = (proposing - began) + (time.perf_counter() - verified_at)
@@ -207,13 +215,14 @@ def verify_inputs(
     running: Sequence[RunningRequest], drafts: Sequence[DraftProposal]
 ) -> list[VerifyInput]:
     """Per request: where its target cache is valid, the uncached committed
-    tokens and the drafts, and logits for every draft plus one."""
+    tokens it feeds this round and the drafts, and logits for every draft
+    plus one (none for a prefill chunk, which only fills the cache)."""
     return [
         VerifyInput(
             r.request_id,
             r.cached_len,
-            r.tokens[r.cached_len :] + d.token_ids,
-            len(d) + 1,
+            r.tokens[r.cached_len : r.cached_len + r.feed] + d.token_ids,
+            0 if r.prefilling else len(d) + 1,
             argmax_only=r.sampling.greedy,
         )
         for r, d in zip(running, drafts, strict=True)

@@ -21,6 +21,9 @@ from specray.actors.engine.gamma import (
 from specray.actors.engine.lifecycle import gamma_limit
 from specray.actors.engine.request import DraftState, RunningRequest
 
+# Tokens one target replica feeds per round unless configured otherwise.
+DEFAULT_MAX_BATCHED_TOKENS = 512
+
 
 class GammaScheduler:
     """γ per request and drafting path for every round, and what it learns
@@ -29,14 +32,25 @@ class GammaScheduler:
 
     ``adaptive`` False drafts the ceiling every round; ``paths`` None means
     there is no drafter and every request decodes target-only.
+    ``max_batched_tokens`` bounds the tokens one target replica feeds per
+    round (vLLM's ``max_num_batched_tokens``): prompts prefill in chunks
+    that ride alongside the requests that decode (see :meth:`assign_feeds`);
+    None feeds every prompt whole.
     """
 
     def __init__(
-        self, paths: DraftPaths | None, adaptive: bool = True, costs: RoundCostModel | None = None
+        self,
+        paths: DraftPaths | None,
+        adaptive: bool = True,
+        costs: RoundCostModel | None = None,
+        max_batched_tokens: int | None = None,
     ) -> None:
+        if max_batched_tokens is not None and max_batched_tokens < 1:
+            raise ValueError(f"max_batched_tokens must be >= 1, got {max_batched_tokens}")
         self.paths = paths
         self.adaptive = adaptive
         self.costs = costs or RoundCostModel()
+        self.max_batched_tokens = max_batched_tokens
         # Per drafting path, the prior of new requests.
         self._pool = {"lookup": SurvivalEstimate(decay=0.98), "model": SurvivalEstimate(decay=0.98)}
 
@@ -50,30 +64,35 @@ class GammaScheduler:
     # -- before the round -------------------------------------------------------
 
     def choose(self, batch: Sequence[RunningRequest]) -> None:
-        """Set each request's ``draft.gamma`` (a model's drafts) and
-        ``draft.lookup_gamma`` (copies) for this round: per target replica
-        (each verifies its own batch), from :func:`schedule_gammas` with the
+        """Set what each request does this round, per target replica (each
+        verifies its own batch): ``feed``, the uncached tokens it feeds
+        (:meth:`assign_feeds`), and ``draft.gamma`` (a model's drafts) and
+        ``draft.lookup_gamma`` (copies), from :func:`schedule_gammas` with the
         path's acceptance and cost, or the ceiling when not adaptive; 0 for
-        requests no drafter holds.
+        requests no drafter holds and for prefill chunks.
 
         A model's drafts also pay for each request's backlog (:meth:`entry_seconds`).
         """
+        groups: dict[int | None, list[RunningRequest]] = {}
         for run in batch:
             run.draft.gamma = run.draft.lookup_gamma = 0
+            groups.setdefault(run.target, []).append(run)
+        for group in groups.values():
+            self.assign_feeds(group)
         paths = self.paths
         if paths is None:
             return
-        groups: dict[int | None, list[RunningRequest]] = {}
-        for run in batch:
-            groups.setdefault(run.target, []).append(run)
         for group in groups.values():
-            limits = [gamma_limit(r) if r.draft.replica is not None else 0 for r in group]
+            limits = [
+                gamma_limit(r) if r.draft.replica is not None and not r.prefilling else 0
+                for r in group
+            ]
             if not self.adaptive:
                 for run, gamma in zip(group, limits, strict=True):
                     run.draft.gamma = gamma if paths.model else 0
                     run.draft.lookup_gamma = gamma if paths.lookup else 0
                 continue
-            base = sum(len(r.tokens) - r.cached_len for r in group)
+            base = sum(r.feed for r in group)
             if paths.lookup:
                 alphas = [r.draft.lookup_acceptance.alpha for r in group]
                 copies = schedule_gammas(alphas, limits, self.costs.lookup_round_seconds, base)
@@ -81,6 +100,31 @@ class GammaScheduler:
                     run.draft.lookup_gamma = gamma
             if paths.model:
                 self._model_gammas(group, limits, base)
+
+    def assign_feeds(self, group: Sequence[RunningRequest]) -> None:
+        """How many of its uncached tokens each request of one target
+        replica's batch feeds this round.
+
+        Requests that decode feed their one token and are never held back;
+        prompts (and re-prefills after a move) share the rest of the budget
+        in admission order, each taking a chunk. At least a quarter of the
+        budget goes to prefills whatever decodes, so a prompt always moves
+        on; a request whose turn has not come feeds nothing (feed 0) and
+        sits the round out.
+        """
+        budget = self.max_batched_tokens
+        if budget is None:
+            for run in group:
+                run.feed = run.uncached
+            return
+        decoding = sum(run.uncached for run in group if run.uncached <= 1)
+        left = max(budget - decoding, budget // 4, 1)
+        for run in group:
+            if run.uncached <= 1:
+                run.feed = run.uncached
+                continue
+            run.feed = min(run.uncached, left)
+            left -= run.feed
 
     def _model_gammas(self, group: Sequence[RunningRequest], limits: list[int], base: int) -> None:
         costs = self.costs
