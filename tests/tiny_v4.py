@@ -52,7 +52,11 @@ def v4_config(**overrides: Any) -> DeepseekV4Config:
         index_head_dim=16,
         index_topk=3,
         max_position_embeddings=512,
-        rope_parameters={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64},
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 64,
+        },
         eos_token_id=1,
         bos_token_id=2,
     )
@@ -73,7 +77,8 @@ def random_v4(config: DeepseekV4Config, seed: int) -> DeepseekV4ForCausalLM:
                 param.add_(torch.randn_like(param) * 0.2)
         for module in model.modules():
             if hasattr(module, "tid2eid"):
-                module.tid2eid.copy_(torch.randint(0, config.n_routed_experts, module.tid2eid.shape))
+                table = torch.randint(0, config.n_routed_experts, module.tid2eid.shape)
+                module.tid2eid.copy_(table)
             if hasattr(module, "e_score_correction_bias"):
                 module.e_score_correction_bias.normal_(0, 0.1)
     return model
@@ -106,7 +111,7 @@ def _mtp_tensors(config: DeepseekV4Config, seed: int) -> dict[str, torch.Tensor]
         random_v4(block_config, seed).save_pretrained(scratch)
         saved = load_file(str(scratch / "model.safetensors"))
     prefix = "model.layers.0."
-    tensors = {f"mtp.0.{k[len(prefix):]}": v for k, v in saved.items() if k.startswith(prefix)}
+    tensors = {f"mtp.0.{k[len(prefix) :]}": v for k, v in saved.items() if k.startswith(prefix)}
     gen = torch.Generator().manual_seed(seed)
     hidden, streams = config.hidden_size, config.hc_mult
     for name in ("e_proj", "h_proj"):
@@ -134,7 +139,8 @@ def _stable_topk(
     x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True
 ) -> Any:
     order = torch.sort(x, dim=dim, descending=largest, stable=True)
-    return torch.return_types.topk((order.values.narrow(dim, 0, k), order.indices.narrow(dim, 0, k)))
+    values, indices = order.values.narrow(dim, 0, k), order.indices.narrow(dim, 0, k)
+    return torch.return_types.topk((values, indices))
 
 
 @contextlib.contextmanager
@@ -176,5 +182,5 @@ def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, tolerance: float 
     """Within ``tolerance`` of the logit scale, and the same argmax."""
     scale = ref.abs().max().item()
     worst = (ours - ref).abs().max().item()
-    assert worst <= tolerance * max(scale, 1e-3), f"max |diff| {worst:.3g} at logit scale {scale:.3g}"
+    assert worst <= tolerance * max(scale, 1e-3), f"max |diff| {worst:.3g}, logit scale {scale:.3g}"
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
