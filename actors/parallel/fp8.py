@@ -36,6 +36,7 @@ def dequantize(
 def quantize(
     weight: torch.Tensor,  # [rows, cols] float
     block: tuple[int, int] = DEFAULT_BLOCK,
+    power_of_two: bool = False,  # scales rounded up to 2^k (storable as float8_e8m0fnu)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fp8 weight, float32 scale (see dequantize)
     """Per-block absmax scaling onto e4m3's range (max 448)."""
     rows, cols = weight.shape
@@ -44,5 +45,7 @@ def quantize(
     padded[:rows, :cols] = weight.float()
     blocks = padded.view(grid[0], block[0], grid[1], block[1])
     scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    if power_of_two:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
     quantized = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
     return quantized.view_as(padded)[:rows, :cols].contiguous(), scale
