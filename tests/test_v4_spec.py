@@ -17,7 +17,7 @@ from test_rejection_sampler import chi_square_p_value
 from tiny_v4 import CSA, HCA, VOCAB, earliest_wins_topk, save_tiny_v4
 from transformers import DeepseekV4ForCausalLM
 
-from specray.actors.drafting.base import Drafter
+from specray.actors.drafting.base import Drafter, DraftRequest
 from specray.actors.drafting.draft_model import DraftModelDrafter
 from specray.actors.drafting.hybrid import HybridDrafter
 from specray.actors.drafting.mtp import MTPDrafter
@@ -158,6 +158,31 @@ def test_a_copy_of_the_target_is_always_accepted(target_dir: Path) -> None:
     last = list(engine.generate([request]))[-1]
     assert last.stats.accepted_tokens == last.stats.draft_tokens > 0
     assert last.stats.rounds == 5
+
+
+def test_mtp_drafts_do_not_depend_on_rolled_back_chains(target_dir: Path) -> None:
+    """Rounds of drafting, random verdicts and rollbacks leave the MTP
+    drafter where feeding the same committed (streams, token) pairs at once
+    leaves a fresh one."""
+    model = load_mtp(target_dir)
+    width = model.streams * model.config.hidden_size
+    gen = torch.Generator().manual_seed(4)
+    rolled, fresh = MTPDrafter(model, 1, MAX_LEN), MTPDrafter(model, 1, MAX_LEN)
+    for drafter in (rolled, fresh):
+        drafter.start("r", [5, 6, 7], SamplingParams())
+    tokens: list[int] = []
+    streams = []
+    for _ in range(8):
+        count = int(torch.randint(1, 5, (1,), generator=gen))
+        new = torch.randint(3, VOCAB, (count,), generator=gen).tolist()
+        rows = torch.randn(count, width, generator=gen)
+        rolled.accept("r", count - 1, new, rows)
+        assert len(rolled.propose([DraftRequest("r", 4)])[0]) == 4
+        tokens += new
+        streams.append(rows)
+    fresh.accept("r", 0, tokens, torch.cat(streams))
+    want = fresh.propose([DraftRequest("r", 4)])[0].token_ids
+    assert rolled.propose([DraftRequest("r", 4)])[0].token_ids == want
 
 
 def test_mtp_needs_its_weights(draft_dir: Path) -> None:
