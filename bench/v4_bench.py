@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import re
 import statistics
 import tempfile
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu_flags": cpu_flags(),
         "torch": torch.__version__,
         "context": CONTEXT,
+        # Other work on the machine: timings from a loaded machine are noisy.
+        "load_average_1min": os.getloadavg()[0],
     }
     for name, rounds in runs.items():
         result[name] = {
@@ -227,6 +230,8 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
+        f"Machine load average {result['load_average_1min']:.1f} at the end of the run "
+        f"({os.cpu_count()} cores). "
         f"Decode is {result['decode_vs_transformers']:.2f}x transformers' time. "
         "Acceptance on random weights means nothing, so no speculative speedup is "
         "reported; cost(k)/cost(1) is what it would be multiplied against.",

@@ -17,6 +17,11 @@ from typing import Any
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from test_tensor_parallel import _assert_same as assert_same_outputs
+from test_tensor_parallel import _rank_main as tp_rank_main
+from test_tensor_parallel import _reference as tp_reference
+from test_tensor_parallel import _rounds as tp_rounds
 from tiny_v4 import (
     CSA,
     HCA,
@@ -34,6 +39,7 @@ from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model
+from specray.actors.parallel.distributed import find_free_port
 
 LENGTH = 64
 
@@ -184,6 +190,18 @@ def test_mixed_batch_of_prefills_decodes_and_verifies(v4_dir: Callable[[str], Pa
         for i, got in zip(live, out.split([s.num_logits for s in seqs]), strict=True):
             a, b = step[i]  # type: ignore[misc]
             assert_logits_close(got, references[i][a:b])
+
+
+@pytest.mark.slow
+def test_two_tensor_parallel_ranks_match_one(v4_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    """Query heads, sinks, output groups and the shared expert split over two
+    gloo ranks (compressors, indexer and routed experts replicated) give one
+    rank's logits and hidden states through prefill, verify and rollback."""
+    model_dir = v4_dir("default")
+    port = find_free_port()
+    mp.spawn(tp_rank_main, args=(2, port, str(model_dir), str(tmp_path)), nprocs=2)
+    sharded = torch.load(tmp_path / "outputs.pt", weights_only=False)
+    assert_same_outputs(sharded, tp_rounds(tp_reference(model_dir)))
 
 
 def test_hidden_states_are_the_residual_streams(v4_dir: Callable[[str], Path]) -> None:

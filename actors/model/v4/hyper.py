@@ -66,11 +66,12 @@ class HyperConnection(nn.Module):
         pre = torch.sigmoid(pre_w * pre_scale + pre_b) + self.eps
         post = 2 * torch.sigmoid(post_w * post_scale + post_b)
         comb = comb_w.view(-1, n, n) * comb_scale + comb_b.view(n, n)
-        comb = torch.softmax(comb, dim=-1) + self.eps
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + self.eps)
+        comb = torch.softmax(comb, dim=-1).add_(self.eps)
+        # In place: twenty tiny iterations are op overhead, not arithmetic.
+        comb.div_(comb.sum(dim=-2, keepdim=True).add_(self.eps))
         for _ in range(self.sinkhorn_iters - 1):
-            comb = comb / (comb.sum(dim=-1, keepdim=True) + self.eps)
-            comb = comb / (comb.sum(dim=-2, keepdim=True) + self.eps)
+            comb.div_(comb.sum(dim=-1, keepdim=True).add_(self.eps))
+            comb.div_(comb.sum(dim=-2, keepdim=True).add_(self.eps))
         collapsed = (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
         return post, comb, collapsed
 
