@@ -50,7 +50,8 @@ def deepseek_v4_config(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"activation {hf['hidden_act']!r} is not supported")
     quant = hf.get("quantization_config") or {}
-    if quant and (quant.get("quant_method") != "fp8" or quant.get("expert_dtype")):
+    fp4_experts = quant.get("expert_dtype") or hf.get("expert_dtype")
+    if (quant and quant.get("quant_method") != "fp8") or fp4_experts:
         raise UnsupportedModelError(
             f"quantization {quant!r} is not supported; block-scaled FP8 is (no FP4 experts)"
         )
