@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from sampling_helpers import sample_rows
+from sampling_helpers import chi_square_p_value, sample_rows, total_variation
 
 from specray.actors.sampling.logits import SamplingTensors, compute_probs, make_generator
 from specray.actors.sampling.params import SamplingParams
@@ -120,26 +120,6 @@ def sample_two_tokens(
     more, _ = verify_round(models, first[again], point_mass[again], gen)
     second[again] = more[0]
     return first, second, num_accepted
-
-
-def total_variation(counts: torch.Tensor, expected: torch.Tensor) -> float:
-    return 0.5 * float((counts.double() / counts.sum() - expected.double()).abs().sum())
-
-
-def chi_square_p_value(counts: torch.Tensor, expected: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit; cells expecting < 5 are pooled."""
-    counts, expected = counts.double().flatten(), expected.double().flatten() * counts.sum()
-    big = expected >= 5.0
-    observed = torch.cat([counts[big], counts[~big].sum().reshape(1)])
-    wanted = torch.cat([expected[big], expected[~big].sum().reshape(1)])
-    if wanted[-1] < 5.0:  # pool too small to be its own cell: fold into the smallest
-        observed, wanted = observed[:-1], wanted[:-1]
-        observed[wanted.argmin()] += counts[~big].sum()
-        wanted[wanted.argmin()] += expected[~big].sum()
-    statistic = ((observed - wanted) ** 2 / wanted).sum()
-    dof = observed.numel() - 1
-    # Survival function of chi2(dof) = regularised upper incomplete gamma.
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0).double(), statistic / 2.0))
 
 
 def test_chi_square_helper_matches_known_critical_values() -> None:

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from specray.actors.model.attend import attend
-from specray.actors.model.batch import ForwardBatch
 from specray.actors.model.config import ModelConfig
+from specray.actors.model.context import ForwardContext
 from specray.actors.model.kv_cache import KVCache
 from specray.actors.model.norm import RMSNorm
 from specray.actors.model.rotary import apply_rotary
@@ -30,6 +30,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.attention_scale
         self.window = config.sliding_windows[layer] if config.sliding_windows else None
+        self.rope_name = "full" if self.window is None else "sliding"
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             config.num_heads,
@@ -61,11 +62,10 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [num_tokens, hidden], packed
-        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [num_tokens, 1, head_dim]
-        mask: torch.Tensor,  # [batch, 1, max_new, context_len] bool
-        batch: ForwardBatch,
-        cache: KVCache,
+        ctx: ForwardContext,
     ) -> torch.Tensor:
+        batch, cache = ctx.batch, ctx.cache
+        assert isinstance(cache, KVCache), "dense attention keeps its keys in a KVCache"
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x)
         q = q.view(tokens, -1, self.head_dim)
@@ -73,12 +73,13 @@ class Attention(nn.Module):
         v = v.view(tokens, -1, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
+        cos, sin = ctx.rope(self.rope_name)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         cache.write(self.layer, batch.flat_slots, batch.flat_positions, k, v)
         keys, values = cache.read(self.layer, batch.slots, batch.context_len)
 
+        mask = ctx.mask(self.window)
         out = attend(batch.pad(q).transpose(1, 2), keys, values, mask, self.scale)
         return self.o_proj(batch.unpad(out.transpose(1, 2)).reshape(tokens, -1))
 
@@ -133,12 +134,9 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [num_tokens, hidden], packed
-        rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
-        batch: ForwardBatch,
-        cache: KVCache,
+        ctx: ForwardContext,
     ) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), rope, mask, batch, cache)
+        attn = self.self_attn(self.input_layernorm(x), ctx)
         if self.gemma:
             x = x + self.post_attention_layernorm(attn)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))

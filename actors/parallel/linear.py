@@ -22,6 +22,21 @@ def _param(shape: Sequence[int], dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
+class ReplicatedLinear(nn.Module):
+    """``y = x Wᵀ``, the whole weight on every rank (small projections every
+    rank needs in full, such as a shared KV head)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = _param((out_features, in_features), dtype)
+
+    def load(self, source: WeightSource, prefix: str) -> None:
+        self.weight.copy_(source.read(f"{prefix}.weight"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
+        return F.linear(x, self.weight)
+
+
 class ColumnParallelLinear(nn.Module):
     """``y = x Wᵀ + b`` with the output features split across ranks.
 
