@@ -75,19 +75,31 @@ def expected_calibration_error(
     return float((pred_sum - label_sum).abs().sum() / count.sum())
 
 
-def fit_sequential_temperatures(
-    logits: torch.Tensor,  # [n, γ] confidence logits of held-out proposals
+def outcome_labels(
     verified: torch.Tensor,  # [n] int: positions of each proposal that were verified
     accepted: torch.Tensor,  # [n] int: drafts accepted (a prefix of the verified ones)
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # survived [n, γ] float64, reached [n, γ] bool
+    """Observed labels of verified proposals: whether drafts ``1..k`` all
+    survived, and whether position ``k`` was verified at all."""
+    positions = torch.arange(1, block_size + 1)
+    reached = verified.unsqueeze(1) >= positions
+    return (accepted.unsqueeze(1) >= positions).double(), reached
+
+
+def fit_sequential_temperatures(
+    logits: torch.Tensor,  # [n, γ] confidence logits of held-out proposals
+    survived: torch.Tensor,  # [n, γ] in [0, 1]: drafts 1..k all accepted (or its probability)
+    reached: torch.Tensor,  # [n, γ] bool: position k counts for this proposal
     grid: Sequence[float] = DEFAULT_GRID,
     num_bins: int = 20,
 ) -> Calibration:
     """STS: one temperature per position, fitted left to right (see module
-    docstring). A position no proposal reached keeps temperature 1."""
+    docstring). ``survived`` may be observed outcomes (:func:`outcome_labels`)
+    or their probabilities (the product of analytic acceptance rates on
+    held-out training data). A position no proposal reached keeps 1."""
     block = logits.shape[1]
-    positions = torch.arange(1, block + 1)
-    reached = verified.unsqueeze(1) >= positions  # [n, γ]
-    survived = (accepted.unsqueeze(1) >= positions).double()
+    survived = survived.double()
     prefix = torch.ones(logits.shape[0], dtype=torch.float64)  # a_{k-1}, calibrated
     temps: list[float] = []
     for k in range(block):
