@@ -4,6 +4,7 @@ temperature scaling of the confidence head."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -235,3 +236,45 @@ def test_sequential_temperature_scaling_recovers_an_overconfident_head() -> None
 
     for k in range(block):
         assert ece(fitted, k) < 0.02 < ece(Calibration.identity(block), k)
+
+
+@pytest.mark.slow
+def test_train_draft_dspark_smoke_then_draft_losslessly(tmp_path: Path) -> None:
+    """`specray train-draft --method dspark` end to end on a tiny Qwen2 with
+    a tokenizer: the saved directory is DeepSpec's format, loads with the
+    target, and drafts without changing greedy output."""
+    from serving_helpers import save_served_model
+
+    from specray.actors.drafting.dspark.checkpoint import load_dspark
+    from specray.actors.drafting.dspark.drafter import DSparkDrafter
+    from specray.actors.engine.engine import EngineConfig, SpecEngine
+    from specray.actors.engine.request import GenerationRequest
+    from specray.actors.engine.target import LocalTarget
+    from specray.actors.sampling.params import SamplingParams, StoppingCriteria
+    from specray.deploy.cli import main
+
+    model_dir = save_served_model(tmp_path / "model")
+    out = tmp_path / "dspark"
+    flags = ["--dtype", "float32", "--home", str(tmp_path / "home"), "--threads", "1"]
+    method = ["--method", "dspark", "--block-size", "3", "--markov-rank", "16", "--anchors", "4"]
+    args = ["train-draft", "--target", str(model_dir), "--smoke", "--out", str(out)]
+    assert main([*args, *method, *flags]) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["method"] == "dspark" and log["val"][-1]["loss"] < log["val"][0]["loss"]
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    model = load_dspark(out, target_dir=model_dir)
+    assert model.config.block_size == 3 and not model.config.decoder.qk_norm
+
+    def generate(drafter: DSparkDrafter | None) -> list[list[int]]:
+        target = LocalTarget(load_model(model_dir), num_slots=2, max_len=96)
+        engine = SpecEngine(target, drafter, None, (), EngineConfig(2, 3, adaptive=False))
+        stop = StoppingCriteria(max_tokens=24, ignore_eos=True)
+        requests = [
+            GenerationRequest(f"r{i}", [5 + i, 40, 77, 9], SamplingParams(), stop) for i in range(2)
+        ]
+        out: dict[str, list[int]] = {r.request_id: [] for r in requests}
+        for chunk in engine.generate(requests):
+            out[chunk.request_id] += chunk.token_ids
+        return list(out.values())
+
+    assert generate(DSparkDrafter(model, 2, 96)) == generate(None)
