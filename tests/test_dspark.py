@@ -15,7 +15,7 @@ import torch
 from test_rejection_sampler import chi_square_p_value, total_variation
 from tiny_models import VOCAB
 
-from specray.actors.drafting.base import DraftProposal, DraftRequest
+from specray.actors.drafting.base import CatchesUp, DraftProposal, DraftRequest
 from specray.actors.drafting.dspark.checkpoint import (
     dspark_dir_of,
     load_dspark,
@@ -165,6 +165,15 @@ def test_rejections_roll_nothing_back_and_gaps_restart_the_context(tiny_dir_fact
     assert gap.propose([DraftRequest("r", 4)])[0].token_ids == []
     gap.accept("r", 0, [51], out.hidden_states[:1])
     assert len(gap.propose([DraftRequest("r", 4)])[0]) == 4
+
+
+def test_feed_profile_times_context_feeds_and_frees_its_slot(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
+    drafter = DSparkDrafter(_model(tiny_dir_factory("qwen3")), 1, 64)
+    assert isinstance(drafter, CatchesUp)
+    points = drafter.feed_profile([1, 8, 1000])
+    assert [size for size, _ in points] == [1, 8]  # 1000 does not fit the cache
+    assert all(seconds > 0 for _, seconds in points)
+    assert drafter.cache.num_free_slots == 1
 
 
 def test_saved_drafter_loads_to_the_same_drafts(tiny_dir_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -148,12 +148,13 @@ class DSparkDrafter:
 
     def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
         fused = self.model.config.fused_size
+        device = self.model.norm.weight.device
 
         def feed(slot: int, n: int) -> None:
             self.model.feed_context(
-                torch.zeros(n, fused),
-                torch.full((n,), slot, dtype=torch.int64),
-                torch.arange(n),
+                torch.zeros(n, fused, device=device),
+                torch.full((n,), slot, dtype=torch.int64, device=device),
+                torch.arange(n, device=device),
                 self.cache,
             )
 
@@ -249,7 +250,7 @@ class DSparkDrafter:
         previous = anchor_ids.unsqueeze(1).repeat(1, block)
         for r, tokens in enumerate(drafted):
             if len(tokens) > 1:
-                previous[r, 1 : len(tokens)] = torch.tensor(tokens[:-1])
+                previous[r, 1 : len(tokens)] = torch.tensor(tokens[:-1], device=previous.device)
         logits = self.model.confidence_logits(hidden, previous)
         assert logits is not None
         calibrated = self.calibration.confidences(logits)
