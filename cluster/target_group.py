@@ -351,7 +351,7 @@ class ShardedTarget:
             )
         # Calls run one at a time in the default group (their collectives
         # need the same order on every shard); progress probes answer beside.
-        actor = ray.remote(concurrency_groups={"probe": 1})(TargetShard)
+        actor: Any = ray.remote(concurrency_groups={"probe": 1})(TargetShard)  # type: ignore[call-overload]
         for rank in range(config.tp):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank)
             self._shards.append(

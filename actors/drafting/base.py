@@ -61,6 +61,10 @@ class DraftProposal:
     # Copied from the context: no model fed anything for it, so a drafter
     # that keeps a cache fell one more round behind (see CatchesUp).
     from_lookup: bool = False
+    # Per token, the drafter's estimate that it survives verification given
+    # that every token before it did (DSpark's confidence head); None when
+    # the drafter has no such estimate.
+    confidence: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -71,7 +75,8 @@ class DraftProposal:
         if len(self) <= num_tokens:
             return self
         probs = None if self.draft_probs is None else self.draft_probs[:num_tokens]
-        return DraftProposal(self.token_ids[:num_tokens], probs, self.from_lookup)
+        confidence = None if self.confidence is None else self.confidence[:num_tokens]
+        return DraftProposal(self.token_ids[:num_tokens], probs, self.from_lookup, confidence)
 
 
 @dataclass(frozen=True)

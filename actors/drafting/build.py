@@ -8,13 +8,17 @@ from pathlib import Path
 
 from specray.actors.drafting.base import Drafter
 from specray.actors.drafting.draft_model import DraftModelDrafter
+from specray.actors.drafting.dspark.checkpoint import load_calibration, load_dspark
+from specray.actors.drafting.dspark.drafter import DSparkDrafter
 from specray.actors.drafting.head.checkpoint import load_head, resolve_head_target
 from specray.actors.drafting.head.drafter import HeadDrafter
 from specray.actors.drafting.hybrid import HybridDrafter
+from specray.actors.drafting.mtp import MTPDrafter
 from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
+from specray.actors.model.v4.mtp import load_mtp
 from specray.actors.store.resolve import resolve_model
 
 
@@ -30,7 +34,7 @@ def resolve_drafter(
     if spec.kind in ("model", "hybrid"):
         assert spec.model is not None
         return spec.with_model(resolve_model(spec.model, home=home, dtype=dtype))
-    if spec.kind == "head":
+    if spec.kind in ("head", "dspark"):
         assert spec.model_path is not None
         return spec.with_model(spec.model_path)
     return spec
@@ -46,12 +50,20 @@ def build_drafter(
     """The drafter ``spec`` names (its model already resolved: see
     :func:`resolve_drafter`), with KV room for ``num_slots`` requests of up
     to ``max_len`` tokens. ``target_dir``: the target it drafts for; a head
-    borrows the target's embedding and LM head from it, and a draft model's
-    vocabulary is checked against it."""
+    borrows the target's embedding and LM head from it (a DSpark drafter
+    where its checkpoint has none), an MTP drafter is the target's own block,
+    and a draft model's vocabulary is checked against it."""
     if spec.kind == "ngram":
         return NgramDrafter(spec.max_ngram, spec.min_ngram)
+    if spec.kind == "mtp":
+        if target_dir is None:
+            raise ValueError("an `mtp` drafter reads the target's checkpoint: give its directory")
+        return MTPDrafter(load_mtp(target_dir, dtype), num_slots, max_len)
     model_dir = spec.model_path
     assert model_dir is not None
+    if spec.kind == "dspark":
+        model = load_dspark(model_dir, dtype, target_dir=target_dir)
+        return DSparkDrafter(model, num_slots, max_len, load_calibration(model_dir, model.config))
     if spec.kind == "head":
         target = target_dir if target_dir is not None else resolve_head_target(model_dir, dtype)
         return HeadDrafter(load_head(model_dir, target, dtype), num_slots, max_len)

@@ -9,6 +9,8 @@ an entry of the serve config's ``drafts:``, a draft replica.
 ``NAME``           ``model``    a draft model: a registered name or a local path
 ``ngram+NAME``     ``hybrid``   lookup where the text is copied, the model elsewhere
 ``head:DIR``       ``head``     a trained head that reads the target's hidden states
+``dspark:DIR``     ``dspark``   DSpark's block drafter (DeepSpec's checkpoint format)
+``mtp``            ``mtp``      the target checkpoint's own multi-token-prediction block
 =================  ===========  ====================================================
 """
 
@@ -19,16 +21,19 @@ from pathlib import Path
 
 from specray.actors.drafting.base import DraftPaths
 
-DRAFTER_KINDS = ("ngram", "model", "hybrid", "head")
 NO_DRAFTER = "none"
-HYBRID_PREFIX = "ngram+"
-HEAD_PREFIX = "head:"
+# Kinds named by their kind alone: they need no model of their own.
+MODELLESS = ("ngram", "mtp")
+# Kinds named ``PREFIX`` + their model (a name, a path or a directory).
+PREFIXES = {"hybrid": "ngram+", "head": "head:", "dspark": "dspark:"}
+DRAFTER_KINDS = (*MODELLESS, "model", *PREFIXES)
+LOOKUP_KINDS = ("ngram", "hybrid")  # they copy from the context
 
 
 @dataclass(frozen=True)
 class DrafterSpec:
     kind: str
-    # model, hybrid: the draft model (registered name or path); head: its directory
+    # model, hybrid: the draft model (registered name or path); head, dspark: its directory
     model: str | None = None
     max_ngram: int = 5  # lookup n-gram sizes (ngram, hybrid)
     min_ngram: int = 1
@@ -36,9 +41,9 @@ class DrafterSpec:
     def __post_init__(self) -> None:
         if self.kind not in DRAFTER_KINDS:
             raise ValueError(f"drafter kind must be one of {DRAFTER_KINDS}, got {self.kind!r}")
-        if self.kind == "ngram" and self.model:
-            raise ValueError("an `ngram` drafter takes no model")
-        if self.kind != "ngram" and not self.model:
+        if self.kind in MODELLESS and self.model:
+            raise ValueError(f"an `{self.kind}` drafter takes no model")
+        if self.kind not in MODELLESS and not self.model:
             raise ValueError(f"a `{self.kind}` drafter needs `model` (a name or a path)")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(
@@ -50,31 +55,32 @@ class DrafterSpec:
         """The drafter ``--draft`` names; None for ``none`` (target-only)."""
         if text == NO_DRAFTER:
             return None
-        if text == "ngram":
-            return cls("ngram")
-        if text.startswith(HYBRID_PREFIX):
-            return cls("hybrid", text.removeprefix(HYBRID_PREFIX))
-        if text.startswith(HEAD_PREFIX):
-            directory = text.removeprefix(HEAD_PREFIX)
-            if not directory:
-                raise ValueError("--draft head:DIR needs a directory after 'head:'")
-            return cls("head", directory)
+        if text in MODELLESS:
+            return cls(text)
+        for kind, prefix in PREFIXES.items():
+            if text.startswith(prefix):
+                model = text.removeprefix(prefix)
+                if not model:
+                    raise ValueError(f"--draft {prefix}... needs a model or directory after it")
+                return cls(kind, model)
         if not text:
-            raise ValueError("--draft needs a value: none, ngram, a model, ngram+MODEL or head:DIR")
+            choices = ", ".join(
+                [NO_DRAFTER, *MODELLESS, "MODEL", *(p + "X" for p in PREFIXES.values())]
+            )
+            raise ValueError(f"--draft needs a value: {choices}")
         return cls("model", text)
 
     @property
     def name(self) -> str:
         """The ``--draft`` text naming this drafter (what model info reports)."""
-        if self.kind == "ngram":
-            return "ngram"
+        if self.kind in MODELLESS:
+            return self.kind
         assert self.model is not None
-        prefix = {"hybrid": HYBRID_PREFIX, "head": HEAD_PREFIX}.get(self.kind, "")
-        return prefix + self.model
+        return PREFIXES.get(self.kind, "") + self.model
 
     @property
     def paths(self) -> DraftPaths:
-        return DraftPaths(model=self.kind != "ngram", lookup=self.kind in ("ngram", "hybrid"))
+        return DraftPaths(model=self.kind != "ngram", lookup=self.kind in LOOKUP_KINDS)
 
     @property
     def model_path(self) -> Path | None:

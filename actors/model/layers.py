@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +61,37 @@ class Attention(nn.Module):
             self.q_norm.load(source, f"{prefix}.q_norm")
             self.k_norm.load(source, f"{prefix}.k_norm")
 
+    def project(
+        self,
+        x: torch.Tensor,  # [..., hidden]
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [..., 1, head_dim]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # each [..., local heads, head_dim]
+        """Queries, keys and values of ``x``: normed (QK-norm families) and rotated."""
+        q, k, v = self.qkv_proj(x)
+        q = q.unflatten(-1, (-1, self.head_dim))
+        k = k.unflatten(-1, (-1, self.head_dim))
+        v = v.unflatten(-1, (-1, self.head_dim))
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        cos, sin = rope
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def project_kv(
+        self,
+        x: torch.Tensor,  # [..., hidden]
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [..., 1, head_dim]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # each [..., local kv heads, head_dim]
+        """Keys and values only (no query matmul), as :meth:`project` makes them."""
+        k, v = self.qkv_proj.kv(x)
+        k = k.unflatten(-1, (-1, self.head_dim))
+        v = v.unflatten(-1, (-1, self.head_dim))
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        cos, sin = rope
+        return apply_rotary(k, cos, sin), v
+
     def forward(
         self,
         x: torch.Tensor,  # [num_tokens, hidden], packed
@@ -67,14 +100,7 @@ class Attention(nn.Module):
         batch, cache = ctx.batch, ctx.cache
         assert isinstance(cache, KVCache), "dense attention keeps its keys in a KVCache"
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x)
-        q = q.view(tokens, -1, self.head_dim)
-        k = k.view(tokens, -1, self.head_dim)
-        v = v.view(tokens, -1, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = ctx.rope(self.rope_name)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.project(x, ctx.rope(self.rope_name))
 
         cache.write(self.layer, batch.flat_slots, batch.flat_positions, k, v)
         keys, values = cache.read(self.layer, batch.slots, batch.context_len)
@@ -136,7 +162,16 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,  # [num_tokens, hidden], packed
         ctx: ForwardContext,
     ) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), ctx)
+        return self.around(x, lambda normed: self.self_attn(normed, ctx))
+
+    def around(
+        self,
+        x: torch.Tensor,  # [..., hidden]
+        attention: Callable[[torch.Tensor], torch.Tensor],  # normed x -> attention output
+    ) -> torch.Tensor:
+        """The block around its attention (norms, residuals, MLP), so another
+        way to attend (a drafter's injected context) reuses the same wiring."""
+        attn = attention(self.input_layernorm(x))
         if self.gemma:
             x = x + self.post_attention_layernorm(attn)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))

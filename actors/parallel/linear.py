@@ -158,6 +158,13 @@ class QKVParallelLinear(nn.Module):
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         return q, k, v
 
+    def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x: [..., hidden]
+        """Only the key and value projections: inputs that are never queries."""
+        bias = None if self.bias is None else self.bias[self.q_size :]
+        kv = F.linear(x, self.weight[self.q_size :], bias)
+        k, v = kv.split((self.kv_size, self.kv_size), dim=-1)
+        return k, v
+
 
 class RowParallelLinear(nn.Module):
     """``y = x Wᵀ + b`` with the input features split across ranks.
