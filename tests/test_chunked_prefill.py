@@ -10,6 +10,7 @@ import pytest
 import torch
 from references import greedy_reference
 from tiny_models import VOCAB
+from tiny_v4 import save_tiny_v4
 
 from specray.actors.drafting.base import Drafter, DraftPaths
 from specray.actors.drafting.draft_model import DraftModelDrafter
@@ -148,3 +149,16 @@ def test_without_a_budget_prompts_feed_whole() -> None:
     assert [r.feed for r in batch] == [300, 1] and not any(r.prefilling for r in batch)
     with pytest.raises(ValueError, match="max_batched_tokens"):
         GammaScheduler(None, max_batched_tokens=0)
+
+
+def test_a_v4_target_prefills_in_chunks_across_compression_windows(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Chunks of 5 tokens end mid-window of every compressor (rates 4 and
+    8 in the tiny V4), so the compressed state carries across chunks."""
+    model_dir = save_tiny_v4(tmp_path_factory.mktemp("v4chunks"), seed=2)
+    prompts = [_prompt(47, 6), _prompt(12, 7)]
+    outputs, fed, _ = _run(model_dir, NgramDrafter(max_ngram=3), prompts, budget=5)
+    named = {f"r{i}": p for i, p in enumerate(prompts)}
+    assert outputs == greedy_reference(model_dir, named, MAX_TOKENS)
+    assert len(fed) > (47 + 12) // 5
