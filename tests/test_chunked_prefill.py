@@ -12,7 +12,13 @@ from references import greedy_reference
 from tiny_models import VOCAB
 from tiny_v4 import save_tiny_v4
 
-from specray.actors.drafting.base import Drafter, DraftPaths
+from specray.actors.drafting.base import (
+    Drafter,
+    DraftPaths,
+    DraftProposal,
+    DraftRequest,
+    DraftUpdate,
+)
 from specray.actors.drafting.draft_model import DraftModelDrafter
 from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.engine.engine import EngineConfig, SpecEngine
@@ -22,7 +28,7 @@ from specray.actors.engine.request import DraftState, GenerationRequest, Running
 from specray.actors.engine.scheduling import GammaScheduler
 from specray.actors.engine.target import LocalTarget, VerifyInput, VerifyOutput
 from specray.actors.model.loader import load_model
-from specray.actors.sampling.params import StoppingCriteria
+from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 
 MAX_TOKENS = 12
 
@@ -162,3 +168,28 @@ def test_a_v4_target_prefills_in_chunks_across_compression_windows(
     named = {f"r{i}": p for i, p in enumerate(prompts)}
     assert outputs == greedy_reference(model_dir, named, MAX_TOKENS)
     assert len(fed) > (47 + 12) // 5
+
+
+def test_a_draft_model_catches_up_in_chunks_then_drafts_the_same(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
+    model = load_model(tiny_dir_factory("qwen2", 7))
+    chunked, whole = DraftModelDrafter(model, 1, 256), DraftModelDrafter(model, 1, 256)
+    prompt = _prompt(50, 8)
+    for drafter in (chunked, whole):
+        drafter.start("r", prompt, SamplingParams())
+    calls = 0
+    while not (proposal := chunked.propose([DraftRequest("r", 3, max_feed=16)])[0]).token_ids:
+        calls += 1  # a chunk fed, nothing proposed
+    assert calls == 3  # 50 tokens: 16 + 16 + 16, then the last 2 with the drafts
+    assert proposal.token_ids == whole.propose([DraftRequest("r", 3)])[0].token_ids
+
+
+def test_the_scheduler_counts_a_catch_up_chunk_off_the_backlog() -> None:
+    paths = DraftPaths(model=True, lookup=False)
+    scheduler = GammaScheduler(paths, adaptive=False, max_batched_tokens=16)
+    run = _running("r", 50, 49)
+    run.draft.backlog = 50
+    scheduler.choose([run])
+    assert run.draft.gamma > 0
+    scheduler.record(run, DraftProposal([]), DraftUpdate("r", 0, [7], None))
+    assert run.draft.backlog == 50 - 16 + 1
+    assert scheduler.entry_seconds(run, 0.5, 4, False) == 0.0  # unmeasured: free

@@ -39,6 +39,11 @@ class DraftRequest:
     # propose that way when it finds a match: copying costs no model step,
     # so a scheduler can allow it more than the drafts a model would make.
     lookup_tokens: int = 0
+    # The most committed tokens a drafter with a cache may feed in this call
+    # (None: all it has not seen). One further behind feeds this many and
+    # proposes nothing: a long prompt catches up over several rounds, each
+    # as short as a prefill chunk of the target.
+    max_feed: int | None = None
 
     @property
     def most(self) -> int:

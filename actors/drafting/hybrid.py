@@ -77,7 +77,9 @@ class HybridDrafter:
             else:
                 proposals.append(None)
                 if request.num_tokens > 0:
-                    fallback.append(DraftRequest(request.request_id, request.num_tokens))
+                    fallback.append(
+                        DraftRequest(request.request_id, request.num_tokens, 0, request.max_feed)
+                    )
         modelled = iter(self.model.propose(fallback) if fallback else [])
         # Per request, not per call: calls for disjoint micro-batches interleave.
         self._model_drafted.difference_update(r.request_id for r in requests)

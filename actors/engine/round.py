@@ -172,7 +172,12 @@ async def propose(
 
     async def one(replica: int, idx: list[int]) -> list[DraftProposal] | None:
         asks = [
-            DraftRequest(batch[i].request_id, batch[i].draft.gamma, batch[i].draft.lookup_gamma)
+            DraftRequest(
+                batch[i].request_id,
+                batch[i].draft.gamma,
+                batch[i].draft.lookup_gamma,
+                scheduler.max_batched_tokens,
+            )
             for i in idx
         ]
         updates: list[DraftUpdate] = []

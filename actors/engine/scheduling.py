@@ -162,15 +162,36 @@ class GammaScheduler:
         catch-up sent ahead to run while the target verifies is free only
         where the draft has hardware of its own; on shared cores it slowed
         every target step it overlapped (docs/router.md).
+
+        With a round budget, a drafter feeds at most that many tokens per
+        call, so a long backlog is caught up over several rounds: each is
+        charged the chunk it feeds.
         """
         costs = self.costs
-        extra = costs.draft.seconds((run.draft.backlog,)) - costs.draft.seconds((1,))
+        feed = self.catch_up_feed(run.draft.backlog)
+        extra = costs.draft.seconds((feed,)) - costs.draft.seconds((1,))
         if extra <= 0.0 or limit <= 0:
             return 0.0
         if not drafts_in_step:
             return extra
         rounds_left = run.remaining_tokens / expected_tokens(alpha, limit)
         return extra / max(rounds_left, 1.0)
+
+    def catch_up_feed(self, backlog: int) -> int:
+        """What a drafter that is ``backlog`` committed tokens behind feeds
+        in one call (``DraftRequest.max_feed``)."""
+        cap = self.max_batched_tokens
+        return backlog if cap is None else min(backlog, cap)
+
+    def _catching_up(self, run: RunningRequest, draft: DraftProposal) -> bool:
+        """The model was asked to draft but only fed a chunk of its backlog."""
+        state = run.draft
+        return (
+            state.gamma > 0
+            and not draft.from_lookup
+            and not len(draft)
+            and self.catch_up_feed(state.backlog) < state.backlog
+        )
 
     # -- after the round ----------------------------------------------------------
 
@@ -180,7 +201,8 @@ class GammaScheduler:
         """Learn the draft cost from one propose phase, timed as the model's
         call when a model drafted (a hybrid's copies in the same call cost
         next to nothing), else the copies'."""
-        model_steps = fed_steps(batch, drafts)
+        late = [self._catching_up(run, draft) for run, draft in zip(batch, drafts, strict=True)]
+        model_steps = fed_steps(batch, drafts, late=late, cap=self.max_batched_tokens)
         if model_steps:
             self.costs.draft.observe(model_steps, seconds)
         else:
@@ -207,6 +229,9 @@ class GammaScheduler:
             state.lookup_acceptance.update(0, 0)
             state.model_acceptance.update(0, 0)
         state.updates.append(update)
+        if self._catching_up(run, draft):
+            state.backlog += len(update.new_token_ids) - self.catch_up_feed(state.backlog)
+            return
         fed = 0 if draft.from_lookup else len(draft)
         state.backlog = backlog_after(state.backlog, fed, update)
 
@@ -222,10 +247,21 @@ def backlog_after(backlog: int, drafted: int, update: DraftUpdate) -> int:
 
 
 def fed_steps(
-    batch: Sequence[RunningRequest], drafts: Sequence[DraftProposal], lookup: bool = False
+    batch: Sequence[RunningRequest],
+    drafts: Sequence[DraftProposal],
+    lookup: bool = False,
+    late: Sequence[bool] | None = None,
+    cap: int | None = None,
 ) -> tuple[int, ...]:
     """The steps the drafts of one path took: a model's (each fed its
-    backlog first), or with ``lookup`` the copies'."""
+    backlog first; a request still catching up, ``late``, fed one chunk of
+    at most ``cap`` tokens and drafted nothing), or with ``lookup`` the
+    copies'."""
     lengths = [len(d) if d.from_lookup == lookup else 0 for d in drafts]
     backlogs = [1 if lookup else r.draft.backlog for r in batch]
+    if late is not None and not lookup:
+        for i, behind in enumerate(late):
+            if behind:
+                lengths[i] = 1
+                backlogs[i] = backlogs[i] if cap is None else min(backlogs[i], cap)
     return RoundShape.of(0, lengths, backlogs).draft_steps
