@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -55,3 +56,13 @@ def local_ray(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if info.started_here:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for a module (``pytestmark`` it in): models of
+    many small ops only spin OpenMP's threads on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
