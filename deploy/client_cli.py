@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -14,15 +13,14 @@ from typing import Any
 
 import grpc
 
-from specray.deploy.auth import TOKEN_ENV
 from specray.deploy.client import GenerationResult, SpecrayClient, SpecrayError
+from specray.deploy.client_args import add_connection_args, connection_options
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("client", help="talk to a running `specray serve`")
     commands = p.add_subparsers(dest="client_command", required=True)
     g = commands.add_parser("generate", help="generate through the gRPC endpoint")
-    g.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the gRPC server")
     g.add_argument("--k", type=int, default=None, help="draft tokens per round (ceiling)")
     g.add_argument(
         "--no-speculative", action="store_true", help="target-only decoding (A/B, debugging)"
@@ -35,20 +33,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     g.add_argument("--request-id", default="")
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt")
     source.add_argument("--prompt-file", type=Path)
     source.add_argument("--token-ids", help="comma-separated prompt token ids")
     g.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    g.add_argument("--tls", action="store_true", help="connect with TLS (the system's CAs)")
-    g.add_argument("--tls-ca", type=Path, default=None, help="PEM CA of the server (implies TLS)")
-    g.add_argument(
-        "--token",
-        default=None,
-        help=f"bearer token (default ${TOKEN_ENV}; the variable keeps it out of `ps`)",
-    )
+    add_connection_args(g)
     return p
 
 
@@ -78,11 +69,8 @@ def run(args: argparse.Namespace) -> int:
     text: list[str] = []
     last: GenerationResult | None = None
     start = time.perf_counter()
-    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
     try:
-        with SpecrayClient(
-            args.server, args.timeout, tls=args.tls, tls_ca=args.tls_ca, token=token
-        ) as client:
+        with SpecrayClient(args.server, args.timeout, **connection_options(args)) as client:
             for last in client.generate_stream(prompt, **options):
                 token_ids += last.token_ids
                 text.append(last.text)

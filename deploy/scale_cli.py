@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from specray.deploy.admin_client import AdminClient
-from specray.deploy.auth import TOKEN_ENV
 from specray.deploy.client import SpecrayError
+from specray.deploy.client_args import add_connection_args, connection_options
 from specray.protos.specray.v1 import admin_pb2 as pb
 
 
@@ -23,16 +21,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("scale", help="rescale a running `specray serve` (drafts, targets)")
     p.add_argument("--drafts", type=int, default=None, help="draft replicas to run (0: none)")
     p.add_argument("--targets", type=int, default=None, help="target replicas (TP groups) to run")
-    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the gRPC server")
-    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     p.add_argument("--json", action="store_true", help="print the state as one JSON object")
-    p.add_argument("--tls", action="store_true", help="connect with TLS (the system's CAs)")
-    p.add_argument("--tls-ca", type=Path, default=None, help="PEM CA of the server (implies TLS)")
-    p.add_argument(
-        "--token",
-        default=None,
-        help=f"bearer token (default ${TOKEN_ENV}; the variable keeps it out of `ps`)",
-    )
+    add_connection_args(p)
     return p
 
 
@@ -44,10 +34,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     seconds: float | None = None
     try:
-        token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
-        client = AdminClient(
-            args.server, args.timeout, tls=args.tls, tls_ca=args.tls_ca, token=token
-        )
+        client = AdminClient(args.server, args.timeout, **connection_options(args))
         with client as admin:
             if args.drafts is None and args.targets is None:
                 state = admin.state()
