@@ -5,6 +5,7 @@ loads no model code through it."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -124,3 +125,12 @@ def resolve_preferring(name: str, dtype: str) -> Path:
         return resolve_model(name)
     except Exception:  # a path, not a registered name
         return resolve_model(name)
+
+
+def write_report(out_dir: Path, stem: str, result: dict[str, Any], text: str) -> None:
+    """``STEM.json`` (the measurements) and ``STEM.md`` (the table) under
+    ``out_dir``, and the table on stdout."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / f"{stem}.md").write_text(text)
+    print(text)

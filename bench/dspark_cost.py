@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -46,16 +45,9 @@ from specray.actors.drafting.head.model import DraftHead, FrozenParts
 from specray.actors.model.config import ModelConfig
 from specray.actors.sampling.params import SamplingParams
 from specray.actors.store.resolve import resolve_model
+from specray.bench.common import cpu_flags
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    return sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16|avx512f|avx2)\b", text)))
 
 
 def dspark_drafter(

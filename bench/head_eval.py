@@ -17,7 +17,6 @@ drafted over all rounds. Writes ``head_eval_<target>[_<tag>].{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from specray.actors.engine.tokenizer import eos_token_ids
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
-from specray.bench.common import chat_ids, resolve_preferring
+from specray.bench.common import chat_ids, resolve_preferring, write_report
 from specray.bench.prompts import CATEGORIES, Prompt, load_prompts
 
 ALL = "all"
@@ -177,12 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "elapsed_s": time.perf_counter() - began,
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"head_eval_{Path(args.target).name}" + (f"_{args.tag}" if args.tag else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    text = markdown(result)
-    (args.out / f"{stem}.md").write_text(text)
-    print(text)
+    write_report(args.out, stem, result, markdown(result))
     return result
 
 

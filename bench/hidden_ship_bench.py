@@ -15,7 +15,6 @@ hop adds (median of interleaved calls with and without hidden states).
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
 import statistics
 import time
@@ -28,7 +27,7 @@ import torch
 from specray.actors.engine.round import DraftUpdate
 from specray.actors.engine.target import VerifyInput
 from specray.actors.workers.target_shard import ShardSpec, TargetShardWorker
-from specray.bench.common import resolve_preferring
+from specray.bench.common import resolve_preferring, write_report
 from specray.cluster.local_ray import start_ray
 
 
@@ -137,11 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{r['to_draft_ms']:.2f} / {r['to_draft_with_hidden_ms']:.2f} |"
         )
     text = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"hidden_ship_{Path(args.target).name}_{args.dtype}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(text)
-    print(text)
+    write_report(args.out, f"hidden_ship_{Path(args.target).name}_{args.dtype}", result, text)
     return result
 
 

@@ -11,7 +11,6 @@ measured memcpy bandwidth). Writes JSON and a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -22,10 +21,11 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model, parse_dtype
 from specray.actors.store.resolve import resolve_model
+from specray.bench.common import write_report
+from specray.bench.model_timing import CachedFeeds, median_seconds
 
 VERIFY_KS = (1, 2, 4, 8, 16, 32)
 CONTEXT = 128
@@ -54,35 +54,6 @@ def weight_bytes_per_step(model: DecoderModel) -> int:
     return total
 
 
-def _best(fn: Callable[[], None], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-class Ours:
-    def __init__(self, model: DecoderModel) -> None:
-        self.model = model
-        self.cache = model.new_cache(1, CONTEXT + 64)
-        self.slot = self.cache.allocate()
-        self.prompt = list(range(100, 100 + CONTEXT))
-
-    def prefill(self) -> None:
-        self.cache.truncate(self.slot, 0)
-        self.model(ForwardBatch.build([SequenceInput(self.slot, self.prompt, 0)]), self.cache)
-
-    def feed(self, k: int) -> Callable[[], None]:
-        def run() -> None:
-            self.cache.truncate(self.slot, CONTEXT)
-            batch = ForwardBatch.build([SequenceInput(self.slot, [7] * k, CONTEXT, k)])
-            self.model(batch, self.cache)
-
-        return run
-
-
 class Reference:
     def __init__(self, model_dir: Path, dtype: torch.dtype) -> None:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
@@ -107,10 +78,10 @@ class Reference:
         return run
 
 
-def measure(impl: Ours | Reference, repeats: int) -> dict[str, Any]:
-    prefill_s = _best(impl.prefill, repeats)
+def measure(impl: CachedFeeds | Reference, repeats: int) -> dict[str, Any]:
+    prefill_s = median_seconds(impl.prefill, repeats)
     impl.prefill()
-    verify = {k: _best(impl.feed(k), repeats) for k in VERIFY_KS}
+    verify = {k: median_seconds(impl.feed(k), repeats) for k in VERIFY_KS}
     return {
         "prefill_128_ms": prefill_s * 1e3,
         "decode_ms_per_token": verify[1] * 1e3,
@@ -130,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     dtype = parse_dtype(args.dtype)
     model_dir = resolve_model(args.model)
-    ours = Ours(load_model(model_dir, dtype))
+    ours = CachedFeeds(load_model(model_dir, dtype), range(100, 100 + CONTEXT), max(VERIFY_KS))
     ref = Reference(model_dir, dtype)
     bandwidth = memcpy_bandwidth()
     step_bytes = weight_bytes_per_step(ours.model)
@@ -163,11 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["decode_vs_transformers"] = (
         result["specray"]["decode_ms_per_token"] / result["transformers"]["decode_ms_per_token"]
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"model_{args.model}_{args.dtype}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(args.out, f"model_{args.model}_{args.dtype}", result, markdown(result))
     return result
 
 

@@ -16,7 +16,6 @@ Writes ``prefill_chunk_<target>_<dtype>.{json,md}`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 
 from specray.actors.engine.target import LocalTarget, VerifyInput
 from specray.actors.model.loader import load_model
-from specray.bench.common import machine_info, machine_line, resolve_preferring
+from specray.bench.common import machine_info, machine_line, resolve_preferring, write_report
 
 
 def prefill_seconds(target: LocalTarget, tokens: list[int], chunk: int) -> list[float]:
@@ -104,12 +103,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"prefill_chunk_{Path(result['target']).name}_{result['dtype']}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    (out_dir / f"{stem}.md").write_text(text)
-    print(text)
+    write_report(out_dir, stem, result, markdown(result))
 
 
 def build_parser() -> argparse.ArgumentParser:

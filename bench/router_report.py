@@ -3,11 +3,10 @@ engine, the concurrency sweep and the goals, as Markdown and JSON."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from specray.bench.common import machine_line
+from specray.bench.common import machine_line, write_report
 from specray.bench.router_runs import RunResult
 
 
@@ -150,9 +149,5 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path, tag: str | None) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"router_{Path(result['target']).name}_{result['dtype']}" + (f"_{tag}" if tag else "")
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    (out_dir / f"{stem}.md").write_text(text)
-    print(text)
+    write_report(out_dir, stem, result, markdown(result))

@@ -3,12 +3,11 @@ only when plotting) and the JSON record, written side by side."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from specray.bench.common import ALL, HF, SPECRAY, TARGET_ONLY, machine_line
+from specray.bench.common import ALL, HF, SPECRAY, TARGET_ONLY, machine_line, write_report
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -135,11 +134,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path, tag: str | None) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     name = Path(result["target"]).name
     stem = f"spec_{name}_{result['dtype']}" + (f"_{tag}" if tag else "")
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    (out_dir / f"{stem}.md").write_text(text)
+    write_report(out_dir, stem, result, markdown(result))
     plot(result, out_dir / f"{stem}.png")
-    print(text)

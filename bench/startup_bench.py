@@ -17,7 +17,6 @@ Writes ``startup_<tag>.{json,md}`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from specray.bench.common import machine_info, machine_line
+from specray.bench.common import machine_info, machine_line, write_report
 
 # What a process is, from its command line (first match wins).
 ROLES = (
@@ -141,12 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args, serve_args = build_parser().parse_known_args(argv)
     serve_args = [a for a in serve_args if a != "--"]
     result = {"tag": args.tag, "machine": machine_info(), **measure(serve_args, args.timeout)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"startup_{args.tag}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    (args.out / f"{stem}.md").write_text(text)
-    print(text)
+    write_report(args.out, f"startup_{args.tag}", result, markdown(result))
     return result
 
 

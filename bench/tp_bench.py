@@ -15,7 +15,6 @@ a Markdown table to ``bench/results``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -28,6 +27,7 @@ from specray.actors.engine.target import VerifyInput
 from specray.actors.model.config import ModelConfig
 from specray.actors.store.errors import StoreError
 from specray.actors.store.resolve import resolve_model
+from specray.bench.common import write_report
 from specray.cluster.local_ray import start_ray
 from specray.cluster.target_group import ShardedTarget
 
@@ -182,11 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "same_tokens_as_first": [run["tokens"] == runs[0]["tokens"] for run in runs],
         "runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"tp_{model_dir.name}_{args.dtype}_{args.device}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(args.out, stem, result, markdown(result))
     return result
 
 

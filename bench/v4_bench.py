@@ -21,25 +21,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import re
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM, DynamicCache
 
-from specray.actors.model.batch import ForwardBatch, SequenceInput
-from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model
+from specray.bench.common import cpu_flags, write_report
+from specray.bench.model_timing import CachedFeeds, median_seconds
 
 VERIFY_KS = (1, 2, 3, 4, 6, 8, 12, 16)
 CONTEXT = 256
+PROMPT = [100 + (i * 37) % 3000 for i in range(CONTEXT)]
 
 CONFIG = dict(
     vocab_size=32000,
@@ -73,47 +71,10 @@ CONFIG = dict(
 )
 
 
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    return sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16|avx512f|avx2)\b", text)))
-
-
-def _median(fn: Callable[[], None], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-class Ours:
-    def __init__(self, model: DecoderModel) -> None:
-        self.model = model
-        self.cache = model.new_cache(1, CONTEXT + max(VERIFY_KS) + 1)
-        self.slot = self.cache.allocate()
-        self.prompt = [100 + (i * 37) % 3000 for i in range(CONTEXT)]
-
-    def prefill(self) -> None:
-        self.cache.truncate(self.slot, 0)
-        self.model(ForwardBatch.build([SequenceInput(self.slot, self.prompt, 0)]), self.cache)
-
-    def feed(self, k: int) -> Callable[[], None]:
-        def run() -> None:
-            self.cache.truncate(self.slot, CONTEXT)  # rollback is free
-            batch = ForwardBatch.build([SequenceInput(self.slot, [7] * k, CONTEXT, k)])
-            self.model(batch, self.cache)
-
-        return run
-
-
 class Reference:
     def __init__(self, model_dir: Path, dtype: torch.dtype) -> None:
         self.model = DeepseekV4ForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-        self.prompt = torch.tensor([[100 + (i * 37) % 3000 for i in range(CONTEXT)]])
+        self.prompt = torch.tensor([PROMPT])
         self.prefilled: DynamicCache | None = None
 
     @torch.inference_mode()
@@ -133,15 +94,15 @@ class Reference:
         return statistics.median(times)
 
 
-def measure_ours(impl: Ours, repeats: int) -> dict[str, Any]:
-    prefill_s = _median(impl.prefill, max(2, repeats // 3))
+def measure_ours(impl: CachedFeeds, repeats: int) -> dict[str, Any]:
+    prefill_s = median_seconds(impl.prefill, max(2, repeats // 3))
     impl.prefill()
-    verify = {k: _median(impl.feed(k), repeats) for k in VERIFY_KS}
+    verify = {k: median_seconds(impl.feed(k), repeats) for k in VERIFY_KS}
     return _summary(prefill_s, verify)
 
 
 def measure_reference(impl: Reference, repeats: int) -> dict[str, Any]:
-    prefill_s = _median(impl.prefill, max(2, repeats // 3))
+    prefill_s = median_seconds(impl.prefill, max(2, repeats // 3))
     impl.prefill()
     verify = {k: impl.feed(k, repeats) for k in VERIFY_KS}
     return _summary(prefill_s, verify)
@@ -170,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_dir = Path(tmp)
         torch.manual_seed(0)
         DeepseekV4ForCausalLM(DeepseekV4Config(**CONFIG)).to(dtype).save_pretrained(model_dir)
-        ours = Ours(load_model(model_dir, dtype))
+        ours = CachedFeeds(load_model(model_dir, dtype), PROMPT, max(VERIFY_KS))
         ref = Reference(model_dir, dtype)
     params = sum(p.numel() for p in ref.model.parameters())
     runs: dict[str, list[dict[str, Any]]] = {"specray": [], "transformers": []}
@@ -201,11 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["decode_vs_transformers"] = (
         result["specray"]["decode_ms_per_token"] / result["transformers"]["decode_ms_per_token"]
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"v4_tiny_{args.dtype}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(args.out, f"v4_tiny_{args.dtype}", result, markdown(result))
     return result
 
 

@@ -1,0 +1,46 @@
+"""Timing our decoder the way the model benchmarks do: a prefilled prompt,
+then a feed of ``k`` tokens after it, rolled back before every run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+from specray.actors.model.batch import ForwardBatch, SequenceInput
+from specray.actors.model.decoder import DecoderModel
+
+
+def median_seconds(fn: Callable[[], None], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class CachedFeeds:
+    """``model`` with one cache slot holding ``prompt``: :meth:`prefill`
+    computes it, :meth:`feed` returns a run of ``k`` more tokens (a verify of
+    ``k`` rows; ``k = 1`` is a decode step) from the prompt's end."""
+
+    def __init__(self, model: DecoderModel, prompt: Sequence[int], max_k: int) -> None:
+        self.model = model
+        self.prompt = list(prompt)
+        self.cache = model.new_cache(1, len(self.prompt) + max_k + 1)
+        self.slot = self.cache.allocate()
+
+    def prefill(self) -> None:
+        self.cache.truncate(self.slot, 0)
+        self.model(ForwardBatch.build([SequenceInput(self.slot, self.prompt, 0)]), self.cache)
+
+    def feed(self, k: int) -> Callable[[], None]:
+        context = len(self.prompt)
+
+        def run() -> None:
+            self.cache.truncate(self.slot, context)  # rollback is free
+            batch = ForwardBatch.build([SequenceInput(self.slot, [7] * k, context, k)])
+            self.model(batch, self.cache)
+
+        return run
