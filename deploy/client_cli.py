@@ -5,7 +5,6 @@ shape (the server owns the model, so model and engine flags are absent)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import grpc
 
 from specray.deploy.client import GenerationResult, SpecrayClient, SpecrayError
 from specray.deploy.client_args import add_connection_args, connection_options
+from specray.deploy.generation_output import print_result
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -96,21 +96,13 @@ def run(args: argparse.Namespace) -> int:
         "elapsed_s": round(elapsed, 4),
         "fallback": last.fallback,
     }
-    if args.json:
-        result = {
-            "token_ids": token_ids,
-            "text": "".join(text),
-            "finish_reason": last.finish_reason,
-            "seed": last.seed,
-            "prompt_tokens": last.prompt_tokens,
-            "stats": stats,
-        }
-        print(json.dumps(result))
-    else:
-        print()
-        print(
-            f"[{len(token_ids)} tokens, {stats['tokens_per_s']} tok/s, "
-            f"τ={stats['mean_acceptance_length']}, finish={last.finish_reason}]",
-            file=sys.stderr,
-        )
+    print_result(
+        token_ids,
+        "".join(text),
+        last.finish_reason,
+        last.seed,
+        last.prompt_tokens,
+        stats,
+        args.json,
+    )
     return 0

@@ -7,7 +7,6 @@ two are directly comparable.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import uuid
@@ -22,6 +21,7 @@ from specray.actors.engine.request import GenerationRequest, RequestOutput
 from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.tokenizer import chat_ids
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
+from specray.deploy.generation_output import print_result
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -128,26 +128,15 @@ def _generate(args: argparse.Namespace, loaded: LoadedEngine) -> int:
             print(chunk.text, end="", flush=True)
     assert last is not None and last.finished
     stats = last.stats.as_dict()
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "token_ids": token_ids,
-                    "text": "".join(pieces),
-                    "finish_reason": last.finish_reason,
-                    "seed": last.seed,
-                    "prompt_tokens": len(prompt_ids),
-                    "stats": stats,
-                }
-            )
-        )
-    else:
-        print()
-        print(
-            f"[{len(token_ids)} tokens, {stats['tokens_per_s']} tok/s, "
-            f"τ={stats['mean_acceptance_length']}, finish={last.finish_reason}]",
-            file=sys.stderr,
-        )
+    print_result(
+        token_ids,
+        "".join(pieces),
+        last.finish_reason,
+        last.seed,
+        len(prompt_ids),
+        stats,
+        args.json,
+    )
     return 0
 
 
