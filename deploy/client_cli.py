@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             "finish_reason": last.finish_reason,
             "seed": last.seed,
             "prompt_tokens": last.prompt_tokens,
+            "cached_tokens": last.cached_tokens,
             "stats": stats,
         }
         print(json.dumps(result))

@@ -121,6 +121,10 @@ class LocalTarget:
     def num_active(self) -> int:
         return len(self._seqs)
 
+    def slot_of(self, request_id: str) -> int:
+        """The cache slot holding ``request_id``."""
+        return self._seqs[request_id].slot
+
     @property
     def prefix_pins(self) -> int:
         """Pins on shared blocks: 0 once no request holds any."""

@@ -42,10 +42,11 @@ from specray.actors.model.prefix_tree import BlockNode, PrefixTree
 DEFAULT_BLOCK_SIZE = 16
 
 
-def default_prefix_tokens(num_slots: int, max_len: int) -> int:
-    """The prefix cache's default size: a quarter of the positions the
-    slots hold (their memory comes on top of the slots')."""
-    return num_slots * max_len // 4
+def prefix_tokens(configured: int | None, num_slots: int, max_len: int) -> int:
+    """A prefix cache's size in positions from its setting: None is the
+    default, a quarter of the positions the slots hold (memory on top of
+    the slots'); 0 is no prefix cache."""
+    return num_slots * max_len // 4 if configured is None else configured
 
 
 @dataclass
