@@ -72,6 +72,7 @@ class PrefixCache:
         self.block_size = block_size
         self.tree = PrefixTree(num_blocks, block_size)
         self.pool = BlockPool(cache, num_blocks, block_size)
+        self.hit_tokens = 0  # positions attached from the cache so far
 
     @property
     def num_pins(self) -> int:
@@ -86,6 +87,7 @@ class PrefixCache:
         if chain:
             self.pool.load(slot, [node.block for node in chain])
             self.cache.set_length(slot, len(chain) * self.block_size)
+            self.hit_tokens += len(chain) * self.block_size
         self.tree.pin(chain)
         return PrefixHold(chain)
 

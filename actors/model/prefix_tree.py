@@ -52,6 +52,7 @@ class PrefixTree:
         self._nodes: dict[int, BlockNode] = {}  # serial -> node, every node but the root
         self._serials = itertools.count(1)
         self._clock = 0
+        self.evicted = 0  # blocks evicted so far
 
     @property
     def num_used(self) -> int:
@@ -126,6 +127,7 @@ class PrefixTree:
             del self._nodes[node.serial]
             self._free.append(node.block)
             freed += 1
+            self.evicted += 1
             if parent.evictable:
                 heapq.heappush(heap, (parent.last_used, parent.serial, parent))
         return freed
