@@ -31,9 +31,17 @@ class BlockPool:
         self.blocks = [self._empty(rows, num_blocks) for rows in self.layout]
 
     def _empty(self, rows: PositionRows, num_blocks: int) -> torch.Tensor:
+        """``[num_blocks, rows per block, ...]`` zeros, laid out in memory in
+        the cache tensor's own stride order (a dense cache keeps layers
+        outermost), so copies move long contiguous runs."""
         per_block = -(-self.block_size // rows.rate)  # most rows one block can hold
         shape = (num_blocks, per_block, *rows.tensor.shape[2:])
-        return torch.zeros(shape, dtype=rows.tensor.dtype, device=rows.tensor.device)
+        strides = rows.tensor.stride()
+        order = sorted(range(len(shape)), key=lambda dim: -strides[dim])  # outermost first
+        storage = torch.zeros(
+            [shape[dim] for dim in order], dtype=rows.tensor.dtype, device=rows.tensor.device
+        )
+        return storage.permute([order.index(dim) for dim in range(len(shape))])
 
     @property
     def nbytes(self) -> int:
@@ -41,27 +49,41 @@ class BlockPool:
 
     def save(self, slot: int, first: int, block_ids: Sequence[int]) -> None:
         """Copy blocks ``first, first + 1, ...`` of ``slot`` into pool blocks ``block_ids``."""
+        ids = torch.tensor(list(block_ids), dtype=torch.int64)
         for rows, pool in zip(self.layout, self.blocks, strict=True):
-            span, pool_index = self._index(rows.rate, first, block_ids)
-            if len(span):
-                pool[pool_index] = rows.tensor[slot, span.start : span.stop]
+            lo, hi = self._span(rows.rate, first, len(block_ids))
+            if hi == lo:
+                continue
+            source = rows.tensor[slot, lo:hi]
+            if self._uniform(rows.rate):
+                pool[ids] = source.unflatten(0, (len(block_ids), -1))
+            else:
+                pool[self._index(rows.rate, first, ids)] = source
 
     def load(self, slot: int, block_ids: Sequence[int]) -> None:
         """Copy pool blocks ``block_ids`` into blocks ``0, 1, ...`` of ``slot``."""
-        for rows, pool in zip(self.layout, self.blocks, strict=True):
-            span, pool_index = self._index(rows.rate, 0, block_ids)
-            if len(span):
-                rows.tensor[slot, span.start : span.stop] = pool[pool_index]
-
-    def _index(
-        self, rate: int, first: int, block_ids: Sequence[int]
-    ) -> tuple[range, tuple[torch.Tensor, torch.Tensor]]:
-        """The slot rows of blocks ``first ..`` at ``rate`` and, for each,
-        its (pool block, row within it)."""
-        size = self.block_size
-        lo, hi = first * size // rate, (first + len(block_ids)) * size // rate
-        rows = torch.arange(lo, hi)
-        block = ((rows + 1) * rate - 1) // size  # the block holding each row's last position
-        within = rows - block * size // rate
         ids = torch.tensor(list(block_ids), dtype=torch.int64)
-        return range(lo, hi), (ids[block - first], within)
+        for rows, pool in zip(self.layout, self.blocks, strict=True):
+            lo, hi = self._span(rows.rate, 0, len(block_ids))
+            if hi == lo:
+                continue
+            target = rows.tensor[slot, lo:hi]
+            if self._uniform(rows.rate):
+                target.unflatten(0, (len(block_ids), -1)).copy_(pool[ids])
+            else:
+                target.copy_(pool[self._index(rows.rate, 0, ids)])
+
+    def _uniform(self, rate: int) -> bool:
+        """Every block holds the same number of rows at ``rate``."""
+        return self.block_size % rate == 0
+
+    def _span(self, rate: int, first: int, count: int) -> tuple[int, int]:
+        """The slot rows at ``rate`` of blocks ``[first, first + count)``."""
+        return first * self.block_size // rate, (first + count) * self.block_size // rate
+
+    def _index(self, rate: int, first: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each slot row of blocks ``first ..``: its pool block and its row there."""
+        size = self.block_size
+        rows = torch.arange(*self._span(rate, first, len(ids)))
+        block = ((rows + 1) * rate - 1) // size  # the block holding each row's last position
+        return ids[block - first], rows - block * size // rate
