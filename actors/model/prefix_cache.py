@@ -12,10 +12,8 @@ committed tokens, the drafts) goes into the request's own slot, so a
 rejected draft or a rollback never touches a shared block, and rollback
 stays "move the length back". Attention keeps reading one contiguous slot.
 A block table would instead gather every context block in every layer of
-every forward, which on a CPU costs far more than one copy at attach
-(``bench/prefix_copy_bench.py``: attaching 1,024 tokens of Qwen2.5-0.5B
-KV is a fraction of a millisecond per layer, against a gather of the same
-context in every decode step; docs/prefix_caching.md).
+every forward (CPU attention takes contiguous tensors): a cost paid at
+every step, where the copy is paid once per request (docs/prefix_caching.md).
 
 Exactness: a block is keyed by its tokens and every block before it, and
 holds exactly the rows a prefill of that prefix computes (for DeepSeek-V4,
