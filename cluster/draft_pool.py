@@ -284,6 +284,15 @@ class DraftPool:
         )
         return {i: a if isinstance(a, int) else -1 for i, a in zip(ids, answers, strict=True)}
 
+    async def prefix_pins(self) -> dict[int, int]:
+        """Pins each replica's requests hold on its prefix cache (one RPC each)."""
+        ids = list(self.replicas)
+        answers = await asyncio.gather(
+            *(_awaitable(self.replicas[i].handle.prefix_pins.remote()) for i in ids),
+            return_exceptions=True,
+        )
+        return {i: a if isinstance(a, int) else -1 for i, a in zip(ids, answers, strict=True)}
+
     async def stats(self, reset: bool = False) -> dict[int, DraftWorkerStats]:
         """Each live replica's own propose time (one RPC each)."""
         ids = list(self.replicas)

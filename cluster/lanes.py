@@ -93,6 +93,7 @@ class Lanes:
         self.apply(self.inbox.take())  # losses seen in the round, before its chunks go out
         if result.rejection is not None:
             self.metrics.observe_round(result.rejection)
+        self.metrics.observe_prefix_cache(result.prefix_queries, result.prefix_hits)
         for run, output in zip(result.requests, result.outputs, strict=True):
             tracked = self.table.tracked.get(run.request_id)
             if tracked is not None:
@@ -158,9 +159,10 @@ class Lanes:
         if replica is not None and not replica.draining and not tracked.move_target:
             return
         tracked.move_target = False
-        pool.release(run.target, tracked.request_id)
+        pool.release(run.target, tracked.request_id, run.tokens)
         run.cached_len = 0  # re-prefill wherever it lands
-        new = pool.pick()
+        hashes = pool.prefix_hashes(run.tokens)
+        new = pool.pick(hashes)
         if new is None:  # no room: back to the queue's front, state kept
             run.target = None
             assert tracked.lane is not None
@@ -169,7 +171,7 @@ class Lanes:
             self.table.waiting.appendleft(tracked.request_id)
         else:
             run.target = new.replica_id
-            pool.pin(new, tracked.request_id)
+            pool.pin(new, tracked.request_id, hashes)
         self.moves.target += 1
 
     def reconcile_draft(self, tracked: Tracked) -> None:
@@ -201,12 +203,13 @@ class Lanes:
         table = self.table
         others = [len(table.lanes[i]) for i in range(len(table.lanes)) if i != lane]
         while table.waiting and (not others or len(table.lanes[lane]) <= min(others)):
-            replica = self.targets.pick()
+            hashes = self.targets.prefix_hashes(table.tracked[table.waiting[0]].run.tokens)
+            replica = self.targets.pick(hashes)
             if replica is None:
                 return
             tracked = table.tracked[table.waiting.popleft()]
             tracked.run.target = replica.replica_id
-            self.targets.pin(replica, tracked.request_id)
+            self.targets.pin(replica, tracked.request_id, hashes)
             tracked.lane = lane
             table.lanes[lane][tracked.request_id] = None
             self.reconcile_draft(tracked)

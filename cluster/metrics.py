@@ -130,11 +130,19 @@ class RouterMetrics:
             "Requests whose draft replica was lost mid-request (target-only until re-attached).",
         )
         self.targets_up = gauge("target_replicas_up", "Target replicas taking requests.")
+        self.prefix_queries = counter(
+            "prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."
+        )
+        self.prefix_hits = counter(
+            "prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
+        )
         for position in range(num_positions):
             self.accepted_per_pos.labels(model_name, str(position))
         for family in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens):
             family.labels(model_name)
         for family in (self.draft_restarts, self.target_restarts, self.fallbacks):
+            family.labels(model_name)
+        for family in (self.prefix_queries, self.prefix_hits):
             family.labels(model_name)
         for histogram_family in (self.ttft, self.itl, self.e2e):  # series exist from the start
             histogram_family.labels(model_name)
@@ -154,6 +162,12 @@ class RouterMetrics:
         self.num_accepted_tokens.labels(name).inc(sum(rejection.num_accepted))
         for position, hits in enumerate(rejection.acceptance_by_position().accepted):
             self.accepted_per_pos.labels(name, str(position)).inc(hits)
+
+    def observe_prefix_cache(self, queries: int, hits: int) -> None:
+        """Prefix cache lookups: tokens offered, and tokens found cached."""
+        if queries:
+            self.prefix_queries.labels(self.model_name).inc(queries)
+            self.prefix_hits.labels(self.model_name).inc(hits)
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.labels(self.model_name).observe(seconds)

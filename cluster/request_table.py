@@ -100,7 +100,7 @@ class RequestTable:
         if request_id in self.waiting:
             self.waiting.remove(request_id)
         run = tracked.run
-        self._targets.release(run.target, request_id)
+        self._targets.release(run.target, request_id, run.tokens)
         run.target = None
         if self._drafts is not None and run.draft.replica is not None:
             self._drafts.detach(run.draft.replica, [request_id])

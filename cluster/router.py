@@ -73,6 +73,9 @@ class RouterConfig:
     # beside the decoding requests. None: every prompt in one round.
     max_batched_tokens: int | None = DEFAULT_MAX_BATCHED_TOKENS
     overlap: bool = False  # two micro-batches: one drafts while the other verifies
+    # Admit a request where its prefix is likely cached (cluster/affinity.py);
+    # False: on the least occupied target replica.
+    prefix_affinity: bool = True
     tokenizer_dir: str | None = None  # streams text when set
     eos_token_ids: tuple[int, ...] | None = None  # None: the target's config and tokenizer
     model_name: str = ""  # the metrics' model_name label; default: the target's folder
@@ -143,7 +146,7 @@ class Router:
             self._metrics_port = metrics.serve(config.metrics_port)
 
         inbox = Inbox()
-        self._targets = targets = TargetPool(config.target, inbox)
+        self._targets = targets = TargetPool(config.target, inbox, config.prefix_affinity)
         starts: list[Any] = [targets.add() for _ in range(config.num_targets)]
         drafts = None
         if config.draft is not None and config.num_speculative_tokens > 0:
@@ -297,7 +300,14 @@ class Router:
         parts = self._running()
         assert self._targets is not None
         drafts = await self._drafts.num_requests() if self._drafts is not None else {}
-        return Footprint(len(parts.table.tracked), await self._targets.active_slots(), drafts)
+        draft_pins = await self._drafts.prefix_pins() if self._drafts is not None else {}
+        return Footprint(
+            len(parts.table.tracked),
+            await self._targets.active_slots(),
+            drafts,
+            await self._targets.prefix_pins(),
+            draft_pins,
+        )
 
     async def timings(self, reset: bool = False) -> RouterTimings:
         """Round phases and replica compute since the last reset."""

@@ -64,11 +64,17 @@ class Footprint:
     router_requests: int  # requests the router tracks (queued, running, cancelled)
     target_slots: dict[int, tuple[int, ...]]  # replica -> KV slots in use, per shard
     draft_requests: dict[int, int]  # replica -> requests it holds draft state for
+    # Pins requests hold on prefix-cache blocks (the cached blocks themselves
+    # stay: they are the cache, not per-request state).
+    target_prefix_pins: dict[int, tuple[int, ...]] = field(default_factory=dict)  # per shard
+    draft_prefix_pins: dict[int, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
         slots = sum(sum(per_shard) for per_shard in self.target_slots.values())
-        return self.router_requests + slots + sum(self.draft_requests.values())
+        pins = sum(sum(per_shard) for per_shard in self.target_prefix_pins.values())
+        pins += sum(self.draft_prefix_pins.values())
+        return self.router_requests + slots + sum(self.draft_requests.values()) + pins
 
 
 @dataclass(frozen=True)

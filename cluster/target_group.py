@@ -73,6 +73,7 @@ class ShardedTargetConfig:
     timeout_s: float = 60.0
     start_timeout_s: float = 300.0  # placement, process start, rendezvous, loading
     time_collectives: bool = False
+    prefix_tokens: int = 0  # each replica's prefix cache, in positions (0: none)
 
     def __post_init__(self) -> None:
         if self.tp < 1:
@@ -201,6 +202,10 @@ class ShardedTarget:
         """KV cache slots in use, per shard (leak checks)."""
         refs = [shard.active_slots.remote() for shard in self._shards]
         return self._gather(refs, self.config.timeout_s, "active_slots")
+
+    def prefix_pins(self) -> list[int]:
+        """Pins on prefix-cache blocks, per shard (leak checks)."""
+        return self._fan_out("prefix_pins")
 
     def dead_ranks(self, timeout_s: float) -> tuple[int, ...]:
         """Shards whose process is gone (all of them once the group is broken).
@@ -381,6 +386,7 @@ class ShardedTarget:
                 rendezvous_timeout_s=config.start_timeout_s,
                 device="cuda" if config.gpus_per_shard > 0 else "cpu",
                 time_collectives=config.time_collectives,
+                prefix_tokens=config.prefix_tokens,
             )
             for rank in range(config.tp)
         ]

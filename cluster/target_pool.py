@@ -3,9 +3,11 @@
 
 A slot counts as taken from the moment a request is pinned until its
 replica confirms the release, so a new request never finds the shards'
-cache full. A broken replica is dropped at once and torn down (every shard
-and its placement group) before the next replica starts, so a gang restart
-can take the broken group's resources. Blocking calls of a
+cache full. New requests go where their prefix most likely is cached
+(:mod:`specray.cluster.affinity`), within a bound on imbalance. A broken
+replica is dropped at once and torn down (every shard and its placement
+group) before the next replica starts, so a gang restart can take the
+broken group's resources. Blocking calls of a
 :class:`ShardedTarget` run in worker threads; everything else runs on the
 router's event loop.
 """
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from specray.actors.engine.profile import profile_verify
+from specray.actors.model.prefix_cache import DEFAULT_BLOCK_SIZE
+from specray.cluster.affinity import PrefixAffinity, block_hashes
 from specray.cluster.events import Inbox
 from specray.cluster.router_state import TargetReplicaState
 from specray.cluster.target_group import ShardedTarget, ShardedTargetConfig
@@ -34,6 +38,7 @@ class TargetReplica:
     requests: set[str] = field(default_factory=set)
     releasing: set[str] = field(default_factory=set)  # released, not yet confirmed
     draining: bool = False
+    affinity: PrefixAffinity = field(default_factory=lambda: PrefixAffinity(0))
 
     @property
     def occupied(self) -> int:
@@ -41,9 +46,15 @@ class TargetReplica:
 
 
 class TargetPool:
-    def __init__(self, config: ShardedTargetConfig, inbox: Inbox) -> None:
-        """``inbox`` is woken when a slot frees up or a replica joins."""
+    def __init__(
+        self, config: ShardedTargetConfig, inbox: Inbox, prefix_affinity: bool = True
+    ) -> None:
+        """``inbox`` is woken when a slot frees up or a replica joins.
+        ``prefix_affinity``: place requests by their prefix (replicas with a
+        prefix cache only), else on the least occupied replica."""
         self.config = config
+        # Blocks of the replicas' prefix caches: what affinity remembers of each.
+        self._affinity_blocks = config.prefix_tokens // DEFAULT_BLOCK_SIZE if prefix_affinity else 0
         self.replicas: dict[int, TargetReplica] = {}
         self._inbox = inbox
         self._ids = itertools.count()
@@ -77,7 +88,9 @@ class TargetPool:
             if self._closed:
                 await asyncio.to_thread(target.shutdown)
                 raise RuntimeError("the target pool shut down while a replica started")
-            replica = TargetReplica(next(self._ids), target)
+            replica = TargetReplica(
+                next(self._ids), target, affinity=PrefixAffinity(self._affinity_blocks)
+            )
             self.replicas[replica.replica_id] = replica
         finally:
             self.starting -= 1
@@ -99,19 +112,42 @@ class TargetPool:
             raise RuntimeError("the target pool shut down while a replica started")
         return target
 
-    def pick(self) -> TargetReplica | None:
-        """The least occupied live replica with a free slot, if any."""
+    def prefix_hashes(self, token_ids: Sequence[int]) -> list[int]:
+        """The block hashes placement compares; [] without affinity."""
+        return block_hashes(token_ids, DEFAULT_BLOCK_SIZE) if self._affinity_blocks else []
+
+    def pick(self, hashes: Sequence[int] = ()) -> TargetReplica | None:
+        """A live replica with a free slot, if any: among those at most
+        ``num_slots // 4`` (at least 1) requests above the least occupied,
+        the one that was sent the most leading blocks of ``hashes``
+        (:meth:`prefix_hashes` of the request's tokens), else the least
+        occupied. The bound keeps a hot shared prefix (a system prompt)
+        from piling every request onto one replica."""
         room = [r for r in self.live if r.occupied < self.config.num_slots]
-        return min(room, key=lambda r: (r.occupied, r.replica_id)) if room else None
+        if not room:
+            return None
+        near = min(r.occupied for r in room) + max(1, self.config.num_slots // 4)
 
-    def pin(self, replica: TargetReplica, request_id: str) -> None:
+        def rank(r: TargetReplica) -> tuple[int, int, int]:
+            matched = r.affinity.match(hashes) if hashes and r.occupied <= near else 0
+            return (-matched, r.occupied, r.replica_id)
+
+        return min(room, key=rank)
+
+    def pin(self, replica: TargetReplica, request_id: str, hashes: Sequence[int] = ()) -> None:
         replica.requests.add(request_id)
+        replica.affinity.record(hashes)
 
-    def release(self, replica_id: int | None, request_id: str) -> None:
-        """Free a request's slot on its replica's shards (in the background)."""
+    def release(
+        self, replica_id: int | None, request_id: str, token_ids: Sequence[int] = ()
+    ) -> None:
+        """Free a request's slot on its replica's shards (in the background).
+        ``token_ids``: its committed tokens, which the replica's prefix cache
+        now holds (for placement)."""
         replica = self.replicas.get(replica_id) if replica_id is not None else None
         if replica is None or request_id not in replica.requests:
             return
+        replica.affinity.record(self.prefix_hashes(token_ids))
         replica.requests.discard(request_id)
         replica.releasing.add(request_id)
 
@@ -193,6 +229,12 @@ class TargetPool:
         answers = await asyncio.gather(
             *(asyncio.to_thread(r.target.active_slots) for r in replicas)
         )
+        return {r.replica_id: tuple(a) for r, a in zip(replicas, answers, strict=True)}
+
+    async def prefix_pins(self) -> dict[int, tuple[int, ...]]:
+        """Pins on prefix-cache blocks on each replica, per shard."""
+        replicas = list(self.replicas.values())
+        answers = await asyncio.gather(*(asyncio.to_thread(r.target.prefix_pins) for r in replicas))
         return {r.replica_id: tuple(a) for r, a in zip(replicas, answers, strict=True)}
 
     def close(self) -> None:

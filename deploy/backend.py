@@ -57,6 +57,7 @@ class Chunk:
     completion_tokens: int  # cumulative, including this chunk
     stats: ChunkStats
     seed: int  # the seed in use (the request's or one the backend picked)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def finished(self) -> bool:

@@ -53,6 +53,7 @@ class GenerationResult:
     finish_reason: str | None  # "stop" | "length"; None for a chunk mid-stream
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int  # prompt tokens the server served from its prefix cache
     draft_tokens: int
     accepted_tokens: int
     rounds: int
@@ -68,6 +69,7 @@ class GenerationResult:
             finish_reason=FINISH_REASONS.get(message.finish_reason),
             prompt_tokens=message.usage.prompt_tokens,
             completion_tokens=message.usage.completion_tokens,
+            cached_tokens=message.usage.cached_tokens,
             draft_tokens=stats.draft_tokens,
             accepted_tokens=stats.accepted_tokens,
             rounds=stats.rounds,

@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         "tokens_per_s": round(len(token_ids) / elapsed if elapsed > 0 else 0.0, 3),
         "elapsed_s": round(elapsed, 4),
         "fallback": last.fallback,
+        "cached_tokens": last.cached_tokens,
     }
     print_result(
         token_ids,

@@ -139,6 +139,16 @@ class RouterSettings(BaseModel):
         description="tokens a target replica feeds per round; longer prompts prefill in chunks "
         "beside the decoding requests (null: whole prompts in one round)",
     )
+    prefix_cache_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="positions each target replica (and draft model) keeps of prompts it has "
+        "seen, shared by requests with the same prefix; default a quarter of num_slots x "
+        "max_len, 0: off",
+    )
+    prefix_affinity: bool = Field(
+        True, description="admit a request to the target replica that likely holds its prefix"
+    )
     threads_per_shard: int | None = Field(None, ge=1, description="default: cores / tp")
     cpus_per_shard: float | None = Field(None, ge=0, description="default: threads_per_shard")
     gpus_per_shard: float = Field(0.0, ge=0, description="> 0: shards on CUDA over NCCL")
@@ -190,6 +200,9 @@ class ServeConfig(BaseModel):
     max_len: int = Field(4096, ge=2, description="KV cache length: prompt + output")
     max_num_batched_tokens: int | None = Field(
         DEFAULT_MAX_BATCHED_TOKENS, ge=1, description="as the router's: the prefill chunk budget"
+    )
+    prefix_cache_tokens: int | None = Field(
+        None, ge=0, description="as the router's: the prefix cache (default on; 0: off)"
     )
     home: Path | None = Field(None, description="model store (default $SPECRAY_HOME)")
     threads: int | None = Field(None, ge=1, description="torch threads (default: all cores)")
@@ -250,6 +263,7 @@ class ServeConfig(BaseModel):
             max_batch=self.max_batch,
             max_len=self.max_len,
             max_batched_tokens=self.max_num_batched_tokens,
+            prefix_cache_tokens=self.prefix_cache_tokens,
             home=self.home,
         )
 

@@ -43,4 +43,5 @@ def chunk_from_output(
             stats.elapsed_s if elapsed_s is None else elapsed_s,
         ),
         seed=output.seed,
+        cached_tokens=stats.cached_tokens,
     )

@@ -39,6 +39,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         default=DEFAULT_MAX_BATCHED_TOKENS,
         help="tokens the target feeds per round; longer prompts prefill in chunks",
     )
+    p.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=None,
+        help="positions the prefix cache keeps (default: a quarter of the KV cache; 0: off)",
+    )
     p.add_argument("--fixed-k", action="store_true", help="always draft k tokens (no adaptive γ)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -81,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         adaptive=not args.fixed_k,
         max_batch=1,
         max_batched_tokens=args.max_num_batched_tokens,
+        prefix_cache_tokens=args.prefix_cache_tokens,
         home=args.home,
     )
     sharded = _sharded_target(args, spec) if args.tp > 1 or args.address else None
@@ -101,7 +108,12 @@ def _sharded_target(args: argparse.Namespace, spec: EngineSpec) -> Any:
     start_ray(args.address)
     target_dir = resolve_model(spec.target, home=spec.home)
     return ShardedTarget.create(
-        target_dir, tp=args.tp, dtype=spec.dtype, num_slots=spec.max_batch, max_len=spec.max_len
+        target_dir,
+        tp=args.tp,
+        dtype=spec.dtype,
+        num_slots=spec.max_batch,
+        max_len=spec.max_len,
+        prefix_tokens=spec.prefix_tokens,
     )
 
 
@@ -155,5 +167,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}"
         )
+    if args.prefix_cache_tokens is not None and args.prefix_cache_tokens < 0:
+        raise ValueError(f"--prefix-cache-tokens must be >= 0, got {args.prefix_cache_tokens}")
     if args.top_k < 0:
         raise ValueError(f"--top-k must be >= 0, got {args.top_k}")

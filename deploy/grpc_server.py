@@ -104,7 +104,9 @@ def response(chunk: Chunk, token_ids: list[int], text: str) -> pb.GenerateRespon
         text=text,
         finish_reason=FINISH_REASONS[chunk.finish_reason],
         usage=pb.Usage(
-            prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens
+            prompt_tokens=chunk.prompt_tokens,
+            completion_tokens=chunk.completion_tokens,
+            cached_tokens=chunk.cached_tokens,
         ),
         spec_stats=pb.SpecStats(
             draft_tokens=stats.draft_tokens,

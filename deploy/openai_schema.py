@@ -233,13 +233,14 @@ class ChatBody(SamplingBody):
         return self.model_copy(update={"max_tokens": self.max_completion_tokens})
 
 
-def usage(chunk: Chunk | None) -> dict[str, int]:
+def usage(chunk: Chunk | None) -> dict[str, Any]:
     prompt = chunk.prompt_tokens if chunk else 0
     completion = chunk.completion_tokens if chunk else 0
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": chunk.cached_tokens if chunk else 0},
     }
 
 

@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from specray.actors.drafting.build import resolve_drafter
 from specray.actors.engine.tokenizer import has_tokenizer, load_tokenizer
 from specray.actors.model.config import ModelConfig
+from specray.actors.model.prefix_cache import prefix_tokens
 from specray.actors.store.resolve import resolve_model
 from specray.actors.workers.draft_worker import DraftWorkerSpec
 from specray.cluster.draft_pool import DraftPoolConfig
@@ -220,18 +221,23 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
         gpus_per_shard=settings.gpus_per_shard,
         timeout_s=settings.timeout_s,
         start_timeout_s=settings.start_timeout_s,
+        prefix_tokens=prefix_tokens(
+            settings.prefix_cache_tokens, settings.num_slots, settings.max_len
+        ),
     )
     draft = None
     drafter = settings.drafter
     if drafter is not None:
         dtype = drafter.dtype or settings.dtype
+        num_slots = drafter.num_slots or settings.num_slots
         spec = DraftWorkerSpec(
             drafter=resolve_drafter(drafter.spec, home, dtype),
             dtype=dtype,
-            num_slots=drafter.num_slots or settings.num_slots,
+            num_slots=num_slots,
             max_len=settings.max_len,
             num_threads=drafter.threads,
             target_dir=str(target_dir),
+            prefix_tokens=prefix_tokens(settings.prefix_cache_tokens, num_slots, settings.max_len),
         )
         draft = DraftPoolConfig(
             spec, num_cpus=drafter.cpus, start_timeout_s=settings.start_timeout_s
@@ -245,6 +251,7 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
         adaptive=settings.adaptive,
         max_batched_tokens=settings.max_num_batched_tokens,
         overlap=settings.overlap,
+        prefix_affinity=settings.prefix_affinity,
         tokenizer_dir=str(target_dir) if has_tokenizer(target_dir) else None,
         model_name=Path(settings.target).name,
         metrics_port=settings.metrics_port,

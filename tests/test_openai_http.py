@@ -73,6 +73,8 @@ def test_completions_match_the_grpc_api(server: ServingThread) -> None:
     with SpecrayClient(server.grpc_address, timeout_s=60) as client:
         expected = client.generate(PROMPT, max_tokens=20, temperature=0, ignore_eos=True)
     assert choice["text"] == expected.text
+    cached = result["usage"].pop("prompt_tokens_details")["cached_tokens"]
+    assert 0 <= cached < expected.prompt_tokens  # served from the prefix cache, if seen before
     assert result["usage"] == {
         "prompt_tokens": expected.prompt_tokens,
         "completion_tokens": 20,

@@ -125,8 +125,10 @@ def _constrained_greedy(
     return out
 
 
-def _engine(served: Path, compiler: GrammarCompiler, drafter_name: str, k: int) -> SpecEngine:
-    target = LocalTarget(load_model(served), num_slots=4, max_len=256)
+def _engine(
+    served: Path, compiler: GrammarCompiler, drafter_name: str, k: int, prefix_tokens: int = 0
+) -> SpecEngine:
+    target = LocalTarget(load_model(served), 4, 256, prefix_tokens=prefix_tokens, block_size=4)
     drafter = None
     if drafter_name == "ngram":
         drafter = NgramDrafter(max_ngram=3)
@@ -143,9 +145,10 @@ def test_greedy_constrained_speculation_equals_constrained_target_only(
 ) -> None:
     tokenizer = AutoTokenizer.from_pretrained(served)
     prompt = tokenizer.encode('x = [1, 2, 3]\ny = [1, 2, 3]\nanswer: {"ok":true,"n":12}\n')
-    engine = _engine(served, compiler, drafter_name, k=4)
+    engine = _engine(served, compiler, drafter_name, k=4, prefix_tokens=256)
+    stopping = StoppingCriteria(max_tokens=40)
     requests = [
-        GenerationRequest(name, prompt, stopping=StoppingCriteria(max_tokens=40), guide=guide)
+        GenerationRequest(name, prompt, stopping=stopping, guide=guide)
         for name, guide in GUIDES.items()
     ]
     outputs: dict[str, list[int]] = {r.request_id: [] for r in requests}
@@ -166,6 +169,13 @@ def test_greedy_constrained_speculation_equals_constrained_target_only(
     assert set(json.loads(text["json_schema"])) == {"ok", "n"}
     assert re.fullmatch(r"(yes|no)-[0-9]{2}", text["regex"])
     assert text["choice"] in ("alpha", "beta", "gamma")
+    # Asked again, the prompt comes from the prefix cache: the same output.
+    again = GenerationRequest("again", prompt, stopping=stopping, guide=GUIDES["json_schema"])
+    repeated: list[int] = []
+    for chunk in engine.generate([again]):
+        repeated += chunk.token_ids
+        cached = chunk.stats.cached_tokens
+    assert repeated == outputs["json_schema"] and cached == len(prompt) // 4 * 4
 
 
 def test_sampled_choices_follow_the_masked_target(served: Path, compiler: GrammarCompiler) -> None:

@@ -67,7 +67,7 @@ def test_rollback_leaves_the_state_of_the_accepted_tokens(model: DecoderModel, s
         # Did the rejected drafts complete a CSA or HCA window?
         closed_by_rejected += any(fed_end // r > cached // r for r in (4, 8))
         committed += [*drafts[:accepted], rng.randrange(3, VOCAB)]
-        slot = target._slots["r"]
+        slot = target.slot_of("r")
         cache.truncate(slot, cached)  # what the next verify does first
         _assert_same_state(cache.valid_state(slot), _fresh_state(model, committed[:cached]))
     assert closed_by_rejected >= 3  # the test did roll back over closed windows
@@ -89,5 +89,5 @@ def test_slots_do_not_share_state(model: DecoderModel) -> None:
     target.verify([VerifyInput("a", 13, first[13:], 1), VerifyInput("b", 22, second[22:], 3)])
     cache = target.cache
     assert isinstance(cache, CompressedKVCache)
-    _assert_same_state(cache.valid_state(target._slots["a"]), _fresh_state(model, first))
-    _assert_same_state(cache.valid_state(target._slots["b"]), _fresh_state(model, second))
+    _assert_same_state(cache.valid_state(target.slot_of("a")), _fresh_state(model, first))
+    _assert_same_state(cache.valid_state(target.slot_of("b")), _fresh_state(model, second))

@@ -153,3 +153,12 @@ class CatchesUp(Protocol):
         """Seconds to feed ``n`` tokens of one request, for each ``n`` in
         ``sizes`` (best of a few, back to back): the shape of its catch-up
         cost. Needs one free request slot."""
+
+
+@runtime_checkable
+class SharesPrefixes(Protocol):
+    """A drafter whose cache shares prefixes across requests (a draft model
+    with a prefix cache): the pins its requests hold, 0 once none runs."""
+
+    @property
+    def prefix_pins(self) -> int: ...

@@ -46,6 +46,7 @@ def build_drafter(
     num_slots: int,
     max_len: int,
     target_dir: Path | None = None,
+    prefix_tokens: int = 0,
 ) -> Drafter:
     """The drafter ``spec`` names (its model already resolved: see
     :func:`resolve_drafter`), with KV room for ``num_slots`` requests of up
@@ -69,7 +70,9 @@ def build_drafter(
         return HeadDrafter(load_head(model_dir, target, dtype), num_slots, max_len)
     if target_dir is not None:
         check_vocab(spec, ModelConfig.from_pretrained(model_dir), target_dir)
-    drafter: Drafter = DraftModelDrafter(load_model(model_dir, dtype), num_slots, max_len)
+    drafter: Drafter = DraftModelDrafter(
+        load_model(model_dir, dtype), num_slots, max_len, prefix_tokens
+    )
     if spec.kind == "hybrid":
         return HybridDrafter(NgramDrafter(spec.max_ngram, spec.min_ngram), drafter)
     return drafter

@@ -4,6 +4,11 @@ It keeps its own KV cache. After :meth:`propose` the cache holds the
 committed tokens plus the first ``γ - 1`` drafts; :meth:`accept` rolls it
 back to the committed tokens it already fed (including the accepted drafts),
 and the next propose feeds whatever committed tokens it has not seen yet.
+
+With ``prefix_tokens`` > 0 its cache shares prefixes across requests as the
+target's does (:mod:`specray.actors.model.prefix_cache`): a request's first
+feed starts after the longest cached prefix of its tokens, and every full
+block of committed tokens it feeds is offered to the cache (drafts never are).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from specray.actors.drafting.feed_profile import profile_feeds
 from specray.actors.drafting.slots import RequestSlots
 from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.decoder import DecoderModel
+from specray.actors.model.prefix_cache import PrefixCache, PrefixHold
 from specray.actors.sampling.logits import SamplingTensors, compute_probs
 from specray.actors.sampling.params import SamplingParams
 
@@ -31,6 +37,7 @@ class _DraftState:
     sampling: SamplingParams
     generator: torch.Generator | None
     last_proposal: int = 0
+    hold: PrefixHold | None = None  # its shared blocks, once it looked the prefix cache up
 
     @property
     def behind(self) -> int:
@@ -45,10 +52,18 @@ class DraftModelDrafter:
     hidden_layers: tuple[int, ...] = ()
     paths = DraftPaths(model=True, lookup=False)
 
-    def __init__(self, model: DecoderModel, num_slots: int, max_len: int) -> None:
+    def __init__(
+        self, model: DecoderModel, num_slots: int, max_len: int, prefix_tokens: int = 0
+    ) -> None:
         self.model = model
         self.cache = model.new_cache(num_slots, max_len)
+        self.prefix = PrefixCache(self.cache, prefix_tokens) if prefix_tokens else None
         self._requests: RequestSlots[_DraftState] = RequestSlots(self.cache, "draft model")
+
+    @property
+    def prefix_pins(self) -> int:
+        """Pins on shared blocks: 0 once no request holds any."""
+        return self.prefix.num_pins if self.prefix is not None else 0
 
     def start(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
         generator = draft_generator(sampling)
@@ -58,6 +73,7 @@ class DraftModelDrafter:
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
         states = [self._requests[r.request_id] for r in requests]
+        self._attach(requests, states)
         behind = self._catch_up(requests, states)
         # Never draft past the end of the draft cache; a request still
         # catching up drafts nothing this round.
@@ -85,10 +101,29 @@ class DraftModelDrafter:
             state.last_proposal = len(ids)
             if ids:
                 state.cached = len(state.tokens)
+        self._share(states)
         return [
             DraftProposal(ids, torch.stack(p) if p else None)
             for ids, p in zip(drafted, probs, strict=True)
         ]
+
+    def _attach(self, requests: Sequence[DraftRequest], states: Sequence[_DraftState]) -> None:
+        """Before a request's first feed: start its cache from the longest
+        cached prefix of its committed tokens."""
+        if self.prefix is None:
+            return
+        for request, state in zip(requests, states, strict=True):
+            if request.num_tokens > 0 and state.hold is None and state.cached == 0:
+                state.hold = self.prefix.attach(state.slot, state.tokens)
+                state.cached = self.prefix.length(state.hold)
+
+    def _share(self, states: Sequence[_DraftState]) -> None:
+        """Offer the full blocks of committed tokens each request has fed."""
+        if self.prefix is None:
+            return
+        for state in states:
+            if state.hold is not None:
+                self.prefix.extend(state.hold, state.slot, state.tokens, state.cached)
 
     def _catch_up(
         self, requests: Sequence[DraftRequest], states: Sequence[_DraftState]
@@ -135,7 +170,9 @@ class DraftModelDrafter:
         )
 
     def finish(self, request_id: str) -> None:
-        self._requests.finish(request_id)
+        state = self._requests.finish(request_id)
+        if state is not None and state.hold is not None and self.prefix is not None:
+            self.prefix.release(state.hold)
 
     def _sample(
         self,

@@ -28,6 +28,7 @@ from specray.actors.drafting.base import (
     DraftPaths,
     DraftProposal,
     DraftRequest,
+    SharesPrefixes,
 )
 from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.sampling.params import SamplingParams
@@ -108,6 +109,10 @@ class HybridDrafter:
 
     def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
         return self.model.feed_profile(sizes) if isinstance(self.model, CatchesUp) else []
+
+    @property
+    def prefix_pins(self) -> int:
+        return self.model.prefix_pins if isinstance(self.model, SharesPrefixes) else 0
 
     def finish(self, request_id: str) -> None:
         self._model_drafted.discard(request_id)

@@ -39,10 +39,12 @@ class RequestSlots(Generic[StateT]):
         except KeyError:
             raise KeyError(f"{self._owner} has no request {request_id!r}") from None
 
-    def finish(self, request_id: str) -> None:
+    def finish(self, request_id: str) -> StateT | None:
+        """Stop tracking ``request_id``; its state (None if not tracked)."""
         state = self._states.pop(request_id, None)
         if state is not None:
             self._cache.free(state.slot)
+        return state
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._states

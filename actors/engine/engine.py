@@ -111,6 +111,9 @@ class SpecEngine:
         self.scheduler = GammaScheduler(
             paths, self.config.adaptive, costs, self.config.max_batched_tokens
         )
+        # Prefix cache lookups so far, in tokens: offered, and found cached.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
         self.waiting: deque[GenerationRequest] = deque()
         self._grammar_of: dict[str, GrammarMatcher] = {}  # of waiting requests
         self.running: dict[str, RunningRequest] = {}
@@ -153,6 +156,8 @@ class SpecEngine:
         result = self._loop.run_until_complete(
             speculative_round(batch, self._drafting, self._verifying, self.scheduler)
         )
+        self.prefix_queries += result.prefix_queries
+        self.prefix_hits += result.prefix_hits
         for run, output in zip(result.requests, result.outputs, strict=True):
             if output.finished:
                 del self.running[run.request_id]

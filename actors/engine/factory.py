@@ -17,6 +17,7 @@ from specray.actors.engine.target import LocalTarget, Target
 from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
+from specray.actors.model.prefix_cache import prefix_tokens
 from specray.actors.sampling.grammar import GrammarCompiler
 from specray.actors.store.resolve import resolve_model
 
@@ -32,7 +33,14 @@ class EngineSpec:
     max_len: int = 4096
     # Tokens the target feeds per round; longer prompts prefill in chunks.
     max_batched_tokens: int | None = DEFAULT_MAX_BATCHED_TOKENS
+    # Positions of the target's (and a draft model's) prefix cache; None: a
+    # quarter of the KV slots' positions, 0: no prefix caching.
+    prefix_cache_tokens: int | None = None
     home: Path | None = None
+
+    @property
+    def prefix_tokens(self) -> int:
+        return prefix_tokens(self.prefix_cache_tokens, self.max_batch, self.max_len)
 
 
 @dataclass
@@ -50,11 +58,14 @@ def build_engine(spec: EngineSpec, target: Target | None = None) -> LoadedEngine
     config = ModelConfig.from_pretrained(target_dir)
     tokenizer = load_tokenizer(target_dir)
     if target is None:
-        target = LocalTarget(load_model(target_dir, spec.dtype), spec.max_batch, spec.max_len)
+        model = load_model(target_dir, spec.dtype)
+        target = LocalTarget(model, spec.max_batch, spec.max_len, spec.prefix_tokens)
     drafter = None
     if spec.draft is not None:
         resolved = resolve_drafter(spec.draft, spec.home)
-        drafter = build_drafter(resolved, spec.dtype, spec.max_batch, spec.max_len, target_dir)
+        drafter = build_drafter(
+            resolved, spec.dtype, spec.max_batch, spec.max_len, target_dir, spec.prefix_tokens
+        )
     costs = None
     if spec.adaptive and drafter is not None:
         k = spec.num_speculative_tokens

@@ -28,6 +28,7 @@ class RequestStats:
     accepted_tokens: int = 0
     rounds: int = 0
     fallback: bool = False  # the drafter failed and the request went on target-only
+    cached_tokens: int = 0  # prompt positions the target served from its prefix cache
     created_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -65,6 +66,7 @@ class RequestStats:
             "tokens_per_s": round(self.tokens_per_s, 3),
             "elapsed_s": round(self.elapsed_s, 4),
             "fallback": self.fallback,
+            "cached_tokens": self.cached_tokens,
         }
 
 

@@ -85,6 +85,10 @@ class RoundResult:
     outputs: list[RequestOutput]  # same order as ``requests``
     rejection: RejectionResult | None  # None when no request was verified
     times: RoundTimes
+    # Prefix cache lookups this round, in tokens (vLLM's counters): the
+    # committed tokens offered, and how many of them the targets had cached.
+    prefix_queries: int = 0
+    prefix_hits: int = 0
 
 
 async def speculative_round(
@@ -132,11 +136,16 @@ async def speculative_round(
     runs: list[RunningRequest] = []
     kept: list[DraftProposal] = []
     outputs: list[VerifyOutput] = []
+    queries = hits = 0
     for idx, outs in zip(groups.values(), verified, strict=True):
         for i, out in zip(idx, outs or [], strict=False):
             run = batch[i]
-            if run.prefilling:  # a chunk only filled the cache
-                run.cached_len += run.feed
+            if out.prefix_hit is not None:
+                queries, hits = queries + len(run.tokens), hits + out.prefix_hit
+                served = min(out.prefix_hit, len(run.request.prompt_ids))
+                run.stats.cached_tokens = max(run.stats.cached_tokens, served)
+            if run.prefilling:  # a chunk only filled the cache (or found it cached)
+                run.cached_len = max(run.cached_len + run.feed, out.prefix_hit or 0)
                 continue
             runs.append(run)
             kept.append(drafts[i])
@@ -144,7 +153,7 @@ async def speculative_round(
     times = RoundTimes(verifying_at - proposing, verified_at - verifying_at)
     if not runs:
         times.local_s = (proposing - began) + (time.perf_counter() - verified_at)
-        return RoundResult([], [], None, times)
+        return RoundResult([], [], None, times, queries, hits)
 
     # 4. Accept: lossless rejection sampling against the target.
     rejection = accept_drafts(runs, kept, outputs)
@@ -162,7 +171,7 @@ async def speculative_round(
         for run, new_ids in zip(runs, rejection.output_token_ids, strict=True)
     ]
     times.local_s = (proposing - began) + (time.perf_counter() - verified_at)
-    return RoundResult(runs, chunks, rejection, times)
+    return RoundResult(runs, chunks, rejection, times, queries, hits)
 
 
 async def propose(
@@ -219,9 +228,16 @@ async def verify(
     began = time.perf_counter()
     outputs = await verifying.verify(replica, group, inputs, hidden_layers)
     if outputs is not None:
-        num_tokens = sum(len(item.token_ids) for item in inputs)
-        scheduler.observe_verify(num_tokens, time.perf_counter() - began)
+        num_tokens = sum(map(computed_tokens, inputs, outputs))
+        if num_tokens:
+            scheduler.observe_verify(num_tokens, time.perf_counter() - began)
     return outputs
+
+
+def computed_tokens(item: VerifyInput, out: VerifyOutput) -> int:
+    """Tokens of ``item`` the target fed: those its prefix cache served were not."""
+    served = min(max((out.prefix_hit or 0) - item.start, 0), len(item.token_ids))
+    return len(item.token_ids) - served
 
 
 def verify_inputs(
@@ -229,7 +245,9 @@ def verify_inputs(
 ) -> list[VerifyInput]:
     """Per request: where its target cache is valid, the uncached committed
     tokens it feeds this round and the drafts, and logits for every draft
-    plus one (none for a prefill chunk, which only fills the cache)."""
+    plus one (none for a prefill chunk, which only fills the cache). A
+    request the target holds nothing of offers its committed tokens to the
+    target's prefix cache."""
     return [
         VerifyInput(
             r.request_id,
@@ -238,6 +256,7 @@ def verify_inputs(
             0 if r.prefilling else len(d) + 1,
             # A grammar masks the logits first: the argmax alone would not do.
             argmax_only=r.sampling.greedy and r.grammar is None,
+            lookup_ids=tuple(r.tokens) if r.cached_len == 0 else None,
         )
         for r, d in zip(running, drafts, strict=True)
     ]

@@ -6,18 +6,25 @@ Each :class:`VerifyInput` says "your cache for this request is valid up to
 on the next call (the cache is truncated to ``start``), and re-prefilling a
 migrated request is the same call with ``start = 0``. One message per round
 is what a remote, sharded target needs.
+
+A verify from position 0 may also offer the request's committed tokens
+(``lookup_ids``): a target with a prefix cache then serves the longest
+cached prefix of them, feeds only the rest and says how much it served
+(``VerifyOutput.prefix_hit``). The target decides what it has cached; the
+round learns it from the answer of the same call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.decoder import DecoderModel
+from specray.actors.model.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache, PrefixHold
 
 
 @dataclass(frozen=True)
@@ -29,16 +36,25 @@ class VerifyInput:
     # The caller reads only each row's argmax (greedy acceptance): a remote
     # target may answer with token ids instead of a vocabulary-wide row.
     argmax_only: bool = False
+    # With start 0: the request's committed tokens, offered for a prefix
+    # cache lookup. Positions served from the cache are not fed again.
+    lookup_ids: tuple[int, ...] | None = None
 
 
 @dataclass
 class VerifyOutput:
     """One request's verify result: its logits, or, from a target that
-    honoured ``VerifyInput.argmax_only``, just their argmax per row."""
+    honoured ``VerifyInput.argmax_only``, just their argmax per row.
+
+    ``prefix_hit``: the positions a lookup served from the prefix cache (the
+    cache then holds at least that many, however short the fed chunk);
+    None when no lookup was made (none offered, or no prefix cache).
+    """
 
     logits: torch.Tensor | None  # [num_logits, vocab] float32; None: argmax only
     hidden_states: torch.Tensor | None = None  # [num_logits, len(layers) * hidden]
     argmax_ids: torch.Tensor | None = None  # [num_logits] int64, when logits is None
+    prefix_hit: int | None = None
 
     @property
     def num_rows(self) -> int:
@@ -70,13 +86,32 @@ class Target(Protocol):
     def release(self, request_id: str) -> None: ...
 
 
-class LocalTarget:
-    """A target model in this process, with a KV cache slot per request."""
+@dataclass
+class _Sequence:
+    """One request's place in a :class:`LocalTarget`."""
 
-    def __init__(self, model: DecoderModel, num_slots: int, max_len: int) -> None:
+    slot: int
+    hold: PrefixHold | None = None  # its shared blocks, when it uses the prefix cache
+    tokens: list[int] = field(default_factory=list)  # with a hold: the ids at [0, length)
+
+
+class LocalTarget:
+    """A target model in this process, with a KV cache slot per request and,
+    with ``prefix_tokens`` > 0, a prefix cache of that many positions that
+    requests offering ``lookup_ids`` share (:mod:`specray.actors.model.prefix_cache`)."""
+
+    def __init__(
+        self,
+        model: DecoderModel,
+        num_slots: int,
+        max_len: int,
+        prefix_tokens: int = 0,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> None:
         self.model = model
         self.cache = model.new_cache(num_slots, max_len)
-        self._slots: dict[str, int] = {}
+        self.prefix = PrefixCache(self.cache, prefix_tokens, block_size) if prefix_tokens else None
+        self._seqs: dict[str, _Sequence] = {}
 
     @property
     def max_len(self) -> int:
@@ -84,34 +119,86 @@ class LocalTarget:
 
     @property
     def num_active(self) -> int:
-        return len(self._slots)
+        return len(self._seqs)
+
+    def slot_of(self, request_id: str) -> int:
+        """The cache slot holding ``request_id``."""
+        return self._seqs[request_id].slot
+
+    @property
+    def prefix_pins(self) -> int:
+        """Pins on shared blocks: 0 once no request holds any."""
+        return self.prefix.num_pins if self.prefix is not None else 0
 
     def verify(
         self, inputs: Sequence[VerifyInput], hidden_layers: tuple[int, ...] = ()
     ) -> list[VerifyOutput]:
-        seqs = []
+        feeds: list[SequenceInput | None] = []  # None: all it sent is cached already
+        hits: list[int | None] = []
         for item in inputs:
-            slot = self._slots.get(item.request_id)
-            if slot is None:
-                slot = self._slots[item.request_id] = self.cache.allocate()
-            if item.start > self.cache.length(slot):
+            seq = self._seqs.get(item.request_id)
+            if seq is None:
+                seq = self._seqs[item.request_id] = _Sequence(self.cache.allocate())
+            if item.start > self.cache.length(seq.slot):
                 raise ValueError(
                     f"request {item.request_id!r}: verify starts at {item.start} but only "
-                    f"{self.cache.length(slot)} positions are cached"
+                    f"{self.cache.length(seq.slot)} positions are cached"
                 )
-            self.cache.truncate(slot, item.start)
-            seqs.append(SequenceInput(slot, item.token_ids, item.start, item.num_logits))
-        out = self.model(ForwardBatch.build(seqs), self.cache, hidden_layers)
-        counts = [item.num_logits for item in inputs]
-        logits = out.logits.split(counts)
-        hidden = (
-            out.hidden_states.split(counts)
-            if out.hidden_states is not None
-            else [None] * len(counts)
-        )
-        return [VerifyOutput(lg, hd) for lg, hd in zip(logits, hidden, strict=True)]
+            hit = self._lookup(seq, item)
+            skip = max(0, (hit or 0) - item.start)  # sent, but served from the prefix cache
+            start, token_ids = item.start + skip, item.token_ids[skip:]
+            self.cache.truncate(seq.slot, start)
+            if seq.hold is not None:
+                del seq.tokens[start:]
+                seq.tokens.extend(token_ids)
+            hits.append(hit)
+            feeds.append(
+                SequenceInput(seq.slot, token_ids, start, item.num_logits) if token_ids else None
+            )
+        fed = [feed for feed in feeds if feed is not None]
+        rows: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        if fed:
+            out = self.model(ForwardBatch.build(fed), self.cache, hidden_layers)
+            counts = [feed.num_logits for feed in fed]
+            logits = out.logits.split(counts)
+            hidden = out.hidden_states.split(counts) if out.hidden_states is not None else None
+            rows = [(lg, None if hidden is None else hidden[i]) for i, lg in enumerate(logits)]
+        self._share(inputs)
+        answers = iter(rows)
+        no_rows = torch.zeros(0, self.model.config.vocab_size)
+        return [
+            VerifyOutput(*(next(answers) if feed is not None else (no_rows, None)), prefix_hit=hit)
+            for feed, hit in zip(feeds, hits, strict=True)
+        ]
+
+    def _lookup(self, seq: _Sequence, item: VerifyInput) -> int | None:
+        """For a verify from 0 that offers its tokens: attach the longest
+        cached prefix of them to the request's slot; its length (None: no lookup)."""
+        if self.prefix is None or item.lookup_ids is None or item.start != 0:
+            return None
+        if seq.hold is not None:
+            self.prefix.release(seq.hold)
+        self.cache.truncate(seq.slot, 0)
+        seq.hold = self.prefix.attach(seq.slot, item.lookup_ids)
+        hit = self.prefix.length(seq.hold)
+        seq.tokens = list(item.lookup_ids[:hit])
+        return hit
+
+    def _share(self, inputs: Sequence[VerifyInput]) -> None:
+        """Offer each request's newly committed full blocks to the prefix
+        cache: everything it fed but the drafts (the last ``num_logits - 1``)."""
+        if self.prefix is None:
+            return
+        for item in inputs:
+            seq = self._seqs[item.request_id]
+            if seq.hold is not None:
+                committed = len(seq.tokens) - max(item.num_logits - 1, 0)
+                self.prefix.extend(seq.hold, seq.slot, seq.tokens, committed)
 
     def release(self, request_id: str) -> None:
-        slot = self._slots.pop(request_id, None)
-        if slot is not None:
-            self.cache.free(slot)
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return
+        if seq.hold is not None and self.prefix is not None:
+            self.prefix.release(seq.hold)
+        self.cache.free(seq.slot)

@@ -12,11 +12,26 @@ overwritten entries; full positions keep the window exact across rollbacks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
 class CacheFullError(RuntimeError):
     """No free slot, or a sequence would outgrow its slot."""
+
+
+@dataclass(frozen=True)
+class PositionRows:
+    """One tensor of a cache seen as ``[slots, rows, ...]``: row ``r`` of a
+    slot belongs to positions ``[r * rate, (r + 1) * rate)`` and is a
+    function of the tokens before ``(r + 1) * rate`` only (rate 1: a token's
+    keys or values; a compression rate: a pooled entry). Copying a slot's
+    rows below ``L // rate`` of every such tensor copies its state at length
+    ``L``: what a prefix cache stores and restores."""
+
+    tensor: torch.Tensor  # [slots, rows, ...], may be a strided view
+    rate: int = 1
 
 
 class SlotCache:
@@ -70,6 +85,10 @@ class SlotCache:
     def set_length(self, slot: int, new_len: int) -> None:
         self._lengths[slot] = new_len
 
+    def position_rows(self) -> list[PositionRows]:
+        """Every tensor that holds per-position state, as :class:`PositionRows`."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its position rows")
+
 
 class KVCache(SlotCache):
     """Keys and values of every layer for ``num_slots`` sequences."""
@@ -100,6 +119,11 @@ class KVCache(SlotCache):
     ) -> None:
         self.keys[layer][slots, :, positions] = keys
         self.values[layer][slots, :, positions] = values
+
+    def position_rows(self) -> list[PositionRows]:
+        # [layers, slots, kv_heads, max_len, head_dim] seen as
+        # [slots, max_len, layers, kv_heads, head_dim]
+        return [PositionRows(t.permute(1, 3, 0, 2, 4)) for t in (self.keys, self.values)]
 
     def read(self, layer: int, slots: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``[batch, kv_heads, length, head_dim]`` keys and values of ``slots``."""

@@ -25,6 +25,7 @@ from specray.actors.drafting.base import (
     DraftProposal,
     DraftRequest,
     DraftUpdate,
+    SharesPrefixes,
 )
 from specray.actors.drafting.build import build_drafter
 from specray.actors.drafting.spec import DrafterSpec
@@ -41,6 +42,7 @@ class DraftWorkerSpec:
     max_len: int = 2048
     num_threads: int = 1  # torch intra-op threads in the replica's process
     target_dir: str | None = None  # the target it drafts for (a head reads its weights)
+    prefix_tokens: int = 0  # a draft model's prefix cache, in positions (0: none)
 
     def __post_init__(self) -> None:
         if self.num_threads < 1:
@@ -48,7 +50,9 @@ class DraftWorkerSpec:
 
     def build(self) -> Drafter:
         target = Path(self.target_dir) if self.target_dir else None
-        return build_drafter(self.drafter, self.dtype, self.num_slots, self.max_len, target)
+        return build_drafter(
+            self.drafter, self.dtype, self.num_slots, self.max_len, target, self.prefix_tokens
+        )
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,10 @@ class DraftWorker:
 
     def num_requests(self) -> int:
         return len(self._requests)
+
+    def prefix_pins(self) -> int:
+        """Pins the drafter holds on its prefix cache's blocks (leak checks)."""
+        return self.drafter.prefix_pins if isinstance(self.drafter, SharesPrefixes) else 0
 
     def stats(self, reset: bool = False) -> DraftWorkerStats:
         stats = DraftWorkerStats(self._propose_calls, self._propose_s)

@@ -41,6 +41,7 @@ class ShardSpec:
     rendezvous_timeout_s: float = 300.0  # waiting for the other ranks to join
     device: str = "cpu"
     time_collectives: bool = False
+    prefix_tokens: int = 0  # the prefix cache, in positions (0: none)
 
 
 @dataclass
@@ -89,7 +90,7 @@ class TargetShardWorker:
             group = self._dist
         self._timed = TimedGroup(group) if spec.time_collectives else None
         model = load_model(Path(spec.model_dir), spec.dtype, self._timed or group)
-        self.target = LocalTarget(model, spec.num_slots, spec.max_len)
+        self.target = LocalTarget(model, spec.num_slots, spec.max_len, spec.prefix_tokens)
         # Modules run so far (projections, norms, attention): how a long call
         # shows it is computing, at a grain much finer than a whole layer.
         self.progress = 0
@@ -119,6 +120,9 @@ class TargetShardWorker:
 
     def release(self, request_id: str) -> None:
         self.target.release(request_id)
+
+    def prefix_pins(self) -> int:
+        return self.target.prefix_pins
 
     def ping(self) -> int:
         return self.rank
@@ -172,8 +176,8 @@ def _ship(out: VerifyOutput, argmax_only: bool) -> VerifyOutput:
     tensor would pickle every request's rows with each request's)."""
     hidden = ship_hidden(out.hidden_states)
     if argmax_only:
-        return VerifyOutput(None, hidden, out.greedy_ids().cpu())
-    return VerifyOutput(out.full_logits().to("cpu", copy=True), hidden)
+        return VerifyOutput(None, hidden, out.greedy_ids().cpu(), out.prefix_hit)
+    return VerifyOutput(out.full_logits().to("cpu", copy=True), hidden, None, out.prefix_hit)
 
 
 def ship_hidden(hidden: torch.Tensor | None) -> torch.Tensor | None:

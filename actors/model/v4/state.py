@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specray.actors.model.kv_cache import SlotCache
+from specray.actors.model.kv_cache import PositionRows, SlotCache
 
 
 @dataclass
@@ -54,6 +54,13 @@ class CompressorState:
             entries=torch.zeros(num_slots, max_len // rate, head_dim, dtype=dtype, device=device),
         )
 
+    def position_rows(self) -> list[PositionRows]:
+        return [
+            PositionRows(self.token_kv),
+            PositionRows(self.token_gate),
+            PositionRows(self.entries, self.rate),
+        ]
+
     def valid(self, slot: int, length: int) -> dict[str, torch.Tensor]:
         return {
             "token_kv": self.token_kv[slot, :length],
@@ -76,6 +83,18 @@ class CompressedKVCache(SlotCache):
     def __init__(self, num_slots: int, max_len: int, layers: list[AttentionState]) -> None:
         super().__init__(num_slots, max_len)
         self.layers = layers
+
+    def position_rows(self) -> list[PositionRows]:
+        """Window rows, and per compressor its token rows and entries (one
+        per ``rate`` positions): with the rollback rule above, rows below
+        ``L // rate`` are the whole state at length ``L``."""
+        rows = []
+        for layer in self.layers:
+            rows.append(PositionRows(layer.window_kv))
+            for store in (layer.compressor, layer.indexer):
+                if store is not None:
+                    rows += store.position_rows()
+        return rows
 
     def valid_state(self, slot: int) -> dict[str, torch.Tensor]:
         """Every tensor a later forward of ``slot`` may read, cut to its

@@ -1,0 +1,162 @@
+"""What sharing a cached prefix costs on this CPU: copying it into the
+request's slot once (what specray does), against a block table that reads
+shared blocks in place and must gather them into contiguous keys and values
+in every layer of every forward (CPU attention kernels take contiguous
+tensors).
+
+For each context length, with the target's real cache shapes (layers, KV
+heads, head dim; no weights are loaded):
+
+* ``attach ms``: ``BlockPool.load`` of the prefix into a slot, once per request;
+* ``save ms``: ``BlockPool.save`` of as many blocks out of a slot (spread
+  over the rounds that commit them);
+* ``gather ms/step``: one forward's gather of the same context from
+  paged blocks, every layer, keys and values (a block table's cost per step);
+* ``break-even steps``: attach ÷ gather: after that many forwards the
+  copy is cheaper.
+
+    python -m specray.bench.prefix_copy_bench --target qwen2.5-coder-0.5b-instruct
+
+Writes ``prefix_copy_<target>.{json,md}`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specray.actors.model.block_pool import BlockPool
+from specray.actors.model.config import ModelConfig
+from specray.actors.model.kv_cache import KVCache
+from specray.actors.model.prefix_cache import DEFAULT_BLOCK_SIZE
+from specray.bench.common import machine_info, machine_line, resolve_preferring
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def best_ms(work: Callable[[], object], repeats: int) -> float:
+    work()
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - began)
+    return min(times) * 1e3
+
+
+def measure(config: ModelConfig, dtype: torch.dtype, context: int, repeats: int) -> dict[str, Any]:
+    size = DEFAULT_BLOCK_SIZE
+    blocks = context // size
+    layers, kv_heads, head_dim = config.num_layers, config.num_kv_heads, config.head_dim
+    cache = KVCache(layers, 2, context, kv_heads, head_dim, dtype)
+    cache.keys.normal_()
+    cache.values.normal_()
+    pool = BlockPool(cache, blocks, size)
+    ids = list(range(blocks))
+    attach = best_ms(lambda: pool.load(1, ids), repeats)
+    save = best_ms(lambda: pool.save(0, 0, ids), repeats)
+    # A paged layout: [layers, blocks, kv_heads, block, head_dim] per tensor.
+    paged = [torch.randn(layers, blocks, kv_heads, size, head_dim, dtype=dtype) for _ in range(2)]
+    table = torch.tensor(ids)
+
+    def gather_step() -> None:
+        for layer in range(layers):
+            for tensor in paged:
+                rows = tensor[layer].index_select(0, table)  # [blocks, kv_heads, block, head_dim]
+                rows.transpose(0, 1).reshape(kv_heads, context, head_dim)
+
+    gather = best_ms(gather_step, repeats)
+    return {
+        "context": context,
+        "attach_ms": round(attach, 3),
+        "save_ms": round(save, 3),
+        "gather_ms_per_step": round(gather, 3),
+        "break_even_steps": round(attach / gather, 2) if gather > 0 else None,
+        "kv_mib": round(
+            2 * layers * kv_heads * context * head_dim * cache.keys.element_size() / 2**20, 2
+        ),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = ModelConfig.from_pretrained(resolve_preferring(args.target, "float32"))
+    rows = [
+        {"dtype": name, **measure(config, DTYPES[name], context, args.repeats)}
+        for name in args.dtypes
+        for context in args.contexts
+    ]
+    result = {
+        "command": "python -m specray.bench.prefix_copy_bench "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "target": args.target,
+        "shapes": {
+            "layers": config.num_layers,
+            "kv_heads": config.num_kv_heads,
+            "head_dim": config.head_dim,
+            "block_size": DEFAULT_BLOCK_SIZE,
+        },
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "machine": machine_info(),
+        "rows": rows,
+    }
+    write_outputs(result, args.out)
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    shapes = result["shapes"]
+    lines = [
+        f"### Copy on attach vs a block table: {result['target']} cache shapes "
+        f"({shapes['layers']} layers, {shapes['kv_heads']} KV heads, head dim "
+        f"{shapes['head_dim']}, blocks of {shapes['block_size']}; {result['threads']} threads, "
+        f"best of {result['repeats']})",
+        "",
+        f"Machine: {machine_line(result['machine'])}; load average "
+        f"{result['machine']['loadavg'][0]:.1f} at the start.",
+        "",
+        "| dtype | context | KV MiB | attach ms (once) | save ms | gather ms per forward "
+        "| break-even forwards |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['dtype']} | {r['context']} | {r['kv_mib']} | {r['attach_ms']} | "
+            f"{r['save_ms']} | {r['gather_ms_per_step']} | {r['break_even_steps']} |"
+        )
+    return "\n".join([*lines, ""])
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"prefix_copy_{Path(result['target']).name}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    text = markdown(result)
+    (out_dir / f"{stem}.md").write_text(text)
+    print(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--target", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument(
+        "--contexts", type=lambda s: [int(c) for c in s.split(",")], default=[256, 1024, 4096]
+    )
+    p.add_argument("--dtypes", type=lambda s: s.split(","), default=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    return p
+
+
+if __name__ == "__main__":
+    main()
