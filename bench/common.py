@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -134,3 +135,10 @@ def write_report(out_dir: Path, stem: str, result: dict[str, Any], text: str) ->
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out_dir / f"{stem}.md").write_text(text)
     print(text)
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command that reproduces a run: ``argv`` as given to ``main``, or
+    this process's arguments when it was run from the shell."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python -m", module, *args])

@@ -36,7 +36,7 @@ from specray.actors.engine.tokenizer import eos_token_ids
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
-from specray.bench.common import chat_ids, resolve_preferring, write_report
+from specray.bench.common import chat_ids, command_line, resolve_preferring, write_report
 from specray.bench.prompts import CATEGORIES, Prompt, load_prompts
 
 ALL = "all"
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     {"drafter": name, "sampling": label, "category": category, "by_gamma": chosen}
                 )
     result = {
-        "command": "python -m specray.bench.head_eval " + " ".join(argv or []),
+        "command": command_line("specray.bench.head_eval", argv),
         "target": args.target,
         "dtype": args.dtype,
         "max_tokens": args.max_tokens,

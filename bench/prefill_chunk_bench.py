@@ -25,7 +25,13 @@ import torch
 
 from specray.actors.engine.target import LocalTarget, VerifyInput
 from specray.actors.model.loader import load_model
-from specray.bench.common import machine_info, machine_line, resolve_preferring, write_report
+from specray.bench.common import (
+    command_line,
+    machine_info,
+    machine_line,
+    resolve_preferring,
+    write_report,
+)
 
 
 def prefill_seconds(target: LocalTarget, tokens: list[int], chunk: int) -> list[float]:
@@ -69,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for chunk in chunks
     ]
     result = {
-        "command": "python -m specray.bench.prefill_chunk_bench " + " ".join(argv or []),
+        "command": command_line("specray.bench.prefill_chunk_bench", argv),
         "target": args.target,
         "dtype": args.dtype,
         "threads": args.threads,
