@@ -78,7 +78,7 @@ def test_target_group_error_is_unavailable(local_ray: None, model_dir: Path) -> 
     try:
         with (
             ServingThread(config, build=build) as server,
-            SpecrayClient(server.grpc_address, timeout_s=60) as client,
+            SpecrayClient(server.grpc_address, timeout_s=180) as client,  # a cold Ray worker
         ):
             error = rpc_error(lambda: client.generate([5, 9, 5], max_tokens=4))
             assert error.code == grpc.StatusCode.UNAVAILABLE
