@@ -109,7 +109,9 @@ def _sharded_target(args: argparse.Namespace, spec: EngineSpec) -> Any:
     from specray.cluster.local_ray import start_ray
     from specray.cluster.target_group import ShardedTarget
 
-    start_ray(args.address)
+    shards = args.tp * args.ep
+    # Ray's logical CPUs place the shards; their threads are set apart.
+    start_ray(args.address, num_cpus=None if args.address else max(os.cpu_count() or 1, shards))
     target_dir = resolve_model(spec.target, home=spec.home)
     return ShardedTarget.create(
         target_dir,
