@@ -33,11 +33,12 @@ import ray
 import torch
 
 from specray.actors.engine.errors import NotRunningError
-from specray.actors.engine.lifecycle import start_request
+from specray.actors.engine.lifecycle import grammar_for, start_request
 from specray.actors.engine.request import GenerationRequest, RequestOutput
 from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS, GammaScheduler
 from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
 from specray.actors.model.config import ModelConfig
+from specray.actors.sampling.grammar import GrammarCompiler
 from specray.cluster.draft_pool import DraftPool, DraftPoolConfig
 from specray.cluster.events import Inbox
 from specray.cluster.lanes import Lanes
@@ -111,6 +112,7 @@ class Router:
         self._drafts: DraftPool | None = None
         self._tokenizer: Any = None
         self._eos: tuple[int, ...] = ()
+        self._grammars: GrammarCompiler | None = None  # structured output
         self._metrics_port: int | None = None
         self._closed = False
 
@@ -132,9 +134,10 @@ class Router:
         model_dir = Path(config.target.model_dir)
         if config.tokenizer_dir is not None:
             self._tokenizer = await asyncio.to_thread(load_tokenizer, Path(config.tokenizer_dir))
-        self._eos = config.eos_token_ids or eos_token_ids(
-            ModelConfig.from_pretrained(model_dir), self._tokenizer
-        )
+        model_config = ModelConfig.from_pretrained(model_dir)
+        self._eos = config.eos_token_ids or eos_token_ids(model_config, self._tokenizer)
+        if self._tokenizer is not None:
+            self._grammars = GrammarCompiler(self._tokenizer, model_config.vocab_size)
         metrics = RouterMetrics(config.model_name or model_dir.name, config.num_speculative_tokens)
         if config.metrics_port is not None:
             self._metrics_port = metrics.serve(config.metrics_port)
@@ -222,6 +225,9 @@ class Router:
             self._tokenizer,
             self.config.num_speculative_tokens,
             parts.lanes.scheduler.new_draft_state(),
+            # Compiled on a worker thread: the first one also builds the
+            # grammar engine's view of the vocabulary (seconds).
+            await asyncio.to_thread(grammar_for, request, self._grammars),
         )
         tracked = parts.table.submit(run)
         finished = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -21,10 +22,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from specray.actors.sampling.grammar import Guide
 from specray.deploy.admin_server import ADMIN_SERVICE_NAME, add_admin_servicer
 from specray.deploy.auth import TlsFiles, TokenAuth
 from specray.deploy.backend import Chunk
-from specray.deploy.errors import BindError, abort_rpc
+from specray.deploy.errors import BindError, InvalidRequestError, abort_rpc
 from specray.deploy.gateway import Gateway
 from specray.deploy.strict_decoding import StrictDecoding
 from specray.deploy.validation import RawRequest
@@ -59,6 +61,7 @@ def raw_request(message: pb.GenerateRequest) -> RawRequest:
         return None if value is None else float(f"{value:.7g}")
 
     source = message.WhichOneof("input")
+    guide_field = message.WhichOneof("guide")
     return RawRequest(
         request_id=message.request_id,
         text=message.text if source == "text" else None,
@@ -74,7 +77,23 @@ def raw_request(message: pb.GenerateRequest) -> RawRequest:
         seed=optional("seed"),
         speculative=optional("speculative"),
         num_speculative_tokens=optional("num_speculative_tokens"),
+        guide=_guide(message, guide_field),
+        guide_field=guide_field or "guided_json",
     )
+
+
+def _guide(message: pb.GenerateRequest, field: str | None) -> Guide | None:
+    if field == "guided_json":
+        return Guide("json_schema", message.guided_json)
+    if field == "guided_json_object":
+        if not message.guided_json_object:
+            raise InvalidRequestError("`guided_json_object` must be true when set", field)
+        return Guide("json_object")
+    if field == "guided_regex":
+        return Guide("regex", message.guided_regex)
+    if field == "guided_choice":
+        return Guide("choice", json.dumps(list(message.guided_choice.choices)))
+    return None
 
 
 def response(chunk: Chunk, token_ids: list[int], text: str) -> pb.GenerateResponse:

@@ -26,8 +26,13 @@ def build_request(
     seed: int | None = None,
     speculative: bool | None = None,
     num_speculative_tokens: int | None = None,
+    guided_json: str | None = None,
+    guided_json_object: bool | None = None,
+    guided_regex: str | None = None,
+    guided_choice: Sequence[str] | None = None,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest; None leaves a field unset (the server's default)."""
+    """A GenerateRequest; None leaves a field unset (the server's default).
+    At most one ``guided_*`` constrains the output (structured output)."""
     optional = {
         "max_tokens": max_tokens,
         "temperature": temperature,
@@ -37,12 +42,17 @@ def build_request(
         "seed": seed,
         "speculative": speculative,
         "num_speculative_tokens": num_speculative_tokens,
+        "guided_json": guided_json,
+        "guided_json_object": guided_json_object,
+        "guided_regex": guided_regex,
     }
     fields: dict[str, Any] = {k: v for k, v in optional.items() if v is not None}
     if isinstance(prompt, str):
         fields["text"] = prompt
     else:
         fields["token_ids"] = pb.TokenIds(ids=list(prompt))
+    if guided_choice is not None:
+        fields["guided_choice"] = pb.GuidedChoice(choices=list(guided_choice))
     return pb.GenerateRequest(
         request_id=request_id,
         stop=list(stop),

@@ -32,6 +32,7 @@ KNOWN_HTTP_FIELDS = frozenset({
     "n", "logprobs", "top_logprobs", "user", "stream_options", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "logit_bias", "speculative",
     "num_speculative_tokens", "echo", "best_of", "suffix", "response_format",
+    "guided_json", "guided_regex", "guided_choice",
 })
 # fmt: on
 not_a_number = st.one_of(
@@ -126,9 +127,11 @@ def chat_classes() -> dict[str, Strategy]:
     classes["text over the context (tokens)"] = setting(
         "messages", too_many_tokens.map(lambda text: [{"role": "user", "content": text}])
     )
-    classes["unsupported parameter (response_format, top_logprobs)"] = st.one_of(
-        setting("response_format", st.just({"type": "json_object"})),
-        setting("top_logprobs", st.integers(1, 5)),
+    classes["unsupported parameter (top_logprobs)"] = setting("top_logprobs", st.integers(1, 5))
+    classes["structured output that does not compile"] = st.one_of(
+        setting("guided_regex", st.sampled_from(["[0-9", "(a", "a{2,1}"])),
+        setting("guided_choice", st.just([])),
+        setting("guided_json", st.sampled_from(['{"type": 5}', "{not json"])),
     )
     classes["lone surrogate in a string"] |= setting(
         "messages", st.just([{"role": "user", "content": "\ud800"}, *user])

@@ -145,6 +145,13 @@ def test_models_health_and_metrics(server: ServingThread, model_dir: Path) -> No
         ({"prompt": ""}, 400, "invalid_request_error", "`prompt` must not be empty"),
         ({"n": 2}, 400, "invalid_request_error", "`n` must be 1, got 2"),
         ({"model": "gpt-4"}, 404, "model_not_found", "'gpt-4' is not served here"),
+        ({"guided_regex": "[0-9"}, 400, "invalid_request_error", "`guided_regex` is not a valid"),
+        (
+            {"guided_regex": "a", "guided_choice": ["b"]},
+            400,
+            "invalid_request_error",
+            "set at most one of",
+        ),
     ],
 )
 def test_errors_are_json_with_http_codes(
@@ -154,6 +161,27 @@ def test_errors_are_json_with_http_codes(
     assert got == status
     assert result["error"]["type"] == error_type and result["error"]["code"] == status
     assert message in result["error"]["message"]
+
+
+def test_response_format_json_schema_constrains_the_chat_answer(server: ServingThread) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+        "x-guidance": {"whitespace_flexible": False},
+    }
+    body = {
+        "messages": MESSAGES,
+        "max_tokens": 32,
+        "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}},
+    }
+    status, result, _ = request(f"{server.http_url}/v1/chat/completions", body)
+    assert status == 200
+    answer = result["choices"][0]
+    assert answer["finish_reason"] == "stop"
+    assert set(json.loads(answer["message"]["content"])) == {"ok"}
 
 
 @pytest.mark.parametrize("stream", [False, True])

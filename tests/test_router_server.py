@@ -180,6 +180,23 @@ def test_greedy_speculative_output_matches_target_only(client: SpecrayClient) ->
     assert drafted > 0  # the n-gram replica did propose, so the comparison means something
 
 
+def test_guided_output_through_the_router(client: SpecrayClient) -> None:
+    """A regex and a choice constrain the output with n-gram drafting on;
+    greedy output equals the same request without speculation."""
+    common = {"max_tokens": 16, "temperature": 0.0}
+    for guide in ({"guided_regex": "[a-c]{3}-[0-9]"}, {"guided_choice": ["yes", "no"]}):
+        speculative = client.generate(REPEATING, **common, **guide)
+        target_only = client.generate(REPEATING, speculative=False, **common, **guide)
+        assert speculative.token_ids == target_only.token_ids
+        assert speculative.finish_reason == "stop"
+        if "guided_regex" in guide:
+            assert re.fullmatch("[a-c]{3}-[0-9]", speculative.text)
+        else:
+            assert speculative.text in ("yes", "no")
+    error = rpc_error(lambda: client.generate(REPEATING, guided_json='{"type": 5}', **common))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and "`guided_json`" in error.details
+
+
 def test_cancel_by_the_client_frees_router_state(
     server: ServingThread, client: SpecrayClient
 ) -> None:

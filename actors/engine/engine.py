@@ -26,11 +26,12 @@ from specray.actors.drafting.base import (
 )
 from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.errors import DuplicateRequestError
-from specray.actors.engine.lifecycle import start_request
+from specray.actors.engine.lifecycle import grammar_for, start_request
 from specray.actors.engine.request import GenerationRequest, RequestOutput, RunningRequest
 from specray.actors.engine.round import speculative_round
 from specray.actors.engine.scheduling import GammaScheduler
 from specray.actors.engine.target import Target, VerifyInput, VerifyOutput
+from specray.actors.sampling.grammar import GrammarCompiler, GrammarMatcher
 from specray.actors.workers.draft_worker import DraftWorker
 
 _LOCAL = 0  # the one draft replica of the in-process engine
@@ -90,15 +91,18 @@ class SpecEngine:
         config: EngineConfig | None = None,
         costs: RoundCostModel | None = None,
         paths: DraftPaths | None = None,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         """``costs``: measured (profiled) round costs for the adaptive γ,
         learned from the rounds when not given. ``paths``: how ``drafter``
-        drafts, by default read from the drafter itself."""
+        drafts, by default read from the drafter itself. ``grammars``: for
+        structured output (requests with a guide)."""
         self.target = target
         self.drafter = drafter
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.config = config or EngineConfig()
+        self.grammars = grammars
         worker = DraftWorker(drafter) if drafter is not None else None
         self._drafting = LocalDrafting(worker) if worker is not None else None
         self._verifying = LocalVerifying(target)
@@ -108,6 +112,7 @@ class SpecEngine:
             paths, self.config.adaptive, costs, self.config.max_batched_tokens
         )
         self.waiting: deque[GenerationRequest] = deque()
+        self._grammar_of: dict[str, GrammarMatcher] = {}  # of waiting requests
         self.running: dict[str, RunningRequest] = {}
         # The round is a coroutine (the router awaits replicas in it); here
         # every port answers at once, so each step runs it to completion.
@@ -121,6 +126,9 @@ class SpecEngine:
         known = {r.request_id for r in self.waiting} | set(self.running)
         if request.request_id in known:
             raise DuplicateRequestError(request.request_id)
+        grammar = grammar_for(request, self.grammars)  # a bad guide is refused here
+        if grammar is not None:
+            self._grammar_of[request.request_id] = grammar
         self.waiting.append(request)
 
     def abort(self, request_id: str) -> bool:
@@ -128,6 +136,7 @@ class SpecEngine:
         for queued in list(self.waiting):
             if queued.request_id == request_id:
                 self.waiting.remove(queued)
+                self._grammar_of.pop(request_id, None)
                 return True
         running = self.running.pop(request_id, None)
         if running is None:
@@ -169,6 +178,7 @@ class SpecEngine:
                 self.tokenizer,
                 self.config.num_speculative_tokens,
                 self.scheduler.new_draft_state(),
+                self._grammar_of.pop(request.request_id, None),
             )
             if self._drafting is not None and running.wants_draft:
                 self._drafting.worker.start(request.request_id, running.tokens, running.sampling)

@@ -17,6 +17,7 @@ from specray.actors.engine.target import LocalTarget, Target
 from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
+from specray.actors.sampling.grammar import GrammarCompiler
 from specray.actors.store.resolve import resolve_model
 
 
@@ -69,5 +70,6 @@ def build_engine(spec: EngineSpec, target: Target | None = None) -> LoadedEngine
             spec.max_batch, spec.num_speculative_tokens, spec.adaptive, spec.max_batched_tokens
         ),
         costs,
+        grammars=GrammarCompiler(tokenizer, config.vocab_size),
     )
     return LoadedEngine(engine, tokenizer, target_dir, config)

@@ -10,6 +10,7 @@ from dataclasses import replace
 from transformers import PreTrainedTokenizerBase
 
 from specray.actors.engine.detokenizer import IncrementalDetokenizer
+from specray.actors.engine.errors import RequestRejectedError
 from specray.actors.engine.request import (
     DraftState,
     GenerationRequest,
@@ -17,6 +18,7 @@ from specray.actors.engine.request import (
     RunningRequest,
 )
 from specray.actors.engine.stopping import StopChecker
+from specray.actors.sampling.grammar import GrammarCompiler, GrammarError, GrammarMatcher
 from specray.actors.sampling.logits import make_generator, resolve_seed
 
 
@@ -26,10 +28,12 @@ def start_request(
     tokenizer: PreTrainedTokenizerBase | None,
     max_gamma: int,
     draft: DraftState,
+    grammar: GrammarMatcher | None = None,
 ) -> RunningRequest:
     """A request's running state: its seed resolved, the default EOS filled in
     and its stop checker and detokenizer ready. ``draft`` holds its starting
-    acceptance estimates (the scheduler's priors)."""
+    acceptance estimates (the scheduler's priors); ``grammar`` is the
+    matcher of its guide, if it has one."""
     seed = resolve_seed(request.sampling.seed)
     sampling = replace(request.sampling, seed=seed)
     stopping = request.stopping
@@ -46,6 +50,7 @@ def start_request(
         max_gamma=max_gamma,
         draft=draft,
         tokens=list(request.prompt_ids),
+        grammar=grammar,
     )
 
 
@@ -75,3 +80,19 @@ def stream_round(running: RunningRequest, new_token_ids: list[int]) -> RequestOu
         running.stats,
         running.seed,
     )
+
+
+def grammar_for(
+    request: GenerationRequest, grammars: GrammarCompiler | None
+) -> GrammarMatcher | None:
+    """The matcher of ``request``'s guide, if it has one; a typed refusal if
+    this engine cannot constrain output (no tokenizer) or the guide does not
+    compile."""
+    if request.guide is None:
+        return None
+    if grammars is None:
+        raise RequestRejectedError("structured output needs the model's tokenizer")
+    try:
+        return grammars.matcher(request.guide)
+    except GrammarError as error:
+        raise RequestRejectedError(f"the guide is not a valid {error}") from None

@@ -11,6 +11,7 @@ from specray.actors.drafting.base import DraftUpdate
 from specray.actors.engine.errors import RequestRejectedError
 from specray.actors.engine.gamma import SurvivalEstimate
 from specray.actors.engine.stopping import FinishReason, StopChecker
+from specray.actors.sampling.grammar import GrammarMatcher, Guide
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 
 
@@ -78,6 +79,7 @@ class GenerationRequest:
     # Draft tokens per round: None uses the engine's policy, 0 disables
     # speculation for this request (target-only on the same path).
     num_speculative_tokens: int | None = None
+    guide: Guide | None = None  # structured output: what the output must match
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -147,6 +149,7 @@ class RunningRequest:
     # sets it; fewer than all of them: a prefill chunk, see ``prefilling``).
     feed: int = 0
     target: int | None = None  # the target replica that verifies it (None: the only one)
+    grammar: GrammarMatcher | None = None  # structured output, at the committed tokens
     output_ids: list[int] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
 

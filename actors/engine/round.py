@@ -30,6 +30,7 @@ from specray.actors.engine.lifecycle import stream_round
 from specray.actors.engine.request import RequestOutput, RunningRequest
 from specray.actors.engine.scheduling import GammaScheduler
 from specray.actors.engine.target import VerifyInput, VerifyOutput
+from specray.actors.sampling.grammar import mask_logits
 from specray.actors.sampling.logits import SamplingTensors, compute_probs
 from specray.actors.sampling.rejection import DraftBatch, RejectionResult, rejection_sample
 
@@ -100,7 +101,11 @@ async def speculative_round(
 
     # 2. Propose: every drafter at once, each call carrying the verdicts of
     # its requests' earlier rounds. Requests with γ = 0 decode target-only.
-    drafts = await propose(batch, drafting, scheduler)
+    # A structured request's drafts end at the first token its grammar forbids.
+    drafts = [
+        constrain_draft(r, d)
+        for r, d in zip(batch, await propose(batch, drafting, scheduler), strict=True)
+    ]
     verifying_at = time.perf_counter()
 
     # 3. Verify: one batched forward per target replica, all at once. A
@@ -135,7 +140,7 @@ async def speculative_round(
                 continue
             runs.append(run)
             kept.append(drafts[i])
-            outputs.append(out)
+            outputs.append(constrain_output(run, drafts[i], out))
     times = RoundTimes(verifying_at - proposing, verified_at - verifying_at)
     if not runs:
         times.local_s = (proposing - began) + (time.perf_counter() - verified_at)
@@ -144,9 +149,12 @@ async def speculative_round(
     # 4. Accept: lossless rejection sampling against the target.
     rejection = accept_drafts(runs, kept, outputs)
 
-    # 5. Commit; each drafter hears its verdicts with its next proposal.
+    # 5. Commit; each drafter hears its verdicts with its next proposal, and
+    # a structured request's grammar follows its committed tokens.
     for run, draft, update in zip(runs, kept, commit(runs, kept, outputs, rejection), strict=True):
         scheduler.record(run, draft, update)
+        if run.grammar is not None:
+            run.grammar.commit(update.new_token_ids)
 
     # 6. Stop criteria and the chunk each request streams.
     chunks = [
@@ -228,10 +236,27 @@ def verify_inputs(
             r.cached_len,
             r.tokens[r.cached_len : r.cached_len + r.feed] + d.token_ids,
             0 if r.prefilling else len(d) + 1,
-            argmax_only=r.sampling.greedy,
+            # A grammar masks the logits first: the argmax alone would not do.
+            argmax_only=r.sampling.greedy and r.grammar is None,
         )
         for r, d in zip(running, drafts, strict=True)
     ]
+
+
+def constrain_draft(run: RunningRequest, draft: DraftProposal) -> DraftProposal:
+    """The draft cut at the first token the request's grammar forbids."""
+    if run.grammar is None or not len(draft):
+        return draft
+    return draft.clipped(run.grammar.clip(draft.token_ids))
+
+
+def constrain_output(run: RunningRequest, draft: DraftProposal, out: VerifyOutput) -> VerifyOutput:
+    """The target's logits with what the request's grammar forbids at each
+    position masked out: the distribution acceptance then samples from."""
+    if run.grammar is None:
+        return out
+    allowed = run.grammar.masks(draft.token_ids)
+    return VerifyOutput(mask_logits(out.full_logits(), allowed), out.hidden_states)
 
 
 def accept_drafts(
