@@ -75,12 +75,13 @@ def tiny_v4_config(experts: int = 8, eos_token_id: int = 1, **overrides: Any) ->
     return DeepseekV4Config(**params)
 
 
-def write_tiny_v4(directory: str | Path, seed: int = 0, experts: int = 8) -> Path:
-    """Save a servable tiny random V4 (weights, MTP block, tokenizer) to ``directory``."""
+def write_tiny_v4(directory: str | Path, seed: int = 0, experts: int = 8, **overrides: Any) -> Path:
+    """Save a servable tiny random V4 (weights, MTP block, tokenizer) to
+    ``directory``; ``overrides`` replace :func:`tiny_v4_config`'s fields."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     eos = _save_tokenizer(directory)
-    config = tiny_v4_config(experts, eos)
+    config = tiny_v4_config(experts, eos, **overrides)
     _random_model(config, seed).save_pretrained(directory)
     save_file(_mtp_tensors(config, seed + 1), str(directory / "mtp.safetensors"))
     return directory
