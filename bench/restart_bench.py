@@ -32,6 +32,7 @@ from typing import Any
 import ray
 
 from specray.actors.store.resolve import resolve_model
+from specray.bench.common import machine_info
 from specray.cluster.local_ray import start_ray
 from specray.cluster.router import launch_router
 from specray.cluster.router_state import RouterState
@@ -144,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(_line("target", result["target"]))
     print(_line("draft", result["draft"]))
     if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.write_text(json.dumps({"machine": machine_info()} | result, indent=2) + "\n")
     return result
 
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import grpc
 
+from specray.bench.common import machine_info
 from specray.cluster.router_state import RouterState
 from specray.protos.messages import build_request
 from specray.protos.specray.v1 import generation_pb2_grpc as pb_grpc
@@ -303,7 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop_ray()
     print(report.summary())
     if args.out is not None:
-        args.out.write_text(json.dumps(asdict(report), indent=2) + "\n")
+        record = {"machine": machine_info(), "args": vars(args), "report": asdict(report)}
+        args.out.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return 0 if report.ok else 1
 
 

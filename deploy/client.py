@@ -15,7 +15,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import grpc
 
@@ -85,10 +85,10 @@ def open_channel(address: str, tls: bool = False, tls_ca: Path | None = None) ->
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots))
 
 
-class SpecrayClient:
-    """Blocking client over one channel; ``timeout_s`` is each call's deadline.
+class ChannelClient:
+    """One channel to a specray server; ``timeout_s`` is each call's deadline.
     ``tls`` / ``tls_ca``: see :func:`open_channel`; ``token``: the server's
-    bearer token, sent with every call."""
+    bearer token, sent with every call. Subclasses add a service's stub."""
 
     def __init__(
         self,
@@ -102,8 +102,29 @@ class SpecrayClient:
         self.address = address
         self.timeout_s = timeout_s
         self._channel = open_channel(address, tls, tls_ca)
-        self._stub = pb_grpc.GenerationStub(self._channel)
         self._metadata = bearer_metadata(token)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class SpecrayClient(ChannelClient):
+    """Blocking client of ``specray.v1.Generation`` (see :class:`ChannelClient`)."""
+
+    def __init__(self, address: str, timeout_s: float | None = None, **channel: Any) -> None:
+        super().__init__(address, timeout_s, **channel)
+        self._stub = pb_grpc.GenerationStub(self._channel)
 
     def generate(
         self, prompt: str | Sequence[int], *, timeout_s: float | None = None, **options: Any
@@ -146,17 +167,3 @@ class SpecrayClient:
         except grpc.RpcError as error:
             raise SpecrayError.from_rpc(error) from None
         return info
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> SpecrayClient:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -5,7 +5,6 @@ ships in bf16. Greedy output must equal target-only decoding."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,9 @@ from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.request import GenerationRequest, RequestOutput
 from specray.actors.model.config import ModelConfig
 from specray.actors.sampling.params import StoppingCriteria
-from specray.cluster.local_ray import start_ray
 from specray.cluster.router import launch_router, open_stream
 
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    info = start_ray(num_cpus=4)
-    yield
-    if info.started_here:
-        ray.shutdown()
+RAY_CPUS = 4
 
 
 def _save_head(model_dir: Path, directory: Path) -> Path:

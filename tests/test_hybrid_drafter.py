@@ -61,7 +61,7 @@ def test_model_hears_a_verdict_only_on_its_own_proposal(hybrid: HybridDrafter) -
     hybrid.accept("r", 4, [*proposal.token_ids, 99])  # all accepted, bonus 99
     model = hybrid.model
     assert isinstance(model, DraftModelDrafter)
-    state = model._states["r"]
+    state = model._requests["r"]
     assert state.tokens[-5:] == [*COPIED[3:7], 99]
     assert state.cached == 0  # it has fed nothing yet; nothing was wrongly kept
     (after,) = hybrid.propose([DraftRequest("r", 2)])  # 99 breaks every n-gram
@@ -74,7 +74,7 @@ def test_finish_frees_both(hybrid: HybridDrafter) -> None:
     hybrid.finish("r")
     with pytest.raises(KeyError):
         hybrid.lookup.match("r", 2)
-    assert "r" not in hybrid.model._states  # type: ignore[attr-defined]
+    assert "r" not in hybrid.model._requests  # type: ignore[attr-defined]
 
 
 def test_min_match_must_be_a_lookup_size(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +18,9 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from specray.actors.engine.request import GenerationRequest
 from specray.actors.sampling.params import StoppingCriteria
 from specray.cluster.liveness import ProgressWatch
-from specray.cluster.local_ray import start_ray
 from specray.cluster.router import launch_router
 
 CONTEXT = 2048  # the checkpoint's context, and the router's max_len
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    info = start_ray(num_cpus=8)
-    yield
-    if info.started_here:
-        ray.shutdown()
 
 
 def test_a_moving_count_is_alive_a_still_or_silent_one_is_hung(local_ray: None) -> None:

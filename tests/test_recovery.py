@@ -13,7 +13,6 @@ import asyncio
 import os
 import shutil
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +34,8 @@ from router_helpers import (
 from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.request import RequestOutput
 from specray.cluster.errors import TargetGroupError
-from specray.cluster.local_ray import start_ray
 from specray.cluster.recovery import RecoveryConfig
 from specray.cluster.router import RouterState, launch_router, open_stream
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    info = start_ray(num_cpus=8)  # logical CPUs for placement; each actor uses 1 thread
-    yield
-    if info.started_here:
-        ray.shutdown()
 
 
 @pytest.mark.slow

@@ -23,7 +23,6 @@ import pytest
 import ray
 from serving_helpers import ServingThread, save_served_model, wait_until
 
-from specray.cluster.local_ray import start_ray
 from specray.cluster.router_state import Footprint
 from specray.deploy.client import SpecrayClient, SpecrayError
 from specray.deploy.config import ServeConfig
@@ -59,14 +58,6 @@ def serve_config(model_dir: Path) -> ServeConfig:
             "limits": {"max_tokens": LONG, "max_queued_requests": 16},
         }
     )
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    info = start_ray(num_cpus=8)  # logical CPUs for placement; each actor runs 1 thread
-    yield
-    if info.started_here:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -35,19 +35,12 @@ from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import SamplingParams
-from specray.cluster.local_ray import start_ray
 from specray.cluster.router import launch_router, open_stream
 from specray.cluster.router_state import RouterState
 
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    # Logical CPUs for placement only (each actor uses 1 thread): the three
-    # module-scoped routers hold 2 each while a test scales its own up to 6.
-    info = start_ray(num_cpus=16)
-    yield
-    if info.started_here:
-        ray.shutdown()
+# Logical CPUs for placement only (each actor uses 1 thread): the three
+# module-scoped routers hold 2 each while a test scales its own up to 6.
+RAY_CPUS = 16
 
 
 @pytest.fixture(scope="module")

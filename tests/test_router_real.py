@@ -4,7 +4,6 @@ through Ray actors equals Hugging Face ``generate()``, and the text streams."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.request import GenerationRequest, RequestOutput
 from specray.actors.sampling.params import StoppingCriteria
 from specray.actors.store.resolve import resolve_model
-from specray.cluster.local_ray import start_ray
 from specray.cluster.router import launch_router, open_stream
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -33,14 +31,6 @@ MAX_TOKENS = 20
 @pytest.fixture(scope="module")
 def qwen_dir() -> Path:
     return resolve_model("qwen2.5-coder-0.5b-instruct", progress=False)
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    info = start_ray(num_cpus=8)
-    yield
-    if info.started_here:
-        ray.shutdown()
 
 
 def test_router_greedy_equals_target_only_on_qwen(local_ray: None, qwen_dir: Path) -> None:

@@ -6,21 +6,23 @@ Nothing may be lost or garbled: every request finishes, every greedy output
 equals the prompt's target-only output, and the pool is back to two replicas
 at the end. ``SPECRAY_SOAK_S`` sets how long requests keep starting (default
 45 s; the whole test takes about a minute more than that on 2 cores).
+``SPECRAY_SOAK_REPORT=FILE.json`` also writes the report, with the machine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
-import ray
 import torch
 from serving_helpers import MODEL_VOCAB, ServingThread, save_served_model
 
+from specray.bench.common import machine_info
 from specray.bench.soak import Prompt, SoakConfig, run_soak
-from specray.cluster.local_ray import start_ray
 from specray.deploy.config import ServeConfig
 from specray.deploy.router_backend import RouterBackend
 
@@ -42,14 +44,6 @@ def prompts() -> list[Prompt]:
         body = torch.randint(3, MODEL_VOCAB, (4 + 3 * i,), generator=gen).tolist()
         mixed.append(body + body[: 2 + i % 4])
     return mixed
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    info = start_ray(num_cpus=8)  # logical CPUs for placement; each actor runs 1 thread
-    yield
-    if info.started_here:
-        ray.shutdown()
 
 
 @pytest.mark.slow
@@ -89,6 +83,9 @@ def test_soak_loses_and_garbles_nothing_while_drafts_are_killed(
         assert isinstance(backend, RouterBackend)
         report = asyncio.run(run_soak(server.grpc_address, backend.router, prompts(), soak))
     print(report.summary())
+    if out := os.environ.get("SPECRAY_SOAK_REPORT"):
+        record = {"machine": machine_info(), "soak": asdict(soak), "report": asdict(report)}
+        Path(out).write_text(json.dumps(record, indent=2) + "\n")
     assert report.failures == [] and report.mismatches == []
     assert report.requests >= CONCURRENCY and report.kills >= 1
     # Every killed replica was replaced: the pool is back to its two.

@@ -143,16 +143,6 @@ def test_torch_dist_group_collectives_on_four_ranks(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    info = start_ray(num_cpus=8)  # logical CPUs for bundles, not cores
-    assert info.node_ips == ("127.0.0.1",)
-    assert info.gcs_address.startswith("127.0.0.1:")
-    yield
-    if info.started_here:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def qwen2_tp2(local_ray: None, tiny_dir_factory: DirFactory) -> Iterator[ShardedTarget]:
     target = ShardedTarget.create(tiny_dir_factory("qwen2"), tp=2, **SHARD_OPTIONS)
     yield target

@@ -12,7 +12,6 @@ rounds whose rejected drafts closed a window.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -27,14 +26,8 @@ from specray.actors.model.v4.state import CompressedKVCache
 MAX_LEN = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny V4 forwards are many small ops: one thread spares OpenMP's
-    spinning on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny V4 forwards are many small ops: one thread spares OpenMP's spinning.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

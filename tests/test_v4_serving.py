@@ -9,7 +9,6 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,6 @@ from tiny_v4 import save_tiny_v4
 from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.request import GenerationRequest
 from specray.actors.sampling.params import StoppingCriteria
-from specray.cluster.local_ray import start_ray
 from specray.cluster.router import launch_router
 
 MAX_TOKENS = 16
@@ -37,14 +35,6 @@ def v4_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     save_tokenizer(directory)
     return directory
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    info = start_ray(num_cpus=8)
-    yield
-    if info.started_here:
-        ray.shutdown()
 
 
 def _requests() -> list[GenerationRequest]:

@@ -8,7 +8,7 @@ output follows the target's distribution.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,14 +35,8 @@ MAX_TOKENS = 16
 MAX_LEN = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny V4 forwards are many small ops: one thread spares OpenMP's
-    spinning on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny V4 forwards are many small ops: one thread spares OpenMP's spinning.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torch
 from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest
 from specray.actors.drafting.draws import draft_generator, draw_tokens
 from specray.actors.drafting.feed_profile import profile_feeds
+from specray.actors.drafting.slots import RequestSlots
 from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.sampling.logits import SamplingTensors, compute_probs
@@ -47,17 +48,16 @@ class DraftModelDrafter:
     def __init__(self, model: DecoderModel, num_slots: int, max_len: int) -> None:
         self.model = model
         self.cache = model.new_cache(num_slots, max_len)
-        self._states: dict[str, _DraftState] = {}
+        self._requests: RequestSlots[_DraftState] = RequestSlots(self.cache, "draft model")
 
     def start(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
-        if request_id in self._states:
-            raise ValueError(f"request {request_id!r} is already being drafted")
-        self._states[request_id] = _DraftState(
-            self.cache.allocate(), list(prompt_ids), 0, sampling, draft_generator(sampling)
+        generator = draft_generator(sampling)
+        self._requests.start(
+            request_id, lambda slot: _DraftState(slot, list(prompt_ids), 0, sampling, generator)
         )
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
-        states = [self._state(r.request_id) for r in requests]
+        states = [self._requests[r.request_id] for r in requests]
         behind = self._catch_up(requests, states)
         # Never draft past the end of the draft cache; a request still
         # catching up drafts nothing this round.
@@ -116,7 +116,7 @@ class DraftModelDrafter:
         new_token_ids: Sequence[int],
         target_hidden: torch.Tensor | None = None,
     ) -> None:
-        state = self._state(request_id)
+        state = self._requests[request_id]
         # Drafts 1..γ-1 were fed; the accepted ones among them stay cached.
         fed_drafts = max(state.last_proposal - 1, 0)
         if state.last_proposal:
@@ -135,15 +135,7 @@ class DraftModelDrafter:
         )
 
     def finish(self, request_id: str) -> None:
-        state = self._states.pop(request_id, None)
-        if state is not None:
-            self.cache.free(state.slot)
-
-    def _state(self, request_id: str) -> _DraftState:
-        try:
-            return self._states[request_id]
-        except KeyError:
-            raise KeyError(f"draft model has no request {request_id!r}") from None
+        self._requests.finish(request_id)
 
     def _sample(
         self,

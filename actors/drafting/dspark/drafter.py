@@ -37,6 +37,7 @@ from specray.actors.drafting.draws import draft_generator, draw_tokens
 from specray.actors.drafting.dspark.calibration import Calibration
 from specray.actors.drafting.dspark.model import DSparkModel
 from specray.actors.drafting.feed_profile import profile_feeds
+from specray.actors.drafting.slots import RequestSlots
 from specray.actors.sampling.logits import SamplingTensors, compute_probs
 from specray.actors.sampling.params import SamplingParams
 
@@ -79,18 +80,17 @@ class DSparkDrafter:
                 f"for a block of {model.block_size}"
             )
         self.cache = model.new_cache(num_slots, max_len)
-        self._requests: dict[str, _Request] = {}
+        self._requests: RequestSlots[_Request] = RequestSlots(self.cache, "DSpark drafter")
 
     def start(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
-        if request_id in self._requests:
-            raise ValueError(f"request {request_id!r} is already being drafted")
-        self._requests[request_id] = _Request(
-            self.cache.allocate(), sampling, draft_generator(sampling), len(prompt_ids)
+        self._requests.start(
+            request_id,
+            lambda slot: _Request(slot, sampling, draft_generator(sampling), len(prompt_ids)),
         )
 
     @torch.inference_mode()
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
-        states = [self._state(r.request_id) for r in requests]
+        states = [self._requests[r.request_id] for r in requests]
         budgets = [self._budget(s, r.num_tokens) for s, r in zip(states, requests, strict=True)]
         active = [i for i, b in enumerate(budgets) if b > 0]
         proposals = [DraftProposal([]) for _ in requests]
@@ -125,7 +125,7 @@ class DSparkDrafter:
         new_token_ids: Sequence[int],
         target_hidden: torch.Tensor | None = None,
     ) -> None:
-        state = self._state(request_id)
+        state = self._requests[request_id]
         if not 0 <= num_accepted <= len(new_token_ids) or not new_token_ids:
             raise ValueError(
                 f"num_accepted={num_accepted} out of range for {len(new_token_ids)} new tokens"
@@ -162,17 +162,9 @@ class DSparkDrafter:
         return profile_feeds(self.cache, sizes, feed)
 
     def finish(self, request_id: str) -> None:
-        state = self._requests.pop(request_id, None)
-        if state is not None:
-            self.cache.free(state.slot)
+        self._requests.finish(request_id)
 
     # -- internals -------------------------------------------------------------
-
-    def _state(self, request_id: str) -> _Request:
-        try:
-            return self._requests[request_id]
-        except KeyError:
-            raise KeyError(f"DSpark drafter has no request {request_id!r}") from None
 
     def _budget(self, state: _Request, wanted: int) -> int:
         """Drafts possible now: none without context, and never past the cache."""
