@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from references import greedy_reference
 from test_tensor_parallel import HIDDEN_LAYERS, PROMPT_A, _assert_same, _greedy, _rounds
@@ -29,10 +28,11 @@ from specray.actors.model.loader import load_model
 from specray.actors.parallel.expert import ExpertShard, PartialSum, ShardGrid
 from specray.actors.parallel.weights import WeightSource
 from specray.actors.sampling.params import StoppingCriteria
-from specray.cluster.local_ray import start_ray
 from specray.cluster.target_group import ShardedTarget
 
 EXPERTS = 8  # split 2 and 4 ways
+RAY_CPUS = 8  # logical, for the local_ray fixture: 4 shards plus drafters
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MAX_TOKENS = 12
 MAX_LEN = 64
 SHARD_OPTIONS = dict(threads_per_shard=1, num_slots=4, max_len=MAX_LEN, start_timeout_s=180)
@@ -121,14 +121,6 @@ def test_uneven_splits_are_refused(v4_dir: Path) -> None:
 
 
 # -- Ray shards on an embedded loopback Ray -------------------------------------
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    info = start_ray(num_cpus=8)
-    yield
-    if info.started_here:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module", params=[(1, 2), (2, 2)], ids=["ep2", "tp2-ep2"])

@@ -38,6 +38,7 @@ SHIPPED = Path(__file__).parent.parent / "deploy" / "configs" / "tiny_v4.yaml"
 PROMPTS = [[5, 9, 14, 5, 9, 14, 5, 9], [300, 12, 77, 41, 3]]
 MAX_TOKENS = 16
 LONG = 40  # tokens of the streams a replica is killed under
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # Two nodes of one "GPU" of 350 KB (141 GB less a 140.99965 GB reserve):
 # the tiny V4's 393k fp8 weights need both.
 PLAN_FLAGS = ["--gpu", "h200", "--nodes", "2", "--gpus-per-node", "1", "--memory-utilization"]
