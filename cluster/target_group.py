@@ -2,10 +2,8 @@
 
 :class:`ShardedTarget` implements the ``Target`` protocol like ``LocalTarget``
 does, but its model lives in ``tp × ep`` ``TargetShard`` actors, one
-placement-group bundle each, that form one torch.distributed group: ``ep``
-rows of ``tp`` ranks, attention tensor-parallel along a row, the routed
-experts split over the rows and sliced along each row
-(:mod:`specray.actors.parallel.expert`). Like TGI's sharded
+placement-group bundle each, that form one torch.distributed group: ``ep`` rows
+of ``tp`` ranks (:mod:`specray.actors.parallel.expert`). Like TGI's sharded
 client, every call goes to every shard with the same arguments
 (:meth:`ShardedTarget._fan_out`) and rank 0's answer is the answer
 (:meth:`ShardedTarget._call`); nothing else talks to the shards.
