@@ -1,8 +1,9 @@
-"""A target replica sharded over tensor-parallel Ray actors.
+"""A target replica sharded over tensor- and expert-parallel Ray actors.
 
 :class:`ShardedTarget` implements the ``Target`` protocol like ``LocalTarget``
-does, but its model lives in N ``TargetShard`` actors, one placement-group
-bundle each, that form one torch.distributed group. Like TGI's sharded
+does, but its model lives in ``tp × ep`` ``TargetShard`` actors, one
+placement-group bundle each, that form one torch.distributed group: ``ep`` rows
+of ``tp`` ranks (:mod:`specray.actors.parallel.expert`). Like TGI's sharded
 client, every call goes to every shard with the same arguments
 (:meth:`ShardedTarget._fan_out`) and rank 0's answer is the answer
 (:meth:`ShardedTarget._call`); nothing else talks to the shards.
@@ -58,10 +59,11 @@ class ShardedTargetConfig:
     model_dir: str
     tp: int = 1
     dtype: str = "float32"
+    ep: int = 1  # expert-parallel rows of tp ranks each: the group has tp × ep shards
     num_slots: int = 8
     max_len: int = 2048
     strategy: str = "STRICT_PACK"
-    threads_per_shard: int | None = None  # default: this machine's cores / tp
+    threads_per_shard: int | None = None  # default: this machine's cores / shards
     cpus_per_shard: float | None = None  # Ray CPUs per bundle; default threads_per_shard
     gpus_per_shard: float = 0.0  # > 0: shards run on CUDA and talk over NCCL
     # Extra Ray resources of each rank's bundle, e.g. ({"node_a": 1}, {"node_b": 1})
@@ -78,16 +80,23 @@ class ShardedTargetConfig:
     def __post_init__(self) -> None:
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if self.ep < 1:
+            raise ValueError(f"ep must be >= 1, got {self.ep}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.bundle_resources and len(self.bundle_resources) != self.tp:
-            raise ValueError(f"bundle_resources needs one mapping per shard ({self.tp})")
+        if self.bundle_resources and len(self.bundle_resources) != self.shards:
+            raise ValueError(f"bundle_resources needs one mapping per shard ({self.shards})")
+
+    @property
+    def shards(self) -> int:
+        """Ranks in the group: tp × ep."""
+        return self.tp * self.ep
 
     @property
     def threads(self) -> int:
         if self.threads_per_shard is not None:
             return self.threads_per_shard
-        return max(1, (os.cpu_count() or 1) // self.tp)
+        return max(1, (os.cpu_count() or 1) // self.shards)
 
 
 @dataclass(frozen=True)
@@ -140,7 +149,7 @@ class TargetShard:
 
 
 class ShardedTarget:
-    """The ``Target`` protocol over ``tp`` tensor-parallel shard actors."""
+    """The ``Target`` protocol over ``tp × ep`` shard actors."""
 
     def __init__(self, config: ShardedTargetConfig) -> None:
         self.config = config
@@ -217,7 +226,7 @@ class ShardedTarget:
         collective, so the shards need not see it in the same order.
         """
         if self._broken is not None:
-            return self._broken.ranks or tuple(range(self.config.tp))
+            return self._broken.ranks or tuple(range(self.config.shards))
         refs = [shard.progress.remote() for shard in self._shards]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         dead = []
@@ -344,20 +353,20 @@ class ShardedTarget:
                 "binds a local one to 127.0.0.1)"
             )
         cpus = config.cpus_per_shard if config.cpus_per_shard is not None else config.threads
-        extra = list(config.bundle_resources) or [{} for _ in range(config.tp)]
+        extra = list(config.bundle_resources) or [{} for _ in range(config.shards)]
         gpu = {"GPU": config.gpus_per_shard} if config.gpus_per_shard > 0 else {}
         bundles = [{"CPU": cpus, **gpu, **dict(res)} for res in extra]
         self._pg = placement_group(bundles, strategy=config.strategy)
         ready, _ = ray.wait([self._pg.ready()], timeout=config.start_timeout_s)
         if not ready:
             raise TargetGroupError(
-                f"no room for {config.tp} shards as {config.strategy} bundles {bundles}",
+                f"no room for {config.shards} shards as {config.strategy} bundles {bundles}",
                 "unschedulable",
             )
         # Calls run one at a time in the default group (their collectives
         # need the same order on every shard); progress probes answer beside.
         actor: Any = ray.remote(concurrency_groups={"probe": 1})(TargetShard)  # type: ignore[call-overload]
-        for rank in range(config.tp):
+        for rank in range(config.shards):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank)
             self._shards.append(
                 actor.options(
@@ -375,7 +384,8 @@ class ShardedTarget:
             ShardSpec(
                 model_dir=config.model_dir,
                 rank=rank,
-                size=config.tp,
+                size=config.shards,
+                ep=config.ep,
                 master_addr=master_addr,
                 master_port=master_port,
                 dtype=config.dtype,
@@ -388,7 +398,7 @@ class ShardedTarget:
                 time_collectives=config.time_collectives,
                 prefix_tokens=config.prefix_tokens,
             )
-            for rank in range(config.tp)
+            for rank in range(config.shards)
         ]
         refs = [shard.start.remote(spec) for shard, spec in zip(self._shards, specs, strict=True)]
         self.placements = self._gather(refs, config.start_timeout_s, "start")

@@ -3,7 +3,8 @@
 backend: router         # router (Ray; the ``router:`` section) | engine (in-process)
 router:
   target: qwen2.5-coder-1.5b-instruct
-  tp: 2
+  tp: 2                 # a target replica is tp x ep shards (ep > 1: MoE models only)
+  ep: 1
   drafts: [{kind: hybrid, model: qwen2.5-coder-0.5b-instruct}]  # or [{kind: ngram}], kind: model
   num_targets: 1        # target replicas, each a TP group
   num_drafts: 1         # draft replicas
@@ -115,13 +116,19 @@ def _default_drafts() -> list[DrafterConfig]:
 
 
 class RouterSettings(BaseModel):
-    """The Ray router (``backend: router``): target replicas of ``tp`` shards
-    each, and a pool of draft replicas, scaled independently."""
+    """The Ray router (``backend: router``): target replicas of ``tp × ep``
+    shards each, and a pool of draft replicas, scaled independently."""
 
     model_config = ConfigDict(extra="forbid")
 
     target: str = Field("qwen2.5-coder-1.5b-instruct", description="registered name or path")
-    tp: int = Field(2, ge=1, description="tensor-parallel shards per target replica")
+    tp: int = Field(2, ge=1, description="tensor-parallel shards per row of a target replica")
+    ep: int = Field(
+        1,
+        ge=1,
+        description="expert-parallel rows of tp shards per target replica (tp × ep shards; "
+        "the routed experts split over the rows, attention repeated in each)",
+    )
     dtype: Dtype = "bfloat16"
     num_targets: int = Field(1, ge=1, description="target replicas at start")
     # The router runs one draft pool, so one drafter kind: a list so that a
@@ -149,7 +156,7 @@ class RouterSettings(BaseModel):
     prefix_affinity: bool = Field(
         True, description="admit a request to the target replica that likely holds its prefix"
     )
-    threads_per_shard: int | None = Field(None, ge=1, description="default: cores / tp")
+    threads_per_shard: int | None = Field(None, ge=1, description="default: cores / shards")
     cpus_per_shard: float | None = Field(None, ge=0, description="default: threads_per_shard")
     gpus_per_shard: float = Field(0.0, ge=0, description="> 0: shards on CUDA over NCCL")
     strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"

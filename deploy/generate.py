@@ -59,7 +59,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--home", type=Path, default=None, help="model store (default $SPECRAY_HOME)")
     p.add_argument(
-        "--tp", type=int, default=1, help="run the target as N tensor-parallel shards in Ray actors"
+        "--tp",
+        type=int,
+        default=1,
+        help="run the target as shards in Ray actors, N tensor-parallel ranks per row: "
+        "attention heads, the vocabulary and each expert's columns split N ways",
+    )
+    p.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        help="M expert-parallel rows of --tp ranks (M·N shards; MoE targets only): "
+        "row e holds the e-th M-th of the routed experts, attention is repeated per row",
     )
     p.add_argument(
         "--address", default=None, help="Ray cluster to join (default: embedded Ray on loopback)"
@@ -90,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         prefix_cache_tokens=args.prefix_cache_tokens,
         home=args.home,
     )
-    sharded = _sharded_target(args, spec) if args.tp > 1 or args.address else None
+    sharded = _sharded_target(args, spec) if args.tp * args.ep > 1 or args.address else None
     try:
         return _generate(args, build_engine(spec, target=sharded))
     finally:
@@ -99,17 +110,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sharded_target(args: argparse.Namespace, spec: EngineSpec) -> Any:
-    """The target as ``--tp`` shards in Ray actors (embedded loopback Ray,
-    or the cluster at ``--address``)."""
+    """The target as ``--tp × --ep`` shards in Ray actors (embedded loopback
+    Ray, or the cluster at ``--address``)."""
     from specray.actors.store.resolve import resolve_model
     from specray.cluster.local_ray import start_ray
     from specray.cluster.target_group import ShardedTarget
 
-    start_ray(args.address)
+    shards = args.tp * args.ep
+    # Ray's logical CPUs place the shards; their threads are set apart.
+    start_ray(args.address, num_cpus=None if args.address else max(os.cpu_count() or 1, shards))
     target_dir = resolve_model(spec.target, home=spec.home)
     return ShardedTarget.create(
         target_dir,
         tp=args.tp,
+        ep=args.ep,
         dtype=spec.dtype,
         num_slots=spec.max_batch,
         max_len=spec.max_len,
@@ -163,6 +177,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    if args.ep < 1:
+        raise ValueError(f"--ep must be >= 1, got {args.ep}")
     if args.max_num_batched_tokens < 1:
         raise ValueError(
             f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}"

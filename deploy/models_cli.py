@@ -1,4 +1,4 @@
-"""``specray models fetch|list``: argparse glue over the store API."""
+"""``specray models fetch|list|tiny-v4``: argparse glue over the store API."""
 
 from __future__ import annotations
 
@@ -34,6 +34,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:  # argparse's _SubPars
     fetch.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE)
     fetch.add_argument("--quiet", action="store_true", help="no progress output")
     commands.add_parser("list", parents=[home], help="show registered and cached checkpoints")
+    tiny = commands.add_parser(
+        "tiny-v4",
+        help="write a tiny random DeepSeek-V4 (weights, MTP block, tokenizer) to try V4 serving",
+    )
+    tiny.add_argument("directory", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--experts", type=int, default=8, help="routed experts per layer (split by --ep / ep:)"
+    )
     return models
 
 
@@ -43,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
         if args.models_command == "fetch":
             progress = not args.quiet
             print(resolve_model(args.name, home=args.home, dtype=args.dtype, progress=progress))
+        elif args.models_command == "tiny-v4":
+            from specray.actors.store.tiny_v4 import write_tiny_v4
+
+            print(write_tiny_v4(args.directory, args.seed, args.experts))
         else:
             _print_table(args.home)
     except StoreError as error:

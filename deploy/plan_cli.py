@@ -21,7 +21,12 @@ from specray.deploy import plan_manifests
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("plan", help="plan layouts of a V4-scale model on a GPU cluster")
-    p.add_argument("--model", required=True, help=f"{' | '.join(PRESETS)} | a YAML of model fields")
+    presets = " | ".join(PRESETS)
+    p.add_argument(
+        "--model",
+        required=True,
+        help=f"{presets} | a V4 config.json or checkpoint directory | a YAML of model fields",
+    )
     p.add_argument("--gpu", required=True, help=" | ".join(GPUS))
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -40,7 +45,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.7, help="per-token draft acceptance α")
     p.add_argument("--gamma", type=int, default=3, help="draft tokens per round γ")
     p.add_argument("--draft-cost", type=float, default=0.0, help="c: draft token / target step")
-    p.add_argument("--draft", default="ngram", help="ngram | a draft model's name")
+    p.add_argument("--draft", default="ngram", help="ngram | mtp | a draft model's name")
     p.add_argument("--hbm-efficiency", type=float, default=0.8, help="share of peak HBM bandwidth")
     p.add_argument("--memory-utilization", type=float, default=0.9, help="share of HBM used")
     p.add_argument("--reserve-gb", type=float, default=6.0, help="per GPU, beside weights and KV")

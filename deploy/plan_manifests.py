@@ -1,11 +1,10 @@
 """A plan's best layout as a Ray Serve config and a KubeRay RayService,
 in the schema of ``deploy/serve_config.yaml`` and ``deploy/kuberay/rayservice.yaml``.
 
-specray's target group is tensor-parallel only, so a replica of the plan
-becomes one target group of ``tp = GPUs per replica`` shards, one GPU each;
-the plan's TP/EP/PP split, fp8 weights and MLA are written in the header,
-since ``RouterSettings`` has no fields for them yet. Both documents are
-validated against ``ServeConfig`` before they are written.
+A replica of the plan is one target group of ``tp × ep`` shards, one GPU
+each, with the plan's split as ``tp:`` and ``ep:`` (the planner picks only
+layouts the target group runs). Both documents are validated against
+``ServeConfig`` before they are written.
 """
 
 from __future__ import annotations
@@ -41,7 +40,8 @@ def router_settings(plan: Plan, target: str) -> dict[str, Any]:
     per_slot = best.memory.kv_tokens_per_replica // best.batch
     return {
         "target": target,
-        "tp": best.layout.gpus,
+        "tp": best.layout.serve_tp,
+        "ep": best.layout.serve_ep,
         "dtype": "bfloat16",
         "gpus_per_shard": 1,
         "cpus_per_shard": CPUS_PER_SHARD,
@@ -215,7 +215,7 @@ def rayservice(
 
 
 def header(plan: Plan) -> str:
-    """The YAML comment that says what the file cannot: the layout behind ``tp``."""
+    """The YAML comment: the plan behind the file and what it expects."""
     best = _best(plan)
     s = plan.settings
     lines = [
@@ -227,9 +227,7 @@ def header(plan: Plan) -> str:
         f"{best.memory.kv_tokens_per_replica} KV tokens/replica, decode step "
         f"{best.decode.total_s * 1e3:.2f} ms at {best.batch} requests/replica, "
         f"speculative speedup {best.speedup:.2f}x.",
-        "specray's target group is tensor-parallel over `tp` shards and its model core",
-        "has no MLA, MoE, EP, PP or fp8 yet: this file is the placement the plan needs",
-        "(GPUs per replica, replicas, slots, drafts), not a runnable V4 deployment.",
+        f"Each replica is tp {best.layout.serve_tp} x ep {best.layout.serve_ep} target shards.",
         "max_len is the replica's KV tokens / num_slots: specray reserves max_len per slot.",
     ]
     return "".join(f"# {line}\n" for line in lines)

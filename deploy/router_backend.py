@@ -212,6 +212,7 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
     target = ShardedTargetConfig(
         str(target_dir),
         tp=settings.tp,
+        ep=settings.ep,
         dtype=settings.dtype,
         num_slots=settings.num_slots,
         max_len=settings.max_len,
@@ -285,9 +286,10 @@ def embedded_ray_cpus(settings: RouterSettings) -> int:
     placement units: the replicas' threads are set separately."""
     if settings.ray_num_cpus is not None:
         return settings.ray_num_cpus
-    threads = settings.threads_per_shard or max(1, (os.cpu_count() or 1) // settings.tp)
+    shards = settings.tp * settings.ep
+    threads = settings.threads_per_shard or max(1, (os.cpu_count() or 1) // shards)
     per_shard = settings.cpus_per_shard if settings.cpus_per_shard is not None else threads
-    needed = settings.num_targets * settings.tp * per_shard
+    needed = settings.num_targets * shards * per_shard
     drafter = settings.drafter
     if drafter is not None:
         needed += settings.num_drafts * drafter.cpus

@@ -291,7 +291,7 @@ async def serve(config: ServeConfig) -> int:
     if config.backend == "router":
         router = config.router
         drafter = router.drafter.spec.name if router.drafter is not None else "none"
-        model = f"router: {router.target} (tp {router.tp}), draft {drafter}"
+        model = f"router: {router.target} (tp {router.tp}, ep {router.ep}), draft {drafter}"
     else:
         model = f"engine: {config.target}, draft {config.draft}"
     log.info("loading %s; health is NOT_SERVING until ready", model)

@@ -188,9 +188,9 @@ def test_mixed_batch_of_prefills_decodes_and_verifies(v4_dir: Callable[[str], Pa
 
 @pytest.mark.slow
 def test_two_tensor_parallel_ranks_match_one(v4_dir: Callable[[str], Path], tmp_path: Path) -> None:
-    """Query heads, sinks, output groups and the shared expert split over two
-    gloo ranks (compressors, indexer and routed experts replicated) give one
-    rank's logits and hidden states through prefill, verify and rollback."""
+    """Query heads, sinks, output groups and every expert's columns split
+    over two gloo ranks (compressors and indexer replicated) give one rank's
+    logits and hidden states through prefill, verify and rollback."""
     model_dir = v4_dir("default")
     port = find_free_port()
     mp.spawn(tp_rank_main, args=(2, port, str(model_dir), str(tmp_path)), nprocs=2)

@@ -95,12 +95,23 @@ def save_tiny_v4(directory: Path, seed: int = 0, mtp: bool = False, **overrides:
     return directory
 
 
+# What the MTP block shares with the target's own blocks.
+_MTP_SHARED_FIELDS = (
+    "hidden_size",
+    "hc_mult",
+    "vocab_size",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+)
+
+
 def _mtp_tensors(config: DeepseekV4Config, seed: int) -> dict[str, torch.Tensor]:
     """A one-layer V4 block (sliding attention, learned routing) plus the
     MTP block's own projections, norms and hyper head."""
     block_config = v4_config(
         **{
-            **{k: getattr(config, k) for k in ("hidden_size", "hc_mult", "vocab_size")},
+            **{k: getattr(config, k) for k in _MTP_SHARED_FIELDS},
             "num_hidden_layers": 1,
             "layer_types": [SLIDING],
             "mlp_layer_types": ["moe"],

@@ -19,6 +19,7 @@ from specray.actors.model.v4.hyper import HyperHead
 from specray.actors.model.v4.layer import HyperDecoderLayer
 from specray.actors.model.v4.state import CompressedKVCache
 from specray.actors.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
+from specray.actors.parallel.expert import ExpertShard
 from specray.actors.parallel.group import SingleGroup, TPGroup
 from specray.actors.parallel.weights import WeightSource
 
@@ -39,14 +40,19 @@ class ForwardOutput:
 Layer = DecoderLayer | HyperDecoderLayer
 
 
-def build_layer(config: ModelConfig, index: int, group: TPGroup, dtype: torch.dtype) -> Layer:
+def build_layer(
+    config: ModelConfig,
+    index: int,
+    group: TPGroup,
+    dtype: torch.dtype,
+    experts: ExpertShard | None = None,
+) -> Layer:
     """The residual scheme picks the layer; the layer picks its attention and
     MLP blocks from the config's per-layer types."""
     if config.hyper_connections is None:
         return DecoderLayer(config, index, group, dtype)
-    return HyperDecoderLayer(
-        config, config.attention_types[index], config.mlp_types[index], index, group, dtype
-    )
+    attention, mlp = config.attention_types[index], config.mlp_types[index]
+    return HyperDecoderLayer(config, attention, mlp, index, group, dtype, experts)
 
 
 class DecoderModel(nn.Module):
@@ -57,16 +63,21 @@ class DecoderModel(nn.Module):
         config: ModelConfig,
         dtype: torch.dtype = torch.float32,
         group: TPGroup | None = None,
+        experts: ExpertShard | None = None,
     ) -> None:
+        """``group``: the tensor-parallel group; ``experts``: this rank's
+        share of the MoE layers (default: plain TP over ``group``)."""
         super().__init__()
         group = group or SingleGroup()
+        if experts is not None and experts.ep_size > 1 and config.moe is None:
+            raise ValueError("expert parallelism needs a mixture-of-experts model")
         self.config = config
         self.dtype = dtype
         self.group = group
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, group, dtype
         )
-        blocks = [build_layer(config, i, group, dtype) for i in range(config.num_layers)]
+        blocks = [build_layer(config, i, group, dtype, experts) for i in range(config.num_layers)]
         self.layers = nn.ModuleList(blocks)
         self.blocks: list[Layer] = blocks  # typed view of self.layers
         hyper = config.hyper_connections

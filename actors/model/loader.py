@@ -8,6 +8,7 @@ import torch
 
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.decoder import DecoderModel
+from specray.actors.parallel.expert import ExpertShard
 from specray.actors.parallel.group import SingleGroup, TPGroup
 from specray.actors.parallel.weights import WeightSource
 
@@ -27,11 +28,12 @@ def load_model(
     model_dir: str | Path,
     dtype: str | torch.dtype = torch.float32,
     group: TPGroup | None = None,
+    experts: ExpertShard | None = None,
 ) -> DecoderModel:
-    """Load safetensors from ``model_dir``; with a TP group, only this rank's
-    slices are read."""
+    """Load safetensors from ``model_dir``; with a TP group (and an expert
+    shard), only this rank's slices (and experts) are read."""
     config = ModelConfig.from_pretrained(model_dir)
-    model = DecoderModel(config, parse_dtype(dtype), group or SingleGroup())
+    model = DecoderModel(config, parse_dtype(dtype), group or SingleGroup(), experts)
     with WeightSource(model_dir, config.weight_aliases) as source:
         model.load(source)
     return model.eval()

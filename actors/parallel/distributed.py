@@ -17,6 +17,7 @@ import datetime
 import ipaddress
 import os
 import socket
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -61,12 +62,20 @@ def find_free_port(host: str = "127.0.0.1") -> int:
 
 
 class TorchDistGroup:
-    """:class:`~specray.actors.parallel.group.TPGroup` over the default process group."""
+    """:class:`~specray.actors.parallel.group.TPGroup` over the default process
+    group, or over ``process_group``, a subgroup of it (see :meth:`subgroup`)."""
 
-    def __init__(self, rank: int, size: int, backend: str) -> None:
+    def __init__(
+        self,
+        rank: int,
+        size: int,
+        backend: str,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
         self._rank = rank
         self._size = size
         self.backend = backend
+        self._group = process_group
         self._upcast = backend == "gloo" and size > 2
 
     @property
@@ -88,19 +97,37 @@ class TorchDistGroup:
         """
         if self._upcast and tensor.dtype in (torch.bfloat16, torch.float16):
             wide = tensor.float()
-            dist.all_reduce(wide, op=dist.ReduceOp.SUM)
+            dist.all_reduce(wide, op=dist.ReduceOp.SUM, group=self._group)
             return tensor.copy_(wide)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._group)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self._size)]
-        dist.all_gather(parts, tensor)
+        dist.all_gather(parts, tensor, group=self._group)
         return torch.cat(parts, dim=dim)
 
+    def subgroup(self, partition: Sequence[Sequence[int]]) -> TorchDistGroup:
+        """This rank's part of ``partition`` (disjoint lists of ranks of this
+        group that cover it) as a group of its own. Creating groups is
+        collective: every rank calls this with the same partition."""
+        if self._group is not None:
+            raise ValueError("subgroups are made from the whole group")
+        mine: TorchDistGroup | None = None
+        for ranks in partition:
+            handle = dist.new_group(list(ranks))
+            if self._rank in ranks:
+                mine = TorchDistGroup(
+                    list(ranks).index(self._rank), len(ranks), self.backend, handle
+                )
+        if mine is None:
+            raise ValueError(f"rank {self._rank} is in no part of {partition}")
+        return mine
+
     def close(self) -> None:
-        if dist.is_initialized():
+        """Leave torch.distributed (the whole group's handle only)."""
+        if self._group is None and dist.is_initialized():
             dist.destroy_process_group()
 
 

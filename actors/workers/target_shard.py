@@ -1,9 +1,11 @@
-"""One tensor-parallel shard of the target model, in its own process.
+"""One shard of the target model, in its own process.
 
 Every rank of a group receives the same calls in the same order and runs the
-same batch; each holds only its slice of the weights and KV heads. Rank 0
-answers, the other ranks return ``None``: the caller that fans calls out
-keeps rank 0's answer.
+same batch; each holds only its slice of the weights and KV heads, and of a
+mixture-of-experts model its share of the experts (a group of ``size = tp ×
+ep`` ranks is a grid, :class:`~specray.actors.parallel.expert.ShardGrid`).
+Rank 0 answers, the other ranks return ``None``: the caller that fans calls
+out keeps rank 0's answer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from specray.actors.engine.target import LocalTarget, VerifyInput, VerifyOutput
 from specray.actors.model.loader import load_model
 from specray.actors.parallel.distributed import TorchDistGroup, init_tp_group
+from specray.actors.parallel.expert import ExpertShard, ShardGrid
 from specray.actors.parallel.group import SingleGroup, TPGroup
 from specray.actors.workers.timed_group import CollectiveStats, TimedGroup
 
@@ -30,7 +33,7 @@ class ShardSpec:
 
     model_dir: str
     rank: int = 0
-    size: int = 1
+    size: int = 1  # ranks in the group: tp × ep
     master_addr: str = "127.0.0.1"
     master_port: int = 0
     dtype: str = "float32"
@@ -42,6 +45,13 @@ class ShardSpec:
     device: str = "cpu"
     time_collectives: bool = False
     prefix_tokens: int = 0  # the prefix cache, in positions (0: none)
+    ep: int = 1  # expert-parallel rows of the grid; size // ep ranks per TP group
+
+    @property
+    def grid(self) -> ShardGrid:
+        if self.size % self.ep:
+            raise ValueError(f"a group of {self.size} ranks has no {self.ep} equal rows")
+        return ShardGrid(self.size // self.ep, self.ep)
 
 
 @dataclass
@@ -50,7 +60,8 @@ class ShardStats:
 
     verify_calls: int
     verify_s: float
-    collectives: CollectiveStats | None  # None unless ``time_collectives``
+    collectives: CollectiveStats | None  # None unless ``time_collectives``; the TP group's
+    expert_collectives: CollectiveStats | None = None  # the MoE combine's, over the group
 
 
 @dataclass
@@ -74,6 +85,7 @@ class TargetShardWorker:
             # The model core allocates with factory defaults; in a shard's own
             # process the default device is this shard's GPU.
             torch.set_default_device(self.device)
+        grid = spec.grid
         self._dist: TorchDistGroup | None = None
         group: TPGroup = SingleGroup()
         if spec.size > 1:
@@ -88,8 +100,11 @@ class TargetShardWorker:
                 device=self.device if self.device.type == "cuda" else None,
             )
             group = self._dist
-        self._timed = TimedGroup(group) if spec.time_collectives else None
-        model = load_model(Path(spec.model_dir), spec.dtype, self._timed or group)
+        tp_group = _row_group(self._dist, grid)
+        self._timed = TimedGroup(tp_group) if spec.time_collectives else None
+        self._timed_experts = TimedGroup(group) if spec.time_collectives else None
+        experts = ExpertShard.on_grid(grid, spec.rank, self._timed_experts or group)
+        model = load_model(Path(spec.model_dir), spec.dtype, self._timed or tp_group, experts)
         self.target = LocalTarget(model, spec.num_slots, spec.max_len, spec.prefix_tokens)
         # Modules run so far (projections, norms, attention): how a long call
         # shows it is computing, at a grain much finer than a whole layer.
@@ -143,10 +158,11 @@ class TargetShardWorker:
         )
 
     def stats(self, reset: bool = False) -> ShardStats:
-        collectives = None
-        if self._timed is not None:
+        collectives = experts = None
+        if self._timed is not None and self._timed_experts is not None:
             collectives = self._timed.reset() if reset else self._timed.stats
-        stats = ShardStats(self._verify_calls, self._verify_s, collectives)
+            experts = self._timed_experts.reset() if reset else self._timed_experts.stats
+        stats = ShardStats(self._verify_calls, self._verify_s, collectives, experts)
         if reset:
             self._verify_calls, self._verify_s = 0, 0.0
         return stats
@@ -188,6 +204,15 @@ def ship_hidden(hidden: torch.Tensor | None) -> torch.Tensor | None:
     if hidden is None:
         return None
     return hidden.to("cpu", torch.bfloat16, copy=True)
+
+
+def _row_group(world: TorchDistGroup | None, grid: ShardGrid) -> TPGroup:
+    """This rank's tensor-parallel group: its row of the grid."""
+    if world is None or grid.tp == 1:
+        return SingleGroup()
+    if grid.ep == 1:
+        return world
+    return world.subgroup([grid.row_ranks(row) for row in range(grid.ep)])
 
 
 def _resolve(device: torch.device) -> torch.device:

@@ -7,7 +7,13 @@ A replica is ``pp`` pipeline stages of ``width`` GPUs each. Within a stage:
 - ``tp-ep``: attention tensor-parallel, routed experts expert-parallel
   (each GPU holds routed_experts/width whole experts);
 - ``dp-ep``: attention data-parallel (every GPU holds the stage's attention
-  weights and the KV cache of its own requests only), experts expert-parallel.
+  weights and the KV cache of its own requests only), experts expert-parallel;
+- ``ep``: attention replicated (every GPU runs it for every request),
+  routed experts expert-parallel, one all-reduce per MoE layer.
+
+specray's target group runs ``tp`` (``tp: width``) and ``ep`` (``ep: width``)
+stages without PP (:attr:`Layout.runnable`); the planner ranks the others
+but picks only these.
 
 MLA caches one latent per token and layer that every head reads, so under
 attention TP each rank keeps the whole latent of every request: TP does not
@@ -23,8 +29,8 @@ from typing import Literal
 from specray.cluster.planning.hardware import GpuSpec
 from specray.cluster.planning.model_specs import ModelSpec
 
-Family = Literal["tp", "tp-ep", "dp-ep"]
-FAMILIES: tuple[Family, ...] = ("tp", "tp-ep", "dp-ep")
+Family = Literal["tp", "tp-ep", "dp-ep", "ep"]
+FAMILIES: tuple[Family, ...] = ("tp", "tp-ep", "dp-ep", "ep")
 DTYPE_BYTES = {"fp8": 1.0, "bf16": 2.0}
 
 
@@ -102,7 +108,22 @@ class Layout:
 
     @property
     def attention_tp(self) -> int:
-        return 1 if self.family == "dp-ep" else self.width
+        return 1 if self.family in ("dp-ep", "ep") else self.width
+
+    @property
+    def runnable(self) -> bool:
+        """Whether specray's target group runs it: one stage, ``tp`` or ``ep``."""
+        return self.pp == 1 and self.family in ("tp", "ep")
+
+    @property
+    def serve_tp(self) -> int:
+        """``tp:`` of the serve config (ranks per expert-parallel row)."""
+        return self.width if self.family == "tp" else 1
+
+    @property
+    def serve_ep(self) -> int:
+        """``ep:`` of the serve config (rows the routed experts split over)."""
+        return 1 if self.family == "tp" else self.width
 
     @property
     def ep(self) -> int:
@@ -114,6 +135,7 @@ class Layout:
             "tp": f"TP{self.width}",
             "tp-ep": f"TP{self.width}+EP{self.width}",
             "dp-ep": f"DP{self.width}-attn+EP{self.width}",
+            "ep": f"EP{self.width}",
         }[self.family]
         return stage if self.pp == 1 else f"{stage} x PP{self.pp}"
 
@@ -148,7 +170,7 @@ def candidate_layouts(model: ModelSpec, shape: ClusterShape) -> list[Layout]:
             for family in FAMILIES:
                 if family != "tp" and width == 1:
                     continue
-                if family != "dp-ep" and model.num_heads % width:
+                if family in ("tp", "tp-ep") and model.num_heads % width:
                     continue
                 if family != "tp" and model.routed_experts % width:
                     continue
@@ -178,9 +200,15 @@ class Memory:
 
 
 def layout_memory(
-    layout: Layout, model: ModelSpec, gpu: GpuSpec, precision: Precision, budget: MemoryBudget
+    layout: Layout,
+    model: ModelSpec,
+    gpu: GpuSpec,
+    precision: Precision,
+    budget: MemoryBudget,
+    requests: int = 0,
 ) -> Memory:
-    """Weights and KV room on the fullest GPU (embeddings counted with the layers)."""
+    """Weights and KV room on the fullest GPU (embeddings counted with the
+    layers), after ``requests``' fixed cache (V4's windows) per replica."""
     share = layout.stage_layers(model) / model.num_layers
     params = share * (
         model.attention_params / layout.attention_tp
@@ -190,8 +218,9 @@ def layout_memory(
     weights = params * precision.weight_bytes
     usable = budget.usable_bytes(gpu)
     per_token = model.kv_bytes_per_token_layer(precision.kv_bytes) * layout.stage_layers(model)
-    tokens = int(max(0.0, usable - weights) // per_token)
     holders = layout.width if layout.family == "dp-ep" else 1  # GPUs with distinct requests
+    fixed = math.ceil(requests / holders) * model.request_cache_bytes(precision.kv_bytes) * share
+    tokens = int(max(0.0, usable - weights - fixed) // per_token)
     return Memory(
         weight_bytes_per_gpu=weights,
         usable_bytes_per_gpu=usable,

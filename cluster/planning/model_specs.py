@@ -1,10 +1,12 @@
 """Model figures the planner needs, public where public and labelled where assumed.
 
-DeepSeek publishes total and activated parameter counts and the context
-length for V4 Pro and V4 Flash; their layer counts, widths, expert counts
-and MLA dimensions were not public when this was written. The presets take
-those from DeepSeek-V3 (whose config is public) and say so; a YAML file with
-the same fields replaces any of them.
+DeepSeek-V4 specs are read from a ``config.json`` (transformers'
+``DeepseekV4Config`` fields, :mod:`specray.cluster.planning.v4_spec`): their
+parameters are counted and their cache is V4's design. V4 Flash is
+transformers' own default config. V4 Pro's config was not found: its preset
+is a V4 config whose architecture fields are assumed (named in ``assumed``)
+so that the counts land near the public 1.6T total / 49B activated. DeepSeek-V3
+is MLA, from its public config; a YAML file of fields replaces any of them.
 
 The split between routed experts and the always-active rest is derived, so
 that the public totals hold exactly: with E routed experts, k per token and
@@ -15,15 +17,21 @@ parameters P, and ``active − M·k·P`` is everything every token reads
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from dataclasses import replace as dataclass_replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from specray.cluster.planning.v4_spec import CSA, HCA, V4Cache, count_parameters, load_v4_config
+
 # Fields every preset takes from public figures; the rest are architecture.
 PUBLIC_TOTALS = ("total_params", "active_params", "max_context")
-_V3_ARCHITECTURE = dict(
+MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+_V3_ARCHITECTURE: dict[str, int] = dict(
     num_layers=61,
     first_dense_layers=3,
     hidden_size=7168,
@@ -40,7 +48,9 @@ _V3_ARCHITECTURE = dict(
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A DeepSeek-style MoE model with MLA attention, as the planner sees it."""
+    """A DeepSeek-style MoE model, as the planner sees it: MLA attention
+    (V3) from its dimensions, or V4 with its attention counted and its
+    cache (``cache``) from the config; V4 leaves the MLA fields 0."""
 
     name: str
     total_params: float
@@ -59,11 +69,17 @@ class ModelSpec:
     experts_per_token: int
     public: tuple[str, ...] = ()  # fields from public figures; the others are assumptions
     source: str = ""
+    counted_attention_params: float = 0.0  # V4: every layer's attention, counted
+    cache: V4Cache | None = None  # V4's cache design; None: MLA's latent
 
     def __post_init__(self) -> None:
+        optional = {"name", "public", "source", "q_lora_rank", "first_dense_layers"}
+        optional |= {"counted_attention_params", "cache"}
+        if self.cache is not None:
+            optional |= set(MLA_FIELDS)
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("name", "public", "source", "q_lora_rank", "first_dense_layers"):
+            if f.name in optional:
                 continue
             if value <= 0:
                 raise ValueError(f"model {self.name}: {f.name} must be > 0, got {value}")
@@ -97,7 +113,10 @@ class ModelSpec:
 
     @property
     def attention_params_per_layer(self) -> float:
-        """MLA's projections: q (through its LoRA), the KV latent and RoPE key, kv_b, o."""
+        """V4: counted, averaged over layers. MLA's projections: q (through
+        its LoRA), the KV latent and RoPE key, kv_b, o."""
+        if self.cache is not None:
+            return self.counted_attention_params / self.num_layers
         h, heads = self.hidden_size, self.num_heads
         qk_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
         q = (
@@ -135,8 +154,17 @@ class ModelSpec:
         return self.always_active_params - self.attention_params
 
     def kv_bytes_per_token_layer(self, kv_bytes: float) -> float:
-        """MLA caches the latent and the RoPE key, shared by every head."""
+        """One context token's cache in an average layer. MLA caches the
+        latent and the RoPE key, shared by every head; V4 its compressed
+        entries and indexer keys (:class:`V4Cache`)."""
+        if self.cache is not None:
+            return self.cache.per_token / self.num_layers * kv_bytes
         return (self.kv_lora_rank + self.qk_rope_head_dim) * kv_bytes
+
+    def request_cache_bytes(self, kv_bytes: float) -> float:
+        """A request's cache whatever its context (V4's sliding windows and
+        unclosed compressor rows, every layer); 0 for MLA."""
+        return 0.0 if self.cache is None else self.cache.per_request * kv_bytes
 
     def kv_bytes_per_token(self, kv_bytes: float) -> float:
         return self.kv_bytes_per_token_layer(kv_bytes) * self.num_layers
@@ -144,7 +172,9 @@ class ModelSpec:
     @property
     def assumed(self) -> tuple[str, ...]:
         """Fields not from public figures."""
-        skip = {"name", "public", "source"}
+        skip = {"name", "public", "source", "counted_attention_params", "cache"}
+        if self.cache is not None:
+            skip |= set(MLA_FIELDS)
         return tuple(f.name for f in fields(self) if f.name not in skip | set(self.public))
 
 
@@ -155,63 +185,105 @@ DEEPSEEK_V3 = ModelSpec(
     max_context=131072,
     public=(*PUBLIC_TOTALS, *_V3_ARCHITECTURE),
     source="DeepSeek-V3 technical report and config.json (all public)",
-    **_V3_ARCHITECTURE,
+    **_V3_ARCHITECTURE,  # type: ignore[arg-type]  # every value an int field
 )
 
-# V4 Pro's public active share (49/1600 ≈ 3.1%) is far below V3's (37/671 ≈ 5.5%):
-# with V3's 256 experts, 8 active, the routed experts alone would activate
-# 50B > 49B. 384 experts (8 active) leaves a V3-sized always-active part (16B).
-DEEPSEEK_V4_PRO = ModelSpec(
-    name="deepseek-v4-pro",
-    total_params=1.6e12,
-    active_params=49e9,
-    max_context=1 << 20,
-    public=PUBLIC_TOTALS,
-    source="public: 1.6T total, 49B activated, 1M context; architecture assumed V3-like",
-    **{**_V3_ARCHITECTURE, "routed_experts": 384},
+# V4 Pro's config.json was not found: a V4 config with V3's width, depth, heads
+# and query rank, 384 experts of 3072 (6 per token), counts 1573B total and
+# 49.8B activated (public: 1.6T, 49B). Every architecture field is assumed.
+V4_PRO_ASSUMED: dict[str, Any] = dict(
+    hidden_size=7168,
+    num_hidden_layers=61,
+    num_attention_heads=128,
+    q_lora_rank=1536,
+    o_groups=16,
+    n_routed_experts=384,
+    moe_intermediate_size=3072,
+    num_experts_per_tok=6,
 )
 
-# Context length not stated for Flash: assumed the Pro's. Architecture: a
-# V3-style layout narrowed to 4096 hidden, which with the public 284B / 13B
-# gives experts of 26M parameters (3 × 4096 × ~2100), close to V3's shape.
-DEEPSEEK_V4_FLASH = ModelSpec(
-    name="deepseek-v4-flash",
-    total_params=284e9,
-    active_params=13e9,
-    max_context=1 << 20,
-    num_layers=43,
-    first_dense_layers=1,
-    hidden_size=4096,
-    num_heads=64,
-    q_lora_rank=1024,
-    kv_lora_rank=512,
-    qk_nope_head_dim=128,
-    qk_rope_head_dim=64,
-    v_head_dim=128,
-    routed_experts=256,
-    experts_per_token=8,
-    public=("total_params", "active_params"),
-    source="public: 284B total, 13B activated; context and architecture assumed",
-)
 
-PRESETS = {
-    "v4-pro": DEEPSEEK_V4_PRO,
-    "v4-flash": DEEPSEEK_V4_FLASH,
-    "v3": DEEPSEEK_V3,
+def v4_flash() -> ModelSpec:
+    """transformers' ``DeepseekV4Config()`` defaults, which are V4 Flash."""
+    from transformers import DeepseekV4Config
+
+    return spec_from_v4_config(DeepseekV4Config(), "deepseek-v4-flash", public=True)
+
+
+def v4_pro() -> ModelSpec:
+    from transformers import DeepseekV4Config
+
+    n = V4_PRO_ASSUMED["num_hidden_layers"]
+    config = DeepseekV4Config(
+        **V4_PRO_ASSUMED,
+        layer_types=[HCA if i % 2 == 0 else CSA for i in range(n)],
+        mlp_layer_types=["hash_moe"] * 3 + ["moe"] * (n - 3),
+    )
+    spec = spec_from_v4_config(config, "deepseek-v4-pro", public=False)
+    source = "V4 config, architecture assumed (Pro's config.json not found); parameters counted"
+    return dataclass_replace(spec, source=source)
+
+
+def spec_from_v4_config(config: Any, name: str, public: bool) -> ModelSpec:
+    """A V4 spec counted from ``config``; ``public``: every field is the config's."""
+    counts = count_parameters(config)
+    experts, k = config.n_routed_experts, config.num_experts_per_tok
+    spec = ModelSpec(
+        name=name,
+        total_params=counts.total,
+        active_params=counts.total - counts.routed * (experts - k) / experts,
+        max_context=config.max_position_embeddings,
+        num_layers=config.num_hidden_layers,
+        first_dense_layers=0,  # every V4 layer is MoE (hash-routed or learned)
+        hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        q_lora_rank=config.q_lora_rank,
+        kv_lora_rank=0,
+        qk_nope_head_dim=0,
+        qk_rope_head_dim=0,
+        v_head_dim=0,
+        routed_experts=experts,
+        experts_per_token=k,
+        source="config.json (DeepseekV4Config fields), parameters counted",
+        counted_attention_params=counts.attention,
+        cache=V4Cache.from_config(config),
+    )
+    given = tuple(f.name for f in fields(ModelSpec)) if public else PUBLIC_TOTALS
+    return dataclass_replace(spec, public=given)
+
+
+PRESETS: dict[str, Callable[[], ModelSpec]] = {
+    "v4-pro": v4_pro,
+    "v4-flash": v4_flash,
+    "v3": lambda: DEEPSEEK_V3,
 }
+
+
+@cache
+def preset(name: str) -> ModelSpec:
+    return PRESETS[name]()
 
 
 def load_model_spec(value: str) -> ModelSpec:
     """A preset name, or a YAML/JSON file of ModelSpec fields.
 
     A file may set ``base: v4-pro`` (a preset) and override any fields;
-    every field it sets counts as given, not assumed.
+    every field it sets counts as given, not assumed. A V4 ``config.json``
+    (or a checkpoint directory holding one) is read as V4.
     """
     if value in PRESETS:
-        return PRESETS[value]
+        return preset(value)
     path = Path(value)
+    if path.is_dir() or path.suffix == ".json":
+        config = load_v4_config(path)
+        named = path if path.is_dir() or path.name != "config.json" else path.parent
+        name = named.stem or "deepseek-v4"
+        return spec_from_v4_config(config, name, public=True)
     if not path.is_file():
-        raise ValueError(f"--model must be one of {sorted(PRESETS)} or a YAML file, got {value!r}")
+        raise ValueError(
+            f"--model must be one of {sorted(PRESETS)}, a V4 config.json or a YAML file, "
+            f"got {value!r}"
+        )
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of model fields, got {type(data).__name__}")
@@ -219,7 +291,7 @@ def load_model_spec(value: str) -> ModelSpec:
 
 
 def spec_from_dict(data: dict[str, Any], where: str = "model") -> ModelSpec:
-    known = {f.name for f in fields(ModelSpec)} - {"public", "source"}
+    known = {f.name for f in fields(ModelSpec)} - {"public", "source", "cache"}
     data = dict(data)
     base_name = data.pop("base", None)
     unknown = sorted(set(data) - known)
@@ -230,11 +302,12 @@ def spec_from_dict(data: dict[str, Any], where: str = "model") -> ModelSpec:
     base: dict[str, Any] = {}
     public: tuple[str, ...] = ()
     if base_name is not None:
-        preset = PRESETS[base_name]
-        base = {name: getattr(preset, name) for name in known}
-        public = preset.public
+        base_spec = preset(base_name)
+        base = {name: getattr(base_spec, name) for name in known}
+        public = base_spec.public
     missing = sorted(known - set(base) - set(data))
     if missing:
         raise ValueError(f"{where}: missing model fields {missing} (or set `base: v4-pro`)")
     given = tuple(dict.fromkeys((*public, *(k for k in data if k != "name"))))
-    return ModelSpec(**{**base, **data}, public=given, source=f"{where}")
+    cache_design = preset(base_name).cache if base_name is not None else None
+    return ModelSpec(**{**base, **data}, public=given, source=f"{where}", cache=cache_design)

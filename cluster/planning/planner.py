@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.gamma import speedup
 from specray.cluster.planning.hardware import GpuSpec
 from specray.cluster.planning.layouts import (
@@ -56,7 +57,7 @@ class PlanSettings:
     context: int = 32768  # tokens each of them attends to, on average
     min_request_context: int | None = None  # one request's reach; default the model's max
     hbm_efficiency: float = 0.8  # share of peak HBM bandwidth decode kernels reach
-    draft: str = "ngram"  # "ngram" or a draft model's name
+    draft: str = "ngram"  # a ``--draft`` name: ngram, mtp (the target's MTP block), a model
     draft_slots: int = 16  # requests one draft replica serves
     draft_cpus: float = 2.0
 
@@ -101,7 +102,7 @@ class Candidate:
 class DraftPlacement:
     """Where the draft replicas go and how many."""
 
-    kind: str  # "ngram" | "model"
+    kind: str  # a drafter kind (``DrafterSpec``): "ngram", "mtp", "model", ...
     model: str | None
     replicas: int
     cpus_each: float
@@ -131,7 +132,7 @@ def make_plan(model: ModelSpec, gpu: GpuSpec, shape: ClusterShape, settings: Pla
         replicas = shape.gpus // layout.gpus
         # The same load on every layout, so a faster step is also more tokens/s.
         batch = math.ceil(settings.requests / replicas)
-        memory = layout_memory(layout, model, gpu, settings.precision, settings.budget)
+        memory = layout_memory(layout, model, gpu, settings.precision, settings.budget, batch)
         # PP keeps pp micro-batches in flight, one per stage: a request gets a
         # token per trip of its micro-batch through every stage.
         micro = math.ceil(batch / layout.pp)
@@ -150,7 +151,7 @@ def make_plan(model: ModelSpec, gpu: GpuSpec, shape: ClusterShape, settings: Pla
                 best_gamma=best_gamma,
                 best_speedup=best_speedup,
                 batch=batch,
-                rejected=_rejection(memory, batch, settings.context, required),
+                rejected=_rejection(layout, memory, batch, settings.context, required),
             )
         )
     candidates.sort(key=_rank)
@@ -207,7 +208,11 @@ def _best_gamma(
     return best_gamma, best
 
 
-def _rejection(memory: Memory, batch: int, context: int, required: int) -> str | None:
+def _rejection(
+    layout: Layout, memory: Memory, batch: int, context: int, required: int
+) -> str | None:
+    if not layout.runnable:
+        return "not run by specray (its target group is tp or ep shards, one stage)"
     if not memory.fits:
         return (
             f"weights {memory.weight_bytes_per_gpu / 1e9:.1f} GB/GPU exceed the usable "
@@ -231,10 +236,10 @@ def _rank(candidate: Candidate) -> tuple[int, float, int, int]:
 
 def _drafts(best: Candidate, settings: PlanSettings) -> DraftPlacement:
     requests = best.replicas * best.batch
-    kind = "ngram" if settings.draft == "ngram" else "model"
+    drafter = DrafterSpec.parse(settings.draft) or DrafterSpec("ngram")
     return DraftPlacement(
-        kind=kind,
-        model=None if kind == "ngram" else settings.draft,
+        kind=drafter.kind,
+        model=drafter.model,
         replicas=math.ceil(requests / settings.draft_slots),
         cpus_each=settings.draft_cpus,
         slots_each=settings.draft_slots,

@@ -49,6 +49,7 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
             "always_active_params": m.always_active_params,
             "attention_params": m.attention_params,
             "kv_bytes_per_token": m.kv_bytes_per_token(s.precision.kv_bytes),
+            "request_cache_bytes": m.request_cache_bytes(s.precision.kv_bytes),
         },
         "gpu": asdict(plan.gpu),
         "cluster": {"nodes": plan.shape.nodes, "gpus_per_node": plan.shape.gpus_per_node},
@@ -59,6 +60,17 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
         "drafts": asdict(plan.drafts) if plan.drafts else None,
         "candidates": [candidate_dict(c) for c in plan.candidates],
     }
+
+
+def _cache_design(m: Any) -> str:
+    if m.cache is None:
+        return f"MLA: ({m.kv_lora_rank} + {m.qk_rope_head_dim}) values x {m.num_layers} layers"
+    c = m.cache
+    return (
+        f"V4: {c.per_token:g} values/token from {c.csa_layers} CSA + {c.hca_layers} HCA layers' "
+        f"compressed entries and indexer keys, plus {c.per_request / 1e6:.2f}M values/request "
+        f"for sliding windows and open compressor rows"
+    )
 
 
 def plan_text(plan: Plan, top: int = 12) -> str:
@@ -75,9 +87,8 @@ def plan_text(plan: Plan, top: int = 12) -> str:
         f"{m.attention_params / 1e9:.1f}B)",
         f"assumed (not public): {', '.join(m.assumed) or 'nothing'}",
         f"weights {s.precision.weights}: {m.total_params * s.precision.weight_bytes / GB:.0f} GB "
-        f"(at least {plan.min_gpus} GPUs); KV {s.precision.kv}: {kv_token / 1024:.1f} KiB/token "
-        f"(({m.kv_lora_rank} + {m.qk_rope_head_dim}) x {m.num_layers} layers x "
-        f"{s.precision.kv_bytes:g} B)",
+        f"(at least {plan.min_gpus} GPUs); KV {s.precision.kv}: {kv_token / 1024:.2f} KiB/token "
+        f"({_cache_design(m)})",
         f"load: {s.requests} requests in the cluster, {s.context} context tokens each; "
         f"speculation α={s.spec.alpha:g} γ={s.spec.gamma} c={s.spec.draft_cost:g}",
         "",
@@ -109,7 +120,7 @@ def plan_text(plan: Plan, top: int = 12) -> str:
     lines += [f"  - {reason}" for reason in plan.why]
     if plan.drafts:
         d = plan.drafts
-        what = "n-gram" if d.kind == "ngram" else f"draft model {d.model}"
+        what = {"ngram": "n-gram", "mtp": "MTP-block"}.get(d.kind, f"draft model {d.model}")
         lines.append(
             f"drafts: {d.replicas} {what} replicas ({d.slots_each} requests and "
             f"{d.cpus_each:g} CPUs each) on the {d.where}"

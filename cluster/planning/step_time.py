@@ -74,8 +74,9 @@ def step_time(
         "tp": 2 * model.num_layers,  # after attention and after the FFN
         "tp-ep": model.num_layers + model.first_dense_layers,  # attention, dense FFNs
         "dp-ep": model.first_dense_layers,
+        "ep": model.num_layers,  # every token on every rank: the combine is an all-reduce
     }[layout.family]
-    all_to_alls = 0 if layout.family == "tp" else 2 * model.moe_layers  # dispatch, combine
+    all_to_alls = 0 if layout.family in ("tp", "ep") else 2 * model.moe_layers  # each way
     comm = all_reduces * link.all_reduce_s(layout.width, hidden)
     comm += all_to_alls * link.all_to_all_s(layout.width, dispatch)
     hops = layout.pp - 1

@@ -13,6 +13,7 @@ from specray.actors.model.v4.hyper import HyperConnection, merge_streams
 from specray.actors.model.v4.moe import MoE
 from specray.actors.model.v4.params import HASH_MOE
 from specray.actors.model.v4.state import AttentionState
+from specray.actors.parallel.expert import ExpertShard
 from specray.actors.parallel.group import TPGroup
 from specray.actors.parallel.weights import WeightSource
 
@@ -30,13 +31,16 @@ class HyperDecoderLayer(nn.Module):
         state_index: int,
         group: TPGroup,
         dtype: torch.dtype,
+        experts: ExpertShard | None = None,
     ) -> None:
+        """``experts``: this rank's share of the MoE (default: plain TP over ``group``)."""
         super().__init__()
         hyper, moe = config.hyper_connections, config.moe
         assert hyper is not None and moe is not None, "a V4 layer needs hyper and moe parameters"
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.self_attn = CompressedAttention(config, attention_type, state_index, group, dtype)
-        self.mlp = MoE(moe, hidden, config.vocab_size, mlp_type == HASH_MOE, group, dtype)
+        hashed = mlp_type == HASH_MOE
+        self.mlp = MoE(moe, hidden, config.vocab_size, hashed, group, dtype, experts)
         self.input_layernorm = RMSNorm(hidden, eps, dtype, float_weight=True)
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, float_weight=True)
         self.attn_hc = HyperConnection(hyper, hidden, eps)

@@ -7,9 +7,10 @@ experts table (``hash_moe``). The chosen experts' scores, optionally
 renormalised to sum to 1 and times ``routed_scaling_factor``, weight their
 outputs.
 
-Routed experts live in :class:`RoutedExperts`, indexed by global expert id
-with an owned range, so an expert-parallel rank can hold a subset and sum
-its partial output over the group.
+Each rank holds the share of the experts its :class:`ExpertShard` names
+(a range of expert ids, a column slice of each, a slice of the shared
+expert) and the router whole; the layer's output is one all-reduce of the
+shares over the target group (see :mod:`specray.actors.parallel.expert`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from specray.actors.model.context import ForwardContext
 from specray.actors.model.v4.params import MoEConfig
+from specray.actors.parallel.expert import ExpertShard
 from specray.actors.parallel.group import TPGroup
 from specray.actors.parallel.linear import MergedColumnParallelLinear, RowParallelLinear
 from specray.actors.parallel.weights import WeightSource
@@ -84,32 +86,40 @@ class Router(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """SwiGLU experts ``[first, last)`` of the layer's global expert ids."""
+    """SwiGLU experts ``[first, last)`` of the layer's global expert ids,
+    columns ``[start, end)`` of each one's intermediate dim."""
 
     def __init__(
-        self, config: MoEConfig, hidden: int, dtype: torch.dtype, owned: tuple[int, int]
+        self,
+        config: MoEConfig,
+        hidden: int,
+        dtype: torch.dtype,
+        owned: tuple[int, int],
+        columns: tuple[int, int],
     ) -> None:
         super().__init__()
         self.first, self.last = owned
-        count, inter = self.last - self.first, config.intermediate_size
+        self.start, self.end = columns
+        count, inter = self.last - self.first, self.end - self.start
         self.limit = config.swiglu_limit
         self.gate_up = nn.Parameter(torch.empty(count, 2 * inter, hidden, dtype=dtype), False)
         self.down = nn.Parameter(torch.empty(count, hidden, inter, dtype=dtype), False)
 
     def load(self, source: WeightSource, prefix: str) -> None:
-        inter = self.down.shape[-1]
+        """Reads only the owned experts' slices."""
+        inter, start, end = self.down.shape[-1], self.start, self.end
         for local, expert in enumerate(range(self.first, self.last)):
             name = f"{prefix}.{expert}"
-            self.gate_up[local, :inter].copy_(source.read(f"{name}.w1.weight"))
-            self.gate_up[local, inter:].copy_(source.read(f"{name}.w3.weight"))
-            self.down[local].copy_(source.read(f"{name}.w2.weight"))
+            self.gate_up[local, :inter].copy_(source.read(f"{name}.w1.weight", 0, start, end))
+            self.gate_up[local, inter:].copy_(source.read(f"{name}.w3.weight", 0, start, end))
+            self.down[local].copy_(source.read(f"{name}.w2.weight", 1, start, end))
 
     def forward(
         self,
         x: torch.Tensor,  # [tokens, hidden]
         experts: torch.Tensor,  # [tokens, k] int64 global ids
         weights: torch.Tensor,  # [tokens, k]
-    ) -> torch.Tensor:  # [tokens, hidden]: the owned experts' share of the output
+    ) -> torch.Tensor:  # [tokens, hidden]: this rank's share of the routed output
         out = torch.zeros_like(x)
         for expert in torch.unique(experts).tolist():
             if not self.first <= expert < self.last:
@@ -122,7 +132,8 @@ class RoutedExperts(nn.Module):
 
 
 class SharedExpert(nn.Module):
-    """The always-on SwiGLU expert, its intermediate dim split by rank."""
+    """The always-on SwiGLU expert, its intermediate dim split by rank of
+    ``group`` (whose all-reduce sums the slices)."""
 
     def __init__(self, config: MoEConfig, hidden: int, group: TPGroup, dtype: torch.dtype) -> None:
         super().__init__()
@@ -141,7 +152,8 @@ class SharedExpert(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts plus the shared expert; ``hashed`` routes by token id."""
+    """Routed experts plus the shared expert; ``hashed`` routes by token id.
+    ``shard``: this rank's share (default: plain TP over ``group``)."""
 
     def __init__(
         self,
@@ -151,11 +163,16 @@ class MoE(nn.Module):
         hashed: bool,
         group: TPGroup,
         dtype: torch.dtype,
+        shard: ExpertShard | None = None,
     ) -> None:
         super().__init__()
+        shard = shard or ExpertShard.tensor_parallel(group)
+        self.combine = shard.combine
         self.gate = Router(config, hidden, vocab_size, hashed, dtype)
-        self.experts = RoutedExperts(config, hidden, dtype, (0, config.num_experts))
-        self.shared_experts = SharedExpert(config, hidden, group, dtype)
+        owned = shard.owned_experts(config.num_experts)
+        columns = shard.expert_columns(config.intermediate_size)
+        self.experts = RoutedExperts(config, hidden, dtype, owned, columns)
+        self.shared_experts = SharedExpert(config, hidden, shard.partial, dtype)
 
     def load(self, source: WeightSource, prefix: str) -> None:
         self.gate.load(source, f"{prefix}.gate")
@@ -164,4 +181,5 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [tokens, hidden]
         experts, weights = self.gate(x, ctx.batch.packed_token_ids)
-        return self.experts(x, experts, weights) + self.shared_experts(x)
+        share = self.experts(x, experts, weights) + self.shared_experts(x)
+        return self.combine.all_reduce(share)

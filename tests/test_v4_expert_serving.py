@@ -1,0 +1,250 @@
+"""A DeepSeek-V4 target split by expert parallelism over two nodes, served
+end to end from ``specray plan``'s output: a checkpoint written by ``specray
+models tiny-v4``, planned for two one-GPU nodes too small to hold it alone
+(the planner picks EP2, the shipped example config's layout), served by
+``specray serve``'s Service (gRPC and OpenAI HTTP) over the router on a fake
+two-node Ray cluster on 127.0.0.1; MTP draft replicas scaled with ``specray
+scale``, a draft replica killed (fallback) and an expert shard killed
+mid-stream (gang restart): every greedy output equals the no-cache loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+from ray.cluster_utils import Cluster
+from references import greedy_reference
+from serving_helpers import ServingThread, wait_until
+
+from specray.cluster.local_ray import pin_loopback, start_ray
+from specray.cluster.router_state import RouterState
+from specray.deploy.cli import main
+from specray.deploy.client import GenerationResult, SpecrayClient
+from specray.deploy.config import ServeConfig
+
+SHIPPED = Path(__file__).parent.parent / "deploy" / "configs" / "tiny_v4.yaml"
+PROMPTS = [[5, 9, 14, 5, 9, 14, 5, 9], [300, 12, 77, 41, 3]]
+MAX_TOKENS = 16
+LONG = 40  # tokens of the streams a replica is killed under
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# Two nodes of one "GPU" of 350 KB (141 GB less a 140.99965 GB reserve):
+# the tiny V4's 393k fp8 weights need both.
+PLAN_FLAGS = ["--gpu", "h200", "--nodes", "2", "--gpus-per-node", "1", "--memory-utilization"]
+PLAN_FLAGS += ["1", "--reserve-gb", "140.99965", "--requests", "2", "--context", "64"]
+PLAN_FLAGS += ["--min-request-context", "64", "--draft", "mtp"]
+
+
+@pytest.fixture(scope="module")
+def v4_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tinyv4") / "model"
+    assert main(["models", "tiny-v4", str(directory), "--seed", "4"]) == 0
+    return directory
+
+
+@pytest.fixture(scope="module")
+def planned(v4_dir: Path) -> dict[str, Any]:
+    """``specray serve`` args of the Serve config ``specray plan`` emits."""
+    out = v4_dir.parent / "serve.yaml"
+    flags = [*PLAN_FLAGS, "--target", str(v4_dir), "--emit-serve-config", str(out)]
+    assert main(["plan", "--model", str(v4_dir), *flags]) == 0
+    args: dict[str, Any] = yaml.safe_load(out.read_text())["applications"][0]["args"]
+    return args
+
+
+def test_the_shipped_config_has_the_planned_layout(planned: dict[str, Any]) -> None:
+    shipped = ServeConfig.model_validate(yaml.safe_load(SHIPPED.read_text())).router
+    plan = ServeConfig.model_validate(planned).router
+    assert (plan.tp, plan.ep, plan.num_targets) == (shipped.tp, shipped.ep, shipped.num_targets)
+    assert (shipped.tp, shipped.ep) == (1, 2)
+    assert plan.drafter is not None and shipped.drafter is not None
+    assert plan.drafter.kind == shipped.drafter.kind == "mtp"
+
+
+def cpu_config(planned: dict[str, Any]) -> ServeConfig:
+    """The plan on CPU nodes: fp32 shards without GPUs, one per node as on
+    the planned one-GPU nodes, one thread each; ephemeral ports."""
+    data = json.loads(json.dumps(planned)) | {"port": 0, "http_port": 0, "drain_timeout_s": 60}
+    router = data["router"]
+    router.update(dtype="float32", gpus_per_shard=0, threads_per_shard=1, strategy="STRICT_SPREAD")
+    router.update(profile=False, timeout_s=60, start_timeout_s=180, target_restart_timeout_s=300)
+    for drafter in router["drafts"]:
+        drafter.update(cpus=1, threads=1)
+    return ServeConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[Cluster]:
+    """A head without CPUs and two 3-CPU nodes: a 2-CPU shard each, a draft beside."""
+    ray.shutdown()
+    pin_loopback()
+    saved = os.environ.get("RAY_TMPDIR")
+    ray_tmp = tempfile.mkdtemp(prefix="srv4")  # short: Ray's socket paths live under it
+    os.environ["RAY_TMPDIR"] = ray_tmp
+    loopback: dict[str, Any] = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args={**loopback, "num_cpus": 0})
+    try:
+        for _ in range(2):
+            cluster.add_node(**loopback, num_cpus=3)
+        cluster.wait_for_nodes()
+        start_ray(address=cluster.address)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if saved is None:
+            del os.environ["RAY_TMPDIR"]
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(two_nodes: Cluster, planned: dict[str, Any]) -> Iterator[ServingThread]:
+    with ServingThread(cpu_config(planned)) as serving:
+        yield serving
+
+
+@pytest.fixture(scope="module")
+def client(server: ServingThread) -> Iterator[SpecrayClient]:
+    with SpecrayClient(server.grpc_address, timeout_s=300) as specray:
+        yield specray
+
+
+@pytest.fixture(scope="module")
+def reference(v4_dir: Path) -> dict[int, list[int]]:
+    """The no-cache greedy loop, LONG tokens per prompt (shorter runs are prefixes)."""
+    prompts = {i: p for i, p in enumerate(PROMPTS)}
+    return greedy_reference(v4_dir, prompts, LONG)  # type: ignore[arg-type]
+
+
+def router_state(server: ServingThread) -> RouterState:
+    state: RouterState = ray.get(server.router_backend.router.state.remote(), timeout=60)
+    return state
+
+
+def shard_nodes() -> list[set[str]]:
+    """The nodes of each placed target group's shards."""
+    groups = ray.util.placement_group_table().values()
+    placed = [g for g in groups if g["state"] == "CREATED" and len(g["bundles"]) == 2]
+    return [set(g["bundles_to_node_id"].values()) for g in placed]
+
+
+def greedy(client: SpecrayClient, i: int, max_tokens: int = MAX_TOKENS) -> GenerationResult:
+    return client.generate(PROMPTS[i], max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.slow
+def test_grpc_and_http_give_the_reference(
+    server: ServingThread, client: SpecrayClient, reference: dict[int, list[int]]
+) -> None:
+    (target,) = router_state(server).targets
+    assert len(target.shard_pids) == 2  # one replica: two expert-parallel shards
+    assert [len(nodes) for nodes in shard_nodes()] == [2]  # one per node
+    drafted = 0
+    for i in range(len(PROMPTS)):
+        result = greedy(client, i)
+        assert result.token_ids == reference[i][:MAX_TOKENS]
+        plain = client.generate(
+            PROMPTS[i], max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, speculative=False
+        )
+        assert plain.token_ids == result.token_ids
+        drafted += result.draft_tokens
+        body = {"prompt": PROMPTS[i], "max_tokens": MAX_TOKENS, "temperature": 0}
+        body["ignore_eos"] = True
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        url = f"{server.http_url}/v1/completions"
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=300) as r:
+            completion = json.loads(r.read())
+        assert completion["choices"][0]["text"] == result.text
+        assert completion["usage"]["completion_tokens"] == MAX_TOKENS
+    assert drafted > 0  # the MTP replica proposed
+
+
+@pytest.mark.slow
+def test_specray_scale_drafts_keeps_the_output(
+    server: ServingThread,
+    client: SpecrayClient,
+    reference: dict[int, list[int]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    scaling = threading.Event()
+    outcomes: list[bool] = []
+
+    def producer() -> None:
+        i = 0
+        while not scaling.is_set() or i < 2:
+            outcomes.append(greedy(client, i % 2).token_ids == reference[i % 2][:MAX_TOKENS])
+            i += 1
+
+    def scale(drafts: int) -> int:
+        flags = ["--timeout", "300", "--json", "--drafts", str(drafts)]
+        assert main(["scale", "--server", server.grpc_address, *flags]) == 0
+        result: dict[str, Any] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        return int(result["drafts"])
+
+    with ThreadPoolExecutor(1) as pool:
+        worker = pool.submit(producer)
+        wait_until(lambda: len(outcomes) >= 1, timeout_s=300)
+        up = scale(2)
+        assert len(router_state(server).drafts) == 2
+        down = scale(1)
+        scaling.set()
+        worker.result(600)
+    assert (up, down) == (2, 1)
+    assert all(outcomes) and len(outcomes) >= 3
+
+
+@pytest.mark.slow
+def test_killed_draft_replica_falls_back(
+    server: ServingThread, client: SpecrayClient, reference: dict[int, list[int]]
+) -> None:
+    before = router_state(server)
+    stream = client.generate_stream(PROMPTS[0], max_tokens=LONG, temperature=0.0, ignore_eos=True)
+    chunks = [next(stream)]
+    os.kill(before.drafts[0].pid, signal.SIGKILL)
+    chunks += list(stream)
+    assert [t for c in chunks for t in c.token_ids] == reference[0]
+    assert chunks[-1].fallback
+    wait_until(
+        lambda: router_state(server).recovery.draft_restarts > before.recovery.draft_restarts,
+        timeout_s=300,
+    )
+
+
+@pytest.mark.slow
+def test_killed_expert_shard_restarts_the_group_and_loses_nothing(
+    server: ServingThread, client: SpecrayClient, reference: dict[int, list[int]]
+) -> None:
+    """One shard of the only target group dies mid-stream: the whole group is
+    replaced, the requests replay their committed tokens on it, none fails."""
+    before = router_state(server)
+    (target,) = before.targets
+    streams = [
+        client.generate_stream(PROMPTS[i], max_tokens=LONG, temperature=0.0, ignore_eos=True)
+        for i in range(len(PROMPTS))
+    ]
+    with ThreadPoolExecutor(len(streams)) as pool:
+        firsts = list(pool.map(next, streams))
+        os.kill(target.shard_pids[1], signal.SIGKILL)
+        rests = list(pool.map(list, streams))
+    for i, (first, rest) in enumerate(zip(firsts, rests, strict=True)):
+        tokens = [t for c in [first, *rest] for t in c.token_ids]
+        assert tokens == reference[i], i
+    after = router_state(server)
+    assert after.recovery.target_restarts == before.recovery.target_restarts + 1
+    (restarted,) = after.targets
+    assert set(restarted.shard_pids).isdisjoint(target.shard_pids)
+    assert [len(nodes) for nodes in shard_nodes()] == [2]
