@@ -34,6 +34,7 @@ class ShardSpec:
     master_addr: str = "127.0.0.1"
     master_port: int = 0
     dtype: str = "float32"
+    weights: str = "dense"  # or "gguf": the model dir's GGUF blocks, low-bit kernels
     num_slots: int = 8
     max_len: int = 2048
     num_threads: int = 1
@@ -88,7 +89,7 @@ class TargetShardWorker:
             )
             group = self._dist
         self._timed = TimedGroup(group) if spec.time_collectives else None
-        model = load_model(Path(spec.model_dir), spec.dtype, self._timed or group)
+        model = load_model(Path(spec.model_dir), spec.dtype, self._timed or group, spec.weights)
         self.target = LocalTarget(model, spec.num_slots, spec.max_len)
         self._verify_calls = 0
         self._verify_s = 0.0
