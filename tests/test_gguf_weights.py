@@ -16,7 +16,7 @@ from tiny_gguf import MIXED_TYPES, random_blocks, write_tiny_qwen2
 from specray.actors.engine.target import LocalTarget, VerifyInput
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.decoder import DecoderModel
-from specray.actors.model.gguf_source import GGUFWeightSource
+from specray.actors.model.gguf_source import GGUFWeightSource, int4_share
 from specray.actors.model.loader import load_model
 from specray.actors.parallel.embedding_rows import GroupRows
 from specray.actors.parallel.gguf_blocks import DECODERS, decode_blocks
@@ -187,6 +187,17 @@ def test_load_model_needs_the_gguf_file(tmp_path: Path, mixed_dir: Path) -> None
         load_model(tmp_path, weights="gguf")
     with pytest.raises(ValueError, match="weights must be one of"):
         load_model(mixed_dir, weights="int3")
+
+
+def test_int4_share_counts_matmul_parameters_in_4bit_blocks(
+    mixed_dir: Path, four_bit_dir: Path
+) -> None:
+    # Mixed file, per layer: o (256x256), gate (512x256), down (256x512) and
+    # v (128x256) are 4-bit, of q, k, v, o, gate, up, down; plus the head.
+    per_layer = 256 * 256 + 512 * 256 + 256 * 512 + 128 * 256
+    total = 2 * (256 * 256 * 2 + 128 * 256 * 2 + 512 * 256 * 3) + 160 * 256
+    assert int4_share(mixed_dir / "model.gguf") == 2 * per_layer / total
+    assert int4_share(four_bit_dir / "model.gguf") == 1.0
 
 
 def test_int4_weights_are_packed_per_rank(mixed_dir: Path) -> None:

@@ -162,3 +162,20 @@ class GGUFWeightSource(WeightSource):
         if gguf_name is None or gguf_name not in self._tensors:
             raise MissingWeightError(f"{self.path.name} has no tensor for {name!r}")
         return self._tensors[gguf_name]
+
+
+FOUR_BIT_TYPES = {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K}
+
+
+def int4_share(gguf_path: str | Path) -> float:
+    """Fraction of the matmul parameters (2-D tensors other than the token
+    embedding, which is looked up, not multiplied) in 4-bit blocks: what runs
+    on the int4 kernel when the file is loaded with ``weights="gguf"``."""
+    four_bit = total = 0
+    for tensor in GGUFReader(gguf_path).tensors:
+        if len(tensor.shape) != 2 or tensor.name.startswith("token_embd"):
+            continue
+        total += int(tensor.n_elements)
+        if GGMLQuantizationType(tensor.tensor_type) in FOUR_BIT_TYPES:
+            four_bit += int(tensor.n_elements)
+    return four_bit / total if total else 0.0
