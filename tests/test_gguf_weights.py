@@ -16,6 +16,7 @@ from tiny_gguf import MIXED_TYPES, random_blocks, write_tiny_qwen2
 from specray.actors.engine.target import LocalTarget, VerifyInput
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.decoder import DecoderModel
+from specray.actors.model.gguf_index import GGUFIndex
 from specray.actors.model.gguf_source import GGUFWeightSource, int4_share
 from specray.actors.model.loader import load_model
 from specray.actors.parallel.embedding_rows import GroupRows
@@ -45,6 +46,32 @@ def test_decoded_blocks_equal_gguf_dequantizer(qtype: Q) -> None:
     got = decode_blocks(torch.from_numpy(raw), qtype)
     assert got.shape == (6, 512)
     assert torch.equal(got.dequantize(), torch.from_numpy(want))
+
+
+def test_index_finds_every_tensor_where_gguf_reader_does(tmp_path: Path) -> None:
+    path = tmp_path / "meta.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list(["a", "ü", "<|x|>"] * 50)  # string arrays to skip
+    writer.add_token_scores([0.5] * 150)
+    writer.add_bool("test.flag", True)
+    writer.add_float64("test.f64", 1.5)
+    writer.add_array("test.ints", [1, 2, 3])
+    writer.add_custom_alignment(64)
+    rng = np.random.default_rng(0)
+    writer.add_tensor("a.weight", rng.standard_normal((3, 5)).astype(np.float32))
+    writer.add_tensor("b.weight", rng.standard_normal((7,)).astype(np.float16))
+    writer.add_tensor("c.weight", random_blocks(Q.Q8_0, 4, 64, rng), raw_dtype=Q.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    index = GGUFIndex(path)
+    assert index.architecture == "llama"
+    reader = gguf.GGUFReader(path)
+    assert set(index.tensors) == {tensor.name for tensor in reader.tensors}
+    for tensor in reader.tensors:
+        ours = index.data(index.tensors[tensor.name])
+        assert ours.dtype == tensor.data.dtype and np.array_equal(ours, tensor.data)
 
 
 class DenseGGUF(GGUFWeightSource):

@@ -24,17 +24,11 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from gguf import (
-    GGML_QUANT_SIZES,
-    MODEL_ARCH_NAMES,
-    GGMLQuantizationType,
-    GGUFReader,
-    ReaderTensor,
-    get_tensor_name_map,
-)
+from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGMLQuantizationType, get_tensor_name_map
 from gguf.quants import dequantize as gguf_dequantize
 
 from specray.actors.model.config import ModelConfig
+from specray.actors.model.gguf_index import GGUFIndex, TensorInfo
 from specray.actors.parallel.gguf_blocks import DECODERS, decode_blocks
 from specray.actors.parallel.quantized import GroupAffine
 from specray.actors.parallel.weights import MissingWeightError, WeightSource
@@ -54,14 +48,14 @@ class GGUFWeightSource(WeightSource):
         # as a whole, its interface kept.
         self.path = Path(gguf_path)
         self.config = config
-        self._reader = GGUFReader(self.path)
-        arch = str(self._reader.fields["general.architecture"].contents())
+        self._index = GGUFIndex(self.path)
+        arch = self._index.architecture
         expected = ARCH_NAMES.get(config.model_type, config.model_type)
         if arch != expected:
             raise ValueError(f"{self.path.name} is a {arch!r} model, the config a {expected!r}")
         arch_id = next(key for key, name in MODEL_ARCH_NAMES.items() if name == arch)
         self._names = get_tensor_name_map(arch_id, config.num_layers)
-        self._tensors = {tensor.name: tensor for tensor in self._reader.tensors}
+        self._tensors = dict(self._index.tensors)
 
     def close(self) -> None:
         self._tensors.clear()
@@ -74,10 +68,10 @@ class GGUFWeightSource(WeightSource):
         return iter(self._tensors)
 
     def shape(self, name: str) -> list[int]:
-        return [int(n) for n in reversed(self._tensor(name).shape)]
+        return list(self._tensor(name).shape)
 
     def quant_type(self, name: str) -> GGMLQuantizationType:
-        return GGMLQuantizationType(self._tensor(name).tensor_type)
+        return self._tensor(name).qtype
 
     def read(
         self,
@@ -91,7 +85,7 @@ class GGUFWeightSource(WeightSource):
         if quantized is not None:
             return quantized.dequantize()
         tensor = self._tensor(name)
-        qtype = GGMLQuantizationType(tensor.tensor_type)
+        qtype = tensor.qtype
         rows = self._rows(tensor, dim, start, end)
         if qtype in PLAIN_FLOAT_TYPES:
             values = torch.from_numpy(np.array(rows, dtype=np.float32))
@@ -113,10 +107,10 @@ class GGUFWeightSource(WeightSource):
         """The slice as codes and scales; None for dense tensors and block
         types without a decoder (``read`` dequantizes those)."""
         tensor = self._tensor(name)
-        qtype = GGMLQuantizationType(tensor.tensor_type)
-        if qtype not in DECODERS or len(tensor.data.shape) != 2:
+        qtype = tensor.qtype
+        if qtype not in DECODERS or len(tensor.shape) != 2:
             return None
-        data = tensor.data
+        data = self._index.data(tensor)
         if dim == 1:
             block_size, type_size = GGML_QUANT_SIZES[qtype]
             end = self.shape(name)[1] if end is None else end
@@ -130,10 +124,9 @@ class GGUFWeightSource(WeightSource):
             )
         return self._unpermute(name, dim, start, matrix)
 
-    def _rows(
-        self, tensor: ReaderTensor, dim: int | None, start: int, end: int | None
-    ) -> np.ndarray:
-        return tensor.data[start:end] if dim == 0 else tensor.data
+    def _rows(self, tensor: TensorInfo, dim: int | None, start: int, end: int | None) -> np.ndarray:
+        data = self._index.data(tensor)
+        return data[start:end] if dim == 0 else data
 
     def _unpermute(self, name: str, dim: int | None, start: int, values: Rows) -> Rows:
         """Llama's q/k rows back in Hugging Face order (a per-head permutation)."""
@@ -157,7 +150,7 @@ class GGUFWeightSource(WeightSource):
         mapped = self._names.get_name(base)
         return None if mapped is None else f"{mapped}.{suffix}"
 
-    def _tensor(self, name: str) -> ReaderTensor:
+    def _tensor(self, name: str) -> TensorInfo:
         gguf_name = self._gguf_name(name)
         if gguf_name is None or gguf_name not in self._tensors:
             raise MissingWeightError(f"{self.path.name} has no tensor for {name!r}")
@@ -172,10 +165,10 @@ def int4_share(gguf_path: str | Path) -> float:
     embedding, which is looked up, not multiplied) in 4-bit blocks: what runs
     on the int4 kernel when the file is loaded with ``weights="gguf"``."""
     four_bit = total = 0
-    for tensor in GGUFReader(gguf_path).tensors:
+    for tensor in GGUFIndex(gguf_path).tensors.values():
         if len(tensor.shape) != 2 or tensor.name.startswith("token_embd"):
             continue
-        total += int(tensor.n_elements)
-        if GGMLQuantizationType(tensor.tensor_type) in FOUR_BIT_TYPES:
-            four_bit += int(tensor.n_elements)
+        total += tensor.num_elements
+        if tensor.qtype in FOUR_BIT_TYPES:
+            four_bit += tensor.num_elements
     return four_bit / total if total else 0.0
