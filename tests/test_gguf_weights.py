@@ -29,6 +29,7 @@ from specray.actors.parallel.linear_weights import (
     LinearWeights,
 )
 from specray.actors.parallel.quantized import GroupAffine
+from specray.actors.store.gguf_file import fetch_gguf
 
 PROMPT = [5, 17, 42, 8, 99, 3, 150, 61]
 ALL_4BIT = {role: Q.Q4_0 for role in MIXED_TYPES} | {
@@ -232,3 +233,30 @@ def test_int4_weights_are_packed_per_rank(mixed_dir: Path) -> None:
     down = model.blocks[1].mlp.down_proj.weights
     assert isinstance(down, Int4Weights)
     assert down.packed.dtype == torch.uint8 and down.packed.numel() == 256 * 512 // 2
+
+
+@pytest.mark.real_model
+def test_real_file_blocks_equal_gguf_dequantizer() -> None:
+    """A few rows of one tensor of every type in the shipped 0.5B file (Q5_0,
+    Q8_0, Q4_K, Q6_K), and a TP=2 column half of a K-quant tensor."""
+    path = fetch_gguf("qwen2.5-coder-0.5b-instruct", progress=False)
+    source = GGUFWeightSource(path, ModelConfig.from_pretrained(path.parent))
+    index = GGUFIndex(path)
+    names = {
+        Q.Q5_0: "model.layers.0.mlp.up_proj.weight",
+        Q.Q8_0: "lm_head.weight",
+        Q.Q6_K: "model.layers.0.mlp.down_proj.weight",
+        Q.Q4_K: "model.layers.11.mlp.down_proj.weight",
+    }
+    for qtype, name in names.items():
+        assert source.quant_type(name) == qtype
+        info = index.tensors[source.gguf_name(name) or ""]
+        raw = np.array(index.data(info)[:64])
+        want = torch.from_numpy(gguf.quants.dequantize(raw, qtype))
+        got = source.read_quantized(name, 0, 0, 64)
+        assert got is not None and torch.equal(got.dequantize(), want), qtype.name
+    half = source.read_quantized("model.layers.11.mlp.down_proj.weight", 1, 2432, 4864)
+    assert half is not None and half.shape == (896, 2432)
+    rows = np.array(index.data(index.tensors["blk.11.ffn_down.weight"])[:16])
+    want = torch.from_numpy(gguf.quants.dequantize(rows, Q.Q4_K))[:, 2432:]
+    assert torch.equal(half.narrow(0, 0, 16).dequantize(), want)

@@ -61,7 +61,7 @@ class GGUFWeightSource(WeightSource):
         self._tensors.clear()
 
     def __contains__(self, name: str) -> bool:
-        return self._gguf_name(name) in self._tensors
+        return self.gguf_name(name) in self._tensors
 
     def names(self) -> Iterator[str]:
         """The file's own (GGUF) tensor names."""
@@ -145,13 +145,14 @@ class GGUFWeightSource(WeightSource):
             return values.index_rows(index)
         return values.index_select(0, index)
 
-    def _gguf_name(self, name: str) -> str | None:
+    def gguf_name(self, name: str) -> str | None:
+        """The file's name for Hugging Face tensor ``name`` (None if unmapped)."""
         base, _, suffix = name.rpartition(".")
         mapped = self._names.get_name(base)
         return None if mapped is None else f"{mapped}.{suffix}"
 
     def _tensor(self, name: str) -> TensorInfo:
-        gguf_name = self._gguf_name(name)
+        gguf_name = self.gguf_name(name)
         if gguf_name is None or gguf_name not in self._tensors:
             raise MissingWeightError(f"{self.path.name} has no tensor for {name!r}")
         return self._tensors[gguf_name]
