@@ -186,6 +186,25 @@ def test_quantized_model_equals_its_dequantized_weights(mixed_dir: Path) -> None
     assert _greedy(quantized) == _greedy(dense)
 
 
+def test_tied_head_multiplies_by_the_embeddings_codes(tmp_path: Path) -> None:
+    model_dir = write_tiny_qwen2(tmp_path, ALL_4BIT | {"token_embd": Q.Q8_0}, tied=True)
+    quantized = load_model(model_dir, torch.float32, weights="gguf")
+    assert _formats(quantized)["embed"] == "rows/Q8_0"
+    assert _formats(quantized)["head"] == "int8"  # Q8_0's 32-wide scales, one per row now
+    reference = DecoderModel(ModelConfig.from_pretrained(model_dir), torch.float32)
+    with _source(model_dir, DenseGGUF) as source:
+        reference.load(source)
+    # Rows looked up exactly; the head re-quantized per row.
+    assert torch.equal(
+        quantized.embed_tokens(torch.arange(160)), reference.embed_tokens(torch.arange(160))
+    )
+    head = quantized.lm_head.weights.dequantize()
+    table = reference.embed_tokens.weights.dequantize()
+    step = table.abs().amax(dim=1, keepdim=True) / 127
+    assert ((head - table).abs() <= step * (0.5 + 1e-5)).all()
+    assert _close(_logits(quantized), _logits(_dequantized_copy(quantized)), 1e-5)
+
+
 def test_four_bit_file_loads_exactly_in_float32(four_bit_dir: Path) -> None:
     """4-bit blocks keep their codes: in float32 the model computes with the
     file's values (up to one rounding of each group's zero point)."""

@@ -70,8 +70,11 @@ MIXED_TYPES: Mapping[str, Q] = {
 }
 
 
-def write_tiny_qwen2(directory: Path, types: Mapping[str, Q] = MIXED_TYPES, seed: int = 0) -> Path:
-    """A 2-layer Qwen2 model dir: ``config.json`` and ``model.gguf``."""
+def write_tiny_qwen2(
+    directory: Path, types: Mapping[str, Q] = MIXED_TYPES, seed: int = 0, tied: bool = False
+) -> Path:
+    """A 2-layer Qwen2 model dir: ``config.json`` and ``model.gguf`` (without
+    ``output.weight`` when ``tied``: the head reuses the token embedding)."""
     directory.mkdir(parents=True, exist_ok=True)
     config = {
         "model_type": "qwen2",
@@ -84,7 +87,7 @@ def write_tiny_qwen2(directory: Path, types: Mapping[str, Q] = MIXED_TYPES, seed
         "max_position_embeddings": 256,
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tied,
         "eos_token_id": 1,
         "bos_token_id": 2,
     }
@@ -101,7 +104,8 @@ def write_tiny_qwen2(directory: Path, types: Mapping[str, Q] = MIXED_TYPES, seed
         writer.add_tensor(name, (around + 0.1 * rng.standard_normal(size)).astype(np.float32))
 
     matrix("token_embd.weight", "token_embd", VOCAB, HIDDEN)
-    matrix("output.weight", "output", VOCAB, HIDDEN)
+    if not tied:
+        matrix("output.weight", "output", VOCAB, HIDDEN)
     vector("output_norm.weight", HIDDEN, 1.0)
     kv = KV_HEADS * HEAD_DIM
     for layer in range(LAYERS):
