@@ -8,14 +8,16 @@ int8) it measures, in one run:
 - per layer of the model's shapes: ms for k = 1, 2, 4, 9, 17 rows;
 - whole model (fp32, bf16, gguf): decode ms/token and verify cost(k)/cost(1)
   for k = 1..17 at a fixed context, and prefill of 512 tokens;
-- greedy agreement: the bf16 model's greedy continuations of held-out
-  prompts, re-scored teacher-forced by every other format (fraction of
-  positions whose argmax agrees, and the first disagreement);
+- greedy agreement: the first format's greedy continuations of held-out
+  prompts, scored teacher-forced by every format; each pair of formats is
+  compared position by position (fraction of positions whose argmax agrees,
+  and the first disagreement);
 - llama.cpp's ``llama-bench`` on the same GGUF, when its path is given
   (``--llama-bench``); it is optional and nothing else depends on it.
 
-Timings are medians; the header records the CPU flags and the load average,
-since other work on a shared machine moves them.
+All models are loaded at once and timed call by call in turn, so the noise
+of a shared machine hits every format alike; timings are medians. The header
+records the CPU flags and the load average.
 
     python -m specray.bench.kernel_bench --threads 2 --llama-bench /path/to/llama-bench
 """
@@ -53,6 +55,12 @@ LAYER_ROWS = (1, 2, 4, 9, 17)
 CONTEXT = 64
 MODELS = {"fp32": ("float32", "dense"), "bf16": ("bfloat16", "dense"), "gguf": ("bfloat16", "gguf")}
 L3_BYTES = 64 << 20  # weights cycled per layer measurement, so they come from DRAM
+
+
+def _once_ms(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return (time.perf_counter() - start) * 1e3
 
 
 def _median_ms(run: Callable[[], object], repeats: int) -> float:
@@ -130,20 +138,9 @@ class Runner:
         batch = ForwardBatch.build([SequenceInput(self.slot, list(token_ids), start, logits)])
         return self.model(batch, self.cache).logits
 
-    def timings(self, prompt: Sequence[int], repeats: int) -> dict[str, Any]:
-        self.forward(prompt[:CONTEXT], 0, 1)
-        verify = {
-            k: _median_ms(lambda k=k: self.forward([7] * k, CONTEXT, k), repeats) for k in VERIFY_KS
-        }
-        prefill = _median_ms(
-            lambda: self.forward(list(range(100, 612)), 0, 1), max(1, repeats // 3)
-        )
-        return {
-            "decode_ms_per_token": verify[1],
-            "verify_ms": verify,
-            "verify_cost_ratio": {k: verify[k] / verify[1] for k in VERIFY_KS},
-            "prefill_512_tokens_per_s": 512 / prefill * 1e3,
-        }
+    def verify_call(self, k: int) -> Callable[[], object]:
+        """A k-row verify at the fixed context (the cache holds ``CONTEXT`` tokens)."""
+        return lambda: self.forward([7] * k, CONTEXT, k)
 
     def greedy(self, prompt: Sequence[int], steps: int) -> list[int]:
         tokens = [int(self.forward(prompt, 0, 1)[-1].argmax())]
@@ -161,18 +158,44 @@ class Runner:
         return [int(t) for t in logits.argmax(-1)]
 
 
-def agreement(ours: list[list[int]], reference: list[list[int]]) -> dict[str, Any]:
-    positions = sum(len(ref) for ref in reference)
-    same = sum(
-        a == b
-        for got, ref in zip(ours, reference, strict=True)
-        for a, b in zip(got, ref, strict=True)
-    )
-    first = [
-        next((i for i, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), len(ref))
-        for got, ref in zip(ours, reference, strict=True)
-    ]
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict[str, Any]:
+    """Fraction of positions whose argmax agrees, and each prompt's first
+    position that does not."""
+    pairs = [list(zip(a, b, strict=True)) for a, b in zip(ours, theirs, strict=True)]
+    positions = sum(len(p) for p in pairs)
+    same = sum(x == y for p in pairs for x, y in p)
+    first = [next((i for i, (x, y) in enumerate(p) if x != y), len(p)) for p in pairs]
     return {"rate": same / positions, "positions": positions, "first_disagreement": first}
+
+
+def time_models(
+    runners: dict[str, Runner], prompt: Sequence[int], repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Decode, verify(k) and prefill timings, the formats interleaved call by
+    call so that machine noise hits them alike."""
+    for runner in runners.values():
+        runner.forward(prompt[:CONTEXT], 0, 1)
+        for k in VERIFY_KS:  # warm-up: first-call allocations
+            runner.verify_call(k)()
+    samples: dict[str, dict[int, list[float]]] = {f: {k: [] for k in VERIFY_KS} for f in runners}
+    for _ in range(repeats):
+        for k in VERIFY_KS:
+            for fmt, runner in runners.items():
+                samples[fmt][k].append(_once_ms(runner.verify_call(k)))
+    prefill: dict[str, list[float]] = {fmt: [] for fmt in runners}
+    for _ in range(max(1, repeats // 3)):
+        for fmt, runner in runners.items():
+            prefill[fmt].append(_once_ms(lambda r=runner: r.forward(range(100, 612), 0, 1)))
+    out: dict[str, dict[str, Any]] = {}
+    for fmt in runners:
+        verify = {k: statistics.median(samples[fmt][k]) for k in VERIFY_KS}
+        out[fmt] = {
+            "decode_ms_per_token": verify[1],
+            "verify_ms": verify,
+            "verify_cost_ratio": {k: verify[k] / verify[1] for k in VERIFY_KS},
+            "prefill_512_tokens_per_s": 512 / statistics.median(prefill[fmt]) * 1e3,
+        }
+    return out
 
 
 def _load_average() -> list[float]:
@@ -219,28 +242,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for p in load_prompts(["code_edit", "chat"], split="eval")[: args.prompts]
     ]
     prompts: list[list[int]] = [tokenizer(text)["input_ids"] for text in texts]
-    timing_prompt = [t for p in prompts for t in p]
+    formats = args.formats.split(",")
+    runners: dict[str, Runner] = {}
     result["models"] = {}
-    references: list[list[int]] = []
-    for fmt in args.formats.split(","):
+    for fmt in formats:
         dtype, weights = MODELS[fmt]
         began = time.perf_counter()
-        runner = Runner(load_model(model_dir, dtype, weights=weights))
-        entry: dict[str, Any] = {"load_s": time.perf_counter() - began}
-        entry |= runner.timings(timing_prompt, args.repeats)
-        if not references:
-            references = [runner.greedy(p, args.tokens) for p in prompts]
-            entry["reference_for_agreement"] = True
-        else:
-            entry["agreement_with_first"] = agreement(
-                [runner.argmax_along(p, ref) for p, ref in zip(prompts, references, strict=True)],
-                references,
-            )
-        entry["param_bytes"] = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        runners[fmt] = Runner(load_model(model_dir, dtype, weights=weights))
+        result["models"][fmt] = {
+            "load_s": time.perf_counter() - began,
+            "param_bytes": sum(
+                p.numel() * p.element_size() for p in runners[fmt].model.parameters()
+            ),
+        }
+    timings = time_models(runners, [t for p in prompts for t in p], args.repeats)
+    # Teacher-forced along the first format's greedy continuations.
+    references = [runners[formats[0]].greedy(p, args.tokens) for p in prompts]
+    argmax = {
+        fmt: [runner.argmax_along(p, ref) for p, ref in zip(prompts, references, strict=True)]
+        for fmt, runner in runners.items()
+    }
+    for fmt in formats:
+        entry = result["models"][fmt] | timings[fmt]
+        entry["agreement"] = {
+            other: agreement(argmax[fmt], argmax[other]) for other in formats if other != fmt
+        }
         result["models"][fmt] = entry
         summary = {k: v for k, v in entry.items() if k not in ("verify_ms", "verify_cost_ratio")}
         print(f"{fmt}: {json.dumps(summary, default=str)}", flush=True)
-        del runner
+    result["agreement_reference"] = formats[0]
+    del runners
     if "layers_ms" in result:
         per_format = {
             fmt: {

@@ -31,7 +31,7 @@ def markdown(result: dict[str, Any]) -> str:
     models: dict[str, Any] = result["models"]
     llama = result["llama_cpp"] if isinstance(result["llama_cpp"], dict) else None
     lines += _models(models, llama)
-    lines += _agreement(models)
+    lines += _agreement(models, result["agreement_reference"])
     lines += _goals(models, llama, result["llama_cpp"])
     if "probe_recommendation" in result:
         lines += ["", f"Probe on these layer timings: {result['probe_recommendation']}"]
@@ -92,19 +92,20 @@ def _models(models: dict[str, Any], llama: dict[str, Any] | None) -> list[str]:
     return [*lines, ""]
 
 
-def _agreement(models: dict[str, Any]) -> list[str]:
-    reference = next(name for name, m in models.items() if m.get("reference_for_agreement"))
+def _agreement(models: dict[str, Any], reference: str) -> list[str]:
+    names = list(models)
     lines = [
-        f"#### Greedy agreement with {reference} (teacher-forced argmax per position)",
+        "#### Greedy agreement, pair by pair (argmax per position, teacher-forced along "
+        f"{reference}'s greedy continuations)",
         "",
-        "| format | agreement | positions | first disagreement per prompt |",
-        "|---|---|---|---|",
+        "| format | vs | agreement | positions | first disagreement per prompt |",
+        "|---|---|---|---|---|",
     ]
-    for name, m in models.items():
-        if "agreement_with_first" in m:
-            agree = m["agreement_with_first"]
+    for i, name in enumerate(names):
+        for other in names[i + 1 :]:
+            agree = models[name]["agreement"][other]
             lines.append(
-                f"| {name} | {agree['rate']:.1%} | {agree['positions']} | "
+                f"| {name} | {other} | {agree['rate']:.1%} | {agree['positions']} | "
                 f"{agree['first_disagreement']} |"
             )
     return [*lines, ""]
