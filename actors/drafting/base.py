@@ -39,6 +39,11 @@ class DraftRequest:
     # propose that way when it finds a match: copying costs no model step,
     # so a scheduler can allow it more than the drafts a model would make.
     lookup_tokens: int = 0
+    # The most committed tokens a drafter with a cache may feed in this call
+    # (None: all it has not seen). One further behind feeds this many and
+    # proposes nothing: a long prompt catches up over several rounds, each
+    # as short as a prefill chunk of the target.
+    max_feed: int | None = None
 
     @property
     def most(self) -> int:
@@ -61,6 +66,10 @@ class DraftProposal:
     # Copied from the context: no model fed anything for it, so a drafter
     # that keeps a cache fell one more round behind (see CatchesUp).
     from_lookup: bool = False
+    # Per token, the drafter's estimate that it survives verification given
+    # that every token before it did (DSpark's confidence head); None when
+    # the drafter has no such estimate.
+    confidence: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -71,7 +80,31 @@ class DraftProposal:
         if len(self) <= num_tokens:
             return self
         probs = None if self.draft_probs is None else self.draft_probs[:num_tokens]
-        return DraftProposal(self.token_ids[:num_tokens], probs, self.from_lookup)
+        confidence = None if self.confidence is None else self.confidence[:num_tokens]
+        return DraftProposal(self.token_ids[:num_tokens], probs, self.from_lookup, confidence)
+
+
+@dataclass(frozen=True)
+class DraftPaths:
+    """How a drafter drafts: with a model (each draft a model step, after
+    feeding the committed tokens it has not seen: see :class:`CatchesUp`),
+    by copying from the context (``from_lookup`` proposals: no model step),
+    or both, as the hybrid does. A scheduler prices the two apart."""
+
+    model: bool
+    lookup: bool
+
+
+@dataclass(frozen=True)
+class DraftUpdate:
+    """What a drafter must hear about one request after a round (the
+    arguments of :meth:`Drafter.accept`). Updates ride on the drafter's next
+    proposal, so a round costs one message each way."""
+
+    request_id: str
+    num_accepted: int
+    new_token_ids: list[int]
+    target_hidden: torch.Tensor | None  # [num_accepted + 1, hidden] or None
 
 
 class Drafter(Protocol):
@@ -80,6 +113,7 @@ class Drafter(Protocol):
     name: str
     # Target layers whose hidden states this drafter reads; () for none.
     hidden_layers: tuple[int, ...]
+    paths: DraftPaths
 
     def start(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
         """Begin tracking a request whose committed tokens are ``prompt_ids``."""

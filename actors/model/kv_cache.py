@@ -19,23 +19,15 @@ class CacheFullError(RuntimeError):
     """No free slot, or a sequence would outgrow its slot."""
 
 
-class KVCache:
-    """Keys and values of every layer for ``num_slots`` sequences."""
+class SlotCache:
+    """Per-sequence slots and their lengths: the part every cache shares.
 
-    def __init__(
-        self,
-        num_layers: int,
-        num_slots: int,
-        max_len: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str | None = None,  # None: torch's default device
-    ) -> None:
-        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
-        # Zeros, not empty: masked-out garbage could be NaN, and 0 * NaN = NaN.
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+    A cache holds ``num_slots`` sequences of up to ``max_len`` positions;
+    what it stores per position is the subclass's. Everything stored is
+    indexed by position, so :meth:`truncate` only moves the length back.
+    """
+
+    def __init__(self, num_slots: int, max_len: int) -> None:
         self.max_len = max_len
         self.num_slots = num_slots
         self._lengths = [0] * num_slots
@@ -77,6 +69,26 @@ class KVCache:
 
     def set_length(self, slot: int, new_len: int) -> None:
         self._lengths[slot] = new_len
+
+
+class KVCache(SlotCache):
+    """Keys and values of every layer for ``num_slots`` sequences."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,  # None: torch's default device
+    ) -> None:
+        super().__init__(num_slots, max_len)
+        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
+        # Zeros, not empty: masked-out garbage could be NaN, and 0 * NaN = NaN.
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
 
     def write(
         self,

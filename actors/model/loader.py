@@ -59,7 +59,7 @@ def load_model(
     source = (
         GGUFWeightSource(find_gguf(model_dir), config)
         if weights == "gguf"
-        else WeightSource(model_dir)
+        else WeightSource(model_dir, config.weight_aliases)
     )
     with source:
         model.load(source)

@@ -57,6 +57,22 @@ class LinearWeights(nn.Module):
         """The weight this format multiplies by, ``[out, in]`` float32."""
         raise NotImplementedError
 
+    def rows_from(
+        self,
+        x: torch.Tensor,  # [..., in_features]
+        first: int,  # output rows before this one are not wanted
+        bias: torch.Tensor | None = None,  # [out_features - first]
+    ) -> torch.Tensor:  # [..., out_features - first]
+        """The output features from ``first`` on (a fused projection's tail).
+        Formats that cannot skip rows compute all and drop the head."""
+        out = self(x)[..., first:]
+        return out if bias is None else out + bias
+
+    def matrix(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as a ``[out, in]`` tensor in ``dtype``, for math that is
+        not a plain matmul (a dense weight is returned as it is, uncopied)."""
+        return self.dequantize().to(dtype)
+
 
 class DenseWeights(LinearWeights):
     """A plain tensor in the model dtype; ``F.linear``."""
@@ -81,6 +97,14 @@ class DenseWeights(LinearWeights):
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.float()
+
+    def rows_from(
+        self, x: torch.Tensor, first: int, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.linear(x, self.weight[first:], bias)
+
+    def matrix(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
 
 
 class Int8Weights(LinearWeights):
