@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,16 +218,65 @@ def _median_ms(
     return statistics.median(samples)
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block on ``count`` torch threads, then restore the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class TpSplit:
+    """One decode-sized matmul in one process on ``threads`` threads, against
+    the ``1/tp`` slice a tensor-parallel shard holds on ``threads // tp``
+    threads (what each shard computes before its all-reduce)."""
+
+    tp: int
+    threads: int
+    one_process_ms: float
+    shard_ms: float
+
+    @property
+    def gain(self) -> float:
+        """How much faster a shard's slice is than the whole matmul."""
+        return self.one_process_ms / self.shard_ms
+
+
+def time_tp_split(
+    threads: int, tp: int = 2, shape: tuple[int, int] = PROBE_SHAPE, budget_s: float = 0.4
+) -> TpSplit | None:
+    """Time :class:`TpSplit` on this CPU; None with fewer threads than ``tp``."""
+    if threads < tp:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(*shape, generator=gen) * 0.02
+    shard = weight[: shape[0] // tp].contiguous()
+    x = torch.randn(1, shape[1], generator=gen)
+    cpu = torch.device("cpu")
+    with torch_threads(threads):
+        whole = _median_ms(lambda rows: F.linear(rows, weight), x, budget_s / 2, cpu)
+    with torch_threads(threads // tp):
+        part = _median_ms(lambda rows: F.linear(rows, shard), x, budget_s / 2, cpu)
+    return TpSplit(tp, threads, whole, part)
+
+
 def probe(
     gguf_int4_share: float | None,
     shape: tuple[int, int] = PROBE_SHAPE,
     verify_rows: int = 9,
     budget_s: float = 1.5,
+    threads: int | None = None,
 ) -> Recommendation:
     """Read the CPU flags, time the kernels here (on the GPU if there is
-    one), and recommend a format for decode and for verify."""
+    one) on ``threads`` torch threads (default: the current setting), and
+    recommend a format for decode and for verify."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     rows = sorted({1, verify_rows, *PROBE_ROWS})
-    timings = time_kernels(shape, rows, budget_s, device)
+    with torch_threads(threads or torch.get_num_threads()):
+        timings = time_kernels(shape, rows, budget_s, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return recommend(timings, read_cpu_features(), gguf_int4_share, verify_rows, name)
