@@ -1,6 +1,6 @@
 """Turn ``weights: auto`` and an unset ``tp`` into a concrete plan at start-up.
 
-The probe (about two seconds) runs here, in the process that starts the
+The probe (about a second) runs here, in the process that starts the
 server, on every core of this machine: the target shards run on the same
 machine unless a Ray cluster is joined, and then the probe speaks for this
 machine only (the log line says where it measured). See
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from specray.actors.model.gguf_source import int4_share
-from specray.actors.model.hardware import probe, time_tp_split
+from specray.actors.model.hardware import probe
 from specray.actors.model.weight_plan import WeightPlan, needs_probe, plan_weights
 from specray.actors.store.weights_dir import kept_gguf
 from specray.deploy.config import RouterSettings, ServeConfig
@@ -32,18 +32,15 @@ def choose_plan(
     home: Path | None = None,
 ) -> WeightPlan:
     """The plan for ``target``, probing this machine when ``weights`` is
-    ``auto`` or ``tp`` is unset; logged in one line."""
-    if not needs_probe(weights, tp):
-        plan = plan_weights(weights, tp, None, None)
-        log.info("%s", plan.log_line())
-        return plan
-    threads = len(os.sched_getaffinity(0))
-    gguf = kept_gguf(target, home) if weights == "auto" else None
-    share = int4_share(gguf) if gguf is not None else None
-    recommendation = probe(share, verify_rows=verify_rows or 1, threads=threads)
+    ``auto``; logged in one line."""
+    recommendation = None
+    if needs_probe(weights):
+        gguf = kept_gguf(target, home)
+        share = int4_share(gguf) if gguf is not None else None
+        threads = len(os.sched_getaffinity(0))
+        recommendation = probe(share, verify_rows=verify_rows or 1, threads=threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    split = time_tp_split(threads) if tp is None else None
-    plan = plan_weights(weights, tp, recommendation, split, device, verify_rows is not None)
+    plan = plan_weights(weights, tp, recommendation, device, verify_rows is not None)
     log.info("%s", plan.log_line())
     return plan
 

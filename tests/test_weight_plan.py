@@ -10,8 +10,8 @@ import pytest
 from test_hardware import AVX2, AVX2_TIMINGS, SAPPHIRE
 from tiny_gguf import write_tiny_qwen2
 
-from specray.actors.model.hardware import TpSplit, recommend
-from specray.actors.model.weight_plan import TP_MIN_GAIN, plan_weights
+from specray.actors.model.hardware import recommend
+from specray.actors.model.weight_plan import plan_weights
 from specray.actors.store.weights_dir import kept_gguf, weights_dir
 from specray.deploy.cli import build_parser
 from specray.deploy.config import RouterSettings, ServeConfig
@@ -19,49 +19,42 @@ from specray.deploy.serve import apply_overrides
 from specray.deploy.weights_choice import choose_plan, planned_config
 
 DENSE = {name: AVX2_TIMINGS[name] for name in ("fp32", "bf16")}
-# Two cores that one process already uses well: half the matrix on one core
-# takes as long as all of it on two.
-SCALES = TpSplit(tp=2, threads=2, one_process_ms=1.0, shard_ms=1.02)
 
 
 def test_avx2_without_gguf_verifies_in_fp32_and_decodes_in_bf16() -> None:
     measured = recommend(DENSE, AVX2, gguf_int4_share=None, verify_rows=9)
-    drafting = plan_weights("auto", None, measured, SCALES, drafting=True)
+    drafting = plan_weights("auto", None, measured, drafting=True)
     assert (drafting.format, drafting.dtype, drafting.weights) == ("fp32", "float32", "dense")
     assert "fastest measured for a 9-row verify" in drafting.reason
-    alone = plan_weights("auto", None, measured, SCALES, drafting=False)
+    alone = plan_weights("auto", None, measured, drafting=False)
     assert (alone.format, alone.dtype) == ("bf16", "bfloat16")
     assert "one-row decode" in alone.reason
 
 
 def test_a_gguf_file_at_hand_runs_low_bit_when_it_is_measured_fastest() -> None:
     measured = recommend(AVX2_TIMINGS, AVX2, gguf_int4_share=0.1, verify_rows=9)
-    plan = plan_weights("auto", None, measured, SCALES)
+    plan = plan_weights("auto", None, measured)
     assert (plan.format, plan.dtype, plan.weights) == ("gguf", "bfloat16", "gguf")
     assert plan.log_line().startswith("weights gguf (bfloat16), tp 1: ")
     assert "native bf16 matmul: no" in plan.reason
 
 
-def test_tp_follows_the_measured_split() -> None:
+def test_tp_defaults_to_one_process_and_keeps_a_configured_one() -> None:
     measured = recommend(DENSE, SAPPHIRE, gguf_int4_share=None)
-    assert plan_weights("auto", None, measured, SCALES).tp == 1
-    assert "under the" in plan_weights("auto", None, measured, SCALES).reason
-    # Threads that do not scale in one process (e.g. across sockets).
-    poor = TpSplit(tp=2, threads=8, one_process_ms=2.0, shard_ms=2.0 / (TP_MIN_GAIN + 0.2))
-    assert plan_weights("auto", None, measured, poor).tp == 2
-    assert plan_weights("auto", None, measured, None).tp == 1  # one core
-    assert plan_weights("auto", None, measured, poor, device="cuda").tp == 1
-    assert plan_weights("auto", 4, measured, SCALES).tp == 4
+    on_cpu = plan_weights("auto", None, measured)
+    assert on_cpu.tp == 1 and "share its cores" in on_cpu.reason
+    assert plan_weights("auto", None, measured, device="cuda").tp == 1
+    assert plan_weights("auto", 4, measured).tp == 4
 
 
 def test_explicit_weights_need_no_measurement() -> None:
-    plan = plan_weights("fp32", 2, None, None)
+    plan = plan_weights("fp32", 2, None)
     assert (plan.format, plan.dtype, plan.weights, plan.tp) == ("fp32", "float32", "dense", 2)
     assert "fp32 as configured" in plan.reason
     with pytest.raises(ValueError, match="recommendation"):
-        plan_weights("auto", 1, None, None)
+        plan_weights("auto", 1, None)
     with pytest.raises(ValueError, match="one of"):
-        plan_weights("int3", 1, None, None)
+        plan_weights("int3", 1, None)
 
 
 def test_config_defaults_to_auto_and_folds_a_legacy_dtype() -> None:
@@ -114,7 +107,6 @@ def test_configured_weights_are_planned_without_a_probe(caplog: pytest.LogCaptur
     with caplog.at_level(logging.INFO, logger="specray.deploy.weights_choice"):
         served = planned_config(config)
     assert (served.engine_spec().weights, served.engine_spec().dtype) == ("gguf", "bfloat16")
-    assert (
-        caplog.records[0].getMessage()
-        == "weights gguf (bfloat16), tp 1: gguf as configured. tp 1 as configured."
+    assert caplog.records[0].getMessage() == (
+        "weights gguf (bfloat16), tp 1: gguf as configured. tp 1 as configured."
     )

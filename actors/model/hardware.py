@@ -229,41 +229,6 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@dataclass(frozen=True)
-class TpSplit:
-    """One decode-sized matmul in one process on ``threads`` threads, against
-    the ``1/tp`` slice a tensor-parallel shard holds on ``threads // tp``
-    threads (what each shard computes before its all-reduce)."""
-
-    tp: int
-    threads: int
-    one_process_ms: float
-    shard_ms: float
-
-    @property
-    def gain(self) -> float:
-        """How much faster a shard's slice is than the whole matmul."""
-        return self.one_process_ms / self.shard_ms
-
-
-def time_tp_split(
-    threads: int, tp: int = 2, shape: tuple[int, int] = PROBE_SHAPE, budget_s: float = 0.4
-) -> TpSplit | None:
-    """Time :class:`TpSplit` on this CPU; None with fewer threads than ``tp``."""
-    if threads < tp:
-        return None
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(*shape, generator=gen) * 0.02
-    shard = weight[: shape[0] // tp].contiguous()
-    x = torch.randn(1, shape[1], generator=gen)
-    cpu = torch.device("cpu")
-    with torch_threads(threads):
-        whole = _median_ms(lambda rows: F.linear(rows, weight), x, budget_s / 2, cpu)
-    with torch_threads(threads // tp):
-        part = _median_ms(lambda rows: F.linear(rows, shard), x, budget_s / 2, cpu)
-    return TpSplit(tp, threads, whole, part)
-
-
 def probe(
     gguf_int4_share: float | None,
     shape: tuple[int, int] = PROBE_SHAPE,

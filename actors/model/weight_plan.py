@@ -7,10 +7,14 @@ measured fastest. With a drafter the target's work is verifying ``k + 1``
 rows at a time, so auto picks the fastest format at that size, not at one
 row: on a CPU without native bf16 the two differ.
 
-The default ``tp`` is chosen the same way, from a measurement: one process
-on every core against a ``1/tp`` slice on ``1/tp`` of the cores. On one CPU
-the shards share the cores and the memory bandwidth, so a shard only pays
-for its two all-reduces per layer when a process cannot use its cores well.
+The default ``tp`` is 1 on a CPU: the shards of one machine share its cores
+and memory bandwidth and add two all-reduces per layer, and measured on 2
+cores TP = 2 decodes slower than one process
+(``bench/results/tp_qwen2.5-coder-1.5b-instruct_bfloat16_cpu.md``: 372 vs 320
+ms per token). A timing of half a matrix on half the threads inside one
+process does not predict that (on an oversubscribed machine it favoured TP
+by 2-6x), so the probe does not time it. On a GPU the default is 1 as well;
+a configured ``tp`` is kept.
 
 :func:`plan_weights` is the decision, pure: given the measurements it
 returns the plan and the reason the server logs.
@@ -20,12 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specray.actors.model.hardware import CHOICES, Recommendation, TpSplit
+from specray.actors.model.hardware import CHOICES, Recommendation
 
 WEIGHT_FORMATS = ("auto", "gguf", "bf16", "fp32")
-# A shard's slice must run this much faster than the whole matmul in one
-# process before TP is the default: the rest pays for the all-reduces.
-TP_MIN_GAIN = 1.3
 DTYPE_FORMATS = {"float32": "fp32", "bfloat16": "bf16"}
 
 
@@ -43,21 +44,20 @@ class WeightPlan:
         return f"weights {self.format} ({self.dtype}), tp {self.tp}: {self.reason}"
 
 
-def needs_probe(weights: str, tp: int | None) -> bool:
-    """Whether :func:`plan_weights` needs measurements for these requests."""
-    return weights == "auto" or tp is None
+def needs_probe(weights: str) -> bool:
+    """Whether :func:`plan_weights` needs the probe's measurements."""
+    return weights == "auto"
 
 
 def plan_weights(
     weights: str,  # one of WEIGHT_FORMATS
-    tp: int | None,  # None: chosen from ``split``
+    tp: int | None,  # None: the default for ``device``
     recommendation: Recommendation | None,  # the probe's; needed for weights="auto"
-    split: TpSplit | None,  # needed for tp=None on a CPU with more than one core
     device: str = "cpu",
     drafting: bool = True,  # the target verifies k + 1 rows, not one
 ) -> WeightPlan:
-    """The plan for the requested ``weights`` and ``tp``, ``auto`` / None
-    decided from the measurements."""
+    """The plan for the requested ``weights`` and ``tp``: ``auto`` decided
+    from the probe's measurements, an unset ``tp`` by ``device``."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     reasons: list[str] = []
@@ -71,23 +71,17 @@ def plan_weights(
     else:
         choice = CHOICES[weights]
         reasons.append(f"{weights} as configured.")
-    chosen_tp, tp_reason = _choose_tp(tp, split, device)
+    chosen_tp, tp_reason = _choose_tp(tp, device)
     reasons.append(tp_reason)
     return WeightPlan(choice.format, choice.dtype, choice.weights, chosen_tp, " ".join(reasons))
 
 
-def _choose_tp(tp: int | None, split: TpSplit | None, device: str) -> tuple[int, str]:
+def _choose_tp(tp: int | None, device: str) -> tuple[int, str]:
     if tp is not None:
         return tp, f"tp {tp} as configured."
     if device != "cpu":
         return 1, f"tp 1: one {device} holds the model (set tp to shard it over several)."
-    if split is None:
-        return 1, "tp 1: one core, nothing to split."
-    measured = (
-        f"one process on {split.threads} threads: {split.one_process_ms:.2f} ms per decode "
-        f"matmul; a 1/{split.tp} shard on {split.threads // split.tp}: {split.shard_ms:.2f} ms "
-        f"({split.gain:.2f}x"
+    return 1, (
+        "tp 1: shards on one CPU share its cores and add two all-reduces per layer "
+        "(set tp to shard across machines)."
     )
-    if split.gain >= TP_MIN_GAIN:
-        return split.tp, f"tp {split.tp}: {measured}, over the {TP_MIN_GAIN}x a shard needs)."
-    return 1, f"tp 1: {measured}, under the {TP_MIN_GAIN}x that pays for the all-reduces)."
