@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     verify_rows = args.k + 1 if drafter is not None and args.k > 0 else None
-    plan = choose_plan(args.target, weights, args.tp, verify_rows, args.home)
+    plan = choose_plan(args.target, weights, args.tp, verify_rows, args.home, args.dtype)
     print(f"[{plan.log_line()}]", file=sys.stderr)
     spec = EngineSpec(
         target=args.target,

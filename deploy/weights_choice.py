@@ -30,6 +30,7 @@ def choose_plan(
     tp: int | None,
     verify_rows: int | None,  # k + 1 with a drafter; None: target-only
     home: Path | None = None,
+    dtype: str | None = None,  # a configured model dtype, kept
 ) -> WeightPlan:
     """The plan for ``target``, probing this machine when ``weights`` is
     ``auto``; logged in one line."""
@@ -40,7 +41,7 @@ def choose_plan(
         threads = len(os.sched_getaffinity(0))
         recommendation = probe(share, verify_rows=verify_rows or 1, threads=threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    plan = plan_weights(weights, tp, recommendation, device, verify_rows is not None)
+    plan = plan_weights(weights, tp, recommendation, device, verify_rows is not None, dtype)
     log.info("%s", plan.log_line())
     return plan
 
@@ -49,7 +50,9 @@ def planned_router(settings: RouterSettings, home: Path | None = None) -> Router
     """``settings`` with weights and tp concrete (probing when needed)."""
     if settings.planned:
         return settings
-    plan = choose_plan(settings.target, settings.weights, settings.tp, settings.verify_rows, home)
+    plan = choose_plan(
+        settings.target, settings.weights, settings.tp, settings.verify_rows, home, settings.dtype
+    )
     return settings.with_plan(plan)
 
 
@@ -67,5 +70,7 @@ def planned_config(config: ServeConfig) -> ServeConfig:
 
 def planned_engine(config: ServeConfig) -> ServeConfig:
     """The in-process engine's weights (its top-level keys) planned."""
-    plan = choose_plan(config.target, config.weights, 1, config.verify_rows, config.home)
+    plan = choose_plan(
+        config.target, config.weights, 1, config.verify_rows, config.home, config.dtype
+    )
     return config.with_plan(plan)

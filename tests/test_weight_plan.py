@@ -15,6 +15,7 @@ from specray.actors.model.weight_plan import plan_weights
 from specray.actors.store.weights_dir import kept_gguf, weights_dir
 from specray.deploy.cli import build_parser
 from specray.deploy.config import RouterSettings, ServeConfig
+from specray.deploy.router_backend import router_config
 from specray.deploy.serve import apply_overrides
 from specray.deploy.weights_choice import choose_plan, planned_config
 
@@ -51,6 +52,7 @@ def test_explicit_weights_need_no_measurement() -> None:
     plan = plan_weights("fp32", 2, None)
     assert (plan.format, plan.dtype, plan.weights, plan.tp) == ("fp32", "float32", "dense", 2)
     assert "fp32 as configured" in plan.reason
+    assert plan_weights("gguf", None, None, dtype="float32").dtype == "float32"
     with pytest.raises(ValueError, match="recommendation"):
         plan_weights("auto", 1, None)
     with pytest.raises(ValueError, match="one of"):
@@ -109,4 +111,18 @@ def test_configured_weights_are_planned_without_a_probe(caplog: pytest.LogCaptur
     assert (served.engine_spec().weights, served.engine_spec().dtype) == ("gguf", "bfloat16")
     assert caplog.records[0].getMessage() == (
         "weights gguf (bfloat16), tp 1: gguf as configured. tp 1 as configured."
+    )
+
+
+def test_a_gguf_router_hands_its_shards_the_gguf_directory(tmp_path: Path) -> None:
+    model_dir = write_tiny_qwen2(tmp_path)
+    settings = RouterSettings.model_validate(
+        {"target": str(model_dir), "weights": "gguf", "dtype": "float32", "drafts": []}
+    )
+    target = router_config(settings).target
+    assert (target.model_dir, target.weights, target.dtype, target.tp) == (
+        str(model_dir.absolute()),
+        "gguf",
+        "float32",
+        1,
     )

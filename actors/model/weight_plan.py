@@ -55,6 +55,7 @@ def plan_weights(
     recommendation: Recommendation | None,  # the probe's; needed for weights="auto"
     device: str = "cpu",
     drafting: bool = True,  # the target verifies k + 1 rows, not one
+    dtype: str | None = None,  # configured: the model dtype (for gguf, of activations)
 ) -> WeightPlan:
     """The plan for the requested ``weights`` and ``tp``: ``auto`` decided
     from the probe's measurements, an unset ``tp`` by ``device``."""
@@ -73,7 +74,8 @@ def plan_weights(
         reasons.append(f"{weights} as configured.")
     chosen_tp, tp_reason = _choose_tp(tp, device)
     reasons.append(tp_reason)
-    return WeightPlan(choice.format, choice.dtype, choice.weights, chosen_tp, " ".join(reasons))
+    model_dtype = dtype or choice.dtype
+    return WeightPlan(choice.format, model_dtype, choice.weights, chosen_tp, " ".join(reasons))
 
 
 def _choose_tp(tp: int | None, device: str) -> tuple[int, str]:
