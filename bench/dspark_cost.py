@@ -69,8 +69,8 @@ def dspark_drafter(
     embed, lm_head = frozen
     model = DSparkModel(DSparkConfig.from_hf(hf), embed.dtype)
     init_weights(model, 0.02, seed=0)
-    model.embed_tokens.weight.data = embed
-    model.lm_head.weight.data = lm_head
+    model.embed_tokens.weights.weight.data = embed
+    model.lm_head.weights.weight.data = lm_head
     return DSparkDrafter(model.eval(), slots, max_len)
 
 

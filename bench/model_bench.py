@@ -49,8 +49,7 @@ def weight_bytes_per_step(model: DecoderModel) -> int:
     the LM head, which reads all of it)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     if not model.config.tie_word_embeddings:
-        emb = model.embed_tokens.weight
-        total -= emb.numel() * emb.element_size()
+        total -= sum(p.numel() * p.element_size() for p in model.embed_tokens.parameters())
     return total
 
 

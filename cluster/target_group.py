@@ -60,6 +60,7 @@ class ShardedTargetConfig:
     tp: int = 1
     dtype: str = "float32"
     ep: int = 1  # expert-parallel rows of tp ranks each: the group has tp × ep shards
+    weights: str = "dense"  # or "gguf": each rank reads its GGUF blocks (low-bit kernels)
     num_slots: int = 8
     max_len: int = 2048
     strategy: str = "STRICT_PACK"
@@ -389,6 +390,7 @@ class ShardedTarget:
                 master_addr=master_addr,
                 master_port=master_port,
                 dtype=config.dtype,
+                weights=config.weights,
                 num_slots=config.num_slots,
                 max_len=config.max_len,
                 num_threads=config.threads,

@@ -3,15 +3,16 @@
 backend: router         # router (Ray; the ``router:`` section) | engine (in-process)
 router:
   target: qwen2.5-coder-1.5b-instruct
-  tp: 2                 # a target replica is tp x ep shards (ep > 1: MoE models only)
-  ep: 1
+  weights: auto         # gguf | bf16 | fp32 | auto: the fastest measured at start
+  tp: 2                 # default: chosen at start (1 on one CPU); tp x ep shards a replica
+  ep: 1                 # expert-parallel rows (MoE models only)
   drafts: [{kind: hybrid, model: qwen2.5-coder-0.5b-instruct}]  # or [{kind: ngram}], kind: model
   num_targets: 1        # target replicas, each a TP group
   num_drafts: 1         # draft replicas
 # The in-process engine (backend: engine) reads the top-level model keys:
 target: qwen2.5-coder-0.5b-instruct
 draft: ngram            # none | ngram | a draft model's name or path
-dtype: bfloat16
+weights: auto           # as the router's
 k: 4                    # draft tokens per round (its ceiling when adaptive)
 max_batch: 8
 max_len: 4096
@@ -35,6 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from specray.actors.drafting.spec import DRAFTER_KINDS, DrafterSpec
 from specray.actors.engine.factory import EngineSpec
 from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
+from specray.actors.model.hardware import CHOICES
+from specray.actors.model.weight_plan import DTYPE_FORMATS, WeightPlan
 from specray.deploy.auth import TlsFiles
 from specray.deploy.backend import ModelInfo
 from specray.deploy.gateway import QueueLimits
@@ -66,6 +69,37 @@ class LimitsConfig(BaseModel):
 
 
 Dtype = Literal["float32", "bfloat16"]
+# The target's weights (actors/model/weight_plan.py): auto is measured at start.
+Weights = Literal["auto", "gguf", "bf16", "fp32"]
+WEIGHTS_HELP = (
+    "gguf: the GGUF blocks on low-bit kernels; bf16 / fp32: dense; "
+    "auto: the fastest a ~2 s probe of this machine measures"
+)
+
+
+def weights_for_dtype(weights: str, dtype: str | None) -> str:
+    """``weights`` with a legacy ``dtype`` key folded in: ``dtype`` alone
+    means dense weights in it; with ``gguf`` it is the activation dtype."""
+    if dtype is None:
+        return weights
+    dense = DTYPE_FORMATS[dtype]
+    if weights == "auto":
+        return dense
+    if weights in ("fp32", "bf16") and weights != dense:
+        raise ValueError(f"weights {weights} contradicts dtype {dtype}")
+    return weights
+
+
+def weight_source(weights: str) -> str:
+    """``load_model``'s ``weights`` argument for a format."""
+    return "gguf" if weights == "gguf" else "dense"
+
+
+def model_dtype(weights: str, dtype: str | None) -> str:
+    """The model dtype of planned settings (``weights`` not ``auto``)."""
+    if weights == "auto":
+        raise ValueError("weights: auto is planned at start-up (specray.deploy.weights_choice)")
+    return dtype or CHOICES[weights].dtype
 
 
 class DrafterConfig(BaseModel):
@@ -122,14 +156,19 @@ class RouterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     target: str = Field("qwen2.5-coder-1.5b-instruct", description="registered name or path")
-    tp: int = Field(2, ge=1, description="tensor-parallel shards per row of a target replica")
+    weights: Weights = Field("auto", description=WEIGHTS_HELP)
+    tp: int | None = Field(
+        None,
+        ge=1,
+        description="tensor-parallel shards per row of a target replica; default: measured",
+    )
     ep: int = Field(
         1,
         ge=1,
         description="expert-parallel rows of tp shards per target replica (tp × ep shards; "
         "the routed experts split over the rows, attention repeated in each)",
     )
-    dtype: Dtype = "bfloat16"
+    dtype: Dtype | None = Field(None, description="dense weights in this dtype (legacy key)")
     num_targets: int = Field(1, ge=1, description="target replicas at start")
     # The router runs one draft pool, so one drafter kind: a list so that a
     # config stays valid once pools of several kinds exist; [] is target-only.
@@ -178,9 +217,42 @@ class RouterSettings(BaseModel):
         None, ge=1, description="embedded Ray's logical CPUs; default: twice what the replicas need"
     )
 
+    @model_validator(mode="after")
+    def _fold_dtype(self) -> RouterSettings:
+        self.weights = weights_for_dtype(self.weights, self.dtype)  # type: ignore[assignment]
+        return self
+
     @property
     def drafter(self) -> DrafterConfig | None:
         return self.drafts[0] if self.drafts else None
+
+    @property
+    def planned(self) -> bool:
+        return self.weights != "auto" and self.tp is not None
+
+    @property
+    def verify_rows(self) -> int | None:
+        """Rows a target verifies per round: k + 1 with a drafter."""
+        return self.k + 1 if self.drafter is not None and self.k > 0 else None
+
+    def with_plan(self, plan: WeightPlan) -> RouterSettings:
+        return self.model_copy(update={"weights": plan.format, "dtype": plan.dtype, "tp": plan.tp})
+
+    @property
+    def planned_tp(self) -> int:
+        """``tp`` once planned."""
+        if self.tp is None:
+            raise ValueError("tp is planned at start-up (specray.deploy.weights_choice)")
+        return self.tp
+
+    @property
+    def shards(self) -> int:
+        """Shards of one target replica, once planned: tp × ep."""
+        return self.planned_tp * self.ep
+
+    @property
+    def model_dtype(self) -> str:
+        return model_dtype(self.weights, self.dtype)
 
     def with_draft(self, draft: str) -> RouterSettings:
         """These settings with ``--draft`` applied (see ``DrafterSpec.parse``)."""
@@ -200,7 +272,8 @@ class ServeConfig(BaseModel):
     # The in-process engine, backend: engine (see specray.actors.engine.factory.EngineSpec).
     target: str = "qwen2.5-coder-0.5b-instruct"
     draft: str = Field("ngram", description="as --draft: none|ngram|NAME|ngram+NAME|head:DIR")
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    weights: Weights = Field("auto", description=WEIGHTS_HELP)
+    dtype: Dtype | None = Field(None, description="dense weights in this dtype (legacy key)")
     k: int = Field(4, ge=0, description="draft tokens per round, or its ceiling")
     adaptive: bool = True
     max_batch: int = Field(8, ge=1)
@@ -239,6 +312,20 @@ class ServeConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _fold_dtype(self) -> ServeConfig:
+        self.weights = weights_for_dtype(self.weights, self.dtype)  # type: ignore[assignment]
+        return self
+
+    @property
+    def verify_rows(self) -> int | None:
+        """Rows the engine's target verifies per round: k + 1 with a drafter."""
+        return self.k + 1 if DrafterSpec.parse(self.draft) is not None and self.k > 0 else None
+
+    def with_plan(self, plan: WeightPlan) -> ServeConfig:
+        """The engine's weights planned (the router's are its own)."""
+        return self.model_copy(update={"weights": plan.format, "dtype": plan.dtype})
+
+    @model_validator(mode="after")
     def _address_needs_router(self) -> ServeConfig:
         if self.address is not None and self.backend != "router":
             raise ValueError("`address` (joining a Ray cluster) needs `backend: router`")
@@ -264,7 +351,8 @@ class ServeConfig(BaseModel):
         return EngineSpec(
             target=self.target,
             draft=DrafterSpec.parse(self.draft),
-            dtype=self.dtype,
+            dtype=model_dtype(self.weights, self.dtype),
+            weights=weight_source(self.weights),
             num_speculative_tokens=self.k,
             adaptive=self.adaptive,
             max_batch=self.max_batch,

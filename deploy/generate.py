@@ -20,8 +20,12 @@ from specray.actors.engine.factory import EngineSpec, LoadedEngine, build_engine
 from specray.actors.engine.request import GenerationRequest, RequestOutput
 from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.tokenizer import chat_ids
+from specray.actors.model.weight_plan import WEIGHT_FORMATS
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
+from specray.actors.store.weights_dir import weights_dir
+from specray.deploy.config import WEIGHTS_HELP, weights_for_dtype
 from specray.deploy.generation_output import print_result
+from specray.deploy.weights_choice import choose_plan
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -46,7 +50,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="positions the prefix cache keeps (default: a quarter of the KV cache; 0: off)",
     )
     p.add_argument("--fixed-k", action="store_true", help="always draft k tokens (no adaptive γ)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto", help=WEIGHTS_HELP)
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default=None, help="dense in this dtype"
+    )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -61,9 +68,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--tp",
         type=int,
-        default=1,
+        default=None,
         help="run the target as shards in Ray actors, N tensor-parallel ranks per row: "
-        "attention heads, the vocabulary and each expert's columns split N ways",
+        "attention heads, the vocabulary and each expert's columns split N ways "
+        "(default: measured at start)",
     )
     p.add_argument(
         "--ep",
@@ -87,13 +95,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         _validate(args)
         drafter = DrafterSpec.parse(args.draft)
+        weights = weights_for_dtype(args.weights, args.dtype)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    verify_rows = args.k + 1 if drafter is not None and args.k > 0 else None
+    plan = choose_plan(args.target, weights, args.tp, verify_rows, args.home, args.dtype)
+    print(f"[{plan.log_line()}]", file=sys.stderr)
     spec = EngineSpec(
         target=args.target,
         draft=drafter,
-        dtype=args.dtype,
+        dtype=plan.dtype,
+        weights=plan.weights,
         num_speculative_tokens=args.k,
         adaptive=not args.fixed_k,
         max_batch=1,
@@ -101,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         prefix_cache_tokens=args.prefix_cache_tokens,
         home=args.home,
     )
-    sharded = _sharded_target(args, spec) if args.tp * args.ep > 1 or args.address else None
+    shards = plan.tp * args.ep
+    sharded = _sharded_target(args, spec, plan.tp) if shards > 1 or args.address else None
     try:
         return _generate(args, build_engine(spec, target=sharded))
     finally:
@@ -109,22 +123,22 @@ def run(args: argparse.Namespace) -> int:
             sharded.shutdown()
 
 
-def _sharded_target(args: argparse.Namespace, spec: EngineSpec) -> Any:
-    """The target as ``--tp × --ep`` shards in Ray actors (embedded loopback
+def _sharded_target(args: argparse.Namespace, spec: EngineSpec, tp: int) -> Any:
+    """The target as ``tp × --ep`` shards in Ray actors (embedded loopback
     Ray, or the cluster at ``--address``)."""
-    from specray.actors.store.resolve import resolve_model
     from specray.cluster.local_ray import start_ray
     from specray.cluster.target_group import ShardedTarget
 
-    shards = args.tp * args.ep
+    shards = tp * args.ep
     # Ray's logical CPUs place the shards; their threads are set apart.
     start_ray(args.address, num_cpus=None if args.address else max(os.cpu_count() or 1, shards))
-    target_dir = resolve_model(spec.target, home=spec.home)
+    target_dir = weights_dir(spec.target, spec.weights, spec.dtype, spec.home)
     return ShardedTarget.create(
         target_dir,
-        tp=args.tp,
+        tp=tp,
         ep=args.ep,
         dtype=spec.dtype,
+        weights=spec.weights,
         num_slots=spec.max_batch,
         max_len=spec.max_len,
         prefix_tokens=spec.prefix_tokens,
@@ -175,7 +189,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.tp < 1:
+    if args.tp is not None and args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
     if args.ep < 1:
         raise ValueError(f"--ep must be >= 1, got {args.ep}")

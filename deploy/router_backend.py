@@ -29,7 +29,7 @@ from specray.actors.drafting.build import resolve_drafter
 from specray.actors.engine.tokenizer import has_tokenizer, load_tokenizer
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.prefix_cache import prefix_tokens
-from specray.actors.store.resolve import resolve_model
+from specray.actors.store.weights_dir import weights_dir
 from specray.actors.workers.draft_worker import DraftWorkerSpec
 from specray.cluster.draft_pool import DraftPoolConfig
 from specray.cluster.local_ray import start_ray
@@ -38,13 +38,14 @@ from specray.cluster.router import RouterConfig, launch_router, open_stream
 from specray.cluster.router_state import RouterHealth, RouterState
 from specray.cluster.target_group import ShardedTargetConfig
 from specray.deploy.backend import Backend, Chunk, ModelInfo, model_info
-from specray.deploy.config import RouterSettings, ServeConfig
+from specray.deploy.config import RouterSettings, ServeConfig, weight_source
 from specray.deploy.conversion import chunk_from_output, generation_request
 from specray.deploy.errors import (
     UnavailableError,
 )
 from specray.deploy.replicas import ReplicaState
 from specray.deploy.validation import ValidatedRequest, Validator
+from specray.deploy.weights_choice import planned_router
 
 log = logging.getLogger(__name__)
 
@@ -207,13 +208,18 @@ def _cause(error: BaseException) -> BaseException:
 
 def router_config(settings: RouterSettings, home: Path | None = None) -> RouterConfig:
     """The router's config, with registered model names resolved in the store
-    (in ``settings.dtype``, so a bf16 router loads the store's bf16 copy)."""
-    target_dir = resolve_model(settings.target, home=home, dtype=settings.dtype)
+    (in the model dtype, so a bf16 router loads the store's bf16 copy; a
+    gguf one a directory holding the GGUF file). Weights left ``auto`` and
+    an unset ``tp`` are planned here (the probe) unless planned before."""
+    settings = planned_router(settings, home)
+    dtype = settings.model_dtype
+    target_dir = weights_dir(settings.target, weight_source(settings.weights), dtype, home)
     target = ShardedTargetConfig(
         str(target_dir),
-        tp=settings.tp,
+        tp=settings.planned_tp,
         ep=settings.ep,
-        dtype=settings.dtype,
+        dtype=dtype,
+        weights=weight_source(settings.weights),
         num_slots=settings.num_slots,
         max_len=settings.max_len,
         strategy=settings.strategy,
@@ -229,11 +235,11 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
     draft = None
     drafter = settings.drafter
     if drafter is not None:
-        dtype = drafter.dtype or settings.dtype
+        draft_dtype = drafter.dtype or dtype
         num_slots = drafter.num_slots or settings.num_slots
         spec = DraftWorkerSpec(
-            drafter=resolve_drafter(drafter.spec, home, dtype),
-            dtype=dtype,
+            drafter=resolve_drafter(drafter.spec, home, draft_dtype),
+            dtype=draft_dtype,
             num_slots=num_slots,
             max_len=settings.max_len,
             num_threads=drafter.threads,
@@ -264,6 +270,7 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
 def launch(settings: RouterSettings, home: Path | None = None, **options: Any) -> RouterAttachment:
     """Resolve the models and start a router on the connected Ray (blocking);
     ``options`` go to :func:`launch_router`."""
+    settings = planned_router(settings, home)
     config = router_config(settings, home)
     drafter = settings.drafter
     info = model_info(
@@ -271,8 +278,8 @@ def launch(settings: RouterSettings, home: Path | None = None, **options: Any) -
         drafter.spec if drafter is not None else None,
         ModelConfig.from_pretrained(Path(config.target.model_dir)),
         settings.max_len,
-        settings.dtype,
-        settings.tp,
+        settings.model_dtype,
+        settings.shards,
         settings.k,
     )
     tokenizer = load_tokenizer(Path(config.tokenizer_dir)) if config.tokenizer_dir else None
@@ -286,10 +293,9 @@ def embedded_ray_cpus(settings: RouterSettings) -> int:
     placement units: the replicas' threads are set separately."""
     if settings.ray_num_cpus is not None:
         return settings.ray_num_cpus
-    shards = settings.tp * settings.ep
-    threads = settings.threads_per_shard or max(1, (os.cpu_count() or 1) // shards)
+    threads = settings.threads_per_shard or max(1, (os.cpu_count() or 1) // settings.shards)
     per_shard = settings.cpus_per_shard if settings.cpus_per_shard is not None else threads
-    needed = settings.num_targets * shards * per_shard
+    needed = settings.num_targets * settings.shards * per_shard
     drafter = settings.drafter
     if drafter is not None:
         needed += settings.num_drafts * drafter.cpus

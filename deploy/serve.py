@@ -29,15 +29,17 @@ from pydantic import ValidationError
 
 from specray.actors.engine.factory import build_engine
 from specray.actors.engine.target import Target
+from specray.actors.model.weight_plan import WEIGHT_FORMATS
 from specray.deploy.auth import TOKEN_ENV, is_private, load_token
 from specray.deploy.backend import Backend, model_info
-from specray.deploy.config import ServeConfig, is_loopback_host, load_config
+from specray.deploy.config import WEIGHTS_HELP, ServeConfig, is_loopback_host, load_config
 from specray.deploy.engine_backend import EngineBackend
 from specray.deploy.errors import BindError
 from specray.deploy.gateway import Gateway
 from specray.deploy.grpc_server import GrpcServer, host_port
 from specray.deploy.openai_http import HttpServer, create_app
 from specray.deploy.validation import Validator
+from specray.deploy.weights_choice import planned_config, planned_engine
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,6 +60,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--target", default=None, help="override the config's target model")
     p.add_argument("--draft", default=None, help="override the drafter: none|ngram|NAME|PATH")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default=None, help=WEIGHTS_HELP)
+    p.add_argument(
+        "--tp", type=int, default=None, help="router: shards per target (default: measured)"
+    )
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (TLS)")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key (TLS)")
     p.add_argument(
@@ -79,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        config = planned_config(config)  # the probe, when weights or tp are left to it
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     # With the router this process only tokenizes: the replicas own the cores.
     default_threads = (os.cpu_count() or 1) if config.backend == "engine" else 1
     torch.set_num_threads(config.threads or default_threads)
@@ -118,14 +129,19 @@ def apply_overrides(config: ServeConfig, args: argparse.Namespace) -> ServeConfi
             settings[key] = value
     if args.no_http:
         settings["http_port"] = None
+    # --weights replaces a legacy dtype key rather than contradict it.
+    weights = {} if args.weights is None else {"weights": args.weights, "dtype": None}
     if settings["backend"] == "router":
-        router = config.router
+        router = config.router.model_copy(update=weights)
         if args.target is not None:
             router = router.model_copy(update={"target": args.target})
         if args.draft is not None:
             router = router.with_draft(args.draft)
+        if args.tp is not None:
+            router = router.model_copy(update={"tp": args.tp})
         settings["router"] = router.model_dump()
     else:
+        settings.update(weights)
         for key in ("target", "draft"):
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)
@@ -214,6 +230,8 @@ def select_backend(config: ServeConfig) -> tuple[Backend, Validator]:
 def build_backend(config: ServeConfig, target: Target | None = None) -> tuple[Backend, Validator]:
     """Load the in-process engine (``target`` replaces the local target, as in
     build_engine), whatever ``config.backend`` says."""
+    if config.weights == "auto":
+        config = planned_engine(config)
     spec = config.engine_spec()
     loaded = build_engine(spec, target)
     info = model_info(
@@ -291,9 +309,12 @@ async def serve(config: ServeConfig) -> int:
     if config.backend == "router":
         router = config.router
         drafter = router.drafter.spec.name if router.drafter is not None else "none"
-        model = f"router: {router.target} (tp {router.tp}, ep {router.ep}), draft {drafter}"
+        model = (
+            f"router: {router.target} ({router.weights}, tp {router.tp}, ep {router.ep}), "
+            f"draft {drafter}"
+        )
     else:
-        model = f"engine: {config.target}, draft {config.draft}"
+        model = f"engine: {config.target} ({config.weights}), draft {config.draft}"
     log.info("loading %s; health is NOT_SERVING until ready", model)
     load = asyncio.create_task(service.load())
     stopped = asyncio.create_task(stop.wait())

@@ -208,8 +208,8 @@ def test_training_is_deterministic_and_lowers_the_loss(tiny_dir_factory, tmp_pat
     state = first.state_dict()
     assert all(torch.equal(t, again.state_dict()[n]) for n, t in state.items())
     untouched = _model(target_dir, 0)
-    assert torch.equal(first.lm_head.weight, untouched.lm_head.weight)
-    assert not torch.equal(first.fc.weight, untouched.fc.weight)
+    assert torch.equal(first.lm_head.weights.weight, untouched.lm_head.weights.weight)
+    assert not torch.equal(first.fc.weights.weight, untouched.fc.weights.weight)
 
 
 def test_sequential_temperature_scaling_recovers_an_overconfident_head() -> None:

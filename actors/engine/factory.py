@@ -20,6 +20,7 @@ from specray.actors.model.loader import load_model
 from specray.actors.model.prefix_cache import prefix_tokens
 from specray.actors.sampling.grammar import GrammarCompiler
 from specray.actors.store.resolve import resolve_model
+from specray.actors.store.weights_dir import weights_dir
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class EngineSpec:
     target: str  # a registered model name or a local path
     draft: DrafterSpec | None = field(default_factory=lambda: DrafterSpec("ngram"))  # None: none
     dtype: str = "bfloat16"
+    weights: str = "dense"  # or "gguf": the GGUF blocks on low-bit kernels (load_model)
     num_speculative_tokens: int = 4
     adaptive: bool = True
     max_batch: int = 8
@@ -54,11 +56,15 @@ class LoadedEngine:
 def build_engine(spec: EngineSpec, target: Target | None = None) -> LoadedEngine:
     """Resolve, load and profile. ``target`` replaces the local target
     (e.g. a tensor-parallel group) while everything else stays the same."""
-    target_dir = resolve_model(spec.target, home=spec.home)
+    target_dir = (
+        weights_dir(spec.target, spec.weights, spec.dtype, spec.home)
+        if spec.weights == "gguf"
+        else resolve_model(spec.target, home=spec.home)
+    )
     config = ModelConfig.from_pretrained(target_dir)
     tokenizer = load_tokenizer(target_dir)
     if target is None:
-        model = load_model(target_dir, spec.dtype)
+        model = load_model(target_dir, spec.dtype, weights=spec.weights)
         target = LocalTarget(model, spec.max_batch, spec.max_len, spec.prefix_tokens)
     drafter = None
     if spec.draft is not None:

@@ -2,7 +2,8 @@
 
 Every layer holds only its rank's slice and reads only that slice from the
 checkpoint. With a ``SingleGroup`` the slices are the whole tensors and the
-layers are plain linears.
+layers are plain linears. The slice is held by a ``LinearWeights`` whose
+format (dense, int8, int4) follows what the checkpoint stores.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from specray.actors.parallel.group import TPGroup, split_range
+from specray.actors.parallel.linear_weights import DenseWeights, LinearWeights
+from specray.actors.parallel.weight_loading import WeightSlice, load_linear
 from specray.actors.parallel.weights import WeightSource
 
 
@@ -28,13 +30,13 @@ class ReplicatedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weight = _param((out_features, in_features), dtype)
+        self.weights: LinearWeights = DenseWeights.empty(out_features, in_features, dtype)
 
     def load(self, source: WeightSource, prefix: str) -> None:
-        self.weight.copy_(source.read(f"{prefix}.weight"))
+        self.weights = load_linear(source, [WeightSlice(f"{prefix}.weight")], self.weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
-        return F.linear(x, self.weight)
+        return self.weights(x)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -50,16 +52,18 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.group = group
         self.out_start, self.out_end = split_range(out_features, group.rank, group.size)
-        self.weight = _param((self.out_end - self.out_start, in_features), dtype)
-        self.bias = _param((self.out_end - self.out_start,), dtype) if bias else None
+        rows = self.out_end - self.out_start
+        self.weights: LinearWeights = DenseWeights.empty(rows, in_features, dtype)
+        self.bias = _param((rows,), dtype) if bias else None
 
     def load(self, source: WeightSource, prefix: str) -> None:
-        self.weight.copy_(source.read(f"{prefix}.weight", 0, self.out_start, self.out_end))
+        part = WeightSlice(f"{prefix}.weight", 0, self.out_start, self.out_end)
+        self.weights = load_linear(source, [part], self.weights)
         if self.bias is not None:
             self.bias.copy_(source.read(f"{prefix}.bias", 0, self.out_start, self.out_end))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
-        return F.linear(x, self.weight, self.bias)
+        return self.weights(x, self.bias)
 
 
 class MergedColumnParallelLinear(nn.Module):
@@ -77,18 +81,17 @@ class MergedColumnParallelLinear(nn.Module):
         self.group = group
         self.ranges = [split_range(n, group.rank, group.size) for n in out_features]
         self.local_sizes = [end - start for start, end in self.ranges]
-        self.weight = _param((sum(self.local_sizes), in_features), dtype)
+        self.weights: LinearWeights = DenseWeights.empty(sum(self.local_sizes), in_features, dtype)
 
     def load(self, source: WeightSource, prefixes: Sequence[str]) -> None:
-        row = 0
-        for prefix, (start, end) in zip(prefixes, self.ranges, strict=True):
-            self.weight[row : row + end - start].copy_(
-                source.read(f"{prefix}.weight", 0, start, end)
-            )
-            row += end - start
+        parts = [
+            WeightSlice(f"{prefix}.weight", 0, start, end)
+            for prefix, (start, end) in zip(prefixes, self.ranges, strict=True)
+        ]
+        self.weights = load_linear(source, parts, self.weights)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # x: [..., in_features]
-        return list(F.linear(x, self.weight).split(self.local_sizes, dim=-1))
+        return list(self.weights(x).split(self.local_sizes, dim=-1))
 
 
 class QKVParallelLinear(nn.Module):
@@ -133,17 +136,18 @@ class QKVParallelLinear(nn.Module):
         self.q_size = self.local_heads * head_dim
         self.kv_size = self.local_kv_heads * head_dim
         rows = self.q_size + 2 * self.kv_size
-        self.weight = _param((rows, hidden_size), dtype)
+        self.weights: LinearWeights = DenseWeights.empty(rows, hidden_size, dtype)
         self.bias = _param((rows,), dtype) if bias else None
 
     def load(self, source: WeightSource, prefix: str) -> None:
         """``prefix`` is the attention module, holding q_proj, k_proj, v_proj."""
         parts = (("q_proj", self.q_range), ("k_proj", self.kv_range), ("v_proj", self.kv_range))
+        slices = [
+            WeightSlice(f"{prefix}.{name}.weight", 0, start, end) for name, (start, end) in parts
+        ]
+        self.weights = load_linear(source, slices, self.weights)
         row = 0
         for name, (start, end) in parts:
-            self.weight[row : row + end - start].copy_(
-                source.read(f"{prefix}.{name}.weight", 0, start, end)
-            )
             if self.bias is not None:
                 self.bias[row : row + end - start].copy_(
                     source.read(f"{prefix}.{name}.bias", 0, start, end)
@@ -154,14 +158,14 @@ class QKVParallelLinear(nn.Module):
         self,
         x: torch.Tensor,  # [..., hidden]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qkv = F.linear(x, self.weight, self.bias)
+        qkv = self.weights(x, self.bias)
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         return q, k, v
 
     def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x: [..., hidden]
         """Only the key and value projections: inputs that are never queries."""
         bias = None if self.bias is None else self.bias[self.q_size :]
-        kv = F.linear(x, self.weight[self.q_size :], bias)
+        kv = self.weights.rows_from(x, self.q_size, bias)
         k, v = kv.split((self.kv_size, self.kv_size), dim=-1)
         return k, v
 
@@ -179,15 +183,18 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.group = group
         self.in_start, self.in_end = split_range(in_features, group.rank, group.size)
-        self.weight = _param((out_features, self.in_end - self.in_start), dtype)
+        self.weights: LinearWeights = DenseWeights.empty(
+            out_features, self.in_end - self.in_start, dtype
+        )
         self.bias = _param((out_features,), dtype) if bias else None
 
     def load(self, source: WeightSource, prefix: str) -> None:
-        self.weight.copy_(source.read(f"{prefix}.weight", 1, self.in_start, self.in_end))
+        part = WeightSlice(f"{prefix}.weight", 1, self.in_start, self.in_end)
+        self.weights = load_linear(source, [part], self.weights)
         if self.bias is not None:
             self.bias.copy_(source.read(f"{prefix}.bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features / size]
-        out = self.group.all_reduce(F.linear(x, self.weight))
+        out = self.group.all_reduce(self.weights(x))
         # Bias after the reduction, or it would be added size times.
         return out if self.bias is None else out + self.bias

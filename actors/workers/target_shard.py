@@ -37,6 +37,7 @@ class ShardSpec:
     master_addr: str = "127.0.0.1"
     master_port: int = 0
     dtype: str = "float32"
+    weights: str = "dense"  # or "gguf": the model dir's GGUF blocks, low-bit kernels
     num_slots: int = 8
     max_len: int = 2048
     num_threads: int = 1
@@ -104,7 +105,9 @@ class TargetShardWorker:
         self._timed = TimedGroup(tp_group) if spec.time_collectives else None
         self._timed_experts = TimedGroup(group) if spec.time_collectives else None
         experts = ExpertShard.on_grid(grid, spec.rank, self._timed_experts or group)
-        model = load_model(Path(spec.model_dir), spec.dtype, self._timed or tp_group, experts)
+        model = load_model(
+            Path(spec.model_dir), spec.dtype, self._timed or tp_group, experts, spec.weights
+        )
         self.target = LocalTarget(model, spec.num_slots, spec.max_len, spec.prefix_tokens)
         # Modules run so far (projections, norms, attention): how a long call
         # shows it is computing, at a grain much finer than a whole layer.

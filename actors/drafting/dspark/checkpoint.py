@@ -71,6 +71,8 @@ def deepspec_state_dict(model: DSparkModel) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu().contiguous()
+        # Parallel layers hold their matrix in a ``weights`` module.
+        name = name.replace(".weights.weight", ".weight")
         if ".layer." in name:
             name = name.replace(".layer.", ".")
         if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):

@@ -173,9 +173,10 @@ class CompressedAttention(nn.Module):
         out = attend_with_sinks(batch.pad(query), keys, visible, self.sinks, self.head_dim**-0.5)
         cos, sin = rope
         out = apply_partial_rope(batch.unpad(out), cos, -sin)  # [tokens, heads, head_dim]
-        groups = self.o_a_proj.weight.shape[0] // self.o_lora_rank
+        o_a = self.o_a_proj.weights.matrix(out.dtype)
+        groups = o_a.shape[0] // self.o_lora_rank
         grouped = out.reshape(tokens, groups, -1).transpose(0, 1)  # [groups, tokens, group_in]
-        weight = self.o_a_proj.weight.view(groups, self.o_lora_rank, -1).transpose(1, 2)
+        weight = o_a.view(groups, self.o_lora_rank, -1).transpose(1, 2)
         mixed = torch.bmm(grouped, weight).transpose(0, 1).reshape(tokens, -1)
         return self.o_b_proj(mixed)
 

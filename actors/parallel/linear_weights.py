@@ -1,0 +1,261 @@
+"""Weight formats behind the parallel linear layers: dense, int8, int4.
+
+A parallel layer owns one :class:`LinearWeights` holding its rank's slice
+and calls it for ``x · Wᵀ (+ bias)``; which format it is (and which kernel
+runs) is decided once, at load time, from what the checkpoint holds:
+
+- dense tensors stay dense in the model dtype;
+- 4-bit codes in groups of 32..256 (GGUF Q4_0 / Q4_1 / Q4_K) become
+  :class:`Int4Weights`, keeping the codes and the per-group scale and zero;
+- any other codes (Q5_*, Q6_K, Q8_0, ...) become :class:`Int8Weights`, one
+  scale per output channel; see :func:`linear_weights_from` for where that
+  rounds.
+
+Each format also dequantizes itself (``dequantize``), which is what tests
+compare its matmul against. The embedding's formats are in
+:mod:`specray.actors.parallel.embedding_rows`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specray.actors.parallel.lowbit_kernels import (
+    INT4_GROUP_SIZES,
+    INT4_ROW_MULTIPLE,
+    int4_matmul,
+    int8_matmul,
+    pack_int4,
+)
+from specray.actors.parallel.quantized import GroupAffine, cat_rows, requantize_int8_per_channel
+
+
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    # Parameters (not buffers) so that parameter counts see every format.
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+class LinearWeights(nn.Module):
+    """A ``[out_features, in_features]`` weight in some format."""
+
+    out_features: int
+    in_features: int
+    format_name: str
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [..., in_features]
+        bias: torch.Tensor | None = None,  # [out_features]
+    ) -> torch.Tensor:  # [..., out_features]
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight this format multiplies by, ``[out, in]`` float32."""
+        raise NotImplementedError
+
+    def rows_from(
+        self,
+        x: torch.Tensor,  # [..., in_features]
+        first: int,  # output rows before this one are not wanted
+        bias: torch.Tensor | None = None,  # [out_features - first]
+    ) -> torch.Tensor:  # [..., out_features - first]
+        """The output features from ``first`` on (a fused projection's tail).
+        Formats that cannot skip rows compute all and drop the head."""
+        out = self(x)[..., first:]
+        return out if bias is None else out + bias
+
+    def matrix(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as a ``[out, in]`` tensor in ``dtype``, for math that is
+        not a plain matmul (a dense weight is returned as it is, uncopied)."""
+        return self.dequantize().to(dtype)
+
+
+class DenseWeights(LinearWeights):
+    """A plain tensor in the model dtype; ``F.linear``."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = _frozen(weight)
+        self.out_features, self.in_features = weight.shape
+        self.format_name = str(weight.dtype).removeprefix("torch.")
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, dtype: torch.dtype) -> DenseWeights:
+        """Uninitialised until loaded (inference only: no init work)."""
+        return cls(torch.empty(out_features, in_features, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, self.weight, bias)
+
+    def rows(self, token_ids: torch.Tensor) -> torch.Tensor:  # [...] int64 -> [..., in]
+        """Rows as an embedding table (a tied embedding and LM head share them)."""
+        return F.embedding(token_ids, self.weight)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float()
+
+    def rows_from(
+        self, x: torch.Tensor, first: int, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.linear(x, self.weight[first:], bias)
+
+    def matrix(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
+
+
+class Int8Weights(LinearWeights):
+    """int8 codes with one scale per output channel: ``W = code * scale``."""
+
+    def __init__(self, matrix: GroupAffine, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        rows, cols = matrix.shape
+        if matrix.group_size != cols or matrix.offsets is not None or matrix.code_min < -128:
+            raise ValueError(f"{matrix.kind} is not int8 with one scale per row")
+        self.codes = _frozen(matrix.codes.to(device))  # [out, in] int8
+        self.scales = _frozen(matrix.scales[:, 0].to(device=device, dtype=dtype))  # [out]
+        self.out_features, self.in_features = rows, cols
+        self.format_name = "int8"
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = int8_matmul(x, self.codes, self.scales)
+        return out if bias is None else out + bias
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.float() * self.scales.float().unsqueeze(1)
+
+
+class Int4Weights(LinearWeights):
+    """4-bit codes with a scale and zero per output channel and group of
+    ``group_size`` input features, packed for the int4 kernel of the device."""
+
+    def __init__(self, matrix: GroupAffine, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        if not fits_int4(matrix):
+            raise ValueError(f"{matrix.kind} codes do not fit the int4 kernel")
+        rows, cols = matrix.shape
+        padded = matrix.pad_rows(-(-rows // INT4_ROW_MULTIPLE) * INT4_ROW_MULTIPLE)
+        # The kernel computes (c - 8) * scale + zero with c = code - code_min,
+        # so zero = offset + scale * (code_min + 8): 0 for codes -8..7 with
+        # no offset (Q4_0), one float32 rounding otherwise.
+        zeros = padded.scales * (padded.code_min + 8)
+        if padded.offsets is not None:
+            zeros = zeros + padded.offsets
+        kernel_codes = padded.codes.to(torch.int32) - padded.code_min
+        self.packed = _frozen(pack_int4(kernel_codes, device))
+        scales_and_zeros = torch.stack([padded.scales.t(), zeros.t()], dim=-1)
+        self.scales_and_zeros = _frozen(scales_and_zeros.to(device=device, dtype=dtype))
+        self.group_size = matrix.group_size
+        self.out_features, self.in_features = rows, cols
+        self.format_name = f"int4/g{matrix.group_size}"
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = int4_matmul(x, self.packed, self.group_size, self.scales_and_zeros)
+        if out.shape[-1] != self.out_features:
+            # Collectives downstream want contiguous tensors.
+            out = out[..., : self.out_features].contiguous()
+        return out if bias is None else out + bias
+
+    def dequantize(self) -> torch.Tensor:
+        # The packed layout is the kernel's own: read it back through the
+        # kernel, one identity row per input feature (float32 on CPU, where
+        # (c - 8) * scale + zero is then computed without further rounding).
+        compute = torch.bfloat16 if self.packed.device.type == "cuda" else torch.float32
+        eye = torch.eye(self.in_features, dtype=compute, device=self.packed.device)
+        table = self.scales_and_zeros.to(compute)
+        columns = int4_matmul(eye, self.packed, self.group_size, table)
+        return columns[:, : self.out_features].t().float()
+
+
+class ConcatWeights(LinearWeights):
+    """Formats stacked along output rows (a fused projection whose parts the
+    checkpoint stores in different formats)."""
+
+    def __init__(self, parts: Sequence[LinearWeights]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.formats: list[LinearWeights] = list(parts)  # typed view of self.parts
+        self.out_features = sum(part.out_features for part in parts)
+        self.in_features = parts[0].in_features
+        self.format_name = "+".join(part.format_name for part in parts)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.cat([part(x) for part in self.formats], dim=-1)
+        return out if bias is None else out + bias
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([part.dequantize() for part in self.formats])
+
+
+def fits_int4(matrix: GroupAffine) -> bool:
+    return matrix.code_max - matrix.code_min <= 15 and matrix.group_size in INT4_GROUP_SIZES
+
+
+def linear_weights_from(
+    parts: Sequence[torch.Tensor | GroupAffine], dtype: torch.dtype, device: torch.device
+) -> LinearWeights:
+    """One format for row blocks read from a checkpoint, stacked in order.
+
+    Dense parts stay dense. 4-bit parts keep their codes (:class:`Int4Weights`):
+    exact codes, with the scale and zero stored in ``dtype`` (float32: the
+    scale is exact and the zero rounds once; bfloat16 rounds both). Wider
+    codes become per-channel int8: exact when a row already has one scale and
+    no offset, otherwise each value moves to the nearest multiple of
+    ``max|row| / 127`` (at most half that step). Neighbouring parts of one
+    format are merged into a single matmul.
+    """
+    runs: list[tuple[str, list[torch.Tensor | GroupAffine]]] = []
+    for part in parts:
+        kind = _format_of(part)
+        if runs and runs[-1][0] == kind:
+            runs[-1][1].append(part)
+        else:
+            runs.append((kind, [part]))
+    built = [_build(kind, run, dtype, device) for kind, run in runs]
+    return built[0] if len(built) == 1 else ConcatWeights(built)
+
+
+def _format_of(part: torch.Tensor | GroupAffine) -> str:
+    if isinstance(part, torch.Tensor):
+        return "dense"
+    return f"int4/g{part.group_size}" if fits_int4(part) else "int8"
+
+
+def _build(
+    kind: str,
+    run: Sequence[torch.Tensor | GroupAffine],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> LinearWeights:
+    if kind == "dense":
+        dense = [part for part in run if isinstance(part, torch.Tensor)]
+        return DenseWeights(torch.cat(dense).to(device=device, dtype=dtype))
+    quantized = [part for part in run if isinstance(part, GroupAffine)]
+    if kind == "int8":
+        return Int8Weights(
+            cat_rows([requantize_int8_per_channel(part) for part in quantized]), dtype, device
+        )
+    return Int4Weights(cat_rows([_unsigned(part) for part in quantized]), dtype, device)
+
+
+def _unsigned(matrix: GroupAffine) -> GroupAffine:
+    """The same values with codes from 0: ``offset += scale * code_min``.
+    Exact without a previous offset (Q4_0: ``-8 * scale``, and the kernel's
+    zero ``offset + 8 * scale`` is then exactly 0 again)."""
+    if matrix.code_min == 0:
+        return matrix
+    shift = matrix.scales * matrix.code_min
+    offsets = shift if matrix.offsets is None else matrix.offsets + shift
+    codes = (matrix.codes.to(torch.int16) - matrix.code_min).to(torch.int8)
+    return GroupAffine(
+        codes,
+        matrix.scales,
+        offsets,
+        matrix.group_size,
+        0,
+        matrix.code_max - matrix.code_min,
+        matrix.kind,
+    )

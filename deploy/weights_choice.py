@@ -1,0 +1,76 @@
+"""Turn ``weights: auto`` and an unset ``tp`` into a concrete plan at start-up.
+
+The probe (about a second) runs here, in the process that starts the
+server, on every core of this machine: the target shards run on the same
+machine unless a Ray cluster is joined, and then the probe speaks for this
+machine only (the log line says where it measured). See
+:mod:`specray.actors.model.weight_plan` for the decision itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from specray.actors.model.gguf_source import int4_share
+from specray.actors.model.hardware import probe
+from specray.actors.model.weight_plan import WeightPlan, needs_probe, plan_weights
+from specray.actors.store.weights_dir import kept_gguf
+from specray.deploy.config import RouterSettings, ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+def choose_plan(
+    target: str,
+    weights: str,
+    tp: int | None,
+    verify_rows: int | None,  # k + 1 with a drafter; None: target-only
+    home: Path | None = None,
+    dtype: str | None = None,  # a configured model dtype, kept
+) -> WeightPlan:
+    """The plan for ``target``, probing this machine when ``weights`` is
+    ``auto``; logged in one line."""
+    recommendation = None
+    if needs_probe(weights):
+        gguf = kept_gguf(target, home)
+        share = int4_share(gguf) if gguf is not None else None
+        threads = len(os.sched_getaffinity(0))
+        recommendation = probe(share, verify_rows=verify_rows or 1, threads=threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plan = plan_weights(weights, tp, recommendation, device, verify_rows is not None, dtype)
+    log.info("%s", plan.log_line())
+    return plan
+
+
+def planned_router(settings: RouterSettings, home: Path | None = None) -> RouterSettings:
+    """``settings`` with weights and tp concrete (probing when needed)."""
+    if settings.planned:
+        return settings
+    plan = choose_plan(
+        settings.target, settings.weights, settings.tp, settings.verify_rows, home, settings.dtype
+    )
+    return settings.with_plan(plan)
+
+
+def planned_config(config: ServeConfig) -> ServeConfig:
+    """The active backend's weights (and the router's tp) planned, and the
+    plan logged, once at start-up."""
+    if config.backend == "router":
+        router = config.router
+        plan = choose_plan(
+            router.target, router.weights, router.tp, router.verify_rows, config.home
+        )
+        return config.model_copy(update={"router": router.with_plan(plan)})
+    return planned_engine(config)
+
+
+def planned_engine(config: ServeConfig) -> ServeConfig:
+    """The in-process engine's weights (its top-level keys) planned."""
+    plan = choose_plan(
+        config.target, config.weights, 1, config.verify_rows, config.home, config.dtype
+    )
+    return config.with_plan(plan)

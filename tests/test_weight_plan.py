@@ -1,0 +1,128 @@
+"""Start-up choice of weight format and tp: the pure decision on injected
+measurements, the config and flags that feed it, and one real probe."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from test_hardware import AVX2, AVX2_TIMINGS, SAPPHIRE
+from tiny_gguf import write_tiny_qwen2
+
+from specray.actors.model.hardware import recommend
+from specray.actors.model.weight_plan import plan_weights
+from specray.actors.store.weights_dir import kept_gguf, weights_dir
+from specray.deploy.cli import build_parser
+from specray.deploy.config import RouterSettings, ServeConfig
+from specray.deploy.router_backend import router_config
+from specray.deploy.serve import apply_overrides
+from specray.deploy.weights_choice import choose_plan, planned_config
+
+DENSE = {name: AVX2_TIMINGS[name] for name in ("fp32", "bf16")}
+
+
+def test_avx2_without_gguf_verifies_in_fp32_and_decodes_in_bf16() -> None:
+    measured = recommend(DENSE, AVX2, gguf_int4_share=None, verify_rows=9)
+    drafting = plan_weights("auto", None, measured, drafting=True)
+    assert (drafting.format, drafting.dtype, drafting.weights) == ("fp32", "float32", "dense")
+    assert "fastest measured for a 9-row verify" in drafting.reason
+    alone = plan_weights("auto", None, measured, drafting=False)
+    assert (alone.format, alone.dtype) == ("bf16", "bfloat16")
+    assert "one-row decode" in alone.reason
+
+
+def test_a_gguf_file_at_hand_runs_low_bit_when_it_is_measured_fastest() -> None:
+    measured = recommend(AVX2_TIMINGS, AVX2, gguf_int4_share=0.1, verify_rows=9)
+    plan = plan_weights("auto", None, measured)
+    assert (plan.format, plan.dtype, plan.weights) == ("gguf", "bfloat16", "gguf")
+    assert plan.log_line().startswith("weights gguf (bfloat16), tp 1: ")
+    assert "native bf16 matmul: no" in plan.reason
+
+
+def test_tp_defaults_to_one_process_and_keeps_a_configured_one() -> None:
+    measured = recommend(DENSE, SAPPHIRE, gguf_int4_share=None)
+    on_cpu = plan_weights("auto", None, measured)
+    assert on_cpu.tp == 1 and "share its cores" in on_cpu.reason
+    assert plan_weights("auto", None, measured, device="cuda").tp == 1
+    assert plan_weights("auto", 4, measured).tp == 4
+
+
+def test_explicit_weights_need_no_measurement() -> None:
+    plan = plan_weights("fp32", 2, None)
+    assert (plan.format, plan.dtype, plan.weights, plan.tp) == ("fp32", "float32", "dense", 2)
+    assert "fp32 as configured" in plan.reason
+    assert plan_weights("gguf", None, None, dtype="float32").dtype == "float32"
+    with pytest.raises(ValueError, match="recommendation"):
+        plan_weights("auto", 1, None)
+    with pytest.raises(ValueError, match="one of"):
+        plan_weights("int3", 1, None)
+
+
+def test_config_defaults_to_auto_and_folds_a_legacy_dtype() -> None:
+    router = RouterSettings.model_validate({})
+    assert (router.weights, router.tp, router.dtype, router.planned) == ("auto", None, None, False)
+    with pytest.raises(ValueError, match="planned at start-up"):
+        router.model_dtype  # noqa: B018
+    legacy = RouterSettings.model_validate({"dtype": "float32", "tp": 2})
+    assert (legacy.weights, legacy.model_dtype, legacy.shards, legacy.planned) == (
+        "fp32",
+        "float32",
+        2,
+        True,
+    )
+    with pytest.raises(ValueError, match="contradicts"):
+        RouterSettings.model_validate({"weights": "bf16", "dtype": "float32"})
+    gguf = ServeConfig.model_validate({"weights": "gguf", "dtype": "float32"})
+    spec = gguf.engine_spec()
+    assert (spec.weights, spec.dtype) == ("gguf", "float32")
+
+
+def test_weights_and_tp_flags_reach_the_active_section() -> None:
+    parser, _ = build_parser()
+    legacy = ServeConfig.model_validate({"router": {"dtype": "bfloat16"}, "dtype": "float32"})
+    args = parser.parse_args(["serve", "--weights", "gguf", "--tp", "1"])
+    router = apply_overrides(legacy, args).router
+    assert (router.weights, router.dtype, router.tp) == ("gguf", None, 1)
+    args = parser.parse_args(["serve", "--backend", "engine", "--weights", "bf16"])
+    config = apply_overrides(legacy, args)
+    assert (config.weights, config.dtype, config.router.weights) == ("bf16", None, "bf16")
+    args = parser.parse_args(["generate", "--target", "t", "--prompt", "p", "--weights", "fp32"])
+    assert (args.weights, args.tp, args.dtype) == ("fp32", None, None)
+
+
+def test_a_real_probe_plans_a_tiny_gguf_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model_dir = write_tiny_qwen2(tmp_path)
+    assert kept_gguf(str(model_dir)) == model_dir / "model.gguf"
+    assert weights_dir(str(model_dir), "gguf") == model_dir.absolute()
+    with caplog.at_level(logging.INFO, logger="specray.deploy.weights_choice"):
+        plan = choose_plan(str(model_dir), "auto", None, verify_rows=5)
+    assert plan.format in {"fp32", "bf16", "gguf"} and plan.tp >= 1
+    assert "5-row verify" in plan.reason and "gguf: 1 row" in plan.reason
+    assert [r.getMessage() for r in caplog.records] == [plan.log_line()]
+
+
+def test_configured_weights_are_planned_without_a_probe(caplog: pytest.LogCaptureFixture) -> None:
+    config = ServeConfig.model_validate({"backend": "engine", "weights": "gguf", "draft": "none"})
+    with caplog.at_level(logging.INFO, logger="specray.deploy.weights_choice"):
+        served = planned_config(config)
+    assert (served.engine_spec().weights, served.engine_spec().dtype) == ("gguf", "bfloat16")
+    assert caplog.records[0].getMessage() == (
+        "weights gguf (bfloat16), tp 1: gguf as configured. tp 1 as configured."
+    )
+
+
+def test_a_gguf_router_hands_its_shards_the_gguf_directory(tmp_path: Path) -> None:
+    model_dir = write_tiny_qwen2(tmp_path)
+    settings = RouterSettings.model_validate(
+        {"target": str(model_dir), "weights": "gguf", "dtype": "float32", "drafts": []}
+    )
+    target = router_config(settings).target
+    assert (target.model_dir, target.weights, target.dtype, target.tp) == (
+        str(model_dir.absolute()),
+        "gguf",
+        "float32",
+        1,
+    )
