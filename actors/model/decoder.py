@@ -104,9 +104,10 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(batch.packed_token_ids)  # [num_tokens, hidden]
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        rope_full = self.rope_full(batch.flat_positions, self.dtype)
+        rotary_positions = batch.flat_rotary_positions
+        rope_full = self.rope_full(rotary_positions, self.dtype)
         rope_sliding = (
-            self.rope_sliding(batch.flat_positions, self.dtype) if self.rope_sliding else rope_full
+            self.rope_sliding(rotary_positions, self.dtype) if self.rope_sliding else rope_full
         )
         masks: dict[int | None, torch.Tensor] = {}
         captured: dict[int, torch.Tensor] = {}

@@ -5,12 +5,19 @@ live at index ``p`` of that slot. Rolling back rejected draft tokens is
 "move the length back" (:meth:`KVCache.truncate`): stale entries beyond the
 length are never read, and are overwritten by the next write.
 
+A verified token tree leaves its nodes at consecutive indices in the order
+they were fed, while the accepted path must end up contiguous:
+:meth:`KVCache.keep_path` moves the path's entries into place (their keys
+already carry the rotary positions of those places) and drops the rest.
+
 Sliding-window layers keep every position too and apply the window as a
 mask. A ring buffer would save memory, but then a rollback could expose
 overwritten entries; full positions keep the window exact across rollbacks.
 """
 
 from __future__ import annotations
+
+from itertools import pairwise
 
 import torch
 
@@ -68,6 +75,24 @@ class KVCache:
                 f"cannot truncate slot {slot} of length {self._lengths[slot]} to {new_len}"
             )
         self._lengths[slot] = new_len
+
+    def keep_path(self, slot: int, start: int, sources: list[int]) -> None:
+        """Move the entries at cache indices ``sources`` (increasing, each
+        ``>= start + its rank``, below the length) to ``start, start + 1, ...``
+        in every layer, then truncate to ``start + len(sources)``."""
+        length = self._lengths[slot]
+        targets = range(start, start + len(sources))
+        if any(not t <= s < length for t, s in zip(targets, sources, strict=True)) or any(
+            a >= b for a, b in pairwise(sources)
+        ):
+            raise ValueError(f"cannot keep {sources} at {start} in slot {slot} of length {length}")
+        if sources != list(targets):
+            index = torch.tensor(sources, device=self.keys.device)
+            block = slice(start, start + len(sources))
+            # index_select copies, so overlapping sources and targets are safe.
+            self.keys[:, slot, :, block] = self.keys[:, slot].index_select(2, index)
+            self.values[:, slot, :, block] = self.values[:, slot].index_select(2, index)
+        self._lengths[slot] = start + len(sources)
 
     def check_room(self, slot: int, end: int) -> None:
         if end > self.max_len:
