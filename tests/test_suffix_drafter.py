@@ -8,10 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from suffix_reference import brute_speculate
+from test_spec_engine import _prompts, _run
 
 from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest
 from specray.actors.drafting.suffix import SpeculationParams, SuffixConfig, SuffixDrafter
-from specray.actors.sampling.params import SamplingParams
+from specray.actors.engine.engine import EngineConfig, SpecEngine
+from specray.actors.engine.request import GenerationRequest
+from specray.actors.engine.target import LocalTarget
+from specray.actors.model.loader import load_model
+from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 
 GREEDY = SamplingParams()
 
@@ -148,3 +153,36 @@ def test_unknown_and_duplicate_requests_are_errors() -> None:
         drafter.propose([DraftRequest("x", 4)])
     with pytest.raises(ValueError):
         drafter.accept("r", 3, [1])
+
+
+@pytest.mark.parametrize(("k", "batch"), [(4, 1), (16, 4)])
+def test_greedy_through_the_engine_equals_target_only(tiny_dir_factory, k: int, batch: int) -> None:  # type: ignore[no-untyped-def]
+    target_dir = tiny_dir_factory("qwen2")
+    prompts = _prompts(batch)
+    reference = _run(target_dir, None, prompts, k=0)
+    assert _run(target_dir, SuffixDrafter(), prompts, k=k) == reference
+
+
+def test_a_repeated_request_is_drafted_from_the_cache(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
+    """A request whose answer an earlier request already wrote: once its first
+    tokens match, the cache drafts the rest and whole rounds are accepted."""
+    model = load_model(tiny_dir_factory("qwen2"))
+    drafter = SuffixDrafter()
+    engine = SpecEngine(
+        LocalTarget(model, num_slots=2, max_len=128),
+        drafter,
+        tokenizer=None,
+        eos_token_ids=(),
+        config=EngineConfig(max_batch=1, num_speculative_tokens=16, adaptive=False),
+    )
+    prompt = _prompts(1, seed=3)[0]
+    stop = StoppingCriteria(max_tokens=40, ignore_eos=True)
+    outputs = {}
+    for rid in ("first", "again"):
+        chunks = list(engine.generate([GenerationRequest(rid, prompt, GREEDY, stop)]))
+        outputs[rid] = ([t for c in chunks for t in c.token_ids], chunks[-1].stats)
+    (first, first_stats), (again, again_stats) = outputs["first"], outputs["again"]
+    assert again == first
+    assert drafter.global_proposals > 0
+    assert again_stats.rounds < first_stats.rounds
+    assert again_stats.accepted_tokens > again_stats.rounds  # more than one token a round
