@@ -28,18 +28,17 @@ import torch
 from transformers import AutoTokenizer
 
 from specray.actors.drafting.base import Drafter
-from specray.actors.drafting.draft_model import DraftModelDrafter
-from specray.actors.drafting.head.checkpoint import head_dir_of, load_head
-from specray.actors.drafting.head.drafter import HeadDrafter
-from specray.actors.drafting.ngram import NgramDrafter
+from specray.actors.drafting.build import build_drafter as build
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget
+from specray.actors.engine.tokenizer import eos_token_ids
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
+from specray.bench.common import chat_ids, resolve_preferring
 from specray.bench.prompts import CATEGORIES, Prompt, load_prompts
-from specray.bench.spec_bench import chat_ids, eos_ids, resolve_preferring
 
 ALL = "all"
 
@@ -92,13 +91,14 @@ def summarize(tallies: Sequence[RequestTally]) -> dict[str, float]:
 
 
 def build_drafter(name: str, target_dir: Path, dtype: str, slots: int, max_len: int) -> Drafter:
-    if name == "ngram":
-        return NgramDrafter()
-    head_dir = head_dir_of(name)
-    if head_dir is not None:
-        return HeadDrafter(load_head(head_dir, target_dir, dtype), slots, max_len)
-    draft = load_model(resolve_preferring(name, dtype), dtype)
-    return DraftModelDrafter(draft, slots, max_len)
+    """``name`` as ``--draft`` names it, preferring the store's copy in ``dtype``."""
+    spec = DrafterSpec.parse(name)
+    if spec is None:
+        raise ValueError("head_eval compares drafters: `none` is not one")
+    if spec.kind in ("model", "hybrid"):
+        assert spec.model is not None
+        spec = spec.with_model(resolve_preferring(spec.model, dtype))
+    return build(spec, dtype, slots, max_len, target_dir)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prompts = [p for c in categories for p in load_prompts([c], args.split)[: args.per_category]]
     target_dir = resolve_preferring(args.target, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    eos = eos_ids(ModelConfig.from_pretrained(target_dir), tokenizer)
+    eos = eos_token_ids(ModelConfig.from_pretrained(target_dir), tokenizer)
     prompt_ids = {p.id: chat_ids(tokenizer, p.prompt) for p in prompts}
     gammas = [int(g) for g in args.gammas.split(",")]
     max_len = max(map(len, prompt_ids.values())) + args.max_tokens + 2 * max(gammas) + 8

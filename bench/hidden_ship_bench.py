@@ -28,7 +28,7 @@ import torch
 from specray.actors.engine.round import DraftUpdate
 from specray.actors.engine.target import VerifyInput
 from specray.actors.workers.target_shard import ShardSpec, TargetShardWorker
-from specray.bench.spec_bench import resolve_preferring
+from specray.bench.common import resolve_preferring
 from specray.cluster.local_ray import start_ray
 
 

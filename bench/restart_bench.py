@@ -32,12 +32,11 @@ from typing import Any
 import ray
 
 from specray.actors.store.resolve import resolve_model
-from specray.actors.workers.draft_worker import DraftWorkerSpec
-from specray.cluster.draft_pool import DraftPoolConfig
 from specray.cluster.local_ray import start_ray
-from specray.cluster.router import RouterConfig, launch_router
+from specray.cluster.router import launch_router
 from specray.cluster.router_state import RouterState
-from specray.cluster.target_group import ShardedTargetConfig
+from specray.deploy.config import RouterSettings
+from specray.deploy.router_backend import router_config
 
 
 def tiny_model(directory: Path) -> Path:
@@ -119,11 +118,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             model_dir = tiny_model(Path(scratch))
         else:
             model_dir = resolve_model(args.target, dtype=args.dtype)
-        target = ShardedTargetConfig(
-            str(model_dir), tp=args.tp, dtype=args.dtype, threads_per_shard=1, max_len=512
+        settings = RouterSettings.model_validate(
+            {
+                "target": str(model_dir),
+                "tp": args.tp,
+                "dtype": args.dtype,
+                "threads_per_shard": 1,
+                "max_len": 512,
+                "drafts": [{"kind": "ngram"}],
+                "num_drafts": 2,
+                "profile": False,
+            }
         )
-        draft = DraftPoolConfig(DraftWorkerSpec("ngram"), num_cpus=1)
-        config = RouterConfig(target=target, draft=draft, num_drafts=2, profile=False)
+        config = router_config(settings)
         began = time.perf_counter()
         router = launch_router(config)
         result: dict[str, Any] = {"tp": args.tp, "cold_start_s": time.perf_counter() - began}

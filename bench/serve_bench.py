@@ -37,6 +37,7 @@ from typing import Any
 import grpc
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from specray.bench.common import machine_info, resolve_preferring
 from specray.bench.serve_dataset import (
     RANDOM,
     BenchPrompt,
@@ -48,8 +49,7 @@ from specray.bench.serve_dataset import (
 )
 from specray.bench.serve_metrics import RequestRecord, category_rows, mode_summary, output_agreement
 from specray.bench.serve_report import attach_limit
-from specray.bench.spec_bench import machine_info, resolve_preferring
-from specray.deploy.client import FINISH_REASONS, build_request
+from specray.protos.messages import FINISH_REASONS, build_request
 from specray.protos.specray.v1 import generation_pb2 as pb
 from specray.protos.specray.v1 import generation_pb2_grpc as pb_grpc
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from specray.bench.common import chat_ids
 from specray.bench.prompts import load_prompts
-from specray.bench.spec_bench import chat_ids
 
 RANDOM = "random"  # the dataset (and category) of random token-id prompts
 AB_ORDERS = ("pairs", "phases")

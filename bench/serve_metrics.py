@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
-from specray.bench.spec_bench import first_divergence
+from specray.bench.common import first_divergence
 
 SPEC, BASE = "spec", "no_spec"  # the two arms of the A/B run
 ALL = "all"  # the row pooling every category

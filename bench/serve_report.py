@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from specray.actors.engine.gamma import speedup
+from specray.bench.common import alpha_from_tau
 from specray.bench.serve_metrics import ALL, BASE, SPEC
-from specray.bench.spec_bench import alpha_from_tau, analytic_limit
 
 LATENCIES = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2el_ms", "E2EL"))
 ARM_NAMES = {SPEC: "spec", BASE: "no spec"}
@@ -28,9 +29,9 @@ def attach_limit(
             continue
         row["alpha_eff"] = alpha_from_tau(row["tau"], gamma)
         if draft_cost is not None and verify_cost is not None:
-            row["S"] = analytic_limit(row["alpha_eff"], gamma, draft_cost, verify_cost)
-            speedup = row["tpot_speedup"]
-            row["achieved"] = speedup / row["S"] if speedup is not None else None
+            row["S"] = speedup(row["alpha_eff"], gamma, draft_cost, verify_cost)
+            tpot_speedup = row["tpot_speedup"]
+            row["achieved"] = tpot_speedup / row["S"] if tpot_speedup is not None else None
 
 
 def load_results(paths: Sequence[Path]) -> list[dict[str, Any]]:

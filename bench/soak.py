@@ -39,7 +39,7 @@ from typing import Any
 import grpc
 
 from specray.cluster.router_state import RouterState
-from specray.deploy.client import build_request
+from specray.protos.messages import build_request
 from specray.protos.specray.v1 import generation_pb2_grpc as pb_grpc
 
 Prompt = str | list[int]

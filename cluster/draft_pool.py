@@ -25,20 +25,12 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from specray.actors.drafting.base import DraftProposal, DraftRequest
-from specray.actors.engine.round import DraftUpdate
+from specray.actors.drafting.base import DraftProposal, DraftRequest, DraftUpdate
 from specray.actors.sampling.params import SamplingParams
 from specray.actors.workers.draft_worker import DraftWorker, DraftWorkerSpec, DraftWorkerStats
 from specray.cluster.router_state import DraftReplicaState
 
 _MAX_UNSETTLED = 64
-
-
-def feed_profile_sizes(max_len: int, largest: int = 256) -> tuple[int, ...]:
-    """Powers of two up to ``largest`` tokens (longer catch-ups extrapolate
-    linearly, as feeding that many is compute-bound)."""
-    top = min(largest, max_len - 1)
-    return tuple(1 << i for i in range(top.bit_length()) if 1 << i <= top)
 
 
 class DraftReplicaError(RuntimeError):

@@ -27,12 +27,12 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from specray.cluster.draft_pool import DraftPool
 from specray.cluster.errors import TargetGroupError
+from specray.cluster.events import DraftLost, Inbox, TargetLost
 from specray.cluster.metrics import RouterMetrics
 from specray.cluster.router_state import RecoveryState, RouterHealth
 from specray.cluster.target_pool import TargetPool
@@ -105,15 +105,6 @@ class OutageClock:
         return self.since is not None and now - self.since >= bound_s
 
 
-@dataclass(frozen=True)
-class RecoveryHooks:
-    """What the router does for the requests of a replica found dead here."""
-
-    draft_lost: Callable[[int], None]  # its requests go target-only, then re-attach
-    target_lost: Callable[[int], None]  # its requests re-prefill elsewhere
-    wake: Callable[[], None]  # something a lane may act on changed
-
-
 class Recovery:
     """Replaces lost replicas, watches idle ones, and decides how long
     requests wait while no target replica is up."""
@@ -124,13 +115,13 @@ class Recovery:
         targets: TargetPool,
         drafts: DraftPool | None,
         metrics: RouterMetrics,
-        hooks: RecoveryHooks,
+        inbox: Inbox,
     ) -> None:
         self.config = config
         self._targets = targets
         self._drafts = drafts
         self._metrics = metrics
-        self._hooks = hooks
+        self._inbox = inbox
         self._wanted: dict[Kind, int] = {"target": 0, "draft": 0}
         self._failures: dict[Kind, int] = {"target": 0, "draft": 0}
         self._restarts: dict[Kind, deque[float]] = {
@@ -177,6 +168,7 @@ class Recovery:
         fresh group in its place. False if it was already handled."""
         if self._targets.drop(replica_id) is None:
             return False
+        self._inbox.post(TargetLost(replica_id))
         log.warning("target replica %d lost (%s); restarting its group", replica_id, _brief(why))
         self._failures["target"] += 1
         self._metrics.observe_failure("target")
@@ -191,6 +183,7 @@ class Recovery:
             return False
         self._lost_drafts.add(replica_id)
         self._drafts.drop(replica_id)
+        self._inbox.post(DraftLost(replica_id))
         log.warning("draft replica %d lost (%s); starting another", replica_id, _brief(why))
         self._failures["draft"] += 1
         self._metrics.observe_failure("draft")
@@ -226,7 +219,7 @@ class Recovery:
         # there past the bound (seen in CI: a 120 s client deadline instead
         # of UNAVAILABLE).
         remaining = bound - (self._clock.seconds(now) or 0.0)
-        asyncio.get_running_loop().call_later(max(remaining, 0.0) + 1e-3, self._hooks.wake)
+        asyncio.get_running_loop().call_later(max(remaining, 0.0) + 1e-3, self._inbox.wake)
         return None
 
     # -- reporting -------------------------------------------------------------
@@ -267,7 +260,7 @@ class Recovery:
         self._metrics.set_targets_up(live)
         if not was_down and self._clock.since is not None:
             bound = self.config.target_restart_timeout_s
-            asyncio.get_running_loop().call_later(bound, self._hooks.wake)
+            asyncio.get_running_loop().call_later(bound, self._inbox.wake)
 
     def _deficit(self, kind: Kind) -> int:
         pool = self._targets if kind == "target" else self._drafts
@@ -313,7 +306,7 @@ class Recovery:
             self._metrics.observe_restart(kind)
             backoff.reset()
             self._note_targets()
-            self._hooks.wake()
+            self._inbox.wake()
 
     async def _watch_loop(self, interval: float) -> None:
         while not self._closed:
@@ -325,12 +318,10 @@ class Recovery:
 
     async def _probe(self, timeout_s: float) -> None:
         for replica_id in await self._targets.find_dead(timeout_s):
-            if self.target_failed(replica_id, "a shard's process is gone"):
-                self._hooks.target_lost(replica_id)
+            self.target_failed(replica_id, "a shard's process is gone")
         if self._drafts is not None:
             for replica_id in await self._drafts.find_dead(timeout_s):
-                if self.draft_failed(replica_id, "its process is gone"):
-                    self._hooks.draft_lost(replica_id)
+                self.draft_failed(replica_id, "its process is gone")
 
 
 def _brief(why: object) -> str:

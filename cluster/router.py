@@ -1,38 +1,29 @@
-"""The router: an async Ray actor that runs propose → verify → accept rounds
-over draft replicas and tensor-parallel target replicas.
+"""The router: an async Ray actor that runs speculative rounds over draft
+replicas and tensor-parallel target replicas.
 
-It owns the request queue and every request's state (committed tokens,
-sampling parameters and seed, the target and draft replica it is pinned to,
-stats). Each lane (one, or two micro-batches with ``overlap``) loops:
+This module is its surface — configuration, start and shutdown, the
+request calls, scaling and introspection — and the wiring of its parts:
 
-1. at the round boundary: free cancelled requests, move requests off
-   draining or broken replicas, re-attach drafts, admit waiting requests;
-2. choose γ per request (load-aware) and
-3. ask the draft replicas for proposals, all replicas at once, each call
-   carrying the previous rounds' verdicts (how far to roll back): both in
-   :mod:`specray.cluster.round_drafts`;
-4. verify each target replica's share of the batch in one forward;
-5. accept (lossless rejection sampling) and commit, both from
-   :mod:`specray.actors.engine.round`;
-6. stream each request's tokens to its caller.
+- :class:`~specray.cluster.request_table.RequestTable`: every request, the
+  waiting queue and the lanes' members; where requests enter and leave;
+- :class:`~specray.cluster.lanes.Lanes`: the round loops. Each round is
+  :func:`~specray.actors.engine.round.speculative_round`, the function the
+  in-process engine runs, through the Ray ports of :mod:`specray.cluster.ports`;
+- :class:`~specray.cluster.scaling.Scaler`: growing, shrinking, profiling;
+- :class:`~specray.cluster.recovery.Recovery`: replacing lost replicas (a
+  target replica as a whole TP group) and bounding how long requests wait
+  for a target; losses reach the lanes as events (:mod:`specray.cluster.events`).
 
-The round's pure steps are the single-process engine's; only the transport
-differs. A request moves between target replicas by re-prefilling its
-committed tokens (verify from position 0) and between draft replicas by
-starting again from them, so neither moves nor draft failures change greedy
-output. Lost replicas are replaced by :mod:`specray.cluster.recovery` (a
-target replica as a whole TP group); while none is up, requests wait for it
-in the queue, with their committed tokens, within a bound.
+A request moves between target replicas by re-prefilling its committed
+tokens and between draft replicas by starting again from them, so neither
+moves nor draft failures change greedy output.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
-import time
-from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,28 +31,21 @@ from typing import Any
 
 import ray
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from specray.actors.drafting.base import DraftProposal
-from specray.actors.engine.engine import start_request, stream_round
-from specray.actors.engine.gamma import SurvivalEstimate
+from specray.actors.engine.errors import NotRunningError
+from specray.actors.engine.lifecycle import grammar_for, start_request
 from specray.actors.engine.request import GenerationRequest, RequestOutput
-from specray.actors.engine.round import accept_drafts, commit, verify_inputs
-from specray.actors.engine.target import VerifyOutput
+from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS, GammaScheduler
+from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
 from specray.actors.model.config import ModelConfig
-from specray.cluster.costs import RoundCostModel
-from specray.cluster.draft_pool import DraftPool, DraftPoolConfig, feed_profile_sizes
-from specray.cluster.errors import TargetGroupError
+from specray.actors.sampling.grammar import GrammarCompiler
+from specray.cluster.draft_pool import DraftPool, DraftPoolConfig
+from specray.cluster.events import Inbox
+from specray.cluster.lanes import Lanes
 from specray.cluster.metrics import RouterMetrics
-from specray.cluster.recovery import Recovery, RecoveryConfig, RecoveryHooks
-from specray.cluster.round_drafts import (
-    DraftPaths,
-    backlog_after,
-    choose_gammas,
-    fed_steps,
-    propose,
-    record_verdict,
-)
+from specray.cluster.ports import PoolDrafting, PoolVerifying
+from specray.cluster.recovery import Recovery, RecoveryConfig
+from specray.cluster.request_table import RequestTable
 from specray.cluster.router_state import (
     Footprint,
     RoundTimings,
@@ -70,27 +54,11 @@ from specray.cluster.router_state import (
     RouterTimings,
     ScaleReport,
 )
+from specray.cluster.scaling import ProfilePlan, Scaler
 from specray.cluster.target_group import ShardedTargetConfig
-from specray.cluster.target_pool import TargetPool, profile_sizes
-from specray.cluster.tracked import Tracked
+from specray.cluster.target_pool import TargetPool
 
 log = logging.getLogger(__name__)
-
-
-__all__ = [
-    "RequestCancelledError",
-    "Router",
-    "RouterConfig",
-    "RouterState",
-    "RouterTimings",
-    "ScaleReport",
-    "launch_router",
-    "open_stream",
-]
-
-
-class RequestCancelledError(RuntimeError):
-    """The request was cancelled before it finished."""
 
 
 @dataclass(frozen=True)
@@ -101,9 +69,12 @@ class RouterConfig:
     num_drafts: int = 1
     num_speculative_tokens: int = 4  # γ ceiling
     adaptive: bool = True  # False: always draft the ceiling
+    # Tokens a target replica feeds per round: prompts prefill in chunks
+    # beside the decoding requests. None: every prompt in one round.
+    max_batched_tokens: int | None = DEFAULT_MAX_BATCHED_TOKENS
     overlap: bool = False  # two micro-batches: one drafts while the other verifies
     tokenizer_dir: str | None = None  # streams text when set
-    eos_token_ids: tuple[int, ...] | None = None  # None: the target's config
+    eos_token_ids: tuple[int, ...] | None = None  # None: the target's config and tokenizer
     model_name: str = ""  # the metrics' model_name label; default: the target's folder
     metrics_port: int | None = None  # None: no endpoint; 0: any free port on 127.0.0.1
     profile: bool = True  # time verify sizes and draft feeds once the replicas are up
@@ -119,47 +90,41 @@ class RouterConfig:
             raise ValueError("num_drafts and num_speculative_tokens must be >= 0")
 
 
+@dataclass
+class _Parts:
+    """What :meth:`Router.start` builds."""
+
+    table: RequestTable
+    lanes: Lanes
+    scaler: Scaler
+    recovery: Recovery
+    metrics: RouterMetrics
+    tasks: list[asyncio.Task[None]]
+
+
 class Router:
     """The router actor's body; :func:`launch_router` is where Ray wraps it."""
 
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
-        self._tracked: dict[str, Tracked] = {}
-        self._waiting: deque[str] = deque()
-        self._targets = TargetPool(config.target, self._wake)
-        self._pool: DraftPool | None = None
-        self._lanes: list[dict[str, None]] = []  # ordered sets of request ids
-        self._tasks: list[asyncio.Task[None]] = []
-        self._costs = RoundCostModel(overlap=config.overlap)
-        # per drafting path, the prior of new requests
-        self._pool_alpha = {path: SurvivalEstimate(decay=0.98) for path in ("lookup", "model")}
-        self._paths: DraftPaths | None = None  # set when a draft pool starts
-        self._hidden_layers: tuple[int, ...] = ()
-        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._parts: _Parts | None = None
+        self._targets: TargetPool | None = None
+        self._drafts: DraftPool | None = None
+        self._tokenizer: Any = None
         self._eos: tuple[int, ...] = ()
-        self._metrics: RouterMetrics | None = None
+        self._grammars: GrammarCompiler | None = None  # structured output
         self._metrics_port: int | None = None
-        self._work: asyncio.Event | None = None
-        self._scale_lock: asyncio.Lock | None = None
-        self._scaling = False
-        self._started = False
         self._closed = False
-        self._target_moves = 0
-        self._draft_moves = 0
-        self._recovery: Recovery | None = None  # made in start(), with the metrics
-        self._timings = RoundTimings()
 
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> RouterState:
         """Start the replicas, the metrics endpoint and the round loops."""
-        if self._started:
+        if self._parts is not None:
             return await self.state()
         config = self.config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)  # the router's own process
-        self._work = asyncio.Event()
-        self._scale_lock = asyncio.Lock()
         # Blocking replica calls (verify, release, start-up) run in threads;
         # the default pool (cores + 4) is small enough to queue releases
         # behind verifies when several replicas and lanes are busy.
@@ -168,62 +133,82 @@ class Router:
         )
         model_dir = Path(config.target.model_dir)
         if config.tokenizer_dir is not None:
-            self._tokenizer = await asyncio.to_thread(
-                AutoTokenizer.from_pretrained, config.tokenizer_dir
-            )
-        eos = config.eos_token_ids
-        if eos is None:
-            eos = tuple(ModelConfig.from_pretrained(model_dir).eos_token_ids)
-            tok_eos = self._tokenizer.eos_token_id if self._tokenizer is not None else None
-            if tok_eos is not None and tok_eos not in eos:
-                eos += (int(tok_eos),)
-        self._eos = eos
-        self._metrics = RouterMetrics(
-            config.model_name or model_dir.name, config.num_speculative_tokens
-        )
+            self._tokenizer = await asyncio.to_thread(load_tokenizer, Path(config.tokenizer_dir))
+        model_config = ModelConfig.from_pretrained(model_dir)
+        self._eos = config.eos_token_ids or eos_token_ids(model_config, self._tokenizer)
+        if self._tokenizer is not None:
+            self._grammars = GrammarCompiler(self._tokenizer, model_config.vocab_size)
+        metrics = RouterMetrics(config.model_name or model_dir.name, config.num_speculative_tokens)
         if config.metrics_port is not None:
-            self._metrics_port = self._metrics.serve(config.metrics_port)
-        starts: list[Any] = [self._targets.add() for _ in range(config.num_targets)]
+            self._metrics_port = metrics.serve(config.metrics_port)
+
+        inbox = Inbox()
+        self._targets = targets = TargetPool(config.target, inbox)
+        starts: list[Any] = [targets.add() for _ in range(config.num_targets)]
+        drafts = None
         if config.draft is not None and config.num_speculative_tokens > 0:
-            self._pool = DraftPool(config.draft)
-            spec = config.draft.spec
-            self._paths = DraftPaths(model=spec.catches_up, lookup=spec.looks_up)
+            self._drafts = drafts = DraftPool(config.draft)
             if config.num_drafts:
-                starts.append(self._pool.add(config.num_drafts))
+                starts.append(drafts.add(config.num_drafts))
         await asyncio.gather(*starts)
-        if config.profile:
-            await self._profile()
-        if self._pool is not None and self._pool.replicas:
-            first = next(iter(self._pool.replicas.values()))
-            self._hidden_layers = tuple(await first.handle.hidden_layers.remote())
-        hooks = RecoveryHooks(self._unpin_draft, self._unpin_target, self._wake)
-        self._recovery = Recovery(config.recovery, self._targets, self._pool, self._metrics, hooks)
-        self._recovery.start(config.num_targets, config.num_drafts if self._pool else 0)
-        lanes = 2 if config.overlap else 1
-        self._lanes = [{} for _ in range(lanes)]
+
+        recovery = Recovery(config.recovery, targets, drafts, metrics, inbox)
+        lanes_count = 2 if config.overlap else 1
+        table = RequestTable(targets, drafts, metrics, inbox, lanes_count)
+        drafting = PoolDrafting(drafts, recovery) if drafts is not None else None
+        verifying = PoolVerifying(targets, recovery, table, config.recovery.max_replays)
+        scheduler = GammaScheduler(
+            config.draft.spec.drafter.paths if drafts is not None and config.draft else None,
+            config.adaptive,
+            max_batched_tokens=config.max_batched_tokens,
+        )
+        scheduler.costs.overlap = config.overlap
+        lanes = Lanes(
+            table,
+            targets,
+            drafts,
+            recovery,
+            scheduler,
+            (drafting, verifying),
+            metrics,
+            inbox,
+            config.reattach_drafts,
+        )
+        plan = ProfilePlan(
+            config.profile,
+            config.target.num_slots,
+            config.num_speculative_tokens,
+            config.target.max_len,
+            config.max_batched_tokens,
+        )
+        scaler = Scaler(targets, drafts, drafting, recovery, lanes, scheduler.costs, plan, inbox)
+        await scaler.profile()
+        await scaler.read_hidden_layers()
+        recovery.start(config.num_targets, config.num_drafts if drafts is not None else 0)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._lane_loop(lane)) for lane in range(lanes)]
-        self._started = True
+        tasks = [loop.create_task(lanes.run(lane)) for lane in range(lanes_count)]
+        self._parts = _Parts(table, lanes, scaler, recovery, metrics, tasks)
         return await self.state()
 
     async def shutdown(self) -> None:
         """Fail what is left, stop the loops and every replica."""
         self._closed = True
-        self._targets.close()  # before the restarts stop: a group starting is stopped
-        if self._recovery is not None:
-            await self._recovery.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for tracked in list(self._tracked.values()):
-            tracked.chunks.put_nowait(RequestCancelledError("the router shut down"))
-        self._tracked.clear()
-        self._waiting.clear()
-        await self._targets.shutdown()
-        if self._pool is not None:
-            await self._pool.shutdown()
-        if self._metrics is not None:
-            self._metrics.close()
+        parts = self._parts
+        if self._targets is not None:
+            self._targets.close()  # before the restarts stop: a group starting is stopped
+        if parts is not None:
+            await parts.recovery.close()
+            parts.lanes.closed = True
+            for task in parts.tasks:
+                task.cancel()
+            await asyncio.gather(*parts.tasks, return_exceptions=True)
+            parts.table.close("the router shut down")
+        if self._targets is not None:
+            await self._targets.shutdown()
+        if self._drafts is not None:
+            await self._drafts.shutdown()
+        if parts is not None:
+            parts.metrics.close()
 
     # -- requests ---------------------------------------------------------------
 
@@ -233,7 +218,18 @@ class Router:
         Cancelling the Ray task (``ray.cancel`` on its generator) cancels the
         request and frees its state on every actor.
         """
-        tracked = self._submit(request)
+        parts = self._running()
+        run = start_request(
+            request,
+            self._eos,
+            self._tokenizer,
+            self.config.num_speculative_tokens,
+            parts.lanes.scheduler.new_draft_state(),
+            # Compiled on a worker thread: the first one also builds the
+            # grammar engine's view of the vocabulary (seconds).
+            await asyncio.to_thread(grammar_for, request, self._grammars),
+        )
+        tracked = parts.table.submit(run)
         finished = False
         try:
             while not finished:
@@ -244,7 +240,7 @@ class Router:
                 yield item
         finally:
             if not finished:
-                self._cancel(request.request_id)
+                parts.table.cancel(request.request_id)
 
     async def generate(self, request: GenerationRequest) -> RequestOutput:
         """The whole output as one chunk."""
@@ -260,105 +256,32 @@ class Router:
 
     async def cancel(self, request_id: str) -> bool:
         """Cancel a request; False if it is unknown or already finished."""
-        return self._cancel(request_id)
-
-    # -- scaling ------------------------------------------------------------------
+        return self._running().table.cancel(request_id)
 
     async def scale(self, drafts: int | None = None, targets: int | None = None) -> ScaleReport:
-        """Grow or shrink to ``drafts`` draft and ``targets`` target replicas.
-
-        New replicas take new requests and a fair share of the running ones;
-        removed replicas drain first: each of their requests moves at its next
-        round boundary (re-prefill on a target, restart on a draft). Returns
-        once removed replicas are empty and stopped.
-        """
-        assert self._scale_lock is not None
-        if targets is not None and targets < 1:
-            raise ValueError(f"targets must be >= 1, got {targets}")
-        if drafts is not None and drafts < 0:
-            raise ValueError(f"drafts must be >= 0, got {drafts}")
-        if drafts and self._pool is None:
-            raise ValueError("this router has no draft spec to scale")
-        began = time.perf_counter()
-        moves_before = (self._target_moves, self._draft_moves)
-        async with self._scale_lock:
-            self._scaling = True
-            try:
-                await self._scale(drafts, targets)
-            finally:
-                self._scaling = False
-                self._wake()
-        return ScaleReport(
-            targets=len(self._targets.live),
-            drafts=len(self._pool.live) if self._pool is not None else 0,
-            target_moves=self._target_moves - moves_before[0],
-            draft_moves=self._draft_moves - moves_before[1],
-            seconds=time.perf_counter() - began,
-        )
-
-    async def _scale(self, drafts: int | None, targets: int | None) -> None:
-        pool, target_pool = self._pool, self._targets
-        assert self._recovery is not None
-        self._recovery.want(targets, drafts)  # what a lost replica is replaced up to
-        # Replicas already (re)starting count: they join without our help.
-        add_targets = max(0, (targets or 0) - len(target_pool.live) - target_pool.starting)
-        add_drafts = 0
-        if pool is not None:
-            add_drafts = max(0, (drafts or 0) - len(pool.live) - pool.starting)
-        grow: list[Any] = [self._add_target() for _ in range(add_targets)]
-        if pool is not None and add_drafts:
-            grow.append(pool.add(add_drafts))
-        try:
-            await asyncio.gather(*grow)
-        except BaseException:  # keep what did start; restore no further
-            self._recovery.want(len(target_pool.live), len(pool.live) if pool is not None else None)
-            raise
-        if pool is not None and not self._hidden_layers and pool.replicas:
-            first = next(iter(pool.replicas.values()))
-            self._hidden_layers = tuple(await first.handle.hidden_layers.remote())
-
-        draining_targets = []
-        if targets is not None and targets < len(target_pool.live):
-            draining_targets = target_pool.drain(len(target_pool.live) - targets)
-        elif add_targets:
-            for request_id in target_pool.rebalance():
-                self._tracked[request_id].move_target = True
-        draining_drafts = []
-        if pool is not None and drafts is not None and drafts < len(pool.live):
-            draining_drafts = pool.drain(len(pool.live) - drafts)
-        elif pool is not None and add_drafts:
-            for request_id in pool.rebalance():
-                self._tracked[request_id].move_draft = True
-        self._wake()
-
-        # Lanes move their requests at round boundaries; requests without a
-        # lane (waiting) are in no round, so their drafts move from here.
-        while any(r.occupied for r in draining_targets) or any(r.requests for r in draining_drafts):
-            for tracked in list(self._tracked.values()):
-                if tracked.lane is None:
-                    self._reconcile_draft(tracked)
-            await asyncio.sleep(0.005)
-        await asyncio.gather(*(target_pool.retire(r) for r in draining_targets))
-        if pool is not None:
-            await asyncio.gather(*(pool.retire(r) for r in draining_drafts))
+        """Grow or shrink to ``drafts`` draft and ``targets`` target replicas
+        (see :mod:`specray.cluster.scaling`)."""
+        return await self._running().scaler.scale(drafts, targets)
 
     # -- introspection ---------------------------------------------------------------
 
     async def state(self) -> RouterState:
-        assert self._recovery is not None
-        recovery = self._recovery.state()
-        drafts = await self._pool.describe() if self._pool is not None else ()
+        parts = self._running()
+        assert self._targets is not None
+        recovery = parts.recovery.state()
+        drafts = await self._drafts.describe() if self._drafts is not None else ()
+        costs = parts.lanes.scheduler.costs
         return RouterState(
-            waiting=len(self._waiting),
-            running=sum(len(lane) for lane in self._lanes),
+            waiting=len(parts.table.waiting),
+            running=parts.table.num_running,
             targets=self._targets.describe(),
             drafts=drafts,
-            target_moves=self._target_moves,
-            draft_moves=self._draft_moves,
+            target_moves=parts.lanes.moves.target,
+            draft_moves=parts.lanes.moves.draft,
             draft_failures=recovery.draft_failures,
             metrics_port=self._metrics_port,
-            verify_costs=self._costs.verify.as_dict(),
-            draft_costs=self._costs.draft.as_dict(),
+            verify_costs=costs.verify.as_dict(),
+            draft_costs=costs.draft.as_dict(),
             recovery=recovery,
         )
 
@@ -367,358 +290,37 @@ class Router:
 
     async def health(self) -> RouterHealth:
         """Live replica counts, from the router's own books (no replica is called)."""
-        assert self._recovery is not None
-        return self._recovery.health()
+        return self._running().recovery.health()
 
     async def footprint(self) -> Footprint:
         """Per-request state on every actor, as each reports it (leak checks)."""
-        drafts = await self._pool.num_requests() if self._pool is not None else {}
-        return Footprint(len(self._tracked), await self._targets.active_slots(), drafts)
+        parts = self._running()
+        assert self._targets is not None
+        drafts = await self._drafts.num_requests() if self._drafts is not None else {}
+        return Footprint(len(parts.table.tracked), await self._targets.active_slots(), drafts)
 
     async def timings(self, reset: bool = False) -> RouterTimings:
         """Round phases and replica compute since the last reset."""
+        parts = self._running()
+        assert self._targets is not None
         replicas = list(self._targets.replicas.values())
         shard_stats = await asyncio.gather(
             *(asyncio.to_thread(r.target.stats, reset) for r in replicas)
         )
-        drafts = await self._pool.stats(reset) if self._pool is not None else {}
+        drafts = await self._drafts.stats(reset) if self._drafts is not None else {}
         timings = RouterTimings(
-            router=replace(self._timings),
+            router=replace(parts.lanes.timings),
             target_compute_s=sum(ranks[0].verify_s for ranks in shard_stats),
             draft_compute_s=sum(d.propose_s for d in drafts.values()),
         )
         if reset:
-            self._timings = RoundTimings()
+            parts.lanes.timings = RoundTimings()
         return timings
 
-    # -- the round loop ------------------------------------------------------------------
-
-    async def _lane_loop(self, lane: int) -> None:
-        assert self._work is not None
-        while not self._closed:
-            self._work.clear()
-            self._boundary(lane)
-            batch = [self._tracked[request_id] for request_id in self._lanes[lane]]
-            if not batch:
-                await self._work.wait()
-                continue
-            try:
-                await self._round(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # a bug must not take the other requests down
-                log.exception("round failed")
-                for tracked in batch:
-                    if tracked.request_id in self._tracked:
-                        self._fail(tracked, err)
-
-    def _boundary(self, lane: int) -> None:
-        """Between two rounds of a lane: apply cancels, moves and admissions."""
-        for request_id in list(self._lanes[lane]):
-            tracked = self._tracked[request_id]
-            if tracked.cancelled:
-                self._free(tracked)
-                continue
-            self._reconcile_target(tracked)
-            self._reconcile_draft(tracked)
-        self._admit(lane)
-        assert self._recovery is not None
-        down = self._recovery.targets_down_error() if self._waiting and not self._scaling else None
-        if down is not None:  # None: a target replica is up, or worth waiting for
-            for request_id in list(self._waiting):
-                self._fail(self._tracked[request_id], down)
-        self._update_gauges()
-
-    def _reconcile_target(self, tracked: Tracked) -> None:
-        pool = self._targets
-        replica = pool.replicas.get(tracked.target) if tracked.target is not None else None
-        if replica is not None and not replica.draining and not tracked.move_target:
-            return
-        tracked.move_target = False
-        pool.release(tracked.target, tracked.request_id)
-        tracked.run.cached_len = 0  # re-prefill wherever it lands
-        new = pool.pick()
-        if new is None:  # no room: back to the queue's front, state kept
-            tracked.target = None
-            assert tracked.lane is not None
-            self._lanes[tracked.lane].pop(tracked.request_id, None)
-            tracked.lane = None
-            self._waiting.appendleft(tracked.request_id)
-        else:
-            tracked.target = new.replica_id
-            pool.pin(new, tracked.request_id)
-        self._target_moves += 1
-
-    def _reconcile_draft(self, tracked: Tracked) -> None:
-        pool = self._pool
-        if pool is None or not tracked.wants_draft:
-            return
-        replica = pool.replicas.get(tracked.draft) if tracked.draft is not None else None
-        if tracked.draft is not None and replica is None:
-            tracked.draft = None  # its replica failed; already counted as a fallback
-        moving = replica is not None and (replica.draining or tracked.move_draft)
-        if moving:
-            pool.detach(tracked.draft, [tracked.request_id])
-            tracked.draft = None
-        tracked.move_draft = False
-        if tracked.draft is not None:
-            return
-        if tracked.run.stats.fallback and not self.config.reattach_drafts:
-            return
-        new = pool.pick()
-        if new is None:
-            return
-        tracked.updates.clear()  # the new state starts from every committed token
-        pool.attach(new, tracked.request_id, tracked.run.tokens, tracked.run.sampling)
-        tracked.draft_backlog = len(tracked.run.tokens)
-        tracked.draft = new.replica_id
-        if moving:
-            self._draft_moves += 1
-
-    def _admit(self, lane: int) -> None:
-        others = [len(self._lanes[i]) for i in range(len(self._lanes)) if i != lane]
-        while self._waiting and (not others or len(self._lanes[lane]) <= min(others)):
-            replica = self._targets.pick()
-            if replica is None:
-                return
-            tracked = self._tracked[self._waiting.popleft()]
-            tracked.target = replica.replica_id
-            self._targets.pin(replica, tracked.request_id)
-            tracked.lane = lane
-            self._lanes[lane][tracked.request_id] = None
-            self._reconcile_draft(tracked)
-
-    async def _round(self, batch: list[Tracked]) -> None:
-        began = time.perf_counter()
-        choose_gammas(batch, self._paths, self.config.adaptive, self._costs)
-        proposing = time.perf_counter()
-        drafts = await self._propose(batch)
-        verifying = time.perf_counter()
-        # Grouped after drafting: another lane may have lost a target meanwhile.
-        groups: dict[int | None, list[int]] = {}
-        for i, tracked in enumerate(batch):
-            groups.setdefault(tracked.target, []).append(i)
-        verified = await asyncio.gather(
-            *(
-                self._verify(target_id, [batch[i] for i in idx], [drafts[i] for i in idx])
-                for target_id, idx in groups.items()
-            )
-        )
-        verified_at = time.perf_counter()
-        survivors: list[Tracked] = []
-        kept_drafts: list[DraftProposal] = []
-        outputs: list[VerifyOutput] = []
-        for idx, outs in zip(groups.values(), verified, strict=True):
-            if outs is None:
-                continue
-            survivors += [batch[i] for i in idx]
-            kept_drafts += [drafts[i] for i in idx]
-            outputs += outs
-        if not survivors:
-            return
-        runs = [t.run for t in survivors]
-        rejection = accept_drafts(runs, kept_drafts, outputs)
-        updates = commit(runs, kept_drafts, outputs, rejection)
-        assert self._metrics is not None
-        self._metrics.observe_round(rejection)
-        for tracked, draft, update, new_ids in zip(
-            survivors, kept_drafts, updates, rejection.output_token_ids, strict=True
-        ):
-            if len(draft):
-                pool_alpha = self._pool_alpha["lookup" if draft.from_lookup else "model"]
-                pool_alpha.update(len(draft), update.num_accepted)
-            if tracked.draft is not None:
-                record_verdict(tracked, draft, update.num_accepted)
-                tracked.updates.append(update)
-                fed = 0 if draft.from_lookup else len(draft)
-                tracked.draft_backlog = backlog_after(tracked.draft_backlog, fed, update)
-            self._emit(tracked, stream_round(tracked.run, new_ids))
-        ended = time.perf_counter()
-        timings = self._timings
-        timings.rounds += 1
-        timings.request_rounds += len(survivors)
-        timings.round_s += ended - began
-        timings.propose_s += verifying - proposing
-        timings.verify_s += verified_at - verifying
-        timings.local_s += (proposing - began) + (ended - verified_at)
-
-    async def _propose(self, batch: Sequence[Tracked]) -> list[DraftProposal]:
-        proposals = await propose(self._pool, batch)
-        for replica_id, error in proposals.failures.items():
-            self._draft_failed(replica_id, error)
-        elapsed = proposals.elapsed_s
-        if elapsed is not None and not proposals.failures:
-            # Timed as the model's call when a model drafted (a hybrid's
-            # copies in the same call cost next to nothing), else the copies'.
-            model_steps = fed_steps(batch, proposals.drafts)
-            if model_steps:
-                self._costs.draft.observe(model_steps, elapsed)
-            else:
-                self._costs.lookup.observe(fed_steps(batch, proposals.drafts, True), elapsed)
-        return proposals.drafts
-
-    async def _verify(
-        self, target_id: int | None, group: list[Tracked], drafts: list[DraftProposal]
-    ) -> list[VerifyOutput] | None:
-        """One target replica's share of the round; None if it failed."""
-        replica = self._targets.replicas.get(target_id) if target_id is not None else None
-        if replica is None:  # broke while this round was drafting
-            self._lost_target(target_id, group)
-            return None
-        inputs = verify_inputs([t.run for t in group], drafts)
-        num_tokens = sum(len(item.token_ids) for item in inputs)
-        began = time.perf_counter()
-        try:
-            outputs = await asyncio.to_thread(replica.target.verify, inputs, self._hidden_layers)
-        except TargetGroupError as err:
-            assert self._recovery is not None
-            self._recovery.target_failed(replica.replica_id, err)  # gang restart
-            self._lost_target(target_id, group)
-            for tracked in group:  # replayed, unless it keeps breaking groups
-                tracked.replays += 1
-                if tracked.replays > self.config.recovery.max_replays:
-                    self._fail(tracked, err)
-            return None
-        except Exception as err:  # every shard refused it alike: the requests' fault
-            for tracked in group:
-                self._fail(tracked, err)
-            return None
-        self._costs.verify.observe(num_tokens, time.perf_counter() - began)
-        return outputs
-
-    def _lost_target(self, target_id: int | None, group: Sequence[Tracked]) -> None:
-        """Requests of a broken target replica re-prefill elsewhere; the ones in
-        this round also restart their drafts, which drafted without a verdict."""
-        for tracked in self._tracked.values():
-            if target_id is not None and tracked.target == target_id:
-                tracked.target = None
-                tracked.run.cached_len = 0
-        for tracked in group:
-            tracked.move_draft = True
-
-    def _unpin_target(self, target_id: int) -> None:
-        """The watch found a target replica dead: its requests re-prefill elsewhere."""
-        self._lost_target(target_id, ())
-        self._wake()
-
-    def _draft_failed(self, replica_id: int, why: object) -> None:
-        assert self._recovery is not None
-        self._recovery.draft_failed(replica_id, why)  # no-op if another lane saw it first
-        self._unpin_draft(replica_id)
-
-    def _unpin_draft(self, replica_id: int) -> None:
-        """A draft replica is lost: its requests go target-only until they
-        re-attach elsewhere at their next boundary."""
-        fallbacks = 0
-        for tracked in self._tracked.values():
-            if tracked.draft == replica_id:
-                tracked.draft = None
-                tracked.updates = []
-                fallbacks += not tracked.run.stats.fallback
-                tracked.run.stats.fallback = True
-        if fallbacks and self._recovery is not None:
-            self._recovery.count_fallbacks(fallbacks)
-        self._wake()
-
-    # -- per-request bookkeeping ----------------------------------------------------------
-
-    def _submit(self, request: GenerationRequest) -> Tracked:
-        if not self._started or self._closed:
-            raise RuntimeError("the router is not running (call start() first)")
-        if request.request_id in self._tracked:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
-        if not request.prompt_ids:
-            raise ValueError("prompt_ids must not be empty")
-        run = start_request(request, self._eos, self._tokenizer, self.config.num_speculative_tokens)
-        tracked = Tracked(
-            run,
-            asyncio.Queue(),
-            lookup_acceptance=SurvivalEstimate.with_prior(self._pool_alpha["lookup"].alpha),
-            model_acceptance=SurvivalEstimate.with_prior(self._pool_alpha["model"].alpha),
-        )
-        self._tracked[request.request_id] = tracked
-        self._waiting.append(request.request_id)
-        self._update_gauges()
-        self._wake()
-        return tracked
-
-    def _emit(self, tracked: Tracked, output: RequestOutput) -> None:
-        assert self._metrics is not None
-        now = time.perf_counter()
-        stats = copy.copy(output.stats)  # later rounds keep mutating the live one
-        if output.token_ids:
-            if tracked.last_chunk_at is None:
-                self._metrics.observe_first_token(now - stats.created_at)
-            else:
-                self._metrics.observe_inter_token(now - tracked.last_chunk_at)
-            tracked.last_chunk_at = now
-        tracked.chunks.put_nowait(replace(output, stats=stats))
-        if output.finished:
-            self._metrics.observe_finished(now - stats.created_at)
-            self._free(tracked)
-
-    def _cancel(self, request_id: str) -> bool:
-        tracked = self._tracked.get(request_id)
-        if tracked is None or tracked.cancelled:
-            return False
-        tracked.cancelled = True
-        tracked.chunks.put_nowait(RequestCancelledError(f"request {request_id!r} was cancelled"))
-        if tracked.lane is None:  # not in any round: free now
-            self._free(tracked)
-        self._wake()  # an idle lane frees it at its boundary
-        return True
-
-    def _fail(self, tracked: Tracked, err: BaseException) -> None:
-        tracked.chunks.put_nowait(err)
-        self._free(tracked)
-
-    def _free(self, tracked: Tracked) -> None:
-        """Drop a request everywhere: lane, queue, target slot and draft state."""
-        request_id = tracked.request_id
-        self._tracked.pop(request_id, None)
-        if tracked.lane is not None:
-            self._lanes[tracked.lane].pop(request_id, None)
-            tracked.lane = None
-        if request_id in self._waiting:
-            self._waiting.remove(request_id)
-        self._targets.release(tracked.target, request_id)
-        tracked.target = None
-        if self._pool is not None and tracked.draft is not None:
-            self._pool.detach(tracked.draft, [request_id])
-        tracked.draft = None
-        self._update_gauges()
-        self._wake()
-
-    def _wake(self) -> None:
-        """Something a lane may act on changed: a request, a slot, a replica."""
-        if self._work is not None:
-            self._work.set()
-
-    async def _profile(self) -> None:
-        """The cost curves' shapes, timed once every replica is up and one
-        after the other: a profile taken while another replica loads or
-        profiles reads that one's load too (on shared cores a draft step
-        timed during the target's profile came out several times too slow,
-        and the scheduler never drafted)."""
-        target = self.config.target
-        sizes = profile_sizes(target.num_slots, self.config.num_speculative_tokens, target.max_len)
-        self._costs.verify.set_profile(await self._targets.profile(sizes))
-        if self._pool is not None:
-            feeds = feed_profile_sizes(self._pool.config.spec.max_len)
-            self._costs.draft.set_profile(await self._pool.profile(feeds))
-
-    async def _add_target(self) -> None:
-        config = self.config
-        sizes: list[int] = []
-        if config.profile:
-            target = config.target
-            sizes = profile_sizes(target.num_slots, config.num_speculative_tokens, target.max_len)
-        self._costs.verify.set_profile(await self._targets.add(sizes))
-
-    def _update_gauges(self) -> None:
-        if self._metrics is not None:
-            running = sum(len(lane) for lane in self._lanes)
-            self._metrics.set_queues(running, len(self._waiting))
+    def _running(self) -> _Parts:
+        if self._parts is None or self._closed:
+            raise NotRunningError("the router is not running (call start() first)")
+        return self._parts
 
 
 # The router's actor subtree (it starts the target shards and draft actors,

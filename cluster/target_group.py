@@ -7,8 +7,9 @@ client, every call goes to every shard with the same arguments
 (:meth:`ShardedTarget._fan_out`) and rank 0's answer is the answer
 (:meth:`ShardedTarget._call`); nothing else talks to the shards.
 
-Failure model: a shard that dies, fails out of step with the others, or does
-not answer within ``timeout_s`` makes the call raise
+Failure model: a shard that dies, fails out of step with the others, or
+hangs (:mod:`specray.cluster.liveness`: no progress for ``timeout_s``, or no
+answer to a probe) makes the call raise
 :class:`~specray.cluster.errors.TargetGroupError` and marks the group broken
 (its survivors may be stuck in a collective until their own timeout). Later
 calls fail at once; recovery is :meth:`ShardedTarget.shutdown` and a new
@@ -47,7 +48,7 @@ from specray.actors.workers.target_shard import (
     TargetShardWorker,
 )
 from specray.cluster.errors import TargetGroupError
-from specray.cluster.local_ray import start_ray
+from specray.cluster.liveness import ProgressWatch
 
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
@@ -66,7 +67,10 @@ class ShardedTargetConfig:
     # Extra Ray resources of each rank's bundle, e.g. ({"node_a": 1}, {"node_b": 1})
     # to pin rank r to the node that offers the r-th resource.
     bundle_resources: Sequence[Mapping[str, float]] = ()
-    timeout_s: float = 60.0  # bound on every call and on every collective
+    # A shard that answers no progress probe, or runs no decoder layer, for
+    # this long is hung (a computing one is never cut off); also the bound on
+    # every collective.
+    timeout_s: float = 60.0
     start_timeout_s: float = 300.0  # placement, process start, rendezvous, loading
     time_collectives: bool = False
 
@@ -126,6 +130,12 @@ class TargetShard:
         if self._worker is None:
             raise RuntimeError("shard not started")
         return self._worker.target.num_active
+
+    @ray.method(concurrency_group="probe")
+    def progress(self) -> int:
+        """Model modules this shard has run: answered beside a running call
+        (its own concurrency group), so a long call still shows it computes."""
+        return self._worker.progress if self._worker is not None else 0
 
 
 class ShardedTarget:
@@ -195,14 +205,15 @@ class ShardedTarget:
     def dead_ranks(self, timeout_s: float) -> tuple[int, ...]:
         """Shards whose process is gone (all of them once the group is broken).
 
-        A liveness probe, not a call: a shard still busy after ``timeout_s``
-        counts as alive (calls have their own deadline), and nothing here
-        marks the group broken. It bypasses the submit lock: a ping is no
+        A liveness probe, not a call: the progress probe answers beside a
+        running call, a shard that does not answer within ``timeout_s``
+        counts as alive (calls watch their own progress), and nothing here
+        marks the group broken. It bypasses the submit lock: a probe is no
         collective, so the shards need not see it in the same order.
         """
         if self._broken is not None:
             return self._broken.ranks or tuple(range(self.config.tp))
-        refs = [shard.call.remote("ping") for shard in self._shards]
+        refs = [shard.progress.remote() for shard in self._shards]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         dead = []
         for rank, ref in enumerate(refs):
@@ -251,29 +262,50 @@ class ShardedTarget:
             # which their collectives need.
             refs = [shard.call.remote(method, *args) for shard in self._shards]
         try:
-            return self._gather(refs, self.config.timeout_s, method)
+            watch = ProgressWatch.for_deadline(self._probe, self.config.timeout_s)
+            return self._gather(refs, self.config.timeout_s, method, watch)
         except TargetGroupError as err:
             self._broken = err
             raise
 
-    def _gather(self, refs: Sequence[Any], timeout_s: float, what: str) -> list[Any]:
-        """Wait (at most ``timeout_s``) for one result per rank.
+    def _probe(self, rank: int) -> Any:
+        return self._shards[rank].progress.remote()
 
-        Raises TargetGroupError on a dead shard at once, on a deadline, or on
-        shards failing differently; re-raises an error all shards share.
+    def _gather(
+        self,
+        refs: Sequence[Any],
+        timeout_s: float,
+        what: str,
+        watch: ProgressWatch | None = None,
+    ) -> list[Any]:
+        """Wait for one result per rank: at most ``timeout_s``, or with a
+        ``watch`` as long as every pending shard makes progress.
+
+        Raises TargetGroupError on a dead shard at once, on a deadline or a
+        hang, or on shards failing differently; re-raises an error all
+        shards share.
         """
-        deadline = time.monotonic() + timeout_s
+        began = time.monotonic()
+        deadline = began + timeout_s
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         pending = list(refs)
         failed: dict[int, RayTaskError] = {}
         while pending:
             left = max(0.0, deadline - time.monotonic())
-            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            wait_s = left if watch is None else watch.probe_interval_s
+            ready, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
             if not ready:
                 ranks = tuple(sorted(rank_of[ref] for ref in pending))
+                if watch is not None:
+                    hang = watch.check(ranks, began)
+                    if hang is None:
+                        continue  # computing: the call may take as long as it needs
+                    ranks, detail = hang.ranks, hang.detail
+                else:
+                    detail = f"gave no answer within {timeout_s:g} s"
                 reason = "failed" if failed else "timeout"
                 raise TargetGroupError(
-                    f"{what}: shards {ranks} gave no answer within {timeout_s:g} s"
+                    f"{what}: shards {ranks} {detail}"
                     + (f" after shards {sorted(failed)} failed" if failed else ""),
                     reason,
                     ranks,
@@ -302,7 +334,10 @@ class ShardedTarget:
         config = self.config
         if not ray.is_initialized():
             # Ray's own auto-init would bind the machine's outward address.
-            start_ray()
+            raise RuntimeError(
+                "Ray is not running: start it first (specray.cluster.local_ray.start_ray "
+                "binds a local one to 127.0.0.1)"
+            )
         cpus = config.cpus_per_shard if config.cpus_per_shard is not None else config.threads
         extra = list(config.bundle_resources) or [{} for _ in range(config.tp)]
         gpu = {"GPU": config.gpus_per_shard} if config.gpus_per_shard > 0 else {}
@@ -314,7 +349,9 @@ class ShardedTarget:
                 f"no room for {config.tp} shards as {config.strategy} bundles {bundles}",
                 "unschedulable",
             )
-        actor = ray.remote(TargetShard)
+        # Calls run one at a time in the default group (their collectives
+        # need the same order on every shard); progress probes answer beside.
+        actor: Any = ray.remote(concurrency_groups={"probe": 1})(TargetShard)  # type: ignore[call-overload]
         for rank in range(config.tp):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank)
             self._shards.append(

@@ -15,19 +15,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from specray.actors.engine.target import VerifyInput
+from specray.actors.engine.profile import profile_verify
+from specray.cluster.events import Inbox
 from specray.cluster.router_state import TargetReplicaState
 from specray.cluster.target_group import ShardedTarget, ShardedTargetConfig
 
 log = logging.getLogger(__name__)
-
-_PROFILE_ID = "__specray_profile__"
-PROFILE_CONTEXT = 16
 
 
 @dataclass
@@ -44,11 +41,11 @@ class TargetReplica:
 
 
 class TargetPool:
-    def __init__(self, config: ShardedTargetConfig, on_change: Callable[[], None]) -> None:
-        """``on_change`` is called when a slot frees up or a replica joins."""
+    def __init__(self, config: ShardedTargetConfig, inbox: Inbox) -> None:
+        """``inbox`` is woken when a slot frees up or a replica joins."""
         self.config = config
         self.replicas: dict[int, TargetReplica] = {}
-        self._on_change = on_change
+        self._inbox = inbox
         self._ids = itertools.count()
         self._background: set[asyncio.Task[Any]] = set()
         self._teardowns: set[asyncio.Task[Any]] = set()
@@ -84,7 +81,7 @@ class TargetPool:
             self.replicas[replica.replica_id] = replica
         finally:
             self.starting -= 1
-        self._on_change()
+        self._inbox.wake()
         return points
 
     async def profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
@@ -124,7 +121,7 @@ class TargetPool:
             except Exception as err:  # a broken group frees everything anyway
                 log.warning("release of %r failed: %s", request_id, err)
             replica.releasing.discard(request_id)
-            self._on_change()
+            self._inbox.wake()
 
         self._spawn(release())
 
@@ -213,27 +210,3 @@ class TargetPool:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-def profile_sizes(num_slots: int, max_gamma: int, max_len: int) -> list[int]:
-    """Powers of two up to the largest batch a round can verify, and that."""
-    largest = max(1, min(num_slots * (max_gamma + 1), max_len - PROFILE_CONTEXT - 1))
-    return [*(1 << i for i in range(largest.bit_length()) if 1 << i < largest), largest]
-
-
-def profile_verify(
-    target: ShardedTarget, sizes: Sequence[int], repeats: int = 3
-) -> list[tuple[int, float]]:
-    """Best-of-``repeats`` seconds of verifying ``n`` tokens after a short
-    context, returning logits for all of them as a round's drafts do."""
-    target.verify([VerifyInput(_PROFILE_ID, 0, [0] * PROFILE_CONTEXT, 1)])
-    points = []
-    for size in sizes:
-        best = float("inf")
-        for _ in range(repeats):
-            began = time.perf_counter()
-            target.verify([VerifyInput(_PROFILE_ID, PROFILE_CONTEXT, [0] * size, size)])
-            best = min(best, time.perf_counter() - began)
-        points.append((size, best))
-    target.release(_PROFILE_ID)
-    return points

@@ -1,9 +1,9 @@
 """What the front door (gRPC and OpenAI HTTP) needs from whatever generates.
 
-Two implementations are meant to fit :class:`Backend`: the in-process engine
-(:mod:`specray.deploy.engine_backend`) and the Ray router, whose streaming
-actor method maps onto :meth:`Backend.generate` with a thin adapter (iterate
-the ``ObjectRefGenerator``, await each ref, convert it to a :class:`Chunk`).
+Two implementations fit :class:`Backend`: the in-process engine
+(:mod:`specray.deploy.engine_backend`) and the Ray router
+(:mod:`specray.deploy.router_backend`, a thin adapter over its streaming
+actor method).
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
+
+from specray.actors.drafting.spec import DrafterSpec
+from specray.actors.model.config import ModelConfig
 
 if TYPE_CHECKING:
     from specray.deploy.validation import ValidatedRequest
@@ -63,17 +66,20 @@ class Chunk:
 class Backend(Protocol):
     """Streams generations and reports on the model and its own health.
 
+    Admission (loading, draining, the bounded queue) and freeing the work of
+    a stream its caller abandons are the :class:`~specray.deploy.gateway.Gateway`'s;
+    a backend serves what the gateway lets through.
+
     Contract:
 
-    - ``generate`` admits the request before yielding its first chunk; a
-      refusal (overloaded, draining, a request id already in flight) is a
-      :class:`~specray.deploy.errors.ServingError` raised from the first
-      ``__anext__``. The last chunk has a ``finish_reason``.
-    - Closing the iterator early (``aclose`` or cancelling the consuming task)
-      frees the request's work, as does :meth:`cancel` from anywhere; a
+    - ``generate`` hands the request to the engine or router before yielding
+      its first chunk; a refusal there (a request id already in flight) is
+      raised from the first ``__anext__``. The last chunk has a
+      ``finish_reason``.
+    - :meth:`cancel` stops a request from anywhere and frees its work; a
       consumer of a cancelled request gets
-      :class:`~specray.deploy.errors.RequestCancelledError`.
-    - Other failures raise any exception; the front door reports INTERNAL.
+      :class:`~specray.actors.engine.errors.RequestCancelledError`.
+    - Other failures raise any exception; the error table maps it.
     """
 
     # An async generator function: ``async def generate(...)`` with ``yield``.
@@ -85,6 +91,10 @@ class Backend(Protocol):
 
     def model_info(self) -> ModelInfo: ...
 
+    def capacity(self) -> int:
+        """Requests it runs at once (beyond them, requests queue)."""
+        ...
+
     async def health(self) -> bool:
         """Whether requests can be served now (e.g. the target group is up)."""
         ...
@@ -93,20 +103,27 @@ class Backend(Protocol):
         """Run ``drafts`` drafter and ``targets`` target replicas."""
         ...
 
-    @property
-    def draining(self) -> bool:
-        """True once :meth:`start_draining` ran: new requests are refused."""
-        ...
-
-    def start_draining(self) -> None:
-        """Refuse new requests with UNAVAILABLE; in-flight ones finish."""
-        ...
-
-    @property
-    def num_in_flight(self) -> int:
-        """Requests admitted and not yet finished or freed."""
-        ...
-
     async def close(self) -> None:
         """Release the backend; requests still in flight fail as unavailable."""
         ...
+
+
+def model_info(
+    target: str,
+    drafter: DrafterSpec | None,
+    config: ModelConfig,
+    max_len: int,
+    dtype: str,
+    tensor_parallel_size: int,
+    max_num_speculative_tokens: int,
+) -> ModelInfo:
+    """What GetModelInfo and /v1/models report for a served target."""
+    return ModelInfo(
+        target=target,
+        drafts=() if drafter is None else (drafter.name,),
+        max_context=min(max_len, config.max_position_embeddings),
+        dtype=dtype,
+        tensor_parallel_size=tensor_parallel_size,
+        vocab_size=config.vocab_size,
+        max_num_speculative_tokens=max_num_speculative_tokens,
+    )

@@ -10,12 +10,14 @@ from types import ModuleType
 
 
 def _commands() -> list[ModuleType]:
-    from specray.actors.store import cli as models
+    # Imported when the command line is built, not with this module: bench/
+    # is a client of the server and imports deploy/, never the other way.
+    from specray.bench import cli as bench_cli
     from specray.deploy import (
-        bench_cli,
         client_cli,
         cluster_cli,
         generate,
+        models_cli,
         plan_cli,
         scale_cli,
         serve,
@@ -24,7 +26,7 @@ def _commands() -> list[ModuleType]:
 
     return [
         generate,
-        models,
+        models_cli,
         serve,
         client_cli,
         scale_cli,

@@ -21,10 +21,9 @@ import grpc
 
 from specray.deploy.auth import bearer_metadata
 from specray.deploy.errors import RETRY_PUSHBACK_KEY
+from specray.protos.messages import FINISH_REASONS, build_request
 from specray.protos.specray.v1 import generation_pb2 as pb
 from specray.protos.specray.v1 import generation_pb2_grpc as pb_grpc
-
-FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
 
 class SpecrayError(Exception):
@@ -75,47 +74,6 @@ class GenerationResult:
             fallback=stats.fallback,
             seed=message.seed,
         )
-
-
-def build_request(
-    prompt: str | Sequence[int],
-    *,
-    request_id: str = "",
-    max_tokens: int | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    min_p: float | None = None,
-    stop: Sequence[str] = (),
-    stop_token_ids: Sequence[int] = (),
-    ignore_eos: bool = False,
-    seed: int | None = None,
-    speculative: bool | None = None,
-    num_speculative_tokens: int | None = None,
-) -> pb.GenerateRequest:
-    """A GenerateRequest; None leaves a field unset (the server's default)."""
-    optional = {
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "min_p": min_p,
-        "seed": seed,
-        "speculative": speculative,
-        "num_speculative_tokens": num_speculative_tokens,
-    }
-    fields: dict[str, Any] = {k: v for k, v in optional.items() if v is not None}
-    if isinstance(prompt, str):
-        fields["text"] = prompt
-    else:
-        fields["token_ids"] = pb.TokenIds(ids=list(prompt))
-    return pb.GenerateRequest(
-        request_id=request_id,
-        stop=list(stop),
-        stop_token_ids=list(stop_token_ids),
-        ignore_eos=ignore_eos,
-        **fields,
-    )
 
 
 def open_channel(address: str, tls: bool = False, tls_ca: Path | None = None) -> grpc.Channel:

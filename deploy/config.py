@@ -31,9 +31,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from specray.actors.engine.factory import HYBRID_PREFIX, EngineSpec
+from specray.actors.drafting.spec import DRAFTER_KINDS, DrafterSpec
+from specray.actors.engine.factory import EngineSpec
+from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
 from specray.deploy.auth import TlsFiles
 from specray.deploy.backend import ModelInfo
+from specray.deploy.gateway import QueueLimits
 from specray.deploy.validation import ValidationLimits
 
 
@@ -71,7 +74,7 @@ class DrafterConfig(BaseModel):
 
     # hybrid: n-gram lookup where the text is copied, the model everywhere else
     # head: a trained draft head (``model`` is its directory; see docs/draft_head.md)
-    kind: Literal["ngram", "model", "hybrid", "head"]
+    kind: str = Field(description=f"one of {', '.join(DRAFTER_KINDS)}")
     model: str | None = Field(
         None, description="kind model or hybrid: registered name or local path; head: its dir"
     )
@@ -85,21 +88,24 @@ class DrafterConfig(BaseModel):
     min_ngram: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _model_matches_kind(self) -> DrafterConfig:
-        if self.kind != "ngram" and not self.model:
-            raise ValueError(f"a `kind: {self.kind}` drafter needs `model` (a name or a path)")
-        if self.kind == "ngram" and self.model:
-            raise ValueError("a `kind: ngram` drafter takes no `model`")
+    def _is_a_drafter(self) -> DrafterConfig:
+        self.spec  # noqa: B018 -- the spec's own checks, with its messages
         return self
 
     @property
-    def name(self) -> str:
-        """How GetModelInfo reports it: "ngram", the draft model, or "ngram+" it."""
-        if self.kind == "ngram" or not self.model:
-            return self.kind
-        if self.kind == "head":
-            return f"head:{self.model}"
-        return f"ngram+{self.model}" if self.kind == "hybrid" else self.model
+    def spec(self) -> DrafterSpec:
+        return DrafterSpec(self.kind, self.model, self.max_ngram, self.min_ngram)
+
+    @classmethod
+    def from_spec(cls, spec: DrafterSpec) -> DrafterConfig:
+        return cls.model_validate(
+            {
+                "kind": spec.kind,
+                "model": spec.model,
+                "max_ngram": spec.max_ngram,
+                "min_ngram": spec.min_ngram,
+            }
+        )
 
 
 def _default_drafts() -> list[DrafterConfig]:
@@ -127,6 +133,12 @@ class RouterSettings(BaseModel):
     overlap: bool = Field(False, description="two micro-batches: draft one, verify the other")
     num_slots: int = Field(8, ge=1, description="requests one target replica batches (max_batch)")
     max_len: int = Field(4096, ge=2, description="KV cache length: prompt + output")
+    max_num_batched_tokens: int | None = Field(
+        DEFAULT_MAX_BATCHED_TOKENS,
+        ge=1,
+        description="tokens a target replica feeds per round; longer prompts prefill in chunks "
+        "beside the decoding requests (null: whole prompts in one round)",
+    )
     threads_per_shard: int | None = Field(None, ge=1, description="default: cores / tp")
     cpus_per_shard: float | None = Field(None, ge=0, description="default: threads_per_shard")
     gpus_per_shard: float = Field(0.0, ge=0, description="> 0: shards on CUDA over NCCL")
@@ -154,18 +166,9 @@ class RouterSettings(BaseModel):
         return self.drafts[0] if self.drafts else None
 
     def with_draft(self, draft: str) -> RouterSettings:
-        """These settings with ``--draft`` applied: none | ngram | a model | ngram+ a model."""
-        drafts: list[DrafterConfig] = []
-        if draft == "ngram":
-            drafts = [DrafterConfig.model_validate({"kind": "ngram"})]
-        elif draft.startswith(HYBRID_PREFIX):
-            model = draft.removeprefix(HYBRID_PREFIX)
-            drafts = [DrafterConfig.model_validate({"kind": "hybrid", "model": model})]
-        elif draft.startswith("head:"):
-            model = draft.removeprefix("head:")
-            drafts = [DrafterConfig.model_validate({"kind": "head", "model": model})]
-        elif draft != "none":
-            drafts = [DrafterConfig.model_validate({"kind": "model", "model": draft})]
+        """These settings with ``--draft`` applied (see ``DrafterSpec.parse``)."""
+        spec = DrafterSpec.parse(draft)
+        drafts = [] if spec is None else [DrafterConfig.from_spec(spec)]
         return self.model_copy(update={"drafts": drafts})
 
 
@@ -179,12 +182,15 @@ class ServeConfig(BaseModel):
 
     # The in-process engine, backend: engine (see specray.actors.engine.factory.EngineSpec).
     target: str = "qwen2.5-coder-0.5b-instruct"
-    draft: str = "ngram"
+    draft: str = Field("ngram", description="as --draft: none|ngram|NAME|ngram+NAME|head:DIR")
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     k: int = Field(4, ge=0, description="draft tokens per round, or its ceiling")
     adaptive: bool = True
     max_batch: int = Field(8, ge=1)
     max_len: int = Field(4096, ge=2, description="KV cache length: prompt + output")
+    max_num_batched_tokens: int | None = Field(
+        DEFAULT_MAX_BATCHED_TOKENS, ge=1, description="as the router's: the prefill chunk budget"
+    )
     home: Path | None = Field(None, description="model store (default $SPECRAY_HOME)")
     threads: int | None = Field(None, ge=1, description="torch threads (default: all cores)")
 
@@ -206,6 +212,11 @@ class ServeConfig(BaseModel):
     )
 
     limits: LimitsConfig = Field(default_factory=lambda: LimitsConfig.model_validate({}))
+
+    @model_validator(mode="after")
+    def _draft_is_a_drafter(self) -> ServeConfig:
+        DrafterSpec.parse(self.draft)
+        return self
 
     @model_validator(mode="after")
     def _address_needs_router(self) -> ServeConfig:
@@ -232,14 +243,18 @@ class ServeConfig(BaseModel):
     def engine_spec(self) -> EngineSpec:
         return EngineSpec(
             target=self.target,
-            draft=self.draft,
+            draft=DrafterSpec.parse(self.draft),
             dtype=self.dtype,
             num_speculative_tokens=self.k,
             adaptive=self.adaptive,
             max_batch=self.max_batch,
             max_len=self.max_len,
+            max_batched_tokens=self.max_num_batched_tokens,
             home=self.home,
         )
+
+    def queue_limits(self) -> QueueLimits:
+        return QueueLimits(self.limits.max_queued_requests, self.limits.retry_after_s)
 
     def validation_limits(self, info: ModelInfo) -> ValidationLimits:
         limits = self.limits

@@ -19,18 +19,16 @@ from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from specray.actors.engine.engine import SpecEngine
-from specray.actors.engine.factory import EngineSpec, LoadedEngine
+from specray.actors.engine.errors import (
+    DuplicateRequestError,
+    RequestCancelledError,
+    RequestRejectedError,
+)
 from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget
 from specray.deploy.backend import Chunk, ModelInfo
 from specray.deploy.conversion import chunk_from_output, generation_request
-from specray.deploy.errors import (
-    InvalidRequestError,
-    OverloadedError,
-    RequestCancelledError,
-    UnavailableError,
-    UnsupportedError,
-)
+from specray.deploy.errors import UnavailableError, UnsupportedError
 from specray.deploy.replicas import ReplicaState
 from specray.deploy.validation import ValidatedRequest
 
@@ -63,34 +61,16 @@ class EngineSnapshot:
     target_slots: int | None  # KV slots held (a local target only)
 
 
-def model_info_for(loaded: LoadedEngine, spec: EngineSpec) -> ModelInfo:
-    config = loaded.target_config
-    return ModelInfo(
-        target=spec.target,
-        drafts=() if spec.draft == "none" else (spec.draft,),
-        max_context=min(spec.max_len, config.max_position_embeddings),
-        dtype=spec.dtype,
-        tensor_parallel_size=1,
-        vocab_size=config.vocab_size,
-        max_num_speculative_tokens=spec.num_speculative_tokens,
-    )
-
-
 class EngineBackend:
-    """Serves a :class:`SpecEngine` in this process; at most ``max_batch +
-    max_queued`` requests are in flight, more are refused as overloaded."""
+    """Serves a :class:`SpecEngine` in this process; it runs ``max_batch``
+    requests at once."""
 
-    def __init__(
-        self, engine: SpecEngine, info: ModelInfo, max_queued: int = 64, retry_after_s: float = 1.0
-    ) -> None:
+    def __init__(self, engine: SpecEngine, info: ModelInfo) -> None:
         self._engine = engine
         self._info = info
-        self._max_queued = max_queued
-        self._retry_after_s = retry_after_s
         self._wake = threading.Condition()
         self._commands: list[Callable[[], object]] = []  # run on the engine thread, in order
         self._streams: dict[str, _Stream] = {}  # guarded by _wake
-        self._draining = False
         self._stopping = False
         self._paused = False
         self._failure: BaseException | None = None
@@ -107,12 +87,15 @@ class EngineBackend:
                 if isinstance(item, BaseException):
                     stream.finished = True  # the engine thread already dropped it
                     raise item
+                # Marked before the yield: a consumer that got the last chunk
+                # closes this generator without resuming it.
+                stream.finished = item.finished
                 yield item
-                if item.finished:
-                    stream.finished = True
+                if stream.finished:
                     return
         finally:
-            self._forget(request.request_id, stream)
+            if stream.finished:  # an abandoned one stays until the gateway cancels it
+                self._forget(request.request_id, stream)
 
     async def cancel(self, request_id: str) -> None:
         with self._wake:
@@ -146,17 +129,8 @@ class EngineBackend:
             waiting=len(state.waiting),
         )
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    def start_draining(self) -> None:
-        self._draining = True
-
-    @property
-    def num_in_flight(self) -> int:
-        with self._wake:
-            return len(self._streams)
+    def capacity(self) -> int:
+        return self._engine.config.max_batch
 
     # -- lifecycle and introspection ----------------------------------------
 
@@ -195,39 +169,26 @@ class EngineBackend:
     # -- consumer side -------------------------------------------------------
 
     def _admit(self, request: ValidatedRequest) -> _Stream:
-        if self._draining:
-            raise UnavailableError("the server is draining and takes no new requests")
         if self._failure is not None or self._stopping:
             raise UnavailableError("the engine has stopped; see the server log")
         stream = _Stream(asyncio.get_running_loop(), request.prompt_tokens)
         generation = generation_request(request)
         with self._wake:
+            # Chunks find their stream by id: the engine's table and this
+            # map refuse a duplicate alike.
             if request.request_id in self._streams:
-                raise InvalidRequestError(
-                    f"`request_id` {request.request_id!r} is already in use by a request in flight"
-                )
-            max_in_flight = self._engine.config.max_batch + self._max_queued
-            if len(self._streams) >= max_in_flight:
-                raise OverloadedError(
-                    f"the server is overloaded: {len(self._streams)} requests in flight, at most "
-                    f"{self._engine.config.max_batch} running and {self._max_queued} queued; "
-                    "retry later",
-                    self._retry_after_s,
-                )
+                raise DuplicateRequestError(request.request_id)
             self._streams[request.request_id] = stream
             self._commands.append(lambda: self._add(generation, stream))
             self._wake.notify()
         return stream
 
     def _forget(self, request_id: str, stream: _Stream) -> None:
+        """Unregister a finished stream; not registered any more means
+        cancel() already took it, and the id may belong to a newer request."""
         with self._wake:
-            # Not registered any more: cancel() already aborted it, and the
-            # id may belong to a newer request by now.
-            owned = self._streams.get(request_id) is stream
-            if owned:
+            if self._streams.get(request_id) is stream:
                 del self._streams[request_id]
-        if owned and not stream.finished:
-            self._post(lambda: self._engine.abort(request_id))
 
     def _post(self, command: Callable[[], object]) -> None:
         with self._wake:
@@ -265,8 +226,8 @@ class EngineBackend:
                 return  # cancelled or abandoned before it reached the engine
         try:
             self._engine.add_request(request)
-        except ValueError as error:
-            stream.put(InvalidRequestError(str(error)))
+        except RequestRejectedError as error:
+            stream.put(error)
 
     def _step(self) -> None:
         try:

@@ -1,9 +1,10 @@
 """The serving errors and the one table that maps them to gRPC and HTTP codes.
 
 Everything the front door raises itself is a :class:`ServingError` subclass;
-errors from the Ray side that callers must tell apart (a target group going
-down) have rows of their own. :func:`status_for` looks an error's class up in
-:data:`ERROR_TABLE`; anything without a row is INTERNAL / 500.
+errors from the engine and the router that callers must tell apart (a
+request refused, cancelled, a target group going down) have rows of their
+own. :func:`status_for` looks an error's class up in :data:`ERROR_TABLE`;
+anything without a row is INTERNAL / 500.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from dataclasses import dataclass
 
 import grpc
 
+from specray.actors.engine.errors import (
+    NotRunningError,
+    RequestCancelledError,
+    RequestRejectedError,
+)
 from specray.cluster.errors import TargetGroupError
 
 log = logging.getLogger(__name__)
@@ -63,8 +69,9 @@ class DeadlineExceededError(ServingError):
     """The caller's deadline passed before the request finished."""
 
 
-class RequestCancelledError(ServingError):
-    """The request was cancelled (by its caller or an operator); its work was freed."""
+class BindError(OSError):
+    """A server could not take its address; the message names the flag that
+    changes it."""
 
 
 class UnsupportedError(ServingError):
@@ -98,6 +105,13 @@ ERROR_TABLE: dict[type[Exception], ErrorStatus] = {
     # 499 is the de facto "client closed request" code (nginx); the client
     # has usually gone by then, so it shows up in logs and metrics only.
     RequestCancelledError: ErrorStatus(grpc.StatusCode.CANCELLED, 499, "cancelled_error"),
+    # The engine or router refused the request itself (e.g. its id is in use).
+    RequestRejectedError: ErrorStatus(
+        grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"
+    ),
+    NotRunningError: ErrorStatus(
+        grpc.StatusCode.UNAVAILABLE, 503, "unavailable_error", "the server is not running"
+    ),
     UnsupportedError: ErrorStatus(grpc.StatusCode.UNIMPLEMENTED, 501, "unsupported_error"),
     # A shard died, fell out of step or timed out: the group is gone until
     # it is restarted, so retrying later (elsewhere) may succeed.
@@ -121,11 +135,16 @@ def status_for(error: BaseException) -> ErrorStatus:
     return INTERNAL
 
 
+# Errors whose own message is written for the caller.
+SAFE_TO_SHOW = (ServingError, RequestRejectedError, RequestCancelledError)
+
+
 def public_message(error: BaseException, request_id: str) -> str:
-    """What the caller is told: a ServingError's own message; for anything
-    else its row's public message or "internal error", with the request id to
-    find the details in the server log, never the internals themselves."""
-    if isinstance(error, ServingError):
+    """What the caller is told: the own message of an error written for the
+    caller (:data:`SAFE_TO_SHOW`); for anything else its row's public message
+    or "internal error", with the request id to find the details in the
+    server log, never the internals themselves."""
+    if isinstance(error, SAFE_TO_SHOW):
         return str(error)
     summary = status_for(error).public_message
     if summary:
@@ -149,7 +168,7 @@ async def abort_rpc(context: grpc.aio.ServicerContext, error: Exception, request
     status = status_for(error)
     if status is INTERNAL:
         log.error("request %r failed", request_id, exc_info=error)
-    elif not isinstance(error, ServingError):  # mapped, but its details stay here
+    elif not isinstance(error, SAFE_TO_SHOW):  # mapped, but its details stay here
         log.warning("request %r failed: %r", request_id, error)
     metadata: tuple[tuple[str, str], ...] = ()
     retry = retry_after_s(error)

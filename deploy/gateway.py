@@ -1,6 +1,8 @@
 """The serving state the gRPC and OpenAI HTTP front ends share: one backend
-(absent while the model loads), one validator, the drain switch, and the
-request loop that enforces deadlines and frees work a caller abandons."""
+(absent while the model loads), one validator, and admission — the one
+place that refuses requests while loading or draining and beyond the
+bounded queue — plus the request loop that enforces deadlines and frees the
+work of a stream its caller abandons."""
 
 from __future__ import annotations
 
@@ -8,15 +10,28 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Coroutine
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from specray.deploy.backend import Backend, Chunk, ModelInfo
-from specray.deploy.errors import DeadlineExceededError, ServingError, UnavailableError
+from specray.deploy.errors import (
+    DeadlineExceededError,
+    OverloadedError,
+    UnavailableError,
+)
 from specray.deploy.validation import RawRequest, ValidatedRequest, Validator
 
 log = logging.getLogger(__name__)
 
 State = Literal["loading", "serving", "draining"]
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """How many requests may wait beyond what the backend runs at once."""
+
+    max_queued: int = 64
+    retry_after_s: float = 1.0  # the hint an overloaded caller gets
 
 
 class Gateway:
@@ -25,20 +40,24 @@ class Gateway:
     def __init__(self) -> None:
         self._backend: Backend | None = None
         self._validator: Validator | None = None
+        self._queue = QueueLimits()
         self._draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._cleanups: set[asyncio.Task[None]] = set()
 
-    def attach(self, backend: Backend, validator: Validator) -> None:
+    def attach(
+        self, backend: Backend, validator: Validator, queue: QueueLimits | None = None
+    ) -> None:
         """The model is loaded: start serving."""
         self._backend = backend
         self._validator = validator
+        self._queue = queue or QueueLimits()
 
     @property
     def state(self) -> State:
-        if self._draining or (self._backend is not None and self._backend.draining):
+        if self._draining:
             return "draining"
         return "loading" if self._backend is None else "serving"
 
@@ -76,8 +95,6 @@ class Gateway:
     def start_draining(self) -> None:
         """Refuse new requests; those in flight go on."""
         self._draining = True
-        if self._backend is not None:
-            self._backend.start_draining()
 
     async def wait_idle(self, timeout_s: float | None) -> bool:
         """Wait until no request is in flight; False if ``timeout_s`` ran out first."""
@@ -97,14 +114,16 @@ class Gateway:
         request they abandon is cancelled and its work freed at once.
         """
         backend = self._ready_backend()
+        self._check_room(backend)
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         chunks = backend.generate(request)
         self._in_flight += 1
         self._idle.clear()
-        # The backend frees the work itself when it raises; anything else
-        # that ends the stream early (a deadline, the caller going away) must
-        # cancel it here.
+        # The backend frees the work itself when it raises (and a refused
+        # duplicate id must not cancel the request that holds it); anything
+        # else that ends the stream early (a deadline, the caller going away)
+        # cancels it here, the one place that does.
         must_cancel = True
         try:
             while True:
@@ -116,7 +135,7 @@ class Gateway:
                         f"the deadline ({timeout_s:.3g} s) passed before request "
                         f"{request.request_id!r} finished"
                     ) from error
-                except ServingError:
+                except Exception:
                     must_cancel = False
                     raise
                 yield chunk
@@ -124,17 +143,18 @@ class Gateway:
                     must_cancel = False
                     return
         finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+            if must_cancel:
+                # First, and a task of its own: this one may be cancelled
+                # again while it closes the stream below (anyio cancellation
+                # is level-triggered), and the cleanup must still run.
+                self._spawn(backend.cancel(request.request_id))
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
-            if must_cancel:
-                # A task of its own: this one may be cancelled again (anyio
-                # cancellation is level-triggered), the cleanup must still run.
-                self._spawn(backend.cancel(request.request_id))
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
 
     def _ready_backend(self) -> Backend:
         if self._backend is None:
@@ -142,6 +162,15 @@ class Gateway:
         if self.state == "draining":
             raise UnavailableError("the server is draining and takes no new requests")
         return self._backend
+
+    def _check_room(self, backend: Backend) -> None:
+        running, queued = backend.capacity(), self._queue.max_queued
+        if self._in_flight >= running + queued:
+            raise OverloadedError(
+                f"the server is overloaded: {self._in_flight} requests in flight, at most "
+                f"{running} running and {queued} queued; retry later",
+                self._queue.retry_after_s,
+            )
 
     def _spawn(self, cleanup: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(cleanup)

@@ -16,8 +16,11 @@ from typing import Any
 
 import torch
 
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.factory import EngineSpec, LoadedEngine, build_engine
 from specray.actors.engine.request import GenerationRequest, RequestOutput
+from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
+from specray.actors.engine.tokenizer import chat_ids
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 
 
@@ -25,9 +28,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="generate text in-process with speculative decoding")
     p.add_argument("--target", required=True, help="registered model name or local path")
     p.add_argument(
-        "--draft", default="ngram", help="none | ngram | registered model name or local path"
+        "--draft",
+        default="ngram",
+        help="none | ngram | a model (name or path) | ngram+MODEL (hybrid) | head:DIR",
     )
     p.add_argument("--k", type=int, default=4, help="draft tokens per round (γ), or its ceiling")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=DEFAULT_MAX_BATCHED_TOKENS,
+        help="tokens the target feeds per round; longer prompts prefill in chunks",
+    )
     p.add_argument("--fixed-k", action="store_true", help="always draft k tokens (no adaptive γ)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -58,16 +69,18 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     try:
         _validate(args)
+        drafter = DrafterSpec.parse(args.draft)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     spec = EngineSpec(
         target=args.target,
-        draft=args.draft,
+        draft=drafter,
         dtype=args.dtype,
         num_speculative_tokens=args.k,
         adaptive=not args.fixed_k,
         max_batch=1,
+        max_batched_tokens=args.max_num_batched_tokens,
         home=args.home,
     )
     sharded = _sharded_target(args, spec) if args.tp > 1 or args.address else None
@@ -95,13 +108,7 @@ def _sharded_target(args: argparse.Namespace, spec: EngineSpec) -> Any:
 def _generate(args: argparse.Namespace, loaded: LoadedEngine) -> int:
     prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
     tokenizer = loaded.tokenizer
-    if args.chat:
-        chat_text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        prompt_ids = tokenizer(chat_text, add_special_tokens=False)["input_ids"]
-    else:
-        prompt_ids = tokenizer(prompt)["input_ids"]
+    prompt_ids = chat_ids(tokenizer, prompt) if args.chat else tokenizer(prompt)["input_ids"]
     request = GenerationRequest(
         request_id=uuid.uuid4().hex,
         prompt_ids=prompt_ids,
@@ -155,5 +162,9 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    if args.max_num_batched_tokens < 1:
+        raise ValueError(
+            f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}"
+        )
     if args.top_k < 0:
         raise ValueError(f"--top-k must be >= 0, got {args.top_k}")

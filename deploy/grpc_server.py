@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,10 +22,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from specray.actors.sampling.grammar import Guide
 from specray.deploy.admin_server import ADMIN_SERVICE_NAME, add_admin_servicer
 from specray.deploy.auth import TlsFiles, TokenAuth
 from specray.deploy.backend import Chunk
-from specray.deploy.errors import abort_rpc
+from specray.deploy.errors import BindError, InvalidRequestError, abort_rpc
 from specray.deploy.gateway import Gateway
 from specray.deploy.strict_decoding import StrictDecoding
 from specray.deploy.validation import RawRequest
@@ -58,6 +61,7 @@ def raw_request(message: pb.GenerateRequest) -> RawRequest:
         return None if value is None else float(f"{value:.7g}")
 
     source = message.WhichOneof("input")
+    guide_field = message.WhichOneof("guide")
     return RawRequest(
         request_id=message.request_id,
         text=message.text if source == "text" else None,
@@ -73,7 +77,23 @@ def raw_request(message: pb.GenerateRequest) -> RawRequest:
         seed=optional("seed"),
         speculative=optional("speculative"),
         num_speculative_tokens=optional("num_speculative_tokens"),
+        guide=_guide(message, guide_field),
+        guide_field=guide_field or "guided_json",
     )
+
+
+def _guide(message: pb.GenerateRequest, field: str | None) -> Guide | None:
+    if field == "guided_json":
+        return Guide("json_schema", message.guided_json)
+    if field == "guided_json_object":
+        if not message.guided_json_object:
+            raise InvalidRequestError("`guided_json_object` must be true when set", field)
+        return Guide("json_object")
+    if field == "guided_regex":
+        return Guide("regex", message.guided_regex)
+    if field == "guided_choice":
+        return Guide("choice", json.dumps(list(message.guided_choice.choices)))
+    return None
 
 
 def response(chunk: Chunk, token_ids: list[int], text: str) -> pb.GenerateResponse:
@@ -212,14 +232,23 @@ class GrpcServer:
             services.append(ADMIN_SERVICE_NAME)
         reflection.enable_server_reflection(services, self._server)
         address = host_port(self.host, self.port)
-        if self.tls is not None:
-            cert, key = self.tls.read()
-            credentials = grpc.ssl_server_credentials([(key, cert)])
-            bound = self._server.add_secure_port(address, credentials)
+        # Probed first: gRPC's own failure is a bare RuntimeError after a
+        # C-core log line, where a user wants the cause and the flag.
+        _probe_bind(self.host, self.port)
+        try:
+            if self.tls is not None:
+                cert, key = self.tls.read()
+                credentials = grpc.ssl_server_credentials([(key, cert)])
+                bound = self._server.add_secure_port(address, credentials)
+            else:
+                bound = self._server.add_insecure_port(address)
+        except RuntimeError as error:
+            bound = 0
+            cause: BaseException | None = error
         else:
-            bound = self._server.add_insecure_port(address)
+            cause = None
         if bound == 0:
-            raise OSError(f"could not bind gRPC to {self.address}")
+            raise BindError(_bind_message(self.address, "taken")) from cause
         self.port = bound
         await self.refresh_health()
         await self._server.start()
@@ -262,3 +291,24 @@ class GrpcServer:
                 await self.refresh_health()
             except Exception:
                 log.exception("health check failed")
+
+
+def _bind_message(address: str, why: str) -> str:
+    return (
+        f"could not bind gRPC to {address} ({why}); choose another with --port "
+        "(0 picks a free one) or --host"
+    )
+
+
+def _probe_bind(host: str, port: int) -> None:
+    """Raise :class:`BindError` if ``host:port`` cannot be bound right now."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            why = error.strerror or str(error)
+            raise BindError(_bind_message(host_port(host, port), why)) from error

@@ -38,6 +38,7 @@ from specray.deploy.auth import OPEN_HTTP_PATHS, TlsFiles, check_bearer
 from specray.deploy.backend import Chunk
 from specray.deploy.errors import (
     INTERNAL,
+    BindError,
     BodyTooLargeError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -327,7 +328,11 @@ class HttpServer:
             sock.bind((self.host, self.port))
         except OSError as error:
             sock.close()
-            raise OSError(f"could not bind HTTP to {self.host}:{self.port}: {error}") from error
+            raise BindError(
+                f"could not bind HTTP to {self.host}:{self.port} ({error.strerror or error}); "
+                "choose another with --http-port (0 picks a free one) or serve gRPC only "
+                "with --no-http"
+            ) from error
         self.port = sock.getsockname()[1]
         tls = self.tls
         config = uvicorn.Config(

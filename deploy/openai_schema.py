@@ -1,9 +1,11 @@
 """Request bodies and response objects of the OpenAI-compatible HTTP API.
 
-Only single-choice, text-only generation is supported; parameters OpenAI has
-and specray does not (``n`` > 1, ``echo``, ``logprobs``, ``best_of``,
-penalties, ``logit_bias``, non-text content) are refused rather than ignored,
-so a client never silently gets less than it asked for; they are accepted at
+Only single-choice, text-only generation is supported (with structured
+output: ``response_format``, or vLLM's ``guided_json`` / ``guided_regex`` /
+``guided_choice``); parameters OpenAI has and specray does not (``n`` > 1,
+``echo``, ``logprobs``, ``best_of``, penalties, ``logit_bias``, non-text
+content) are refused rather than ignored, so a client never silently gets
+less than it asked for; they are accepted at
 their no-op values, which some clients always send. Unknown fields are
 refused too, and types are strict: ``"max_tokens": "5"`` or ``true`` is an
 error, not 5 or 1 (a number is taken for a float field).
@@ -18,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from specray.actors.sampling.grammar import Guide
 from specray.deploy.backend import Chunk
 from specray.deploy.errors import InvalidRequestError
 from specray.deploy.validation import RawRequest
@@ -32,6 +35,27 @@ class StreamOptions(BaseModel):
 
     include_usage: bool | None = None
     continuous_usage_stats: bool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``."""
+
+    model_config = STRICT
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: plain text, any JSON object, or JSON
+    matching a schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingBody(BaseModel):
@@ -62,6 +86,11 @@ class SamplingBody(BaseModel):
     # specray's own: speculation on or off, and its per-round ceiling.
     speculative: bool | None = None
     num_speculative_tokens: int | None = None
+    # Structured output: OpenAI's response_format, or vLLM's guided_* names.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
     def check_supported(self) -> None:
         if self.n != 1:
@@ -85,8 +114,37 @@ class SamplingBody(BaseModel):
                 "logit_bias",
             )
 
+    def guide(self) -> tuple[Guide | None, str]:
+        """The structured-output guide asked for (at most one) and its field."""
+        asked: list[tuple[Guide, str]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            asked.append((Guide("json_object"), "response_format"))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise InvalidRequestError(
+                    "`response_format.json_schema` is required when its type is json_schema",
+                    "response_format",
+                )
+            asked.append(
+                (Guide("json_schema", json.dumps(fmt.json_schema.schema_)), "response_format")
+            )
+        if self.guided_json is not None:
+            given = self.guided_json
+            text = given if isinstance(given, str) else json.dumps(given)
+            asked.append((Guide("json_schema", text), "guided_json"))
+        if self.guided_regex is not None:
+            asked.append((Guide("regex", self.guided_regex), "guided_regex"))
+        if self.guided_choice is not None:
+            asked.append((Guide("choice", json.dumps(self.guided_choice)), "guided_choice"))
+        if len(asked) > 1:
+            fields = ", ".join(f"`{field}`" for _, field in asked)
+            raise InvalidRequestError(f"set at most one of {fields}", asked[1][1])
+        return asked[0] if asked else (None, "guided_json")
+
     def raw(self, **prompt: Any) -> RawRequest:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        guide, guide_field = self.guide()
         return RawRequest(
             temperature=self.temperature,
             top_p=self.top_p,
@@ -99,6 +157,8 @@ class SamplingBody(BaseModel):
             seed=self.seed,
             speculative=self.speculative,
             num_speculative_tokens=self.num_speculative_tokens,
+            guide=guide,
+            guide_field=guide_field,
             **prompt,
         )
 
@@ -156,16 +216,9 @@ class ChatMessage(BaseModel):
         return {"role": self.role, "content": content or ""}
 
 
-class ResponseFormat(BaseModel):
-    model_config = STRICT
-
-    type: Literal["text"]  # structured output is not supported
-
-
 class ChatBody(SamplingBody):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(default=None)
-    response_format: ResponseFormat | None = None
     top_logprobs: int | None = None
 
     def check_supported(self) -> None:

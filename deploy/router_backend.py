@@ -3,10 +3,8 @@
 Each request is one streaming call of ``Router.generate_stream``: its
 ``ObjectRefGenerator`` is iterated and each ref awaited on the caller's event
 loop, so nothing here blocks and no thread is involved. Errors cross the Ray
-boundary in one place, :func:`_serving_error`: the cause is taken out of
-Ray's wrapper and the router's own refusals become their front-door
-counterparts; a target group going down keeps its class and is mapped by the
-error table.
+boundary in one place, :func:`_cause`: what the router raised is taken out
+of Ray's wrapper and keeps its class, which the error table maps.
 """
 
 from __future__ import annotations
@@ -27,24 +25,21 @@ import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from transformers import PreTrainedTokenizerBase
 
-from specray.actors.engine.factory import load_tokenizer
+from specray.actors.drafting.build import resolve_drafter
+from specray.actors.engine.tokenizer import has_tokenizer, load_tokenizer
 from specray.actors.model.config import ModelConfig
 from specray.actors.store.resolve import resolve_model
 from specray.actors.workers.draft_worker import DraftWorkerSpec
 from specray.cluster.draft_pool import DraftPoolConfig
 from specray.cluster.local_ray import start_ray
 from specray.cluster.recovery import RecoveryConfig
-from specray.cluster.router import RequestCancelledError as RouterCancelledError
 from specray.cluster.router import RouterConfig, launch_router, open_stream
 from specray.cluster.router_state import RouterHealth, RouterState
 from specray.cluster.target_group import ShardedTargetConfig
-from specray.deploy.backend import Backend, Chunk, ModelInfo
+from specray.deploy.backend import Backend, Chunk, ModelInfo, model_info
 from specray.deploy.config import RouterSettings, ServeConfig
 from specray.deploy.conversion import chunk_from_output, generation_request
 from specray.deploy.errors import (
-    InvalidRequestError,
-    OverloadedError,
-    RequestCancelledError,
     UnavailableError,
 )
 from specray.deploy.replicas import ReplicaState
@@ -66,14 +61,12 @@ class RouterAttachment:
 
 
 class RouterBackend:
-    """Serves through the router actor; at most ``targets × num_slots +
-    max_queued`` requests are in flight, more are refused as overloaded."""
+    """Serves through the router actor; at most ``targets × num_slots``
+    requests run at once."""
 
     def __init__(
         self,
         attachment: RouterAttachment,
-        max_queued: int = 64,
-        retry_after_s: float = 1.0,
         health_timeout_s: float = 10.0,
         owns_router: bool = True,
     ) -> None:
@@ -82,12 +75,8 @@ class RouterBackend:
         self._info = attachment.info
         self._num_slots = attachment.num_slots
         self._num_targets = attachment.num_targets
-        self._max_queued = max_queued
-        self._retry_after_s = retry_after_s
         self._health_timeout_s = health_timeout_s
         self._owns_router = owns_router
-        self._in_flight: set[str] = set()
-        self._draining = False
         self._closed = False
         self._healthy = True
 
@@ -99,37 +88,26 @@ class RouterBackend:
     # -- Backend -------------------------------------------------------------
 
     async def generate(self, request: ValidatedRequest) -> AsyncIterator[Chunk]:
+        if self._closed:
+            raise UnavailableError("the server is shutting down")
         request_id = request.request_id
-        self._admit(request_id)
         began = time.perf_counter()
+        stream = open_stream(self._router, generation_request(request))
         finished = False
-        first = True
-        try:
-            stream = open_stream(self._router, generation_request(request))
-            while not finished:
-                try:
-                    output = await (await anext(stream))
-                except StopAsyncIteration:
-                    raise UnavailableError(
-                        f"the router ended request {request_id!r} without finishing it"
-                    ) from None
-                except Exception as error:
-                    finished = True  # the router freed it when it raised
-                    if self._closed:  # the router shut down under it
-                        raise UnavailableError("the server is shutting down") from error
-                    raise _serving_error(error, before_first_chunk=first) from error
-                first = False
-                chunk = chunk_from_output(
-                    output, request.prompt_tokens, time.perf_counter() - began
-                )
-                finished = chunk.finished
-                yield chunk
-        finally:
-            self._in_flight.discard(request_id)
-            if not finished:
-                # Closed early (the caller went away, a deadline): free it on
-                # every actor. Fire and forget, as this may run while cancelled.
-                self._router.cancel.remote(request_id)
+        while not finished:
+            try:
+                output = await (await anext(stream))
+            except StopAsyncIteration:
+                raise UnavailableError(
+                    f"the router ended request {request_id!r} without finishing it"
+                ) from None
+            except Exception as error:  # the router freed it when it raised
+                if self._closed:  # the router shut down under it
+                    raise UnavailableError("the server is shutting down") from error
+                raise _cause(error) from error
+            chunk = chunk_from_output(output, request.prompt_tokens, time.perf_counter() - began)
+            finished = chunk.finished
+            yield chunk
 
     async def cancel(self, request_id: str) -> None:
         # The stream then raises the router's cancellation, mapped to ours.
@@ -160,7 +138,7 @@ class RouterBackend:
         try:
             await self._router.scale.remote(drafts=drafts, targets=targets)
         except Exception as error:
-            raise _serving_error(error, before_first_chunk=True) from error
+            raise _cause(error) from error
         finally:
             with contextlib.suppress(Exception):
                 self._num_targets = _live_targets(await self._state())
@@ -169,7 +147,7 @@ class RouterBackend:
         try:
             state = await self._state()
         except Exception as error:
-            raise _serving_error(error, before_first_chunk=False) from error
+            raise _cause(error) from error
         self._num_targets = _live_targets(state)
         return ReplicaState(
             backend="router",
@@ -182,16 +160,8 @@ class RouterBackend:
             draft_moves=state.draft_moves,
         )
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    def start_draining(self) -> None:
-        self._draining = True
-
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._in_flight)
+    def capacity(self) -> int:
+        return max(self._num_targets, 1) * self._num_slots
 
     async def close(self) -> None:
         """Stop the router (when owned); requests still in flight fail as unavailable."""
@@ -203,24 +173,6 @@ class RouterBackend:
                 ray.kill(self._router, no_restart=True)
 
     # -- internals -------------------------------------------------------------
-
-    def _admit(self, request_id: str) -> None:
-        if self._draining:
-            raise UnavailableError("the server is draining and takes no new requests")
-        if self._closed:
-            raise UnavailableError("the server is shutting down")
-        if request_id in self._in_flight:
-            raise InvalidRequestError(
-                f"`request_id` {request_id!r} is already in use by a request in flight"
-            )
-        running = max(self._num_targets, 1) * self._num_slots
-        if len(self._in_flight) >= running + self._max_queued:
-            raise OverloadedError(
-                f"the server is overloaded: {len(self._in_flight)} requests in flight, at most "
-                f"{running} running and {self._max_queued} queued; retry later",
-                self._retry_after_s,
-            )
-        self._in_flight.add(request_id)
 
     def _report_health(self, healthy: bool, why: str) -> None:
         """Log health transitions only: it is polled every second."""
@@ -240,20 +192,12 @@ def _live_targets(state: RouterState) -> int:
     return sum(not t.draining for t in state.targets)
 
 
-def _serving_error(error: BaseException, before_first_chunk: bool) -> BaseException:
-    """What the front door should see for an error from the router actor.
-
-    Ray wraps an actor's exception (RayTaskError); the cause is what the
-    router raised. The router refuses a request it cannot start (a duplicate
-    id, an empty prompt) with ValueError, as the engine does.
-    """
+def _cause(error: BaseException) -> BaseException:
+    """What the router raised, out of Ray's wrapper; the error table maps it.
+    A router that is gone is unavailable."""
     if isinstance(error, RayActorError):
         return UnavailableError("the router is down; retry later")
     cause = error.cause if isinstance(error, RayTaskError) else error
-    if isinstance(cause, RouterCancelledError):
-        return RequestCancelledError(str(cause))
-    if isinstance(cause, ValueError) and before_first_chunk:
-        return InvalidRequestError(str(cause))
     return cause if isinstance(cause, BaseException) else error
 
 
@@ -281,19 +225,13 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
     drafter = settings.drafter
     if drafter is not None:
         dtype = drafter.dtype or settings.dtype
-        model_dir = None
-        if drafter.kind != "ngram":
-            assert drafter.model is not None
-            model_dir = str(resolve_model(drafter.model, home=home, dtype=dtype))
         spec = DraftWorkerSpec(
-            kind=drafter.kind,
-            model_dir=model_dir,
+            drafter=resolve_drafter(drafter.spec, home, dtype),
             dtype=dtype,
             num_slots=drafter.num_slots or settings.num_slots,
             max_len=settings.max_len,
             num_threads=drafter.threads,
-            max_ngram=drafter.max_ngram,
-            min_ngram=drafter.min_ngram,
+            target_dir=str(target_dir),
         )
         draft = DraftPoolConfig(
             spec, num_cpus=drafter.cpus, start_timeout_s=settings.start_timeout_s
@@ -305,8 +243,9 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
         num_drafts=settings.num_drafts if draft is not None else 0,
         num_speculative_tokens=settings.k,
         adaptive=settings.adaptive,
+        max_batched_tokens=settings.max_num_batched_tokens,
         overlap=settings.overlap,
-        tokenizer_dir=str(target_dir),
+        tokenizer_dir=str(target_dir) if has_tokenizer(target_dir) else None,
         model_name=Path(settings.target).name,
         metrics_port=settings.metrics_port,
         profile=settings.profile,
@@ -314,26 +253,21 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
     )
 
 
-def model_info_for(settings: RouterSettings, config: RouterConfig) -> ModelInfo:
-    model = ModelConfig.from_pretrained(Path(config.target.model_dir))
-    drafter = settings.drafter
-    return ModelInfo(
-        target=settings.target,
-        drafts=() if drafter is None else (drafter.name,),
-        max_context=min(settings.max_len, model.max_position_embeddings),
-        dtype=settings.dtype,
-        tensor_parallel_size=settings.tp,
-        vocab_size=model.vocab_size,
-        max_num_speculative_tokens=settings.k,
-    )
-
-
 def launch(settings: RouterSettings, home: Path | None = None, **options: Any) -> RouterAttachment:
     """Resolve the models and start a router on the connected Ray (blocking);
     ``options`` go to :func:`launch_router`."""
     config = router_config(settings, home)
-    info = model_info_for(settings, config)
-    tokenizer = load_tokenizer(Path(config.target.model_dir))
+    drafter = settings.drafter
+    info = model_info(
+        settings.target,
+        drafter.spec if drafter is not None else None,
+        ModelConfig.from_pretrained(Path(config.target.model_dir)),
+        settings.max_len,
+        settings.dtype,
+        settings.tp,
+        settings.k,
+    )
+    tokenizer = load_tokenizer(Path(config.tokenizer_dir)) if config.tokenizer_dir else None
     router = launch_router(config, **options)
     return RouterAttachment(router, info, tokenizer, settings.num_slots, settings.num_targets)
 
@@ -383,11 +317,5 @@ def attach(
     config: ServeConfig, attachment: RouterAttachment, owns_router: bool
 ) -> tuple[RouterBackend, Validator]:
     """A backend and validator for a running router."""
-    limits = config.limits
-    backend = RouterBackend(
-        attachment,
-        limits.max_queued_requests,
-        limits.retry_after_s,
-        owns_router=owns_router,
-    )
+    backend = RouterBackend(attachment, owns_router=owns_router)
     return backend, Validator(config.validation_limits(attachment.info), attachment.tokenizer)

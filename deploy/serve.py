@@ -30,9 +30,10 @@ from pydantic import ValidationError
 from specray.actors.engine.factory import build_engine
 from specray.actors.engine.target import Target
 from specray.deploy.auth import TOKEN_ENV, is_private, load_token
-from specray.deploy.backend import Backend
+from specray.deploy.backend import Backend, model_info
 from specray.deploy.config import ServeConfig, is_loopback_host, load_config
-from specray.deploy.engine_backend import EngineBackend, model_info_for
+from specray.deploy.engine_backend import EngineBackend
+from specray.deploy.errors import BindError
 from specray.deploy.gateway import Gateway
 from specray.deploy.grpc_server import GrpcServer, host_port
 from specray.deploy.openai_http import HttpServer, create_app
@@ -173,7 +174,7 @@ class Service:
         # must not hold up the process exiting on SIGTERM.
         backend, validator = await in_daemon_thread(lambda: self._build(self.config))
         self.backend = backend
-        self.gateway.attach(backend, validator)
+        self.gateway.attach(backend, validator, self.config.queue_limits())
         await self.grpc.refresh_health()
 
     async def shutdown(self, force: asyncio.Event | None = None) -> None:
@@ -215,10 +216,18 @@ def build_backend(config: ServeConfig, target: Target | None = None) -> tuple[Ba
     build_engine), whatever ``config.backend`` says."""
     spec = config.engine_spec()
     loaded = build_engine(spec, target)
-    info = model_info_for(loaded, spec)
-    limits = config.limits
-    backend = EngineBackend(loaded.engine, info, limits.max_queued_requests, limits.retry_after_s)
-    return backend, Validator(config.validation_limits(info), loaded.tokenizer)
+    info = model_info(
+        spec.target,
+        spec.draft,
+        loaded.target_config,
+        spec.max_len,
+        spec.dtype,
+        1,
+        spec.num_speculative_tokens,
+    )
+    return EngineBackend(loaded.engine, info), Validator(
+        config.validation_limits(info), loaded.tokenizer
+    )
 
 
 async def in_daemon_thread(work: Callable[[], T]) -> T:
@@ -273,10 +282,15 @@ async def serve(config: ServeConfig) -> int:
             config.host,
             f", without {' or '.join(missing)}" if missing else "",
         )
-    await service.start()
+    try:
+        await service.start()
+    except BindError as error:
+        print(f"error: {error}", file=sys.stderr)
+        await service.shutdown()
+        return 2
     if config.backend == "router":
         router = config.router
-        drafter = router.drafter.name if router.drafter is not None else "none"
+        drafter = router.drafter.spec.name if router.drafter is not None else "none"
         model = f"router: {router.target} (tp {router.tp}), draft {drafter}"
     else:
         model = f"engine: {config.target}, draft {config.draft}"

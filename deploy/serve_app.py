@@ -120,7 +120,7 @@ class Ingress:
         await self.grpc.start()  # NOT_SERVING until the router is attached
         attachment: RouterAttachment = await router_holder.attachment.remote()
         backend, validator = attach(settings, attachment, owns_router=False)
-        self.gateway.attach(backend, validator)
+        self.gateway.attach(backend, validator, settings.queue_limits())
         await self.grpc.refresh_health()
 
     def __serve_build_asgi_app__(self) -> FastAPI:

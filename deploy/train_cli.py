@@ -8,6 +8,8 @@
 3. Head: a reduced vocabulary from the answers, started from the target's
    last layer, trained with the training-time test; saved as safetensors
    plus ``config.json``, with ``train_log.json`` and ``train_curve.png``.
+   ``--method dspark`` trains a DSpark block drafter on the same data
+   instead and saves it in DeepSpec's format (``--draft dspark:DIR``).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from specray.actors.drafting.dspark.checkpoint import save_dspark
+from specray.actors.drafting.dspark.config import default_target_layers
+from specray.actors.drafting.dspark.fresh import default_mask_token, fresh_dspark
 from specray.actors.drafting.head.checkpoint import init_from_target, load_frozen, save_head
 from specray.actors.drafting.head.config import HeadConfig, default_hidden_layers
 from specray.actors.drafting.head.corpus import build_corpus, build_forced_pairs
@@ -36,17 +40,18 @@ from specray.actors.drafting.head.datagen import (
 )
 from specray.actors.drafting.head.model import DraftHead
 from specray.actors.drafting.head.trainer import (
+    DraftModel,
     TrainResult,
     TrainSettings,
     split_indices,
     train_head,
 )
 from specray.actors.drafting.head.vocab import choose_draft_vocab, coverage, token_counts
+from specray.actors.engine.tokenizer import chat_ids, eos_token_ids, load_tokenizer
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.store.layout import default_home
 from specray.actors.store.resolve import resolve_model
-from specray.bench.prompts import load_prompts
 
 # --smoke: a tiny model in well under two minutes; the loss must still fall.
 SMOKE = {
@@ -97,6 +102,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data-only", action="store_true", help="make (or find) the data and stop")
     p.add_argument("--data", type=Path, default=None, help="data directory (default: cached)")
     p.add_argument("--home", type=Path, default=None, help="store (default $SPECRAY_HOME)")
+    p.add_argument(
+        "--method", choices=["head", "dspark"], default="head", help="what to train (see docs)"
+    )
+    p.add_argument("--block-size", type=int, default=5, help="dspark: drafts per forward (γ)")
+    p.add_argument("--draft-layers", type=int, default=1, help="dspark: layers (the paper: 5)")
+    p.add_argument("--markov-rank", type=int, default=256, help="dspark: Markov head rank")
+    p.add_argument("--anchors", type=int, default=16, help="dspark: blocks per answer and step")
+    p.add_argument("--device", default="cpu", help="where training runs (cpu, cuda); data: cpu")
     return p
 
 
@@ -112,19 +125,22 @@ def run(args: argparse.Namespace) -> int:
     home = args.home or default_home()
     target_dir = resolve_model(args.target, home=home, dtype=args.dtype)
     config = ModelConfig.from_pretrained(target_dir)
-    layers = _layers(args.layers, config)
+    layers = _layers(args.layers, config, args.method)
     began = time.perf_counter()
     data = _data(args, target_dir, config, layers, home)
     made_data = time.perf_counter()
     print(f"data: {len(data)} answers, {int(data.lengths.sum())} rows in {data.directory}")
     if args.data_only:
         return 0
+    if args.method == "dspark":
+        return _run_dspark(args, data, target_dir, config, layers, made_data - began)
     counts = token_counts((s.tokens for s in data), config.vocab_size)
     vocab = choose_draft_vocab(counts, args.draft_vocab, config.eos_token_ids)
     torch.manual_seed(args.seed)
     head_config = HeadConfig.for_target(args.target, config, len(vocab), layers)
     head = DraftHead(head_config, vocab, load_frozen(target_dir, vocab, torch.bfloat16))
     copied = init_from_target(head, target_dir, config) if args.init == "target" else []
+    head = head.to(args.device)
     settings = TrainSettings(
         epochs=args.epochs,
         batch_size=args.train_batch,
@@ -166,7 +182,17 @@ def run(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> None:
     if args.num_forced < 0:
         raise ValueError(f"--num-forced must be >= 0, got {args.num_forced}")
-    for name in ("num_samples", "max_tokens", "epochs", "batch_size", "train_batch", "steps"):
+    for name in (
+        "num_samples",
+        "max_tokens",
+        "epochs",
+        "batch_size",
+        "train_batch",
+        "steps",
+        "block_size",
+        "draft_layers",
+        "anchors",
+    ):
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -174,8 +200,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--draft-vocab must be >= 2, got {args.draft_vocab}")
 
 
-def _layers(text: str | None, config: ModelConfig) -> tuple[int, ...]:
+def _layers(text: str | None, config: ModelConfig, method: str = "head") -> tuple[int, ...]:
     if not text:
+        if method == "dspark":
+            return default_target_layers(config.num_layers)
         return default_hidden_layers(config.num_layers)
     layers = tuple(int(part) for part in text.split(","))
     bad = [i for i in layers if not 0 <= i < config.num_layers]
@@ -186,19 +214,14 @@ def _layers(text: str | None, config: ModelConfig) -> tuple[int, ...]:
 
 def _prompt_texts(paths: list[Path]) -> list[str]:
     """The shipped train split, then every extra file (JSONL with "prompt", or lines)."""
+    from specray.bench.prompts import load_prompts  # the shipped prompt set's train split
+
     texts = [p.prompt for p in load_prompts(split="train")]
     for path in paths:
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 texts.append(json.loads(line)["prompt"] if line.startswith("{") else line)
     return texts
-
-
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=False
-    )
-    return [int(t) for t in ids]
 
 
 def _data(
@@ -208,10 +231,8 @@ def _data(
     layers: tuple[int, ...],
     home: Path,
 ) -> DraftData:
-    eos = tuple(config.eos_token_ids)
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos += (int(tokenizer.eos_token_id),)
+    tokenizer = load_tokenizer(target_dir)
+    eos = eos_token_ids(config, tokenizer)
     settings = GenerationSettings(layers, eos, args.max_tokens, args.batch_size, seed=args.seed)
     meta = {
         "target": str(target_dir),
@@ -230,10 +251,10 @@ def _data(
         print(f"reusing draft data in {directory}")
         return DraftData(directory)
     corpus = build_corpus(args.num_samples, args.seed, _prompt_texts(args.prompts))
-    prompts = [_encode(tokenizer, p.text) for p in corpus]
+    prompts = [chat_ids(tokenizer, p.text) for p in corpus]
     prompts = [p for p in prompts if len(p) <= args.max_prompt_tokens][: args.num_samples]
     pairs = [
-        (_encode(tokenizer, pair.prompt), tokenizer.encode(pair.answer))
+        (chat_ids(tokenizer, pair.prompt), tokenizer.encode(pair.answer))
         for pair in build_forced_pairs(args.num_forced, args.seed)
     ]
     pairs = [(p, a) for p, a in pairs if len(p) <= args.max_prompt_tokens]
@@ -263,7 +284,63 @@ def _data(
     return DraftData(directory)
 
 
-def _train(head: DraftHead, data: DraftData, settings: TrainSettings) -> TrainResult:
+def _run_dspark(
+    args: argparse.Namespace,
+    data: DraftData,
+    target_dir: Path,
+    config: ModelConfig,
+    layers: tuple[int, ...],
+    data_s: float,
+) -> int:
+    """Train a DSpark drafter (full vocabulary, the target's frozen embedding
+    and LM head) on the data and save it in DeepSpec's format."""
+    tokenizer_size = len(load_tokenizer(target_dir))
+    model, hf_config = fresh_dspark(
+        target_dir,
+        num_layers=args.draft_layers,
+        block_size=args.block_size,
+        target_layer_ids=layers,
+        markov_rank=args.markov_rank,
+        mask_token_id=default_mask_token(config.vocab_size, tokenizer_size),
+        seed=args.seed,
+    )
+    settings = TrainSettings(
+        epochs=args.epochs,
+        batch_size=args.train_batch,
+        max_rows=args.max_tokens,
+        lr=args.lr,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        max_minutes=args.train_minutes,
+        anchors=args.anchors,
+    )
+    began = time.perf_counter()
+    result = _train(model.to(args.device), data, settings)
+    out = args.out or (args.home or default_home()) / "dspark" / Path(str(args.target)).name
+    save_dspark(model.cpu(), out, hf_config)
+    summary = {
+        "target": args.target,
+        "method": "dspark",
+        "data": str(data.directory),
+        "samples": len(data),
+        "rows": int(data.lengths.sum()),
+        "target_layer_ids": list(layers),
+        "data_s": data_s,
+        "train_s": time.perf_counter() - began,
+        "settings": asdict(settings),
+        "val": [asdict(v) for v in result.val],
+        "train": [asdict(t) for t in result.train],
+    }
+    (out / "train_log.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _plot(result, out / "train_curve.png")
+    print(f"saved {out} (DeepSpec format, block {args.block_size}, layers {list(layers)})")
+    if result.val:
+        first, last = result.val[0], result.val[-1]
+        print(f"validation loss {first.loss:.3f} -> {last.loss:.3f}, accuracy {last.accuracy}")
+    return 0
+
+
+def _train(head: DraftModel, data: DraftData, settings: TrainSettings) -> TrainResult:
     train_ids, _ = split_indices(len(data), settings)
     per_epoch = -(-len(train_ids) // settings.batch_size)
     with tqdm(total=per_epoch * settings.epochs, desc="training", unit="step") as bar:

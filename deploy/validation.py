@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from specray.actors.sampling.grammar import GrammarError, Guide
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 from specray.deploy.errors import InvalidRequestError
 
@@ -45,6 +46,9 @@ class RawRequest:
     # The wire names of the prompt fields, for messages ("prompt" over HTTP).
     text_field: str = "text"
     token_ids_field: str = "token_ids"
+    # Structured output, and the wire field it came from (for messages).
+    guide: Guide | None = None
+    guide_field: str = "guided_json"
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class ValidatedRequest:
     stopping: StoppingCriteria
     speculative: bool
     num_speculative_tokens: int | None  # None: the backend's own setting
+    guide: Guide | None = None  # structured output
 
     @property
     def prompt_tokens(self) -> int:
@@ -148,6 +153,8 @@ class Validator:
             ignore_eos=raw.ignore_eos,
         )
         speculative = True if raw.speculative is None else raw.speculative
+        if raw.guide is not None:
+            self._check_guide(raw.guide, raw.guide_field)
         return ValidatedRequest(
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -157,7 +164,18 @@ class Validator:
             num_speculative_tokens=_num_speculative(
                 raw.num_speculative_tokens, speculative, limits
             ),
+            guide=raw.guide,
         )
+
+    def _check_guide(self, guide: Guide, field: str) -> None:
+        if self.tokenizer is None:
+            raise InvalidRequestError(
+                f"`{field}` needs the model's tokenizer and the served model has none", field
+            )
+        try:
+            guide.check()
+        except GrammarError as error:
+            raise InvalidRequestError(f"`{field}` is not a valid {error}", field) from None
 
     def _prompt(self, raw: RawRequest) -> tuple[int, ...]:
         if raw.text is not None and raw.token_ids is not None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: set up ./.venv if needed, then lint, type-check the pure
-# core and run the whole test suite (slow and real-model tests included).
+# The test command: set up ./.venv if needed, then lint, type-check the
+# package (actors, cluster, deploy) and run the whole test suite (slow and
+# real-model tests included).
 # Extra arguments go to pytest.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,6 +17,6 @@ py="$root/.venv/bin/python"
 typeroot="$(mktemp -d)"
 trap 'rm -rf "$typeroot"' EXIT
 ln -s "$root" "$typeroot/specray"
-MYPYPATH="$typeroot" "$py" -m mypy -p specray.actors
+MYPYPATH="$typeroot" "$py" -m mypy -p specray.actors -p specray.cluster -p specray.deploy
 
 "$py" -m pytest "$@"

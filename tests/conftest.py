@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from store_helpers import TinyGGUF, write_tiny_gguf
 from tiny_models import family_configs, save_tiny_model
 
 FAMILIES = sorted(family_configs())
@@ -31,3 +32,9 @@ def tiny_dir_factory(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> TinyGGUF:
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    return TinyGGUF(path, write_tiny_gguf(path))

@@ -1,6 +1,6 @@
 """Shared pieces of the router tests: tiny requests with mixed lengths and a
-repeat for the n-gram drafter, target-only reference decoding in this
-process, router configs with one torch thread per actor, and waiting on the
+repeat for the n-gram drafter, target-only reference decoding (a no-cache
+loop over the model), router configs with one torch thread per actor, and waiting on the
 router's state (bounds that stop a hang, never timing assertions)."""
 
 from __future__ import annotations
@@ -9,22 +9,21 @@ import asyncio
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
+from references import greedy_reference
 from tiny_models import VOCAB
 
-from specray.actors.engine.engine import EngineConfig, SpecEngine
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.request import GenerationRequest, RequestOutput
-from specray.actors.engine.target import LocalTarget
-from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import StoppingCriteria
-from specray.actors.workers.draft_worker import DraftWorkerSpec
-from specray.cluster.draft_pool import DraftPoolConfig
 from specray.cluster.router import RouterConfig, RouterState, open_stream
-from specray.cluster.target_group import ShardedTargetConfig
+from specray.deploy.config import DrafterConfig, RouterSettings
+from specray.deploy.router_backend import router_config as build_router_config
 
 MAX_LEN = 256
 
@@ -44,31 +43,38 @@ def tiny_request(i: int, max_tokens: int | None = None, prefix: str = "r") -> Ge
     )
 
 
-def target_only(
-    model_dir: Path, requests: list[GenerationRequest], max_len: int = MAX_LEN
-) -> dict[str, list[int]]:
-    """Target-only greedy decoding in this process: the ground truth."""
-    target = LocalTarget(load_model(model_dir), num_slots=16, max_len=max_len)
-    engine = SpecEngine(target, None, None, (), EngineConfig(16, 0, adaptive=False))
-    outputs: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    for chunk in engine.generate(requests):
-        outputs[chunk.request_id] += chunk.token_ids
-    return outputs
+def target_only(model_dir: Path, requests: list[GenerationRequest]) -> dict[str, list[int]]:
+    """Greedy decoding by a no-cache loop over the model: the ground truth."""
+    prompts = {r.request_id: r.prompt_ids for r in requests}
+    counts = {r.request_id: r.stopping.max_tokens for r in requests}
+    return greedy_reference(model_dir, prompts, counts)
 
 
 def router_config(
-    model_dir: Path, draft: DraftWorkerSpec | None = None, **options: Any
+    model_dir: Path, draft: DrafterSpec | None = None, **options: Any
 ) -> RouterConfig:
-    target = ShardedTargetConfig(
-        str(model_dir),
-        tp=options.pop("tp", 1),
-        threads_per_shard=1,
-        num_slots=options.pop("num_slots", 8),
-        max_len=options.pop("max_len", MAX_LEN),
-        timeout_s=options.pop("timeout_s", 60),
-    )
-    pool = DraftPoolConfig(draft, num_cpus=1, timeout_s=60) if draft is not None else None
-    return RouterConfig(target=target, draft=pool, **options)
+    """A router over a tiny checkpoint, built the way ``specray serve`` builds
+    one (from :class:`RouterSettings`): fp32, one thread and one Ray CPU per
+    actor. ``options`` set settings; any other :class:`RouterConfig` field
+    is replaced afterwards."""
+    fields: dict[str, Any] = {
+        "target": str(model_dir),
+        "dtype": "float32",
+        "tp": 1,
+        "threads_per_shard": 1,
+        "max_len": MAX_LEN,
+        "drafts": [] if draft is None else [DrafterConfig.from_spec(draft).model_dump()],
+    }
+    extras = {}
+    for key, value in options.items():
+        if key in RouterSettings.model_fields:
+            fields[key] = value
+        else:
+            extras[key] = value
+    config = build_router_config(RouterSettings.model_validate(fields))
+    if config.draft is not None:  # slack for a loaded machine
+        extras["draft"] = replace(config.draft, timeout_s=60)
+    return replace(config, **extras)
 
 
 async def stream_all(router: Any, request: GenerationRequest) -> tuple[list[int], RequestOutput]:

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Con
 
 from specray.deploy.config import ServeConfig
 from specray.deploy.engine_backend import EngineBackend
+from specray.deploy.router_backend import RouterBackend
 from specray.deploy.serve import BuildBackend, Service
 
 T = TypeVar("T")
@@ -38,8 +39,9 @@ CORPUS = [
 MODEL_VOCAB = 512  # padded past the tokenizer's ~400 ids, as Qwen pads its vocabulary
 
 
-def save_served_model(directory: Path, seed: int = 0) -> Path:
-    """A random-weight Qwen2 (hidden 64, 2 layers) with a tokenizer and chat template."""
+def save_tokenizer(directory: Path) -> int:
+    """A tiny byte-level BPE tokenizer with a chat template (ids below
+    :data:`MODEL_VOCAB`), saved to ``directory``; returns its EOS id."""
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(CORPUS * 4, vocab_size=400, special_tokens=SPECIAL_TOKENS)
     tokenizer = PreTrainedTokenizerFast(
@@ -51,6 +53,12 @@ def save_served_model(directory: Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(directory)
     eos = tokenizer.eos_token_id
     assert isinstance(eos, int)
+    return eos
+
+
+def save_served_model(directory: Path, seed: int = 0) -> Path:
+    """A random-weight Qwen2 (hidden 64, 2 layers) with a tokenizer and chat template."""
+    eos = save_tokenizer(directory)
     config = Qwen2Config(
         vocab_size=MODEL_VOCAB,
         hidden_size=64,
@@ -128,6 +136,12 @@ class ServingThread:
     def backend(self) -> EngineBackend:
         backend = self.service.backend
         assert isinstance(backend, EngineBackend)
+        return backend
+
+    @property
+    def router_backend(self) -> RouterBackend:
+        backend = self.service.backend
+        assert isinstance(backend, RouterBackend)
         return backend
 
     @property

@@ -4,6 +4,7 @@ and the `--json` contract other tools depend on."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -79,3 +80,24 @@ def test_generate_tp2_equals_tp1() -> None:
     tp2 = _generate(*common, "--tp", "2", *prompt)
     assert tp2["token_ids"] == tp1["token_ids"]
     assert len(tp1["token_ids"]) == 12  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("flag", ["--http-port", "--port"])
+def test_serve_on_a_busy_port_says_which_flag_to_change(flag: str) -> None:
+    """One line naming the cause and the flag, exit code 2, no traceback."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        ports = {"--port": "0", "--http-port": "0", flag: port}
+        proc = subprocess.run(
+            [*SPECRAY, "serve", "--backend", "engine", "--target", "unused"]
+            + [item for pair in ports.items() for item in pair],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and flag in errors[0] and port in errors[0]

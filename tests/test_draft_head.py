@@ -15,7 +15,6 @@ from tiny_models import VOCAB
 
 from specray.actors.drafting.base import DraftRequest
 from specray.actors.drafting.head.checkpoint import (
-    head_dir_of,
     init_from_target,
     load_frozen,
     load_head,
@@ -33,6 +32,7 @@ from specray.actors.drafting.head.loss import TrainBatch, head_loss
 from specray.actors.drafting.head.model import DraftHead
 from specray.actors.drafting.head.trainer import TrainSettings, train_head
 from specray.actors.drafting.head.vocab import choose_draft_vocab, token_counts
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget
@@ -40,7 +40,7 @@ from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
-from specray.bench.spec_bench import parse_drafters
+from specray.bench.common import parse_drafters
 from specray.deploy.cli import main
 from specray.deploy.config import DrafterConfig, RouterSettings
 
@@ -220,17 +220,17 @@ def test_spec_bench_names_a_head_by_its_directory() -> None:
         ("head:/z", 4),
         ("ngram", 3),
     ]
-    assert head_dir_of("head:/x/y") == Path("/x/y")
-    assert head_dir_of("ngram") is None
-    with pytest.raises(ValueError, match="needs a directory"):
-        head_dir_of("head:")
+    spec = DrafterSpec.parse("head:/x/y")
+    assert spec is not None and spec.kind == "head" and spec.model_path == Path("/x/y")
+    with pytest.raises(ValueError, match="needs a model or directory"):
+        DrafterSpec.parse("head:")
 
 
 def test_serve_config_names_a_head_replica() -> None:
     settings = RouterSettings.model_validate({}).with_draft("head:/heads/qwen")
     drafter = settings.drafter
     assert drafter is not None and (drafter.kind, drafter.model) == ("head", "/heads/qwen")
-    assert drafter.name == "head:/heads/qwen"
+    assert drafter.spec.name == "head:/heads/qwen"
     with pytest.raises(ValueError, match="needs `model`"):
         DrafterConfig.model_validate({"kind": "head"})
 

@@ -12,24 +12,18 @@ from typing import Any
 import pytest
 import ray
 import torch
+from router_helpers import router_config, target_only
 from tiny_models import VOCAB
 
 from specray.actors.drafting.head.checkpoint import init_from_target, load_frozen, save_head
 from specray.actors.drafting.head.config import HeadConfig
 from specray.actors.drafting.head.model import DraftHead
-from specray.actors.engine.engine import EngineConfig, SpecEngine
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.request import GenerationRequest, RequestOutput
-from specray.actors.engine.target import LocalTarget
 from specray.actors.model.config import ModelConfig
-from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import StoppingCriteria
-from specray.actors.workers.draft_worker import DraftWorkerSpec
-from specray.cluster.draft_pool import DraftPoolConfig
 from specray.cluster.local_ray import start_ray
-from specray.cluster.router import RouterConfig, launch_router, open_stream
-from specray.cluster.target_group import ShardedTargetConfig
-
-MAX_LEN = 256
+from specray.cluster.router import launch_router, open_stream
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +59,6 @@ def _requests() -> list[GenerationRequest]:
     ]
 
 
-def _reference(model_dir: Path, requests: list[GenerationRequest]) -> dict[str, list[int]]:
-    target = LocalTarget(load_model(model_dir), num_slots=8, max_len=MAX_LEN)
-    engine = SpecEngine(target, None, None, (), EngineConfig(8, 0, adaptive=False))
-    outputs: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    for chunk in engine.generate(requests):
-        outputs[chunk.request_id] += chunk.token_ids
-    return outputs
-
-
 async def _stream(router: Any, request: GenerationRequest) -> tuple[list[int], RequestOutput]:
     tokens: list[int] = []
     last = None
@@ -97,21 +82,13 @@ def test_router_with_a_head_drafter_equals_target_only(
 ) -> None:
     model_dir = tiny_dir_factory("qwen2")
     head_dir = _save_head(model_dir, tmp_path / "head")
-    spec = DraftWorkerSpec("head", str(head_dir), target_dir=str(model_dir), num_slots=8)
-    config = RouterConfig(
-        target=ShardedTargetConfig(
-            str(model_dir), tp=1, threads_per_shard=1, num_slots=8, max_len=MAX_LEN, timeout_s=60
-        ),
-        draft=DraftPoolConfig(spec, num_cpus=1, timeout_s=60),
-        adaptive=False,
-        num_speculative_tokens=3,
-    )
+    config = router_config(model_dir, DrafterSpec("head", str(head_dir)), adaptive=False, k=3)
     router = launch_router(config)
     try:
         requests = _requests()
         results = asyncio.run(_run_all(router, requests))
         got = {r.request_id: tokens for r, (tokens, _) in zip(requests, results, strict=True)}
-        assert got == _reference(model_dir, requests)
+        assert got == target_only(model_dir, requests)
         # The head only drafts once hidden states reach it, so drafts prove they did.
         assert sum(last.stats.draft_tokens for _, last in results) > 0
     finally:

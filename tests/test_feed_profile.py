@@ -3,10 +3,11 @@ a catch-up (a new request's prompt, a stretch without drafts)."""
 
 from __future__ import annotations
 
-from specray.actors.drafting.base import CatchesUp
+from specray.actors.drafting.base import CatchesUp, DraftPaths
 from specray.actors.drafting.draft_model import DraftModelDrafter
 from specray.actors.drafting.hybrid import HybridDrafter
 from specray.actors.drafting.ngram import NgramDrafter
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.model.loader import load_model
 from specray.actors.workers.draft_worker import DraftWorker, DraftWorkerSpec
 
@@ -24,9 +25,11 @@ def test_feed_profile_times_growing_feeds_and_frees_its_slot(tiny_dir_factory) -
 
 
 def test_worker_reports_its_drafter_profile(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
-    spec = DraftWorkerSpec("model", str(tiny_dir_factory("qwen2", 7)), num_slots=2, max_len=128)
-    assert spec.catches_up and not spec.looks_up
-    assert [size for size, _ in DraftWorker(spec).feed_profile([1, 4])] == [1, 4]
-    lookup = DraftWorkerSpec()
-    assert lookup.looks_up and not lookup.catches_up
-    assert DraftWorker(lookup).feed_profile([1, 4]) == []  # copies feed nothing
+    model = DrafterSpec("model", str(tiny_dir_factory("qwen2", 7)))
+    spec = DraftWorkerSpec(model, num_slots=2, max_len=128)
+    worker = DraftWorker(spec)
+    assert model.paths == worker.drafter.paths == DraftPaths(model=True, lookup=False)
+    assert [size for size, _ in worker.feed_profile([1, 4])] == [1, 4]
+    lookup = DraftWorker(DraftWorkerSpec())
+    assert lookup.drafter.paths == DraftWorkerSpec().drafter.paths == DraftPaths(False, True)
+    assert lookup.feed_profile([1, 4]) == []  # copies feed nothing

@@ -26,16 +26,15 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
+from fuzz_http_strategies import body_classes, http_value_classes
 from fuzz_strategies import (
     PROBE,
     Case,
     HttpCase,
     Strategy,
     Wire,
-    body_classes,
     grpc_request,
     grpc_value_classes,
-    http_value_classes,
     wire_classes,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -43,8 +42,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from serving_helpers import ServingThread, save_served_model, serve_config
 
-from specray.deploy.client import build_request
 from specray.deploy.strict_decoding import Undecodable, strict_decoder
+from specray.protos.messages import build_request
 from specray.protos.specray.v1 import generation_pb2 as pb
 from specray.protos.specray.v1 import generation_pb2_grpc as pb_grpc
 
@@ -134,7 +133,7 @@ def assert_still_serving(target: Target) -> None:
     check = health.Check(health_pb2.HealthCheckRequest(service="specray.v1.Generation"), timeout=30)
     assert check.status == health_pb2.HealthCheckResponse.SERVING
     assert target.http.get(f"{target.server.http_url}/health", timeout=30).status_code == 200
-    assert target.server.backend.num_in_flight == 0
+    assert target.server.service.gateway.num_in_flight == 0
     assert probe(target.channel) == target.baseline
     body = {"prompt": PROBE, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     reply = target.http.post(f"{target.server.http_url}/v1/completions", json=body, timeout=60)

@@ -28,11 +28,12 @@ from specray.actors.engine.target import LocalTarget, VerifyInput, VerifyOutput
 from specray.actors.model.loader import load_model
 from specray.deploy.backend import Backend
 from specray.deploy.cli import main
-from specray.deploy.client import SpecrayClient, SpecrayError, build_request
+from specray.deploy.client import SpecrayClient, SpecrayError
 from specray.deploy.config import ServeConfig
 from specray.deploy.engine_backend import EngineSnapshot
 from specray.deploy.serve import build_backend
 from specray.deploy.validation import Validator
+from specray.protos.messages import build_request
 from specray.protos.specray.v1 import generation_pb2 as pb
 from specray.protos.specray.v1 import generation_pb2_grpc as pb_grpc
 
@@ -78,7 +79,7 @@ def snapshot(server: ServingThread) -> EngineSnapshot:
 
 def engine_is_empty(server: ServingThread) -> bool:
     state = snapshot(server)
-    idle = server.backend.num_in_flight == 0 and not state.waiting and not state.running
+    idle = server.service.gateway.num_in_flight == 0 and not state.waiting and not state.running
     return idle and state.target_slots == 0
 
 
@@ -199,7 +200,7 @@ def test_overload_is_resource_exhausted_with_a_retry_hint(
             stub = pb_grpc.GenerationStub(channel)
             for _ in range(3):
                 calls.append(stub.GenerateStream(build_request(REPEATING, max_tokens=8)))
-            wait_until(lambda: server.backend.num_in_flight == 3)
+            wait_until(lambda: server.service.gateway.num_in_flight == 3)
             error = rpc_error(lambda: client.generate(REPEATING, max_tokens=8))
             for call in calls:
                 call.cancel()
@@ -258,7 +259,7 @@ def test_health_goes_not_serving_serving_not_serving_on_drain(model_dir: Path) -
         server.backend.pause()  # keep one request in flight through the drain
         options = {"max_tokens": 12, "ignore_eos": True}
         in_flight = pool.submit(lambda: list(client.generate_stream(REPEATING, **options)))
-        wait_until(lambda: server.backend.num_in_flight == 1)
+        wait_until(lambda: server.service.gateway.num_in_flight == 1)
         drained = server.submit(server.service.grpc.drain(60))
         wait_until(lambda: health_status(address) == not_serving)
         error = rpc_error(lambda: client.generate(REPEATING))

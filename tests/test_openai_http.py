@@ -16,7 +16,8 @@ import pytest
 from serving_helpers import ServingThread, save_served_model, serve_config, wait_until
 from transformers import AutoTokenizer
 
-from specray.deploy.client import SpecrayClient, build_request
+from specray.deploy.client import SpecrayClient
+from specray.protos.messages import build_request
 from specray.protos.specray.v1 import generation_pb2_grpc as pb_grpc
 
 PROMPT = "x = [1, 2, 3]\ny = [1, 2, 3]\n"
@@ -144,6 +145,13 @@ def test_models_health_and_metrics(server: ServingThread, model_dir: Path) -> No
         ({"prompt": ""}, 400, "invalid_request_error", "`prompt` must not be empty"),
         ({"n": 2}, 400, "invalid_request_error", "`n` must be 1, got 2"),
         ({"model": "gpt-4"}, 404, "model_not_found", "'gpt-4' is not served here"),
+        ({"guided_regex": "[0-9"}, 400, "invalid_request_error", "`guided_regex` is not a valid"),
+        (
+            {"guided_regex": "a", "guided_choice": ["b"]},
+            400,
+            "invalid_request_error",
+            "set at most one of",
+        ),
     ],
 )
 def test_errors_are_json_with_http_codes(
@@ -155,6 +163,27 @@ def test_errors_are_json_with_http_codes(
     assert message in result["error"]["message"]
 
 
+def test_response_format_json_schema_constrains_the_chat_answer(server: ServingThread) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+        "x-guidance": {"whitespace_flexible": False},
+    }
+    body = {
+        "messages": MESSAGES,
+        "max_tokens": 32,
+        "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}},
+    }
+    status, result, _ = request(f"{server.http_url}/v1/chat/completions", body)
+    assert status == 200
+    answer = result["choices"][0]
+    assert answer["finish_reason"] == "stop"
+    assert set(json.loads(answer["message"]["content"])) == {"ok"}
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_overload_is_429_with_retry_after(server: ServingThread, stream: bool) -> None:
     server.backend.pause()  # max_batch 2 + 1 queued stay in flight
@@ -162,7 +191,7 @@ def test_overload_is_429_with_retry_after(server: ServingThread, stream: bool) -
         with grpc.insecure_channel(server.grpc_address) as channel:
             stub = pb_grpc.GenerationStub(channel)
             calls = [stub.GenerateStream(build_request(PROMPT, max_tokens=4)) for _ in range(3)]
-            wait_until(lambda: server.backend.num_in_flight == 3)
+            wait_until(lambda: server.service.gateway.num_in_flight == 3)
             body = {"prompt": PROMPT, "max_tokens": 4, "stream": stream}
             status, result, headers = request(f"{server.http_url}/v1/completions", body)
             for call in calls:
@@ -171,7 +200,7 @@ def test_overload_is_429_with_retry_after(server: ServingThread, stream: bool) -
         server.backend.resume()
     assert status == 429 and result["error"]["type"] == "overloaded_error"
     assert headers["Retry-After"] == "1"
-    wait_until(lambda: server.backend.num_in_flight == 0)
+    wait_until(lambda: server.service.gateway.num_in_flight == 0)
 
 
 def test_client_disconnect_frees_the_request(server: ServingThread) -> None:
@@ -184,9 +213,9 @@ def test_client_disconnect_frees_the_request(server: ServingThread) -> None:
     assert response.readline().startswith(b"data: ")
     server.backend.pause()  # so it is surely still running when the client goes
     try:
-        assert server.backend.num_in_flight == 1
+        assert server.service.gateway.num_in_flight == 1
         response.close()
-        wait_until(lambda: server.backend.num_in_flight == 0)
+        wait_until(lambda: server.service.gateway.num_in_flight == 0)
     finally:
         server.backend.resume()
     state = server.call(server.backend.snapshot())

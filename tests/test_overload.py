@@ -22,8 +22,9 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving_helpers import ServingThread, save_served_model, serve_config, wait_until
 
-from specray.deploy.client import SpecrayClient, SpecrayError, build_request
+from specray.deploy.client import SpecrayClient, SpecrayError
 from specray.deploy.errors import RETRY_PUSHBACK_KEY
+from specray.protos.messages import build_request
 from specray.protos.specray.v1 import generation_pb2_grpc as pb_grpc
 
 MAX_BATCH, MAX_QUEUED, RETRY_AFTER_S = 2, 2, 2.5
@@ -76,7 +77,7 @@ def fill_to_capacity(
         pool.submit(lambda: http_completion(server, PROMPTS[2]).json()["choices"][0]["text"]),
         pool.submit(lambda: streamed_text(http_completion(server, PROMPTS[3], stream=True))),
     ]
-    wait_until(lambda: server.backend.num_in_flight == CAPACITY)
+    wait_until(lambda: server.service.gateway.num_in_flight == CAPACITY)
     return futures
 
 
@@ -106,7 +107,7 @@ def refuse_through_every_door(server: ServingThread, client: SpecrayClient) -> N
 
 
 def assert_idle_and_serving(server: ServingThread) -> None:
-    wait_until(lambda: server.backend.num_in_flight == 0)
+    wait_until(lambda: server.service.gateway.num_in_flight == 0)
     state = server.call(server.backend.snapshot())
     assert not state.running and not state.waiting and state.target_slots == 0
     with grpc.insecure_channel(server.grpc_address) as channel:
@@ -128,7 +129,7 @@ def test_requests_past_the_bound_are_refused_at_once_and_the_rest_finish(
         ):
             admitted = fill_to_capacity(server, channel, pool)
             refuse_through_every_door(server, client)
-            assert server.backend.num_in_flight == CAPACITY  # refusals took no room
+            assert server.service.gateway.num_in_flight == CAPACITY  # refusals took no room
             server.backend.resume()
             texts = [future.result(timeout=120) for future in admitted]
     finally:
@@ -152,7 +153,7 @@ def test_refusals_leak_no_capacity(server: ServingThread, expected: dict[str, st
                 refuse_through_every_door(server, client)
             server.backend.resume()
             assert [future.result(timeout=120) for future in first] == list(expected.values())
-            wait_until(lambda: server.backend.num_in_flight == 0)
+            wait_until(lambda: server.service.gateway.num_in_flight == 0)
             server.backend.pause()
             second = fill_to_capacity(server, channel, pool)  # the same capacity, all of it
             refuse_through_every_door(server, client)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from specray.actors.engine.gamma import speedup
 from specray.cluster.planning.hardware import GPUS, Link, gpu_spec, links_from_check
 from specray.cluster.planning.layouts import (
     ClusterShape,
@@ -109,12 +110,10 @@ def test_pipeline_hops_and_cross_node_stages_use_the_inter_node_link() -> None:
     assert piped.comm_s == pytest.approx(2 * 43 * H200.intra.all_reduce_s(8, 8192) + hop)
 
 
-def test_spec_speedup_is_the_benchmarks_formula() -> None:
-    from specray.bench.spec_bench import analytic_limit
-
+def test_spec_speedup_is_the_one_formula() -> None:
     assert spec_speedup(SpecSettings(0.5, 2, 0.0), 1.0) == pytest.approx(1.75)
     for alpha, gamma, c, v in ((0.8, 4, 0.1, 1.2), (0.6, 3, 0.05, 2.5), (1.0, 3, 0.0, 1.0)):
-        expected = analytic_limit(alpha, gamma, c, v)
+        expected = speedup(alpha, gamma, c, v)
         assert spec_speedup(SpecSettings(alpha, gamma, c), v) == pytest.approx(expected)
 
 

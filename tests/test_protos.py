@@ -11,7 +11,7 @@ def test_committed_stubs_are_up_to_date() -> None:
     assert stale_stubs() == [], "run `python -m specray.protos.generate` and commit the stubs"
 
 
-def test_the_issue_names_are_in_the_proto() -> None:
+def test_the_v1_service_methods_and_fields_clients_rely_on() -> None:
     service = pb.DESCRIPTOR.services_by_name["Generation"]
     assert service.full_name == "specray.v1.Generation"
     methods = {m.name: m for m in service.methods}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from references import hf_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specray.actors.drafting.ngram import NgramDrafter
@@ -86,5 +87,6 @@ def test_speculative_greedy_equals_target_only(qwen_dir: Path) -> None:
             out[chunk.request_id] += chunk.token_ids
         return [out["r0"], out["r1"]]
 
-    reference = run(None, 0)
+    reference = hf_greedy(qwen_dir, prompts, 24)
+    assert run(None, 0) == reference
     assert run(NgramDrafter(), 4) == reference

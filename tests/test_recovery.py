@@ -32,8 +32,8 @@ from router_helpers import (
     wait_idle,
 )
 
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.request import RequestOutput
-from specray.actors.workers.draft_worker import DraftWorkerSpec
 from specray.cluster.errors import TargetGroupError
 from specray.cluster.local_ray import start_ray
 from specray.cluster.recovery import RecoveryConfig
@@ -57,7 +57,7 @@ def test_killed_draft_replica_falls_back_with_identical_output(
     requests = [tiny_request(i, max_tokens=60, prefix="k") for i in range(2)]
     reference = target_only(model_dir, requests)
     # Fixed γ: every round asks the drafts, so the death is seen mid-request.
-    spec = DraftWorkerSpec("ngram", max_ngram=3)
+    spec = DrafterSpec("ngram", max_ngram=3)
     config = router_config(model_dir, spec, num_drafts=2, adaptive=False, metrics_port=0)
     router = launch_router(config)
     victim_pid = router_state(router).drafts[0].pid
@@ -105,7 +105,7 @@ def test_killed_target_replica_moves_its_requests(local_ray: None, tiny_dir_fact
     on the other replica and finish with identical greedy output, and a fresh
     group replaces the broken one."""
     model_dir = tiny_dir_factory("qwen2")
-    config = router_config(model_dir, DraftWorkerSpec("ngram", max_ngram=3), num_targets=2)
+    config = router_config(model_dir, DrafterSpec("ngram", max_ngram=3), num_targets=2)
     router = launch_router(config)
     requests = [tiny_request(i, max_tokens=200, prefix="d") for i in range(4)]
 
@@ -153,8 +153,8 @@ def test_gang_restart_of_the_only_target_group_replays_its_requests(
     shutil.copytree(tiny_dir_factory("qwen2"), model_dir)
     # Long enough to be mid-stream when the shard dies (the context allows 512).
     requests = [tiny_request(i, max_tokens=480, prefix="g") for i in range(3)]
-    reference = target_only(model_dir, requests, max_len=512)
-    spec = DraftWorkerSpec("ngram", max_ngram=3)
+    reference = target_only(model_dir, requests)
+    spec = DrafterSpec("ngram", max_ngram=3)
     recovery = RecoveryConfig(backoff_s=0.2)
     config = router_config(model_dir, spec, tp=2, max_len=512, recovery=recovery)
     router = launch_router(config)
@@ -190,7 +190,7 @@ def test_gang_restart_of_the_only_target_group_replays_its_requests(
         assert state.recovery.outage_s is None and ray.get(router.health.remote()).serving
         assert all(d.tracked == 0 for d in state.drafts)
         again = [tiny_request(9, prefix="g")]
-        assert asyncio.run(run_all(router, again)) == target_only(model_dir, again, 512)
+        assert asyncio.run(run_all(router, again)) == target_only(model_dir, again)
     finally:
         ray.get(router.shutdown.remote())
 

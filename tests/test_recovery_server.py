@@ -27,7 +27,6 @@ from specray.cluster.local_ray import start_ray
 from specray.cluster.router_state import Footprint
 from specray.deploy.client import SpecrayClient, SpecrayError
 from specray.deploy.config import ServeConfig
-from specray.deploy.router_backend import RouterBackend
 
 PROMPT = "x = [1, 2, 3]\ny = [1, 2, 3]\nz = [1, 2, 3]\n"
 SLOTS = 4
@@ -81,20 +80,14 @@ def server(local_ray: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield serving
 
 
-def backend_of(server: ServingThread) -> RouterBackend:
-    backend = server.service.backend
-    assert isinstance(backend, RouterBackend)
-    return backend
-
-
 def footprint(server: ServingThread) -> Footprint:
-    result: Footprint = ray.get(backend_of(server).router.footprint.remote(), timeout=60)
+    result: Footprint = ray.get(server.router_backend.router.footprint.remote(), timeout=60)
     return result
 
 
 def settled(server: ServingThread, baseline: Footprint) -> bool:
     """Every actor holds what it held before, and nothing is in flight."""
-    return footprint(server) == baseline and backend_of(server).num_in_flight == 0
+    return footprint(server) == baseline and server.service.gateway.num_in_flight == 0
 
 
 def outcome(call: Callable[[], object]) -> grpc.StatusCode:
@@ -148,7 +141,7 @@ def test_deadlines_and_cancels_free_every_actor(server: ServingThread) -> None:
                 for _ in range(4)
             ]
             codes.setdefault("queued deadline", []).extend(q.result(300) for q in queued)
-            cancel = backend_of(server).cancel(operator_id)
+            cancel = server.router_backend.cancel(operator_id)
             server.call(cancel)
             codes.setdefault("operator cancel", []).append(operator.result(300))
             for stream in dropped:

@@ -28,14 +28,15 @@ from router_helpers import (
 )
 
 from specray.actors.drafting.draft_model import DraftModelDrafter
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.engine import EngineConfig, SpecEngine
+from specray.actors.engine.errors import RequestCancelledError
 from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import SamplingParams
-from specray.actors.workers.draft_worker import DraftWorkerSpec
 from specray.cluster.local_ray import start_ray
-from specray.cluster.router import RequestCancelledError, launch_router, open_stream
+from specray.cluster.router import launch_router, open_stream
 from specray.cluster.router_state import RouterState
 
 
@@ -53,7 +54,7 @@ def local_ray() -> Iterator[None]:
 def ngram_router(local_ray: None, tiny_dir_factory) -> Iterator[Any]:  # type: ignore[no-untyped-def]
     config = router_config(
         tiny_dir_factory("qwen2"),
-        DraftWorkerSpec("ngram", max_ngram=3),
+        DrafterSpec("ngram", max_ngram=3),
         metrics_port=0,
         model_name="tiny",
     )
@@ -66,10 +67,8 @@ def ngram_router(local_ray: None, tiny_dir_factory) -> Iterator[Any]:  # type: i
 def model_router(local_ray: None, tiny_dir_factory) -> Iterator[Any]:  # type: ignore[no-untyped-def]
     """A draft model, two overlapped micro-batches and a fixed γ (so sampled
     output can be compared with the in-process engine's)."""
-    spec = DraftWorkerSpec("model", str(tiny_dir_factory("qwen2", 7)), num_slots=8)
-    config = router_config(
-        tiny_dir_factory("qwen2"), spec, overlap=True, adaptive=False, num_speculative_tokens=3
-    )
+    spec = DrafterSpec("model", str(tiny_dir_factory("qwen2", 7)))
+    config = router_config(tiny_dir_factory("qwen2"), spec, overlap=True, adaptive=False, k=3)
     router = launch_router(config)
     yield router
     ray.get(router.shutdown.remote())
@@ -79,7 +78,7 @@ def model_router(local_ray: None, tiny_dir_factory) -> Iterator[Any]:  # type: i
 def hybrid_router(local_ray: None, tiny_dir_factory) -> Iterator[Any]:  # type: ignore[no-untyped-def]
     """Draft replicas that look up n-grams first and fall back to a model,
     with two overlapped micro-batches (their proposals interleave)."""
-    spec = DraftWorkerSpec("hybrid", str(tiny_dir_factory("qwen2", 7)), num_slots=8, max_ngram=3)
+    spec = DrafterSpec("hybrid", str(tiny_dir_factory("qwen2", 7)), max_ngram=3)
     config = router_config(tiny_dir_factory("qwen2"), spec, overlap=True, adaptive=False)
     router = launch_router(config)
     yield router
@@ -157,7 +156,7 @@ def test_scale_drafts_and_targets_during_a_stream(local_ray: None, tiny_dir_fact
     per target: back on one replica, two running requests go back to the
     queue with their state and re-prefill later. Two lanes (overlap)."""
     model_dir = tiny_dir_factory("qwen2")
-    spec = DraftWorkerSpec("ngram", max_ngram=3)
+    spec = DrafterSpec("ngram", max_ngram=3)
     router = launch_router(
         router_config(model_dir, spec, adaptive=False, overlap=True, num_slots=6)
     )

@@ -1,6 +1,5 @@
 """The router on a real checkpoint (Qwen2.5-Coder-0.5B, fp32): greedy output
-through Ray actors equals target-only decoding in one process, and the text
-streams."""
+through Ray actors equals Hugging Face ``generate()``, and the text streams."""
 
 from __future__ import annotations
 
@@ -10,19 +9,16 @@ from pathlib import Path
 
 import pytest
 import ray
+from references import hf_greedy
+from router_helpers import router_config
 from transformers import AutoTokenizer
 
-from specray.actors.engine.engine import EngineConfig, SpecEngine
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.request import GenerationRequest, RequestOutput
-from specray.actors.engine.target import LocalTarget
-from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import StoppingCriteria
 from specray.actors.store.resolve import resolve_model
-from specray.actors.workers.draft_worker import DraftWorkerSpec
-from specray.cluster.draft_pool import DraftPoolConfig
 from specray.cluster.local_ray import start_ray
-from specray.cluster.router import RouterConfig, launch_router, open_stream
-from specray.cluster.target_group import ShardedTargetConfig
+from specray.cluster.router import launch_router, open_stream
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -57,22 +53,11 @@ def test_router_greedy_equals_target_only_on_qwen(local_ray: None, qwen_dir: Pat
         )
         for i, text in enumerate(PROMPTS)
     ]
-    target = LocalTarget(load_model(qwen_dir, "float32"), num_slots=4, max_len=256)
-    engine = SpecEngine(target, None, tokenizer, (), EngineConfig(4, 0, adaptive=False))
-    expected: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    texts: dict[str, str] = {r.request_id: "" for r in requests}
-    for chunk in engine.generate(requests):
-        expected[chunk.request_id] += chunk.token_ids
-        texts[chunk.request_id] += chunk.text
-    del engine, target
-
-    config = RouterConfig(
-        target=ShardedTargetConfig(
-            str(qwen_dir), dtype="float32", num_slots=4, max_len=256, threads_per_shard=1
-        ),
-        draft=DraftPoolConfig(DraftWorkerSpec("ngram"), num_cpus=1),
-        tokenizer_dir=str(qwen_dir),
-    )
+    reference = hf_greedy(qwen_dir, [r.prompt_ids for r in requests], MAX_TOKENS)
+    expected = {r.request_id: ids for r, ids in zip(requests, reference, strict=True)}
+    texts = {rid: tokenizer.decode(ids) for rid, ids in expected.items()}
+    config = router_config(qwen_dir, DrafterSpec("ngram"), num_slots=4, max_len=256)
+    assert config.tokenizer_dir is not None  # streams text
     router = launch_router(config)
 
     async def one(request: GenerationRequest) -> tuple[list[int], str, RequestOutput]:

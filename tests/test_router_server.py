@@ -94,14 +94,8 @@ def client(server: ServingThread) -> Iterator[SpecrayClient]:
         yield specray
 
 
-def backend_of(server: ServingThread) -> RouterBackend:
-    backend = server.service.backend
-    assert isinstance(backend, RouterBackend)
-    return backend
-
-
 def router_state(server: ServingThread) -> RouterState:
-    state: RouterState = ray.get(backend_of(server).router.state.remote(), timeout=60)
+    state: RouterState = ray.get(server.router_backend.router.state.remote(), timeout=60)
     return state
 
 
@@ -110,7 +104,7 @@ def router_is_idle(server: ServingThread) -> bool:
     targets_free = all(not t.requests and not t.releasing for t in state.targets)
     drafts_free = all(d.tracked == 0 and d.pinned == 0 for d in state.drafts)
     idle = not state.running and not state.waiting and targets_free and drafts_free
-    return idle and backend_of(server).num_in_flight == 0
+    return idle and server.service.gateway.num_in_flight == 0
 
 
 def rpc_error(call: Callable[[], object]) -> SpecrayError:
@@ -186,6 +180,23 @@ def test_greedy_speculative_output_matches_target_only(client: SpecrayClient) ->
     assert drafted > 0  # the n-gram replica did propose, so the comparison means something
 
 
+def test_guided_output_through_the_router(client: SpecrayClient) -> None:
+    """A regex and a choice constrain the output with n-gram drafting on;
+    greedy output equals the same request without speculation."""
+    common = {"max_tokens": 16, "temperature": 0.0}
+    for guide in ({"guided_regex": "[a-c]{3}-[0-9]"}, {"guided_choice": ["yes", "no"]}):
+        speculative = client.generate(REPEATING, **common, **guide)
+        target_only = client.generate(REPEATING, speculative=False, **common, **guide)
+        assert speculative.token_ids == target_only.token_ids
+        assert speculative.finish_reason == "stop"
+        if "guided_regex" in guide:
+            assert re.fullmatch("[a-c]{3}-[0-9]", speculative.text)
+        else:
+            assert speculative.text in ("yes", "no")
+    error = rpc_error(lambda: client.generate(REPEATING, guided_json='{"type": 5}', **common))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and "`guided_json`" in error.details
+
+
 def test_cancel_by_the_client_frees_router_state(
     server: ServingThread, client: SpecrayClient
 ) -> None:
@@ -206,7 +217,7 @@ def test_cancel_by_the_operator_is_cancelled(server: ServingThread, client: Spec
     options = {"request_id": "op-cancel", "max_tokens": 256, "ignore_eos": True}
     stream = client.generate_stream(REPEATING, **options)
     assert next(stream).finish_reason is None
-    server.call(backend_of(server).cancel("op-cancel"))
+    server.call(server.router_backend.cancel("op-cancel"))
     error = rpc_error(lambda: list(stream))
     assert error.code == grpc.StatusCode.CANCELLED and "op-cancel" in error.details
     wait_until(lambda: router_is_idle(server))

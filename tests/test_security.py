@@ -33,9 +33,10 @@ from specray.actors.store.errors import UnsafeWeightsError
 from specray.cluster.local_ray import start_ray
 from specray.deploy.auth import TOKEN_ENV, load_token
 from specray.deploy.cli import main
-from specray.deploy.client import SpecrayClient, SpecrayError, build_request
+from specray.deploy.client import SpecrayClient, SpecrayError
 from specray.deploy.config import ServeConfig
 from specray.deploy.serve import build_backend
+from specray.protos.messages import build_request
 from specray.protos.specray.v1 import admin_pb2, admin_pb2_grpc
 from specray.protos.specray.v1 import generation_pb2 as pb
 from specray.protos.specray.v1 import generation_pb2_grpc as pb_grpc

@@ -101,7 +101,7 @@ def test_the_default_config_is_a_tp2_coder_with_ngram_and_a_draft_model() -> Non
         "hybrid",
         "qwen2.5-coder-0.5b-instruct",
     )
-    assert drafter.name == "ngram+qwen2.5-coder-0.5b-instruct"  # what GetModelInfo reports
+    assert drafter.spec.name == "ngram+qwen2.5-coder-0.5b-instruct"  # what GetModelInfo reports
     config = serve_schema(DEPLOY / "serve_config.yaml").applications[0].args
     assert ServeConfig.model_validate(config).router == router
 

@@ -14,6 +14,7 @@ import pytest
 from serving_helpers import ServingThread, save_served_model, serve_config
 from transformers import AutoTokenizer
 
+from specray.bench.common import chat_ids
 from specray.bench.prompts import load_prompts
 from specray.bench.serve_dataset import (
     BenchPrompt,
@@ -22,7 +23,6 @@ from specray.bench.serve_dataset import (
     random_prompts,
     shipped_prompts,
 )
-from specray.bench.spec_bench import chat_ids
 from specray.deploy.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

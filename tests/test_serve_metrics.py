@@ -188,7 +188,7 @@ def test_analytic_limit_from_the_measured_tau() -> None:
     attach_limit(rows, gamma=4, draft_cost=0.1, verify_cost=1.2)
     measured, failed = rows
     assert measured["alpha_eff"] == pytest.approx(0.8)
-    assert measured["S"] == pytest.approx(3.3616 / ((4 * 0.1 + 1) * 1.2))  # 2.001
+    assert measured["S"] == pytest.approx(3.3616 / (4 * 0.1 + 1.2))  # 2.101: γc + v
     assert measured["achieved"] == pytest.approx(1.5 / measured["S"])
     assert "alpha_eff" not in failed and "S" not in failed
     without_costs = [{"tau": 2.0, "tpot_speedup": 1.2}]

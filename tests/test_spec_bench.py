@@ -8,39 +8,30 @@ from pathlib import Path
 
 import pytest
 
-from specray.actors.engine.calibrate import CostModel
-from specray.actors.engine.gamma import expected_tokens
-from specray.bench.prompts import (
-    CATEGORIES,
-    PROMPT_DIR,
-    SESSION_CATEGORIES,
-    SPLITS,
-    load_prompts,
-)
-from specray.bench.spec_bench import (
-    RoundTiming,
-    RunRecord,
-    alpha_from_tau,
-    analytic_limit,
-    compare_outputs,
-    first_divergence,
-    match_rates,
-    monotone,
-    parse_drafters,
-    pick_prompts,
-    summarize,
-)
+from specray.actors.engine.gamma import expected_tokens, speedup
+from specray.bench.common import alpha_from_tau, cpu_flags, first_divergence, parse_drafters
+from specray.bench.prompts import CATEGORIES, PROMPT_DIR, SESSION_CATEGORIES, SPLITS, load_prompts
+from specray.bench.spec_analysis import compare_outputs, match_rates, summarize
+from specray.bench.spec_bench import pick_prompts
+from specray.bench.spec_runners import RoundTiming, RunRecord
 
 
-def test_analytic_limit_matches_hand_computed_values() -> None:
+def test_speedup_matches_hand_computed_values() -> None:
     # α = 0.5, γ = 2, free draft and verify: (1 - 0.125) / 0.5 = 1.75.
-    assert analytic_limit(0.5, 2, 0.0, 1.0) == pytest.approx(1.75)
-    # α = 0.8, γ = 4: (1 - 0.8^5) / 0.2 = 3.3616; c = 0.1 → ×1/1.4; v = 1.2 → ×1/1.2.
-    assert analytic_limit(0.8, 4, 0.1, 1.2) == pytest.approx(3.3616 / (1.4 * 1.2))
+    assert speedup(0.5, 2, 0.0, 1.0) == pytest.approx(1.75)
+    # α = 0.8, γ = 4: (1 - 0.8^5) / 0.2 = 3.3616 tokens for 4 × 0.1 + 1.2 steps.
+    assert speedup(0.8, 4, 0.1, 1.2) == pytest.approx(3.3616 / 1.6)
     # Every draft accepted: γ + 1 tokens per round.
-    assert analytic_limit(1.0, 3, 0.0, 1.0) == pytest.approx(4.0)
+    assert speedup(1.0, 3, 0.0, 1.0) == pytest.approx(4.0)
     # Nothing accepted and a costly verify: slower than plain decoding.
-    assert analytic_limit(0.0, 4, 0.0, 1.5) == pytest.approx(1 / 1.5)
+    assert speedup(0.0, 4, 0.0, 1.5) == pytest.approx(1 / 1.5)
+
+
+def test_cpu_flags_reads_the_features_that_pick_kernels(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16 fma\n")
+    assert cpu_flags(info) == ["avx2", "avx512f", "avx512_bf16"]
+    assert cpu_flags(tmp_path / "missing") == []
 
 
 def test_alpha_from_tau_inverts_the_expected_round_length() -> None:
@@ -108,7 +99,7 @@ def test_summarize_derives_speedup_alpha_tau_and_limit() -> None:
     assert row["c"] == pytest.approx((0.002 / 8) / 0.1)
     assert row["verify_cost"] == pytest.approx(1.1)
     # The limit uses the decode rounds' τ (8 accepted + 2 bonus over 2 rounds).
-    limit = analytic_limit(alpha_from_tau(5.0, 4), 4, row["c"], row["verify_cost"])
+    limit = speedup(alpha_from_tau(5.0, 4), 4, row["c"], row["verify_cost"])
     assert row["S"] == pytest.approx(limit)
     assert row["achieved"] == pytest.approx(row["decode_speedup"] / limit)
     for key in ("decode_speedup", "c", "verify_cost", "S", "achieved"):
@@ -175,8 +166,3 @@ def test_prompt_files_are_valid_jsonl_with_the_documented_fields() -> None:
             sessions = {"session", "turn"} if path.stem in SESSION_CATEGORIES else set()
             assert set(record) == {"id", "category", "split", "prompt"} | sessions
             assert record["category"] == path.stem
-
-
-def test_monotone_costs_never_make_a_longer_verify_cheaper() -> None:
-    raw = CostModel(0.4, (1.0, 0.17, 0.93, 1.3, 1.2))
-    assert monotone(raw) == CostModel(0.4, (1.0, 1.0, 1.0, 1.3, 1.3))

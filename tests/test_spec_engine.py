@@ -7,11 +7,13 @@ from its seed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from references import greedy_reference
 from tiny_models import VOCAB
 
 from specray.actors.drafting.base import Drafter, DraftProposal
@@ -73,6 +75,18 @@ def _run(
     return outputs
 
 
+def _reference(target_dir: Path, prompts: list[list[int]]) -> dict[str, list[int]]:
+    return dict(_cached_reference(target_dir, tuple(map(tuple, prompts))))
+
+
+@functools.cache
+def _cached_reference(
+    target_dir: Path, prompts: tuple[tuple[int, ...], ...]
+) -> tuple[tuple[str, list[int]], ...]:
+    named = {f"r{i}": list(p) for i, p in enumerate(prompts)}
+    return tuple(greedy_reference(target_dir, named, MAX_TOKENS).items())
+
+
 DrafterFactory = Callable[[Callable[..., Path]], Drafter]
 DRAFTERS: dict[str, DrafterFactory] = {
     "ngram": lambda make: NgramDrafter(max_ngram=3),
@@ -90,7 +104,7 @@ DRAFTERS: dict[str, DrafterFactory] = {
 def test_greedy_equals_target_only(tiny_dir_factory, drafter_name: str, k: int, batch: int) -> None:  # type: ignore[no-untyped-def]
     target_dir = tiny_dir_factory("qwen2")
     prompts = _prompts(batch)
-    reference = _run(target_dir, None, prompts, k=0)
+    reference = _reference(target_dir, prompts)
     spec = _run(target_dir, DRAFTERS[drafter_name](tiny_dir_factory), prompts, k=k)
     assert spec == reference
     assert all(len(v) == MAX_TOKENS for v in spec.values())
@@ -100,7 +114,8 @@ def test_greedy_equals_target_only_gemma_sliding_window(tiny_dir_factory) -> Non
     """Rollbacks across Gemma 3's sliding window keep the output exact."""
     target_dir = tiny_dir_factory("gemma3")
     prompts = _prompts(3, seed=5)
-    reference = _run(target_dir, None, prompts, k=0)
+    reference = _reference(target_dir, prompts)
+    assert _run(target_dir, None, prompts, k=0) == reference
     drafter = DraftModelDrafter(load_model(tiny_dir_factory("gemma3", 3)), 8, 128)
     assert _run(target_dir, drafter, prompts, k=4) == reference
 
@@ -108,7 +123,7 @@ def test_greedy_equals_target_only_gemma_sliding_window(tiny_dir_factory) -> Non
 def test_adaptive_gamma_keeps_output(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
     target_dir = tiny_dir_factory("qwen2")
     prompts = _prompts(4, seed=9)
-    reference = _run(target_dir, None, prompts, k=0)
+    reference = _reference(target_dir, prompts)
     drafter = DraftModelDrafter(load_model(tiny_dir_factory("qwen2", 7)), 8, 128)
     assert _run(target_dir, drafter, prompts, k=6, adaptive=True) == reference
 

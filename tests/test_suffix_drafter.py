@@ -134,7 +134,7 @@ def test_proposals_equal_brute_force_and_respect_the_ceiling(
             found = brute_speculate(cached, *args)
             best = found if found.score > local.score else local
             assert proposal.token_ids == best.token_ids
-            assert proposal.confidence == best.probs
+            assert proposal.confidence == best.conditional_probs()
             assert proposal.parents == (best.parents if as_tree else None)
             for d in (drafter, twin):
                 d.accept(rid, 0, output[i : i + 2])

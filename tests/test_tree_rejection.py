@@ -7,17 +7,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from test_rejection_sampler import (
-    SMALL_VOCAB,
-    START,
-    VOCAB,
-    ToyModels,
-    chi_square_p_value,
-    random_batch,
-    sample_rows,
-    total_variation,
-    toy_models,
-)
+from sampling_helpers import chi_square_p_value, sample_rows, total_variation
+from test_rejection_distribution import SMALL_VOCAB, START, ToyModels, toy_models
+from test_rejection_sampler import VOCAB, random_batch
 
 from specray.actors.sampling.logits import make_generator
 from specray.actors.sampling.params import SamplingParams

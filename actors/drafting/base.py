@@ -39,6 +39,11 @@ class DraftRequest:
     # propose that way when it finds a match: copying costs no model step,
     # so a scheduler can allow it more than the drafts a model would make.
     lookup_tokens: int = 0
+    # The most committed tokens a drafter with a cache may feed in this call
+    # (None: all it has not seen). One further behind feeds this many and
+    # proposes nothing: a long prompt catches up over several rounds, each
+    # as short as a prefill chunk of the target.
+    max_feed: int | None = None
 
     @property
     def most(self) -> int:
@@ -61,9 +66,10 @@ class DraftProposal:
     In a tree, ``draft_probs[i]`` is what token ``i`` was drawn from given its
     ancestors and the siblings before it.
 
-    ``confidence[i]``, when a drafter gives it, is its estimate of the
-    probability that token ``i`` and all its ancestors are accepted; their sum
-    is the expected number of accepted tokens.
+    ``confidence[i]``, when a drafter gives it, is its estimate that token
+    ``i`` survives verification given that its parent did (DSpark's
+    confidence head, a suffix path's frequency, a draft model's probability);
+    the product along a path is the chance the whole path is accepted.
     """
 
     token_ids: list[int]
@@ -107,12 +113,36 @@ class DraftProposal:
         )
 
 
+@dataclass(frozen=True)
+class DraftPaths:
+    """How a drafter drafts: with a model (each draft a model step, after
+    feeding the committed tokens it has not seen: see :class:`CatchesUp`),
+    by copying from the context (``from_lookup`` proposals: no model step),
+    or both, as the hybrid does. A scheduler prices the two apart."""
+
+    model: bool
+    lookup: bool
+
+
+@dataclass(frozen=True)
+class DraftUpdate:
+    """What a drafter must hear about one request after a round (the
+    arguments of :meth:`Drafter.accept`). Updates ride on the drafter's next
+    proposal, so a round costs one message each way."""
+
+    request_id: str
+    num_accepted: int
+    new_token_ids: list[int]
+    target_hidden: torch.Tensor | None  # [num_accepted + 1, hidden] or None
+
+
 class Drafter(Protocol):
     """What the engine needs from any drafter."""
 
     name: str
     # Target layers whose hidden states this drafter reads; () for none.
     hidden_layers: tuple[int, ...]
+    paths: DraftPaths
 
     def start(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
         """Begin tracking a request whose committed tokens are ``prompt_ids``."""

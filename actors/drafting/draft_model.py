@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specray.actors.drafting.base import DraftProposal, DraftRequest
+from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest
 from specray.actors.drafting.draws import draft_generator, draw_tokens
 from specray.actors.drafting.feed_profile import profile_feeds
 from specray.actors.model.batch import ForwardBatch, SequenceInput
@@ -31,12 +31,18 @@ class _DraftState:
     generator: torch.Generator | None
     last_proposal: int = 0
 
+    @property
+    def behind(self) -> int:
+        """Committed tokens the draft cache has not seen."""
+        return len(self.tokens) - self.cached
+
 
 class DraftModelDrafter:
     """Drafts with a separate model that shares the target's vocabulary."""
 
     name = "draft-model"
     hidden_layers: tuple[int, ...] = ()
+    paths = DraftPaths(model=True, lookup=False)
 
     def __init__(self, model: DecoderModel, num_slots: int, max_len: int) -> None:
         self.model = model
@@ -52,10 +58,12 @@ class DraftModelDrafter:
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
         states = [self._state(r.request_id) for r in requests]
-        # Never draft past the end of the draft cache.
+        behind = self._catch_up(requests, states)
+        # Never draft past the end of the draft cache; a request still
+        # catching up drafts nothing this round.
         budgets = [
-            max(0, min(r.num_tokens, self.cache.max_len - len(s.tokens)))
-            for r, s in zip(requests, states, strict=True)
+            0 if late else max(0, min(r.num_tokens, self.cache.max_len - len(s.tokens)))
+            for r, s, late in zip(requests, states, behind, strict=True)
         ]
         drafted: list[list[int]] = [[] for _ in states]
         probs: list[list[torch.Tensor]] = [[] for _ in states]
@@ -81,6 +89,25 @@ class DraftModelDrafter:
             DraftProposal(ids, torch.stack(p) if p else None)
             for ids, p in zip(drafted, probs, strict=True)
         ]
+
+    def _catch_up(
+        self, requests: Sequence[DraftRequest], states: Sequence[_DraftState]
+    ) -> list[bool]:
+        """Feed ``max_feed`` committed tokens (cache only, no logits) to each
+        asked request that is further behind than that; which ones were."""
+        seqs, behind = [], []
+        for request, state in zip(requests, states, strict=True):
+            cap = request.max_feed
+            late = request.num_tokens > 0 and cap is not None and state.behind > cap
+            behind.append(late)
+            if late:
+                assert cap is not None
+                chunk = state.tokens[state.cached : state.cached + cap]
+                seqs.append(SequenceInput(state.slot, chunk, state.cached, num_logits=0))
+                state.cached += cap
+        if seqs:
+            self.model(ForwardBatch.build(seqs), self.cache)
+        return behind
 
     def accept(
         self,

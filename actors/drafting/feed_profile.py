@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from specray.actors.model.kv_cache import KVCache
+from specray.actors.model.kv_cache import SlotCache
 
 
 def profile_feeds(
-    cache: KVCache,
+    cache: SlotCache,
     sizes: Sequence[int],
     feed: Callable[[int, int], object],
     repeats: int = 3,

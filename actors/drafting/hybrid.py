@@ -22,7 +22,13 @@ from collections.abc import Sequence
 
 import torch
 
-from specray.actors.drafting.base import CatchesUp, Drafter, DraftProposal, DraftRequest
+from specray.actors.drafting.base import (
+    CatchesUp,
+    Drafter,
+    DraftPaths,
+    DraftProposal,
+    DraftRequest,
+)
 from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.sampling.params import SamplingParams
 
@@ -35,6 +41,7 @@ class HybridDrafter:
     """N-gram lookup first, a model (any :class:`Drafter`) as the fallback."""
 
     name = "hybrid"
+    paths = DraftPaths(model=True, lookup=True)
 
     def __init__(
         self, lookup: NgramDrafter, model: Drafter, min_match: int = DEFAULT_MIN_MATCH
@@ -70,7 +77,9 @@ class HybridDrafter:
             else:
                 proposals.append(None)
                 if request.num_tokens > 0:
-                    fallback.append(DraftRequest(request.request_id, request.num_tokens))
+                    fallback.append(
+                        DraftRequest(request.request_id, request.num_tokens, 0, request.max_feed)
+                    )
         modelled = iter(self.model.propose(fallback) if fallback else [])
         # Per request, not per call: calls for disjoint micro-batches interleave.
         self._model_drafted.difference_update(r.request_id for r in requests)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specray.actors.drafting.base import DraftProposal, DraftRequest
+from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest
 from specray.actors.sampling.params import SamplingParams
 
 
@@ -60,6 +60,7 @@ class NgramDrafter:
 
     name = "ngram"
     hidden_layers: tuple[int, ...] = ()
+    paths = DraftPaths(model=False, lookup=True)
 
     def __init__(self, max_ngram: int = 5, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:

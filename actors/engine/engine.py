@@ -2,31 +2,39 @@
 
 Requests join and leave between rounds. Each :meth:`SpecEngine.step` admits
 waiting requests while KV slots are free, runs one speculative round over
-every running request (one batched target forward), applies stop criteria
-and returns what each request streamed this round.
+every running request (one batched target forward) and returns what each
+request streamed this round. The round is :func:`speculative_round`, the
+same function the router runs; here its ports call a :class:`DraftWorker`
+and the target in this process.
 """
 
 from __future__ import annotations
 
-import time
+import asyncio
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from specray.actors.drafting.base import Drafter
-from specray.actors.engine.detokenizer import IncrementalDetokenizer
-from specray.actors.engine.gamma import AcceptanceEstimate, GammaPolicy
-from specray.actors.engine.request import (
-    GenerationRequest,
-    RequestOutput,
-    RunningRequest,
+from specray.actors.drafting.base import (
+    Drafter,
+    DraftPaths,
+    DraftProposal,
+    DraftRequest,
+    DraftUpdate,
 )
+from specray.actors.engine.costs import RoundCostModel
+from specray.actors.engine.errors import DuplicateRequestError
+from specray.actors.engine.lifecycle import grammar_for, start_request
+from specray.actors.engine.request import GenerationRequest, RequestOutput, RunningRequest
 from specray.actors.engine.round import speculative_round
-from specray.actors.engine.stopping import StopChecker
-from specray.actors.engine.target import Target
-from specray.actors.sampling.logits import make_generator, resolve_seed
+from specray.actors.engine.scheduling import GammaScheduler
+from specray.actors.engine.target import Target, VerifyInput, VerifyOutput
+from specray.actors.sampling.grammar import GrammarCompiler, GrammarMatcher
+from specray.actors.workers.draft_worker import DraftWorker
+
+_LOCAL = 0  # the one draft replica of the in-process engine
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,41 @@ class EngineConfig:
     max_batch: int = 8  # running requests per round; ≤ the target's KV slots
     num_speculative_tokens: int = 4  # γ, or its ceiling when adaptive
     adaptive: bool = True
+    # Tokens the target feeds per round; longer prompts prefill in chunks
+    # beside the decoding requests. None: every prompt in one round.
+    max_batched_tokens: int | None = None
+
+
+class LocalDrafting:
+    """The round's drafting port in process: one :class:`DraftWorker`."""
+
+    def __init__(self, worker: DraftWorker) -> None:
+        self.worker = worker
+
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        return self.worker.hidden_layers()
+
+    async def propose(
+        self, replica: int, asks: list[DraftRequest], updates: list[DraftUpdate]
+    ) -> list[DraftProposal] | None:
+        return self.worker.propose(asks, updates)
+
+
+class LocalVerifying:
+    """The round's verifying port in process: one target."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+
+    async def verify(
+        self,
+        replica: int | None,
+        requests: Sequence[RunningRequest],
+        inputs: list[VerifyInput],
+        hidden_layers: tuple[int, ...],
+    ) -> list[VerifyOutput] | None:
+        return self.target.verify(inputs, hidden_layers)
 
 
 class SpecEngine:
@@ -46,18 +89,34 @@ class SpecEngine:
         tokenizer: PreTrainedTokenizerBase | None,
         eos_token_ids: tuple[int, ...],
         config: EngineConfig | None = None,
-        gamma_policy: GammaPolicy | None = None,
+        costs: RoundCostModel | None = None,
+        paths: DraftPaths | None = None,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
+        """``costs``: measured (profiled) round costs for the adaptive γ,
+        learned from the rounds when not given. ``paths``: how ``drafter``
+        drafts, by default read from the drafter itself. ``grammars``: for
+        structured output (requests with a guide)."""
         self.target = target
         self.drafter = drafter
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.config = config or EngineConfig()
-        self.policy = gamma_policy or GammaPolicy(
-            self.config.num_speculative_tokens, self.config.adaptive
+        self.grammars = grammars
+        worker = DraftWorker(drafter) if drafter is not None else None
+        self._drafting = LocalDrafting(worker) if worker is not None else None
+        self._verifying = LocalVerifying(target)
+        if drafter is not None and paths is None:
+            paths = drafter.paths
+        self.scheduler = GammaScheduler(
+            paths, self.config.adaptive, costs, self.config.max_batched_tokens
         )
         self.waiting: deque[GenerationRequest] = deque()
+        self._grammar_of: dict[str, GrammarMatcher] = {}  # of waiting requests
         self.running: dict[str, RunningRequest] = {}
+        # The round is a coroutine (the router awaits replicas in it); here
+        # every port answers at once, so each step runs it to completion.
+        self._loop = asyncio.new_event_loop()
 
     @property
     def has_work(self) -> bool:
@@ -66,9 +125,10 @@ class SpecEngine:
     def add_request(self, request: GenerationRequest) -> None:
         known = {r.request_id for r in self.waiting} | set(self.running)
         if request.request_id in known:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
-        if not request.prompt_ids:
-            raise ValueError("prompt_ids must not be empty")
+            raise DuplicateRequestError(request.request_id)
+        grammar = grammar_for(request, self.grammars)  # a bad guide is refused here
+        if grammar is not None:
+            self._grammar_of[request.request_id] = grammar
         self.waiting.append(request)
 
     def abort(self, request_id: str) -> bool:
@@ -76,6 +136,7 @@ class SpecEngine:
         for queued in list(self.waiting):
             if queued.request_id == request_id:
                 self.waiting.remove(queued)
+                self._grammar_of.pop(request_id, None)
                 return True
         running = self.running.pop(request_id, None)
         if running is None:
@@ -89,18 +150,14 @@ class SpecEngine:
         if not self.running:
             return []
         batch = list(self.running.values())
-        for r in batch:
-            r.gamma = self.policy.choose(r.acceptance, gamma_limit(r)) if self.drafter else 0
-        result = speculative_round(batch, self.drafter, self.target)
-
-        outputs = []
-        for r, new_ids in zip(batch, result.new_token_ids, strict=True):
-            output = stream_round(r, new_ids)
+        result = self._loop.run_until_complete(
+            speculative_round(batch, self._drafting, self._verifying, self.scheduler)
+        )
+        for run, output in zip(result.requests, result.outputs, strict=True):
             if output.finished:
-                del self.running[r.request_id]
-                self._release(r)
-            outputs.append(output)
-        return outputs
+                del self.running[run.request_id]
+                self._release(run)
+        return result.outputs
 
     def generate(self, requests: list[GenerationRequest]) -> Iterator[RequestOutput]:
         """Run ``requests`` to completion, yielding chunks as they stream."""
@@ -109,76 +166,26 @@ class SpecEngine:
         while self.has_work:
             yield from self.step()
 
+    def close(self) -> None:
+        self._loop.close()
+
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.config.max_batch:
             request = self.waiting.popleft()
             running = start_request(
-                request, self.eos_token_ids, self.tokenizer, self.config.num_speculative_tokens
+                request,
+                self.eos_token_ids,
+                self.tokenizer,
+                self.config.num_speculative_tokens,
+                self.scheduler.new_draft_state(),
+                self._grammar_of.pop(request.request_id, None),
             )
-            if self.drafter is not None:
-                self.drafter.start(request.request_id, request.prompt_ids, running.sampling)
+            if self._drafting is not None and running.wants_draft:
+                self._drafting.worker.start(request.request_id, running.tokens, running.sampling)
+                running.draft.attach(_LOCAL, len(running.tokens))
             self.running[request.request_id] = running
 
     def _release(self, running: RunningRequest) -> None:
         self.target.release(running.request_id)
-        if self.drafter is not None:
-            self.drafter.finish(running.request_id)
-
-
-# -- per-request steps, shared with the distributed router -------------------
-
-
-def start_request(
-    request: GenerationRequest,
-    eos_token_ids: tuple[int, ...],
-    tokenizer: PreTrainedTokenizerBase | None,
-    max_gamma: int,
-    acceptance: AcceptanceEstimate | None = None,
-) -> RunningRequest:
-    """A request's running state: its seed resolved, the default EOS filled in
-    and its stop checker and detokenizer ready."""
-    seed = resolve_seed(request.sampling.seed)
-    sampling = replace(request.sampling, seed=seed)
-    stopping = request.stopping
-    if not stopping.eos_token_ids:
-        stopping = replace(stopping, eos_token_ids=eos_token_ids)
-    decoder = (
-        IncrementalDetokenizer(tokenizer, request.prompt_ids) if tokenizer is not None else None
-    )
-    return RunningRequest(
-        request=replace(request, sampling=sampling, stopping=stopping),
-        seed=seed,
-        generator=make_generator(seed),
-        stop=StopChecker(stopping, decoder),
-        acceptance=acceptance if acceptance is not None else AcceptanceEstimate(),
-        max_gamma=max_gamma,
-        tokens=list(request.prompt_ids),
-    )
-
-
-def gamma_limit(running: RunningRequest) -> int:
-    """The most drafts worth asking for: the request's own k and the engine's
-    ceiling, and never past ``max_tokens`` (those drafts would be wasted)."""
-    own = running.request.num_speculative_tokens
-    limit = running.max_gamma if own is None else min(own, running.max_gamma)
-    return min(limit, running.remaining_tokens - 1)
-
-
-def stream_round(running: RunningRequest, new_token_ids: list[int]) -> RequestOutput:
-    """Apply stop criteria to one round's committed tokens; the chunk to stream."""
-    delta = running.stop.update(new_token_ids)
-    running.output_ids.extend(delta.token_ids)
-    running.stats.num_output_tokens = len(running.output_ids)
-    now = time.perf_counter()
-    if running.stats.first_token_at is None and delta.token_ids:
-        running.stats.first_token_at = now
-    if delta.finished:
-        running.stats.finished_at = now
-    return RequestOutput(
-        running.request_id,
-        delta.token_ids,
-        delta.text,
-        delta.finish_reason,
-        running.stats,
-        running.seed,
-    )
+        if self._drafting is not None and running.draft.replica is not None:
+            self._drafting.worker.finish([running.request_id])

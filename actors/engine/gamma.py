@@ -1,41 +1,18 @@
-"""How many tokens to draft: an acceptance estimate and a cost model.
+"""How many tokens to draft: the acceptance estimate and the round scheduler.
 
 With per-token acceptance probability α, drafting γ tokens commits on
-average ``(1 - α^(γ+1)) / (1 - α)`` tokens and costs ``γ·c + v(γ)`` target
-steps, where ``c`` is the draft cost of one token relative to one target
-step and ``v(γ)`` the cost of verifying γ + 1 tokens relative to one. γ = 0
-(plain decoding) earns exactly 1 per 1, so a γ is chosen only when its
-expected tokens per unit cost beat that: a round never costs more than it is
-expected to earn.
+average ``(1 - α^(γ+1)) / (1 - α)`` tokens and costs γ draft steps plus one
+verify of γ + 1 tokens. :func:`schedule_gammas` picks every request's γ of
+a round from measured costs (:mod:`specray.actors.engine.costs`) so that the
+round's expected tokens per second are highest; γ = 0 (plain decoding)
+earns exactly one token per request, so a round is never expected to earn
+less than plain decoding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-
-@dataclass
-class AcceptanceEstimate:
-    """Exponentially weighted per-token acceptance rate with a Beta prior."""
-
-    accepted: float = 2.0  # prior pseudo-counts: α starts at 2/3
-    drafted: float = 3.0
-    decay: float = 0.9
-
-    @property
-    def alpha(self) -> float:
-        return self.accepted / self.drafted
-
-    def update(self, num_drafts: int, num_accepted: int) -> None:
-        if num_drafts == 0:
-            # Drift back toward the prior, so a request that stopped drafting
-            # after a bad stretch tries again later instead of never.
-            self.accepted = self.decay * self.accepted + (1 - self.decay) * 2.0
-            self.drafted = self.decay * self.drafted + (1 - self.decay) * 3.0
-            return
-        self.accepted = self.decay * self.accepted + num_accepted
-        self.drafted = self.decay * self.drafted + num_drafts
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
@@ -46,49 +23,38 @@ def expected_tokens(alpha: float, gamma: int) -> float:
 
 
 def speedup(alpha: float, gamma: int, draft_cost: float, verify_cost: float) -> float:
-    """Analytic speedup over plain decoding (Leviathan et al.), with the
-    verify cost of γ + 1 tokens relative to one step."""
+    """Analytic speedup over plain decoding (Leviathan et al.): a round
+    drafts γ tokens at ``draft_cost`` target steps each and verifies γ + 1
+    tokens at ``verify_cost`` target steps, and commits
+    :func:`expected_tokens` of them. The one formula every benchmark and the
+    planner use."""
     return expected_tokens(alpha, gamma) / (gamma * draft_cost + verify_cost)
 
 
 @dataclass
-class GammaPolicy:
-    """Chooses γ per request and round, or keeps it fixed."""
-
-    max_gamma: int
-    adaptive: bool = True
-    draft_cost: float = 0.0  # c: one draft token / one target step
-    # v(γ): cost of verifying γ + 1 tokens relative to one; on CPU bf16 this
-    # is close to 1 for small γ, in fp32 it grows about linearly.
-    verify_cost: Callable[[int], float] = lambda gamma: 1.0 + 0.02 * gamma
-
-    def choose(self, estimate: AcceptanceEstimate, limit: int) -> int:
-        """γ for one request; ``limit`` caps it (tokens left, request's own k)."""
-        cap = max(0, min(self.max_gamma, limit))
-        if not self.adaptive or cap == 0:
-            return cap
-        best_gamma, best = 0, 1.0
-        for gamma in range(1, cap + 1):
-            gain = speedup(estimate.alpha, gamma, self.draft_cost, self.verify_cost(gamma))
-            if gain > best:
-                best_gamma, best = gamma, gain
-        return best_gamma
-
-
-@dataclass
-class SurvivalEstimate(AcceptanceEstimate):
-    """Per-token acceptance counted over *tested* drafts only.
+class SurvivalEstimate:
+    """Per-token acceptance α, counted over *tested* drafts only.
 
     A round stops at its first rejection, so the drafts after it are never
-    tested; :class:`AcceptanceEstimate` counts them as drafted, which reads
-    α = 0.8 at γ = 4 as about 0.59. Counting accepted drafts plus the one
-    rejected (if any) is the maximum-likelihood α under i.i.d. acceptance,
-    i.e. DSpark's conditional survival probability of the next draft. The
-    prior is a parameter so a new request can start from the pool's α.
+    tested: counting accepted drafts plus the one rejected (if any) is the
+    maximum-likelihood α under i.i.d. acceptance, i.e. DSpark's conditional
+    survival probability of the next draft (counting every draft proposed
+    would read α = 0.8 at γ = 4 as about 0.59). An exponential decay follows
+    the text as it changes; rounds without drafts drift back toward the
+    prior, so a request that stopped drafting after a bad stretch tries
+    again later instead of never. The prior is a parameter so a new request
+    can start from the pool's α.
     """
 
+    accepted: float = 2.0  # pseudo-counts: α starts at 2/3
+    drafted: float = 3.0
+    decay: float = 0.9
     prior_accepted: float = 2.0
     prior_drafted: float = 3.0
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / self.drafted
 
     @classmethod
     def with_prior(cls, alpha: float, weight: float = 3.0) -> SurvivalEstimate:

@@ -1,4 +1,4 @@
-"""One request's state inside the engine, and what it streams back."""
+"""One request's state inside a round, and what it streams back."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specray.actors.engine.gamma import AcceptanceEstimate
+from specray.actors.drafting.base import DraftUpdate
+from specray.actors.engine.errors import RequestRejectedError
+from specray.actors.engine.gamma import SurvivalEstimate
 from specray.actors.engine.stopping import FinishReason, StopChecker
+from specray.actors.sampling.grammar import GrammarMatcher, Guide
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 
 
@@ -76,6 +79,11 @@ class GenerationRequest:
     # Draft tokens per round: None uses the engine's policy, 0 disables
     # speculation for this request (target-only on the same path).
     num_speculative_tokens: int | None = None
+    guide: Guide | None = None  # structured output: what the output must match
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise RequestRejectedError("prompt_ids must not be empty")
 
 
 @dataclass
@@ -95,20 +103,55 @@ class RequestOutput:
 
 
 @dataclass
+class DraftState:
+    """A request's drafting between rounds: which drafter holds its state,
+    what that drafter has yet to hear, and how well each way of drafting
+    (copying from the context, or a model) has done for it."""
+
+    lookup_acceptance: SurvivalEstimate
+    model_acceptance: SurvivalEstimate
+    replica: int | None = None  # the drafter holding its state; None: target-only for now
+    gamma: int = 0  # a model's drafts asked for this round
+    lookup_gamma: int = 0  # copies asked for this round
+    backlog: int = 0  # committed tokens the drafter has not fed (its next first step)
+    updates: list[DraftUpdate] = field(default_factory=list)  # verdicts not yet sent
+
+    @property
+    def most(self) -> int:
+        return max(self.gamma, self.lookup_gamma)
+
+    def attach(self, replica: int, num_committed: int) -> None:
+        """The drafter ``replica`` starts from the request's committed tokens."""
+        self.replica = replica
+        self.updates = []
+        self.backlog = num_committed
+
+    def detach(self) -> None:
+        """No drafter holds the request's state any more."""
+        self.replica = None
+        self.updates = []
+
+
+@dataclass
 class RunningRequest:
-    """Engine-side state: committed tokens and where each cache stands."""
+    """A request between admission and its last chunk: committed tokens and
+    where each cache stands."""
 
     request: GenerationRequest
     seed: int
     generator: torch.Generator
     stop: StopChecker
-    acceptance: AcceptanceEstimate
     max_gamma: int
+    draft: DraftState
     tokens: list[int]  # prompt + committed output
     cached_len: int = 0  # the target's cache is valid for tokens[:cached_len]
+    # Uncached committed tokens this round feeds the target (the scheduler
+    # sets it; fewer than all of them: a prefill chunk, see ``prefilling``).
+    feed: int = 0
+    target: int | None = None  # the target replica that verifies it (None: the only one)
+    grammar: GrammarMatcher | None = None  # structured output, at the committed tokens
     output_ids: list[int] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
-    gamma: int = 0  # draft tokens asked for this round
 
     @property
     def request_id(self) -> str:
@@ -119,5 +162,22 @@ class RunningRequest:
         return self.request.sampling
 
     @property
+    def uncached(self) -> int:
+        """Committed tokens the target's cache does not hold: 1 while
+        decoding (the newest), the prompt (or what is left of it) while
+        prefilling, every token after a move to another target replica."""
+        return len(self.tokens) - self.cached_len
+
+    @property
+    def prefilling(self) -> bool:
+        """This round feeds a chunk of the uncached tokens, not all of them:
+        it only fills the cache (no logits, no drafts, no output)."""
+        return self.feed < self.uncached
+
+    @property
     def remaining_tokens(self) -> int:
         return self.request.stopping.max_tokens - len(self.output_ids)
+
+    @property
+    def wants_draft(self) -> bool:
+        return self.request.num_speculative_tokens != 0 and self.max_gamma > 0

@@ -1,114 +1,262 @@
-"""One propose → verify → accept → roll back round for a batch of requests.
+"""One propose → verify → accept → commit round for a batch of requests.
 
 The whole speculative step, in the spirit of gpt-fast's
-``speculative_decode``: ask the drafter for tokens, verify every request's
-drafts in one batched target forward, keep what rejection sampling accepts,
-and tell both caches where the committed sequence now ends. Stop criteria
-and streaming are the caller's.
+``speculative_decode``, written once for both transports: the in-process
+engine and the router run this same function and differ only in the two
+ports they pass in — :class:`Drafting` (the drafters holding the requests'
+draft state) and :class:`Verifying` (the target replicas holding their KV
+caches). In process the ports call a :class:`DraftWorker` and a
+``LocalTarget`` directly; in the router they cross Ray to draft replicas and
+tensor-parallel target groups, and deal with their failures themselves.
+
+Rollback rides on the next call in both directions: a request's verdicts
+(:class:`DraftUpdate`) go to its drafter with its next proposal, and the
+target truncates its cache to ``VerifyInput.start`` before feeding. So a
+round costs one message each way per replica.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest
-from specray.actors.engine.request import RunningRequest
-from specray.actors.engine.target import Target, VerifyInput, VerifyOutput
+from specray.actors.drafting.base import DraftProposal, DraftRequest, DraftUpdate
+from specray.actors.engine.lifecycle import stream_round
+from specray.actors.engine.request import RequestOutput, RunningRequest
+from specray.actors.engine.scheduling import GammaScheduler
+from specray.actors.engine.target import VerifyInput, VerifyOutput
+from specray.actors.sampling.grammar import mask_logits
 from specray.actors.sampling.logits import SamplingTensors, compute_probs
 from specray.actors.sampling.rejection import DraftBatch, RejectionResult, rejection_sample
 
 
+class Drafting(Protocol):
+    """The drafters a round proposes from, by replica id."""
+
+    # Target layers whose hidden states the drafters read; () for none.
+    @property
+    def hidden_layers(self) -> tuple[int, ...]: ...
+
+    async def propose(
+        self, replica: int, asks: list[DraftRequest], updates: list[DraftUpdate]
+    ) -> list[DraftProposal] | None:
+        """Apply ``updates`` in order, then one proposal per ask. None when
+        the replica failed: the port has dealt with it, and its requests
+        decode target-only this round."""
+        ...
+
+
+class Verifying(Protocol):
+    """The target replicas a round verifies on, by replica id."""
+
+    async def verify(
+        self,
+        replica: int | None,
+        requests: Sequence[RunningRequest],
+        inputs: list[VerifyInput],
+        hidden_layers: tuple[int, ...],
+    ) -> list[VerifyOutput] | None:
+        """One batched forward of ``inputs`` (one per request). None when the
+        replica failed: the port has dealt with it (and with ``requests``),
+        and they are left out of this round."""
+        ...
+
+
+@dataclass
+class RoundTimes:
+    """Where one round's wall time went."""
+
+    propose_s: float = 0.0  # waiting for drafters
+    verify_s: float = 0.0  # waiting for targets
+    local_s: float = 0.0  # γ, accept, commit, stream: the round's own work
+
+
 @dataclass
 class RoundResult:
-    new_token_ids: list[list[int]]  # per request: accepted drafts + recovered/bonus
-    rejection: RejectionResult
+    """The requests a round committed tokens for, each with the chunk it
+    streams (a prefill chunk commits none: it only fills the cache)."""
+
+    requests: list[RunningRequest]
+    outputs: list[RequestOutput]  # same order as ``requests``
+    rejection: RejectionResult | None  # None when no request was verified
+    times: RoundTimes
 
 
-def speculative_round(
-    running: Sequence[RunningRequest], drafter: Drafter | None, target: Target
+async def speculative_round(
+    batch: Sequence[RunningRequest],
+    drafting: Drafting | None,
+    verifying: Verifying,
+    scheduler: GammaScheduler,
 ) -> RoundResult:
-    # 1. Propose. Requests with γ = 0 decode target-only in the same batch.
-    asks = draft_requests(running)
-    proposed = dict(zip([a.request_id for a in asks], _propose(drafter, asks), strict=True))
-    drafts = [proposed.get(r.request_id, DraftProposal([])) for r in running]
+    began = time.perf_counter()
+    # 1. What each request feeds the target (prompts prefill in chunks within
+    # the round's token budget) and drafts, by each way of drafting.
+    scheduler.choose(batch)
+    proposing = time.perf_counter()
 
-    # 2. Verify all drafts in one target forward. The target rolls its cache
-    # back to each request's cached_len before feeding.
-    hidden_layers = drafter.hidden_layers if drafter is not None else ()
-    outputs = target.verify(verify_inputs(running, drafts), hidden_layers)
+    # 2. Propose: every drafter at once, each call carrying the verdicts of
+    # its requests' earlier rounds. Requests with γ = 0 decode target-only.
+    # A structured request's drafts end at the first token its grammar forbids.
+    drafts = [
+        constrain_draft(r, d)
+        for r, d in zip(batch, await propose(batch, drafting, scheduler), strict=True)
+    ]
+    verifying_at = time.perf_counter()
 
-    # 3. Accept: lossless rejection sampling against the target.
-    rejection = accept_drafts(running, drafts, outputs)
+    # 3. Verify: one batched forward per target replica, all at once. A
+    # request whose prefill has no room this round sits it out.
+    hidden_layers = drafting.hidden_layers if drafting is not None else ()
+    groups: dict[int | None, list[int]] = {}
+    for i, run in enumerate(batch):
+        if run.feed > 0:
+            groups.setdefault(run.target, []).append(i)
+    verified = await asyncio.gather(
+        *(
+            verify(
+                verifying,
+                replica,
+                [batch[i] for i in idx],
+                [drafts[i] for i in idx],
+                hidden_layers,
+                scheduler,
+            )
+            for replica, idx in groups.items()
+        )
+    )
+    verified_at = time.perf_counter()
+    runs: list[RunningRequest] = []
+    kept: list[DraftProposal] = []
+    outputs: list[VerifyOutput] = []
+    for idx, outs in zip(groups.values(), verified, strict=True):
+        for i, out in zip(idx, outs or [], strict=False):
+            run = batch[i]
+            if run.prefilling:  # a chunk only filled the cache
+                run.cached_len += run.feed
+                continue
+            runs.append(run)
+            kept.append(drafts[i])
+            outputs.append(constrain_output(run, drafts[i], out))
+    times = RoundTimes(verifying_at - proposing, verified_at - verifying_at)
+    if not runs:
+        times.local_s = (proposing - began) + (time.perf_counter() - verified_at)
+        return RoundResult([], [], None, times)
 
-    # 4. Commit; the drafter rolls back its own state.
-    for u in commit(running, drafts, outputs, rejection):
-        if drafter is not None:
-            drafter.accept(u.request_id, u.num_accepted, u.new_token_ids, u.target_hidden)
-    return RoundResult(rejection.output_token_ids, rejection)
+    # 4. Accept: lossless rejection sampling against the target.
+    rejection = accept_drafts(runs, kept, outputs)
+
+    # 5. Commit; each drafter hears its verdicts with its next proposal, and
+    # a structured request's grammar follows its committed tokens.
+    for run, draft, update in zip(runs, kept, commit(runs, kept, outputs, rejection), strict=True):
+        scheduler.record(run, draft, update)
+        if run.grammar is not None:
+            run.grammar.commit(update.new_token_ids)
+
+    # 6. Stop criteria and the chunk each request streams.
+    chunks = [
+        stream_round(run, new_ids)
+        for run, new_ids in zip(runs, rejection.output_token_ids, strict=True)
+    ]
+    times.local_s = (proposing - began) + (time.perf_counter() - verified_at)
+    return RoundResult(runs, chunks, rejection, times)
 
 
-def draft_requests(running: Sequence[RunningRequest]) -> list[DraftRequest]:
-    return [DraftRequest(r.request_id, r.gamma) for r in running if r.gamma > 0]
+async def propose(
+    batch: Sequence[RunningRequest], drafting: Drafting | None, scheduler: GammaScheduler
+) -> list[DraftProposal]:
+    """One proposal per request (empty where none was asked or its drafter
+    failed), from one call per drafter replica."""
+    drafts = [DraftProposal([]) for _ in batch]
+    by_replica: dict[int, list[int]] = {}
+    for i, run in enumerate(batch):
+        if run.draft.replica is not None and run.draft.most > 0:
+            by_replica.setdefault(run.draft.replica, []).append(i)
+    if drafting is None or not by_replica:
+        return drafts
+
+    async def one(replica: int, idx: list[int]) -> list[DraftProposal] | None:
+        asks = [
+            DraftRequest(
+                batch[i].request_id,
+                batch[i].draft.gamma,
+                batch[i].draft.lookup_gamma,
+                scheduler.max_batched_tokens,
+            )
+            for i in idx
+        ]
+        updates: list[DraftUpdate] = []
+        for run in batch:  # also the verdicts of requests not drafting this round
+            if run.draft.replica == replica:
+                updates += run.draft.updates
+                run.draft.updates = []
+        return await drafting.propose(replica, asks, updates)
+
+    began = time.perf_counter()
+    results = await asyncio.gather(*(one(r, idx) for r, idx in by_replica.items()))
+    elapsed = time.perf_counter() - began
+    for idx, result in zip(by_replica.values(), results, strict=True):
+        for i, proposal in zip(idx, result or [], strict=False):
+            drafts[i] = proposal.clipped(batch[i].draft.most)
+    if all(result is not None for result in results):
+        scheduler.observe_propose(batch, drafts, elapsed)
+    return drafts
+
+
+async def verify(
+    verifying: Verifying,
+    replica: int | None,
+    group: list[RunningRequest],
+    drafts: list[DraftProposal],
+    hidden_layers: tuple[int, ...],
+    scheduler: GammaScheduler,
+) -> list[VerifyOutput] | None:
+    """One target replica's share of the round."""
+    inputs = verify_inputs(group, drafts)
+    began = time.perf_counter()
+    outputs = await verifying.verify(replica, group, inputs, hidden_layers)
+    if outputs is not None:
+        num_tokens = sum(len(item.token_ids) for item in inputs)
+        scheduler.observe_verify(num_tokens, time.perf_counter() - began)
+    return outputs
 
 
 def verify_inputs(
     running: Sequence[RunningRequest], drafts: Sequence[DraftProposal]
 ) -> list[VerifyInput]:
     """Per request: where its target cache is valid, the uncached committed
-    tokens and the drafts, and logits for every draft plus one."""
+    tokens it feeds this round and the drafts, and logits for every draft
+    plus one (none for a prefill chunk, which only fills the cache)."""
     return [
         VerifyInput(
             r.request_id,
             r.cached_len,
-            r.tokens[r.cached_len :] + d.token_ids,
-            len(d) + 1,
-            argmax_only=r.sampling.greedy,
+            r.tokens[r.cached_len : r.cached_len + r.feed] + d.token_ids,
+            0 if r.prefilling else len(d) + 1,
+            # A grammar masks the logits first: the argmax alone would not do.
+            argmax_only=r.sampling.greedy and r.grammar is None,
         )
         for r, d in zip(running, drafts, strict=True)
     ]
 
 
-@dataclass(frozen=True)
-class DraftUpdate:
-    """What a drafter must hear about one request after a round."""
-
-    request_id: str
-    num_accepted: int
-    new_token_ids: list[int]
-    target_hidden: torch.Tensor | None  # [num_accepted + 1, hidden] or None
+def constrain_draft(run: RunningRequest, draft: DraftProposal) -> DraftProposal:
+    """The draft cut at the first token the request's grammar forbids."""
+    if run.grammar is None or not len(draft):
+        return draft
+    return draft.clipped(run.grammar.clip(draft.token_ids))
 
 
-def commit(
-    running: Sequence[RunningRequest],
-    drafts: Sequence[DraftProposal],
-    outputs: Sequence[VerifyOutput],
-    rejection: RejectionResult,
-) -> list[DraftUpdate]:
-    """Append the round's tokens. The target's cache now holds every
-    committed token except the newest, which the next round feeds."""
-    updates = []
-    for r, draft, out, new_ids, accepted in zip(
-        running, drafts, outputs, rejection.output_token_ids, rejection.num_accepted, strict=True
-    ):
-        r.cached_len = len(r.tokens) + accepted
-        r.tokens.extend(new_ids)
-        r.stats.record_round(len(draft), accepted)
-        r.acceptance.update(len(draft), accepted)
-        # Only the accepted positions travel on, in their own storage (a view
-        # would pickle every row of the verify batch into the draft's message).
-        hidden = None if out.hidden_states is None else out.hidden_states[: accepted + 1].clone()
-        updates.append(DraftUpdate(r.request_id, accepted, new_ids, hidden))
-    return updates
-
-
-def _propose(drafter: Drafter | None, asks: list[DraftRequest]) -> list[DraftProposal]:
-    if drafter is None or not asks:
-        return [DraftProposal([]) for _ in asks]
-    proposals = drafter.propose(asks)
-    return [p.clipped(a.most) for p, a in zip(proposals, asks, strict=True)]
+def constrain_output(run: RunningRequest, draft: DraftProposal, out: VerifyOutput) -> VerifyOutput:
+    """The target's logits with what the request's grammar forbids at each
+    position masked out: the distribution acceptance then samples from."""
+    if run.grammar is None:
+        return out
+    allowed = run.grammar.masks(draft.token_ids)
+    return VerifyOutput(mask_logits(out.full_logits(), allowed), out.hidden_states)
 
 
 def accept_drafts(
@@ -135,3 +283,25 @@ def accept_drafts(
         target_probs[i, : probs.shape[0]] = probs
     generators = [None if r.sampling.greedy else r.generator for r in running]
     return rejection_sample(draft_batch, target_probs, greedy, generators)
+
+
+def commit(
+    running: Sequence[RunningRequest],
+    drafts: Sequence[DraftProposal],
+    outputs: Sequence[VerifyOutput],
+    rejection: RejectionResult,
+) -> list[DraftUpdate]:
+    """Append the round's tokens. The target's cache now holds every
+    committed token except the newest, which the next round feeds."""
+    updates = []
+    for r, draft, out, new_ids, accepted in zip(
+        running, drafts, outputs, rejection.output_token_ids, rejection.num_accepted, strict=True
+    ):
+        r.cached_len = len(r.tokens) + accepted
+        r.tokens.extend(new_ids)
+        r.stats.record_round(len(draft), accepted)
+        # Only the accepted positions travel on, in their own storage (a view
+        # would pickle every row of the verify batch into the draft's message).
+        hidden = None if out.hidden_states is None else out.hidden_states[: accepted + 1].clone()
+        updates.append(DraftUpdate(r.request_id, accepted, new_ids, hidden))
+    return updates

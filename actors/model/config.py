@@ -1,8 +1,8 @@
 """Model configuration read from a Hugging Face ``config.json``.
 
 One dataclass describes every supported family (Llama, Qwen2, Qwen3,
-Gemma 3); the family only switches a handful of flags. There is no copy of the
-model per family.
+Gemma 3, DeepSeek-V4); the family only switches flags and per-layer block
+kinds. There is no copy of the model per family.
 """
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma3_text", "gemma3")
+from specray.actors.model.v4.params import (
+    CompressedAttentionConfig,
+    HyperConnectionConfig,
+    MoEConfig,
+)
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma3_text", "gemma3", "deepseek_v4")
 
 
 class UnsupportedModelError(ValueError):
@@ -78,6 +84,22 @@ class ModelConfig:
     final_logit_softcapping: float | None = None
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    # DeepSeek-V4 blocks (see specray.actors.model.v4). Per layer, the
+    # attention type (params.ATTENTION_TYPES) and MLP type (params.MLP_TYPES);
+    # empty: dense attention and a gated MLP in every layer.
+    attention_types: tuple[str, ...] = ()
+    mlp_types: tuple[str, ...] = ()
+    compressed_attention: CompressedAttentionConfig | None = None
+    moe: MoEConfig | None = None
+    # None: a plain residual; else hyper-connection residual streams.
+    hyper_connections: HyperConnectionConfig | None = None
+    # Norm weights kept in float32 and applied in float32 (V4), not in the
+    # activation dtype.
+    float32_norms: bool = False
+    # Multi-token-prediction blocks in the checkpoint and their attention types.
+    mtp_attention_types: tuple[str, ...] = ()
+    # (name prefix the model asks for, prefix the checkpoint may use instead).
+    weight_aliases: tuple[tuple[str, str], ...] = ()
 
     @property
     def q_size(self) -> int:
@@ -103,6 +125,11 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}"
             )
+        if model_type == "deepseek_v4":
+            # Imported here: the V4 parser builds a ModelConfig itself.
+            from specray.actors.model.v4.hf_config import deepseek_v4_config
+
+            return deepseek_v4_config(hf)
         gemma = model_type == "gemma3_text"
         hidden = int(hf["hidden_size"])
         num_heads = int(hf["num_attention_heads"])

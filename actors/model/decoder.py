@@ -10,10 +10,14 @@ from torch import nn
 
 from specray.actors.model.batch import ForwardBatch
 from specray.actors.model.config import ModelConfig
-from specray.actors.model.kv_cache import KVCache
+from specray.actors.model.context import ForwardContext
+from specray.actors.model.kv_cache import KVCache, SlotCache
 from specray.actors.model.layers import DecoderLayer
 from specray.actors.model.norm import RMSNorm
 from specray.actors.model.rotary import RotaryEmbedding
+from specray.actors.model.v4.hyper import HyperHead
+from specray.actors.model.v4.layer import HyperDecoderLayer
+from specray.actors.model.v4.state import CompressedKVCache
 from specray.actors.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
 from specray.actors.parallel.group import SingleGroup, TPGroup
 from specray.actors.parallel.weights import WeightSource
@@ -24,15 +28,29 @@ class ForwardOutput:
     """Rows follow ``ForwardBatch.logit_index``: sequence by sequence."""
 
     logits: torch.Tensor  # [num_logit_rows, vocab] float32
-    # [num_logit_rows, len(hidden_layers) * hidden] in model dtype, or None
+    # [num_logit_rows, len(hidden_layers) * hidden] in model dtype, or None;
+    # with hyper-connections each layer's part is its streams, flattened.
     hidden_states: torch.Tensor | None = None
 
     def split(self, counts: Sequence[int]) -> list[torch.Tensor]:
         return list(self.logits.split(list(counts)))
 
 
+Layer = DecoderLayer | HyperDecoderLayer
+
+
+def build_layer(config: ModelConfig, index: int, group: TPGroup, dtype: torch.dtype) -> Layer:
+    """The residual scheme picks the layer; the layer picks its attention and
+    MLP blocks from the config's per-layer types."""
+    if config.hyper_connections is None:
+        return DecoderLayer(config, index, group, dtype)
+    return HyperDecoderLayer(
+        config, config.attention_types[index], config.mlp_types[index], index, group, dtype
+    )
+
+
 class DecoderModel(nn.Module):
-    """Llama / Qwen2 / Qwen3 / Gemma 3, driven by :class:`ModelConfig`."""
+    """Llama / Qwen2 / Qwen3 / Gemma 3 / DeepSeek-V4, driven by :class:`ModelConfig`."""
 
     def __init__(
         self,
@@ -48,10 +66,20 @@ class DecoderModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, group, dtype
         )
-        blocks = [DecoderLayer(config, i, group, dtype) for i in range(config.num_layers)]
+        blocks = [build_layer(config, i, group, dtype) for i in range(config.num_layers)]
         self.layers = nn.ModuleList(blocks)
-        self.blocks: list[DecoderLayer] = blocks  # typed view of self.layers
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, config.gemma_norms)
+        self.blocks: list[Layer] = blocks  # typed view of self.layers
+        hyper = config.hyper_connections
+        self.hyper_head = (
+            None if hyper is None else HyperHead(hyper, config.hidden_size, config.rms_norm_eps)
+        )
+        self.norm = RMSNorm(
+            config.hidden_size,
+            config.rms_norm_eps,
+            dtype,
+            config.gemma_norms,
+            float_weight=config.float32_norms,
+        )
         tied = self.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, group, dtype, tied)
         self.rope_full = RotaryEmbedding(config.rope_full, config.head_dim)
@@ -64,26 +92,37 @@ class DecoderModel(nn.Module):
         )
 
     @property
-    def local_kv_heads(self) -> int:
-        return self.blocks[0].self_attn.local_kv_heads
+    def verifies_trees(self) -> bool:
+        """Whether a batch may feed token trees (``SequenceInput.parents``).
+        Dense attention can: a node sees its ancestors through the mask and
+        its rotary position is its depth. DeepSeek-V4's compressors pool
+        every ``rate`` consecutive cache positions into one entry, which a
+        tree's sibling branches would share, so V4 verifies chains only."""
+        return all(isinstance(b, DecoderLayer) for b in self.blocks)
 
-    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
-        """A KV cache sized for this model (this rank's KV heads only), on
-        the device of its weights."""
-        return KVCache(
-            self.config.num_layers,
-            num_slots,
-            max_len,
-            self.local_kv_heads,
-            self.config.head_dim,
-            self.dtype,
-            self.norm.weight.device,
-        )
+    def new_cache(self, num_slots: int, max_len: int) -> SlotCache:
+        """A cache sized for this model (this rank's KV heads only), on the
+        device of its weights: a :class:`KVCache` for dense attention, a
+        :class:`CompressedKVCache` for V4 layers."""
+        device = self.norm.weight.device
+        dense = [b for b in self.blocks if isinstance(b, DecoderLayer)]
+        if len(dense) == len(self.blocks):
+            kv_heads = dense[0].self_attn.local_kv_heads
+            head_dim = self.config.head_dim
+            return KVCache(len(dense), num_slots, max_len, kv_heads, head_dim, self.dtype, device)
+        states = [
+            b.new_state(num_slots, max_len, self.dtype, device)
+            for b in self.blocks
+            if isinstance(b, HyperDecoderLayer)
+        ]
+        return CompressedKVCache(num_slots, max_len, states)
 
     def load(self, source: WeightSource) -> None:
         self.embed_tokens.load(source, "model.embed_tokens.weight")
         for i, layer in enumerate(self.blocks):
             layer.load(source, f"model.layers.{i}")
+        if self.hyper_head is not None:
+            self.hyper_head.load(source, "model.hc_head.hc_")
         self.norm.load(source, "model.norm")
         self.lm_head.load(source, "lm_head.weight")
 
@@ -91,39 +130,37 @@ class DecoderModel(nn.Module):
     def forward(
         self,
         batch: ForwardBatch,
-        cache: KVCache,
+        cache: SlotCache,
         hidden_layers: Sequence[int] = (),
     ) -> ForwardOutput:
         """Run new tokens through the model, append them to ``cache`` and
         return logits (and, on request, hidden states) of the rows the batch
         asks for. ``hidden_layers`` index decoder layers; each hidden state is
         that layer's output."""
+        if batch.trees and not self.verifies_trees:
+            raise ValueError("this model verifies chains only: a batch fed it a token tree")
         new_lengths = batch.end_positions()
         for slot, end in zip(batch.slots, new_lengths, strict=True):
             cache.check_room(slot, end)
         x = self.embed_tokens(batch.packed_token_ids)  # [num_tokens, hidden]
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        rotary_positions = batch.flat_rotary_positions
-        rope_full = self.rope_full(rotary_positions, self.dtype)
-        rope_sliding = (
-            self.rope_sliding(rotary_positions, self.dtype) if self.rope_sliding else rope_full
-        )
-        masks: dict[int | None, torch.Tensor] = {}
+        if self.hyper_head is not None:  # [num_tokens, streams, hidden]
+            x = x.unsqueeze(1).expand(-1, self.hyper_head.streams, -1).contiguous()
+        rotary = {"full": self.rope_full, "sliding": self.rope_sliding or self.rope_full}
+        ctx = ForwardContext(batch, cache, self.dtype, rotary)
         captured: dict[int, torch.Tensor] = {}
         wanted = set(hidden_layers)
         for i, layer in enumerate(self.blocks):
-            window = layer.self_attn.window
-            if window not in masks:
-                masks[window] = batch.attention_mask(window)
-            rope = rope_full if window is None else rope_sliding
-            x = layer(x, rope, masks[window], batch, cache)
+            x = layer(x, ctx)
             if i in wanted:
-                captured[i] = x
+                captured[i] = x.flatten(1)
         for slot, end in zip(batch.slots, new_lengths, strict=True):
             cache.set_length(slot, end)
 
         rows = x.index_select(0, batch.packed_logit_index)
+        if self.hyper_head is not None:
+            rows = self.hyper_head(rows)
         logits = self.lm_head(self.norm(rows)).float()
         cap = self.config.final_logit_softcapping
         if cap is not None:

@@ -26,23 +26,15 @@ class CacheFullError(RuntimeError):
     """No free slot, or a sequence would outgrow its slot."""
 
 
-class KVCache:
-    """Keys and values of every layer for ``num_slots`` sequences."""
+class SlotCache:
+    """Per-sequence slots and their lengths: the part every cache shares.
 
-    def __init__(
-        self,
-        num_layers: int,
-        num_slots: int,
-        max_len: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str | None = None,  # None: torch's default device
-    ) -> None:
-        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
-        # Zeros, not empty: masked-out garbage could be NaN, and 0 * NaN = NaN.
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+    A cache holds ``num_slots`` sequences of up to ``max_len`` positions;
+    what it stores per position is the subclass's. Everything stored is
+    indexed by position, so :meth:`truncate` only moves the length back.
+    """
+
+    def __init__(self, num_slots: int, max_len: int) -> None:
         self.max_len = max_len
         self.num_slots = num_slots
         self._lengths = [0] * num_slots
@@ -77,22 +69,24 @@ class KVCache:
         self._lengths[slot] = new_len
 
     def keep_path(self, slot: int, start: int, sources: list[int]) -> None:
-        """Move the entries at cache indices ``sources`` (increasing, each
-        ``>= start + its rank``, below the length) to ``start, start + 1, ...``
-        in every layer, then truncate to ``start + len(sources)``."""
+        """Keep the entries at cache indices ``sources`` (increasing, each
+        ``>= start + its rank``, below the length) as positions ``start,
+        start + 1, ...``, then truncate to ``start + len(sources)``: the
+        accepted path of a verified token tree. A cache whose entries depend
+        on their neighbours cannot move them, and takes chains only (sources
+        already in place)."""
         length = self._lengths[slot]
-        targets = range(start, start + len(sources))
+        targets = list(range(start, start + len(sources)))
         if any(not t <= s < length for t, s in zip(targets, sources, strict=True)) or any(
             a >= b for a, b in pairwise(sources)
         ):
             raise ValueError(f"cannot keep {sources} at {start} in slot {slot} of length {length}")
-        if sources != list(targets):
-            index = torch.tensor(sources, device=self.keys.device)
-            block = slice(start, start + len(sources))
-            # index_select copies, so overlapping sources and targets are safe.
-            self.keys[:, slot, :, block] = self.keys[:, slot].index_select(2, index)
-            self.values[:, slot, :, block] = self.values[:, slot].index_select(2, index)
+        if sources != targets:
+            self._move(slot, start, sources)
         self._lengths[slot] = start + len(sources)
+
+    def _move(self, slot: int, start: int, sources: list[int]) -> None:
+        raise ValueError(f"{type(self).__name__} verifies chains only: it cannot keep a tree path")
 
     def check_room(self, slot: int, end: int) -> None:
         if end > self.max_len:
@@ -102,6 +96,33 @@ class KVCache:
 
     def set_length(self, slot: int, new_len: int) -> None:
         self._lengths[slot] = new_len
+
+
+class KVCache(SlotCache):
+    """Keys and values of every layer for ``num_slots`` sequences."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,  # None: torch's default device
+    ) -> None:
+        super().__init__(num_slots, max_len)
+        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
+        # Zeros, not empty: masked-out garbage could be NaN, and 0 * NaN = NaN.
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    def _move(self, slot: int, start: int, sources: list[int]) -> None:
+        index = torch.tensor(sources, device=self.keys.device)
+        block = slice(start, start + len(sources))
+        # index_select copies, so overlapping sources and targets are safe.
+        self.keys[:, slot, :, block] = self.keys[:, slot].index_select(2, index)
+        self.values[:, slot, :, block] = self.values[:, slot].index_select(2, index)
 
     def write(
         self,

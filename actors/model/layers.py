@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from specray.actors.model.attend import attend
-from specray.actors.model.batch import ForwardBatch
 from specray.actors.model.config import ModelConfig
+from specray.actors.model.context import ForwardContext
 from specray.actors.model.kv_cache import KVCache
 from specray.actors.model.norm import RMSNorm
 from specray.actors.model.rotary import apply_rotary
@@ -30,6 +32,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.attention_scale
         self.window = config.sliding_windows[layer] if config.sliding_windows else None
+        self.rope_name = "full" if self.window is None else "sliding"
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             config.num_heads,
@@ -58,27 +61,51 @@ class Attention(nn.Module):
             self.q_norm.load(source, f"{prefix}.q_norm")
             self.k_norm.load(source, f"{prefix}.k_norm")
 
+    def project(
+        self,
+        x: torch.Tensor,  # [..., hidden]
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [..., 1, head_dim]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # each [..., local heads, head_dim]
+        """Queries, keys and values of ``x``: normed (QK-norm families) and rotated."""
+        q, k, v = self.qkv_proj(x)
+        q = q.unflatten(-1, (-1, self.head_dim))
+        k = k.unflatten(-1, (-1, self.head_dim))
+        v = v.unflatten(-1, (-1, self.head_dim))
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        cos, sin = rope
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def project_kv(
+        self,
+        x: torch.Tensor,  # [..., hidden]
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [..., 1, head_dim]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # each [..., local kv heads, head_dim]
+        """Keys and values only (no query matmul), as :meth:`project` makes them."""
+        k, v = self.qkv_proj.kv(x)
+        k = k.unflatten(-1, (-1, self.head_dim))
+        v = v.unflatten(-1, (-1, self.head_dim))
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        cos, sin = rope
+        return apply_rotary(k, cos, sin), v
+
     def forward(
         self,
         x: torch.Tensor,  # [num_tokens, hidden], packed
-        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [num_tokens, 1, head_dim]
-        mask: torch.Tensor,  # [batch, 1, max_new, context_len] bool
-        batch: ForwardBatch,
-        cache: KVCache,
+        ctx: ForwardContext,
     ) -> torch.Tensor:
+        batch, cache = ctx.batch, ctx.cache
+        assert isinstance(cache, KVCache), "dense attention keeps its keys in a KVCache"
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x)
-        q = q.view(tokens, -1, self.head_dim)
-        k = k.view(tokens, -1, self.head_dim)
-        v = v.view(tokens, -1, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.project(x, ctx.rope(self.rope_name))
 
         cache.write(self.layer, batch.flat_slots, batch.flat_positions, k, v)
         keys, values = cache.read(self.layer, batch.slots, batch.context_len)
 
+        mask = ctx.mask(self.window)
         out = attend(batch.pad(q).transpose(1, 2), keys, values, mask, self.scale)
         return self.o_proj(batch.unpad(out.transpose(1, 2)).reshape(tokens, -1))
 
@@ -133,12 +160,18 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [num_tokens, hidden], packed
-        rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
-        batch: ForwardBatch,
-        cache: KVCache,
+        ctx: ForwardContext,
     ) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), rope, mask, batch, cache)
+        return self.around(x, lambda normed: self.self_attn(normed, ctx))
+
+    def around(
+        self,
+        x: torch.Tensor,  # [..., hidden]
+        attention: Callable[[torch.Tensor], torch.Tensor],  # normed x -> attention output
+    ) -> torch.Tensor:
+        """The block around its attention (norms, residuals, MLP), so another
+        way to attend (a drafter's injected context) reuses the same wiring."""
+        attn = attention(self.input_layernorm(x))
         if self.gemma:
             x = x + self.post_attention_layernorm(attn)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))

@@ -32,6 +32,6 @@ def load_model(
     slices are read."""
     config = ModelConfig.from_pretrained(model_dir)
     model = DecoderModel(config, parse_dtype(dtype), group or SingleGroup())
-    with WeightSource(model_dir) as source:
+    with WeightSource(model_dir, config.weight_aliases) as source:
         model.load(source)
     return model.eval()

@@ -9,18 +9,29 @@ from specray.actors.parallel.weights import WeightSource
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * w`` (Llama, Qwen) or ``* (1 + w)`` (Gemma 3).
+    """``x / rms(x) * w`` (Llama, Qwen, DeepSeek-V4) or ``* (1 + w)`` (Gemma 3).
 
-    The two families also round differently: Llama casts the normalised
+    The families also round differently: Llama casts the normalised
     activations back to the input dtype before scaling, Gemma scales in fp32
-    and casts last. Both are kept exact so bf16 outputs match the reference.
+    and casts last, and DeepSeek-V4 keeps the weight itself in fp32
+    (``float_weight``) and scales in fp32. All are kept exact so bf16
+    outputs match the reference.
     """
 
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype, gemma: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        dtype: torch.dtype,
+        gemma: bool = False,
+        float_weight: bool = False,
+    ) -> None:
         super().__init__()
         self.eps = eps
         self.gemma = gemma
-        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
+        self.float_weight = float_weight
+        weight_dtype = torch.float32 if float_weight else dtype
+        self.weight = nn.Parameter(torch.empty(dim, dtype=weight_dtype), requires_grad=False)
 
     def load(self, source: WeightSource, prefix: str) -> None:
         self.weight.copy_(source.read(f"{prefix}.weight"))
@@ -30,4 +41,6 @@ class RMSNorm(nn.Module):
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.gemma:
             return (normed * (1.0 + self.weight.float())).type_as(x)
+        if self.float_weight:
+            return (self.weight * normed).type_as(x)
         return self.weight * normed.to(x.dtype)

@@ -22,6 +22,21 @@ def _param(shape: Sequence[int], dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
+class ReplicatedLinear(nn.Module):
+    """``y = x Wᵀ``, the whole weight on every rank (small projections every
+    rank needs in full, such as a shared KV head)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = _param((out_features, in_features), dtype)
+
+    def load(self, source: WeightSource, prefix: str) -> None:
+        self.weight.copy_(source.read(f"{prefix}.weight"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
+        return F.linear(x, self.weight)
+
+
 class ColumnParallelLinear(nn.Module):
     """``y = x Wᵀ + b`` with the output features split across ranks.
 
@@ -142,6 +157,13 @@ class QKVParallelLinear(nn.Module):
         qkv = F.linear(x, self.weight, self.bias)
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         return q, k, v
+
+    def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x: [..., hidden]
+        """Only the key and value projections: inputs that are never queries."""
+        bias = None if self.bias is None else self.bias[self.q_size :]
+        kv = F.linear(x, self.weight[self.q_size :], bias)
+        k, v = kv.split((self.kv_size, self.kv_size), dim=-1)
+        return k, v
 
 
 class RowParallelLinear(nn.Module):

@@ -2,13 +2,14 @@
 
 Each rank asks for exactly the rows or columns it owns, so a shard never
 materialises the full model. Only safetensors are read: pickled weights are
-never loaded.
+never loaded. Block-scaled FP8 weights are dequantized as they are read
+(see :mod:`specray.actors.parallel.fp8`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -16,16 +17,26 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from specray.actors.parallel import fp8
+
 
 class MissingWeightError(KeyError):
     """A tensor the model needs is not in the checkpoint."""
 
 
 class WeightSource:
-    """All tensors of a checkpoint directory, read lazily and by slice."""
+    """All tensors of a checkpoint directory, read lazily and by slice.
 
-    def __init__(self, model_dir: str | Path) -> None:
+    ``aliases`` are ``(prefix, alternative)`` pairs: a name starting with
+    ``prefix`` that the checkpoint lacks is looked up with ``alternative``
+    in its place (checkpoints of one architecture name top-level tensors
+    differently).
+    """
+
+    def __init__(self, model_dir: str | Path, aliases: Sequence[tuple[str, str]] = ()) -> None:
         model_dir = Path(model_dir)
+        self._aliases = tuple(aliases)
+        self._fp8_block = _fp8_block(model_dir)
         files = sorted(model_dir.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
@@ -52,12 +63,13 @@ class WeightSource:
         self.close()
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return self._resolve(name) in self._where
 
     def names(self) -> Iterator[str]:
         return iter(self._where)
 
     def shape(self, name: str) -> list[int]:
+        name = self._resolve(name)
         return list(self._handle(name).get_slice(name).get_shape())
 
     def read(
@@ -67,17 +79,62 @@ class WeightSource:
         start: int = 0,
         end: int | None = None,
     ) -> torch.Tensor:
-        """The tensor ``name``, or its ``[start, end)`` slice along ``dim``."""
-        handle = self._handle(name)
+        """The tensor ``name``, or its ``[start, end)`` slice along ``dim``;
+        float32 where the checkpoint holds it as block-scaled FP8."""
+        name = self._resolve(name)
+        view = self._handle(name).get_slice(name)
+        shape = view.get_shape()
+        if view.get_dtype() == "F8_E4M3":
+            return self._read_fp8(name, shape, dim, start, end)
         if dim is None:
-            return handle.get_tensor(name)
-        view = handle.get_slice(name)
-        index: list[slice] = [slice(None)] * len(view.get_shape())
+            return self._handle(name).get_tensor(name)
+        index: list[slice] = [slice(None)] * len(shape)
         index[dim] = slice(start, end)
         return view[tuple(index)]
+
+    def _read_fp8(
+        self, name: str, shape: list[int], dim: int | None, start: int, end: int | None
+    ) -> torch.Tensor:
+        scale_name = next((s for s in fp8.scale_names(name) if s in self._where), None)
+        if len(shape) != 2 or scale_name is None:
+            wanted = fp8.scale_names(name)
+            raise MissingWeightError(f"FP8 tensor {name!r} has no block scale {wanted}")
+        view = self._handle(name).get_slice(name)
+        scale = self._handle(scale_name).get_tensor(scale_name)
+        if dim is None:
+            return fp8.dequantize(view[:, :], scale, self._fp8_block)
+        # Read the whole blocks around the slice, dequantize, then cut.
+        end = shape[dim] if end is None else end
+        block = self._fp8_block[dim]
+        first, last = start // block, -(-end // block)
+        index: list[slice] = [slice(None), slice(None)]
+        index[dim] = slice(first * block, min(last * block, shape[dim]))
+        scale_index: list[slice] = [slice(None), slice(None)]
+        scale_index[dim] = slice(first, last)
+        window = fp8.dequantize(view[tuple(index)], scale[tuple(scale_index)], self._fp8_block)
+        return window.narrow(dim, start - first * block, end - start)
+
+    def _resolve(self, name: str) -> str:
+        if name in self._where:
+            return name
+        for prefix, alternative in self._aliases:
+            if name.startswith(prefix):
+                other = alternative + name[len(prefix) :]
+                if other in self._where:
+                    return other
+        return name
 
     def _handle(self, name: str) -> Any:
         try:
             return self._where[name]
         except KeyError:
             raise MissingWeightError(f"checkpoint has no tensor {name!r}") from None
+
+
+def _fp8_block(model_dir: Path) -> tuple[int, int]:
+    config = model_dir / "config.json"
+    if not config.exists():
+        return fp8.DEFAULT_BLOCK
+    quant = json.loads(config.read_text()).get("quantization_config") or {}
+    rows, cols = quant.get("weight_block_size") or fp8.DEFAULT_BLOCK
+    return int(rows), int(cols)

@@ -14,73 +14,41 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from specray.actors.drafting.base import CatchesUp, Drafter, DraftProposal, DraftRequest
-from specray.actors.drafting.draft_model import DraftModelDrafter
-from specray.actors.drafting.head.checkpoint import load_head, resolve_head_target
-from specray.actors.drafting.head.drafter import HeadDrafter
-from specray.actors.drafting.hybrid import HybridDrafter
-from specray.actors.drafting.ngram import NgramDrafter
-from specray.actors.engine.round import DraftUpdate
-from specray.actors.model.loader import load_model
+from specray.actors.drafting.base import (
+    CatchesUp,
+    Drafter,
+    DraftProposal,
+    DraftRequest,
+    DraftUpdate,
+)
+from specray.actors.drafting.build import build_drafter
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.sampling.params import SamplingParams
-
-DRAFTER_KINDS = ("ngram", "model", "hybrid", "head")
 
 
 @dataclass(frozen=True)
 class DraftWorkerSpec:
     """Which drafter a replica hosts and with what resources."""
 
-    kind: str = "ngram"  # "ngram", "model", or "hybrid" (lookup first, then the model)
-    model_dir: str | None = None  # the draft model's directory, for kind="model" | "hybrid"
+    drafter: DrafterSpec = field(default_factory=lambda: DrafterSpec("ngram"))  # model resolved
     dtype: str = "float32"
     num_slots: int = 16  # requests one replica drafts for at once (draft-model KV slots)
     max_len: int = 2048
     num_threads: int = 1  # torch intra-op threads in the replica's process
-    max_ngram: int = 5
-    min_ngram: int = 1
-    target_dir: str | None = None  # kind="head": the target it reads (default: the head's record)
-
-    @property
-    def catches_up(self) -> bool:
-        """Whether its drafter keeps a cache that must see every committed
-        token (all but n-gram lookup, which reads the tokens directly)."""
-        return self.kind != "ngram"
-
-    @property
-    def looks_up(self) -> bool:
-        """Whether its drafter can copy proposals from the context."""
-        return self.kind in ("ngram", "hybrid")
+    target_dir: str | None = None  # the target it drafts for (a head reads its weights)
 
     def __post_init__(self) -> None:
-        if self.kind not in DRAFTER_KINDS:
-            raise ValueError(f"kind must be one of {DRAFTER_KINDS}, got {self.kind!r}")
-        if self.kind != "ngram" and not self.model_dir:
-            raise ValueError(f"a {self.kind!r} draft replica needs model_dir")
         if self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
-
-def build_drafter(spec: DraftWorkerSpec) -> Drafter:
-    if spec.kind == "ngram":
-        return NgramDrafter(spec.max_ngram, spec.min_ngram)
-    assert spec.model_dir is not None
-    if spec.kind == "head":
-        head_dir = Path(spec.model_dir)
-        target = (
-            Path(spec.target_dir) if spec.target_dir else resolve_head_target(head_dir, spec.dtype)
-        )
-        return HeadDrafter(load_head(head_dir, target, spec.dtype), spec.num_slots, spec.max_len)
-    model = load_model(Path(spec.model_dir), spec.dtype)
-    drafter = DraftModelDrafter(model, spec.num_slots, spec.max_len)
-    if spec.kind == "hybrid":
-        return HybridDrafter(NgramDrafter(spec.max_ngram, spec.min_ngram), drafter)
-    return drafter
+    def build(self) -> Drafter:
+        target = Path(self.target_dir) if self.target_dir else None
+        return build_drafter(self.drafter, self.dtype, self.num_slots, self.max_len, target)
 
 
 @dataclass(frozen=True)
@@ -92,11 +60,14 @@ class DraftWorkerStats:
 class DraftWorker:
     """Hosts one drafter; tracks which requests it drafts for."""
 
-    def __init__(self, spec: DraftWorkerSpec) -> None:
-        self.spec = spec
-        # The replica owns its process: its thread count is its own to set.
-        torch.set_num_threads(spec.num_threads)
-        self.drafter = build_drafter(spec)
+    def __init__(self, source: DraftWorkerSpec | Drafter) -> None:
+        """``source``: a spec to build the drafter from in this process (a
+        replica, which owns its process and so sets its thread count), or a
+        drafter already built (the in-process engine)."""
+        if isinstance(source, DraftWorkerSpec):
+            torch.set_num_threads(source.num_threads)
+            source = source.build()
+        self.drafter = source
         self._requests: set[str] = set()
         self._propose_calls = 0
         self._propose_s = 0.0

@@ -90,12 +90,21 @@ class TargetShardWorker:
         self._timed = TimedGroup(group) if spec.time_collectives else None
         model = load_model(Path(spec.model_dir), spec.dtype, self._timed or group)
         self.target = LocalTarget(model, spec.num_slots, spec.max_len)
+        # Modules run so far (projections, norms, attention): how a long call
+        # shows it is computing, at a grain much finer than a whole layer.
+        self.progress = 0
+        for module in model.modules():
+            if not any(module.children()):
+                module.register_forward_hook(self._count_step)
         self._verify_calls = 0
         self._verify_s = 0.0
 
     @property
     def rank(self) -> int:
         return self.spec.rank
+
+    def _count_step(self, *_: object) -> None:
+        self.progress += 1
 
     def verify(
         self, inputs: Sequence[VerifyInput], hidden_layers: tuple[int, ...] = ()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from specray.actors.engine.gamma import expected_tokens
+from specray.actors.engine.gamma import speedup
 from specray.cluster.planning.hardware import GpuSpec
 from specray.cluster.planning.layouts import (
     ClusterShape,
@@ -40,11 +40,9 @@ class SpecSettings:
 
 
 def spec_speedup(spec: SpecSettings, verify_cost: float) -> float:
-    """S = (1 − α^(γ+1)) / ((1 − α)(γc + 1)) × cost(1)/cost(γ+1), the formula
-    of ``specray.bench.spec_bench.analytic_limit``; ``verify_cost`` is
-    cost(γ+1)/cost(1)."""
-    tokens = expected_tokens(spec.alpha, spec.gamma)
-    return tokens / ((spec.gamma * spec.draft_cost + 1.0) * verify_cost)
+    """The analytic speedup (:func:`specray.actors.engine.gamma.speedup`) of
+    ``spec``; ``verify_cost`` is cost(γ+1)/cost(1)."""
+    return speedup(spec.alpha, spec.gamma, spec.draft_cost, verify_cost)
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,6 @@ from specray.actors.parallel.weights import WeightSource
 from specray.actors.store.errors import NotCachedError
 from specray.actors.store.resolve import resolve_model
 
-HEAD_PREFIX = "head:"  # --draft head:DIR
-
 # Families whose decoder layer is exactly the head's (pre-norm, no QK-norm,
 # Llama-flavour RMSNorm): a head for them can start from the target's last layer.
 _LAYER_COMPATIBLE = ("qwen2", "llama")
@@ -92,16 +90,6 @@ def load_head(
     head = DraftHead(config, draft_vocab, load_frozen(target_dir, draft_vocab, torch_dtype))
     head.load_state_dict(weights)
     return head.to(torch_dtype).eval().requires_grad_(False)
-
-
-def head_dir_of(draft: str) -> Path | None:
-    """The directory in ``--draft head:DIR``, or None for any other drafter."""
-    if not draft.startswith(HEAD_PREFIX):
-        return None
-    directory = draft[len(HEAD_PREFIX) :]
-    if not directory:
-        raise ValueError("--draft head:DIR needs a directory after 'head:'")
-    return Path(directory).expanduser()
 
 
 def resolve_head_target(directory: Path, dtype: str = "bfloat16", home: Path | None = None) -> Path:

@@ -9,7 +9,7 @@ import torch
 from specray.actors.drafting.head.model import DraftHead
 from specray.actors.model.batch import ForwardBatch, SequenceInput
 
-_CONTEXT = 64  # the same short context calibrate.step_seconds times the target at
+_CONTEXT = 64  # the same short context bench.costs.step_seconds times the target at
 
 
 def head_step_seconds(head: DraftHead, repeats: int = 3, context: int = _CONTEXT) -> float:

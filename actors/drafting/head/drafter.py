@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specray.actors.drafting.base import DraftProposal, DraftRequest
+from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest
 from specray.actors.drafting.draws import draft_generator, draw_tokens
 from specray.actors.drafting.feed_profile import profile_feeds
 from specray.actors.drafting.head.model import DraftHead, HeadStep
@@ -46,6 +46,7 @@ class HeadDrafter:
     def __init__(self, head: DraftHead, num_slots: int, max_len: int) -> None:
         self.head = head
         self.hidden_layers: tuple[int, ...] = tuple(head.config.hidden_layers)
+        self.paths = DraftPaths(model=True, lookup=False)
         self.cache = head.new_cache(num_slots, max_len)
         self._states: dict[str, _HeadState] = {}
 

@@ -28,6 +28,15 @@ class TrainBatch:
     top_probs: torch.Tensor  # [B, T, K] float32
     lengths: torch.Tensor  # [B] int64: real rows per sample
 
+    def to(self, device: torch.device) -> TrainBatch:
+        return TrainBatch(
+            self.tokens.to(device),
+            self.hidden.to(device),
+            self.top_ids.to(device),
+            self.top_probs.to(device),
+            self.lengths.to(device),
+        )
+
 
 @dataclass
 class LossParts:

@@ -6,6 +6,11 @@ generator seeded with ``seed`` and the epoch, and a fixed share of samples
 (chosen by the same generator) is held out for validation.
 Matmuls run under bf16 autocast (CPUs with AVX-512 BF16 do them about
 2.5 times faster than fp32); the weights and the optimiser stay fp32.
+
+The same loop trains a DSpark drafter (:class:`DSparkModel`) on the same
+data: each step draws ``anchors`` blocks per answer and scores them with
+DSpark's loss (see :mod:`specray.actors.drafting.dspark.train`); batches
+go to the device of the model's weights.
 """
 
 from __future__ import annotations
@@ -17,9 +22,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specray.actors.drafting.dspark.fresh import trainable_parameters
+from specray.actors.drafting.dspark.loss import DSparkLossSettings
+from specray.actors.drafting.dspark.model import DSparkModel
+from specray.actors.drafting.dspark.train import dspark_batch_loss
 from specray.actors.drafting.head.data import DraftData, DraftSample
 from specray.actors.drafting.head.loss import LossParts, TrainBatch, head_loss
 from specray.actors.drafting.head.model import DraftHead
+
+DraftModel = DraftHead | DSparkModel
 
 
 @dataclass(frozen=True)
@@ -27,13 +38,15 @@ class TrainSettings:
     epochs: int = 2
     batch_size: int = 8  # samples per optimiser step
     max_rows: int = 256  # rows per sample (longer answers are cut)
-    steps: int = 4  # chained draft steps of the training-time test
+    steps: int = 4  # chained draft steps of the training-time test (head only)
     lr: float = 5e-4
     warmup: int = 20  # optimiser steps of linear warm-up, then cosine to 10 %
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    decay: float = 0.8  # loss weight of step k is decay ** (k - 1)
-    tv_weight: float = 1.0
+    decay: float = 0.8  # loss weight of step k is decay ** (k - 1) (head)
+    tv_weight: float = 1.0  # (head)
+    anchors: int = 16  # blocks drawn per answer and step (DSpark)
+    position_decay: float | None = None  # DSpark weights exp(-(k-1)/d); None: block size
     val_fraction: float = 0.05
     seed: int = 0
     bf16: bool = True
@@ -94,25 +107,40 @@ def collate(samples: Sequence[DraftSample], max_rows: int) -> TrainBatch:
     return TrainBatch(tokens, hidden, top_ids, top_probs, lengths)
 
 
-def _loss(head: DraftHead, batch: TrainBatch, settings: TrainSettings) -> LossParts:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-        logits = head.forward_unrolled(batch.hidden, batch.tokens, settings.steps)
-    return head_loss(logits, batch, head.to_draft, settings.decay, settings.tv_weight)
+def _loss(
+    model: DraftModel, batch: TrainBatch, settings: TrainSettings, generator: torch.Generator
+) -> LossParts:
+    """``generator`` draws DSpark's anchors; the head uses none."""
+    batch = batch.to(next(model.parameters()).device)
+    if isinstance(model, DSparkModel):
+        decay = DSparkLossSettings(decay=settings.position_decay)
+        parts = dspark_batch_loss(model, batch, settings.anchors, generator, decay, settings.bf16)
+        return LossParts(parts.total, parts.ce, parts.tv, parts.accuracy, parts.rows)
+    with torch.autocast(batch.hidden.device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+        logits = model.forward_unrolled(batch.hidden, batch.tokens, settings.steps)
+    return head_loss(logits, batch, model.to_draft, settings.decay, settings.tv_weight)
 
 
 class _Totals:
     """Row-weighted sums of loss parts over several batches."""
 
-    def __init__(self, steps: int) -> None:
+    def __init__(self) -> None:
         self.loss = 0.0
-        self.sums = {key: [0.0] * steps for key in ("ce", "tv", "accuracy")}
-        self.rows = [0] * steps
+        self.sums: dict[str, list[float]] = {key: [] for key in ("ce", "tv", "accuracy")}
+        self.rows: list[int] = []
 
     def add(self, parts: LossParts) -> None:
         if not parts.rows:
             return
         self.loss += float(parts.total) * parts.rows[0]
+        grow = len(parts.rows) - len(self.rows)
+        if grow > 0:
+            self.rows += [0] * grow
+            for sums in self.sums.values():
+                sums += [0.0] * grow
         for k, count in enumerate(parts.rows):
+            if not count:  # a position no block reached (its means are nan)
+                continue
             self.rows[k] += count
             for key, sums in self.sums.items():
                 sums[k] += getattr(parts, key)[k] * count
@@ -123,32 +151,39 @@ class _Totals:
                 v / r if r else math.nan for v, r in zip(self.sums[key], self.rows, strict=True)
             ]
 
-        loss = self.loss / self.rows[0] if self.rows[0] else math.nan
+        loss = self.loss / self.rows[0] if self.rows and self.rows[0] else math.nan
         return StepLog(0, 0.0, loss, per_step("ce"), per_step("tv"), per_step("accuracy"))
 
 
 def evaluate(
-    head: DraftHead, data: DraftData, indices: Sequence[int], settings: TrainSettings
+    head: DraftModel, data: DraftData, indices: Sequence[int], settings: TrainSettings
 ) -> StepLog:
-    """Row-weighted mean loss parts over ``indices``, without gradients."""
-    totals = _Totals(settings.steps)
+    """Row-weighted mean loss parts over ``indices``, without gradients (the
+    same DSpark anchors every time, so validations compare)."""
+    totals = _Totals()
+    generator = torch.Generator().manual_seed(settings.seed + 7919)
     with torch.no_grad():
         for start in range(0, len(indices), settings.batch_size):
             chunk = indices[start : start + settings.batch_size]
-            totals.add(_loss(head, collate([data[i] for i in chunk], settings.max_rows), settings))
+            batch = collate([data[i] for i in chunk], settings.max_rows)
+            totals.add(_loss(head, batch, settings, generator))
     return totals.mean()
 
 
 def train_head(
-    head: DraftHead,
+    head: DraftModel,
     data: DraftData,
     settings: TrainSettings,
     on_step: Callable[[StepLog], None] | None = None,
     on_epoch: Callable[[StepLog], None] | None = None,
 ) -> TrainResult:
-    """Train ``head`` in place; logs every optimiser step and each epoch's validation."""
+    """Train ``head`` (a draft head or a DSpark drafter) in place; logs every
+    optimiser step and each epoch's validation."""
     train_ids, val_ids = split_indices(len(data), settings)
-    params = [p for p in head.parameters() if p.requires_grad]
+    if isinstance(head, DSparkModel):
+        params = trainable_parameters(head)  # all but the frozen embedding and LM head
+    else:
+        params = [p for p in head.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     per_epoch = math.ceil(len(train_ids) / settings.batch_size)
     total = per_epoch * settings.epochs
@@ -167,12 +202,13 @@ def train_head(
             break
         generator = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
         order = [train_ids[i] for i in torch.randperm(len(train_ids), generator=generator)]
+        anchors = torch.Generator().manual_seed(settings.seed * 1000 + epoch + 500)
         head.train()
         for start in range(0, len(order), settings.batch_size):
             batch = collate(
                 [data[i] for i in order[start : start + settings.batch_size]], settings.max_rows
             )
-            parts = _loss(head, batch, settings)
+            parts = _loss(head, batch, settings, anchors)
             optimiser.zero_grad(set_to_none=True)
             parts.total.backward()
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specray.actors.drafting.base import DraftProposal, DraftRequest
+from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest
 from specray.actors.drafting.suffix.cache import SuffixCache
 from specray.actors.drafting.suffix.speculate import SpeculationParams, SuffixDraft, speculate
 from specray.actors.drafting.suffix.tree import SuffixTree
@@ -56,6 +56,7 @@ class SuffixDrafter:
 
     name = "suffix"
     hidden_layers: tuple[int, ...] = ()
+    paths = DraftPaths(model=False, lookup=True)
 
     def __init__(self, config: SuffixConfig | None = None) -> None:
         self.config = config or SuffixConfig()
@@ -79,7 +80,10 @@ class SuffixDrafter:
             parents = draft.parents if self.config.tree else None
             proposals.append(
                 DraftProposal(
-                    draft.token_ids, from_lookup=True, parents=parents, confidence=draft.probs
+                    draft.token_ids,
+                    from_lookup=True,
+                    parents=parents,
+                    confidence=draft.conditional_probs(),
                 )
             )
         return proposals

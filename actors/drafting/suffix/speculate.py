@@ -75,6 +75,14 @@ class SuffixDraft:
     def score(self) -> float:
         return sum(self.probs)
 
+    def conditional_probs(self) -> list[float]:
+        """Per token, the estimated probability that it is right given that
+        its parent is: the frequency of the step from parent to token."""
+        return [
+            prob if parent < 0 else prob / self.probs[parent]
+            for prob, parent in zip(self.probs, self.parents, strict=True)
+        ]
+
     def __len__(self) -> int:
         return len(self.token_ids)
 

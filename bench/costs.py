@@ -1,5 +1,7 @@
-"""Measure the costs the γ policy needs: one draft token and a k-token verify,
-each relative to one target decode step."""
+"""Isolated costs for the benchmark's analysis: one draft token and a
+k-token verify, each relative to one target decode step (the c and v of the
+analytic speedup). The engine's own γ scheduler measures its costs with
+:mod:`specray.actors.engine.profile` instead."""
 
 from __future__ import annotations
 

@@ -1,0 +1,267 @@
+"""The one γ policy: how many tokens each request drafts in a round, by
+each way of drafting, from measured costs and per-request acceptance.
+
+Used alike by the in-process engine and the router; it sees requests
+(:class:`RunningRequest`), a :class:`RoundCostModel` and what the drafter
+can do (``DraftPaths``), never a transport.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftUpdate
+from specray.actors.engine.costs import RoundCostModel
+from specray.actors.engine.gamma import (
+    RoundShape,
+    SurvivalEstimate,
+    expected_tokens,
+    schedule_gammas,
+)
+from specray.actors.engine.lifecycle import gamma_limit
+from specray.actors.engine.request import DraftState, RunningRequest
+
+# Tokens one target replica feeds per round unless configured otherwise.
+DEFAULT_MAX_BATCHED_TOKENS = 512
+
+
+class GammaScheduler:
+    """γ per request and drafting path for every round, and what it learns
+    from each: per-request acceptance, the pool's acceptance (the prior of
+    new requests) and the measured costs.
+
+    ``adaptive`` False drafts the ceiling every round; ``paths`` None means
+    there is no drafter and every request decodes target-only.
+    ``max_batched_tokens`` bounds the tokens one target replica feeds per
+    round (vLLM's ``max_num_batched_tokens``): prompts prefill in chunks
+    that ride alongside the requests that decode (see :meth:`assign_feeds`);
+    None feeds every prompt whole.
+    """
+
+    def __init__(
+        self,
+        paths: DraftPaths | None,
+        adaptive: bool = True,
+        costs: RoundCostModel | None = None,
+        max_batched_tokens: int | None = None,
+    ) -> None:
+        if max_batched_tokens is not None and max_batched_tokens < 1:
+            raise ValueError(f"max_batched_tokens must be >= 1, got {max_batched_tokens}")
+        self.paths = paths
+        self.adaptive = adaptive
+        self.costs = costs or RoundCostModel()
+        self.max_batched_tokens = max_batched_tokens
+        # Per drafting path, the prior of new requests.
+        self._pool = {"lookup": SurvivalEstimate(decay=0.98), "model": SurvivalEstimate(decay=0.98)}
+
+    def new_draft_state(self) -> DraftState:
+        """A new request's drafting state, its estimates starting at the pool's α."""
+        return DraftState(
+            lookup_acceptance=SurvivalEstimate.with_prior(self._pool["lookup"].alpha),
+            model_acceptance=SurvivalEstimate.with_prior(self._pool["model"].alpha),
+        )
+
+    # -- before the round -------------------------------------------------------
+
+    def choose(self, batch: Sequence[RunningRequest]) -> None:
+        """Set what each request does this round, per target replica (each
+        verifies its own batch): ``feed``, the uncached tokens it feeds
+        (:meth:`assign_feeds`), and ``draft.gamma`` (a model's drafts) and
+        ``draft.lookup_gamma`` (copies), from :func:`schedule_gammas` with the
+        path's acceptance and cost, or the ceiling when not adaptive; 0 for
+        requests no drafter holds and for prefill chunks.
+
+        A model's drafts also pay for each request's backlog (:meth:`entry_seconds`).
+        """
+        groups: dict[int | None, list[RunningRequest]] = {}
+        for run in batch:
+            run.draft.gamma = run.draft.lookup_gamma = 0
+            groups.setdefault(run.target, []).append(run)
+        for group in groups.values():
+            self.assign_feeds(group)
+        paths = self.paths
+        if paths is None:
+            return
+        for group in groups.values():
+            limits = [
+                gamma_limit(r) if r.draft.replica is not None and not r.prefilling else 0
+                for r in group
+            ]
+            if not self.adaptive:
+                for run, gamma in zip(group, limits, strict=True):
+                    run.draft.gamma = gamma if paths.model else 0
+                    run.draft.lookup_gamma = gamma if paths.lookup else 0
+                continue
+            base = sum(r.feed for r in group)
+            if paths.lookup:
+                alphas = [r.draft.lookup_acceptance.alpha for r in group]
+                copies = schedule_gammas(alphas, limits, self.costs.lookup_round_seconds, base)
+                for run, gamma in zip(group, copies, strict=True):
+                    run.draft.lookup_gamma = gamma
+            if paths.model:
+                self._model_gammas(group, limits, base)
+
+    def assign_feeds(self, group: Sequence[RunningRequest]) -> None:
+        """How many of its uncached tokens each request of one target
+        replica's batch feeds this round.
+
+        Requests that decode feed their one token and are never held back;
+        prompts (and re-prefills after a move) share the rest of the budget
+        in admission order, each taking a chunk. At least a quarter of the
+        budget goes to prefills whatever decodes, so a prompt always moves
+        on; a request whose turn has not come feeds nothing (feed 0) and
+        sits the round out.
+        """
+        budget = self.max_batched_tokens
+        if budget is None:
+            for run in group:
+                run.feed = run.uncached
+            return
+        decoding = sum(run.uncached for run in group if run.uncached <= 1)
+        left = max(budget - decoding, budget // 4, 1)
+        for run in group:
+            if run.uncached <= 1:
+                run.feed = run.uncached
+                continue
+            run.feed = min(run.uncached, left)
+            left -= run.feed
+
+    def _model_gammas(self, group: Sequence[RunningRequest], limits: list[int], base: int) -> None:
+        costs = self.costs
+        alphas = [r.draft.model_acceptance.alpha for r in group]
+        entries = [0.0] * len(group)
+        if any(r.draft.backlog > 1 for r in group):
+            # Would each draft in a plain decode round, were it in step?
+            in_step = schedule_gammas(alphas, limits, costs.round_seconds)
+            entries = [
+                self.entry_seconds(r, alpha, limit, gamma > 0)
+                for r, alpha, limit, gamma in zip(group, alphas, limits, in_step, strict=True)
+            ]
+        gammas = schedule_gammas(alphas, limits, costs.round_seconds, base, entries)
+        for run, gamma in zip(group, gammas, strict=True):
+            run.draft.gamma = gamma
+
+    def entry_seconds(
+        self, run: RunningRequest, alpha: float, limit: int, drafts_in_step: bool
+    ) -> float:
+        """What a model drafter's catch-up costs the round in which a request
+        drafts again: its first step feeds the request's backlog (the whole
+        prompt for a new request) instead of one token.
+
+        Paid once, it lets every later round draft in step. So when the
+        request ``drafts_in_step`` (a plain decode round with it in step
+        would draft it), the cost is spread over the rounds it has left,
+        counted as if each drafted its limit (the fewest rounds, so the
+        largest share). Otherwise later rounds would not draft it and the
+        whole feed is this round's: a prefill round verifies so many tokens
+        that a few drafts look free, and without this a loaded server fed
+        every new prompt to the draft model for nothing (TTFT at c = 16 rose
+        from 20 s to 33 s).
+
+        It is paid on the critical path, inside that round's proposal: a
+        catch-up sent ahead to run while the target verifies is free only
+        where the draft has hardware of its own; on shared cores it slowed
+        every target step it overlapped (docs/router.md).
+
+        With a round budget, a drafter feeds at most that many tokens per
+        call, so a long backlog is caught up over several rounds: each is
+        charged the chunk it feeds.
+        """
+        costs = self.costs
+        feed = self.catch_up_feed(run.draft.backlog)
+        extra = costs.draft.seconds((feed,)) - costs.draft.seconds((1,))
+        if extra <= 0.0 or limit <= 0:
+            return 0.0
+        if not drafts_in_step:
+            return extra
+        rounds_left = run.remaining_tokens / expected_tokens(alpha, limit)
+        return extra / max(rounds_left, 1.0)
+
+    def catch_up_feed(self, backlog: int) -> int:
+        """What a drafter that is ``backlog`` committed tokens behind feeds
+        in one call (``DraftRequest.max_feed``)."""
+        cap = self.max_batched_tokens
+        return backlog if cap is None else min(backlog, cap)
+
+    def _catching_up(self, run: RunningRequest, draft: DraftProposal) -> bool:
+        """The model was asked to draft but only fed a chunk of its backlog."""
+        state = run.draft
+        return (
+            state.gamma > 0
+            and not draft.from_lookup
+            and not len(draft)
+            and self.catch_up_feed(state.backlog) < state.backlog
+        )
+
+    # -- after the round ----------------------------------------------------------
+
+    def observe_propose(
+        self, batch: Sequence[RunningRequest], drafts: Sequence[DraftProposal], seconds: float
+    ) -> None:
+        """Learn the draft cost from one propose phase, timed as the model's
+        call when a model drafted (a hybrid's copies in the same call cost
+        next to nothing), else the copies'."""
+        late = [self._catching_up(run, draft) for run, draft in zip(batch, drafts, strict=True)]
+        model_steps = fed_steps(batch, drafts, late=late, cap=self.max_batched_tokens)
+        if model_steps:
+            self.costs.draft.observe(model_steps, seconds)
+        else:
+            self.costs.lookup.observe(fed_steps(batch, drafts, lookup=True), seconds)
+
+    def observe_verify(self, num_tokens: int, seconds: float) -> None:
+        self.costs.verify.observe(num_tokens, seconds)
+
+    def record(self, run: RunningRequest, draft: DraftProposal, update: DraftUpdate) -> None:
+        """One request's verdict: the acceptance of the path its proposal
+        came by (a round without one lets both drift back toward their
+        priors), and how far its drafter now lags."""
+        state = run.draft
+        if len(draft):
+            self._pool["lookup" if draft.from_lookup else "model"].update(
+                len(draft), update.num_accepted
+            )
+        if state.replica is None:
+            return
+        if len(draft):
+            estimate = state.lookup_acceptance if draft.from_lookup else state.model_acceptance
+            estimate.update(len(draft), update.num_accepted)
+        else:
+            state.lookup_acceptance.update(0, 0)
+            state.model_acceptance.update(0, 0)
+        state.updates.append(update)
+        if self._catching_up(run, draft):
+            state.backlog += len(update.new_token_ids) - self.catch_up_feed(state.backlog)
+            return
+        fed = 0 if draft.from_lookup else len(draft)
+        state.backlog = backlog_after(state.backlog, fed, update)
+
+
+def backlog_after(backlog: int, drafted: int, update: DraftUpdate) -> int:
+    """Committed tokens a drafter has not fed after a round: drafting, it fed
+    its backlog and its first ``drafted - 1`` drafts, and keeps the accepted
+    ones; not drafting, it fell further behind."""
+    committed = len(update.new_token_ids)
+    if drafted == 0:
+        return backlog + committed
+    return committed - min(update.num_accepted, drafted - 1)
+
+
+def fed_steps(
+    batch: Sequence[RunningRequest],
+    drafts: Sequence[DraftProposal],
+    lookup: bool = False,
+    late: Sequence[bool] | None = None,
+    cap: int | None = None,
+) -> tuple[int, ...]:
+    """The steps the drafts of one path took: a model's (each fed its
+    backlog first; a request still catching up, ``late``, fed one chunk of
+    at most ``cap`` tokens and drafted nothing), or with ``lookup`` the
+    copies'."""
+    lengths = [len(d) if d.from_lookup == lookup else 0 for d in drafts]
+    backlogs = [1 if lookup else r.draft.backlog for r in batch]
+    if late is not None and not lookup:
+        for i, behind in enumerate(late):
+            if behind:
+                lengths[i] = 1
+                backlogs[i] = backlogs[i] if cap is None else min(backlogs[i], cap)
+    return RoundShape.of(0, lengths, backlogs).draft_steps

@@ -1,0 +1,111 @@
+"""Manifold-constrained hyper-connections: the residual as ``n`` streams.
+
+Each token carries ``n`` residual streams ``[n, hidden]``. Before a block, a
+learned projection of the (normalised, flattened) streams gives three
+weightings: ``pre`` collapses the streams into the block's input, ``post``
+spreads the block's output back over the streams, and ``comb`` (``n x n``,
+made doubly stochastic by Sinkhorn-Knopp iterations) mixes the old streams
+into the new ones::
+
+    new_stream[k] = post[k] * block(Σ_j pre[j] stream[j]) + Σ_j comb[j, k] stream[j]
+
+The hyper head collapses the streams one last time before the final norm.
+All weightings are computed in float32 from float32 parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specray.actors.model.v4.params import HyperConnectionConfig
+from specray.actors.parallel.weights import WeightSource
+
+
+def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x)`` over the last dim, the factor computed in float32."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=torch.float32), requires_grad=False)
+
+
+class HyperConnection(nn.Module):
+    """The ``pre`` / ``post`` / ``comb`` weightings around one block."""
+
+    def __init__(self, config: HyperConnectionConfig, hidden_size: int, norm_eps: float) -> None:
+        super().__init__()
+        n = config.streams
+        self.streams = n
+        self.sinkhorn_iters = config.sinkhorn_iters
+        self.eps = config.eps
+        self.norm_eps = norm_eps
+        self.fn = _param((2 + n) * n, n * hidden_size)
+        self.base = _param((2 + n) * n)
+        self.scale = _param(3)
+
+    def load(self, source: WeightSource, prefix: str) -> None:
+        """``prefix`` names the tensors ``{prefix}_fn``, ``_base``, ``_scale``."""
+        for name in ("fn", "base", "scale"):
+            getattr(self, name).copy_(source.read(f"{prefix}_{name}"))
+
+    def forward(
+        self,
+        streams: torch.Tensor,  # [tokens, n, hidden]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``post`` [tokens, n] f32, ``comb`` [tokens, n, n] f32 and the
+        collapsed block input [tokens, hidden] in the streams' dtype."""
+        n = self.streams
+        flat = unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps)
+        mixes = F.linear(flat, self.fn)
+        pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
+        pre_b, post_b, comb_b = self.base.split([n, n, n * n])
+        pre_scale, post_scale, comb_scale = self.scale.unbind(0)
+        pre = torch.sigmoid(pre_w * pre_scale + pre_b) + self.eps
+        post = 2 * torch.sigmoid(post_w * post_scale + post_b)
+        comb = comb_w.view(-1, n, n) * comb_scale + comb_b.view(n, n)
+        comb = torch.softmax(comb, dim=-1).add_(self.eps)
+        # In place: twenty tiny iterations are op overhead, not arithmetic.
+        comb.div_(comb.sum(dim=-2, keepdim=True).add_(self.eps))
+        for _ in range(self.sinkhorn_iters - 1):
+            comb.div_(comb.sum(dim=-1, keepdim=True).add_(self.eps))
+            comb.div_(comb.sum(dim=-2, keepdim=True).add_(self.eps))
+        collapsed = (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
+        return post, comb, collapsed
+
+
+def merge_streams(
+    streams: torch.Tensor,  # [tokens, n, hidden]: the block's input streams
+    block_out: torch.Tensor,  # [tokens, hidden]
+    post: torch.Tensor,  # [tokens, n] f32
+    comb: torch.Tensor,  # [tokens, n, n] f32
+) -> torch.Tensor:  # [tokens, n, hidden]
+    dtype = streams.dtype
+    mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
+    return post.to(dtype).unsqueeze(-1) * block_out.unsqueeze(-2) + mixed
+
+
+class HyperHead(nn.Module):
+    """Collapses the streams into one hidden state before the final norm."""
+
+    def __init__(self, config: HyperConnectionConfig, hidden_size: int, norm_eps: float) -> None:
+        super().__init__()
+        n = config.streams
+        self.streams = n
+        self.eps = config.eps
+        self.norm_eps = norm_eps
+        self.fn = _param(n, n * hidden_size)
+        self.base = _param(n)
+        self.scale = _param(1)
+
+    def load(self, source: WeightSource, prefix: str) -> None:
+        """``prefix`` names the tensors ``{prefix}fn``, ``base``, ``scale``."""
+        for name in ("fn", "base", "scale"):
+            getattr(self, name).copy_(source.read(f"{prefix}{name}"))
+
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:  # [tokens, n, hidden]
+        flat = unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps)
+        pre = torch.sigmoid(F.linear(flat, self.fn) * self.scale + self.base) + self.eps
+        return (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)

@@ -1,0 +1,126 @@
+"""Helpers every benchmark shares: the target-only label, the machine a
+result came from, acceptance arithmetic, comparing outputs, prompts as chat
+token ids. Light to import: a benchmark client (``specray bench serve``)
+loads no model code through it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from specray.actors.engine.gamma import expected_tokens
+from specray.actors.engine.tokenizer import chat_ids
+
+__all__ = ["chat_ids"]  # the benchmarks take it from here with the rest
+
+TARGET_ONLY = "none"
+SPECRAY, HF = "specray", "hf"
+ALL = "all"  # the row that pools every category
+
+# The CPU features that decide which matmul kernels are fast (machines of one
+# kind differ in them): every benchmark header prints the ones found.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def alpha_from_tau(tau: float, gamma: int) -> float:
+    """The i.i.d. per-token acceptance α whose expected round length
+    (1 − α^(γ+1)) / (1 − α) equals ``tau``.
+
+    accepted/drafted is *not* that α: a round stops at its first rejection, so
+    later drafts are never tested (α = 0.8, γ = 4 gives accepted/drafted ≈
+    0.59). Plugging the inverted τ into the analytic speedup keeps it
+    consistent with the tokens the rounds actually committed.
+    """
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1, got {gamma}")
+    if tau <= 1.0:
+        return 0.0
+    if tau >= gamma + 1:
+        return 1.0
+    low, high = 0.0, 1.0
+    for _ in range(60):  # bisection: expected_tokens rises with α
+        middle = (low + high) / 2
+        if expected_tokens(middle, gamma) < tau:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+def first_divergence(left: Sequence[int], right: Sequence[int]) -> int | None:
+    """Index of the first differing token, or None when the sequences are equal
+    (a strict prefix diverges at the shorter length)."""
+    for i, (a, b) in enumerate(zip(left, right, strict=False)):
+        if a != b:
+            return i
+    return None if len(left) == len(right) else min(len(left), len(right))
+
+
+def parse_drafters(text: str, default_k: int) -> list[tuple[str, int]]:
+    """``"none,ngram:8,NAME"`` → [("none", 0), ("ngram", 8), ("NAME", default_k)]."""
+    drafters = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        # The part after the last colon is K only when it is a number: a
+        # draft head is named head:DIR, and head:DIR:K carries its own γ.
+        prefix, _, suffix = item.rpartition(":")
+        name, k = (prefix, suffix) if prefix and suffix.isdigit() else (item, "")
+        gamma = 0 if name == TARGET_ONLY else int(k) if k else default_k
+        if name != TARGET_ONLY and gamma < 1:
+            raise ValueError(f"drafter {name!r} needs k >= 1, got {gamma}")
+        drafters.append((name, gamma))
+    return drafters
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """Which of :data:`CPU_FLAGS` this machine has ([] where unreadable)."""
+    try:
+        words = set(cpuinfo.read_text().split())
+    except OSError:
+        return []
+    return [flag for flag in CPU_FLAGS if flag in words]
+
+
+def machine_info() -> dict[str, Any]:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next(
+            (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if "Model name" in ln), "?"
+        )
+    except OSError:
+        model = "?"
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "?"
+    return {
+        "cpu": model,
+        "cpu_flags": cpu_flags(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch_version,
+        "loadavg": os.getloadavg(),
+    }
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """The machine as a report header names it."""
+    flags = ", ".join(machine.get("cpu_flags") or ["flags not recorded"])
+    return f"{machine['cpu']} ({flags}), {machine['cpu_count']} cores, torch {machine['torch']}"
+
+
+def resolve_preferring(name: str, dtype: str) -> Path:
+    """The store copy in ``dtype`` when cached, else the default one (cast on load)."""
+    from specray.actors.store.errors import NotCachedError
+    from specray.actors.store.resolve import resolve_model
+
+    try:
+        return resolve_model(name, fetch_missing=False, dtype=dtype)
+    except NotCachedError:
+        return resolve_model(name)
+    except Exception:  # a path, not a registered name
+        return resolve_model(name)

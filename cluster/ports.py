@@ -1,0 +1,107 @@
+"""The round's two ports over Ray: draft replicas (:class:`PoolDrafting`)
+and tensor-parallel target groups (:class:`PoolVerifying`).
+
+:func:`specray.actors.engine.round.speculative_round` is the same round the
+in-process engine runs; these ports are where the router's version differs.
+Each call crosses Ray, and each deals with its replica failing: the replica
+is handed to :class:`~specray.cluster.recovery.Recovery` (which replaces it
+and posts the loss to the lanes), and the requests of the failed call are
+left out of, or go target-only for, this round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from specray.actors.drafting.base import DraftProposal, DraftRequest, DraftUpdate
+from specray.actors.engine.request import RunningRequest
+from specray.actors.engine.target import VerifyInput, VerifyOutput
+from specray.cluster.draft_pool import DraftPool, DraftReplicaError
+from specray.cluster.errors import TargetGroupError
+from specray.cluster.recovery import Recovery
+from specray.cluster.request_table import RequestTable
+from specray.cluster.target_pool import TargetPool
+
+
+class PoolDrafting:
+    """Proposals from the draft pool's replicas, one fused update-and-propose
+    call each."""
+
+    def __init__(self, pool: DraftPool, recovery: Recovery) -> None:
+        self.pool = pool
+        self.recovery = recovery
+        self.hidden_layers: tuple[int, ...] = ()  # read from the first replica up
+
+    async def propose(
+        self, replica: int, asks: list[DraftRequest], updates: list[DraftUpdate]
+    ) -> list[DraftProposal] | None:
+        try:
+            return await self.pool.propose(replica, asks, updates)
+        except DraftReplicaError as err:
+            # Dropped by the pool; replaced, and its requests moved at the
+            # lanes' next boundary (a no-op if another lane saw it first).
+            self.recovery.draft_failed(replica, err)
+            return None
+
+
+class PoolVerifying:
+    """One verify call per target replica (a whole TP group), in a worker
+    thread: a :class:`ShardedTarget` call blocks."""
+
+    def __init__(
+        self, targets: TargetPool, recovery: Recovery, table: RequestTable, max_replays: int
+    ) -> None:
+        self.targets = targets
+        self.recovery = recovery
+        self.table = table
+        self.max_replays = max_replays
+
+    async def verify(
+        self,
+        replica: int | None,
+        requests: Sequence[RunningRequest],
+        inputs: list[VerifyInput],
+        hidden_layers: tuple[int, ...],
+    ) -> list[VerifyOutput] | None:
+        group = self.targets.replicas.get(replica) if replica is not None else None
+        if group is None:  # broke while this round was drafting
+            self._lost(replica, requests)
+            return None
+        try:
+            return await asyncio.to_thread(group.target.verify, inputs, hidden_layers)
+        except TargetGroupError as err:
+            self.recovery.target_failed(group.replica_id, err)  # gang restart
+            self._lost(replica, requests)
+            for run in requests:  # replayed, unless it keeps breaking groups
+                tracked = self.table.tracked.get(run.request_id)
+                if tracked is None:
+                    continue
+                tracked.replays += 1
+                if tracked.replays > self.max_replays:
+                    self.table.fail(tracked, err)
+            return None
+        except Exception as err:  # every shard refused it alike: the requests' fault
+            for run in requests:
+                tracked = self.table.tracked.get(run.request_id)
+                if tracked is not None:
+                    self.table.fail(tracked, err)
+            return None
+
+    def _lost(self, replica: int | None, requests: Sequence[RunningRequest]) -> None:
+        """Requests of a broken target replica re-prefill elsewhere; the ones
+        in this round also restart their drafts, which drafted without a
+        verdict."""
+        unpin_target(self.table, replica)
+        for run in requests:
+            tracked = self.table.tracked.get(run.request_id)
+            if tracked is not None:
+                tracked.move_draft = True
+
+
+def unpin_target(table: RequestTable, replica: int | None) -> None:
+    """Every request pinned to target ``replica`` re-prefills wherever it lands next."""
+    for tracked in table.tracked.values():
+        if replica is not None and tracked.run.target == replica:
+            tracked.run.target = None
+            tracked.run.cached_len = 0

@@ -1,0 +1,132 @@
+"""Liveness by progress: a target group that computes is never taken for
+hung, however long one round takes; one that answers no probe, or stops
+making progress, still is. Real Ray actors on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+from router_helpers import router_config, router_state, run_all, target_only
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from specray.actors.engine.request import GenerationRequest
+from specray.actors.sampling.params import StoppingCriteria
+from specray.cluster.liveness import ProgressWatch
+from specray.cluster.local_ray import start_ray
+from specray.cluster.router import launch_router
+
+CONTEXT = 2048  # the checkpoint's context, and the router's max_len
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    info = start_ray(num_cpus=8)
+    yield
+    if info.started_here:
+        ray.shutdown()
+
+
+def test_a_moving_count_is_alive_a_still_or_silent_one_is_hung(local_ray: None) -> None:
+    # Defined here, so Ray ships it by value (a worker cannot import tests/).
+    class Counter:
+        """Stands in for a shard's progress probe: counts up, stands still, or
+        stops answering."""
+
+        def __init__(self) -> None:
+            self.count = 0
+            self.moving = True
+            self.silent = False
+
+        def set(self, moving: bool, silent: bool) -> None:
+            self.moving, self.silent = moving, silent
+
+        def progress(self) -> int:
+            if self.silent:
+                time.sleep(30)
+            if self.moving:
+                self.count += 1
+            return self.count
+
+    actor: Any = ray.remote(Counter).options(num_cpus=0).remote()
+    ray.get(actor.progress.remote())  # started
+    watch = ProgressWatch(lambda rank: actor.progress.remote(), stall_s=0.6, probe_interval_s=0.2)
+    began = time.monotonic()
+    for _ in range(4):
+        assert watch.check([0], began) is None
+        time.sleep(0.3)
+    ray.get(actor.set.remote(False, False))
+    hang = None
+    deadline = time.monotonic() + 10
+    while hang is None and time.monotonic() < deadline:
+        hang = watch.check([0], began)
+        time.sleep(0.2)
+    assert hang is not None and hang.ranks == (0,) and "no progress" in hang.detail
+    ray.get(actor.set.remote(True, True))
+    hang = ProgressWatch(lambda rank: actor.progress.remote(), 60.0, 1.0, 1.0).check([0], began)
+    assert hang is not None and "no probe" in hang.detail
+    ray.kill(actor)
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, GenerationRequest, Any]:
+    """A random Qwen2 big enough that a whole-context prefill takes seconds
+    on two cores (several times the shard deadline the tests set), a prompt
+    that fills its context, and that prompt's greedy reference."""
+    directory = tmp_path_factory.mktemp("long")
+    config = Qwen2Config(
+        vocab_size=512,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=CONTEXT,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
+    gen = torch.Generator().manual_seed(7)
+    max_tokens = 8
+    prompt = torch.randint(3, 512, (CONTEXT - max_tokens,), generator=gen).tolist()
+    request = GenerationRequest(
+        "long", prompt, stopping=StoppingCriteria(max_tokens=max_tokens, ignore_eos=True)
+    )
+    return directory, request, target_only(directory, [request])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [None, 256])
+def test_the_longest_prompt_is_served_without_a_restart(
+    local_ray: None, long_model: tuple[Path, GenerationRequest, Any], budget: int | None
+) -> None:
+    """A prompt filling the context, prefilled whole (one long round) or in
+    chunks, on TP = 2 with a shard deadline far shorter than the prefill:
+    the group computes all along, so nothing is restarted or replayed."""
+    model_dir, request, reference = long_model
+    config = router_config(
+        model_dir,
+        None,
+        tp=2,
+        max_len=CONTEXT,
+        timeout_s=1.0,
+        max_num_batched_tokens=budget,
+        profile=False,
+    )
+    router = launch_router(config)
+    try:
+        began = time.monotonic()
+        got = asyncio.run(run_all(router, [request]))
+        elapsed = time.monotonic() - began
+        state = router_state(router)
+    finally:
+        ray.get(router.shutdown.remote())
+    assert state.recovery.target_failures == 0 and state.recovery.target_restarts == 0
+    assert got == reference
+    assert elapsed > 2 * config.target.timeout_s  # the deadline alone would have cut it
