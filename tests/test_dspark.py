@@ -154,7 +154,11 @@ def test_rejections_roll_nothing_back_and_gaps_restart_the_context(tiny_dir_fact
     more = torch.randn(2, model.config.fused_size, generator=torch.Generator().manual_seed(1))
     for drafter in (used, fresh):
         drafter.accept("r", 1, [44, 45], more)
-    assert used.propose([DraftRequest("r", 4)])[0] == fresh.propose([DraftRequest("r", 4)])[0]
+    used_draft, fresh_draft = (d.propose([DraftRequest("r", 4)])[0] for d in (used, fresh))
+    # Same tokens; confidences agree to float tolerance (the used drafter's
+    # context was fed in different row groupings, so sums round differently).
+    assert used_draft.token_ids == fresh_draft.token_ids
+    assert used_draft.confidence == pytest.approx(fresh_draft.confidence, abs=1e-5)
     with pytest.raises(ValueError, match="target_hidden has shape"):
         used.accept("r", 0, [4], more)
 

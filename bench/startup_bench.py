@@ -1,0 +1,162 @@
+"""How long `specray serve` takes to become ready and how much memory it
+holds once it is: the figures the README quotes.
+
+Starts ``specray serve`` (its default config unless flags say otherwise) as
+a subprocess on free ports, times the line containing ``ready``, then sums
+the resident memory of every process under it (the front door, Ray's
+daemons, the router, the target shards and the draft replicas), grouped by
+what each process is, and stops it with SIGTERM. The models must already be
+in the store (fetching is not start-up).
+
+    python -m specray.bench.startup_bench                      # the default config
+    python -m specray.bench.startup_bench -- --config FILE     # flags after -- go to serve
+
+Writes ``startup_<tag>.{json,md}`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from specray.bench.common import machine_info, machine_line
+
+# What a process is, from its command line (first match wins).
+ROLES = (
+    ("ray::TargetShard", "target shard"),
+    ("ray::DraftWorker", "draft replica"),
+    ("ray::Router", "router"),
+    ("specray.deploy.cli", "front door"),
+    ("raylet", "Ray daemons"),
+    ("gcs_server", "Ray daemons"),
+    ("ray", "Ray daemons"),
+)
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it, from /proc."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children[int(fields[1])].append(int(entry.name))
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack += children.get(pid, [])
+    return found
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except OSError:
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def role(pid: int) -> str:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return "other"
+    return next((name for key, name in ROLES if key in cmdline), "other")
+
+
+def measure(serve_args: Sequence[str], timeout_s: float) -> dict[str, Any]:
+    command = [sys.executable, "-m", "specray.deploy.cli", "serve", "--port", "0"]
+    command += ["--http-port", "0", *serve_args]
+    began = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    ready_s = None
+    ready_line = ""
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            if "ready" in line:
+                ready_s = time.perf_counter() - began
+                ready_line = line.strip()
+                break
+            if time.perf_counter() - began > timeout_s:
+                break
+        if ready_s is None:
+            raise RuntimeError(f"`specray serve` was not ready within {timeout_s:g} s")
+        time.sleep(5)  # let the replicas settle after their profiles
+        by_role: dict[str, int] = defaultdict(int)
+        counts: dict[str, int] = defaultdict(int)
+        for pid in descendants(proc.pid):
+            name = role(pid)
+            by_role[name] += rss_bytes(pid)
+            counts[name] += 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return {
+        "command": " ".join(command),
+        "ready_s": round(ready_s, 1),
+        "ready_line": ready_line,
+        "rss_gb_by_role": {k: round(v / 1e9, 2) for k, v in sorted(by_role.items())},
+        "processes_by_role": dict(sorted(counts.items())),
+        "rss_gb_total": round(sum(by_role.values()) / 1e9, 2),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"### `specray serve` start-up ({result['tag']})",
+        "",
+        f"Machine: {machine_line(result['machine'])}; load average "
+        f"{result['machine']['loadavg'][0]:.1f} at the start. Models already in the store.",
+        "",
+        f"`{result['command']}`",
+        "",
+        f"Ready after **{result['ready_s']} s**; **{result['rss_gb_total']} GB** resident in all.",
+        "",
+        "| process | count | resident GB |",
+        "|---|---:|---:|",
+    ]
+    for name, gb in result["rss_gb_by_role"].items():
+        lines.append(f"| {name} | {result['processes_by_role'][name]} | {gb} |")
+    return "\n".join([*lines, ""])
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args, serve_args = build_parser().parse_known_args(argv)
+    serve_args = [a for a in serve_args if a != "--"]
+    result = {"tag": args.tag, "machine": machine_info(), **measure(serve_args, args.timeout)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"startup_{args.tag}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    text = markdown(result)
+    (args.out / f"{stem}.md").write_text(text)
+    print(text)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tag", default="default_config")
+    p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    return p
+
+
+if __name__ == "__main__":
+    main()
