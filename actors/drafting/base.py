@@ -95,6 +95,25 @@ class DraftProposal:
         """Whether some token is not the child of the one before it."""
         return self.parents is not None and any(p != i - 1 for i, p in enumerate(self.parents))
 
+    def main_chain(self) -> DraftProposal:
+        """The chain from the root through each node's first child: all of a
+        chain, and of a tree the branch a best-first drafter ranks first
+        (what a target that verifies chains only is sent)."""
+        if not self.is_tree:
+            return self
+        assert self.parents is not None
+        nodes: list[int] = []
+        for i, parent in enumerate(self.parents):
+            if parent == (nodes[-1] if nodes else -1):
+                nodes.append(i)
+        return DraftProposal(
+            [self.token_ids[i] for i in nodes],
+            None if self.draft_probs is None else self.draft_probs[nodes],
+            self.from_lookup,
+            None,
+            None if self.confidence is None else [self.confidence[i] for i in nodes],
+        )
+
     def clipped(self, num_tokens: int) -> DraftProposal:
         """At most ``num_tokens`` of it: a drafter may return fewer tokens
         than asked, never more. A tree keeps its first ``num_tokens`` nodes

@@ -11,6 +11,7 @@ from specray.actors.drafting.base import DraftUpdate
 from specray.actors.engine.errors import RequestRejectedError
 from specray.actors.engine.gamma import SurvivalEstimate
 from specray.actors.engine.stopping import FinishReason, StopChecker
+from specray.actors.engine.target import AcceptedPath
 from specray.actors.sampling.grammar import GrammarMatcher, Guide
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 
@@ -150,6 +151,9 @@ class RunningRequest:
     feed: int = 0
     target: int | None = None  # the target replica that verifies it (None: the only one)
     grammar: GrammarMatcher | None = None  # structured output, at the committed tokens
+    # The last verify fed a token tree: the nodes it accepted, which the next
+    # verify tells the target to keep (valid while the cache ends after them).
+    tree_path: AcceptedPath | None = None
     output_ids: list[int] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
 

@@ -103,6 +103,11 @@ class Target(Protocol):
 
     def release(self, request_id: str) -> None: ...
 
+    @property
+    def verifies_trees(self) -> bool:
+        """Whether ``VerifyInput.parents`` may be given (else chains only)."""
+        ...
+
 
 class LocalTarget:
     """A target model in this process, with a KV cache slot per request."""
@@ -115,6 +120,10 @@ class LocalTarget:
     @property
     def max_len(self) -> int:
         return self.cache.max_len
+
+    @property
+    def verifies_trees(self) -> bool:
+        return self.model.verifies_trees
 
     @property
     def num_active(self) -> int:

@@ -93,12 +93,9 @@ class DecoderModel(nn.Module):
 
     @property
     def verifies_trees(self) -> bool:
-        """Whether a batch may feed token trees (``SequenceInput.parents``).
-        Dense attention can: a node sees its ancestors through the mask and
-        its rotary position is its depth. DeepSeek-V4's compressors pool
-        every ``rate`` consecutive cache positions into one entry, which a
-        tree's sibling branches would share, so V4 verifies chains only."""
-        return all(isinstance(b, DecoderLayer) for b in self.blocks)
+        """Whether a batch may feed token trees (``SequenceInput.parents``):
+        see :attr:`ModelConfig.verifies_trees`."""
+        return self.config.verifies_trees
 
     def new_cache(self, num_slots: int, max_len: int) -> SlotCache:
         """A cache sized for this model (this rank's KV heads only), on the
