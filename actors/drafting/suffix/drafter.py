@@ -74,19 +74,16 @@ class SuffixDrafter:
         self._requests[request_id] = _RequestState(tree, seq_id, len(prompt_ids))
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
-        proposals = []
-        for request in requests:
-            draft = self.match(request.request_id, request.most)
-            parents = draft.parents if self.config.tree else None
-            proposals.append(
-                DraftProposal(
-                    draft.token_ids,
-                    from_lookup=True,
-                    parents=parents,
-                    confidence=draft.conditional_probs(),
-                )
-            )
-        return proposals
+        return [self.proposal(self.match(r.request_id, r.most)) for r in requests]
+
+    def proposal(self, draft: SuffixDraft) -> DraftProposal:
+        """``draft`` as a proposal (a tree when ``config.tree``)."""
+        return DraftProposal(
+            draft.token_ids,
+            from_lookup=True,
+            parents=draft.parents if self.config.tree else None,
+            confidence=draft.conditional_probs(),
+        )
 
     def match(self, request_id: str, num_tokens: int) -> SuffixDraft:
         """The draft for one request, at most ``num_tokens`` tokens, with its
