@@ -22,7 +22,7 @@ from specray.cluster.router import launch_router
 @pytest.fixture(scope="module")
 def suffix_router(tiny_dir_factory) -> Iterator[Any]:  # type: ignore[no-untyped-def]
     info = start_ray(num_cpus=4)
-    config = router_config(tiny_dir_factory("qwen2"), DrafterSpec("suffix"), k=16, adaptive=False)
+    config = router_config(tiny_dir_factory("qwen2"), DrafterSpec("suffix"), k=16)
     router = launch_router(config)
     yield router
     ray.get(router.shutdown.remote())

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specray.actors.drafting.base import DraftUpdate
+from specray.actors.engine.budget import DepthAcceptance
 from specray.actors.engine.errors import RequestRejectedError
 from specray.actors.engine.gamma import SurvivalEstimate
 from specray.actors.engine.stopping import FinishReason, StopChecker
@@ -116,6 +117,8 @@ class DraftState:
     lookup_gamma: int = 0  # copies asked for this round
     backlog: int = 0  # committed tokens the drafter has not fed (its next first step)
     updates: list[DraftUpdate] = field(default_factory=list)  # verdicts not yet sent
+    # How copies fared by depth: what the budget trims lookup drafts by.
+    lookup_depths: DepthAcceptance = field(default_factory=DepthAcceptance)
 
     @property
     def most(self) -> int:

@@ -115,10 +115,14 @@ async def speculative_round(
     # A structured request's drafts end at the first token its grammar
     # forbids; a target that verifies chains only gets each tree's main chain.
     trees = verifying.verifies_trees
-    drafts = [
-        constrain_draft(r, d if trees else d.main_chain())
-        for r, d in zip(batch, await propose(batch, drafting, scheduler), strict=True)
-    ]
+    # The budget then cuts copies to what is worth verifying.
+    drafts = scheduler.trim(
+        batch,
+        [
+            constrain_draft(r, d if trees else d.main_chain())
+            for r, d in zip(batch, await propose(batch, drafting, scheduler), strict=True)
+        ],
+    )
     verifying_at = time.perf_counter()
 
     # 3. Verify: one batched forward per target replica, all at once. A
