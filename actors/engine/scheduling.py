@@ -70,10 +70,12 @@ class GammaScheduler:
     def choose(self, batch: Sequence[RunningRequest]) -> None:
         """Set what each request does this round, per target replica (each
         verifies its own batch): ``feed``, the uncached tokens it feeds
-        (:meth:`assign_feeds`), and ``draft.gamma`` (a model's drafts) and
-        ``draft.lookup_gamma`` (copies), from :func:`schedule_gammas` with the
-        path's acceptance and cost, or the ceiling when not adaptive; 0 for
-        requests no drafter holds and for prefill chunks.
+        (:meth:`assign_feeds`), ``draft.gamma`` (a model's drafts) from
+        :func:`schedule_gammas` with the model's acceptance and cost, and
+        ``draft.lookup_gamma`` (copies) at the ceiling: copying costs nothing,
+        and :meth:`trim` cuts the copies once their confidence is known. Not
+        adaptive, both are the ceiling; 0 for requests no drafter holds and
+        for prefill chunks.
 
         A model's drafts also pay for each request's backlog (:meth:`entry_seconds`).
         """
