@@ -17,8 +17,10 @@ from test_spec_engine import MAX_TOKENS, _prompts, _reference
 from tiny_models import VOCAB
 
 from specray.actors.drafting.base import Drafter, DraftPaths, DraftProposal, DraftRequest
+from specray.actors.drafting.build import build_drafter
 from specray.actors.drafting.hybrid import HybridDrafter
 from specray.actors.drafting.ngram import NgramDrafter
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.drafting.suffix import SpeculationParams, SuffixConfig, SuffixDrafter
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest
@@ -161,3 +163,14 @@ def test_main_chain_follows_first_children() -> None:
     assert chain.token_ids == [5, 7, 9] and chain.parents is None
     assert chain.confidence == [0.9] * 3 and chain.from_lookup == tree.from_lookup
     assert DraftProposal([1, 2]).main_chain() == DraftProposal([1, 2])
+
+
+def test_suffix_kinds_build_suffix_drafters(tiny_dir_factory: Callable[..., Path]) -> None:
+    draft_dir = tiny_dir_factory("qwen2", 7)
+    suffix = build_drafter(DrafterSpec("suffix"), "float32", 2, 64)
+    assert isinstance(suffix, SuffixDrafter) and suffix.config.tree
+    assert not DrafterSpec("suffix").paths.model and DrafterSpec("suffix").paths.lookup
+    spec = DrafterSpec.parse(f"suffix+{draft_dir}")
+    assert spec is not None and spec.paths.model and spec.paths.lookup
+    hybrid = build_drafter(spec, "float32", 2, 64, tiny_dir_factory("qwen2"))
+    assert isinstance(hybrid, HybridDrafter) and isinstance(hybrid.lookup, SuffixDrafter)
