@@ -4,6 +4,16 @@ One JSONL file per category under ``bench/prompts/``; each line holds ``id``,
 ``category``, ``split`` and ``prompt`` (the user message; callers apply the
 tokenizer's chat template). ``split`` is ``train`` or ``eval`` so that a
 drafter trained on one half can be measured on the other.
+
+**Sessions.** The ``agentic`` category holds multi-turn sessions of an agent
+at work (edit, run, read the error, edit again): each line also has
+``session`` and ``turn`` (1, 2, ...), every turn is a self-contained user
+message, and later turns quote code, logs and tool output that earlier turns
+asked the model to write, so a drafter that remembers earlier outputs can copy
+them. A session is in one split, and its turns must be sent in order, one
+after the other (:func:`sessions`). It is listed in :data:`SESSION_CATEGORIES`,
+not in :data:`CATEGORIES`, so runs over the default categories stay as they
+were.
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ from pathlib import Path
 
 PROMPT_DIR = Path(__file__).parent / "prompts"
 CATEGORIES = ("code_edit", "summarization", "chat", "math", "translation")
+SESSION_CATEGORIES = ("agentic",)
+ALL_CATEGORIES = CATEGORIES + SESSION_CATEGORIES
 SPLITS = ("train", "eval")
 
 
@@ -24,6 +36,8 @@ class Prompt:
     category: str
     split: str
     prompt: str
+    session: str | None = None  # the session this turn belongs to (session categories)
+    turn: int | None = None  # 1-based position in its session
 
 
 def load_prompts(
@@ -32,11 +46,12 @@ def load_prompts(
     directory: Path = PROMPT_DIR,
 ) -> list[Prompt]:
     """Prompts in category order (as ``categories`` lists them, else
-    :data:`CATEGORIES`), file order within one; ``split=None`` keeps both."""
+    :data:`CATEGORIES`), file order within one (a session's turns in order);
+    ``split=None`` keeps both."""
     wanted = tuple(categories) if categories is not None else CATEGORIES
-    unknown = [c for c in wanted if c not in CATEGORIES]
+    unknown = [c for c in wanted if c not in ALL_CATEGORIES]
     if unknown:
-        raise ValueError(f"unknown categories {unknown}; choose from {', '.join(CATEGORIES)}")
+        raise ValueError(f"unknown categories {unknown}; choose from {', '.join(ALL_CATEGORIES)}")
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
     prompts = []
@@ -46,9 +61,32 @@ def load_prompts(
             if not line.strip():
                 continue
             record = json.loads(line)
-            prompt = Prompt(record["id"], record["category"], record["split"], record["prompt"])
+            prompt = Prompt(
+                record["id"],
+                record["category"],
+                record["split"],
+                record["prompt"],
+                record.get("session"),
+                record.get("turn"),
+            )
             if prompt.category != category or prompt.split not in SPLITS:
                 raise ValueError(f"{path}:{number}: bad category or split in {record['id']!r}")
+            if (prompt.session is not None) != (category in SESSION_CATEGORIES):
+                raise ValueError(f"{path}:{number}: session fields belong to session categories")
             if split is None or prompt.split == split:
                 prompts.append(prompt)
+    for session in sessions(prompts):
+        turns = [p.turn for p in session]
+        if turns != list(range(1, len(turns) + 1)) or len({p.split for p in session}) != 1:
+            raise ValueError(f"session {session[0].session!r}: turns {turns} out of order or split")
     return prompts
+
+
+def sessions(prompts: Iterable[Prompt]) -> list[list[Prompt]]:
+    """The session prompts among ``prompts`` grouped by session, in first-seen
+    order, each in the order given (file order: turn order)."""
+    grouped: dict[str, list[Prompt]] = {}
+    for prompt in prompts:
+        if prompt.session is not None:
+            grouped.setdefault(prompt.session, []).append(prompt)
+    return list(grouped.values())

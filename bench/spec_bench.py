@@ -42,6 +42,7 @@ from specray.actors.drafting.head.drafter import HeadDrafter
 from specray.actors.drafting.head.model import DraftHead
 from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.drafting.spec import DrafterSpec
+from specray.actors.drafting.suffix import SuffixConfig, SuffixDrafter
 from specray.actors.engine.profile import profile_costs
 from specray.actors.engine.target import LocalTarget
 from specray.actors.engine.tokenizer import eos_token_ids
@@ -117,6 +118,8 @@ def build_runners(
         head = loaded.heads.get(name)
         if head is not None:
             drafter: Drafter = HeadDrafter(head, 1, max_len)
+        elif name == "suffix":  # one cache per runner: later prompts draft from earlier outputs
+            drafter = SuffixDrafter(SuffixConfig(tree=True))
         elif model is None:
             drafter = NgramDrafter()
         else:
@@ -140,8 +143,8 @@ def build_runners(
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         runners.append(HFRunner("plain", loaded.hf_target, eos, pad))
         for name, k in speculative:
-            if name in loaded.heads:
-                continue  # HF has no counterpart of a hidden-state head
+            if name in loaded.heads or name == "suffix":
+                continue  # HF has no counterpart of a hidden-state head or a suffix cache
             assistant = loaded.hf_drafts.get(name)
             runners.append(HFRunner(name, loaded.hf_target, eos, pad, k, assistant))
     return runners

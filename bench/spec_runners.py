@@ -85,6 +85,10 @@ class TimedTarget:
     def release(self, request_id: str) -> None:
         self.inner.release(request_id)
 
+    @property
+    def verifies_trees(self) -> bool:
+        return self.inner.verifies_trees
+
 
 class TimedDrafter:
     """A drafter that remembers how long its last propose took."""

@@ -57,6 +57,11 @@ class PoolVerifying:
         self.table = table
         self.max_replays = max_replays
 
+    @property
+    def verifies_trees(self) -> bool:
+        """Every target replica verifies token trees (no V4 target)."""
+        return all(r.target.verifies_trees for r in self.targets.replicas.values())
+
     async def verify(
         self,
         replica: int | None,

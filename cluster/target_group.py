@@ -106,6 +106,7 @@ class ShardPlacement:
     pid: int
     node_id: str
     node_ip: str
+    verifies_trees: bool = True  # the model may verify token trees
 
 
 class TargetShard:
@@ -129,6 +130,7 @@ class TargetShard:
             pid=os.getpid(),
             node_id=ray.get_runtime_context().get_node_id(),
             node_ip=ray.util.get_node_ip_address(),
+            verifies_trees=self._worker.target.verifies_trees,
         )
 
     def call(self, method: str, *args: Any) -> Any:
@@ -178,6 +180,10 @@ class ShardedTarget:
     @property
     def max_len(self) -> int:
         return self.config.max_len
+
+    @property
+    def verifies_trees(self) -> bool:
+        return all(p.verifies_trees for p in self.placements)
 
     # -- the Target protocol ------------------------------------------------
 

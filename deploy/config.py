@@ -108,6 +108,7 @@ class DrafterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # hybrid: n-gram lookup where the text is copied, the model everywhere else
+    # suffix: suffix trees over the request and earlier outputs; suffix_hybrid: then a model
     # head: a trained draft head (``model`` is its directory; see docs/draft_head.md)
     kind: str = Field(description=f"one of {', '.join(DRAFTER_KINDS)}")
     model: str | None = Field(
@@ -271,7 +272,9 @@ class ServeConfig(BaseModel):
 
     # The in-process engine, backend: engine (see specray.actors.engine.factory.EngineSpec).
     target: str = "qwen2.5-coder-0.5b-instruct"
-    draft: str = Field("ngram", description="as --draft: none|ngram|NAME|ngram+NAME|head:DIR")
+    draft: str = Field(
+        "ngram", description="as --draft: none|ngram|suffix|NAME|ngram+NAME|suffix+NAME|head:DIR"
+    )
     weights: Weights = Field("auto", description=WEIGHTS_HELP)
     dtype: Dtype | None = Field(None, description="dense weights in this dtype (legacy key)")
     k: int = Field(4, ge=0, description="draft tokens per round, or its ceiling")

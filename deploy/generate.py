@@ -34,9 +34,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--draft",
         default="ngram",
-        help="none | ngram | a model (name or path) | ngram+MODEL (hybrid) | head:DIR",
+        help=(
+            "none | ngram | suffix | a model (name or path) | ngram+MODEL | suffix+MODEL "
+            "(hybrids) | head:DIR | dspark:DIR | mtp"
+        ),
     )
-    p.add_argument("--k", type=int, default=4, help="draft tokens per round (γ), or its ceiling")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=4,
+        help="the most tokens verified per round beside the committed one (a token tree's "
+        "nodes count); lookup drafters (ngram, suffix) do well with 16 or more",
+    )
     p.add_argument(
         "--max-num-batched-tokens",
         type=int,

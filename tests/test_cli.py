@@ -33,6 +33,10 @@ def test_generate_json_contract_and_lossless_greedy() -> None:
     prompt = ["--prompt", "x = [1, 2, 3]\ny = [1, 2, 3]\nz = [1, 2,"]
     target_only = _generate("--draft", "none", *common, *prompt)
     spec = _generate("--draft", "ngram", "--k", "4", *common, *prompt)
+    # A lookup drafter's ceiling may be large; a token tree's nodes count against it.
+    suffix = _generate("--draft", "suffix", "--k", "16", *common, *prompt)
+    assert suffix["token_ids"] == target_only["token_ids"]
+    assert "mean_acceptance_length" in suffix["stats"]  # type: ignore[operator]
     for result in (target_only, spec):
         assert set(result) >= {"token_ids", "text", "finish_reason", "stats"}
         stats = result["stats"]

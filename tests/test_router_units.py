@@ -78,6 +78,8 @@ def test_drafter_spec_validation() -> None:
         ("ngram", "ngram", None),
         ("m", "model", "m"),
         ("ngram+m", "hybrid", "m"),
+        ("suffix", "suffix", None),
+        ("suffix+m", "suffix_hybrid", "m"),
         ("head:d", "head", "d"),
     ],
 )

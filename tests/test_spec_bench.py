@@ -10,7 +10,7 @@ import pytest
 
 from specray.actors.engine.gamma import expected_tokens, speedup
 from specray.bench.common import alpha_from_tau, cpu_flags, first_divergence, parse_drafters
-from specray.bench.prompts import CATEGORIES, PROMPT_DIR, SPLITS, load_prompts
+from specray.bench.prompts import CATEGORIES, PROMPT_DIR, SESSION_CATEGORIES, SPLITS, load_prompts
 from specray.bench.spec_analysis import compare_outputs, match_rates, summarize
 from specray.bench.spec_bench import pick_prompts
 from specray.bench.spec_runners import RoundTiming, RunRecord
@@ -163,5 +163,6 @@ def test_prompt_files_are_valid_jsonl_with_the_documented_fields() -> None:
     for path in sorted(Path(PROMPT_DIR).glob("*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
-            assert set(record) == {"id", "category", "split", "prompt"}
+            sessions = {"session", "turn"} if path.stem in SESSION_CATEGORIES else set()
+            assert set(record) == {"id", "category", "split", "prompt"} | sessions
             assert record["category"] == path.stem

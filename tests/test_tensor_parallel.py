@@ -20,7 +20,13 @@ import torch
 import torch.multiprocessing as mp
 from ray.cluster_utils import Cluster
 
-from specray.actors.engine.target import LocalTarget, Target, VerifyInput, VerifyOutput
+from specray.actors.engine.target import (
+    AcceptedPath,
+    LocalTarget,
+    Target,
+    VerifyInput,
+    VerifyOutput,
+)
 from specray.actors.model.loader import load_model
 from specray.actors.parallel.distributed import find_free_port, init_tp_group
 from specray.actors.workers.target_shard import ShardSpec, TargetShardWorker
@@ -38,11 +44,14 @@ SHARD_OPTIONS: dict[str, Any] = dict(
 )
 
 
-# Batched prefill, a verify of drafts, then a rollback that rewrites them.
+# Batched prefill, a verify of drafts, then a rollback that rewrites them;
+# then a token tree, and the next call keeping its accepted path (nodes 1, 2).
 ROUNDS = [
     [VerifyInput("a", 0, PROMPT_A, 3), VerifyInput("b", 0, PROMPT_B, 1)],
     [VerifyInput("a", 7, [11, 12, 13, 14], 4), VerifyInput("b", 4, [9], 1)],
     [VerifyInput("b", 5, [30, 31], 2), VerifyInput("a", 8, [50, 51], 2)],  # a keeps 1 draft
+    [VerifyInput("a", 9, [60, 61, 62, 63], 4, parents=(-1, -1, 1))],
+    [VerifyInput("a", 12, [70], 1, accepted=AcceptedPath(10, (1, 2)))],
 ]
 
 

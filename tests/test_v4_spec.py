@@ -22,6 +22,7 @@ from specray.actors.drafting.draft_model import DraftModelDrafter
 from specray.actors.drafting.hybrid import HybridDrafter
 from specray.actors.drafting.mtp import MTPDrafter
 from specray.actors.drafting.ngram import NgramDrafter
+from specray.actors.drafting.suffix import SpeculationParams, SuffixConfig, SuffixDrafter
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest, RequestStats
 from specray.actors.engine.target import LocalTarget
@@ -115,6 +116,10 @@ DRAFTERS: dict[str, Callable[[Path, Path, int], Drafter]] = {
         load_model(target), slots, MAX_LEN
     ),
     "mtp": lambda target, draft, slots: MTPDrafter(load_mtp(target), slots, MAX_LEN),
+    # V4 verifies chains only: the round sends each tree's main chain.
+    "suffix-tree": lambda target, draft, slots: SuffixDrafter(
+        SuffixConfig(tree=True, speculation=SpeculationParams(max_spec_factor=4.0))
+    ),
     "hybrid=ngram+mtp": lambda target, draft, slots: HybridDrafter(
         NgramDrafter(max_ngram=3), MTPDrafter(load_mtp(target), slots, MAX_LEN), 2
     ),

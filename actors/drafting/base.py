@@ -53,12 +53,23 @@ class DraftRequest:
 
 @dataclass
 class DraftProposal:
-    """Tokens a drafter proposes for one request.
+    """Tokens a drafter proposes for one request: a chain, or a token tree.
 
     ``draft_probs`` is the distribution each token was sampled from, after the
     request's sampling parameters were applied. ``None`` means each token was
     proposed deterministically (a point mass), as n-gram lookup does and as
     any drafter does under greedy sampling.
+
+    ``parents`` makes the proposal a **tree**: ``parents[i]`` is the index of
+    token ``i``'s parent, always ``< i``, or -1 for a child of the last
+    committed token. ``None`` is a chain (token ``i``'s parent is ``i - 1``).
+    In a tree, ``draft_probs[i]`` is what token ``i`` was drawn from given its
+    ancestors and the siblings before it.
+
+    ``confidence[i]``, when a drafter gives it, is its estimate that token
+    ``i`` survives verification given that its parent did (DSpark's
+    confidence head, a suffix path's frequency, a draft model's probability);
+    the product along a path is the chance the whole path is accepted.
     """
 
     token_ids: list[int]
@@ -66,22 +77,59 @@ class DraftProposal:
     # Copied from the context: no model fed anything for it, so a drafter
     # that keeps a cache fell one more round behind (see CatchesUp).
     from_lookup: bool = False
-    # Per token, the drafter's estimate that it survives verification given
-    # that every token before it did (DSpark's confidence head); None when
-    # the drafter has no such estimate.
-    confidence: list[float] | None = None
+    parents: list[int] | None = None  # [len(token_ids)]; None: a chain
+    confidence: list[float] | None = None  # [len(token_ids)]
+
+    def __post_init__(self) -> None:
+        for name, values in (("parents", self.parents), ("confidence", self.confidence)):
+            if values is not None and len(values) != len(self.token_ids):
+                raise ValueError(f"{name} has {len(values)} entries for {len(self)} tokens")
+        if self.parents is not None and any(not -1 <= p < i for i, p in enumerate(self.parents)):
+            raise ValueError(f"every parent must precede its child, got {self.parents}")
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def is_tree(self) -> bool:
+        """Whether some token is not the child of the one before it."""
+        return self.parents is not None and any(p != i - 1 for i, p in enumerate(self.parents))
+
+    def main_chain(self) -> DraftProposal:
+        """The chain from the root through each node's first child: all of a
+        chain, and of a tree the branch a best-first drafter ranks first
+        (what a target that verifies chains only is sent)."""
+        if not self.is_tree:
+            return self
+        assert self.parents is not None
+        nodes: list[int] = []
+        for i, parent in enumerate(self.parents):
+            if parent == (nodes[-1] if nodes else -1):
+                nodes.append(i)
+        return DraftProposal(
+            [self.token_ids[i] for i in nodes],
+            None if self.draft_probs is None else self.draft_probs[nodes],
+            self.from_lookup,
+            None,
+            None if self.confidence is None else [self.confidence[i] for i in nodes],
+        )
+
     def clipped(self, num_tokens: int) -> DraftProposal:
         """At most ``num_tokens`` of it: a drafter may return fewer tokens
-        than asked, never more."""
+        than asked, never more. A tree keeps its first ``num_tokens`` nodes
+        (a node budget, not a depth): parents precede children, so they form
+        a tree again, and a drafter that grows trees best first orders its
+        nodes by value."""
         if len(self) <= num_tokens:
             return self
-        probs = None if self.draft_probs is None else self.draft_probs[:num_tokens]
-        confidence = None if self.confidence is None else self.confidence[:num_tokens]
-        return DraftProposal(self.token_ids[:num_tokens], probs, self.from_lookup, confidence)
+        n = num_tokens
+        return DraftProposal(
+            self.token_ids[:n],
+            None if self.draft_probs is None else self.draft_probs[:n],
+            self.from_lookup,
+            None if self.parents is None else self.parents[:n],
+            None if self.confidence is None else self.confidence[:n],
+        )
 
 
 @dataclass(frozen=True)

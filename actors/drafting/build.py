@@ -15,7 +15,8 @@ from specray.actors.drafting.head.drafter import HeadDrafter
 from specray.actors.drafting.hybrid import HybridDrafter
 from specray.actors.drafting.mtp import MTPDrafter
 from specray.actors.drafting.ngram import NgramDrafter
-from specray.actors.drafting.spec import DrafterSpec
+from specray.actors.drafting.spec import MODEL_KINDS, DrafterSpec
+from specray.actors.drafting.suffix.drafter import SuffixConfig, SuffixDrafter
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.model.v4.mtp import load_mtp
@@ -31,7 +32,7 @@ def resolve_drafter(
 ) -> DrafterSpec:
     """``spec`` with its model as a local directory: a registered draft model
     from the offline store (in ``dtype``, fetched if missing), a path as given."""
-    if spec.kind in ("model", "hybrid"):
+    if spec.kind in MODEL_KINDS:
         assert spec.model is not None
         return spec.with_model(resolve_model(spec.model, home=home, dtype=dtype))
     if spec.kind in ("head", "dspark"):
@@ -56,6 +57,8 @@ def build_drafter(
     and a draft model's vocabulary is checked against it."""
     if spec.kind == "ngram":
         return NgramDrafter(spec.max_ngram, spec.min_ngram)
+    if spec.kind == "suffix":
+        return SuffixDrafter(SuffixConfig(tree=True))
     if spec.kind == "mtp":
         if target_dir is None:
             raise ValueError("an `mtp` drafter reads the target's checkpoint: give its directory")
@@ -75,6 +78,8 @@ def build_drafter(
     )
     if spec.kind == "hybrid":
         return HybridDrafter(NgramDrafter(spec.max_ngram, spec.min_ngram), drafter)
+    if spec.kind == "suffix_hybrid":
+        return HybridDrafter(SuffixDrafter(SuffixConfig(tree=True)), drafter)
     return drafter
 
 

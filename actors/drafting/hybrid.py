@@ -31,6 +31,7 @@ from specray.actors.drafting.base import (
     SharesPrefixes,
 )
 from specray.actors.drafting.ngram import NgramDrafter
+from specray.actors.drafting.suffix.drafter import SuffixDrafter
 from specray.actors.sampling.params import SamplingParams
 
 # One- and two-token matches happen by chance in any text ("the", "):");
@@ -39,18 +40,26 @@ DEFAULT_MIN_MATCH = 3
 
 
 class HybridDrafter:
-    """N-gram lookup first, a model (any :class:`Drafter`) as the fallback."""
+    """Lookup first (n-gram, or suffix trees whose match length counts as
+    the n-gram size), a model (any :class:`Drafter`) as the fallback."""
 
     name = "hybrid"
     paths = DraftPaths(model=True, lookup=True)
 
     def __init__(
-        self, lookup: NgramDrafter, model: Drafter, min_match: int = DEFAULT_MIN_MATCH
+        self,
+        lookup: NgramDrafter | SuffixDrafter,
+        model: Drafter,
+        min_match: int = DEFAULT_MIN_MATCH,
     ) -> None:
-        if not lookup.min_ngram <= min_match <= lookup.max_ngram:
+        low, high = (
+            (1, lookup.config.max_depth - 1)
+            if isinstance(lookup, SuffixDrafter)
+            else (lookup.min_ngram, lookup.max_ngram)
+        )
+        if not low <= min_match <= high:
             raise ValueError(
-                f"min_match must lie in the lookup's n-gram sizes "
-                f"[{lookup.min_ngram}, {lookup.max_ngram}], got {min_match}"
+                f"min_match must lie in the lookup's match lengths [{low}, {high}], got {min_match}"
             )
         self.lookup = lookup
         self.model = model
@@ -72,9 +81,9 @@ class HybridDrafter:
         proposals: list[DraftProposal | None] = []
         fallback: list[DraftRequest] = []
         for request in requests:
-            found = self.lookup.match(request.request_id, request.most)
-            if found.token_ids and found.ngram_size >= self.min_match:
-                proposals.append(DraftProposal(found.token_ids, from_lookup=True))
+            found = self._look(request.request_id, request.most)
+            if found is not None:
+                proposals.append(found)
             else:
                 proposals.append(None)
                 if request.num_tokens > 0:
@@ -93,6 +102,18 @@ class HybridDrafter:
                 proposal = next(modelled) if request.num_tokens > 0 else DraftProposal([])
             merged.append(proposal)
         return merged
+
+    def _look(self, request_id: str, most: int) -> DraftProposal | None:
+        """The lookup's proposal when its match is long enough to trust."""
+        if isinstance(self.lookup, SuffixDrafter):
+            draft = self.lookup.match(request_id, most)
+            if draft.token_ids and draft.match_len >= self.min_match:
+                return self.lookup.proposal(draft)
+            return None
+        found = self.lookup.match(request_id, most)
+        if found.token_ids and found.ngram_size >= self.min_match:
+            return DraftProposal(found.token_ids, from_lookup=True)
+        return None
 
     def accept(
         self,

@@ -8,6 +8,8 @@ an entry of the serve config's ``drafts:``, a draft replica.
 ``ngram``          ``ngram``    prompt lookup (copies from the context; no model)
 ``NAME``           ``model``    a draft model: a registered name or a local path
 ``ngram+NAME``     ``hybrid``   lookup where the text is copied, the model elsewhere
+``suffix``         ``suffix``   suffix trees over the request and earlier outputs
+``suffix+NAME``    ``suffix_hybrid``  suffix trees where they match, the model elsewhere
 ``head:DIR``       ``head``     a trained head that reads the target's hidden states
 ``dspark:DIR``     ``dspark``   DSpark's block drafter (DeepSpec's checkpoint format)
 ``mtp``            ``mtp``      the target checkpoint's own multi-token-prediction block
@@ -23,11 +25,17 @@ from specray.actors.drafting.base import DraftPaths
 
 NO_DRAFTER = "none"
 # Kinds named by their kind alone: they need no model of their own.
-MODELLESS = ("ngram", "mtp")
+MODELLESS = ("ngram", "suffix", "mtp")
 # Kinds named ``PREFIX`` + their model (a name, a path or a directory).
-PREFIXES = {"hybrid": "ngram+", "head": "head:", "dspark": "dspark:"}
+PREFIXES = {
+    "hybrid": "ngram+",
+    "suffix_hybrid": "suffix+",
+    "head": "head:",
+    "dspark": "dspark:",
+}
 DRAFTER_KINDS = (*MODELLESS, "model", *PREFIXES)
-LOOKUP_KINDS = ("ngram", "hybrid")  # they copy from the context
+LOOKUP_KINDS = ("ngram", "hybrid", "suffix", "suffix_hybrid")  # they copy from the context
+MODEL_KINDS = ("model", "hybrid", "suffix_hybrid")  # a draft model (name or path)
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,9 @@ class DrafterSpec:
 
     @property
     def paths(self) -> DraftPaths:
-        return DraftPaths(model=self.kind != "ngram", lookup=self.kind in LOOKUP_KINDS)
+        return DraftPaths(
+            model=self.kind not in ("ngram", "suffix"), lookup=self.kind in LOOKUP_KINDS
+        )
 
     @property
     def model_path(self) -> Path | None:

@@ -69,6 +69,10 @@ class LocalVerifying:
     def __init__(self, target: Target) -> None:
         self.target = target
 
+    @property
+    def verifies_trees(self) -> bool:
+        return self.target.verifies_trees
+
     async def verify(
         self,
         replica: int | None,

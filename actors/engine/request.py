@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 import torch
 
 from specray.actors.drafting.base import DraftUpdate
+from specray.actors.engine.budget import DepthAcceptance
 from specray.actors.engine.errors import RequestRejectedError
 from specray.actors.engine.gamma import SurvivalEstimate
 from specray.actors.engine.stopping import FinishReason, StopChecker
+from specray.actors.engine.target import AcceptedPath
 from specray.actors.sampling.grammar import GrammarMatcher, Guide
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 
@@ -117,6 +119,8 @@ class DraftState:
     lookup_gamma: int = 0  # copies asked for this round
     backlog: int = 0  # committed tokens the drafter has not fed (its next first step)
     updates: list[DraftUpdate] = field(default_factory=list)  # verdicts not yet sent
+    # How copies fared by depth: what the budget trims lookup drafts by.
+    lookup_depths: DepthAcceptance = field(default_factory=DepthAcceptance)
 
     @property
     def most(self) -> int:
@@ -152,6 +156,9 @@ class RunningRequest:
     feed: int = 0
     target: int | None = None  # the target replica that verifies it (None: the only one)
     grammar: GrammarMatcher | None = None  # structured output, at the committed tokens
+    # The last verify fed a token tree: the nodes it accepted, which the next
+    # verify tells the target to keep (valid while the cache ends after them).
+    tree_path: AcceptedPath | None = None
     output_ids: list[int] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
 

@@ -29,10 +29,15 @@ from specray.actors.drafting.base import DraftProposal, DraftRequest, DraftUpdat
 from specray.actors.engine.lifecycle import stream_round
 from specray.actors.engine.request import RequestOutput, RunningRequest
 from specray.actors.engine.scheduling import GammaScheduler
-from specray.actors.engine.target import VerifyInput, VerifyOutput
+from specray.actors.engine.target import AcceptedPath, VerifyInput, VerifyOutput
 from specray.actors.sampling.grammar import mask_logits
 from specray.actors.sampling.logits import SamplingTensors, compute_probs
 from specray.actors.sampling.rejection import DraftBatch, RejectionResult, rejection_sample
+from specray.actors.sampling.tree_rejection import (
+    TreeDraft,
+    TreeRejectionResult,
+    tree_rejection_sample,
+)
 
 
 class Drafting(Protocol):
@@ -64,6 +69,12 @@ class Verifying(Protocol):
         """One batched forward of ``inputs`` (one per request). None when the
         replica failed: the port has dealt with it (and with ``requests``),
         and they are left out of this round."""
+        ...
+
+    @property
+    def verifies_trees(self) -> bool:
+        """Whether drafts may be token trees; else each tree is cut to its
+        main chain before verifying."""
         ...
 
 
@@ -105,11 +116,17 @@ async def speculative_round(
 
     # 2. Propose: every drafter at once, each call carrying the verdicts of
     # its requests' earlier rounds. Requests with γ = 0 decode target-only.
-    # A structured request's drafts end at the first token its grammar forbids.
-    drafts = [
-        constrain_draft(r, d)
-        for r, d in zip(batch, await propose(batch, drafting, scheduler), strict=True)
-    ]
+    # A structured request's drafts end at the first token its grammar
+    # forbids; a target that verifies chains only gets each tree's main chain.
+    trees = verifying.verifies_trees
+    # The budget then cuts copies to what is worth verifying.
+    drafts = scheduler.trim(
+        batch,
+        [
+            constrain_draft(r, d if trees else d.main_chain())
+            for r, d in zip(batch, await propose(batch, drafting, scheduler), strict=True)
+        ],
+    )
     verifying_at = time.perf_counter()
 
     # 3. Verify: one batched forward per target replica, all at once. A
@@ -155,12 +172,22 @@ async def speculative_round(
         times.local_s = (proposing - began) + (time.perf_counter() - verified_at)
         return RoundResult([], [], None, times, queries, hits)
 
-    # 4. Accept: lossless rejection sampling against the target.
-    rejection = accept_drafts(runs, kept, outputs)
+    # 4. Accept: lossless rejection sampling against the target (over
+    # siblings too, where a draft is a tree).
+    if any(d.is_tree for d in kept):
+        tree_result = accept_tree_drafts(runs, kept, outputs)
+        paths = tree_result.accepted_nodes
+        rejection = RejectionResult(
+            tree_result.output_token_ids, tree_result.num_accepted, tree_result.num_draft_tokens
+        )
+    else:
+        rejection = accept_drafts(runs, kept, outputs)
+        paths = [list(range(n)) for n in rejection.num_accepted]
 
     # 5. Commit; each drafter hears its verdicts with its next proposal, and
     # a structured request's grammar follows its committed tokens.
-    for run, draft, update in zip(runs, kept, commit(runs, kept, outputs, rejection), strict=True):
+    updates = commit(runs, kept, outputs, rejection, paths)
+    for run, draft, update in zip(runs, kept, updates, strict=True):
         scheduler.record(run, draft, update)
         if run.grammar is not None:
             run.grammar.commit(update.new_token_ids)
@@ -248,25 +275,34 @@ def verify_inputs(
     plus one (none for a prefill chunk, which only fills the cache). A
     request the target holds nothing of offers its committed tokens to the
     target's prefix cache."""
-    return [
-        VerifyInput(
-            r.request_id,
-            r.cached_len,
-            r.tokens[r.cached_len : r.cached_len + r.feed] + d.token_ids,
-            0 if r.prefilling else len(d) + 1,
-            # A grammar masks the logits first: the argmax alone would not do.
-            argmax_only=r.sampling.greedy and r.grammar is None,
-            lookup_ids=tuple(r.tokens) if r.cached_len == 0 else None,
+    inputs = []
+    for r, d in zip(running, drafts, strict=True):
+        path, r.tree_path = r.tree_path, None
+        if path is not None and path.first + len(path.nodes) != r.cached_len:
+            path = None  # the cache was dropped since (a move): nothing to keep
+        inputs.append(
+            VerifyInput(
+                r.request_id,
+                r.cached_len,
+                r.tokens[r.cached_len : r.cached_len + r.feed] + d.token_ids,
+                0 if r.prefilling else len(d) + 1,
+                # A grammar masks the logits first: the argmax alone would not do.
+                argmax_only=r.sampling.greedy and r.grammar is None,
+                parents=tuple(d.parents) if d.is_tree and d.parents is not None else None,
+                accepted=path,
+                lookup_ids=tuple(r.tokens) if r.cached_len == 0 else None,
+            )
         )
-        for r, d in zip(running, drafts, strict=True)
-    ]
+    return inputs
 
 
 def constrain_draft(run: RunningRequest, draft: DraftProposal) -> DraftProposal:
-    """The draft cut at the first token the request's grammar forbids."""
+    """The draft cut at the first token the request's grammar forbids (a
+    tree's main chain: a grammar follows one sequence)."""
     if run.grammar is None or not len(draft):
         return draft
-    return draft.clipped(run.grammar.clip(draft.token_ids))
+    chain = draft.main_chain()
+    return chain.clipped(run.grammar.clip(chain.token_ids))
 
 
 def constrain_output(run: RunningRequest, draft: DraftProposal, out: VerifyOutput) -> VerifyOutput:
@@ -304,23 +340,51 @@ def accept_drafts(
     return rejection_sample(draft_batch, target_probs, greedy, generators)
 
 
+def accept_tree_drafts(
+    running: Sequence[RunningRequest],
+    drafts: Sequence[DraftProposal],
+    outputs: Sequence[VerifyOutput],
+) -> TreeRejectionResult:
+    """Acceptance when some draft is a tree (a chain is a tree too)."""
+    trees = [
+        TreeDraft(d.token_ids, d.parents or list(range(-1, len(d) - 1)), d.draft_probs)
+        for d in drafts
+    ]
+    greedy = [r.sampling.greedy for r in running]
+    argmax = [out.greedy_ids() if g else None for g, out in zip(greedy, outputs, strict=True)]
+    target_probs: list[torch.Tensor | None] = [None] * len(running)
+    for i, (r, out) in enumerate(zip(running, outputs, strict=True)):
+        if not greedy[i]:
+            sampling = SamplingTensors.from_params([r.sampling]).repeat_interleave([out.num_rows])
+            target_probs[i] = compute_probs(out.full_logits(), sampling)
+    generators = [None if g else r.generator for g, r in zip(greedy, running, strict=True)]
+    return tree_rejection_sample(trees, target_probs, greedy, generators, argmax)
+
+
 def commit(
     running: Sequence[RunningRequest],
     drafts: Sequence[DraftProposal],
     outputs: Sequence[VerifyOutput],
     rejection: RejectionResult,
+    paths: Sequence[list[int]],  # per request, the accepted draft indices, root's child first
 ) -> list[DraftUpdate]:
     """Append the round's tokens. The target's cache now holds every
-    committed token except the newest, which the next round feeds."""
+    committed token except the newest, which the next round feeds (a tree's
+    accepted path once the next verify keeps it: ``tree_path``)."""
     updates = []
-    for r, draft, out, new_ids, accepted in zip(
-        running, drafts, outputs, rejection.output_token_ids, rejection.num_accepted, strict=True
+    for r, draft, out, new_ids, path in zip(
+        running, drafts, outputs, rejection.output_token_ids, paths, strict=True
     ):
+        accepted = len(path)
+        if path != list(range(accepted)):
+            r.tree_path = AcceptedPath(len(r.tokens), tuple(path))
         r.cached_len = len(r.tokens) + accepted
         r.tokens.extend(new_ids)
         r.stats.record_round(len(draft), accepted)
         # Only the accepted positions travel on, in their own storage (a view
         # would pickle every row of the verify batch into the draft's message).
-        hidden = None if out.hidden_states is None else out.hidden_states[: accepted + 1].clone()
+        hidden = None
+        if out.hidden_states is not None:
+            hidden = out.hidden_states[[0, *(1 + n for n in path)]].clone()
         updates.append(DraftUpdate(r.request_id, accepted, new_ids, hidden))
     return updates

@@ -8,9 +8,10 @@ can do (``DraftPaths``), never a transport.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftUpdate
+from specray.actors.engine.budget import DepthAcceptance, budget_tokens, survivals
 from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.gamma import (
     RoundShape,
@@ -20,6 +21,7 @@ from specray.actors.engine.gamma import (
 )
 from specray.actors.engine.lifecycle import gamma_limit
 from specray.actors.engine.request import DraftState, RunningRequest
+from specray.actors.model.token_tree import depths
 
 # Tokens one target replica feeds per round unless configured otherwise.
 DEFAULT_MAX_BATCHED_TOKENS = 512
@@ -53,12 +55,14 @@ class GammaScheduler:
         self.max_batched_tokens = max_batched_tokens
         # Per drafting path, the prior of new requests.
         self._pool = {"lookup": SurvivalEstimate(decay=0.98), "model": SurvivalEstimate(decay=0.98)}
+        self._pool_depths = DepthAcceptance(decay=0.98)
 
     def new_draft_state(self) -> DraftState:
         """A new request's drafting state, its estimates starting at the pool's α."""
         return DraftState(
             lookup_acceptance=SurvivalEstimate.with_prior(self._pool["lookup"].alpha),
             model_acceptance=SurvivalEstimate.with_prior(self._pool["model"].alpha),
+            lookup_depths=self._pool_depths.seeded(),
         )
 
     # -- before the round -------------------------------------------------------
@@ -66,10 +70,12 @@ class GammaScheduler:
     def choose(self, batch: Sequence[RunningRequest]) -> None:
         """Set what each request does this round, per target replica (each
         verifies its own batch): ``feed``, the uncached tokens it feeds
-        (:meth:`assign_feeds`), and ``draft.gamma`` (a model's drafts) and
-        ``draft.lookup_gamma`` (copies), from :func:`schedule_gammas` with the
-        path's acceptance and cost, or the ceiling when not adaptive; 0 for
-        requests no drafter holds and for prefill chunks.
+        (:meth:`assign_feeds`), ``draft.gamma`` (a model's drafts) from
+        :func:`schedule_gammas` with the model's acceptance and cost, and
+        ``draft.lookup_gamma`` (copies) at the ceiling: copying costs nothing,
+        and :meth:`trim` cuts the copies once their confidence is known. Not
+        adaptive, both are the ceiling; 0 for requests no drafter holds and
+        for prefill chunks.
 
         A model's drafts also pay for each request's backlog (:meth:`entry_seconds`).
         """
@@ -93,13 +99,56 @@ class GammaScheduler:
                     run.draft.lookup_gamma = gamma if paths.lookup else 0
                 continue
             base = sum(r.feed for r in group)
-            if paths.lookup:
-                alphas = [r.draft.lookup_acceptance.alpha for r in group]
-                copies = schedule_gammas(alphas, limits, self.costs.lookup_round_seconds, base)
-                for run, gamma in zip(group, copies, strict=True):
+            if paths.lookup:  # copies cost nothing to propose: :meth:`trim` decides
+                for run, gamma in zip(group, limits, strict=True):
                     run.draft.lookup_gamma = gamma
             if paths.model:
                 self._model_gammas(group, limits, base)
+
+    def trim(
+        self, batch: Sequence[RunningRequest], drafts: Sequence[DraftProposal]
+    ) -> list[DraftProposal]:
+        """The drafts worth verifying: each copy (a lookup proposal) cut to
+        the tokens the budget admits per target replica's batch, from their
+        survivals (:mod:`specray.actors.engine.budget`) and the measured
+        verify cost; a model's drafts, already paid for, stay whole."""
+        kept = list(drafts)
+        if not self.adaptive:
+            return kept
+        groups: dict[int | None, list[int]] = {}
+        for i, run in enumerate(batch):
+            if run.feed > 0:
+                groups.setdefault(run.target, []).append(i)
+        for idx in groups.values():
+            copies = [i for i in idx if drafts[i].from_lookup and len(drafts[i])]
+            if not copies:
+                continue
+            decoding = sum(not batch[i].prefilling for i in idx)
+            base = sum(batch[i].feed for i in idx)
+            base += sum(len(drafts[i]) for i in idx if i not in copies)
+            expected = float(decoding) + sum(
+                expected_tokens(batch[i].draft.model_acceptance.alpha, len(drafts[i])) - 1.0
+                for i in idx
+                if i not in copies and len(drafts[i])
+            )
+            # A prefill's tokens are verified whatever is drafted (see schedule_gammas).
+            feeds = sum(batch[i].feed for i in idx)
+            counts = budget_tokens(
+                [survivals(drafts[i], batch[i].draft.lookup_depths) for i in copies],
+                base,
+                expected,
+                self._verify_beyond(feeds, decoding),
+            )
+            for i, count in zip(copies, counts, strict=True):
+                kept[i] = drafts[i].clipped(count)
+        return kept
+
+    def _verify_beyond(self, feeds: int, decoding: int) -> Callable[[int], float]:
+        """Verify seconds of a batch, less a prefill's share: its tokens are
+        verified whatever is drafted (see :func:`schedule_gammas`)."""
+        verify = self.costs.verify.seconds
+        sunk = max(verify(feeds) - verify(decoding), 0.0) if feeds > decoding else 0.0
+        return lambda tokens: verify(tokens) - sunk
 
     def assign_feeds(self, group: Sequence[RunningRequest]) -> None:
         """How many of its uncached tokens each request of one target
@@ -225,6 +274,10 @@ class GammaScheduler:
         if len(draft):
             estimate = state.lookup_acceptance if draft.from_lookup else state.model_acceptance
             estimate.update(len(draft), update.num_accepted)
+            if draft.from_lookup:
+                deepest = 1 + max(depths(draft.parents or range(-1, len(draft) - 1)))
+                for by_depth in (state.lookup_depths, self._pool_depths):
+                    by_depth.update(deepest, update.num_accepted)
         else:
             state.lookup_acceptance.update(0, 0)
             state.model_acceptance.update(0, 0)

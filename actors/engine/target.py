@@ -12,6 +12,15 @@ A verify from position 0 may also offer the request's committed tokens
 cached prefix of them, feeds only the rest and says how much it served
 (``VerifyOutput.prefix_hit``). The target decides what it has cached; the
 round learns it from the answer of the same call.
+
+Token trees keep that shape. A verify may feed a tree
+(``VerifyInput.parents`` for its draft tokens), whose nodes the target caches
+in feeding order. The round then knows which nodes were accepted; it says so
+on the request's *next* call (``VerifyInput.accepted``), and the target first
+moves the accepted path's cache entries into consecutive places
+(:meth:`~specray.actors.model.kv_cache.KVCache.keep_path`, no forward pass),
+then truncates to ``start`` as usual. A target that is never sent trees sees
+no difference.
 """
 
 from __future__ import annotations
@@ -28,9 +37,17 @@ from specray.actors.model.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache, P
 
 
 @dataclass(frozen=True)
+class AcceptedPath:
+    """The accepted nodes of the tree a request's previous verify fed."""
+
+    first: int  # cache position of that tree's first node (VerifyInput.tree_start)
+    nodes: tuple[int, ...]  # accepted node indices, root's child first, each the next's parent
+
+
+@dataclass(frozen=True)
 class VerifyInput:
     request_id: str
-    start: int  # the cache is valid for positions [0, start)
+    start: int  # the cache is valid for positions [0, start) (after ``accepted`` is applied)
     token_ids: list[int]  # uncached committed tokens, then the draft tokens
     num_logits: int  # number of drafts + 1
     # The caller reads only each row's argmax (greedy acceptance): a remote
@@ -39,6 +56,23 @@ class VerifyInput:
     # With start 0: the request's committed tokens, offered for a prefix
     # cache lookup. Positions served from the cache are not fed again.
     lookup_ids: tuple[int, ...] | None = None
+    # The draft tokens form a tree: one parent per draft token (-1: the last
+    # committed token). Logit row 0 is the last committed token's, row 1 + i
+    # node i's. None: a chain.
+    parents: tuple[int, ...] | None = None
+    # The previous verify of this request fed a tree and these of its nodes
+    # were accepted: keep their cache entries (moved into place) first.
+    accepted: AcceptedPath | None = None
+
+    def __post_init__(self) -> None:
+        if self.parents is not None and len(self.parents) != self.num_logits - 1:
+            raise ValueError(f"{len(self.parents)} parents for {self.num_logits - 1} drafts")
+
+    @property
+    def tree_start(self) -> int:
+        """Cache position of the first draft token (``AcceptedPath.first``
+        for the next round when this input feeds a tree)."""
+        return self.start + len(self.token_ids) - (self.num_logits - 1)
 
 
 @dataclass
@@ -85,6 +119,11 @@ class Target(Protocol):
 
     def release(self, request_id: str) -> None: ...
 
+    @property
+    def verifies_trees(self) -> bool:
+        """Whether ``VerifyInput.parents`` may be given (else chains only)."""
+        ...
+
 
 @dataclass
 class _Sequence:
@@ -118,6 +157,10 @@ class LocalTarget:
         return self.cache.max_len
 
     @property
+    def verifies_trees(self) -> bool:
+        return self.model.verifies_trees
+
+    @property
     def num_active(self) -> int:
         return len(self._seqs)
 
@@ -139,6 +182,8 @@ class LocalTarget:
             seq = self._seqs.get(item.request_id)
             if seq is None:
                 seq = self._seqs[item.request_id] = _Sequence(self.cache.allocate())
+            if item.accepted is not None:
+                self._keep_path(seq, item.accepted)
             if item.start > self.cache.length(seq.slot):
                 raise ValueError(
                     f"request {item.request_id!r}: verify starts at {item.start} but only "
@@ -153,7 +198,9 @@ class LocalTarget:
                 seq.tokens.extend(token_ids)
             hits.append(hit)
             feeds.append(
-                SequenceInput(seq.slot, token_ids, start, item.num_logits) if token_ids else None
+                SequenceInput(seq.slot, token_ids, start, item.num_logits, item.parents)
+                if token_ids
+                else None
             )
         fed = [feed for feed in feeds if feed is not None]
         rows: list[tuple[torch.Tensor, torch.Tensor | None]] = []
@@ -194,6 +241,15 @@ class LocalTarget:
             if seq.hold is not None:
                 committed = len(seq.tokens) - max(item.num_logits - 1, 0)
                 self.prefix.extend(seq.hold, seq.slot, seq.tokens, committed)
+
+    def _keep_path(self, seq: _Sequence, accepted: AcceptedPath) -> None:
+        """Move the accepted nodes of the tree fed last into consecutive
+        places (the ids the prefix cache reads move with them)."""
+        sources = [accepted.first + node for node in accepted.nodes]
+        self.cache.keep_path(seq.slot, accepted.first, sources)
+        if seq.hold is not None:
+            kept = [seq.tokens[source] for source in sources]
+            seq.tokens[accepted.first : accepted.first + len(kept)] = kept
 
     def release(self, request_id: str) -> None:
         seq = self._seqs.pop(request_id, None)

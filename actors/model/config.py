@@ -102,6 +102,15 @@ class ModelConfig:
     weight_aliases: tuple[tuple[str, str], ...] = ()
 
     @property
+    def verifies_trees(self) -> bool:
+        """Whether the model may verify token trees. Dense attention can: a
+        node sees its ancestors through the mask and its rotary position is
+        its depth. DeepSeek-V4's compressors pool every ``rate`` consecutive
+        cache positions into one entry, which a tree's sibling branches would
+        share, so V4 verifies chains only."""
+        return self.hyper_connections is None
+
+    @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
 

@@ -41,4 +41,6 @@ class ForwardContext:
         """cos, sin ``[num_tokens, 1, head_dim]`` of the rotary ``name`` at
         every packed token's position."""
         rotary = self.rotary[name]
-        return self.shared(("rope", name), lambda: rotary(self.batch.flat_positions, self.dtype))
+        return self.shared(
+            ("rope", name), lambda: rotary(self.batch.flat_rotary_positions, self.dtype)
+        )

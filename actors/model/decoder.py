@@ -102,6 +102,12 @@ class DecoderModel(nn.Module):
             torch.tensor(config.hidden_size**0.5, dtype=dtype) if config.gemma_norms else None
         )
 
+    @property
+    def verifies_trees(self) -> bool:
+        """Whether a batch may feed token trees (``SequenceInput.parents``):
+        see :attr:`ModelConfig.verifies_trees`."""
+        return self.config.verifies_trees
+
     def new_cache(self, num_slots: int, max_len: int) -> SlotCache:
         """A cache sized for this model (this rank's KV heads only), on the
         device of its weights: a :class:`KVCache` for dense attention, a
@@ -139,6 +145,8 @@ class DecoderModel(nn.Module):
         return logits (and, on request, hidden states) of the rows the batch
         asks for. ``hidden_layers`` index decoder layers; each hidden state is
         that layer's output."""
+        if batch.trees and not self.verifies_trees:
+            raise ValueError("this model verifies chains only: a batch fed it a token tree")
         new_lengths = batch.end_positions()
         for slot, end in zip(batch.slots, new_lengths, strict=True):
             cache.check_room(slot, end)

@@ -5,6 +5,11 @@ live at index ``p`` of that slot. Rolling back rejected draft tokens is
 "move the length back" (:meth:`KVCache.truncate`): stale entries beyond the
 length are never read, and are overwritten by the next write.
 
+A verified token tree leaves its nodes at consecutive indices in the order
+they were fed, while the accepted path must end up contiguous:
+:meth:`KVCache.keep_path` moves the path's entries into place (their keys
+already carry the rotary positions of those places) and drops the rest.
+
 Sliding-window layers keep every position too and apply the window as a
 mask. A ring buffer would save memory, but then a rollback could expose
 overwritten entries; full positions keep the window exact across rollbacks.
@@ -13,6 +18,7 @@ overwritten entries; full positions keep the window exact across rollbacks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -76,6 +82,26 @@ class SlotCache:
             )
         self._lengths[slot] = new_len
 
+    def keep_path(self, slot: int, start: int, sources: list[int]) -> None:
+        """Keep the entries at cache indices ``sources`` (increasing, each
+        ``>= start + its rank``, below the length) as positions ``start,
+        start + 1, ...``, then truncate to ``start + len(sources)``: the
+        accepted path of a verified token tree. A cache whose entries depend
+        on their neighbours cannot move them, and takes chains only (sources
+        already in place)."""
+        length = self._lengths[slot]
+        targets = list(range(start, start + len(sources)))
+        if any(not t <= s < length for t, s in zip(targets, sources, strict=True)) or any(
+            a >= b for a, b in pairwise(sources)
+        ):
+            raise ValueError(f"cannot keep {sources} at {start} in slot {slot} of length {length}")
+        if sources != targets:
+            self._move(slot, start, sources)
+        self._lengths[slot] = start + len(sources)
+
+    def _move(self, slot: int, start: int, sources: list[int]) -> None:
+        raise ValueError(f"{type(self).__name__} verifies chains only: it cannot keep a tree path")
+
     def check_room(self, slot: int, end: int) -> None:
         if end > self.max_len:
             raise CacheFullError(
@@ -108,6 +134,13 @@ class KVCache(SlotCache):
         # Zeros, not empty: masked-out garbage could be NaN, and 0 * NaN = NaN.
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    def _move(self, slot: int, start: int, sources: list[int]) -> None:
+        index = torch.tensor(sources, device=self.keys.device)
+        block = slice(start, start + len(sources))
+        # index_select copies, so overlapping sources and targets are safe.
+        self.keys[:, slot, :, block] = self.keys[:, slot].index_select(2, index)
+        self.values[:, slot, :, block] = self.values[:, slot].index_select(2, index)
 
     def write(
         self,
