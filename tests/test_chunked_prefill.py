@@ -126,7 +126,7 @@ def _running(request_id: str, prompt_len: int, cached: int) -> RunningRequest:
     return run
 
 
-def test_feeds_put_decodes_first_and_share_the_rest_in_admission_order() -> None:
+def test_feeds_put_decodes_first_then_the_shortest_prompts() -> None:
     paths = DraftPaths(model=False, lookup=True)
     scheduler = GammaScheduler(paths, adaptive=False, max_batched_tokens=20)
     decode = _running("decode", 30, 29)
@@ -139,6 +139,21 @@ def test_feeds_put_decodes_first_and_share_the_rest_in_admission_order() -> None
     assert [r.prefilling for r in batch] == [False, False, True, True]
     # Only a request that feeds all it has left may draft.
     assert [r.draft.lookup_gamma for r in batch] == [4, 4, 0, 0]
+
+
+def test_a_short_prompt_is_not_queued_behind_a_long_one() -> None:
+    """The oldest prompt keeps a quarter of the prefill budget; a short one
+    that arrived after it is fed whole in the same round."""
+    scheduler = GammaScheduler(None, max_batched_tokens=64)
+    batch = [_running("d", 10, 9), _running("long", 3000, 0), _running("short", 12, 0)]
+    scheduler.choose(batch)
+    assert [r.feed for r in batch] == [1, 51, 12]
+    assert [r.prefilling for r in batch] == [False, True, False]
+    # A stream of short prompts never stops the long one.
+    shorts = [_running(f"s{i}", 40, 0) for i in range(5)]
+    batch = [_running("long", 3000, 0), *shorts]
+    scheduler.choose(batch)
+    assert batch[0].feed == 16 and sum(r.feed for r in batch) == 64
 
 
 def test_prefills_always_get_a_quarter_of_the_budget() -> None:

@@ -155,11 +155,13 @@ class GammaScheduler:
         replica's batch feeds this round.
 
         Requests that decode feed their one token and are never held back;
-        prompts (and re-prefills after a move) share the rest of the budget
-        in admission order, each taking a chunk. At least a quarter of the
-        budget goes to prefills whatever decodes, so a prompt always moves
-        on; a request whose turn has not come feeds nothing (feed 0) and
-        sits the round out.
+        prompts (and re-prefills after a move) share the rest of the budget.
+        At least a quarter of the budget goes to prefills whatever decodes,
+        and the oldest prompt keeps a quarter of that, so every prompt moves
+        on; the rest goes to the prompts with the least left first, so a
+        short request that arrives while a long prompt prefills is not queued
+        behind all of it. A request whose turn has not come feeds nothing
+        (feed 0) and sits the round out.
         """
         budget = self.max_batched_tokens
         if budget is None:
@@ -168,12 +170,18 @@ class GammaScheduler:
             return
         decoding = sum(run.uncached for run in group if run.uncached <= 1)
         left = max(budget - decoding, budget // 4, 1)
+        prefills = [run for run in group if run.uncached > 1]
         for run in group:
-            if run.uncached <= 1:
-                run.feed = run.uncached
-                continue
-            run.feed = min(run.uncached, left)
-            left -= run.feed
+            run.feed = run.uncached if run.uncached <= 1 else 0
+        if not prefills:
+            return
+        oldest = prefills[0]
+        oldest.feed = min(oldest.uncached, max(left // 4, 1))
+        left -= oldest.feed
+        for run in sorted(prefills, key=lambda r: r.uncached):
+            more = min(run.uncached - run.feed, left)
+            run.feed += more
+            left -= more
 
     def _model_gammas(self, group: Sequence[RunningRequest], limits: list[int], base: int) -> None:
         costs = self.costs
