@@ -45,18 +45,26 @@ SHARD_OPTIONS: dict[str, Any] = dict(
 
 
 # Batched prefill, a verify of drafts, then a rollback that rewrites them;
-# then a token tree, and the next call keeping its accepted path (nodes 1, 2).
-ROUNDS = [
+# then, for a model that verifies trees, a token tree and the next call
+# keeping its accepted path (nodes 1, 2).
+CHAIN_ROUNDS = [
     [VerifyInput("a", 0, PROMPT_A, 3), VerifyInput("b", 0, PROMPT_B, 1)],
     [VerifyInput("a", 7, [11, 12, 13, 14], 4), VerifyInput("b", 4, [9], 1)],
     [VerifyInput("b", 5, [30, 31], 2), VerifyInput("a", 8, [50, 51], 2)],  # a keeps 1 draft
+]
+TREE_ROUNDS = [
     [VerifyInput("a", 9, [60, 61, 62, 63], 4, parents=(-1, -1, 1))],
     [VerifyInput("a", 12, [70], 1, accepted=AcceptedPath(10, (1, 2)))],
 ]
 
 
+def rounds_for(verifies_trees: bool) -> list[list[VerifyInput]]:
+    return CHAIN_ROUNDS + (TREE_ROUNDS if verifies_trees else [])
+
+
 def _rounds(target: Target) -> list[VerifyOutput]:
-    outputs = [out for inputs in ROUNDS for out in target.verify(inputs, HIDDEN_LAYERS)]
+    rounds = rounds_for(target.verifies_trees)
+    outputs = [out for inputs in rounds for out in target.verify(inputs, HIDDEN_LAYERS)]
     target.release("a")
     target.release("b")
     return outputs
@@ -108,7 +116,7 @@ def _rank_main(rank: int, size: int, port: int, model_dir: str, out_dir: str) ->
     spec = ShardSpec(model_dir, rank, size, "127.0.0.1", port, num_slots=4, max_len=64)
     worker = TargetShardWorker(spec)
     outputs: list[VerifyOutput] = []
-    for inputs in ROUNDS:  # every rank runs every round; rank 0 answers
+    for inputs in rounds_for(worker.target.verifies_trees):  # every rank runs each; rank 0 answers
         outputs += worker.verify(inputs, HIDDEN_LAYERS) or []
     assert bool(outputs) == (rank == 0)
     if rank == 0:
@@ -169,7 +177,8 @@ def test_argmax_only_ships_token_ids_instead_of_logits(
 ) -> None:
     """Greedy requests ask for no logits: rank 0 answers with each row's
     argmax (what greedy acceptance reads), hidden states unchanged."""
-    greedy_rounds = [[replace(item, argmax_only=True) for item in inputs] for inputs in ROUNDS]
+    rounds = rounds_for(qwen2_tp2.verifies_trees)
+    greedy_rounds = [[replace(item, argmax_only=True) for item in inputs] for inputs in rounds]
     ours = [out for inputs in greedy_rounds for out in qwen2_tp2.verify(inputs, HIDDEN_LAYERS)]
     qwen2_tp2.release("a")
     qwen2_tp2.release("b")

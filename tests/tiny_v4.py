@@ -20,36 +20,21 @@ from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.decoder import DecoderModel
+from specray.actors.store.tiny_v4 import CSA as CSA  # re-exported for the V4 tests
+from specray.actors.store.tiny_v4 import HCA as HCA
+from specray.actors.store.tiny_v4 import SLIDING, tiny_v4_config
 
 VOCAB = 160
-SLIDING, CSA, HCA = (
-    "sliding_attention",
-    "compressed_sparse_attention",
-    "heavily_compressed_attention",
-)
 
 
 def v4_config(**overrides: Any) -> DeepseekV4Config:
+    """The shipped tiny V4's blocks with a smaller vocabulary, window and
+    indexer, YaRN on the compressed branches, and transformers' default
+    initialisation (random_v4 perturbs what it leaves at 0 or 1)."""
     params: dict[str, Any] = dict(
         vocab_size=VOCAB,
-        hidden_size=64,
-        moe_intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        head_dim=32,
-        q_lora_rank=48,
-        partial_rotary_factor=0.25,
-        num_experts_per_tok=2,
         n_routed_experts=6,
-        layer_types=[SLIDING, CSA, HCA, CSA],
-        mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
-        compress_rates={CSA: 4, HCA: 8},
-        hc_mult=2,
         sliding_window=6,
-        o_groups=2,
-        o_lora_rank=16,
-        index_n_heads=2,
-        index_head_dim=16,
         index_topk=3,
         max_position_embeddings=512,
         rope_parameters={
@@ -57,11 +42,12 @@ def v4_config(**overrides: Any) -> DeepseekV4Config:
             "factor": 8.0,
             "original_max_position_embeddings": 64,
         },
+        initializer_range=DeepseekV4Config().initializer_range,
         eos_token_id=1,
         bos_token_id=2,
     )
     params.update(overrides)
-    return DeepseekV4Config(**params)
+    return tiny_v4_config(**params)
 
 
 def random_v4(config: DeepseekV4Config, seed: int) -> DeepseekV4ForCausalLM:
