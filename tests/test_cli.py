@@ -29,7 +29,7 @@ def _generate(*flags: str) -> dict[str, object]:
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_generate_json_contract_and_lossless_greedy() -> None:
-    common = ["--dtype", "float32", "--max-tokens", "24", "--ignore-eos", "--fixed-k"]
+    common = ["--weights", "fp32", "--max-tokens", "24", "--ignore-eos", "--fixed-k"]
     prompt = ["--prompt", "x = [1, 2, 3]\ny = [1, 2, 3]\nz = [1, 2,"]
     target_only = _generate("--draft", "none", *common, *prompt)
     spec = _generate("--draft", "ngram", "--k", "4", *common, *prompt)
@@ -78,7 +78,7 @@ def test_models_list_shows_the_registry(capsys: pytest.CaptureFixture[str]) -> N
 @pytest.mark.slow
 def test_generate_tp2_equals_tp1() -> None:
     """`--tp 2` runs the target as two gloo shards in Ray actors on loopback."""
-    common = ["--dtype", "float32", "--max-tokens", "12", "--ignore-eos", "--draft", "ngram"]
+    common = ["--weights", "fp32", "--max-tokens", "12", "--ignore-eos", "--draft", "ngram"]
     prompt = ["--prompt", "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n"]
     tp1 = _generate(*common, *prompt)
     tp2 = _generate(*common, "--tp", "2", *prompt)
