@@ -55,7 +55,7 @@ from specray.cluster.router_state import (
     ScaleReport,
 )
 from specray.cluster.scaling import ProfilePlan, Scaler
-from specray.cluster.target_group import ShardedTargetConfig
+from specray.cluster.target_group_config import ShardedTargetConfig
 from specray.cluster.target_pool import TargetPool
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,54 +50,7 @@ from specray.actors.workers.target_shard import (
 )
 from specray.cluster.errors import TargetGroupError
 from specray.cluster.liveness import ProgressWatch
-
-STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
-
-
-@dataclass(frozen=True)
-class ShardedTargetConfig:
-    model_dir: str
-    tp: int = 1
-    dtype: str = "float32"
-    ep: int = 1  # expert-parallel rows of tp ranks each: the group has tp × ep shards
-    weights: str = "dense"  # or "gguf": each rank reads its GGUF blocks (low-bit kernels)
-    num_slots: int = 8
-    max_len: int = 2048
-    strategy: str = "STRICT_PACK"
-    threads_per_shard: int | None = None  # default: this machine's cores / shards
-    cpus_per_shard: float | None = None  # Ray CPUs per bundle; default threads_per_shard
-    gpus_per_shard: float = 0.0  # > 0: shards run on CUDA and talk over NCCL
-    # Extra Ray resources of each rank's bundle, e.g. ({"node_a": 1}, {"node_b": 1})
-    # to pin rank r to the node that offers the r-th resource.
-    bundle_resources: Sequence[Mapping[str, float]] = ()
-    # A shard that answers no progress probe, or runs no decoder layer, for
-    # this long is hung (a computing one is never cut off); also the bound on
-    # every collective.
-    timeout_s: float = 60.0
-    start_timeout_s: float = 300.0  # placement, process start, rendezvous, loading
-    time_collectives: bool = False
-    prefix_tokens: int = 0  # each replica's prefix cache, in positions (0: none)
-
-    def __post_init__(self) -> None:
-        if self.tp < 1:
-            raise ValueError(f"tp must be >= 1, got {self.tp}")
-        if self.ep < 1:
-            raise ValueError(f"ep must be >= 1, got {self.ep}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.bundle_resources and len(self.bundle_resources) != self.shards:
-            raise ValueError(f"bundle_resources needs one mapping per shard ({self.shards})")
-
-    @property
-    def shards(self) -> int:
-        """Ranks in the group: tp × ep."""
-        return self.tp * self.ep
-
-    @property
-    def threads(self) -> int:
-        if self.threads_per_shard is not None:
-            return self.threads_per_shard
-        return max(1, (os.cpu_count() or 1) // self.shards)
+from specray.cluster.target_group_config import ShardedTargetConfig
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from specray.actors.model.prefix_cache import DEFAULT_BLOCK_SIZE
 from specray.cluster.affinity import PrefixAffinity, block_hashes
 from specray.cluster.events import Inbox
 from specray.cluster.router_state import TargetReplicaState
-from specray.cluster.target_group import ShardedTarget, ShardedTargetConfig
+from specray.cluster.target_group import ShardedTarget
+from specray.cluster.target_group_config import ShardedTargetConfig
 
 log = logging.getLogger(__name__)
 

@@ -36,12 +36,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from specray.actors.drafting.spec import DRAFTER_KINDS, DrafterSpec
 from specray.actors.engine.factory import EngineSpec
 from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
-from specray.actors.model.hardware import CHOICES
-from specray.actors.model.weight_plan import DTYPE_FORMATS, WeightPlan
+from specray.actors.model.weight_plan import WeightPlan
 from specray.deploy.auth import TlsFiles
 from specray.deploy.backend import ModelInfo
 from specray.deploy.gateway import QueueLimits
 from specray.deploy.validation import ValidationLimits
+from specray.deploy.weights_config import (
+    WEIGHTS_HELP,
+    Weights,
+    model_dtype,
+    weight_source,
+    weights_for_dtype,
+)
 
 
 class LimitsConfig(BaseModel):
@@ -69,37 +75,6 @@ class LimitsConfig(BaseModel):
 
 
 Dtype = Literal["float32", "bfloat16"]
-# The target's weights (actors/model/weight_plan.py): auto is measured at start.
-Weights = Literal["auto", "gguf", "bf16", "fp32"]
-WEIGHTS_HELP = (
-    "gguf: the GGUF blocks on low-bit kernels; bf16 / fp32: dense; "
-    "auto: the fastest a ~2 s probe of this machine measures"
-)
-
-
-def weights_for_dtype(weights: str, dtype: str | None) -> str:
-    """``weights`` with a legacy ``dtype`` key folded in: ``dtype`` alone
-    means dense weights in it; with ``gguf`` it is the activation dtype."""
-    if dtype is None:
-        return weights
-    dense = DTYPE_FORMATS[dtype]
-    if weights == "auto":
-        return dense
-    if weights in ("fp32", "bf16") and weights != dense:
-        raise ValueError(f"weights {weights} contradicts dtype {dtype}")
-    return weights
-
-
-def weight_source(weights: str) -> str:
-    """``load_model``'s ``weights`` argument for a format."""
-    return "gguf" if weights == "gguf" else "dense"
-
-
-def model_dtype(weights: str, dtype: str | None) -> str:
-    """The model dtype of planned settings (``weights`` not ``auto``)."""
-    if weights == "auto":
-        raise ValueError("weights: auto is planned at start-up (specray.deploy.weights_choice)")
-    return dtype or CHOICES[weights].dtype
 
 
 class DrafterConfig(BaseModel):

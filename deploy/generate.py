@@ -23,9 +23,9 @@ from specray.actors.engine.tokenizer import chat_ids
 from specray.actors.model.weight_plan import WEIGHT_FORMATS
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 from specray.actors.store.weights_dir import weights_dir
-from specray.deploy.config import WEIGHTS_HELP, weights_for_dtype
 from specray.deploy.generation_output import print_result
 from specray.deploy.weights_choice import choose_plan
+from specray.deploy.weights_config import WEIGHTS_HELP, weights_for_dtype
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

@@ -36,9 +36,9 @@ from specray.cluster.local_ray import start_ray
 from specray.cluster.recovery import RecoveryConfig
 from specray.cluster.router import RouterConfig, launch_router, open_stream
 from specray.cluster.router_state import RouterHealth, RouterState
-from specray.cluster.target_group import ShardedTargetConfig
+from specray.cluster.target_group_config import ShardedTargetConfig
 from specray.deploy.backend import Backend, Chunk, ModelInfo, model_info
-from specray.deploy.config import RouterSettings, ServeConfig, weight_source
+from specray.deploy.config import RouterSettings, ServeConfig
 from specray.deploy.conversion import chunk_from_output, generation_request
 from specray.deploy.errors import (
     UnavailableError,
@@ -46,6 +46,7 @@ from specray.deploy.errors import (
 from specray.deploy.replicas import ReplicaState
 from specray.deploy.validation import ValidatedRequest, Validator
 from specray.deploy.weights_choice import planned_router
+from specray.deploy.weights_config import weight_source
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from specray.cluster.affinity import PrefixAffinity
 from specray.cluster.events import Inbox
 from specray.cluster.local_ray import start_ray
 from specray.cluster.router_state import Footprint, RouterState
-from specray.cluster.target_group import ShardedTargetConfig
+from specray.cluster.target_group_config import ShardedTargetConfig
 from specray.cluster.target_pool import TargetPool, TargetReplica
 from specray.deploy.client import GenerationResult, SpecrayClient
 from specray.deploy.config import ServeConfig
