@@ -14,14 +14,21 @@ from specray.actors.engine.target import Target, VerifyInput
 
 _PROFILE_ID = "__specray_profile__"
 PROFILE_CONTEXT = 16
+# Prefill chunks are profiled up to this many tokens: past it a forward is
+# compute-bound, so the cost curve's linear extrapolation holds, and the
+# rounds themselves refine it. Timing whole 512-token chunks three times on a
+# 2-core CPU took minutes of start-up.
+PROFILE_PREFILL_TOKENS = 128
 
 
 def profile_sizes(
     num_slots: int, max_gamma: int, max_len: int, max_batched_tokens: int | None = None
 ) -> list[int]:
-    """Powers of two up to the largest batch a round can verify (a full
-    round of drafts, or a round's prefill budget), and that."""
-    largest = max(num_slots * (max_gamma + 1), max_batched_tokens or 0)
+    """Powers of two up to the largest batch a round verifies (a full round
+    of drafts, or a round's prefill budget up to
+    :data:`PROFILE_PREFILL_TOKENS`), and that."""
+    prefill = min(max_batched_tokens or 0, PROFILE_PREFILL_TOKENS)
+    largest = max(num_slots * (max_gamma + 1), prefill)
     largest = max(1, min(largest, max_len - PROFILE_CONTEXT - 1))
     return [*(1 << i for i in range(largest.bit_length()) if 1 << i < largest), largest]
 
