@@ -210,3 +210,12 @@ class SharesPrefixes(Protocol):
 
     @property
     def prefix_pins(self) -> int: ...
+
+
+def check_accepted(num_accepted: int, new_token_ids: Sequence[int]) -> None:
+    """What every drafter's ``accept`` checks first: the accepted drafts are
+    a prefix of the round's committed tokens."""
+    if not 0 <= num_accepted <= len(new_token_ids):
+        raise ValueError(
+            f"num_accepted={num_accepted} out of range for {len(new_token_ids)} new tokens"
+        )

@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest
+from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest, check_accepted
 from specray.actors.drafting.draws import draft_generator, draw_tokens
 from specray.actors.drafting.slots import RequestSlots
 from specray.actors.model.batch import SequenceInput
@@ -121,10 +121,7 @@ class ChainedDrafter(ABC, Generic[OutputT]):
         target_hidden: torch.Tensor | None = None,
     ) -> None:
         state = self._requests[request_id]
-        if not 0 <= num_accepted <= len(new_token_ids):
-            raise ValueError(
-                f"num_accepted={num_accepted} out of range for {len(new_token_ids)} new tokens"
-            )
+        check_accepted(num_accepted, new_token_ids)
         if target_hidden is None:
             # A gap in the hidden states (e.g. a target that was not asked for
             # them): the context is no longer contiguous, so restart it.

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest
+from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest, check_accepted
 from specray.actors.drafting.suffix.cache import SuffixCache
 from specray.actors.drafting.suffix.speculate import SpeculationParams, SuffixDraft, speculate
 from specray.actors.drafting.suffix.tree import SuffixTree
@@ -110,10 +110,7 @@ class SuffixDrafter:
         new_token_ids: Sequence[int],
         target_hidden: torch.Tensor | None = None,  # unused: reads no hidden states
     ) -> None:
-        if not 0 <= num_accepted <= len(new_token_ids):
-            raise ValueError(
-                f"num_accepted={num_accepted} out of range for {len(new_token_ids)} new tokens"
-            )
+        check_accepted(num_accepted, new_token_ids)
         state = self._state(request_id)
         state.tree.extend(state.seq_id, new_token_ids)
 
