@@ -26,15 +26,22 @@ def _generate(*flags: str) -> dict[str, object]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+_COMMON = ["--weights", "fp32", "--max-tokens", "24", "--ignore-eos", "--fixed-k"]
+_PROMPT = ["--prompt", "x = [1, 2, 3]\ny = [1, 2, 3]\nz = [1, 2,"]
+
+
+@pytest.fixture(scope="module")
+def target_only() -> dict[str, object]:
+    """One target-only run that every lossless check compares with."""
+    return _generate("--draft", "none", *_COMMON, *_PROMPT)
+
+
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_generate_json_contract_and_lossless_greedy() -> None:
-    common = ["--weights", "fp32", "--max-tokens", "24", "--ignore-eos", "--fixed-k"]
-    prompt = ["--prompt", "x = [1, 2, 3]\ny = [1, 2, 3]\nz = [1, 2,"]
-    target_only = _generate("--draft", "none", *common, *prompt)
-    spec = _generate("--draft", "ngram", "--k", "4", *common, *prompt)
+def test_generate_json_contract_and_lossless_greedy(target_only: dict[str, object]) -> None:
+    spec = _generate("--draft", "ngram", "--k", "4", *_COMMON, *_PROMPT)
     # A lookup drafter's ceiling may be large; a token tree's nodes count against it.
-    suffix = _generate("--draft", "suffix", "--k", "16", *common, *prompt)
+    suffix = _generate("--draft", "suffix", "--k", "16", *_COMMON, *_PROMPT)
     assert suffix["token_ids"] == target_only["token_ids"]
     assert "mean_acceptance_length" in suffix["stats"]  # type: ignore[operator]
     for result in (target_only, spec):
@@ -48,6 +55,16 @@ def test_generate_json_contract_and_lossless_greedy() -> None:
     assert len(target_only["token_ids"]) == 24  # type: ignore[arg-type]
     assert spec["stats"]["draft_tokens"] > 0  # type: ignore[index]
     assert target_only["stats"]["draft_tokens"] == 0  # type: ignore[index]
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_generate_tp2_equals_tp1(target_only: dict[str, object]) -> None:
+    """`--tp 2` runs the target as two gloo shards in Ray actors on loopback;
+    with the adaptive budget (no --fixed-k) it profiles them first."""
+    common = [flag for flag in _COMMON if flag != "--fixed-k"]
+    tp2 = _generate("--draft", "ngram", "--tp", "2", *common, *_PROMPT)
+    assert tp2["token_ids"] == target_only["token_ids"]
 
 
 @pytest.mark.parametrize(
@@ -72,18 +89,6 @@ def test_models_list_shows_the_registry(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     for name in ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "gemma-3-270m"):
         assert name in out
-
-
-@pytest.mark.real_model
-@pytest.mark.slow
-def test_generate_tp2_equals_tp1() -> None:
-    """`--tp 2` runs the target as two gloo shards in Ray actors on loopback."""
-    common = ["--weights", "fp32", "--max-tokens", "12", "--ignore-eos", "--draft", "ngram"]
-    prompt = ["--prompt", "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n"]
-    tp1 = _generate(*common, *prompt)
-    tp2 = _generate(*common, "--tp", "2", *prompt)
-    assert tp2["token_ids"] == tp1["token_ids"]
-    assert len(tp1["token_ids"]) == 12  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("flag", ["--http-port", "--port"])

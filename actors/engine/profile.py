@@ -26,8 +26,9 @@ def profile_sizes(
 ) -> list[int]:
     """Powers of two up to the largest batch a round verifies (a full round
     of drafts, or a round's prefill budget up to
-    :data:`PROFILE_PREFILL_TOKENS`), and that."""
-    prefill = min(max_batched_tokens or 0, PROFILE_PREFILL_TOKENS)
+    :data:`PROFILE_PREFILL_TOKENS`), and that. With one slot no round
+    drafts beside a prefill, so the prefill sizes are never asked for."""
+    prefill = min(max_batched_tokens or 0, PROFILE_PREFILL_TOKENS) if num_slots > 1 else 0
     largest = max(num_slots * (max_gamma + 1), prefill)
     largest = max(1, min(largest, max_len - PROFILE_CONTEXT - 1))
     return [*(1 << i for i in range(largest.bit_length()) if 1 << i < largest), largest]

@@ -30,7 +30,6 @@ from typing import Any, Literal
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import torch
 
 GuideKind = Literal["json_schema", "json_object", "regex", "choice"]
@@ -131,9 +130,12 @@ class GrammarMatcher:
         each verified position, after the committed tokens and the drafts
         before it. The drafts must be allowed (:meth:`clip`)."""
         rows = len(draft_ids) + 1
-        bitmask = llguidance.torch.allocate_token_bitmask(rows, self.vocab_size)
+        # llguidance.torch does this too, but importing it compiles a kernel
+        # with torch._dynamo: seconds added to every worker's start-up.
+        bitmask = torch.full((rows, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
         for row in range(rows):
-            llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
+            words = bitmask[row]
+            self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
             if row < len(draft_ids) and not self._matcher.consume_token(draft_ids[row]):
                 raise GrammarError(f"draft token {draft_ids[row]} is not allowed here")
         if draft_ids:
