@@ -30,6 +30,64 @@ from specray.actors.sampling.params import SamplingParams
 
 
 @dataclass(frozen=True)
+class DraftStop:
+    """When a model drafter stops drafting a request: llama.cpp's
+    ``--spec-draft-p-min``, with the threshold set by the round's measured
+    costs instead of a constant.
+
+    A draft is worth verifying when it raises the round's expected tokens
+    per second. Draft ``j`` (1 = the first) whose path survives with
+    probability ``s`` (the product of the drafter's confidences along it)
+    adds ``s`` expected tokens and moves the round from ``round_seconds[j -
+    1]`` to ``round_seconds[j]``; the drafter keeps it when
+    ``(E + s) / T[j] >= E / T[j - 1]``, ``E`` being the tokens the round
+    expects without it, and stops at the first draft that fails. The rule
+    reads only the drafter's own outputs, so acceptance stays lossless.
+
+    The first draft is always kept: the scheduler chose to draft at all,
+    with a catch-up feed's cost spread over the rounds left, which one
+    round's seconds cannot see.
+    """
+
+    round_seconds: tuple[float, ...]  # [most drafts + 1]: the round with j of this request's drafts
+    others_expected: float = 0.0  # tokens the rest of the batch is expected to commit
+
+    def keeps(self, depth: int, expected: float, survival: float) -> bool:
+        """Whether draft ``depth`` is worth its cost, ``expected`` being
+        this request's expected tokens from the drafts before it (its
+        committed token included)."""
+        if depth >= len(self.round_seconds):
+            return False
+        if depth == 1:
+            return True
+        before = self.others_expected + expected
+        return (before + survival) * self.round_seconds[depth - 1] >= (
+            before * self.round_seconds[depth]
+        )
+
+
+class DraftStopping:
+    """One propose call's running survivals, for drafters that step a
+    batch of requests token by token and stop each by its :class:`DraftStop`."""
+
+    def __init__(self, requests: Sequence[DraftRequest]) -> None:
+        self._stops = [r.stop for r in requests]
+        self._survival = [1.0] * len(requests)
+        self._expected = [1.0] * len(requests)
+
+    def keeps(self, index: int, depth: int, confidence: float) -> bool:
+        """Whether request ``index`` keeps its draft ``depth`` of this
+        ``confidence`` (its probability given the drafts before it)."""
+        survival = self._survival[index] * min(max(confidence, 0.0), 1.0)
+        stop = self._stops[index]
+        if stop is not None and not stop.keeps(depth, self._expected[index], survival):
+            return False
+        self._survival[index] = survival
+        self._expected[index] += survival
+        return True
+
+
+@dataclass(frozen=True)
 class DraftRequest:
     """One request's share of a propose call."""
 
@@ -44,6 +102,9 @@ class DraftRequest:
     # proposes nothing: a long prompt catches up over several rounds, each
     # as short as a prefill chunk of the target.
     max_feed: int | None = None
+    # A model drafter stops before ``num_tokens`` where the next draft is
+    # not worth its cost (None: it drafts them all).
+    stop: DraftStop | None = None
 
     @property
     def most(self) -> int:

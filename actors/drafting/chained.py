@@ -21,8 +21,14 @@ from typing import Generic, TypeVar
 
 import torch
 
-from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest, check_accepted
-from specray.actors.drafting.draws import draft_generator, draw_tokens
+from specray.actors.drafting.base import (
+    DraftPaths,
+    DraftProposal,
+    DraftRequest,
+    DraftStopping,
+    check_accepted,
+)
+from specray.actors.drafting.draws import draft_generator, draw_tokens, token_confidences
 from specray.actors.drafting.slots import RequestSlots
 from specray.actors.model.batch import SequenceInput
 from specray.actors.model.kv_cache import SlotCache
@@ -87,12 +93,16 @@ class ChainedDrafter(ABC, Generic[OutputT]):
         self._feed_pending([states[i] for i in active])
         drafted: list[list[int]] = [[] for _ in states]
         probs: list[list[torch.Tensor]] = [[] for _ in states]
+        confidences: list[list[float]] = [[] for _ in states]
+        stopping = DraftStopping(requests)
         outputs: dict[int, OutputT] = {}
         for i in active:
             last = states[i].last
             assert last is not None  # a budget needs a fed entry
             outputs[i] = last
         for step in range(max(budgets, default=0)):
+            if not active:
+                break
             if step > 0:
                 seqs = [
                     SequenceInput(states[i].slot, [drafted[i][-1]], states[i].fed + step - 1)
@@ -101,16 +111,20 @@ class ChainedDrafter(ABC, Generic[OutputT]):
                 stepped = self._step(seqs, [outputs[i] for i in active])
                 outputs = dict(zip(active, stepped, strict=True))
             chosen = [states[i] for i in active]
-            tokens, token_probs = self._sample([outputs[i] for i in active], chosen)
+            tokens, token_probs, confidence = self._sample([outputs[i] for i in active], chosen)
             for row, i in enumerate(active):
+                if not stopping.keeps(i, step + 1, confidence[row]):
+                    budgets[i] = step
+                    continue
                 drafted[i].append(tokens[row])
+                confidences[i].append(confidence[row])
                 # Greedy drafts are point masses (probs None) even in a mixed batch.
                 if token_probs is not None and not states[i].sampling.greedy:
                     probs[i].append(token_probs[row])
             active = [i for i in active if budgets[i] > step + 1]
         return [
-            DraftProposal(ids, torch.stack(p) if p else None)
-            for ids, p in zip(drafted, probs, strict=True)
+            DraftProposal(ids, torch.stack(p) if p else None, confidence=c or None)
+            for ids, p, c in zip(drafted, probs, confidences, strict=True)
         ]
 
     def accept(
@@ -162,18 +176,21 @@ class ChainedDrafter(ABC, Generic[OutputT]):
 
     def _sample(
         self, outputs: Sequence[OutputT], states: Sequence[ChainState[OutputT]]
-    ) -> tuple[list[int], torch.Tensor | None]:
+    ) -> tuple[list[int], torch.Tensor | None, list[float]]:
         """One token per row from the drafter's distribution (after the
-        request's sampling parameters), and that distribution over the full
-        vocabulary unless every row is greedy."""
+        request's sampling parameters), that distribution over the full
+        vocabulary unless every row is greedy, and each token's confidence
+        (:func:`token_confidences`)."""
         logits = self._logits(outputs)  # [rows, vocab]
         vocab = self._vocab()
         if all(s.sampling.greedy for s in states):
-            ids = logits.argmax(-1)
-            return (ids if vocab is None else vocab[0][ids]).tolist(), None
+            ids = logits.argmax(-1).tolist()
+            confidence = token_confidences(logits, ids)
+            return (ids if vocab is None else vocab[0][ids].tolist()), None, confidence
         if vocab is not None:
             full = torch.full((logits.shape[0], vocab[1]), -torch.inf)
             full[:, vocab[0]] = logits
             logits = full
         probs = compute_probs(logits, SamplingTensors.from_params([s.sampling for s in states]))
-        return draw_tokens(probs, [s.generator for s in states]), probs
+        tokens = draw_tokens(probs, [s.generator for s in states])
+        return tokens, probs, token_confidences(logits, tokens)

@@ -18,8 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest
-from specray.actors.drafting.draws import draft_generator, draw_tokens
+from specray.actors.drafting.base import (
+    DraftPaths,
+    DraftProposal,
+    DraftRequest,
+    DraftStopping,
+)
+from specray.actors.drafting.draws import draft_generator, draw_tokens, token_confidences
 from specray.actors.drafting.feed_profile import profile_feeds
 from specray.actors.drafting.slots import RequestSlots
 from specray.actors.model.batch import ForwardBatch, SequenceInput
@@ -83,28 +88,39 @@ class DraftModelDrafter:
         ]
         drafted: list[list[int]] = [[] for _ in states]
         probs: list[list[torch.Tensor]] = [[] for _ in states]
+        confidences: list[list[float]] = [[] for _ in states]
+        stopping = DraftStopping(requests)
         feeds = [s.tokens[s.cached :] for s in states]
+        active = [i for i, b in enumerate(budgets) if b > 0]
+        fed = set(active)  # their first step feeds every committed token they had not seen
         for step in range(max(budgets, default=0)):
-            active = [i for i, b in enumerate(budgets) if b > step]
+            if not active:
+                break
             seqs = [
                 SequenceInput(states[i].slot, feeds[i], self.cache.length(states[i].slot))
                 for i in active
             ]
             logits = self.model(ForwardBatch.build(seqs), self.cache).logits
             tokens, token_probs = self._sample(logits, [states[i] for i in active])
+            confidence = token_confidences(logits, tokens)
             for row, i in enumerate(active):
+                if not stopping.keeps(i, step + 1, confidence[row]):
+                    budgets[i] = step  # its cache holds this step's feed, not the dropped draft
+                    continue
                 drafted[i].append(tokens[row])
+                confidences[i].append(confidence[row])
                 if token_probs is not None:
                     probs[i].append(token_probs[row])
                 feeds[i] = [tokens[row]]
-        for state, ids in zip(states, drafted, strict=True):
+            active = [i for i in active if budgets[i] > step + 1]
+        for i, (state, ids) in enumerate(zip(states, drafted, strict=True)):
             state.last_proposal = len(ids)
-            if ids:
+            if i in fed:
                 state.cached = len(state.tokens)
         self._share(states)
         return [
-            DraftProposal(ids, torch.stack(p) if p else None)
-            for ids, p in zip(drafted, probs, strict=True)
+            DraftProposal(ids, torch.stack(p) if p else None, confidence=c or None)
+            for ids, p, c in zip(drafted, probs, confidences, strict=True)
         ]
 
     def _attach(self, requests: Sequence[DraftRequest], states: Sequence[_DraftState]) -> None:

@@ -33,3 +33,14 @@ def draw_tokens(
         else int(torch.multinomial(draft_probs[row], 1, generator=generator))
         for row, generator in enumerate(generators)
     ]
+
+
+def token_confidences(
+    logits: torch.Tensor,  # [rows, vocab] the drafter's raw logits
+    token_ids: Sequence[int],  # [rows] the token drawn per row, as columns of ``logits``
+) -> list[float]:
+    """Each drawn token's probability under the drafter's own distribution
+    (temperature 1, nothing cut): its estimate that the target accepts it."""
+    rows = torch.arange(len(token_ids))
+    probs = logits.float().softmax(-1)
+    return probs[rows, torch.tensor(token_ids, dtype=torch.long)].tolist()

@@ -19,6 +19,7 @@ re-prefill.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -87,9 +88,7 @@ class HybridDrafter:
             else:
                 proposals.append(None)
                 if request.num_tokens > 0:
-                    fallback.append(
-                        DraftRequest(request.request_id, request.num_tokens, 0, request.max_feed)
-                    )
+                    fallback.append(replace(request, lookup_tokens=0))
         modelled = iter(self.model.propose(fallback) if fallback else [])
         # Per request, not per call: calls for disjoint micro-batches interleave.
         self._model_drafted.difference_update(r.request_id for r in requests)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specray.actors.drafting.base import DraftUpdate
+from specray.actors.drafting.base import DraftStop, DraftUpdate
 from specray.actors.engine.budget import DepthAcceptance
 from specray.actors.engine.errors import RequestRejectedError
 from specray.actors.engine.gamma import SurvivalEstimate
@@ -116,6 +116,7 @@ class DraftState:
     model_acceptance: SurvivalEstimate
     replica: int | None = None  # the drafter holding its state; None: target-only for now
     gamma: int = 0  # a model's drafts asked for this round
+    stop: DraftStop | None = None  # where the model stops short of gamma
     lookup_gamma: int = 0  # copies asked for this round
     backlog: int = 0  # committed tokens the drafter has not fed (its next first step)
     updates: list[DraftUpdate] = field(default_factory=list)  # verdicts not yet sent

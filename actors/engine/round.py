@@ -221,6 +221,7 @@ async def propose(
                 batch[i].draft.gamma,
                 batch[i].draft.lookup_gamma,
                 scheduler.max_batched_tokens,
+                batch[i].draft.stop,
             )
             for i in idx
         ]

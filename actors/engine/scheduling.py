@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftUpdate
+from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftStop, DraftUpdate
 from specray.actors.engine.budget import DepthAcceptance, budget_tokens, survivals
 from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.gamma import (
@@ -82,6 +82,7 @@ class GammaScheduler:
         groups: dict[int | None, list[RunningRequest]] = {}
         for run in batch:
             run.draft.gamma = run.draft.lookup_gamma = 0
+            run.draft.stop = None
             groups.setdefault(run.target, []).append(run)
         for group in groups.values():
             self.assign_feeds(group)
@@ -195,8 +196,41 @@ class GammaScheduler:
                 for r, alpha, limit, gamma in zip(group, alphas, limits, in_step, strict=True)
             ]
         gammas = schedule_gammas(alphas, limits, costs.round_seconds, base, entries)
-        for run, gamma in zip(group, gammas, strict=True):
-            run.draft.gamma = gamma
+        for q, run in enumerate(group):
+            run.draft.gamma = gammas[q]
+            if gammas[q] > 0:
+                # Up to the ceiling, each draft paying for itself (DraftStop).
+                run.draft.gamma = limits[q]
+                run.draft.stop = self._stop(group, alphas, gammas, limits[q], base, q)
+
+    def _stop(
+        self,
+        group: Sequence[RunningRequest],
+        alphas: Sequence[float],
+        gammas: Sequence[int],
+        limit: int,
+        base: int,
+        q: int,
+    ) -> DraftStop:
+        """Request ``q``'s stop rule: the round's seconds with each number
+        of its drafts, the others drafting as scheduled, less the prefill
+        share that is verified whatever is drafted."""
+        decoding = sum(not r.prefilling for r in group)
+        verify = self.costs.verify.seconds
+        sunk = max(verify(base) - verify(decoding), 0.0) if base > decoding else 0.0
+        others = [g if i != q else 0 for i, g in enumerate(gammas)]
+        backlogs = [r.draft.backlog for r in group]
+        seconds = []
+        for drafts in range(limit + 1):
+            others[q] = drafts
+            shape = RoundShape.of(base + sum(others), others, backlogs)
+            seconds.append(max(self.costs.round_seconds(shape) - sunk, 1e-9))
+        others_expected = sum(
+            expected_tokens(alpha, gamma) if not r.prefilling else 0.0
+            for i, (r, alpha, gamma) in enumerate(zip(group, alphas, gammas, strict=True))
+            if i != q
+        )
+        return DraftStop(tuple(seconds), others_expected)
 
     def entry_seconds(
         self, run: RunningRequest, alpha: float, limit: int, drafts_in_step: bool
