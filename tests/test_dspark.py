@@ -15,7 +15,7 @@ import torch
 from sampling_helpers import chi_square_p_value, total_variation
 from tiny_models import VOCAB
 
-from specray.actors.drafting.base import CatchesUp, DraftProposal, DraftRequest
+from specray.actors.drafting.base import CatchesUp, DraftProposal, DraftRequest, DraftStop
 from specray.actors.drafting.dspark.checkpoint import (
     load_dspark,
     save_dspark,
@@ -112,13 +112,15 @@ def test_batching_and_asking_fewer_leave_each_proposal_alone(tiny_dir_factory) -
     prompts = {"a": [5, 9, 12, 40, 7], "b": [11, 3, 77, 90, 6, 31, 8]}
     params = {"a": SamplingParams(temperature=0.9, seed=3), "b": SamplingParams()}
 
-    def propose(ids: list[str], asks: dict[str, int]) -> dict[str, DraftProposal]:
+    def propose(
+        ids: list[str], asks: dict[str, int], stop: DraftStop | None = None
+    ) -> dict[str, DraftProposal]:
         drafter = DSparkDrafter(model, 3, 64)
         for request_id in ids:
             drafter.start(request_id, prompts[request_id][:1], params[request_id])
             assert drafter.propose([DraftRequest(request_id, 4)])[0].token_ids == []
             _primed(drafter, target_dir, [request_id], prompts[request_id])
-        proposals = drafter.propose([DraftRequest(i, asks[i]) for i in ids])
+        proposals = drafter.propose([DraftRequest(i, asks[i], stop=stop) for i in ids])
         return dict(zip(ids, proposals, strict=True))
 
     alone = {i: propose([i], {i: 4})[i] for i in prompts}
@@ -129,6 +131,10 @@ def test_batching_and_asking_fewer_leave_each_proposal_alone(tiny_dir_factory) -
         assert first.token_ids == second.token_ids and len(first.token_ids) == 4
         assert first.confidence == pytest.approx(second.confidence, abs=1e-6)
         assert fewer[request_id].token_ids == first.token_ids[:2]
+    # A stop that prices a third draft out cuts the block after two.
+    stopped = propose(["a", "b"], {"a": 4, "b": 4}, DraftStop((1.0, 1.0, 1.0, 1e9, 1e9)))
+    for request_id in prompts:
+        assert stopped[request_id].token_ids == alone[request_id].token_ids[:2]
     sampled = alone["a"]
     assert sampled.draft_probs is not None and sampled.draft_probs.shape == (4, VOCAB)
     assert alone["b"].draft_probs is None

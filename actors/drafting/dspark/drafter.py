@@ -15,7 +15,9 @@ rejection rolls nothing back.
 
 The backbone always drafts its full block of ``γ = block_size`` (positions
 in a block attend to each other, so a shorter block would change the
-earlier drafts); a request that asks for fewer gets the first ones.
+earlier drafts); a request that asks for fewer gets the first ones, and
+one with a ``DraftStop`` gets them up to the first draft whose
+confidence does not pay for its verification (the verify scheduler's cut).
 Each proposal carries the exact distribution each token was drawn from
 (after the request's sampling parameters) and, with a confidence head,
 the calibrated survival estimate of each token.
@@ -32,8 +34,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest
-from specray.actors.drafting.draws import draft_generator, draw_tokens
+from specray.actors.drafting.base import (
+    DraftPaths,
+    DraftProposal,
+    DraftRequest,
+    DraftStopping,
+)
+from specray.actors.drafting.draws import draft_generator, draw_tokens, token_confidences
 from specray.actors.drafting.dspark.calibration import Calibration
 from specray.actors.drafting.dspark.model import DSparkModel
 from specray.actors.drafting.feed_profile import profile_feeds
@@ -108,13 +115,20 @@ class DSparkDrafter:
             torch.tensor([s.context_start for s in chosen], dtype=torch.int64, device=device),
         )
         wanted = [budgets[i] for i in active]
-        drafted, probs = self._sample(out.base_logits, anchor_ids, chosen, wanted)
-        confidences = self._confidences(out.hidden, anchor_ids, drafted)
+        drafted, probs, token_probs = self._sample(out.base_logits, anchor_ids, chosen, wanted)
+        confidences = self._confidences(out.hidden, anchor_ids, drafted) or token_probs
+        # The block is drafted whole; a stop cuts what is sent to verification.
+        stopping = DraftStopping([requests[i] for i in active])
         for row, i in enumerate(active):
+            keep = 0
+            while keep < len(drafted[row]) and stopping.keeps(
+                row, keep + 1, confidences[row][keep]
+            ):
+                keep += 1
             proposals[i] = DraftProposal(
-                drafted[row],
-                torch.stack(probs[row]) if probs[row] else None,
-                confidence=None if confidences is None else confidences[row],
+                drafted[row][:keep],
+                torch.stack(probs[row][:keep]) if probs[row][:keep] else None,
+                confidence=confidences[row][:keep],
             )
         return proposals
 
@@ -200,12 +214,14 @@ class DSparkDrafter:
         anchor_ids: torch.Tensor,  # [batch] int64
         states: Sequence[_Request],
         wanted: Sequence[int],
-    ) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    ) -> tuple[list[list[int]], list[list[torch.Tensor]], list[list[float]]]:
         """Left to right through the block: each position's logits get the
-        Markov bias of the token drawn before it. Returns the tokens and, for
-        sampled requests, the distribution each was drawn from."""
+        Markov bias of the token drawn before it. Returns the tokens, for
+        sampled requests the distribution each was drawn from, and each
+        token's probability under the drafter (:func:`token_confidences`)."""
         drafted: list[list[int]] = [[] for _ in states]
         probs: list[list[torch.Tensor]] = [[] for _ in states]
+        confidences: list[list[float]] = [[] for _ in states]
         previous = anchor_ids.clone()
         rows = list(range(len(states)))
         for k in range(max(wanted)):
@@ -221,13 +237,16 @@ class DSparkDrafter:
                     logits, SamplingTensors.from_params([s.sampling for s in row_states])
                 )
                 tokens = draw_tokens(step_probs, [s.generator for s in row_states])
-            for j, r in enumerate(rows):
+            for j, (r, confidence) in enumerate(
+                zip(rows, token_confidences(logits, tokens), strict=True)
+            ):
                 drafted[r].append(tokens[j])
+                confidences[r].append(confidence)
                 # Greedy drafts are point masses (probs None) even in a mixed batch.
                 if step_probs is not None and not states[r].sampling.greedy:
                     probs[r].append(step_probs[j])
             previous[index] = torch.tensor(tokens, device=previous.device)
-        return drafted, probs
+        return drafted, probs, confidences
 
     def _confidences(
         self,
