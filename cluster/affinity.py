@@ -12,12 +12,18 @@ The hashes only steer placement: a collision or a block the replica has
 since evicted costs a cache miss, never a wrong token (the replica's own
 cache compares tokens). Hashing is Python's tuple hash within the router's
 process: about a microsecond per block.
+
+Draft replicas are placed the same way: a suffix drafter's global cache
+holds the outputs of the requests it drafted for, and a draft model's
+prefix cache their prompts, so a conversation's next turn drafts best on
+the replica that drafted its previous ones.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Protocol, TypeVar
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
@@ -55,3 +61,36 @@ class PrefixAffinity:
                 break
             count += 1
         return count
+
+
+class Placeable(Protocol):
+    """A replica as placement sees it."""
+
+    @property
+    def replica_id(self) -> int: ...
+
+    @property
+    def affinity(self) -> PrefixAffinity: ...
+
+    @property
+    def occupied(self) -> int: ...
+
+
+ReplicaT = TypeVar("ReplicaT", bound=Placeable)
+
+
+def place(room: Sequence[ReplicaT], hashes: Sequence[int], slack: int) -> ReplicaT | None:
+    """Among the replicas of ``room`` (each with a free slot) at most
+    ``slack`` requests above the least occupied, the one that was sent the
+    most leading blocks of ``hashes``, else the least occupied. The bound
+    keeps a hot shared prefix (a system prompt) from piling every request
+    onto one replica."""
+    if not room:
+        return None
+    near = min(r.occupied for r in room) + slack
+
+    def rank(r: ReplicaT) -> tuple[int, int, int]:
+        matched = r.affinity.match(hashes) if hashes and r.occupied <= near else 0
+        return (-matched, r.occupied, r.replica_id)
+
+    return min(room, key=rank)

@@ -1,7 +1,10 @@
 """A pool of draft replicas, each a :class:`DraftWorker` in its own Ray actor.
 
 Requests are pinned to one replica (their draft state lives there); a new
-request goes to the least loaded replica that is not draining. Starting and
+request goes to a replica that is not draining: where a drafter keeps
+state across requests (a suffix drafter's global cache, a draft model's
+prefix cache), the one that was sent most of its prefix within a bound on
+imbalance (:func:`specray.cluster.affinity.place`), else the least loaded. Starting and
 finishing a request are sent without waiting: a replica runs its caller's
 calls in submission order, so the next :meth:`DraftPool.propose` to it comes
 after them, and awaits their outcome along with its own. A replica that dies
@@ -26,8 +29,12 @@ import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from specray.actors.drafting.base import DraftProposal, DraftRequest, DraftUpdate
+from specray.actors.drafting.spec import MODEL_KINDS
+from specray.actors.drafting.suffix.drafter import SuffixConfig
+from specray.actors.model.prefix_cache import DEFAULT_BLOCK_SIZE
 from specray.actors.sampling.params import SamplingParams
 from specray.actors.workers.draft_worker import DraftWorker, DraftWorkerSpec, DraftWorkerStats
+from specray.cluster.affinity import PrefixAffinity, block_hashes, place
 from specray.cluster.router_state import DraftReplicaState
 
 _MAX_UNSETTLED = 64
@@ -48,6 +55,7 @@ class DraftPoolConfig:
     num_cpus: float = 1.0  # Ray CPUs per replica; spec.num_threads is what it uses
     timeout_s: float = 30.0  # bound on every propose
     start_timeout_s: float = 300.0  # process start and model load
+    affinity: bool = True  # place requests where their prefix was drafted (see pick)
 
 
 @dataclass
@@ -59,15 +67,31 @@ class DraftReplica:
     draining: bool = False
     # start/finish calls sent but not yet awaited; awaited with the next propose
     unsettled: list[Any] = field(default_factory=list)
+    affinity: PrefixAffinity = field(default_factory=lambda: PrefixAffinity(0))
 
     @property
     def load(self) -> int:
         return len(self.requests)
 
+    @property
+    def occupied(self) -> int:
+        return len(self.requests)
+
+
+def affinity_blocks(spec: DraftWorkerSpec) -> int:
+    """Blocks of the state a replica keeps across requests: a suffix
+    drafter's global cache, a draft model's prefix cache (0: none, and
+    placement goes by load alone)."""
+    tokens = spec.prefix_tokens if spec.drafter.kind in MODEL_KINDS else 0
+    if spec.drafter.kind in ("suffix", "suffix_hybrid"):
+        tokens = max(tokens, SuffixConfig().cache_tokens)
+    return tokens // DEFAULT_BLOCK_SIZE
+
 
 class DraftPool:
     def __init__(self, config: DraftPoolConfig) -> None:
         self.config = config
+        self._affinity_blocks = affinity_blocks(config.spec) if config.affinity else 0
         self.replicas: dict[int, DraftReplica] = {}
         self._ids = itertools.count()
         self._actor: Any = ray.remote(DraftWorker)
@@ -110,7 +134,9 @@ class DraftPool:
             raise
         ids = []
         for handle, pid in zip(handles, pids, strict=True):
-            replica = DraftReplica(next(self._ids), handle, int(pid))
+            replica = DraftReplica(
+                next(self._ids), handle, int(pid), affinity=PrefixAffinity(self._affinity_blocks)
+            )
             self.replicas[replica.replica_id] = replica
             ids.append(replica.replica_id)
         return ids
@@ -171,10 +197,19 @@ class DraftPool:
 
     # -- requests -------------------------------------------------------------
 
-    def pick(self) -> DraftReplica | None:
-        """The least loaded replica that takes new requests, if any has room."""
-        room = [r for r in self.live if r.load < self.config.spec.num_slots]
-        return min(room, key=lambda r: (r.load, r.replica_id)) if room else None
+    def prefix_hashes(self, token_ids: Sequence[int]) -> list[int]:
+        """The block hashes placement compares; [] where no replica keeps
+        state across requests."""
+        return block_hashes(token_ids, DEFAULT_BLOCK_SIZE) if self._affinity_blocks else []
+
+    def pick(self, hashes: Sequence[int] = ()) -> DraftReplica | None:
+        """A replica that takes new requests and has room, if any: by
+        affinity to ``hashes`` (:meth:`prefix_hashes` of the request's
+        tokens) within ``num_slots // 4`` of the least loaded, else the
+        least loaded."""
+        slots = self.config.spec.num_slots
+        room = [r for r in self.live if r.load < slots]
+        return place(room, hashes, max(1, slots // 4))
 
     def attach(
         self,
@@ -182,17 +217,25 @@ class DraftPool:
         request_id: str,
         token_ids: Sequence[int],
         sampling: SamplingParams,
+        hashes: Sequence[int] = (),
     ) -> None:
-        """Start drafting ``request_id`` on ``replica`` from its committed tokens."""
+        """Start drafting ``request_id`` on ``replica`` from its committed
+        tokens (whose :meth:`prefix_hashes` are ``hashes``)."""
         replica.unsettled.append(replica.handle.start.remote(request_id, list(token_ids), sampling))
         replica.requests.add(request_id)
+        replica.affinity.record(hashes)
         self._bound_unsettled(replica)
 
-    def detach(self, replica_id: int | None, request_ids: Sequence[str]) -> None:
-        """Free the requests' draft state; a gone replica has nothing to free."""
+    def detach(
+        self, replica_id: int | None, request_ids: Sequence[str], token_ids: Sequence[int] = ()
+    ) -> None:
+        """Free the requests' draft state; a gone replica has nothing to free.
+        ``token_ids``: a finished request's committed tokens, which the
+        replica's caches now hold (for placement)."""
         replica = self.replicas.get(replica_id) if replica_id is not None else None
         if replica is None or not request_ids:
             return
+        replica.affinity.record(self.prefix_hashes(token_ids))
         replica.requests.difference_update(request_ids)
         replica.unsettled.append(replica.handle.finish.remote(list(request_ids)))
         self._bound_unsettled(replica)

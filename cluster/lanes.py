@@ -191,10 +191,11 @@ class Lanes:
             return
         if run.stats.fallback and not self.reattach_drafts:
             return
-        new = pool.pick()
+        hashes = pool.prefix_hashes(run.tokens)
+        new = pool.pick(hashes)
         if new is None:
             return
-        pool.attach(new, tracked.request_id, run.tokens, run.sampling)
+        pool.attach(new, tracked.request_id, run.tokens, run.sampling, hashes)
         draft.attach(new.replica_id, len(run.tokens))
         if moving:
             self.moves.draft += 1

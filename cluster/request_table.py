@@ -103,7 +103,7 @@ class RequestTable:
         self._targets.release(run.target, request_id, run.tokens)
         run.target = None
         if self._drafts is not None and run.draft.replica is not None:
-            self._drafts.detach(run.draft.replica, [request_id])
+            self._drafts.detach(run.draft.replica, [request_id], run.tokens)
         run.draft.detach()
         self.update_gauges()
         self._inbox.wake()

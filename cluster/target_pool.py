@@ -23,7 +23,7 @@ from typing import Any
 
 from specray.actors.engine.profile import profile_verify
 from specray.actors.model.prefix_cache import DEFAULT_BLOCK_SIZE
-from specray.cluster.affinity import PrefixAffinity, block_hashes
+from specray.cluster.affinity import PrefixAffinity, block_hashes, place
 from specray.cluster.events import Inbox
 from specray.cluster.router_state import TargetReplicaState
 from specray.cluster.target_group import ShardedTarget
@@ -125,15 +125,7 @@ class TargetPool:
         occupied. The bound keeps a hot shared prefix (a system prompt)
         from piling every request onto one replica."""
         room = [r for r in self.live if r.occupied < self.config.num_slots]
-        if not room:
-            return None
-        near = min(r.occupied for r in room) + max(1, self.config.num_slots // 4)
-
-        def rank(r: TargetReplica) -> tuple[int, int, int]:
-            matched = r.affinity.match(hashes) if hashes and r.occupied <= near else 0
-            return (-matched, r.occupied, r.replica_id)
-
-        return min(room, key=rank)
+        return place(room, hashes, max(1, self.config.num_slots // 4))
 
     def pin(self, replica: TargetReplica, request_id: str, hashes: Sequence[int] = ()) -> None:
         replica.requests.add(request_id)

@@ -169,7 +169,9 @@ class RouterSettings(BaseModel):
         "max_len, 0: off",
     )
     prefix_affinity: bool = Field(
-        True, description="admit a request to the target replica that likely holds its prefix"
+        True,
+        description="admit a request to the target replica (and draft replica, for suffix "
+        "and draft-model drafters) that likely holds its prefix",
     )
     threads_per_shard: int | None = Field(None, ge=1, description="default: cores / shards")
     cpus_per_shard: float | None = Field(None, ge=0, description="default: threads_per_shard")

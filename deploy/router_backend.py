@@ -248,7 +248,10 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
             prefix_tokens=prefix_tokens(settings.prefix_cache_tokens, num_slots, settings.max_len),
         )
         draft = DraftPoolConfig(
-            spec, num_cpus=drafter.cpus, start_timeout_s=settings.start_timeout_s
+            spec,
+            num_cpus=drafter.cpus,
+            start_timeout_s=settings.start_timeout_s,
+            affinity=settings.prefix_affinity,
         )
     return RouterConfig(
         target=target,

@@ -3,7 +3,8 @@ doors: multi-turn chats over two target replicas and a draft-model replica,
 each turn resending the conversation, equal the no-cache reference; later
 turns are placed on the replica that holds their earlier turns and report
 the cached prompt tokens; the vLLM counters count them; every pin is let
-go. Placement by prefix is also tested on its own, without Ray."""
+go. Placement by prefix, of target and draft replicas, is also tested on
+its own, without Ray."""
 
 from __future__ import annotations
 
@@ -21,8 +22,12 @@ from references import greedy_reference
 from router_helpers import sample, scrape
 from serving_helpers import ServingThread, save_served_model
 
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.model.prefix_cache import DEFAULT_BLOCK_SIZE
+from specray.actors.sampling.params import SamplingParams
+from specray.actors.workers.draft_worker import DraftWorkerSpec
 from specray.cluster.affinity import PrefixAffinity
+from specray.cluster.draft_pool import DraftPool, DraftPoolConfig, DraftReplica, affinity_blocks
 from specray.cluster.events import Inbox
 from specray.cluster.local_ray import start_ray
 from specray.cluster.router_state import Footprint, RouterState
@@ -69,6 +74,51 @@ def test_placement_prefers_the_replica_sent_the_prefix_within_the_imbalance_boun
     assert plain.prefix_hashes(chat) == []
     plain.pin(plain.replicas[1], "a", first)
     assert plain.pick(first) is plain.replicas[0]  # least occupied only
+
+
+def _draft_pool(kind: str, affinity: bool = True) -> DraftPool:
+    spec = DraftWorkerSpec(drafter=DrafterSpec(kind), num_slots=8)
+    pool = DraftPool(DraftPoolConfig(spec, affinity=affinity))
+    for replica_id in (0, 1):
+        replica = DraftReplica(
+            replica_id, _Actor(), 0, affinity=PrefixAffinity(affinity_blocks(spec))
+        )
+        pool.replicas[replica_id] = replica
+    return pool
+
+
+class _Call:
+    def remote(self, *args: object) -> None:
+        return None
+
+
+class _Actor:
+    """A draft replica's handle as placement uses it: calls it never awaits."""
+
+    start = finish = _Call()
+
+
+def test_a_conversation_drafts_on_the_replica_that_drafted_its_earlier_turns() -> None:
+    """A suffix drafter's global cache holds the outputs of the requests it
+    drafted for: a chat's next turn (its earlier turns plus their outputs)
+    goes back to that replica, within the imbalance bound. An n-gram
+    drafter keeps nothing across requests: load alone decides."""
+    pool = _draft_pool("suffix")
+    assert affinity_blocks(pool.config.spec) > 0
+    first_turn, output = _ids(40, 1), _ids(20, 2)
+    hashes = pool.prefix_hashes(first_turn)
+    pool.attach(pool.replicas[1], "turn-1", first_turn, SamplingParams(), hashes)
+    pool.detach(1, ["turn-1"], first_turn + output)  # finished: its output is in the cache
+    next_turn = first_turn + output + _ids(10, 3)
+    assert pool.pick(pool.prefix_hashes(next_turn)) is pool.replicas[1]
+    pool.replicas[1].requests |= {"x", "y", "z"}  # three above the other: balance wins
+    assert pool.pick(pool.prefix_hashes(next_turn)) is pool.replicas[0]
+
+    for plain in (_draft_pool("ngram"), _draft_pool("suffix", affinity=False)):
+        assert plain.prefix_hashes(first_turn) == []
+        plain.attach(plain.replicas[1], "turn-1", first_turn, SamplingParams())
+        plain.detach(1, ["turn-1"], first_turn + output)
+        assert plain.pick(plain.prefix_hashes(next_turn)) is plain.replicas[0]
 
 
 def test_affinity_remembers_the_most_recent_blocks_up_to_its_capacity() -> None:
