@@ -115,6 +115,12 @@ def machine_line(machine: dict[str, Any]) -> str:
     return f"{machine['cpu']} ({flags}), {machine['cpu_count']} cores, torch {machine['torch']}"
 
 
+def machine_header(machine: dict[str, Any]) -> str:
+    """A report's machine line, with the load it started under."""
+    load = machine["loadavg"][0]
+    return f"Machine: {machine_line(machine)}; load average {load:.1f} at the start."
+
+
 def resolve_preferring(name: str, dtype: str) -> Path:
     """The store copy in ``dtype`` when cached, else the default one (cast on load)."""
     from specray.actors.store.errors import NotCachedError

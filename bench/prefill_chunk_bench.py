@@ -27,8 +27,8 @@ from specray.actors.engine.target import LocalTarget, VerifyInput
 from specray.actors.model.loader import load_model
 from specray.bench.common import (
     command_line,
+    machine_header,
     machine_info,
-    machine_line,
     resolve_preferring,
     write_report,
 )
@@ -94,8 +94,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['threads']} threads, {result['prompt_tokens']}-token prompt, "
         f"best of {result['repeats']})",
         "",
-        f"Machine: {machine_line(result['machine'])}; load average "
-        f"{result['machine']['loadavg'][0]:.1f} at the start.",
+        machine_header(result["machine"]),
         "",
         "| chunk | rounds | prefill s | tokens/s | throughput ÷ whole | longest round s |",
         "|---:|---:|---:|---:|---:|---:|",

@@ -40,8 +40,8 @@ from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import StoppingCriteria
 from specray.bench.common import (
     command_line,
+    machine_header,
     machine_info,
-    machine_line,
     resolve_preferring,
     write_report,
 )
@@ -136,8 +136,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"requests: {result['target']} ({result['dtype']}, {result['threads']} threads, "
         f"n-gram, median of {result['repeats']})",
         "",
-        f"Machine: {machine_line(result['machine'])}; load average "
-        f"{result['machine']['loadavg'][0]:.1f} at the start.",
+        machine_header(result["machine"]),
         "",
         "| round budget | long prompt TTFT s | newcomer TTFT s | newcomer ÷ long | "
         "decoders' longest gap s |",

@@ -20,7 +20,6 @@ Writes ``prefix_chat_<target>_<dtype>.{json,md}`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.model.prefix_cache import prefix_tokens
 from specray.actors.sampling.params import StoppingCriteria
-from specray.bench.common import machine_info, machine_line, resolve_preferring
+from specray.bench.common import machine_header, machine_info, resolve_preferring, write_report
 from specray.bench.prompts import load_prompts
 
 SYSTEM_PROMPT = (
@@ -206,8 +205,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"### Multi-turn chat, prefix cache off vs on: {result['target']} ({result['dtype']}, "
         f"{result['threads']} threads)",
         "",
-        f"Machine: {machine_line(result['machine'])}; load average "
-        f"{result['machine']['loadavg'][0]:.1f} at the start.",
+        machine_header(result["machine"]),
         "",
         f"{result['conversations']} conversations × {result['turns']} turns sharing one system "
         f"prompt, one request at a time, n-gram drafting at γ = {result['k']}, up to "
@@ -237,12 +235,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"prefix_chat_{Path(result['target']).name}_{result['dtype']}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    (out_dir / f"{stem}.md").write_text(text)
-    print(text)
+    write_report(out_dir, stem, result, markdown(result))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,6 @@ Writes ``prefix_copy_<target>.{json,md}`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +35,7 @@ from specray.actors.model.block_pool import BlockPool
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.kv_cache import KVCache
 from specray.actors.model.prefix_cache import DEFAULT_BLOCK_SIZE
-from specray.bench.common import machine_info, machine_line, resolve_preferring
+from specray.bench.common import machine_header, machine_info, resolve_preferring, write_report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -121,8 +120,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{shapes['head_dim']}, blocks of {shapes['block_size']}; {result['threads']} threads, "
         f"best of {result['repeats']})",
         "",
-        f"Machine: {machine_line(result['machine'])}; load average "
-        f"{result['machine']['loadavg'][0]:.1f} at the start.",
+        machine_header(result["machine"]),
         "",
         "| dtype | context | KV MiB | attach ms (once) | save ms | gather ms per forward "
         "| break-even forwards |",
@@ -137,12 +135,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"prefix_copy_{Path(result['target']).name}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    (out_dir / f"{stem}.md").write_text(text)
-    print(text)
+    write_report(out_dir, stem, result, markdown(result))
 
 
 def build_parser() -> argparse.ArgumentParser:

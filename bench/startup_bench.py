@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from specray.bench.common import machine_info, machine_line, write_report
+from specray.bench.common import machine_header, machine_info, write_report
 
 # What a process is, from its command line (first match wins).
 ROLES = (
@@ -121,8 +121,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"### `specray serve` start-up ({result['tag']})",
         "",
-        f"Machine: {machine_line(result['machine'])}; load average "
-        f"{result['machine']['loadavg'][0]:.1f} at the start. Models already in the store.",
+        machine_header(result["machine"]) + " Models already in the store.",
         "",
         f"`{result['command']}`",
         "",

@@ -37,8 +37,8 @@ from specray.actors.sampling.grammar import Guide
 from specray.actors.sampling.params import StoppingCriteria
 from specray.bench.common import (
     command_line,
+    machine_header,
     machine_info,
-    machine_line,
     resolve_preferring,
     write_report,
 )
@@ -201,8 +201,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['threads']} threads, greedy, up to {result['max_tokens']} tokens, "
         f"adaptive γ ≤ {result['k']})",
         "",
-        f"Machine: {machine_line(result['machine'])}; load average "
-        f"{result['machine']['loadavg'][0]:.1f} at the start.",
+        machine_header(result["machine"]),
         "",
         "| drafter | valid JSON | seconds | τ | speedup over constrained target-only |",
         "|---|---:|---:|---:|---:|",
