@@ -30,6 +30,7 @@ def state_message(state: ReplicaState) -> pb.ReplicaState:
         waiting=state.waiting,
         target_moves=state.target_moves,
         draft_moves=state.draft_moves,
+        expert_parallel_size=state.expert_parallel_size,
     )
 
 

@@ -29,9 +29,10 @@ class ModelInfo:
     drafts: tuple[str, ...]  # e.g. ("ngram",); empty when target-only
     max_context: int  # prompt + max_tokens must fit in it
     dtype: str
-    tensor_parallel_size: int
+    tensor_parallel_size: int  # per row of experts when expert_parallel_size > 1
     vocab_size: int
     max_num_speculative_tokens: int  # the drafting ceiling (γ max)
+    expert_parallel_size: int = 1  # a target replica has tp x ep shards
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ def model_info(
     dtype: str,
     tensor_parallel_size: int,
     max_num_speculative_tokens: int,
+    expert_parallel_size: int = 1,
 ) -> ModelInfo:
     """What GetModelInfo and /v1/models report for a served target."""
     return ModelInfo(
@@ -127,4 +129,5 @@ def model_info(
         tensor_parallel_size=tensor_parallel_size,
         vocab_size=config.vocab_size,
         max_num_speculative_tokens=max_num_speculative_tokens,
+        expert_parallel_size=expert_parallel_size,
     )

@@ -175,6 +175,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             vocab_size=info.vocab_size,
             max_tokens_limit=limits.max_tokens,
             max_num_speculative_tokens=info.max_num_speculative_tokens,
+            expert_parallel_size=info.expert_parallel_size,
         )
 
 

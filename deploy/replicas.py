@@ -15,11 +15,12 @@ class ReplicaState:
     backend: str  # "router" | "engine"
     drafts: int  # draft replicas taking requests (draining ones left out)
     targets: int  # target replicas taking requests, each a TP group
-    tensor_parallel_size: int  # shards per target replica
+    tensor_parallel_size: int  # shards per target replica (per row of experts)
     running: int  # requests in a batch now
     waiting: int  # requests queued for a target slot
     target_moves: int = 0  # requests re-prefilled on another target replica, ever
     draft_moves: int = 0  # requests restarted on another draft replica, ever
+    expert_parallel_size: int = 1  # rows of experts per target replica
 
 
 @runtime_checkable

@@ -157,6 +157,7 @@ class RouterBackend:
             drafts=sum(not d.draining for d in state.drafts),
             targets=self._num_targets,
             tensor_parallel_size=self._info.tensor_parallel_size,
+            expert_parallel_size=self._info.expert_parallel_size,
             running=state.running,
             waiting=state.waiting,
             target_moves=state.target_moves,
@@ -283,8 +284,9 @@ def launch(settings: RouterSettings, home: Path | None = None, **options: Any) -
         ModelConfig.from_pretrained(Path(config.target.model_dir)),
         settings.max_len,
         settings.model_dtype,
-        settings.shards,
+        settings.planned_tp,
         settings.k,
+        settings.ep,
     )
     tokenizer = load_tokenizer(Path(config.tokenizer_dir)) if config.tokenizer_dir else None
     router = launch_router(config, **options)

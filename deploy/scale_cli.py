@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         took = "" if seconds is None else f" (scaled in {seconds:.1f} s)"
         print(
             f"{state.backend}: {state.drafts} draft, {state.targets} target replica(s) of "
-            f"tp {state.tensor_parallel_size}; {state.running} running, {state.waiting} "
+            f"tp {state.tensor_parallel_size} x ep {state.expert_parallel_size}; "
+            f"{state.running} running, {state.waiting} "
             f"waiting{took}"
         )
     return 0

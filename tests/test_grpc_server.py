@@ -100,6 +100,7 @@ def test_model_info(client: SpecrayClient, model_dir: Path) -> None:
     assert info.target == str(model_dir)
     assert list(info.drafts) == ["ngram"]
     assert (info.max_context, info.vocab_size, info.tensor_parallel_size) == (512, 512, 1)
+    assert info.expert_parallel_size == 1
     assert (info.max_tokens_limit, info.max_num_speculative_tokens) == (256, 4)
 
 

@@ -151,6 +151,8 @@ def test_grpc_and_http_give_the_reference(
 ) -> None:
     (target,) = router_state(server).targets
     assert len(target.shard_pids) == 2  # one replica: two expert-parallel shards
+    info = client.model_info()
+    assert (info.tensor_parallel_size, info.expert_parallel_size) == (1, 2)
     assert [len(nodes) for nodes in shard_nodes()] == [2]  # one per node
     drafted = 0
     for i in range(len(PROMPTS)):
@@ -193,6 +195,7 @@ def test_specray_scale_drafts_keeps_the_output(
         flags = ["--timeout", "300", "--json", "--drafts", str(drafts)]
         assert main(["scale", "--server", server.grpc_address, *flags]) == 0
         result: dict[str, Any] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (result["tensor_parallel_size"], result["expert_parallel_size"]) == (1, 2)
         return int(result["drafts"])
 
     with ThreadPoolExecutor(1) as pool:

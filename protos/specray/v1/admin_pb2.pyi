@@ -34,7 +34,7 @@ class GetStateResponse(_message.Message):
     def __init__(self, state: _Optional[_Union[ReplicaState, _Mapping]] = ...) -> None: ...
 
 class ReplicaState(_message.Message):
-    __slots__ = ("backend", "drafts", "targets", "tensor_parallel_size", "running", "waiting", "target_moves", "draft_moves")
+    __slots__ = ("backend", "drafts", "targets", "tensor_parallel_size", "running", "waiting", "target_moves", "draft_moves", "expert_parallel_size")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DRAFTS_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class ReplicaState(_message.Message):
     WAITING_FIELD_NUMBER: _ClassVar[int]
     TARGET_MOVES_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MOVES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     backend: str
     drafts: int
     targets: int
@@ -51,4 +52,5 @@ class ReplicaState(_message.Message):
     waiting: int
     target_moves: int
     draft_moves: int
-    def __init__(self, backend: _Optional[str] = ..., drafts: _Optional[int] = ..., targets: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., target_moves: _Optional[int] = ..., draft_moves: _Optional[int] = ...) -> None: ...
+    expert_parallel_size: int
+    def __init__(self, backend: _Optional[str] = ..., drafts: _Optional[int] = ..., targets: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., target_moves: _Optional[int] = ..., draft_moves: _Optional[int] = ..., expert_parallel_size: _Optional[int] = ...) -> None: ...

@@ -113,7 +113,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("target", "drafts", "max_context", "dtype", "tensor_parallel_size", "vocab_size", "max_tokens_limit", "max_num_speculative_tokens")
+    __slots__ = ("target", "drafts", "max_context", "dtype", "tensor_parallel_size", "vocab_size", "max_tokens_limit", "max_num_speculative_tokens", "expert_parallel_size")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     DRAFTS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,7 @@ class GetModelInfoResponse(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_LIMIT_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     target: str
     drafts: _containers.RepeatedScalarFieldContainer[str]
     max_context: int
@@ -130,4 +131,5 @@ class GetModelInfoResponse(_message.Message):
     vocab_size: int
     max_tokens_limit: int
     max_num_speculative_tokens: int
-    def __init__(self, target: _Optional[str] = ..., drafts: _Optional[_Iterable[str]] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_num_speculative_tokens: _Optional[int] = ...) -> None: ...
+    expert_parallel_size: int
+    def __init__(self, target: _Optional[str] = ..., drafts: _Optional[_Iterable[str]] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_num_speculative_tokens: _Optional[int] = ..., expert_parallel_size: _Optional[int] = ...) -> None: ...
