@@ -1,5 +1,5 @@
-"""The draft budget: per-depth acceptance, survivals of chains and trees, and
-DSpark's admission over them under a verify cost."""
+"""The draft budget: per-depth acceptance judged in hindsight, survivals of
+chains and trees, and DSpark's admission over them under a verify cost."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ import random
 
 import pytest
 
-from specray.actors.drafting.base import DraftProposal
-from specray.actors.engine.budget import DepthAcceptance, budget_tokens, survivals
+from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftUpdate
+from specray.actors.engine.budget import DepthAcceptance, Hindsight, budget_tokens, survivals
+from specray.actors.engine.costs import RoundCostModel
+from specray.actors.engine.gamma import SurvivalEstimate
+from specray.actors.engine.lifecycle import start_request
+from specray.actors.engine.request import DraftState, GenerationRequest, RunningRequest
+from specray.actors.engine.scheduling import GammaScheduler
+from specray.actors.sampling.params import StoppingCriteria
 
 
 def test_depth_acceptance_learns_that_long_copies_stay_right() -> None:
@@ -63,3 +69,68 @@ def test_budget_is_never_expected_to_lose_to_plain_decoding() -> None:
         assert all(0 <= c <= len(d) for c, d in zip(counts, drafts, strict=True))
         expected = base + sum(sum(d[:c]) for c, d in zip(counts, drafts, strict=True))
         assert expected / cost(base + sum(counts)) >= base / cost(base) - 1e-9
+
+
+def test_hindsight_judges_a_copy_as_its_tokens_commit() -> None:
+    copy = Hindsight(start=3, token_ids=[5, 6, 7, 8])
+    assert copy.judge([1, 2, 3]) == [] and not copy.settled
+    assert copy.judge([1, 2, 3, 5]) == [True]
+    assert copy.continued([1, 2, 3, 5], [6, 7, 8]) == 1  # the same copy, one deeper
+    assert copy.continued([1, 2, 3, 5], [9, 7]) == 0  # another guess
+    assert copy.judge([1, 2, 3, 5, 6, 9, 7]) == [True, False]  # deeper depths never tested
+    assert copy.settled and copy.continued([1, 2, 3, 5, 6, 9, 7], [7]) == 0
+    whole = Hindsight(start=0, token_ids=[4, 4])
+    assert whole.judge([4, 4, 4]) == [True, True] and whole.settled
+
+
+def test_survivals_of_a_copy_already_right_start_deeper() -> None:
+    estimate = DepthAcceptance()
+    for _ in range(20):
+        estimate.update(8, 0)  # most fresh copies are wrong at once...
+        estimate.update(8, 8)  # ...and the right ones stay right
+    fresh, continued = (
+        survivals(DraftProposal([1, 2]), estimate),
+        survivals(DraftProposal([1, 2]), estimate, offset=3),
+    )
+    assert fresh[0] < 0.6 and continued[0] > 0.9
+    assert estimate.conditional(40) == estimate.conditional(8)  # past the tested depths
+
+
+def _lookup_request() -> RunningRequest:
+    draft = DraftState(
+        lookup_acceptance=SurvivalEstimate.with_prior(0.5),
+        model_acceptance=SurvivalEstimate.with_prior(0.5),
+    )
+    stopping = StoppingCriteria(max_tokens=400, ignore_eos=True)
+    run = start_request(GenerationRequest("r", [3, 4], stopping=stopping), (), None, 16, draft)
+    run.cached_len = len(run.tokens) - 1
+    run.target = 0
+    draft.attach(0, 1)
+    return run
+
+
+def test_early_rejections_do_not_shut_copies_out() -> None:
+    """A verify of 2 tokens costs two of 1, of 17 about three (an AVX2 CPU
+    in fp32): a copy pays only when long and likely. The first two copies
+    are wrong at their first token, every later one is right; judged only
+    by what it verified, the budget would verify nothing ever again."""
+    costs = RoundCostModel()
+    costs.verify.set_profile([(1, 0.26), (2, 0.52), (4, 0.75), (8, 0.8), (17, 0.9)])
+    scheduler = GammaScheduler(DraftPaths(model=False, lookup=True), costs=costs)
+    truth = [7 + i % 50 for i in range(1000)]
+    run = _lookup_request()
+    verified = []
+    for round_ in range(30):
+        scheduler.choose([run])
+        position = len(run.tokens) - 2
+        right = truth[position : position + 16]
+        copy = [1] * 16 if round_ < 2 else right
+        (kept,) = scheduler.trim([run], [DraftProposal(copy, from_lookup=True)])
+        accepted = next((i for i, t in enumerate(kept.token_ids) if t != right[i]), len(kept))
+        new = truth[position : position + accepted + 1]
+        run.tokens.extend(new)
+        run.cached_len = len(run.tokens) - 1
+        scheduler.record(run, kept, DraftUpdate("r", accepted, new, None))
+        verified.append(len(kept))
+    assert sum(verified[:2]) <= 16  # the prior risks at most one of the wrong copies
+    assert min(verified[-10:]) >= 12 and len(run.tokens) - 2 > 300

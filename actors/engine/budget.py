@@ -7,7 +7,8 @@ estimate for the token given its parent (``DraftProposal.confidence``: a
 suffix path's frequency, a draft model's probability, DSpark's confidence
 head; 1 when the drafter gives none) and ``conditional[d]`` is the measured
 rate at which a token at depth ``d`` was accepted when its parent was
-(:class:`DepthAcceptance`). Verbatim copies are the reason for measuring it
+(:class:`DepthAcceptance`), judged on every copy in hindsight
+(:class:`Hindsight`). Verbatim copies are the reason for measuring it
 per depth: a lookup that is right for four tokens is usually right for the
 next forty, which a single per-token α (``α^i``) cannot express and which
 made a fixed k = 16 beat the adaptive γ by 2-4x on verbatim edits.
@@ -57,34 +58,94 @@ class DepthAcceptance:
         )
 
     def conditional(self, depth: int) -> float:
-        d = min(depth, MAX_DEPTH) - 1
+        """The estimate at ``depth``; past the deepest depth ever tested,
+        that depth's (a copy right that far tends to go on being right)."""
+        d = min(depth, MAX_DEPTH, max(len(self.tested), 1)) - 1
         if d >= len(self.tested):
             return self.prior
         return (self.accepted[d] + self.prior * self.weight) / (self.tested[d] + self.weight)
 
-    def update(self, max_depth: int, num_accepted: int) -> None:
-        """A verdict on a proposal ``max_depth`` deep: depths up to
-        ``num_accepted`` were accepted, the next one (if drafted) rejected."""
-        tested = min(num_accepted + 1, max_depth, MAX_DEPTH)
-        while len(self.tested) < tested:
-            self.accepted.append(0.0)
-            self.tested.append(0.0)
+    def new_proposal(self) -> None:
+        """A proposal is about to be judged: what earlier ones taught fades."""
         for d in range(len(self.tested)):
             self.accepted[d] *= self.decay
             self.tested[d] *= self.decay
-            if d < tested:
-                self.tested[d] += 1.0
-                self.accepted[d] += float(d < num_accepted)
+
+    def record(self, depth: int, accepted: bool) -> None:
+        """The verdict on one token at ``depth`` whose parent was accepted."""
+        if depth > MAX_DEPTH:
+            return
+        while len(self.tested) < depth:
+            self.accepted.append(0.0)
+            self.tested.append(0.0)
+        self.tested[depth - 1] += 1.0
+        self.accepted[depth - 1] += float(accepted)
+
+    def update(self, max_depth: int, num_accepted: int) -> None:
+        """A whole verdict on a proposal ``max_depth`` deep: depths up to
+        ``num_accepted`` were accepted, the next one (if drafted) rejected."""
+        self.new_proposal()
+        for depth in range(1, min(num_accepted + 1, max_depth) + 1):
+            self.record(depth, depth <= num_accepted)
 
 
-def survivals(draft: DraftProposal, acceptance: DepthAcceptance) -> list[float]:
-    """Per token of ``draft``, the estimate that it and its ancestors are accepted."""
+@dataclass
+class Hindsight:
+    """A copied proposal waiting for its verdict in hindsight: how many of
+    its tokens the request went on to commit.
+
+    The budget learns per-depth acceptance from these, not from the tokens
+    it let the target verify. Learning from verdicts alone is a trap: one
+    early rejection makes copies look poor, the budget stops verifying
+    them, and with no more verdicts the estimate never recovers (a verbatim
+    edit ran at target-only speed behind it). The committed tokens judge
+    every proposal for free, verified or not: a copy is deterministic, so
+    for greedy requests the match is exactly what verification would have
+    accepted, and for sampled ones a token matches the target's draw with
+    the probability that rejection sampling accepts it.
+    """
+
+    start: int  # committed tokens when it was proposed
+    token_ids: list[int]  # its main chain, untrimmed
+    judged: int = 0  # leading depths judged so far
+    settled: bool = False  # every depth that will be judged is
+
+    def judge(self, tokens: Sequence[int]) -> list[bool]:
+        """Verdicts on the depths after :attr:`judged` that the committed
+        ``tokens`` now settle, in depth order: a match each, up to the first
+        mismatch (the deeper depths are never tested, as in verification)."""
+        committed = tokens[self.start :]
+        verdicts = []
+        while not self.settled and self.judged < min(len(committed), len(self.token_ids)):
+            match = committed[self.judged] == self.token_ids[self.judged]
+            verdicts.append(match)
+            self.judged += 1
+            self.settled = not match
+        self.settled = self.settled or self.judged == len(self.token_ids)
+        return verdicts
+
+    def continued(self, tokens: Sequence[int], chain: Sequence[int]) -> int:
+        """How deep into this copy a new proposal ``chain`` starts: the
+        depths committed ``tokens`` have matched so far, when ``chain``
+        goes on with the copy's next token; else 0. A copy right for
+        twenty tokens is judged at depth 21 on, not as a new guess."""
+        matched = len(tokens) - self.start
+        if self.settled or matched <= 0 or self.judged != matched:
+            return 0
+        ahead = self.token_ids[matched : matched + 1]
+        return matched if ahead and chain[:1] == ahead else 0
+
+
+def survivals(draft: DraftProposal, acceptance: DepthAcceptance, offset: int = 0) -> list[float]:
+    """Per token of ``draft``, the estimate that it and its ancestors are
+    accepted; ``offset``: depths of the same copy already committed
+    (:meth:`Hindsight.continued`)."""
     parents = draft.parents if draft.parents is not None else list(range(-1, len(draft) - 1))
     confidence = draft.confidence or [1.0] * len(draft)
     out: list[float] = []
     for node, depth in enumerate(depths(parents)):
         above = 1.0 if parents[node] < 0 else out[parents[node]]
-        conditional = acceptance.conditional(depth + 1)
+        conditional = acceptance.conditional(offset + depth + 1)
         out.append(above * conditional * min(max(confidence[node], 0.0), 1.0))
     return out
 

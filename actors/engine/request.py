@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specray.actors.drafting.base import DraftStop, DraftUpdate
-from specray.actors.engine.budget import DepthAcceptance
+from specray.actors.engine.budget import DepthAcceptance, Hindsight
 from specray.actors.engine.errors import RequestRejectedError
 from specray.actors.engine.gamma import SurvivalEstimate
 from specray.actors.engine.stopping import FinishReason, StopChecker
@@ -122,6 +122,7 @@ class DraftState:
     updates: list[DraftUpdate] = field(default_factory=list)  # verdicts not yet sent
     # How copies fared by depth: what the budget trims lookup drafts by.
     lookup_depths: DepthAcceptance = field(default_factory=DepthAcceptance)
+    hindsight: Hindsight | None = None  # the copy whose verdict it waits for
 
     @property
     def most(self) -> int:

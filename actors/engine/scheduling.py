@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftStop, DraftUpdate
-from specray.actors.engine.budget import DepthAcceptance, budget_tokens, survivals
+from specray.actors.engine.budget import DepthAcceptance, Hindsight, budget_tokens, survivals
 from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.gamma import (
     RoundShape,
@@ -21,7 +21,6 @@ from specray.actors.engine.gamma import (
 )
 from specray.actors.engine.lifecycle import gamma_limit
 from specray.actors.engine.request import DraftState, RunningRequest
-from specray.actors.model.token_tree import depths
 
 # Tokens one target replica feeds per round unless configured otherwise.
 DEFAULT_MAX_BATCHED_TOKENS = 512
@@ -116,6 +115,12 @@ class GammaScheduler:
         kept = list(drafts)
         if not self.adaptive:
             return kept
+        for run, draft in zip(batch, drafts, strict=True):
+            if draft.from_lookup and len(draft) and run.draft.hindsight is None:
+                chain = draft.main_chain().token_ids
+                run.draft.hindsight = Hindsight(len(run.tokens), list(chain))
+                for by_depth in (run.draft.lookup_depths, self._pool_depths):
+                    by_depth.new_proposal()
         groups: dict[int | None, list[int]] = {}
         for i, run in enumerate(batch):
             if run.feed > 0:
@@ -135,7 +140,7 @@ class GammaScheduler:
             # A prefill's tokens are verified whatever is drafted (see schedule_gammas).
             feeds = sum(batch[i].feed for i in idx)
             counts = budget_tokens(
-                [survivals(drafts[i], batch[i].draft.lookup_depths) for i in copies],
+                [self._copy_survivals(batch[i], drafts[i]) for i in copies],
                 base,
                 expected,
                 self._verify_beyond(feeds, decoding),
@@ -143,6 +148,14 @@ class GammaScheduler:
             for i, count in zip(copies, counts, strict=True):
                 kept[i] = drafts[i].clipped(count)
         return kept
+
+    @staticmethod
+    def _copy_survivals(run: RunningRequest, draft: DraftProposal) -> list[float]:
+        hindsight = run.draft.hindsight
+        offset = 0
+        if hindsight is not None:
+            offset = hindsight.continued(run.tokens, draft.main_chain().token_ids)
+        return survivals(draft, run.draft.lookup_depths, offset)
 
     def _verify_beyond(self, feeds: int, decoding: int) -> Callable[[int], float]:
         """Verify seconds of a batch, less a prefill's share: its tokens are
@@ -311,15 +324,12 @@ class GammaScheduler:
             self._pool["lookup" if draft.from_lookup else "model"].update(
                 len(draft), update.num_accepted
             )
+        self._judge_copy(run)
         if state.replica is None:
             return
         if len(draft):
             estimate = state.lookup_acceptance if draft.from_lookup else state.model_acceptance
             estimate.update(len(draft), update.num_accepted)
-            if draft.from_lookup:
-                deepest = 1 + max(depths(draft.parents or range(-1, len(draft) - 1)))
-                for by_depth in (state.lookup_depths, self._pool_depths):
-                    by_depth.update(deepest, update.num_accepted)
         else:
             state.lookup_acceptance.update(0, 0)
             state.model_acceptance.update(0, 0)
@@ -329,6 +339,20 @@ class GammaScheduler:
             return
         fed = 0 if draft.from_lookup else len(draft)
         state.backlog = backlog_after(state.backlog, fed, update)
+
+    def _judge_copy(self, run: RunningRequest) -> None:
+        """The per-depth acceptance of copies learns from the request's
+        pending copy, a depth at a time as its committed tokens settle it
+        (:class:`~specray.actors.engine.budget.Hindsight`)."""
+        hindsight = run.draft.hindsight
+        if hindsight is None:
+            return
+        first = hindsight.judged + 1
+        for depth, accepted in enumerate(hindsight.judge(run.tokens), first):
+            for by_depth in (run.draft.lookup_depths, self._pool_depths):
+                by_depth.record(depth, accepted)
+        if hindsight.settled:
+            run.draft.hindsight = None
 
 
 def backlog_after(backlog: int, drafted: int, update: DraftUpdate) -> int:
