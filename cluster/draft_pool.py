@@ -70,10 +70,6 @@ class DraftReplica:
     affinity: PrefixAffinity = field(default_factory=lambda: PrefixAffinity(0))
 
     @property
-    def load(self) -> int:
-        return len(self.requests)
-
-    @property
     def occupied(self) -> int:
         return len(self.requests)
 
@@ -157,7 +153,7 @@ class DraftPool:
     def drain(self, count: int) -> list[DraftReplica]:
         """Mark the ``count`` least loaded live replicas draining: they take no
         new requests, and their requests should move (:meth:`pick` elsewhere)."""
-        chosen = sorted(self.live, key=lambda r: (r.load, -r.replica_id))[:count]
+        chosen = sorted(self.live, key=lambda r: (r.occupied, -r.replica_id))[:count]
         for replica in chosen:
             replica.draining = True
         return chosen
@@ -188,7 +184,7 @@ class DraftPool:
         live = self.live
         if not live:
             return []
-        total = sum(r.load for r in self.replicas.values())
+        total = sum(r.occupied for r in self.replicas.values())
         fair = -(-total // len(live))
         moves: list[str] = []
         for replica in live:
@@ -208,7 +204,7 @@ class DraftPool:
         tokens) within ``num_slots // 4`` of the least loaded, else the
         least loaded."""
         slots = self.config.spec.num_slots
-        room = [r for r in self.live if r.load < slots]
+        room = [r for r in self.live if r.occupied < slots]
         return place(room, hashes, max(1, slots // 4))
 
     def attach(
@@ -314,7 +310,9 @@ class DraftPool:
         """Each replica as the router sees it, with the requests it tracks itself."""
         held = await self.num_requests()
         return tuple(
-            DraftReplicaState(r.replica_id, r.pid, r.load, held.get(r.replica_id, -1), r.draining)
+            DraftReplicaState(
+                r.replica_id, r.pid, r.occupied, held.get(r.replica_id, -1), r.draining
+            )
             for r in self.replicas.values()
         )
 

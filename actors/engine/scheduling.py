@@ -161,8 +161,14 @@ class GammaScheduler:
         """Verify seconds of a batch, less a prefill's share: its tokens are
         verified whatever is drafted (see :func:`schedule_gammas`)."""
         verify = self.costs.verify.seconds
-        sunk = max(verify(feeds) - verify(decoding), 0.0) if feeds > decoding else 0.0
+        sunk = self._sunk_seconds(feeds, decoding)
         return lambda tokens: verify(tokens) - sunk
+
+    def _sunk_seconds(self, feeds: int, decoding: int) -> float:
+        """The verify seconds of a batch's prefill tokens beyond one token
+        per decoding request."""
+        verify = self.costs.verify.seconds
+        return max(verify(feeds) - verify(decoding), 0.0) if feeds > decoding else 0.0
 
     def assign_feeds(self, group: Sequence[RunningRequest]) -> None:
         """How many of its uncached tokens each request of one target
@@ -209,41 +215,39 @@ class GammaScheduler:
                 for r, alpha, limit, gamma in zip(group, alphas, limits, in_step, strict=True)
             ]
         gammas = schedule_gammas(alphas, limits, costs.round_seconds, base, entries)
-        for q, run in enumerate(group):
-            run.draft.gamma = gammas[q]
-            if gammas[q] > 0:
-                # Up to the ceiling, each draft paying for itself (DraftStop).
-                run.draft.gamma = limits[q]
-                run.draft.stop = self._stop(group, alphas, gammas, limits[q], base, q)
+        for run, gamma in zip(group, gammas, strict=True):
+            run.draft.gamma = gamma
+        self._stops(group, alphas, gammas, limits, base)
 
-    def _stop(
+    def _stops(
         self,
         group: Sequence[RunningRequest],
         alphas: Sequence[float],
         gammas: Sequence[int],
-        limit: int,
+        limits: Sequence[int],
         base: int,
-        q: int,
-    ) -> DraftStop:
-        """Request ``q``'s stop rule: the round's seconds with each number
-        of its drafts, the others drafting as scheduled, less the prefill
-        share that is verified whatever is drafted."""
-        decoding = sum(not r.prefilling for r in group)
-        verify = self.costs.verify.seconds
-        sunk = max(verify(base) - verify(decoding), 0.0) if base > decoding else 0.0
-        others = [g if i != q else 0 for i, g in enumerate(gammas)]
+    ) -> None:
+        """Each request that drafts is asked for its ceiling with a stop
+        rule (each draft paying for itself, :class:`DraftStop`): the round's
+        seconds with each number of its drafts, the others drafting as
+        scheduled, less the prefill share verified whatever is drafted."""
+        sunk = self._sunk_seconds(base, sum(not r.prefilling for r in group))
         backlogs = [r.draft.backlog for r in group]
-        seconds = []
-        for drafts in range(limit + 1):
-            others[q] = drafts
-            shape = RoundShape.of(base + sum(others), others, backlogs)
-            seconds.append(max(self.costs.round_seconds(shape) - sunk, 1e-9))
-        others_expected = sum(
-            expected_tokens(alpha, gamma) if not r.prefilling else 0.0
-            for i, (r, alpha, gamma) in enumerate(zip(group, alphas, gammas, strict=True))
-            if i != q
-        )
-        return DraftStop(tuple(seconds), others_expected)
+        expected = [
+            0.0 if r.prefilling else expected_tokens(alpha, gamma)
+            for r, alpha, gamma in zip(group, alphas, gammas, strict=True)
+        ]
+        for q, run in enumerate(group):
+            if gammas[q] == 0:
+                continue
+            shape_gammas = list(gammas)
+            seconds = []
+            for drafts in range(limits[q] + 1):
+                shape_gammas[q] = drafts
+                shape = RoundShape.of(base + sum(shape_gammas), shape_gammas, backlogs)
+                seconds.append(max(self.costs.round_seconds(shape) - sunk, 1e-9))
+            run.draft.gamma = limits[q]
+            run.draft.stop = DraftStop(tuple(seconds), sum(expected) - expected[q])
 
     def entry_seconds(
         self, run: RunningRequest, alpha: float, limit: int, drafts_in_step: bool

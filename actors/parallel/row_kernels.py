@@ -39,25 +39,26 @@ def _best_seconds(run: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def _transposed(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.mm(weight, x.t()).t().contiguous()
-
-
 def transposed_rows(
-    weight: torch.Tensor,  # [out, in]
+    dense: DenseWeights,
     row_counts: Sequence[int] = ROW_COUNTS,
     repeats: int = 2,
 ) -> int:
-    """The largest of ``row_counts`` up to which ``W · xᵀ`` beat ``x · Wᵀ``
-    at every count tried (0: it never did, or not at the first)."""
+    """The largest of ``row_counts`` up to which ``dense`` ran faster as
+    ``W · xᵀ`` than as ``x · Wᵀ`` at every count tried (0: it never did, or
+    not at the first). Each form is timed as the layer runs it."""
+    weight = dense.weight
     chosen = 0
     for rows in row_counts:
-        x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        linear = _best_seconds(functools.partial(torch.nn.functional.linear, x, weight), repeats)
-        transposed = _best_seconds(functools.partial(_transposed, weight, x), repeats)
+        x = torch.randn(rows, dense.in_features, dtype=weight.dtype, device=weight.device)
+        dense.transposed_rows = 0
+        linear = _best_seconds(functools.partial(dense, x), repeats)
+        dense.transposed_rows = rows
+        transposed = _best_seconds(functools.partial(dense, x), repeats)
         if transposed > MARGIN * linear:
             break
         chosen = rows
+    dense.transposed_rows = chosen
     return chosen
 
 
@@ -69,20 +70,18 @@ def choose_row_kernels(
     by (out, in, dtype)."""
     by_shape: dict[tuple[int, int, str], list[DenseWeights]] = {}
     for module in model.modules():
-        weight = getattr(module, "weight", None)
         if (
             isinstance(module, DenseWeights)
-            and weight is not None
-            and weight.device.type == "cpu"
-            and weight.is_floating_point()
-            and weight.numel() >= min_elements
+            and module.weight.device.type == "cpu"
+            and module.weight.is_floating_point()
+            and module.weight.numel() >= min_elements
         ):
             key = (module.out_features, module.in_features, module.format_name)
             by_shape.setdefault(key, []).append(module)
     choices = {}
     with torch.inference_mode():
         for key, modules in by_shape.items():
-            choices[key] = transposed_rows(modules[0].weight)
+            choices[key] = transposed_rows(modules[0])
             for module in modules:
                 module.transposed_rows = choices[key]
     return choices
