@@ -1,0 +1,115 @@
+"""What the few-row matmul choice (``actors/parallel/row_kernels.py``) does
+to a verify: the target's verify time for 1..17 tokens with the measured
+choice and with ``F.linear`` everywhere, in one process, interleaved.
+
+    python -m specray.bench.row_kernel_bench --target qwen2.5-coder-0.5b-instruct \\
+        --dtype float32
+
+Writes ``row_kernels_<target>_<dtype>.{json,md}`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specray.actors.engine.profile import profile_verify
+from specray.actors.engine.target import LocalTarget
+from specray.actors.model.loader import load_model
+from specray.actors.parallel.linear_weights import DenseWeights
+from specray.bench.common import (
+    command_line,
+    machine_header,
+    machine_info,
+    resolve_preferring,
+    write_report,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = load_model(resolve_preferring(args.target, args.dtype), args.dtype)  # chooses
+    dense = [m for m in model.modules() if isinstance(m, DenseWeights)]
+    chosen = [m.transposed_rows for m in dense]
+    target = LocalTarget(model, 1, 64)
+    best: dict[str, dict[int, float]] = {"chosen": {}, "linear": {}}
+    for _ in range(args.repeats):
+        for arm in best:
+            for module, rows in zip(dense, chosen, strict=True):
+                module.transposed_rows = rows if arm == "chosen" else 0
+            for size, seconds in profile_verify(target, args.sizes, repeats=1):
+                best[arm][size] = min(best[arm].get(size, float("inf")), seconds)
+    choices = {
+        f"{m.out_features}x{m.in_features}": rows
+        for m, rows in zip(dense, chosen, strict=True)
+        if rows
+    }
+    rows = [
+        {
+            "tokens": size,
+            "linear_ms": round(1e3 * best["linear"][size], 1),
+            "chosen_ms": round(1e3 * best["chosen"][size], 1),
+            "linear_vs_one": round(best["linear"][size] / best["linear"][1], 2),
+            "chosen_vs_one": round(best["chosen"][size] / best["chosen"][1], 2),
+        }
+        for size in args.sizes
+    ]
+    result = {
+        "command": command_line("specray.bench.row_kernel_bench", argv),
+        "target": args.target,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "machine": machine_info(),
+        "transposed_rows": choices,
+        "rows": rows,
+    }
+    write_report(
+        args.out, f"row_kernels_{Path(args.target).name}_{args.dtype}", result, markdown(result)
+    )
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"### Verify time with the few-row matmul choice: {result['target']} "
+        f"({result['dtype']}, {result['threads']} threads, best of {result['repeats']})",
+        "",
+        machine_header(result["machine"]),
+        "",
+        f"`{result['command']}`",
+        "",
+        f"Chosen `W · xᵀ` up to (rows, by weight shape): {result['transposed_rows'] or 'none'}",
+        "",
+        "| tokens verified | F.linear ms | chosen ms | F.linear cost(n)/cost(1) "
+        "| chosen cost(n)/cost(1) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['tokens']} | {r['linear_ms']} | {r['chosen_ms']} | {r['linear_vs_one']} | "
+            f"{r['chosen_vs_one']} |"
+        )
+    return "\n".join([*lines, ""])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--target", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 9, 17]
+    )
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    return p
+
+
+if __name__ == "__main__":
+    main()
