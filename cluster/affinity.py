@@ -73,7 +73,7 @@ class Placeable(Protocol):
     def affinity(self) -> PrefixAffinity: ...
 
     @property
-    def occupied(self) -> int: ...
+    def load(self) -> int: ...
 
 
 ReplicaT = TypeVar("ReplicaT", bound=Placeable)
@@ -81,16 +81,19 @@ ReplicaT = TypeVar("ReplicaT", bound=Placeable)
 
 def place(room: Sequence[ReplicaT], hashes: Sequence[int], slack: int) -> ReplicaT | None:
     """Among the replicas of ``room`` (each with a free slot) at most
-    ``slack`` requests above the least occupied, the one that was sent the
-    most leading blocks of ``hashes``, else the least occupied. The bound
+    ``slack`` requests above the least loaded, the one that was sent the
+    most leading blocks of ``hashes``, else the least loaded. The bound
     keeps a hot shared prefix (a system prompt) from piling every request
-    onto one replica."""
+    onto one replica. It counts the requests a replica runs, not slots
+    still being released: those carry no work, and counting them sent a
+    chat's next turn away from its cache whenever it arrived before the
+    previous turn's release was confirmed."""
     if not room:
         return None
-    near = min(r.occupied for r in room) + slack
+    near = min(r.load for r in room) + slack
 
     def rank(r: ReplicaT) -> tuple[int, int, int]:
-        matched = r.affinity.match(hashes) if hashes and r.occupied <= near else 0
-        return (-matched, r.occupied, r.replica_id)
+        matched = r.affinity.match(hashes) if hashes and r.load <= near else 0
+        return (-matched, r.load, r.replica_id)
 
     return min(room, key=rank)

@@ -73,6 +73,10 @@ class DraftReplica:
     def occupied(self) -> int:
         return len(self.requests)
 
+    @property
+    def load(self) -> int:
+        return len(self.requests)
+
 
 def affinity_blocks(spec: DraftWorkerSpec) -> int:
     """Blocks of the state a replica keeps across requests: a suffix

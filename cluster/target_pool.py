@@ -43,7 +43,13 @@ class TargetReplica:
 
     @property
     def occupied(self) -> int:
+        """Slots taken, including those whose release is in flight."""
         return len(self.requests) + len(self.releasing)
+
+    @property
+    def load(self) -> int:
+        """Requests running here (what placement balances)."""
+        return len(self.requests)
 
 
 class TargetPool:
@@ -119,10 +125,10 @@ class TargetPool:
 
     def pick(self, hashes: Sequence[int] = ()) -> TargetReplica | None:
         """A live replica with a free slot, if any: among those at most
-        ``num_slots // 4`` (at least 1) requests above the least occupied,
+        ``num_slots // 4`` (at least 1) requests above the least loaded,
         the one that was sent the most leading blocks of ``hashes``
         (:meth:`prefix_hashes` of the request's tokens), else the least
-        occupied. The bound keeps a hot shared prefix (a system prompt)
+        loaded. The bound keeps a hot shared prefix (a system prompt)
         from piling every request onto one replica."""
         room = [r for r in self.live if r.occupied < self.config.num_slots]
         return place(room, hashes, max(1, self.config.num_slots // 4))

@@ -76,6 +76,20 @@ def test_placement_prefers_the_replica_sent_the_prefix_within_the_imbalance_boun
     assert plain.pick(first) is plain.replicas[0]  # least occupied only
 
 
+def test_a_next_turn_follows_its_cache_while_the_last_release_is_in_flight() -> None:
+    """Slots still being released hold no work: they must not push a
+    chat's next turn off the replica that caches it (a CI failure)."""
+    pool = _pool(affinity=True)
+    chat = _ids(60, 1)
+    pool.pin(pool.replicas[1], "a", pool.prefix_hashes(chat))
+    pool.replicas[1].requests.discard("a")
+    pool.replicas[1].releasing |= {"a", "b", "c", "d"}  # four releases unconfirmed
+    assert pool.replicas[1].occupied == 4 and pool.replicas[1].load == 0
+    assert pool.pick(pool.prefix_hashes(chat + _ids(20, 2))) is pool.replicas[1]
+    pool.replicas[1].releasing |= {f"x{i}" for i in range(4)}  # every slot taken: no room
+    assert pool.pick(pool.prefix_hashes(chat + _ids(20, 2))) is pool.replicas[0]
+
+
 def _draft_pool(kind: str, affinity: bool = True) -> DraftPool:
     spec = DraftWorkerSpec(drafter=DrafterSpec(kind), num_slots=8)
     pool = DraftPool(DraftPoolConfig(spec, affinity=affinity))
