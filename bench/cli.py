@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from specray.bench import serve_bench
-from specray.bench.prompts import CATEGORIES
+from specray.bench.prompts import ALL_CATEGORIES
 from specray.bench.serve_dataset import AB_ORDERS, RANDOM
 from specray.bench.serve_report import load_results, print_and_write
 
@@ -45,7 +45,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the gRPC server")
     p.add_argument("--label", default=None, help="the run's drafter label (default: the server's)")
     p.add_argument("--dataset", default="shipped", choices=["shipped", RANDOM])
-    p.add_argument("--categories", default=None, help=f"comma list from {', '.join(CATEGORIES)}")
+    categories = ", ".join(ALL_CATEGORIES)
+    p.add_argument("--categories", default=None, help=f"comma list from {categories}")
     p.add_argument("--split", default="eval", choices=["train", "eval", "all"])
     p.add_argument(
         "--num-prompts",
@@ -127,9 +128,9 @@ def check_args(args: argparse.Namespace) -> str | None:
     if args.categories and args.dataset == RANDOM:
         return "--categories applies to --dataset shipped only"
     if args.categories:
-        unknown = [c for c in args.categories.split(",") if c not in CATEGORIES]
+        unknown = [c for c in args.categories.split(",") if c not in ALL_CATEGORIES]
         if unknown:
-            return f"--categories: unknown {unknown}; choose from {', '.join(CATEGORIES)}"
+            return f"--categories: unknown {unknown}; choose from {', '.join(ALL_CATEGORIES)}"
     if args.plot_from and not args.save_result:
         return "--plot-from needs --save-result (the stem of the combined .md and .png)"
     return None

@@ -45,23 +45,33 @@ def shipped_prompts(
 ) -> list[BenchPrompt]:
     """The shipped prompt set: shuffled (seeded) within each category, then
     taken round-robin across categories so any count covers them evenly;
-    cycled (ids suffixed ``#2``, ...) past the set's size. With a
+    cycled (ids suffixed ``#2``, ...) past the set's size. A session
+    category (``agentic``) shuffles whole sessions and keeps each one's
+    turns in order, so at concurrency 1 a turn runs after the turns whose
+    output it quotes (at higher concurrency they may overlap). With a
     ``tokenizer`` its chat template is applied here and token ids are sent;
     without one the raw user message is sent as text."""
     rng = random.Random(seed)
     wanted = list(categories) if categories else None
-    by_category: dict[str, list[BenchPrompt]] = {}
+    by_category: dict[str, list[list[BenchPrompt]]] = {}
+    by_session: dict[str, list[BenchPrompt]] = {}
     for prompt in load_prompts(wanted, split):
         body = chat_ids(tokenizer, prompt.prompt) if tokenizer is not None else prompt.prompt
-        by_category.setdefault(prompt.category, []).append(
-            BenchPrompt(prompt.id, prompt.category, body)
-        )
-    for group in by_category.values():
-        rng.shuffle(group)
+        chosen = BenchPrompt(prompt.id, prompt.category, body)
+        if prompt.session is None:
+            by_category.setdefault(prompt.category, []).append([chosen])
+        elif prompt.session in by_session:
+            by_session[prompt.session].append(chosen)
+        else:
+            by_session[prompt.session] = [chosen]
+            by_category.setdefault(prompt.category, []).append(by_session[prompt.session])
+    for units in by_category.values():
+        rng.shuffle(units)
+    flat = {name: [p for unit in units for p in unit] for name, units in by_category.items()}
     ordered = [
         group[i]
-        for i in range(max(map(len, by_category.values()), default=0))
-        for group in by_category.values()
+        for i in range(max(map(len, flat.values()), default=0))
+        for group in flat.values()
         if i < len(group)
     ]
     if not ordered:

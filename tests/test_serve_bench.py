@@ -4,6 +4,7 @@ and the pure parts of what it sends and when."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 from collections.abc import Iterator
@@ -82,6 +83,19 @@ def test_shipped_prompts_cover_categories_round_robin_then_cycle() -> None:
     assert all(p.prompt == texts[p.id.split("#")[0]] for p in chosen)
     assert chosen == shipped_prompts(12, ["chat", "math"], "eval", seed=1, tokenizer=None)
     assert chosen != shipped_prompts(12, ["chat", "math"], "eval", seed=2, tokenizer=None)
+
+
+def test_shipped_sessions_keep_their_turns_in_order() -> None:
+    chosen = shipped_prompts(None, ["agentic", "code_edit"], "eval", seed=3, tokenizer=None)
+    turns = load_prompts(["agentic"], "eval")
+    assert sorted(p.id for p in chosen if p.category == "agentic") == sorted(p.id for p in turns)
+    order = {p.id: i for i, p in enumerate(chosen)}
+    for earlier, later in itertools.pairwise(turns):
+        if earlier.session == later.session:
+            assert order[earlier.id] < order[later.id]
+    sessions_first = [p.id for p in chosen if p.category == "agentic" and p.id.endswith("-t1")]
+    other_seed = shipped_prompts(None, ["agentic"], "eval", seed=4, tokenizer=None)
+    assert sessions_first != [p.id for p in other_seed if p.id.endswith("-t1")]  # sessions shuffled
 
 
 def test_random_prompts_have_the_length_and_stay_in_the_vocabulary() -> None:
