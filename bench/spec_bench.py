@@ -126,19 +126,24 @@ def build_runners(
             drafter = DraftModelDrafter(model, 1, max_len)
         return drafter
 
+    speculative = [(n, k) for n, k in drafters if n != TARGET_ONLY]
+    names = [n for n, _ in speculative]
+    # A drafter listed with several k (ngram:4,ngram:16) is labelled by each.
+    base_label = {(n, k): f"{n}:{k}" if names.count(n) > 1 else n for n, k in speculative}
+
     def speculative_runner(name: str, k: int, adaptive: bool) -> OursRunner:
         drafter = drafter_for(name)
         costs = profile_costs(target, drafter, 1, k, max_len) if adaptive else None
         model = loaded.drafts.get(name)
-        label = f"{name}+adaptive" if adaptive else name
+        label = base_label[name, k] + ("+adaptive" if adaptive else "")
         counter = None if model is None else cast(ForwardCounter, model.specray_counter)
         return OursRunner(label, target, drafter, tokenizer, eos, k, adaptive, costs, counter)
 
     runners: list[Runner] = [OursRunner(TARGET_ONLY, target, None, tokenizer, eos, 0, False)]
-    speculative = [(n, k) for n, k in drafters if n != TARGET_ONLY]
     runners += [speculative_runner(name, k, False) for name, k in speculative]
-    if adaptive:
-        runners += [speculative_runner(name, k, True) for name, k in speculative]
+    if adaptive:  # once per drafter, its largest k the ceiling
+        ceilings = {n: max(k for m, k in speculative if m == n) for n in names}
+        runners += [speculative_runner(name, k, True) for name, k in ceilings.items()]
     if loaded.hf_target is not None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         runners.append(HFRunner("plain", loaded.hf_target, eos, pad))
@@ -146,7 +151,7 @@ def build_runners(
             if name in loaded.heads or name == "suffix":
                 continue  # HF has no counterpart of a hidden-state head or a suffix cache
             assistant = loaded.hf_drafts.get(name)
-            runners.append(HFRunner(name, loaded.hf_target, eos, pad, k, assistant))
+            runners.append(HFRunner(base_label[name, k], loaded.hf_target, eos, pad, k, assistant))
     return runners
 
 
