@@ -41,7 +41,11 @@ class DepthAcceptance:
     counted over tested tokens with an exponential decay toward a prior."""
 
     prior: float = 0.6
-    weight: float = 1.0  # the prior is worth this many tested tokens per depth
+    # The prior is worth this many tested tokens per depth. Light, because
+    # hindsight judges every copy for free: worth a whole token, it took
+    # about twenty right copies to trust a 16-token copy, longer than a
+    # verbatim edit lasts.
+    weight: float = 0.25
     decay: float = 0.95
     accepted: list[float] = field(default_factory=list)
     tested: list[float] = field(default_factory=list)
