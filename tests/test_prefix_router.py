@@ -212,7 +212,9 @@ def test_multi_turn_chats_through_grpc_reuse_their_replicas_prefix(
     server: ServingThread, model_dir: Path
 ) -> None:
     """Four chats of three turns, run a turn at a time and concurrently
-    within a turn; two share a 40-token system prompt."""
+    within a turn; two share a 40-token system prompt. The first chat's
+    first turn runs alone before the others: requests that arrive together
+    prefill in the same round, where none can reuse another's blocks."""
     system = _ids(40, 9)
     chats = [
         [system + _ids(12, 10), _ids(9, 11), _ids(7, 12)],
@@ -231,7 +233,9 @@ def test_multi_turn_chats_through_grpc_reuse_their_replicas_prefix(
 
     async def run_turn(t: int) -> list[GenerationResult]:
         with SpecrayClient(server.grpc_address, timeout_s=120) as client:
-            return await asyncio.gather(*(turn(client, i, p) for i, p in enumerate(prompts)))
+            first = [await turn(client, 0, prompts[0])] if t == 0 else []
+            rest = enumerate(prompts[len(first) :], len(first))
+            return first + list(await asyncio.gather(*(turn(client, i, p) for i, p in rest)))
 
     for t in range(3):
         for i, chat in enumerate(chats):
@@ -246,7 +250,7 @@ def test_multi_turn_chats_through_grpc_reuse_their_replicas_prefix(
             if t:  # the earlier turn's prompt is cached where this turn ran
                 block_floor = previous[i] // DEFAULT_BLOCK_SIZE * DEFAULT_BLOCK_SIZE
                 assert result.cached_tokens >= block_floor, (t, i, result.cached_tokens)
-    assert results[(1, 0)].cached_tokens >= 32 or results[(0, 0)].cached_tokens >= 32
+    assert results[(1, 0)].cached_tokens >= 32  # the shared system prompt's two blocks
 
     state = _router_state(server)
     metrics = scrape(state)
