@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,7 +147,20 @@ class ShardedTarget:
         return outputs
 
     def release(self, request_id: str) -> None:
-        self._call("release", request_id)
+        self.submit_release(request_id)()
+
+    def submit_release(self, request_id: str) -> Callable[[], None]:
+        """Send the release to every shard now and return what waits for it.
+        Every later call reaches each shard after it (one caller's tasks run
+        in the order sent), so a request placed here next finds the
+        released request's blocks in the prefix cache even while the wait
+        is still pending."""
+        wait = self._submitted("release", request_id)
+
+        def done() -> None:
+            wait()
+
+        return done
 
     # -- diagnostics, one entry per shard -----------------------------------
 
@@ -225,6 +238,11 @@ class ShardedTarget:
 
     def _fan_out(self, method: str, *args: Any) -> list[Any]:
         """Run ``method(*args)`` on every shard; their results in rank order."""
+        return self._submitted(method, *args)()
+
+    def _submitted(self, method: str, *args: Any) -> Callable[[], list[Any]]:
+        """Send ``method(*args)`` to every shard; what waits for their
+        results in rank order."""
         with self._submit:
             if self._broken is not None:
                 raise TargetGroupError(
@@ -235,12 +253,16 @@ class ShardedTarget:
             # Submitting under the lock gives every shard the same call order,
             # which their collectives need.
             refs = [shard.call.remote(method, *args) for shard in self._shards]
-        try:
-            watch = ProgressWatch.for_deadline(self._probe, self.config.timeout_s)
-            return self._gather(refs, self.config.timeout_s, method, watch)
-        except TargetGroupError as err:
-            self._broken = err
-            raise
+
+        def wait() -> list[Any]:
+            try:
+                watch = ProgressWatch.for_deadline(self._probe, self.config.timeout_s)
+                return self._gather(refs, self.config.timeout_s, method, watch)
+            except TargetGroupError as err:
+                self._broken = err
+                raise
+
+        return wait
 
     def _probe(self, rank: int) -> Any:
         return self._shards[rank].progress.remote()

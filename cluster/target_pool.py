@@ -150,9 +150,18 @@ class TargetPool:
         replica.requests.discard(request_id)
         replica.releasing.add(request_id)
 
+        # Sent now, so that a next turn placed here reaches every shard after
+        # it and finds the blocks; only the wait runs in the background.
+        try:
+            wait = replica.target.submit_release(request_id)
+        except Exception as err:  # a broken group frees everything anyway
+            log.warning("release of %r failed: %s", request_id, err)
+            wait = None
+
         async def release() -> None:
             try:
-                await asyncio.to_thread(replica.target.release, request_id)
+                if wait is not None:
+                    await asyncio.to_thread(wait)
             except Exception as err:  # a broken group frees everything anyway
                 log.warning("release of %r failed: %s", request_id, err)
             replica.releasing.discard(request_id)
