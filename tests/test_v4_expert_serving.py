@@ -5,7 +5,11 @@ models tiny-v4``, planned for two one-GPU nodes too small to hold it alone
 ``specray serve``'s Service (gRPC and OpenAI HTTP) over the router on a fake
 two-node Ray cluster on 127.0.0.1; MTP draft replicas scaled with ``specray
 scale``, a draft replica killed (fallback) and an expert shard killed
-mid-stream (gang restart): every greedy output equals the no-cache loop."""
+mid-stream (gang restart): every greedy output equals the no-cache loop.
+
+Every test runs twice: on the planned layout (tp 1 x ep 2, one shard per
+node) and on the same plan with ``tp: 2`` (tp 2 x ep 2: four shards, two per
+node), the layout the shipped config's comment offers."""
 
 from __future__ import annotations
 
@@ -72,12 +76,21 @@ def test_the_shipped_config_has_the_planned_layout(planned: dict[str, Any]) -> N
     assert plan.drafter.kind == shipped.drafter.kind == "mtp"
 
 
-def cpu_config(planned: dict[str, Any]) -> ServeConfig:
-    """The plan on CPU nodes: fp32 shards without GPUs, one per node as on
-    the planned one-GPU nodes, one thread each; ephemeral ports."""
+# (tp, ep) of each served layout, and how its shards spread over the two nodes.
+LAYOUTS = {"ep2": (1, 2), "tp2-ep2": (2, 2)}
+
+
+def cpu_config(planned: dict[str, Any], layout: tuple[int, int]) -> ServeConfig:
+    """The plan on CPU nodes: fp32 shards without GPUs, one thread each,
+    spread over both nodes (one per node as on the planned one-GPU nodes when
+    there are two) with two of each node's three Ray CPUs; ephemeral ports."""
     data = json.loads(json.dumps(planned)) | {"port": 0, "http_port": 0, "drain_timeout_s": 60}
     router = data["router"]
-    router.update(dtype="float32", gpus_per_shard=0, threads_per_shard=1, strategy="STRICT_SPREAD")
+    tp, ep = layout
+    shards = tp * ep
+    strategy = "STRICT_SPREAD" if shards == 2 else "SPREAD"
+    router.update(tp=tp, ep=ep, dtype="float32", gpus_per_shard=0, threads_per_shard=1)
+    router.update(strategy=strategy, cpus_per_shard=4 / shards)
     router.update(profile=False, timeout_s=60, start_timeout_s=180, target_restart_timeout_s=300)
     for drafter in router["drafts"]:
         drafter.update(cpus=1, threads=1)
@@ -86,7 +99,8 @@ def cpu_config(planned: dict[str, Any]) -> ServeConfig:
 
 @pytest.fixture(scope="module")
 def two_nodes() -> Iterator[Cluster]:
-    """A head without CPUs and two 3-CPU nodes: a 2-CPU shard each, a draft beside."""
+    """A head without CPUs and two 3-CPU nodes: two CPUs of shards each, a
+    draft beside (two while scaled up)."""
     ray.shutdown()
     pin_loopback()
     saved = os.environ.get("RAY_TMPDIR")
@@ -110,9 +124,16 @@ def two_nodes() -> Iterator[Cluster]:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request: pytest.FixtureRequest) -> tuple[int, int]:
+    return LAYOUTS[request.param]
+
+
 @pytest.fixture(scope="module")
-def server(two_nodes: Cluster, planned: dict[str, Any]) -> Iterator[ServingThread]:
-    with ServingThread(cpu_config(planned)) as serving:
+def server(
+    two_nodes: Cluster, planned: dict[str, Any], layout: tuple[int, int]
+) -> Iterator[ServingThread]:
+    with ServingThread(cpu_config(planned, layout)) as serving:
         yield serving
 
 
@@ -134,11 +155,16 @@ def router_state(server: ServingThread) -> RouterState:
     return state
 
 
-def shard_nodes() -> list[set[str]]:
-    """The nodes of each placed target group's shards."""
+def shard_nodes(shards: int) -> list[list[str]]:
+    """The nodes of each placed target group's shards, sorted."""
     groups = ray.util.placement_group_table().values()
-    placed = [g for g in groups if g["state"] == "CREATED" and len(g["bundles"]) == 2]
-    return [set(g["bundles_to_node_id"].values()) for g in placed]
+    placed = [g for g in groups if g["state"] == "CREATED" and len(g["bundles"]) == shards]
+    return [sorted(g["bundles_to_node_id"].values()) for g in placed]
+
+
+def spread_evenly(nodes: list[str], shards: int) -> bool:
+    """Both nodes hold half of the group's shards."""
+    return len(set(nodes)) == 2 and nodes.count(nodes[0]) == shards // 2
 
 
 def greedy(client: SpecrayClient, i: int, max_tokens: int = MAX_TOKENS) -> GenerationResult:
@@ -147,13 +173,18 @@ def greedy(client: SpecrayClient, i: int, max_tokens: int = MAX_TOKENS) -> Gener
 
 @pytest.mark.slow
 def test_grpc_and_http_give_the_reference(
-    server: ServingThread, client: SpecrayClient, reference: dict[int, list[int]]
+    server: ServingThread,
+    client: SpecrayClient,
+    reference: dict[int, list[int]],
+    layout: tuple[int, int],
 ) -> None:
     (target,) = router_state(server).targets
-    assert len(target.shard_pids) == 2  # one replica: two expert-parallel shards
+    shards = layout[0] * layout[1]
+    assert len(target.shard_pids) == shards  # one replica of tp x ep shards
     info = client.model_info()
-    assert (info.tensor_parallel_size, info.expert_parallel_size) == (1, 2)
-    assert [len(nodes) for nodes in shard_nodes()] == [2]  # one per node
+    assert (info.tensor_parallel_size, info.expert_parallel_size) == layout
+    (nodes,) = shard_nodes(shards)
+    assert spread_evenly(nodes, shards)
     drafted = 0
     for i in range(len(PROMPTS)):
         result = greedy(client, i)
@@ -180,6 +211,7 @@ def test_specray_scale_drafts_keeps_the_output(
     server: ServingThread,
     client: SpecrayClient,
     reference: dict[int, list[int]],
+    layout: tuple[int, int],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     scaling = threading.Event()
@@ -195,7 +227,7 @@ def test_specray_scale_drafts_keeps_the_output(
         flags = ["--timeout", "300", "--json", "--drafts", str(drafts)]
         assert main(["scale", "--server", server.grpc_address, *flags]) == 0
         result: dict[str, Any] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert (result["tensor_parallel_size"], result["expert_parallel_size"]) == (1, 2)
+        assert (result["tensor_parallel_size"], result["expert_parallel_size"]) == layout
         return int(result["drafts"])
 
     with ThreadPoolExecutor(1) as pool:
@@ -229,7 +261,10 @@ def test_killed_draft_replica_falls_back(
 
 @pytest.mark.slow
 def test_killed_expert_shard_restarts_the_group_and_loses_nothing(
-    server: ServingThread, client: SpecrayClient, reference: dict[int, list[int]]
+    server: ServingThread,
+    client: SpecrayClient,
+    reference: dict[int, list[int]],
+    layout: tuple[int, int],
 ) -> None:
     """One shard of the only target group dies mid-stream: the whole group is
     replaced, the requests replay their committed tokens on it, none fails."""
@@ -250,4 +285,5 @@ def test_killed_expert_shard_restarts_the_group_and_loses_nothing(
     assert after.recovery.target_restarts == before.recovery.target_restarts + 1
     (restarted,) = after.targets
     assert set(restarted.shard_pids).isdisjoint(target.shard_pids)
-    assert [len(nodes) for nodes in shard_nodes()] == [2]
+    (nodes,) = shard_nodes(layout[0] * layout[1])
+    assert len(set(nodes)) == 2  # SPREAD is best effort: even only when both nodes are free
