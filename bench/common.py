@@ -1,16 +1,18 @@
 """Helpers every benchmark shares: the target-only label, the machine a
 result came from, acceptance arithmetic, comparing outputs, prompts as chat
-token ids. Light to import: a benchmark client (``specray bench serve``)
-loads no model code through it."""
+token ids, timing a call and writing the report's tables. Light to import:
+a benchmark client (``specray bench serve``) loads no model code through it."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -148,3 +150,35 @@ def command_line(module: str, argv: Sequence[str] | None) -> str:
     this process's arguments when it was run from the shell."""
     args = sys.argv[1:] if argv is None else list(argv)
     return " ".join(["python -m", module, *args])
+
+
+def timed_ms(
+    call: Callable[[], object],
+    repeats: int,
+    pick: Callable[[list[float]], float] = statistics.median,
+) -> float:
+    """Milliseconds per ``call``: one warm-up run, then ``pick`` (the median,
+    or ``min`` for the best) of ``repeats`` timed runs."""
+    call()
+    seconds = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - began)
+    return pick(seconds) * 1e3
+
+
+def report_head(title: str, machine: dict[str, Any]) -> list[str]:
+    """A report's first lines: its title and the machine it ran on."""
+    return [f"### {title}", "", machine_header(machine), ""]
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], left: int = 1) -> list[str]:
+    """A markdown table; the first ``left`` columns align left (labels), the
+    rest right (numbers)."""
+    rule = ["---" if i < left else "---:" for i in range(len(headers))]
+    return [_table_row(headers), _table_row(rule), *(_table_row(row) for row in rows)]
+
+
+def _table_row(cells: Sequence[object]) -> str:
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"

@@ -46,6 +46,7 @@ from specray.actors.model.loader import load_model
 from specray.actors.parallel.linear_weights import Int4Weights, Int8Weights
 from specray.actors.parallel.quantized import quantize_int4_grouped, quantize_int8_per_channel
 from specray.actors.store.gguf_file import fetch_gguf
+from specray.bench.common import timed_ms
 from specray.bench.kernel_report import markdown
 from specray.bench.llama_cpp import run_llama_bench
 from specray.bench.prompts import load_prompts
@@ -61,16 +62,6 @@ def _once_ms(run: Callable[[], object]) -> float:
     start = time.perf_counter()
     run()
     return (time.perf_counter() - start) * 1e3
-
-
-def _median_ms(run: Callable[[], object], repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -121,7 +112,7 @@ def time_layers(config: ModelConfig, repeats: int) -> dict[str, dict[str, dict[i
                     for kernel in kernels:
                         kernel(x)
 
-                results[name][fmt][rows] = _median_ms(cycle, repeats) / len(kernels)
+                results[name][fmt][rows] = timed_ms(cycle, repeats) / len(kernels)
     return results
 
 

@@ -27,9 +27,10 @@ from specray.actors.engine.target import LocalTarget, VerifyInput
 from specray.actors.model.loader import load_model
 from specray.bench.common import (
     command_line,
-    machine_header,
     machine_info,
+    report_head,
     resolve_preferring,
+    table,
     write_report,
 )
 
@@ -89,22 +90,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [
-        f"### Prefill by chunk: {result['target']} ({result['dtype']}, "
-        f"{result['threads']} threads, {result['prompt_tokens']}-token prompt, "
-        f"best of {result['repeats']})",
-        "",
-        machine_header(result["machine"]),
-        "",
-        "| chunk | rounds | prefill s | tokens/s | throughput ÷ whole | longest round s |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['chunk']} | {r['rounds']} | {r['prefill_s']} | {r['tokens_per_s']} | "
-            f"{r['vs_whole']} | {r['longest_round_s']} |"
-        )
-    return "\n".join([*lines, ""])
+    title = (
+        f"Prefill by chunk: {result['target']} ({result['dtype']}, {result['threads']} "
+        f"threads, {result['prompt_tokens']}-token prompt, best of {result['repeats']})"
+    )
+    headers = ["chunk", "rounds", "prefill s", "tokens/s", "throughput ÷ whole"]
+    headers.append("longest round s")
+    keys = ["chunk", "rounds", "prefill_s", "tokens_per_s", "vs_whole", "longest_round_s"]
+    rows = [[r[key] for key in keys] for r in result["rows"]]
+    return "\n".join([*report_head(title, result["machine"]), *table(headers, rows, 0), ""])
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> None:

@@ -40,9 +40,10 @@ from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import StoppingCriteria
 from specray.bench.common import (
     command_line,
-    machine_header,
     machine_info,
+    report_head,
     resolve_preferring,
+    table,
     write_report,
 )
 
@@ -131,24 +132,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [
-        f"### A {result['long_tokens']}-token prompt among {result['decoders']} decoding "
+    title = (
+        f"A {result['long_tokens']}-token prompt among {result['decoders']} decoding "
         f"requests: {result['target']} ({result['dtype']}, {result['threads']} threads, "
-        f"n-gram, median of {result['repeats']})",
-        "",
-        machine_header(result["machine"]),
-        "",
-        "| round budget | long prompt TTFT s | newcomer TTFT s | newcomer ÷ long | "
-        "decoders' longest gap s |",
-        "|---|---:|---:|---:|---:|",
+        f"n-gram, median of {result['repeats']})"
+    )
+    headers = ["round budget", "long prompt TTFT s", "newcomer TTFT s", "newcomer ÷ long"]
+    headers.append("decoders' longest gap s")
+    keys = ["long_ttft_s", "new_ttft_s", "new_ttft_over_long_prefill", "decoder_max_gap_s"]
+    rows = [
+        ["whole prompts" if r["chunk"] is None else f"{r['chunk']} tokens", *(r[k] for k in keys)]
+        for r in result["rows"]
     ]
-    for r in result["rows"]:
-        budget = "whole prompts" if r["chunk"] is None else f"{r['chunk']} tokens"
-        lines.append(
-            f"| {budget} | {r['long_ttft_s']} | {r['new_ttft_s']} | "
-            f"{r['new_ttft_over_long_prefill']} | {r['decoder_max_gap_s']} |"
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join([*report_head(title, result["machine"]), *table(headers, rows), ""])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,7 +39,7 @@ from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.model.prefix_cache import prefix_tokens
 from specray.actors.sampling.params import StoppingCriteria
-from specray.bench.common import machine_header, machine_info, resolve_preferring, write_report
+from specray.bench.common import machine_info, report_head, resolve_preferring, table, write_report
 from specray.bench.prompts import load_prompts
 
 SYSTEM_PROMPT = (
@@ -201,27 +201,26 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
+    title = (
+        f"Multi-turn chat, prefix cache off vs on: {result['target']} ({result['dtype']}, "
+        f"{result['threads']} threads)"
+    )
+    headers = ["turn", "conv", "prompt tokens", "cached", "TTFT off s", "TTFT on s", "×"]
+    rows = []
+    for r in result["rows"]:
+        off, on = r["off"], r["on"]
+        ratio = off["ttft_s"] / on["ttft_s"] if on["ttft_s"] else float("inf")
+        first = [r["turn"], r["conversation"], r["prompt_tokens"], on["cached_tokens"]]
+        rows.append([*first, off["ttft_s"], on["ttft_s"], f"{ratio:.2f}", r["identical"]])
     lines = [
-        f"### Multi-turn chat, prefix cache off vs on: {result['target']} ({result['dtype']}, "
-        f"{result['threads']} threads)",
-        "",
-        machine_header(result["machine"]),
-        "",
+        *report_head(title, result["machine"]),
         f"{result['conversations']} conversations × {result['turns']} turns sharing one system "
         f"prompt, one request at a time, n-gram drafting at γ = {result['k']}, up to "
         f"{result['max_tokens']} output tokens; prefix cache of {result['prefix_cache_tokens']} "
         f"positions ({result['prefix_cache_mib']} MiB).",
         "",
-        "| turn | conv | prompt tokens | cached | TTFT off s | TTFT on s | × | identical |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        *table([*headers, "identical"], rows, 0),
     ]
-    for r in result["rows"]:
-        off, on = r["off"], r["on"]
-        ratio = off["ttft_s"] / on["ttft_s"] if on["ttft_s"] else float("inf")
-        lines.append(
-            f"| {r['turn']} | {r['conversation']} | {r['prompt_tokens']} | {on['cached_tokens']} | "
-            f"{off['ttft_s']} | {on['ttft_s']} | {ratio:.2f} | {r['identical']} |"
-        )
     lines += [
         "",
         f"Prefill tokens: {s['prefill_tokens_off']} off, {s['prefill_tokens_on']} on "

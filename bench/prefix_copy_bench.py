@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +34,16 @@ from specray.actors.model.block_pool import BlockPool
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.kv_cache import KVCache
 from specray.actors.model.prefix_cache import DEFAULT_BLOCK_SIZE
-from specray.bench.common import machine_header, machine_info, resolve_preferring, write_report
+from specray.bench.common import (
+    machine_info,
+    report_head,
+    resolve_preferring,
+    table,
+    timed_ms,
+    write_report,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def best_ms(work: Callable[[], object], repeats: int) -> float:
-    work()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - began)
-    return min(times) * 1e3
 
 
 def measure(config: ModelConfig, dtype: torch.dtype, context: int, repeats: int) -> dict[str, Any]:
@@ -59,8 +55,8 @@ def measure(config: ModelConfig, dtype: torch.dtype, context: int, repeats: int)
     cache.values.normal_()
     pool = BlockPool(cache, blocks, size)
     ids = list(range(blocks))
-    attach = best_ms(lambda: pool.load(1, ids), repeats)
-    save = best_ms(lambda: pool.save(0, 0, ids), repeats)
+    attach = timed_ms(lambda: pool.load(1, ids), repeats, min)
+    save = timed_ms(lambda: pool.save(0, 0, ids), repeats, min)
     # A paged layout: [layers, blocks, kv_heads, block, head_dim] per tensor.
     paged = [torch.randn(layers, blocks, kv_heads, size, head_dim, dtype=dtype) for _ in range(2)]
     table = torch.tensor(ids)
@@ -71,7 +67,7 @@ def measure(config: ModelConfig, dtype: torch.dtype, context: int, repeats: int)
                 rows = tensor[layer].index_select(0, table)  # [blocks, kv_heads, block, head_dim]
                 rows.transpose(0, 1).reshape(kv_heads, context, head_dim)
 
-    gather = best_ms(gather_step, repeats)
+    gather = timed_ms(gather_step, repeats, min)
     return {
         "context": context,
         "attach_ms": round(attach, 3),
@@ -114,24 +110,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     shapes = result["shapes"]
-    lines = [
-        f"### Copy on attach vs a block table: {result['target']} cache shapes "
+    title = (
+        f"Copy on attach vs a block table: {result['target']} cache shapes "
         f"({shapes['layers']} layers, {shapes['kv_heads']} KV heads, head dim "
         f"{shapes['head_dim']}, blocks of {shapes['block_size']}; {result['threads']} threads, "
-        f"best of {result['repeats']})",
-        "",
-        machine_header(result["machine"]),
-        "",
-        "| dtype | context | KV MiB | attach ms (once) | save ms | gather ms per forward "
-        "| break-even forwards |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['dtype']} | {r['context']} | {r['kv_mib']} | {r['attach_ms']} | "
-            f"{r['save_ms']} | {r['gather_ms_per_step']} | {r['break_even_steps']} |"
-        )
-    return "\n".join([*lines, ""])
+        f"best of {result['repeats']})"
+    )
+    headers = ["dtype", "context", "KV MiB", "attach ms (once)", "save ms"]
+    headers += ["gather ms per forward", "break-even forwards"]
+    keys = ["dtype", "context", "kv_mib", "attach_ms", "save_ms", "gather_ms_per_step"]
+    rows = [[r[key] for key in [*keys, "break_even_steps"]] for r in result["rows"]]
+    return "\n".join([*report_head(title, result["machine"]), *table(headers, rows), ""])
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> None:

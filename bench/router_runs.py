@@ -25,6 +25,7 @@ from specray.actors.engine.target import LocalTarget
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 from specray.actors.workers.draft_worker import DraftWorker, DraftWorkerSpec
+from specray.bench.common import timed_ms
 from specray.cluster.router import RouterConfig, RouterTimings, open_stream
 from specray.deploy.config import DrafterConfig, RouterSettings
 from specray.deploy.router_backend import router_config as build_router_config
@@ -220,16 +221,6 @@ class _Echo:
         return value
 
 
-def _median_ms(call: Any, repeats: int) -> float:
-    call()  # warm
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times) * 1e3
-
-
 def round_trips(router: Any, prompts: Sequence[list[int]], repeats: int) -> dict[str, float]:
     echo: Any = ray.remote(_Echo).options(num_cpus=0).remote()
     draft: Any = ray.remote(DraftWorker).options(num_cpus=0).remote(DraftWorkerSpec())
@@ -237,9 +228,9 @@ def round_trips(router: Any, prompts: Sequence[list[int]], repeats: int) -> dict
         ray.get(draft.start.remote(f"q{i}", prompts[i % len(prompts)], SamplingParams()))
     asks = [DraftRequest(f"q{i}", 4) for i in range(8)]
     result = {
-        "plain_actor_call_ms": _median_ms(lambda: ray.get(echo.echo.remote(None)), repeats),
-        "async_router_call_ms": _median_ms(lambda: ray.get(router.ping.remote()), repeats),
-        "draft_propose_8_requests_ms": _median_ms(
+        "plain_actor_call_ms": timed_ms(lambda: ray.get(echo.echo.remote(None)), repeats),
+        "async_router_call_ms": timed_ms(lambda: ray.get(router.ping.remote()), repeats),
+        "draft_propose_8_requests_ms": timed_ms(
             lambda: ray.get(draft.propose.remote(asks, [])), repeats
         ),
     }

@@ -23,9 +23,10 @@ from specray.actors.model.loader import load_model
 from specray.actors.parallel.linear_weights import DenseWeights
 from specray.bench.common import (
     command_line,
-    machine_header,
     machine_info,
+    report_head,
     resolve_preferring,
+    table,
     write_report,
 )
 
@@ -76,26 +77,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [
-        f"### Verify time with the few-row matmul choice: {result['target']} "
-        f"({result['dtype']}, {result['threads']} threads, best of {result['repeats']})",
-        "",
-        machine_header(result["machine"]),
-        "",
-        f"`{result['command']}`",
-        "",
-        f"Chosen `W · xᵀ` up to (rows, by weight shape): {result['transposed_rows'] or 'none'}",
-        "",
-        "| tokens verified | F.linear ms | chosen ms | F.linear cost(n)/cost(1) "
-        "| chosen cost(n)/cost(1) |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['tokens']} | {r['linear_ms']} | {r['chosen_ms']} | {r['linear_vs_one']} | "
-            f"{r['chosen_vs_one']} |"
-        )
-    return "\n".join([*lines, ""])
+    title = (
+        f"Verify time with the few-row matmul choice: {result['target']} "
+        f"({result['dtype']}, {result['threads']} threads, best of {result['repeats']})"
+    )
+    chosen = f"Chosen `W · xᵀ` up to (rows, by weight shape): {result['transposed_rows'] or 'none'}"
+    headers = ["tokens verified", "F.linear ms", "chosen ms", "F.linear cost(n)/cost(1)"]
+    headers.append("chosen cost(n)/cost(1)")
+    keys = ["tokens", "linear_ms", "chosen_ms", "linear_vs_one", "chosen_vs_one"]
+    rows = [[r[key] for key in keys] for r in result["rows"]]
+    lines = [*report_head(title, result["machine"]), f"`{result['command']}`", "", chosen, ""]
+    return "\n".join([*lines, *table(headers, rows, 0), ""])
 
 
 def build_parser() -> argparse.ArgumentParser:

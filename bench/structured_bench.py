@@ -37,9 +37,10 @@ from specray.actors.sampling.grammar import Guide
 from specray.actors.sampling.params import StoppingCriteria
 from specray.bench.common import (
     command_line,
-    machine_header,
     machine_info,
+    report_head,
     resolve_preferring,
+    table,
     write_report,
 )
 
@@ -196,23 +197,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [
-        f"### Schema-constrained generation: {result['target']} ({result['dtype']}, "
+    title = (
+        f"Schema-constrained generation: {result['target']} ({result['dtype']}, "
         f"{result['threads']} threads, greedy, up to {result['max_tokens']} tokens, "
-        f"adaptive γ ≤ {result['k']})",
-        "",
-        machine_header(result["machine"]),
-        "",
-        "| drafter | valid JSON | seconds | τ | speedup over constrained target-only |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in result["rows"]:
-        speedup = "–" if r["speedup"] is None else f"{r['speedup']}×"
-        lines.append(
-            f"| {r['drafter']} | {r['valid']}/{r['requests']} | {r['seconds']} | "
-            f"{r['tau']} | {speedup} |"
-        )
-    return "\n".join(lines) + "\n"
+        f"adaptive γ ≤ {result['k']})"
+    )
+    headers = ["drafter", "valid JSON", "seconds", "τ", "speedup over constrained target-only"]
+    rows = [
+        [
+            r["drafter"], f"{r['valid']}/{r['requests']}", r["seconds"], r["tau"],
+            "–" if r["speedup"] is None else f"{r['speedup']}×",
+        ]
+        for r in result["rows"]
+    ]  # fmt: skip
+    return "\n".join([*report_head(title, result["machine"]), *table(headers, rows), ""])
 
 
 def build_parser() -> argparse.ArgumentParser:

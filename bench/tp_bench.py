@@ -27,7 +27,7 @@ from specray.actors.engine.target import VerifyInput
 from specray.actors.model.config import ModelConfig
 from specray.actors.store.errors import StoreError
 from specray.actors.store.resolve import resolve_model
-from specray.bench.common import write_report
+from specray.bench.common import table, write_report
 from specray.cluster.local_ray import start_ray
 from specray.cluster.target_group import ShardedTarget
 
@@ -188,30 +188,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    headers = ["TP", "threads/shard", "decode ms/token", "rank", "in-shard step ms"]
+    headers += ["all-reduce ms/step (calls)", "comm share", "bare all-reduce ms (share)"]
+    headers += ["params MB", "RSS MB", "peak RSS MB"]
+    rows = []
+    for run in result["runs"]:
+        for shard in run["shards"]:
+            lead = [run["tp"], run["threads_per_shard"], f"{run['decode_ms_per_token']:.1f}"]
+            rows.append(
+                (lead if shard["rank"] == 0 else ["", "", ""])
+                + [
+                    shard["rank"], f"{shard['step_ms']:.1f}",
+                    f"{shard['all_reduce_ms_per_step']:.1f} "
+                    f"({shard['all_reduce_calls_per_step']:.0f})",
+                    f"{shard['comm_share']:.0%}",
+                    f"{shard['probe_all_reduce_ms']:.3f} ({shard['probe_share']:.0%})",
+                    f"{shard['param_MB']:.0f}", f"{shard['rss_MB']:.0f}",
+                    f"{shard['peak_rss_MB']:.0f}",
+                ]
+            )  # fmt: skip
     lines = [
         f"### Tensor parallel: {result['model']} ({result['dtype']}, {result['device']}, "
         f"{result['cores']} cores)",
         "",
-        "| TP | threads/shard | decode ms/token | rank | in-shard step ms "
-        "| all-reduce ms/step (calls) | comm share | bare all-reduce ms (share) "
-        "| params MB | RSS MB | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *table(headers, rows, left=0),
     ]
-    for run in result["runs"]:
-        for shard in run["shards"]:
-            lead = (
-                f"| {run['tp']} | {run['threads_per_shard']} | {run['decode_ms_per_token']:.1f} "
-                if shard["rank"] == 0
-                else "| | | "
-            )
-            lines.append(
-                lead + f"| {shard['rank']} | {shard['step_ms']:.1f} "
-                f"| {shard['all_reduce_ms_per_step']:.1f} "
-                f"({shard['all_reduce_calls_per_step']:.0f}) "
-                f"| {shard['comm_share']:.0%} | {shard['probe_all_reduce_ms']:.3f} "
-                f"({shard['probe_share']:.0%}) "
-                f"| {shard['param_MB']:.0f} | {shard['rss_MB']:.0f} | {shard['peak_rss_MB']:.0f} |"
-            )
     lines += [
         "",
         f"Median of {result['steps']} decode steps (interleaved rounds) after a "

@@ -22,7 +22,7 @@ from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.store.tiny_v4 import CSA as CSA  # re-exported for the V4 tests
 from specray.actors.store.tiny_v4 import HCA as HCA
-from specray.actors.store.tiny_v4 import SLIDING, tiny_v4_config
+from specray.actors.store.tiny_v4 import SLIDING, randomize_routing, tiny_v4_config
 
 VOCAB = 160
 
@@ -61,12 +61,7 @@ def random_v4(config: DeepseekV4Config, seed: int) -> DeepseekV4ForCausalLM:
         for name, param in model.named_parameters():
             if any(part in name for part in nudged):
                 param.add_(torch.randn_like(param) * 0.2)
-        for module in model.modules():
-            if hasattr(module, "tid2eid"):
-                table = torch.randint(0, config.n_routed_experts, module.tid2eid.shape)
-                module.tid2eid.copy_(table)
-            if hasattr(module, "e_score_correction_bias"):
-                module.e_score_correction_bias.normal_(0, 0.1)
+    randomize_routing(model, config.n_routed_experts)
     return model
 
 

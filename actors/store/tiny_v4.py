@@ -92,14 +92,19 @@ def _random_model(config: DeepseekV4Config, seed: int) -> DeepseekV4ForCausalLM:
     every token on expert 0) and selection biases."""
     torch.manual_seed(seed)
     model = DeepseekV4ForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "tid2eid"):
-                table = torch.randint(0, config.n_routed_experts, module.tid2eid.shape)
-                module.tid2eid.copy_(table)
-            if hasattr(module, "e_score_correction_bias"):
-                module.e_score_correction_bias.normal_(0, 0.1)
+    randomize_routing(model, config.n_routed_experts)
     return model
+
+
+@torch.no_grad()
+def randomize_routing(model: torch.nn.Module, experts: int) -> None:
+    """Random hash-routing tables and expert selection biases, from torch's
+    current seed: transformers' init routes every token to expert 0."""
+    for module in model.modules():
+        if hasattr(module, "tid2eid"):
+            module.tid2eid.copy_(torch.randint(0, experts, module.tid2eid.shape))
+        if hasattr(module, "e_score_correction_bias"):
+            module.e_score_correction_bias.normal_(0, 0.1)
 
 
 def _mtp_tensors(config: DeepseekV4Config, seed: int) -> dict[str, torch.Tensor]:

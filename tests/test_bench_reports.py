@@ -1,0 +1,79 @@
+"""Each benchmark's markdown renders from its committed JSON: the tables'
+cells equal those of the committed ``.md`` (the report a rerun of its
+command writes), one table row per measured row, and the machine line with
+its CPU flags."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from specray.bench import (
+    ep_bench,
+    prefill_chunk_bench,
+    prefill_mix_bench,
+    prefix_chat_bench,
+    prefix_copy_bench,
+    row_kernel_bench,
+    structured_bench,
+    tp_bench,
+)
+
+RESULTS = Path(__file__).parent.parent / "bench" / "results"
+Markdown = Callable[[dict[str, Any]], str]
+# Reports with one table of ``rows`` under a machine header.
+ROW_REPORTS: dict[str, Markdown] = {
+    "prefill_chunk_qwen2.5-coder-0.5b-instruct_float32": prefill_chunk_bench.markdown,
+    "prefill_mix_qwen2.5-coder-0.5b-instruct_float32": prefill_mix_bench.markdown,
+    "prefix_chat_qwen2.5-coder-0.5b-instruct_float32": prefix_chat_bench.markdown,
+    "prefix_copy_qwen2.5-coder-0.5b-instruct": prefix_copy_bench.markdown,
+    "row_kernels_qwen2.5-coder-0.5b-instruct_float32": row_kernel_bench.markdown,
+    "structured_qwen2.5-coder-1.5b-instruct_float32": structured_bench.markdown,
+}
+# Reports with a row per shard of each run (the flags are in their title).
+SHARD_REPORTS: dict[str, Markdown] = {
+    "ep_v4_float32_cpu": ep_bench.markdown,
+    "tp_qwen2.5-coder-1.5b-instruct_bfloat16_cpu": tp_bench.markdown,
+}
+
+
+def cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def tables(text: str) -> list[list[str]]:
+    """Every table line's cells, rules left out."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [cells(line) for line in lines if not set(cells(line)) <= {"---", "---:"}]
+
+
+def render(stem: str, markdown: Markdown) -> tuple[dict[str, Any], str]:
+    result: dict[str, Any] = json.loads((RESULTS / f"{stem}.json").read_text())
+    text = markdown(result)
+    assert text.startswith("### ") and text.endswith("\n")
+    assert tables(text) == tables((RESULTS / f"{stem}.md").read_text())
+    return result, text
+
+
+@pytest.mark.parametrize("stem", list(ROW_REPORTS))
+def test_a_report_renders_its_committed_rows(stem: str) -> None:
+    result, text = render(stem, ROW_REPORTS[stem])
+    assert f"({', '.join(result['machine']['cpu_flags'])})" in text
+    header, *body = tables(text)
+    assert len(body) == len(result["rows"])
+    assert all(len(row) == len(header) for row in body)
+
+
+@pytest.mark.parametrize("stem", list(SHARD_REPORTS))
+def test_a_parallel_report_renders_a_row_per_shard(stem: str) -> None:
+    result, text = render(stem, SHARD_REPORTS[stem])
+    shards = sum(len(run["shards"]) for run in result["runs"])
+    body = tables(text)[1:]
+    assert len(body) >= shards
+    assert [row[3] for row in body[:shards]] == [
+        str(shard["rank"]) for run in result["runs"] for shard in run["shards"]
+    ]
