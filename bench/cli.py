@@ -32,7 +32,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def concurrency_list(text: str) -> list[int]:
-    """``"1,4,8"`` → [1, 4, 8] (argparse type)."""
+    """``"1,4,8"`` → [1, 4, 8] (argparse type of concurrency caps and prompt lengths)."""
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -54,7 +54,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="per level, at least its concurrency (cycled); default: the whole split (16 random)",
     )
-    p.add_argument("--random-input-len", type=int, default=128)
+    p.add_argument(
+        "--random-input-len",
+        type=concurrency_list,
+        default=[128],
+        help="prompt lengths, cycled over the random prompts: 3000,128,128,128 mixes one "
+        "long prompt into every four",
+    )
     p.add_argument("--random-output-len", type=int, default=128)
     p.add_argument(
         "--tokenizer",
@@ -100,7 +106,6 @@ def check_args(args: argparse.Namespace) -> str | None:
         "num_prompts",
         "max_tokens",
         "max_concurrency",
-        "random_input_len",
         "random_output_len",
         "num_speculative_tokens",
     ]
@@ -108,9 +113,10 @@ def check_args(args: argparse.Namespace) -> str | None:
         value = getattr(args, key)
         if value is not None and value < 1:
             return f"--{key.replace('_', '-')} must be >= 1, got {value}"
-    for level in args.sweep_concurrency or ():
-        if level < 1:
-            return f"--sweep-concurrency levels must be >= 1, got {level}"
+    for key in ("sweep_concurrency", "random_input_len"):
+        bad = [value for value in getattr(args, key) or () if value < 1]
+        if bad or getattr(args, key) == []:
+            return f"--{key.replace('_', '-')} values must be >= 1, got {getattr(args, key)}"
     checks = [
         ("request_rate", lambda v: v > 0, "> 0"),
         ("temperature", lambda v: v >= 0 and math.isfinite(v), ">= 0 and finite"),

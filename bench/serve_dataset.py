@@ -88,15 +88,21 @@ def shipped_prompts(
 
 
 def random_prompts(
-    num_prompts: int, input_len: int, vocab_size: int, seed: int
+    num_prompts: int, input_lens: Sequence[int], vocab_size: int, seed: int
 ) -> list[BenchPrompt]:
-    """``num_prompts`` prompts of ``input_len`` token ids drawn uniformly below ``vocab_size``."""
+    """``num_prompts`` prompts of token ids drawn uniformly below ``vocab_size``;
+    prompt ``i`` has ``input_lens[i % len(input_lens)]`` of them (a mix of long
+    and short prompts, in a fixed rhythm)."""
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    if not input_lens or min(input_lens) < 1:
+        raise ValueError(f"input_lens must be lengths >= 1, got {list(input_lens)}")
     rng = random.Random(seed)
     return [
         BenchPrompt(
-            f"random-{i:04d}", RANDOM, [rng.randrange(vocab_size) for _ in range(input_len)]
+            f"random-{i:04d}",
+            RANDOM,
+            [rng.randrange(vocab_size) for _ in range(input_lens[i % len(input_lens)])],
         )
         for i in range(num_prompts)
     ]

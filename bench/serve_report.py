@@ -148,10 +148,9 @@ def sweep_table(results: Sequence[dict[str, Any]]) -> list[str]:
 
 def lengths(settings: dict[str, Any]) -> str:
     if settings["dataset"] == "random":
-        return (
-            f"{settings['random_input_len']} prompt and {settings['random_output_len']} output "
-            "tokens (EOS ignored)"
-        )
+        given = settings["random_input_len"]  # one length, or lengths cycled (a mix)
+        inputs = "/".join(map(str, given)) if isinstance(given, list) else given
+        return f"{inputs} prompt and {settings['random_output_len']} output tokens (EOS ignored)"
     eos = " (EOS ignored)" if settings["ignore_eos"] else ""
     return f"max {settings['max_tokens']} tokens{eos}"
 

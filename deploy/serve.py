@@ -64,6 +64,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--tp", type=int, default=None, help="router: shards per target (default: measured)"
     )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens a target replica feeds per round: longer prompts prefill in chunks "
+        "beside the decoding requests (default 512; 0: whole prompts in one round)",
+    )
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (TLS)")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key (TLS)")
     p.add_argument(
@@ -131,8 +138,10 @@ def apply_overrides(config: ServeConfig, args: argparse.Namespace) -> ServeConfi
         settings["http_port"] = None
     # --weights replaces a legacy dtype key rather than contradict it.
     weights = {} if args.weights is None else {"weights": args.weights, "dtype": None}
+    budget = args.max_num_batched_tokens
+    chunking = {} if budget is None else {"max_num_batched_tokens": budget or None}
     if settings["backend"] == "router":
-        router = config.router.model_copy(update=weights)
+        router = config.router.model_copy(update=weights | chunking)
         if args.target is not None:
             router = router.model_copy(update={"target": args.target})
         if args.draft is not None:
@@ -141,7 +150,7 @@ def apply_overrides(config: ServeConfig, args: argparse.Namespace) -> ServeConfi
             router = router.model_copy(update={"tp": args.tp})
         settings["router"] = router.model_dump()
     else:
-        settings.update(weights)
+        settings.update(weights | chunking)
         for key in ("target", "draft"):
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)

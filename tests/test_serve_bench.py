@@ -99,10 +99,14 @@ def test_shipped_sessions_keep_their_turns_in_order() -> None:
 
 
 def test_random_prompts_have_the_length_and_stay_in_the_vocabulary() -> None:
-    prompts = random_prompts(5, 12, vocab_size=50, seed=3)
+    prompts = random_prompts(5, [12], vocab_size=50, seed=3)
     assert [len(p.prompt) for p in prompts] == [12] * 5
     assert all(0 <= t < 50 for p in prompts for t in p.prompt)
-    assert prompts == random_prompts(5, 12, vocab_size=50, seed=3)
+    assert prompts == random_prompts(5, [12], vocab_size=50, seed=3)
+    mixed = random_prompts(5, [6, 2], vocab_size=50, seed=3)  # lengths cycle: a mix
+    assert [len(p.prompt) for p in mixed] == [6, 2, 6, 2, 6]
+    with pytest.raises(ValueError, match="input_lens must be lengths >= 1"):
+        random_prompts(2, [], vocab_size=50, seed=3)
 
 
 # ---------------------------------------------------------------- real runs
@@ -264,7 +268,8 @@ def test_a_level_sends_at_least_as_many_prompts_as_its_concurrency(
     [
         (["--max-concurrency", "0"], "--max-concurrency must be >= 1, got 0"),
         (["--request-rate", "-1"], "--request-rate must be > 0, got -1.0"),
-        (["--sweep-concurrency", "1,0"], "--sweep-concurrency levels must be >= 1, got 0"),
+        (["--sweep-concurrency", "1,0"], "--sweep-concurrency values must be >= 1, got [1, 0]"),
+        (["--random-input-len", "3000,0"], "--random-input-len values must be >= 1, got [3000, 0]"),
         (["--temperature", "nan"], "--temperature must be >= 0 and finite, got nan"),
         (["--dataset", "random", "--categories", "chat"], "applies to --dataset shipped only"),
         (["--categories", "poetry"], "unknown ['poetry']; choose from code_edit"),

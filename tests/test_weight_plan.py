@@ -84,9 +84,17 @@ def test_weights_and_tp_flags_reach_the_active_section() -> None:
     args = parser.parse_args(["serve", "--weights", "gguf", "--tp", "1"])
     router = apply_overrides(legacy, args).router
     assert (router.weights, router.dtype, router.tp) == ("gguf", None, 1)
+    assert router.max_num_batched_tokens == legacy.router.max_num_batched_tokens == 512
+    args = parser.parse_args(["serve", "--max-num-batched-tokens", "0"])  # whole prompts
+    assert apply_overrides(legacy, args).router.max_num_batched_tokens is None
     args = parser.parse_args(["serve", "--backend", "engine", "--weights", "bf16"])
     config = apply_overrides(legacy, args)
     assert (config.weights, config.dtype, config.router.weights) == ("bf16", None, "bf16")
+    args = parser.parse_args(["serve", "--backend", "engine", "--max-num-batched-tokens", "256"])
+    assert apply_overrides(legacy, args).max_num_batched_tokens == 256
+    args = parser.parse_args(["serve", "--max-num-batched-tokens", "-1"])
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        apply_overrides(legacy, args)
     args = parser.parse_args(["generate", "--target", "t", "--prompt", "p", "--weights", "fp32"])
     assert (args.weights, args.tp, args.dtype) == ("fp32", None, None)
 
