@@ -18,6 +18,7 @@ from specray.bench import (
     prefill_mix_bench,
     prefix_chat_bench,
     prefix_copy_bench,
+    router_compare,
     row_kernel_bench,
     structured_bench,
     tp_bench,
@@ -77,3 +78,21 @@ def test_a_parallel_report_renders_a_row_per_shard(stem: str) -> None:
     assert [row[3] for row in body[:shards]] == [
         str(shard["rank"]) for run in result["runs"] for shard in run["shards"]
     ]
+
+
+def test_router_compare_pairs_each_round() -> None:
+    def run(none_c1: float, spec_c8: float) -> dict[str, Any]:
+        sweep = [
+            {"mode": "none", "concurrency": 1, "tokens_per_s": none_c1},
+            {"mode": "spec", "concurrency": 8, "tokens_per_s": spec_c8},
+        ]
+        return {"sweep": sweep}
+
+    runs = [run(10.0, 40.0), run(5.0, 40.0), run(9.0, 30.0), run(9.0, 20.0)]
+    result = router_compare.compare(runs, ["new", "old"])
+    by_key = {(r["mode"], r["concurrency"]): r for r in result["rows"]}
+    assert by_key["none", 1]["ratios"] == [2.0, 1.0]
+    assert by_key["spec", 8]["ratios"] == [1.0, 1.5]
+    assert by_key["spec", 8]["median_ratio"] == 1.25
+    with pytest.raises(ValueError, match="whole rounds"):
+        router_compare.compare(runs[:3], ["new", "old"])
