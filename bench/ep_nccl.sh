@@ -10,14 +10,7 @@
 #   bash bench/ep_nccl.sh                                  # hidden 2048, 64 experts
 #   bash bench/ep_nccl.sh --hidden 4096 --steps 64         # any ep_bench flag
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-py="${PYTHON:-$root/.venv/bin/python}"
-cd "$root"
-
-gpus="$("$py" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')"
-if [[ "$gpus" -lt 2 ]]; then
-    echo "ep_nccl.sh: torch sees $gpus CUDA GPU(s); EP=2 over NCCL needs 2" >&2
-    exit 2
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/cuda_env.sh"
+need_cuda_gpus 2 ep_nccl.sh "EP=2 over NCCL"
 exec "$py" -m specray.bench.ep_bench --device cuda --dtype bfloat16 --layouts 1x1 1x2 2x1 \
     --hidden 2048 --experts 64 --threads 1 "$@"

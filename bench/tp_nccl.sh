@@ -11,14 +11,7 @@
 #   bash bench/tp_nccl.sh                                   # 1.5B, bf16
 #   bash bench/tp_nccl.sh --model /path/to/model --steps 32 # any tp_bench flag
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-py="${PYTHON:-$root/.venv/bin/python}"
-cd "$root"
-
-gpus="$("$py" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')"
-if [[ "$gpus" -lt 2 ]]; then
-    echo "tp_nccl.sh: torch sees $gpus CUDA GPU(s); TP=2 over NCCL needs 2" >&2
-    exit 2
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/cuda_env.sh"
+need_cuda_gpus 2 tp_nccl.sh "TP=2 over NCCL"
 # One CPU thread per shard is plenty: the GPU does the work.
 exec "$py" -m specray.bench.tp_bench --device cuda --dtype bfloat16 --tp 1 2 --threads 1 1 "$@"
