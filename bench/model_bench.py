@@ -25,7 +25,7 @@ from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model, parse_dtype
 from specray.actors.store.resolve import resolve_model
 from specray.bench.common import write_report
-from specray.bench.model_timing import CachedFeeds, median_seconds
+from specray.bench.model_timing import CachedFeeds, median_seconds, versus_transformers
 
 VERIFY_KS = (1, 2, 4, 8, 16, 32)
 CONTEXT = 128
@@ -138,25 +138,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    ours, ref = result["specray"], result["transformers"]
+    rows = [
+        (label, f"{ours[key]:.1f}", f"{ref[key]:.1f}")
+        for label, key in (("decode ms/token", "decode_ms_per_token"),
+                           ("prefill 128 tokens, ms", "prefill_128_ms"))
+    ]  # fmt: skip
     lines = [
         f"### {result['model']} ({result['dtype']}, {result['threads']} threads)",
         "",
-        "| | specray | transformers |",
-        "|---|---|---|",
+        *versus_transformers(ours, ref, rows),
     ]
-    ours, ref = result["specray"], result["transformers"]
-    lines.append(
-        f"| decode ms/token | {ours['decode_ms_per_token']:.1f} | "
-        f"{ref['decode_ms_per_token']:.1f} |"
-    )
-    lines.append(
-        f"| prefill 128 tokens, ms | {ours['prefill_128_ms']:.1f} | {ref['prefill_128_ms']:.1f} |"
-    )
-    for k in ours["verify_cost_ratio"]:
-        lines.append(
-            f"| verify cost({k})/cost(1) | {ours['verify_cost_ratio'][k]:.2f} | "
-            f"{ref['verify_cost_ratio'][k]:.2f} |"
-        )
     lines += [
         "",
         f"Bandwidth floor: {result['weight_bytes_per_step'] / 1e6:.0f} MB per step / "

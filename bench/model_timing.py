@@ -6,9 +6,11 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.decoder import DecoderModel
+from specray.bench.common import table
 
 
 def median_seconds(fn: Callable[[], None], repeats: int) -> float:
@@ -44,3 +46,16 @@ class CachedFeeds:
             self.model(batch, self.cache)
 
         return run
+
+
+def versus_transformers(
+    ours: dict[str, Any], ref: dict[str, Any], rows: Sequence[tuple[str, str, str]]
+) -> list[str]:
+    """The two-column table of both models' timings: ``rows`` (label and
+    both cells) first, then each measured verify cost(k)/cost(1)."""
+    verify = [
+        (f"verify cost({k})/cost(1)", f"{ours['verify_cost_ratio'][k]:.2f}",
+         f"{ref['verify_cost_ratio'][k]:.2f}")
+        for k in ours["verify_cost_ratio"]
+    ]  # fmt: skip
+    return table(["", "specray", "transformers"], [*rows, *verify])

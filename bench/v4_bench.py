@@ -33,7 +33,7 @@ from transformers import DeepseekV4Config, DeepseekV4ForCausalLM, DynamicCache
 
 from specray.actors.model.loader import load_model
 from specray.bench.common import cpu_flags, write_report
-from specray.bench.model_timing import CachedFeeds, median_seconds
+from specray.bench.model_timing import CachedFeeds, median_seconds, versus_transformers
 
 VERIFY_KS = (1, 2, 3, 4, 6, 8, 12, 16)
 CONTEXT = 256
@@ -169,22 +169,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     ours, ref = result["specray"], result["transformers"]
     prefill = f"prefill_{result['context']}_ms"
+    context = result["context"]
+    rows = [
+        (f"decode ms/token (context {context})", f"{ours['decode_ms_per_token']:.1f}",
+         f"{ref['decode_ms_per_token']:.1f}"),
+        (f"prefill {context} tokens, ms", f"{ours[prefill]:.0f}", f"{ref[prefill]:.0f}"),
+    ]  # fmt: skip
     lines = [
         f"### {result['model']}, {result['parameters'] / 1e6:.0f}M parameters "
         f"({result['dtype']}, {result['threads']} threads, CPU flags: "
         f"{' '.join(result['cpu_flags']) or 'none found'})",
         "",
-        "| | specray | transformers |",
-        "|---|---|---|",
-        f"| decode ms/token (context {result['context']}) | {ours['decode_ms_per_token']:.1f} | "
-        f"{ref['decode_ms_per_token']:.1f} |",
-        f"| prefill {result['context']} tokens, ms | {ours[prefill]:.0f} | {ref[prefill]:.0f} |",
+        *versus_transformers(ours, ref, rows),
     ]
-    for k in ours["verify_cost_ratio"]:
-        lines.append(
-            f"| verify cost({k})/cost(1) | {ours['verify_cost_ratio'][k]:.2f} | "
-            f"{ref['verify_cost_ratio'][k]:.2f} |"
-        )
     lines += [
         "",
         f"Machine load average {result['load_average_1min']:.1f} at the end of the run "

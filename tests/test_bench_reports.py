@@ -14,6 +14,7 @@ import pytest
 
 from specray.bench import (
     ep_bench,
+    model_bench,
     prefill_chunk_bench,
     prefill_mix_bench,
     prefix_chat_bench,
@@ -22,6 +23,7 @@ from specray.bench import (
     row_kernel_bench,
     structured_bench,
     tp_bench,
+    v4_bench,
 )
 
 RESULTS = Path(__file__).parent.parent / "bench" / "results"
@@ -34,6 +36,11 @@ ROW_REPORTS: dict[str, Markdown] = {
     "prefix_copy_qwen2.5-coder-0.5b-instruct": prefix_copy_bench.markdown,
     "row_kernels_qwen2.5-coder-0.5b-instruct_float32": row_kernel_bench.markdown,
     "structured_qwen2.5-coder-1.5b-instruct_float32": structured_bench.markdown,
+}
+# Reports of our model against transformers' (a row per measure).
+VERSUS_REPORTS: dict[str, Markdown] = {
+    "model_qwen2.5-coder-0.5b-instruct_bfloat16": model_bench.markdown,
+    "v4_tiny_bfloat16": v4_bench.markdown,
 }
 # Reports with a row per shard of each run (the flags are in their title).
 SHARD_REPORTS: dict[str, Markdown] = {
@@ -78,6 +85,14 @@ def test_a_parallel_report_renders_a_row_per_shard(stem: str) -> None:
     assert [row[3] for row in body[:shards]] == [
         str(shard["rank"]) for run in result["runs"] for shard in run["shards"]
     ]
+
+
+@pytest.mark.parametrize("stem", list(VERSUS_REPORTS))
+def test_a_model_report_renders_both_columns(stem: str) -> None:
+    result, text = render(stem, VERSUS_REPORTS[stem])
+    header, *body = tables(text)
+    assert header == ["", "specray", "transformers"]
+    assert len(body) == 2 + len(result["specray"]["verify_cost_ratio"])
 
 
 def test_router_compare_pairs_each_round() -> None:
