@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import datetime
 import math
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -291,7 +292,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
     """The command line that repeats this run (every setting spelled out)."""
     words = ["specray", "bench", "serve", "--server", args.server]
     if args.label:
-        words += ["--label", args.label]
+        words += ["--label", shlex.quote(args.label)]
     # Random prompts take their lengths from the random flags only.
     random_lengths = ("random_input_len", "random_output_len")
     unused = ("max_tokens",) if args.dataset == RANDOM else random_lengths
@@ -307,7 +308,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
         elif isinstance(value, list):
             words += [flag, ",".join(map(str, value))]
         else:
-            words += [flag, str(value)]
+            words += [flag, shlex.quote(str(value))]
     if args.save_result:
         words += ["--save-result", str(args.save_result)]
     return " ".join(words)

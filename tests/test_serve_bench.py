@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shlex
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from transformers import AutoTokenizer
 
 from specray.bench.common import chat_ids
 from specray.bench.prompts import load_prompts
+from specray.bench.serve_bench import reproduce_command
 from specray.bench.serve_dataset import (
     BenchPrompt,
     ab_schedule,
@@ -24,7 +26,7 @@ from specray.bench.serve_dataset import (
     random_prompts,
     shipped_prompts,
 )
-from specray.deploy.cli import main
+from specray.deploy.cli import build_parser, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -261,6 +263,16 @@ def test_a_level_sends_at_least_as_many_prompts_as_its_concurrency(
     ids = [r["prompt_id"] for r in second["records"] if r["speculative"]]
     assert ids[:2] == [r["prompt_id"] for r in first["records"] if r["speculative"]]
     assert len(set(ids)) == 3 and result["settings"]["prompts"] == ids[:2]
+
+
+def test_the_reproduce_command_survives_the_shell() -> None:
+    parser, _ = build_parser()
+    flags = ["--label", "ngram, chunked", "--dataset", "random", "--random-input-len", "8,3"]
+    args = parser.parse_args(["bench", "serve", *flags])
+    words = shlex.split(reproduce_command(args))
+    assert words[:3] == ["specray", "bench", "serve"]
+    assert words[words.index("--label") + 1] == "ngram, chunked"
+    assert words[words.index("--random-input-len") + 1] == "8,3"
 
 
 @pytest.mark.parametrize(
