@@ -101,10 +101,12 @@ def randomize_routing(model: torch.nn.Module, experts: int) -> None:
     """Random hash-routing tables and expert selection biases, from torch's
     current seed: transformers' init routes every token to expert 0."""
     for module in model.modules():
-        if hasattr(module, "tid2eid"):
-            module.tid2eid.copy_(torch.randint(0, experts, module.tid2eid.shape))
-        if hasattr(module, "e_score_correction_bias"):
-            module.e_score_correction_bias.normal_(0, 0.1)
+        table = getattr(module, "tid2eid", None)
+        if isinstance(table, torch.Tensor):
+            table.copy_(torch.randint(0, experts, table.shape))
+        bias = getattr(module, "e_score_correction_bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.normal_(0, 0.1)
 
 
 def _mtp_tensors(config: DeepseekV4Config, seed: int) -> dict[str, torch.Tensor]:
