@@ -123,6 +123,7 @@ async def send_one(
             record.token_ids += response.token_ids
             stats = response.spec_stats
             record.prompt_tokens = response.usage.prompt_tokens
+            record.cached_tokens = response.usage.cached_tokens
             record.draft_tokens, record.accepted_tokens = stats.draft_tokens, stats.accepted_tokens
             record.rounds, record.fallback = stats.rounds, stats.fallback
             record.finish_reason = FINISH_REASONS.get(response.finish_reason)

@@ -44,6 +44,7 @@ class RequestRecord:
     chunk_tokens: list[int] = field(default_factory=list)  # tokens each response carried
     token_ids: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, served from the server's prefix cache
     draft_tokens: int = 0
     accepted_tokens: int = 0
     rounds: int = 0
@@ -161,6 +162,8 @@ def mode_summary(records: Sequence[RequestRecord]) -> dict[str, Any]:
         "failures": failures(records),
         "duration_s": span,
         "prompt_tokens": sum(r.prompt_tokens for r in done),
+        # Each prompt is sent in both arms: the later send may find it cached.
+        "cached_tokens": sum(r.cached_tokens for r in done),
         "output_tokens": output,
         "output_tokens_per_s": _ratio(output, span) if done else None,
         "requests_per_s": _ratio(len(done), span) if done else None,

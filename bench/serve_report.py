@@ -68,15 +68,18 @@ def run_tables(run: dict[str, Any], greedy: bool) -> list[str]:
         f"#### {run_title(run)}",
         "",
         "| arm | done | failed | out tok/s | req/s | TTFT ms | TPOT ms | ITL ms | E2EL ms | "
-        "acceptance | τ |",
-        "|---" * 11 + "|",
+        "acceptance | τ | prompt tokens cached |",
+        "|---" * 12 + "|",
     ]
     for arm, stats in run["modes"].items():
         latencies = " | ".join(latency_cell(stats[key]) for key, _ in LATENCIES)
+        cached = stats.get("cached_tokens")  # absent from results written before it was kept
+        cached_cell = "–" if cached is None else f"{cached} / {stats['prompt_tokens']}"
         lines.append(
             f"| {ARM_NAMES[arm]} | {stats['completed']} | {stats['failed']} | "
             f"{cell(stats['output_tokens_per_s'])} | {cell(stats['requests_per_s'], 3)} | "
-            f"{latencies} | {cell(stats['acceptance_rate'])} | {cell(stats['tau'])} |"
+            f"{latencies} | {cell(stats['acceptance_rate'])} | {cell(stats['tau'])} | "
+            f"{cached_cell} |"
         )
     lines += [
         "",

@@ -153,6 +153,10 @@ def test_result_file_is_well_formed(shipped_run: Path, model_dir: Path) -> None:
     assert result["label"] == "ngram" and result["model"]["drafts"] == ["ngram"]
     assert result["command"].startswith("specray bench serve --server ")
     assert [run["concurrency"] for run in result["runs"]] == [1, 2]
+    # The second level resends the first level's prompts: the prefix cache
+    # serves part of each, in both arms.
+    second = result["runs"][1]["modes"]
+    assert second["spec"]["cached_tokens"] > 0 and second["no_spec"]["cached_tokens"] > 0
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = {p.id: p.prompt for p in load_prompts(["chat", "math"])}
     for run in result["runs"]:
@@ -171,6 +175,7 @@ def test_result_file_is_well_formed(shipped_run: Path, model_dir: Path) -> None:
             # The chat template was applied on the client: the server saw its ids.
             assert r["prompt_tokens"] == len(chat_ids(tokenizer, texts[r["prompt_id"]]))
             assert r["finish_reason"] == "length" and sum(r["chunk_tokens"]) == 16
+            assert 0 <= r["cached_tokens"] <= r["prompt_tokens"]
         rows = {row["category"]: row for row in run["categories"]}
         assert [rows[c]["pairs"] for c in ("chat", "math", "all")] == [2, 2, 4]
         assert all(row["speedup"] > 0 and row["tpot_speedup"] > 0 for row in rows.values())

@@ -126,6 +126,11 @@ def test_mode_summary_counts_failures_but_keeps_them_out_of_the_numbers() -> Non
     assert stats["acceptance_rate"] == pytest.approx(5 / 14)
     assert stats["tau"] == pytest.approx((5 + 5) / 5)
 
+    records[1].prompt_tokens, records[1].cached_tokens = 64, 48  # a second send, cached
+    records[3].prompt_tokens, records[3].cached_tokens = 64, 64  # failed: not counted
+    stats = mode_summary(records)
+    assert (stats["prompt_tokens"], stats["cached_tokens"]) == (64, 48)
+
 
 def test_mode_summary_of_only_failures_has_no_numbers() -> None:
     stats = mode_summary([record(0.0, [], error="RESOURCE_EXHAUSTED")])
