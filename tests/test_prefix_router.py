@@ -174,7 +174,10 @@ def server(
         "num_targets": 2,
         "k": 3,
         "adaptive": False,
-        "num_slots": 4,
+        # Eight slots: placement may put a request at most num_slots // 4 = 2
+        # above the least loaded replica, so the multi-turn test's chats (at
+        # most 3 of 4 on one replica) always follow their cache.
+        "num_slots": 8,
         "max_len": 256,
         "max_num_batched_tokens": 32,
         "threads_per_shard": 1,
@@ -214,7 +217,10 @@ def test_multi_turn_chats_through_grpc_reuse_their_replicas_prefix(
     """Four chats of three turns, run a turn at a time and concurrently
     within a turn; two share a 40-token system prompt. The first chat's
     first turn runs alone before the others: requests that arrive together
-    prefill in the same round, where none can reuse another's blocks."""
+    prefill in the same round, where none can reuse another's blocks. With
+    4 slots per replica the placement bound (1 above the least loaded) sent
+    a chat away from its cache whenever three chats shared a replica and
+    their turns arrived first: by design, so the server has 8."""
     system = _ids(40, 9)
     chats = [
         [system + _ids(12, 10), _ids(9, 11), _ids(7, 12)],
