@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from specray.actors.engine.gamma import speedup
-from specray.bench.common import alpha_from_tau
+from specray.bench.common import alpha_from_tau, machine_line
 from specray.bench.serve_metrics import ALL, BASE, SPEC
 
 LATENCIES = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2el_ms", "E2EL"))
@@ -172,7 +172,7 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
             f"{len(settings['prompts'])} prompts ({settings['dataset']}), each sent with "
             f"speculation on and off ({settings['ab_order']}); {lengths(settings)}, "
             f"temperature {settings['temperature']}, γ ≤ {settings['gamma']}. Client: "
-            f"{machine['cpu']}, {machine['cpu_count']} cores; started {result['started_at']}.",
+            f"{machine_line(machine)}; started {result['started_at']}.",
             "",
             "Latencies: mean / median / p99 (linear interpolation). ITL counts a multi-token "
             "chunk (one speculative round) as one gap: time per round, not per token; TPOT is "
