@@ -25,6 +25,7 @@ records the CPU flags and the load average.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -44,6 +45,7 @@ from specray.actors.model.gguf_source import int4_share
 from specray.actors.model.hardware import read_cpu_features, recommend
 from specray.actors.model.loader import load_model
 from specray.actors.parallel.linear_weights import Int4Weights, Int8Weights
+from specray.actors.parallel.packed_kernel import pack_dense, packed_linear
 from specray.actors.parallel.quantized import quantize_int4_grouped, quantize_int8_per_channel
 from specray.actors.store.gguf_file import fetch_gguf
 from specray.bench.common import timed_ms
@@ -80,6 +82,11 @@ def _kernel(fmt: str, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Te
     cpu = torch.device("cpu")
     if fmt == "fp32":
         return lambda x: F.linear(x, weight)
+    if fmt == PACKED_FP32:
+        packed = pack_dense(weight)
+        if packed is None:
+            raise RuntimeError("oneDNN's packed matmul is not available here")
+        return functools.partial(packed_linear, packed=packed, bias=None)
     if fmt == "bf16":
         half = weight.bfloat16()
         return lambda x: F.linear(x, half)
@@ -88,8 +95,9 @@ def _kernel(fmt: str, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Te
     return Int4Weights(quantize_int4_grouped(weight, 32), torch.bfloat16, cpu)
 
 
-LAYER_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
-LAYER_FORMATS["int4"] = torch.bfloat16
+PACKED_FP32 = "fp32 packed"  # oneDNN's blocked copy, what a loaded fp32 model runs
+LAYER_FORMATS = {"fp32": torch.float32, PACKED_FP32: torch.float32, "bf16": torch.bfloat16}
+LAYER_FORMATS.update({"int8": torch.bfloat16, "int4": torch.bfloat16})
 
 
 def time_layers(config: ModelConfig, repeats: int) -> dict[str, dict[str, dict[int, float]]]:

@@ -1,6 +1,7 @@
-"""What the few-row matmul choice (``actors/parallel/row_kernels.py``) does
-to a verify: the target's verify time for 1..17 tokens with the measured
-choice and with ``F.linear`` everywhere, in one process, interleaved.
+"""What the matmul choice (``actors/parallel/row_kernels.py``) does to a
+verify: the target's verify time for 1..17 tokens with the measured choice
+(``F.linear``, ``W · xᵀ`` for a few rows, or oneDNN's packed copy) and with
+``F.linear`` everywhere, two copies of the model in one process, interleaved.
 
     python -m specray.bench.row_kernel_bench --target qwen2.5-coder-0.5b-instruct \\
         --dtype float32
@@ -34,21 +35,22 @@ from specray.bench.common import (
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_model(resolve_preferring(args.target, args.dtype), args.dtype)  # chooses
-    dense = [m for m in model.modules() if isinstance(m, DenseWeights)]
-    chosen = [m.transposed_rows for m in dense]
-    target = LocalTarget(model, 1, 64)
+    model_dir = resolve_preferring(args.target, args.dtype)
+    chosen = load_model(model_dir, args.dtype)  # measures and chooses
+    plain = load_model(model_dir, args.dtype)
+    for module in plain.modules():
+        if isinstance(module, DenseWeights):
+            module.use_plain()
+    targets = {"chosen": LocalTarget(chosen, 1, 64), "linear": LocalTarget(plain, 1, 64)}
     best: dict[str, dict[int, float]] = {"chosen": {}, "linear": {}}
     for _ in range(args.repeats):
-        for arm in best:
-            for module, rows in zip(dense, chosen, strict=True):
-                module.transposed_rows = rows if arm == "chosen" else 0
+        for arm, target in targets.items():
             for size, seconds in profile_verify(target, args.sizes, repeats=1):
                 best[arm][size] = min(best[arm].get(size, float("inf")), seconds)
     choices = {
-        f"{m.out_features}x{m.in_features}": rows
-        for m, rows in zip(dense, chosen, strict=True)
-        if rows
+        f"{m.out_features}x{m.in_features}": "packed" if m.packed is not None else m.transposed_rows
+        for m in chosen.modules()
+        if isinstance(m, DenseWeights) and (m.packed is not None or m.transposed_rows)
     }
     rows = [
         {
@@ -81,7 +83,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"Verify time with the few-row matmul choice: {result['target']} "
         f"({result['dtype']}, {result['threads']} threads, best of {result['repeats']})"
     )
-    chosen = f"Chosen `W · xᵀ` up to (rows, by weight shape): {result['transposed_rows'] or 'none'}"
+    chosen = (
+        "Chosen by weight shape (`packed`: oneDNN's packed copy at every row count; "
+        f"a number: `W · xᵀ` up to that many rows): {result['transposed_rows'] or 'none'}"
+    )
     headers = ["tokens verified", "F.linear ms", "chosen ms", "F.linear cost(n)/cost(1)"]
     headers.append("chosen cost(n)/cost(1)")
     keys = ["tokens", "linear_ms", "chosen_ms", "linear_vs_one", "chosen_vs_one"]

@@ -31,6 +31,7 @@ from specray.actors.parallel.lowbit_kernels import (
     int8_matmul,
     pack_int4,
 )
+from specray.actors.parallel.packed_kernel import packed_linear, unpack
 from specray.actors.parallel.quantized import GroupAffine, cat_rows, requantize_int8_per_channel
 
 
@@ -75,9 +76,10 @@ class LinearWeights(nn.Module):
 
 
 class DenseWeights(LinearWeights):
-    """A plain tensor in the model dtype; ``F.linear``, or ``W · xᵀ`` for
-    2 to :attr:`transposed_rows` rows where that measured faster
-    (:mod:`specray.actors.parallel.row_kernels`)."""
+    """A plain tensor in the model dtype. On a CPU its matmul is chosen by
+    measuring when the model loads (:mod:`specray.actors.parallel.row_kernels`):
+    ``F.linear``, ``W · xᵀ`` for 2 to :attr:`transposed_rows` rows, or the
+    weight in oneDNN's blocked layout (:meth:`use_packed`)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -85,13 +87,42 @@ class DenseWeights(LinearWeights):
         self.out_features, self.in_features = weight.shape
         self.format_name = str(weight.dtype).removeprefix("torch.")
         self.transposed_rows = 0
+        # oneDNN's copy of ``weight``; when set, every matmul reads it.
+        self.packed: nn.Parameter | None = None
+        self._plain_dropped = False
 
     @classmethod
     def empty(cls, out_features: int, in_features: int, dtype: torch.dtype) -> DenseWeights:
         """Uninitialised until loaded (inference only: no init work)."""
         return cls(torch.empty(out_features, in_features, dtype=dtype))
 
+    def use_packed(self, packed: torch.Tensor, keep_plain: bool) -> None:
+        """Run every matmul on ``packed`` (:func:`pack_dense` of this weight).
+        Without ``keep_plain`` the row-major copy is freed, and the rare reads
+        of the plain matrix (:meth:`matrix`, :meth:`rows`) unpack a copy; an
+        embedding table, which looks rows up every step, keeps it."""
+        self.packed = _frozen(packed)
+        if not keep_plain:
+            self.weight = _frozen(torch.empty(0, dtype=self.weight.dtype))
+            self._plain_dropped = True
+
+    def use_plain(self) -> None:
+        """Back to ``F.linear`` on the row-major weight for every row count."""
+        self.weight = _frozen(self.plain())
+        self.packed = None
+        self._plain_dropped = False
+        self.transposed_rows = 0
+
+    def plain(self) -> torch.Tensor:  # [out, in]
+        """The row-major weight (unpacked when only the packed copy is kept)."""
+        if self._plain_dropped:
+            assert self.packed is not None
+            return unpack(self.packed)
+        return self.weight
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is not None:
+            return packed_linear(x, self.packed, bias)
         rows = x.numel() // self.in_features
         if 1 < rows <= self.transposed_rows:
             flat = x.reshape(rows, self.in_features)
@@ -103,17 +134,24 @@ class DenseWeights(LinearWeights):
 
     def rows(self, token_ids: torch.Tensor) -> torch.Tensor:  # [...] int64 -> [..., in]
         """Rows as an embedding table (a tied embedding and LM head share them)."""
-        return F.embedding(token_ids, self.weight)
+        return F.embedding(token_ids, self.plain())
 
     def dequantize(self) -> torch.Tensor:
-        return self.weight.float()
+        return self.plain().float()
 
     def rows_from(
         self, x: torch.Tensor, first: int, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if self.packed is not None:
+            return super().rows_from(x, first, bias)
         return F.linear(x, self.weight[first:], bias)
 
     def matrix(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._plain_dropped:
+            # A caller that needs the matrix itself needs it every step: keep
+            # the row-major copy from now on.
+            self.weight = _frozen(self.plain())
+            self._plain_dropped = False
         return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
 
 

@@ -4,10 +4,15 @@ A verify multiplies every weight by ``k + 1`` rows. On some CPUs torch's
 ``F.linear`` (``x · Wᵀ``) is fast for one row and several times slower for
 two to a dozen, while the same product computed as ``W · xᵀ`` is not (an
 AVX2-only EPYC in fp32: the LM head and the MLP's up projections for 2-9
-rows). Other CPUs and dtypes differ, so nothing is assumed:
-:func:`choose_row_kernels` times both forms once per weight shape when a
-model loads, and each :class:`DenseWeights` then uses ``W · xᵀ`` up to the
-largest row count where it won. Both are the same product; only the order
+rows), and oneDNN's matmul on a blocked copy of the weight
+(:mod:`specray.actors.parallel.packed_kernel`) beats both at every row count
+there. Other CPUs and dtypes differ, so nothing is assumed:
+:func:`choose_row_kernels` times the forms once per weight shape when a
+model loads. The packed form is taken when it is never more than 10% slower
+than the better plain form and faster over all row counts; it then serves
+every row count (it kept up with ``F.linear`` up to 512 rows), so the plain
+copy is freed. Otherwise each :class:`DenseWeights` uses ``W · xᵀ`` up to
+the largest row count where it won. All are the same product; only the order
 of the float additions differs.
 """
 
@@ -16,17 +21,30 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from specray.actors.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
 from specray.actors.parallel.linear_weights import DenseWeights
+from specray.actors.parallel.packed_kernel import pack_dense, packed_linear
 
 ROW_COUNTS = (2, 4, 8, 16, 32)
 # Smaller weights are left alone: their matmuls take microseconds either way
 # (and tests on tiny models keep one kernel).
-MIN_ELEMENTS = 1 << 20
-MARGIN = 0.9  # the transposed form must be 10% faster to be chosen
+MIN_ELEMENTS = 1 << 19
+MARGIN = 0.9  # a form must be 10% faster to displace F.linear
+
+
+@dataclass(frozen=True)
+class RowKernels:
+    """What one weight shape runs: oneDNN's packed copy for every row count,
+    or ``W · xᵀ`` for 2 to ``transposed_rows`` rows and ``F.linear`` else."""
+
+    packed: bool
+    transposed_rows: int
+    ms: dict[str, dict[int, float]]  # form -> rows -> best time measured
 
 
 def _best_seconds(run: Callable[[], object], repeats: int) -> float:
@@ -39,39 +57,62 @@ def _best_seconds(run: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def transposed_rows(
+def measure(
     dense: DenseWeights,
     row_counts: Sequence[int] = ROW_COUNTS,
     repeats: int = 2,
-) -> int:
-    """The largest of ``row_counts`` up to which ``dense`` ran faster as
-    ``W · xᵀ`` than as ``x · Wᵀ`` at every count tried (0: it never did, or
-    not at the first). Each form is timed as the layer runs it."""
+    try_packed: bool = True,
+) -> RowKernels:
+    """Time ``dense`` as each form runs it, at one row and at each of
+    ``row_counts``, and pick: ``W · xᵀ`` up to the largest count where it beat
+    ``F.linear`` at every count tried; the packed copy where it is never more
+    than 10% slower than that and faster in sum. ``dense`` is left plain."""
     weight = dense.weight
-    chosen = 0
-    for rows in row_counts:
+    packed = pack_dense(weight) if try_packed else None
+    trial = DenseWeights(weight)
+    ms: dict[str, dict[int, float]] = {"linear": {}, "transposed": {}, "packed": {}}
+    for rows in (1, *row_counts):
         x = torch.randn(rows, dense.in_features, dtype=weight.dtype, device=weight.device)
-        dense.transposed_rows = 0
-        linear = _best_seconds(functools.partial(dense, x), repeats)
-        dense.transposed_rows = rows
-        transposed = _best_seconds(functools.partial(dense, x), repeats)
-        if transposed > MARGIN * linear:
+        forms = {"linear": 0} if rows == 1 else {"linear": 0, "transposed": rows}
+        for form, transposed_rows in forms.items():
+            trial.transposed_rows = transposed_rows
+            ms[form][rows] = 1e3 * _best_seconds(functools.partial(trial, x), repeats)
+        if packed is not None:
+            run = functools.partial(packed_linear, x, packed, None)
+            ms["packed"][rows] = 1e3 * _best_seconds(run, repeats)
+    transposed_rows = 0
+    for rows in row_counts:
+        if ms["transposed"][rows] > MARGIN * ms["linear"][rows]:
             break
-        chosen = rows
-    dense.transposed_rows = chosen
-    return chosen
+        transposed_rows = rows
+    plain = {
+        rows: ms["transposed" if 1 < rows <= transposed_rows else "linear"][rows]
+        for rows in ms["linear"]
+    }
+    use_packed = bool(ms["packed"]) and (
+        all(ms["packed"][rows] * MARGIN <= plain[rows] for rows in plain)
+        and sum(ms["packed"].values()) < sum(plain.values())
+    )
+    return RowKernels(use_packed, transposed_rows, ms)
 
 
 def choose_row_kernels(
-    model: nn.Module, min_elements: int = MIN_ELEMENTS
-) -> dict[tuple[int, int, str], int]:
+    model: nn.Module, min_elements: int = MIN_ELEMENTS, try_packed: bool = True
+) -> dict[tuple[int, int, str], RowKernels]:
     """Time each distinct CPU weight shape of ``model`` once and set every
-    :class:`DenseWeights` of that shape's ``transposed_rows``; the choices,
-    by (out, in, dtype)."""
+    :class:`DenseWeights` of that shape to its chosen form; the choices, by
+    (out, in, dtype). An embedding's table is left plain unless it is also
+    the LM head (tied); then it keeps its plain copy beside the packed one,
+    for the row lookups of every step."""
+    modules = list(model.modules())
+    tables = {id(m.weights) for m in modules if isinstance(m, VocabParallelEmbedding)}
+    heads = {id(m.weights) for m in modules if isinstance(m, ParallelLMHead)}
     by_shape: dict[tuple[int, int, str], list[DenseWeights]] = {}
-    for module in model.modules():
+    for module in modules:
         if (
             isinstance(module, DenseWeights)
+            and (id(module) not in tables or id(module) in heads)
+            and module.packed is None
             and module.weight.device.type == "cpu"
             and module.weight.is_floating_point()
             and module.weight.numel() >= min_elements
@@ -80,8 +121,11 @@ def choose_row_kernels(
             by_shape.setdefault(key, []).append(module)
     choices = {}
     with torch.inference_mode():
-        for key, modules in by_shape.items():
-            choices[key] = transposed_rows(modules[0])
-            for module in modules:
-                module.transposed_rows = choices[key]
+        for key, same_shape in by_shape.items():
+            choices[key] = choice = measure(same_shape[0], try_packed=try_packed)
+            for dense in same_shape:
+                dense.transposed_rows = choice.transposed_rows
+                packed = pack_dense(dense.weight) if choice.packed else None
+                if packed is not None:
+                    dense.use_packed(packed, keep_plain=id(dense) in tables)
     return choices
