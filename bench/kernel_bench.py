@@ -42,7 +42,7 @@ from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.gguf_source import int4_share
-from specray.actors.model.hardware import read_cpu_features, recommend
+from specray.actors.model.hardware import CpuFeatures, read_cpu_features, recommend
 from specray.actors.model.loader import load_model
 from specray.actors.parallel.linear_weights import Int4Weights, Int8Weights
 from specray.actors.parallel.packed_kernel import pack_dense, packed_linear
@@ -122,6 +122,26 @@ def time_layers(config: ModelConfig, repeats: int) -> dict[str, dict[str, dict[i
 
                 results[name][fmt][rows] = timed_ms(cycle, repeats) / len(kernels)
     return results
+
+
+def probe_line(
+    layers_ms: dict[str, dict[str, dict[int, float]]], cpu: CpuFeatures, result: dict[str, Any]
+) -> str:
+    """What the start-up probe would pick from these layer timings (a decoder
+    layer's four matmuls); fp32 as a loaded model runs it, the faster of
+    ``F.linear`` and the packed copy."""
+
+    def layer_sum(fmt: str, rows: int) -> float:
+        return sum(float(layers_ms[s][fmt][rows]) for s in ("qkv", "o", "gate_up", "down"))
+
+    per_format = {
+        fmt: {rows: layer_sum(fmt, rows) for rows in LAYER_ROWS}
+        for fmt in ("fp32", "bf16", "int8", "int4")
+    }
+    if all(PACKED_FP32 in layers_ms[s] for s in ("qkv", "o", "gate_up", "down")):
+        for rows in LAYER_ROWS:
+            per_format["fp32"][rows] = min(per_format["fp32"][rows], layer_sum(PACKED_FP32, rows))
+    return recommend(per_format, cpu, result["gguf_int4_share"]).reason
 
 
 class Runner:
@@ -272,18 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["agreement_reference"] = formats[0]
     del runners
     if "layers_ms" in result:
-        per_format = {
-            fmt: {
-                rows: sum(
-                    result["layers_ms"][s][fmt][rows] for s in ("qkv", "o", "gate_up", "down")
-                )
-                for rows in LAYER_ROWS
-            }
-            for fmt in ("fp32", "bf16", "int8", "int4")
-        }
-        result["probe_recommendation"] = recommend(
-            per_format, cpu, result["gguf_int4_share"]
-        ).reason
+        result["probe_recommendation"] = probe_line(result["layers_ms"], cpu, result)
     if args.llama_bench is None:
         result["llama_cpp"] = "not run: pass --llama-bench PATH to a llama-bench binary"
     elif not args.llama_bench.exists():
