@@ -44,7 +44,7 @@ from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.gguf_source import int4_share
 from specray.actors.model.hardware import CpuFeatures, read_cpu_features, recommend
 from specray.actors.model.loader import load_model
-from specray.actors.parallel.linear_weights import Int4Weights, Int8Weights
+from specray.actors.parallel.linear_weights import DenseWeights, Int4Weights, Int8Weights
 from specray.actors.parallel.packed_kernel import pack_dense, packed_linear
 from specray.actors.parallel.quantized import quantize_int4_grouped, quantize_int8_per_channel
 from specray.actors.store.gguf_file import fetch_gguf
@@ -57,6 +57,10 @@ VERIFY_KS = tuple(range(1, 18))
 LAYER_ROWS = (1, 2, 4, 9, 17)
 CONTEXT = 64
 MODELS = {"fp32": ("float32", "dense"), "bf16": ("bfloat16", "dense"), "gguf": ("bfloat16", "gguf")}
+# ``gguf`` with every int8 weight held on the weight-only kernel, whatever
+# the load-time choice: what the per-token kernel changes, in one run.
+WEIGHT_ONLY_GGUF = "gguf weight-only"
+MODELS[WEIGHT_ONLY_GGUF] = ("bfloat16", "gguf")
 L3_BYTES = 64 << 20  # weights cycled per layer measurement, so they come from DRAM
 
 
@@ -90,14 +94,20 @@ def _kernel(fmt: str, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Te
     if fmt == "bf16":
         half = weight.bfloat16()
         return lambda x: F.linear(x, half)
-    if fmt == "int8":
-        return Int8Weights(quantize_int8_per_channel(weight), torch.bfloat16, cpu)
+    if fmt in ("int8", PER_TOKEN_INT8):
+        int8 = Int8Weights(quantize_int8_per_channel(weight), torch.bfloat16, cpu)
+        int8.use_kernel("per_token" if fmt == PER_TOKEN_INT8 else "weight_only")
+        return int8
     return Int4Weights(quantize_int4_grouped(weight, 32), torch.bfloat16, cpu)
 
 
 PACKED_FP32 = "fp32 packed"  # oneDNN's blocked copy, what a loaded fp32 model runs
+PER_TOKEN_INT8 = "int8 per-token"  # activations rounded to int8 too (int8_kernels)
+# A loaded model runs each of these where it measures faster than the format named.
+ALTERNATIVE_OF = {PACKED_FP32: "fp32", PER_TOKEN_INT8: "int8"}
 LAYER_FORMATS = {"fp32": torch.float32, PACKED_FP32: torch.float32, "bf16": torch.bfloat16}
-LAYER_FORMATS.update({"int8": torch.bfloat16, "int4": torch.bfloat16})
+LAYER_FORMATS.update({"int8": torch.bfloat16, PER_TOKEN_INT8: torch.bfloat16})
+LAYER_FORMATS["int4"] = torch.bfloat16
 
 
 def time_layers(config: ModelConfig, repeats: int) -> dict[str, dict[str, dict[int, float]]]:
@@ -128,8 +138,8 @@ def probe_line(
     layers_ms: dict[str, dict[str, dict[int, float]]], cpu: CpuFeatures, result: dict[str, Any]
 ) -> str:
     """What the start-up probe would pick from these layer timings (a decoder
-    layer's four matmuls); fp32 as a loaded model runs it, the faster of
-    ``F.linear`` and the packed copy."""
+    layer's four matmuls); fp32 and int8 as a loaded model runs them, each
+    on the faster of its two kernels."""
 
     def layer_sum(fmt: str, rows: int) -> float:
         return sum(float(layers_ms[s][fmt][rows]) for s in ("qkv", "o", "gate_up", "down"))
@@ -138,10 +148,27 @@ def probe_line(
         fmt: {rows: layer_sum(fmt, rows) for rows in LAYER_ROWS}
         for fmt in ("fp32", "bf16", "int8", "int4")
     }
-    if all(PACKED_FP32 in layers_ms[s] for s in ("qkv", "o", "gate_up", "down")):
-        for rows in LAYER_ROWS:
-            per_format["fp32"][rows] = min(per_format["fp32"][rows], layer_sum(PACKED_FP32, rows))
+    for alternative, fmt in ALTERNATIVE_OF.items():
+        if all(alternative in layers_ms[s] for s in ("qkv", "o", "gate_up", "down")):
+            for rows in LAYER_ROWS:
+                per_format[fmt][rows] = min(per_format[fmt][rows], layer_sum(alternative, rows))
     return recommend(per_format, cpu, result["gguf_int4_share"]).reason
+
+
+def kernel_counts(model: torch.nn.Module) -> dict[str, int]:
+    """How many weights run on each kernel, e.g. ``{"int8 per_token": 168}``."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, Int8Weights):
+            name = f"int8 {module.kernel}"
+        elif isinstance(module, DenseWeights):
+            name = f"{module.format_name} {'packed' if module.packed is not None else 'plain'}"
+        elif isinstance(module, Int4Weights):
+            name = "int4"
+        else:
+            continue
+        counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 class Runner:
@@ -230,11 +257,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts for agreement")
     parser.add_argument("--tokens", type=int, default=48, help="greedy tokens per prompt")
-    parser.add_argument("--formats", default="fp32,bf16,gguf")
+    parser.add_argument("--formats", default=f"fp32,bf16,gguf,{WEIGHT_ONLY_GGUF}")
     parser.add_argument(
         "--llama-bench", type=Path, default=None, help="llama.cpp's llama-bench binary (optional)"
     )
     parser.add_argument("--skip-layers", action="store_true")
+    parser.add_argument("--tag", default="", help="appended to the result files' names")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -267,12 +295,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for fmt in formats:
         dtype, weights = MODELS[fmt]
         began = time.perf_counter()
-        runners[fmt] = Runner(load_model(model_dir, dtype, weights=weights))
+        model = load_model(model_dir, dtype, weights=weights)
+        if fmt == WEIGHT_ONLY_GGUF:
+            for module in model.modules():
+                if isinstance(module, Int8Weights):
+                    module.use_kernel("weight_only")
+        runners[fmt] = Runner(model)
         result["models"][fmt] = {
             "load_s": time.perf_counter() - began,
             "param_bytes": sum(
                 p.numel() * p.element_size() for p in runners[fmt].model.parameters()
             ),
+            "kernels": kernel_counts(model),
         }
     timings = time_models(runners, [t for p in prompts for t in p], args.repeats)
     # Teacher-forced along the first format's greedy continuations.
@@ -303,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ).to_json()
     result["load_average_end"] = _load_average()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels_{args.model}_{args.threads}t"
+    stem = f"kernels_{args.model}_{args.threads}t{args.tag}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
     (args.out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))

@@ -82,6 +82,16 @@ def _models(models: dict[str, Any], llama: dict[str, Any] | None) -> list[str]:
         [_fmt(m["param_bytes"] / 1e6, ".0f") for m in models.values()],
         "",
     )
+    row(
+        "matmul kernels (weights on each)",
+        [
+            ", ".join(f"{name} {count}" for name, count in m["kernels"].items())
+            if "kernels" in m
+            else "—"
+            for m in models.values()
+        ],
+        "",
+    )
     for k in range(1, 18):
         theirs = _k(llama["verify_cost_ratio"], k) if llama else None
         row(

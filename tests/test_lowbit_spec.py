@@ -1,5 +1,6 @@
 """Lossless speculative decoding on a quantized target: greedy output equals
-the same quantized target decoding alone, token for token."""
+the same quantized target decoding alone, token for token, on either int8
+kernel."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget
+from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model
+from specray.actors.parallel.linear_weights import INT8_KERNELS, Int8Weights
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 
 MAX_TOKENS = 20
@@ -35,10 +38,18 @@ def _prompts() -> list[list[int]]:
     return prompts
 
 
+def _quantized(model_dir: Path, dtype: torch.dtype, int8_kernel: str) -> DecoderModel:
+    model = load_model(model_dir, dtype, weights="gguf")
+    for module in model.modules():
+        if isinstance(module, Int8Weights):
+            module.use_kernel(int8_kernel)
+    return model
+
+
 def _generate(
-    model_dir: Path, dtype: torch.dtype, drafter: Drafter | None, k: int
+    model_dir: Path, dtype: torch.dtype, drafter: Drafter | None, k: int, int8_kernel: str
 ) -> list[list[int]]:
-    target = LocalTarget(load_model(model_dir, dtype, weights="gguf"), num_slots=4, max_len=96)
+    target = LocalTarget(_quantized(model_dir, dtype, int8_kernel), num_slots=4, max_len=96)
     engine = SpecEngine(
         target,
         drafter,
@@ -56,16 +67,17 @@ def _generate(
     return [outputs[r.request_id] for r in requests]
 
 
+@pytest.mark.parametrize("int8_kernel", INT8_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("drafter_name", ["ngram", "draft=copy"])
 def test_greedy_on_a_quantized_target_equals_target_only(
-    model_dir: Path, dtype: torch.dtype, drafter_name: str
+    model_dir: Path, dtype: torch.dtype, drafter_name: str, int8_kernel: str
 ) -> None:
     drafter: Drafter = (
         NgramDrafter(max_ngram=3)
         if drafter_name == "ngram"
-        else DraftModelDrafter(load_model(model_dir, dtype, weights="gguf"), 4, 96)
+        else DraftModelDrafter(_quantized(model_dir, dtype, int8_kernel), 4, 96)
     )
-    alone = _generate(model_dir, dtype, None, k=1)
+    alone = _generate(model_dir, dtype, None, 1, int8_kernel)
     assert all(len(tokens) == MAX_TOKENS for tokens in alone)
-    assert _generate(model_dir, dtype, drafter, k=5) == alone
+    assert _generate(model_dir, dtype, drafter, 5, int8_kernel) == alone

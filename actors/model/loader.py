@@ -11,6 +11,7 @@ from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.gguf_source import GGUFWeightSource
 from specray.actors.parallel.expert import ExpertShard
 from specray.actors.parallel.group import SingleGroup, TPGroup
+from specray.actors.parallel.int8_kernels import choose_int8_kernels
 from specray.actors.parallel.row_kernels import choose_row_kernels
 from specray.actors.parallel.weights import WeightSource
 
@@ -68,4 +69,5 @@ def load_model(
     with source:
         model.load(source)
     choose_row_kernels(model)
+    choose_int8_kernels(model)
     return model.eval()

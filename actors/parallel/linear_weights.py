@@ -29,6 +29,7 @@ from specray.actors.parallel.lowbit_kernels import (
     INT4_ROW_MULTIPLE,
     int4_matmul,
     int8_matmul,
+    int8_per_token_matmul,
     pack_int4,
 )
 from specray.actors.parallel.packed_kernel import packed_linear, unpack
@@ -155,8 +156,16 @@ class DenseWeights(LinearWeights):
         return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
 
 
+INT8_KERNELS = ("weight_only", "per_token")
+
+
 class Int8Weights(LinearWeights):
-    """int8 codes with one scale per output channel: ``W = code * scale``."""
+    """int8 codes with one scale per output channel: ``W = code * scale``.
+
+    :attr:`kernel` is ``weight_only`` (activations stay in the model dtype)
+    or, where it measures faster on a CPU, ``per_token``: activations rounded
+    to int8 per row and an exact integer product (:func:`int8_per_token_matmul`;
+    chosen in :mod:`specray.actors.parallel.int8_kernels`)."""
 
     def __init__(self, matrix: GroupAffine, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -167,9 +176,24 @@ class Int8Weights(LinearWeights):
         self.scales = _frozen(matrix.scales[:, 0].to(device=device, dtype=dtype))  # [out]
         self.out_features, self.in_features = rows, cols
         self.format_name = "int8"
+        self.kernel = "weight_only"
+        # float32 scales for the per-token kernel, which scales in float32.
+        self._scales_f32: torch.Tensor | None = None
+
+    def use_kernel(self, kernel: str) -> None:
+        """Run every matmul on ``kernel`` (one of :data:`INT8_KERNELS`)."""
+        if kernel not in INT8_KERNELS:
+            raise ValueError(f"kernel must be one of {INT8_KERNELS}, got {kernel!r}")
+        if kernel == "per_token" and self.codes.device.type != "cpu":
+            raise ValueError(f"the per_token kernel runs on CPU, not {self.codes.device.type}")
+        self.kernel = kernel
+        self._scales_f32 = self.scales.float() if kernel == "per_token" else None
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        out = int8_matmul(x, self.codes, self.scales)
+        if self._scales_f32 is not None:
+            out = int8_per_token_matmul(x, self.codes, self._scales_f32)
+        else:
+            out = int8_matmul(x, self.codes, self.scales)
         return out if bias is None else out + bias
 
     def dequantize(self) -> torch.Tensor:

@@ -9,7 +9,11 @@ layout, so weights are packed on the device they run on.
 int8: ``W[n, k] = code[n, k] * scale[n]`` (one scale per output channel). On
 CPU ``aten._weight_int8pack_mm``; elsewhere the scale factors out of the sum,
 ``y = (x · codeᵀ) * scale``, which is the same value computed with a dense
-matmul on the codes.
+matmul on the codes. :func:`int8_per_token_matmul` is the CPU alternative
+that also rounds the activations to int8, one scale per row (llama.cpp
+rounds them with one scale per 32 values): the integer product is exact,
+and on CPUs where it measures faster it runs instead
+(:mod:`specray.actors.parallel.int8_kernels`).
 
 Both CPU kernels take a 2-D contiguous activation; callers' leading
 dimensions are flattened here.
@@ -70,4 +74,27 @@ def int8_matmul(
         return F.linear(x, codes.to(x.dtype)) * scales
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.ops.aten._weight_int8pack_mm(flat, codes, scales)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def int8_per_token_matmul(
+    x: torch.Tensor,  # [..., K]
+    codes: torch.Tensor,  # [N, K] int8
+    scales: torch.Tensor,  # [N] float32
+) -> torch.Tensor:  # [..., N] in x's dtype
+    """``x · Wᵀ`` with each row of ``x`` rounded to int8 on its own scale
+    (its largest magnitude becomes 127), the integer product summed exactly
+    in int32 (``torch._int_mm``), then both scales applied in float32.
+
+    A row's result depends on that row alone and the integer sum has no
+    rounding, so the rows of a k-row verify equal k one-row decodes bit for
+    bit, whatever the kernel's blocking.
+    """
+    flat = x.reshape(-1, x.shape[-1]).float()
+    row_scales = flat.abs().amax(dim=1, keepdim=True) / 127
+    # An all-zero row stays zero; dividing by 1 avoids 0 / 0.
+    row_scales = torch.where(row_scales > 0, row_scales, torch.ones_like(row_scales))
+    row_codes = torch.round(flat / row_scales).to(torch.int8)
+    sums = torch._int_mm(row_codes, codes.t())
+    out = (sums.float() * row_scales * scales).to(x.dtype)
     return out.view(*x.shape[:-1], out.shape[-1])

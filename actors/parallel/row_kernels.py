@@ -47,7 +47,7 @@ class RowKernels:
     ms: dict[str, dict[int, float]]  # form -> rows -> best time measured
 
 
-def _best_seconds(run: Callable[[], object], repeats: int) -> float:
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
     run()  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -76,10 +76,10 @@ def measure(
         forms = {"linear": 0} if rows == 1 else {"linear": 0, "transposed": rows}
         for form, transposed_rows in forms.items():
             trial.transposed_rows = transposed_rows
-            ms[form][rows] = 1e3 * _best_seconds(functools.partial(trial, x), repeats)
+            ms[form][rows] = 1e3 * best_seconds(functools.partial(trial, x), repeats)
         if packed is not None:
             run = functools.partial(packed_linear, x, packed, None)
-            ms["packed"][rows] = 1e3 * _best_seconds(run, repeats)
+            ms["packed"][rows] = 1e3 * best_seconds(run, repeats)
     transposed_rows = 0
     for rows in row_counts:
         if ms["transposed"][rows] > MARGIN * ms["linear"][rows]:
