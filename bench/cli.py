@@ -85,7 +85,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ab-order", default="pairs", choices=AB_ORDERS, help="see the module doc")
     p.add_argument(
-        "--warmup", type=int, default=1, help="prompts sent (both arms) before measuring"
+        "--warmup",
+        type=int,
+        default=1,
+        help="random prompts sent (both arms) before measuring, none of them measured",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="deadline per request, seconds")
     p.add_argument("--draft-cost", type=float, default=None, help="c for the analytic limit S")

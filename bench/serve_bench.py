@@ -54,6 +54,8 @@ from specray.protos.messages import FINISH_REASONS, build_request
 from specray.protos.specray.v1 import generation_pb2 as pb
 from specray.protos.specray.v1 import generation_pb2_grpc as pb_grpc
 
+# Length of each warm-up prompt (random token ids, sent in both arms).
+WARMUP_PROMPT_TOKENS = 64
 # The flags that shape a run, recorded in the result and in its command line.
 SETTINGS = (
     "dataset",
@@ -249,7 +251,11 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             timeout_s=args.timeout,
         )
         if args.warmup:  # one-off costs (allocation, kernel choice) stay out of the numbers
-            warm = ab_schedule(prompts[: args.warmup], "pairs")
+            # Prompts of their own: a drafter that caches finished outputs
+            # (suffix) would draft a measured prompt from its warm-up's copy.
+            vocab = tokenizer.vocab_size if tokenizer is not None else info.vocab_size
+            fresh = random_prompts(args.warmup, [WARMUP_PROMPT_TOKENS], vocab, args.seed + 1)
+            warm = ab_schedule(fresh, "pairs")
             await run_load(stub, warm, options, LoadShape(math.inf, 1), "warmup")
         runs = []
         for number, load in enumerate(levels(args)):

@@ -182,10 +182,36 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
             "÷ spec.",
             "",
         ]
+        lines += cache_caveat(result)
         for run in result["runs"]:
             lines += run_tables(run, greedy)
     lines += sweep_table(results)
     return "\n".join(lines)
+
+
+# Drafters that keep finished requests' outputs and draft later requests from them.
+CACHING_DRAFTERS = ("suffix",)
+
+
+def cache_caveat(result: dict[str, Any]) -> list[str]:
+    """A warning where the server's drafter caches outputs across requests
+    and the run sent a prompt more than once (a later level, or a prompt
+    cycled within one): the later copies are drafted from the earlier ones'
+    outputs."""
+    drafts = result["model"].get("drafts", [])
+    caching = [d for d in drafts if any(kind in d for kind in CACHING_DRAFTERS)]
+    runs = result["runs"]
+    cycled = any("#" in r["prompt_id"] for run in runs for r in run["records"])
+    if not caching or (len(runs) < 2 and not cycled):
+        return []
+    return [
+        f"Caution: the drafter ({', '.join(caching)}) caches finished outputs across "
+        "requests, and this run sent prompts more than once (levels after the first, or "
+        "prompts cycled within a level): those later copies were drafted from the earlier "
+        "copies' outputs, so their speedups are not a fresh prompt's. Measure each level "
+        "against a freshly started server for those.",
+        "",
+    ]
 
 
 def _pyplot() -> Any:

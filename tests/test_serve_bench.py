@@ -26,6 +26,7 @@ from specray.bench.serve_dataset import (
     random_prompts,
     shipped_prompts,
 )
+from specray.bench.serve_report import cache_caveat
 from specray.deploy.cli import build_parser, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -111,6 +112,31 @@ def test_random_prompts_have_the_length_and_stay_in_the_vocabulary() -> None:
         random_prompts(2, [], vocab_size=50, seed=3)
 
 
+def _result(drafts: list[str], levels: list[list[str]]) -> dict[str, Any]:
+    runs = [{"records": [{"prompt_id": p} for p in prompt_ids]} for prompt_ids in levels]
+    return {"model": {"drafts": drafts}, "runs": runs}
+
+
+@pytest.mark.parametrize(
+    ("drafts", "levels", "warned"),
+    [
+        (["suffix"], [["a", "b"], ["a", "b"]], True),  # a later level resends a and b
+        (["suffix"], [["a", "b", "a#2"]], True),  # a cycled within the level
+        (["ngram+suffix"], [["a"], ["a"]], True),
+        (["suffix"], [["a", "b"]], False),  # each prompt once
+        (["ngram"], [["a"], ["a"]], False),  # nothing kept across requests
+        ([], [["a"], ["a"]], False),
+    ],
+)
+def test_a_resent_prompt_under_a_caching_drafter_is_called_out(
+    drafts: list[str], levels: list[list[str]], warned: bool
+) -> None:
+    lines = cache_caveat(_result(drafts, levels))
+    assert bool(lines) == warned
+    if warned:
+        assert lines[0].startswith("Caution: the drafter") and "freshly started server" in lines[0]
+
+
 # ---------------------------------------------------------------- real runs
 
 
@@ -189,6 +215,7 @@ def test_markdown_and_plots_are_written_next_to_the_json(shipped_run: Path) -> N
     assert "#### concurrency 1" in text and "#### concurrency 2" in text
     assert "multi-token chunk (one speculative round) as one gap" in text
     assert "Greedy outputs token-identical in 4 of 4 pairs" in text
+    assert "Caution" not in text  # n-gram keeps nothing across requests
     for suffix in ("_speedup.png", "_tpot.png"):
         assert stem.with_name(f"ngram{suffix}").read_bytes().startswith(PNG_MAGIC)
 
