@@ -215,13 +215,22 @@ def test_hidden_states_are_the_residual_streams(v4_dir: Callable[[str], Path]) -
     torch.testing.assert_close(out.hidden_states[:, width:], ref[3][0].flatten(1))
 
 
-def test_bfloat16_close_to_float32(v4_dir: Callable[[str], Path]) -> None:
-    model_dir = v4_dir("default")
+def test_bfloat16_close_to_float32(tmp_path: Path) -> None:
+    """bf16 rounding alone moves the logits by about 1 % of their range.
+    The indexer's top-k and the router's expert choice are discrete: a near
+    tie that bf16 flips moves a tiny random model's logits by 10 % or more
+    (seen on an AVX512-BF16 machine, whose native bf16 kernels round unlike
+    AVX2's), so here every compressed entry and every expert is selected and
+    what is compared is the continuous math."""
+    config = v4_config()
+    model_dir = save_tiny_v4(
+        tmp_path, 0, index_topk=64, num_experts_per_tok=config.n_routed_experts
+    )
     ids = _tokens(8, 24)
     fp32 = _prefill(load_model(model_dir), ids)
     bf16 = _prefill(load_model(model_dir, "bfloat16"), ids)
     assert bf16.dtype == torch.float32
-    assert (bf16 - fp32).abs().max().item() < 0.1 * fp32.abs().max().item()
+    assert (bf16 - fp32).abs().max().item() < 0.03 * fp32.abs().max().item()
 
 
 def test_legacy_config_keys_read_as_the_current_ones() -> None:
