@@ -44,6 +44,7 @@ from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.gguf_source import int4_share
 from specray.actors.model.hardware import CpuFeatures, read_cpu_features, recommend
 from specray.actors.model.loader import load_model
+from specray.actors.parallel.int8_kernels import use_int8_kernel
 from specray.actors.parallel.linear_weights import DenseWeights, Int4Weights, Int8Weights
 from specray.actors.parallel.packed_kernel import pack_dense, packed_linear
 from specray.actors.parallel.quantized import quantize_int4_grouped, quantize_int8_per_channel
@@ -96,7 +97,8 @@ def _kernel(fmt: str, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Te
         return lambda x: F.linear(x, half)
     if fmt in ("int8", PER_TOKEN_INT8):
         int8 = Int8Weights(quantize_int8_per_channel(weight), torch.bfloat16, cpu)
-        int8.use_kernel("per_token" if fmt == PER_TOKEN_INT8 else "weight_only")
+        if fmt == PER_TOKEN_INT8:
+            int8.use_kernel("per_token")
         return int8
     return Int4Weights(quantize_int4_grouped(weight, 32), torch.bfloat16, cpu)
 
@@ -297,9 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         began = time.perf_counter()
         model = load_model(model_dir, dtype, weights=weights)
         if fmt == WEIGHT_ONLY_GGUF:
-            for module in model.modules():
-                if isinstance(module, Int8Weights):
-                    module.use_kernel("weight_only")
+            use_int8_kernel(model, "weight_only")
         runners[fmt] = Runner(model)
         result["models"][fmt] = {
             "load_s": time.perf_counter() - began,

@@ -201,7 +201,7 @@ def build_prompts(
     ids suffixed ``#2``...) or drawn further (random)."""
     deepest = max((load.max_concurrency or 0 for load in levels(args)), default=0)
     if args.dataset == RANDOM:
-        vocab = tokenizer.vocab_size if tokenizer is not None else info.vocab_size
+        vocab = vocab_size(tokenizer, info)
         base = args.num_prompts or 16
         count = max(base, deepest)
         return random_prompts(count, args.random_input_len, vocab, args.seed), base
@@ -212,6 +212,11 @@ def build_prompts(
     if deepest > base:
         prompts = shipped_prompts(deepest, categories, split, args.seed, tokenizer)
     return prompts, base
+
+
+def vocab_size(tokenizer: PreTrainedTokenizerBase | None, info: pb.GetModelInfoResponse) -> int:
+    """Token ids below this are safe to send: the tokenizer's, else the model's."""
+    return tokenizer.vocab_size if tokenizer is not None else info.vocab_size
 
 
 def level_prompts(prompts: list[BenchPrompt], base: int, load: LoadShape) -> list[BenchPrompt]:
@@ -253,7 +258,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if args.warmup:  # one-off costs (allocation, kernel choice) stay out of the numbers
             # Prompts of their own: a drafter that caches finished outputs
             # (suffix) would draft a measured prompt from its warm-up's copy.
-            vocab = tokenizer.vocab_size if tokenizer is not None else info.vocab_size
+            vocab = vocab_size(tokenizer, info)
             fresh = random_prompts(args.warmup, [WARMUP_PROMPT_TOKENS], vocab, args.seed + 1)
             warm = ab_schedule(fresh, "pairs")
             await run_load(stub, warm, options, LoadShape(math.inf, 1), "warmup")

@@ -18,7 +18,8 @@ from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model
-from specray.actors.parallel.linear_weights import INT8_KERNELS, Int8Weights
+from specray.actors.parallel.int8_kernels import use_int8_kernel
+from specray.actors.parallel.linear_weights import INT8_KERNELS
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 
 MAX_TOKENS = 20
@@ -40,9 +41,7 @@ def _prompts() -> list[list[int]]:
 
 def _quantized(model_dir: Path, dtype: torch.dtype, int8_kernel: str) -> DecoderModel:
     model = load_model(model_dir, dtype, weights="gguf")
-    for module in model.modules():
-        if isinstance(module, Int8Weights):
-            module.use_kernel(int8_kernel)
+    use_int8_kernel(model, int8_kernel)
     return model
 
 

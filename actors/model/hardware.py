@@ -196,12 +196,10 @@ def time_kernels(
         packed = pack_dense(dense)
         if packed is not None:
             kernels[f"{name}{PACKED}"] = (dense.dtype, functools.partial(_packed, packed))
-    kernels["int8"] = (
-        torch.bfloat16,
-        Int8Weights(quantize_int8_per_channel(weight), torch.bfloat16, device),
-    )
+    int8 = quantize_int8_per_channel(weight)
+    kernels["int8"] = (torch.bfloat16, Int8Weights(int8, torch.bfloat16, device))
     if device.type == "cpu":
-        per_token = Int8Weights(quantize_int8_per_channel(weight), torch.bfloat16, device)
+        per_token = Int8Weights(int8, torch.bfloat16, device)
         per_token.use_kernel("per_token")
         kernels[f"int8{PER_TOKEN}"] = (torch.bfloat16, per_token)
     kernels["int4"] = (

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from specray.actors.parallel.linear_weights import Int8Weights
-from specray.actors.parallel.row_kernels import MARGIN, MIN_ELEMENTS, ROW_COUNTS, best_seconds
+from specray.actors.parallel.row_kernels import MIN_ELEMENTS, ROW_COUNTS, best_seconds, displaces
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,15 @@ def measure_int8(
             weights.use_kernel(kernel)
             ms[kernel][rows] = 1e3 * best_seconds(functools.partial(weights, x), repeats)
     weights.use_kernel(before)
-    per_token_wins = all(
-        ms["per_token"][rows] * MARGIN <= ms["weight_only"][rows] for rows in ms["per_token"]
-    ) and sum(ms["per_token"].values()) < sum(ms["weight_only"].values())
+    per_token_wins = displaces(ms["per_token"], ms["weight_only"])
     return Int8Kernel("per_token" if per_token_wins else "weight_only", ms)
+
+
+def use_int8_kernel(model: nn.Module, kernel: str) -> None:
+    """Put every int8 weight of ``model`` on ``kernel``, whatever was measured."""
+    for module in model.modules():
+        if isinstance(module, Int8Weights):
+            module.use_kernel(kernel)
 
 
 def choose_int8_kernels(
