@@ -8,6 +8,7 @@ reads only its share of the routed experts.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def test_each_rank_reads_and_holds_only_its_experts(v4_dir: Path, tp: int, ep: i
     inter = config.moe.intermediate_size
     grid = ShardGrid(tp, ep)
     full = load_model(v4_dir)
-    held: dict[str, list[torch.Tensor]] = {}
+    tiles: Counter[tuple[int, int]] = Counter()
     for rank in range(grid.size):
         combine = PartialSum(rank, grid.size)
         shard = ExpertShard.on_grid(grid, rank, combine)
@@ -91,19 +92,17 @@ def test_each_rank_reads_and_holds_only_its_experts(v4_dir: Path, tp: int, ep: i
         columns = (grid.column(rank) * inter // tp, (grid.column(rank) + 1) * inter // tp)
         for name, dim, start, end in routed:
             assert (dim, start, end) == ((1 if ".w2." in name else 0), *columns)
-        for name, param in model.named_parameters():
-            held.setdefault(name, []).append(param)
-    # The shares tile the whole: routed experts stacked by row, then by column.
-    for name, full_param in full.named_parameters():
-        if name.endswith("experts.gate_up"):
-            gate = [
-                torch.cat([p.chunk(2, 1)[0] for p in held[name][r * tp : (r + 1) * tp]], 1)
-                for r in range(ep)
-            ]
-            assert torch.equal(torch.cat(gate), full_param.chunk(2, 1)[0])
-        elif name.endswith("experts.down"):
-            rows = [torch.cat(held[name][r * tp : (r + 1) * tp], 2) for r in range(ep)]
-            assert torch.equal(torch.cat(rows), full_param)
+        for layer, mine in zip(full.layers, model.layers, strict=True):
+            for local, expert in enumerate(mine.mlp.experts.owned):
+                whole = layer.mlp.experts.expert(mine.mlp.experts.first + local)
+                gate_up = whole.gate_up.weight.view(2, inter, -1)[:, slice(*columns)]
+                assert torch.equal(expert.gate_up.weight, gate_up.reshape(-1, gate_up.shape[-1]))
+                assert torch.equal(expert.down.weight, whole.down.weight[:, slice(*columns)])
+                tiles[(id(layer), mine.mlp.experts.first + local)] += 1
+    # The shares tile the whole: every expert's columns held exactly tp times over.
+    moe_layers = [layer for layer in full.layers if layer.mlp.experts.owned]
+    assert set(tiles.values()) == {tp}
+    assert len(tiles) == EXPERTS * len(moe_layers)
 
 
 def test_expert_parallelism_needs_an_moe_model(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]

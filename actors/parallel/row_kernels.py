@@ -31,9 +31,11 @@ from specray.actors.parallel.linear_weights import DenseWeights
 from specray.actors.parallel.packed_kernel import pack_dense, packed_linear
 
 ROW_COUNTS = (2, 4, 8, 16, 32)
-# Smaller weights are left alone: their matmuls take microseconds either way
-# (and tests on tiny models keep one kernel).
-MIN_ELEMENTS = 1 << 19
+# Smaller weights (routers, per-head gates) are left on F.linear: measuring
+# them costs more than it could save, and tests on tiny models keep one kernel.
+# Larger ones are measured even when small: a bf16 GEMM's fixed per-call cost
+# can exceed reading a few hundred KB of weight.
+MIN_ELEMENTS = 1 << 17
 MARGIN = 0.9  # a form must be 10% faster to displace F.linear
 
 

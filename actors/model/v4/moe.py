@@ -15,6 +15,8 @@ shares over the target group (see :mod:`specray.actors.parallel.expert`).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,8 @@ from specray.actors.model.v4.params import MoEConfig
 from specray.actors.parallel.expert import ExpertShard
 from specray.actors.parallel.group import TPGroup
 from specray.actors.parallel.linear import MergedColumnParallelLinear, RowParallelLinear
+from specray.actors.parallel.linear_weights import DenseWeights, LinearWeights
+from specray.actors.parallel.weight_loading import WeightSlice, load_linear
 from specray.actors.parallel.weights import WeightSource
 
 
@@ -85,9 +89,37 @@ class Router(nn.Module):
         return experts, weights * self.config.routed_scaling_factor
 
 
+class Expert(nn.Module):
+    """One routed SwiGLU expert: columns ``[start, end)`` of its intermediate
+    dim. Its weights are :class:`LinearWeights`, so they run on the kernel
+    measured fastest for their shape, as every other linear does."""
+
+    def __init__(
+        self, hidden: int, columns: tuple[int, int], limit: float, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.start, self.end = columns
+        inter = self.end - self.start
+        self.limit = limit
+        self.gate_up: LinearWeights = DenseWeights.empty(2 * inter, hidden, dtype)
+        self.down: LinearWeights = DenseWeights.empty(hidden, inter, dtype)
+
+    def load(self, source: WeightSource, prefix: str) -> None:
+        """Reads only this shard's columns of ``{prefix}.w1`` / ``w3`` / ``w2``."""
+        start, end = self.start, self.end
+        gate, up = (WeightSlice(f"{prefix}.{w}.weight", 0, start, end) for w in ("w1", "w3"))
+        self.gate_up = load_linear(source, [gate, up], self.gate_up)
+        down = WeightSlice(f"{prefix}.w2.weight", 1, start, end)
+        self.down = load_linear(source, [down], self.down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden]
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(swiglu(gate, up, self.limit))
+
+
 class RoutedExperts(nn.Module):
-    """SwiGLU experts ``[first, last)`` of the layer's global expert ids,
-    columns ``[start, end)`` of each one's intermediate dim."""
+    """Experts ``[first, last)`` of the layer's global expert ids, columns
+    ``[start, end)`` of each one's intermediate dim."""
 
     def __init__(
         self,
@@ -99,20 +131,18 @@ class RoutedExperts(nn.Module):
     ) -> None:
         super().__init__()
         self.first, self.last = owned
-        self.start, self.end = columns
-        count, inter = self.last - self.first, self.end - self.start
-        self.limit = config.swiglu_limit
-        self.gate_up = nn.Parameter(torch.empty(count, 2 * inter, hidden, dtype=dtype), False)
-        self.down = nn.Parameter(torch.empty(count, hidden, inter, dtype=dtype), False)
+        self.owned = nn.ModuleList(
+            Expert(hidden, columns, config.swiglu_limit, dtype) for _ in range(*owned)
+        )
 
     def load(self, source: WeightSource, prefix: str) -> None:
         """Reads only the owned experts' slices."""
-        inter, start, end = self.down.shape[-1], self.start, self.end
-        for local, expert in enumerate(range(self.first, self.last)):
-            name = f"{prefix}.{expert}"
-            self.gate_up[local, :inter].copy_(source.read(f"{name}.w1.weight", 0, start, end))
-            self.gate_up[local, inter:].copy_(source.read(f"{name}.w3.weight", 0, start, end))
-            self.down[local].copy_(source.read(f"{name}.w2.weight", 1, start, end))
+        for expert in range(self.first, self.last):
+            self.expert(expert).load(source, f"{prefix}.{expert}")
+
+    def expert(self, expert: int) -> Expert:
+        """The owned expert with global id ``expert``."""
+        return cast(Expert, self.owned[expert - self.first])
 
     def forward(
         self,
@@ -125,8 +155,7 @@ class RoutedExperts(nn.Module):
             if not self.first <= expert < self.last:
                 continue
             tokens, choice = torch.where(experts == expert)
-            gate, up = F.linear(x[tokens], self.gate_up[expert - self.first]).chunk(2, dim=-1)
-            y = F.linear(swiglu(gate, up, self.limit), self.down[expert - self.first])
+            y = self.expert(expert)(x[tokens])
             out.index_add_(0, tokens, (y * weights[tokens, choice, None]).to(out.dtype))
         return out
 
