@@ -10,9 +10,11 @@ transformers' V4 cache cannot be cropped, so each of its runs starts from a
 copy of the prefilled cache, made outside the timing). Writes JSON and a
 Markdown table with the machine's CPU flags in the header.
 
-Random weights make acceptance rates meaningless, so no speculative speedup
-is reported here; the verify cost ratios are what speculation's payoff
-depends on.
+Random weights make acceptance rates meaningless; the verify cost ratios
+are what speculation's payoff depends on. The model also carries a random
+MTP block, and :mod:`specray.bench.v4_spec` runs n-gram and MTP at
+γ = 1..4 through the engine on the shipped prompts, reporting τ, the
+speedup and what a round costs in target-only steps.
 
     python -m specray.bench.v4_bench --threads 2
 """
@@ -29,9 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM, DynamicCache
 
 from specray.actors.model.loader import load_model
+from specray.actors.store.tiny_v4 import mtp_tensors
+from specray.bench import v4_spec
 from specray.bench.common import cpu_flags, write_report
 from specray.bench.model_timing import CachedFeeds, median_seconds, versus_transformers
 
@@ -130,14 +135,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
         torch.manual_seed(0)
-        DeepseekV4ForCausalLM(DeepseekV4Config(**CONFIG)).to(dtype).save_pretrained(model_dir)
+        hf_config = DeepseekV4Config(**CONFIG)
+        DeepseekV4ForCausalLM(hf_config).to(dtype).save_pretrained(model_dir)
+        mtp = {name: t.to(dtype) for name, t in mtp_tensors(hf_config, seed=1).items()}
+        save_file(mtp, str(model_dir / "mtp.safetensors"))
         ours = CachedFeeds(load_model(model_dir, dtype), PROMPT, max(VERIFY_KS))
         ref = Reference(model_dir, dtype)
-    params = sum(p.numel() for p in ref.model.parameters())
-    runs: dict[str, list[dict[str, Any]]] = {"specray": [], "transformers": []}
-    for _ in range(args.rounds):
-        runs["specray"].append(measure_ours(ours, args.repeats))
-        runs["transformers"].append(measure_reference(ref, args.repeats))
+        params = sum(p.numel() for p in ref.model.parameters())
+        runs: dict[str, list[dict[str, Any]]] = {"specray": [], "transformers": []}
+        for _ in range(args.rounds):
+            runs["specray"].append(measure_ours(ours, args.repeats))
+            runs["transformers"].append(measure_reference(ref, args.repeats))
+        del ref
+        speculative = v4_spec.measure(model_dir, ours.model, dtype)
     result: dict[str, Any] = {
         "model": "tiny-v4 (random weights)",
         "config": CONFIG,
@@ -159,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for k in rounds[0]["verify_cost_ratio"]
             },
         }
+    result["speculative"] = speculative
     result["decode_vs_transformers"] = (
         result["specray"]["decode_ms_per_token"] / result["transformers"]["decode_ms_per_token"]
     )
@@ -187,10 +198,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"Machine load average {result['load_average_1min']:.1f} at the end of the run "
         f"({os.cpu_count()} cores). "
         f"Decode is {result['decode_vs_transformers']:.2f}x transformers' time. "
-        "Acceptance on random weights means nothing, so no speculative speedup is "
-        "reported; cost(k)/cost(1) is what it would be multiplied against.",
+        "Verify cost(k)/cost(1) is what a trained drafter's acceptance would be "
+        "weighed against.",
         "",
     ]
+    if "speculative" in result:
+        lines += [*v4_spec.markdown(result["speculative"]), ""]
     return "\n".join(lines)
 
 

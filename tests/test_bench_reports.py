@@ -90,9 +90,13 @@ def test_a_parallel_report_renders_a_row_per_shard(stem: str) -> None:
 @pytest.mark.parametrize("stem", list(VERSUS_REPORTS))
 def test_a_model_report_renders_both_columns(stem: str) -> None:
     result, text = render(stem, VERSUS_REPORTS[stem])
-    header, *body = tables(text)
+    first, *rest = text.split("\n\n|")[1:]  # each table starts after a blank line
+    header, *body = tables("|" + first)
     assert header == ["", "specray", "transformers"]
     assert len(body) == 2 + len(result["specray"]["verify_cost_ratio"])
+    if "speculative" in result:  # the V4 report's second table: a row per method
+        (spec,) = rest
+        assert len(tables("|" + spec)) == 1 + len(result["speculative"]["methods"])
 
 
 def test_router_compare_pairs_each_round() -> None:

@@ -83,7 +83,10 @@ LAYOUTS = {"ep2": (1, 2), "tp2-ep2": (2, 2)}
 def cpu_config(planned: dict[str, Any], layout: tuple[int, int]) -> ServeConfig:
     """The plan on CPU nodes: fp32 shards without GPUs, one thread each,
     spread over both nodes (one per node as on the planned one-GPU nodes when
-    there are two) with two of each node's three Ray CPUs; ephemeral ports."""
+    there are two) with two of each node's three Ray CPUs; ephemeral ports.
+    A fixed γ: every round calls the draft replica, so a killed one is found
+    by the round that needs it (the adaptive budget may stop drafting a
+    random MTP block, and a request that never drafts never notices)."""
     data = json.loads(json.dumps(planned)) | {"port": 0, "http_port": 0, "drain_timeout_s": 60}
     router = data["router"]
     tp, ep = layout
@@ -92,6 +95,7 @@ def cpu_config(planned: dict[str, Any], layout: tuple[int, int]) -> ServeConfig:
     router.update(tp=tp, ep=ep, dtype="float32", gpus_per_shard=0, threads_per_shard=1)
     router.update(strategy=strategy, cpus_per_shard=4 / shards)
     router.update(profile=False, timeout_s=60, start_timeout_s=180, target_restart_timeout_s=300)
+    router.update(adaptive=False)
     for drafter in router["drafts"]:
         drafter.update(cpus=1, threads=1)
     return ServeConfig.model_validate(data)

@@ -83,7 +83,7 @@ def write_tiny_v4(directory: str | Path, seed: int = 0, experts: int = 8, **over
     eos = _save_tokenizer(directory)
     config = tiny_v4_config(experts, eos, **overrides)
     _random_model(config, seed).save_pretrained(directory)
-    save_file(_mtp_tensors(config, seed + 1), str(directory / "mtp.safetensors"))
+    save_file(mtp_tensors(config, seed + 1), str(directory / "mtp.safetensors"))
     return directory
 
 
@@ -109,7 +109,7 @@ def randomize_routing(model: torch.nn.Module, experts: int) -> None:
             bias.normal_(0, 0.1)
 
 
-def _mtp_tensors(config: DeepseekV4Config, seed: int) -> dict[str, torch.Tensor]:
+def mtp_tensors(config: DeepseekV4Config, seed: int) -> dict[str, torch.Tensor]:
     """One V4 block (sliding attention, learned routing) as ``mtp.0.*``, plus
     the MTP block's own projections, norms and hyper head."""
     block = config.to_dict() | {
