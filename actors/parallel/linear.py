@@ -39,6 +39,28 @@ class ReplicatedLinear(nn.Module):
         return self.weights(x)
 
 
+class MergedReplicatedLinear(nn.Module):
+    """Several projections of the same input, each whole on every rank,
+    fused into one matmul: for the few rows of a decode step a GEMM's fixed
+    per-call cost can outweigh reading a small weight, so one call beats
+    several."""
+
+    def __init__(self, in_features: int, out_features: Sequence[int], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.sizes = list(out_features)
+        self.weights: LinearWeights = DenseWeights.empty(sum(self.sizes), in_features, dtype)
+
+    def load(self, source: WeightSource, prefixes: Sequence[str]) -> None:
+        """``prefixes[i]`` names the tensor ``{prefix}.weight`` of part ``i``."""
+        if len(prefixes) != len(self.sizes):
+            raise ValueError(f"{len(self.sizes)} parts, {len(prefixes)} names: {list(prefixes)}")
+        parts = [WeightSlice(f"{prefix}.weight") for prefix in prefixes]
+        self.weights = load_linear(source, parts, self.weights)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # x: [..., in_features]
+        return list(self.weights(x).split(self.sizes, dim=-1))
+
+
 class ColumnParallelLinear(nn.Module):
     """``y = x Wᵀ + b`` with the output features split across ranks.
 

@@ -39,7 +39,7 @@ from specray.actors.model.v4.state import AttentionState, CompressedKVCache
 from specray.actors.parallel.group import TPGroup
 from specray.actors.parallel.linear import (
     ColumnParallelLinear,
-    ReplicatedLinear,
+    MergedReplicatedLinear,
     RowParallelLinear,
 )
 from specray.actors.parallel.weights import WeightSource
@@ -80,12 +80,10 @@ class CompressedAttention(nn.Module):
         self.head_dim = config.head_dim
         self.eps = eps
         self.window = params.sliding_window
-        self.q_a_proj = ReplicatedLinear(hidden, params.q_lora_rank, dtype)
         self.q_a_norm = RMSNorm(params.q_lora_rank, eps, dtype, float_weight=True)
         self.q_b_proj = ColumnParallelLinear(
             params.q_lora_rank, config.num_heads * self.head_dim, False, group, dtype
         )
-        self.kv_proj = ReplicatedLinear(hidden, self.head_dim, dtype)
         self.kv_norm = RMSNorm(self.head_dim, eps, dtype, float_weight=True)
         first, last = self.q_b_proj.out_start, self.q_b_proj.out_end
         self.heads = (first // self.head_dim, last // self.head_dim)  # this rank's heads
@@ -105,17 +103,26 @@ class CompressedAttention(nn.Module):
         self.rope = params.main_rope if attention_type == SLIDING else params.compress_rope
         self.rotary = PartialRotary(self.rope)
         self.compressor = (
-            Compressor(hidden, self.head_dim, rate, attention_type == CSA, self.rope, eps, dtype)
+            Compressor(self.head_dim, rate, attention_type == CSA, self.rope, eps, dtype)
             if rate
             else None
         )
-        self.indexer = Indexer(params, hidden, eps, dtype) if attention_type == CSA else None
+        self.indexer = Indexer(params, eps, dtype) if attention_type == CSA else None
+        # Every projection of the layer input, all replicated, in one matmul:
+        # the query's low-rank half, the shared KV head, then the compressor's
+        # and the indexer's (checkpoint name under this layer's prefix, width).
+        self.input_parts = [("wq_a", params.q_lora_rank), ("wkv", self.head_dim)]
+        if self.compressor is not None:
+            self.input_parts += [(f"compressor.{n}", w) for n, w in self.compressor.projections]
+        if self.indexer is not None:
+            self.input_parts += [(f"indexer.{n}", w) for n, w in self.indexer.projections]
+        widths = [width for _, width in self.input_parts]
+        self.input_proj = MergedReplicatedLinear(hidden, widths, dtype)
 
     def load(self, source: WeightSource, prefix: str) -> None:
-        self.q_a_proj.load(source, f"{prefix}.wq_a")
+        self.input_proj.load(source, [f"{prefix}.{name}" for name, _ in self.input_parts])
         self.q_a_norm.load(source, f"{prefix}.q_norm")
         self.q_b_proj.load(source, f"{prefix}.wq_b")
-        self.kv_proj.load(source, f"{prefix}.wkv")
         self.kv_norm.load(source, f"{prefix}.norm")
         self.sinks.copy_(source.read(f"{prefix}.attn_sink", 0, *self.heads))
         self.o_a_proj.load(source, f"{prefix}.wo_a")
@@ -150,21 +157,26 @@ class CompressedAttention(nn.Module):
         rope = ctx.shared(
             ("partial-rope", self.rope), lambda: self.rotary(batch.flat_positions, ctx.dtype)
         )
-        q_residual = self.q_a_norm(self.q_a_proj(x))
+        q_low, kv, *pooled = self.input_proj(x)  # pooled: compressor's, then indexer's
+        q_residual = self.q_a_norm(q_low)
         query = self.q_b_proj(q_residual).view(tokens, -1, self.head_dim)
         query = apply_partial_rope(unweighted_rms_norm(query, self.eps), *rope)
-        kv = apply_partial_rope(self.kv_norm(self.kv_proj(x)), *rope)
+        kv = apply_partial_rope(self.kv_norm(kv), *rope)
         state.window_kv[batch.flat_slots, batch.flat_positions] = kv
 
         keys, visible = self._window(state, batch)
         if self.compressor is not None:
             assert state.compressor is not None
-            self.compressor.update(state.compressor, x, batch)
+            kv_in, gate_in = pooled[:2]
+            self.compressor.update(state.compressor, kv_in, gate_in, batch)
             count = max(batch.end_positions()) // self.compressor.rate
             entries = state.compressor.entries[torch.tensor(batch.slots), :count]
             if self.indexer is not None:
                 assert state.indexer is not None
-                chosen = self.indexer.select(state.indexer, x, q_residual, rope, batch, count)
+                indexer_inputs = pooled[2:]
+                chosen = self.indexer.select(
+                    state.indexer, indexer_inputs, q_residual, rope, batch, count
+                )
             else:
                 chosen = visible_entries(batch, self.compressor.rate, count)
             keys = torch.cat((keys, entries), dim=1)

@@ -1,9 +1,11 @@
 """Gated pooling of every ``rate`` tokens into one compressed KV entry.
 
 Each token projects to a value ``kv`` and a gate ``z`` (plus a learned bias
-by its offset in the window). Entry ``w`` of a *disjoint* compressor (HCA)
-is ``Σ softmax(z) ⊙ kv`` over the tokens of window ``w``, softmax over
-tokens per channel. An *overlapping* compressor (CSA) projects to two
+by its offset in the window); the projections ``wkv`` and ``wgate`` run in
+the attention layer's one fused input matmul (:attr:`projections` names
+them), and :meth:`Compressor.update` takes their outputs. Entry ``w`` of
+a *disjoint* compressor (HCA) is ``Σ softmax(z) ⊙ kv`` over the tokens of
+window ``w``, softmax over tokens per channel. An *overlapping* compressor (CSA) projects to two
 halves per token, ``a`` and ``b``: entry ``w`` pools window ``w - 1``'s
 ``a`` halves together with window ``w``'s ``b`` halves (width ``2 rate``,
 stride ``rate``; window ``-1`` contributes nothing). Each entry is then
@@ -23,7 +25,6 @@ from specray.actors.model.norm import RMSNorm
 from specray.actors.model.v4.params import PartialRope
 from specray.actors.model.v4.rotary import PartialRotary, apply_partial_rope
 from specray.actors.model.v4.state import CompressorState
-from specray.actors.parallel.linear import ReplicatedLinear
 from specray.actors.parallel.weights import WeightSource
 
 
@@ -49,7 +50,6 @@ def visible_entries(batch: ForwardBatch, rate: int, count: int) -> torch.Tensor:
 class Compressor(nn.Module):
     def __init__(
         self,
-        hidden: int,
         head_dim: int,
         rate: int,
         overlap: bool,
@@ -61,37 +61,39 @@ class Compressor(nn.Module):
         self.head_dim = head_dim
         self.rate = rate
         self.overlap = overlap
-        width = 2 * head_dim if overlap else head_dim
-        self.kv_proj = ReplicatedLinear(hidden, width, dtype)
-        self.gate_proj = ReplicatedLinear(hidden, width, dtype)
-        self.position_bias = nn.Parameter(torch.empty(rate, width, dtype=torch.float32), False)
+        self.width = 2 * head_dim if overlap else head_dim
+        self.position_bias = nn.Parameter(torch.empty(rate, self.width, dtype=torch.float32), False)
         self.kv_norm = RMSNorm(head_dim, eps, dtype, float_weight=True)
         self.rotary = PartialRotary(rope)
 
+    @property
+    def projections(self) -> list[tuple[str, int]]:
+        """Checkpoint name (under the compressor's prefix) and width of each
+        projection of the layer input this compressor pools: value, gate."""
+        return [("wkv", self.width), ("wgate", self.width)]
+
     def load(self, source: WeightSource, prefix: str) -> None:
-        self.kv_proj.load(source, f"{prefix}.wkv")
-        self.gate_proj.load(source, f"{prefix}.wgate")
         self.position_bias.copy_(source.read(f"{prefix}.ape"))
         self.kv_norm.load(source, f"{prefix}.norm")
 
     def new_state(
         self, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device | None
     ) -> CompressorState:
-        width = self.position_bias.shape[1]
         return CompressorState.empty(
-            num_slots, max_len, self.rate, width, self.head_dim, dtype, device
+            num_slots, max_len, self.rate, self.width, self.head_dim, dtype, device
         )
 
     def update(
         self,
         state: CompressorState,
-        x: torch.Tensor,  # [num_tokens, hidden], packed
+        kv: torch.Tensor,  # [num_tokens, width], packed: the tokens' ``wkv`` projection
+        gate: torch.Tensor,  # [num_tokens, width], packed: their ``wgate`` projection
         batch: ForwardBatch,
     ) -> None:
         """Store the new tokens' projections, then pool every window they close."""
         slots, positions = batch.flat_slots, batch.flat_positions
-        state.token_kv[slots, positions] = self.kv_proj(x)
-        gate = self.gate_proj(x).float() + self.position_bias[positions % self.rate]
+        state.token_kv[slots, positions] = kv
+        gate = gate.float() + self.position_bias[positions % self.rate]
         state.token_gate[slots, positions] = gate
         entry_slots, windows = closed_windows(batch, self.rate)
         if len(windows) == 0:

@@ -46,7 +46,6 @@ class Indexer(nn.Module):
     def __init__(
         self,
         config: CompressedAttentionConfig,
-        hidden: int,
         eps: float,
         dtype: torch.dtype,
     ) -> None:
@@ -55,30 +54,38 @@ class Indexer(nn.Module):
         self.head_dim = config.index_head_dim
         self.top_k = config.index_topk
         self.compressor = Compressor(
-            hidden, self.head_dim, config.csa_rate, True, config.compress_rope, eps, dtype
+            self.head_dim, config.csa_rate, True, config.compress_rope, eps, dtype
         )
         self.q_b_proj = ReplicatedLinear(config.q_lora_rank, self.heads * self.head_dim, dtype)
-        self.weights_proj = ReplicatedLinear(hidden, self.heads, dtype)
+
+    @property
+    def projections(self) -> list[tuple[str, int]]:
+        """Checkpoint name (under the indexer's prefix) and width of each
+        projection of the layer input it reads (in the attention layer's
+        fused input matmul): its compressor's value and gate, then the
+        per-head weights."""
+        pooled = [(f"compressor.{name}", width) for name, width in self.compressor.projections]
+        return [*pooled, ("weights_proj", self.heads)]
 
     def load(self, source: WeightSource, prefix: str) -> None:
         self.compressor.load(source, f"{prefix}.compressor")
         self.q_b_proj.load(source, f"{prefix}.wq_b")
-        self.weights_proj.load(source, f"{prefix}.weights_proj")
 
     def select(
         self,
         state: CompressorState,
-        x: torch.Tensor,  # [num_tokens, hidden], packed: the attention's input
+        inputs: list[torch.Tensor],  # [num_tokens, width] each, packed: :attr:`projections`
         q_residual: torch.Tensor,  # [num_tokens, q_lora_rank]: the attention's low-rank query
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [num_tokens, rope_dim / 2]
         batch: ForwardBatch,
         count: int,  # entries to score: the batch's most complete ones
     ) -> torch.Tensor:  # [batch, max_new, count] bool: entries each query attends to
-        self.compressor.update(state, x, batch)
-        tokens = x.shape[0]
+        kv, gate, head_weights = inputs
+        self.compressor.update(state, kv, gate, batch)
+        tokens = q_residual.shape[0]
         query = self.q_b_proj(q_residual).view(tokens, self.heads, self.head_dim)
         query = apply_partial_rope(query, *rope)
-        head_weights = self.weights_proj(x).float() * self.heads**-0.5  # [tokens, heads]
+        head_weights = head_weights.float() * self.heads**-0.5  # [tokens, heads]
         keys = state.entries[torch.tensor(batch.slots), :count]  # [batch, count, head_dim]
         scores = torch.einsum("bnhd,bcd->bnhc", batch.pad(query).float(), keys.float())
         scores = scores.relu() * self.head_dim**-0.5 * batch.pad(head_weights).unsqueeze(-1)
