@@ -53,6 +53,11 @@ def prompt_ids(text: str) -> list[int]:
     return [BYTE_OFFSET + byte for byte in text.encode("utf-8")[-PROMPT_BYTES:]]
 
 
+def cache_len(prompt_len: int) -> int:
+    """KV room for a prompt, its new tokens and the last round's drafts."""
+    return prompt_len + NEW_TOKENS + max(GAMMAS) + 2
+
+
 def methods() -> list[Method]:
     spec = [Method(label, gamma) for label in ("ngram", "mtp") for gamma in GAMMAS]
     return [Method("target-only", 0), *spec]
@@ -62,8 +67,7 @@ def run_once(
     model: DecoderModel, drafter: Drafter | None, gamma: int, prompt: list[int]
 ) -> RequestStats:
     """One greedy request of :data:`NEW_TOKENS` tokens; its statistics."""
-    max_len = len(prompt) + NEW_TOKENS + max(GAMMAS) + 2
-    target = LocalTarget(model, num_slots=1, max_len=max_len)
+    target = LocalTarget(model, num_slots=1, max_len=cache_len(len(prompt)))
     config = EngineConfig(max_batch=1, num_speculative_tokens=gamma, adaptive=False)
     engine = SpecEngine(target, drafter, None, (), config)
     request = GenerationRequest(
@@ -86,7 +90,7 @@ def measure(model_dir: Path, model: DecoderModel, dtype: torch.dtype) -> dict[st
     """Every method on one prompt per category; per method, the median over
     prompts of its speedup against target-only on the same prompt, and of τ."""
     mtp_block = load_mtp(model_dir, dtype)
-    max_len = PROMPT_BYTES + NEW_TOKENS + max(GAMMAS) + 2
+    max_len = cache_len(PROMPT_BYTES)  # every prompt is at most this long
     drafters: dict[str, Callable[[], Drafter | None]] = {
         "target-only": lambda: None,
         "ngram": lambda: NgramDrafter(max_ngram=5),
