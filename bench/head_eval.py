@@ -26,8 +26,11 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from specray.actors.drafting.base import Drafter
+from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest
 from specray.actors.drafting.build import build_drafter as build
+from specray.actors.drafting.dspark.calibration import Calibration
+from specray.actors.drafting.dspark.drafter import DSparkDrafter
+from specray.actors.drafting.dspark.held_out import survival_ece
 from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest
@@ -50,6 +53,88 @@ class RequestTally:
     round_tokens: list[int]  # tokens committed per round
     drafted: int = 0
     accepted: int = 0
+
+
+@dataclass
+class ProposalOutcome:
+    """One verified proposal of a drafter that reports confidences."""
+
+    confidence: list[float]  # [n]: the drafter's c_k as it reported them
+    verified: int
+    accepted: int
+
+
+class RoundRecorder:
+    """A drafter that records, per verified proposal, the confidences it
+    reported and how many drafts the target accepted (the labels a
+    confidence head is calibrated against, from real rounds)."""
+
+    def __init__(self, drafter: Drafter) -> None:
+        self.drafter = drafter
+        self.outcomes: list[ProposalOutcome] = []
+        self._pending: dict[str, DraftProposal] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.drafter, name)
+
+    def start(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
+        self.drafter.start(request_id, prompt_ids, sampling)
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
+        proposals = self.drafter.propose(requests)
+        for request, proposal in zip(requests, proposals, strict=True):
+            self._pending[request.request_id] = proposal
+        return proposals
+
+    def accept(
+        self,
+        request_id: str,
+        num_accepted: int,
+        new_token_ids: Sequence[int],
+        target_hidden: torch.Tensor | None = None,
+    ) -> None:
+        proposal = self._pending.pop(request_id, None)
+        if proposal is not None and len(proposal) and proposal.confidence is not None:
+            self.outcomes.append(
+                ProposalOutcome(list(proposal.confidence), len(proposal), num_accepted)
+            )
+        self.drafter.accept(request_id, num_accepted, new_token_ids, target_hidden)
+
+    def finish(self, request_id: str) -> None:
+        self._pending.pop(request_id, None)
+        self.drafter.finish(request_id)
+
+
+def calibration_rows(
+    outcomes: Sequence[ProposalOutcome], calibration: Calibration
+) -> list[dict[str, float]]:
+    """Per position k: proposals reaching k, the observed rate of "drafts
+    1..k all accepted", and the ECE of the survival product a_k with the
+    raw head (every temperature 1) and with ``calibration``."""
+    block = len(calibration.temperatures)
+    n = len(outcomes)
+    logits = torch.zeros(n, block)
+    survived = torch.zeros(n, block, dtype=torch.float64)
+    reached = torch.zeros(n, block, dtype=torch.bool)
+    temps = torch.tensor(calibration.temperatures)
+    for row, outcome in enumerate(outcomes):
+        width = min(outcome.verified, len(outcome.confidence), block)
+        reported = torch.tensor(outcome.confidence[:width]).clamp(1e-6, 1 - 1e-6)
+        logits[row, :width] = torch.logit(reported) * temps[:width]  # undo the temperatures
+        survived[row, :width] = (torch.arange(1, width + 1) <= outcome.accepted).double()
+        reached[row, :width] = True
+    raw = survival_ece(logits, survived, reached, Calibration.identity(block))
+    fitted = survival_ece(logits, survived, reached, calibration)
+    return [
+        {
+            "position": k + 1,
+            "proposals": int(reached[:, k].sum()),
+            "survived": float(survived[reached[:, k], k].mean()) if reached[:, k].any() else 0.0,
+            "ece_raw": raw[k],
+            "ece_calibrated": fitted[k],
+        }
+        for k in range(block)
+    ]
 
 
 def run_setting(
@@ -100,6 +185,38 @@ def build_drafter(name: str, target_dir: Path, dtype: str, slots: int, max_len: 
     return build(spec, dtype, slots, max_len, target_dir)
 
 
+def confidence_calibration(drafter: Drafter) -> Calibration | None:
+    """The calibration of a drafter whose confidences come from a trained
+    confidence head (DSpark); None for every other drafter."""
+    if isinstance(drafter, DSparkDrafter) and drafter.model.confidence_head is not None:
+        return drafter.calibration
+    return None
+
+
+def calibration_markdown(entries: Sequence[dict[str, Any]]) -> list[str]:
+    if not entries:
+        return []
+    lines = [
+        "",
+        "### Confidence head on real rounds: ECE of the survival product a_k",
+        "",
+        "a_k = c_1 ... c_k against whether drafts 1..k were all accepted, over the "
+        "verified proposals that reached position k; raw: every temperature 1; "
+        "calibrated: the checkpoint's STS temperatures.",
+        "",
+        "| drafter | sampling | γ | k | proposals | survived | ECE raw | ECE calibrated | T_k |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in entries:
+        for row, temp in zip(entry["positions"], entry["temperatures"], strict=True):
+            lines.append(
+                f"| {entry['drafter']} | {entry['sampling']} | {entry['gamma']} | "
+                f"{row['position']} | {row['proposals']} | {row['survived']:.2f} | "
+                f"{row['ece_raw']:.3f} | {row['ece_calibrated']:.3f} | {temp:.2f} |"
+            )
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     gammas = result["gammas"]
     lines = [
@@ -124,6 +241,7 @@ def markdown(result: dict[str, Any]) -> str:
             + " | ".join(cells)
             + " |"
         )
+    lines += calibration_markdown(result.get("calibration", []))
     lines.append("")
     return "\n".join(lines)
 
@@ -146,15 +264,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     rows = []
     began = time.perf_counter()
+    calibrations = []
     for name in [d.strip() for d in args.drafters.split(",") if d.strip()]:
         drafter = build_drafter(name, target_dir, args.dtype, len(prompts), max_len)
         for label, sampling in settings.items():
             by_gamma: dict[int, list[RequestTally]] = {}
             for gamma in gammas:
+                recorder = RoundRecorder(drafter)
                 by_gamma[gamma] = run_setting(
-                    target, drafter, prompts, prompt_ids, eos, gamma, sampling, args.max_tokens
+                    target, recorder, prompts, prompt_ids, eos, gamma, sampling, args.max_tokens
                 )
                 print(f"{name} {label} γ={gamma}: {summarize(by_gamma[gamma])}", flush=True)
+                calibration = confidence_calibration(drafter)
+                if calibration is not None and recorder.outcomes:
+                    calibrations.append(
+                        {
+                            "drafter": name,
+                            "sampling": label,
+                            "gamma": gamma,
+                            "temperatures": list(calibration.temperatures),
+                            "positions": calibration_rows(recorder.outcomes, calibration),
+                        }
+                    )
             for category in [*categories, ALL]:
                 chosen = {
                     str(g): summarize([t for t in ts if category in (ALL, t.category)])
@@ -175,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "prompts": [p.id for p in prompts],
         "elapsed_s": time.perf_counter() - began,
         "rows": rows,
+        "calibration": calibrations,
     }
     stem = f"head_eval_{Path(args.target).name}" + (f"_{args.tag}" if args.tag else "")
     write_report(args.out, stem, result, markdown(result))

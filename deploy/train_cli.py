@@ -29,10 +29,17 @@ from tqdm import tqdm
 from specray.actors.drafting.dspark.checkpoint import save_dspark
 from specray.actors.drafting.dspark.config import default_target_layers
 from specray.actors.drafting.dspark.fresh import default_mask_token, fresh_dspark
+from specray.actors.drafting.dspark.held_out import (
+    CalibrationFit,
+    LabelKind,
+    fit_held_out,
+    held_out_blocks,
+)
+from specray.actors.drafting.dspark.model import DSparkModel
 from specray.actors.drafting.head.checkpoint import init_from_target, load_frozen, save_head
 from specray.actors.drafting.head.config import HeadConfig, default_hidden_layers
 from specray.actors.drafting.head.corpus import build_corpus, build_forced_pairs
-from specray.actors.drafting.head.data import DraftData, DraftDataWriter
+from specray.actors.drafting.head.data import META_NAME, DraftData, DraftDataWriter
 from specray.actors.drafting.head.datagen import (
     GenerationSettings,
     forced_samples,
@@ -100,7 +107,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--data-minutes", type=float, default=None, help="stop starting new answers after this"
     )
     p.add_argument("--data-only", action="store_true", help="make (or find) the data and stop")
-    p.add_argument("--data", type=Path, default=None, help="data directory (default: cached)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="data directory (default: cached); one made with more --layers serves too",
+    )
     p.add_argument("--home", type=Path, default=None, help="store (default $SPECRAY_HOME)")
     p.add_argument(
         "--method", choices=["head", "dspark"], default="head", help="what to train (see docs)"
@@ -109,6 +121,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--draft-layers", type=int, default=1, help="dspark: layers (the paper: 5)")
     p.add_argument("--markov-rank", type=int, default=256, help="dspark: Markov head rank")
     p.add_argument("--anchors", type=int, default=16, help="dspark: blocks per answer and step")
+    p.add_argument(
+        "--calibrate-for",
+        choices=["greedy", "sampled"],
+        default="greedy",
+        help="dspark: fit the confidence head's temperatures to greedy or sampled acceptance",
+    )
     p.add_argument("--device", default="cpu", help="where training runs (cpu, cuda); data: cpu")
     return p
 
@@ -127,7 +145,11 @@ def run(args: argparse.Namespace) -> int:
     config = ModelConfig.from_pretrained(target_dir)
     layers = _layers(args.layers, config, args.method)
     began = time.perf_counter()
-    data = _data(args, target_dir, config, layers, home)
+    try:
+        data = _data(args, target_dir, config, layers, home)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     made_data = time.perf_counter()
     print(f"data: {len(data)} answers, {int(data.lengths.sum())} rows in {data.directory}")
     if args.data_only:
@@ -249,7 +271,15 @@ def _data(
     directory = args.data or home / "draft-data" / f"{Path(str(args.target)).name}-{key}"
     if DraftData.is_complete(directory, meta):
         print(f"reusing draft data in {directory}")
-        return DraftData(directory)
+        return DraftData(directory, layers)
+    if args.data is not None and (args.data / META_NAME).is_file():
+        # Named explicitly: reuse it though its settings differ (e.g. made
+        # with more layers, for a head and a DSpark drafter alike).
+        made_for = json.loads((args.data / META_NAME).read_text()).get("target")
+        if made_for != meta["target"]:
+            raise ValueError(f"--data {args.data} was made for {made_for}, not {meta['target']}")
+        print(f"using draft data in {directory} (layers {list(layers)} of it)")
+        return DraftData(directory, layers)
     corpus = build_corpus(args.num_samples, args.seed, _prompt_texts(args.prompts))
     prompts = [chat_ids(tokenizer, p.text) for p in corpus]
     prompts = [p for p in prompts if len(p) <= args.max_prompt_tokens][: args.num_samples]
@@ -281,7 +311,7 @@ def _data(
         )
     writer.close()
     del model
-    return DraftData(directory)
+    return DraftData(directory, layers)
 
 
 def _run_dspark(
@@ -316,8 +346,9 @@ def _run_dspark(
     )
     began = time.perf_counter()
     result = _train(model.to(args.device), data, settings)
+    fit = _calibrate(model, data, settings, args.calibrate_for)
     out = args.out or (args.home or default_home()) / "dspark" / Path(str(args.target)).name
-    save_dspark(model.cpu(), out, hf_config)
+    save_dspark(model.cpu(), out, hf_config, None if fit is None else fit.calibration)
     summary = {
         "target": args.target,
         "method": "dspark",
@@ -328,16 +359,44 @@ def _run_dspark(
         "data_s": data_s,
         "train_s": time.perf_counter() - began,
         "settings": asdict(settings),
+        "calibration": None if fit is None else asdict(fit),
         "val": [asdict(v) for v in result.val],
         "train": [asdict(t) for t in result.train],
     }
     (out / "train_log.json").write_text(json.dumps(summary, indent=1) + "\n")
     _plot(result, out / "train_curve.png")
+    if fit is not None:
+        before = ", ".join(f"{e:.3f}" for e in fit.ece_before)
+        after = ", ".join(f"{e:.3f}" for e in fit.ece_after)
+        print(f"confidence ECE per position on {fit.blocks} held-out blocks ({fit.labels}):")
+        print(f"  raw [{before}] -> calibrated [{after}]")
     print(f"saved {out} (DeepSpec format, block {args.block_size}, layers {list(layers)})")
     if result.val:
         first, last = result.val[0], result.val[-1]
         print(f"validation loss {first.loss:.3f} -> {last.loss:.3f}, accuracy {last.accuracy}")
     return 0
+
+
+def _calibrate(
+    model: DSparkModel, data: DraftData, settings: TrainSettings, labels: LabelKind
+) -> CalibrationFit | None:
+    """STS of the confidence head on the validation answers (none held out,
+    or no confidence head: nothing to fit)."""
+    _, val_ids = split_indices(len(data), settings)
+    if not val_ids or model.confidence_head is None:
+        return None
+    blocks = held_out_blocks(
+        model,
+        data,
+        val_ids,
+        labels,
+        anchors_per_answer=settings.anchors,
+        max_rows=settings.max_rows,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        bf16=settings.bf16,
+    )
+    return fit_held_out(blocks, labels)
 
 
 def _train(head: DraftModel, data: DraftData, settings: TrainSettings) -> TrainResult:

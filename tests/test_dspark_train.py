@@ -262,6 +262,10 @@ def test_train_draft_dspark_smoke_then_draft_losslessly(tmp_path: Path) -> None:
     log = json.loads((out / "train_log.json").read_text())
     assert log["method"] == "dspark" and log["val"][-1]["loss"] < log["val"][0]["loss"]
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    fit = log["calibration"]  # STS on the held-out answers, saved beside the weights
+    assert fit["labels"] == "greedy" and len(fit["ece_before"]) == len(fit["ece_after"]) == 3
+    saved = json.loads((out / "calibration.json").read_text())["temperatures"]
+    assert saved == fit["calibration"]["temperatures"]
     model = load_dspark(out, target_dir=model_dir)
     assert model.config.block_size == 3 and not model.config.decoder.qk_norm
 

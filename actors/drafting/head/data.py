@@ -8,12 +8,15 @@ last position, as when the head drafts: it never sees the prompt itself.
 
 Shards are safetensors files of concatenated rows plus offsets; ``meta.json``
 records what produced them, so a cache can be reused only when it matches.
+A set made with more layers than a drafter reads serves it too: loading
+picks the drafter's layers (so a head and a DSpark drafter can train on the
+very same answers).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,9 +85,10 @@ class DraftDataWriter:
 
 
 class DraftData:
-    """Every sample of a data directory, in memory, in the order written."""
+    """Every sample of a data directory, in memory, in the order written;
+    with ``layers``, only those target layers' hidden states, in that order."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, layers: Sequence[int] | None = None) -> None:
         self.directory = Path(directory)
         meta_path = self.directory / META_NAME
         if not meta_path.is_file():
@@ -96,6 +100,8 @@ class DraftData:
         self.lengths = torch.cat([p["lengths"] for p in parts])
         self.tokens = torch.cat([p["tokens"] for p in parts]).to(torch.int64)
         self.hidden = torch.cat([p["hidden"] for p in parts])
+        if layers is not None:
+            self.hidden = select_layers(self.hidden, stored_layers(self.meta), layers, meta_path)
         self.top_ids = torch.cat([p["top_ids"] for p in parts]).to(torch.int64)
         self.top_probs = torch.cat([p["top_probs"] for p in parts]).float()
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), self.lengths.cumsum(0)])
@@ -124,3 +130,29 @@ class DraftData:
         stored = json.loads(path.read_text())
         meta = json.loads(json.dumps(meta))  # tuples read back as lists
         return all(stored.get(k) == v for k, v in meta.items())
+
+
+def stored_layers(meta: dict[str, Any]) -> tuple[int, ...]:
+    """The target layers whose hidden states a data set holds, in order."""
+    return tuple(int(i) for i in meta["generation"]["hidden_layers"])
+
+
+def select_layers(
+    hidden: torch.Tensor,  # [T, len(stored) * hidden]
+    stored: Sequence[int],
+    wanted: Sequence[int],
+    source: Path,
+) -> torch.Tensor:  # [T, len(wanted) * hidden]
+    """The columns of ``wanted`` layers, in ``wanted`` order (a copy, so the
+    full set can be freed)."""
+    if list(wanted) == list(stored):
+        return hidden
+    missing = [i for i in wanted if i not in stored]
+    if missing:
+        raise ValueError(
+            f"{source}: the data holds hidden states of layers {list(stored)}, "
+            f"not of {missing}; make data with --layers including them"
+        )
+    width = hidden.shape[1] // len(stored)
+    columns = [hidden[:, stored.index(i) * width : (stored.index(i) + 1) * width] for i in wanted]
+    return torch.cat(columns, dim=1)

@@ -1,0 +1,137 @@
+"""Calibrating DSpark's confidence head: one data set serving several layer
+choices, the held-out survival labels and STS fit that train-draft runs, and
+the real-round ECE that ``bench/head_eval.py`` reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import VOCAB
+
+from specray.actors.drafting.dspark.calibration import Calibration
+from specray.actors.drafting.dspark.drafter import DSparkDrafter
+from specray.actors.drafting.dspark.fresh import fresh_dspark
+from specray.actors.drafting.dspark.held_out import (
+    fit_held_out,
+    held_out_blocks,
+    survival_ece,
+)
+from specray.actors.drafting.dspark.model import DSparkModel
+from specray.actors.drafting.head.data import DraftData, DraftDataWriter, DraftSample
+from specray.actors.drafting.head.datagen import GenerationSettings, generate_samples
+from specray.actors.engine.engine import EngineConfig, SpecEngine
+from specray.actors.engine.request import GenerationRequest
+from specray.actors.engine.target import LocalTarget
+from specray.actors.model.loader import load_model
+from specray.actors.sampling.params import SamplingParams, StoppingCriteria
+from specray.bench.head_eval import RoundRecorder, calibration_rows
+
+LAYERS = (0, 1)
+
+
+def _model(target_dir: Path, block: int = 3) -> DSparkModel:
+    model, _ = fresh_dspark(
+        target_dir,
+        num_layers=1,
+        block_size=block,
+        target_layer_ids=LAYERS,
+        markov_rank=8,
+        init_std=0.2,
+        seed=1,
+    )
+    return model.eval()
+
+
+def _data(model_dir: Path, directory: Path) -> DraftData:
+    settings = GenerationSettings(LAYERS, eos_token_ids=(), max_tokens=20, batch_size=8, top_k=8)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, VOCAB, (3 + i % 5,), generator=gen).tolist() for i in range(8)]
+    writer = DraftDataWriter(directory, {"generation": {"hidden_layers": list(LAYERS)}})
+    generate_samples(load_model(model_dir), prompts, settings, lambda _, s: writer.add(s))
+    writer.close()
+    return DraftData(directory)
+
+
+def test_data_made_with_more_layers_serves_a_subset_in_any_order(tmp_path: Path) -> None:
+    layers, width = (2, 5, 9), 4
+    writer = DraftDataWriter(tmp_path, {"generation": {"hidden_layers": list(layers)}})
+    hidden = torch.arange(6 * 12, dtype=torch.float32).view(6, 12).to(torch.bfloat16)
+    ids = torch.zeros(6, 2, dtype=torch.int64)
+    writer.add(DraftSample(torch.arange(6), hidden, ids, torch.full((6, 2), 0.5)))
+    writer.close()
+    assert torch.equal(DraftData(tmp_path).hidden, hidden)
+    picked = DraftData(tmp_path, (9, 2)).hidden
+    assert torch.equal(picked, torch.cat([hidden[:, 2 * width :], hidden[:, :width]], dim=1))
+    assert torch.equal(DraftData(tmp_path, layers).hidden, hidden)
+    with pytest.raises(ValueError, match=r"layers \[2, 5, 9\], not of \[3\]"):
+        DraftData(tmp_path, (2, 3))
+
+
+def test_held_out_labels_and_the_fit(tiny_dir_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Greedy labels are 0/1 and never rise along the block; sampled ones lie
+    in [0, 1] and never rise; one block per anchor that fits; the fit's
+    first temperature can only lower the first position's ECE (1 is on the
+    grid); the reported ECEs are the ones the calibrations give."""
+    target_dir = tiny_dir_factory("qwen3")
+    data = _data(target_dir, tmp_path / "data")
+    model = _model(target_dir)
+    indices = list(range(len(data)))
+    greedy = held_out_blocks(model, data, indices, "greedy", anchors_per_answer=4, bf16=False)
+    expected_blocks = sum(min(4, len(s) - 1) for s in data)
+    assert greedy.logits.shape == (expected_blocks, 3)
+    assert set(greedy.survived.unique().tolist()) <= {0.0, 1.0}
+    assert bool(greedy.reached[:, 0].all())
+    sampled = held_out_blocks(model, data, indices, "sampled", anchors_per_answer=4, bf16=False)
+    assert torch.equal(sampled.logits, greedy.logits)  # the same seeded blocks
+    for labels in (greedy.survived, sampled.survived):
+        assert bool(((labels >= 0) & (labels <= 1)).all())
+        assert bool((labels[:, 1:] <= labels[:, :-1] + 1e-12).all())
+    fit = fit_held_out(greedy, "greedy")
+    assert fit.blocks == expected_blocks and len(fit.calibration.temperatures) == 3
+    assert fit.ece_after[0] <= fit.ece_before[0]
+    assert fit.ece_after == survival_ece(
+        greedy.logits, greedy.survived, greedy.reached, fit.calibration
+    )
+
+
+def _rounds(
+    target_dir: Path, model: DSparkModel, calibration: Calibration
+) -> tuple[RoundRecorder, int]:
+    """Two greedy requests through the engine at a fixed γ = 3; the recorder
+    and the accepted drafts the engine's stats count."""
+    recorder = RoundRecorder(DSparkDrafter(model, 2, 96, calibration))
+    target = LocalTarget(load_model(target_dir), num_slots=2, max_len=96)
+    engine = SpecEngine(target, recorder, None, (), EngineConfig(2, 3, adaptive=False))
+    stop = StoppingCriteria(max_tokens=30, ignore_eos=True)
+    requests = [
+        GenerationRequest(f"r{i}", [5 + i, 40, 77, 9], SamplingParams(), stop) for i in range(2)
+    ]
+    accepted = {}
+    for chunk in engine.generate(requests):
+        accepted[chunk.request_id] = chunk.stats.accepted_tokens
+    return recorder, sum(accepted.values())
+
+
+def test_real_round_calibration_undoes_the_checkpoint_temperatures(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
+    """The recorder sees every verified proposal (its accepted drafts add up
+    to the engine's count); temperatures change no decision; and the raw ECE
+    computed from a calibrated run equals the ECE of a run without one."""
+    target_dir = tiny_dir_factory("qwen3")
+    model = _model(target_dir)
+    temps = Calibration((2.0, 0.5, 1.5))
+    plain, plain_accepted = _rounds(target_dir, model, Calibration.identity(3))
+    scaled, scaled_accepted = _rounds(target_dir, model, temps)
+    assert plain.outcomes and sum(o.accepted for o in plain.outcomes) == plain_accepted
+    assert scaled_accepted == plain_accepted
+    assert [(o.verified, o.accepted) for o in scaled.outcomes] == [
+        (o.verified, o.accepted) for o in plain.outcomes
+    ]
+    assert all(o.verified == len(o.confidence) <= 3 for o in plain.outcomes)
+    from_plain = calibration_rows(plain.outcomes, Calibration.identity(3))
+    from_scaled = calibration_rows(scaled.outcomes, temps)
+    for raw, undone in zip(from_plain, from_scaled, strict=True):
+        assert undone["proposals"] == raw["proposals"] and undone["survived"] == raw["survived"]
+        assert undone["ece_raw"] == pytest.approx(raw["ece_raw"], abs=1e-4)
+    assert from_scaled[0]["ece_calibrated"] != pytest.approx(from_scaled[0]["ece_raw"], abs=1e-6)
