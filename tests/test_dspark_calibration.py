@@ -135,3 +135,63 @@ def test_real_round_calibration_undoes_the_checkpoint_temperatures(tiny_dir_fact
         assert undone["proposals"] == raw["proposals"] and undone["survived"] == raw["survived"]
         assert undone["ece_raw"] == pytest.approx(raw["ece_raw"], abs=1e-4)
     assert from_scaled[0]["ece_calibrated"] != pytest.approx(from_scaled[0]["ece_raw"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_train_compare_trains_both_on_one_data_set_and_evaluates(tmp_path: Path) -> None:
+    """bench/train_compare.py end to end on a tiny Qwen2: one data set, a
+    head and a DSpark drafter trained on it, τ of n-gram / head / DSpark on
+    held-out prompts and the DSpark confidence head's real-round ECE."""
+    import json
+
+    from serving_helpers import save_served_model
+
+    from specray.bench import train_compare
+    from specray.deploy.cli import main
+
+    model_dir = save_served_model(tmp_path / "model")
+    data = tmp_path / "data"
+    flags = ["--dtype", "float32", "--home", str(tmp_path / "home"), "--threads", "1"]
+    made = ["train-draft", "--target", str(model_dir), "--smoke", "--data-only", "--layers", "1"]
+    assert main([*made, "--data", str(data), *flags]) == 0
+    result = train_compare.main(
+        [
+            "--target",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--train-minutes",
+            "0.2",
+            "--epochs",
+            "2",
+            "--block-size",
+            "3",
+            "--gammas",
+            "3",
+            "--max-tokens",
+            "12",
+            "--per-category",
+            "1",
+            "--categories",
+            "code_edit,chat",
+            "--threads",
+            "1",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    for method in train_compare.METHODS:
+        summary = result["training"][method]
+        assert summary["steps"] > 0 and len(summary["val_loss"]) == 2
+    assert result["training"]["dspark"]["calibration"]["labels"] == "greedy"
+    drafters = {row["drafter"].split(":")[0] for row in result["eval"]["rows"]}
+    assert drafters == {"ngram", "head", "dspark"}
+    (entry, *_) = result["eval"]["calibration"]
+    assert entry["drafter"].startswith("dspark:") and len(entry["positions"]) == 3
+    written = json.loads(
+        (tmp_path / "out" / f"draft_train_compare_{model_dir.name}.json").read_text()
+    )
+    assert written["training"] == result["training"]
+    assert "ECE raw" in (tmp_path / "out" / f"draft_train_compare_{model_dir.name}.md").read_text()
