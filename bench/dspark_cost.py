@@ -1,5 +1,6 @@
 """Draft cost per round: one DSpark forward for γ tokens against γ chained
-steps of the EAGLE-3-style draft head, at a target's shapes, on this CPU.
+steps of the EAGLE-3-style draft head (and, with ``--draft-model``, of a
+small draft model), at a target's shapes, on this CPU.
 
 Both drafters run behind the :class:`Drafter` protocol with random weights
 (cost does not depend on training) at the shapes of ``--target`` (only its
@@ -13,6 +14,8 @@ one (as EAGLE-3 in DeepSpec); DSpark reads the full vocabulary (the target's
 frozen LM head) with ``--dspark-layers`` layers.
 
     python -m specray.bench.dspark_cost --target qwen2.5-coder-0.5b-instruct
+    python -m specray.bench.dspark_cost --target qwen2.5-coder-1.5b-instruct \
+        --draft-model qwen2.5-coder-0.5b-instruct --dspark-layers 1,5
 
 Writes ``dspark_cost_<target>_<dtype>.{json,md}`` to ``bench/results/``.
 """
@@ -31,6 +34,8 @@ from typing import Any
 import torch
 
 from specray.actors.drafting.base import Drafter, DraftRequest
+from specray.actors.drafting.build import build_drafter
+from specray.actors.drafting.draft_model import DraftModelDrafter
 from specray.actors.drafting.dspark.config import (
     DSparkConfig,
     default_target_layers,
@@ -42,10 +47,11 @@ from specray.actors.drafting.dspark.model import DSparkModel
 from specray.actors.drafting.head.config import HeadConfig
 from specray.actors.drafting.head.drafter import HeadDrafter
 from specray.actors.drafting.head.model import DraftHead, FrozenParts
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.model.config import ModelConfig
 from specray.actors.sampling.params import SamplingParams
 from specray.actors.store.resolve import resolve_model
-from specray.bench.common import cpu_flags
+from specray.bench.common import cpu_flags, resolve_preferring
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -97,6 +103,8 @@ def weight_megabytes(drafter: Drafter, gamma: int) -> float:
         tensors = [*module.parameters(), *module.buffers()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    if isinstance(drafter, DraftModelDrafter):  # every step reads the whole model
+        return gamma * size(drafter.model) / 1e6
     if isinstance(drafter, HeadDrafter):
         head = drafter.head
         per_step = size(head.layer) + size(head.fc) + size(head.token_proj)
@@ -162,6 +170,11 @@ def main() -> None:
     parser.add_argument(
         "--head-vocabs", default="8192,full", help="draft vocabularies of the heads compared"
     )
+    parser.add_argument(
+        "--draft-model",
+        default=None,
+        help="also a draft model (a stored name, e.g. qwen2.5-coder-0.5b-instruct)",
+    )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
@@ -184,6 +197,13 @@ def main() -> None:
     for depth in depths:
         drafters[f"dspark-{depth}L"] = dspark_drafter(
             target_hf, depth, args.gamma, frozen, slots, max_len
+        )
+    if args.draft_model:
+        # Real weights: a draft model is a checkpoint in the store, not a shape.
+        model_dir = resolve_preferring(args.draft_model, args.dtype)
+        spec = DrafterSpec("model", str(model_dir))
+        drafters[f"model-{Path(args.draft_model).name}"] = build_drafter(
+            spec, args.dtype, slots, max_len
         )
     rows = []
     for batch in batches:
@@ -226,7 +246,8 @@ def main() -> None:
         f"load average at the end {header['load_average'][0]:.1f}; torch {torch.__version__}. "
         f"Heads: 1 layer, draft vocabulary {args.head_vocabs}, γ chained steps. "
         "DSpark: one block forward over the full vocabulary, then the Markov head's γ "
-        "sequential steps and the confidence head.",
+        "sequential steps and the confidence head. A draft model: its real weights, "
+        "the round's accepted tokens fed, then γ chained steps.",
         "",
         "Weights read per batch-1 round (MB): "
         + ", ".join(f"{n} {mb:.0f}" for n, mb in header["weight_mb_per_round"].items())
