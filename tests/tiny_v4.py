@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.store.tiny_v4 import CSA as CSA  # re-exported for the V4 tests
 from specray.actors.store.tiny_v4 import HCA as HCA
-from specray.actors.store.tiny_v4 import SLIDING, randomize_routing, tiny_v4_config
+from specray.actors.store.tiny_v4 import SLIDING as SLIDING
+from specray.actors.store.tiny_v4 import mtp_tensors, randomize_routing, tiny_v4_config
 
 VOCAB = 160
 
@@ -72,56 +73,9 @@ def save_tiny_v4(directory: Path, seed: int = 0, mtp: bool = False, **overrides:
     config = v4_config(**overrides)
     random_v4(config, seed).save_pretrained(directory)
     if mtp:
-        save_file(_mtp_tensors(config, seed + 1000), str(directory / "mtp.safetensors"))
+        tensors = mtp_tensors(config, seed + 1000, random_v4, spread=0.2, proj_scale=0.05)
+        save_file(tensors, str(directory / "mtp.safetensors"))
     return directory
-
-
-# What the MTP block shares with the target's own blocks.
-_MTP_SHARED_FIELDS = (
-    "hidden_size",
-    "hc_mult",
-    "vocab_size",
-    "n_routed_experts",
-    "num_experts_per_tok",
-    "moe_intermediate_size",
-)
-
-
-def _mtp_tensors(config: DeepseekV4Config, seed: int) -> dict[str, torch.Tensor]:
-    """A one-layer V4 block (sliding attention, learned routing) plus the
-    MTP block's own projections, norms and hyper head."""
-    block_config = v4_config(
-        **{
-            **{k: getattr(config, k) for k in _MTP_SHARED_FIELDS},
-            "num_hidden_layers": 1,
-            "layer_types": [SLIDING],
-            "mlp_layer_types": ["moe"],
-        }
-    )
-    with torch.no_grad(), contextlib.ExitStack() as stack:
-        scratch = Path(stack.enter_context(_tempdir()))
-        random_v4(block_config, seed).save_pretrained(scratch)
-        saved = load_file(str(scratch / "model.safetensors"))
-    prefix = "model.layers.0."
-    tensors = {f"mtp.0.{k[len(prefix) :]}": v for k, v in saved.items() if k.startswith(prefix)}
-    gen = torch.Generator().manual_seed(seed)
-    hidden, streams = config.hidden_size, config.hc_mult
-    for name in ("e_proj", "h_proj"):
-        tensors[f"mtp.0.{name}.weight"] = torch.randn(hidden, hidden, generator=gen) * 0.05
-    for name in ("enorm", "hnorm", "norm"):
-        tensors[f"mtp.0.{name}.weight"] = 1 + 0.2 * torch.randn(hidden, generator=gen)
-    tensors["mtp.0.hc_head_fn"] = torch.randn(streams, streams * hidden, generator=gen) * 0.02
-    tensors["mtp.0.hc_head_base"] = 0.2 * torch.randn(streams, generator=gen)
-    tensors["mtp.0.hc_head_scale"] = 1 + 0.2 * torch.randn(1, generator=gen)
-    return tensors
-
-
-@contextlib.contextmanager
-def _tempdir() -> Iterator[str]:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as path:
-        yield path
 
 
 # -- the from-scratch reference ---------------------------------------------

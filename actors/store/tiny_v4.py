@@ -12,6 +12,7 @@ lines of text. Its output is random text; the path it exercises is real.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,28 +110,37 @@ def randomize_routing(model: torch.nn.Module, experts: int) -> None:
             bias.normal_(0, 0.1)
 
 
-def mtp_tensors(config: DeepseekV4Config, seed: int) -> dict[str, torch.Tensor]:
+def mtp_tensors(
+    config: DeepseekV4Config,
+    seed: int,
+    build: Callable[[DeepseekV4Config, int], DeepseekV4ForCausalLM] | None = None,
+    spread: float = 0.0,
+    proj_scale: float = 0.1,
+) -> dict[str, torch.Tensor]:
     """One V4 block (sliding attention, learned routing) as ``mtp.0.*``, plus
-    the MTP block's own projections, norms and hyper head."""
+    the MTP block's own projections, norms and hyper head. ``build`` makes
+    the random block (default: transformers' init with random routing);
+    ``spread`` is the noise on the MTP norms and hyper head (0: norms at 1,
+    base 0, scale 1); ``proj_scale`` the std of its two input projections."""
     block = config.to_dict() | {
         "num_hidden_layers": 1,
         "layer_types": [SLIDING],
         "mlp_layer_types": ["moe"],
     }
     with tempfile.TemporaryDirectory() as scratch:
-        _random_model(DeepseekV4Config(**block), seed).save_pretrained(scratch)
+        (build or _random_model)(DeepseekV4Config(**block), seed).save_pretrained(scratch)
         saved = load_file(str(Path(scratch) / "model.safetensors"))
     prefix = "model.layers.0."
     tensors = {f"mtp.0.{k[len(prefix) :]}": v for k, v in saved.items() if k.startswith(prefix)}
     gen = torch.Generator().manual_seed(seed)
     hidden, streams = config.hidden_size, config.hc_mult
     for name in ("e_proj", "h_proj"):
-        tensors[f"mtp.0.{name}.weight"] = torch.randn(hidden, hidden, generator=gen) * 0.1
+        tensors[f"mtp.0.{name}.weight"] = torch.randn(hidden, hidden, generator=gen) * proj_scale
     for name in ("enorm", "hnorm", "norm"):
-        tensors[f"mtp.0.{name}.weight"] = torch.ones(hidden)
+        tensors[f"mtp.0.{name}.weight"] = 1 + spread * torch.randn(hidden, generator=gen)
     tensors["mtp.0.hc_head_fn"] = torch.randn(streams, streams * hidden, generator=gen) * 0.02
-    tensors["mtp.0.hc_head_base"] = torch.zeros(streams)
-    tensors["mtp.0.hc_head_scale"] = torch.ones(1)
+    tensors["mtp.0.hc_head_base"] = spread * torch.randn(streams, generator=gen)
+    tensors["mtp.0.hc_head_scale"] = 1 + spread * torch.randn(1, generator=gen)
     return tensors
 
 
