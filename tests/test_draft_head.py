@@ -294,3 +294,16 @@ def test_train_draft_smoke_then_generate_with_the_head(
     adaptive = generate(f"head:{out}")  # γ from the measured head cost
     assert with_head["token_ids"] == target_only["token_ids"] == adaptive["token_ids"]
     assert with_head["stats"]["draft_tokens"] > 0
+
+
+def test_a_time_budget_anneals_the_learning_rate() -> None:
+    """The cosine runs over the steps, or over the time budget when that
+    is further along: a run stopped by its budget ends at the floor."""
+    from specray.actors.drafting.head.trainer import _lr_scale
+
+    assert _lr_scale(0, 10, 100) == pytest.approx(0.1)  # warm-up
+    assert _lr_scale(10, 10, 100) == pytest.approx(1.0)
+    assert _lr_scale(55, 10, 100) == pytest.approx(0.55)
+    assert _lr_scale(55, 10, 100, spent=0.2) == pytest.approx(0.55)  # steps lead
+    assert _lr_scale(11, 10, 100, spent=1.0) == pytest.approx(0.1)  # the budget is spent
+    assert _lr_scale(11, 10, 100, spent=0.5) == pytest.approx(0.55)

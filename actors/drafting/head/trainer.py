@@ -187,16 +187,22 @@ def train_head(
     optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     per_epoch = math.ceil(len(train_ids) / settings.batch_size)
     total = per_epoch * settings.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: _lr_scale(step, settings.warmup, total)
-    )
+    began = time.monotonic()
+    budget = None if settings.max_minutes is None else 60 * settings.max_minutes
+
+    def lr_scale(step: int) -> float:
+        # A run its time budget stops still anneals: progress is the larger
+        # of steps and seconds spent (so the schedule then depends on speed).
+        spent = None if budget is None else (time.monotonic() - began) / budget
+        return _lr_scale(step, settings.warmup, total, spent)
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_scale)
     result = TrainResult()
     if val_ids:
         result.val.append(evaluate(head, data, val_ids, settings))
     step = 0
-    deadline = (
-        None if settings.max_minutes is None else time.monotonic() + 60 * settings.max_minutes
-    )
+    began = time.monotonic()  # the budget counts from here (the schedule reads it too)
+    deadline = None if budget is None else began + budget
     for epoch in range(settings.epochs):
         if deadline is not None and time.monotonic() > deadline:
             break
@@ -239,8 +245,12 @@ def train_head(
     return result
 
 
-def _lr_scale(step: int, warmup: int, total: int) -> float:
+def _lr_scale(step: int, warmup: int, total: int, spent: float | None = None) -> float:
+    """Linear warm-up, then cosine from 1 to 0.1 over the steps, or over
+    the time budget when ``spent`` (its fraction used) is further along."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
+    if spent is not None:
+        progress = max(progress, spent)
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
