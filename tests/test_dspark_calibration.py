@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import VOCAB
+from dspark_helpers import tiny_draft_data, tiny_dspark
 
 from specray.actors.drafting.dspark.calibration import Calibration
 from specray.actors.drafting.dspark.drafter import DSparkDrafter
-from specray.actors.drafting.dspark.fresh import fresh_dspark
 from specray.actors.drafting.dspark.held_out import (
     fit_held_out,
     held_out_blocks,
@@ -20,38 +19,12 @@ from specray.actors.drafting.dspark.held_out import (
 )
 from specray.actors.drafting.dspark.model import DSparkModel
 from specray.actors.drafting.head.data import DraftData, DraftDataWriter, DraftSample
-from specray.actors.drafting.head.datagen import GenerationSettings, generate_samples
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 from specray.bench.head_eval import RoundRecorder, calibration_rows
-
-LAYERS = (0, 1)
-
-
-def _model(target_dir: Path, block: int = 3) -> DSparkModel:
-    model, _ = fresh_dspark(
-        target_dir,
-        num_layers=1,
-        block_size=block,
-        target_layer_ids=LAYERS,
-        markov_rank=8,
-        init_std=0.2,
-        seed=1,
-    )
-    return model.eval()
-
-
-def _data(model_dir: Path, directory: Path) -> DraftData:
-    settings = GenerationSettings(LAYERS, eos_token_ids=(), max_tokens=20, batch_size=8, top_k=8)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, VOCAB, (3 + i % 5,), generator=gen).tolist() for i in range(8)]
-    writer = DraftDataWriter(directory, {"generation": {"hidden_layers": list(LAYERS)}})
-    generate_samples(load_model(model_dir), prompts, settings, lambda _, s: writer.add(s))
-    writer.close()
-    return DraftData(directory)
 
 
 def test_data_made_with_more_layers_serves_a_subset_in_any_order(tmp_path: Path) -> None:
@@ -75,8 +48,8 @@ def test_held_out_labels_and_the_fit(tiny_dir_factory, tmp_path: Path) -> None: 
     first temperature can only lower the first position's ECE (1 is on the
     grid); the reported ECEs are the ones the calibrations give."""
     target_dir = tiny_dir_factory("qwen3")
-    data = _data(target_dir, tmp_path / "data")
-    model = _model(target_dir)
+    data = tiny_draft_data(target_dir, tmp_path / "data", count=8)
+    model = tiny_dspark(target_dir, seed=1).eval()
     indices = list(range(len(data)))
     greedy = held_out_blocks(model, data, indices, "greedy", anchors_per_answer=4, bf16=False)
     expected_blocks = sum(min(4, len(s) - 1) for s in data)
@@ -119,7 +92,7 @@ def test_real_round_calibration_undoes_the_checkpoint_temperatures(tiny_dir_fact
     to the engine's count); temperatures change no decision; and the raw ECE
     computed from a calibrated run equals the ECE of a run without one."""
     target_dir = tiny_dir_factory("qwen3")
-    model = _model(target_dir)
+    model = tiny_dspark(target_dir, seed=1).eval()
     temps = Calibration((2.0, 0.5, 1.5))
     plain, plain_accepted = _rounds(target_dir, model, Calibration.identity(3))
     scaled, scaled_accepted = _rounds(target_dir, model, temps)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dspark_helpers import tiny_draft_data, tiny_dspark
 from tiny_models import VOCAB
 
 from specray.actors.drafting.dspark.calibration import (
@@ -18,7 +19,6 @@ from specray.actors.drafting.dspark.calibration import (
     fit_sequential_temperatures,
     outcome_labels,
 )
-from specray.actors.drafting.dspark.fresh import fresh_dspark
 from specray.actors.drafting.dspark.loss import (
     DSparkLossSettings,
     TargetTopK,
@@ -28,13 +28,10 @@ from specray.actors.drafting.dspark.loss import (
 )
 from specray.actors.drafting.dspark.model import DSparkModel
 from specray.actors.drafting.dspark.train import gather_blocks, sample_anchors
-from specray.actors.drafting.head.data import DraftData, DraftDataWriter
-from specray.actors.drafting.head.datagen import GenerationSettings, generate_samples
 from specray.actors.drafting.head.loss import TrainBatch
 from specray.actors.drafting.head.trainer import TrainSettings, train_head
 from specray.actors.model.loader import load_model
 
-LAYERS = (0, 1)
 LN2 = math.log(2.0)
 
 
@@ -131,23 +128,10 @@ def test_blocks_take_the_rows_drafting_sees() -> None:
     assert keep.tolist() == [[True] * 3, [True, False, False], [False] * 3]
 
 
-def _model(target_dir: Path, seed: int = 0) -> DSparkModel:
-    model, _ = fresh_dspark(
-        target_dir,
-        num_layers=1,
-        block_size=3,
-        target_layer_ids=LAYERS,
-        markov_rank=8,
-        init_std=0.2,
-        seed=seed,
-    )
-    return model
-
-
 def test_teacher_forced_blocks_are_what_drafting_computes(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
     """Block (b, a) of the training forward equals a drafting forward after
     feeding rows 0..a-1, with the true tokens before each draft."""
-    model = _model(tiny_dir_factory("qwen3")).eval()
+    model = tiny_dspark(tiny_dir_factory("qwen3")).eval()
     gen = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, VOCAB, (2, 9), generator=gen)
     hidden = torch.randn(2, 9, model.config.fused_size, generator=gen)
@@ -176,28 +160,18 @@ def test_teacher_forced_blocks_are_what_drafting_computes(tiny_dir_factory) -> N
             )
 
 
-def _data(model_dir: Path, directory: Path) -> DraftData:
-    settings = GenerationSettings(LAYERS, eos_token_ids=(), max_tokens=20, batch_size=8, top_k=8)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, VOCAB, (3 + i % 5,), generator=gen).tolist() for i in range(16)]
-    writer = DraftDataWriter(directory, {"test": 1})
-    generate_samples(load_model(model_dir), prompts, settings, lambda _, s: writer.add(s))
-    writer.close()
-    return DraftData(directory)
-
-
 @pytest.mark.slow
 def test_training_is_deterministic_and_lowers_the_loss(tiny_dir_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The head's trainer drives a DSpark drafter: the same seed gives the
     same weights, validation loss falls, the frozen parts stay the target's."""
     target_dir = tiny_dir_factory("qwen3")
-    data = _data(target_dir, tmp_path / "data")
+    data = tiny_draft_data(target_dir, tmp_path / "data")
     settings = TrainSettings(
         epochs=3, batch_size=4, lr=3e-3, warmup=2, val_fraction=0.25, anchors=6, bf16=False
     )
 
     def trained(seed: int) -> tuple[DSparkModel, list[float]]:
-        model = _model(target_dir, seed)
+        model = tiny_dspark(target_dir, seed)
         result = train_head(model, data, TrainSettings(**{**settings.__dict__, "seed": seed}))
         assert len(result.val[0].ce) == 3  # one entry per block position
         return model, [v.loss for v in result.val]
@@ -207,7 +181,7 @@ def test_training_is_deterministic_and_lowers_the_loss(tiny_dir_factory, tmp_pat
     assert losses == same and losses[-1] < losses[0]
     state = first.state_dict()
     assert all(torch.equal(t, again.state_dict()[n]) for n, t in state.items())
-    untouched = _model(target_dir, 0)
+    untouched = tiny_dspark(target_dir, 0)
     assert torch.equal(first.lm_head.weights.weight, untouched.lm_head.weights.weight)
     assert not torch.equal(first.fc.weights.weight, untouched.fc.weights.weight)
 

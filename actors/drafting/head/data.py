@@ -134,7 +134,10 @@ class DraftData:
 
 def stored_layers(meta: dict[str, Any]) -> tuple[int, ...]:
     """The target layers whose hidden states a data set holds, in order."""
-    return tuple(int(i) for i in meta["generation"]["hidden_layers"])
+    layers = meta.get("generation", {}).get("hidden_layers")
+    if layers is None:
+        raise ValueError("the data's meta.json does not say which layers it holds")
+    return tuple(int(i) for i in layers)
 
 
 def select_layers(
