@@ -103,8 +103,16 @@ def weight_megabytes(drafter: Drafter, gamma: int) -> float:
         tensors = [*module.parameters(), *module.buffers()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    if isinstance(drafter, DraftModelDrafter):  # every step reads the whole model
-        return gamma * size(drafter.model) / 1e6
+    if isinstance(drafter, DraftModelDrafter):
+        # Every step reads the whole model but its embedding (one row a token).
+        model = drafter.model
+        owned = {
+            id(t): t
+            for m in model.modules()
+            if m is not model.embed_tokens
+            for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+        }
+        return gamma * sum(t.numel() * t.element_size() for t in owned.values()) / 1e6
     if isinstance(drafter, HeadDrafter):
         head = drafter.head
         per_step = size(head.layer) + size(head.fc) + size(head.token_proj)

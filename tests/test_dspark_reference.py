@@ -91,6 +91,16 @@ def test_markov_and_confidence_heads_match_deepspec(
             )
 
 
+def test_a_scheduler_prices_the_block_as_one_step(model: DSparkModel) -> None:
+    """The drafter and the router's spec (which reads only config.json)
+    both say four drafts come from one forward."""
+    from specray.actors.drafting.spec import DrafterSpec
+
+    assert DSparkDrafter(model, num_slots=1, max_len=16).paths.block == 4
+    assert DrafterSpec("dspark", str(FIXTURE)).paths.block == 4
+    assert DrafterSpec("ngram").paths.block == 1
+
+
 def test_drafter_drafts_deepspecs_greedy_block(
     model: DSparkModel, ref: dict[str, torch.Tensor]
 ) -> None:

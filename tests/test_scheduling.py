@@ -75,6 +75,17 @@ def test_draft_depth_cost_limits_gamma() -> None:
     assert cheap == [8] and slow[0] < 3
 
 
+def test_a_block_drafter_pays_one_step_for_its_block() -> None:
+    """The slow drafter above, drafting its five in one forward (DSpark):
+    more drafts cost only their verification, so it drafts its block; a
+    sixth starts a second step. Chained, the same step cost stops it at 2."""
+    cost = _by(lambda tokens, depth: 1.0 + 0.01 * tokens + 0.5 * depth)
+    assert schedule_gammas([0.8], [5], cost) == [2]
+    assert schedule_gammas([0.8], [5], cost, block=5) == [5]
+    assert schedule_gammas([0.8], [6], cost, block=5) == [5]
+    assert schedule_gammas([0.8, 0.8], [5, 5], cost, block=5) == [5, 5]
+
+
 def test_a_prefill_is_sunk_so_drafts_riding_on_it_pay_their_own_way() -> None:
     """Compute-bound verify: a lone decode step should not speculate, and a
     long prefill in the same forward does not change that (its 100 tokens
@@ -137,6 +148,9 @@ def test_round_shape_counts_the_backlog_in_the_first_step() -> None:
     shape = RoundShape.of(10, [3, 0, 1], [40, 7, 1])
     assert shape.draft_steps == (41, 1, 1) and shape.depth == 3
     assert RoundShape.of(3, [0, 0, 0]).draft_steps == ()
+    # A block drafter: the block in the first step, a longer γ in a second.
+    assert RoundShape.of(10, [5, 3, 0], [4, 1, 1], block=5).draft_steps == (5,)
+    assert RoundShape.of(10, [7, 5], [4, 1], block=5).draft_steps == (5, 1)
 
 
 def test_survival_estimate_counts_only_tested_drafts() -> None:
@@ -220,6 +234,15 @@ def test_backlog_after_a_round() -> None:
     assert backlog_after(1, 4, update) == 1  # both accepted drafts were fed
     assert backlog_after(1, 2, update) == 2  # only the first draft was fed
     assert backlog_after(9, 0, DraftUpdate("r", 0, [5], None)) == 10
+
+
+def test_a_block_drafter_is_timed_as_one_step() -> None:
+    """What observe_propose learns from: a DSpark call that returned 4 of
+    its 5 drafts, and one that returned 5, each ran one forward."""
+    runs = [_run("a", 3, 0.5), _run("b", 1, 0.5)]
+    drafts = [DraftProposal([1, 2, 3, 4]), DraftProposal([1, 2, 3, 4, 5])]
+    assert fed_steps(runs, drafts, block=5) == (4,)
+    assert fed_steps(runs, drafts) == (4, 2, 2, 2, 1)
 
 
 # -- catching drafts up -------------------------------------------------------------

@@ -202,6 +202,14 @@ class DraftPaths:
 
     model: bool
     lookup: bool
+    # Drafts one model step yields: 1 for a chained drafter (each draft a
+    # step), the block for a block drafter (DSpark drafts γ in one forward),
+    # so a scheduler prices γ drafts as ceil(γ / block) steps.
+    block: int = 1
+
+    def __post_init__(self) -> None:
+        if self.block < 1:
+            raise ValueError(f"block must be >= 1, got {self.block}")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ an entry of the serve config's ``drafts:``, a draft replica.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -88,8 +89,17 @@ class DrafterSpec:
 
     @property
     def paths(self) -> DraftPaths:
+        """How this drafter drafts; a DSpark drafter's block size is read
+        from its ``config.json`` (the router prices drafts without loading it)."""
+        block = 1
+        if self.kind == "dspark" and self.model_path is not None:
+            config = self.model_path / "config.json"
+            if config.is_file():
+                block = int(json.loads(config.read_text()).get("block_size", 1))
         return DraftPaths(
-            model=self.kind not in ("ngram", "suffix"), lookup=self.kind in LOOKUP_KINDS
+            model=self.kind not in ("ngram", "suffix"),
+            lookup=self.kind in LOOKUP_KINDS,
+            block=block,
         )
 
     @property

@@ -89,16 +89,26 @@ class RoundShape:
 
     @classmethod
     def of(
-        cls, verify_tokens: int, gammas: Sequence[int], backlogs: Sequence[int] | None = None
+        cls,
+        verify_tokens: int,
+        gammas: Sequence[int],
+        backlogs: Sequence[int] | None = None,
+        block: int = 1,
     ) -> RoundShape:
         """The shape of a round that drafts ``gammas``, each request's first
-        step feeding its backlog (1 each when ``backlogs`` is None)."""
+        step feeding its backlog (1 each when ``backlogs`` is None), each
+        step yielding ``block`` drafts (:attr:`DraftPaths.block`)."""
         behind = [1] * len(gammas) if backlogs is None else backlogs
-        steps = [0] * max(gammas, default=0)
+        steps = [0] * block_steps(max(gammas, default=0), block)
         for gamma, backlog in zip(gammas, behind, strict=True):
-            for step in range(gamma):
+            for step in range(block_steps(gamma, block)):
                 steps[step] += max(backlog, 1) if step == 0 else 1
         return cls(verify_tokens, tuple(steps))
+
+
+def block_steps(drafts: int, block: int = 1) -> int:
+    """Model steps that yield ``drafts`` drafts, ``block`` a step."""
+    return -(-max(drafts, 0) // block)
 
 
 def schedule_gammas(
@@ -107,6 +117,7 @@ def schedule_gammas(
     round_seconds: Callable[[RoundShape], float],
     base_tokens: int | None = None,
     entry_seconds: Sequence[float] | None = None,
+    block: int = 1,
 ) -> list[int]:
     """γ for every request of one round, maximising expected tokens per second.
 
@@ -129,6 +140,10 @@ def schedule_gammas(
     with a high entry can make every path through it lose while the others
     would win, so the path is also walked over the requests with at most
     each entry, and the best of all is kept.
+
+    ``block``: drafts one model step yields (:attr:`DraftPaths.block`). A
+    block drafter's draft ``i`` is in step ``(i - 1) // block``, so within
+    a block a draft costs its verification only.
 
     The answer is the best prefix of those paths, plain decoding included,
     so a schedule never expects fewer tokens per second than no speculation.
@@ -161,9 +176,11 @@ def schedule_gammas(
         for taken, (neg_survival, i, q) in enumerate(path, 1):
             verified += 1
             expected -= neg_survival
-            if i > len(steps):
+            step = (i - 1) // block
+            if step == len(steps):
                 steps.append(0)
-            steps[i - 1] += 1
+            if (i - 1) % block == 0:  # the request's first draft of this step
+                steps[step] += 1
             if i == 1:
                 entered += entry[q]
             seconds = round_seconds(RoundShape(verified, tuple(steps))) + entered - sunk

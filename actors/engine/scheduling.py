@@ -56,6 +56,11 @@ class GammaScheduler:
         self._pool = {"lookup": SurvivalEstimate(decay=0.98), "model": SurvivalEstimate(decay=0.98)}
         self._pool_depths = DepthAcceptance(decay=0.98)
 
+    @property
+    def block(self) -> int:
+        """Drafts one model step yields (1 without a model drafter)."""
+        return 1 if self.paths is None else self.paths.block
+
     def new_draft_state(self) -> DraftState:
         """A new request's drafting state, its estimates starting at the pool's α."""
         return DraftState(
@@ -209,12 +214,14 @@ class GammaScheduler:
         entries = [0.0] * len(group)
         if any(r.draft.backlog > 1 for r in group):
             # Would each draft in a plain decode round, were it in step?
-            in_step = schedule_gammas(alphas, limits, costs.round_seconds)
+            in_step = schedule_gammas(alphas, limits, costs.round_seconds, block=self.block)
             entries = [
                 self.entry_seconds(r, alpha, limit, gamma > 0)
                 for r, alpha, limit, gamma in zip(group, alphas, limits, in_step, strict=True)
             ]
-        gammas = schedule_gammas(alphas, limits, costs.round_seconds, base, entries)
+        gammas = schedule_gammas(
+            alphas, limits, costs.round_seconds, base, entries, block=self.block
+        )
         for run, gamma in zip(group, gammas, strict=True):
             run.draft.gamma = gamma
         self._stops(group, alphas, gammas, limits, base)
@@ -244,7 +251,7 @@ class GammaScheduler:
             seconds = []
             for drafts in range(limits[q] + 1):
                 shape_gammas[q] = drafts
-                shape = RoundShape.of(base + sum(shape_gammas), shape_gammas, backlogs)
+                shape = RoundShape.of(base + sum(shape_gammas), shape_gammas, backlogs, self.block)
                 seconds.append(max(self.costs.round_seconds(shape) - sunk, 1e-9))
             run.draft.gamma = limits[q]
             run.draft.stop = DraftStop(tuple(seconds), sum(expected) - expected[q])
@@ -310,7 +317,9 @@ class GammaScheduler:
         call when a model drafted (a hybrid's copies in the same call cost
         next to nothing), else the copies'."""
         late = [self._catching_up(run, draft) for run, draft in zip(batch, drafts, strict=True)]
-        model_steps = fed_steps(batch, drafts, late=late, cap=self.max_batched_tokens)
+        model_steps = fed_steps(
+            batch, drafts, late=late, cap=self.max_batched_tokens, block=self.block
+        )
         if model_steps:
             self.costs.draft.observe(model_steps, seconds)
         else:
@@ -375,6 +384,7 @@ def fed_steps(
     lookup: bool = False,
     late: Sequence[bool] | None = None,
     cap: int | None = None,
+    block: int = 1,
 ) -> tuple[int, ...]:
     """The steps the drafts of one path took: a model's (each fed its
     backlog first; a request still catching up, ``late``, fed one chunk of
@@ -387,4 +397,4 @@ def fed_steps(
             if behind:
                 lengths[i] = 1
                 backlogs[i] = backlogs[i] if cap is None else min(backlogs[i], cap)
-    return RoundShape.of(0, lengths, backlogs).draft_steps
+    return RoundShape.of(0, lengths, backlogs, 1 if lookup else block).draft_steps

@@ -69,7 +69,6 @@ class DSparkDrafter:
     """Drafts with a :class:`DSparkModel` that reads target hidden states."""
 
     name = "dspark"
-    paths = DraftPaths(model=True, lookup=False)
 
     def __init__(
         self,
@@ -80,6 +79,8 @@ class DSparkDrafter:
     ) -> None:
         self.model = model
         self.hidden_layers: tuple[int, ...] = model.config.target_layer_ids
+        # One forward drafts the whole block: γ drafts cost one model step.
+        self.paths = DraftPaths(model=True, lookup=False, block=model.block_size)
         self.calibration = calibration or Calibration.identity(model.block_size)
         if len(self.calibration.temperatures) != model.block_size:
             raise ValueError(
