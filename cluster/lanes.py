@@ -196,7 +196,7 @@ class Lanes:
         if new is None:
             return
         pool.attach(new, tracked.request_id, run.tokens, run.sampling, hashes)
-        draft.attach(new.replica_id, len(run.tokens))
+        draft.attach(new.replica_id, self.scheduler.start_backlog(len(run.tokens)))
         if moving:
             self.moves.draft += 1
 

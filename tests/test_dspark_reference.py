@@ -99,6 +99,10 @@ def test_a_scheduler_prices_the_block_as_one_step(model: DSparkModel) -> None:
     assert DSparkDrafter(model, num_slots=1, max_len=16).paths.block == 4
     assert DrafterSpec("dspark", str(FIXTURE)).paths.block == 4
     assert DrafterSpec("ngram").paths.block == 1
+    # Fed the target's hidden states, it has no prompt to catch up on.
+    assert not DrafterSpec("dspark", str(FIXTURE)).paths.reads_prompt
+    assert not DSparkDrafter(model, num_slots=1, max_len=16).paths.reads_prompt
+    assert DrafterSpec("model", "some/dir").paths.reads_prompt
 
 
 def test_drafter_drafts_deepspecs_greedy_block(

@@ -236,6 +236,15 @@ def test_backlog_after_a_round() -> None:
     assert backlog_after(9, 0, DraftUpdate("r", 0, [5], None)) == 10
 
 
+def test_a_hidden_state_drafter_has_no_prompt_to_catch_up() -> None:
+    """A draft model taking a request over feeds its whole context; a
+    drafter of the target's hidden states gets one row after the prompt."""
+    hidden = DraftPaths(model=True, lookup=False, reads_prompt=False)
+    assert GammaScheduler(MODEL).start_backlog(300) == 300
+    assert GammaScheduler(hidden).start_backlog(300) == 1
+    assert GammaScheduler(None).start_backlog(300) == 300
+
+
 def test_a_block_drafter_is_timed_as_one_step() -> None:
     """What observe_propose learns from: a DSpark call that returned 4 of
     its 5 drafts, and one that returned 5, each ran one forward."""

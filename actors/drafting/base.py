@@ -206,6 +206,11 @@ class DraftPaths:
     # step), the block for a block drafter (DSpark drafts γ in one forward),
     # so a scheduler prices γ drafts as ceil(γ / block) steps.
     block: int = 1
+    # Whether a request new to the drafter is first fed every committed
+    # token (a draft model reads the prompt). A drafter of the target's
+    # hidden states starts from the rows the target ships after the prompt,
+    # so it has one row to feed, not the prompt.
+    reads_prompt: bool = True
 
     def __post_init__(self) -> None:
         if self.block < 1:

@@ -55,7 +55,7 @@ class ChainedDrafter(ABC, Generic[OutputT]):
 
     name: str
     hidden_layers: tuple[int, ...]
-    paths = DraftPaths(model=True, lookup=False)
+    paths = DraftPaths(model=True, lookup=False, reads_prompt=False)
 
     def __init__(self, cache: SlotCache, hidden_width: int, owner: str) -> None:
         self.cache = cache

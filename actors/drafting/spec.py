@@ -37,6 +37,7 @@ PREFIXES = {
 DRAFTER_KINDS = (*MODELLESS, "model", *PREFIXES)
 LOOKUP_KINDS = ("ngram", "hybrid", "suffix", "suffix_hybrid")  # they copy from the context
 MODEL_KINDS = ("model", "hybrid", "suffix_hybrid")  # a draft model (name or path)
+HIDDEN_STATE_KINDS = ("head", "dspark", "mtp")  # fed the target's hidden states
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class DrafterSpec:
             model=self.kind not in ("ngram", "suffix"),
             lookup=self.kind in LOOKUP_KINDS,
             block=block,
+            reads_prompt=self.kind not in HIDDEN_STATE_KINDS,
         )
 
     @property

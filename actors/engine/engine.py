@@ -191,7 +191,7 @@ class SpecEngine:
             )
             if self._drafting is not None and running.wants_draft:
                 self._drafting.worker.start(request.request_id, running.tokens, running.sampling)
-                running.draft.attach(_LOCAL, len(running.tokens))
+                running.draft.attach(_LOCAL, self.scheduler.start_backlog(len(running.tokens)))
             self.running[request.request_id] = running
 
     def _release(self, running: RunningRequest) -> None:

@@ -56,6 +56,14 @@ class GammaScheduler:
         self._pool = {"lookup": SurvivalEstimate(decay=0.98), "model": SurvivalEstimate(decay=0.98)}
         self._pool_depths = DepthAcceptance(decay=0.98)
 
+    def start_backlog(self, num_committed: int) -> int:
+        """What a drafter taking a request over has to feed: every committed
+        token, or for a drafter of the target's hidden states the one row
+        the target ships next (:attr:`DraftPaths.reads_prompt`)."""
+        if self.paths is not None and not self.paths.reads_prompt:
+            return min(num_committed, 1)
+        return num_committed
+
     @property
     def block(self) -> int:
         """Drafts one model step yields (1 without a model drafter)."""

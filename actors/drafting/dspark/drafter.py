@@ -80,7 +80,9 @@ class DSparkDrafter:
         self.model = model
         self.hidden_layers: tuple[int, ...] = model.config.target_layer_ids
         # One forward drafts the whole block: γ drafts cost one model step.
-        self.paths = DraftPaths(model=True, lookup=False, block=model.block_size)
+        self.paths = DraftPaths(
+            model=True, lookup=False, block=model.block_size, reads_prompt=False
+        )
         self.calibration = calibration or Calibration.identity(model.block_size)
         if len(self.calibration.temperatures) != model.block_size:
             raise ValueError(
