@@ -104,14 +104,11 @@ def weight_megabytes(drafter: Drafter, gamma: int) -> float:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     if isinstance(drafter, DraftModelDrafter):
-        # Every step reads the whole model but its embedding (one row a token).
+        # Every step reads the whole model but its embedding (one row a
+        # token); parameters only: a packed kernel copy replaces, not adds.
         model = drafter.model
-        owned = {
-            id(t): t
-            for m in model.modules()
-            if m is not model.embed_tokens
-            for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
-        }
+        embedding = {id(t) for t in model.embed_tokens.parameters()}
+        owned = {id(t): t for t in model.parameters() if id(t) not in embedding}
         return gamma * sum(t.numel() * t.element_size() for t in owned.values()) / 1e6
     if isinstance(drafter, HeadDrafter):
         head = drafter.head
