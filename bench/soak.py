@@ -172,16 +172,23 @@ async def run_soak(
 async def _chaos(router: Any, config: SoakConfig, stop_at: float, report: SoakReport) -> None:
     """SIGKILL a random live draft replica's process every ``kill_every_s`` (jittered)."""
     rng = random.Random(config.seed)
+    killed: set[int] = set()
     while True:
         await asyncio.sleep(config.kill_every_s * rng.uniform(0.5, 1.5))
         if time.monotonic() >= stop_at:
             return
         state: RouterState = await router.state.remote()
-        victims = [d for d in state.drafts if d.tracked >= 0 and not d.draining]
+        # A replica killed a moment ago can still be listed before the router
+        # notices: killing it again would count a second kill of one failure.
+        victims = [
+            d for d in state.drafts if d.tracked >= 0 and not d.draining and d.pid not in killed
+        ]
         if not victims:  # every replica is down or restarting: wait for one
             continue
+        victim = rng.choice(victims).pid
         with contextlib.suppress(ProcessLookupError):
-            os.kill(rng.choice(victims).pid, signal.SIGKILL)
+            os.kill(victim, signal.SIGKILL)
+            killed.add(victim)
             report.kills += 1
 
 
