@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftUpdate
+from specray.actors.engine.backlog import backlog_after, fed_steps
 from specray.actors.engine.costs import CostCurve, ProfiledCurve, RoundCostModel, StepCost
 from specray.actors.engine.gamma import (
     RoundShape,
@@ -21,7 +22,7 @@ from specray.actors.engine.gamma import (
 )
 from specray.actors.engine.lifecycle import start_request
 from specray.actors.engine.request import DraftState, GenerationRequest, RunningRequest
-from specray.actors.engine.scheduling import GammaScheduler, backlog_after, fed_steps
+from specray.actors.engine.scheduling import GammaScheduler
 from specray.actors.sampling.params import StoppingCriteria
 
 # -- the γ scheduler -----------------------------------------------------------

@@ -18,11 +18,11 @@ an entry of the serve config's ``drafts:``, a draft replica.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from specray.actors.drafting.base import DraftPaths
+from specray.actors.drafting.dspark.config import DSparkConfig
 
 NO_DRAFTER = "none"
 # Kinds named by their kind alone: they need no model of their own.
@@ -94,9 +94,7 @@ class DrafterSpec:
         from its ``config.json`` (the router prices drafts without loading it)."""
         block = 1
         if self.kind == "dspark" and self.model_path is not None:
-            config = self.model_path / "config.json"
-            if config.is_file():
-                block = int(json.loads(config.read_text()).get("block_size", 1))
+            block = DSparkConfig.load(self.model_path).block_size
         return DraftPaths(
             model=self.kind not in ("ngram", "suffix"),
             lookup=self.kind in LOOKUP_KINDS,

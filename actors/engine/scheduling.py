@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftStop, DraftUpdate
+from specray.actors.engine.backlog import backlog_after, fed_steps
 from specray.actors.engine.budget import DepthAcceptance, Hindsight, budget_tokens, survivals
 from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.gamma import (
@@ -374,35 +375,3 @@ class GammaScheduler:
                 by_depth.record(depth, accepted)
         if hindsight.settled:
             run.draft.hindsight = None
-
-
-def backlog_after(backlog: int, drafted: int, update: DraftUpdate) -> int:
-    """Committed tokens a drafter has not fed after a round: drafting, it fed
-    its backlog and its first ``drafted - 1`` drafts, and keeps the accepted
-    ones; not drafting, it fell further behind."""
-    committed = len(update.new_token_ids)
-    if drafted == 0:
-        return backlog + committed
-    return committed - min(update.num_accepted, drafted - 1)
-
-
-def fed_steps(
-    batch: Sequence[RunningRequest],
-    drafts: Sequence[DraftProposal],
-    lookup: bool = False,
-    late: Sequence[bool] | None = None,
-    cap: int | None = None,
-    block: int = 1,
-) -> tuple[int, ...]:
-    """The steps the drafts of one path took: a model's (each fed its
-    backlog first; a request still catching up, ``late``, fed one chunk of
-    at most ``cap`` tokens and drafted nothing), or with ``lookup`` the
-    copies'."""
-    lengths = [len(d) if d.from_lookup == lookup else 0 for d in drafts]
-    backlogs = [1 if lookup else r.draft.backlog for r in batch]
-    if late is not None and not lookup:
-        for i, behind in enumerate(late):
-            if behind:
-                lengths[i] = 1
-                backlogs[i] = backlogs[i] if cap is None else min(backlogs[i], cap)
-    return RoundShape.of(0, lengths, backlogs, 1 if lookup else block).draft_steps

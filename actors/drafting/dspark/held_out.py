@@ -32,7 +32,7 @@ from specray.actors.drafting.dspark.calibration import (
 )
 from specray.actors.drafting.dspark.loss import top_k_l1
 from specray.actors.drafting.dspark.model import DSparkModel
-from specray.actors.drafting.dspark.train import block_forward, gather_blocks, sample_anchors
+from specray.actors.drafting.dspark.train import random_blocks
 from specray.actors.drafting.head.data import DraftData
 from specray.actors.drafting.head.trainer import collate
 
@@ -83,10 +83,7 @@ def held_out_blocks(
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
             batch = collate([data[i] for i in chunk], max_rows).to(device)
-            anchors, keep = sample_anchors(batch.lengths, anchors_per_answer, generator)
-            blocks = gather_blocks(batch, anchors, keep, model.block_size)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = block_forward(model, batch, blocks)
+            blocks, out = random_blocks(model, batch, anchors_per_answer, generator, bf16)
             assert out.confidence_logits is not None
             if labels == "greedy":
                 per_draft = (out.draft_logits.argmax(-1) == blocks.target.ids[..., 0]).double()

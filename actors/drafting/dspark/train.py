@@ -98,6 +98,21 @@ def block_forward(model: DSparkModel, batch: TrainBatch, blocks: Blocks) -> Teac
     return model.teacher_forced(batch.hidden, blocks.anchor_ids, blocks.anchors, blocks.previous)
 
 
+def random_blocks(
+    model: DSparkModel,
+    batch: TrainBatch,
+    anchors_per_answer: int,
+    generator: torch.Generator,
+    bf16: bool = False,
+) -> tuple[Blocks, TeacherForced]:
+    """Up to ``anchors_per_answer`` random blocks of each answer, all run in
+    one forward (under bf16 autocast if asked)."""
+    anchors, keep = sample_anchors(batch.lengths, anchors_per_answer, generator)
+    blocks = gather_blocks(batch, anchors, keep, model.block_size)
+    with torch.autocast(batch.hidden.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return blocks, block_forward(model, batch, blocks)
+
+
 def dspark_batch_loss(
     model: DSparkModel,
     batch: TrainBatch,
@@ -106,12 +121,9 @@ def dspark_batch_loss(
     settings: DSparkLossSettings,
     bf16: bool = False,
 ) -> DSparkLossParts:
-    """Draw anchors, run every block in one forward (under bf16 autocast if
-    asked; the loss itself is float32) and score it."""
-    anchors, keep = sample_anchors(batch.lengths, anchors_per_answer, generator)
-    blocks = gather_blocks(batch, anchors, keep, model.block_size)
-    with torch.autocast(batch.hidden.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = block_forward(model, batch, blocks)
+    """Draw anchors, run every block in one forward and score it (the loss
+    itself is float32)."""
+    blocks, out = random_blocks(model, batch, anchors_per_answer, generator, bf16)
     return dspark_loss(
         out.draft_logits,
         out.confidence_logits,
