@@ -90,6 +90,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="random prompts sent (both arms) before measuring, none of them measured",
     )
+    p.add_argument(
+        "--prime-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="prefill each level's new prompts once (one token, unmeasured) so neither arm "
+        "finds a prefix cache the other warmed",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="deadline per request, seconds")
     p.add_argument("--draft-cost", type=float, default=None, help="c for the analytic limit S")
     p.add_argument("--verify-cost", type=float, default=None, help="cost(γ+1)/cost(1) for S")

@@ -7,7 +7,11 @@ machine noise hits both arms alike, but under concurrency the arms then
 share the server's batches (a target-only request rides in rounds that also
 verify drafts, which flatters speculation). ``--ab-order phases`` sends one
 arm, waits for it, then sends the other, so batches never mix the arms: use
-it for throughput under load. Streams run concurrently from one asyncio process:
+it for throughput under load. Either way the arm that goes first would warm
+the server's prefix cache for the other, so each level first sends every
+prompt it has not sent before once, target-only and for one token, and
+measures nothing of it (``--no-prime-cache`` to measure cold prefills in
+whichever arm comes first). Streams run concurrently from one asyncio process:
 Poisson arrivals at ``--request-rate`` (seeded), capped by
 ``--max-concurrency``, or one run per level of ``--sweep-concurrency``.
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import math
 import shlex
@@ -75,10 +80,14 @@ SETTINGS = (
     "random_input_len",
     "random_output_len",
     "warmup",
+    "prime_cache",
     "draft_cost",
     "verify_cost",
     "timeout",
 )
+
+# Switches that default on (--no-NAME turns them off).
+ON_BY_DEFAULT = ("prime_cache",)
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,21 @@ async def run_load(
             return await send_one(stub, request, options, tag)
 
     return list(await asyncio.gather(*(one(o, r) for o, r in zip(offsets, plan, strict=True))))
+
+
+async def prime(
+    stub: pb_grpc.GenerationStub,
+    prompts: Sequence[BenchPrompt],
+    options: RequestOptions,
+    load: LoadShape,
+) -> None:
+    """Prefill ``prompts`` once (one token, target-only), unmeasured, so both
+    arms of the level that follows find them in the prefix cache alike."""
+    if not prompts:
+        return
+    one_token = dataclasses.replace(options, max_tokens=1, ignore_eos=True)
+    plan = [BenchRequest(prompt, False, i) for i, prompt in enumerate(prompts)]
+    await run_load(stub, plan, one_token, LoadShape(math.inf, load.max_concurrency), "prime")
 
 
 def model_dict(info: pb.GetModelInfoResponse) -> dict[str, Any]:
@@ -263,9 +287,13 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             warm = ab_schedule(fresh, "pairs")
             await run_load(stub, warm, options, LoadShape(math.inf, 1), "warmup")
         runs = []
+        primed: set[str] = set()
         for number, load in enumerate(levels(args)):
             spec_first = number % 2 == 0
             sent = level_prompts(prompts, base, load)
+            if args.prime_cache:
+                await prime(stub, [p for p in sent if p.id not in primed], options, load)
+                primed.update(p.id for p in sent)
             plan = ab_schedule(sent, args.ab_order, spec_first)
             # Phases: the second arm starts once the first has finished, so
             # no batch holds both (each arm then sees the same arrivals).
@@ -313,6 +341,9 @@ def reproduce_command(args: argparse.Namespace) -> str:
         if key in unused:
             continue
         flag = "--" + key.replace("_", "-")
+        if key in ON_BY_DEFAULT:
+            words.append(flag if value else flag.replace("--", "--no-", 1))
+            continue
         if value is None or value is False:
             continue
         if value is True:

@@ -170,7 +170,8 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
             f"`{result['command']}`",
             "",
             f"{len(settings['prompts'])} prompts ({settings['dataset']}), each sent with "
-            f"speculation on and off ({settings['ab_order']}); {lengths(settings)}, "
+            f"speculation on and off ({settings['ab_order']}; {priming(settings)}); "
+            f"{lengths(settings)}, "
             f"temperature {settings['temperature']}, γ ≤ {settings['gamma']}. Client: "
             f"{machine_line(machine)}; started {result['started_at']}.",
             "",
@@ -191,6 +192,13 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
 
 # Drafters that keep finished requests' outputs and draft later requests from them.
 CACHING_DRAFTERS = ("suffix",)
+
+
+def priming(settings: dict[str, Any]) -> str:
+    """How the run treated the prefix cache (results older than the flag primed nothing)."""
+    if settings.get("prime_cache", False):
+        return "each level's new prompts prefilled once, unmeasured, before both arms"
+    return "prefix cache not primed: the first arm warms it for the second"
 
 
 def cache_caveat(result: dict[str, Any]) -> list[str]:

@@ -149,7 +149,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(model_dir: Path) -> Iterator[ServingThread]:
     # Shipped prompts run to ~250 tokens under the tiny tokenizer: room for them.
     limits = {"max_tokens": 256, "max_queued_requests": 16}
-    with ServingThread(serve_config(model_dir, max_len=1024, limits=limits)) as serving:
+    # A prefix cache that holds several whole prompts (the priming test reads it).
+    config = serve_config(model_dir, max_len=1024, limits=limits, prefix_cache_tokens=4096)
+    with ServingThread(config) as serving:
         yield serving
 
 
@@ -297,6 +299,34 @@ def test_a_level_sends_at_least_as_many_prompts_as_its_concurrency(
     assert len(set(ids)) == 3 and result["settings"]["prompts"] == ids[:2]
 
 
+def _cached_by_prompt(run: dict[str, Any], speculative: bool) -> dict[str, int]:
+    return {
+        r["prompt_id"]: r["cached_tokens"]
+        for r in run["records"]
+        if r["speculative"] == speculative
+    }
+
+
+def test_priming_gives_both_arms_the_same_prefix_cache(
+    server: ServingThread, model_dir: Path, tmp_path: Path
+) -> None:
+    # Categories no other test sends, so each run starts with its prompts uncached.
+    flags = ["--tokenizer", str(model_dir), "--num-prompts", "2", "--max-tokens", "4"]
+    flags += ["--ab-order", "phases", "--max-concurrency", "2", "--warmup", "0"]
+    (cold,) = _bench(
+        server, tmp_path / "cold.json", [*flags, "--categories", "code_edit", "--no-prime-cache"]
+    )["runs"]
+    spec, base = _cached_by_prompt(cold, True), _cached_by_prompt(cold, False)
+    assert all(spec[p] < base[p] for p in spec), (spec, base)  # spec went first, cold
+    primed = _bench(server, tmp_path / "primed.json", [*flags, "--categories", "agentic"])
+    (warm,) = primed["runs"]
+    spec, base = _cached_by_prompt(warm, True), _cached_by_prompt(warm, False)
+    assert spec == base and all(cached > 0 for cached in spec.values())
+    assert "--prime-cache" in primed["command"].split()
+    text = (tmp_path / "primed.md").read_text()
+    assert "new prompts prefilled once, unmeasured, before both arms" in text
+
+
 def test_the_reproduce_command_survives_the_shell() -> None:
     parser, _ = build_parser()
     flags = ["--label", "ngram, chunked", "--dataset", "random", "--random-input-len", "8,3"]
@@ -305,6 +335,8 @@ def test_the_reproduce_command_survives_the_shell() -> None:
     assert words[:3] == ["specray", "bench", "serve"]
     assert words[words.index("--label") + 1] == "ngram, chunked"
     assert words[words.index("--random-input-len") + 1] == "8,3"
+    args = parser.parse_args(["bench", "serve", "--no-prime-cache"])
+    assert "--no-prime-cache" in shlex.split(reproduce_command(args))
 
 
 @pytest.mark.parametrize(
