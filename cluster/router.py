@@ -72,6 +72,8 @@ class RouterConfig:
     # Tokens a target replica feeds per round: prompts prefill in chunks
     # beside the decoding requests. None: every prompt in one round.
     max_batched_tokens: int | None = DEFAULT_MAX_BATCHED_TOKENS
+    # How the verify budget sizes a batch: "fresh" or "stale" (verify_budget.py).
+    budget_sizing: str = "fresh"
     overlap: bool = False  # two micro-batches: one drafts while the other verifies
     # Admit a request where its prefix is likely cached (cluster/affinity.py);
     # False: on the least occupied target replica.
@@ -164,6 +166,7 @@ class Router:
             config.draft.spec.drafter.paths if drafts is not None and config.draft else None,
             config.adaptive,
             max_batched_tokens=config.max_batched_tokens,
+            budget_sizing=config.budget_sizing,
         )
         scheduler.costs.overlap = config.overlap
         lanes = Lanes(

@@ -75,6 +75,7 @@ class LimitsConfig(BaseModel):
 
 
 Dtype = Literal["float32", "bfloat16"]
+BudgetSizing = Literal["fresh", "stale"]
 
 
 class DrafterConfig(BaseModel):
@@ -152,6 +153,12 @@ class RouterSettings(BaseModel):
     num_drafts: int = Field(1, ge=0, description="draft replicas at start")
     k: int = Field(4, ge=0, description="draft tokens per round, or its ceiling")
     adaptive: bool = True
+    budget_sizing: BudgetSizing = Field(
+        "fresh",
+        description="how the verify budget sizes a batch of ranked drafts: fresh (this "
+        "round's survivals) or stale (last round's, so the batch shape is known before "
+        "drafting; DSpark's production setting)",
+    )
     overlap: bool = Field(False, description="two micro-batches: draft one, verify the other")
     num_slots: int = Field(8, ge=1, description="requests one target replica batches (max_batch)")
     max_len: int = Field(4096, ge=2, description="KV cache length: prompt + output")
@@ -256,6 +263,7 @@ class ServeConfig(BaseModel):
     dtype: Dtype | None = Field(None, description="dense weights in this dtype (legacy key)")
     k: int = Field(4, ge=0, description="draft tokens per round, or its ceiling")
     adaptive: bool = True
+    budget_sizing: BudgetSizing = Field("fresh", description="as the router's")
     max_batch: int = Field(8, ge=1)
     max_len: int = Field(4096, ge=2, description="KV cache length: prompt + output")
     max_num_batched_tokens: int | None = Field(
@@ -335,6 +343,7 @@ class ServeConfig(BaseModel):
             weights=weight_source(self.weights),
             num_speculative_tokens=self.k,
             adaptive=self.adaptive,
+            budget_sizing=self.budget_sizing,
             max_batch=self.max_batch,
             max_len=self.max_len,
             max_batched_tokens=self.max_num_batched_tokens,

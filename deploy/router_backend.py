@@ -261,6 +261,7 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
         num_drafts=settings.num_drafts if draft is not None else 0,
         num_speculative_tokens=settings.k,
         adaptive=settings.adaptive,
+        budget_sizing=settings.budget_sizing,
         max_batched_tokens=settings.max_num_batched_tokens,
         overlap=settings.overlap,
         prefix_affinity=settings.prefix_affinity,

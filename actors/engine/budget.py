@@ -159,6 +159,7 @@ def budget_tokens(
     base_tokens: int,
     base_expected: float,
     verify_seconds: Callable[[int], float],
+    size: int | None = None,
 ) -> list[int]:
     """How many leading tokens of each request's draft to verify.
 
@@ -167,11 +168,47 @@ def budget_tokens(
     what the batch verifies anyway; ``base_expected``: the tokens it is
     expected to commit anyway. Admitting a token adds one verified token and
     its survival to the expected tokens; the best prefix of the admission
-    order wins, plain verification of the base included.
+    order wins, plain verification of the base included. ``size``: admit
+    that many instead (all there are, if fewer), in the same order: a
+    budget sized beforehand by :func:`budget_size`.
     """
-    candidates = sorted(
+    candidates = _admission_order(node_survivals)
+    if size is None:
+        size = _best_prefix(candidates, base_tokens, base_expected, verify_seconds)
+    counts = [0] * len(node_survivals)
+    for _, i, q in candidates[:size]:
+        counts[q] = max(counts[q], i + 1)
+    return counts
+
+
+def budget_size(
+    node_survivals: Sequence[Sequence[float]],
+    base_tokens: int,
+    base_expected: float,
+    verify_seconds: Callable[[int], float],
+) -> int:
+    """How many draft tokens :func:`budget_tokens` admits, in all."""
+    candidates = _admission_order(node_survivals)
+    return _best_prefix(candidates, base_tokens, base_expected, verify_seconds)
+
+
+def _admission_order(
+    node_survivals: Sequence[Sequence[float]],
+) -> list[tuple[float, int, int]]:
+    """(-survival, token, request), most likely first; a parent before its
+    children (equal survival: the lower index, which the parent has)."""
+    return sorted(
         (-s, i, q) for q, values in enumerate(node_survivals) for i, s in enumerate(values)
     )
+
+
+def _best_prefix(
+    candidates: Sequence[tuple[float, int, int]],
+    base_tokens: int,
+    base_expected: float,
+    verify_seconds: Callable[[int], float],
+) -> int:
+    """The admitted prefix of ``candidates`` with the most expected tokens per second."""
     best = base_expected / max(verify_seconds(base_tokens), 1e-12)
     taken_best = 0
     expected, verified = base_expected, base_tokens
@@ -181,7 +218,4 @@ def budget_tokens(
         rate = expected / max(verify_seconds(verified), 1e-12)
         if rate > best:
             best, taken_best = rate, taken
-    counts = [0] * len(node_survivals)
-    for _, i, q in candidates[:taken_best]:
-        counts[q] = max(counts[q], i + 1)
-    return counts
+    return taken_best

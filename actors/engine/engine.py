@@ -45,6 +45,8 @@ class EngineConfig:
     # Tokens the target feeds per round; longer prompts prefill in chunks
     # beside the decoding requests. None: every prompt in one round.
     max_batched_tokens: int | None = None
+    # How the verify budget sizes a batch: "fresh" or "stale" (verify_budget.py).
+    budget_sizing: str = "fresh"
 
 
 class LocalDrafting:
@@ -113,7 +115,11 @@ class SpecEngine:
         if drafter is not None and paths is None:
             paths = drafter.paths
         self.scheduler = GammaScheduler(
-            paths, self.config.adaptive, costs, self.config.max_batched_tokens
+            paths,
+            self.config.adaptive,
+            costs,
+            self.config.max_batched_tokens,
+            self.config.budget_sizing,
         )
         # Prefix cache lookups so far, in tokens: offered, and found cached.
         self.prefix_queries = 0

@@ -38,6 +38,7 @@ class EngineSpec:
     # Positions of the target's (and a draft model's) prefix cache; None: a
     # quarter of the KV slots' positions, 0: no prefix caching.
     prefix_cache_tokens: int | None = None
+    budget_sizing: str = "fresh"  # how the verify budget sizes a batch (verify_budget.py)
     home: Path | None = None
 
     @property
@@ -84,7 +85,11 @@ def build_engine(spec: EngineSpec, target: Target | None = None) -> LoadedEngine
         tokenizer,
         eos_token_ids(config, tokenizer),
         EngineConfig(
-            spec.max_batch, spec.num_speculative_tokens, spec.adaptive, spec.max_batched_tokens
+            spec.max_batch,
+            spec.num_speculative_tokens,
+            spec.adaptive,
+            spec.max_batched_tokens,
+            spec.budget_sizing,
         ),
         costs,
         grammars=GrammarCompiler(tokenizer, config.vocab_size),

@@ -123,6 +123,8 @@ class DraftState:
     # How copies fared by depth: what the budget trims lookup drafts by.
     lookup_depths: DepthAcceptance = field(default_factory=DepthAcceptance)
     hindsight: Hindsight | None = None  # the copy whose verdict it waits for
+    # Survivals of its last ranked draft: what a stale-sized budget sizes by.
+    last_survivals: list[float] | None = None
 
     @property
     def most(self) -> int:

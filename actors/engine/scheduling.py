@@ -8,20 +8,22 @@ can do (``DraftPaths``), never a transport.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftStop, DraftUpdate
 from specray.actors.engine.backlog import backlog_after, fed_steps
-from specray.actors.engine.budget import DepthAcceptance, Hindsight, budget_tokens, survivals
+from specray.actors.engine.budget import DepthAcceptance
 from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.gamma import (
     RoundShape,
     SurvivalEstimate,
+    block_steps,
     expected_tokens,
     schedule_gammas,
 )
 from specray.actors.engine.lifecycle import gamma_limit
 from specray.actors.engine.request import DraftState, RunningRequest
+from specray.actors.engine.verify_budget import VerifyBudget
 
 # Tokens one target replica feeds per round unless configured otherwise.
 DEFAULT_MAX_BATCHED_TOKENS = 512
@@ -37,7 +39,8 @@ class GammaScheduler:
     ``max_batched_tokens`` bounds the tokens one target replica feeds per
     round (vLLM's ``max_num_batched_tokens``): prompts prefill in chunks
     that ride alongside the requests that decode (see :meth:`assign_feeds`);
-    None feeds every prompt whole.
+    None feeds every prompt whole. ``budget_sizing``: how the verify
+    budget sizes a batch (:mod:`specray.actors.engine.verify_budget`).
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class GammaScheduler:
         adaptive: bool = True,
         costs: RoundCostModel | None = None,
         max_batched_tokens: int | None = None,
+        budget_sizing: str = "fresh",
     ) -> None:
         if max_batched_tokens is not None and max_batched_tokens < 1:
             raise ValueError(f"max_batched_tokens must be >= 1, got {max_batched_tokens}")
@@ -56,6 +60,8 @@ class GammaScheduler:
         # Per drafting path, the prior of new requests.
         self._pool = {"lookup": SurvivalEstimate(decay=0.98), "model": SurvivalEstimate(decay=0.98)}
         self._pool_depths = DepthAcceptance(decay=0.98)
+        block = 1 if paths is None else paths.block
+        self.budget = VerifyBudget(self.costs, self._pool_depths, block, budget_sizing)
 
     def start_backlog(self, num_committed: int) -> int:
         """What a drafter taking a request over has to feed: every committed
@@ -122,67 +128,10 @@ class GammaScheduler:
     def trim(
         self, batch: Sequence[RunningRequest], drafts: Sequence[DraftProposal]
     ) -> list[DraftProposal]:
-        """The drafts worth verifying: each copy (a lookup proposal) cut to
-        the tokens the budget admits per target replica's batch, from their
-        survivals (:mod:`specray.actors.engine.budget`) and the measured
-        verify cost; a model's drafts, already paid for, stay whole."""
-        kept = list(drafts)
-        if not self.adaptive:
-            return kept
-        for run, draft in zip(batch, drafts, strict=True):
-            if draft.from_lookup and len(draft) and run.draft.hindsight is None:
-                chain = draft.main_chain().token_ids
-                run.draft.hindsight = Hindsight(len(run.tokens), list(chain))
-                for by_depth in (run.draft.lookup_depths, self._pool_depths):
-                    by_depth.new_proposal()
-        groups: dict[int | None, list[int]] = {}
-        for i, run in enumerate(batch):
-            if run.feed > 0:
-                groups.setdefault(run.target, []).append(i)
-        for idx in groups.values():
-            copies = [i for i in idx if drafts[i].from_lookup and len(drafts[i])]
-            if not copies:
-                continue
-            decoding = sum(not batch[i].prefilling for i in idx)
-            base = sum(batch[i].feed for i in idx)
-            base += sum(len(drafts[i]) for i in idx if i not in copies)
-            expected = float(decoding) + sum(
-                expected_tokens(batch[i].draft.model_acceptance.alpha, len(drafts[i])) - 1.0
-                for i in idx
-                if i not in copies and len(drafts[i])
-            )
-            # A prefill's tokens are verified whatever is drafted (see schedule_gammas).
-            feeds = sum(batch[i].feed for i in idx)
-            counts = budget_tokens(
-                [self._copy_survivals(batch[i], drafts[i]) for i in copies],
-                base,
-                expected,
-                self._verify_beyond(feeds, decoding),
-            )
-            for i, count in zip(copies, counts, strict=True):
-                kept[i] = drafts[i].clipped(count)
-        return kept
-
-    @staticmethod
-    def _copy_survivals(run: RunningRequest, draft: DraftProposal) -> list[float]:
-        hindsight = run.draft.hindsight
-        offset = 0
-        if hindsight is not None:
-            offset = hindsight.continued(run.tokens, draft.main_chain().token_ids)
-        return survivals(draft, run.draft.lookup_depths, offset)
-
-    def _verify_beyond(self, feeds: int, decoding: int) -> Callable[[int], float]:
-        """Verify seconds of a batch, less a prefill's share: its tokens are
-        verified whatever is drafted (see :func:`schedule_gammas`)."""
-        verify = self.costs.verify.seconds
-        sunk = self._sunk_seconds(feeds, decoding)
-        return lambda tokens: verify(tokens) - sunk
-
-    def _sunk_seconds(self, feeds: int, decoding: int) -> float:
-        """The verify seconds of a batch's prefill tokens beyond one token
-        per decoding request."""
-        verify = self.costs.verify.seconds
-        return max(verify(feeds) - verify(decoding), 0.0) if feeds > decoding else 0.0
+        """The drafts worth verifying (:class:`VerifyBudget`): copies and
+        blocks ranked jointly per target replica's batch; a chained model's
+        drafts, each already paid for by a model step, stay whole."""
+        return self.budget.trim(batch, drafts) if self.adaptive else list(drafts)
 
     def assign_feeds(self, group: Sequence[RunningRequest]) -> None:
         """How many of its uncached tokens each request of one target
@@ -231,6 +180,13 @@ class GammaScheduler:
         gammas = schedule_gammas(
             alphas, limits, costs.round_seconds, base, entries, block=self.block
         )
+        if self.block > 1:
+            # A forward drafts a whole block: a request that drafts asks for
+            # every draft of the steps it pays for, and :meth:`trim` ranks
+            # every block's drafts jointly.
+            for run, gamma, limit in zip(group, gammas, limits, strict=True):
+                run.draft.gamma = min(limit, block_steps(gamma, self.block) * self.block)
+            return
         for run, gamma in zip(group, gammas, strict=True):
             run.draft.gamma = gamma
         self._stops(group, alphas, gammas, limits, base)
@@ -247,7 +203,7 @@ class GammaScheduler:
         rule (each draft paying for itself, :class:`DraftStop`): the round's
         seconds with each number of its drafts, the others drafting as
         scheduled, less the prefill share verified whatever is drafted."""
-        sunk = self._sunk_seconds(base, sum(not r.prefilling for r in group))
+        sunk = self.budget.sunk_seconds(base, sum(not r.prefilling for r in group))
         backlogs = [r.draft.backlog for r in group]
         expected = [
             0.0 if r.prefilling else expected_tokens(alpha, gamma)

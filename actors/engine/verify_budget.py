@@ -1,0 +1,141 @@
+"""Which drafted tokens a round verifies: DSpark's Algorithm 1 across each
+target replica's batch.
+
+Two kinds of proposal are ranked jointly, every (request, position) in
+descending survival (:func:`~specray.actors.engine.budget.budget_tokens`):
+copies from a lookup drafter, which cost nothing to propose, and the blocks
+of a block drafter (DSpark), whose one forward paid for the whole block.
+Either way only verification is left to pay for, so the batch admits the
+tokens most likely to survive until one more no longer raises expected
+tokens per second under the measured verify cost. A chained model's drafts
+are not ranked here: each cost a model step, so they are cut while drafting
+(:class:`~specray.actors.drafting.base.DraftStop`) and stay whole.
+
+Survival of a block draft is the product of its confidences along the block
+(DSpark's calibrated ``c_k``, or the draft probabilities where the drafter
+has no confidence head); of a copy, the per-depth acceptance measured in
+hindsight times its confidence (:func:`~specray.actors.engine.budget.survivals`).
+
+Sizing. ``fresh`` sizes and ranks with this round's survivals. ``stale``
+sizes the batch from each request's survivals one round old and ranks the
+fresh ones into it (DSpark §5.2: the verify shape is then known before the
+drafts come back, which a GPU target uses to launch a captured graph of that
+size). A request's first ranked round has no older survivals and sizes with
+its fresh ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from itertools import accumulate
+
+from specray.actors.drafting.base import DraftProposal
+from specray.actors.engine.budget import (
+    DepthAcceptance,
+    Hindsight,
+    budget_size,
+    budget_tokens,
+    survivals,
+)
+from specray.actors.engine.costs import RoundCostModel
+from specray.actors.engine.gamma import expected_tokens
+from specray.actors.engine.request import RunningRequest
+
+SIZINGS = ("fresh", "stale")
+
+
+class VerifyBudget:
+    """Trims a round's proposals to what is worth verifying."""
+
+    def __init__(
+        self,
+        costs: RoundCostModel,
+        pool_depths: DepthAcceptance,
+        block: int = 1,
+        sizing: str = "fresh",
+    ) -> None:
+        """``pool_depths``: the pool's per-depth acceptance of copies (new
+        requests start from it); ``block``: drafts one model step yields."""
+        if sizing not in SIZINGS:
+            raise ValueError(f"budget sizing must be one of {', '.join(SIZINGS)}, got {sizing!r}")
+        self.costs = costs
+        self.pool_depths = pool_depths
+        self.block = block
+        self.sizing = sizing
+
+    def ranks(self, draft: DraftProposal) -> bool:
+        """Whether ``draft`` is cut by the joint ranking (a copy or a block)."""
+        return len(draft) > 0 and (draft.from_lookup or self.block > 1)
+
+    def trim(
+        self, batch: Sequence[RunningRequest], drafts: Sequence[DraftProposal]
+    ) -> list[DraftProposal]:
+        """``drafts`` cut per target replica's batch; chained drafts stay whole."""
+        kept = list(drafts)
+        for run, draft in zip(batch, drafts, strict=True):
+            self._await_verdict(run, draft)
+        groups: dict[int | None, list[int]] = {}
+        for i, run in enumerate(batch):
+            if run.feed > 0:
+                groups.setdefault(run.target, []).append(i)
+        for idx in groups.values():
+            ranked = [i for i in idx if self.ranks(drafts[i])]
+            if not ranked:
+                continue
+            decoding = sum(not batch[i].prefilling for i in idx)
+            feeds = sum(batch[i].feed for i in idx)
+            base = feeds + sum(len(drafts[i]) for i in idx if i not in ranked)
+            expected = float(decoding) + sum(
+                expected_tokens(batch[i].draft.model_acceptance.alpha, len(drafts[i])) - 1.0
+                for i in idx
+                if i not in ranked and len(drafts[i])
+            )
+            # A prefill's tokens are verified whatever is drafted (see schedule_gammas).
+            verify = self.verify_beyond(feeds, decoding)
+            fresh = [self.survivals(batch[i], drafts[i]) for i in ranked]
+            size = None
+            if self.sizing == "stale":
+                older = [
+                    batch[i].draft.last_survivals or now
+                    for i, now in zip(ranked, fresh, strict=True)
+                ]
+                size = budget_size(older, base, expected, verify)
+            counts = budget_tokens(fresh, base, expected, verify, size)
+            for i, now, count in zip(ranked, fresh, counts, strict=True):
+                kept[i] = drafts[i].clipped(count)
+                batch[i].draft.last_survivals = now
+        return kept
+
+    def survivals(self, run: RunningRequest, draft: DraftProposal) -> list[float]:
+        """Per token of ``draft``, the estimate that it and its ancestors are accepted."""
+        if draft.from_lookup:
+            hindsight = run.draft.hindsight
+            offset = 0
+            if hindsight is not None:
+                offset = hindsight.continued(run.tokens, draft.main_chain().token_ids)
+            return survivals(draft, run.draft.lookup_depths, offset)
+        if draft.confidence is None:
+            alpha = run.draft.model_acceptance.alpha
+            return [alpha ** (k + 1) for k in range(len(draft))]
+        clamped = [min(max(c, 0.0), 1.0) for c in draft.confidence]
+        return list(accumulate(clamped, lambda survival, c: survival * c))
+
+    def verify_beyond(self, feeds: int, decoding: int) -> Callable[[int], float]:
+        """Verify seconds of a batch, less a prefill's share."""
+        verify = self.costs.verify.seconds
+        sunk = self.sunk_seconds(feeds, decoding)
+        return lambda tokens: verify(tokens) - sunk
+
+    def sunk_seconds(self, feeds: int, decoding: int) -> float:
+        """The verify seconds of a batch's prefill tokens beyond one token
+        per decoding request: verified whatever is drafted."""
+        verify = self.costs.verify.seconds
+        return max(verify(feeds) - verify(decoding), 0.0) if feeds > decoding else 0.0
+
+    def _await_verdict(self, run: RunningRequest, draft: DraftProposal) -> None:
+        """A new copy is judged in hindsight as the request commits tokens."""
+        if draft.from_lookup and len(draft) and run.draft.hindsight is None:
+            chain = draft.main_chain().token_ids
+            run.draft.hindsight = Hindsight(len(run.tokens), list(chain))
+            for by_depth in (run.draft.lookup_depths, self.pool_depths):
+                by_depth.new_proposal()
