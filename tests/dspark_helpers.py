@@ -7,10 +7,14 @@ from pathlib import Path
 import torch
 from tiny_models import VOCAB
 
+from specray.actors.drafting.base import Drafter
 from specray.actors.drafting.dspark.fresh import fresh_dspark
 from specray.actors.drafting.dspark.model import DSparkModel
 from specray.actors.drafting.head.data import DraftData, DraftDataWriter
 from specray.actors.drafting.head.datagen import GenerationSettings, generate_samples
+from specray.actors.engine.engine import EngineConfig, SpecEngine
+from specray.actors.engine.request import GenerationRequest
+from specray.actors.engine.target import LocalTarget
 from specray.actors.model.loader import load_model
 
 LAYERS = (0, 1)
@@ -39,3 +43,24 @@ def tiny_draft_data(model_dir: Path, directory: Path, count: int = 16) -> DraftD
     generate_samples(load_model(model_dir), prompts, settings, lambda _, s: writer.add(s))
     writer.close()
     return DraftData(directory)
+
+
+def serve_in_process(
+    target_dir: Path,
+    drafter: Drafter | None,
+    k: int,
+    requests: list[GenerationRequest],
+    max_len: int = 128,
+) -> tuple[dict[str, list[int]], int]:
+    """Each request's tokens from the engine (fixed k, 4 slots), and the
+    tokens drafted in all."""
+    target = LocalTarget(load_model(target_dir), num_slots=4, max_len=max_len)
+    engine = SpecEngine(target, drafter, None, (), EngineConfig(4, k, adaptive=False))
+    out: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    drafted = 0
+    for chunk in engine.generate(requests):
+        out[chunk.request_id] += chunk.token_ids
+        if chunk.finished:
+            drafted += chunk.stats.draft_tokens
+    assert not engine.running and target.num_active == 0
+    return out, drafted

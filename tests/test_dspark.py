@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dspark_helpers import serve_in_process
 from sampling_helpers import chi_square_p_value, total_variation
 from tiny_models import VOCAB
 
@@ -24,7 +25,6 @@ from specray.actors.drafting.dspark.drafter import DSparkDrafter
 from specray.actors.drafting.dspark.fresh import fresh_dspark
 from specray.actors.drafting.dspark.model import DSparkModel
 from specray.actors.drafting.spec import DrafterSpec
-from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget, VerifyInput
 from specray.actors.model.loader import load_model
@@ -54,21 +54,13 @@ def _prompts(count: int, seed: int = 0) -> list[list[int]]:
 
 
 def _run(target_dir: Path, drafter: DSparkDrafter | None, k: int, sampling: SamplingParams) -> dict:
-    target = LocalTarget(load_model(target_dir), num_slots=4, max_len=128)
-    engine = SpecEngine(target, drafter, None, (), EngineConfig(4, k, adaptive=False))
     requests = [
         GenerationRequest(
             f"r{i}", p, sampling, StoppingCriteria(max_tokens=18 + 3 * i, ignore_eos=True)
         )
         for i, p in enumerate(_prompts(4, seed=3))
     ]
-    out: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    drafted = 0
-    for chunk in engine.generate(requests):
-        out[chunk.request_id] += chunk.token_ids
-        if chunk.finished:
-            drafted += chunk.stats.draft_tokens
-    assert not engine.running and target.num_active == 0
+    out, drafted = serve_in_process(target_dir, drafter, k, requests)
     return {"tokens": out, "drafted": drafted}
 
 

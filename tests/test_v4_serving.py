@@ -1,6 +1,6 @@
 """A DeepSeek-V4 target served like any other: `specray generate` with the
 checkpoint's MTP block as the drafter, and the router (Ray actors on
-loopback) with n-gram, MTP and hybrid draft replicas. Greedy output equals a
+loopback) with n-gram, MTP, hybrid and DSpark draft replicas. Greedy output equals a
 no-cache loop over the model; nothing in the router knows it is V4."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from references import greedy_reference
 from router_helpers import MAX_LEN, router_config, run_all, wait_idle
 from serving_helpers import MODEL_VOCAB, save_tokenizer
-from tiny_v4 import save_tiny_v4
+from tiny_v4 import save_tiny_v4, save_v4_dspark
 
 from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.request import GenerationRequest
@@ -73,10 +73,12 @@ def test_generate_drafts_with_the_checkpoints_mtp_block(v4_dir: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("draft", ["ngram", "mtp", "hybrid"])
+@pytest.mark.parametrize("draft", ["ngram", "mtp", "hybrid", "dspark"])
 def test_router_serves_a_v4_target_losslessly(
     local_ray: None, v4_dir: Path, tmp_path_factory: pytest.TempPathFactory, draft: str
 ) -> None:
+    if draft == "dspark":  # its drafter takes the mtp.* names the MTP block has in v4_dir
+        v4_dir = save_v4_dspark(tmp_path_factory.mktemp("v4dspark"), seed=3, vocab_size=MODEL_VOCAB)
     spec = {
         "ngram": DrafterSpec("ngram", max_ngram=3),
         "mtp": DrafterSpec("mtp"),
@@ -86,6 +88,7 @@ def test_router_serves_a_v4_target_losslessly(
             str(save_tiny_v4(tmp_path_factory.mktemp("v4draft"), seed=9, vocab_size=MODEL_VOCAB)),
             max_ngram=3,
         ),
+        "dspark": DrafterSpec("dspark", str(v4_dir)),
     }[draft]
     requests = _requests()
     router = launch_router(router_config(v4_dir, spec, adaptive=False, k=3, max_len=MAX_LEN))

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from sampling_helpers import chi_square_p_value
-from tiny_v4 import CSA, HCA, VOCAB, earliest_wins_topk, save_tiny_v4
-from transformers import DeepseekV4ForCausalLM
+from tiny_v4 import CSA, HCA, VOCAB, hf_greedy, save_tiny_v4
 
 from specray.actors.drafting.base import Drafter, DraftRequest
 from specray.actors.drafting.draft_model import DraftModelDrafter
@@ -96,16 +95,6 @@ def _run(
     return outputs, stats
 
 
-def _hf_greedy(target_dir: Path, prompt: list[int], count: int) -> list[int]:
-    """transformers run from scratch on the whole prefix for every token."""
-    hf = DeepseekV4ForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-    tokens = list(prompt)
-    with torch.no_grad(), earliest_wins_topk():
-        for _ in range(count):
-            tokens.append(int(hf(torch.tensor([tokens])).logits[0, -1].argmax()))
-    return tokens[len(prompt) :]
-
-
 # name -> (target dir, draft dir, slots) -> drafter
 DRAFTERS: dict[str, Callable[[Path, Path, int], Drafter]] = {
     "ngram": lambda target, draft, slots: NgramDrafter(max_ngram=3),
@@ -130,7 +119,7 @@ DRAFTERS: dict[str, Callable[[Path, Path, int], Drafter]] = {
 def greedy_reference(target_dir: Path) -> dict[str, list[int]]:
     reference, _ = _run(target_dir, None, _prompts(), k=0)
     for i, prompt in enumerate(_prompts()):
-        assert reference[f"r{i}"] == _hf_greedy(target_dir, prompt, MAX_TOKENS)
+        assert reference[f"r{i}"] == hf_greedy(target_dir, prompt, MAX_TOKENS)
     return reference
 
 

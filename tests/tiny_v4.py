@@ -10,6 +10,7 @@ HCA every 8 tokens, hash and learned routing, 2 or more residual streams.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,3 +131,68 @@ def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, tolerance: float 
     worst = (ours - ref).abs().max().item()
     assert worst <= tolerance * max(scale, 1e-3), f"max |diff| {worst:.3g}, logit scale {scale:.3g}"
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def save_v4_dspark(
+    directory: Path,
+    seed: int = 0,
+    depth: int = 2,
+    block_size: int = 4,
+    target_layer_ids: tuple[int, ...] = (0, 1),
+    markov_rank: int = 8,
+    **overrides: Any,
+) -> Path:
+    """A random V4 target with a random DSpark drafter beside it under
+    ``mtp.*``: ``depth`` sliding-window MoE layers (``mtp.{i}``, the V4
+    layer's own names) plus the drafter's fc, norms, hyper head, Markov
+    and confidence heads, and the DSpark fields in ``config.json``."""
+    save_tiny_v4(directory, seed, **overrides)
+    config = v4_config(**overrides)
+    hidden, streams = config.hidden_size, config.hc_mult
+    own = ("e_proj", "h_proj", "enorm", "hnorm", "norm", "hc_head")
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(depth):
+        block = mtp_tensors(config, seed + 1000 + i, random_v4, spread=0.2)
+        for name, tensor in block.items():
+            if name.removeprefix("mtp.0.").split(".")[0].split("_fn")[0] not in own:
+                tensors[f"mtp.{i}.{name.removeprefix('mtp.0.')}"] = tensor
+    gen = torch.Generator().manual_seed(seed + 2000)
+    fused = len(target_layer_ids) * streams * hidden
+    tensors["mtp.fc.weight"] = torch.randn(hidden, fused, generator=gen) * fused**-0.5
+    for name in ("hidden_norm", "norm"):
+        tensors[f"mtp.{name}.weight"] = 1 + 0.2 * torch.randn(hidden, generator=gen)
+    tensors["mtp.hc_head_fn"] = torch.randn(streams, streams * hidden, generator=gen) * 0.02
+    tensors["mtp.hc_head_base"] = 0.2 * torch.randn(streams, generator=gen)
+    tensors["mtp.hc_head_scale"] = 1 + 0.2 * torch.randn(1, generator=gen)
+    for name in ("markov_w1", "markov_w2"):
+        tensors[f"mtp.markov_head.{name}.weight"] = 0.2 * torch.randn(
+            config.vocab_size, markov_rank, generator=gen
+        )
+    tensors["mtp.confidence_head.proj.weight"] = 0.1 * torch.randn(
+        1, hidden + markov_rank, generator=gen
+    )
+    tensors["mtp.confidence_head.proj.bias"] = torch.randn(1, generator=gen)
+    save_file(tensors, str(directory / "dspark.safetensors"))
+    hf = json.loads((directory / "config.json").read_text())
+    hf.update(
+        num_nextn_predict_layers=depth,
+        block_size=block_size,
+        mask_token_id=config.vocab_size - 1,
+        target_layer_ids=list(target_layer_ids),
+        markov_rank=markov_rank,
+        markov_head_type="vanilla",
+        enable_confidence_head=True,
+        confidence_head_with_markov=True,
+    )
+    (directory / "config.json").write_text(json.dumps(hf, indent=2))
+    return directory
+
+
+def hf_greedy(target_dir: Path, prompt: list[int], count: int) -> list[int]:
+    """transformers run from scratch on the whole prefix for every token."""
+    hf = DeepseekV4ForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    tokens = list(prompt)
+    with torch.no_grad(), earliest_wins_topk():
+        for _ in range(count):
+            tokens.append(int(hf(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens[len(prompt) :]

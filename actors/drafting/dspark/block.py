@@ -14,13 +14,16 @@ request) and training (the whole sequence as context, many blocks).
 
 :class:`DraftBlock` is what the drafter needs from a layer; :class:`DenseBlock`
 builds it from the dense families' decoder layer (Llama, Qwen2, Qwen3,
-Gemma 3 by config). Another layer kind (e.g. a mixture-of-experts block)
-plugs in through a :data:`BlockFactory`.
+Gemma 3 by config). A :class:`DraftFamily` bundles a layer kind with the
+rope it rotates by, the residual it carries between layers and where its
+tensors live in a checkpoint: :data:`DENSE` here, the DeepSeek-V4 one in
+:mod:`.v4_block`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -29,6 +32,7 @@ from torch import nn
 from specray.actors.model.attend import attend
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.layers import DecoderLayer
+from specray.actors.model.rotary import RotaryEmbedding
 from specray.actors.parallel.group import TPGroup
 from specray.actors.parallel.weights import WeightSource
 
@@ -107,3 +111,49 @@ class DenseBlock(nn.Module):
 
 def dense_block(config: ModelConfig, index: int, group: TPGroup, dtype: torch.dtype) -> DenseBlock:
     return DenseBlock(config, index, group, dtype)
+
+
+class Residual(Protocol):
+    """What a family carries between draft layers: ``enter`` turns embeddings
+    ``[batch, queries, hidden]`` into it, ``leave`` turns it back before the
+    final norm. An ``nn.Module`` (its weights load with the drafter's)."""
+
+    def load(self, source: WeightSource, prefix: str) -> None: ...
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def leave(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class PlainResidual(nn.Module):
+    """One hidden state per token between layers: nothing to enter or leave."""
+
+    def load(self, source: WeightSource, prefix: str) -> None:
+        pass
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def leave(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@dataclass(frozen=True)
+class DraftFamily:
+    """What a family's drafter is built from, and where its checkpoint keeps it."""
+
+    block: BlockFactory
+    # decoder shapes -> a module: (positions [...], dtype) -> the rope its blocks take
+    rope: Callable[[ModelConfig], nn.Module]
+    residual: Callable[[ModelConfig], Residual]  # decoder shapes -> its residual
+    prefix: str  # of the drafter's own tensors (fc, norms, heads)
+    layer_prefix: str  # of draft layer i: f"{layer_prefix}{i}"
+
+
+DENSE = DraftFamily(
+    dense_block,
+    lambda d: RotaryEmbedding(d.rope_full, d.head_dim),
+    lambda d: PlainResidual(),
+    prefix="",
+    layer_prefix="layers.",
+)

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from specray.actors.drafting.dspark.block import BlockFactory, dense_block
 from specray.actors.drafting.dspark.calibration import Calibration
 from specray.actors.drafting.dspark.config import CONFIG_NAME, DSparkConfig
 from specray.actors.drafting.dspark.model import DSparkModel
@@ -36,9 +35,9 @@ def load_dspark(
     dtype: str | torch.dtype = torch.float32,
     group: TPGroup | None = None,
     target_dir: str | Path | None = None,
-    block_factory: BlockFactory = dense_block,
 ) -> DSparkModel:
-    """A DSpark drafter from a DeepSpec-format directory.
+    """A DSpark drafter from a DeepSpec-format directory, or from a
+    DeepSeek-V4 checkpoint that carries one under ``mtp.*``.
 
     ``target_dir``, when given, is checked against the drafter's config, and
     lends its embedding and LM head if the drafter's checkpoint has none.
@@ -47,12 +46,13 @@ def load_dspark(
     config = DSparkConfig.load(directory)
     if target_dir is not None:
         config.check_target(ModelConfig.from_pretrained(target_dir))
-    model = DSparkModel(config, parse_dtype(dtype), group, block_factory)
-    with WeightSource(directory) as source:
+    model = DSparkModel(config, parse_dtype(dtype), group)
+    aliases = config.decoder.weight_aliases
+    with WeightSource(directory, aliases) as source:
         if target_dir is None:
             model.load(source)
         else:
-            with WeightSource(target_dir) as borrowed:
+            with WeightSource(target_dir, aliases) as borrowed:
                 model.load(source, borrowed)
     return model.eval()
 

@@ -6,16 +6,25 @@ depth, and ``block_size``, ``mask_token_id``, ``target_layer_ids``,
 ``markov_rank``, ``markov_head_type``, ``enable_confidence_head`` and
 ``confidence_head_with_markov`` describe the method. The decoder shapes
 therefore read through the same :class:`ModelConfig` as any target.
+
+A DeepSeek-V4 checkpoint carries its drafter under ``mtp.*`` beside the
+target, so its ``config.json`` is the target's with the same DSpark fields
+added: the draft's depth is ``num_nextn_predict_layers`` (the target keeps
+``num_hidden_layers``), every draft layer is a sliding-window layer with
+routed experts, and each injected layer is its ``n`` residual streams, so
+the features are ``n`` times as wide.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from specray.actors.model.config import ModelConfig, UnsupportedModelError
+from specray.actors.model.v4.params import MOE, SLIDING
 
 CONFIG_NAME = "config.json"
 MARKOV_HEAD_TYPES = ("vanilla",)
@@ -61,8 +70,17 @@ class DSparkConfig:
 
     @property
     def fused_size(self) -> int:
-        """Width of the concatenated target hidden states the drafter reads."""
-        return len(self.target_layer_ids) * self.decoder.hidden_size
+        """Width of the concatenated target hidden states the drafter reads
+        (a V4 layer's output is its residual streams, flattened)."""
+        hyper = self.decoder.hyper_connections
+        streams = hyper.streams if hyper is not None else 1
+        return len(self.target_layer_ids) * streams * self.decoder.hidden_size
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The draft layers' attention window (V4's), None for full attention."""
+        attention = self.decoder.compressed_attention
+        return attention.sliding_window if attention is not None else None
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> DSparkConfig:
@@ -77,14 +95,17 @@ class DSparkConfig:
             )
         confidence = bool(hf.get("enable_confidence_head", False))
         decoder = ModelConfig.from_hf(hf)
-        if any(window is not None for window in decoder.sliding_windows):
+        num_target_layers = int(hf.get("num_target_layers", max(hf["target_layer_ids"]) + 1))
+        if decoder.hyper_connections is not None:
+            decoder, num_target_layers = _v4_drafter(decoder, hf), decoder.num_layers
+        elif any(window is not None for window in decoder.sliding_windows):
             raise UnsupportedModelError("sliding-window draft layers are not supported")
         return cls(
             decoder=decoder,
             block_size=int(hf["block_size"]),
             mask_token_id=int(hf["mask_token_id"]),
             target_layer_ids=tuple(int(i) for i in hf["target_layer_ids"]),
-            num_target_layers=int(hf.get("num_target_layers", max(hf["target_layer_ids"]) + 1)),
+            num_target_layers=num_target_layers,
             markov_rank=markov_rank,
             confidence_head=confidence,
             confidence_with_markov=confidence and bool(hf.get("confidence_head_with_markov")),
@@ -110,6 +131,20 @@ class DSparkConfig:
         ]
         if mismatches:
             raise ValueError(f"DSpark drafter does not fit this target: {'; '.join(mismatches)}")
+
+
+def _v4_drafter(target: ModelConfig, hf: dict[str, Any]) -> ModelConfig:
+    """A V4 target's decoder shapes cut to its drafter's ``mtp`` layers."""
+    depth = int(hf.get("num_nextn_predict_layers", 1))
+    assert target.compressed_attention is not None
+    return dataclasses.replace(
+        target,
+        num_layers=depth,
+        attention_types=(SLIDING,) * depth,
+        mlp_types=(MOE,) * depth,
+        sliding_windows=(target.compressed_attention.sliding_window,) * depth,
+        mtp_attention_types=(),
+    )
 
 
 def dspark_hf_config(

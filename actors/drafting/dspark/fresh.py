@@ -20,7 +20,7 @@ from specray.actors.drafting.dspark.config import (
     dspark_hf_config,
 )
 from specray.actors.drafting.dspark.model import DSparkModel
-from specray.actors.model.config import ModelConfig
+from specray.actors.model.config import ModelConfig, UnsupportedModelError
 from specray.actors.parallel.weights import WeightSource
 
 FROZEN = ("embed_tokens.", "lm_head.")
@@ -51,6 +51,13 @@ def fresh_dspark(
     target_dir = Path(target_dir)
     target_hf = json.loads((target_dir / "config.json").read_text())
     target = ModelConfig.from_hf(target_hf)
+    if target.hyper_connections is not None:
+        # Its drafter is saved into the target's own checkpoint (mtp.*), a
+        # layout our saver does not write; serving one works (v4_block.py).
+        raise UnsupportedModelError(
+            "training a DSpark drafter for a DeepSeek-V4 target is not supported; "
+            "serve one stored under mtp.* with --draft dspark:DIR"
+        )
     layers = target_layer_ids or default_target_layers(target.num_layers)
     hf = dspark_hf_config(
         target_hf,

@@ -13,7 +13,10 @@ the positions before it, one forward drafts a whole block of ``γ``:
 
 The embedding and LM head are the target's (DeepSpec stores copies in the
 drafter's checkpoint). Weight names follow DeepSpec's ``Qwen3DSparkModel``
-state dict; the layers come from a :data:`BlockFactory`.
+state dict for the dense families; the layers, rope and residual come from
+the decoder's :class:`DraftFamily` (DeepSeek-V4's: :mod:`.v4_block`, its
+tensors under ``mtp.*``). A family with a sliding window (V4's) hides the
+context more than ``window - 1`` positions before each query.
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from specray.actors.drafting.dspark.block import BlockFactory, DraftBlock, dense_block
+from specray.actors.drafting.dspark.block import DraftBlock, DraftFamily, Residual
 from specray.actors.drafting.dspark.confidence import ConfidenceHead
 from specray.actors.drafting.dspark.config import DSparkConfig
 from specray.actors.drafting.dspark.markov import MarkovHead
+from specray.actors.drafting.dspark.v4_block import family_of
 from specray.actors.model.kv_cache import KVCache
 from specray.actors.model.norm import RMSNorm
-from specray.actors.model.rotary import RotaryEmbedding
 from specray.actors.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
 from specray.actors.parallel.group import SingleGroup, TPGroup
 from specray.actors.parallel.linear import ColumnParallelLinear
@@ -58,25 +61,28 @@ class DSparkModel(nn.Module):
         config: DSparkConfig,
         dtype: torch.dtype = torch.float32,
         group: TPGroup | None = None,
-        block_factory: BlockFactory = dense_block,
+        family: DraftFamily | None = None,
     ) -> None:
+        """``family``: default the decoder's (:func:`family_of`)."""
         super().__init__()
         group = group or SingleGroup()
         d = config.decoder
         self.config = config
         self.dtype = dtype
+        self.family = family or family_of(d)
         self.embed_tokens = VocabParallelEmbedding(d.vocab_size, d.hidden_size, group, dtype)
         # fc and its norm are small and every rank needs their full output.
         self.fc = ColumnParallelLinear(
             config.fused_size, d.hidden_size, False, SingleGroup(), dtype
         )
         self.hidden_norm = RMSNorm(d.hidden_size, d.rms_norm_eps, dtype, d.gemma_norms)
-        blocks = [block_factory(d, i, group, dtype) for i in range(d.num_layers)]
+        blocks = [self.family.block(d, i, group, dtype) for i in range(d.num_layers)]
         self.layers = nn.ModuleList(blocks)  # type: ignore[arg-type]
         self.blocks: list[DraftBlock] = blocks
+        self.residual: Residual = self.family.residual(d)
         self.norm = RMSNorm(d.hidden_size, d.rms_norm_eps, dtype, d.gemma_norms)
         self.lm_head = ParallelLMHead(d.vocab_size, d.hidden_size, group, dtype)
-        self.rope = RotaryEmbedding(d.rope_full, d.head_dim)
+        self.rope = self.family.rope(d)
         self.markov_head = (
             MarkovHead(d.vocab_size, config.markov_rank, dtype) if config.markov_rank else None
         )
@@ -109,26 +115,31 @@ class DSparkModel(nn.Module):
         )
 
     def load(self, source: WeightSource, borrowed: WeightSource | None = None) -> None:
-        """DeepSpec's names. The embedding and LM head are read from
-        ``borrowed`` (the target's checkpoint) when the drafter's lacks them."""
-        self.fc.load(source, "fc")
-        self.hidden_norm.load(source, "hidden_norm")
+        """The family's names (DeepSpec's for the dense ones). The embedding
+        and LM head are read from ``borrowed`` (the target's checkpoint)
+        when the drafter's lacks them, or from the target's names in its own
+        checkpoint (V4: the drafter lives in the target's)."""
+        prefix = self.family.prefix
+        self.fc.load(source, f"{prefix}fc")
+        self.hidden_norm.load(source, f"{prefix}hidden_norm")
         for i, block in enumerate(self.blocks):
-            block.load(source, f"layers.{i}")
-        self.norm.load(source, "norm")
+            block.load(source, f"{self.family.layer_prefix}{i}")
+        self.residual.load(source, prefix)
+        self.norm.load(source, f"{prefix}norm")
         if self.markov_head is not None:
-            self.markov_head.load(source, "markov_head")
+            self.markov_head.load(source, f"{prefix}markov_head")
         if self.confidence_head is not None:
-            self.confidence_head.load(source, "confidence_head")
+            self.confidence_head.load(source, f"{prefix}confidence_head")
         if "embed_tokens.weight" in source and "lm_head.weight" in source:
             self.embed_tokens.load(source, "embed_tokens.weight")
             self.lm_head.load(source, "lm_head.weight")
             return
-        if borrowed is None:
+        lender = borrowed if borrowed is not None else source
+        if "model.embed_tokens.weight" not in lender:
             raise ValueError("the drafter has no embedding / LM head; pass the target's weights")
-        self.embed_tokens.load(borrowed, "model.embed_tokens.weight")
-        tied = "lm_head.weight" not in borrowed
-        self.lm_head.load(borrowed, "model.embed_tokens.weight" if tied else "lm_head.weight")
+        self.embed_tokens.load(lender, "model.embed_tokens.weight")
+        tied = "lm_head.weight" not in lender
+        self.lm_head.load(lender, "model.embed_tokens.weight" if tied else "lm_head.weight")
 
     # -- pieces ----------------------------------------------------------------
 
@@ -158,11 +169,11 @@ class DSparkModel(nn.Module):
         context: list[tuple[torch.Tensor, torch.Tensor]],  # per layer [batch, kv, ctx, d] K, V
         mask: torch.Tensor,  # [batch, 1, queries, ctx + queries] bool
     ) -> torch.Tensor:  # [batch, queries, hidden], after the final norm
-        x = self.embed(token_ids)
+        x = self.residual.enter(self.embed(token_ids))
         rope = self.rope(positions, self.dtype)
         for block, (keys, values) in zip(self.blocks, context, strict=True):
             x = block(x, rope, keys, values, mask)
-        return self.norm(x)
+        return self.norm(self.residual.leave(x))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., vocab]
         return self.lm_head(hidden).float()
@@ -224,16 +235,26 @@ class DSparkModel(nn.Module):
         length = int(anchor_positions.max())
         keys = torch.arange(length, device=anchor_ids.device)
         visible = (keys >= context_start.unsqueeze(1)) & (keys < anchor_positions.unsqueeze(1))
+        sees = self._in_window(visible.unsqueeze(1).expand(-1, block, -1), positions, keys)
         mask = torch.cat(
-            [
-                visible.unsqueeze(1).expand(-1, block, -1),
-                torch.ones(len(slots), block, block, dtype=torch.bool, device=visible.device),
-            ],
+            [sees, torch.ones(len(slots), block, block, dtype=torch.bool, device=visible.device)],
             dim=-1,
         ).unsqueeze(1)
         context = [cache.read(i, slots, length) for i in range(len(self.blocks))]
         hidden = self.backbone(self.block_ids(anchor_ids), positions, context, mask)
         return BlockOutput(hidden, self.logits(hidden))
+
+    def _in_window(
+        self,
+        visible: torch.Tensor,  # [batch, queries, context] bool
+        positions: torch.Tensor,  # [batch, queries] int64: each query's position
+        context_positions: torch.Tensor,  # [context] int64
+    ) -> torch.Tensor:  # [batch, queries, context] bool
+        """``visible`` less the context a sliding window hides from each query."""
+        window = self.config.sliding_window
+        if window is None:
+            return visible
+        return visible & (context_positions > positions.unsqueeze(-1) - window)
 
     # -- training --------------------------------------------------------------
 
@@ -261,7 +282,9 @@ class DSparkModel(nn.Module):
         offsets = torch.arange(block, device=device)
         positions = (anchor_positions.unsqueeze(-1) + offsets).reshape(bsz, anchors * block)
         query_anchor = anchor_positions.repeat_interleave(block, dim=1)  # [batch, queries]
-        sees_context = torch.arange(length, device=device) < query_anchor.unsqueeze(-1)
+        context_positions = torch.arange(length, device=device)
+        sees_context = context_positions < query_anchor.unsqueeze(-1)
+        sees_context = self._in_window(sees_context, positions, context_positions)
         query_block = torch.arange(anchors * block, device=device) // block
         sees_block = query_block.unsqueeze(1) == query_block.unsqueeze(0)  # [queries, queries]
         mask = torch.cat([sees_context, sees_block.expand(bsz, -1, -1)], dim=-1).unsqueeze(1)

@@ -153,15 +153,10 @@ class CompressedAttention(nn.Module):
         batch, cache = ctx.batch, ctx.cache
         assert isinstance(cache, CompressedKVCache), "V4 attention needs a CompressedKVCache"
         state = cache.layers[self.state_index]
-        tokens = x.shape[0]
         rope = ctx.shared(
             ("partial-rope", self.rope), lambda: self.rotary(batch.flat_positions, ctx.dtype)
         )
-        q_low, kv, *pooled = self.input_proj(x)  # pooled: compressor's, then indexer's
-        q_residual = self.q_a_norm(q_low)
-        query = self.q_b_proj(q_residual).view(tokens, -1, self.head_dim)
-        query = apply_partial_rope(unweighted_rms_norm(query, self.eps), *rope)
-        kv = apply_partial_rope(self.kv_norm(kv), *rope)
+        q_residual, query, kv, pooled = self.project(x, rope)
         state.window_kv[batch.flat_slots, batch.flat_positions] = kv
 
         keys, visible = self._window(state, batch)
@@ -183,8 +178,33 @@ class CompressedAttention(nn.Module):
             visible = torch.cat((visible, chosen), dim=-1)
 
         out = attend_with_sinks(batch.pad(query), keys, visible, self.sinks, self.head_dim**-0.5)
+        return self.output(batch.unpad(out), rope)
+
+    def project(
+        self,
+        x: torch.Tensor,  # [..., hidden]: the normed layer input
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [..., rope_dim / 2]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The query's low-rank residual ``[..., q_lora_rank]``, the rotated
+        queries ``[..., heads, head_dim]`` and shared KV head ``[..., head_dim]``,
+        and the compressor's and indexer's inputs."""
+        q_low, kv, *pooled = self.input_proj(x)  # pooled: compressor's, then indexer's
+        q_residual = self.q_a_norm(q_low)
+        query = self.q_b_proj(q_residual).unflatten(-1, (-1, self.head_dim))
+        query = apply_partial_rope(unweighted_rms_norm(query, self.eps), *rope)
+        kv = apply_partial_rope(self.kv_norm(kv), *rope)
+        return q_residual, query, kv, pooled
+
+    def output(
+        self,
+        out: torch.Tensor,  # [tokens, heads, head_dim]: attention over rotated values
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [tokens, rope_dim / 2]
+    ) -> torch.Tensor:  # [tokens, hidden]
+        """Rotate the values' rope channels back to the query's position,
+        then the grouped output projection."""
         cos, sin = rope
-        out = apply_partial_rope(batch.unpad(out), cos, -sin)  # [tokens, heads, head_dim]
+        out = apply_partial_rope(out, cos, -sin)
+        tokens = out.shape[0]
         o_a = self.o_a_proj.weights.matrix(out.dtype)
         groups = o_a.shape[0] // self.o_lora_rank
         grouped = out.reshape(tokens, groups, -1).transpose(0, 1)  # [groups, tokens, group_in]

@@ -209,6 +209,13 @@ class MoE(nn.Module):
         self.shared_experts.load(source, f"{prefix}.shared_experts")
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [tokens, hidden]
-        experts, weights = self.gate(x, ctx.batch.packed_token_ids)
+        return self.mix(x, ctx.batch.packed_token_ids)
+
+    def mix(
+        self,
+        x: torch.Tensor,  # [tokens, hidden]
+        token_ids: torch.Tensor,  # [tokens] int64: what hashed routing routes by
+    ) -> torch.Tensor:  # [tokens, hidden]
+        experts, weights = self.gate(x, token_ids)
         share = self.experts(x, experts, weights) + self.shared_experts(x)
         return self.combine.all_reduce(share)
