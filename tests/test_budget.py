@@ -155,3 +155,31 @@ def test_early_rejections_do_not_shut_copies_out() -> None:
         verified.append(len(kept))
     assert sum(verified[:2]) <= 16  # the prior risks at most one of the wrong copies
     assert min(verified[-10:]) >= 12 and len(run.tokens) - 2 > 300
+
+
+def test_depths_tested_rarely_keep_their_evidence() -> None:
+    """One copy in twenty is right for all 16 tokens; the others are judged
+    only to depth 3. Depth 12 is tested only by the right ones, and always
+    passes: its estimate stays near 1. Faded with every proposal instead,
+    it kept about one token of evidence against the prior (0.95 here),
+    and a survival, the product over depths, priced long copies far below
+    what they earned."""
+    costs = RoundCostModel()
+    costs.verify.set_profile([(1, 0.26), (2, 0.52), (4, 0.75), (8, 0.8), (17, 0.9)])
+    scheduler = GammaScheduler(DraftPaths(model=False, lookup=True), costs=costs)
+    truth = [7 + i % 50 for i in range(3000)]
+    run = _lookup_request()
+    for round_ in range(100):
+        scheduler.choose([run])
+        position = len(run.tokens) - 2
+        right = truth[position : position + 16]
+        copy = right if round_ % 20 == 0 else right[:2] + [1] * 14
+        (kept,) = scheduler.trim([run], [DraftProposal(copy, from_lookup=True)])
+        accepted = next((i for i, t in enumerate(kept.token_ids) if t != right[i]), len(kept))
+        new = truth[position : position + accepted + 1]
+        run.tokens.extend(new)
+        run.cached_len = len(run.tokens) - 1
+        scheduler.record(run, kept, DraftUpdate("r", accepted, new, None))
+    depths = run.draft.lookup_depths
+    assert depths.conditional(3) < 0.2  # the wrong copies' first wrong depth
+    assert depths.conditional(12) > 0.97

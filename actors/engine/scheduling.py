@@ -61,7 +61,7 @@ class GammaScheduler:
         self._pool = {"lookup": SurvivalEstimate(decay=0.98), "model": SurvivalEstimate(decay=0.98)}
         self._pool_depths = DepthAcceptance(decay=0.98)
         block = 1 if paths is None else paths.block
-        self.budget = VerifyBudget(self.costs, self._pool_depths, block, budget_sizing)
+        self.budget = VerifyBudget(self.costs, block, budget_sizing)
 
     def start_backlog(self, num_committed: int) -> int:
         """What a drafter taking a request over has to feed: every committed

@@ -31,7 +31,6 @@ from itertools import accumulate
 
 from specray.actors.drafting.base import DraftProposal
 from specray.actors.engine.budget import (
-    DepthAcceptance,
     Hindsight,
     budget_size,
     budget_tokens,
@@ -50,16 +49,13 @@ class VerifyBudget:
     def __init__(
         self,
         costs: RoundCostModel,
-        pool_depths: DepthAcceptance,
         block: int = 1,
         sizing: str = "fresh",
     ) -> None:
-        """``pool_depths``: the pool's per-depth acceptance of copies (new
-        requests start from it); ``block``: drafts one model step yields."""
+        """``block``: drafts one model step yields."""
         if sizing not in SIZINGS:
             raise ValueError(f"budget sizing must be one of {', '.join(SIZINGS)}, got {sizing!r}")
         self.costs = costs
-        self.pool_depths = pool_depths
         self.block = block
         self.sizing = sizing
 
@@ -137,5 +133,3 @@ class VerifyBudget:
         if draft.from_lookup and len(draft) and run.draft.hindsight is None:
             chain = draft.main_chain().token_ids
             run.draft.hindsight = Hindsight(len(run.tokens), list(chain))
-            for by_depth in (run.draft.lookup_depths, self.pool_depths):
-                by_depth.new_proposal()
