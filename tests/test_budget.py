@@ -4,6 +4,7 @@ chains and trees, and DSpark's admission over them under a verify cost."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -130,6 +131,32 @@ def _lookup_request() -> RunningRequest:
     return run
 
 
+def _copy_rounds(
+    scheduler: GammaScheduler,
+    run: RunningRequest,
+    rounds: int,
+    copy_of: Callable[[int, list[int]], list[int]],
+) -> list[int]:
+    """``rounds`` rounds of one request whose committed tokens follow a
+    periodic truth; round ``r`` proposes ``copy_of(r, the next 16 true
+    tokens)``. Each round's verified copy length."""
+    truth = [7 + i % 50 for i in range(40 * rounds)]
+    verified = []
+    for round_ in range(rounds):
+        scheduler.choose([run])
+        position = len(run.tokens) - 2
+        right = truth[position : position + 16]
+        copy = DraftProposal(copy_of(round_, right), from_lookup=True)
+        (kept,) = scheduler.trim([run], [copy])
+        accepted = next((i for i, t in enumerate(kept.token_ids) if t != right[i]), len(kept))
+        new = truth[position : position + accepted + 1]
+        run.tokens.extend(new)
+        run.cached_len = len(run.tokens) - 1
+        scheduler.record(run, kept, DraftUpdate("r", accepted, new, None))
+        verified.append(len(kept))
+    return verified
+
+
 def test_early_rejections_do_not_shut_copies_out() -> None:
     """A verify of 2 tokens costs two of 1, of 17 about three (an AVX2 CPU
     in fp32): a copy pays only when long and likely. The first two copies
@@ -138,21 +165,10 @@ def test_early_rejections_do_not_shut_copies_out() -> None:
     costs = RoundCostModel()
     costs.verify.set_profile([(1, 0.26), (2, 0.52), (4, 0.75), (8, 0.8), (17, 0.9)])
     scheduler = GammaScheduler(DraftPaths(model=False, lookup=True), costs=costs)
-    truth = [7 + i % 50 for i in range(1000)]
     run = _lookup_request()
-    verified = []
-    for round_ in range(30):
-        scheduler.choose([run])
-        position = len(run.tokens) - 2
-        right = truth[position : position + 16]
-        copy = [1] * 16 if round_ < 2 else right
-        (kept,) = scheduler.trim([run], [DraftProposal(copy, from_lookup=True)])
-        accepted = next((i for i, t in enumerate(kept.token_ids) if t != right[i]), len(kept))
-        new = truth[position : position + accepted + 1]
-        run.tokens.extend(new)
-        run.cached_len = len(run.tokens) - 1
-        scheduler.record(run, kept, DraftUpdate("r", accepted, new, None))
-        verified.append(len(kept))
+    verified = _copy_rounds(
+        scheduler, run, 30, lambda round_, right: [1] * 16 if round_ < 2 else right
+    )
     assert sum(verified[:2]) <= 16  # the prior risks at most one of the wrong copies
     assert min(verified[-10:]) >= 12 and len(run.tokens) - 2 > 300
 
@@ -167,19 +183,13 @@ def test_depths_tested_rarely_keep_their_evidence() -> None:
     costs = RoundCostModel()
     costs.verify.set_profile([(1, 0.26), (2, 0.52), (4, 0.75), (8, 0.8), (17, 0.9)])
     scheduler = GammaScheduler(DraftPaths(model=False, lookup=True), costs=costs)
-    truth = [7 + i % 50 for i in range(3000)]
     run = _lookup_request()
-    for round_ in range(100):
-        scheduler.choose([run])
-        position = len(run.tokens) - 2
-        right = truth[position : position + 16]
-        copy = right if round_ % 20 == 0 else right[:2] + [1] * 14
-        (kept,) = scheduler.trim([run], [DraftProposal(copy, from_lookup=True)])
-        accepted = next((i for i, t in enumerate(kept.token_ids) if t != right[i]), len(kept))
-        new = truth[position : position + accepted + 1]
-        run.tokens.extend(new)
-        run.cached_len = len(run.tokens) - 1
-        scheduler.record(run, kept, DraftUpdate("r", accepted, new, None))
+    _copy_rounds(
+        scheduler,
+        run,
+        100,
+        lambda round_, right: right if round_ % 20 == 0 else right[:2] + [1] * 14,
+    )
     depths = run.draft.lookup_depths
     assert depths.conditional(3) < 0.2  # the wrong copies' first wrong depth
     assert depths.conditional(12) > 0.97
