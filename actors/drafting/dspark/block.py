@@ -57,12 +57,12 @@ class DraftBlock(Protocol):
 
     def __call__(
         self,
-        x: torch.Tensor,  # [batch, queries, hidden]: the draft blocks
-        rope: Rope,  # cos, sin: [batch, queries, 1, head_dim]
+        x: torch.Tensor,  # [batch, queries, ...]: the draft blocks in the family's residual
+        rope: Rope,  # the family's rope at the queries' positions
         context_keys: torch.Tensor,  # [batch, kv heads, context, head_dim]
         context_values: torch.Tensor,  # [batch, kv heads, context, head_dim]
         mask: torch.Tensor,  # [batch, 1, queries, context + queries] bool
-    ) -> torch.Tensor:  # [batch, queries, hidden]
+    ) -> torch.Tensor:  # shaped as x
         ...
 
 
