@@ -37,6 +37,7 @@ from specray.actors.engine.lifecycle import grammar_for, start_request
 from specray.actors.engine.request import GenerationRequest, RequestOutput
 from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS, GammaScheduler
 from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
+from specray.actors.engine.verify_budget import BudgetSizing
 from specray.actors.model.config import ModelConfig
 from specray.actors.sampling.grammar import GrammarCompiler
 from specray.cluster.draft_pool import DraftPool, DraftPoolConfig
@@ -73,7 +74,7 @@ class RouterConfig:
     # beside the decoding requests. None: every prompt in one round.
     max_batched_tokens: int | None = DEFAULT_MAX_BATCHED_TOKENS
     # How the verify budget sizes a batch: "fresh" or "stale" (verify_budget.py).
-    budget_sizing: str = "fresh"
+    budget_sizing: BudgetSizing = "fresh"
     overlap: bool = False  # two micro-batches: one drafts while the other verifies
     # Admit a request where its prefix is likely cached (cluster/affinity.py);
     # False: on the least occupied target replica.

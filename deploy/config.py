@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from specray.actors.drafting.spec import DRAFTER_KINDS, DrafterSpec
 from specray.actors.engine.factory import EngineSpec
 from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
+from specray.actors.engine.verify_budget import BudgetSizing
 from specray.actors.model.weight_plan import WeightPlan
 from specray.deploy.auth import TlsFiles
 from specray.deploy.backend import ModelInfo
@@ -75,7 +76,6 @@ class LimitsConfig(BaseModel):
 
 
 Dtype = Literal["float32", "bfloat16"]
-BudgetSizing = Literal["fresh", "stale"]
 
 
 class DrafterConfig(BaseModel):

@@ -149,13 +149,14 @@ def save_v4_dspark(
     save_tiny_v4(directory, seed, **overrides)
     config = v4_config(**overrides)
     hidden, streams = config.hidden_size, config.hc_mult
-    own = ("e_proj", "h_proj", "enorm", "hnorm", "norm", "hc_head")
+    mtp_own = ("e_proj", "h_proj", "enorm", "hnorm", "norm")  # the MTP block's, not the layer's
     tensors: dict[str, torch.Tensor] = {}
     for i in range(depth):
         block = mtp_tensors(config, seed + 1000 + i, random_v4, spread=0.2)
         for name, tensor in block.items():
-            if name.removeprefix("mtp.0.").split(".")[0].split("_fn")[0] not in own:
-                tensors[f"mtp.{i}.{name.removeprefix('mtp.0.')}"] = tensor
+            short = name.removeprefix("mtp.0.")
+            if short.split(".")[0] not in mtp_own and not short.startswith("hc_head_"):
+                tensors[f"mtp.{i}.{short}"] = tensor
     gen = torch.Generator().manual_seed(seed + 2000)
     fused = len(target_layer_ids) * streams * hidden
     tensors["mtp.fc.weight"] = torch.randn(hidden, fused, generator=gen) * fused**-0.5

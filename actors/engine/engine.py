@@ -31,6 +31,7 @@ from specray.actors.engine.request import GenerationRequest, RequestOutput, Runn
 from specray.actors.engine.round import speculative_round
 from specray.actors.engine.scheduling import GammaScheduler
 from specray.actors.engine.target import Target, VerifyInput, VerifyOutput
+from specray.actors.engine.verify_budget import BudgetSizing
 from specray.actors.sampling.grammar import GrammarCompiler, GrammarMatcher
 from specray.actors.workers.draft_worker import DraftWorker
 
@@ -46,7 +47,7 @@ class EngineConfig:
     # beside the decoding requests. None: every prompt in one round.
     max_batched_tokens: int | None = None
     # How the verify budget sizes a batch: "fresh" or "stale" (verify_budget.py).
-    budget_sizing: str = "fresh"
+    budget_sizing: BudgetSizing = "fresh"
 
 
 class LocalDrafting:

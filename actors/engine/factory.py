@@ -15,6 +15,7 @@ from specray.actors.engine.profile import profile_costs
 from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.target import LocalTarget, Target
 from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
+from specray.actors.engine.verify_budget import BudgetSizing
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.model.prefix_cache import prefix_tokens
@@ -38,7 +39,7 @@ class EngineSpec:
     # Positions of the target's (and a draft model's) prefix cache; None: a
     # quarter of the KV slots' positions, 0: no prefix caching.
     prefix_cache_tokens: int | None = None
-    budget_sizing: str = "fresh"  # how the verify budget sizes a batch (verify_budget.py)
+    budget_sizing: BudgetSizing = "fresh"  # how the verify budget sizes a batch (verify_budget.py)
     home: Path | None = None
 
     @property

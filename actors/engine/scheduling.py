@@ -23,7 +23,7 @@ from specray.actors.engine.gamma import (
 )
 from specray.actors.engine.lifecycle import gamma_limit
 from specray.actors.engine.request import DraftState, RunningRequest
-from specray.actors.engine.verify_budget import VerifyBudget
+from specray.actors.engine.verify_budget import BudgetSizing, VerifyBudget
 
 # Tokens one target replica feeds per round unless configured otherwise.
 DEFAULT_MAX_BATCHED_TOKENS = 512
@@ -49,7 +49,7 @@ class GammaScheduler:
         adaptive: bool = True,
         costs: RoundCostModel | None = None,
         max_batched_tokens: int | None = None,
-        budget_sizing: str = "fresh",
+        budget_sizing: BudgetSizing = "fresh",
     ) -> None:
         if max_batched_tokens is not None and max_batched_tokens < 1:
             raise ValueError(f"max_batched_tokens must be >= 1, got {max_batched_tokens}")
@@ -60,8 +60,7 @@ class GammaScheduler:
         # Per drafting path, the prior of new requests.
         self._pool = {"lookup": SurvivalEstimate(decay=0.98), "model": SurvivalEstimate(decay=0.98)}
         self._pool_depths = DepthAcceptance(decay=0.98)
-        block = 1 if paths is None else paths.block
-        self.budget = VerifyBudget(self.costs, block, budget_sizing)
+        self.budget = VerifyBudget(self.costs, self.block, budget_sizing)
 
     def start_backlog(self, num_committed: int) -> int:
         """What a drafter taking a request over has to feed: every committed

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from itertools import accumulate
+from typing import Literal, get_args
 
 from specray.actors.drafting.base import DraftProposal
 from specray.actors.engine.budget import (
@@ -40,7 +41,8 @@ from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.gamma import expected_tokens
 from specray.actors.engine.request import RunningRequest
 
-SIZINGS = ("fresh", "stale")
+BudgetSizing = Literal["fresh", "stale"]
+SIZINGS: tuple[str, ...] = get_args(BudgetSizing)
 
 
 class VerifyBudget:
@@ -50,7 +52,7 @@ class VerifyBudget:
         self,
         costs: RoundCostModel,
         block: int = 1,
-        sizing: str = "fresh",
+        sizing: BudgetSizing = "fresh",
     ) -> None:
         """``block``: drafts one model step yields."""
         if sizing not in SIZINGS:
