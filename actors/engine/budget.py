@@ -43,10 +43,11 @@ class DepthAcceptance:
     Each depth decays as it is tested, not with every proposal: deep depths
     are tested only when a copy is right that far, and decaying them with
     every proposal left them a token or so of evidence against the prior,
-    about 0.9 where verbatim copies were right 0.99 of the time. Survival
-    multiplies the depths, so a 10-token copy was priced at 0.4 where 0.9
-    of them survived, and under load the budget verified a third of what
-    paid (docs/drafting.md, "Concurrency 1, 4 and 16").
+    well below how often verbatim copies were right there. Survival
+    multiplies the depths, so long copies were priced far below what they
+    earned, and under load the budget verified too little
+    (docs/drafting.md, "Concurrency 1, 4 and 16";
+    ``tests/test_budget.py::test_depths_tested_rarely_keep_their_evidence``).
     """
 
     prior: float = 0.6
