@@ -2,8 +2,10 @@
 llama.cpp on the same GGUF file.
 
 For each format (fp32 / bf16 dense, int8 per channel, int4 per group of 32,
-and ``gguf``: the shipped file's blocks, 4-bit ones on int4 and the rest on
-int8) it measures, in one run:
+Q5_0-like blocks on the block kernel, and ``gguf``: the shipped file's
+blocks as the model loads them, symmetric ones on the block kernel where it
+runs, 4-bit ones with offsets on int4, the rest on int8; ``gguf torch`` the
+same file with the block kernel turned off) it measures, in one run:
 
 - per layer of the model's shapes: ms for k = 1, 2, 4, 9, 17 rows;
 - whole model (fp32, bf16, gguf): decode ms/token and verify cost(k)/cost(1)
@@ -25,12 +27,13 @@ records the CPU flags and the load average.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +47,16 @@ from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.gguf_source import int4_share
 from specray.actors.model.hardware import CpuFeatures, read_cpu_features, recommend
 from specray.actors.model.loader import load_model
+from specray.actors.parallel.block_kernel import SWITCH, block_kernel_reason
+from specray.actors.parallel.block_weights import BlockWeights
 from specray.actors.parallel.int8_kernels import use_int8_kernel
 from specray.actors.parallel.linear_weights import DenseWeights, Int4Weights, Int8Weights
 from specray.actors.parallel.packed_kernel import pack_dense, packed_linear
-from specray.actors.parallel.quantized import quantize_int4_grouped, quantize_int8_per_channel
+from specray.actors.parallel.quantized import (
+    quantize_int4_grouped,
+    quantize_int8_per_channel,
+    quantize_symmetric_blocks,
+)
 from specray.actors.store.gguf_file import fetch_gguf
 from specray.bench.common import timed_ms
 from specray.bench.kernel_report import markdown
@@ -62,6 +71,10 @@ MODELS = {"fp32": ("float32", "dense"), "bf16": ("bfloat16", "dense"), "gguf": (
 # the load-time choice: what the per-token kernel changes, in one run.
 WEIGHT_ONLY_GGUF = "gguf weight-only"
 MODELS[WEIGHT_ONLY_GGUF] = ("bfloat16", "gguf")
+# ``gguf`` with the block kernel turned off: every block on torch's kernels
+# (per-channel int8 with its load-time choice, int4), as before the kernel.
+TORCH_GGUF = "gguf torch"
+MODELS[TORCH_GGUF] = ("bfloat16", "gguf")
 L3_BYTES = 64 << 20  # weights cycled per layer measurement, so they come from DRAM
 
 
@@ -95,6 +108,8 @@ def _kernel(fmt: str, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Te
     if fmt == "bf16":
         half = weight.bfloat16()
         return lambda x: F.linear(x, half)
+    if fmt == BLOCKS:
+        return BlockWeights(quantize_symmetric_blocks(weight, 5), torch.bfloat16)
     if fmt in ("int8", PER_TOKEN_INT8):
         int8 = Int8Weights(quantize_int8_per_channel(weight), torch.bfloat16, cpu)
         if fmt == PER_TOKEN_INT8:
@@ -110,6 +125,9 @@ ALTERNATIVE_OF = {PACKED_FP32: "fp32", PER_TOKEN_INT8: "int8"}
 LAYER_FORMATS = {"fp32": torch.float32, PACKED_FP32: torch.float32, "bf16": torch.bfloat16}
 LAYER_FORMATS.update({"int8": torch.bfloat16, PER_TOKEN_INT8: torch.bfloat16})
 LAYER_FORMATS["int4"] = torch.bfloat16
+BLOCKS = "blocks"  # Q5_0-like blocks on the block kernel, where it runs here
+if block_kernel_reason() is None:
+    LAYER_FORMATS[BLOCKS] = torch.bfloat16
 
 
 def time_layers(config: ModelConfig, repeats: int) -> dict[str, dict[str, dict[int, float]]]:
@@ -148,7 +166,8 @@ def probe_line(
 
     per_format = {
         fmt: {rows: layer_sum(fmt, rows) for rows in LAYER_ROWS}
-        for fmt in ("fp32", "bf16", "int8", "int4")
+        for fmt in ("fp32", "bf16", "int8", "int4", BLOCKS)
+        if all(fmt in layers_ms[s] for s in ("qkv", "o", "gate_up", "down"))
     }
     for alternative, fmt in ALTERNATIVE_OF.items():
         if all(alternative in layers_ms[s] for s in ("qkv", "o", "gate_up", "down")):
@@ -167,6 +186,8 @@ def kernel_counts(model: torch.nn.Module) -> dict[str, int]:
             name = f"{module.format_name} {'packed' if module.packed is not None else 'plain'}"
         elif isinstance(module, Int4Weights):
             name = "int4"
+        elif isinstance(module, BlockWeights):
+            name = f"blocks {module.format_name}"
         else:
             continue
         counts[name] = counts.get(name, 0) + 1
@@ -246,6 +267,19 @@ def time_models(
     return out
 
 
+@contextlib.contextmanager
+def _block_kernel_off() -> Iterator[None]:
+    before = os.environ.get(SWITCH)
+    os.environ[SWITCH] = "off"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[SWITCH]
+        else:
+            os.environ[SWITCH] = before
+
+
 def _load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -259,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts for agreement")
     parser.add_argument("--tokens", type=int, default=48, help="greedy tokens per prompt")
-    parser.add_argument("--formats", default=f"fp32,bf16,gguf,{WEIGHT_ONLY_GGUF}")
+    parser.add_argument("--formats", default=f"fp32,bf16,gguf,{TORCH_GGUF}")
     parser.add_argument(
         "--llama-bench", type=Path, default=None, help="llama.cpp's llama-bench binary (optional)"
     )
@@ -297,7 +331,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for fmt in formats:
         dtype, weights = MODELS[fmt]
         began = time.perf_counter()
-        model = load_model(model_dir, dtype, weights=weights)
+        if fmt == TORCH_GGUF:
+            with _block_kernel_off():
+                model = load_model(model_dir, dtype, weights=weights)
+        else:
+            model = load_model(model_dir, dtype, weights=weights)
         if fmt == WEIGHT_ONLY_GGUF:
             use_int8_kernel(model, "weight_only")
         runners[fmt] = Runner(model)

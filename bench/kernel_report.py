@@ -22,8 +22,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"CPU: {result['cpu']}. torch {result['torch']}. Load average "
         f"{result['load_average_start']} at start, {result.get('load_average_end')} at end "
         "(a shared machine: other work moves these timings).",
-        f"Share of the GGUF's matmul parameters in 4-bit blocks (int4 kernel): "
-        f"{result['gguf_int4_share']:.1%}; the rest runs on per-channel int8.",
+        f"Share of the GGUF's matmul parameters in 4-bit blocks: "
+        f"{result['gguf_int4_share']:.1%}. Which kernel each weight of each model runs: "
+        "the kernels row below (blocks: the block kernel; int8: per channel; int4).",
         "",
     ]
     if "layers_ms" in result:

@@ -19,6 +19,8 @@ from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.gguf_index import GGUFIndex
 from specray.actors.model.gguf_source import GGUFWeightSource, int4_share
 from specray.actors.model.loader import load_model
+from specray.actors.parallel.block_kernel import SWITCH, block_kernel_reason
+from specray.actors.parallel.block_weights import BlockWeights
 from specray.actors.parallel.embedding_rows import GroupRows
 from specray.actors.parallel.gguf_blocks import DECODERS, decode_blocks
 from specray.actors.parallel.linear_weights import (
@@ -89,6 +91,18 @@ def _source(model_dir: Path, cls: type[GGUFWeightSource] = GGUFWeightSource) -> 
     return cls(model_dir / "model.gguf", ModelConfig.from_pretrained(model_dir))
 
 
+@pytest.fixture
+def torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GGUF blocks on torch's kernels (per-channel int8, int4), not the block
+    kernel, which rounds activations (tests/test_block_weights.py)."""
+    monkeypatch.setenv(SWITCH, "off")
+
+
+needs_block_kernel = pytest.mark.skipif(
+    block_kernel_reason() is not None, reason=f"block kernel: {block_kernel_reason()}"
+)
+
+
 @pytest.fixture(scope="module")
 def mixed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_qwen2(tmp_path_factory.mktemp("mixed"))
@@ -127,7 +141,27 @@ def _formats(model: DecoderModel) -> dict[str, str]:
     }
 
 
-def test_layers_keep_the_formats_the_file_holds(mixed_dir: Path) -> None:
+@needs_block_kernel
+def test_symmetric_blocks_run_as_stored(mixed_dir: Path) -> None:
+    model = load_model(mixed_dir, torch.float32, weights="gguf")
+    assert _formats(model) == {
+        "qkv": "q5/g32+q8/g32+int4/g32",  # Q5_0, Q8_0, then Q4_1 rows (offsets)
+        "o": "int4/g32",  # Q4_K
+        "gate_up": "q4/g32+int8",  # Q4_0 rows, then Q5_K rows (offsets)
+        "down": "int4/g32",
+        "embed": "rows/Q5_0",
+        "head": "q6/g16",  # Q6_K
+    }
+    # The model computes what its weights compute on activations rounded per
+    # block of 32 before every block matmul.
+    reference = _rounded_activations_copy(
+        _dequantized_copy(load_model(mixed_dir, torch.float32, weights="gguf"), keep_blocks=True)
+    )
+    assert _close(_logits(model), _logits(reference), 1e-5)
+    assert _greedy(model) == _greedy(reference)
+
+
+def test_layers_keep_the_formats_the_file_holds(mixed_dir: Path, torch_kernels: None) -> None:
     model = load_model(mixed_dir, torch.float32, weights="gguf")
     assert _formats(model) == {
         "qkv": "int8+int4/g32",  # Q5_0 and Q8_0 rows, then Q4_1 rows
@@ -147,13 +181,49 @@ def test_layers_keep_the_formats_the_file_holds(mixed_dir: Path) -> None:
     assert torch.equal(rows, want)
 
 
-def _dequantized_copy(model: DecoderModel) -> DecoderModel:
+def _dequantized_copy(model: DecoderModel, keep_blocks: bool = False) -> DecoderModel:
     """``model`` with every low-bit matmul replaced by a dense float32 one of
-    the weights it dequantizes to."""
+    the weights it dequantizes to (block matmuls too, unless ``keep_blocks``)."""
     for module in list(model.modules()):
         weights = getattr(module, "weights", None)
         if isinstance(weights, LinearWeights) and not isinstance(weights, DenseWeights):
+            if keep_blocks and _has_blocks(weights):
+                continue
             module.weights = DenseWeights(weights.dequantize())
+    return model
+
+
+def _has_blocks(weights: LinearWeights) -> bool:
+    parts = weights.formats if isinstance(weights, ConcatWeights) else [weights]
+    return any(isinstance(part, BlockWeights) for part in parts)
+
+
+class _RoundedDense(DenseWeights):
+    """A dense float32 matmul of activations rounded as the block kernel
+    rounds them: int8 per block of 32, max |x| -> 127, half to even."""
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+        scales = blocks.abs().amax(dim=-1, keepdim=True) / 127
+        codes = torch.round(blocks / torch.where(scales > 0, scales, torch.ones_like(scales)))
+        return super().forward((codes * scales).reshape(x.shape), bias)
+
+
+def _rounded_activations_copy(model: DecoderModel) -> DecoderModel:
+    """Every remaining block matmul of ``model`` (a ConcatWeights keeps its
+    parts) replaced by :class:`_RoundedDense` of its weights."""
+    for module in list(model.modules()):
+        weights = getattr(module, "weights", None)
+        if isinstance(weights, BlockWeights):
+            module.weights = _RoundedDense(weights.dequantize())
+        elif isinstance(weights, ConcatWeights):
+            parts = [
+                _RoundedDense(part.dequantize())
+                if isinstance(part, BlockWeights)
+                else DenseWeights(part.dequantize())
+                for part in weights.formats
+            ]
+            module.weights = ConcatWeights(parts)
     return model
 
 
@@ -179,14 +249,16 @@ def _close(got: torch.Tensor, want: torch.Tensor, relative: float) -> bool:
     return bool((got - want).abs().max() <= relative * want.abs().max())
 
 
-def test_quantized_model_equals_its_dequantized_weights(mixed_dir: Path) -> None:
+def test_quantized_model_equals_its_dequantized_weights(
+    mixed_dir: Path, torch_kernels: None
+) -> None:
     quantized = load_model(mixed_dir, torch.float32, weights="gguf")
     dense = _dequantized_copy(load_model(mixed_dir, torch.float32, weights="gguf"))
     assert _close(_logits(quantized), _logits(dense), 1e-5)
     assert _greedy(quantized) == _greedy(dense)
 
 
-def test_tied_head_multiplies_by_the_embeddings_codes(tmp_path: Path) -> None:
+def test_tied_head_multiplies_by_the_embeddings_codes(tmp_path: Path, torch_kernels: None) -> None:
     model_dir = write_tiny_qwen2(tmp_path, ALL_4BIT | {"token_embd": Q.Q8_0}, tied=True)
     quantized = load_model(model_dir, torch.float32, weights="gguf")
     assert _formats(quantized)["embed"] == "rows/Q8_0"
@@ -205,7 +277,7 @@ def test_tied_head_multiplies_by_the_embeddings_codes(tmp_path: Path) -> None:
     assert _close(_logits(quantized), _logits(_dequantized_copy(quantized)), 1e-5)
 
 
-def test_four_bit_file_loads_exactly_in_float32(four_bit_dir: Path) -> None:
+def test_four_bit_file_loads_exactly_in_float32(four_bit_dir: Path, torch_kernels: None) -> None:
     """4-bit blocks keep their codes: in float32 the model computes with the
     file's values (up to one rounding of each group's zero point)."""
     quantized = load_model(four_bit_dir, torch.float32, weights="gguf")

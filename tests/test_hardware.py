@@ -13,6 +13,7 @@ from specray.actors.model.hardware import (
     recommend,
     time_kernels,
 )
+from specray.actors.parallel.block_kernel import block_kernel_reason
 
 CPUINFO = """processor\t: 0
 model name\t: AMD EPYC 7B13
@@ -66,6 +67,12 @@ def test_gguf_cost_weighs_int4_and_int8_by_the_files_share() -> None:
     assert abs(choice.costs_ms["gguf"][9] - (0.25 * 1.14 + 0.75 * 1.26)) < 1e-9
 
 
+def test_gguf_cost_takes_the_block_kernel_where_it_was_timed() -> None:
+    timings = {**AVX2_TIMINGS, "blocks": {1: 0.2, 9: 0.9, 17: 1.5}}
+    choice = recommend(timings, AVX2, gguf_int4_share=0.25)
+    assert abs(choice.costs_ms["gguf"][9] - (0.25 * 1.14 + 0.75 * 0.9)) < 1e-9
+
+
 def test_slow_low_bit_kernels_are_not_picked() -> None:
     timings = {**AVX2_TIMINGS, "int8": {1: 2.0, 9: 9.0}, "int4": {1: 2.0, 9: 9.0}}
     choice = recommend(timings, AVX2, gguf_int4_share=1.0)
@@ -80,7 +87,8 @@ def test_a_near_tie_goes_to_the_more_exact_format() -> None:
 
 def test_probe_times_every_format() -> None:
     timings = time_kernels(shape=(64, 128), rows=(1, 9), budget_s=0.2)
-    assert set(timings) == {"fp32", "bf16", "int8", "int4"}
+    blocks = {"blocks"} if block_kernel_reason() is None else set()
+    assert set(timings) == {"fp32", "bf16", "int8", "int4"} | blocks
     assert all(ms > 0 for by_rows in timings.values() for ms in by_rows.values())
     assert all(set(by_rows) == {1, 9} for by_rows in timings.values())
 

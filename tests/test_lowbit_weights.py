@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from specray.actors.parallel.block_kernel import block_kernel_reason
+from specray.actors.parallel.block_weights import BlockWeights
 from specray.actors.parallel.linear_weights import (
     ConcatWeights,
     DenseWeights,
@@ -102,17 +104,25 @@ def test_int8_requantization_of_grouped_codes_moves_values_at_most_half_a_step()
 
 
 def test_formats_follow_the_stored_codes() -> None:
-    four = _signed_4bit(16, 64, 32, seed=4)
+    four = quantize_int4_grouped(torch.randn(16, 64), 32)  # with offsets: the int4 kernel
+    symmetric = _signed_4bit(16, 64, 32, seed=4)  # Q4_0: the block kernel, where it runs
     eight = quantize_int8_per_channel(torch.randn(16, 64))
     dense = torch.randn(8, 64)
     assert isinstance(linear_weights_from([four, four], torch.float32, CPU), Int4Weights)
+    blocks_here = block_kernel_reason() is None
+    assert isinstance(
+        linear_weights_from([symmetric], torch.float32, CPU),
+        BlockWeights if blocks_here else Int4Weights,
+    )
     assert isinstance(linear_weights_from([eight], torch.float32, CPU), Int8Weights)
     assert isinstance(linear_weights_from([dense], torch.float32, CPU), DenseWeights)
-    mixed = linear_weights_from([four, eight, dense], torch.float32, CPU)
+    mixed = linear_weights_from([symmetric, eight, dense], torch.float32, CPU)
     assert isinstance(mixed, ConcatWeights)
-    assert [part.format_name for part in mixed.formats] == ["int4/g32", "int8", "float32"]
-    x = _activations(3, 64, torch.float32)
-    weight = torch.cat([four.dequantize(), eight.dequantize(), dense])
-    want = _reference(x, weight)
-    assert (mixed(x).double() - want).abs().max() <= 2e-6 * want.abs().max()
+    names = [part.format_name for part in mixed.formats]
+    assert names == ["q4/g32" if blocks_here else "int4/g32", "int8", "float32"]
+    weight = torch.cat([symmetric.dequantize(), eight.dequantize(), dense])
     assert torch.equal(mixed.dequantize(), weight)
+    if not blocks_here:  # the block kernel rounds activations: tests/test_block_weights.py
+        x = _activations(3, 64, torch.float32)
+        want = _reference(x, weight)
+        assert (mixed(x).double() - want).abs().max() <= 2e-6 * want.abs().max()

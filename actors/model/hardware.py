@@ -31,9 +31,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from specray.actors.parallel.block_kernel import block_kernel_reason
+from specray.actors.parallel.block_weights import BlockWeights
 from specray.actors.parallel.linear_weights import Int4Weights, Int8Weights
 from specray.actors.parallel.packed_kernel import pack_dense, packed_linear
-from specray.actors.parallel.quantized import quantize_int4_grouped, quantize_int8_per_channel
+from specray.actors.parallel.quantized import (
+    quantize_int4_grouped,
+    quantize_int8_per_channel,
+    quantize_symmetric_blocks,
+)
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
 PROBE_ROWS = (1, 9, 17)
@@ -137,11 +143,14 @@ def recommend(
     costs: dict[str, dict[int, float]] = {
         name: dict(timings_ms[name]) for name in ("fp32", "bf16") if name in timings_ms
     }
-    if gguf_int4_share is not None and "int8" in timings_ms and "int4" in timings_ms:
+    # The file's other blocks run on the block kernel where it was timed
+    # (it runs here), else on per-channel int8.
+    wide = "blocks" if "blocks" in timings_ms else "int8"
+    if gguf_int4_share is not None and wide in timings_ms and "int4" in timings_ms:
         share = gguf_int4_share
         costs["gguf"] = {
-            rows: share * timings_ms["int4"][rows] + (1 - share) * timings_ms["int8"][rows]
-            for rows in timings_ms["int8"]
+            rows: share * timings_ms["int4"][rows] + (1 - share) * timings_ms[wide][rows]
+            for rows in timings_ms[wide]
             if rows in timings_ms["int4"]
         }
     if not costs:
@@ -206,6 +215,9 @@ def time_kernels(
         torch.bfloat16,
         Int4Weights(quantize_int4_grouped(weight, 32), torch.bfloat16, device),
     )
+    if device.type == "cpu" and block_kernel_reason() is None:
+        blocks = quantize_symmetric_blocks(weight, 5)  # Q5_0, the usual non-K block
+        kernels["blocks"] = (torch.bfloat16, BlockWeights(blocks, torch.bfloat16))
     inputs = {
         (name, count): torch.randn(count, in_features, generator=gen).to(device, dtype)
         for name, (dtype, _) in kernels.items()

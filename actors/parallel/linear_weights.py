@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specray.actors.parallel.block_kernel import block_kernel_reason
+from specray.actors.parallel.block_weights import BlockWeights, fits_blocks
 from specray.actors.parallel.lowbit_kernels import (
     INT4_GROUP_SIZES,
     INT4_ROW_MULTIPLE,
@@ -34,46 +36,7 @@ from specray.actors.parallel.lowbit_kernels import (
 )
 from specray.actors.parallel.packed_kernel import packed_linear, unpack
 from specray.actors.parallel.quantized import GroupAffine, cat_rows, requantize_int8_per_channel
-
-
-def _frozen(tensor: torch.Tensor) -> nn.Parameter:
-    # Parameters (not buffers) so that parameter counts see every format.
-    return nn.Parameter(tensor, requires_grad=False)
-
-
-class LinearWeights(nn.Module):
-    """A ``[out_features, in_features]`` weight in some format."""
-
-    out_features: int
-    in_features: int
-    format_name: str
-
-    def forward(
-        self,
-        x: torch.Tensor,  # [..., in_features]
-        bias: torch.Tensor | None = None,  # [out_features]
-    ) -> torch.Tensor:  # [..., out_features]
-        raise NotImplementedError
-
-    def dequantize(self) -> torch.Tensor:
-        """The weight this format multiplies by, ``[out, in]`` float32."""
-        raise NotImplementedError
-
-    def rows_from(
-        self,
-        x: torch.Tensor,  # [..., in_features]
-        first: int,  # output rows before this one are not wanted
-        bias: torch.Tensor | None = None,  # [out_features - first]
-    ) -> torch.Tensor:  # [..., out_features - first]
-        """The output features from ``first`` on (a fused projection's tail).
-        Formats that cannot skip rows compute all and drop the head."""
-        out = self(x)[..., first:]
-        return out if bias is None else out + bias
-
-    def matrix(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight as a ``[out, in]`` tensor in ``dtype``, for math that is
-        not a plain matmul (a dense weight is returned as it is, uncopied)."""
-        return self.dequantize().to(dtype)
+from specray.actors.parallel.weight_format import LinearWeights, frozen
 
 
 class DenseWeights(LinearWeights):
@@ -84,7 +47,7 @@ class DenseWeights(LinearWeights):
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        self.weight = _frozen(weight)
+        self.weight = frozen(weight)
         self.out_features, self.in_features = weight.shape
         self.format_name = str(weight.dtype).removeprefix("torch.")
         self.transposed_rows = 0
@@ -102,14 +65,14 @@ class DenseWeights(LinearWeights):
         Without ``keep_plain`` the row-major copy is freed, and the rare reads
         of the plain matrix (:meth:`matrix`, :meth:`rows`) unpack a copy; an
         embedding table, which looks rows up every step, keeps it."""
-        self.packed = _frozen(packed)
+        self.packed = frozen(packed)
         if not keep_plain:
-            self.weight = _frozen(torch.empty(0, dtype=self.weight.dtype))
+            self.weight = frozen(torch.empty(0, dtype=self.weight.dtype))
             self._plain_dropped = True
 
     def use_plain(self) -> None:
         """Back to ``F.linear`` on the row-major weight for every row count."""
-        self.weight = _frozen(self.plain())
+        self.weight = frozen(self.plain())
         self.packed = None
         self._plain_dropped = False
         self.transposed_rows = 0
@@ -151,7 +114,7 @@ class DenseWeights(LinearWeights):
         if self._plain_dropped:
             # A caller that needs the matrix itself needs it every step: keep
             # the row-major copy from now on.
-            self.weight = _frozen(self.plain())
+            self.weight = frozen(self.plain())
             self._plain_dropped = False
         return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
 
@@ -172,8 +135,8 @@ class Int8Weights(LinearWeights):
         rows, cols = matrix.shape
         if matrix.group_size != cols or matrix.offsets is not None or matrix.code_min < -128:
             raise ValueError(f"{matrix.kind} is not int8 with one scale per row")
-        self.codes = _frozen(matrix.codes.to(device))  # [out, in] int8
-        self.scales = _frozen(matrix.scales[:, 0].to(device=device, dtype=dtype))  # [out]
+        self.codes = frozen(matrix.codes.to(device))  # [out, in] int8
+        self.scales = frozen(matrix.scales[:, 0].to(device=device, dtype=dtype))  # [out]
         self.out_features, self.in_features = rows, cols
         self.format_name = "int8"
         self.kernel = "weight_only"
@@ -217,9 +180,9 @@ class Int4Weights(LinearWeights):
         if padded.offsets is not None:
             zeros = zeros + padded.offsets
         kernel_codes = padded.codes.to(torch.int32) - padded.code_min
-        self.packed = _frozen(pack_int4(kernel_codes, device))
+        self.packed = frozen(pack_int4(kernel_codes, device))
         scales_and_zeros = torch.stack([padded.scales.t(), zeros.t()], dim=-1)
-        self.scales_and_zeros = _frozen(scales_and_zeros.to(device=device, dtype=dtype))
+        self.scales_and_zeros = frozen(scales_and_zeros.to(device=device, dtype=dtype))
         self.group_size = matrix.group_size
         self.out_features, self.in_features = rows, cols
         self.format_name = f"int4/g{matrix.group_size}"
@@ -281,7 +244,7 @@ def linear_weights_from(
     """
     runs: list[tuple[str, list[torch.Tensor | GroupAffine]]] = []
     for part in parts:
-        kind = _format_of(part)
+        kind = _format_of(part, device)
         if runs and runs[-1][0] == kind:
             runs[-1][1].append(part)
         else:
@@ -290,9 +253,11 @@ def linear_weights_from(
     return built[0] if len(built) == 1 else ConcatWeights(built)
 
 
-def _format_of(part: torch.Tensor | GroupAffine) -> str:
+def _format_of(part: torch.Tensor | GroupAffine, device: torch.device) -> str:
     if isinstance(part, torch.Tensor):
         return "dense"
+    if device.type == "cpu" and fits_blocks(part) and block_kernel_reason() is None:
+        return f"blocks/{part.code_min},{part.code_max}/g{part.group_size}"
     return f"int4/g{part.group_size}" if fits_int4(part) else "int8"
 
 
@@ -306,6 +271,8 @@ def _build(
         dense = [part for part in run if isinstance(part, torch.Tensor)]
         return DenseWeights(torch.cat(dense).to(device=device, dtype=dtype))
     quantized = [part for part in run if isinstance(part, GroupAffine)]
+    if kind.startswith("blocks/"):
+        return BlockWeights(cat_rows(quantized), dtype)
     if kind == "int8":
         return Int8Weights(
             cat_rows([requantize_int8_per_channel(part) for part in quantized]), dtype, device

@@ -204,3 +204,17 @@ def quantize_int4_grouped(weight: torch.Tensor, group_size: int) -> GroupAffine:
     return GroupAffine(
         codes.to(torch.int8).reshape(rows, cols), scale, low, group_size, 0, 15, "int4"
     )
+
+
+def quantize_symmetric_blocks(weight: torch.Tensor, bits: int, group_size: int = 32) -> GroupAffine:
+    """Symmetric round-to-nearest ``bits``-bit codes per group (Q5_0-like for
+    5): ``scale = max|w| / (2^(bits-1) - 1)``, codes in ``[-2^(bits-1), 2^(bits-1))``."""
+    rows, cols = weight.shape
+    grouped = weight.float().reshape(rows, cols // group_size, group_size)
+    top = (1 << (bits - 1)) - 1
+    scale = grouped.abs().amax(dim=-1) / top
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = (grouped / safe.unsqueeze(-1)).round().clamp(-top - 1, top)
+    return GroupAffine(
+        codes.to(torch.int8).reshape(rows, cols), scale, None, group_size, -top - 1, top, f"q{bits}"
+    )

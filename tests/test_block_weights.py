@@ -1,0 +1,162 @@
+"""The block kernel: GGUF's symmetric blocks (Q4_0, Q5_0, Q8_0, Q6_K)
+multiplied as stored. Its weights are the file's values exactly; what rounds
+is each 32-value block of an activation row, to int8 on its own scale, so
+the reference here rounds the activations the same way and sums the exact
+products in float64."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+from tiny_gguf import random_blocks
+
+from specray.actors.parallel.block_kernel import (
+    SWITCH,
+    VNNI_CPU_FLAGS,
+    BlockKernel,
+    block_kernel_reason,
+    build_block_kernel,
+    cpu_flags,
+)
+from specray.actors.parallel.block_weights import DEQUANTIZED_ROWS, BlockWeights, fits_blocks
+from specray.actors.parallel.gguf_blocks import decode_blocks
+from specray.actors.parallel.linear_weights import Int4Weights, Int8Weights, linear_weights_from
+from specray.actors.parallel.quantized import GroupAffine
+
+pytestmark = pytest.mark.skipif(
+    block_kernel_reason() is not None, reason=f"block kernel: {block_kernel_reason()}"
+)
+
+SYMMETRIC = (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q6_K)
+CPU = torch.device("cpu")
+
+
+def _file_blocks(qtype: Q, rows: int = 40, cols: int = 512, seed: int = 0) -> np.ndarray:
+    return random_blocks(qtype, rows, cols, np.random.default_rng(seed + int(qtype)), 0.05)
+
+
+def _matrix(qtype: Q, rows: int = 40, cols: int = 512, seed: int = 0) -> GroupAffine:
+    return decode_blocks(torch.from_numpy(_file_blocks(qtype, rows, cols, seed)), qtype)
+
+
+def _activations(rows: int, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))
+    x[0, :32] = 0  # an all-zero block keeps scale 0
+    return x.to(dtype)
+
+
+def _reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x rounded to int8 per block of 32 (max |x| -> 127, half to even), times
+    ``weight``, in float64."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    scales = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    codes = torch.round(blocks / torch.where(scales > 0, scales, torch.ones_like(scales)))
+    rounded = (codes.double() * scales.double()).reshape(x.shape)
+    return rounded @ weight.double().t()
+
+
+def _variants() -> list[BlockKernel]:
+    """The AVX2 kernel, and the AVX512-VNNI one where this CPU has it."""
+    kernels = [build_block_kernel(vnni=False)]
+    if cpu_flags() >= VNNI_CPU_FLAGS:
+        kernels.append(build_block_kernel(vnni=True))
+    return kernels
+
+
+@pytest.mark.parametrize("qtype", SYMMETRIC, ids=lambda q: q.name)
+def test_weights_are_the_files_values_exactly(qtype: Q) -> None:
+    raw = _file_blocks(qtype)
+    weights = BlockWeights(decode_blocks(torch.from_numpy(raw), qtype), torch.float32)
+    want = torch.from_numpy(gguf.quants.dequantize(raw, qtype))
+    assert torch.equal(weights.dequantize(), want)
+    bits = {Q.Q4_0: 4, Q.Q5_0: 5, Q.Q8_0: 8, Q.Q6_K: 6}[qtype]
+    assert weights.format_name == f"q{bits}/g{16 if qtype == Q.Q6_K else 32}"
+    # fp16 scales where the file stores them so; Q6_K's d * sc stays float32.
+    assert weights.scales.dtype == (torch.float32 if qtype == Q.Q6_K else torch.float16)
+
+
+@pytest.mark.parametrize("qtype", SYMMETRIC, ids=lambda q: q.name)
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 17])
+def test_matmul_equals_rounded_activations_times_the_weights(qtype: Q, rows: int) -> None:
+    matrix = _matrix(qtype)
+    x = _activations(rows, 512)
+    want = _reference(x, matrix.dequantize())
+    for kernel in _variants():
+        got = BlockWeights(matrix, torch.float32, kernel)(x)
+        assert got.shape == (rows, 40) and got.dtype == torch.float32
+        # Exact integer block sums; float32 scaling and accumulation.
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), kernel.vnni
+
+
+def test_bfloat16_in_and_out_rounds_once_at_the_end() -> None:
+    matrix = _matrix(Q.Q5_0)
+    x = _activations(5, 512, torch.bfloat16)
+    want = _reference(x, matrix.dequantize())
+    weights = BlockWeights(matrix, torch.bfloat16)
+    got = weights(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, BlockWeights(matrix, torch.float32)(x.float()).bfloat16())
+    assert (got.double() - want).abs().max() <= 2**-8 * want.abs().max()
+
+
+def test_a_verify_row_equals_the_decode_of_that_row_bit_for_bit() -> None:
+    """Each row is rounded and summed alone, in the same order whatever the
+    number of rows: a k-row verify reproduces the one-row decodes."""
+    matrix = _matrix(Q.Q5_0, rows=72, cols=896)
+    x = _activations(DEQUANTIZED_ROWS - 1, 896, torch.bfloat16)
+    for kernel in _variants():
+        weights = BlockWeights(matrix, torch.bfloat16, kernel)
+        together = weights(x)
+        for rows in (2, 5, 9):
+            assert torch.equal(weights(x[:rows]), together[:rows])
+        alone = torch.cat([weights(x[row : row + 1]) for row in range(x.shape[0])])
+        assert torch.equal(alone, together)
+
+
+def test_many_rows_run_as_a_dense_matmul_of_the_dequantized_weights() -> None:
+    matrix = _matrix(Q.Q8_0, rows=24, cols=256)
+    weights = BlockWeights(matrix, torch.float32)
+    x = _activations(DEQUANTIZED_ROWS, 256)
+    bias = torch.randn(24)
+    assert torch.equal(weights(x, bias), F.linear(x, matrix.dequantize()) + bias)
+    # Leading dimensions are the caller's.
+    assert weights(x.view(2, DEQUANTIZED_ROWS // 2, 256)).shape == (2, DEQUANTIZED_ROWS // 2, 24)
+
+
+def test_the_kernels_agree_where_both_run() -> None:
+    if not cpu_flags() >= VNNI_CPU_FLAGS:
+        pytest.skip("no AVX512-VNNI here: one kernel only")
+    avx2, vnni = _variants()
+    matrix = _matrix(Q.Q6_K, rows=32, cols=1024)
+    x = _activations(7, 1024)
+    got, want = (BlockWeights(matrix, torch.float32, k)(x) for k in (avx2, vnni))
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    # An odd number of blocks per row: the VNNI build takes its AVX2 path.
+    odd = _matrix(Q.Q5_0, rows=8, cols=96)
+    x = _activations(3, 96)
+    got, want = (BlockWeights(odd, torch.float32, k)(x) for k in (avx2, vnni))
+    assert torch.equal(got, want)
+
+
+def test_formats_without_blocks_keep_torchs_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    five = _matrix(Q.Q5_0, rows=16, cols=64)
+    # Offsets (Q4_K), a row-wide scale, a width that is not whole blocks: not blocks.
+    assert not fits_blocks(_matrix(Q.Q4_K, rows=16, cols=256))
+    assert not fits_blocks(GroupAffine(five.codes, five.scales[:, :1], None, 64, -16, 15, "x"))
+    assert not fits_blocks(_matrix(Q.Q6_K, rows=16, cols=256).narrow(1, 0, 16 * 3))
+    assert isinstance(linear_weights_from([five], torch.float32, CPU), BlockWeights)
+    monkeypatch.setenv(SWITCH, "off")
+    assert block_kernel_reason() == f"the block kernel is turned off ({SWITCH}=off)"
+    assert isinstance(linear_weights_from([five], torch.float32, CPU), Int8Weights)
+    four = _matrix(Q.Q4_0, rows=16, cols=64)
+    assert isinstance(linear_weights_from([four], torch.float32, CPU), Int4Weights)
+
+
+def test_bad_formats_are_refused_by_name() -> None:
+    offsets = _matrix(Q.Q4_K, rows=16, cols=256)
+    with pytest.raises(ValueError, match="Q4_K is not a symmetric block format"):
+        BlockWeights(offsets, torch.float32)
