@@ -1,6 +1,6 @@
-"""The block matmul kernel (``csrc/block_matmul.cpp``), compiled on first use.
+"""The block matmul kernel (``csrc/``), compiled on first use.
 
-The C++ file is compiled once per machine with the system's C++ compiler
+The C++ files are compiled once per machine with the system's C++ compiler
 into ``$SPECRAY_HOME/kernels/`` (a name keyed by the source, the compiler
 and its flags) and loaded with ``ctypes``; its threads run on the OpenMP
 runtime torch has already loaded, with torch's thread count. Where it
@@ -25,7 +25,10 @@ import torch
 
 from specray.actors.store.layout import default_home
 
-SOURCE = Path(__file__).parent / "csrc" / "block_matmul.cpp"
+SOURCES = tuple(
+    Path(__file__).parent / "csrc" / name for name in ("block_matmul.cpp", "tiled_matmul.cpp")
+)
+HEADERS = (Path(__file__).parent / "csrc" / "block_common.h",)
 NEEDED_FLAGS = frozenset({"avx2", "fma", "f16c"})
 CXX_FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared")
 # Where the CPU has them, 512-bit integer dot products (two blocks per
@@ -43,68 +46,81 @@ class BlockKernelUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True)
+class PackedBlocks:
+    """A weight in one of the kernel's layouts (csrc/block_matmul.cpp for rows,
+    csrc/tiled_matmul.cpp for tiles of 16 output rows); unused parts empty."""
+
+    nibbles: torch.Tensor  # uint8: bits 4-6
+    planes: torch.Tensor  # int32 (rows) or int64 (tiles): bits 5-6
+    codes: torch.Tensor  # int8 (rows) or uint8 (tiles): bits 8
+    scales: torch.Tensor  # float32 or float16
+    bits: int
+    group: int
+    code_min: int
+    tiled: bool
+
+
+@dataclass(frozen=True)
 class BlockKernel:
-    """The loaded library's one entry point."""
+    """The loaded library's entry points."""
 
     library: ctypes.CDLL
     path: Path
-    vnni: bool  # compiled with the AVX512-VNNI path
+    vnni: bool  # compiled with the AVX512-VNNI path, which reads tiled weights
 
     def matmul(
         self,
         x: torch.Tensor,  # [rows, k] float32 or bfloat16, contiguous, CPU
-        nibbles: torch.Tensor,  # [n, k / 2] uint8 (bits 4-6) or empty
-        planes: torch.Tensor,  # [n, k / 32, bits - 4] int32 (bits 5-6) or empty
-        codes: torch.Tensor,  # [n, k] int8 (bits 8) or empty
-        scales: torch.Tensor,  # [n, k / group] float32 or float16
-        bits: int,
-        group: int,
-        code_min: int,
+        weights: PackedBlocks,  # tiled exactly when this kernel is vnni
         out: torch.Tensor,  # [rows, n] float32 or bfloat16, contiguous
     ) -> None:
-        status = self.library.specray_block_matmul(
+        entry = (
+            self.library.specray_tiled_matmul
+            if weights.tiled
+            else self.library.specray_block_matmul
+        )
+        status = entry(
             x.data_ptr(),
             DTYPE_CODES[x.dtype],
             x.shape[0],
             x.shape[1],
-            nibbles.data_ptr(),
-            planes.data_ptr(),
-            codes.data_ptr(),
-            scales.data_ptr(),
-            int(scales.dtype == torch.float16),
-            bits,
-            group,
-            code_min,
+            weights.nibbles.data_ptr(),
+            weights.planes.data_ptr(),
+            weights.codes.data_ptr(),
+            weights.scales.data_ptr(),
+            int(weights.scales.dtype == torch.float16),
+            weights.bits,
+            weights.group,
+            weights.code_min,
             out.shape[1],
             out.data_ptr(),
             DTYPE_CODES[out.dtype],
             torch.get_num_threads(),
         )
         if status:
-            raise ValueError(f"the block kernel has no {bits}-bit codes in groups of {group}")
+            raise ValueError(_refusal(weights))
 
     def dequantize(
         self,
-        nibbles: torch.Tensor,
-        planes: torch.Tensor,
-        codes: torch.Tensor,
-        scales: torch.Tensor,
-        bits: int,
-        group: int,
-        code_min: int,
+        weights: PackedBlocks,
         first: int,
-        out: torch.Tensor,  # [last - first, k] float32 or bfloat16, contiguous
+        out: torch.Tensor,  # [count, k] float32 or bfloat16, contiguous
     ) -> None:
-        """Rows ``[first, first + len(out))`` of the weight, into ``out``."""
-        status = self.library.specray_block_dequantize(
-            nibbles.data_ptr(),
-            planes.data_ptr(),
-            codes.data_ptr(),
-            scales.data_ptr(),
-            int(scales.dtype == torch.float16),
-            bits,
-            group,
-            code_min,
+        """Output rows ``[first, first + len(out))`` of the weight, into ``out``."""
+        entry = (
+            self.library.specray_tiled_dequantize
+            if weights.tiled
+            else self.library.specray_block_dequantize
+        )
+        status = entry(
+            weights.nibbles.data_ptr(),
+            weights.planes.data_ptr(),
+            weights.codes.data_ptr(),
+            weights.scales.data_ptr(),
+            int(weights.scales.dtype == torch.float16),
+            weights.bits,
+            weights.group,
+            weights.code_min,
             out.shape[1],
             first,
             first + out.shape[0],
@@ -113,7 +129,11 @@ class BlockKernel:
             torch.get_num_threads(),
         )
         if status:
-            raise ValueError(f"the block kernel has no {bits}-bit codes in groups of {group}")
+            raise ValueError(_refusal(weights))
+
+
+def _refusal(weights: PackedBlocks) -> str:
+    return f"the block kernel has no {weights.bits}-bit codes in groups of {weights.group}"
 
 
 def cpu_flags(path: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
@@ -168,29 +188,14 @@ def build_block_kernel(vnni: bool) -> BlockKernel:
     library = _compiled(compiler, CXX_FLAGS + (VNNI_CXX_FLAGS if vnni else ()))
     loaded = ctypes.CDLL(str(library))
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    matmul = loaded.specray_block_matmul
-    matmul.restype = ctypes.c_int
-    matmul.argtypes = [
-        ptr,
-        i32,
-        i64,
-        i64,
-        ptr,
-        ptr,
-        ptr,
-        ptr,
-        i32,
-        i32,
-        i32,
-        i32,
-        i64,
-        ptr,
-        i32,
-        i32,
-    ]
-    dequantize = loaded.specray_block_dequantize
-    dequantize.restype = ctypes.c_int
-    dequantize.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, i64, i64, i64, ptr, i32, i32]
+    matmul_args = [ptr, i32, i64, i64, ptr, ptr, ptr, ptr, i32, i32, i32, i32, i64, ptr, i32, i32]
+    dequantize_args = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, i64, i64, i64, ptr, i32, i32]
+    layouts = ("block", "tiled") if vnni else ("block",)
+    for layout in layouts:
+        for name, args in (("matmul", matmul_args), ("dequantize", dequantize_args)):
+            entry = getattr(loaded, f"specray_{layout}_{name}")
+            entry.restype = ctypes.c_int
+            entry.argtypes = args
     return BlockKernel(loaded, library, vnni)
 
 
@@ -207,8 +212,10 @@ def block_kernel_reason() -> str | None:
 def _compiled(compiler: str, flags: tuple[str, ...]) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(flags).encode()):
-        key.update(part)
+    for path in (*SOURCES, *HEADERS):
+        key.update(path.read_bytes())
+    key.update(version.encode())
+    key.update(" ".join(flags).encode())
     target = default_home() / "kernels" / f"block_matmul-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -218,11 +225,14 @@ def _compiled(compiler: str, flags: tuple[str, ...]) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         built = Path(work) / target.name
         result = subprocess.run(
-            [compiler, *flags, "-o", str(built), str(SOURCE)], capture_output=True, text=True
+            [compiler, *flags, "-o", str(built), *map(str, SOURCES)],
+            capture_output=True,
+            text=True,
         )
         if result.returncode:
+            error = result.stderr.strip()[-2000:]
             raise BlockKernelUnavailable(
-                f"compiling {SOURCE.name} with {compiler} failed: {result.stderr.strip()[-2000:]}"
+                f"compiling the block kernel with {compiler} failed: {error}"
             )
         os.replace(built, target)
     return target

@@ -24,12 +24,16 @@
 #include <stdint.h>
 #include <string.h>
 
-#include <cmath>
 #include <vector>
+
+#include "block_common.h"
 
 namespace {
 
-constexpr int kBlock = 32;
+using specray::kBlock;
+using specray::quantize;
+using specray::store;
+
 constexpr int kTile = 4;  // activation rows that share one unpacked weight block
 
 struct Weights {
@@ -46,11 +50,6 @@ struct Weights {
 struct Activations {
   const int8_t* codes;  // [rows, k]
   const float* scales;  // [rows, k / 32]
-  // The AVX512-VNNI path only, per row and pair of blocks, 16 lanes of 4
-  // values each: code_min * (sum of the 4 activation codes), and the
-  // activation scale of the lane's block.
-  const int32_t* pair_offsets;  // [rows, k / 64, 16]
-  const float* pair_scales;     // [rows, k / 64, 16]
 };
 
 inline float scale_at(const Weights& w, int64_t index) {
@@ -93,20 +92,6 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(sum);
 }
 
-inline void store(float value, float* out) { *out = value; }
-
-inline void store(float value, uint16_t* out) {
-  // bfloat16, rounded to nearest even as torch rounds it.
-  uint32_t bits;
-  memcpy(&bits, &value, sizeof bits);
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) {
-    *out = static_cast<uint16_t>((bits >> 16) | 0x40);
-    return;
-  }
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  *out = static_cast<uint16_t>(bits >> 16);
-}
-
 // Rows [m0, m0 + Rows) of y for output feature n.
 template <int Bits, int Group, int Rows, typename Out>
 inline void dot_rows(const Weights& w, const Activations& a, int64_t k, int64_t n, int64_t m0,
@@ -142,107 +127,6 @@ inline void dot_rows(const Weights& w, const Activations& a, int64_t k, int64_t 
   for (int r = 0; r < Rows; ++r) store(horizontal_sum(acc[r]), y + (m0 + r) * ldy + n);
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define SPECRAY_VNNI 1
-
-// Codes of blocks (b, b + 1) as unsigned u = code - code_min, 64 bytes.
-template <int Bits>
-inline __m512i load_pair(const Weights& w, int64_t block) {
-  if constexpr (Bits == 8) {
-    const __m512i codes =
-        _mm512_loadu_si512(reinterpret_cast<const void*>(w.codes + block * kBlock));
-    return _mm512_xor_si512(codes, _mm512_set1_epi8(static_cast<char>(0x80)));
-  } else {
-    // 32 nibble bytes: block b's 16 then block b + 1's; each block's low
-    // nibbles are its values 0-15, high nibbles 16-31.
-    const __m256i packed =
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.nibbles + block * (kBlock / 2)));
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
-    const __m256i low = _mm256_and_si256(packed, low4);
-    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
-    // [low b, low b+1, high b, high b+1] -> [low b, high b, low b+1, high b+1]
-    __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
-    u = _mm512_shuffle_i64x2(u, u, _MM_SHUFFLE(3, 1, 2, 0));
-    for (int plane = 0; plane < Bits - 4; ++plane) {
-      const uint64_t first = w.planes[block * (Bits - 4) + plane];
-      const uint64_t second = w.planes[(block + 1) * (Bits - 4) + plane];
-      const __mmask64 set = first | (second << 32);
-      u = _mm512_or_si512(u, _mm512_maskz_mov_epi8(set, _mm512_set1_epi8(static_cast<char>(16 << plane))));
-    }
-    return u;
-  }
-}
-
-// The weight scales of blocks (b, b + 1), one per lane of 4 values.
-template <int Group>
-inline __m512 pair_weight_scales(const Weights& w, int64_t block) {
-  constexpr int kCount = 2 * kBlock / Group;  // 2 or 4 scales
-  __m128 scales;
-  const int64_t first = block * (kBlock / Group);
-  if (w.fp16_scales) {
-    const uint16_t* half = static_cast<const uint16_t*>(w.scales) + first;
-    uint64_t bits = 0;
-    memcpy(&bits, half, kCount * sizeof(uint16_t));
-    scales = _mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<long long>(bits)));
-  } else {
-    float four[4] = {0, 0, 0, 0};
-    memcpy(four, static_cast<const float*>(w.scales) + first, kCount * sizeof(float));
-    scales = _mm_loadu_ps(four);
-  }
-  const __m512i lanes = Group == 32
-      ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
-      : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(scales));
-}
-
-template <int Bits, int Group, int Rows, typename Out>
-inline void dot_rows_vnni(const Weights& w, const Activations& a, int64_t k, int64_t n, int64_t m0,
-                          Out* y, int64_t ldy) {
-  const int64_t blocks = k / kBlock;
-  const int64_t pairs = blocks / 2;
-  __m512 acc[Rows];
-  for (int r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t pair = 0; pair < pairs; ++pair) {
-    const int64_t block = n * blocks + 2 * pair;
-    const __m512i codes = load_pair<Bits>(w, block);
-    const __m512 weight_scale = pair_weight_scales<Group>(w, block);
-    for (int r = 0; r < Rows; ++r) {
-      const int64_t row = m0 + r;
-      const int64_t lane = (row * pairs + pair) * 16;
-      const __m512i x = _mm512_loadu_si512(
-          reinterpret_cast<const void*>(a.codes + row * k + 2 * pair * kBlock));
-      // sum (u + code_min) * x, exact in int32: the offsets start the sum.
-      const __m512i sums = _mm512_dpbusd_epi32(
-          _mm512_loadu_si512(reinterpret_cast<const void*>(a.pair_offsets + lane)), codes, x);
-      const __m512 scale = _mm512_mul_ps(weight_scale, _mm512_loadu_ps(a.pair_scales + lane));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r]);
-    }
-  }
-  for (int r = 0; r < Rows; ++r) store(_mm512_reduce_add_ps(acc[r]), y + (m0 + r) * ldy + n);
-}
-
-// The per-lane offsets and scales of dot_rows_vnni for rows of activation codes.
-void prepare_pairs(const int8_t* codes, const float* scales, int64_t rows, int64_t k, int code_min,
-                   int32_t* pair_offsets, float* pair_scales) {
-  const int64_t blocks = k / kBlock;
-  const int64_t pairs = blocks / 2;
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int64_t row = 0; row < rows; ++row) {
-    for (int64_t pair = 0; pair < pairs; ++pair) {
-      const __m512i x = _mm512_loadu_si512(
-          reinterpret_cast<const void*>(codes + row * k + 2 * pair * kBlock));
-      const __m512i quads = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, x);
-      const int64_t lane = (row * pairs + pair) * 16;
-      _mm512_storeu_si512(reinterpret_cast<void*>(pair_offsets + lane),
-                          _mm512_mullo_epi32(quads, _mm512_set1_epi32(code_min)));
-      const float first = scales[row * blocks + 2 * pair];
-      const float second = scales[row * blocks + 2 * pair + 1];
-      _mm256_storeu_ps(pair_scales + lane, _mm256_set1_ps(first));
-      _mm256_storeu_ps(pair_scales + lane + 8, _mm256_set1_ps(second));
-    }
-  }
-}
-#endif
 
 template <int Bits, int Group, typename Out>
 void matmul(const Weights& w, const Activations& a, int64_t rows, int64_t k, int64_t n_out, Out* y,
@@ -250,19 +134,6 @@ void matmul(const Weights& w, const Activations& a, int64_t rows, int64_t k, int
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < n_out; ++n) {
     int64_t m0 = 0;
-#ifdef SPECRAY_VNNI
-    if (a.pair_offsets != nullptr) {
-      for (; m0 + kTile <= rows; m0 += kTile)
-        dot_rows_vnni<Bits, Group, kTile>(w, a, k, n, m0, y, n_out);
-      switch (rows - m0) {
-        case 3: dot_rows_vnni<Bits, Group, 3>(w, a, k, n, m0, y, n_out); break;
-        case 2: dot_rows_vnni<Bits, Group, 2>(w, a, k, n, m0, y, n_out); break;
-        case 1: dot_rows_vnni<Bits, Group, 1>(w, a, k, n, m0, y, n_out); break;
-        default: break;
-      }
-      continue;
-    }
-#endif
     for (; m0 + kTile <= rows; m0 += kTile) dot_rows<Bits, Group, kTile>(w, a, k, n, m0, y, n_out);
     switch (rows - m0) {
       case 3: dot_rows<Bits, Group, 3>(w, a, k, n, m0, y, n_out); break;
@@ -317,41 +188,6 @@ int dequantize_bits(const Weights& w, int64_t k, int64_t first, int64_t last, Ou
   }
 }
 
-template <typename In>
-inline float load_value(const In* x, int64_t i);
-template <>
-inline float load_value(const float* x, int64_t i) { return x[i]; }
-template <>
-inline float load_value(const uint16_t* x, int64_t i) {
-  const uint32_t bits = static_cast<uint32_t>(x[i]) << 16;
-  float value;
-  memcpy(&value, &bits, sizeof value);
-  return value;
-}
-
-// Each 32-value block of each row to int8 on the scale max|x| / 127, rounded
-// half to even (torch.round); an all-zero block keeps scale 0.
-template <typename In>
-void quantize(const In* x, int64_t rows, int64_t k, int8_t* codes, float* scales) {
-  const int64_t blocks = k / kBlock;
-  for (int64_t row = 0; row < rows; ++row) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t start = row * k + b * kBlock;
-      float values[kBlock];
-      float largest = 0.0f;
-      for (int j = 0; j < kBlock; ++j) {
-        values[j] = load_value(x, start + j);
-        largest = std::fmax(largest, std::fabs(values[j]));
-      }
-      const float scale = largest / 127.0f;
-      scales[row * blocks + b] = scale;
-      const float divisor = scale > 0.0f ? scale : 1.0f;
-      for (int j = 0; j < kBlock; ++j)
-        codes[start + j] = static_cast<int8_t>(std::nearbyint(values[j] / divisor));
-    }
-  }
-}
-
 }  // namespace
 
 extern "C" {
@@ -372,20 +208,7 @@ int specray_block_matmul(const void* x, int x_dtype, int64_t rows, int64_t k,
   else
     quantize(static_cast<const uint16_t*>(x), rows, k, x_codes.data(), x_scales.data());
   const Weights w{nibbles, planes, codes, scales, bits, group, code_min, fp16_scales};
-  Activations a{x_codes.data(), x_scales.data(), nullptr, nullptr};
-#ifdef SPECRAY_VNNI
-  thread_local std::vector<int32_t> pair_offsets;
-  thread_local std::vector<float> pair_scales;
-  if ((k / kBlock) % 2 == 0) {
-    const size_t lanes = static_cast<size_t>(rows * (k / kBlock / 2) * 16);
-    pair_offsets.resize(lanes);
-    pair_scales.resize(lanes);
-    prepare_pairs(x_codes.data(), x_scales.data(), rows, k, bits == 8 ? -128 : code_min,
-                  pair_offsets.data(), pair_scales.data());
-    a.pair_offsets = pair_offsets.data();
-    a.pair_scales = pair_scales.data();
-  }
-#endif
+  const Activations a{x_codes.data(), x_scales.data()};
   if (y_dtype == 0) {
     float* out = static_cast<float*>(y);
     return group == 32 ? dispatch_bits<32>(w, a, rows, k, n_out, out, threads)

@@ -1,0 +1,64 @@
+// What both block kernels share: the activation rounding and the output
+// stores.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#include <cmath>
+
+namespace specray {
+
+constexpr int kBlock = 32;
+
+inline void store(float value, float* out) { *out = value; }
+
+inline void store(float value, uint16_t* out) {
+  // bfloat16, rounded to nearest even as torch rounds it.
+  uint32_t bits;
+  memcpy(&bits, &value, sizeof bits);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) {
+    *out = static_cast<uint16_t>((bits >> 16) | 0x40);
+    return;
+  }
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  *out = static_cast<uint16_t>(bits >> 16);
+}
+
+template <typename In>
+inline float load_value(const In* x, int64_t i);
+template <>
+inline float load_value(const float* x, int64_t i) { return x[i]; }
+template <>
+inline float load_value(const uint16_t* x, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(x[i]) << 16;
+  float value;
+  memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+// Each 32-value block of each row to int8 on the scale max|x| / 127, rounded
+// half to even (torch.round); an all-zero block keeps scale 0.
+template <typename In>
+void quantize(const In* x, int64_t rows, int64_t k, int8_t* codes, float* scales) {
+  const int64_t blocks = k / kBlock;
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t start = row * k + b * kBlock;
+      float values[kBlock];
+      float largest = 0.0f;
+      for (int j = 0; j < kBlock; ++j) {
+        values[j] = load_value(x, start + j);
+        largest = std::fmax(largest, std::fabs(values[j]));
+      }
+      const float scale = largest / 127.0f;
+      scales[row * blocks + b] = scale;
+      const float divisor = scale > 0.0f ? scale : 1.0f;
+      for (int j = 0; j < kBlock; ++j)
+        codes[start + j] = static_cast<int8_t>(std::nearbyint(values[j] / divisor));
+    }
+  }
+}
+
+
+}  // namespace specray
