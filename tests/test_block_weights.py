@@ -21,6 +21,7 @@ from specray.actors.parallel.block_kernel import (
     block_kernel_reason,
     build_block_kernel,
     cpu_flags,
+    load_block_kernel,
 )
 from specray.actors.parallel.block_weights import DEQUANTIZED_ROWS, BlockWeights, fits_blocks
 from specray.actors.parallel.gguf_blocks import decode_blocks
@@ -32,7 +33,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 SYMMETRIC = (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q6_K)
+AFFINE = (Q.Q4_K, Q.Q5_K, Q.Q4_1, Q.Q5_1)  # offsets: the tiled layout only
 CPU = torch.device("cpu")
+TILED = block_kernel_reason() is None and load_block_kernel().vnni
 
 
 def _file_blocks(qtype: Q, rows: int = 40, cols: int = 512, seed: int = 0) -> np.ndarray:
@@ -59,33 +62,56 @@ def _reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return rounded @ weight.double().t()
 
 
-def _variants() -> list[BlockKernel]:
-    """The AVX2 kernel, and the AVX512-VNNI one where this CPU has it."""
-    kernels = [build_block_kernel(vnni=False)]
+def _variants(qtype: Q = Q.Q5_0) -> list[BlockKernel]:
+    """The AVX2 kernel, and the AVX512-VNNI one where this CPU has it; for
+    formats with offsets the VNNI one alone."""
+    kernels = [] if qtype in AFFINE else [build_block_kernel(vnni=False)]
     if cpu_flags() >= VNNI_CPU_FLAGS:
         kernels.append(build_block_kernel(vnni=True))
     return kernels
 
 
-@pytest.mark.parametrize("qtype", SYMMETRIC, ids=lambda q: q.name)
-def test_weights_are_the_files_values_exactly(qtype: Q) -> None:
+def _types(all_types: tuple[Q, ...]) -> list[Q]:
+    return [*all_types, *AFFINE] if TILED else list(all_types)
+
+
+K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)  # scale d * sc, offset dmin * m: products
+
+
+@pytest.mark.parametrize("qtype", _types(SYMMETRIC), ids=lambda q: q.name)
+def test_weights_are_the_files_codes_with_fp16_scales(qtype: Q) -> None:
+    """Exactly the file's values where it stores an fp16 scale (and offset);
+    the K-quants' scale products rounded to nearest fp16, nothing else."""
     raw = _file_blocks(qtype)
-    weights = BlockWeights(decode_blocks(torch.from_numpy(raw), qtype), torch.float32)
+    matrix = decode_blocks(torch.from_numpy(raw), qtype)
+    weights = BlockWeights(matrix, torch.float32)
     want = torch.from_numpy(gguf.quants.dequantize(raw, qtype))
-    assert torch.equal(weights.dequantize(), want)
-    bits = {Q.Q4_0: 4, Q.Q5_0: 5, Q.Q8_0: 8, Q.Q6_K: 6}[qtype]
-    assert weights.format_name == f"q{bits}/g{16 if qtype == Q.Q6_K else 32}"
-    # fp16 scales where the file stores them so; Q6_K's d * sc stays float32.
-    assert weights.scales.dtype == (torch.float32 if qtype == Q.Q6_K else torch.float16)
+    if qtype not in K_QUANTS:
+        assert torch.equal(weights.dequantize(), want)
+    rounded = GroupAffine(
+        matrix.codes,
+        matrix.scales.half().float(),
+        None if matrix.offsets is None else matrix.offsets.half().float(),
+        matrix.group_size,
+        matrix.code_min,
+        matrix.code_max,
+        matrix.kind,
+    )
+    assert torch.equal(weights.dequantize(), rounded.dequantize())
+    assert (rounded.scales - matrix.scales).abs().max() <= 2**-11 * matrix.scales.abs().max()
+    bits = {Q.Q4_0: 4, Q.Q5_0: 5, Q.Q8_0: 8, Q.Q6_K: 6, Q.Q4_K: 4, Q.Q4_1: 4}.get(qtype, 5)
+    affine = "+offset" if qtype in AFFINE else ""
+    assert weights.format_name == f"q{bits}{affine}/g{16 if qtype == Q.Q6_K else 32}"
+    assert weights.scales.dtype == torch.float16
 
 
-@pytest.mark.parametrize("qtype", SYMMETRIC, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", _types(SYMMETRIC), ids=lambda q: q.name)
 @pytest.mark.parametrize("rows", [1, 3, 4, 9, 17])
 def test_matmul_equals_rounded_activations_times_the_weights(qtype: Q, rows: int) -> None:
     matrix = _matrix(qtype)
     x = _activations(rows, 512)
-    want = _reference(x, matrix.dequantize())
-    for kernel in _variants():
+    want = _reference(x, BlockWeights(matrix, torch.float32).dequantize())
+    for kernel in _variants(qtype):
         got = BlockWeights(matrix, torch.float32, kernel)(x)
         assert got.shape == (rows, 40) and got.dtype == torch.float32
         # Exact integer block sums; float32 scaling and accumulation.
@@ -148,9 +174,11 @@ def test_the_kernels_agree_where_both_run() -> None:
 def test_formats_without_blocks_keep_torchs_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     five = _matrix(Q.Q5_0, rows=16, cols=64)
     # Offsets (Q4_K), a row-wide scale, a width that is not whole blocks: not blocks.
-    assert not fits_blocks(_matrix(Q.Q4_K, rows=16, cols=256))
-    assert not fits_blocks(GroupAffine(five.codes, five.scales[:, :1], None, 64, -16, 15, "x"))
-    assert not fits_blocks(_matrix(Q.Q6_K, rows=16, cols=256).narrow(1, 0, 16 * 3))
+    assert not fits_blocks(_matrix(Q.Q4_K, rows=16, cols=256), tiled=False)
+    assert fits_blocks(_matrix(Q.Q4_K, rows=16, cols=256), tiled=True)
+    wide = GroupAffine(five.codes, five.scales[:, :1], None, 64, -16, 15, "x")
+    assert not fits_blocks(wide, tiled=True)
+    assert not fits_blocks(_matrix(Q.Q6_K, rows=16, cols=256).narrow(1, 0, 16 * 3), tiled=True)
     assert isinstance(linear_weights_from([five], torch.float32, CPU), BlockWeights)
     monkeypatch.setenv(SWITCH, "off")
     assert block_kernel_reason() == f"the block kernel is turned off ({SWITCH}=off)"
@@ -161,5 +189,5 @@ def test_formats_without_blocks_keep_torchs_kernels(monkeypatch: pytest.MonkeyPa
 
 def test_bad_formats_are_refused_by_name() -> None:
     offsets = _matrix(Q.Q4_K, rows=16, cols=256)
-    with pytest.raises(ValueError, match="Q4_K is not a symmetric block format"):
-        BlockWeights(offsets, torch.float32)
+    with pytest.raises(ValueError, match="Q4_K is not a block format the row layout reads"):
+        BlockWeights(offsets, torch.float32, build_block_kernel(vnni=False))

@@ -12,6 +12,7 @@ import torch
 from tiny_gguf import write_tiny_qwen2
 
 from specray.actors.model.loader import load_model
+from specray.actors.parallel.block_kernel import SWITCH
 from specray.actors.parallel.int8_kernels import choose_int8_kernels, measure_int8
 from specray.actors.parallel.linear_weights import Int8Weights
 from specray.actors.parallel.quantized import quantize_int8_per_channel
@@ -93,7 +94,10 @@ def test_measure_times_both_kernels_and_leaves_the_weight_alone() -> None:
     assert weights.kernel == "weight_only"
 
 
-def test_a_model_sets_every_int8_weight_of_a_shape_to_its_choice(tmp_path: Path) -> None:
+def test_a_model_sets_every_int8_weight_of_a_shape_to_its_choice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SWITCH, "off")  # every wide block on int8, none on the block kernel
     model = load_model(write_tiny_qwen2(tmp_path), torch.bfloat16, weights="gguf")
     int8 = [m for m in model.modules() if isinstance(m, Int8Weights)]
     assert int8 and all(m.kernel == "weight_only" for m in int8)  # tiny: left alone at load

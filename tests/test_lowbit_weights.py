@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specray.actors.parallel.block_kernel import block_kernel_reason
+from specray.actors.parallel.block_kernel import SWITCH, block_kernel_reason
 from specray.actors.parallel.block_weights import BlockWeights
 from specray.actors.parallel.linear_weights import (
     ConcatWeights,
@@ -103,13 +103,15 @@ def test_int8_requantization_of_grouped_codes_moves_values_at_most_half_a_step()
     assert error.max() > 0  # grouped scales do not fit one scale per row
 
 
-def test_formats_follow_the_stored_codes() -> None:
+def test_formats_follow_the_stored_codes(monkeypatch: pytest.MonkeyPatch) -> None:
     four = quantize_int4_grouped(torch.randn(16, 64), 32)  # with offsets: the int4 kernel
     symmetric = _signed_4bit(16, 64, 32, seed=4)  # Q4_0: the block kernel, where it runs
     eight = quantize_int8_per_channel(torch.randn(16, 64))
     dense = torch.randn(8, 64)
-    assert isinstance(linear_weights_from([four, four], torch.float32, CPU), Int4Weights)
     blocks_here = block_kernel_reason() is None
+    with monkeypatch.context() as patch:
+        patch.setenv(SWITCH, "off")
+        assert isinstance(linear_weights_from([four, four], torch.float32, CPU), Int4Weights)
     assert isinstance(
         linear_weights_from([symmetric], torch.float32, CPU),
         BlockWeights if blocks_here else Int4Weights,

@@ -30,7 +30,19 @@ SOURCES = tuple(
 )
 HEADERS = (Path(__file__).parent / "csrc" / "block_common.h",)
 NEEDED_FLAGS = frozenset({"avx2", "fma", "f16c"})
-CXX_FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared")
+# No contraction into fused multiply-adds where the source has a multiply
+# then an add: dequantized values round twice, as the checkpoint defines.
+CXX_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-ffp-contract=off",
+    "-mavx2",
+    "-mfma",
+    "-mf16c",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+)
 # Where the CPU has them, 512-bit integer dot products (two blocks per
 # instruction, summed into int32 without the AVX2 path's int16 step).
 VNNI_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
@@ -54,6 +66,7 @@ class PackedBlocks:
     planes: torch.Tensor  # int32 (rows) or int64 (tiles): bits 5-6
     codes: torch.Tensor  # int8 (rows) or uint8 (tiles): bits 8
     scales: torch.Tensor  # float32 or float16
+    offsets: torch.Tensor | None  # float32, tiled only: value = scale * code + offset
     bits: int
     group: int
     code_min: int
@@ -89,6 +102,7 @@ class BlockKernel:
             weights.codes.data_ptr(),
             weights.scales.data_ptr(),
             int(weights.scales.dtype == torch.float16),
+            *_offsets(weights),
             weights.bits,
             weights.group,
             weights.code_min,
@@ -118,6 +132,7 @@ class BlockKernel:
             weights.codes.data_ptr(),
             weights.scales.data_ptr(),
             int(weights.scales.dtype == torch.float16),
+            *_offsets(weights),
             weights.bits,
             weights.group,
             weights.code_min,
@@ -130,6 +145,16 @@ class BlockKernel:
         )
         if status:
             raise ValueError(_refusal(weights))
+
+
+def _offsets(weights: PackedBlocks) -> tuple[int | None, ...]:
+    """The tiled entry points' offsets pointer (NULL for none); the row
+    layout's take no offsets."""
+    if not weights.tiled:
+        if weights.offsets is not None:
+            raise ValueError("the row layout has no offsets")
+        return ()
+    return (None if weights.offsets is None else weights.offsets.data_ptr(),)
 
 
 def _refusal(weights: PackedBlocks) -> str:
@@ -190,12 +215,14 @@ def build_block_kernel(vnni: bool) -> BlockKernel:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     matmul_args = [ptr, i32, i64, i64, ptr, ptr, ptr, ptr, i32, i32, i32, i32, i64, ptr, i32, i32]
     dequantize_args = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, i64, i64, i64, ptr, i32, i32]
-    layouts = ("block", "tiled") if vnni else ("block",)
-    for layout in layouts:
-        for name, args in (("matmul", matmul_args), ("dequantize", dequantize_args)):
-            entry = getattr(loaded, f"specray_{layout}_{name}")
-            entry.restype = ctypes.c_int
-            entry.argtypes = args
+    entries = {"block_matmul": matmul_args, "block_dequantize": dequantize_args}
+    if vnni:  # the tiled entry points take an offsets pointer after the scales
+        entries["tiled_matmul"] = [*matmul_args[:9], ptr, *matmul_args[9:]]
+        entries["tiled_dequantize"] = [*dequantize_args[:5], ptr, *dequantize_args[5:]]
+    for name, args in entries.items():
+        entry = getattr(loaded, f"specray_{name}")
+        entry.restype = ctypes.c_int
+        entry.argtypes = args
     return BlockKernel(loaded, library, vnni)
 
 

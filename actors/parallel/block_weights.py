@@ -1,14 +1,19 @@
 """GGUF blocks multiplied as stored: :class:`BlockWeights`.
 
-Symmetric block formats (Q4_0, Q5_0, Q8_0 in groups of 32, Q6_K in groups
-of 16: ``value = scale * code``, no offset) keep their codes and per-group
-scales; the codes are repacked into bit planes that the block kernel
+Block formats keep their codes and per-group scales (and offsets): Q4_0,
+Q5_0, Q8_0 and Q6_K (``value = scale * code``) on every build, and Q4_K,
+Q5_K, Q4_1, Q5_1 (``value = scale * code + offset``) on the tiled one. The
+codes are repacked into bit planes that the block kernel
 (:mod:`specray.actors.parallel.block_kernel`) unpacks with a few vector
 instructions, so a decode reads about the bits the file stores (5.5 per
-weight for Q5_0 with fp16 scales) where per-channel int8 reads 8 and
-rounds every value to a row-wide scale. The weights are exactly the file's;
-what rounds is the activations, to int8 per block of 32 (as llama.cpp does
-for these formats), which is why a verify row equals the decode of that row.
+weight for Q5_0, 5 for Q4_K) where per-channel int8 reads 8 and rounds every
+value to a row-wide scale. Codes are the file's; scales and offsets are held
+in fp16, which is exact for the formats that store an fp16 scale (Q4_0,
+Q5_0, Q8_0, Q4_1, Q5_1) and rounds the K-quants' products ``d * sc`` and
+``dmin * m`` to nearest (at most half an fp16 step, 2^-11 of the value, for
+scales in fp16's normal range). What rounds besides is the activations, to
+int8 per block of 32 (as llama.cpp does for these formats); a row depends
+on that row alone, which is why a verify row equals the decode of that row.
 
 Two builds, two layouts. With AVX512-VNNI the weights are tiled by 16
 output rows and one instruction multiplies 4 features of all 16 by the same
@@ -44,10 +49,11 @@ DEQUANTIZE_CHUNK = 16384
 TILE_ROWS = 16
 
 
-def fits_blocks(matrix: GroupAffine) -> bool:
-    """Whether the block kernel multiplies ``matrix`` as it is."""
+def fits_blocks(matrix: GroupAffine, tiled: bool) -> bool:
+    """Whether the block kernel multiplies ``matrix`` as it is: offsets only
+    in the tiled layout (the AVX512-VNNI build)."""
     return (
-        matrix.offsets is None
+        (matrix.offsets is None or tiled)
         and matrix.group_size in BLOCK_GROUP_SIZES
         and matrix.shape[1] % BLOCK == 0
         and matrix.code_min >= -128
@@ -69,27 +75,30 @@ class BlockWeights(LinearWeights):
         self, matrix: GroupAffine, dtype: torch.dtype, kernel: BlockKernel | None = None
     ) -> None:
         super().__init__()
-        if not fits_blocks(matrix):
-            raise ValueError(f"{matrix.kind} is not a symmetric block format the kernel reads")
         self.kernel = kernel or load_block_kernel()
+        self.tiled = self.kernel.vnni
+        if not fits_blocks(matrix, self.tiled):
+            layout = "tiled" if self.tiled else "row"
+            raise ValueError(f"{matrix.kind} is not a block format the {layout} layout reads")
         rows, cols = matrix.shape
         self.out_features, self.in_features = rows, cols
         self.bits = code_bits(matrix)
         self.group_size = matrix.group_size
-        self.tiled = self.kernel.vnni
+        offsets: torch.Tensor | None = None
         if self.tiled:
             self.code_min = -128 if self.bits == 8 else matrix.code_min
-            nibbles, planes, codes, scales = _tiles(matrix, self.bits, self.code_min)
+            nibbles, planes, codes, scales, offsets = _tiles(matrix, self.bits, self.code_min)
         else:
             self.code_min = 0 if self.bits == 8 else matrix.code_min
             nibbles, planes, codes, scales = _rows(matrix, self.bits)
-        # fp16 scales (Q4_0 / Q5_0 / Q8_0 store them so) halve the scale bytes;
-        # products like Q6_K's d * sc stay float32.
-        half = scales.half()
-        exact_in_fp16 = bool((half.float() == scales).all())
+        # Scales and offsets in fp16, as the file stores Q4_0 / Q5_0 / Q8_0 /
+        # Q4_1 / Q5_1's (exact); the K-quants' products d * sc and dmin * m
+        # round to nearest (module docstring).
         self.nibbles, self.planes, self.codes = frozen(nibbles), frozen(planes), frozen(codes)
-        self.scales = frozen(half if exact_in_fp16 else scales)
-        self.format_name = f"q{self.bits}/g{self.group_size}"
+        self.scales = frozen(scales.half())
+        self.offsets = None if offsets is None else frozen(offsets.half())
+        affine = "" if offsets is None else "+offset"
+        self.format_name = f"q{self.bits}{affine}/g{self.group_size}"
 
     def packed(self) -> PackedBlocks:
         return PackedBlocks(
@@ -97,6 +106,7 @@ class BlockWeights(LinearWeights):
             self.planes,
             self.codes,
             self.scales,
+            self.offsets,
             self.bits,
             self.group_size,
             self.code_min,
@@ -153,7 +163,9 @@ def _rows(matrix: GroupAffine, bits: int) -> Parts:
     return nibbles, stacked.to(torch.int32).contiguous(), torch.empty(0, dtype=torch.int8), scales
 
 
-def _tiles(matrix: GroupAffine, bits: int, code_min: int) -> Parts:
+def _tiles(
+    matrix: GroupAffine, bits: int, code_min: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The tiled layout (csrc/tiled_matmul.cpp): output rows padded to tiles
     of 16 (zero codes, zero scales); per tile and block, 8 chunks of 64 bytes
     holding 4 input features of each of the 16 rows."""
@@ -164,17 +176,23 @@ def _tiles(matrix: GroupAffine, bits: int, code_min: int) -> Parts:
     # [tiles, 16 rows, blocks, 8 chunks, 4] -> [tiles, blocks, 8 chunks, 16 rows * 4]
     chunks = unsigned.view(tiles, TILE_ROWS, blocks, 8, 4).permute(0, 2, 3, 1, 4)
     chunks = chunks.reshape(tiles, blocks, 8, TILE_ROWS * 4)
-    scales = padded.scales.view(tiles, TILE_ROWS, blocks, groups).permute(0, 2, 3, 1).contiguous()
+    scales, offsets = (
+        None if part is None else part.view(tiles, TILE_ROWS, blocks, groups).permute(0, 2, 3, 1)
+        for part in (padded.scales, padded.offsets)
+    )
+    assert scales is not None
+    scales = scales.contiguous()
+    offsets = None if offsets is None else offsets.contiguous()
     if bits == 8:
-        return _EMPTY_U8, _EMPTY_I64, chunks.to(torch.uint8).contiguous(), scales
+        return _EMPTY_U8, _EMPTY_I64, chunks.to(torch.uint8).contiguous(), scales, offsets
     low = chunks & 15
     nibbles = (low[:, :, :4] | (low[:, :, 4:] << 4)).to(torch.uint8).contiguous()
     if bits == 4:
-        return nibbles, _EMPTY_I64, _EMPTY_U8, scales
+        return nibbles, _EMPTY_I64, _EMPTY_U8, scales, offsets
     planes = torch.stack(
         [_bits_to_words(chunks, 4 + plane, 64) for plane in range(bits - 4)], dim=2
     )  # [tiles, blocks, planes, 8 chunks]
-    return nibbles, planes.contiguous(), _EMPTY_U8, scales
+    return nibbles, planes.contiguous(), _EMPTY_U8, scales, offsets
 
 
 def _bits_to_words(values: torch.Tensor, bit: int, width: int) -> torch.Tensor:

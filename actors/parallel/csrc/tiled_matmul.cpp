@@ -18,6 +18,8 @@
 //             of byte j of chunk c
 //   bits 8:   codes[t, b, 8, 64]: the chunks themselves
 //   scales[t, b, 32 / group, 16]: float32 or fp16, rows of the tile last
+//   offsets[t, b, 32 / group, 16]: as the scales, or none (value = scale *
+//             code + offset: Q4_K / Q5_K / Q4_1 / Q5_1, whose codes start at 0)
 // Output rows past n_out (the last tile's padding) are not written.
 
 #include <immintrin.h>
@@ -45,6 +47,7 @@ struct Tiles {
   const uint64_t* planes;
   const uint8_t* codes;
   const void* scales;
+  const void* offsets;  // nullptr: none; in the scales' type
   int bits;
   int group;
   int code_min;
@@ -52,9 +55,10 @@ struct Tiles {
 };
 
 struct Rounded {
-  const int8_t* codes;    // [rows, k]
-  const float* scales;    // [rows, k / 32]
+  const int8_t* codes;     // [rows, k]
+  const float* scales;     // [rows, k / 32]
   const int32_t* offsets;  // [rows, k / 32, 2]: code_min * sum of each half's codes
+  const float* sums;       // [rows, k / 32, 2]: scale * sum of each half's codes
 };
 
 // The 8 chunks of unsigned codes of block (t, b).
@@ -94,6 +98,16 @@ inline __m512 tile_scales(const Tiles& w, int64_t tile_block, int groups, int g)
   return _mm512_loadu_ps(static_cast<const float*>(w.scales) + at);
 }
 
+inline __m512 tile_offsets(const Tiles& w, int64_t tile_block, int groups, int g) {
+  const int64_t at = (tile_block * groups + g) * kTileRows;
+  if (w.fp16_scales) {
+    const __m256i half = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w.offsets) + at));
+    return _mm512_cvtph_ps(half);
+  }
+  return _mm512_loadu_ps(static_cast<const float*>(w.offsets) + at);
+}
+
 template <typename Out>
 inline void store_tile(__m512 values, Out* out, int valid) {
   alignas(64) float lanes[kTileRows];
@@ -115,6 +129,11 @@ inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile,
     unpack<Bits>(w, tile_block, chunks);
     const __m512 first_scales = tile_scales(w, tile_block, kGroups, 0);
     const __m512 second_scales = kGroups == 2 ? tile_scales(w, tile_block, kGroups, 1) : first_scales;
+    const bool offset = w.offsets != nullptr;
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512 first_offsets = offset ? tile_offsets(w, tile_block, kGroups, 0) : zero;
+    const __m512 second_offsets =
+        offset && kGroups == 2 ? tile_offsets(w, tile_block, kGroups, 1) : first_offsets;
     for (int r = 0; r < Rows; ++r) {
       const int64_t row = m0 + r;
       const int32_t* x4 = reinterpret_cast<const int32_t*>(a.codes + row * k + b * kBlock);
@@ -128,6 +147,10 @@ inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile,
           sums = _mm512_dpbusd_epi32(sums, chunks[c], _mm512_set1_epi32(x4[c]));
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(first_scales, x_scale),
                                  acc[r]);
+        if (offset) {
+          const float* x_sums = a.sums + (row * blocks + b) * 2;
+          acc[r] = _mm512_fmadd_ps(first_offsets, _mm512_set1_ps(x_sums[0] + x_sums[1]), acc[r]);
+        }
       } else {
         __m512i first = _mm512_set1_epi32(offsets[0]);
         __m512i second = _mm512_set1_epi32(offsets[1]);
@@ -139,6 +162,11 @@ inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile,
                                  acc[r]);
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(second),
                                  _mm512_mul_ps(second_scales, x_scale), acc[r]);
+        if (offset) {
+          const float* x_sums = a.sums + (row * blocks + b) * 2;
+          acc[r] = _mm512_fmadd_ps(first_offsets, _mm512_set1_ps(x_sums[0]), acc[r]);
+          acc[r] = _mm512_fmadd_ps(second_offsets, _mm512_set1_ps(x_sums[1]), acc[r]);
+        }
       }
     }
   }
@@ -195,16 +223,22 @@ void dequantize_tiles(const Tiles& w, int64_t k, int64_t first, int64_t last, Ou
       for (int c = 0; c < kChunks; ++c)
         _mm512_store_si512(reinterpret_cast<void*>(bytes[c]), chunks[c]);
       alignas(64) float scales[2][kTileRows];
-      for (int g = 0; g < groups; ++g) _mm512_store_ps(scales[g], tile_scales(w, tile_block, groups, g));
+      alignas(64) float offsets[2][kTileRows] = {};
+      for (int g = 0; g < groups; ++g) {
+        _mm512_store_ps(scales[g], tile_scales(w, tile_block, groups, g));
+        if (w.offsets != nullptr) _mm512_store_ps(offsets[g], tile_offsets(w, tile_block, groups, g));
+      }
       for (int i = 0; i < kTileRows; ++i) {
         const int64_t n = tile * kTileRows + i;
         if (n < first || n >= last) continue;
         Out* row = out + (n - first) * k + b * kBlock;
         for (int c = 0; c < kChunks; ++c) {
-          const float scale = scales[(c * 4) / w.group][i];
+          const int g = (c * 4) / w.group;
           for (int j = 0; j < 4; ++j) {
             const int code = static_cast<int>(bytes[c][4 * i + j]) + w.code_min;
-            store(scale * static_cast<float>(code), row + 4 * c + j);
+            // Two roundings, as the checkpoint's own dequantizer computes it.
+            const float scaled = scales[g][i] * static_cast<float>(code);
+            store(w.offsets != nullptr ? scaled + offsets[g][i] : scaled, row + 4 * c + j);
           }
         }
       }
@@ -232,16 +266,19 @@ extern "C" {
 // x_dtype / y_dtype: 0 float32, 1 bfloat16; code_min is -128 for 8-bit codes.
 int specray_tiled_matmul(const void* x, int x_dtype, int64_t rows, int64_t k,
                          const uint8_t* nibbles, const uint64_t* planes, const uint8_t* codes,
-                         const void* scales, int fp16_scales, int bits, int group, int code_min,
-                         int64_t n_out, void* y, int y_dtype, int threads) {
+                         const void* scales, int fp16_scales, const void* weight_offsets,
+                         int bits, int group, int code_min, int64_t n_out, void* y, int y_dtype,
+                         int threads) {
   if (k % kBlock || (group != 32 && group != 16)) return 1;
   thread_local std::vector<int8_t> x_codes;
   thread_local std::vector<float> x_scales;
   thread_local std::vector<int32_t> offsets;
+  thread_local std::vector<float> sums;
   const int64_t blocks = k / kBlock;
   x_codes.resize(static_cast<size_t>(rows * k));
   x_scales.resize(static_cast<size_t>(rows * blocks));
   offsets.resize(static_cast<size_t>(rows * blocks * 2));
+  sums.resize(static_cast<size_t>(rows * blocks * 2));
   if (x_dtype == 0)
     specray::quantize(static_cast<const float*>(x), rows, k, x_codes.data(), x_scales.data());
   else
@@ -251,10 +288,11 @@ int specray_tiled_matmul(const void* x, int x_dtype, int64_t rows, int64_t k,
       int32_t sum = 0;
       for (int j = 0; j < kBlock / 2; ++j) sum += x_codes[i * kBlock + half * (kBlock / 2) + j];
       offsets[i * 2 + half] = code_min * sum;
+      sums[i * 2 + half] = x_scales[i] * static_cast<float>(sum);
     }
   }
-  const Tiles w{nibbles, planes, codes, scales, bits, group, code_min, fp16_scales};
-  const Rounded a{x_codes.data(), x_scales.data(), offsets.data()};
+  const Tiles w{nibbles, planes, codes, scales, weight_offsets, bits, group, code_min, fp16_scales};
+  const Rounded a{x_codes.data(), x_scales.data(), offsets.data(), sums.data()};
   if (y_dtype == 0) {
     float* out = static_cast<float*>(y);
     return group == 32 ? tiled_bits<32>(w, a, rows, k, n_out, out, threads)
@@ -266,11 +304,11 @@ int specray_tiled_matmul(const void* x, int x_dtype, int64_t rows, int64_t k,
 }
 
 int specray_tiled_dequantize(const uint8_t* nibbles, const uint64_t* planes, const uint8_t* codes,
-                             const void* scales, int fp16_scales, int bits, int group,
-                             int code_min, int64_t k, int64_t first, int64_t last, void* out,
-                             int out_dtype, int threads) {
+                             const void* scales, int fp16_scales, const void* weight_offsets,
+                             int bits, int group, int code_min, int64_t k, int64_t first,
+                             int64_t last, void* out, int out_dtype, int threads) {
   if (k % kBlock || (group != 32 && group != 16)) return 1;
-  const Tiles w{nibbles, planes, codes, scales, bits, group, code_min, fp16_scales};
+  const Tiles w{nibbles, planes, codes, scales, weight_offsets, bits, group, code_min, fp16_scales};
   if (out_dtype == 0)
     return dequantize_bits(w, k, first, last, static_cast<float*>(out), threads);
   return dequantize_bits(w, k, first, last, static_cast<uint16_t*>(out), threads);
