@@ -17,9 +17,8 @@ on that row alone, which is why a verify row equals the decode of that row.
 
 Two builds, two layouts. With AVX512-VNNI the weights are tiled by 16
 output rows and one instruction multiplies 4 features of all 16 by the same
-activations; measured on an AVX512-BF16 EPYC it outran a bf16 GEMM of the
-dequantized weight at every row count up to 512 on the MLP's shape, so every
-matmul runs on it and every row is computed the same way at any batch size.
+activations; its cost per row is low enough that every matmul runs on it,
+prefill included, and every row is computed the same way at any batch size.
 The AVX2 build lays weights out by rows and its cost grows faster with rows,
 so past :data:`DEQUANTIZED_ROWS` rows (a long prefill, a large batched
 verify) the weight is dequantized, a chunk of output rows at a time, into
