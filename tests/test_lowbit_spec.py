@@ -1,6 +1,6 @@
 """Lossless speculative decoding on a quantized target: greedy output equals
-the same quantized target decoding alone, token for token, on either int8
-kernel."""
+the same quantized target decoding alone, token for token, on the block
+kernel and on either of torch's int8 kernels."""
 
 from __future__ import annotations
 
@@ -18,11 +18,15 @@ from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model
+from specray.actors.parallel.block_kernel import SWITCH, block_kernel_reason
 from specray.actors.parallel.int8_kernels import use_int8_kernel
-from specray.actors.parallel.linear_weights import INT8_KERNELS
+from specray.actors.parallel.linear_weights import INT8_KERNELS, Int4Weights, Int8Weights
+from specray.actors.parallel.weight_format import LinearWeights
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
+from specray.actors.store.gguf_file import fetch_gguf
 
 MAX_TOKENS = 20
+BLOCKS = "blocks"
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +70,25 @@ def _generate(
     return [outputs[r.request_id] for r in requests]
 
 
-@pytest.mark.parametrize("int8_kernel", INT8_KERNELS)
+@pytest.mark.parametrize("kernel", [BLOCKS, *INT8_KERNELS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("drafter_name", ["ngram", "draft=copy"])
 def test_greedy_on_a_quantized_target_equals_target_only(
-    model_dir: Path, dtype: torch.dtype, drafter_name: str, int8_kernel: str
+    model_dir: Path,
+    dtype: torch.dtype,
+    drafter_name: str,
+    kernel: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if kernel == BLOCKS:
+        if block_kernel_reason() is not None:
+            pytest.skip(f"block kernel: {block_kernel_reason()}")
+        int8_kernel = "weight_only"  # unused: every block of this file is on the kernel
+        on_blocks = load_model(model_dir, dtype, weights="gguf").modules()
+        assert not any(isinstance(m, (Int8Weights, Int4Weights)) for m in on_blocks)
+    else:
+        monkeypatch.setenv(SWITCH, "off")
+        int8_kernel = kernel
     drafter: Drafter = (
         NgramDrafter(max_ngram=3)
         if drafter_name == "ngram"
@@ -80,3 +97,32 @@ def test_greedy_on_a_quantized_target_equals_target_only(
     alone = _generate(model_dir, dtype, None, 1, int8_kernel)
     assert all(len(tokens) == MAX_TOKENS for tokens in alone)
     assert _generate(model_dir, dtype, drafter, 5, int8_kernel) == alone
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_file_on_the_block_kernel_speculates_losslessly() -> None:
+    """Qwen2.5-Coder-0.5B's shipped GGUF, every matmul on the block kernel:
+    n-gram speculation (k = 8) reproduces the target decoding alone."""
+    if block_kernel_reason() is not None:
+        pytest.skip(f"block kernel: {block_kernel_reason()}")
+    path = fetch_gguf("qwen2.5-coder-0.5b-instruct", progress=False)
+    model = load_model(path.parent, torch.bfloat16, weights="gguf")
+    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, LinearWeights)}
+    assert "BlockWeights" in kinds and not kinds & {"Int8Weights", "Int4Weights"}
+    # A prompt that repeats itself, so that n-gram lookup drafts.
+    body = [16, 750, 2025, 220, 16, 1128, 220, 17, 701, 341, 262, 470, 264, 488, 293, 26]
+    prompt = body * 3
+    outputs = []
+    for drafter, k in ((None, 1), (NgramDrafter(max_ngram=3), 8)):
+        engine = SpecEngine(
+            LocalTarget(model, num_slots=1, max_len=160),
+            drafter,
+            tokenizer=None,
+            eos_token_ids=(),
+            config=EngineConfig(max_batch=1, num_speculative_tokens=k),
+        )
+        stop = StoppingCriteria(max_tokens=40, ignore_eos=True)
+        request = GenerationRequest("r", prompt, SamplingParams(), stop)
+        outputs.append([t for chunk in engine.generate([request]) for t in chunk.token_ids])
+    assert len(outputs[0]) == 40 and outputs[1] == outputs[0]

@@ -18,6 +18,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,12 +75,63 @@ class PackedBlocks:
 
 
 @dataclass(frozen=True)
+class BoundMatmul:
+    """One weight's matmul entry point with its weight arguments bound."""
+
+    entry: Callable[..., int]
+    fixed: tuple[int | None, ...]
+    scales_at: int  # where the scales were when bound: moved weights need a new binding
+    refusal: str
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [rows, k] float32 or bfloat16, contiguous, CPU
+        out: torch.Tensor,  # [rows, n] float32 or bfloat16, contiguous
+    ) -> None:
+        status = self.entry(
+            x.data_ptr(),
+            DTYPE_CODES[x.dtype],
+            x.shape[0],
+            x.shape[1],
+            *self.fixed,
+            out.shape[1],
+            out.data_ptr(),
+            DTYPE_CODES[out.dtype],
+            torch.get_num_threads(),
+        )
+        if status:
+            raise ValueError(self.refusal)
+
+
+@dataclass(frozen=True)
 class BlockKernel:
     """The loaded library's entry points."""
 
     library: ctypes.CDLL
     path: Path
     vnni: bool  # compiled with the AVX512-VNNI path, which reads tiled weights
+
+    def bind(self, weights: PackedBlocks) -> BoundMatmul:
+        """``weights``' matmul with its pointers and fields resolved once: a
+        decode calls it a hundred times a step, where rebuilding the call's
+        arguments cost several times the call itself."""
+        entry = (
+            self.library.specray_tiled_matmul
+            if weights.tiled
+            else self.library.specray_block_matmul
+        )
+        fixed = (
+            weights.nibbles.data_ptr(),
+            weights.planes.data_ptr(),
+            weights.codes.data_ptr(),
+            weights.scales.data_ptr(),
+            int(weights.scales.dtype == torch.float16),
+            *_offsets(weights),
+            weights.bits,
+            weights.group,
+            weights.code_min,
+        )
+        return BoundMatmul(entry, fixed, weights.scales.data_ptr(), _refusal(weights))
 
     def matmul(
         self,

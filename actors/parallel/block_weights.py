@@ -31,7 +31,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from specray.actors.parallel.block_kernel import BlockKernel, PackedBlocks, load_block_kernel
+from specray.actors.parallel.block_kernel import (
+    BlockKernel,
+    BoundMatmul,
+    PackedBlocks,
+    load_block_kernel,
+)
 from specray.actors.parallel.quantized import GroupAffine
 from specray.actors.parallel.weight_format import LinearWeights, frozen
 
@@ -96,6 +101,7 @@ class BlockWeights(LinearWeights):
         self.nibbles, self.planes, self.codes = frozen(nibbles), frozen(planes), frozen(codes)
         self.scales = frozen(scales.half())
         self.offsets = None if offsets is None else frozen(offsets.half())
+        self._bound: BoundMatmul | None = None
         affine = "" if offsets is None else "+offset"
         self.format_name = f"q{self.bits}{affine}/g{self.group_size}"
 
@@ -121,7 +127,10 @@ class BlockWeights(LinearWeights):
             out = self._dense_matmul(flat)
         else:
             out = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype)
-            self.kernel.matmul(flat, self.packed(), out)
+            bound = self._bound
+            if bound is None or bound.scales_at != self.scales.data_ptr():
+                bound = self._bound = self.kernel.bind(self.packed())
+            bound(flat, out)
         out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if bias is None else out + bias
 

@@ -141,10 +141,24 @@ inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile,
       const __m512 x_scale = _mm512_set1_ps(a.scales[row * blocks + b]);
       // sum over a group of (u + code_min) * x, exact in int32: the offsets
       // (code_min * sum x) start each group's sum.
+      // Four independent chains of two products each (a chain of eight
+      // dependent vpdpbusd is what one row would otherwise wait on); the
+      // integer sums are exact in any order.
+      __m512i quarter[4];
+      for (int q = 0; q < 4; ++q) {
+        const int low = q < 2 ? q : q + 2;  // chunks 0, 1, 4, 5 start the chains
+        quarter[q] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), chunks[low],
+                                         _mm512_set1_epi32(x4[low]));
+        quarter[q] = _mm512_dpbusd_epi32(quarter[q], chunks[low + 2],
+                                         _mm512_set1_epi32(x4[low + 2]));
+      }
+      // Chunks 0-3 are the block's first 16 features, 4-7 its last 16.
+      const __m512i first_half = _mm512_add_epi32(_mm512_add_epi32(quarter[0], quarter[1]),
+                                                  _mm512_set1_epi32(offsets[0]));
+      const __m512i second_half = _mm512_add_epi32(_mm512_add_epi32(quarter[2], quarter[3]),
+                                                   _mm512_set1_epi32(offsets[1]));
       if constexpr (kGroups == 1) {
-        __m512i sums = _mm512_set1_epi32(offsets[0] + offsets[1]);
-        for (int c = 0; c < kChunks; ++c)
-          sums = _mm512_dpbusd_epi32(sums, chunks[c], _mm512_set1_epi32(x4[c]));
+        const __m512i sums = _mm512_add_epi32(first_half, second_half);
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(first_scales, x_scale),
                                  acc[r]);
         if (offset) {
@@ -152,15 +166,9 @@ inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile,
           acc[r] = _mm512_fmadd_ps(first_offsets, _mm512_set1_ps(x_sums[0] + x_sums[1]), acc[r]);
         }
       } else {
-        __m512i first = _mm512_set1_epi32(offsets[0]);
-        __m512i second = _mm512_set1_epi32(offsets[1]);
-        for (int c = 0; c < kChunks / 2; ++c) {
-          first = _mm512_dpbusd_epi32(first, chunks[c], _mm512_set1_epi32(x4[c]));
-          second = _mm512_dpbusd_epi32(second, chunks[c + 4], _mm512_set1_epi32(x4[c + 4]));
-        }
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(first), _mm512_mul_ps(first_scales, x_scale),
-                                 acc[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(second),
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(first_half),
+                                 _mm512_mul_ps(first_scales, x_scale), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(second_half),
                                  _mm512_mul_ps(second_scales, x_scale), acc[r]);
         if (offset) {
           const float* x_sums = a.sums + (row * blocks + b) * 2;
