@@ -6,6 +6,9 @@ products in float64."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import gguf
 import numpy as np
 import pytest
@@ -191,3 +194,14 @@ def test_bad_formats_are_refused_by_name() -> None:
     offsets = _matrix(Q.Q4_K, rows=16, cols=256)
     with pytest.raises(ValueError, match="Q4_K is not a block format the row layout reads"):
         BlockWeights(offsets, torch.float32, build_block_kernel(vnni=False))
+
+
+def test_a_copy_or_a_pickle_loads_its_own_kernel() -> None:
+    matrix = _matrix(Q.Q5_0, rows=24, cols=64)
+    x = _activations(2, 64)
+    for kernel in _variants():
+        weights = BlockWeights(matrix, torch.float32, kernel)
+        want = weights(x)
+        for copied in (copy.deepcopy(weights), pickle.loads(pickle.dumps(weights))):
+            assert copied.tiled == kernel.vnni and copied.kernel.vnni == kernel.vnni
+            assert torch.equal(copied(x), want)

@@ -28,6 +28,8 @@ differently from a decode's.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +37,7 @@ from specray.actors.parallel.block_kernel import (
     BlockKernel,
     BoundMatmul,
     PackedBlocks,
+    build_block_kernel,
     load_block_kernel,
 )
 from specray.actors.parallel.quantized import GroupAffine
@@ -104,6 +107,18 @@ class BlockWeights(LinearWeights):
         self._bound: BoundMatmul | None = None
         affine = "" if offsets is None else "+offset"
         self.format_name = f"q{self.bits}{affine}/g{self.group_size}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The loaded library is not data: a copy (or an unpickled weight)
+        # loads the same build of the kernel where it lands.
+        state = dict(self.__dict__)
+        state["kernel"], state["_bound"] = None, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        kernel = load_block_kernel()
+        self.kernel = kernel if kernel.vnni == self.tiled else build_block_kernel(self.tiled)
 
     def packed(self) -> PackedBlocks:
         return PackedBlocks(
