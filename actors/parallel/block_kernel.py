@@ -120,17 +120,7 @@ class BlockKernel:
             if weights.tiled
             else self.library.specray_block_matmul
         )
-        fixed = (
-            weights.nibbles.data_ptr(),
-            weights.planes.data_ptr(),
-            weights.codes.data_ptr(),
-            weights.scales.data_ptr(),
-            int(weights.scales.dtype == torch.float16),
-            *_offsets(weights),
-            weights.bits,
-            weights.group,
-            weights.code_min,
-        )
+        fixed = _weight_args(weights)
         return BoundMatmul(entry, fixed, weights.scales.data_ptr(), _refusal(weights))
 
     def matmul(
@@ -139,32 +129,7 @@ class BlockKernel:
         weights: PackedBlocks,  # tiled exactly when this kernel is vnni
         out: torch.Tensor,  # [rows, n] float32 or bfloat16, contiguous
     ) -> None:
-        entry = (
-            self.library.specray_tiled_matmul
-            if weights.tiled
-            else self.library.specray_block_matmul
-        )
-        status = entry(
-            x.data_ptr(),
-            DTYPE_CODES[x.dtype],
-            x.shape[0],
-            x.shape[1],
-            weights.nibbles.data_ptr(),
-            weights.planes.data_ptr(),
-            weights.codes.data_ptr(),
-            weights.scales.data_ptr(),
-            int(weights.scales.dtype == torch.float16),
-            *_offsets(weights),
-            weights.bits,
-            weights.group,
-            weights.code_min,
-            out.shape[1],
-            out.data_ptr(),
-            DTYPE_CODES[out.dtype],
-            torch.get_num_threads(),
-        )
-        if status:
-            raise ValueError(_refusal(weights))
+        self.bind(weights)(x, out)
 
     def dequantize(
         self,
@@ -179,15 +144,7 @@ class BlockKernel:
             else self.library.specray_block_dequantize
         )
         status = entry(
-            weights.nibbles.data_ptr(),
-            weights.planes.data_ptr(),
-            weights.codes.data_ptr(),
-            weights.scales.data_ptr(),
-            int(weights.scales.dtype == torch.float16),
-            *_offsets(weights),
-            weights.bits,
-            weights.group,
-            weights.code_min,
+            *_weight_args(weights),
             out.shape[1],
             first,
             first + out.shape[0],
@@ -197,6 +154,21 @@ class BlockKernel:
         )
         if status:
             raise ValueError(_refusal(weights))
+
+
+def _weight_args(weights: PackedBlocks) -> tuple[int | None, ...]:
+    """The weight's arguments, in the order every entry point takes them."""
+    return (
+        weights.nibbles.data_ptr(),
+        weights.planes.data_ptr(),
+        weights.codes.data_ptr(),
+        weights.scales.data_ptr(),
+        int(weights.scales.dtype == torch.float16),
+        *_offsets(weights),
+        weights.bits,
+        weights.group,
+        weights.code_min,
+    )
 
 
 def _offsets(weights: PackedBlocks) -> tuple[int | None, ...]:

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include <cmath>
+#include <vector>
 
 namespace specray {
 
@@ -60,5 +61,30 @@ void quantize(const In* x, int64_t rows, int64_t k, int8_t* codes, float* scales
   }
 }
 
+struct RoundedRows {
+  const int8_t* codes;  // [rows, k]
+  const float* scales;  // [rows, k / 32]
+};
+
+// x's rows rounded per block, into this thread's buffers (reused by the
+// next call on the same thread).
+inline RoundedRows round_rows(const void* x, int x_dtype, int64_t rows, int64_t k) {
+  thread_local std::vector<int8_t> codes;
+  thread_local std::vector<float> scales;
+  codes.resize(static_cast<size_t>(rows * k));
+  scales.resize(static_cast<size_t>(rows * (k / kBlock)));
+  if (x_dtype == 0)
+    quantize(static_cast<const float*>(x), rows, k, codes.data(), scales.data());
+  else
+    quantize(static_cast<const uint16_t*>(x), rows, k, codes.data(), scales.data());
+  return {codes.data(), scales.data()};
+}
+
+// run(out as float*) for dtype 0 (float32), run(out as uint16_t*) for 1 (bfloat16).
+template <typename Run>
+inline int with_dtype(void* out, int dtype, Run&& run) {
+  if (dtype == 0) return run(static_cast<float*>(out));
+  return run(static_cast<uint16_t*>(out));
+}
 
 }  // namespace specray

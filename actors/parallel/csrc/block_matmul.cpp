@@ -31,7 +31,6 @@
 namespace {
 
 using specray::kBlock;
-using specray::quantize;
 using specray::store;
 
 constexpr int kTile = 4;  // activation rows that share one unpacked weight block
@@ -199,24 +198,13 @@ int specray_block_matmul(const void* x, int x_dtype, int64_t rows, int64_t k,
                          const void* scales, int fp16_scales, int bits, int group, int code_min,
                          int64_t n_out, void* y, int y_dtype, int threads) {
   if (k % kBlock || (group != 32 && group != 16)) return 1;
-  thread_local std::vector<int8_t> x_codes;
-  thread_local std::vector<float> x_scales;
-  x_codes.resize(static_cast<size_t>(rows * k));
-  x_scales.resize(static_cast<size_t>(rows * (k / kBlock)));
-  if (x_dtype == 0)
-    quantize(static_cast<const float*>(x), rows, k, x_codes.data(), x_scales.data());
-  else
-    quantize(static_cast<const uint16_t*>(x), rows, k, x_codes.data(), x_scales.data());
+  const specray::RoundedRows rounded = specray::round_rows(x, x_dtype, rows, k);
   const Weights w{nibbles, planes, codes, scales, bits, group, code_min, fp16_scales};
-  const Activations a{x_codes.data(), x_scales.data()};
-  if (y_dtype == 0) {
-    float* out = static_cast<float*>(y);
+  const Activations a{rounded.codes, rounded.scales};
+  return specray::with_dtype(y, y_dtype, [&](auto* out) {
     return group == 32 ? dispatch_bits<32>(w, a, rows, k, n_out, out, threads)
                        : dispatch_bits<16>(w, a, rows, k, n_out, out, threads);
-  }
-  uint16_t* out = static_cast<uint16_t*>(y);
-  return group == 32 ? dispatch_bits<32>(w, a, rows, k, n_out, out, threads)
-                     : dispatch_bits<16>(w, a, rows, k, n_out, out, threads);
+  });
 }
 
 // The weight's rows [first, last) dequantized into out ([last - first, k],
@@ -227,14 +215,10 @@ int specray_block_dequantize(const uint8_t* nibbles, const uint32_t* planes, con
                              int out_dtype, int threads) {
   if (k % kBlock || (group != 32 && group != 16)) return 1;
   const Weights w{nibbles, planes, codes, scales, bits, group, code_min, fp16_scales};
-  if (out_dtype == 0) {
-    float* dense = static_cast<float*>(out);
+  return specray::with_dtype(out, out_dtype, [&](auto* dense) {
     return group == 32 ? dequantize_bits<32>(w, k, first, last, dense, threads)
                        : dequantize_bits<16>(w, k, first, last, dense, threads);
-  }
-  uint16_t* dense = static_cast<uint16_t*>(out);
-  return group == 32 ? dequantize_bits<32>(w, k, first, last, dense, threads)
-                     : dequantize_bits<16>(w, k, first, last, dense, threads);
+  });
 }
 
 }  // extern "C"

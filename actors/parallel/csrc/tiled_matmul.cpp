@@ -278,37 +278,27 @@ int specray_tiled_matmul(const void* x, int x_dtype, int64_t rows, int64_t k,
                          int bits, int group, int code_min, int64_t n_out, void* y, int y_dtype,
                          int threads) {
   if (k % kBlock || (group != 32 && group != 16)) return 1;
-  thread_local std::vector<int8_t> x_codes;
-  thread_local std::vector<float> x_scales;
+  const specray::RoundedRows rounded = specray::round_rows(x, x_dtype, rows, k);
+  const int8_t* x_codes = rounded.codes;
   thread_local std::vector<int32_t> offsets;
   thread_local std::vector<float> sums;
   const int64_t blocks = k / kBlock;
-  x_codes.resize(static_cast<size_t>(rows * k));
-  x_scales.resize(static_cast<size_t>(rows * blocks));
   offsets.resize(static_cast<size_t>(rows * blocks * 2));
   sums.resize(static_cast<size_t>(rows * blocks * 2));
-  if (x_dtype == 0)
-    specray::quantize(static_cast<const float*>(x), rows, k, x_codes.data(), x_scales.data());
-  else
-    specray::quantize(static_cast<const uint16_t*>(x), rows, k, x_codes.data(), x_scales.data());
   for (int64_t i = 0; i < rows * blocks; ++i) {
     for (int half = 0; half < 2; ++half) {
       int32_t sum = 0;
       for (int j = 0; j < kBlock / 2; ++j) sum += x_codes[i * kBlock + half * (kBlock / 2) + j];
       offsets[i * 2 + half] = code_min * sum;
-      sums[i * 2 + half] = x_scales[i] * static_cast<float>(sum);
+      sums[i * 2 + half] = rounded.scales[i] * static_cast<float>(sum);
     }
   }
   const Tiles w{nibbles, planes, codes, scales, weight_offsets, bits, group, code_min, fp16_scales};
-  const Rounded a{x_codes.data(), x_scales.data(), offsets.data(), sums.data()};
-  if (y_dtype == 0) {
-    float* out = static_cast<float*>(y);
+  const Rounded a{rounded.codes, rounded.scales, offsets.data(), sums.data()};
+  return specray::with_dtype(y, y_dtype, [&](auto* out) {
     return group == 32 ? tiled_bits<32>(w, a, rows, k, n_out, out, threads)
                        : tiled_bits<16>(w, a, rows, k, n_out, out, threads);
-  }
-  uint16_t* out = static_cast<uint16_t*>(y);
-  return group == 32 ? tiled_bits<32>(w, a, rows, k, n_out, out, threads)
-                     : tiled_bits<16>(w, a, rows, k, n_out, out, threads);
+  });
 }
 
 int specray_tiled_dequantize(const uint8_t* nibbles, const uint64_t* planes, const uint8_t* codes,
@@ -317,9 +307,9 @@ int specray_tiled_dequantize(const uint8_t* nibbles, const uint64_t* planes, con
                              int64_t last, void* out, int out_dtype, int threads) {
   if (k % kBlock || (group != 32 && group != 16)) return 1;
   const Tiles w{nibbles, planes, codes, scales, weight_offsets, bits, group, code_min, fp16_scales};
-  if (out_dtype == 0)
-    return dequantize_bits(w, k, first, last, static_cast<float*>(out), threads);
-  return dequantize_bits(w, k, first, last, static_cast<uint16_t*>(out), threads);
+  return specray::with_dtype(out, out_dtype, [&](auto* dense) {
+    return dequantize_bits(w, k, first, last, dense, threads);
+  });
 }
 
 }  // extern "C"
