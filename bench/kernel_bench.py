@@ -4,8 +4,9 @@ llama.cpp on the same GGUF file.
 For each format (fp32 / bf16 dense, int8 per channel, int4 per group of 32,
 Q5_0-like blocks on the block kernel, and ``gguf``: the shipped file's
 blocks as the model loads them, symmetric ones on the block kernel where it
-runs, 4-bit ones with offsets on int4, the rest on int8; ``gguf torch`` the
-same file with the block kernel turned off) it measures, in one run:
+runs, else 4-bit ones on int4 and the rest on int8; ``gguf torch`` the same
+file with the block kernel turned off; ``gguf avx2`` on the kernel's AVX2
+build) it measures, in one run:
 
 - per layer of the model's shapes: ms for k = 1, 2, 4, 9, 17 rows;
 - whole model (fp32, bf16, gguf): decode ms/token and verify cost(k)/cost(1)
@@ -75,6 +76,11 @@ MODELS[WEIGHT_ONLY_GGUF] = ("bfloat16", "gguf")
 # (per-channel int8 with its load-time choice, int4), as before the kernel.
 TORCH_GGUF = "gguf torch"
 MODELS[TORCH_GGUF] = ("bfloat16", "gguf")
+# ``gguf`` on the block kernel's AVX2 build, on a CPU that also has VNNI: what
+# an AVX2-only machine's inner loop costs on this one's memory and cores.
+AVX2_GGUF = "gguf avx2"
+MODELS[AVX2_GGUF] = ("bfloat16", "gguf")
+KERNEL_SETTING = {TORCH_GGUF: "off", AVX2_GGUF: "avx2"}
 L3_BYTES = 64 << 20  # weights cycled per layer measurement, so they come from DRAM
 
 
@@ -187,7 +193,8 @@ def kernel_counts(model: torch.nn.Module) -> dict[str, int]:
         elif isinstance(module, Int4Weights):
             name = "int4"
         elif isinstance(module, BlockWeights):
-            name = f"blocks {module.format_name}"
+            build = "vnni" if module.kernel.vnni else "avx2"
+            name = f"blocks {module.format_name} {build}"
         else:
             continue
         counts[name] = counts.get(name, 0) + 1
@@ -268,9 +275,13 @@ def time_models(
 
 
 @contextlib.contextmanager
-def _block_kernel_off() -> Iterator[None]:
+def _block_kernel(setting: str | None) -> Iterator[None]:
+    """Load under ``SPECRAY_BLOCK_KERNEL=setting`` (None: as set)."""
+    if setting is None:
+        yield
+        return
     before = os.environ.get(SWITCH)
-    os.environ[SWITCH] = "off"
+    os.environ[SWITCH] = setting
     try:
         yield
     finally:
@@ -331,10 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for fmt in formats:
         dtype, weights = MODELS[fmt]
         began = time.perf_counter()
-        if fmt == TORCH_GGUF:
-            with _block_kernel_off():
-                model = load_model(model_dir, dtype, weights=weights)
-        else:
+        with _block_kernel(KERNEL_SETTING.get(fmt)):
             model = load_model(model_dir, dtype, weights=weights)
         if fmt == WEIGHT_ONLY_GGUF:
             use_int8_kernel(model, "weight_only")

@@ -13,7 +13,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 from tiny_gguf import random_blocks
 
@@ -26,7 +25,7 @@ from specray.actors.parallel.block_kernel import (
     cpu_flags,
     load_block_kernel,
 )
-from specray.actors.parallel.block_weights import DEQUANTIZED_ROWS, BlockWeights, fits_blocks
+from specray.actors.parallel.block_weights import BlockWeights, fits_blocks
 from specray.actors.parallel.gguf_blocks import decode_blocks
 from specray.actors.parallel.linear_weights import Int4Weights, Int8Weights, linear_weights_from
 from specray.actors.parallel.quantized import GroupAffine
@@ -36,9 +35,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 SYMMETRIC = (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q6_K)
-AFFINE = (Q.Q4_K, Q.Q5_K, Q.Q4_1, Q.Q5_1)  # offsets: the tiled layout only
+AFFINE = (Q.Q4_K, Q.Q5_K, Q.Q4_1, Q.Q5_1)  # value = scale * code + offset
+ALL_TYPES = (*SYMMETRIC, *AFFINE)
 CPU = torch.device("cpu")
-TILED = block_kernel_reason() is None and load_block_kernel().vnni
 
 
 def _file_blocks(qtype: Q, rows: int = 40, cols: int = 512, seed: int = 0) -> np.ndarray:
@@ -65,23 +64,18 @@ def _reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return rounded @ weight.double().t()
 
 
-def _variants(qtype: Q = Q.Q5_0) -> list[BlockKernel]:
-    """The AVX2 kernel, and the AVX512-VNNI one where this CPU has it; for
-    formats with offsets the VNNI one alone."""
-    kernels = [] if qtype in AFFINE else [build_block_kernel(vnni=False)]
+def _variants() -> list[BlockKernel]:
+    """The AVX2 kernel, and the AVX512-VNNI one where this CPU has it."""
+    kernels = [build_block_kernel(vnni=False)]
     if cpu_flags() >= VNNI_CPU_FLAGS:
         kernels.append(build_block_kernel(vnni=True))
     return kernels
 
 
-def _types(all_types: tuple[Q, ...]) -> list[Q]:
-    return [*all_types, *AFFINE] if TILED else list(all_types)
-
-
 K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)  # scale d * sc, offset dmin * m: products
 
 
-@pytest.mark.parametrize("qtype", _types(SYMMETRIC), ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
 def test_weights_are_the_files_codes_with_fp16_scales(qtype: Q) -> None:
     """Exactly the file's values where it stores an fp16 scale (and offset);
     the K-quants' scale products rounded to nearest fp16, nothing else."""
@@ -108,13 +102,13 @@ def test_weights_are_the_files_codes_with_fp16_scales(qtype: Q) -> None:
     assert weights.scales.dtype == torch.float16
 
 
-@pytest.mark.parametrize("qtype", _types(SYMMETRIC), ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("rows", [1, 3, 4, 9, 17])
 def test_matmul_equals_rounded_activations_times_the_weights(qtype: Q, rows: int) -> None:
     matrix = _matrix(qtype)
     x = _activations(rows, 512)
     want = _reference(x, BlockWeights(matrix, torch.float32).dequantize())
-    for kernel in _variants(qtype):
+    for kernel in _variants():
         got = BlockWeights(matrix, torch.float32, kernel)(x)
         assert got.shape == (rows, 40) and got.dtype == torch.float32
         # Exact integer block sums; float32 scaling and accumulation.
@@ -134,39 +128,38 @@ def test_bfloat16_in_and_out_rounds_once_at_the_end() -> None:
 
 def test_a_verify_row_equals_the_decode_of_that_row_bit_for_bit() -> None:
     """Each row is rounded and summed alone, in the same order whatever the
-    number of rows: a k-row verify reproduces the one-row decodes."""
-    matrix = _matrix(Q.Q5_0, rows=72, cols=896)
-    for kernel in _variants():
-        # The tiled build keeps its kernel past DEQUANTIZED_ROWS (a batch).
-        x = _activations(DEQUANTIZED_ROWS * (2 if kernel.vnni else 1) - 1, 896, torch.bfloat16)
-        weights = BlockWeights(matrix, torch.bfloat16, kernel)
-        together = weights(x)
-        for rows in (2, 5, 9):
-            assert torch.equal(weights(x[:rows]), together[:rows])
-        alone = torch.cat([weights(x[row : row + 1]) for row in range(x.shape[0])])
-        assert torch.equal(alone, together)
+    number of rows: a k-row verify (or a batch, or a prefill) reproduces the
+    one-row decodes."""
+    for qtype in (Q.Q5_0, Q.Q4_K):
+        matrix = _matrix(qtype, rows=72, cols=1024)
+        x = _activations(130, 1024, torch.bfloat16)
+        for kernel in _variants():
+            weights = BlockWeights(matrix, torch.bfloat16, kernel)
+            together = weights(x)
+            for rows in (2, 5, 9):
+                assert torch.equal(weights(x[:rows]), together[:rows])
+            alone = torch.cat([weights(x[row : row + 1]) for row in range(x.shape[0])])
+            assert torch.equal(alone, together)
 
 
-def test_many_rows_on_the_row_layout_run_dense() -> None:
-    """The AVX2 build multiplies many rows as a dense matmul of the
-    dequantized weight; the tiled build runs its kernel at any row count."""
+def test_bias_and_leading_dimensions() -> None:
     matrix = _matrix(Q.Q8_0, rows=24, cols=256)
-    weights = BlockWeights(matrix, torch.float32, build_block_kernel(vnni=False))
-    x = _activations(DEQUANTIZED_ROWS, 256)
+    weights = BlockWeights(matrix, torch.float32)
+    x = _activations(6, 256)
     bias = torch.randn(24)
-    assert torch.equal(weights(x, bias), F.linear(x, matrix.dequantize()) + bias)
-    # Leading dimensions are the caller's.
-    assert weights(x.view(2, DEQUANTIZED_ROWS // 2, 256)).shape == (2, DEQUANTIZED_ROWS // 2, 24)
+    assert torch.equal(weights(x, bias), weights(x) + bias)
+    assert torch.equal(weights(x.view(2, 3, 256)), weights(x).view(2, 3, 24))
 
 
 def test_the_kernels_agree_where_both_run() -> None:
     if not cpu_flags() >= VNNI_CPU_FLAGS:
         pytest.skip("no AVX512-VNNI here: one kernel only")
     avx2, vnni = _variants()
-    matrix = _matrix(Q.Q6_K, rows=32, cols=1024)
-    x = _activations(7, 1024)
-    got, want = (BlockWeights(matrix, torch.float32, k)(x) for k in (avx2, vnni))
-    assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    for qtype in (Q.Q6_K, Q.Q4_K, Q.Q8_0):
+        matrix = _matrix(qtype, rows=32, cols=1024)
+        x = _activations(7, 1024)
+        got, want = (BlockWeights(matrix, torch.float32, k)(x) for k in (avx2, vnni))
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max()
     # A width of 3 blocks and 8 output rows (half a tile, padded).
     odd = _matrix(Q.Q5_0, rows=8, cols=96)
     x = _activations(3, 96)
@@ -176,13 +169,14 @@ def test_the_kernels_agree_where_both_run() -> None:
 
 def test_formats_without_blocks_keep_torchs_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     five = _matrix(Q.Q5_0, rows=16, cols=64)
-    # Offsets (Q4_K), a row-wide scale, a width that is not whole blocks: not blocks.
-    assert not fits_blocks(_matrix(Q.Q4_K, rows=16, cols=256), tiled=False)
-    assert fits_blocks(_matrix(Q.Q4_K, rows=16, cols=256), tiled=True)
+    assert fits_blocks(_matrix(Q.Q4_K, rows=16, cols=256))
+    # A row-wide scale, a width that is not whole blocks of 32: not blocks.
     wide = GroupAffine(five.codes, five.scales[:, :1], None, 64, -16, 15, "x")
-    assert not fits_blocks(wide, tiled=True)
-    assert not fits_blocks(_matrix(Q.Q6_K, rows=16, cols=256).narrow(1, 0, 16 * 3), tiled=True)
+    assert not fits_blocks(wide)
+    assert not fits_blocks(_matrix(Q.Q6_K, rows=16, cols=256).narrow(1, 0, 16 * 3))
     assert isinstance(linear_weights_from([five], torch.float32, CPU), BlockWeights)
+    monkeypatch.setenv(SWITCH, "avx2")
+    assert not load_block_kernel().vnni
     monkeypatch.setenv(SWITCH, "off")
     assert block_kernel_reason() == f"the block kernel is turned off ({SWITCH}=off)"
     assert isinstance(linear_weights_from([five], torch.float32, CPU), Int8Weights)
@@ -191,9 +185,10 @@ def test_formats_without_blocks_keep_torchs_kernels(monkeypatch: pytest.MonkeyPa
 
 
 def test_bad_formats_are_refused_by_name() -> None:
-    offsets = _matrix(Q.Q4_K, rows=16, cols=256)
-    with pytest.raises(ValueError, match="Q4_K is not a block format the row layout reads"):
-        BlockWeights(offsets, torch.float32, build_block_kernel(vnni=False))
+    five = _matrix(Q.Q5_0, rows=16, cols=64)
+    wide = GroupAffine(five.codes, five.scales[:, :1], None, 64, -16, 15, "Q5_0 per row")
+    with pytest.raises(ValueError, match="Q5_0 per row is not a block format"):
+        BlockWeights(wide, torch.float32)
 
 
 def test_a_copy_or_a_pickle_loads_its_own_kernel() -> None:
@@ -203,5 +198,5 @@ def test_a_copy_or_a_pickle_loads_its_own_kernel() -> None:
         weights = BlockWeights(matrix, torch.float32, kernel)
         want = weights(x)
         for copied in (copy.deepcopy(weights), pickle.loads(pickle.dumps(weights))):
-            assert copied.tiled == kernel.vnni and copied.kernel.vnni == kernel.vnni
+            assert copied.kernel.vnni == kernel.vnni
             assert torch.equal(copied(x), want)

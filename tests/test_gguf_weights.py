@@ -19,7 +19,7 @@ from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.gguf_index import GGUFIndex
 from specray.actors.model.gguf_source import GGUFWeightSource, int4_share
 from specray.actors.model.loader import load_model
-from specray.actors.parallel.block_kernel import SWITCH, block_kernel_reason, load_block_kernel
+from specray.actors.parallel.block_kernel import SWITCH, block_kernel_reason
 from specray.actors.parallel.block_weights import BlockWeights
 from specray.actors.parallel.embedding_rows import GroupRows
 from specray.actors.parallel.gguf_blocks import DECODERS, decode_blocks
@@ -144,14 +144,11 @@ def _formats(model: DecoderModel) -> dict[str, str]:
 @needs_block_kernel
 def test_symmetric_blocks_run_as_stored(mixed_dir: Path) -> None:
     model = load_model(mixed_dir, torch.float32, weights="gguf")
-    # Blocks with offsets (Q4_1, Q4_K, Q5_K) on the tiled layout, else torch's.
-    tiled = load_block_kernel().vnni
-    four_k, five_k = ("q4+offset/g32", "q5+offset/g32") if tiled else ("int4/g32", "int8")
     assert _formats(model) == {
-        "qkv": f"q5/g32+q8/g32+{four_k}",  # Q5_0, Q8_0, then Q4_1 rows
-        "o": four_k,  # Q4_K
-        "gate_up": f"q4/g32+{five_k}",  # Q4_0 rows, then Q5_K rows
-        "down": four_k,
+        "qkv": "q5/g32+q8/g32+q4+offset/g32",  # Q5_0, Q8_0, then Q4_1 rows
+        "o": "q4+offset/g32",  # Q4_K
+        "gate_up": "q4/g32+q5+offset/g32",  # Q4_0 rows, then Q5_K rows
+        "down": "q4+offset/g32",
         "embed": "rows/Q5_0",
         "head": "q6/g16",  # Q6_K
     }

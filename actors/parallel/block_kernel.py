@@ -26,10 +26,9 @@ import torch
 
 from specray.actors.store.layout import default_home
 
-SOURCES = tuple(
-    Path(__file__).parent / "csrc" / name for name in ("block_matmul.cpp", "tiled_matmul.cpp")
-)
-HEADERS = (Path(__file__).parent / "csrc" / "block_common.h",)
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "tiled_matmul.cpp",)
+HEADERS = tuple(CSRC / name for name in ("block_common.h", "tile_vnni.h", "tile_avx2.h"))
 NEEDED_FLAGS = frozenset({"avx2", "fma", "f16c"})
 # No contraction into fused multiply-adds where the source has a multiply
 # then an add: dequantized values round twice, as the checkpoint defines.
@@ -49,7 +48,8 @@ CXX_FLAGS = (
 VNNI_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
 VNNI_CXX_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 # Set to off / 0 to keep torch's kernels (per-channel int8, int4) for every
-# GGUF block, e.g. to compare with them.
+# GGUF block, e.g. to compare with them; to avx2 for the AVX2 build on a CPU
+# that has VNNI.
 SWITCH = "SPECRAY_BLOCK_KERNEL"
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -60,18 +60,17 @@ class BlockKernelUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class PackedBlocks:
-    """A weight in one of the kernel's layouts (csrc/block_matmul.cpp for rows,
-    csrc/tiled_matmul.cpp for tiles of 16 output rows); unused parts empty."""
+    """A weight in the kernel's layout (csrc/tiled_matmul.cpp: tiles of 16
+    output rows); the parts a format does not use are empty."""
 
     nibbles: torch.Tensor  # uint8: bits 4-6
-    planes: torch.Tensor  # int32 (rows) or int64 (tiles): bits 5-6
-    codes: torch.Tensor  # int8 (rows) or uint8 (tiles): bits 8
+    planes: torch.Tensor  # int64: bits 5-6
+    codes: torch.Tensor  # uint8: bits 8
     scales: torch.Tensor  # float32 or float16
-    offsets: torch.Tensor | None  # float32, tiled only: value = scale * code + offset
+    offsets: torch.Tensor | None  # as the scales: value = scale * code + offset
     bits: int
     group: int
     code_min: int
-    tiled: bool
 
 
 @dataclass(frozen=True)
@@ -109,24 +108,20 @@ class BlockKernel:
 
     library: ctypes.CDLL
     path: Path
-    vnni: bool  # compiled with the AVX512-VNNI path, which reads tiled weights
+    vnni: bool  # compiled with the AVX512-VNNI inner loop (else the AVX2 one)
 
     def bind(self, weights: PackedBlocks) -> BoundMatmul:
         """``weights``' matmul with its pointers and fields resolved once: a
         decode calls it a hundred times a step, where rebuilding the call's
         arguments cost several times the call itself."""
-        entry = (
-            self.library.specray_tiled_matmul
-            if weights.tiled
-            else self.library.specray_block_matmul
-        )
+        entry = self.library.specray_tiled_matmul
         fixed = _weight_args(weights)
         return BoundMatmul(entry, fixed, weights.scales.data_ptr(), _refusal(weights))
 
     def matmul(
         self,
         x: torch.Tensor,  # [rows, k] float32 or bfloat16, contiguous, CPU
-        weights: PackedBlocks,  # tiled exactly when this kernel is vnni
+        weights: PackedBlocks,
         out: torch.Tensor,  # [rows, n] float32 or bfloat16, contiguous
     ) -> None:
         self.bind(weights)(x, out)
@@ -138,12 +133,7 @@ class BlockKernel:
         out: torch.Tensor,  # [count, k] float32 or bfloat16, contiguous
     ) -> None:
         """Output rows ``[first, first + len(out))`` of the weight, into ``out``."""
-        entry = (
-            self.library.specray_tiled_dequantize
-            if weights.tiled
-            else self.library.specray_block_dequantize
-        )
-        status = entry(
+        status = self.library.specray_tiled_dequantize(
             *_weight_args(weights),
             out.shape[1],
             first,
@@ -164,21 +154,11 @@ def _weight_args(weights: PackedBlocks) -> tuple[int | None, ...]:
         weights.codes.data_ptr(),
         weights.scales.data_ptr(),
         int(weights.scales.dtype == torch.float16),
-        *_offsets(weights),
+        None if weights.offsets is None else weights.offsets.data_ptr(),
         weights.bits,
         weights.group,
         weights.code_min,
     )
-
-
-def _offsets(weights: PackedBlocks) -> tuple[int | None, ...]:
-    """The tiled entry points' offsets pointer (NULL for none); the row
-    layout's take no offsets."""
-    if not weights.tiled:
-        if weights.offsets is not None:
-            raise ValueError("the row layout has no offsets")
-        return ()
-    return (None if weights.offsets is None else weights.offsets.data_ptr(),)
 
 
 def _refusal(weights: PackedBlocks) -> str:
@@ -198,34 +178,33 @@ def cpu_flags(path: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
 
 
 def load_block_kernel() -> BlockKernel:
-    """The compiled kernel for this CPU; raises :class:`BlockKernelUnavailable`
+    """The compiled kernel for this CPU (``SPECRAY_BLOCK_KERNEL=avx2``: the
+    AVX2 build even where VNNI is there); raises :class:`BlockKernelUnavailable`
     naming the reason when this machine cannot run it (or it is turned off).
     Compiled at most once per source and compiler, tried once per process."""
-    if _switched_off():
+    setting = os.environ.get(SWITCH, "").lower()
+    if setting in ("0", "off", "false", "no"):
         raise BlockKernelUnavailable(
             f"the block kernel is turned off ({SWITCH}={os.environ[SWITCH]})"
         )
-    found = _kernel_for_this_cpu()
+    found = _kernel_for(vnni=setting != "avx2" and cpu_flags() >= VNNI_CPU_FLAGS)
     if isinstance(found, str):
         raise BlockKernelUnavailable(found)
     return found
 
 
 @functools.cache
-def _kernel_for_this_cpu() -> BlockKernel | str:
+def _kernel_for(vnni: bool) -> BlockKernel | str:
     try:
-        return build_block_kernel(vnni=cpu_flags() >= VNNI_CPU_FLAGS)
+        return build_block_kernel(vnni)
     except BlockKernelUnavailable as error:
         return str(error)
 
 
-def _switched_off() -> bool:
-    return os.environ.get(SWITCH, "").lower() in ("0", "off", "false", "no")
-
-
 def build_block_kernel(vnni: bool) -> BlockKernel:
-    """The kernel compiled with (``vnni``) or without the AVX512-VNNI path;
-    tests build both on a CPU that has it."""
+    """The kernel compiled with the AVX512-VNNI inner loop (``vnni``) or the
+    AVX2 one; both read the same layout, and tests build both on a CPU that
+    has VNNI."""
     if platform.machine() not in ("x86_64", "AMD64"):
         raise BlockKernelUnavailable(f"the block kernel is x86 code; this is {platform.machine()}")
     missing = NEEDED_FLAGS - cpu_flags()
@@ -237,12 +216,11 @@ def build_block_kernel(vnni: bool) -> BlockKernel:
     library = _compiled(compiler, CXX_FLAGS + (VNNI_CXX_FLAGS if vnni else ()))
     loaded = ctypes.CDLL(str(library))
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    matmul_args = [ptr, i32, i64, i64, ptr, ptr, ptr, ptr, i32, i32, i32, i32, i64, ptr, i32, i32]
-    dequantize_args = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, i64, i64, i64, ptr, i32, i32]
-    entries = {"block_matmul": matmul_args, "block_dequantize": dequantize_args}
-    if vnni:  # the tiled entry points take an offsets pointer after the scales
-        entries["tiled_matmul"] = [*matmul_args[:9], ptr, *matmul_args[9:]]
-        entries["tiled_dequantize"] = [*dequantize_args[:5], ptr, *dequantize_args[5:]]
+    weight = [ptr, ptr, ptr, ptr, i32, ptr, i32, i32, i32]  # _weight_args
+    entries = {
+        "tiled_matmul": [ptr, i32, i64, i64, *weight, i64, ptr, i32, i32],
+        "tiled_dequantize": [*weight, i64, i64, i64, ptr, i32, i32],
+    }
     for name, args in entries.items():
         entry = getattr(loaded, f"specray_{name}")
         entry.restype = ctypes.c_int

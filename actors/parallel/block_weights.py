@@ -1,29 +1,21 @@
 """GGUF blocks multiplied as stored: :class:`BlockWeights`.
 
 Block formats keep their codes and per-group scales (and offsets): Q4_0,
-Q5_0, Q8_0 and Q6_K (``value = scale * code``) on every build, and Q4_K,
-Q5_K, Q4_1, Q5_1 (``value = scale * code + offset``) on the tiled one. The
-codes are repacked into bit planes that the block kernel
-(:mod:`specray.actors.parallel.block_kernel`) unpacks with a few vector
-instructions, so a decode reads about the bits the file stores (5.5 per
-weight for Q5_0, 5 for Q4_K) where per-channel int8 reads 8 and rounds every
-value to a row-wide scale. Codes are the file's; scales and offsets are held
-in fp16, which is exact for the formats that store an fp16 scale (Q4_0,
-Q5_0, Q8_0, Q4_1, Q5_1) and rounds the K-quants' products ``d * sc`` and
-``dmin * m`` to nearest (at most half an fp16 step, 2^-11 of the value, for
-scales in fp16's normal range). What rounds besides is the activations, to
-int8 per block of 32 (as llama.cpp does for these formats); a row depends
-on that row alone, which is why a verify row equals the decode of that row.
-
-Two builds, two layouts. With AVX512-VNNI the weights are tiled by 16
-output rows and one instruction multiplies 4 features of all 16 by the same
-activations; its cost per row is low enough that every matmul runs on it,
-prefill included, and every row is computed the same way at any batch size.
-The AVX2 build lays weights out by rows and its cost grows faster with rows,
-so past :data:`DEQUANTIZED_ROWS` rows (a long prefill, a large batched
-verify) the weight is dequantized, a chunk of output rows at a time, into
-the activation dtype and multiplied densely; those rows then round
-differently from a decode's.
+Q5_0, Q8_0, Q6_K (``value = scale * code``) and Q4_1, Q5_1, Q4_K, Q5_K
+(``value = scale * code + offset``). The codes are repacked, tiled by 16
+output rows, into a 4-bit plane and one bit plane per extra bit, which the
+block kernel (:mod:`specray.actors.parallel.block_kernel`) unpacks with a
+few vector instructions, so a decode reads about the bits the file stores
+(5.5 per weight for Q5_0, 5 for Q4_K) where per-channel int8 reads 8 and
+rounds every value to a row-wide scale. Codes are the file's; scales and
+offsets are held in fp16, which is exact for the formats that store an fp16
+scale (Q4_0, Q5_0, Q8_0, Q4_1, Q5_1) and rounds the K-quants' products
+``d * sc`` and ``dmin * m`` to nearest (at most half an fp16 step, 2^-11 of
+the value, for scales in fp16's normal range). What rounds besides is the
+activations, to int8 per block of 32 (as llama.cpp does for these formats).
+Every row count, prefill included, runs on the kernel, and a row depends on
+that row alone: a verify row equals the decode of that row at any batch
+size.
 """
 
 from __future__ import annotations
@@ -31,7 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from specray.actors.parallel.block_kernel import (
     BlockKernel,
@@ -47,24 +38,17 @@ BLOCK = 32
 BLOCK_GROUP_SIZES = (16, 32)
 # Code bits the kernel unpacks: 4 in nibbles, up to 2 more in bit planes, or 8.
 CODE_BITS = (4, 5, 6, 8)
-# Rows at which a matmul on the row layout (the AVX2 build) switches to
-# dequantize-then-GEMM.
-DEQUANTIZED_ROWS = 64
-# Output rows dequantized at a time: bounds the dense copy of a vocabulary
-# (a multiple of the tiled layout's 16).
-DEQUANTIZE_CHUNK = 16384
 TILE_ROWS = 16
 
 
-def fits_blocks(matrix: GroupAffine, tiled: bool) -> bool:
-    """Whether the block kernel multiplies ``matrix`` as it is: offsets only
-    in the tiled layout (the AVX512-VNNI build)."""
+def fits_blocks(matrix: GroupAffine) -> bool:
+    """Whether the block kernel multiplies ``matrix`` as it is."""
     return (
-        (matrix.offsets is None or tiled)
-        and matrix.group_size in BLOCK_GROUP_SIZES
+        matrix.group_size in BLOCK_GROUP_SIZES
         and matrix.shape[1] % BLOCK == 0
         and matrix.code_min >= -128
         and matrix.code_max <= 127
+        and matrix.code_max - matrix.code_min < 256
     )
 
 
@@ -74,30 +58,23 @@ def code_bits(matrix: GroupAffine) -> int:
 
 
 class BlockWeights(LinearWeights):
-    """Signed codes in groups of 16 or 32 with one scale per group, multiplied
-    by the block kernel (module docstring), in the layout its build reads:
-    tiles of 16 output rows for the AVX512-VNNI build, rows otherwise."""
+    """Codes in groups of 16 or 32 with one scale (and offset) per group,
+    multiplied by the block kernel (module docstring)."""
 
     def __init__(
         self, matrix: GroupAffine, dtype: torch.dtype, kernel: BlockKernel | None = None
     ) -> None:
         super().__init__()
+        if not fits_blocks(matrix):
+            raise ValueError(f"{matrix.kind} is not a block format the block kernel reads")
         self.kernel = kernel or load_block_kernel()
-        self.tiled = self.kernel.vnni
-        if not fits_blocks(matrix, self.tiled):
-            layout = "tiled" if self.tiled else "row"
-            raise ValueError(f"{matrix.kind} is not a block format the {layout} layout reads")
         rows, cols = matrix.shape
         self.out_features, self.in_features = rows, cols
         self.bits = code_bits(matrix)
         self.group_size = matrix.group_size
-        offsets: torch.Tensor | None = None
-        if self.tiled:
-            self.code_min = -128 if self.bits == 8 else matrix.code_min
-            nibbles, planes, codes, scales, offsets = _tiles(matrix, self.bits, self.code_min)
-        else:
-            self.code_min = 0 if self.bits == 8 else matrix.code_min
-            nibbles, planes, codes, scales = _rows(matrix, self.bits)
+        # 8-bit codes are stored as code + 128, so that every width is unsigned.
+        self.code_min = -128 if self.bits == 8 else matrix.code_min
+        nibbles, planes, codes, scales, offsets = _tiles(matrix, self.bits, self.code_min)
         # Scales and offsets in fp16, as the file stores Q4_0 / Q5_0 / Q8_0 /
         # Q4_1 / Q5_1's (exact); the K-quants' products d * sc and dmin * m
         # round to nearest (module docstring).
@@ -112,13 +89,15 @@ class BlockWeights(LinearWeights):
         # The loaded library is not data: a copy (or an unpickled weight)
         # loads the same build of the kernel where it lands.
         state = dict(self.__dict__)
+        state["_kernel_vnni"] = self.kernel.vnni
         state["kernel"], state["_bound"] = None, None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        vnni = state.pop("_kernel_vnni")
         super().__setstate__(state)
         kernel = load_block_kernel()
-        self.kernel = kernel if kernel.vnni == self.tiled else build_block_kernel(self.tiled)
+        self.kernel = kernel if kernel.vnni == vnni else build_block_kernel(vnni)
 
     def packed(self) -> PackedBlocks:
         return PackedBlocks(
@@ -130,7 +109,6 @@ class BlockWeights(LinearWeights):
             self.bits,
             self.group_size,
             self.code_min,
-            self.tiled,
         )
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,58 +116,24 @@ class BlockWeights(LinearWeights):
         if flat.dtype not in (torch.float32, torch.bfloat16):
             flat = flat.float()
         flat = flat.contiguous()
-        if not self.tiled and flat.shape[0] >= DEQUANTIZED_ROWS:
-            out = self._dense_matmul(flat)
-        else:
-            out = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype)
-            bound = self._bound
-            if bound is None or bound.scales_at != self.scales.data_ptr():
-                bound = self._bound = self.kernel.bind(self.packed())
-            bound(flat, out)
+        out = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype)
+        bound = self._bound
+        if bound is None or bound.scales_at != self.scales.data_ptr():
+            bound = self._bound = self.kernel.bind(self.packed())
+        bound(flat, out)
         out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if bias is None else out + bias
 
-    def _dense_matmul(self, flat: torch.Tensor) -> torch.Tensor:
-        parts = []
-        for first in range(0, self.out_features, DEQUANTIZE_CHUNK):
-            parts.append(F.linear(flat, self._dense(first, DEQUANTIZE_CHUNK, flat.dtype)))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
-    def _dense(self, first: int, count: int, dtype: torch.dtype) -> torch.Tensor:
-        count = min(count, self.out_features - first)
-        out = torch.empty(count, self.in_features, dtype=dtype)
-        self.kernel.dequantize(self.packed(), first, out)
-        return out
-
     def dequantize(self) -> torch.Tensor:
-        return self._dense(0, self.out_features, torch.float32)
-
-
-Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def _rows(matrix: GroupAffine, bits: int) -> Parts:
-    """The row layout: ``[rows, cols / 2]`` nibbles (byte j of a block holds
-    values j and j + 16) and ``[rows, blocks, bits - 4]`` int32 planes (bit j
-    of plane p is bit 4 + p of value j), of ``code - code_min``; 8-bit codes
-    as they are; scales ``[rows, groups]``."""
-    rows, cols = matrix.shape
-    scales = matrix.scales.contiguous()
-    if bits == 8:
-        return _EMPTY_U8, torch.empty(0, dtype=torch.int32), matrix.codes.contiguous(), scales
-    unsigned = (matrix.codes.to(torch.int16) - matrix.code_min).view(rows, cols // BLOCK, 2, 16)
-    nibbles = (unsigned[:, :, 0] & 15) | ((unsigned[:, :, 1] & 15) << 4)
-    flat = unsigned.reshape(rows, cols // BLOCK, BLOCK)
-    planes = [_bits_to_words(flat, 4 + plane, 32) for plane in range(bits - 4)]
-    stacked = torch.stack(planes, dim=-1) if planes else torch.empty(rows, cols // BLOCK, 0)
-    nibbles = nibbles.to(torch.uint8).reshape(rows, cols // 2).contiguous()
-    return nibbles, stacked.to(torch.int32).contiguous(), torch.empty(0, dtype=torch.int8), scales
+        out = torch.empty(self.out_features, self.in_features)
+        self.kernel.dequantize(self.packed(), 0, out)
+        return out
 
 
 def _tiles(
     matrix: GroupAffine, bits: int, code_min: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The tiled layout (csrc/tiled_matmul.cpp): output rows padded to tiles
+    """The kernel's layout (csrc/tiled_matmul.cpp): output rows padded to tiles
     of 16 (zero codes, zero scales); per tile and block, 8 chunks of 64 bytes
     holding 4 input features of each of the 16 rows."""
     rows, cols = matrix.shape
@@ -213,19 +157,17 @@ def _tiles(
     if bits == 4:
         return nibbles, _EMPTY_I64, _EMPTY_U8, scales, offsets
     planes = torch.stack(
-        [_bits_to_words(chunks, 4 + plane, 64) for plane in range(bits - 4)], dim=2
+        [_bits_to_words(chunks, 4 + plane) for plane in range(bits - 4)], dim=2
     )  # [tiles, blocks, planes, 8 chunks]
     return nibbles, planes.contiguous(), _EMPTY_U8, scales, offsets
 
 
-def _bits_to_words(values: torch.Tensor, bit: int, width: int) -> torch.Tensor:
-    """Bit ``bit`` of each of the last dimension's ``width`` values as one
-    int64 word (bit j from value j; two's complement past bit 62)."""
+def _bits_to_words(values: torch.Tensor, bit: int) -> torch.Tensor:
+    """Bit ``bit`` of each of the last dimension's 64 values as one int64
+    word (bit j from value j; two's complement for bit 63)."""
     word = torch.zeros(values.shape[:-1], dtype=torch.int64)
-    for position in range(width):
+    for position in range(64):
         word |= ((values[..., position].to(torch.int64) >> bit) & 1) << position
-    if width == 32:
-        word = torch.where(word >= 1 << 31, word - (1 << 32), word)
     return word
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specray.actors.parallel.block_kernel import block_kernel_reason, load_block_kernel
+from specray.actors.parallel.block_kernel import block_kernel_reason
 from specray.actors.parallel.block_weights import BlockWeights, fits_blocks
 from specray.actors.parallel.lowbit_kernels import (
     INT4_GROUP_SIZES,
@@ -225,10 +225,6 @@ class ConcatWeights(LinearWeights):
         return torch.cat([part.dequantize() for part in self.formats])
 
 
-def _tiled() -> bool:
-    return load_block_kernel().vnni
-
-
 def fits_int4(matrix: GroupAffine) -> bool:
     return matrix.code_max - matrix.code_min <= 15 and matrix.group_size in INT4_GROUP_SIZES
 
@@ -260,7 +256,7 @@ def linear_weights_from(
 def _format_of(part: torch.Tensor | GroupAffine, device: torch.device) -> str:
     if isinstance(part, torch.Tensor):
         return "dense"
-    if device.type == "cpu" and block_kernel_reason() is None and fits_blocks(part, _tiled()):
+    if device.type == "cpu" and block_kernel_reason() is None and fits_blocks(part):
         return f"blocks/{part.code_min},{part.code_max}/g{part.group_size}"
     return f"int4/g{part.group_size}" if fits_int4(part) else "int8"
 

@@ -1,0 +1,127 @@
+// The block kernel's inner loop on AVX512-VNNI: one vpdpbusd multiplies 4
+// input features of all 16 rows of a tile by the same 4 activation codes.
+// Included by tiled_matmul.cpp, which defines Tiles, Rounded and the layout.
+#pragma once
+
+// The 8 chunks of unsigned codes of block (t, b).
+template <int Bits>
+inline void unpack(const Tiles& w, int64_t tile_block, __m512i* chunks) {
+  if constexpr (Bits == 8) {
+    const uint8_t* codes = w.codes + tile_block * kChunks * 64;
+    for (int c = 0; c < kChunks; ++c)
+      chunks[c] = _mm512_loadu_si512(reinterpret_cast<const void*>(codes + c * 64));
+  } else {
+    const uint8_t* nibbles = w.nibbles + tile_block * 4 * 64;
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    for (int c = 0; c < 4; ++c) {
+      const __m512i packed = _mm512_loadu_si512(reinterpret_cast<const void*>(nibbles + c * 64));
+      chunks[c] = _mm512_and_si512(packed, low4);
+      chunks[c + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
+    }
+    const uint64_t* planes = w.planes + tile_block * (Bits - 4) * kChunks;
+    for (int plane = 0; plane < Bits - 4; ++plane) {
+      const __m512i bit = _mm512_set1_epi8(static_cast<char>(16 << plane));
+      for (int c = 0; c < kChunks; ++c) {
+        const __mmask64 set = planes[plane * kChunks + c];
+        chunks[c] = _mm512_or_si512(chunks[c], _mm512_maskz_mov_epi8(set, bit));
+      }
+    }
+  }
+}
+
+// The 16 rows' scales of group g of block (t, b).
+inline __m512 tile_scales(const Tiles& w, int64_t tile_block, int groups, int g) {
+  const int64_t at = (tile_block * groups + g) * kTileRows;
+  if (w.fp16_scales) {
+    const __m256i half =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w.scales) + at));
+    return _mm512_cvtph_ps(half);
+  }
+  return _mm512_loadu_ps(static_cast<const float*>(w.scales) + at);
+}
+
+inline __m512 tile_offsets(const Tiles& w, int64_t tile_block, int groups, int g) {
+  const int64_t at = (tile_block * groups + g) * kTileRows;
+  if (w.fp16_scales) {
+    const __m256i half = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w.offsets) + at));
+    return _mm512_cvtph_ps(half);
+  }
+  return _mm512_loadu_ps(static_cast<const float*>(w.offsets) + at);
+}
+
+template <typename Out>
+inline void store_tile(__m512 values, Out* out, int valid) {
+  alignas(64) float lanes[kTileRows];
+  _mm512_store_ps(lanes, values);
+  for (int i = 0; i < valid; ++i) store(lanes[i], out + i);
+}
+
+// Output rows of tile t for activation rows [m0, m0 + Rows).
+template <int Bits, int Group, int Rows, typename Out>
+inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile, int64_t m0,
+                      int64_t n_out, Out* y) {
+  const int64_t blocks = k / kBlock;
+  constexpr int kGroups = kBlock / Group;
+  __m512 acc[Rows];
+  for (int r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
+  __m512i chunks[kChunks];
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t tile_block = tile * blocks + b;
+    unpack<Bits>(w, tile_block, chunks);
+    const __m512 first_scales = tile_scales(w, tile_block, kGroups, 0);
+    const __m512 second_scales = kGroups == 2 ? tile_scales(w, tile_block, kGroups, 1) : first_scales;
+    const bool offset = w.offsets != nullptr;
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512 first_offsets = offset ? tile_offsets(w, tile_block, kGroups, 0) : zero;
+    const __m512 second_offsets =
+        offset && kGroups == 2 ? tile_offsets(w, tile_block, kGroups, 1) : first_offsets;
+    for (int r = 0; r < Rows; ++r) {
+      const int64_t row = m0 + r;
+      const int32_t* x4 = reinterpret_cast<const int32_t*>(a.codes + row * k + b * kBlock);
+      const int32_t* offsets = a.offsets + (row * blocks + b) * 2;
+      const __m512 x_scale = _mm512_set1_ps(a.scales[row * blocks + b]);
+      // sum over a group of (u + code_min) * x, exact in int32: the offsets
+      // (code_min * sum x) start each group's sum.
+      // Four independent chains of two products each (a chain of eight
+      // dependent vpdpbusd is what one row would otherwise wait on); the
+      // integer sums are exact in any order.
+      __m512i quarter[4];
+      for (int q = 0; q < 4; ++q) {
+        const int low = q < 2 ? q : q + 2;  // chunks 0, 1, 4, 5 start the chains
+        quarter[q] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), chunks[low],
+                                         _mm512_set1_epi32(x4[low]));
+        quarter[q] = _mm512_dpbusd_epi32(quarter[q], chunks[low + 2],
+                                         _mm512_set1_epi32(x4[low + 2]));
+      }
+      // Chunks 0-3 are the block's first 16 features, 4-7 its last 16.
+      const __m512i first_half = _mm512_add_epi32(_mm512_add_epi32(quarter[0], quarter[1]),
+                                                  _mm512_set1_epi32(offsets[0]));
+      const __m512i second_half = _mm512_add_epi32(_mm512_add_epi32(quarter[2], quarter[3]),
+                                                   _mm512_set1_epi32(offsets[1]));
+      if constexpr (kGroups == 1) {
+        const __m512i sums = _mm512_add_epi32(first_half, second_half);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(first_scales, x_scale),
+                                 acc[r]);
+        if (offset) {
+          const float* x_sums = a.sums + (row * blocks + b) * 2;
+          acc[r] = _mm512_fmadd_ps(first_offsets, _mm512_set1_ps(x_sums[0] + x_sums[1]), acc[r]);
+        }
+      } else {
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(first_half),
+                                 _mm512_mul_ps(first_scales, x_scale), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(second_half),
+                                 _mm512_mul_ps(second_scales, x_scale), acc[r]);
+        if (offset) {
+          const float* x_sums = a.sums + (row * blocks + b) * 2;
+          acc[r] = _mm512_fmadd_ps(first_offsets, _mm512_set1_ps(x_sums[0]), acc[r]);
+          acc[r] = _mm512_fmadd_ps(second_offsets, _mm512_set1_ps(x_sums[1]), acc[r]);
+        }
+      }
+    }
+  }
+  const int64_t n0 = tile * kTileRows;
+  const int valid = static_cast<int>(n_out - n0 < kTileRows ? n_out - n0 : kTileRows);
+  for (int r = 0; r < Rows; ++r) store_tile(acc[r], y + (m0 + r) * n_out + n0, valid);
+}
+
