@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -20,6 +21,7 @@ from specray.actors.parallel.block_kernel import (
     SWITCH,
     VNNI_CPU_FLAGS,
     BlockKernel,
+    BlockKernelUnavailable,
     block_kernel_reason,
     build_block_kernel,
     cpu_flags,
@@ -200,3 +202,17 @@ def test_a_copy_or_a_pickle_loads_its_own_kernel() -> None:
         for copied in (copy.deepcopy(weights), pickle.loads(pickle.dumps(weights))):
             assert copied.kernel.vnni == kernel.vnni
             assert torch.equal(copied(x), want)
+
+
+def test_a_kernel_that_cannot_be_built_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    monkeypatch.setenv("SPECRAY_HOME", str(blocked / "home"))  # cannot be made
+    with pytest.raises(BlockKernelUnavailable, match="could not build the block kernel"):
+        build_block_kernel(vnni=False)
+    monkeypatch.setenv("SPECRAY_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(BlockKernelUnavailable, match="no C\\+\\+ compiler"):
+        build_block_kernel(vnni=False)

@@ -50,6 +50,9 @@ PROBE_SHAPE = (4864, 896)
 TIE_MARGIN = 0.05
 # Rounds of the probe at most (each times every format at every row count).
 MAX_ROUNDS = 15
+# Read before each timed call so that the weight comes from memory, as in a
+# model: more than the last-level cache of the CPUs measured (32 MB).
+EVICT_BYTES = 96 << 20
 EXACTNESS_ORDER = ("fp32", "bf16", "gguf")
 PACKED = "/packed"
 PER_TOKEN = "/per_token"
@@ -143,14 +146,15 @@ def recommend(
     costs: dict[str, dict[int, float]] = {
         name: dict(timings_ms[name]) for name in ("fp32", "bf16") if name in timings_ms
     }
-    # The file's other blocks run on the block kernel where it was timed
-    # (it runs here), else on per-channel int8.
-    wide = "blocks" if "blocks" in timings_ms else "int8"
-    if gguf_int4_share is not None and wide in timings_ms and "int4" in timings_ms:
+    if gguf_int4_share is not None and "blocks" in timings_ms:
+        # Where the block kernel runs (it was timed), every block of the file
+        # runs on it, 4-bit ones included.
+        costs["gguf"] = dict(timings_ms["blocks"])
+    elif gguf_int4_share is not None and "int8" in timings_ms and "int4" in timings_ms:
         share = gguf_int4_share
         costs["gguf"] = {
-            rows: share * timings_ms["int4"][rows] + (1 - share) * timings_ms[wide][rows]
-            for rows in timings_ms[wide]
+            rows: share * timings_ms["int4"][rows] + (1 - share) * timings_ms["int8"][rows]
+            for rows in timings_ms["int8"]
             if rows in timings_ms["int4"]
         }
     if not costs:
@@ -226,12 +230,19 @@ def time_kernels(
     samples: dict[tuple[str, int], list[float]] = {cell: [] for cell in inputs}
     for (name, _), x in inputs.items():
         kernels[name][1](x)  # warm-up: first-call allocation and packing
+    # A model's weights stream from memory: one matrix alone stays in the
+    # last-level cache between calls, where the dense formats look faster
+    # against the low-bit ones than they run in a model. Reading a buffer
+    # larger than that cache before each timed call evicts it.
+    evict = torch.ones(EVICT_BYTES // 4) if device.type == "cpu" else None
     began = time.perf_counter()
     # Every cell once per round, so that a burst of other work on a shared
     # machine hits all formats alike; the fastest sample is the kernel's
     # cost, since other work only ever adds time.
     for _ in range(MAX_ROUNDS):
         for (name, count), x in inputs.items():
+            if evict is not None:
+                evict.sum()
             samples[name, count].append(_time_ms(kernels[name][1], x, device))
         if time.perf_counter() - began > budget_s:
             break

@@ -239,6 +239,13 @@ def block_kernel_reason() -> str | None:
 
 
 def _compiled(compiler: str, flags: tuple[str, ...]) -> Path:
+    try:
+        return _compile(compiler, flags)
+    except OSError as error:  # an unwritable store, a compiler that will not run
+        raise BlockKernelUnavailable(f"could not build the block kernel: {error}") from error
+
+
+def _compile(compiler: str, flags: tuple[str, ...]) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256()
     for path in (*SOURCES, *HEADERS):
