@@ -33,7 +33,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from specray.actors.drafting.spec import DRAFTER_KINDS, DrafterSpec
+from specray.actors.drafting.spec import DRAFTER_KINDS, MODEL_KINDS, DrafterSpec
 from specray.actors.engine.factory import EngineSpec
 from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.verify_budget import BudgetSizing
@@ -91,6 +91,11 @@ class DrafterConfig(BaseModel):
         None, description="kind model or hybrid: registered name or local path; head: its dir"
     )
     dtype: Dtype | None = Field(None, description="default: the router's dtype")
+    weights: Literal["dense", "gguf"] = Field(
+        "dense",
+        description="a draft model's weights: dense (safetensors in dtype) or gguf (its GGUF "
+        "blocks, on the block kernel where it runs; docs/weights.md)",
+    )
     num_slots: int | None = Field(
         None, ge=1, description="requests one replica drafts for; default the router's num_slots"
     )
@@ -102,6 +107,11 @@ class DrafterConfig(BaseModel):
     @model_validator(mode="after")
     def _is_a_drafter(self) -> DrafterConfig:
         self.spec  # noqa: B018 -- the spec's own checks, with its messages
+        if self.weights != "dense" and self.kind not in MODEL_KINDS:
+            raise ValueError(
+                f"weights: {self.weights!r} is for a draft model (kind model, hybrid or "
+                f"suffix_hybrid); kind {self.kind!r} has no weights"
+            )
         return self
 
     @property

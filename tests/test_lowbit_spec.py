@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from tiny_gguf import VOCAB, write_tiny_qwen2
 
 from specray.actors.drafting.base import Drafter
+from specray.actors.drafting.build import build_drafter, resolve_drafter
 from specray.actors.drafting.draft_model import DraftModelDrafter
 from specray.actors.drafting.ngram import NgramDrafter
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget
@@ -24,6 +27,8 @@ from specray.actors.parallel.linear_weights import INT8_KERNELS, Int4Weights, In
 from specray.actors.parallel.weight_format import LinearWeights
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 from specray.actors.store.gguf_file import fetch_gguf
+from specray.actors.workers.draft_worker import DraftWorkerSpec
+from specray.deploy.config import DrafterConfig
 
 MAX_TOKENS = 20
 BLOCKS = "blocks"
@@ -126,3 +131,30 @@ def test_real_file_on_the_block_kernel_speculates_losslessly() -> None:
         request = GenerationRequest("r", prompt, SamplingParams(), stop)
         outputs.append([t for chunk in engine.generate([request]) for t in chunk.token_ids])
     assert len(outputs[0]) == 40 and outputs[1] == outputs[0]
+
+
+def test_a_draft_replica_runs_its_model_on_gguf_blocks(model_dir: Path) -> None:
+    """``weights: gguf`` on a draft entry: the replica's draft model loads its
+    GGUF blocks (on the block kernel where it runs), and drafting with it is
+    still lossless."""
+    spec = DraftWorkerSpec(
+        drafter=resolve_drafter(DrafterSpec("model", str(model_dir)), weights="gguf"),
+        num_slots=4,
+        max_len=96,
+        weights="gguf",
+    )
+    drafter = spec.build()
+    assert isinstance(drafter, DraftModelDrafter)
+    formats = {type(m).__name__ for m in drafter.model.modules()}
+    want = "BlockWeights" if block_kernel_reason() is None else "Int4Weights"
+    assert want in formats and "DenseWeights" not in formats
+    alone = _generate(model_dir, torch.float32, None, 1, "weight_only")
+    assert _generate(model_dir, torch.float32, drafter, 5, "weight_only") == alone
+
+
+def test_weights_are_refused_for_drafters_without_a_model() -> None:
+    with pytest.raises(ValueError, match="weights='gguf' is for a draft model"):
+        build_drafter(DrafterSpec("ngram"), "float32", 1, 64, weights="gguf")
+    with pytest.raises(ValidationError, match="weights: 'gguf' is for a draft model"):
+        DrafterConfig.model_validate({"kind": "suffix", "weights": "gguf"})
+    assert DrafterConfig.model_validate({"kind": "hybrid", "model": "x", "weights": "gguf"})

@@ -20,7 +20,7 @@ from specray.actors.drafting.suffix.drafter import SuffixConfig, SuffixDrafter
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.model.v4.mtp import load_mtp
-from specray.actors.store.resolve import resolve_model
+from specray.actors.store.weights_dir import weights_dir
 
 
 class IncompatibleDraftError(ValueError):
@@ -28,13 +28,14 @@ class IncompatibleDraftError(ValueError):
 
 
 def resolve_drafter(
-    spec: DrafterSpec, home: Path | None = None, dtype: str = "float32"
+    spec: DrafterSpec, home: Path | None = None, dtype: str = "float32", weights: str = "dense"
 ) -> DrafterSpec:
     """``spec`` with its model as a local directory: a registered draft model
-    from the offline store (in ``dtype``, fetched if missing), a path as given."""
+    from the offline store (in ``dtype``, or the directory holding its GGUF
+    file for ``weights="gguf"``; fetched if missing), a path as given."""
     if spec.kind in MODEL_KINDS:
         assert spec.model is not None
-        return spec.with_model(resolve_model(spec.model, home=home, dtype=dtype))
+        return spec.with_model(weights_dir(spec.model, weights, dtype, home))
     if spec.kind in ("head", "dspark"):
         assert spec.model_path is not None
         return spec.with_model(spec.model_path)
@@ -48,13 +49,19 @@ def build_drafter(
     max_len: int,
     target_dir: Path | None = None,
     prefix_tokens: int = 0,
+    weights: str = "dense",
 ) -> Drafter:
     """The drafter ``spec`` names (its model already resolved: see
     :func:`resolve_drafter`), with KV room for ``num_slots`` requests of up
     to ``max_len`` tokens. ``target_dir``: the target it drafts for; a head
     borrows the target's embedding and LM head from it (a DSpark drafter
     where its checkpoint has none), an MTP drafter is the target's own block,
-    and a draft model's vocabulary is checked against it."""
+    and a draft model's vocabulary is checked against it. ``weights``: a draft
+    model's (``load_model``'s), dense or its GGUF blocks; other kinds take none."""
+    if weights != "dense" and spec.kind not in MODEL_KINDS:
+        raise ValueError(
+            f"weights={weights!r} is for a draft model; a {spec.kind} drafter has none"
+        )
     if spec.kind == "ngram":
         return NgramDrafter(spec.max_ngram, spec.min_ngram)
     if spec.kind == "suffix":
@@ -74,7 +81,7 @@ def build_drafter(
     if target_dir is not None:
         check_vocab(spec, ModelConfig.from_pretrained(model_dir), target_dir)
     drafter: Drafter = DraftModelDrafter(
-        load_model(model_dir, dtype), num_slots, max_len, prefix_tokens
+        load_model(model_dir, dtype, weights=weights), num_slots, max_len, prefix_tokens
     )
     if spec.kind == "hybrid":
         return HybridDrafter(NgramDrafter(spec.max_ngram, spec.min_ngram), drafter)

@@ -43,6 +43,7 @@ class DraftWorkerSpec:
     num_threads: int = 1  # torch intra-op threads in the replica's process
     target_dir: str | None = None  # the target it drafts for (a head reads its weights)
     prefix_tokens: int = 0  # a draft model's prefix cache, in positions (0: none)
+    weights: str = "dense"  # a draft model's: dense, or gguf (its blocks on the block kernel)
 
     def __post_init__(self) -> None:
         if self.num_threads < 1:
@@ -51,7 +52,13 @@ class DraftWorkerSpec:
     def build(self) -> Drafter:
         target = Path(self.target_dir) if self.target_dir else None
         return build_drafter(
-            self.drafter, self.dtype, self.num_slots, self.max_len, target, self.prefix_tokens
+            self.drafter,
+            self.dtype,
+            self.num_slots,
+            self.max_len,
+            target,
+            self.prefix_tokens,
+            self.weights,
         )
 
 
