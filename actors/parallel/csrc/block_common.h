@@ -61,6 +61,12 @@ void quantize(const In* x, int64_t rows, int64_t k, int8_t* codes, float* scales
   }
 }
 
+// The first ``valid`` of ``lanes`` to out (a tile's last rows may be padding).
+template <typename Out>
+inline void store_lanes(const float* lanes, Out* out, int valid) {
+  for (int i = 0; i < valid; ++i) store(lanes[i], out + i);
+}
+
 struct RoundedRows {
   const int8_t* codes;  // [rows, k]
   const float* scales;  // [rows, k / 32]

@@ -82,13 +82,6 @@ inline __m256i chunk_sums(__m256i codes, __m256i x) {
   }
 }
 
-template <typename Out>
-inline void store_half(__m256 values, Out* out, int valid) {
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, values);
-  for (int i = 0; i < valid; ++i) store(lanes[i], out + i);
-}
-
 // Output rows of tile t for activation rows [m0, m0 + Rows).
 template <int Bits, int Group, int Rows, typename Out>
 inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile, int64_t m0,
@@ -155,8 +148,9 @@ inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile,
   const int64_t n0 = tile * kTileRows;
   const int valid = static_cast<int>(n_out - n0 < kTileRows ? n_out - n0 : kTileRows);
   for (int r = 0; r < Rows; ++r) {
-    Out* out = y + (m0 + r) * n_out + n0;
-    store_half(acc[r][0], out, valid < 8 ? valid : 8);
-    if (valid > 8) store_half(acc[r][1], out + 8, valid - 8);
+    alignas(32) float lanes[kTileRows];
+    _mm256_store_ps(lanes, acc[r][0]);
+    _mm256_store_ps(lanes + 8, acc[r][1]);
+    specray::store_lanes(lanes, y + (m0 + r) * n_out + n0, valid);
   }
 }

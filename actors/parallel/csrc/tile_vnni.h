@@ -50,13 +50,6 @@ inline __m512 tile_offsets(const Tiles& w, int64_t tile_block, int groups, int g
   return _mm512_loadu_ps(static_cast<const float*>(w.offsets) + at);
 }
 
-template <typename Out>
-inline void store_tile(__m512 values, Out* out, int valid) {
-  alignas(64) float lanes[kTileRows];
-  _mm512_store_ps(lanes, values);
-  for (int i = 0; i < valid; ++i) store(lanes[i], out + i);
-}
-
 // Output rows of tile t for activation rows [m0, m0 + Rows).
 template <int Bits, int Group, int Rows, typename Out>
 inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile, int64_t m0,
@@ -122,6 +115,10 @@ inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile,
   }
   const int64_t n0 = tile * kTileRows;
   const int valid = static_cast<int>(n_out - n0 < kTileRows ? n_out - n0 : kTileRows);
-  for (int r = 0; r < Rows; ++r) store_tile(acc[r], y + (m0 + r) * n_out + n0, valid);
+  for (int r = 0; r < Rows; ++r) {
+    alignas(64) float lanes[kTileRows];
+    _mm512_store_ps(lanes, acc[r]);
+    specray::store_lanes(lanes, y + (m0 + r) * n_out + n0, valid);
+  }
 }
 
