@@ -39,8 +39,12 @@ FORMATS = {
 }
 # Operator name fragments, checked in order: the first that matches names the kind.
 KINDS = (
+    # block_matmul: the block kernel (its calls named for the profiler);
     # _int_mm: int8 x int8 with per-token activation scales (docs/weights.md)
-    ("low-bit matmul", ("_weight_int4pack", "_weight_int8pack", "_int_mm", "_dyn_quant", "int8")),
+    (
+        "low-bit matmul",
+        ("block_matmul", "_weight_int4pack", "_weight_int8pack", "_int_mm", "_dyn_quant", "int8"),
+    ),
     ("dense matmul", ("mm", "linear", "matmul", "mkldnn", "addmm", "bmm")),
     ("attention", ("softmax", "scaled_dot_product", "attention")),
     ("norms", ("rsqrt", "pow", "mean", "rms_norm")),

@@ -27,10 +27,11 @@ from specray.actors.parallel.block_kernel import (
     cpu_flags,
     load_block_kernel,
 )
-from specray.actors.parallel.block_weights import BlockWeights, fits_blocks
+from specray.actors.parallel.block_weights import PROFILER_NAME, BlockWeights, fits_blocks
 from specray.actors.parallel.gguf_blocks import decode_blocks
 from specray.actors.parallel.linear_weights import Int4Weights, Int8Weights, linear_weights_from
 from specray.actors.parallel.quantized import GroupAffine
+from specray.bench.decode_profile import kind_of
 
 pytestmark = pytest.mark.skipif(
     block_kernel_reason() is not None, reason=f"block kernel: {block_kernel_reason()}"
@@ -216,3 +217,12 @@ def test_a_kernel_that_cannot_be_built_says_why(
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(BlockKernelUnavailable, match="no C\\+\\+ compiler"):
         build_block_kernel(vnni=False)
+
+
+def test_the_profiler_sees_the_kernel_as_a_low_bit_matmul() -> None:
+    weights = BlockWeights(_matrix(Q.Q5_0, rows=16, cols=64), torch.float32)
+    x = _activations(2, 64)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        weights(x)
+    names = {event.name for event in prof.events()}
+    assert PROFILER_NAME in names and kind_of(PROFILER_NAME) == "low-bit matmul"

@@ -39,6 +39,8 @@ BLOCK_GROUP_SIZES = (16, 32)
 # Code bits the kernel unpacks: 4 in nibbles, up to 2 more in bit planes, or 8.
 CODE_BITS = (4, 5, 6, 8)
 TILE_ROWS = 16
+# What torch's profiler calls one block matmul (bench/decode_profile.py).
+PROFILER_NAME = "specray::block_matmul"
 
 
 def fits_blocks(matrix: GroupAffine) -> bool:
@@ -120,7 +122,12 @@ class BlockWeights(LinearWeights):
         bound = self._bound
         if bound is None or bound.scales_at != self.scales.data_ptr():
             bound = self._bound = self.kernel.bind(self.packed())
-        bound(flat, out)
+        if torch.autograd._profiler_enabled():
+            # torch's profiler sees operators only; name the kernel's call for it.
+            with torch.profiler.record_function(PROFILER_NAME):
+                bound(flat, out)
+        else:
+            bound(flat, out)
         out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if bias is None else out + bias
 
