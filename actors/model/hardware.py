@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from specray.actors.parallel.block_kernel import block_kernel_reason
 from specray.actors.parallel.block_weights import BlockWeights
+from specray.actors.parallel.cpuinfo import CPUINFO, flags_in, read_cpuinfo
 from specray.actors.parallel.linear_weights import Int4Weights, Int8Weights
 from specray.actors.parallel.packed_kernel import pack_dense, packed_linear
 from specray.actors.parallel.quantized import (
@@ -83,24 +84,18 @@ class CpuFeatures:
 
 def parse_cpuinfo(text: str, logical_cpus: int | None = None) -> CpuFeatures:
     """Flags and model name from the text of ``/proc/cpuinfo``."""
-    model, flags = "unknown CPU", set()
+    model = "unknown CPU"
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and model == "unknown CPU":
+        if key.strip() == "model name":
             model = value.strip()
-        elif key == "flags":
-            flags |= set(value.split())
+            break
     cpus = logical_cpus if logical_cpus is not None else text.count("processor\t:") or 1
-    return CpuFeatures(model, frozenset(flags & set(CPU_FLAGS)), cpus)
+    return CpuFeatures(model, flags_in(text) & set(CPU_FLAGS), cpus)
 
 
-def read_cpu_features(path: Path = Path("/proc/cpuinfo")) -> CpuFeatures:
-    try:
-        text = path.read_text()
-    except OSError:
-        text = ""
-    return parse_cpuinfo(text, len(os.sched_getaffinity(0)))
+def read_cpu_features(path: Path = CPUINFO) -> CpuFeatures:
+    return parse_cpuinfo(read_cpuinfo(path), len(os.sched_getaffinity(0)))
 
 
 @dataclass(frozen=True)

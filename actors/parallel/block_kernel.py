@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from specray.actors.parallel.cpuinfo import flags_in, read_cpuinfo
 from specray.actors.store.layout import default_home
 
 CSRC = Path(__file__).parent / "csrc"
@@ -118,14 +119,6 @@ class BlockKernel:
         fixed = _weight_args(weights)
         return BoundMatmul(entry, fixed, weights.scales.data_ptr(), _refusal(weights))
 
-    def matmul(
-        self,
-        x: torch.Tensor,  # [rows, k] float32 or bfloat16, contiguous, CPU
-        weights: PackedBlocks,
-        out: torch.Tensor,  # [rows, n] float32 or bfloat16, contiguous
-    ) -> None:
-        self.bind(weights)(x, out)
-
     def dequantize(
         self,
         weights: PackedBlocks,
@@ -165,16 +158,8 @@ def _refusal(weights: PackedBlocks) -> str:
     return f"the block kernel has no {weights.bits}-bit codes in groups of {weights.group}"
 
 
-def cpu_flags(path: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    try:
-        text = path.read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+def cpu_flags() -> frozenset[str]:
+    return flags_in(read_cpuinfo())
 
 
 def load_block_kernel() -> BlockKernel:
