@@ -27,6 +27,7 @@ def attend(
     values: torch.Tensor,  # [batch, kv_heads, context_len, head_dim]
     mask: torch.Tensor,  # [batch, 1, max_new, context_len] bool: query may see key
     scale: float,
+    bias: torch.Tensor | None = None,  # mask_bias(mask), made once for several layers
 ) -> torch.Tensor:  # [batch, heads, max_new, head_dim], query's dtype
     batch, heads, new, head_dim = query.shape
     kv_heads, context = keys.shape[1], keys.shape[2]
@@ -37,13 +38,22 @@ def attend(
     group = heads // kv_heads  # query head h reads kv head h // group
     grouped = query.float().reshape(batch, kv_heads, group * new, head_dim)
     scores = torch.matmul(grouped, keys.float().transpose(-1, -2)).mul_(scale)
-    # Every row keeps at least one visible key (padding queries repeat the
-    # last real position), so no row is all -inf.
-    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    bias.masked_fill_(~mask, float("-inf"))
+    if bias is None:
+        bias = mask_bias(mask)
     scores = scores.view(batch, kv_heads, group, new, context).add_(
         bias.view(batch, 1, 1, new, context)
     )
     probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, group * new, context)
     out = torch.matmul(probs, values.float())
     return out.view(batch, heads, new, head_dim).to(query.dtype)
+
+
+def mask_bias(
+    mask: torch.Tensor,  # [batch, 1, max_new, context_len] bool: query may see key
+) -> torch.Tensor:  # as mask, float32: 0 where visible, -inf elsewhere
+    """The mask as the additive float32 bias :func:`attend` adds to scores.
+
+    Every row keeps at least one visible key (padding queries repeat the
+    last real position), so no row of scores is all -inf."""
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    return bias.masked_fill_(~mask, float("-inf"))

@@ -39,6 +39,8 @@ BLOCK_GROUP_SIZES = (16, 32)
 # Code bits the kernel unpacks: 4 in nibbles, up to 2 more in bit planes, or 8.
 CODE_BITS = (4, 5, 6, 8)
 TILE_ROWS = 16
+# Activation dtypes the kernel reads and writes; others are cast to float32.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 # What torch's profiler calls one block matmul (bench/decode_profile.py).
 PROFILER_NAME = "specray::block_matmul"
 
@@ -114,11 +116,15 @@ class BlockWeights(LinearWeights):
         )
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if flat.dtype not in (torch.float32, torch.bfloat16):
+        # A decode step makes a hundred of these calls, so the usual case
+        # (2-D, contiguous, float32 or bf16) dispatches no operator but the
+        # output's allocation and the kernel.
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if flat.dtype not in KERNEL_DTYPES:
             flat = flat.float()
-        flat = flat.contiguous()
-        out = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        out = torch.empty((flat.shape[0], self.out_features), dtype=flat.dtype)
         bound = self._bound
         if bound is None or bound.scales_at != self.scales.data_ptr():
             bound = self._bound = self.kernel.bind(self.packed())
@@ -128,8 +134,14 @@ class BlockWeights(LinearWeights):
                 bound(flat, out)
         else:
             bound(flat, out)
-        out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        return out if bias is None else out + bias
+        if x.dim() != 2:
+            out = out.view(*x.shape[:-1], self.out_features)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        if bias is None:
+            return out
+        # out is this call's own tensor: add in place unless the sum promotes.
+        return out.add_(bias) if bias.dtype == out.dtype else out + bias
 
     def dequantize(self) -> torch.Tensor:
         out = torch.empty(self.out_features, self.in_features)

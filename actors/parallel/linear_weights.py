@@ -219,7 +219,9 @@ class ConcatWeights(LinearWeights):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.cat([part(x) for part in self.formats], dim=-1)
-        return out if bias is None else out + bias
+        if bias is None:
+            return out
+        return out.add_(bias) if bias.dtype == out.dtype else out + bias
 
     def dequantize(self) -> torch.Tensor:
         return torch.cat([part.dequantize() for part in self.formats])
