@@ -6,7 +6,7 @@ Q5_0-like blocks on the block kernel, and ``gguf``: the shipped file's
 blocks as the model loads them, symmetric ones on the block kernel where it
 runs, else 4-bit ones on int4 and the rest on int8; ``gguf torch`` the same
 file with the block kernel turned off; ``gguf avx2`` on the kernel's AVX2
-build) it measures, in one run:
+build; ``gguf fp32`` with float32 activations) it measures, in one run:
 
 - per layer of the model's shapes: ms for k = 1, 2, 4, 9, 17 rows;
 - whole model (fp32, bf16, gguf): decode ms/token and verify cost(k)/cost(1)
@@ -16,7 +16,10 @@ build) it measures, in one run:
   compared position by position (fraction of positions whose argmax agrees,
   and the first disagreement);
 - llama.cpp's ``llama-bench`` on the same GGUF, when its path is given
-  (``--llama-bench``); it is optional and nothing else depends on it.
+  (``--llama-bench``); it is optional and nothing else depends on it;
+- with llama-bench: decode of each GGUF format alternated with one
+  llama-bench decode run, round by round (``--paired-rounds``), so the
+  decode goal is read from ratios measured side by side.
 
 All models are loaded at once and timed call by call in turn, so the noise
 of a shared machine hits every format alike; timings are medians. The header
@@ -61,7 +64,7 @@ from specray.actors.parallel.quantized import (
 from specray.actors.store.gguf_file import fetch_gguf
 from specray.bench.common import timed_ms
 from specray.bench.kernel_report import markdown
-from specray.bench.llama_cpp import run_llama_bench
+from specray.bench.llama_cpp import llama_decode_ms, run_llama_bench
 from specray.bench.prompts import load_prompts
 
 VERIFY_KS = tuple(range(1, 18))
@@ -80,7 +83,12 @@ MODELS[TORCH_GGUF] = ("bfloat16", "gguf")
 # an AVX2-only machine's inner loop costs on this one's memory and cores.
 AVX2_GGUF = "gguf avx2"
 MODELS[AVX2_GGUF] = ("bfloat16", "gguf")
+# ``gguf`` with float32 activations: the block kernel rounds activations to
+# int8 either way, so this prices the bf16 casts around it.
+FP32_GGUF = "gguf fp32"
+MODELS[FP32_GGUF] = ("float32", "gguf")
 KERNEL_SETTING = {TORCH_GGUF: "off", AVX2_GGUF: "avx2"}
+PAIRED_CALLS = 32  # decode steps per side of one paired round
 L3_BYTES = 64 << 20  # weights cycled per layer measurement, so they come from DRAM
 
 
@@ -274,6 +282,28 @@ def time_models(
     return out
 
 
+def paired_decode(
+    runners: dict[str, Runner], binary: Path, gguf: Path, threads: int, rounds: int
+) -> dict[str, Any]:
+    """Decode ms per token of each GGUF format and of ``llama-bench`` on the
+    same file, alternated round by round: a shared machine's drift over the
+    minutes a whole run takes moves both sides of each round's ratio alike."""
+    formats = [fmt for fmt in runners if fmt.startswith("gguf")]
+    ours: dict[str, list[float]] = {fmt: [] for fmt in formats}
+    theirs: list[float] = []
+    for _ in range(rounds):
+        for fmt in formats:
+            call = runners[fmt].verify_call(1)
+            ours[fmt].append(statistics.median(_once_ms(call) for _ in range(PAIRED_CALLS)))
+        theirs.append(llama_decode_ms(binary, gguf, threads, CONTEXT, PAIRED_CALLS))
+    return {
+        "rounds": rounds,
+        "llama_cpp_ms": theirs,
+        "ours_ms": ours,
+        "ratios": {fmt: [a / b for a, b in zip(ours[fmt], theirs, strict=True)] for fmt in formats},
+    }
+
+
 @contextlib.contextmanager
 def _block_kernel(setting: str | None) -> Iterator[None]:
     """Load under ``SPECRAY_BLOCK_KERNEL=setting`` (None: as set)."""
@@ -307,6 +337,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--formats", default=f"fp32,bf16,gguf,{TORCH_GGUF}")
     parser.add_argument(
         "--llama-bench", type=Path, default=None, help="llama.cpp's llama-bench binary (optional)"
+    )
+    parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=5,
+        help="rounds of decode alternated with llama-bench (with --llama-bench; 0: none)",
     )
     parser.add_argument("--skip-layers", action="store_true")
     parser.add_argument("--tag", default="", help="appended to the result files' names")
@@ -370,6 +406,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary = {k: v for k, v in entry.items() if k not in ("verify_ms", "verify_cost_ratio")}
         print(f"{fmt}: {json.dumps(summary, default=str)}", flush=True)
     result["agreement_reference"] = formats[0]
+    if args.llama_bench is not None and args.llama_bench.exists() and args.paired_rounds:
+        result["paired_decode"] = paired_decode(
+            runners, args.llama_bench, gguf_path, args.threads, args.paired_rounds
+        )
     del runners
     if "layers_ms" in result:
         result["probe_recommendation"] = probe_line(result["layers_ms"], cpu, result)

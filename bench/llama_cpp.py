@@ -41,6 +41,12 @@ def _run(binary: Path, gguf: Path, threads: int, args: Sequence[str]) -> list[di
     return rows
 
 
+def llama_decode_ms(binary: Path, gguf: Path, threads: int, depth: int, tokens: int = 32) -> float:
+    """One ``llama-bench`` run: ms per generated token at ``depth``."""
+    rows = _run(binary, gguf, threads, ["-r", "1", "-p", "0", "-n", str(tokens), "-d", str(depth)])
+    return 1e3 / float(rows[0]["avg_ts"])
+
+
 def run_llama_bench(
     binary: Path,
     gguf: Path,
