@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from specray.actors.drafting.base import Drafter, DraftRequest
+from specray.actors.drafting.base import Drafter, DraftRequest, DraftUpdate
 from specray.actors.drafting.build import build_drafter
 from specray.actors.drafting.draft_model import DraftModelDrafter
 from specray.actors.drafting.dspark.config import (
@@ -144,7 +144,7 @@ def round_seconds(
         for request_id in ids:
             drafter.start(request_id, [1] * 2, SamplingParams())
             rows = torch.randn(context, width, generator=gen).to(torch.bfloat16)
-            drafter.accept(request_id, context - 1, [1] * context, rows)
+            drafter.accept(DraftUpdate(request_id, context - 1, [1] * context, rows))
         drafter.propose([DraftRequest(r, gamma) for r in ids])  # feeds the context
     times: dict[str, list[float]] = {name: [] for name in drafters}
     for _ in range(rounds):
@@ -152,7 +152,7 @@ def round_seconds(
             width = fused_size(drafter, hidden)
             for request_id in ids:
                 rows = torch.randn(accepted + 1, width, generator=gen).to(torch.bfloat16)
-                drafter.accept(request_id, accepted, [1] * (accepted + 1), rows)
+                drafter.accept(DraftUpdate(request_id, accepted, [1] * (accepted + 1), rows))
             start = time.perf_counter()
             proposals = drafter.propose([DraftRequest(r, gamma) for r in ids])
             times[name].append(time.perf_counter() - start)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest
+from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest, DraftUpdate
 from specray.actors.drafting.build import build_drafter as build
 from specray.actors.drafting.dspark.calibration import Calibration
 from specray.actors.drafting.dspark.drafter import DSparkDrafter
@@ -86,19 +86,13 @@ class RoundRecorder:
             self._pending[request.request_id] = proposal
         return proposals
 
-    def accept(
-        self,
-        request_id: str,
-        num_accepted: int,
-        new_token_ids: Sequence[int],
-        target_hidden: torch.Tensor | None = None,
-    ) -> None:
-        proposal = self._pending.pop(request_id, None)
+    def accept(self, update: DraftUpdate) -> None:
+        proposal = self._pending.pop(update.request_id, None)
         if proposal is not None and len(proposal) and proposal.confidence is not None:
             self.outcomes.append(
-                ProposalOutcome(list(proposal.confidence), len(proposal), num_accepted)
+                ProposalOutcome(list(proposal.confidence), len(proposal), update.num_accepted)
             )
-        self.drafter.accept(request_id, num_accepted, new_token_ids, target_hidden)
+        self.drafter.accept(update)
 
     def finish(self, request_id: str) -> None:
         self._pending.pop(request_id, None)

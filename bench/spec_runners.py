@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest
+from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest, DraftUpdate
 from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest
@@ -109,14 +109,8 @@ class TimedDrafter:
         self.last_s, self.last_cpu_s = time.perf_counter() - start, time.process_time() - cpu
         return out
 
-    def accept(
-        self,
-        request_id: str,
-        num_accepted: int,
-        new_token_ids: Sequence[int],
-        target_hidden: torch.Tensor | None = None,  # [new tokens, layers * hidden]
-    ) -> None:
-        self.inner.accept(request_id, num_accepted, new_token_ids, target_hidden)
+    def accept(self, update: DraftUpdate) -> None:
+        self.inner.accept(update)
 
     def finish(self, request_id: str) -> None:
         self.inner.finish(request_id)

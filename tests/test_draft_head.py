@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny_models import VOCAB
 
-from specray.actors.drafting.base import DraftRequest
+from specray.actors.drafting.base import DraftRequest, DraftUpdate
 from specray.actors.drafting.head.checkpoint import (
     init_from_target,
     load_frozen,
@@ -133,18 +133,18 @@ def test_rollback_leaves_the_state_of_a_fresh_drafter(tiny_dir_factory) -> None:
     for drafter in (used, fresh):
         drafter.start("r", [1, 2, 3], SamplingParams())
         assert drafter.propose([DraftRequest("r", 4)])[0].token_ids == []  # no hidden yet
-        drafter.accept("r", 0, tokens[0], hidden[0])
+        drafter.accept(DraftUpdate("r", 0, tokens[0], hidden[0]))
     first = used.propose([DraftRequest("r", 5)])[0]
     assert len(first) == 5
     assert used.cache.length(0) == 1 + 4  # one fed position, four chained drafts
-    used.accept("r", 2, tokens[1], hidden[1])
+    used.accept(DraftUpdate("r", 2, tokens[1], hidden[1]))
     assert used.cache.length(0) == 1  # the chained drafts are gone
-    fresh.accept("r", 2, tokens[1], hidden[1])
+    fresh.accept(DraftUpdate("r", 2, tokens[1], hidden[1]))
     assert used.propose([DraftRequest("r", 3)])[0].token_ids == (
         fresh.propose([DraftRequest("r", 3)])[0].token_ids
     )
     with pytest.raises(ValueError, match="target_hidden has shape"):
-        used.accept("r", 0, [4], hidden[1])
+        used.accept(DraftUpdate("r", 0, [4], hidden[1]))
 
 
 def test_mixed_batch_gives_probabilities_only_to_sampled_requests(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
@@ -153,7 +153,7 @@ def test_mixed_batch_gives_probabilities_only_to_sampled_requests(tiny_dir_facto
     drafter.start("greedy", [1], SamplingParams())
     drafter.start("sampled", [1], SamplingParams(temperature=0.8, seed=1))
     for request_id in ("greedy", "sampled"):
-        drafter.accept(request_id, 0, [5], torch.ones(1, head.config.fused_size))
+        drafter.accept(DraftUpdate(request_id, 0, [5], torch.ones(1, head.config.fused_size)))
     greedy, sampled = drafter.propose([DraftRequest("greedy", 4), DraftRequest("sampled", 2)])
     assert len(greedy) == 4 and greedy.draft_probs is None
     assert sampled.draft_probs is not None and sampled.draft_probs.shape == (2, VOCAB)

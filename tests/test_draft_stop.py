@@ -12,7 +12,13 @@ import torch
 from references import greedy_reference
 from tiny_models import VOCAB
 
-from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest, DraftStop
+from specray.actors.drafting.base import (
+    DraftPaths,
+    DraftProposal,
+    DraftRequest,
+    DraftStop,
+    DraftUpdate,
+)
 from specray.actors.drafting.draft_model import DraftModelDrafter
 from specray.actors.drafting.head.checkpoint import init_from_target, load_frozen
 from specray.actors.drafting.head.config import HeadConfig
@@ -68,7 +74,7 @@ def _ready(drafter: DraftModelDrafter | HeadDrafter, request_id: str) -> None:
     drafter.start(request_id, [1, 2, 3, 4], SamplingParams())
     if isinstance(drafter, HeadDrafter):  # it drafts from the target's hidden states
         hidden = torch.ones(1, drafter.head.config.fused_size)
-        drafter.accept(request_id, 0, [5], hidden)
+        drafter.accept(DraftUpdate(request_id, 0, [5], hidden))
 
 
 def _propose(
@@ -101,7 +107,7 @@ def test_a_model_drafter_stops_where_the_next_draft_is_not_worth_it(
     committed = [*whole.token_ids[:1], 7]
     hidden = torch.ones(2, drafters[0].head.config.fused_size) if kind == "head" else None
     for drafter in (drafters[0], drafters[2]):
-        drafter.accept("r", 1, committed, hidden)
+        drafter.accept(DraftUpdate("r", 1, committed, hidden))
     assert _propose(drafters[2], None).token_ids == _propose(drafters[0], None).token_ids
 
 

@@ -16,7 +16,13 @@ from dspark_helpers import serve_in_process
 from sampling_helpers import chi_square_p_value, total_variation
 from tiny_models import VOCAB
 
-from specray.actors.drafting.base import CatchesUp, DraftProposal, DraftRequest, DraftStop
+from specray.actors.drafting.base import (
+    CatchesUp,
+    DraftProposal,
+    DraftRequest,
+    DraftStop,
+    DraftUpdate,
+)
 from specray.actors.drafting.dspark.checkpoint import (
     load_dspark,
     save_dspark,
@@ -92,7 +98,7 @@ def _primed(drafter: DSparkDrafter, target_dir: Path, request_ids: list[str], pr
     (out,) = target.verify([VerifyInput("p", 0, prompt[:-1], len(prompt) - 1)], LAYERS)
     assert out.hidden_states is not None
     for request_id in request_ids:
-        drafter.accept(request_id, len(prompt) - 2, prompt[1:], out.hidden_states)
+        drafter.accept(DraftUpdate(request_id, len(prompt) - 2, prompt[1:], out.hidden_states))
     return out
 
 
@@ -151,21 +157,21 @@ def test_rejections_roll_nothing_back_and_gaps_restart_the_context(tiny_dir_fact
     used.propose([DraftRequest("r", 4)])
     more = torch.randn(2, model.config.fused_size, generator=torch.Generator().manual_seed(1))
     for drafter in (used, fresh):
-        drafter.accept("r", 1, [44, 45], more)
+        drafter.accept(DraftUpdate("r", 1, [44, 45], more))
     used_draft, fresh_draft = (d.propose([DraftRequest("r", 4)])[0] for d in (used, fresh))
     # Same tokens; confidences agree to float tolerance (the used drafter's
     # context was fed in different row groupings, so sums round differently).
     assert used_draft.token_ids == fresh_draft.token_ids
     assert used_draft.confidence == pytest.approx(fresh_draft.confidence, abs=1e-5)
     with pytest.raises(ValueError, match="target_hidden has shape"):
-        used.accept("r", 0, [4], more)
+        used.accept(DraftUpdate("r", 0, [4], more))
 
     gap = DSparkDrafter(model, 2, 64)
     gap.start("r", prompt[:1], SamplingParams())
     _primed(gap, target_dir, ["r"], prompt)
-    gap.accept("r", 0, [50], None)
+    gap.accept(DraftUpdate("r", 0, [50], None))
     assert gap.propose([DraftRequest("r", 4)])[0].token_ids == []
-    gap.accept("r", 0, [51], out.hidden_states[:1])
+    gap.accept(DraftUpdate("r", 0, [51], out.hidden_states[:1]))
     assert len(gap.propose([DraftRequest("r", 4)])[0]) == 4
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from specray.actors.drafting.base import DraftRequest
+from specray.actors.drafting.base import DraftRequest, DraftUpdate
 from specray.actors.drafting.dspark.checkpoint import load_dspark
 from specray.actors.drafting.dspark.drafter import DSparkDrafter
 from specray.actors.drafting.dspark.loss import DSparkLossSettings, TargetTopK, dspark_loss
@@ -117,7 +117,7 @@ def test_drafter_drafts_deepspecs_greedy_block(
     committed = 1
     for number, start in enumerate((7, 10), start=1):
         new = tokens[committed : start + 1]
-        drafter.accept("r", len(new) - 1, new, context[committed - 1 : start])
+        drafter.accept(DraftUpdate("r", len(new) - 1, new, context[committed - 1 : start]))
         committed = start + 1
         (proposal,) = drafter.propose([DraftRequest("r", 4)])
         assert proposal.token_ids == ref[f"round{number}_greedy_tokens"].tolist()

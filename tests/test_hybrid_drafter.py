@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from specray.actors.drafting.base import Drafter, DraftRequest
+from specray.actors.drafting.base import Drafter, DraftRequest, DraftUpdate
 from specray.actors.drafting.draft_model import DraftModelDrafter
 from specray.actors.drafting.hybrid import HybridDrafter
 from specray.actors.drafting.ngram import NgramDrafter
@@ -58,7 +58,7 @@ def test_model_hears_a_verdict_only_on_its_own_proposal(hybrid: HybridDrafter) -
     hybrid.start("r", [1, *COPIED, 2, *COPIED[:3]], GREEDY)
     (proposal,) = hybrid.propose([DraftRequest("r", 4)])
     assert hybrid.model_proposals == 0
-    hybrid.accept("r", 4, [*proposal.token_ids, 99])  # all accepted, bonus 99
+    hybrid.accept(DraftUpdate("r", 4, [*proposal.token_ids, 99]))  # all accepted, bonus 99
     model = hybrid.model
     assert isinstance(model, DraftModelDrafter)
     state = model._requests["r"]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specray.actors.drafting.base import Drafter, DraftRequest
+from specray.actors.drafting.base import Drafter, DraftRequest, DraftUpdate
 from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.sampling.params import SamplingParams
 
@@ -93,12 +93,12 @@ def test_accept_extends_the_context() -> None:
     drafter = NgramDrafter(max_ngram=2, min_ngram=1)
     drafter.start("r", [1, 2, 3, 4], GREEDY)
     assert _propose(drafter, "r", 3) == []
-    drafter.accept("r", 0, [1])
+    drafter.accept(DraftUpdate("r", 0, [1]))
     assert _propose(drafter, "r", 3) == [2, 3, 4]
-    drafter.accept("r", 1, [2, 7])  # 2 accepted, 7 recovered
+    drafter.accept(DraftUpdate("r", 1, [2, 7]))  # 2 accepted, 7 recovered
     assert drafter.context("r") == [1, 2, 3, 4, 1, 2, 7]
     assert _propose(drafter, "r", 3) == []
-    drafter.accept("r", 0, [1, 2])
+    drafter.accept(DraftUpdate("r", 0, [1, 2]))
     # "1 2" last occurred just before 7.
     assert _propose(drafter, "r", 3) == [7, 1, 2]
 
@@ -108,7 +108,7 @@ def test_unknown_request_ids_raise() -> None:
     with pytest.raises(KeyError, match="does not track request 'nope'"):
         drafter.propose([DraftRequest("nope", 2)])
     with pytest.raises(KeyError, match="nope"):
-        drafter.accept("nope", 0, [1])
+        drafter.accept(DraftUpdate("nope", 0, [1]))
     drafter.start("r", [1, 2], GREEDY)
     drafter.finish("r")
     with pytest.raises(KeyError, match="'r'"):
@@ -127,7 +127,7 @@ def test_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="already tracks"):
         drafter.start("r", [1], GREEDY)
     with pytest.raises(ValueError, match="num_accepted"):
-        drafter.accept("r", 3, [1, 2])
+        drafter.accept(DraftUpdate("r", 3, [1, 2]))
 
 
 @settings(max_examples=150, deadline=None)
@@ -159,6 +159,6 @@ def test_incremental_index_matches_brute_force(
         size = chunk_sizes[step % len(chunk_sizes)]
         step += 1
         chunk, rest = rest[:size], rest[size:]
-        drafter.accept("r", len(chunk) - 1, chunk)
+        drafter.accept(DraftUpdate("r", len(chunk) - 1, chunk))
         committed = committed + chunk
     assert drafter.context("r") == tokens

@@ -41,8 +41,8 @@ def test_draft_worker_fuses_rollback_into_propose(tiny_dir_factory) -> None:  # 
     assert first_w[0].token_ids == first_d[0].token_ids
     round1 = DraftUpdate("a", 1, [first_d[0].token_ids[0], 7], None)
     round2 = DraftUpdate("a", 0, [11], None)
-    direct.accept("a", round1.num_accepted, round1.new_token_ids)
-    direct.accept("a", round2.num_accepted, round2.new_token_ids)
+    direct.accept(round1)
+    direct.accept(round2)
     again_w = worker.propose([DraftRequest("a", 2)], [round1, round2])
     again_d = direct.propose([DraftRequest("a", 2)])
     assert again_w[0].token_ids == again_d[0].token_ids

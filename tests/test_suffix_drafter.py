@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from suffix_reference import brute_speculate
 from test_spec_engine import _prompts, _run
 
-from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest
+from specray.actors.drafting.base import Drafter, DraftProposal, DraftRequest, DraftUpdate
 from specray.actors.drafting.suffix import SpeculationParams, SuffixConfig, SuffixDrafter
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest
@@ -30,7 +30,7 @@ def _serve(drafter: SuffixDrafter, request_id: str, prompt: list[int], output: l
     """One whole request: its output committed a few tokens per round."""
     drafter.start(request_id, prompt, GREEDY)
     for i in range(0, len(output), 3):
-        drafter.accept(request_id, 0, output[i : i + 3])
+        drafter.accept(DraftUpdate(request_id, 0, output[i : i + 3]))
     drafter.finish(request_id)
 
 
@@ -50,7 +50,7 @@ def test_copies_from_the_prompt_with_point_mass_proposals() -> None:
     assert proposal.parents is None
     assert proposal.confidence == [1.0] * 10
     assert len(_propose(drafter, "r", 4)) == 4
-    drafter.accept("r", 4, [110, 111, 112, 113, 114])
+    drafter.accept(DraftUpdate("r", 4, [110, 111, 112, 113, 114]))
     assert _propose(drafter, "r", 16).token_ids == list(range(115, 130))
     assert drafter.context("r") == [*prompt, 110, 111, 112, 113, 114]
 
@@ -68,7 +68,7 @@ def test_finished_outputs_serve_later_requests() -> None:
     assert drafter.cache.num_tokens == len(answer)  # the output, not the prompt
     # A different request starts writing the same answer: the cache drafts it.
     drafter.start("second", [9, 8, 7], GREEDY)
-    drafter.accept("second", 0, answer[:12])
+    drafter.accept(DraftUpdate("second", 0, answer[:12]))
     proposal = _propose(drafter, "second", 16)
     assert proposal.token_ids == answer[12:24]
     assert drafter.global_proposals == 1
@@ -137,7 +137,7 @@ def test_proposals_equal_brute_force_and_respect_the_ceiling(
             assert proposal.confidence == best.conditional_probs()
             assert proposal.parents == (best.parents if as_tree else None)
             for d in (drafter, twin):
-                d.accept(rid, 0, output[i : i + 2])
+                d.accept(DraftUpdate(rid, 0, output[i : i + 2]))
             committed += output[i : i + 2]
         for d in (drafter, twin):
             d.finish(rid)
@@ -152,7 +152,7 @@ def test_unknown_and_duplicate_requests_are_errors() -> None:
     with pytest.raises(KeyError):
         drafter.propose([DraftRequest("x", 4)])
     with pytest.raises(ValueError):
-        drafter.accept("r", 3, [1])
+        drafter.accept(DraftUpdate("r", 3, [1]))
 
 
 @pytest.mark.parametrize(("k", "batch"), [(4, 1), (16, 4)])

@@ -12,11 +12,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-import torch
 from test_spec_engine import MAX_TOKENS, _prompts, _reference
 from tiny_models import VOCAB
 
-from specray.actors.drafting.base import Drafter, DraftPaths, DraftProposal, DraftRequest
+from specray.actors.drafting.base import (
+    Drafter,
+    DraftPaths,
+    DraftProposal,
+    DraftRequest,
+    DraftUpdate,
+)
 from specray.actors.drafting.build import build_drafter
 from specray.actors.drafting.hybrid import HybridDrafter
 from specray.actors.drafting.ngram import NgramDrafter
@@ -57,14 +62,8 @@ class SiblingOracle:
             proposals.append(DraftProposal(tokens, from_lookup=True, parents=parents or None))
         return proposals
 
-    def accept(
-        self,
-        request_id: str,
-        num_accepted: int,
-        new_token_ids: Sequence[int],
-        target_hidden: torch.Tensor | None = None,
-    ) -> None:
-        self._requests[request_id][1].extend(new_token_ids)
+    def accept(self, update: DraftUpdate) -> None:
+        self._requests[update.request_id][1].extend(update.new_token_ids)
 
     def finish(self, request_id: str) -> None:
         del self._requests[request_id]

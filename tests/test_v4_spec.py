@@ -16,7 +16,7 @@ import torch
 from sampling_helpers import chi_square_p_value
 from tiny_v4 import CSA, HCA, VOCAB, hf_greedy, save_tiny_v4
 
-from specray.actors.drafting.base import Drafter, DraftRequest
+from specray.actors.drafting.base import Drafter, DraftRequest, DraftUpdate
 from specray.actors.drafting.draft_model import DraftModelDrafter
 from specray.actors.drafting.hybrid import HybridDrafter
 from specray.actors.drafting.mtp import MTPDrafter
@@ -164,11 +164,11 @@ def test_mtp_drafts_do_not_depend_on_rolled_back_chains(target_dir: Path) -> Non
         count = int(torch.randint(1, 5, (1,), generator=gen))
         new = torch.randint(3, VOCAB, (count,), generator=gen).tolist()
         rows = torch.randn(count, width, generator=gen)
-        rolled.accept("r", count - 1, new, rows)
+        rolled.accept(DraftUpdate("r", count - 1, new, rows))
         assert len(rolled.propose([DraftRequest("r", 4)])[0]) == 4
         tokens += new
         streams.append(rows)
-    fresh.accept("r", 0, tokens, torch.cat(streams))
+    fresh.accept(DraftUpdate("r", 0, tokens, torch.cat(streams)))
     want = fresh.propose([DraftRequest("r", 4)])[0].token_ids
     assert rolled.propose([DraftRequest("r", 4)])[0].token_ids == want
 

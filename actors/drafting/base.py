@@ -219,14 +219,33 @@ class DraftPaths:
 
 @dataclass(frozen=True)
 class DraftUpdate:
-    """What a drafter must hear about one request after a round (the
-    arguments of :meth:`Drafter.accept`). Updates ride on the drafter's next
+    """What a drafter must hear about one request after a round (what
+    :meth:`Drafter.accept` takes). Updates ride on the drafter's next
     proposal, so a round costs one message each way."""
 
     request_id: str
     num_accepted: int
     new_token_ids: list[int]
-    target_hidden: torch.Tensor | None  # [num_accepted + 1, hidden] or None
+    target_hidden: torch.Tensor | None = None  # [len(new_token_ids), hidden] or None
+
+    def __post_init__(self) -> None:
+        # The accepted drafts are a prefix of the round's committed tokens.
+        if not 0 <= self.num_accepted <= len(self.new_token_ids):
+            raise ValueError(
+                f"num_accepted={self.num_accepted} out of range for "
+                f"{len(self.new_token_ids)} new tokens"
+            )
+
+    def hidden_rows(self, width: int) -> torch.Tensor | None:
+        """``target_hidden``, checked to hold a ``width``-wide row per new
+        token; None where the target sent none (a gap in the context)."""
+        rows = self.target_hidden
+        if rows is not None and rows.shape != (len(self.new_token_ids), width):
+            raise ValueError(
+                f"target_hidden has shape {tuple(rows.shape)}, expected "
+                f"({len(self.new_token_ids)}, {width})"
+            )
+        return rows
 
 
 class Drafter(Protocol):
@@ -243,14 +262,8 @@ class Drafter(Protocol):
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
         """Propose up to ``num_tokens`` tokens for each request, in order."""
 
-    def accept(
-        self,
-        request_id: str,
-        num_accepted: int,
-        new_token_ids: Sequence[int],
-        target_hidden: torch.Tensor | None = None,
-    ) -> None:
-        """Record one verified round.
+    def accept(self, update: DraftUpdate) -> None:
+        """Record one verified round of ``update.request_id``.
 
         ``new_token_ids`` are all tokens committed this round: the first
         ``num_accepted`` of the last proposal, then the recovered or bonus
@@ -284,12 +297,3 @@ class SharesPrefixes(Protocol):
 
     @property
     def prefix_pins(self) -> int: ...
-
-
-def check_accepted(num_accepted: int, new_token_ids: Sequence[int]) -> None:
-    """What every drafter's ``accept`` checks first: the accepted drafts are
-    a prefix of the round's committed tokens."""
-    if not 0 <= num_accepted <= len(new_token_ids):
-        raise ValueError(
-            f"num_accepted={num_accepted} out of range for {len(new_token_ids)} new tokens"
-        )

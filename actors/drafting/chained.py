@@ -26,7 +26,7 @@ from specray.actors.drafting.base import (
     DraftProposal,
     DraftRequest,
     DraftStopping,
-    check_accepted,
+    DraftUpdate,
 )
 from specray.actors.drafting.draws import draft_generator, draw_tokens, token_confidences
 from specray.actors.drafting.slots import RequestSlots
@@ -127,28 +127,17 @@ class ChainedDrafter(ABC, Generic[OutputT]):
             for ids, p, c in zip(drafted, probs, confidences, strict=True)
         ]
 
-    def accept(
-        self,
-        request_id: str,
-        num_accepted: int,
-        new_token_ids: Sequence[int],
-        target_hidden: torch.Tensor | None = None,
-    ) -> None:
-        state = self._requests[request_id]
-        check_accepted(num_accepted, new_token_ids)
+    def accept(self, update: DraftUpdate) -> None:
+        state = self._requests[update.request_id]
+        target_hidden = update.hidden_rows(self._hidden_width)
         if target_hidden is None:
             # A gap in the hidden states (e.g. a target that was not asked for
             # them): the context is no longer contiguous, so restart it.
             self._reset(state)
             return
-        if target_hidden.shape != (len(new_token_ids), self._hidden_width):
-            raise ValueError(
-                f"target_hidden has shape {tuple(target_hidden.shape)}, expected "
-                f"({len(new_token_ids)}, {self._hidden_width})"
-            )
         self.cache.truncate(state.slot, state.fed)  # drop the chained drafts
         state.pending_hidden.append(target_hidden)
-        state.pending_tokens.extend(int(t) for t in new_token_ids)
+        state.pending_tokens.extend(int(t) for t in update.new_token_ids)
 
     def finish(self, request_id: str) -> None:
         self._requests.finish(request_id)

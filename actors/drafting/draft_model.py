@@ -23,6 +23,7 @@ from specray.actors.drafting.base import (
     DraftProposal,
     DraftRequest,
     DraftStopping,
+    DraftUpdate,
 )
 from specray.actors.drafting.draws import draft_generator, draw_tokens, token_confidences
 from specray.actors.drafting.feed_profile import profile_feeds
@@ -160,20 +161,14 @@ class DraftModelDrafter:
             self.model(ForwardBatch.build(seqs), self.cache)
         return behind
 
-    def accept(
-        self,
-        request_id: str,
-        num_accepted: int,
-        new_token_ids: Sequence[int],
-        target_hidden: torch.Tensor | None = None,
-    ) -> None:
-        state = self._requests[request_id]
+    def accept(self, update: DraftUpdate) -> None:
+        state = self._requests[update.request_id]
         # Drafts 1..γ-1 were fed; the accepted ones among them stay cached.
         fed_drafts = max(state.last_proposal - 1, 0)
         if state.last_proposal:
-            state.cached = len(state.tokens) + min(num_accepted, fed_drafts)
+            state.cached = len(state.tokens) + min(update.num_accepted, fed_drafts)
             self.cache.truncate(state.slot, state.cached)
-        state.tokens.extend(new_token_ids)
+        state.tokens.extend(update.new_token_ids)
         state.last_proposal = 0
 
     def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:

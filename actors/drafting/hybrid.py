@@ -21,14 +21,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-import torch
-
 from specray.actors.drafting.base import (
     CatchesUp,
     Drafter,
     DraftPaths,
     DraftProposal,
     DraftRequest,
+    DraftUpdate,
     SharesPrefixes,
 )
 from specray.actors.drafting.ngram import NgramDrafter
@@ -114,18 +113,13 @@ class HybridDrafter:
             return DraftProposal(found.token_ids, from_lookup=True)
         return None
 
-    def accept(
-        self,
-        request_id: str,
-        num_accepted: int,
-        new_token_ids: Sequence[int],
-        target_hidden: torch.Tensor | None = None,
-    ) -> None:
-        self.lookup.accept(request_id, num_accepted, new_token_ids)
+    def accept(self, update: DraftUpdate) -> None:
+        self.lookup.accept(update)
         # The verdict is about the last proposal: the model's only if it made it.
-        model_accepted = num_accepted if request_id in self._model_drafted else 0
-        self._model_drafted.discard(request_id)
-        self.model.accept(request_id, model_accepted, new_token_ids, target_hidden)
+        if update.request_id not in self._model_drafted:
+            update = replace(update, num_accepted=0)
+        self._model_drafted.discard(update.request_id)
+        self.model.accept(update)
 
     def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
         return self.model.feed_profile(sizes) if isinstance(self.model, CatchesUp) else []

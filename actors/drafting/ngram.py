@@ -21,9 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-
-from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest, check_accepted
+from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest, DraftUpdate
 from specray.actors.sampling.params import SamplingParams
 
 
@@ -86,16 +84,10 @@ class NgramDrafter:
         """The proposal for one request and the size of the n-gram it came from."""
         return self._lookup(self._state(request_id), num_tokens)
 
-    def accept(
-        self,
-        request_id: str,
-        num_accepted: int,
-        new_token_ids: Sequence[int],
-        target_hidden: torch.Tensor | None = None,  # unused: reads no hidden states
-    ) -> None:
-        check_accepted(num_accepted, new_token_ids)
-        # Proposals never touch the state, so there is nothing to roll back.
-        self._extend(self._state(request_id), new_token_ids)
+    def accept(self, update: DraftUpdate) -> None:
+        # Reads no hidden states; proposals never touch the state, so there
+        # is nothing to roll back.
+        self._extend(self._state(update.request_id), update.new_token_ids)
 
     def finish(self, request_id: str) -> None:
         self._state(request_id)

@@ -128,9 +128,7 @@ class DraftWorker:
 
     def _apply(self, updates: Sequence[DraftUpdate]) -> None:
         for update in updates:
-            self.drafter.accept(
-                update.request_id, update.num_accepted, update.new_token_ids, update.target_hidden
-            )
+            self.drafter.accept(update)
 
     def finish(self, request_ids: Sequence[str]) -> int:
         """Free every state of these requests; unknown ids are ignored.

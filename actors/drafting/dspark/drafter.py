@@ -39,6 +39,7 @@ from specray.actors.drafting.base import (
     DraftProposal,
     DraftRequest,
     DraftStopping,
+    DraftUpdate,
 )
 from specray.actors.drafting.draws import draft_generator, draw_tokens, token_confidences
 from specray.actors.drafting.dspark.calibration import Calibration
@@ -135,31 +136,19 @@ class DSparkDrafter:
             )
         return proposals
 
-    def accept(
-        self,
-        request_id: str,
-        num_accepted: int,
-        new_token_ids: Sequence[int],
-        target_hidden: torch.Tensor | None = None,
-    ) -> None:
-        state = self._requests[request_id]
-        if not 0 <= num_accepted <= len(new_token_ids) or not new_token_ids:
-            raise ValueError(
-                f"num_accepted={num_accepted} out of range for {len(new_token_ids)} new tokens"
-            )
+    def accept(self, update: DraftUpdate) -> None:
+        state = self._requests[update.request_id]
+        new_token_ids = update.new_token_ids
+        if not new_token_ids:
+            raise ValueError("a round commits at least one token: new_token_ids is empty")
         first_position = state.committed - 1  # the position whose output is new_token_ids[0]
         state.committed += len(new_token_ids)
         state.anchor = int(new_token_ids[-1])
+        target_hidden = update.hidden_rows(self.model.config.fused_size)
         if target_hidden is None:
             # A gap in the hidden states: the context is no longer contiguous.
             self._reset(state)
             return
-        fused = self.model.config.fused_size
-        if target_hidden.shape != (len(new_token_ids), fused):
-            raise ValueError(
-                f"target_hidden has shape {tuple(target_hidden.shape)}, expected "
-                f"({len(new_token_ids)}, {fused})"
-            )
         if state.context_start is None:
             state.context_start = state.context_end = first_position
         state.pending.append(target_hidden)

@@ -21,9 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-
-from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest, check_accepted
+from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest, DraftUpdate
 from specray.actors.drafting.suffix.cache import SuffixCache
 from specray.actors.drafting.suffix.speculate import SpeculationParams, SuffixDraft, speculate
 from specray.actors.drafting.suffix.tree import SuffixTree
@@ -103,16 +101,11 @@ class SuffixDrafter:
         self.local_proposals += bool(local.token_ids)
         return local
 
-    def accept(
-        self,
-        request_id: str,
-        num_accepted: int,
-        new_token_ids: Sequence[int],
-        target_hidden: torch.Tensor | None = None,  # unused: reads no hidden states
-    ) -> None:
-        check_accepted(num_accepted, new_token_ids)
-        state = self._state(request_id)
-        state.tree.extend(state.seq_id, new_token_ids)
+    def accept(self, update: DraftUpdate) -> None:
+        # Reads no hidden states; proposals never touch the tree, so there
+        # is nothing to roll back.
+        state = self._state(update.request_id)
+        state.tree.extend(state.seq_id, update.new_token_ids)
 
     def finish(self, request_id: str) -> None:
         """Forget the request and cache its output (with its prompt when
