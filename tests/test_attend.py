@@ -1,5 +1,7 @@
-"""The CPU grouped-query attention path against torch's fused kernel, and
-the packed / padded layouts of a forward batch."""
+"""CPU attention against torch's fused kernel: row by row on the compiled
+kernel (csrc/row_attention.cpp) where it runs, else the grouped matmuls;
+a row's output independent of the rows and context around it; and the
+packed / padded layouts of a forward batch."""
 
 from __future__ import annotations
 
@@ -10,6 +12,17 @@ import torch.nn.functional as F
 from specray.actors.model import attend as attend_module
 from specray.actors.model.attend import attend
 from specray.actors.model.batch import ForwardBatch, SequenceInput
+from specray.actors.parallel.block_kernel import SWITCH, block_kernel_reason
+
+
+@pytest.fixture(params=["row kernel", "grouped matmuls"])
+def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both CPU paths: the row kernel (where it builds) and torch's matmuls."""
+    if request.param == "row kernel" and block_kernel_reason() is not None:
+        pytest.skip(f"row kernel: {block_kernel_reason()}")
+    if request.param == "grouped matmuls":
+        monkeypatch.setenv(SWITCH, "off")
+    return str(request.param)
 
 
 def _case(
@@ -30,7 +43,7 @@ def _case(
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_grouped_path_equals_the_fused_kernel_in_float32(window: int | None) -> None:
+def test_cpu_paths_equal_the_fused_kernel_in_float32(window: int | None, cpu_path: str) -> None:
     query, keys, values, mask = _case(torch.float32, window)
     want = F.scaled_dot_product_attention(
         query, keys, values, attn_mask=mask, scale=0.25, enable_gqa=True
@@ -39,7 +52,7 @@ def test_grouped_path_equals_the_fused_kernel_in_float32(window: int | None) -> 
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-def test_grouped_path_in_bfloat16_is_as_close_to_float32_as_the_fused_kernel() -> None:
+def test_cpu_paths_in_bfloat16_are_as_close_to_float32_as_the_fused_kernel(cpu_path: str) -> None:
     query, keys, values, mask = _case(torch.bfloat16, None, seed=1)
     exact = F.scaled_dot_product_attention(
         query.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=True
@@ -52,6 +65,7 @@ def test_grouped_path_in_bfloat16_is_as_close_to_float32_as_the_fused_kernel() -
 
 
 def test_over_the_score_budget_the_fused_kernel_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SWITCH, "off")  # the row kernel has no budget: it stores no scores
     query, keys, values, mask = _case(torch.float32, None)
     calls = []
     fused = F.scaled_dot_product_attention
@@ -82,3 +96,54 @@ def test_pad_and_unpad_round_trip_the_real_tokens() -> None:
     dense = ForwardBatch.build([SequenceInput(0, [1, 2], 0, 2), SequenceInput(1, [3, 4], 0, 1)])
     assert dense.is_dense and not batch.is_dense
     assert dense.packed_logit_index.tolist() == [0, 1, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_does_not_depend_on_the_rows_or_context_around_it(dtype: torch.dtype) -> None:
+    """A 5-token verify's rows equal five one-token decodes bit for bit,
+    however long the padded context after them, and a token tree's rows
+    equal each node's own path decoded as a chain."""
+    if block_kernel_reason() is not None:
+        pytest.skip(f"row kernel: {block_kernel_reason()}")
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, head_dim, start = 8, 2, 64, 300
+    cache_k = torch.randn(1, kv_heads, 512, head_dim, generator=gen).to(dtype)
+    cache_v = torch.randn(1, kv_heads, 512, head_dim, generator=gen).to(dtype)
+    query = torch.randn(1, heads, 5, head_dim, generator=gen).to(dtype)
+
+    def run(rows: slice, context: int, visible: torch.Tensor) -> torch.Tensor:
+        mask = visible[None, None, :, :context]
+        keys, values = cache_k[:, :, :context], cache_v[:, :, :context]
+        return attend(query[:, :, rows], keys, values, mask, 0.125)
+
+    positions = torch.arange(512)
+    causal = positions[None, :] <= (start + torch.arange(5))[:, None]  # [5, 512]
+    verify = run(slice(0, 5), start + 5, causal)
+    padded = run(slice(0, 5), 512, causal)
+    assert torch.equal(verify, padded)
+    for i in range(5):
+        decode = run(slice(i, i + 1), start + i + 1, causal[i : i + 1])
+        assert torch.equal(decode[:, :, 0], verify[:, :, i]), f"row {i}"
+    # A tree: nodes 1 and 2 are siblings under node 0; node 3 is node 2's child.
+    tree = positions[None, :] < start
+    tree = tree.repeat(4, 1)
+    for node, path in enumerate([[0], [0, 1], [0, 2], [0, 2, 3]]):
+        for p in path:
+            tree[node, start + p] = True
+    nodes = run(slice(0, 4), start + 4, tree)
+    chain = torch.zeros(512, dtype=torch.bool)
+    chain[: start + 1] = True
+    chain[start + 2] = True  # node 2 seen where it sits in the tree
+    alone = run(slice(2, 3), start + 4, chain[None])
+    assert torch.equal(nodes[:, :, 2], alone[:, :, 0])
+
+
+def test_head_dims_the_row_kernel_refuses_keep_the_grouped_path() -> None:
+    gen = torch.Generator().manual_seed(4)
+    query = torch.randn(1, 4, 3, 12, generator=gen)  # head_dim 12: not a multiple of 8
+    keys = torch.randn(1, 2, 10, 12, generator=gen)
+    values = torch.randn(1, 2, 10, 12, generator=gen)
+    mask = torch.ones(1, 1, 3, 10, dtype=torch.bool)
+    want = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+    got = attend(query, keys, values, mask, 12**-0.5)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

@@ -7,8 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from tiny_gguf import write_tiny_qwen2
 
-from specray.bench.decode_profile import kind_of, main
+from specray.actors.engine.target import LocalTarget
+from specray.actors.model.loader import load_model
+from specray.actors.parallel.block_kernel import block_kernel_reason
+from specray.bench.decode_profile import KernelClock, decode_steps, kind_of, main
 
 
 @pytest.mark.parametrize(
@@ -38,3 +43,25 @@ def test_a_profile_accounts_for_the_step(tiny_dir_factory, tmp_path: Path) -> No
     assert sum(result["kinds_ms"].values()) == pytest.approx(result["in_ops_ms"])
     assert all(op["calls"] >= 0 and op["ms"] > 0 for op in result["ops"])
     assert "ms per token" in (tmp_path / f"decode_profile_{model_dir.name}_fp32.md").read_text()
+
+
+def test_the_block_kernel_share_of_a_step_is_timed_without_the_profiler(tmp_path: Path) -> None:
+    if block_kernel_reason() is not None:
+        pytest.skip(f"block kernel: {block_kernel_reason()}")
+    model = load_model(write_tiny_qwen2(tmp_path / "model"), torch.bfloat16, weights="gguf")
+    target = LocalTarget(model, 1, 64)
+    clock = KernelClock(model)
+    assert clock.weights
+    with clock:
+        step = decode_steps(target, 8, 3, clock)
+        assert 0 < clock.seconds / 3 < step  # the prefill before the steps is not counted
+    # Once timed, the weights go back to their plain calls.
+    assert all(weights._bound is None for weights in clock.weights)
+    decode_steps(target, 8, 1)
+
+
+def test_dense_weights_have_no_kernel_split(tiny_dir_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    model_dir = tiny_dir_factory("qwen2")
+    flags = ["--model", str(model_dir), "--weights", "fp32", "--threads", "1"]
+    result = main([*flags, "--steps", "2", "--repeats", "1", "--out", str(tmp_path)])
+    assert result["kernel_split"] is None

@@ -18,7 +18,7 @@ from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest
-from specray.actors.engine.target import LocalTarget
+from specray.actors.engine.target import LocalTarget, VerifyInput
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model
 from specray.actors.parallel.block_kernel import SWITCH, block_kernel_reason
@@ -104,15 +104,46 @@ def test_greedy_on_a_quantized_target_equals_target_only(
     assert _generate(model_dir, dtype, drafter, 5, int8_kernel) == alone
 
 
-@pytest.mark.real_model
-@pytest.mark.slow
-def test_real_file_on_the_block_kernel_speculates_losslessly() -> None:
-    """Qwen2.5-Coder-0.5B's shipped GGUF, every matmul on the block kernel:
-    n-gram speculation (k = 8) reproduces the target decoding alone."""
+@pytest.fixture(scope="module")
+def real_gguf_model() -> DecoderModel:
+    """Qwen2.5-Coder-0.5B's shipped GGUF, every matmul on the block kernel."""
     if block_kernel_reason() is not None:
         pytest.skip(f"block kernel: {block_kernel_reason()}")
     path = fetch_gguf("qwen2.5-coder-0.5b-instruct", progress=False)
-    model = load_model(path.parent, torch.bfloat16, weights="gguf")
+    return load_model(path.parent, torch.bfloat16, weights="gguf")
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_file_verify_rows_equal_decodes_bit_for_bit(real_gguf_model: DecoderModel) -> None:
+    """A 9-token verify's logits equal nine one-token decodes of the same
+    tokens exactly, deep into a context, in bf16: what makes greedy
+    speculation token-identical on this target, near-ties included."""
+    target = LocalTarget(real_gguf_model, num_slots=2, max_len=400)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(100, 20000, (300,), generator=gen).tolist()
+    tokens = torch.randint(100, 20000, (9,), generator=gen).tolist()
+    target.verify([VerifyInput("verify", 0, prompt, 1)])
+    verified = target.verify([VerifyInput("verify", len(prompt), tokens, len(tokens))])[0]
+    target.verify([VerifyInput("decode", 0, prompt, 1)])
+    decoded = [
+        target.verify([VerifyInput("decode", len(prompt) + i, [token], 1)])[0]
+        for i, token in enumerate(tokens)
+    ]
+    assert verified.logits is not None
+    for i, one in enumerate(decoded):
+        assert one.logits is not None
+        assert torch.equal(verified.logits[i], one.logits[0]), f"row {i}"
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_file_on_the_block_kernel_speculates_losslessly(
+    real_gguf_model: DecoderModel,
+) -> None:
+    """Qwen2.5-Coder-0.5B's shipped GGUF, every matmul on the block kernel:
+    n-gram speculation (k = 8) reproduces the target decoding alone."""
+    model = real_gguf_model
     kinds = {type(m).__name__ for m in model.modules() if isinstance(m, LinearWeights)}
     assert "BlockWeights" in kinds and not kinds & {"Int8Weights", "Int4Weights"}
     # A prompt that repeats itself, so that n-gram lookup drafts.

@@ -1,4 +1,5 @@
-"""The block matmul kernel (``csrc/``), compiled on first use.
+"""The block matmul kernel and row-by-row attention (``csrc/``), compiled on
+first use.
 
 The C++ files are compiled once per machine with the system's C++ compiler
 into ``$SPECRAY_HOME/kernels/`` (a name keyed by the source, the compiler
@@ -28,7 +29,7 @@ from specray.actors.parallel.cpuinfo import flags_in, read_cpuinfo
 from specray.actors.store.layout import default_home
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "tiled_matmul.cpp",)
+SOURCES = (CSRC / "tiled_matmul.cpp", CSRC / "row_attention.cpp")
 HEADERS = tuple(CSRC / name for name in ("block_common.h", "tile_vnni.h", "tile_avx2.h"))
 NEEDED_FLAGS = frozenset({"avx2", "fma", "f16c"})
 # No contraction into fused multiply-adds where the source has a multiply
@@ -119,6 +120,40 @@ class BlockKernel:
         fixed = _weight_args(weights)
         return BoundMatmul(entry, fixed, weights.scales.data_ptr(), _refusal(weights))
 
+    def row_attention(
+        self,
+        query: torch.Tensor,  # [batch, heads, rows, head_dim] float32 or bf16, contiguous
+        keys: torch.Tensor,  # [batch, kv_heads, context, head_dim], rows of head_dim contiguous
+        values: torch.Tensor,  # as keys, same dtype
+        visible: torch.Tensor,  # [batch, rows, context] bool, contiguous
+        scale: float,
+    ) -> torch.Tensor | None:  # as query; None: shapes or dtypes csrc/row_attention.cpp refuses
+        """Attention row by row over each row's visible keys (csrc/row_attention.cpp)."""
+        batch, heads, rows, head_dim = query.shape
+        out = torch.empty_like(query)
+        status = self.library.specray_row_attention(
+            query.data_ptr(),
+            DTYPE_CODES[query.dtype],
+            keys.data_ptr(),
+            values.data_ptr(),
+            DTYPE_CODES[keys.dtype],
+            visible.data_ptr(),
+            out.data_ptr(),
+            batch,
+            heads,
+            keys.shape[1],
+            rows,
+            keys.shape[2],
+            head_dim,
+            keys.stride(0),
+            keys.stride(1),
+            values.stride(0),
+            values.stride(1),
+            scale,
+            torch.get_num_threads(),
+        )
+        return None if status else out
+
     def dequantize(
         self,
         weights: PackedBlocks,
@@ -158,6 +193,7 @@ def _refusal(weights: PackedBlocks) -> str:
     return f"the block kernel has no {weights.bits}-bit codes in groups of {weights.group}"
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     return flags_in(read_cpuinfo())
 
@@ -205,6 +241,7 @@ def build_block_kernel(vnni: bool) -> BlockKernel:
     entries = {
         "tiled_matmul": [ptr, i32, i64, i64, *weight, i64, ptr, i32, i32],
         "tiled_dequantize": [*weight, i64, i64, i64, ptr, i32, i32],
+        "row_attention": [ptr, i32, ptr, ptr, i32, ptr, ptr, *[i64] * 10, ctypes.c_float, i32],
     }
     for name, args in entries.items():
         entry = getattr(loaded, f"specray_{name}")
