@@ -48,7 +48,6 @@ def attend(
     values: torch.Tensor,  # [batch, kv_heads, context_len, head_dim]
     mask: torch.Tensor,  # [batch, 1, max_new, context_len] bool: query may see key
     scale: float,
-    bias: torch.Tensor | None = None,  # mask_bias(mask), made once for several layers
 ) -> torch.Tensor:  # [batch, heads, max_new, head_dim], query's dtype
     batch, heads, new, head_dim = query.shape
     kv_heads, context = keys.shape[1], keys.shape[2]
@@ -63,8 +62,7 @@ def attend(
     group = heads // kv_heads  # query head h reads kv head h // group
     grouped = query.float().reshape(batch, kv_heads, group * new, head_dim)
     scores = torch.matmul(grouped, keys.float().transpose(-1, -2)).mul_(scale)
-    if bias is None:
-        bias = mask_bias(mask)
+    bias = mask_bias(mask)
     scores = scores.view(batch, kv_heads, group, new, context).add_(
         bias.view(batch, 1, 1, new, context)
     )

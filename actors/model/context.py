@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 
 import torch
 
-from specray.actors.model.attend import mask_bias
 from specray.actors.model.batch import ForwardBatch
 from specray.actors.model.kv_cache import SlotCache
 from specray.actors.model.rotary import RotaryEmbedding
@@ -37,10 +36,6 @@ class ForwardContext:
         """``[batch, 1, max_new, context_len]`` bool causal mask (see
         :meth:`ForwardBatch.attention_mask`)."""
         return self.shared(("mask", window), lambda: self.batch.attention_mask(window))
-
-    def mask_bias(self, window: int | None) -> torch.Tensor:
-        """:meth:`mask` as :func:`attend`'s additive bias, made once per forward."""
-        return self.shared(("mask_bias", window), lambda: mask_bias(self.mask(window)))
 
     def rope(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[num_tokens, 1, head_dim]`` of the rotary ``name`` at

@@ -105,8 +105,8 @@ class Attention(nn.Module):
         cache.write(self.layer, batch.flat_slots, batch.flat_positions, k, v)
         keys, values = cache.read(self.layer, batch.slots, batch.context_len)
 
-        mask, bias = ctx.mask(self.window), ctx.mask_bias(self.window)
-        out = attend(batch.pad(q).transpose(1, 2), keys, values, mask, self.scale, bias)
+        mask = ctx.mask(self.window)
+        out = attend(batch.pad(q).transpose(1, 2), keys, values, mask, self.scale)
         return self.o_proj(batch.unpad(out.transpose(1, 2)).reshape(tokens, -1))
 
 
