@@ -67,6 +67,15 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [..., 1, head_dim]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # each [..., local heads, head_dim]
         """Queries, keys and values of ``x``: normed (QK-norm families) and rotated."""
+        cos, sin = rope
+        if self.q_norm is None and self.k_norm is None:
+            # One rotary call over query and key heads together: the same
+            # elementwise arithmetic, half the operators of a decode step's rope.
+            qk, v = self.qkv_proj.heads(x)
+            q, k = apply_rotary(qk, cos, sin).split(
+                (self.qkv_proj.local_heads, self.qkv_proj.local_kv_heads), dim=-2
+            )
+            return q, k, v
         q, k, v = self.qkv_proj(x)
         q = q.unflatten(-1, (-1, self.head_dim))
         k = k.unflatten(-1, (-1, self.head_dim))
@@ -75,7 +84,6 @@ class Attention(nn.Module):
             q = self.q_norm(q)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        cos, sin = rope
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def project_kv(

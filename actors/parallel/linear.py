@@ -184,6 +184,14 @@ class QKVParallelLinear(nn.Module):
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         return q, k, v
 
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x: [..., hidden]
+        """Query and key heads side by side ``[..., local_heads + local_kv_heads,
+        head_dim]`` and value heads ``[..., local_kv_heads, head_dim]``: what one
+        rotary call turns, where q and k need nothing else apart."""
+        qkv = self.weights(x, self.bias)
+        qk, v = qkv.split((self.q_size + self.kv_size, self.kv_size), dim=-1)
+        return qk.unflatten(-1, (-1, self.head_dim)), v.unflatten(-1, (-1, self.head_dim))
+
     def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x: [..., hidden]
         """Only the key and value projections: inputs that are never queries."""
         bias = None if self.bias is None else self.bias[self.q_size :]
