@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from specray.actors.engine.target import LocalTarget, VerifyInput
 from specray.actors.model.loader import load_model
-from specray.actors.parallel.block_kernel import BoundMatmul
 from specray.actors.parallel.block_weights import BlockWeights
 from specray.actors.store.resolve import resolve_model
 from specray.bench.common import command_line, machine_info, report_head, table, write_report
@@ -77,27 +76,22 @@ class KernelClock:
 
     def __enter__(self) -> KernelClock:
         for weights in self.weights:
-            weights._bound = _TimedCall(weights.kernel.bind(weights.packed()), self)
+            bound = weights.kernel.bind(weights.packed())
+            weights._bound = replace(bound, entry=self._timed(bound.entry))
         return self
 
     def __exit__(self, *exc: object) -> None:
         for weights in self.weights:
             weights._bound = None  # rebound, untimed, on the next call
 
+    def _timed(self, entry: Callable[..., int]) -> Callable[..., int]:
+        def call(*args: object) -> int:
+            began = time.perf_counter()
+            status = entry(*args)
+            self.seconds += time.perf_counter() - began
+            return status
 
-@dataclass(frozen=True)
-class _TimedCall:
-    call: BoundMatmul
-    clock: KernelClock
-
-    @property
-    def scales_at(self) -> int:
-        return self.call.scales_at
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        began = time.perf_counter()
-        self.call(x, out)
-        self.clock.seconds += time.perf_counter() - began
+        return call
 
 
 def decode_steps(

@@ -109,8 +109,8 @@ class DrafterConfig(BaseModel):
         self.spec  # noqa: B018 -- the spec's own checks, with its messages
         if self.weights != "dense" and self.kind not in MODEL_KINDS:
             raise ValueError(
-                f"weights: {self.weights!r} is for a draft model (kind model, hybrid or "
-                f"suffix_hybrid); kind {self.kind!r} has no weights"
+                f"weights: {self.weights!r} is for a draft model (kind "
+                f"{', '.join(MODEL_KINDS)}); kind {self.kind!r} has no weights"
             )
         return self
 
