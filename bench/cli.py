@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from specray.bench import serve_bench
+from specray.bench.common import int_list
 from specray.bench.prompts import ALL_CATEGORIES
 from specray.bench.serve_dataset import AB_ORDERS, RANDOM
 from specray.bench.serve_report import load_results, print_and_write
@@ -31,16 +32,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def concurrency_list(text: str) -> list[int]:
-    """``"1,4,8"`` → [1, 4, 8] (argparse type of concurrency caps and prompt lengths)."""
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the gRPC server")
     p.add_argument("--label", default=None, help="the run's drafter label (default: the server's)")
@@ -56,7 +47,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--random-input-len",
-        type=concurrency_list,
+        type=int_list,
         default=[128],
         help="prompt lengths, cycled over the random prompts: 3000,128,128,128 mixes one "
         "long prompt into every four",
@@ -79,7 +70,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     load.add_argument(
         "--sweep-concurrency",
-        type=concurrency_list,
+        type=int_list,
         default=None,
         help="one run per cap, e.g. 1,4,8,16 (for TPOT vs concurrency)",
     )

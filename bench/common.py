@@ -1,10 +1,12 @@
 """Helpers every benchmark shares: the target-only label, the machine a
 result came from, acceptance arithmetic, comparing outputs, prompts as chat
-token ids, timing a call and writing the report's tables. Light to import:
-a benchmark client (``specray bench serve``) loads no model code through it."""
+token ids, timing a call, the flags and record of a run, and writing the
+report's tables. Light to import: a benchmark client (``specray bench
+serve``) loads no model code through it."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -25,6 +27,8 @@ __all__ = ["chat_ids"]  # the benchmarks take it from here with the rest
 TARGET_ONLY = "none"
 SPECRAY, HF = "specray", "hf"
 ALL = "all"  # the row that pools every category
+DEFAULT_TARGET = "qwen2.5-coder-0.5b-instruct"
+DTYPE_NAMES = ("float32", "bfloat16")
 
 # The CPU features that decide which matmul kernels are fast (machines of one
 # kind differ in them): every benchmark header prints the ones found.
@@ -136,6 +140,58 @@ def resolve_preferring(name: str, dtype: str) -> Path:
         return resolve_model(name)
 
 
+def int_list(text: str) -> list[int]:
+    """``"1,4,8"`` → [1, 4, 8]: the argparse type of a flag that takes several
+    sizes (an empty item is skipped)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def bench_parser(
+    doc: str | None, *, target: str = DEFAULT_TARGET, dtype: str | None = "float32"
+) -> argparse.ArgumentParser:
+    """A benchmark's parser with the flags that benchmarks of one model share:
+    ``--target``, ``--dtype`` (none where ``dtype`` is None: a benchmark that
+    sweeps dtypes itself), ``--threads`` and ``--out``; it adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--target", default=target)
+    if dtype is not None:
+        p.add_argument("--dtype", default=dtype, choices=DTYPE_NAMES)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    return p
+
+
+def run_record(
+    module: str,
+    argv: Sequence[str] | None,
+    args: argparse.Namespace,
+    flags: Sequence[str],
+    **measured: Any,
+) -> dict[str, Any]:
+    """A run's JSON record: the command that reproduces it, the ``flags`` it
+    ran with (named as in ``args``), the machine, then what it measured."""
+    settings = {flag: getattr(args, flag) for flag in flags}
+    return {
+        "command": command_line(module, argv),
+        **settings,
+        "machine": machine_info(),
+        **measured,
+    }
+
+
+def write_run_report(out_dir: Path, kind: str, result: dict[str, Any], text: str) -> None:
+    """:func:`write_report` with the files named after the run: ``kind`` (the
+    benchmark), the target's last path part (a local path names the same
+    model as its store name) and the dtype, where the run has one."""
+    parts = [kind, Path(result["target"]).name, result.get("dtype")]
+    write_report(out_dir, "_".join(part for part in parts if part), result, text)
+
+
 def write_report(out_dir: Path, stem: str, result: dict[str, Any], text: str) -> None:
     """``STEM.json`` (the measurements) and ``STEM.md`` (the table) under
     ``out_dir``, and the table on stdout."""
@@ -178,6 +234,27 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]], left: int = 
     rest right (numbers)."""
     rule = ["---" if i < left else "---:" for i in range(len(headers))]
     return [_table_row(headers), _table_row(rule), *(_table_row(row) for row in rows)]
+
+
+def table_report(
+    title: str,
+    machine: dict[str, Any],
+    headers: Sequence[str],
+    rows: Iterable[Sequence[object]],
+    left: int = 1,
+) -> str:
+    """A report of one table under its title and machine (see :func:`table`)."""
+    return "\n".join([*report_head(title, machine), *table(headers, rows, left), ""])
+
+
+def cell(value: Any, digits: int = 2) -> str:
+    """A number as a table cell: ``digits`` decimals, "–" where it is missing
+    or NaN."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return "–" if value != value else f"{value:.{digits}f}"
+    return str(value)
 
 
 def _table_row(cells: Sequence[object]) -> str:

@@ -18,7 +18,6 @@ import argparse
 import pickle
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -27,7 +26,12 @@ import torch
 from specray.actors.engine.round import DraftUpdate
 from specray.actors.engine.target import VerifyInput
 from specray.actors.workers.target_shard import ShardSpec, TargetShardWorker
-from specray.bench.common import resolve_preferring, write_report
+from specray.bench.common import (
+    bench_parser,
+    int_list,
+    resolve_preferring,
+    write_run_report,
+)
 from specray.cluster.local_ray import start_ray
 
 
@@ -96,7 +100,7 @@ def measure(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    layers = tuple(int(x) for x in args.layers.split(","))
+    layers = tuple(int_list(args.layers))
     target_dir = resolve_preferring(args.target, args.dtype)
     start_ray(num_cpus=4)
     try:
@@ -136,21 +140,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{r['to_draft_ms']:.2f} / {r['to_draft_with_hidden_ms']:.2f} |"
         )
     text = "\n".join(lines) + "\n"
-    write_report(args.out, f"hidden_ship_{Path(args.target).name}_{args.dtype}", result, text)
+    write_run_report(args.out, "hidden_ship", result, text)
     return result
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--target", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p = bench_parser(__doc__, dtype="bfloat16")
     p.add_argument("--layers", default="2,12,23")
-    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    p.add_argument("--batches", type=int_list, default=[1, 8])
     p.add_argument("--gamma", type=int, default=5)
     p.add_argument("--accepted", type=int, default=3)
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
     return p
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,12 @@ from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model, parse_dtype
 from specray.actors.store.resolve import resolve_model
 from specray.bench.common import write_report
-from specray.bench.model_timing import CachedFeeds, median_seconds, versus_transformers
+from specray.bench.model_timing import (
+    CachedFeeds,
+    best_of_rounds,
+    median_seconds,
+    versus_transformers,
+)
 
 VERIFY_KS = (1, 2, 4, 8, 16, 32)
 CONTEXT = 128
@@ -118,20 +122,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "weight_bytes_per_step": step_bytes,
         "bandwidth_floor_ms": step_bytes / bandwidth * 1e3,
     }
-    for name, rounds in runs.items():
-        result[name] = {
-            "decode_ms_per_token": min(r["decode_ms_per_token"] for r in rounds),
-            "prefill_128_ms": min(r["prefill_128_ms"] for r in rounds),
-            "verify_cost_ratio": {
-                k: statistics.median(r["verify_cost_ratio"][k] for r in rounds)
-                for k in rounds[0]["verify_cost_ratio"]
-            },
-        }
+    result |= best_of_rounds(runs, "prefill_128_ms")
     result["decode_vs_floor"] = (
         result["specray"]["decode_ms_per_token"] / result["bandwidth_floor_ms"]
-    )
-    result["decode_vs_transformers"] = (
-        result["specray"]["decode_ms_per_token"] / result["transformers"]["decode_ms_per_token"]
     )
     write_report(args.out, f"model_{args.model}_{args.dtype}", result, markdown(result))
     return result

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,12 +25,12 @@ import torch
 from specray.actors.engine.target import LocalTarget, VerifyInput
 from specray.actors.model.loader import load_model
 from specray.bench.common import (
-    command_line,
-    machine_info,
-    report_head,
+    bench_parser,
+    int_list,
     resolve_preferring,
-    table,
-    write_report,
+    run_record,
+    table_report,
+    write_run_report,
 )
 
 
@@ -75,17 +74,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
         for chunk in chunks
     ]
-    result = {
-        "command": command_line("specray.bench.prefill_chunk_bench", argv),
-        "target": args.target,
-        "dtype": args.dtype,
-        "threads": args.threads,
-        "prompt_tokens": args.prompt_tokens,
-        "repeats": args.repeats,
-        "machine": machine_info(),
-        "rows": rows,
-    }
-    write_outputs(result, args.out)
+    flags = ("target", "dtype", "threads", "prompt_tokens", "repeats")
+    result = run_record("specray.bench.prefill_chunk_bench", argv, args, flags, rows=rows)
+    write_run_report(args.out, "prefill_chunk", result, markdown(result))
     return result
 
 
@@ -98,25 +89,14 @@ def markdown(result: dict[str, Any]) -> str:
     headers.append("longest round s")
     keys = ["chunk", "rounds", "prefill_s", "tokens_per_s", "vs_whole", "longest_round_s"]
     rows = [[r[key] for key in keys] for r in result["rows"]]
-    return "\n".join([*report_head(title, result["machine"]), *table(headers, rows, 0), ""])
-
-
-def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
-    stem = f"prefill_chunk_{Path(result['target']).name}_{result['dtype']}"
-    write_report(out_dir, stem, result, markdown(result))
+    return table_report(title, result["machine"], headers, rows, 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--target", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p = bench_parser(__doc__)
     p.add_argument("--prompt-tokens", type=int, default=1024)
-    p.add_argument(
-        "--chunks", type=lambda s: [int(c) for c in s.split(",")], default=[64, 128, 256, 512]
-    )
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--chunks", type=int_list, default=[64, 128, 256, 512])
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
     return p
 
 

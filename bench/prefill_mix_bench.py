@@ -26,7 +26,6 @@ import argparse
 import statistics
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,12 +38,11 @@ from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import StoppingCriteria
 from specray.bench.common import (
-    command_line,
-    machine_info,
-    report_head,
+    bench_parser,
     resolve_preferring,
-    table,
-    write_report,
+    run_record,
+    table_report,
+    write_run_report,
 )
 
 
@@ -114,20 +112,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             row[key] = round(statistics.median(t[key] for t in trials), 2)
         row["new_ttft_over_long_prefill"] = round(row["new_ttft_s"] / row["long_ttft_s"], 3)
         rows.append(row)
-    result = {
-        "command": command_line("specray.bench.prefill_mix_bench", argv),
-        "target": args.target,
-        "dtype": args.dtype,
-        "threads": args.threads,
-        "long_tokens": args.long_tokens,
-        "decoders": args.decoders,
-        "repeats": args.repeats,
-        "machine": machine_info(),
-        "rows": rows,
-        "trials": arms,
-    }
-    stem = f"prefill_mix_{Path(args.target).name}_{args.dtype}"
-    write_report(args.out, stem, result, markdown(result))
+    flags = ("target", "dtype", "threads", "long_tokens", "decoders", "repeats")
+    result = run_record(
+        "specray.bench.prefill_mix_bench", argv, args, flags, rows=rows, trials=arms
+    )
+    write_run_report(args.out, "prefill_mix", result, markdown(result))
     return result
 
 
@@ -144,19 +133,15 @@ def markdown(result: dict[str, Any]) -> str:
         ["whole prompts" if r["chunk"] is None else f"{r['chunk']} tokens", *(r[k] for k in keys)]
         for r in result["rows"]
     ]
-    return "\n".join([*report_head(title, result["machine"]), *table(headers, rows), ""])
+    return table_report(title, result["machine"], headers, rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--target", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p = bench_parser(__doc__)
     p.add_argument("--long-tokens", type=int, default=3000)
     p.add_argument("--decoders", type=int, default=3, choices=range(1, 5))
     p.add_argument("--chunk", type=int, default=512, help="the chunked arm's round budget")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
     return p
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +38,14 @@ from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.model.prefix_cache import prefix_tokens
 from specray.actors.sampling.params import StoppingCriteria
-from specray.bench.common import machine_info, report_head, resolve_preferring, table, write_report
+from specray.bench.common import (
+    bench_parser,
+    report_head,
+    resolve_preferring,
+    run_record,
+    table,
+    write_run_report,
+)
 from specray.bench.prompts import load_prompts
 
 SYSTEM_PROMPT = (
@@ -149,23 +155,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 flush=True,
             )
             turns.append(row)
-    result = {
-        "command": "python -m specray.bench.prefix_chat_bench "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "target": args.target,
-        "dtype": args.dtype,
-        "threads": args.threads,
-        "conversations": args.conversations,
-        "turns": args.turns,
-        "max_tokens": args.max_tokens,
-        "k": args.k,
-        "prefix_cache_tokens": prefix_tokens(None, args.num_slots, args.max_len),
-        "prefix_cache_mib": round(_pool_bytes(engines["on"]) / 2**20, 1),
-        "machine": machine_info(),
-        "rows": turns,
-        "summary": summary(turns),
-    }
-    write_outputs(result, args.out)
+    result = run_record(
+        "specray.bench.prefix_chat_bench",
+        argv,
+        args,
+        ("target", "dtype", "threads", "conversations", "turns", "max_tokens", "k"),
+        prefix_cache_tokens=prefix_tokens(None, args.num_slots, args.max_len),
+        prefix_cache_mib=round(_pool_bytes(engines["on"]) / 2**20, 1),
+        rows=turns,
+        summary=summary(turns),
+    )
+    write_run_report(args.out, "prefix_chat", result, markdown(result))
     return result
 
 
@@ -233,23 +233,14 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
-    stem = f"prefix_chat_{Path(result['target']).name}_{result['dtype']}"
-    write_report(out_dir, stem, result, markdown(result))
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--target", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p = bench_parser(__doc__)
     p.add_argument("--conversations", type=int, default=2)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--num-slots", type=int, default=2)
     p.add_argument("--max-len", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
     return p
 
 

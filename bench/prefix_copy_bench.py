@@ -23,9 +23,7 @@ Writes ``prefix_copy_<target>.{json,md}`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,12 +33,13 @@ from specray.actors.model.config import ModelConfig
 from specray.actors.model.kv_cache import KVCache
 from specray.actors.model.prefix_cache import DEFAULT_BLOCK_SIZE
 from specray.bench.common import (
-    machine_info,
-    report_head,
+    bench_parser,
+    int_list,
     resolve_preferring,
-    table,
+    run_record,
+    table_report,
     timed_ms,
-    write_report,
+    write_run_report,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -89,22 +88,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for name in args.dtypes
         for context in args.contexts
     ]
-    result = {
-        "command": "python -m specray.bench.prefix_copy_bench "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "target": args.target,
-        "shapes": {
-            "layers": config.num_layers,
-            "kv_heads": config.num_kv_heads,
-            "head_dim": config.head_dim,
-            "block_size": DEFAULT_BLOCK_SIZE,
-        },
-        "threads": args.threads,
-        "repeats": args.repeats,
-        "machine": machine_info(),
-        "rows": rows,
+    shapes = {
+        "layers": config.num_layers,
+        "kv_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "block_size": DEFAULT_BLOCK_SIZE,
     }
-    write_outputs(result, args.out)
+    flags = ("target", "threads", "repeats")
+    result = run_record(
+        "specray.bench.prefix_copy_bench", argv, args, flags, shapes=shapes, rows=rows
+    )
+    write_run_report(args.out, "prefix_copy", result, markdown(result))
     return result
 
 
@@ -120,24 +114,14 @@ def markdown(result: dict[str, Any]) -> str:
     headers += ["gather ms per forward", "break-even forwards"]
     keys = ["dtype", "context", "kv_mib", "attach_ms", "save_ms", "gather_ms_per_step"]
     rows = [[r[key] for key in [*keys, "break_even_steps"]] for r in result["rows"]]
-    return "\n".join([*report_head(title, result["machine"]), *table(headers, rows), ""])
-
-
-def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
-    stem = f"prefix_copy_{Path(result['target']).name}"
-    write_report(out_dir, stem, result, markdown(result))
+    return table_report(title, result["machine"], headers, rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--target", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument(
-        "--contexts", type=lambda s: [int(c) for c in s.split(",")], default=[256, 1024, 4096]
-    )
+    p = bench_parser(__doc__, dtype=None)
+    p.add_argument("--contexts", type=int_list, default=[256, 1024, 4096])
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["float32", "bfloat16"])
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
     return p
 
 

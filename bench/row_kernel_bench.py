@@ -23,12 +23,13 @@ from specray.actors.engine.target import LocalTarget
 from specray.actors.model.loader import load_model
 from specray.actors.parallel.linear_weights import DenseWeights
 from specray.bench.common import (
-    command_line,
-    machine_info,
+    bench_parser,
+    int_list,
     report_head,
     resolve_preferring,
+    run_record,
     table,
-    write_report,
+    write_run_report,
 )
 
 
@@ -62,19 +63,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
         for size in args.sizes
     ]
-    result = {
-        "command": command_line("specray.bench.row_kernel_bench", argv),
-        "target": args.target,
-        "dtype": args.dtype,
-        "threads": args.threads,
-        "repeats": args.repeats,
-        "machine": machine_info(),
-        "transposed_rows": choices,
-        "rows": rows,
-    }
-    write_report(
-        args.out, f"row_kernels_{Path(args.target).name}_{args.dtype}", result, markdown(result)
+    flags = ("target", "dtype", "threads", "repeats")
+    result = run_record(
+        "specray.bench.row_kernel_bench", argv, args, flags, transposed_rows=choices, rows=rows
     )
+    write_run_report(args.out, "row_kernels", result, markdown(result))
     return result
 
 
@@ -96,15 +89,10 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--target", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument(
-        "--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 9, 17]
-    )
-    p.add_argument("--threads", type=int, default=2)
+    p = bench_parser(__doc__)
+    p.add_argument("--sizes", type=int_list, default=[1, 2, 4, 9, 17])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.set_defaults(out=Path(__file__).parent / "results")  # the package's, from any folder
     return p
 
 

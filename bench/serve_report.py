@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from specray.actors.engine.gamma import speedup
-from specray.bench.common import alpha_from_tau, machine_line
+from specray.bench.common import alpha_from_tau, cell, machine_line
 from specray.bench.serve_metrics import ALL, BASE, SPEC
 
 LATENCIES = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2el_ms", "E2EL"))
@@ -36,14 +36,6 @@ def attach_limit(
 
 def load_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
     return [json.loads(Path(p).read_text()) for p in paths]
-
-
-def cell(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return "–" if value != value else f"{value:.{digits}f}"
-    return str(value)
 
 
 def times(value: float | None) -> str:

@@ -7,15 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from specray.bench.common import ALL, HF, SPECRAY, TARGET_ONLY, machine_line, write_report
-
-
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return "–" if value != value else f"{value:.{digits}f}"
-    return str(value)
+from specray.bench.common import ALL, HF, SPECRAY, TARGET_ONLY, cell, machine_line, write_report
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -26,7 +18,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"best of {result['repeats']})",
         "",
         f"Machine: {machine_line(machine)}; load average before "
-        f"{_fmt(machine['loadavg'][0])}, after {_fmt(result['loadavg_after'][0])}. "
+        f"{cell(machine['loadavg'][0])}, after {cell(result['loadavg_after'][0])}. "
         f"Bench time {result['bench_s']:.0f} s.",
         "",
         "Wall clock unless marked CPU (this process's CPU seconds, see docs). speedup: "
@@ -40,12 +32,12 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         lines.append(
             f"| {r['category']} | {r['impl']} | {r['label']} | {r['k'] or '–'} | "
-            f"{_fmt(r['tokens_per_s'])} | {_fmt(r['speedup'])}× | {_fmt(r['cpu_speedup'])}× | "
-            f"{_fmt(r.get('decode_speedup'))} | {_fmt(r.get('alpha'))} | "
-            f"{_fmt(r.get('alpha_eff'))} | {_fmt(r.get('tau'))} | {_fmt(r.get('c'), 3)} | "
-            f"{_fmt(r.get('verify_cost'))} | {_fmt(r.get('S'))} | {_fmt(r.get('achieved'))} | "
-            f"{_fmt(r.get('cpu_S'))} | {_fmt(r.get('cpu_achieved'))} | "
-            f"{_fmt(r.get('vs_hf'))} | {_fmt(r.get('vs_hf_cpu'))} |"
+            f"{cell(r['tokens_per_s'])} | {cell(r['speedup'])}× | {cell(r['cpu_speedup'])}× | "
+            f"{cell(r.get('decode_speedup'))} | {cell(r.get('alpha'))} | "
+            f"{cell(r.get('alpha_eff'))} | {cell(r.get('tau'))} | {cell(r.get('c'), 3)} | "
+            f"{cell(r.get('verify_cost'))} | {cell(r.get('S'))} | {cell(r.get('achieved'))} | "
+            f"{cell(r.get('cpu_S'))} | {cell(r.get('cpu_achieved'))} | "
+            f"{cell(r.get('vs_hf'))} | {cell(r.get('vs_hf_cpu'))} |"
         )
     lines += [
         "",
@@ -57,8 +49,8 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         if r["category"] == ALL and r["impl"] == SPECRAY:
             lines.append(
-                f"| {r['label']} | {_fmt(r['round_ms'], 1)} | {_fmt(r['share_propose'] * 100, 1)}% "
-                f"| {_fmt(r['share_verify'] * 100, 1)}% | {_fmt(r['share_other'] * 100, 1)}% |"
+                f"| {r['label']} | {cell(r['round_ms'], 1)} | {cell(r['share_propose'] * 100, 1)}% "
+                f"| {cell(r['share_verify'] * 100, 1)}% | {cell(r['share_other'] * 100, 1)}% |"
             )
     lines += ["", *_divergence_table(result["comparisons"], "vs_target_only", "our target-only")]
     lines += [
@@ -94,8 +86,8 @@ def _divergence_table(comparisons: Sequence[dict[str, Any]], key: str, title: st
 
 def _fmt_goal(value: Any) -> str:
     if isinstance(value, dict):
-        return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items()) or "–"
-    return _fmt(value)
+        return ", ".join(f"{k} {cell(v)}" for k, v in value.items()) or "–"
+    return cell(value)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -21,7 +21,6 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -36,12 +35,11 @@ from specray.actors.model.loader import load_model
 from specray.actors.sampling.grammar import Guide
 from specray.actors.sampling.params import StoppingCriteria
 from specray.bench.common import (
-    command_line,
-    machine_info,
-    report_head,
+    bench_parser,
     resolve_preferring,
-    table,
-    write_report,
+    run_record,
+    table_report,
+    write_run_report,
 )
 
 PERSON = {
@@ -180,19 +178,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "speedup": round(base / seconds, 2) if base else None,
             }
         )
-    result = {
-        "command": command_line("specray.bench.structured_bench", argv),
-        "target": args.target,
-        "dtype": args.dtype,
-        "threads": args.threads,
-        "max_tokens": args.max_tokens,
-        "k": args.k,
-        "machine": machine_info(),
-        "rows": rows,
-        "runs": records,
-    }
-    stem = f"structured_{Path(args.target).name}_{args.dtype}"
-    write_report(args.out, stem, result, markdown(result))
+    flags = ("target", "dtype", "threads", "max_tokens", "k")
+    result = run_record(
+        "specray.bench.structured_bench", argv, args, flags, rows=rows, runs=records
+    )
+    write_run_report(args.out, "structured", result, markdown(result))
     return result
 
 
@@ -210,19 +200,15 @@ def markdown(result: dict[str, Any]) -> str:
         ]
         for r in result["rows"]
     ]  # fmt: skip
-    return "\n".join([*report_head(title, result["machine"]), *table(headers, rows), ""])
+    return table_report(title, result["machine"], headers, rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p = bench_parser(__doc__, target="qwen2.5-coder-1.5b-instruct")
     p.add_argument("--drafters", default="none,ngram,qwen2.5-coder-0.5b-instruct")
     p.add_argument("--k", type=int, default=8, help="ceiling of the adaptive γ")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-len", type=int, default=1024)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
     return p
 
 
