@@ -1,14 +1,19 @@
 """The flags every command that talks to a running ``specray serve`` takes:
-where it is, the deadline, and how to authenticate."""
+where it is, the deadline, and how to authenticate; and how such a command
+reports a refused call."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from specray.deploy.auth import TOKEN_ENV
+from specray.deploy.client import SpecrayError
 
 
 def add_connection_args(parser: argparse.ArgumentParser) -> None:
@@ -29,3 +34,10 @@ def connection_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for a :class:`~specray.deploy.client.ChannelClient`."""
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
     return {"tls": args.tls, "tls_ca": args.tls_ca, "token": token}
+
+
+def report_refusal(error: SpecrayError) -> int:
+    """Print the server's refusal; the exit status: 2 when the request itself
+    was invalid (the caller's flags), else 1."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2 if error.code == grpc.StatusCode.INVALID_ARGUMENT else 1

@@ -10,10 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from specray.deploy.client import GenerationResult, SpecrayClient, SpecrayError
-from specray.deploy.client_args import add_connection_args, connection_options
+from specray.deploy.client_args import add_connection_args, connection_options, report_refusal
 from specray.deploy.generation_output import print_result
 
 
@@ -77,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
                 if not args.json:
                     print(last.text, end="", flush=True)
     except SpecrayError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2 if error.code == grpc.StatusCode.INVALID_ARGUMENT else 1
+        return report_refusal(error)
     except OSError as error:  # an unreadable --tls-ca
         print(f"error: {error}", file=sys.stderr)
         return 2

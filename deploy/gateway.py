@@ -11,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from specray.deploy.backend import Backend, Chunk, ModelInfo
 from specray.deploy.errors import (
@@ -22,6 +22,7 @@ from specray.deploy.errors import (
 from specray.deploy.validation import RawRequest, ValidatedRequest, Validator
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 State = Literal["loading", "serving", "draining"]
 
@@ -68,15 +69,11 @@ class Gateway:
     @property
     def backend(self) -> Backend:
         """The backend, for operator calls (scaling), which draining does not stop."""
-        if self._backend is None:
-            raise UnavailableError("the model is still loading; retry shortly")
-        return self._backend
+        return _loaded(self._backend)
 
     @property
     def validator(self) -> Validator:
-        if self._validator is None:
-            raise UnavailableError("the model is still loading; retry shortly")
-        return self._validator
+        return _loaded(self._validator)
 
     async def healthy(self) -> bool:
         if self._backend is None or self.state != "serving":
@@ -84,9 +81,7 @@ class Gateway:
         return await self._backend.health()
 
     def model_info(self) -> ModelInfo:
-        if self._backend is None:
-            raise UnavailableError("the model is still loading; retry shortly")
-        return self._backend.model_info()
+        return self.backend.model_info()
 
     def validate(self, raw: RawRequest) -> ValidatedRequest:
         self._ready_backend()
@@ -157,11 +152,10 @@ class Gateway:
                     await aclose()
 
     def _ready_backend(self) -> Backend:
-        if self._backend is None:
-            raise UnavailableError("the model is still loading; retry shortly")
+        backend = self.backend
         if self.state == "draining":
             raise UnavailableError("the server is draining and takes no new requests")
-        return self._backend
+        return backend
 
     def _check_room(self, backend: Backend) -> None:
         running, queued = backend.capacity(), self._queue.max_queued
@@ -176,3 +170,10 @@ class Gateway:
         task = asyncio.get_running_loop().create_task(cleanup)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
+
+
+def _loaded(part: T | None) -> T:
+    """``part`` of the model (absent until it is loaded), or UNAVAILABLE."""
+    if part is None:
+        raise UnavailableError("the model is still loading; retry shortly")
+    return part

@@ -253,14 +253,8 @@ def completion_object(
         choice["message"] = {"role": "assistant", "content": text}
     else:
         choice |= {"text": text, "logprobs": None}
-    return {
-        "id": response_id,
-        "object": "chat.completion" if kind == "chat" else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": usage(last),
-    }
+    object_type = "chat.completion" if kind == "chat" else "text_completion"
+    return _envelope(object_type, response_id, model, choice, last)
 
 
 def chunk_object(
@@ -277,9 +271,18 @@ def chunk_object(
         choice["delta"] = delta
     else:
         choice |= {"text": chunk.text, "logprobs": None}
+    object_type = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    return _envelope(object_type, response_id, model, choice, chunk)
+
+
+def _envelope(
+    object_type: str, response_id: str, model: str, choice: dict[str, Any], chunk: Chunk
+) -> dict[str, Any]:
+    """What a whole response and a stream's event carry around their one
+    choice; ``usage`` is the tokens so far."""
     return {
         "id": response_id,
-        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "object": object_type,
         "created": int(time.time()),
         "model": model,
         "choices": [choice],

@@ -9,11 +9,9 @@ import json
 import sys
 from typing import Any
 
-import grpc
-
 from specray.deploy.admin_client import AdminClient
 from specray.deploy.client import SpecrayError
-from specray.deploy.client_args import add_connection_args, connection_options
+from specray.deploy.client_args import add_connection_args, connection_options, report_refusal
 from specray.protos.specray.v1 import admin_pb2 as pb
 
 
@@ -42,8 +40,7 @@ def run(args: argparse.Namespace) -> int:
                 response = admin.scale(args.drafts, args.targets)
                 state, seconds = response.state, response.seconds
     except SpecrayError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2 if error.code == grpc.StatusCode.INVALID_ARGUMENT else 1
+        return report_refusal(error)
     except OSError as error:  # an unreadable --tls-ca
         print(f"error: --tls-ca: {error}", file=sys.stderr)
         return 2

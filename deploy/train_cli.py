@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,16 +156,7 @@ def run(args: argparse.Namespace) -> int:
     head = DraftHead(head_config, vocab, load_frozen(target_dir, vocab, torch.bfloat16))
     copied = init_from_target(head, target_dir, config) if args.init == "target" else []
     head = head.to(args.device)
-    settings = TrainSettings(
-        epochs=args.epochs,
-        batch_size=args.train_batch,
-        max_rows=args.max_tokens,
-        steps=args.steps,
-        lr=args.lr,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        max_minutes=args.train_minutes,
-    )
+    settings = replace(_train_settings(args), steps=args.steps)
     result = _train(head, data, settings)
     ended = time.perf_counter()
     out = args.out or home / "heads" / Path(str(args.target)).name
@@ -215,6 +206,19 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--draft-vocab must be >= 2, got {args.draft_vocab}")
 
 
+def _train_settings(args: argparse.Namespace) -> TrainSettings:
+    """The training flags both methods take; each adds its own."""
+    return TrainSettings(
+        epochs=args.epochs,
+        batch_size=args.train_batch,
+        max_rows=args.max_tokens,
+        lr=args.lr,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        max_minutes=args.train_minutes,
+    )
+
+
 def _layers(text: str | None, config: ModelConfig, method: str = "head") -> tuple[int, ...]:
     if not text:
         if method == "dspark":
@@ -247,16 +251,7 @@ def _run_dspark(
         mask_token_id=default_mask_token(config.vocab_size, tokenizer_size),
         seed=args.seed,
     )
-    settings = TrainSettings(
-        epochs=args.epochs,
-        batch_size=args.train_batch,
-        max_rows=args.max_tokens,
-        lr=args.lr,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        max_minutes=args.train_minutes,
-        anchors=args.anchors,
-    )
+    settings = replace(_train_settings(args), anchors=args.anchors)
     began = time.perf_counter()
     result = _train(model.to(args.device), data, settings)
     fit = _calibrate(model, data, settings, args.calibrate_for)

@@ -50,7 +50,7 @@ same tokens for the same seed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -152,17 +152,13 @@ def greedy_tree_verify(
     target_argmax: torch.Tensor,  # [len(draft) + 1] int64
 ) -> TreePath:
     """The longest path whose every token is the target's argmax, then the argmax."""
-    _check_rows(draft, target_argmax.shape[0])
     argmax = target_argmax.tolist()
-    kids = children(draft.parents)
-    accepted: list[int] = []
-    node = -1
-    while True:
-        wanted = argmax[node + 1]
-        node = next((c for c in kids[node + 1] if draft.token_ids[c] == wanted), -2)
-        if node == -2:
-            return TreePath(accepted, wanted)
-        accepted.append(node)
+
+    def matching_child(row: int, kids: list[int]) -> int | _Stop:
+        wanted = argmax[row]
+        return next((c for c in kids if draft.token_ids[c] == wanted), _Stop(wanted))
+
+    return _walk(draft, target_argmax.shape[0], matching_child)
 
 
 def verify_tree_with_uniforms(
@@ -172,39 +168,58 @@ def verify_tree_with_uniforms(
 ) -> TreePath:
     """The sampling rule of the module docstring for given uniforms; exposed so
     statistical tests drive the exact code path of :func:`tree_rejection_sample`."""
-    _check_rows(draft, target_probs.shape[0])
     draws = uniforms.tolist()
-    kids = children(draft.parents)
-    accepted: list[int] = []
-    node = -1
-    while True:
-        target = target_probs[node + 1]
+
+    def sampled_child(row: int, kids: list[int]) -> int | _Stop:
+        target = target_probs[row]
         residual = target
         # sum(residual): 1 while it is the target row itself, which keeps a
         # chain's arithmetic identical to rejection_sample's.
         scale = 1.0
         rejected_any = False
-        chosen = -1
-        for child in kids[node + 1]:
+        for child in kids:
             token = draft.token_ids[child]
             draft_at_token = 1.0
             if draft.draft_probs is not None:
                 draft_at_token = float(draft.draft_probs[child, token])
             if draws[child] * draft_at_token * scale < float(residual[token]):
-                chosen = child
-                break
+                return child
             residual = _without(residual, scale, child, token, draft.draft_probs)
             scale = float(residual.double().sum())
             rejected_any = True
-        if chosen >= 0:
-            accepted.append(chosen)
-            node = chosen
-            continue
         # Rounding can empty a residual that theory says keeps mass after a
         # rejection; the target is then the closest valid choice.
         final_probs = residual if rejected_any and scale > 0.0 else target
-        final = sample_with_uniforms(final_probs.unsqueeze(0), uniforms[-1:])
-        return TreePath(accepted, int(final))
+        return _Stop(int(sample_with_uniforms(final_probs.unsqueeze(0), uniforms[-1:])))
+
+    return _walk(draft, target_probs.shape[0], sampled_child)
+
+
+@dataclass(frozen=True)
+class _Stop:
+    """A node where the walk ends: no child accepted, ``token_id`` emitted."""
+
+    token_id: int
+
+
+# A node's rule, the one place greedy and sampling verification differ: from
+# the node's row (0: the root, 1 + i: node i) and its children, the child it
+# accepts, or where the walk stops.
+_NodeRule = Callable[[int, list[int]], int | _Stop]
+
+
+def _walk(draft: TreeDraft, rows: int, rule: _NodeRule) -> TreePath:
+    """From the root, move to the child ``rule`` accepts until it stops."""
+    _check_rows(draft, rows)
+    kids = children(draft.parents)
+    accepted: list[int] = []
+    row = 0
+    while True:
+        verdict = rule(row, kids[row])
+        if isinstance(verdict, _Stop):
+            return TreePath(accepted, verdict.token_id)
+        accepted.append(verdict)
+        row = verdict + 1
 
 
 def _without(

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from specray.actors.drafting.drafter_config import CONFIG_NAME
 from specray.actors.drafting.dspark.calibration import Calibration
-from specray.actors.drafting.dspark.config import CONFIG_NAME, DSparkConfig
+from specray.actors.drafting.dspark.config import DSparkConfig
 from specray.actors.drafting.dspark.model import DSparkModel
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import parse_dtype

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from specray.actors.drafting.drafter_config import SizeCheck, check_fits_target, config_path
 from specray.actors.model.config import ModelConfig, UnsupportedModelError
 from specray.actors.model.v4.params import MOE, SLIDING
 
-CONFIG_NAME = "config.json"
 MARKOV_HEAD_TYPES = ("vanilla",)
 
 
@@ -113,24 +113,19 @@ class DSparkConfig:
 
     @classmethod
     def load(cls, directory: str | Path) -> DSparkConfig:
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: not a DSpark checkpoint directory")
+        path = config_path(directory, "DSpark checkpoint")
         return cls.from_hf(json.loads(path.read_text()))
 
     def check_target(self, target: ModelConfig) -> None:
         """Raise if ``target`` is not the kind of model this drafter was trained for."""
-        mismatches = [
-            f"{name} {mine} != target's {theirs}"
-            for name, mine, theirs in (
-                ("vocab_size", self.vocab_size, target.vocab_size),
-                ("num_target_layers", self.num_target_layers, target.num_layers),
-                ("hidden_size", self.hidden_size, target.hidden_size),
-            )
-            if mine != theirs
-        ]
-        if mismatches:
-            raise ValueError(f"DSpark drafter does not fit this target: {'; '.join(mismatches)}")
+        check_fits_target(
+            "DSpark drafter",
+            (
+                SizeCheck("vocab_size", self.vocab_size, target.vocab_size),
+                SizeCheck("num_target_layers", self.num_target_layers, target.num_layers),
+                SizeCheck("hidden_size", self.hidden_size, target.hidden_size),
+            ),
+        )
 
 
 def _v4_drafter(target: ModelConfig, hf: dict[str, Any]) -> ModelConfig:

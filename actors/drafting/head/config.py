@@ -7,9 +7,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from specray.actors.drafting.drafter_config import (
+    CONFIG_NAME,
+    SizeCheck,
+    check_fits_target,
+    config_path,
+)
 from specray.actors.model.config import ModelConfig
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "head.safetensors"
 FORMAT = "specray-draft-head-v1"
 
@@ -101,17 +106,14 @@ class HeadConfig:
 
     def check_target(self, config: ModelConfig) -> None:
         """Raise if ``config`` is not the kind of target this head was trained on."""
-        mismatches = [
-            f"{name} {mine} != target's {theirs}"
-            for name, mine, theirs in (
-                ("vocab_size", self.target_vocab_size, config.vocab_size),
-                ("num_layers", self.target_num_layers, config.num_layers),
-                ("hidden_size", self.hidden_size, config.hidden_size),
-            )
-            if mine != theirs
-        ]
-        if mismatches:
-            raise ValueError(f"draft head does not fit this target: {'; '.join(mismatches)}")
+        check_fits_target(
+            "draft head",
+            (
+                SizeCheck("vocab_size", self.target_vocab_size, config.vocab_size),
+                SizeCheck("num_layers", self.target_num_layers, config.num_layers),
+                SizeCheck("hidden_size", self.hidden_size, config.hidden_size),
+            ),
+        )
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -119,9 +121,7 @@ class HeadConfig:
 
     @classmethod
     def load(cls, directory: Path) -> HeadConfig:
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: not a draft-head directory")
+        path = config_path(directory, "draft-head")
         raw: dict[str, Any] = json.loads(path.read_text())
         if raw.get("format") != FORMAT:
             raise ValueError(f"{path}: format {raw.get('format')!r} is not {FORMAT!r}")
