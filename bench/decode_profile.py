@@ -51,7 +51,10 @@ KINDS = (
     ("attention", ("softmax", "scaled_dot_product", "attention")),
     ("norms", ("rsqrt", "pow", "mean", "rms_norm")),
     ("cache and indexing", ("index", "copy_", "scatter", "gather", "cat", "slice", "select")),
-    ("elementwise", ("mul", "add", "silu", "sigmoid", "neg", "sub", "div", "exp", "to", "cos")),
+    (
+        "elementwise",
+        ("mul", "add", "silu", "sigmoid", "neg", "sub", "div", "exp", "to", "cos", "rotary"),
+    ),
 )
 ID = "profiled"
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from specray.actors.model import attend as attend_module
-from specray.actors.model.attend import attend
+from specray.actors.model.attend import attend, attend_packed
 from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.parallel.block_kernel import SWITCH, block_kernel_reason
 
@@ -140,10 +140,54 @@ def test_a_row_does_not_depend_on_the_rows_or_context_around_it(dtype: torch.dty
 
 def test_head_dims_the_row_kernel_refuses_keep_the_grouped_path() -> None:
     gen = torch.Generator().manual_seed(4)
-    query = torch.randn(1, 4, 3, 12, generator=gen)  # head_dim 12: not a multiple of 8
+    query = torch.randn(1, 4, 3, 12, generator=gen)  # head_dim 12: not a multiple of 16
     keys = torch.randn(1, 2, 10, 12, generator=gen)
     values = torch.randn(1, 2, 10, 12, generator=gen)
     mask = torch.ones(1, 1, 3, 10, dtype=torch.bool)
     want = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
     got = attend(query, keys, values, mask, 12**-0.5)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(2, 2), (6, 2), (7, 1), (16, 2), (16, 1)])
+def test_every_group_size_matches_the_fused_kernel(heads: int, kv_heads: int) -> None:
+    """Query heads per KV head from 1 to 16: the row kernel's score passes
+    take up to 4 heads and its value passes up to 8 at a time."""
+    if block_kernel_reason() is not None:
+        pytest.skip(f"row kernel: {block_kernel_reason()}")
+    gen = torch.Generator().manual_seed(5)
+    query = torch.randn(2, heads, 3, 32, generator=gen)
+    keys = torch.randn(2, kv_heads, 21, 32, generator=gen)  # 21: a partial last block of 8
+    values = torch.randn(2, kv_heads, 21, 32, generator=gen)
+    mask = torch.rand(2, 1, 3, 21, generator=gen) < 0.7
+    mask[..., 0] = True
+    want = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, scale=0.2, enable_gqa=True
+    )
+    torch.testing.assert_close(attend(query, keys, values, mask, 0.2), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_queries_read_the_cache_where_it_lies(dtype: torch.dtype) -> None:
+    """Packed queries against a whole cache layer, each sequence reading its
+    own slot: the same bits as the padded call on keys gathered out first."""
+    if block_kernel_reason() is not None:
+        pytest.skip(f"row kernel: {block_kernel_reason()}")
+    gen = torch.Generator().manual_seed(6)
+    heads, kv_heads, head_dim, length = 6, 2, 32, 27
+    cache_k = torch.randn(4, kv_heads, length, head_dim, generator=gen).to(dtype)
+    cache_v = torch.randn(4, kv_heads, length, head_dim, generator=gen).to(dtype)
+    # Slots 3 and 1, not in order; a prefill of 5 beside a decode at the
+    # cache's last position (context 27 = length: no room past it).
+    batch = ForwardBatch.build([SequenceInput(3, [1] * 5, 0, 1), SequenceInput(1, [2], 26, 1)])
+    packed = torch.randn(6, heads, head_dim, generator=gen).to(dtype)
+    mask = batch.attention_mask(None)
+    slots = torch.tensor(batch.slots)
+    got = attend_packed(packed, batch.flat_index, cache_k, cache_v, slots, mask, 0.3)
+    assert got is not None
+    keys = cache_k.index_select(0, slots)[:, :, : batch.context_len]
+    values = cache_v.index_select(0, slots)[:, :, : batch.context_len]
+    padded = attend(batch.pad(packed).transpose(1, 2), keys, values, mask, 0.3)
+    assert torch.equal(got, batch.unpad(padded.transpose(1, 2)))
+    with pytest.raises(ValueError, match="27 positions"):
+        attend_packed(packed, batch.flat_index, cache_k[:, :, :20], cache_v, slots, mask, 0.3)

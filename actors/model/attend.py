@@ -11,7 +11,9 @@ that move with its length, so the same row could round differently in a
 verify than in a decode, and greedy speculation could part from target-only
 decoding at a near-tie (it did, after a prefix-cache hit changed how the
 prompt was split between forwards). The kernel stores no scores, so long
-prefills take it too. It has no backward: training keeps torch's path.
+prefills take it too. It has no backward: training keeps torch's path. The
+layers call it packed (:func:`attend_packed`): each sequence's keys are read
+in its own cache slot, with no gather, and its queries are not padded.
 
 Without the kernel (no compiler, ``SPECRAY_BLOCK_KERNEL=off``, head sizes it
 does not take): ``F.scaled_dot_product_attention`` picks its flash kernel,
@@ -29,11 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from specray.actors.parallel.block_kernel import (
-    DTYPE_CODES,
-    BlockKernelUnavailable,
-    load_block_kernel,
-)
+from specray.actors.parallel.block_kernel import inference_kernel, named_for_profiler
 
 # Float32 score elements (batch x heads x queries x keys) up to which the
 # grouped matmul path runs: 16 M is 64 MiB of scores.
@@ -52,9 +50,11 @@ def attend(
     batch, heads, new, head_dim = query.shape
     kv_heads, context = keys.shape[1], keys.shape[2]
     if query.device.type == "cpu":
-        out = _row_by_row(query, keys, values, mask, scale)
+        packed = query.transpose(1, 2).reshape(batch * new, heads, head_dim)
+        every = torch.arange(batch * new)
+        out = attend_packed(packed, every, keys, values, every[:batch], mask, scale)
         if out is not None:
-            return out
+            return out.view(batch, new, heads, head_dim).transpose(1, 2)
     if query.device.type != "cpu" or batch * heads * new * context > GROUPED_SCORE_BUDGET:
         return F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
@@ -71,6 +71,40 @@ def attend(
     return out.view(batch, heads, new, head_dim).to(query.dtype)
 
 
+def attend_packed(
+    query: torch.Tensor,  # [tokens, heads, head_dim]: packed, as the layers make them
+    query_rows: torch.Tensor,  # [tokens] int64: each query's row b * max_new + i of the mask
+    keys: torch.Tensor,  # [blocks, kv_heads, length, head_dim]: e.g. a KV cache layer
+    values: torch.Tensor,  # as keys
+    kv_blocks: torch.Tensor,  # [batch] int64: the block of keys sequence b reads
+    mask: torch.Tensor,  # [batch, 1, max_new, context_len] bool: query may see key
+    scale: float,
+) -> torch.Tensor | None:  # [tokens, heads, head_dim]; None: the row kernel cannot here
+    """Attention on the row kernel with the keys read where they lie: a
+    sequence's keys are not gathered out of the cache first, nor its queries
+    padded. None where the kernel does not run (no kernel, autograd, a
+    layout it refuses): then :func:`attend` on the padded batch."""
+    kernel = inference_kernel(query, keys, values)  # training keeps torch's path
+    if kernel is None or keys.dtype != values.dtype:
+        return None
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
+        return None
+    if keys.stride(-2) != keys.shape[-1] or values.stride(-2) != values.shape[-1]:
+        return None
+    batch, _, new, context = mask.shape
+    if context > keys.shape[2] or kv_blocks.shape[0] != batch:
+        raise ValueError(
+            f"attention over {context} positions of {batch} sequences, but the keys "
+            f"hold {keys.shape[2]} positions of {kv_blocks.shape[0]}"
+        )
+    visible = mask.reshape(batch, new, context).contiguous()
+    rows = query.contiguous()
+    return named_for_profiler(
+        PROFILER_NAME,
+        lambda: kernel.row_attention(rows, query_rows, keys, values, kv_blocks, visible, scale),
+    )
+
+
 def mask_bias(
     mask: torch.Tensor,  # [batch, 1, max_new, context_len] bool: query may see key
 ) -> torch.Tensor:  # as mask, float32: 0 where visible, -inf elsewhere
@@ -80,32 +114,3 @@ def mask_bias(
     last real position), so no row of scores is all -inf."""
     bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     return bias.masked_fill_(~mask, float("-inf"))
-
-
-def _row_by_row(
-    query: torch.Tensor,  # [batch, heads, max_new, head_dim]
-    keys: torch.Tensor,  # [batch, kv_heads, context_len, head_dim]
-    values: torch.Tensor,  # [batch, kv_heads, context_len, head_dim]
-    mask: torch.Tensor,  # [batch, 1, max_new, context_len] bool
-    scale: float,
-) -> torch.Tensor | None:  # None: the kernel cannot take these here
-    if torch.is_grad_enabled() and (
-        query.requires_grad or keys.requires_grad or values.requires_grad
-    ):
-        return None  # training: the kernel has no backward
-    try:
-        kernel = load_block_kernel()
-    except BlockKernelUnavailable:
-        return None
-    if keys.dtype != values.dtype or keys.stride(-1) != 1 or values.stride(-1) != 1:
-        return None
-    if keys.stride(-2) != keys.shape[-1] or values.stride(-2) != values.shape[-1]:
-        return None
-    if query.dtype not in DTYPE_CODES or keys.dtype not in DTYPE_CODES:
-        return None
-    visible = mask.reshape(mask.shape[0], mask.shape[2], mask.shape[3]).contiguous()
-    if torch.autograd._profiler_enabled():
-        # torch's profiler sees operators only; name the kernel's call for it.
-        with torch.profiler.record_function(PROFILER_NAME):
-            return kernel.row_attention(query.contiguous(), keys, values, visible, scale)
-    return kernel.row_attention(query.contiguous(), keys, values, visible, scale)

@@ -37,6 +37,10 @@ class ForwardContext:
         :meth:`ForwardBatch.attention_mask`)."""
         return self.shared(("mask", window), lambda: self.batch.attention_mask(window))
 
+    def slot_index(self) -> torch.Tensor:
+        """``[batch]`` int64: each sequence's cache slot."""
+        return self.shared("slots", lambda: torch.tensor(self.batch.slots, dtype=torch.int64))
+
     def rope(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[num_tokens, 1, head_dim]`` of the rotary ``name`` at
         every packed token's position."""

@@ -22,6 +22,8 @@ from itertools import pairwise
 
 import torch
 
+from specray.actors.parallel.block_kernel import inference_kernel
+
 
 class CacheFullError(RuntimeError):
     """No free slot, or a sequence would outgrow its slot."""
@@ -150,13 +152,27 @@ class KVCache(SlotCache):
         keys: torch.Tensor,  # [tokens, kv_heads, head_dim]
         values: torch.Tensor,  # [tokens, kv_heads, head_dim]
     ) -> None:
-        self.keys[layer][slots, :, positions] = keys
-        self.values[layer][slots, :, positions] = values
+        cache_keys, cache_values = self.keys[layer], self.values[layer]
+        kernel = inference_kernel(keys, values, cache_keys)
+        if (
+            kernel is not None
+            and keys.dtype == values.dtype == cache_keys.dtype
+            and keys.stride(-1) == values.stride(-1) == 1
+        ):
+            kernel.cache_rows(cache_keys, cache_values, slots, positions, keys, values)
+            return
+        cache_keys[slots, :, positions] = keys
+        cache_values[slots, :, positions] = values
 
     def position_rows(self) -> list[PositionRows]:
         # [layers, slots, kv_heads, max_len, head_dim] seen as
         # [slots, max_len, layers, kv_heads, head_dim]
         return [PositionRows(t.permute(1, 3, 0, 2, 4)) for t in (self.keys, self.values)]
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[slots, kv_heads, max_len, head_dim]`` keys and values of a layer,
+        every slot: what a kernel that reads keys where they lie takes."""
+        return self.keys[layer], self.values[layer]
 
     def read(self, layer: int, slots: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``[batch, kv_heads, length, head_dim]`` keys and values of ``slots``."""

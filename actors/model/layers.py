@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specray.actors.model.attend import attend
+from specray.actors.model.attend import attend, attend_packed
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.context import ForwardContext
 from specray.actors.model.kv_cache import KVCache
@@ -111,11 +111,14 @@ class Attention(nn.Module):
         q, k, v = self.project(x, ctx.rope(self.rope_name))
 
         cache.write(self.layer, batch.flat_slots, batch.flat_positions, k, v)
-        keys, values = cache.read(self.layer, batch.slots, batch.context_len)
-
         mask = ctx.mask(self.window)
-        out = attend(batch.pad(q).transpose(1, 2), keys, values, mask, self.scale)
-        return self.o_proj(batch.unpad(out.transpose(1, 2)).reshape(tokens, -1))
+        keys, values = cache.layer(self.layer)
+        out = attend_packed(q, batch.flat_index, keys, values, ctx.slot_index(), mask, self.scale)
+        if out is None:
+            keys, values = cache.read(self.layer, batch.slots, batch.context_len)
+            padded = attend(batch.pad(q).transpose(1, 2), keys, values, mask, self.scale)
+            out = batch.unpad(padded.transpose(1, 2))
+        return self.o_proj(out.reshape(tokens, -1))
 
 
 class GatedMLP(nn.Module):

@@ -1,4 +1,5 @@
-"""The block matmul kernel and row-by-row attention (``csrc/``), compiled on
+"""The CPU kernels of ``csrc/``: the block matmul, row-by-row attention, and
+the elementwise steps around them (RMSNorm, rotary embedding), compiled on
 first use.
 
 The C++ files are compiled once per machine with the system's C++ compiler
@@ -22,6 +23,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -29,7 +31,16 @@ from specray.actors.parallel.cpuinfo import flags_in, read_cpuinfo
 from specray.actors.store.layout import default_home
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "tiled_matmul.cpp", CSRC / "row_attention.cpp")
+SOURCES = tuple(
+    CSRC / name
+    for name in (
+        "tiled_matmul.cpp",
+        "row_attention.cpp",
+        "row_norm.cpp",
+        "rotary.cpp",
+        "cache_rows.cpp",
+    )
+)
 HEADERS = tuple(CSRC / name for name in ("block_common.h", "tile_vnni.h", "tile_avx2.h"))
 NEEDED_FLAGS = frozenset({"avx2", "fma", "f16c"})
 # No contraction into fused multiply-adds where the source has a multiply
@@ -54,6 +65,8 @@ VNNI_CXX_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 # that has VNNI.
 SWITCH = "SPECRAY_BLOCK_KERNEL"
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+T = TypeVar("T")
 
 
 class BlockKernelUnavailable(RuntimeError):
@@ -122,37 +135,128 @@ class BlockKernel:
 
     def row_attention(
         self,
-        query: torch.Tensor,  # [batch, heads, rows, head_dim] float32 or bf16, contiguous
-        keys: torch.Tensor,  # [batch, kv_heads, context, head_dim], rows of head_dim contiguous
+        query: torch.Tensor,  # [tokens, heads, head_dim] float32 or bf16, contiguous
+        query_rows: torch.Tensor,  # [tokens] int64: b * max_new + i, each query's mask row
+        keys: torch.Tensor,  # [blocks, kv_heads, length, head_dim], rows of head_dim contiguous
         values: torch.Tensor,  # as keys, same dtype
-        visible: torch.Tensor,  # [batch, rows, context] bool, contiguous
+        kv_blocks: torch.Tensor,  # [batch] int64: the block sequence b reads
+        visible: torch.Tensor,  # [batch, max_new, context] bool, contiguous
         scale: float,
     ) -> torch.Tensor | None:  # as query; None: shapes or dtypes csrc/row_attention.cpp refuses
-        """Attention row by row over each row's visible keys (csrc/row_attention.cpp)."""
-        batch, heads, rows, head_dim = query.shape
+        """Attention row by row over each row's visible keys, read where they
+        lie (csrc/row_attention.cpp)."""
+        tokens, heads, head_dim = query.shape
         out = torch.empty_like(query)
         status = self.library.specray_row_attention(
             query.data_ptr(),
             DTYPE_CODES[query.dtype],
+            tokens,
+            heads,
+            head_dim,
+            query_rows.data_ptr(),
             keys.data_ptr(),
             values.data_ptr(),
             DTYPE_CODES[keys.dtype],
-            visible.data_ptr(),
-            out.data_ptr(),
-            batch,
-            heads,
             keys.shape[1],
-            rows,
-            keys.shape[2],
-            head_dim,
+            kv_blocks.data_ptr(),
             keys.stride(0),
             keys.stride(1),
             values.stride(0),
             values.stride(1),
+            visible.data_ptr(),
+            visible.shape[1],
+            visible.shape[2],
+            out.data_ptr(),
             scale,
             torch.get_num_threads(),
         )
         return None if status else out
+
+    def rms_norm(
+        self,
+        x: torch.Tensor,  # [rows, dim] float32 or bf16, contiguous
+        weight: torch.Tensor,  # [dim] float32 or bf16, contiguous
+        eps: float,
+        mode: int,  # csrc/row_norm.cpp: 0 Llama, 1 Gemma, 2 float32 weight
+    ) -> torch.Tensor | None:  # as x; None: what csrc/row_norm.cpp refuses
+        """RMSNorm of each row in one call (csrc/row_norm.cpp)."""
+        out = torch.empty_like(x)
+        status = self.library.specray_rms_norm(
+            x.data_ptr(),
+            DTYPE_CODES[x.dtype],
+            weight.data_ptr(),
+            DTYPE_CODES[weight.dtype],
+            out.data_ptr(),
+            x.shape[0],
+            x.shape[1],
+            eps,
+            mode,
+            torch.get_num_threads(),
+        )
+        return None if status else out
+
+    def rotary(
+        self,
+        x: torch.Tensor,  # [tokens, heads, head_dim], head_dim contiguous
+        cos: torch.Tensor,  # [tokens, head_dim], x's dtype, contiguous
+        sin: torch.Tensor,  # as cos
+    ) -> torch.Tensor | None:  # [tokens, heads, head_dim] contiguous; None: refused
+        """Rotary embedding of every head, bit for bit as torch's operators
+        compute it (csrc/rotary.cpp)."""
+        tokens, heads, head_dim = x.shape
+        out = torch.empty((tokens, heads, head_dim), dtype=x.dtype)
+        status = self.library.specray_rotary(
+            x.data_ptr(),
+            DTYPE_CODES[x.dtype],
+            cos.data_ptr(),
+            sin.data_ptr(),
+            out.data_ptr(),
+            tokens,
+            heads,
+            head_dim,
+            x.stride(0),
+            x.stride(1),
+            torch.get_num_threads(),
+        )
+        return None if status else out
+
+    def cache_rows(
+        self,
+        cache_keys: torch.Tensor,  # [num_slots, kv_heads, max_len, head_dim], rows contiguous
+        cache_values: torch.Tensor,  # as cache_keys, same strides and dtype
+        slots: torch.Tensor,  # [tokens] int64
+        positions: torch.Tensor,  # [tokens] int64
+        keys: torch.Tensor,  # [tokens, kv_heads, head_dim], cache's dtype, rows contiguous
+        values: torch.Tensor,  # as keys
+    ) -> None:
+        """``cache[slots[t], :, positions[t]] = keys[t]`` (and values) for
+        every token t, in one call (csrc/cache_rows.cpp)."""
+        num_slots, kv_heads, max_len, head_dim = cache_keys.shape
+        status = self.library.specray_cache_rows(
+            cache_keys.data_ptr(),
+            cache_values.data_ptr(),
+            cache_keys.stride(0),
+            cache_keys.stride(1),
+            num_slots,
+            max_len,
+            slots.data_ptr(),
+            positions.data_ptr(),
+            keys.shape[0],
+            kv_heads,
+            head_dim,
+            keys.data_ptr(),
+            keys.stride(0),
+            keys.stride(1),
+            values.data_ptr(),
+            values.stride(0),
+            values.stride(1),
+            keys.element_size(),
+        )
+        if status:
+            raise IndexError(
+                f"cache rows out of range: slots {slots.tolist()} of {num_slots}, "
+                f"positions {positions.tolist()} of {max_len}"
+            )
 
     def dequantize(
         self,
@@ -203,15 +307,19 @@ def load_block_kernel() -> BlockKernel:
     AVX2 build even where VNNI is there); raises :class:`BlockKernelUnavailable`
     naming the reason when this machine cannot run it (or it is turned off).
     Compiled at most once per source and compiler, tried once per process."""
-    setting = os.environ.get(SWITCH, "").lower()
-    if setting in ("0", "off", "false", "no"):
-        raise BlockKernelUnavailable(
-            f"the block kernel is turned off ({SWITCH}={os.environ[SWITCH]})"
-        )
-    found = _kernel_for(vnni=setting != "avx2" and cpu_flags() >= VNNI_CPU_FLAGS)
+    found = _kernel_for_setting(os.environ.get(SWITCH, ""))
     if isinstance(found, str):
         raise BlockKernelUnavailable(found)
     return found
+
+
+@functools.cache
+def _kernel_for_setting(setting: str) -> BlockKernel | str:
+    """The kernel for a value of :data:`SWITCH`, or why there is none; cached,
+    since layers ask on every call."""
+    if setting.lower() in ("0", "off", "false", "no"):
+        return f"the block kernel is turned off ({SWITCH}={setting})"
+    return _kernel_for(vnni=setting.lower() != "avx2" and cpu_flags() >= VNNI_CPU_FLAGS)
 
 
 @functools.cache
@@ -241,13 +349,41 @@ def build_block_kernel(vnni: bool) -> BlockKernel:
     entries = {
         "tiled_matmul": [ptr, i32, i64, i64, *weight, i64, ptr, i32, i32],
         "tiled_dequantize": [*weight, i64, i64, i64, ptr, i32, i32],
-        "row_attention": [ptr, i32, ptr, ptr, i32, ptr, ptr, *[i64] * 10, ctypes.c_float, i32],
+        "row_attention": [
+            *[ptr, i32, i64, i64, i64, ptr, ptr, ptr, i32, i64, ptr, i64, i64, i64, i64],
+            *[ptr, i64, i64, ptr, ctypes.c_float, i32],
+        ],
+        "rms_norm": [ptr, i32, ptr, i32, ptr, i64, i64, ctypes.c_float, i32, i32],
+        "rotary": [ptr, i32, ptr, ptr, ptr, i64, i64, i64, i64, i64, i32],
+        "cache_rows": [ptr, ptr, *[i64] * 4, ptr, ptr, *[i64] * 3, ptr, i64, i64, ptr, *[i64] * 3],
     }
     for name, args in entries.items():
         entry = getattr(loaded, f"specray_{name}")
         entry.restype = ctypes.c_int
         entry.argtypes = args
     return BlockKernel(loaded, library, vnni)
+
+
+def inference_kernel(*tensors: torch.Tensor) -> BlockKernel | None:
+    """The kernels for an inference step on ``tensors``: None where they are
+    not all on the CPU in a kernel dtype, where autograd wants their
+    gradients (the kernels have no backward), or where the kernel cannot
+    load here."""
+    grad = torch.is_grad_enabled()
+    for tensor in tensors:
+        if not tensor.is_cpu or tensor.dtype not in DTYPE_CODES or (grad and tensor.requires_grad):
+            return None
+    found = _kernel_for_setting(os.environ.get(SWITCH, ""))
+    return None if isinstance(found, str) else found
+
+
+def named_for_profiler(name: str, call: Callable[[], T]) -> T:
+    """``call()``, in a range named ``name`` while torch's profiler runs: it
+    sees operators only, and a kernel's ctypes call is none."""
+    if torch.autograd._profiler_enabled():
+        with torch.profiler.record_function(name):
+            return call()
+    return call()
 
 
 def block_kernel_reason() -> str | None:

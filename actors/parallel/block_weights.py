@@ -30,6 +30,7 @@ from specray.actors.parallel.block_kernel import (
     PackedBlocks,
     build_block_kernel,
     load_block_kernel,
+    named_for_profiler,
 )
 from specray.actors.parallel.quantized import GroupAffine
 from specray.actors.parallel.weight_format import LinearWeights, frozen
@@ -128,12 +129,7 @@ class BlockWeights(LinearWeights):
         bound = self._bound
         if bound is None or bound.scales_at != self.scales.data_ptr():
             bound = self._bound = self.kernel.bind(self.packed())
-        if torch.autograd._profiler_enabled():
-            # torch's profiler sees operators only; name the kernel's call for it.
-            with torch.profiler.record_function(PROFILER_NAME):
-                bound(flat, out)
-        else:
-            bound(flat, out)
+        named_for_profiler(PROFILER_NAME, lambda: bound(flat, out))
         if x.dim() != 2:
             out = out.view(*x.shape[:-1], self.out_features)
         if out.dtype != x.dtype:

@@ -2,6 +2,7 @@
 // stores.
 #pragma once
 
+#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -59,6 +60,47 @@ void quantize(const In* x, int64_t rows, int64_t k, int8_t* codes, float* scales
         codes[start + j] = static_cast<int8_t>(std::nearbyint(values[j] / divisor));
     }
   }
+}
+
+// Eight values widened to float32 lanes.
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+
+inline __m256 load8(const uint16_t* x) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+// The eight lanes summed pairwise, in one fixed order.
+inline float sum8(__m256 v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+         ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+// Lanes rounded to the precision of Out (bfloat16: to nearest even, as
+// store() rounds; NaNs stay NaN), still as float32: the value an elementwise
+// torch operator on Out tensors hands to the next one.
+inline __m256 round_to(__m256 v, const float*) { return v; }
+
+inline __m256 round_to(__m256 v, const uint16_t*) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i nearest =
+      _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
+  const __m256i magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7F800000));
+  const __m256i quiet = _mm256_or_si256(bits, _mm256_set1_epi32(0x00400000));
+  const __m256i chosen = _mm256_blendv_epi8(nearest, quiet, nan);
+  return _mm256_castsi256_ps(_mm256_and_si256(chosen, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// Eight lanes to out, rounded as store() rounds.
+template <typename Out>
+inline void store8(__m256 v, Out* out) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  for (int e = 0; e < 8; ++e) store(lanes[e], out + e);
 }
 
 // The first ``valid`` of ``lanes`` to out (a tile's last rows may be padding).
