@@ -88,6 +88,32 @@ async def stream_all(router: Any, request: GenerationRequest) -> tuple[list[int]
     return tokens, last
 
 
+async def first_chunks(
+    router: Any, requests: list[GenerationRequest]
+) -> tuple[list[Any], list[RequestOutput]]:
+    """Each request's open stream and its first chunk: every request is
+    mid-stream (admitted, holding router state) when this returns."""
+    streams = [open_stream(router, r) for r in requests]
+    firsts = [await (await anext(s)) for s in streams]
+    return streams, firsts
+
+
+async def finish_streams(
+    streams: list[Any], firsts: list[RequestOutput]
+) -> list[tuple[list[int], RequestOutput]]:
+    """Each stream of :func:`first_chunks` read to its end: all its tokens,
+    the first chunk's included, and its last chunk."""
+
+    async def rest(stream: Any, first: RequestOutput) -> tuple[list[int], RequestOutput]:
+        tokens, last = list(first.token_ids), first
+        async for ref in stream:
+            last = await ref
+            tokens += last.token_ids
+        return tokens, last
+
+    return await asyncio.gather(*(rest(s, f) for s, f in zip(streams, firsts, strict=True)))
+
+
 async def run_all(router: Any, requests: list[GenerationRequest]) -> dict[str, list[int]]:
     results = await asyncio.gather(*(stream_all(router, r) for r in requests))
     return {r.request_id: tokens for r, (tokens, _) in zip(requests, results, strict=True)}

@@ -21,31 +21,38 @@ from specray.deploy.config import ServeConfig
 REPEATING = "x = [1, 2, 3]\ny = [1, 2, 3]\nz = [1, 2, 3]\n"
 
 
-def router_config(model_dir: Path, **router: Any) -> ServeConfig:
+def router_serve_config(
+    model_dir: Path, router: dict[str, Any], limits: dict[str, int], **serve: Any
+) -> ServeConfig:
+    """``specray serve`` over the router: one fp32 target shard of
+    ``model_dir`` on one thread, n-gram drafts with k = 4, gRPC on an
+    ephemeral port and no HTTP. ``router`` adds to or overrides the router
+    section, ``serve`` the top level."""
     settings = {
         "target": str(model_dir),
         "tp": 1,
         "dtype": "float32",
         "drafts": [{"kind": "ngram", "max_ngram": 3}],
         "k": 4,
+        "threads_per_shard": 1,
+        "profile": False,
+    }
+    top = {"port": 0, "http_port": None, "limits": limits} | serve
+    return ServeConfig.model_validate({"backend": "router", "router": settings | router, **top})
+
+
+def router_config(model_dir: Path, **router: Any) -> ServeConfig:
+    """The router server most tests share: a fixed γ, four slots of 512
+    tokens, and deadlines with slack for a loaded machine."""
+    settings = {
         "adaptive": False,
         "num_slots": 4,
         "max_len": 512,
-        "threads_per_shard": 1,
-        "profile": False,
         "timeout_s": 60,
         "start_timeout_s": 120,
     }
-    return ServeConfig.model_validate(
-        {
-            "backend": "router",
-            "router": settings | router,
-            "port": 0,
-            "http_port": None,
-            "drain_timeout_s": 60,
-            "limits": {"max_tokens": 256, "max_queued_requests": 8},
-        }
-    )
+    limits = {"max_tokens": 256, "max_queued_requests": 8}
+    return router_serve_config(model_dir, settings | router, limits, drain_timeout_s=60)
 
 
 def router_state(server: ServingThread) -> RouterState:

@@ -16,6 +16,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
+from specray.deploy.client import GenerationResult, SpecrayClient
 from specray.deploy.config import ServeConfig
 from specray.deploy.engine_backend import EngineBackend
 from specray.deploy.router_backend import RouterBackend
@@ -152,6 +153,40 @@ class ServingThread:
     def http_url(self) -> str:
         assert self.service.http is not None
         return f"http://127.0.0.1:{self.service.http.port}"
+
+
+def unary_and_stream(
+    client: SpecrayClient, prompt: str, max_tokens: int, **sampling: Any
+) -> tuple[GenerationResult, list[GenerationResult]]:
+    """The same request, ignoring EOS, as one unary call and as a stream,
+    checked to agree: the chunks carry the unary call's tokens and text,
+    only the last one finishes, and it counts the tokens and rounds."""
+    options = {"max_tokens": max_tokens, "ignore_eos": True, **sampling}
+    whole = client.generate(prompt, **options)
+    chunks = list(client.generate_stream(prompt, **options))
+    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
+    assert "".join(c.text for c in chunks) == whole.text
+    assert len(whole.token_ids) == max_tokens and whole.finish_reason == "length"
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    assert (chunks[-1].completion_tokens, chunks[-1].rounds) == (max_tokens, whole.rounds)
+    return whole, chunks
+
+
+def drafted_without_changing_greedy_output(
+    client: SpecrayClient, prompts: list[str | list[int]], max_tokens: int
+) -> int:
+    """How many tokens the drafter proposed over ``prompts``, each decoded
+    greedily with and without speculation, checked to give the same tokens
+    (the target alone takes a round per token)."""
+    drafted = 0
+    for prompt in prompts:
+        common = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+        speculative = client.generate(prompt, **common)
+        target_only = client.generate(prompt, speculative=False, **common)
+        assert speculative.token_ids == target_only.token_ids, prompt
+        assert target_only.draft_tokens == 0 and target_only.rounds == max_tokens
+        drafted += speculative.draft_tokens
+    return drafted
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from tokenizer_helpers import byte_level_chars
 
 from specray.actors.store import (
     ModelSpec,
@@ -25,22 +26,9 @@ MERGES = ("Ġ t", "h e", "Ġt he")
 EOS = "<|endoftext|>"
 
 
-def _byte_level_alphabet() -> list[str]:
-    """GPT-2's printable stand-in for each of the 256 bytes (the base of a byte-level BPE)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += range(ord("®"), ord("ÿ") + 1)
-    chars = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in sorted(chars)]
-
-
 def write_tiny_gguf(path: Path) -> dict[str, np.ndarray]:
     """A 2-layer llama GGUF with a byte-level BPE tokenizer; returns its float32 tensors."""
-    tokens = [*_byte_level_alphabet(), "Ġt", "he", "Ġthe", EOS]
+    tokens = [*byte_level_chars(), "Ġt", "he", "Ġthe", EOS]
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-llama")
     writer.add_context_length(64)

@@ -5,18 +5,15 @@ loopback) through the CLI."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import ray
+from cluster_helpers import loopback_cluster
 from ray.cluster_utils import Cluster
 
-from specray.cluster.local_ray import pin_loopback
 from specray.cluster.preflight.nccl_tests import (
     AllReduceRow,
     bus_factor,
@@ -159,26 +156,8 @@ def test_bad_flags_fail_before_ray_starts(
 @pytest.fixture
 def three_nodes() -> Iterator[Cluster]:
     """Head plus two nodes, all on 127.0.0.1, with Ray's files in a private dir."""
-    ray.shutdown()
-    pin_loopback()
-    saved = os.environ.get("RAY_TMPDIR")
-    ray_tmp = tempfile.mkdtemp(prefix="srpf")  # short: Ray's socket paths live under it
-    os.environ["RAY_TMPDIR"] = ray_tmp
-    loopback: dict[str, Any] = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, head_node_args={**loopback, "num_cpus": 0})
-    try:
-        for _ in range(2):
-            cluster.add_node(**loopback, num_cpus=1)
-        cluster.wait_for_nodes()
+    with loopback_cluster("srpf", [{"num_cpus": 1}] * 2) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        if saved is None:
-            del os.environ["RAY_TMPDIR"]
-        else:
-            os.environ["RAY_TMPDIR"] = saved
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import functools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizer_helpers import byte_level_chars, train_byte_level_bpe
 from transformers import PreTrainedTokenizerFast
 
 from specray.actors.engine.detokenizer import IncrementalDetokenizer
@@ -24,33 +24,14 @@ ALPHABET = "ab fox\nhéllo wörld你好世界🙂—"
 
 @functools.cache
 def _tokenizer() -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<eos>", "<stop>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(CORPUS * 3, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<eos>", clean_up_tokenization_spaces=False
-    )
+    return train_byte_level_bpe(CORPUS * 3, 400, ["<eos>", "<stop>"])
 
 
 @functools.cache
 def _byte_token_ids() -> list[int]:
     """Token id of each single byte, via GPT-2's byte-to-character map."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
     vocab = _tokenizer().get_vocab()
-    return [vocab[chars[b]] for b in range(256)]
+    return [vocab[char] for char in byte_level_chars()]
 
 
 def _bytewise(text: str) -> list[int]:

@@ -11,17 +11,17 @@ from typing import Any
 import pytest
 import ray
 import torch
-from router_helpers import router_config, target_only
+from router_helpers import router_config, stream_all, target_only
 from tiny_models import VOCAB
 
 from specray.actors.drafting.head.checkpoint import init_from_target, load_frozen, save_head
 from specray.actors.drafting.head.config import HeadConfig
 from specray.actors.drafting.head.model import DraftHead
 from specray.actors.drafting.spec import DrafterSpec
-from specray.actors.engine.request import GenerationRequest, RequestOutput
+from specray.actors.engine.request import GenerationRequest
 from specray.actors.model.config import ModelConfig
 from specray.actors.sampling.params import StoppingCriteria
-from specray.cluster.router import launch_router, open_stream
+from specray.cluster.router import launch_router
 
 RAY_CPUS = 4
 
@@ -51,19 +51,8 @@ def _requests() -> list[GenerationRequest]:
     ]
 
 
-async def _stream(router: Any, request: GenerationRequest) -> tuple[list[int], RequestOutput]:
-    tokens: list[int] = []
-    last = None
-    async for ref in open_stream(router, request):
-        chunk: RequestOutput = await ref
-        tokens += chunk.token_ids
-        last = chunk
-    assert last is not None and last.finished
-    return tokens, last
-
-
 async def _run_all(router: Any, requests: list[GenerationRequest]) -> list[Any]:
-    return list(await asyncio.gather(*(_stream(router, r) for r in requests)))
+    return list(await asyncio.gather(*(stream_all(router, r) for r in requests)))
 
 
 @pytest.mark.slow

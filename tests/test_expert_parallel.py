@@ -16,7 +16,7 @@ import pytest
 import torch
 from references import greedy_reference
 from test_tensor_parallel import HIDDEN_LAYERS, PROMPT_A, _assert_same, _greedy, _rounds
-from tiny_v4 import CSA, HCA, SLIDING, save_tiny_v4
+from tiny_v4 import CSA, HCA, SLIDING, save_tiny_v4, save_v4_draft
 
 from specray.actors.drafting.build import build_drafter
 from specray.actors.drafting.spec import DrafterSpec
@@ -204,13 +204,7 @@ def _requests() -> list[GenerationRequest]:
 
 @pytest.fixture(scope="module")
 def draft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_v4(
-        tmp_path_factory.mktemp("v4epdraft"),
-        seed=8,
-        num_hidden_layers=2,
-        layer_types=[HCA, CSA],
-        mlp_layer_types=["hash_moe", "moe"],
-    )
+    return save_v4_draft(tmp_path_factory.mktemp("v4epdraft"), seed=8)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from serving_helpers import ServingThread, save_served_model, serve_config, wait_until
+from serving_helpers import (
+    ServingThread,
+    drafted_without_changing_greedy_output,
+    save_served_model,
+    serve_config,
+    unary_and_stream,
+    wait_until,
+)
 
 from specray.actors.engine.target import LocalTarget, VerifyInput, VerifyOutput
 from specray.actors.model.loader import load_model
@@ -108,19 +115,9 @@ def test_model_info(client: SpecrayClient, model_dir: Path) -> None:
 def test_unary_and_streaming_give_identical_tokens(
     client: SpecrayClient, sampling: dict[str, float]
 ) -> None:
-    options = {"max_tokens": 40, "ignore_eos": True, **sampling}
-    whole = client.generate(REPEATING, **options)
-    chunks = list(client.generate_stream(REPEATING, **options))
-    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
-    assert "".join(c.text for c in chunks) == whole.text
-    assert len(whole.token_ids) == 40 and whole.finish_reason == "length"
-    assert all(c.finish_reason is None for c in chunks[:-1])
+    whole, chunks = unary_and_stream(client, REPEATING, 40, **sampling)
     last = chunks[-1]
-    assert (last.finish_reason, last.completion_tokens, last.rounds) == (
-        "length",
-        40,
-        whole.rounds,
-    )
+    assert last.finish_reason == "length"
     assert last.prompt_tokens == whole.prompt_tokens > 0
     if "seed" in sampling:
         assert whole.seed == last.seed == 7
@@ -128,14 +125,7 @@ def test_unary_and_streaming_give_identical_tokens(
 
 def test_greedy_speculative_output_matches_target_only(client: SpecrayClient) -> None:
     prompts: list[str | list[int]] = [REPEATING, "def add(a, b):", [5, 9, 5, 9, 5, 9, 5]]
-    drafted = 0
-    for prompt in prompts:
-        common = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
-        speculative = client.generate(prompt, **common)
-        target_only = client.generate(prompt, speculative=False, **common)
-        assert speculative.token_ids == target_only.token_ids, prompt
-        assert target_only.draft_tokens == 0 and target_only.rounds == 24
-        drafted += speculative.draft_tokens
+    drafted = drafted_without_changing_greedy_output(client, prompts, 24)
     assert drafted > 0  # the n-gram drafter did propose, so the comparison means something
 
 

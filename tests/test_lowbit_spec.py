@@ -10,6 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from tiny_gguf import VOCAB, write_tiny_qwen2
+from tiny_models import repeating_prompts
 
 from specray.actors.drafting.base import Drafter
 from specray.actors.drafting.build import build_drafter, resolve_drafter
@@ -40,12 +41,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _prompts() -> list[list[int]]:
-    gen = torch.Generator().manual_seed(0)
-    prompts = []
-    for length in (4, 9, 14):
-        body = torch.randint(3, VOCAB, (length,), generator=gen).tolist()
-        prompts.append(body + body[:4])  # a repeat, so n-gram lookup finds drafts
-    return prompts
+    return repeating_prompts(0, (4, 9, 14), VOCAB)
 
 
 def _quantized(model_dir: Path, dtype: torch.dtype, int8_kernel: str) -> DecoderModel:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from references import hf_greedy
 from tiny_models import VOCAB
 from transformers import AutoModelForCausalLM
 
@@ -65,11 +66,7 @@ def test_hidden_states_match_transformers(tiny_model_dir: Path) -> None:
 
 def test_greedy_generation_matches_transformers(tiny_model_dir: Path) -> None:
     prompt = [5, 9, 17, 33, 8]
-    hf = _hf(tiny_model_dir)
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None
-        )[0, len(prompt) :].tolist()
+    (ref,) = hf_greedy(tiny_model_dir, [prompt], 12)
     model = load_model(tiny_model_dir)
     cache = model.new_cache(1, 64)
     slot = cache.allocate()

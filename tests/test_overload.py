@@ -14,6 +14,7 @@ import json
 import math
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -61,6 +62,25 @@ def streamed_text(reply: requests.Response) -> str:
     lines = [line for line in reply.text.splitlines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     return "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1])
+
+
+@contextmanager
+def held_engine(
+    server: ServingThread,
+) -> Iterator[tuple[ThreadPoolExecutor, grpc.Channel, SpecrayClient]]:
+    """The engine held, so that nothing can finish, with a pool, a channel and
+    a client to fill it and be refused; it runs again on the way out, even
+    after a failed check, so that the other tests find it running."""
+    server.backend.pause()
+    try:
+        with (
+            ThreadPoolExecutor(CAPACITY) as pool,
+            grpc.insecure_channel(server.grpc_address) as channel,
+            SpecrayClient(server.grpc_address) as client,
+        ):
+            yield pool, channel, client
+    finally:
+        server.backend.resume()
 
 
 def fill_to_capacity(
@@ -120,20 +140,13 @@ def assert_idle_and_serving(server: ServingThread) -> None:
 def test_requests_past_the_bound_are_refused_at_once_and_the_rest_finish(
     server: ServingThread, expected: dict[str, str]
 ) -> None:
-    server.backend.pause()  # nothing can finish: a refusal cannot wait for room
-    try:
-        with (
-            ThreadPoolExecutor(CAPACITY) as pool,
-            grpc.insecure_channel(server.grpc_address) as channel,
-            SpecrayClient(server.grpc_address) as client,
-        ):
-            admitted = fill_to_capacity(server, channel, pool)
-            refuse_through_every_door(server, client)
-            assert server.service.gateway.num_in_flight == CAPACITY  # refusals took no room
-            server.backend.resume()
-            texts = [future.result(timeout=120) for future in admitted]
-    finally:
+    # Held, nothing can finish: a refusal cannot wait for room.
+    with held_engine(server) as (pool, channel, client):
+        admitted = fill_to_capacity(server, channel, pool)
+        refuse_through_every_door(server, client)
+        assert server.service.gateway.num_in_flight == CAPACITY  # refusals took no room
         server.backend.resume()
+        texts = [future.result(timeout=120) for future in admitted]
     assert texts == [expected[prompt] for prompt in PROMPTS]  # greedy output undisturbed
     assert_idle_and_serving(server)
 
@@ -141,49 +154,34 @@ def test_requests_past_the_bound_are_refused_at_once_and_the_rest_finish(
 def test_refusals_leak_no_capacity(server: ServingThread, expected: dict[str, str]) -> None:
     """Many refusals in a row, then the whole capacity is admitted again, and
     a caller that waits out the hint gets its answer."""
-    server.backend.pause()
-    try:
-        with (
-            ThreadPoolExecutor(CAPACITY) as pool,
-            grpc.insecure_channel(server.grpc_address) as channel,
-            SpecrayClient(server.grpc_address) as client,
-        ):
-            first = fill_to_capacity(server, channel, pool)
-            for _ in range(25):
-                refuse_through_every_door(server, client)
-            server.backend.resume()
-            assert [future.result(timeout=120) for future in first] == list(expected.values())
-            wait_until(lambda: server.service.gateway.num_in_flight == 0)
-            server.backend.pause()
-            second = fill_to_capacity(server, channel, pool)  # the same capacity, all of it
+    with held_engine(server) as (pool, channel, client):
+        first = fill_to_capacity(server, channel, pool)
+        for _ in range(25):
             refuse_through_every_door(server, client)
-            server.backend.resume()
-            assert [future.result(timeout=120) for future in second] == list(expected.values())
-            # The refused caller, retrying after the hint, is served.
-            assert client.generate(PROMPTS[0], **OPTIONS).text == expected[PROMPTS[0]]
-    finally:
         server.backend.resume()
+        assert [future.result(timeout=120) for future in first] == list(expected.values())
+        wait_until(lambda: server.service.gateway.num_in_flight == 0)
+        server.backend.pause()
+        second = fill_to_capacity(server, channel, pool)  # the same capacity, all of it
+        refuse_through_every_door(server, client)
+        server.backend.resume()
+        assert [future.result(timeout=120) for future in second] == list(expected.values())
+        # The refused caller, retrying after the hint, is served.
+        assert client.generate(PROMPTS[0], **OPTIONS).text == expected[PROMPTS[0]]
     assert_idle_and_serving(server)
 
 
 def test_retry_hint_is_grpc_trailing_metadata(server: ServingThread) -> None:
     """The raw wire form of the hint, as gRPC's own retry policy reads it."""
-    server.backend.pause()
-    try:
-        with (
-            ThreadPoolExecutor(CAPACITY) as pool,
-            grpc.insecure_channel(server.grpc_address) as channel,
-        ):
-            admitted = fill_to_capacity(server, channel, pool)
-            stub = pb_grpc.GenerationStub(channel)
-            request = build_request(PROMPTS[0], **OPTIONS)
-            with pytest.raises(grpc.RpcError) as caught:
-                stub.Generate(request, timeout=REFUSAL_TIMEOUT_S)
-            server.backend.resume()
-            for future in admitted:
-                future.result(timeout=120)
-    finally:
+    with held_engine(server) as (pool, channel, _):
+        admitted = fill_to_capacity(server, channel, pool)
+        stub = pb_grpc.GenerationStub(channel)
+        request = build_request(PROMPTS[0], **OPTIONS)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Generate(request, timeout=REFUSAL_TIMEOUT_S)
         server.backend.resume()
+        for future in admitted:
+            future.result(timeout=120)
     error = caught.value
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     trailing = dict(error.trailing_metadata() or ())

@@ -14,12 +14,13 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Any
 
 import pytest
 import ray
 from ray.exceptions import RayTaskError
 from router_helpers import (
+    finish_streams,
+    first_chunks,
     router_config,
     router_state,
     run_all,
@@ -35,7 +36,7 @@ from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.request import RequestOutput
 from specray.cluster.errors import TargetGroupError
 from specray.cluster.recovery import RecoveryConfig
-from specray.cluster.router import RouterState, launch_router, open_stream
+from specray.cluster.router import RouterState, launch_router
 
 
 @pytest.mark.slow
@@ -53,18 +54,9 @@ def test_killed_draft_replica_falls_back_with_identical_output(
     victim_pid = router_state(router).drafts[0].pid
 
     async def scenario() -> list[tuple[list[int], RequestOutput]]:
-        streams = [open_stream(router, r) for r in requests]
-        firsts = [await (await anext(s)) for s in streams]
+        streams, firsts = await first_chunks(router, requests)
         os.kill(victim_pid, signal.SIGKILL)
-
-        async def rest(stream: Any, first: RequestOutput) -> tuple[list[int], RequestOutput]:
-            tokens, last = list(first.token_ids), first
-            async for ref in stream:
-                last = await ref
-                tokens += last.token_ids
-            return tokens, last
-
-        return await asyncio.gather(*(rest(s, f) for s, f in zip(streams, firsts, strict=True)))
+        return await finish_streams(streams, firsts)
 
     try:
         results = asyncio.run(scenario())
@@ -100,20 +92,12 @@ def test_killed_target_replica_moves_its_requests(local_ray: None, tiny_dir_fact
     requests = [tiny_request(i, max_tokens=200, prefix="d") for i in range(4)]
 
     async def scenario() -> dict[str, list[int]]:
-        streams = [open_stream(router, r) for r in requests]
-        firsts = [await (await anext(s)) for s in streams]
+        streams, firsts = await first_chunks(router, requests)
         state = router_state(router)
         assert all(t.requests for t in state.targets)  # both replicas serve someone
         os.kill(state.targets[0].shard_pids[0], signal.SIGKILL)
-
-        async def rest(stream: Any, first: RequestOutput) -> list[int]:
-            tokens = list(first.token_ids)
-            async for ref in stream:
-                tokens += (await ref).token_ids
-            return tokens
-
-        done = await asyncio.gather(*(rest(s, f) for s, f in zip(streams, firsts, strict=True)))
-        return {r.request_id: t for r, t in zip(requests, done, strict=True)}
+        done = await finish_streams(streams, firsts)
+        return {r.request_id: t for r, (t, _) in zip(requests, done, strict=True)}
 
     try:
         assert asyncio.run(scenario()) == target_only(model_dir, requests)
@@ -151,8 +135,7 @@ def test_gang_restart_of_the_only_target_group_replays_its_requests(
     weights = model_dir / "model.safetensors"
 
     async def scenario() -> dict[str, list[int]]:
-        streams = [open_stream(router, r) for r in requests]
-        firsts = [await (await anext(s)) for s in streams]
+        streams, firsts = await first_chunks(router, requests)
         old_pids = router_state(router).targets[0].shard_pids
         weights.rename(weights.with_suffix(".away"))
         os.kill(old_pids[1], signal.SIGKILL)
@@ -161,17 +144,10 @@ def test_gang_restart_of_the_only_target_group_replays_its_requests(
         health = await router.health.remote()
         assert not health.serving and health.outage_s is not None
         weights.with_suffix(".away").rename(weights)
-
-        async def rest(stream: Any, first: RequestOutput) -> list[int]:
-            tokens = list(first.token_ids)
-            async for ref in stream:
-                tokens += (await ref).token_ids
-            return tokens
-
-        done = await asyncio.gather(*(rest(s, f) for s, f in zip(streams, firsts, strict=True)))
+        done = await finish_streams(streams, firsts)
         (target,) = router_state(router).targets
         assert set(target.shard_pids).isdisjoint(old_pids)  # the whole group is new
-        return {r.request_id: t for r, t in zip(requests, done, strict=True)}
+        return {r.request_id: t for r, (t, _) in zip(requests, done, strict=True)}
 
     try:
         assert asyncio.run(scenario()) == reference

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 import ray
+from router_server_helpers import router_serve_config
 from serving_helpers import ServingThread, save_served_model, wait_until
 
 from specray.cluster.router_state import Footprint
@@ -37,27 +38,8 @@ LONG = 30000
 
 
 def serve_config(model_dir: Path) -> ServeConfig:
-    router = {
-        "target": str(model_dir),
-        "tp": 1,
-        "dtype": "float32",
-        "drafts": [{"kind": "ngram", "max_ngram": 3}],
-        "num_drafts": 2,
-        "k": 4,
-        "num_slots": SLOTS,
-        "max_len": CONTEXT,
-        "threads_per_shard": 1,
-        "profile": False,
-    }
-    return ServeConfig.model_validate(
-        {
-            "backend": "router",
-            "router": router,
-            "port": 0,
-            "http_port": None,
-            "limits": {"max_tokens": LONG, "max_queued_requests": 16},
-        }
-    )
+    router = {"num_drafts": 2, "num_slots": SLOTS, "max_len": CONTEXT}
+    return router_serve_config(model_dir, router, {"max_tokens": LONG, "max_queued_requests": 16})
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from router_server_helpers import REPEATING, router_config, router_state, rpc_error
-from serving_helpers import ServingThread, save_served_model, wait_until
+from serving_helpers import (
+    ServingThread,
+    drafted_without_changing_greedy_output,
+    save_served_model,
+    unary_and_stream,
+    wait_until,
+)
 
 from specray.deploy.cli import build_parser, main
 from specray.deploy.client import SpecrayClient
@@ -95,27 +101,13 @@ def test_model_info_reports_the_router(client: SpecrayClient, model_dir: Path) -
 def test_unary_and_streaming_give_identical_tokens(
     client: SpecrayClient, sampling: dict[str, float]
 ) -> None:
-    options = {"max_tokens": 40, "ignore_eos": True, **sampling}
-    whole = client.generate(REPEATING, **options)
-    chunks = list(client.generate_stream(REPEATING, **options))
-    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
-    assert "".join(c.text for c in chunks) == whole.text
-    assert len(whole.token_ids) == 40 and whole.finish_reason == "length"
-    assert all(c.finish_reason is None for c in chunks[:-1])
-    assert (chunks[-1].completion_tokens, chunks[-1].rounds) == (40, whole.rounds)
+    whole, chunks = unary_and_stream(client, REPEATING, 40, **sampling)
     if "seed" in sampling:
         assert whole.seed == chunks[-1].seed == 7
 
 
 def test_greedy_speculative_output_matches_target_only(client: SpecrayClient) -> None:
-    drafted = 0
-    for prompt in PROMPTS:
-        common = {"max_tokens": 32, "temperature": 0.0, "ignore_eos": True}
-        speculative = client.generate(prompt, **common)
-        target_only = client.generate(prompt, speculative=False, **common)
-        assert speculative.token_ids == target_only.token_ids, prompt
-        assert target_only.draft_tokens == 0 and target_only.rounds == 32
-        drafted += speculative.draft_tokens
+    drafted = drafted_without_changing_greedy_output(client, PROMPTS, 32)
     assert drafted > 0  # the n-gram replica did propose, so the comparison means something
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from router_server_helpers import router_serve_config
 from serving_helpers import MODEL_VOCAB, ServingThread, save_served_model
 
 from specray.bench.common import machine_info
 from specray.bench.soak import Prompt, SoakConfig, run_soak
-from specray.deploy.config import ServeConfig
 from specray.deploy.router_backend import RouterBackend
 
 CONCURRENCY = 64
@@ -51,27 +51,9 @@ def test_soak_loses_and_garbles_nothing_while_drafts_are_killed(
     local_ray: None, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     model_dir = save_served_model(tmp_path_factory.mktemp("served"))
-    router = {
-        "target": str(model_dir),
-        "tp": 1,
-        "dtype": "float32",
-        "drafts": [{"kind": "ngram", "max_ngram": 3}],
-        "num_drafts": 2,
-        "k": 4,
-        "num_slots": CONCURRENCY,
-        "max_len": 256,
-        "threads_per_shard": 1,
-        "profile": False,
-    }
-    config = ServeConfig.model_validate(
-        {
-            "backend": "router",
-            "router": router,
-            "port": 0,
-            "http_port": None,
-            "limits": {"max_tokens": 64, "max_queued_requests": CONCURRENCY},
-        }
-    )
+    router = {"num_drafts": 2, "num_slots": CONCURRENCY, "max_len": 256}
+    limits = {"max_tokens": 64, "max_queued_requests": CONCURRENCY}
+    config = router_serve_config(model_dir, router, limits)
     soak = SoakConfig(
         duration_s=float(os.environ.get("SPECRAY_SOAK_S", "45")),
         concurrency=CONCURRENCY,

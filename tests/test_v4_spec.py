@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from sampling_helpers import chi_square_p_value
-from tiny_v4 import CSA, HCA, VOCAB, hf_greedy, save_tiny_v4
+from tiny_models import repeating_prompts
+from tiny_v4 import VOCAB, hf_greedy, save_tiny_v4, save_v4_draft
 
 from specray.actors.drafting.base import Drafter, DraftRequest, DraftUpdate
 from specray.actors.drafting.draft_model import DraftModelDrafter
@@ -48,23 +49,11 @@ def target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def draft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A different tiny V4 with the same vocabulary: other weights, layer mix
     and stream count."""
-    return save_tiny_v4(
-        tmp_path_factory.mktemp("v4draft"),
-        seed=7,
-        num_hidden_layers=2,
-        layer_types=[HCA, CSA],
-        mlp_layer_types=["hash_moe", "moe"],
-        hc_mult=1,
-    )
+    return save_v4_draft(tmp_path_factory.mktemp("v4draft"), seed=7, hc_mult=1)
 
 
 def _prompts() -> list[list[int]]:
-    gen = torch.Generator().manual_seed(3)
-    prompts = []
-    for length in (5, 14, 23):
-        body = torch.randint(3, VOCAB, (length,), generator=gen).tolist()
-        prompts.append(body + body[:4])  # a repeat, so n-gram lookup finds matches
-    return prompts
+    return repeating_prompts(3, (5, 14, 23), VOCAB)
 
 
 def _run(

@@ -3,6 +3,7 @@ Hugging Face saves real ones, so tests exercise the real loading path."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -48,6 +49,18 @@ def family_configs() -> dict[str, PretrainedConfig]:
             ],
         ),
     }
+
+
+def repeating_prompts(seed: int, lengths: Iterable[int], vocab: int) -> list[list[int]]:
+    """Random prompts of ids from 3 up (past the special ones), one of each
+    of ``lengths`` plus a repeat of its first four tokens, so n-gram lookup
+    finds matches."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = []
+    for length in lengths:
+        body = torch.randint(3, vocab, (length,), generator=gen).tolist()
+        prompts.append(body + body[:4])
+    return prompts
 
 
 def save_tiny_model(family: str, directory: Path, seed: int = 0) -> Path:

@@ -79,6 +79,19 @@ def save_tiny_v4(directory: Path, seed: int = 0, mtp: bool = False, **overrides:
     return directory
 
 
+def save_v4_draft(directory: Path, seed: int, **overrides: Any) -> Path:
+    """Save a smaller random V4 with the target's vocabulary, to draft for it:
+    two layers (HCA, then CSA) where :func:`v4_config` has four."""
+    return save_tiny_v4(
+        directory,
+        seed=seed,
+        num_hidden_layers=2,
+        layer_types=[HCA, CSA],
+        mlp_layer_types=["hash_moe", "moe"],
+        **overrides,
+    )
+
+
 # -- the from-scratch reference ---------------------------------------------
 
 
