@@ -19,16 +19,14 @@ from tiny_gguf import random_blocks
 
 from specray.actors.parallel.block_kernel import (
     SWITCH,
-    VNNI_CPU_FLAGS,
     BlockKernel,
-    BlockKernelUnavailable,
     block_kernel_reason,
     build_block_kernel,
-    cpu_flags,
     load_block_kernel,
 )
 from specray.actors.parallel.block_weights import PROFILER_NAME, BlockWeights, fits_blocks
 from specray.actors.parallel.gguf_blocks import decode_blocks
+from specray.actors.parallel.kernel_build import VNNI_CPU_FLAGS, BlockKernelUnavailable, cpu_flags
 from specray.actors.parallel.linear_weights import Int4Weights, Int8Weights, linear_weights_from
 from specray.actors.parallel.quantized import GroupAffine
 from specray.bench.decode_profile import kind_of

@@ -1,25 +1,18 @@
-"""The CPU kernels of ``csrc/``: the block matmul, row-by-row attention, and
-the elementwise steps around them (RMSNorm, rotary embedding), compiled on
-first use.
+"""The CPU kernels of ``csrc/``, loaded: the block matmul, row-by-row
+attention, and the steps around them (RMSNorm, rotary embedding, cache
+rows), called through ``ctypes``.
 
-The C++ files are compiled once per machine with the system's C++ compiler
-into ``$SPECRAY_HOME/kernels/`` (a name keyed by the source, the compiler
-and its flags) and loaded with ``ctypes``; its threads run on the OpenMP
-runtime torch has already loaded, with torch's thread count. Where it
-cannot run (no AVX2/FMA/F16C, no compiler, not x86) :func:`load_block_kernel`
-says why and the caller keeps torch's kernels.
+The library is compiled on first use (:mod:`specray.actors.parallel.kernel_build`);
+its threads run on the OpenMP runtime torch has already loaded, with torch's
+thread count. Where it cannot run (no AVX2/FMA/F16C, no compiler, not x86)
+:func:`load_block_kernel` says why and the caller keeps torch's kernels.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,39 +20,13 @@ from typing import TypeVar
 
 import torch
 
-from specray.actors.parallel.cpuinfo import flags_in, read_cpuinfo
-from specray.actors.store.layout import default_home
+from specray.actors.parallel.kernel_build import (
+    VNNI_CPU_FLAGS,
+    BlockKernelUnavailable,
+    compiled_library,
+    cpu_flags,
+)
 
-CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(
-    CSRC / name
-    for name in (
-        "tiled_matmul.cpp",
-        "row_attention.cpp",
-        "row_norm.cpp",
-        "rotary.cpp",
-        "cache_rows.cpp",
-    )
-)
-HEADERS = tuple(CSRC / name for name in ("block_common.h", "tile_vnni.h", "tile_avx2.h"))
-NEEDED_FLAGS = frozenset({"avx2", "fma", "f16c"})
-# No contraction into fused multiply-adds where the source has a multiply
-# then an add: dequantized values round twice, as the checkpoint defines.
-CXX_FLAGS = (
-    "-O3",
-    "-std=c++17",
-    "-ffp-contract=off",
-    "-mavx2",
-    "-mfma",
-    "-mf16c",
-    "-fopenmp",
-    "-fPIC",
-    "-shared",
-)
-# Where the CPU has them, 512-bit integer dot products (two blocks per
-# instruction, summed into int32 without the AVX2 path's int16 step).
-VNNI_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
-VNNI_CXX_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 # Set to off / 0 to keep torch's kernels (per-channel int8, int4) for every
 # GGUF block, e.g. to compare with them; to avx2 for the AVX2 build on a CPU
 # that has VNNI.
@@ -67,10 +34,6 @@ SWITCH = "SPECRAY_BLOCK_KERNEL"
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 T = TypeVar("T")
-
-
-class BlockKernelUnavailable(RuntimeError):
-    """The kernel cannot run here; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -297,11 +260,6 @@ def _refusal(weights: PackedBlocks) -> str:
     return f"the block kernel has no {weights.bits}-bit codes in groups of {weights.group}"
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    return flags_in(read_cpuinfo())
-
-
 def load_block_kernel() -> BlockKernel:
     """The compiled kernel for this CPU (``SPECRAY_BLOCK_KERNEL=avx2``: the
     AVX2 build even where VNNI is there); raises :class:`BlockKernelUnavailable`
@@ -334,15 +292,7 @@ def build_block_kernel(vnni: bool) -> BlockKernel:
     """The kernel compiled with the AVX512-VNNI inner loop (``vnni``) or the
     AVX2 one; both read the same layout, and tests build both on a CPU that
     has VNNI."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        raise BlockKernelUnavailable(f"the block kernel is x86 code; this is {platform.machine()}")
-    missing = NEEDED_FLAGS - cpu_flags()
-    if missing:
-        raise BlockKernelUnavailable(f"the block kernel needs {' '.join(sorted(missing))}")
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        raise BlockKernelUnavailable("no C++ compiler (g++ or $CXX) to build the block kernel")
-    library = _compiled(compiler, CXX_FLAGS + (VNNI_CXX_FLAGS if vnni else ()))
+    library = compiled_library(vnni)
     loaded = ctypes.CDLL(str(library))
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     weight = [ptr, ptr, ptr, ptr, i32, ptr, i32, i32, i32]  # _weight_args
@@ -394,39 +344,3 @@ def block_kernel_reason() -> str | None:
     except BlockKernelUnavailable as error:
         return str(error)
     return None
-
-
-def _compiled(compiler: str, flags: tuple[str, ...]) -> Path:
-    try:
-        return _compile(compiler, flags)
-    except OSError as error:  # an unwritable store, a compiler that will not run
-        raise BlockKernelUnavailable(f"could not build the block kernel: {error}") from error
-
-
-def _compile(compiler: str, flags: tuple[str, ...]) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256()
-    for path in (*SOURCES, *HEADERS):
-        key.update(path.read_bytes())
-    key.update(version.encode())
-    key.update(" ".join(flags).encode())
-    target = default_home() / "kernels" / f"block_matmul-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside the target and renamed into place: processes that start
-    # together (TP ranks, draft replicas) each see a whole file or none.
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        built = Path(work) / target.name
-        result = subprocess.run(
-            [compiler, *flags, "-o", str(built), *map(str, SOURCES)],
-            capture_output=True,
-            text=True,
-        )
-        if result.returncode:
-            error = result.stderr.strip()[-2000:]
-            raise BlockKernelUnavailable(
-                f"compiling the block kernel with {compiler} failed: {error}"
-            )
-        os.replace(built, target)
-    return target
