@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftUpdate
 from specray.actors.engine.backlog import backlog_after, fed_steps
+from specray.actors.engine.budget import budget_tokens
 from specray.actors.engine.costs import CostCurve, ProfiledCurve, RoundCostModel, StepCost
 from specray.actors.engine.gamma import (
     RoundShape,
@@ -204,6 +205,40 @@ def test_profiled_curve_keeps_the_shape_and_follows_the_load() -> None:
     assert curve.seconds(1) == pytest.approx(0.3)
     assert curve.seconds(32) == pytest.approx(0.6)
     assert curve.seconds(20) == pytest.approx(0.45)
+
+
+def test_profiled_curve_fits_a_fixed_part_per_round_apart_from_the_level() -> None:
+    """Rounds through a router cost 20 ms whatever their size on top of a
+    forward of 10 ms per profiled unit: once sizes vary, the curve carries
+    the 20 ms as its own part, where folding it into the level would price
+    every extra token too high."""
+    curve = ProfiledCurve(decay=0.5)
+    curve.set_profile([(1, 0.010), (8, 0.020), (32, 0.060)])  # back to back, in process
+    assert curve.fixed == 0.0
+    for _ in range(4):  # one size only: nothing to fit a fixed part from
+        curve.observe(1, 0.030)
+    assert curve.fixed == 0.0
+    for _ in range(20):
+        for size, relative in [(1, 1.0), (8, 2.0), (32, 6.0)]:
+            curve.observe(size, 0.020 + 0.010 * relative)
+    assert curve.fixed == pytest.approx(0.020, abs=2e-3)
+    assert curve.seconds(1) == pytest.approx(0.030, rel=0.05)
+    assert curve.seconds(32) == pytest.approx(0.080, rel=0.05)
+    assert curve.as_dict()["fixed_s"] == curve.fixed
+
+
+def test_a_fixed_part_per_round_makes_more_drafts_pay() -> None:
+    """The same survivals and forward costs: with 30 ms a round besides the
+    forward, the budget verifies more of the drafts than without."""
+    survivals = [[0.9, 0.8, 0.7, 0.6, 0.5, 0.4]]
+    plain = ProfiledCurve()
+    plain.set_profile([(1, 0.010), (2, 0.012), (8, 0.030)])
+    with_round = ProfiledCurve()
+    with_round.set_profile([(1, 0.010), (2, 0.012), (8, 0.030)])
+    with_round.fixed = 0.030
+    alone = budget_tokens(survivals, 1, 1.0, plain.seconds)
+    behind_a_router = budget_tokens(survivals, 1, 1.0, with_round.seconds)
+    assert behind_a_router[0] > alone[0]
 
 
 def test_round_cost_overlap_hides_the_cheaper_side() -> None:

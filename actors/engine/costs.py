@@ -110,23 +110,76 @@ class _ShapeAndLevel:
 
 
 @dataclass
-class ProfiledCurve(_ShapeAndLevel):
-    """``level × shape(size)``: shape from a profile, level from observations.
+class LineFit:
+    """``y ≈ intercept + slope × x`` over exponentially weighted points: the
+    part of a round's seconds that does not grow with its size."""
 
-    Until a profile is set it is a plain :class:`CostCurve`.
+    decay: float = 0.97
+    # The relative sizes must spread this much (their weighted variance)
+    # before an intercept is read from them: rounds all of one size say
+    # nothing about what a round costs whatever its size.
+    min_spread: float = 0.05
+    _sums: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)
+
+    def add(self, x: float, y: float) -> None:
+        w, sx, sy, sxx, sxy = (self.decay * v for v in self._sums)
+        self._sums = (w + 1.0, sx + x, sy + y, sxx + x * x, sxy + x * y)
+
+    def intercept(self) -> float | None:
+        """The fit's intercept, kept within ``[0, 0.8 × mean y]``; None while
+        the sizes hardly vary or the fit slopes down."""
+        w, sx, sy, sxx, sxy = self._sums
+        if w < 2.0:
+            return None
+        mean_x, mean_y = sx / w, sy / w
+        spread = sxx / w - mean_x * mean_x
+        if spread < self.min_spread:
+            return None
+        slope = (sxy / w - mean_x * mean_y) / spread
+        if slope <= 0.0:
+            return None
+        return min(max(mean_y - slope * mean_x, 0.0), 0.8 * mean_y)
+
+
+@dataclass
+class ProfiledCurve(_ShapeAndLevel):
+    """``fixed + level × shape(size)``: shape from a profile, level and fixed
+    part from observations. Until a profile is set it is a plain
+    :class:`CostCurve`.
+
+    The fixed part is what a verify costs whatever its size beyond the
+    profiled forward: the round trip to a remote target, and the work other
+    processes on the same cores do once per round while it computes (each
+    request's chunk streamed through the router and the front door). The
+    profile, timed back to back in the target's process, has none of it.
+    Folded into the level it would scale with the tokens, and a draft token
+    would look as dear as ever beside a round that costs more than the
+    forward; so it is fit apart (:class:`LineFit`) once rounds of different
+    sizes were seen, which is what lets speculation pay for it.
     """
 
     fallback: CostCurve = field(default_factory=CostCurve)
+    fixed: float = 0.0
+    _fit: LineFit = field(default_factory=LineFit)
 
     def observe(self, size: int, seconds: float) -> None:
         self.fallback.observe(size, seconds)
-        if self._shape is not None:
-            self._learn(seconds, self._shape.seconds(size))
+        if self._shape is None:
+            return
+        relative = self._shape.seconds(size)
+        self._fit.add(relative, seconds)
+        fixed = self._fit.intercept()
+        if fixed is not None:
+            self.fixed = fixed
+        self._learn(max(seconds - self.fixed, 1e-9), relative)
 
     def seconds(self, size: int) -> float:
         if self._shape is None or self._level is None:
             return self.fallback.seconds(size)
-        return self._level * self._shape.seconds(size)
+        return self.fixed + self._level * self._shape.seconds(size)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "fixed_s": self.fixed}
 
 
 @dataclass
