@@ -14,6 +14,10 @@ from specray.actors.model.attend import attend, attend_packed
 from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.parallel.block_kernel import SWITCH, block_kernel_reason
 
+needs_row_kernel = pytest.mark.skipif(
+    block_kernel_reason() is not None, reason=f"row kernel: {block_kernel_reason()}"
+)
+
 
 @pytest.fixture(params=["row kernel", "grouped matmuls"])
 def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
@@ -98,13 +102,12 @@ def test_pad_and_unpad_round_trip_the_real_tokens() -> None:
     assert dense.packed_logit_index.tolist() == [0, 1, 3]
 
 
+@needs_row_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_row_does_not_depend_on_the_rows_or_context_around_it(dtype: torch.dtype) -> None:
     """A 5-token verify's rows equal five one-token decodes bit for bit,
     however long the padded context after them, and a token tree's rows
     equal each node's own path decoded as a chain."""
-    if block_kernel_reason() is not None:
-        pytest.skip(f"row kernel: {block_kernel_reason()}")
     gen = torch.Generator().manual_seed(3)
     heads, kv_heads, head_dim, start = 8, 2, 64, 300
     cache_k = torch.randn(1, kv_heads, 512, head_dim, generator=gen).to(dtype)
@@ -149,12 +152,11 @@ def test_head_dims_the_row_kernel_refuses_keep_the_grouped_path() -> None:
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+@needs_row_kernel
 @pytest.mark.parametrize(("heads", "kv_heads"), [(2, 2), (6, 2), (7, 1), (16, 2), (16, 1)])
 def test_every_group_size_matches_the_fused_kernel(heads: int, kv_heads: int) -> None:
     """Query heads per KV head from 1 to 16: the row kernel's score passes
     take up to 4 heads and its value passes up to 8 at a time."""
-    if block_kernel_reason() is not None:
-        pytest.skip(f"row kernel: {block_kernel_reason()}")
     gen = torch.Generator().manual_seed(5)
     query = torch.randn(2, heads, 3, 32, generator=gen)
     keys = torch.randn(2, kv_heads, 21, 32, generator=gen)  # 21: a partial last block of 8
@@ -167,12 +169,11 @@ def test_every_group_size_matches_the_fused_kernel(heads: int, kv_heads: int) ->
     torch.testing.assert_close(attend(query, keys, values, mask, 0.2), want, atol=1e-6, rtol=1e-5)
 
 
+@needs_row_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_queries_read_the_cache_where_it_lies(dtype: torch.dtype) -> None:
     """Packed queries against a whole cache layer, each sequence reading its
     own slot: the same bits as the padded call on keys gathered out first."""
-    if block_kernel_reason() is not None:
-        pytest.skip(f"row kernel: {block_kernel_reason()}")
     gen = torch.Generator().manual_seed(6)
     heads, kv_heads, head_dim, length = 6, 2, 32, 27
     cache_k = torch.randn(4, kv_heads, length, head_dim, generator=gen).to(dtype)

@@ -52,13 +52,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., dim]
         kernel = inference_kernel(x, self.weight)
         if kernel is not None:
-            rows = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, x.shape[-1])
+            rows = x.reshape(-1, x.shape[-1]).contiguous()
             out = named_for_profiler(
                 PROFILER_NAME,
-                lambda: kernel.rms_norm(rows.contiguous(), self.weight, self.eps, self.kernel_mode),
+                lambda: kernel.rms_norm(rows, self.weight, self.eps, self.kernel_mode),
             )
             if out is not None:
-                return out if out.shape == x.shape else out.view(x.shape)
+                return out.view(x.shape)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.gemma:

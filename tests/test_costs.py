@@ -1,0 +1,92 @@
+"""The learned round costs the γ scheduler and the verify budget price
+drafts with: plain and profiled curves, the fixed part of a round, the
+draft steps' cost and overlap."""
+
+from __future__ import annotations
+
+import pytest
+
+from specray.actors.engine.budget import budget_tokens
+from specray.actors.engine.costs import CostCurve, ProfiledCurve, RoundCostModel, StepCost
+from specray.actors.engine.gamma import RoundShape
+
+
+def test_cost_curve_interpolates_and_never_decreases() -> None:
+    curve = CostCurve(decay=0.0)
+    assert curve.seconds(5) == 0.0 and curve.empty
+    curve.observe(1, 1.0)
+    curve.observe(9, 3.0)
+    curve.observe(5, 0.5)  # noise below a smaller size's time
+    assert curve.seconds(1) == 1.0
+    assert curve.seconds(5) == 1.0  # running maximum
+    assert curve.seconds(7) == pytest.approx(2.0)
+    assert curve.seconds(13) == pytest.approx(5.0)  # extrapolates the last segment
+
+
+def test_profiled_curve_keeps_the_shape_and_follows_the_load() -> None:
+    """The machine slows down 3×: the level follows, the ratio between sizes stays."""
+    curve = ProfiledCurve(decay=0.0)
+    curve.set_profile([(1, 0.1), (8, 0.1), (32, 0.2)])
+    assert curve.seconds(32) / curve.seconds(1) == pytest.approx(2.0)
+    curve.observe(8, 0.3)
+    assert curve.seconds(1) == pytest.approx(0.3)
+    assert curve.seconds(32) == pytest.approx(0.6)
+    assert curve.seconds(20) == pytest.approx(0.45)
+
+
+def test_profiled_curve_fits_a_fixed_part_per_round_apart_from_the_level() -> None:
+    """Rounds through a router cost 20 ms whatever their size on top of a
+    forward of 10 ms per profiled unit: once sizes vary, the curve carries
+    the 20 ms as its own part, where folding it into the level would price
+    every extra token too high."""
+    curve = ProfiledCurve(decay=0.5)
+    curve.set_profile([(1, 0.010), (8, 0.020), (32, 0.060)])  # back to back, in process
+    assert curve.fixed == 0.0
+    for _ in range(4):  # one size only: nothing to fit a fixed part from
+        curve.observe(1, 0.030)
+    assert curve.fixed == 0.0
+    for _ in range(20):
+        for size, relative in [(1, 1.0), (8, 2.0), (32, 6.0)]:
+            curve.observe(size, 0.020 + 0.010 * relative)
+    assert curve.fixed == pytest.approx(0.020, abs=2e-3)
+    assert curve.seconds(1) == pytest.approx(0.030, rel=0.05)
+    assert curve.seconds(32) == pytest.approx(0.080, rel=0.05)
+    assert curve.as_dict()["fixed_s"] == curve.fixed
+
+
+def test_a_fixed_part_per_round_makes_more_drafts_pay() -> None:
+    """The same survivals and forward costs: with 30 ms a round besides the
+    forward, the budget verifies more of the drafts than without."""
+    survivals = [[0.9, 0.8, 0.7, 0.6, 0.5, 0.4]]
+    plain = ProfiledCurve()
+    plain.set_profile([(1, 0.010), (2, 0.012), (8, 0.030)])
+    with_round = ProfiledCurve()
+    with_round.set_profile([(1, 0.010), (2, 0.012), (8, 0.030)])
+    with_round.fixed = 0.030
+    alone = budget_tokens(survivals, 1, 1.0, plain.seconds)
+    behind_a_router = budget_tokens(survivals, 1, 1.0, with_round.seconds)
+    assert behind_a_router[0] > alone[0]
+
+
+def test_round_cost_overlap_hides_the_cheaper_side() -> None:
+    model = RoundCostModel()
+    model.verify.observe(4, 1.0)
+    model.draft.observe((2, 2), 0.4)  # no profile: every step costs the same
+    assert model.round_seconds(RoundShape(4)) == pytest.approx(1.0)
+    assert model.round_seconds(RoundShape(4, (2, 2))) == pytest.approx(1.4)
+    assert model.round_seconds(RoundShape(4, (9, 2, 2))) == pytest.approx(1.6)
+    model.overlap = True
+    assert model.round_seconds(RoundShape(4, (2, 2))) == pytest.approx(1.0)
+
+
+def test_step_cost_prices_a_catch_up_by_the_drafter_profile() -> None:
+    """Feeding 64 tokens costs 8 one-token steps on this drafter; the machine
+    then slows 2×: the level follows, the shape stays."""
+    cost = StepCost(decay=0.0)
+    assert cost.seconds((1, 1)) == 0.0  # unmeasured: assumed free, so it gets tried
+    cost.set_profile([(1, 0.01), (8, 0.01), (64, 0.08)])
+    assert cost.seconds((1, 1, 1)) == pytest.approx(0.03)
+    assert cost.seconds((64, 1)) == pytest.approx(0.09)
+    cost.observe((1, 1), 0.04)
+    assert cost.seconds((64, 1)) == pytest.approx(0.18)
+    assert cost.as_dict()["level_s"] == pytest.approx(0.02)
