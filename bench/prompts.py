@@ -14,6 +14,14 @@ them. A session is in one split, and its turns must be sent in order, one
 after the other (:func:`sessions`). It is listed in :data:`SESSION_CATEGORIES`,
 not in :data:`CATEGORIES`, so runs over the default categories stay as they
 were.
+
+**Verbatim edits.** The ``verbatim_edit`` category (:data:`EDIT_CATEGORIES`,
+also outside the defaults) asks for a small change to a block of code, JSON
+or SQL (rename a name, change a value, fix one line) and for the complete
+result and nothing else, so most of the answer repeats the prompt: the case
+drafting from the prompt is built for, and the one the serving goal of
+``docs/benchmarks.md`` is stated on. Its ``eval`` half does not share a
+source text with its ``train`` half.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from pathlib import Path
 PROMPT_DIR = Path(__file__).parent / "prompts"
 CATEGORIES = ("code_edit", "summarization", "chat", "math", "translation")
 SESSION_CATEGORIES = ("agentic",)
-ALL_CATEGORIES = CATEGORIES + SESSION_CATEGORIES
+EDIT_CATEGORIES = ("verbatim_edit",)
+ALL_CATEGORIES = CATEGORIES + SESSION_CATEGORIES + EDIT_CATEGORIES
 SPLITS = ("train", "eval")
 
 

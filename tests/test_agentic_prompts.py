@@ -10,6 +10,7 @@ import pytest
 from specray.bench.prompts import (
     ALL_CATEGORIES,
     CATEGORIES,
+    EDIT_CATEGORIES,
     PROMPT_DIR,
     SESSION_CATEGORIES,
     SPLITS,
@@ -45,7 +46,7 @@ def test_later_turns_share_text_with_the_session() -> None:
 
 
 def test_the_default_categories_are_unchanged() -> None:
-    assert ALL_CATEGORIES == CATEGORIES + SESSION_CATEGORIES
+    assert ALL_CATEGORIES == CATEGORIES + SESSION_CATEGORIES + EDIT_CATEGORIES
     assert {p.category for p in load_prompts()} == set(CATEGORIES)
     assert all(p.session is None and p.turn is None for p in load_prompts())
     evals = load_prompts(["chat", "agentic"], split="eval")
