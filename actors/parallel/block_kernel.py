@@ -21,6 +21,7 @@ from typing import TypeVar
 import torch
 
 from specray.actors.parallel.kernel_build import (
+    CSRC,
     VNNI_CPU_FLAGS,
     BlockKernelUnavailable,
     compiled_library,
@@ -288,11 +289,11 @@ def _kernel_for(vnni: bool) -> BlockKernel | str:
         return str(error)
 
 
-def build_block_kernel(vnni: bool) -> BlockKernel:
+def build_block_kernel(vnni: bool, csrc: Path = CSRC) -> BlockKernel:
     """The kernel compiled with the AVX512-VNNI inner loop (``vnni``) or the
     AVX2 one; both read the same layout, and tests build both on a CPU that
-    has VNNI."""
-    library = compiled_library(vnni)
+    has VNNI. ``csrc``: another version of the sources (a benchmark's)."""
+    library = compiled_library(vnni, csrc)
     loaded = ctypes.CDLL(str(library))
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     weight = [ptr, ptr, ptr, ptr, i32, ptr, i32, i32, i32]  # _weight_args

@@ -19,17 +19,8 @@ from specray.actors.parallel.cpuinfo import flags_in, read_cpuinfo
 from specray.actors.store.layout import default_home
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(
-    CSRC / name
-    for name in (
-        "tiled_matmul.cpp",
-        "row_attention.cpp",
-        "row_norm.cpp",
-        "rotary.cpp",
-        "cache_rows.cpp",
-    )
-)
-HEADERS = tuple(CSRC / name for name in ("block_common.h", "tile_vnni.h", "tile_avx2.h"))
+SOURCES = ("tiled_matmul.cpp", "row_attention.cpp", "row_norm.cpp", "rotary.cpp", "cache_rows.cpp")
+HEADERS = ("block_common.h", "tile_vnni.h", "tile_avx2.h")
 NEEDED_FLAGS = frozenset({"avx2", "fma", "f16c"})
 # No contraction into fused multiply-adds where the source has a multiply
 # then an add: dequantized values round twice, as the checkpoint defines.
@@ -59,9 +50,10 @@ def cpu_flags() -> frozenset[str]:
     return flags_in(read_cpuinfo())
 
 
-def compiled_library(vnni: bool) -> Path:
+def compiled_library(vnni: bool, csrc: Path = CSRC) -> Path:
     """The library with the AVX512-VNNI inner loop (``vnni``) or the AVX2 one,
-    built if it is not in the store yet."""
+    built if it is not in the store yet; ``csrc``: another tree of the same
+    sources (a benchmark comparing two versions of the kernels)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         raise BlockKernelUnavailable(f"the block kernel is x86 code; this is {platform.machine()}")
     missing = NEEDED_FLAGS - cpu_flags()
@@ -70,20 +62,21 @@ def compiled_library(vnni: bool) -> Path:
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         raise BlockKernelUnavailable("no C++ compiler (g++ or $CXX) to build the block kernel")
-    return _compiled(compiler, CXX_FLAGS + (VNNI_CXX_FLAGS if vnni else ()))
+    return _compiled(compiler, CXX_FLAGS + (VNNI_CXX_FLAGS if vnni else ()), csrc)
 
 
-def _compiled(compiler: str, flags: tuple[str, ...]) -> Path:
+def _compiled(compiler: str, flags: tuple[str, ...], csrc: Path) -> Path:
     try:
-        return _compile(compiler, flags)
+        return _compile(compiler, flags, csrc)
     except OSError as error:  # an unwritable store, a compiler that will not run
         raise BlockKernelUnavailable(f"could not build the block kernel: {error}") from error
 
 
-def _compile(compiler: str, flags: tuple[str, ...]) -> Path:
+def _compile(compiler: str, flags: tuple[str, ...], csrc: Path) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    sources = [csrc / name for name in SOURCES]
     key = hashlib.sha256()
-    for path in (*SOURCES, *HEADERS):
+    for path in (*sources, *(csrc / name for name in HEADERS)):
         key.update(path.read_bytes())
     key.update(version.encode())
     key.update(" ".join(flags).encode())
@@ -96,7 +89,7 @@ def _compile(compiler: str, flags: tuple[str, ...]) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         built = Path(work) / target.name
         result = subprocess.run(
-            [compiler, *flags, "-o", str(built), *map(str, SOURCES)],
+            [compiler, *flags, "-o", str(built), *map(str, sources)],
             capture_output=True,
             text=True,
         )

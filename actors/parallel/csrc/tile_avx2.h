@@ -7,6 +7,10 @@
 // Rounded and the layout.
 #pragma once
 
+// Activation rows that share one unpacked block (16 registers: a tile's two
+// halves of accumulators per row).
+constexpr int kRowTile = 4;
+
 // Rows 0-7 and 8-15 of one chunk: 4 bytes per row.
 struct Chunk {
   __m256i low;

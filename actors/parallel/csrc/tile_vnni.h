@@ -3,6 +3,10 @@
 // Included by tiled_matmul.cpp, which defines Tiles, Rounded and the layout.
 #pragma once
 
+// Activation rows that share one unpacked block: eight rows' accumulators,
+// the block's eight chunks and the four partial sums fit the 32 registers.
+constexpr int kRowTile = 8;
+
 // The 8 chunks of unsigned codes of block (t, b).
 template <int Bits>
 inline void unpack(const Tiles& w, int64_t tile_block, __m512i* chunks) {
@@ -65,6 +69,7 @@ inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile,
     const __m512 first_scales = tile_scales(w, tile_block, kGroups, 0);
     const __m512 second_scales = kGroups == 2 ? tile_scales(w, tile_block, kGroups, 1) : first_scales;
     const bool offset = w.offsets != nullptr;
+    const bool shifted = w.code_min != 0;
     const __m512 zero = _mm512_setzero_ps();
     const __m512 first_offsets = offset ? tile_offsets(w, tile_block, kGroups, 0) : zero;
     const __m512 second_offsets =
@@ -75,23 +80,32 @@ inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile,
       const int32_t* offsets = a.offsets + (row * blocks + b) * 2;
       const __m512 x_scale = _mm512_set1_ps(a.scales[row * blocks + b]);
       // sum over a group of (u + code_min) * x, exact in int32: the offsets
-      // (code_min * sum x) start each group's sum.
-      // Four independent chains of two products each (a chain of eight
-      // dependent vpdpbusd is what one row would otherwise wait on); the
-      // integer sums are exact in any order.
-      __m512i quarter[4];
-      for (int q = 0; q < 4; ++q) {
-        const int low = q < 2 ? q : q + 2;  // chunks 0, 1, 4, 5 start the chains
-        quarter[q] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), chunks[low],
-                                         _mm512_set1_epi32(x4[low]));
-        quarter[q] = _mm512_dpbusd_epi32(quarter[q], chunks[low + 2],
-                                         _mm512_set1_epi32(x4[low + 2]));
+      // (code_min * sum x) start each group's sum. The integer sums are
+      // exact in any order, so how they are chained is free: with few rows,
+      // four independent chains of two products (a chain of eight dependent
+      // vpdpbusd is what one row would otherwise wait on); with four rows
+      // or more the rows' chains hide each other's latency, and one chain
+      // per half saves the adds.
+      __m512i first_half = shifted ? _mm512_set1_epi32(offsets[0]) : _mm512_setzero_si512();
+      __m512i second_half = shifted ? _mm512_set1_epi32(offsets[1]) : _mm512_setzero_si512();
+      if constexpr (Rows >= 4) {
+        for (int c = 0; c < 4; ++c) {  // chunks 0-3: the block's first 16 features
+          first_half = _mm512_dpbusd_epi32(first_half, chunks[c], _mm512_set1_epi32(x4[c]));
+          second_half =
+              _mm512_dpbusd_epi32(second_half, chunks[c + 4], _mm512_set1_epi32(x4[c + 4]));
+        }
+      } else {
+        __m512i quarter[4];
+        for (int q = 0; q < 4; ++q) {
+          const int low = q < 2 ? q : q + 2;  // chunks 0, 1, 4, 5 start the chains
+          quarter[q] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), chunks[low],
+                                           _mm512_set1_epi32(x4[low]));
+          quarter[q] = _mm512_dpbusd_epi32(quarter[q], chunks[low + 2],
+                                           _mm512_set1_epi32(x4[low + 2]));
+        }
+        first_half = _mm512_add_epi32(first_half, _mm512_add_epi32(quarter[0], quarter[1]));
+        second_half = _mm512_add_epi32(second_half, _mm512_add_epi32(quarter[2], quarter[3]));
       }
-      // Chunks 0-3 are the block's first 16 features, 4-7 its last 16.
-      const __m512i first_half = _mm512_add_epi32(_mm512_add_epi32(quarter[0], quarter[1]),
-                                                  _mm512_set1_epi32(offsets[0]));
-      const __m512i second_half = _mm512_add_epi32(_mm512_add_epi32(quarter[2], quarter[3]),
-                                                   _mm512_set1_epi32(offsets[1]));
       if constexpr (kGroups == 1) {
         const __m512i sums = _mm512_add_epi32(first_half, second_half);
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(first_scales, x_scale),

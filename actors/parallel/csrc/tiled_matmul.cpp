@@ -44,7 +44,6 @@ using specray::store;
 
 constexpr int kTileRows = 16;
 constexpr int kChunks = kBlock / 4;
-constexpr int kRowTile = 4;  // activation rows that share one unpacked block
 
 struct Tiles {
   const uint8_t* nibbles;
@@ -71,20 +70,32 @@ struct Rounded {
 #include "tile_avx2.h"
 #endif
 
+// Rows [m0, m0 + count) of tile t in one pass (0 < count <= Rows).
+template <int Bits, int Group, int Rows, typename Out>
+inline void rows_pass(const Tiles& w, const Rounded& a, int64_t k, int64_t tile, int64_t m0,
+                      int64_t count, int64_t n_out, Out* y) {
+  if constexpr (Rows > 0) {
+    if (count == Rows)
+      tile_rows<Bits, Group, Rows>(w, a, k, tile, m0, n_out, y);
+    else
+      rows_pass<Bits, Group, Rows - 1>(w, a, k, tile, m0, count, n_out, y);
+  }
+}
+
 template <int Bits, int Group, typename Out>
 void tiled(const Tiles& w, const Rounded& a, int64_t rows, int64_t k, int64_t n_out, Out* y,
            int threads) {
   const int64_t tiles = (n_out + kTileRows - 1) / kTileRows;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t tile = 0; tile < tiles; ++tile) {
-    int64_t m0 = 0;
-    for (; m0 + kRowTile <= rows; m0 += kRowTile)
-      tile_rows<Bits, Group, kRowTile>(w, a, k, tile, m0, n_out, y);
-    switch (rows - m0) {
-      case 3: tile_rows<Bits, Group, 3>(w, a, k, tile, m0, n_out, y); break;
-      case 2: tile_rows<Bits, Group, 2>(w, a, k, tile, m0, n_out, y); break;
-      case 1: tile_rows<Bits, Group, 1>(w, a, k, tile, m0, n_out, y); break;
-      default: break;
+    // As few passes as kRowTile allows, of near-equal sizes: 17 rows as
+    // 6 + 6 + 5, not 8 + 8 + 1 (a pass of one row unpacks every block for
+    // a single row).
+    const int64_t passes = (rows + kRowTile - 1) / kRowTile;
+    for (int64_t pass = 0, m0 = 0; pass < passes; ++pass) {
+      const int64_t count = rows / passes + (pass < rows % passes ? 1 : 0);
+      rows_pass<Bits, Group, kRowTile>(w, a, k, tile, m0, count, n_out, y);
+      m0 += count;
     }
   }
 }
