@@ -57,7 +57,7 @@ from specray.bench.common import (
     resolve_preferring,
 )
 from specray.bench.costs import CostModel, calibrate, step_seconds
-from specray.bench.prompts import CATEGORIES, Prompt, load_prompts
+from specray.bench.prompts import ALL_CATEGORIES, CATEGORIES, Prompt, load_prompts
 from specray.bench.spec_analysis import compare_outputs, evaluate_goals, match_rates, summarize
 from specray.bench.spec_report import write_outputs
 from specray.bench.spec_runners import (
@@ -81,10 +81,16 @@ class Loaded:
     heads: dict[str, DraftHead] = field(default_factory=dict)  # head:DIR → trained head
 
 
-def load_all(target_dir: Path, draft_dirs: dict[str, Path], dtype: str, with_hf: bool) -> Loaded:
+def load_all(
+    target_dir: Path,
+    draft_dirs: dict[str, Path],
+    dtype: str,
+    with_hf: bool,
+    weights: str = "dense",
+) -> Loaded:
     """HF first: casting an fp32 checkpoint on load peaks at about three times
     the bf16 size (10.6 GB for the 1.5B), best paid before anything else is
-    resident."""
+    resident. ``weights``: the target's (draft models stay dense)."""
     torch_dtype = parse_dtype(dtype)
     hf_target = None
     hf_drafts: dict[str, Any] = {}
@@ -98,7 +104,7 @@ def load_all(target_dir: Path, draft_dirs: dict[str, Path], dtype: str, with_hf:
     for model in [*drafts.values(), *hf_drafts.values(), hf_target]:
         if model is not None:
             model.specray_counter = ForwardCounter(model)
-    return Loaded(load_model(target_dir, dtype), hf_target, drafts, hf_drafts)
+    return Loaded(load_model(target_dir, dtype, weights=weights), hf_target, drafts, hf_drafts)
 
 
 def build_runners(
@@ -227,7 +233,7 @@ def pick_prompts(args: argparse.Namespace) -> list[Prompt]:
     split = None if args.split == "all" else args.split
     if args.prompt_ids:  # e.g. the prompts a `specray bench serve` run recorded
         wanted = args.prompt_ids.split(",")
-        by_id = {p.id: p for p in load_prompts(None, None)}
+        by_id = {p.id: p for p in load_prompts(ALL_CATEGORIES, None)}
         unknown = [i for i in wanted if i not in by_id]
         if unknown:
             raise SystemExit(f"--prompt-ids: unknown {unknown}")
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     max_len = max(map(len, prompt_ids.values())) + args.max_tokens + 2 * max_k + 8
 
     load_start = time.perf_counter()
-    loaded = load_all(target_dir, draft_dirs, args.dtype, with_hf=not args.no_hf)
+    loaded = load_all(target_dir, draft_dirs, args.dtype, not args.no_hf, args.weights)
     loaded.heads = load_heads(drafters, target_dir, args.dtype)
     print(f"loaded in {time.perf_counter() - load_start:.1f} s", flush=True)
     costs = measure_costs(loaded, drafters, args.calibration_repeats)
@@ -288,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "target": args.target,
         "drafters": drafters,
         "dtype": args.dtype,
+        "weights": args.weights,
         "max_tokens": args.max_tokens,
         "threads": args.threads,
         "repeats": args.repeats,
@@ -346,7 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=8, help="γ for drafters without their own :K")
     p.add_argument("--prompts-per-category", type=int, default=2)
-    p.add_argument("--categories", default=None, help=f"comma list from {', '.join(CATEGORIES)}")
+    p.add_argument(
+        "--categories", default=None, help=f"comma list from {', '.join(ALL_CATEGORIES)}"
+    )
+    p.add_argument(
+        "--weights",
+        default="dense",
+        choices=["dense", "gguf"],
+        help="the target's: the checkpoint in --dtype, or its GGUF's blocks (low-bit kernels)",
+    )
     p.add_argument("--split", default="eval", choices=["train", "eval", "all"])
     p.add_argument(
         "--prompt-ids", default=None, help="comma list of prompt ids (overrides the three above)"

@@ -12,8 +12,9 @@ from specray.bench.common import ALL, HF, SPECRAY, TARGET_ONLY, cell, machine_li
 
 def markdown(result: dict[str, Any]) -> str:
     machine = result["machine"]
+    gguf = ", GGUF blocks" if result.get("weights", "dense") == "gguf" else ""
     lines = [
-        f"### {result['target']} ({result['dtype']}, {result['threads']} threads, "
+        f"### {result['target']} ({result['dtype']}{gguf}, {result['threads']} threads, "
         f"max {result['max_tokens']} tokens, {len(result['prompts'])} prompts, "
         f"best of {result['repeats']})",
         "",
