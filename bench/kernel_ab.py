@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     weights = [m for m in model.modules() if isinstance(m, BlockWeights)]
     if not weights:
         raise SystemExit(f"{args.target}: no weight runs on the block kernel here")
-    vnni = weights[0].kernel.vnni
+    vnni = weights[0].kernel.vnni and not args.avx2
     with tempfile.TemporaryDirectory() as work:
         base = build_block_kernel(vnni, _sources_at(args.base, Path(work)))
         head = build_block_kernel(vnni, CSRC)
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for row in rows:
         row["base_vs_one"] = round(row["base_ms"] / rows[0]["base_ms"], 2)
         row["head_vs_one"] = round(row["head_ms"] / rows[0]["head_ms"], 2)
-    flags = ("target", "base", "threads", "repeats")
+    flags = ("target", "base", "threads", "repeats", "avx2")
     result = run_record(
         "specray.bench.kernel_ab",
         argv,
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_parser(__doc__, target="qwen2.5-coder-1.5b-instruct", dtype=None)
     p.add_argument("--tag", default="", help="suffix of the output files")
     p.add_argument("--base", required=True, help="git revision whose kernel sources to compare")
+    p.add_argument("--avx2", action="store_true", help="both builds' AVX2 inner loop")
     p.add_argument("--rows", type=int_list, default=[1, 2, 4, 8, 9, 12, 16, 17])
     p.add_argument("--repeats", type=int, default=9)
     p.set_defaults(out=Path(__file__).parent / "results")
