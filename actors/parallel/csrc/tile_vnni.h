@@ -4,7 +4,8 @@
 #pragma once
 
 // Activation rows that share one unpacked block: eight rows' accumulators,
-// the block's eight chunks and the four partial sums fit the 32 registers.
+// the block's eight chunks, its scales and a row's two partial sums fit in
+// the 32 vector registers.
 constexpr int kRowTile = 8;
 
 // The 8 chunks of unsigned codes of block (t, b).
