@@ -17,6 +17,9 @@ same run. Optional: needs a ``llama-server`` binary (built from the
         --save-result bench/results/peer/NAME.json
 
 Writes the JSON (every request's stream), and the Markdown beside it.
+``SPECRAY_BLOCK_KERNEL``, ``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA``
+in the environment reach the specray servers (an AVX512 CPU run on its AVX2
+code paths) and are recorded; llama.cpp's instruction sets are its build's.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -39,6 +43,10 @@ from specray.bench.peer_report import render, summarize
 from specray.bench.peer_runs import LLAMA, SPECRAY, Arm, ArmRun, llama_arm, run_llama, run_specray
 from specray.bench.serve_bench import WARMUP_PROMPT_TOKENS, RequestOptions, load_tokenizer
 from specray.bench.serve_dataset import random_prompts, shipped_prompts
+
+# Settings that restrict the instruction sets the code runs on (an AVX512
+# machine run as an AVX2 one): recorded, and named in the report's header.
+ISA_SWITCHES = ("SPECRAY_BLOCK_KERNEL", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
 
 
 def arms(args: argparse.Namespace) -> list[Arm]:
@@ -96,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         + shlex.join(sys.argv[1:] if argv is None else argv),
         "started_at": started_at,
         "machine": machine_info(),
+        "isa_switches": {k: os.environ[k] for k in ISA_SWITCHES if k in os.environ},
         "llama_server": {
             "binary": str(args.llama_server),
             "version": server_version(args.llama_server),

@@ -112,6 +112,13 @@ def _num(value: float | None, digits: int = 1, suffix: str = "") -> str:
     return "–" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def _switch_lines(switches: dict[str, str]) -> list[str]:
+    if not switches:
+        return []
+    named = ", ".join(f"{k}={v}" for k, v in switches.items())
+    return [f"specray ran with {named} (instruction sets restricted).", ""]
+
+
 def render(result: dict[str, Any]) -> str:
     settings = result["settings"]
     lines = [
@@ -119,6 +126,7 @@ def render(result: dict[str, Any]) -> str:
         "",
         machine_header(result["machine"]),
         "",
+        *_switch_lines(result.get("isa_switches") or {}),
         f"llama-server: {result['llama_server']['version']}; {settings['threads']} threads; "
         f"draft model {settings['draft_model']} (at most {settings['draft_max']} a round)",
         f"Prompts: {', '.join(settings['prompts'])} ({settings['split']}), "

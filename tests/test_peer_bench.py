@@ -187,6 +187,7 @@ def test_report_divides_every_row_by_llama_target_only() -> None:
         "target_gguf": "t.gguf",
         "command": "python -m specray.bench.peer_bench ...",
         "llama_server": {"version": "v"},
+        "isa_switches": {"SPECRAY_BLOCK_KERNEL": "avx2"},
         "machine": {
             "cpu": "cpu",
             "cpu_flags": ["avx2"],
@@ -198,3 +199,4 @@ def test_report_divides_every_row_by_llama_target_only() -> None:
     text = render(result)
     assert "| specray cfg (spec) | 40.0 | 40.0 / 40.0 |" in text
     assert "avx2" in text
+    assert "SPECRAY_BLOCK_KERNEL=avx2 (instruction sets restricted)" in text
