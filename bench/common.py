@@ -259,3 +259,13 @@ def cell(value: Any, digits: int = 2) -> str:
 
 def _table_row(cells: Sequence[object]) -> str:
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def stop_process(process: subprocess.Popen[Any], grace_s: float) -> None:
+    """SIGTERM, then SIGKILL if ``process`` has not exited within ``grace_s``."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from specray.bench.common import stop_process
 from specray.bench.serve_metrics import RequestRecord
 
 
@@ -77,12 +78,7 @@ def llama_server(
         _wait_healthy(port, process, log_path, start_timeout_s)
         yield LlamaServer(port, log_path, command)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, grace_s=30)
 
 
 def _wait_healthy(port: int, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from specray.bench.common import stop_process
 from specray.bench.llama_server import llama_server, stream_completion
 from specray.bench.serve_bench import RequestOptions, send_one
 from specray.bench.serve_dataset import BenchPrompt, BenchRequest
@@ -135,12 +136,7 @@ def run_specray(
         address = _wait_ready(process, log, start_timeout_s)
         run.records = asyncio.run(_send_specray(address, prompts, warmup, options))
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, grace_s=120)
     return run
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from specray.bench.common import machine_header, machine_info, write_report
+from specray.bench.common import machine_header, machine_info, stop_process, write_report
 
 # What a process is, from its command line (first match wins).
 ROLES = (
@@ -102,11 +101,7 @@ def measure(serve_args: Sequence[str], timeout_s: float) -> dict[str, Any]:
             by_role[name] += rss_bytes(pid)
             counts[name] += 1
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, grace_s=120)
     return {
         "command": " ".join(command),
         "ready_s": round(ready_s, 1),
