@@ -49,10 +49,12 @@ def llama_server(
     flags: Sequence[str],
     threads: int,
     log_path: Path,
-    context: int = 4096,
+    slots: int = 1,
+    context_per_slot: int = 4096,
     start_timeout_s: float = 300.0,
 ) -> Iterator[LlamaServer]:
-    """Run ``llama-server`` on a free loopback port until the block exits."""
+    """Run ``llama-server`` on a free loopback port until the block exits,
+    with ``slots`` sequences decoded together (its continuous batching)."""
     port = free_port()
     command = (
         str(binary),
@@ -67,9 +69,9 @@ def llama_server(
         "-tb",
         str(threads),
         "-c",
-        str(context),
+        str(context_per_slot * slots),
         "-np",
-        "1",
+        str(slots),
         *flags,
     )
     with log_path.open("w") as log:

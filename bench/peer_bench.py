@@ -94,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             if arm.system == LLAMA:
                 run = run_llama(
                     arm, args.llama_server, target_gguf, prompts, warmup, options,
-                    args.threads, log_dir, number,
+                    args.threads, log_dir, number, args.concurrency,
                 )  # fmt: skip
             else:
-                run = run_specray(arm, prompts, warmup, options, log_dir, number)
+                run = run_specray(arm, prompts, warmup, options, log_dir, number, args.concurrency)
             runs.append(run)
     result = {
         "command": "python -m specray.bench.peer_bench "
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "categories": args.categories,
             "split": args.split,
             "max_tokens": args.max_tokens,
+            "concurrency": args.concurrency,
             "rounds": args.rounds,
             "prompts": [p.id for p in prompts],
         },
@@ -156,6 +157,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--concurrency", type=int, default=1, help="requests in flight (llama.cpp: its slots)"
+    )
     p.add_argument("--threads", type=int, default=2, help="llama-server's -t and -tb")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")

@@ -6,7 +6,9 @@ the arm's throughput); TPOT is decode only (prefill excluded). τ counts the
 tokens one target forward commits after the prefill, the same way for both
 servers (llama.cpp's from its accepted-token counter: forwards = output − 1 −
 accepted). "vs llama.cpp none" divides by llama.cpp target-only's tokens/s in
-the same run; "vs own none" by the same server's target-only arm.
+the same run; "vs own none" by the same server's target-only arm. Output
+tokens/s is the row's throughput: its tokens over the time any of its
+requests was in flight (with several requests at once, the server's rate).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def summarize(result: dict[str, Any], eos: Sequence[int]) -> list[dict[str, Any]
     reference = {r.prompt_id: _strip(r.token_ids, eos) for r in first}
     rates = {name: _rate(_flat(rounds)) for name, _, rounds in rows}
     base_rate = rates[BASELINE]
+    base_throughput = stats[BASELINE]["output_tokens_per_s"]
     out = []
     for name, own, rounds in rows:
         s = stats[name]
@@ -93,12 +96,14 @@ def summarize(result: dict[str, Any], eos: Sequence[int]) -> list[dict[str, Any]
                 "failed": s["failed"],
                 "output_tokens": s["output_tokens"],
                 "tokens_per_s": rate,
+                "output_tokens_per_s": s["output_tokens_per_s"],
+                "output_vs_llama_none": _divide(s["output_tokens_per_s"], base_throughput),
                 "tpot_ms": s["tpot_ms"]["mean"],
                 "ttft_ms": s["ttft_ms"]["mean"],
                 "tau": s["tau"],
                 "acceptance_rate": s["acceptance_rate"],
-                "vs_llama_none": rate / base_rate if rate and base_rate else None,
-                "vs_own_none": rate / own_rate if rate and own_rate else None,
+                "vs_llama_none": _divide(rate, base_rate),
+                "vs_own_none": _divide(rate, own_rate),
                 "identical_to_llama_none": sum(d is None for d in divergence.values()),
                 "compared": len(divergence),
                 "first_divergence": divergence,
@@ -108,8 +113,17 @@ def summarize(result: dict[str, Any], eos: Sequence[int]) -> list[dict[str, Any]
     return out
 
 
+def _divide(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator and denominator else None
+
+
 def _num(value: float | None, digits: int = 1, suffix: str = "") -> str:
     return "–" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _in_flight(settings: dict[str, Any]) -> str:
+    concurrency = settings.get("concurrency", 1)
+    return "one request at a time" if concurrency == 1 else f"{concurrency} requests at once"
 
 
 def _switch_lines(switches: dict[str, str]) -> list[str]:
@@ -130,22 +144,25 @@ def render(result: dict[str, Any]) -> str:
         f"llama-server: {result['llama_server']['version']}; {settings['threads']} threads; "
         f"draft model {settings['draft_model']} (at most {settings['draft_max']} a round)",
         f"Prompts: {', '.join(settings['prompts'])} ({settings['split']}), "
-        f"{settings['max_tokens']} tokens, greedy, one request at a time, "
+        f"{settings['max_tokens']} tokens, greedy, {_in_flight(settings)}, "
         f"{settings['rounds']} rounds (arm order reversed every other round).",
         "",
         f"`{result['command']}`",
         "",
-        "| arm | tokens/s per request | by round | TPOT ms | TTFT ms | τ | accepted | "
-        "vs llama.cpp none | vs own none | outputs = llama.cpp none |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| arm | tokens/s per request | by round | vs llama.cpp none | vs own none | "
+        "output tokens/s | vs llama.cpp none | TPOT ms | TTFT ms | τ | accepted | "
+        "outputs = llama.cpp none |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["summary"]:
         by_round = " / ".join(_num(v) for v in row["tokens_per_s_by_round"])
         lines.append(
             f"| {row['row']} | {_num(row['tokens_per_s'])} | {by_round} | "
-            f"{_num(row['tpot_ms'])} | {_num(row['ttft_ms'], 0)} | {_num(row['tau'], 2)} | "
-            f"{_num(row['acceptance_rate'], 2)} | {_num(row['vs_llama_none'], 2, '×')} | "
-            f"{_num(row['vs_own_none'], 2, '×')} | "
+            f"{_num(row['vs_llama_none'], 2, '×')} | {_num(row['vs_own_none'], 2, '×')} | "
+            f"{_num(row['output_tokens_per_s'])} | "
+            f"{_num(row['output_vs_llama_none'], 2, '×')} | {_num(row['tpot_ms'])} | "
+            f"{_num(row['ttft_ms'], 0)} | {_num(row['tau'], 2)} | "
+            f"{_num(row['acceptance_rate'], 2)} | "
             f"{row['identical_to_llama_none']}/{row['compared']} |"
         )
     lines += ["", "Server commands of the first round:", ""]

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,10 +82,16 @@ def run_llama(
     threads: int,
     log_dir: Path,
     number: int,
+    concurrency: int = 1,
 ) -> ArmRun:
+    """One llama.cpp server with ``concurrency`` slots. One at a time, each
+    prompt is primed just before it is measured (the slot holds it); with
+    several slots every prompt is primed first (llama.cpp keeps prompts in
+    its host-memory cache and finds each one's slot by common prefix), then
+    they are sent at once, at most ``concurrency`` in flight."""
     log = log_dir / f"{arm.name.replace(' ', '_')}.round{number}.log"
     run = ArmRun(arm.name, number)
-    with llama_server(binary, target_gguf, arm.flags, threads, log) as server:
+    with llama_server(binary, target_gguf, arm.flags, threads, log, concurrency) as server:
         run.server_command = list(server.command)
         speculative = arm.flags != ()
 
@@ -97,9 +104,15 @@ def run_llama(
 
         for prompt in warmup:
             send(prompt, options.max_tokens)
+        if concurrency == 1:
+            for prompt in prompts:
+                send(prompt, 1)
+                run.records.append(send(prompt, options.max_tokens))
+            return run
         for prompt in prompts:
             send(prompt, 1)
-            run.records.append(send(prompt, options.max_tokens))
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            run.records = list(pool.map(lambda p: send(p, options.max_tokens), prompts))
     return run
 
 
@@ -110,13 +123,14 @@ def run_specray(
     options: RequestOptions,
     log_dir: Path,
     number: int,
+    concurrency: int = 1,
     start_timeout_s: float = 900.0,
 ) -> ArmRun:
     """Start ``specray serve --config``, then: warm-up in both arms, every
-    prompt once for one token, all of them with speculation, all without.
-    Speculation goes first on a fresh server so a drafter that caches
-    finished outputs (suffix) never drafts a prompt from its own
-    target-only answer."""
+    prompt once for one token, all of them with speculation, all without
+    (at most ``concurrency`` in flight). Speculation goes first on a fresh
+    server so a drafter that caches finished outputs (suffix) never drafts
+    a prompt from its own target-only answer."""
     assert arm.config is not None
     log = log_dir / f"{arm.name.replace(' ', '_')}.round{number}.log"
     command = [
@@ -134,7 +148,8 @@ def run_specray(
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ)
     try:
         address = _wait_ready(process, log, start_timeout_s)
-        run.records = asyncio.run(_send_specray(address, prompts, warmup, options))
+        sending = _send_specray(address, prompts, warmup, options, concurrency)
+        run.records = asyncio.run(sending)
     finally:
         stop_process(process, grace_s=120)
     return run
@@ -157,18 +172,24 @@ async def _send_specray(
     prompts: Sequence[BenchPrompt],
     warmup: Sequence[BenchPrompt],
     options: RequestOptions,
+    concurrency: int,
 ) -> list[RequestRecord]:
     one_token = dataclasses.replace(options, max_tokens=1, ignore_eos=True)
-    records = []
+    records: list[RequestRecord] = []
+    slots = asyncio.Semaphore(concurrency)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.GenerationStub(channel)
+
+        async def send(request: BenchRequest, sent: RequestOptions, tag: str) -> RequestRecord:
+            async with slots:
+                return await send_one(stub, request, sent, tag)
+
         for index, prompt in enumerate(warmup):
             for speculative in (True, False):
-                await send_one(stub, BenchRequest(prompt, speculative, index), options, "warmup")
+                await send(BenchRequest(prompt, speculative, index), options, "warmup")
         for index, prompt in enumerate(prompts):
-            await send_one(stub, BenchRequest(prompt, False, index), one_token, "prime")
+            await send(BenchRequest(prompt, False, index), one_token, "prime")
         for speculative in (True, False):
-            for index, prompt in enumerate(prompts):
-                request = BenchRequest(prompt, speculative, index)
-                records.append(await send_one(stub, request, options, "peer"))
+            arm = [BenchRequest(p, speculative, i) for i, p in enumerate(prompts)]
+            records += await asyncio.gather(*(send(r, options, "peer") for r in arm))
     return records

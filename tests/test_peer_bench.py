@@ -74,6 +74,12 @@ def stand_in(directory: Path) -> Path:
     return script
 
 
+def stand_in_calls(directory: Path) -> list[list[int]]:
+    """(first prompt id, n_predict) of every request the stand-in served."""
+    lines = (directory / "llama-server.calls").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
 def test_llama_arm_primes_each_prompt_then_streams_it(tmp_path: Path) -> None:
     binary = stand_in(tmp_path)
     prompts = [BenchPrompt("a", "edit", [10, 1, 2]), BenchPrompt("b", "edit", [20, 1])]
@@ -82,9 +88,7 @@ def test_llama_arm_primes_each_prompt_then_streams_it(tmp_path: Path) -> None:
     arm = llama_arm("ngram-mod", None, 16)
     assert arm.flags == ("--spec-type", "ngram-mod")
     run = run_llama(arm, binary, tmp_path / "t.gguf", prompts, warmup, options, 2, tmp_path, 1)
-    calls = [
-        json.loads(line) for line in (tmp_path / "llama-server.calls").read_text().splitlines()
-    ]
+    calls = stand_in_calls(tmp_path)
     # Warm-up at full length, then each prompt once for one token before its measured send.
     assert calls == [[5, 8], [10, 1], [10, 8], [20, 1], [20, 8]]
     assert [r.prompt_id for r in run.records] == ["a", "b"]
@@ -95,6 +99,23 @@ def test_llama_arm_primes_each_prompt_then_streams_it(tmp_path: Path) -> None:
     # 8 tokens, 4 of them accepted drafts: 7 after the prefill took 3 forwards.
     assert (first.draft_tokens, first.accepted_tokens, first.rounds) == (6, 4, 3)
     assert run.server_command[run.server_command.index("--host") + 1] == "127.0.0.1"
+
+
+def test_several_slots_prime_every_prompt_then_send_them_together(tmp_path: Path) -> None:
+    binary = stand_in(tmp_path)
+    prompts = [BenchPrompt(str(i), "edit", [10 * i, 1]) for i in (1, 2, 3)]
+    options = RequestOptions(4, 0.0, False, 0, None, 30.0)
+    run = run_llama(
+        llama_arm("none", None, 16), binary, tmp_path / "t.gguf", prompts, [], options,
+        2, tmp_path, 0, concurrency=2,
+    )  # fmt: skip
+    calls = stand_in_calls(tmp_path)
+    assert calls[:3] == [[10, 1], [20, 1], [30, 1]]
+    assert sorted(calls[3:]) == [[10, 4], [20, 4], [30, 4]]
+    assert [r.prompt_id for r in run.records] == ["1", "2", "3"]
+    assert all(r.ok and not r.speculative and r.rounds == 3 for r in run.records)
+    assert run.server_command[run.server_command.index("-np") + 1] == "2"
+    assert run.server_command[run.server_command.index("-c") + 1] == str(2 * 4096)
 
 
 def test_a_draft_arm_needs_its_model() -> None:
@@ -197,6 +218,6 @@ def test_report_divides_every_row_by_llama_target_only() -> None:
         },
     }
     text = render(result)
-    assert "| specray cfg (spec) | 40.0 | 40.0 / 40.0 |" in text
+    assert "| specray cfg (spec) | 40.0 | 40.0 / 40.0 | 4.44× | 8.89× |" in text
     assert "avx2" in text
     assert "SPECRAY_BLOCK_KERNEL=avx2 (instruction sets restricted)" in text
