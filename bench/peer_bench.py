@@ -16,7 +16,9 @@ same run. Optional: needs a ``llama-server`` binary (built from the
         --categories verbatim_edit --split eval --num-prompts 4 --max-tokens 256 --rounds 2 \\
         --save-result bench/results/peer/NAME.json
 
-Writes the JSON (every request's stream), and the Markdown beside it.
+Writes the JSON (every request's stream), and the Markdown beside it;
+``--report-from RESULT.json`` summarizes a saved run again with this
+version's report (no servers started).
 ``SPECRAY_BLOCK_KERNEL``, ``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA``
 in the environment reach the specray servers (an AVX512 CPU run on its AVX2
 code paths) and are recorded; llama.cpp's instruction sets are its build's.
@@ -33,6 +35,7 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from transformers import GenerationConfig
 
@@ -76,6 +79,14 @@ def eos_ids(target: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_from is not None:
+        saved = json.loads(args.report_from.read_text())
+        if "eos_ids" not in saved:  # saved before runs recorded them
+            saved["eos_ids"] = eos_ids(saved["settings"]["target"])
+        write(saved, args.report_from)
+        return 0
+    if args.llama_server is None or args.save_result is None:
+        raise SystemExit("--llama-server and --save-result are needed (or --report-from)")
     started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     tokenizer = load_tokenizer(args.tokenizer or args.target)
     assert tokenizer is not None  # a name was given
@@ -125,21 +136,28 @@ def main(argv: list[str] | None = None) -> int:
         "arms": [asdict(a) | {"config": str(a.config) if a.config else None} for a in chosen],
         "runs": [asdict(r) for r in runs],
         "logs": str(log_dir),
+        "eos_ids": eos_ids(args.target),
     }
-    result["summary"] = summarize(result, eos_ids(args.target))
     args.save_result.parent.mkdir(parents=True, exist_ok=True)
-    args.save_result.write_text(json.dumps(result, indent=1) + "\n")
-    report = render(result)
-    args.save_result.with_suffix(".md").write_text(report)
-    print(report)
+    write(result, args.save_result)
     return 0
+
+
+def write(result: dict[str, Any], path: Path) -> None:
+    """Summarize ``result`` into itself; write it to ``path`` and its report
+    beside it (and print the report)."""
+    result["summary"] = summarize(result, result["eos_ids"])
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    report = render(result)
+    path.with_suffix(".md").write_text(report)
+    print(report)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--llama-server", type=Path, required=True, help="llama.cpp's llama-server")
+    p.add_argument("--llama-server", type=Path, default=None, help="llama.cpp's llama-server")
     p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct", help="registered model")
     p.add_argument("--draft-model", default=None, help="llama.cpp's draft model (arm 'draft')")
     p.add_argument("--draft-max", type=int, default=16, help="llama.cpp's --spec-draft-n-max")
@@ -163,7 +181,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="llama-server's -t and -tb")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--save-result", type=Path, required=True)
+    p.add_argument("--save-result", type=Path, default=None)
+    p.add_argument(
+        "--report-from",
+        type=Path,
+        default=None,
+        help="a saved result: summarize it again and rewrite it and its report (no run)",
+    )
     return p.parse_args(argv)
 
 

@@ -14,6 +14,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from specray.bench import peer_bench
 from specray.bench.peer_report import render, summarize
 from specray.bench.peer_runs import LLAMA, Arm, llama_arm, run_llama
 from specray.bench.serve_bench import RequestOptions
@@ -148,7 +149,7 @@ def record(
     return asdict(raw)
 
 
-def test_report_divides_every_row_by_llama_target_only() -> None:
+def test_report_divides_every_row_by_llama_target_only(tmp_path: Path) -> None:
     tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9]
     specray_arm = Arm("specray cfg", "specray", config=Path("cfg.serve.yaml"))
     result = {
@@ -218,6 +219,12 @@ def test_report_divides_every_row_by_llama_target_only() -> None:
         },
     }
     text = render(result)
+    # A saved run is summarized and reported again by the current code.
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(result | {"eos_ids": [EOS], "summary": []}))
+    assert peer_bench.main(["--report-from", str(saved)]) == 0
+    assert json.loads(saved.read_text())["summary"] == json.loads(json.dumps(result["summary"]))
+    assert saved.with_suffix(".md").read_text() == text
     assert "| specray cfg (spec) | 40.0 | 40.0 / 40.0 | 4.44× | 8.89× |" in text
     assert "avx2" in text
     assert "SPECRAY_BLOCK_KERNEL=avx2 (instruction sets restricted)" in text
