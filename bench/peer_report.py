@@ -68,26 +68,40 @@ def _rate(records: Sequence[RequestRecord]) -> float | None:
     return sum(r.output_tokens for r in done) / seconds if seconds > 0 else None
 
 
+def _outputs(rounds: Rounds, eos: Sequence[int]) -> dict[str, list[int]]:
+    """Every successful request's output, stop token left off, by prompt and round."""
+    return {
+        f"{r.prompt_id} round {n}": _strip(r.token_ids, eos)
+        for n, chosen in enumerate(rounds)
+        for r in chosen
+        if r.ok
+    }
+
+
+def _divergence(
+    outputs: dict[str, list[int]], reference: dict[str, list[int]]
+) -> dict[str, int | None]:
+    """Where each output first differs from the reference's for the same
+    prompt and round (None: identical)."""
+    return {
+        key: first_divergence(tokens, reference[key])
+        for key, tokens in outputs.items()
+        if key in reference
+    }
+
+
 def summarize(result: dict[str, Any], eos: Sequence[int]) -> list[dict[str, Any]]:
     rows = _rows(result)
     stats = {name: mode_summary(_flat(rounds)) for name, _, rounds in rows}
-    # Greedy llama.cpp target-only is the same every round: its first is the reference.
-    first = _records(result, BASELINE, None)[0]
-    reference = {r.prompt_id: _strip(r.token_ids, eos) for r in first}
+    outputs = {name: _outputs(rounds, eos) for name, _, rounds in rows}
     rates = {name: _rate(_flat(rounds)) for name, _, rounds in rows}
     base_rate = rates[BASELINE]
     base_throughput = stats[BASELINE]["output_tokens_per_s"]
     out = []
     for name, own, rounds in rows:
         s = stats[name]
-        divergence = {
-            f"{r.prompt_id} round {n}": first_divergence(
-                _strip(r.token_ids, eos), reference[r.prompt_id]
-            )
-            for n, chosen in enumerate(rounds)
-            for r in chosen
-            if r.ok and r.prompt_id in reference
-        }
+        divergence = _divergence(outputs[name], outputs[BASELINE])
+        own_divergence = _divergence(outputs[name], outputs[own])
         rate, own_rate = rates[name], rates[own]
         out.append(
             {
@@ -107,6 +121,8 @@ def summarize(result: dict[str, Any], eos: Sequence[int]) -> list[dict[str, Any]
                 "identical_to_llama_none": sum(d is None for d in divergence.values()),
                 "compared": len(divergence),
                 "first_divergence": divergence,
+                "identical_to_own_none": sum(d is None for d in own_divergence.values()),
+                "compared_to_own": len(own_divergence),
                 "tokens_per_s_by_round": [_rate(r) for r in rounds],
             }
         )
@@ -151,8 +167,8 @@ def render(result: dict[str, Any]) -> str:
         "",
         "| arm | tokens/s per request | by round | vs llama.cpp none | vs own none | "
         "output tokens/s | vs llama.cpp none | TPOT ms | TTFT ms | τ | accepted | "
-        "outputs = llama.cpp none |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "outputs = own none | outputs = llama.cpp none |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["summary"]:
         by_round = " / ".join(_num(v) for v in row["tokens_per_s_by_round"])
@@ -163,6 +179,7 @@ def render(result: dict[str, Any]) -> str:
             f"{_num(row['output_vs_llama_none'], 2, '×')} | {_num(row['tpot_ms'])} | "
             f"{_num(row['ttft_ms'], 0)} | {_num(row['tau'], 2)} | "
             f"{_num(row['acceptance_rate'], 2)} | "
+            f"{row['identical_to_own_none']}/{row['compared_to_own']} | "
             f"{row['identical_to_llama_none']}/{row['compared']} |"
         )
     lines += ["", "Server commands of the first round:", ""]

@@ -199,6 +199,8 @@ def test_report_divides_every_row_by_llama_target_only(tmp_path: Path) -> None:
     spec = rows["specray cfg (spec)"]
     # The stop token is left off before comparing: the same output.
     assert (spec["identical_to_llama_none"], spec["compared"]) == (2, 2)
+    assert (spec["identical_to_own_none"], spec["compared_to_own"]) == (2, 2)
+    assert (mod["identical_to_own_none"], mod["compared_to_own"]) == (1, 2)
     assert abs(spec["vs_own_none"] - (10 / 0.25) / (9 / 2.0)) < 1e-9
     # 10 tokens, 6 accepted: 3 forwards after the prefill, per request.
     assert abs(spec["tau"] - 3.0) < 1e-9
