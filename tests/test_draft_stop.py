@@ -141,10 +141,13 @@ def test_the_scheduler_asks_for_the_ceiling_with_a_stop_priced_per_draft() -> No
         assert stop is not None and len(stop.round_seconds) == 9
         assert list(stop.round_seconds) == sorted(stop.round_seconds)
         assert stop.others_expected > 1.0  # the other request drafts too
-    # Compute-bound verification: nobody drafts, so nobody needs a stop.
+    # Compute-bound verification: once the model path's one probe is spent,
+    # nobody drafts, so nobody needs a stop.
     costs.verify.set_profile([(1, 0.1), (32, 3.2)])
     batch = [_decoding("a", 0.6)]
-    GammaScheduler(DraftPaths(model=True, lookup=False), costs=costs).choose(batch)  # type: ignore[arg-type]
+    scheduler = GammaScheduler(DraftPaths(model=True, lookup=False), costs=costs)
+    scheduler.choose(batch)  # type: ignore[arg-type]
+    scheduler.choose(batch)  # type: ignore[arg-type]
     assert batch[0].draft.gamma == 0 and batch[0].draft.stop is None  # type: ignore[attr-defined]
 
 

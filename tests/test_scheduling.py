@@ -22,7 +22,7 @@ from specray.actors.engine.gamma import (
 )
 from specray.actors.engine.lifecycle import start_request
 from specray.actors.engine.request import DraftState, GenerationRequest, RunningRequest
-from specray.actors.engine.scheduling import GammaScheduler
+from specray.actors.engine.scheduling import FIRST_REPROBE_ROUNDS, GammaScheduler
 from specray.actors.sampling.params import StoppingCriteria
 
 # -- the γ scheduler -----------------------------------------------------------
@@ -284,8 +284,17 @@ def test_compute_bound_verify_drafts_nothing_behind_or_not() -> None:
     costs.verify.set_profile([(1, 0.1), (64, 6.4)])
     costs.draft.set_profile([(1, 0.01), (256, 0.4)])
     batch = [_run("a", 300, 0.6), _run("b", 1, 0.6)]
-    GammaScheduler(MODEL, costs=costs).choose(batch)
-    assert [r.draft.gamma for r in batch] == [0, 0]
+    scheduler = GammaScheduler(MODEL, costs=costs)
+    # The model path is tried at once, on the request least behind ...
+    scheduler.choose(batch)
+    assert [r.draft.gamma for r in batch] == [0, 4]
+    # ... then after FIRST_REPROBE_ROUNDS rounds without drafts, then twice that.
+    tried = []
+    for number in range(1, 3 * FIRST_REPROBE_ROUNDS + 3):
+        scheduler.choose(batch)
+        if any(r.draft.gamma for r in batch):
+            tried.append(number)
+    assert tried == [FIRST_REPROBE_ROUNDS + 1, 3 * FIRST_REPROBE_ROUNDS + 2]
 
 
 def test_a_hybrid_copies_where_model_drafts_do_not_pay() -> None:
@@ -298,7 +307,9 @@ def test_a_hybrid_copies_where_model_drafts_do_not_pay() -> None:
     costs.lookup.observe((1, 1), 0.002)
     hybrid = DraftPaths(model=True, lookup=True)
     batch = [_run("a", 1, 0.6, lookup_alpha=0.7)]
-    GammaScheduler(hybrid, costs=costs).choose(batch)
+    scheduler = GammaScheduler(hybrid, costs=costs)
+    scheduler.choose(batch)  # the model path's one probe
+    scheduler.choose(batch)
     assert batch[0].draft.gamma == 0 and batch[0].draft.lookup_gamma == 4
     batch = [_run("a", 300, 0.6, lookup_alpha=0.7)]
     GammaScheduler(DraftPaths(model=False, lookup=True), costs=costs).choose(batch)
@@ -306,6 +317,28 @@ def test_a_hybrid_copies_where_model_drafts_do_not_pay() -> None:
     # Fixed γ: each path the drafter has gets the ceiling.
     GammaScheduler(hybrid, adaptive=False, costs=costs).choose(batch)
     assert batch[0].draft.gamma == batch[0].draft.lookup_gamma == 4
+
+
+def test_a_slow_drafter_that_is_almost_always_right_is_found_by_its_probe() -> None:
+    """From the 2/3 prior a drafter that costs most of a target step never
+    pays; its one probe comes back all accepted and the request drafts from
+    then on (the pool's prior rises for new requests too)."""
+    costs = RoundCostModel()
+    costs.verify.set_profile([(1, 0.1), (8, 0.1)])
+    costs.draft.set_profile([(1, 0.075), (8, 0.08)])
+    scheduler = GammaScheduler(MODEL, costs=costs)
+    run = _run("a", 1, 2 / 3)
+    assert schedule_gammas([2 / 3], [4], costs.round_seconds) == [0]
+    scheduler.choose([run])
+    assert run.draft.gamma == 4
+    for _ in range(3):
+        scheduler.record(
+            run, DraftProposal([1, 2, 3, 4]), DraftUpdate("a", 4, [1, 2, 3, 4, 5], None)
+        )
+        run.draft.backlog = 1
+        scheduler.choose([run])
+        assert run.draft.gamma > 0
+    assert scheduler.new_draft_state().model_acceptance.alpha > 2 / 3
 
 
 def test_a_request_without_a_drafter_decodes_target_only() -> None:

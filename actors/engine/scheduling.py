@@ -29,6 +29,11 @@ from specray.actors.engine.verify_budget import BudgetSizing, VerifyBudget
 DEFAULT_MAX_BATCHED_TOKENS = 512
 
 
+# Rounds without a model draft before the model path is tried a second time
+# (the wait doubles after each try; :meth:`GammaScheduler._probe`).
+FIRST_REPROBE_ROUNDS = 256
+
+
 class GammaScheduler:
     """γ per request and drafting path for every round, and what it learns
     from each: per-request acceptance, the pool's acceptance (the prior of
@@ -61,6 +66,9 @@ class GammaScheduler:
         self._pool = {"lookup": SurvivalEstimate(decay=0.98), "model": SurvivalEstimate(decay=0.98)}
         self._pool_depths = DepthAcceptance(decay=0.98)
         self.budget = VerifyBudget(self.costs, self.block, budget_sizing)
+        # When the model path is tried next (see :meth:`_probe`).
+        self._rounds_since_probe = 0
+        self._probe_interval = 0  # the first chance; then FIRST_REPROBE_ROUNDS, doubling
 
     def start_backlog(self, num_committed: int) -> int:
         """What a drafter taking a request over has to feed: every committed
@@ -176,8 +184,10 @@ class GammaScheduler:
                 self.entry_seconds(r, alpha, limit, gamma > 0)
                 for r, alpha, limit, gamma in zip(group, alphas, limits, in_step, strict=True)
             ]
-        gammas = schedule_gammas(
-            alphas, limits, costs.round_seconds, base, entries, block=self.block
+        gammas = self._probe(
+            group,
+            schedule_gammas(alphas, limits, costs.round_seconds, base, entries, block=self.block),
+            limits,
         )
         if self.block > 1:
             # A forward drafts a whole block: a request that drafts asks for
@@ -189,6 +199,34 @@ class GammaScheduler:
         for run, gamma in zip(group, gammas, strict=True):
             run.draft.gamma = gamma
         self._stops(group, alphas, gammas, limits, base)
+
+    def _probe(
+        self, group: Sequence[RunningRequest], gammas: list[int], limits: Sequence[int]
+    ) -> list[int]:
+        """The model path's acceptance is learnt only from its drafts, and
+        starts from a prior (2/3): a draft model that pays only above that
+        (a slow drafter that is almost always right) would never be tried,
+        and its estimate never corrected. So when the schedule has drafted
+        nothing with the model for long enough while some request could,
+        one round drafts the ceiling for the request least behind (the
+        cheapest catch-up): at the first chance, then after
+        :data:`FIRST_REPROBE_ROUNDS` such rounds, the wait doubling each
+        time (a probe spent on a warm-up's random prompt is retried; a
+        drafter that never pays costs a vanishing share of rounds). γ still
+        depends only on past rounds, never on the drafts: lossless."""
+        if any(gammas):
+            self._rounds_since_probe = 0
+            return gammas
+        able = [i for i, limit in enumerate(limits) if limit > 0]
+        if not able:
+            return gammas
+        self._rounds_since_probe += 1
+        if self._rounds_since_probe <= self._probe_interval:
+            return gammas
+        self._rounds_since_probe = 0
+        self._probe_interval = max(2 * self._probe_interval, FIRST_REPROBE_ROUNDS)
+        chosen = min(able, key=lambda i: group[i].draft.backlog)
+        return [limits[i] if i == chosen else 0 for i in range(len(gammas))]
 
     def _stops(
         self,
