@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -23,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from specray.actors.parallel.distributed import find_free_port
 from specray.bench.common import stop_process
 from specray.bench.serve_metrics import RequestRecord
 
@@ -34,12 +34,6 @@ class LlamaServer:
     port: int
     log_path: Path
     command: tuple[str, ...]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -55,7 +49,7 @@ def llama_server(
 ) -> Iterator[LlamaServer]:
     """Run ``llama-server`` on a free loopback port until the block exits,
     with ``slots`` sequences decoded together (its continuous batching)."""
-    port = free_port()
+    port = find_free_port()
     command = (
         str(binary),
         "-m",

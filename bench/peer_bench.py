@@ -37,8 +37,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from transformers import GenerationConfig
-
+from specray.actors.engine.tokenizer import eos_token_ids
+from specray.actors.model.config import ModelConfig
 from specray.actors.store.weights_dir import kept_gguf
 from specray.bench.common import machine_info, resolve_preferring
 from specray.bench.llama_server import server_version
@@ -71,10 +71,11 @@ def _gguf(name: str) -> Path:
 
 
 def eos_ids(target: str) -> list[int]:
-    """The target's end-of-turn ids (left off outputs before comparing them:
-    one server may stream the stop token and the other not)."""
-    eos = GenerationConfig.from_pretrained(resolve_preferring(target, "bfloat16")).eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos or [])
+    """The target's end-of-sequence ids as the router resolves them (left off
+    outputs before comparing them: one server may stream the stop token and
+    the other not)."""
+    target_dir = resolve_preferring(target, "bfloat16")
+    return list(eos_token_ids(ModelConfig.from_pretrained(target_dir), load_tokenizer(target)))
 
 
 def main(argv: list[str] | None = None) -> int:

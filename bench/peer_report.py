@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from specray.bench.common import first_divergence, machine_header
-from specray.bench.serve_metrics import RequestRecord, mode_summary
+from specray.bench.serve_metrics import RequestRecord, divide, mode_summary, per_token_rate
 
 BASELINE = "llama.cpp none"
 
@@ -50,6 +50,11 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str, Rounds]]:
     return rows
 
 
+def _rate(records: Sequence[RequestRecord]) -> float | None:
+    """Σ output tokens ÷ Σ request latency over the successful requests."""
+    return per_token_rate(r for r in records if r.ok)
+
+
 def _flat(rounds: Rounds) -> list[RequestRecord]:
     return [record for records in rounds for record in records]
 
@@ -59,13 +64,6 @@ def _strip(tokens: Sequence[int], eos: Sequence[int]) -> list[int]:
     while kept and kept[-1] in eos:
         kept.pop()
     return kept
-
-
-def _rate(records: Sequence[RequestRecord]) -> float | None:
-    """Σ output tokens ÷ Σ request latency over the successful requests."""
-    done = [r for r in records if r.ok]
-    seconds = sum(r.end_s - r.send_s for r in done)
-    return sum(r.output_tokens for r in done) / seconds if seconds > 0 else None
 
 
 def _outputs(rounds: Rounds, eos: Sequence[int]) -> dict[str, list[int]]:
@@ -111,13 +109,13 @@ def summarize(result: dict[str, Any], eos: Sequence[int]) -> list[dict[str, Any]
                 "output_tokens": s["output_tokens"],
                 "tokens_per_s": rate,
                 "output_tokens_per_s": s["output_tokens_per_s"],
-                "output_vs_llama_none": _divide(s["output_tokens_per_s"], base_throughput),
+                "output_vs_llama_none": divide(s["output_tokens_per_s"], base_throughput),
                 "tpot_ms": s["tpot_ms"]["mean"],
                 "ttft_ms": s["ttft_ms"]["mean"],
                 "tau": s["tau"],
                 "acceptance_rate": s["acceptance_rate"],
-                "vs_llama_none": _divide(rate, base_rate),
-                "vs_own_none": _divide(rate, own_rate),
+                "vs_llama_none": divide(rate, base_rate),
+                "vs_own_none": divide(rate, own_rate),
                 "identical_to_llama_none": sum(d is None for d in divergence.values()),
                 "compared": len(divergence),
                 "first_divergence": divergence,
@@ -127,10 +125,6 @@ def summarize(result: dict[str, Any], eos: Sequence[int]) -> list[dict[str, Any]
             }
         )
     return out
-
-
-def _divide(numerator: float | None, denominator: float | None) -> float | None:
-    return numerator / denominator if numerator and denominator else None
 
 
 def _num(value: float | None, digits: int = 1, suffix: str = "") -> str:

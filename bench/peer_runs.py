@@ -43,6 +43,10 @@ class Arm:
     flags: tuple[str, ...] = ()  # llama-server's speculative flags
     config: Path | None = None  # specray serve's YAML
 
+    def log_path(self, directory: Path, number: int) -> Path:
+        """Where this arm's server logs in round ``number``."""
+        return directory / f"{self.name.replace(' ', '_')}.round{number}.log"
+
 
 @dataclass
 class ArmRun:
@@ -89,7 +93,7 @@ def run_llama(
     several slots every prompt is primed first (llama.cpp keeps prompts in
     its host-memory cache and finds each one's slot by common prefix), then
     they are sent at once, at most ``concurrency`` in flight."""
-    log = log_dir / f"{arm.name.replace(' ', '_')}.round{number}.log"
+    log = arm.log_path(log_dir, number)
     run = ArmRun(arm.name, number)
     with llama_server(binary, target_gguf, arm.flags, threads, log, concurrency) as server:
         run.server_command = list(server.command)
@@ -132,7 +136,7 @@ def run_specray(
     server so a drafter that caches finished outputs (suffix) never drafts
     a prompt from its own target-only answer."""
     assert arm.config is not None
-    log = log_dir / f"{arm.name.replace(' ', '_')}.round{number}.log"
+    log = arm.log_path(log_dir, number)
     command = [
         sys.executable,
         "-m",

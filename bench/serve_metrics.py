@@ -203,7 +203,7 @@ def pairs(records: Sequence[RequestRecord]) -> list[Pair]:
     return out
 
 
-def _per_token_rate(records: Iterable[RequestRecord]) -> float | None:
+def per_token_rate(records: Iterable[RequestRecord]) -> float | None:
     """Output tokens per second of request latency, pooled: Σ tokens / Σ E2EL."""
     chosen = list(records)
     return _ratio(sum(r.output_tokens for r in chosen), sum(r.end_s - r.send_s for r in chosen))
@@ -229,7 +229,7 @@ def category_rows(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
         chosen = [p for p in both if category in (ALL, p.spec.category)]
         spec = [p.spec for p in chosen]
         base = [p.base for p in chosen]
-        spec_rate, base_rate = _per_token_rate(spec), _per_token_rate(base)
+        spec_rate, base_rate = per_token_rate(spec), per_token_rate(base)
         spec_tpot, base_tpot = _mean_tpot(spec), _mean_tpot(base)
         stats = mode_summary(spec)
         rows.append(
@@ -238,10 +238,10 @@ def category_rows(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
                 "pairs": len(chosen),
                 "spec_tokens_per_s": spec_rate,
                 "no_spec_tokens_per_s": base_rate,
-                "speedup": _divide(spec_rate, base_rate),
+                "speedup": divide(spec_rate, base_rate),
                 "spec_tpot_ms": None if spec_tpot is None else spec_tpot * 1e3,
                 "no_spec_tpot_ms": None if base_tpot is None else base_tpot * 1e3,
-                "tpot_speedup": _divide(base_tpot, spec_tpot),
+                "tpot_speedup": divide(base_tpot, spec_tpot),
                 "acceptance_rate": stats["acceptance_rate"],
                 "tau": stats["tau"],
             }
@@ -249,7 +249,7 @@ def category_rows(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
     return rows
 
 
-def _divide(numerator: float | None, denominator: float | None) -> float | None:
+def divide(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None:
         return None
     return _ratio(numerator, denominator)
