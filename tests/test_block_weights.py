@@ -7,6 +7,7 @@ products in float64."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -114,6 +115,22 @@ def test_matmul_equals_rounded_activations_times_the_weights(qtype: Q, rows: int
         assert got.shape == (rows, 40) and got.dtype == torch.float32
         # Exact integer block sums; float32 scaling and accumulation.
         assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), kernel.vnni
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+def test_largest_codes_times_largest_activations_do_not_overflow(qtype: Q) -> None:
+    """Every code at an end of its range and every activation at +-127 after
+    rounding: the integer sums the AVX2 build adds in int16 before widening
+    are at their bounds here."""
+    matrix = _matrix(qtype, rows=16, cols=256)
+    ones = torch.ones(2, 256)
+    x = torch.cat([ones, -ones, torch.where(torch.arange(256) % 2 == 0, 1.0, -1.0)[None]])
+    for end in (matrix.code_max, matrix.code_min):
+        extreme = dataclasses.replace(matrix, codes=torch.full_like(matrix.codes, end))
+        want = _reference(x, BlockWeights(extreme, torch.float32).dequantize())
+        for kernel in _variants():
+            got = BlockWeights(extreme, torch.float32, kernel)(x)
+            assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), (end, kernel.vnni)
 
 
 def test_bfloat16_in_and_out_rounds_once_at_the_end() -> None:
