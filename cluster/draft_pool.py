@@ -73,9 +73,9 @@ class DraftReplica:
     def occupied(self) -> int:
         return len(self.requests)
 
-    @property
-    def load(self) -> int:
-        return len(self.requests)
+    # Placement's name for it: unlike a target slot, a draft slot frees with
+    # no release to confirm, so what a replica runs is all it holds.
+    load = occupied
 
 
 def affinity_blocks(spec: DraftWorkerSpec) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from specray.actors.drafting.base import DraftProposal, DraftRequest, DraftUpdate
 from specray.actors.engine.request import RunningRequest
@@ -24,14 +25,14 @@ from specray.cluster.request_table import RequestTable
 from specray.cluster.target_pool import TargetPool
 
 
+@dataclass(eq=False)
 class PoolDrafting:
     """Proposals from the draft pool's replicas, one fused update-and-propose
     call each."""
 
-    def __init__(self, pool: DraftPool, recovery: Recovery) -> None:
-        self.pool = pool
-        self.recovery = recovery
-        self.hidden_layers: tuple[int, ...] = ()  # read from the first replica up
+    pool: DraftPool
+    recovery: Recovery
+    hidden_layers: tuple[int, ...] = field(default=(), init=False)  # read from the first replica up
 
     async def propose(
         self, replica: int, asks: list[DraftRequest], updates: list[DraftUpdate]
@@ -45,17 +46,15 @@ class PoolDrafting:
             return None
 
 
+@dataclass(eq=False)
 class PoolVerifying:
     """One verify call per target replica (a whole TP group), in a worker
     thread: a :class:`ShardedTarget` call blocks."""
 
-    def __init__(
-        self, targets: TargetPool, recovery: Recovery, table: RequestTable, max_replays: int
-    ) -> None:
-        self.targets = targets
-        self.recovery = recovery
-        self.table = table
-        self.max_replays = max_replays
+    targets: TargetPool
+    recovery: Recovery
+    table: RequestTable
+    max_replays: int
 
     @property
     def verifies_trees(self) -> bool:

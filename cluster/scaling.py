@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from specray.actors.engine.costs import RoundCostModel
@@ -40,27 +40,17 @@ class ProfilePlan:
         return profile_sizes(self.num_slots, self.max_gamma, self.max_len, self.max_batched_tokens)
 
 
+@dataclass(eq=False)
 class Scaler:
-    def __init__(
-        self,
-        targets: TargetPool,
-        drafts: DraftPool | None,
-        drafting: PoolDrafting | None,
-        recovery: Recovery,
-        lanes: Lanes,
-        costs: RoundCostModel,
-        profile: ProfilePlan,
-        inbox: Inbox,
-    ) -> None:
-        self.targets = targets
-        self.drafts = drafts
-        self.drafting = drafting
-        self.recovery = recovery
-        self.lanes = lanes
-        self.costs = costs
-        self.plan = profile
-        self.inbox = inbox
-        self._lock = asyncio.Lock()
+    targets: TargetPool
+    drafts: DraftPool | None
+    drafting: PoolDrafting | None
+    recovery: Recovery
+    lanes: Lanes
+    costs: RoundCostModel
+    plan: ProfilePlan
+    inbox: Inbox
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
     # -- profiling ----------------------------------------------------------------
 
@@ -87,13 +77,7 @@ class Scaler:
             self.drafting.hidden_layers = tuple(await first.handle.hidden_layers.remote())
 
     async def add_target(self) -> None:
-        plan = self.plan
-        sizes: list[int] = []
-        if plan.enabled:
-            sizes = profile_sizes(
-                plan.num_slots, plan.max_gamma, plan.max_len, plan.max_batched_tokens
-            )
-        self.costs.verify.set_profile(await self.targets.add(sizes))
+        self.costs.verify.set_profile(await self.targets.add(self.plan.verify_sizes()))
 
     # -- scaling -----------------------------------------------------------------
 
