@@ -25,23 +25,20 @@ from specray.actors.drafting.base import (
     DraftStopping,
     DraftUpdate,
 )
-from specray.actors.drafting.draws import draft_generator, draw_tokens, token_confidences
+from specray.actors.drafting.draws import token_confidences
 from specray.actors.drafting.feed_profile import profile_feeds
+from specray.actors.drafting.model_state import ModelDraftState, sample_rows
 from specray.actors.drafting.slots import RequestSlots
 from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.prefix_cache import PrefixCache, PrefixHold
-from specray.actors.sampling.logits import SamplingTensors, compute_probs
 from specray.actors.sampling.params import SamplingParams
 
 
 @dataclass
-class _DraftState:
-    slot: int
+class _DraftState(ModelDraftState):
     tokens: list[int]  # committed tokens
     cached: int  # the draft cache is valid for tokens[:cached]
-    sampling: SamplingParams
-    generator: torch.Generator | None
     last_proposal: int = 0
     hold: PrefixHold | None = None  # its shared blocks, once it looked the prefix cache up
 
@@ -72,9 +69,8 @@ class DraftModelDrafter:
         return self.prefix.num_pins if self.prefix is not None else 0
 
     def start(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
-        generator = draft_generator(sampling)
         self._requests.start(
-            request_id, lambda slot: _DraftState(slot, list(prompt_ids), 0, sampling, generator)
+            request_id, lambda slot: _DraftState(slot, sampling, list(prompt_ids), 0)
         )
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
@@ -102,7 +98,7 @@ class DraftModelDrafter:
                 for i in active
             ]
             logits = self.model(ForwardBatch.build(seqs), self.cache).logits
-            tokens, token_probs = self._sample(logits, [states[i] for i in active])
+            tokens, token_probs = sample_rows(logits, [states[i] for i in active])
             confidence = token_confidences(logits, tokens)
             for row, i in enumerate(active):
                 if not stopping.keeps(i, step + 1, confidence[row]):
@@ -184,14 +180,3 @@ class DraftModelDrafter:
         state = self._requests.finish(request_id)
         if state is not None and state.hold is not None and self.prefix is not None:
             self.prefix.release(state.hold)
-
-    def _sample(
-        self,
-        logits: torch.Tensor,  # [rows, vocab] float32
-        states: Sequence[_DraftState],
-    ) -> tuple[list[int], torch.Tensor | None]:
-        if all(s.sampling.greedy for s in states):
-            return logits.argmax(-1).tolist(), None
-        sampling = SamplingTensors.from_params([s.sampling for s in states])
-        draft_probs = compute_probs(logits, sampling)
-        return draw_tokens(draft_probs, [s.generator for s in states]), draft_probs

@@ -148,17 +148,10 @@ class LocalTarget:
         block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
         self.model = model
+        self.verifies_trees = model.verifies_trees
         self.cache = model.new_cache(num_slots, max_len)
         self.prefix = PrefixCache(self.cache, prefix_tokens, block_size) if prefix_tokens else None
         self._seqs: dict[str, _Sequence] = {}
-
-    @property
-    def max_len(self) -> int:
-        return self.cache.max_len
-
-    @property
-    def verifies_trees(self) -> bool:
-        return self.model.verifies_trees
 
     @property
     def num_active(self) -> int:

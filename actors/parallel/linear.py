@@ -72,7 +72,6 @@ class ColumnParallelLinear(nn.Module):
         self, in_features: int, out_features: int, bias: bool, group: TPGroup, dtype: torch.dtype
     ) -> None:
         super().__init__()
-        self.group = group
         self.out_start, self.out_end = split_range(out_features, group.rank, group.size)
         rows = self.out_end - self.out_start
         self.weights: LinearWeights = DenseWeights.empty(rows, in_features, dtype)
@@ -100,7 +99,6 @@ class MergedColumnParallelLinear(nn.Module):
         dtype: torch.dtype,
     ) -> None:
         super().__init__()
-        self.group = group
         self.ranges = [split_range(n, group.rank, group.size) for n in out_features]
         self.local_sizes = [end - start for start, end in self.ranges]
         self.weights: LinearWeights = DenseWeights.empty(sum(self.local_sizes), in_features, dtype)

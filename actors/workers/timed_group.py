@@ -29,15 +29,9 @@ class TimedGroup:
 
     def __init__(self, inner: TPGroup) -> None:
         self.inner = inner
+        self.rank = inner.rank
+        self.size = inner.size
         self.stats = CollectiveStats()
-
-    @property
-    def rank(self) -> int:
-        return self.inner.rank
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
 
     def reset(self) -> CollectiveStats:
         """Return the stats so far and start counting afresh."""

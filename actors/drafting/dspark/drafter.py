@@ -41,20 +41,17 @@ from specray.actors.drafting.base import (
     DraftStopping,
     DraftUpdate,
 )
-from specray.actors.drafting.draws import draft_generator, draw_tokens, token_confidences
+from specray.actors.drafting.draws import token_confidences
 from specray.actors.drafting.dspark.calibration import Calibration
 from specray.actors.drafting.dspark.model import DSparkModel
 from specray.actors.drafting.feed_profile import profile_feeds
+from specray.actors.drafting.model_state import ModelDraftState, sample_rows
 from specray.actors.drafting.slots import RequestSlots
-from specray.actors.sampling.logits import SamplingTensors, compute_probs
 from specray.actors.sampling.params import SamplingParams
 
 
 @dataclass
-class _Request:
-    slot: int
-    sampling: SamplingParams
-    generator: torch.Generator | None
+class _Request(ModelDraftState):
     committed: int  # committed tokens (prompt + output)
     anchor: int | None = None  # the newest committed token, once a round verified
     context_start: int | None = None  # first position of the context; None: no context
@@ -94,10 +91,7 @@ class DSparkDrafter:
         self._requests: RequestSlots[_Request] = RequestSlots(self.cache, "DSpark drafter")
 
     def start(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
-        self._requests.start(
-            request_id,
-            lambda slot: _Request(slot, sampling, draft_generator(sampling), len(prompt_ids)),
-        )
+        self._requests.start(request_id, lambda slot: _Request(slot, sampling, len(prompt_ids)))
 
     @torch.inference_mode()
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
@@ -220,15 +214,7 @@ class DSparkDrafter:
             rows = [r for r in rows if wanted[r] > k]
             index = torch.tensor(rows, device=previous.device)
             logits = self.model.markov_logits(base_logits[index, k], previous[index])
-            row_states = [states[r] for r in rows]
-            if all(s.sampling.greedy for s in row_states):
-                tokens = logits.argmax(-1).tolist()
-                step_probs = None
-            else:
-                step_probs = compute_probs(
-                    logits, SamplingTensors.from_params([s.sampling for s in row_states])
-                )
-                tokens = draw_tokens(step_probs, [s.generator for s in row_states])
+            tokens, step_probs = sample_rows(logits, [states[r] for r in rows])
             for j, (r, confidence) in enumerate(
                 zip(rows, token_confidences(logits, tokens), strict=True)
             ):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from specray.actors.drafting.dspark.block import DraftBlock, DraftFamily, Residual
+from specray.actors.drafting.dspark.block import DraftBlock, Residual
 from specray.actors.drafting.dspark.confidence import ConfidenceHead
 from specray.actors.drafting.dspark.config import DSparkConfig
 from specray.actors.drafting.dspark.markov import MarkovHead
@@ -61,15 +61,13 @@ class DSparkModel(nn.Module):
         config: DSparkConfig,
         dtype: torch.dtype = torch.float32,
         group: TPGroup | None = None,
-        family: DraftFamily | None = None,
     ) -> None:
-        """``family``: default the decoder's (:func:`family_of`)."""
         super().__init__()
         group = group or SingleGroup()
         d = config.decoder
         self.config = config
         self.dtype = dtype
-        self.family = family or family_of(d)
+        self.family = family_of(d)
         self.embed_tokens = VocabParallelEmbedding(d.vocab_size, d.hidden_size, group, dtype)
         # fc and its norm are small and every rank needs their full output.
         self.fc = ColumnParallelLinear(

@@ -33,24 +33,57 @@ def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=torch.float32), requires_grad=False)
 
 
-class HyperConnection(nn.Module):
-    """The ``pre`` / ``post`` / ``comb`` weightings around one block."""
+class _StreamWeights(nn.Module):
+    """Weightings of the streams from a learned projection of their
+    normalised, flattened values: ``fn`` and ``base`` give ``width``
+    weightings, in ``scales`` groups with a ``scale`` each."""
 
-    def __init__(self, config: HyperConnectionConfig, hidden_size: int, norm_eps: float) -> None:
+    def __init__(
+        self,
+        config: HyperConnectionConfig,
+        hidden_size: int,
+        norm_eps: float,
+        width: int,
+        scales: int,
+    ) -> None:
         super().__init__()
         n = config.streams
         self.streams = n
-        self.sinkhorn_iters = config.sinkhorn_iters
         self.eps = config.eps
         self.norm_eps = norm_eps
-        self.fn = _param((2 + n) * n, n * hidden_size)
-        self.base = _param((2 + n) * n)
-        self.scale = _param(3)
+        self.fn = _param(width, n * hidden_size)
+        self.base = _param(width)
+        self.scale = _param(scales)
+
+    def load(self, source: WeightSource, prefix: str) -> None:
+        """``prefix`` names the tensors ``{prefix}fn``, ``base``, ``scale``."""
+        for name in ("fn", "base", "scale"):
+            getattr(self, name).copy_(source.read(f"{prefix}{name}"))
+
+    def _project(self, streams: torch.Tensor) -> torch.Tensor:
+        """[tokens, width] f32 from the streams [tokens, n, hidden]."""
+        flat = unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps)
+        return F.linear(flat, self.fn)
+
+
+def _collapse(
+    pre: torch.Tensor,  # [tokens, n] f32
+    streams: torch.Tensor,  # [tokens, n, hidden]
+) -> torch.Tensor:  # [tokens, hidden] in the streams' dtype
+    return (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
+
+
+class HyperConnection(_StreamWeights):
+    """The ``pre`` / ``post`` / ``comb`` weightings around one block."""
+
+    def __init__(self, config: HyperConnectionConfig, hidden_size: int, norm_eps: float) -> None:
+        n = config.streams
+        super().__init__(config, hidden_size, norm_eps, (2 + n) * n, 3)
+        self.sinkhorn_iters = config.sinkhorn_iters
 
     def load(self, source: WeightSource, prefix: str) -> None:
         """``prefix`` names the tensors ``{prefix}_fn``, ``_base``, ``_scale``."""
-        for name in ("fn", "base", "scale"):
-            getattr(self, name).copy_(source.read(f"{prefix}_{name}"))
+        super().load(source, f"{prefix}_")
 
     def forward(
         self,
@@ -59,8 +92,7 @@ class HyperConnection(nn.Module):
         """``post`` [tokens, n] f32, ``comb`` [tokens, n, n] f32 and the
         collapsed block input [tokens, hidden] in the streams' dtype."""
         n = self.streams
-        flat = unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps)
-        mixes = F.linear(flat, self.fn)
+        mixes = self._project(streams)
         pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
         pre_b, post_b, comb_b = self.base.split([n, n, n * n])
         pre_scale, post_scale, comb_scale = self.scale.unbind(0)
@@ -68,8 +100,7 @@ class HyperConnection(nn.Module):
         post = 2 * torch.sigmoid(post_w * post_scale + post_b)
         comb = comb_w.view(-1, n, n) * comb_scale + comb_b.view(n, n)
         comb = sinkhorn_(torch.softmax(comb, dim=-1).add_(self.eps), self.sinkhorn_iters, self.eps)
-        collapsed = (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
-        return post, comb, collapsed
+        return post, comb, _collapse(pre, streams)
 
 
 def merge_streams(
@@ -87,25 +118,12 @@ def merge_streams(
     return mixed.to(streams.dtype)
 
 
-class HyperHead(nn.Module):
+class HyperHead(_StreamWeights):
     """Collapses the streams into one hidden state before the final norm."""
 
     def __init__(self, config: HyperConnectionConfig, hidden_size: int, norm_eps: float) -> None:
-        super().__init__()
-        n = config.streams
-        self.streams = n
-        self.eps = config.eps
-        self.norm_eps = norm_eps
-        self.fn = _param(n, n * hidden_size)
-        self.base = _param(n)
-        self.scale = _param(1)
-
-    def load(self, source: WeightSource, prefix: str) -> None:
-        """``prefix`` names the tensors ``{prefix}fn``, ``base``, ``scale``."""
-        for name in ("fn", "base", "scale"):
-            getattr(self, name).copy_(source.read(f"{prefix}{name}"))
+        super().__init__(config, hidden_size, norm_eps, config.streams, 1)
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:  # [tokens, n, hidden]
-        flat = unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps)
-        pre = torch.sigmoid(F.linear(flat, self.fn) * self.scale + self.base) + self.eps
-        return (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
+        pre = torch.sigmoid(self._project(streams) * self.scale + self.base) + self.eps
+        return _collapse(pre, streams)
