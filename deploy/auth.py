@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hmac
 import stat
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from specray.deploy.errors import UnauthenticatedError
+from specray.deploy.handler_interceptor import HandlerInterceptor
 
 TOKEN_ENV = "SPECRAY_AUTH_TOKEN"
 AUTHORIZATION = "authorization"  # gRPC metadata keys are lower case
@@ -86,7 +87,7 @@ def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return () if token is None else ((AUTHORIZATION, f"{BEARER}{token}"),)
 
 
-class TokenAuth(grpc.aio.ServerInterceptor):
+class TokenAuth(HandlerInterceptor):
     """Refuse every call without the bearer token (UNAUTHENTICATED), except
     those whose method starts with one of ``open_prefixes``. A refused call's
     request is never deserialized."""
@@ -95,16 +96,13 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         self._token = token
         self._open = tuple(open_prefixes)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(self._open):
+    def intercept_handler(
+        self, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        if call.method.startswith(self._open):
             return handler
         header = None
-        for key, value in handler_call_details.invocation_metadata or ():
+        for key, value in call.invocation_metadata or ():
             if key == AUTHORIZATION:
                 header = value if isinstance(value, str) else value.decode("latin-1")
         try:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -76,6 +76,21 @@ class LimitsConfig(BaseModel):
 
 
 Dtype = Literal["float32", "bfloat16"]
+
+
+class _WeightKeys(Protocol):
+    weights: Weights
+    dtype: Dtype | None
+
+
+_Settings = TypeVar("_Settings", bound=_WeightKeys)
+
+
+def _fold_legacy_dtype(settings: _Settings) -> _Settings:
+    """The model validator of every section with a ``weights`` key: the legacy
+    ``dtype`` key folded into it (see ``weights_for_dtype``)."""
+    settings.weights = weights_for_dtype(settings.weights, settings.dtype)  # type: ignore[assignment]
+    return settings
 
 
 class DrafterConfig(BaseModel):
@@ -212,10 +227,7 @@ class RouterSettings(BaseModel):
         None, ge=1, description="embedded Ray's logical CPUs; default: twice what the replicas need"
     )
 
-    @model_validator(mode="after")
-    def _fold_dtype(self) -> RouterSettings:
-        self.weights = weights_for_dtype(self.weights, self.dtype)  # type: ignore[assignment]
-        return self
+    _fold_dtype = model_validator(mode="after")(_fold_legacy_dtype)
 
     @property
     def drafter(self) -> DrafterConfig | None:
@@ -309,10 +321,7 @@ class ServeConfig(BaseModel):
         DrafterSpec.parse(self.draft)
         return self
 
-    @model_validator(mode="after")
-    def _fold_dtype(self) -> ServeConfig:
-        self.weights = weights_for_dtype(self.weights, self.dtype)  # type: ignore[assignment]
-        return self
+    _fold_dtype = model_validator(mode="after")(_fold_legacy_dtype)
 
     @property
     def verify_rows(self) -> int | None:

@@ -189,24 +189,23 @@ def _generate(args: argparse.Namespace, loaded: LoadedEngine) -> int:
     return 0
 
 
+# The least value of each numeric flag; None (--tp, --prefix-cache-tokens unset) passes.
+_LEAST = (
+    ("k", 0),
+    ("max_tokens", 1),
+    ("temperature", 0),
+    ("tp", 1),
+    ("ep", 1),
+    ("max_num_batched_tokens", 1),
+    ("prefix_cache_tokens", 0),
+    ("top_k", 0),
+)
+
+
 def _validate(args: argparse.Namespace) -> None:
-    if args.k < 0:
-        raise ValueError(f"--k must be >= 0, got {args.k}")
-    if args.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    for name, least in _LEAST:
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.tp is not None and args.tp < 1:
-        raise ValueError(f"--tp must be >= 1, got {args.tp}")
-    if args.ep < 1:
-        raise ValueError(f"--ep must be >= 1, got {args.ep}")
-    if args.max_num_batched_tokens < 1:
-        raise ValueError(
-            f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}"
-        )
-    if args.prefix_cache_tokens is not None and args.prefix_cache_tokens < 0:
-        raise ValueError(f"--prefix-cache-tokens must be >= 0, got {args.prefix_cache_tokens}")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")

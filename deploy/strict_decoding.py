@@ -27,6 +27,8 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescr
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
+from specray.deploy.handler_interceptor import HandlerInterceptor
+
 WIRE_TYPE_NAMES = {
     0: "varint",
     1: "64-bit",
@@ -243,7 +245,7 @@ def strict_decoder(message_class: type[Message]) -> Callable[[bytes], Message | 
     return decode
 
 
-class StrictDecoding(grpc.aio.ServerInterceptor):
+class StrictDecoding(HandlerInterceptor):
     """Decode the unary requests of ``services`` strictly; a malformed one is
     answered INVALID_ARGUMENT before the servicer sees it."""
 
@@ -254,14 +256,11 @@ class StrictDecoding(grpc.aio.ServerInterceptor):
                 path = f"/{service.full_name}/{method.name}"
                 self._decoders[path] = strict_decoder(GetMessageClass(method.input_type))
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        decode = self._decoders.get(handler_call_details.method)
-        if handler is None or decode is None or handler.request_streaming:
+    def intercept_handler(
+        self, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        decode = self._decoders.get(call.method)
+        if decode is None or handler.request_streaming:
             return handler
         if handler.response_streaming:
             inner_stream = handler.unary_stream

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -86,18 +86,14 @@ class SamplingTensors:
     def repeat_interleave(self, counts: Sequence[int] | torch.Tensor) -> SamplingTensors:
         """Repeat row ``i`` ``counts[i]`` times, e.g. to the k+1 verify rows of a request."""
         repeats = torch.as_tensor(counts, dtype=torch.int64, device=self.temperature.device)
-        return SamplingTensors(
+        # The flags stay: repeating rows adds no filter (see the class doc).
+        return replace(
+            self,
             temperature=self.temperature.repeat_interleave(repeats),
             top_k=self.top_k.repeat_interleave(repeats),
             top_p=self.top_p.repeat_interleave(repeats),
             min_p=self.min_p.repeat_interleave(repeats),
             greedy=self.greedy.repeat_interleave(repeats),
-            all_greedy=self.all_greedy,
-            any_greedy=self.any_greedy,
-            any_top_k=self.any_top_k,
-            any_top_p=self.any_top_p,
-            any_min_p=self.any_min_p,
-            max_top_k=self.max_top_k,
         )
 
 

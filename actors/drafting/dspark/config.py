@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from specray.actors.drafting.drafter_config import SizeCheck, check_fits_target, config_path
+from specray.actors.drafting.target_layers import layers_out_of_range
 from specray.actors.model.config import ModelConfig, UnsupportedModelError
 from specray.actors.model.v4.params import MOE, SLIDING
 
@@ -46,9 +47,7 @@ class DSparkConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if not self.target_layer_ids:
-            raise ValueError("target_layer_ids must name at least one target layer")
-        bad = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]
+        bad = layers_out_of_range("target_layer_ids", self.target_layer_ids, self.num_target_layers)
         if bad:
             # DeepSpec allows -1 (the target's embedding output); our targets
             # ship decoder-layer outputs only.
@@ -59,14 +58,6 @@ class DSparkConfig:
             raise ValueError(f"mask_token_id {self.mask_token_id} outside the vocabulary")
         if self.confidence_with_markov and not (self.confidence_head and self.markov_rank):
             raise ValueError("confidence_with_markov needs a confidence head and a Markov head")
-
-    @property
-    def hidden_size(self) -> int:
-        return self.decoder.hidden_size
-
-    @property
-    def vocab_size(self) -> int:
-        return self.decoder.vocab_size
 
     @property
     def fused_size(self) -> int:
@@ -121,9 +112,9 @@ class DSparkConfig:
         check_fits_target(
             "DSpark drafter",
             (
-                SizeCheck("vocab_size", self.vocab_size, target.vocab_size),
+                SizeCheck("vocab_size", self.decoder.vocab_size, target.vocab_size),
                 SizeCheck("num_target_layers", self.num_target_layers, target.num_layers),
-                SizeCheck("hidden_size", self.hidden_size, target.hidden_size),
+                SizeCheck("hidden_size", self.decoder.hidden_size, target.hidden_size),
             ),
         )
 

@@ -13,6 +13,7 @@ from specray.actors.drafting.drafter_config import (
     check_fits_target,
     config_path,
 )
+from specray.actors.drafting.target_layers import layers_out_of_range
 from specray.actors.model.config import ModelConfig
 
 WEIGHTS_NAME = "head.safetensors"
@@ -56,9 +57,7 @@ class HeadConfig:
     format: str = FORMAT
 
     def __post_init__(self) -> None:
-        if not self.hidden_layers:
-            raise ValueError("hidden_layers must name at least one target layer")
-        bad = [i for i in self.hidden_layers if not 0 <= i < self.target_num_layers]
+        bad = layers_out_of_range("hidden_layers", self.hidden_layers, self.target_num_layers)
         if bad:
             raise ValueError(
                 f"hidden_layers {bad} out of range for a {self.target_num_layers}-layer target"
