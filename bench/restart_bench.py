@@ -42,21 +42,9 @@ from specray.deploy.router_backend import router_config
 
 def tiny_model(directory: Path) -> Path:
     """A random-weight Qwen2 small enough that a restart is all process start-up."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from specray.actors.store.random_qwen2 import write_random_qwen2
 
-    config = Qwen2Config(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
-    return directory
+    return write_random_qwen2(directory, max_position_embeddings=1024)
 
 
 def _state(router: Any) -> RouterState:

@@ -12,10 +12,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
-from tokenizers import ByteLevelBPETokenizer
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
-
+from specray.actors.store.chat_tokenizer import save_chat_tokenizer
+from specray.actors.store.random_qwen2 import write_random_qwen2
 from specray.deploy.client import GenerationResult, SpecrayClient
 from specray.deploy.config import ServeConfig
 from specray.deploy.engine_backend import EngineBackend
@@ -24,11 +22,6 @@ from specray.deploy.serve import BuildBackend, Service
 
 T = TypeVar("T")
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
     "for i in range(10):\n    print(i)\n",
@@ -43,30 +36,16 @@ MODEL_VOCAB = 512  # padded past the tokenizer's ~400 ids, as Qwen pads its voca
 def save_tokenizer(directory: Path) -> int:
     """A tiny byte-level BPE tokenizer with a chat template (ids below
     :data:`MODEL_VOCAB`), saved to ``directory``; returns its EOS id."""
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(CORPUS * 4, vocab_size=400, special_tokens=SPECIAL_TOKENS)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
-    )
-    tokenizer.save_pretrained(directory)
-    eos = tokenizer.eos_token_id
-    assert isinstance(eos, int)
-    return eos
+    return save_chat_tokenizer(directory, CORPUS)
 
 
 def save_served_model(directory: Path, seed: int = 0) -> Path:
     """A random-weight Qwen2 (hidden 64, 2 layers) with a tokenizer and chat template."""
     eos = save_tokenizer(directory)
-    config = Qwen2Config(
+    return write_random_qwen2(
+        directory,
+        seed,
         vocab_size=MODEL_VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         # Wider than the default 0.02 so greedy output varies: runs that
@@ -75,9 +54,6 @@ def save_served_model(directory: Path, seed: int = 0) -> Path:
         eos_token_id=eos,
         bos_token_id=eos,
     )
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
-    return directory
 
 
 def serve_config(model_dir: Path, **overrides: Any) -> ServeConfig:

@@ -14,11 +14,11 @@ import ray
 import torch
 from references import greedy_no_cache
 from router_helpers import router_config, router_state, run_all, target_only
-from transformers import AutoModelForCausalLM, Qwen2Config
 
 from specray.actors.engine.request import GenerationRequest
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import StoppingCriteria
+from specray.actors.store.random_qwen2 import write_random_qwen2
 from specray.cluster.liveness import ProgressWatch
 from specray.cluster.router import launch_router
 
@@ -74,18 +74,15 @@ def long_model(
     on two cores, a prompt that fills its context, that prompt's greedy
     reference, and how long one in-process prefill of it took here."""
     directory = tmp_path_factory.mktemp("long")
-    config = Qwen2Config(
-        vocab_size=512,
+    write_random_qwen2(
+        directory,
         hidden_size=512,
         intermediate_size=1536,
         num_hidden_layers=8,
         num_attention_heads=8,
-        num_key_value_heads=2,
         max_position_embeddings=CONTEXT,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
     gen = torch.Generator().manual_seed(7)
     max_tokens = 8
     prompt = torch.randint(3, 512, (CONTEXT - max_tokens,), generator=gen).tolist()

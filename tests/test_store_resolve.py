@@ -15,7 +15,8 @@ from store_helpers import (
     TinyGGUF,
     assert_no_temp_dirs,
 )
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from tiny_models import save_tiny_model
+from transformers import AutoTokenizer
 
 from specray.actors.store import (
     MANIFEST_NAME,
@@ -35,16 +36,7 @@ from specray.deploy.models_cli import register, run
 
 
 def test_local_safetensors_directory_resolves_as_is(tmp_path: Path) -> None:
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    directory = tmp_path / "my-model"
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    directory = save_tiny_model("llama", tmp_path / "my-model")
     assert resolve_model(str(directory), home=tmp_path / "home") == directory.absolute()
     assert resolve_model(directory, home=tmp_path / "home") == directory.absolute()
     assert not (tmp_path / "home").exists()  # nothing was copied into the cache

@@ -18,18 +18,14 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import ByteLevelBPETokenizer
-from transformers import DeepseekV4Config, DeepseekV4ForCausalLM, PreTrainedTokenizerFast
+from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+from specray.actors.store.chat_tokenizer import save_chat_tokenizer
 
 SLIDING, CSA, HCA = (
     "sliding_attention",
     "compressed_sparse_attention",
     "heavily_compressed_attention",
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CORPUS = (
     "def add(a, b):\n    return a + b\n",
@@ -39,7 +35,6 @@ CORPUS = (
     "Speculative decoding drafts tokens and the target verifies them.",
 )
 VOCAB = 512  # past the tokenizer's ids, as real checkpoints pad their vocabulary
-TOKENIZER_VOCAB = 400
 
 
 def tiny_v4_config(experts: int = 8, eos_token_id: int = 1, **overrides: Any) -> DeepseekV4Config:
@@ -81,7 +76,7 @@ def write_tiny_v4(directory: str | Path, seed: int = 0, experts: int = 8, **over
     ``directory``; ``overrides`` replace :func:`tiny_v4_config`'s fields."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    eos = _save_tokenizer(directory)
+    eos = save_chat_tokenizer(directory, CORPUS)
     config = tiny_v4_config(experts, eos, **overrides)
     _random_model(config, seed).save_pretrained(directory)
     save_file(mtp_tensors(config, seed + 1), str(directory / "mtp.safetensors"))
@@ -142,22 +137,3 @@ def mtp_tensors(
     tensors["mtp.0.hc_head_base"] = spread * torch.randn(streams, generator=gen)
     tensors["mtp.0.hc_head_scale"] = 1 + spread * torch.randn(1, generator=gen)
     return tensors
-
-
-def _save_tokenizer(directory: Path) -> int:
-    """A byte-level BPE tokenizer trained on :data:`CORPUS`; returns its EOS id."""
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        list(CORPUS) * 4, vocab_size=TOKENIZER_VOCAB, special_tokens=SPECIAL_TOKENS
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
-    )
-    tokenizer.save_pretrained(directory)
-    eos = tokenizer.eos_token_id
-    if not isinstance(eos, int):
-        raise RuntimeError("the trained tokenizer has no EOS id")
-    return eos

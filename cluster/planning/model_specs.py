@@ -192,10 +192,10 @@ DEEPSEEK_V3 = ModelSpec(
 # and query rank, 384 experts of 3072 (6 per token), counts 1573B total and
 # 49.8B activated (public: 1.6T, 49B). Every architecture field is assumed.
 V4_PRO_ASSUMED: dict[str, Any] = dict(
-    hidden_size=7168,
-    num_hidden_layers=61,
-    num_attention_heads=128,
-    q_lora_rank=1536,
+    hidden_size=_V3_ARCHITECTURE["hidden_size"],
+    num_hidden_layers=_V3_ARCHITECTURE["num_layers"],
+    num_attention_heads=_V3_ARCHITECTURE["num_heads"],
+    q_lora_rank=_V3_ARCHITECTURE["q_lora_rank"],
     o_groups=16,
     n_routed_experts=384,
     moe_intermediate_size=3072,
@@ -238,10 +238,7 @@ def spec_from_v4_config(config: Any, name: str, public: bool) -> ModelSpec:
         hidden_size=config.hidden_size,
         num_heads=config.num_attention_heads,
         q_lora_rank=config.q_lora_rank,
-        kv_lora_rank=0,
-        qk_nope_head_dim=0,
-        qk_rope_head_dim=0,
-        v_head_dim=0,
+        **dict.fromkeys(MLA_FIELDS, 0),  # type: ignore[arg-type]  # V4 is not MLA
         routed_experts=experts,
         experts_per_token=k,
         source="config.json (DeepseekV4Config fields), parameters counted",
