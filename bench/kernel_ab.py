@@ -30,16 +30,19 @@ from specray.actors.parallel.block_kernel import BoundMatmul, build_block_kernel
 from specray.actors.parallel.block_weights import BlockWeights
 from specray.actors.parallel.kernel_build import CSRC, HEADERS, SOURCES
 from specray.actors.store.resolve import resolve_model
-from specray.bench.common import (
-    bench_parser,
-    int_list,
-    report_head,
-    run_record,
-    table,
-    write_report,
-)
+from specray.bench.common import bench_parser, int_list, run_record, write_report
+from specray.bench.run_report import Cell, column_report
 
 REPO = Path(__file__).resolve().parents[1]
+COLUMNS: dict[str, Cell] = {
+    "rows": "rows",
+    "base ms": "base_ms",
+    "head ms": "head_ms",
+    "head / base": "head_vs_base",
+    "base cost(n)/cost(1)": "base_vs_one",
+    "head cost(n)/cost(1)": "head_vs_one",
+    "outputs identical": lambda row: "yes" if row["identical"] else "NO",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -135,12 +138,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{'AVX512-VNNI' if result['vnni'] else 'AVX2'} build, {result['threads']} threads, "
         f"median of {result['repeats']}, interleaved)"
     )
-    headers = ["rows", "base ms", "head ms", "head / base", "base cost(n)/cost(1)"]
-    headers += ["head cost(n)/cost(1)", "outputs identical"]
-    keys = ["rows", "base_ms", "head_ms", "head_vs_base", "base_vs_one", "head_vs_one"]
-    body = [[*(r[key] for key in keys), "yes" if r["identical"] else "NO"] for r in result["rows"]]
-    lines = [*report_head(title, result["machine"]), f"`{result['command']}`", ""]
-    return "\n".join([*lines, *table(headers, body, 0), ""])
+    return column_report(title, result, COLUMNS, 0, notes=[f"`{result['command']}`"])
 
 
 def build_parser() -> argparse.ArgumentParser:

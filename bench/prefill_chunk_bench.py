@@ -24,14 +24,17 @@ import torch
 
 from specray.actors.engine.target import LocalTarget, VerifyInput
 from specray.actors.model.loader import load_model
-from specray.bench.common import (
-    bench_parser,
-    int_list,
-    resolve_preferring,
-    run_record,
-    table_report,
-    write_run_report,
-)
+from specray.bench.common import bench_parser, int_list, resolve_preferring
+from specray.bench.run_report import column_report, publish_run, run_title
+
+COLUMNS = {
+    "chunk": "chunk",
+    "rounds": "rounds",
+    "prefill s": "prefill_s",
+    "tokens/s": "tokens_per_s",
+    "throughput ÷ whole": "vs_whole",
+    "longest round s": "longest_round_s",
+}
 
 
 def prefill_seconds(target: LocalTarget, tokens: list[int], chunk: int) -> list[float]:
@@ -75,21 +78,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for chunk in chunks
     ]
     flags = ("target", "dtype", "threads", "prompt_tokens", "repeats")
-    result = run_record("specray.bench.prefill_chunk_bench", argv, args, flags, rows=rows)
-    write_run_report(args.out, "prefill_chunk", result, markdown(result))
-    return result
+    return publish_run(
+        "specray.bench.prefill_chunk_bench", "prefill_chunk", argv, args, flags, markdown, rows=rows
+    )
 
 
 def markdown(result: dict[str, Any]) -> str:
-    title = (
-        f"Prefill by chunk: {result['target']} ({result['dtype']}, {result['threads']} "
-        f"threads, {result['prompt_tokens']}-token prompt, best of {result['repeats']})"
-    )
-    headers = ["chunk", "rounds", "prefill s", "tokens/s", "throughput ÷ whole"]
-    headers.append("longest round s")
-    keys = ["chunk", "rounds", "prefill_s", "tokens_per_s", "vs_whole", "longest_round_s"]
-    rows = [[r[key] for key in keys] for r in result["rows"]]
-    return table_report(title, result["machine"], headers, rows, 0)
+    prompt, repeats = f"{result['prompt_tokens']}-token prompt", f"best of {result['repeats']}"
+    title = run_title("Prefill by chunk", result, prompt, repeats)
+    return column_report(title, result, COLUMNS, 0)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,13 +37,18 @@ from specray.actors.engine.target import LocalTarget
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import StoppingCriteria
-from specray.bench.common import (
-    bench_parser,
-    resolve_preferring,
-    run_record,
-    table_report,
-    write_run_report,
-)
+from specray.bench.common import bench_parser, resolve_preferring
+from specray.bench.run_report import Cell, column_report, publish_run, run_title
+
+COLUMNS: dict[str, Cell] = {
+    "round budget": lambda row: (
+        "whole prompts" if row["chunk"] is None else f"{row['chunk']} tokens"
+    ),
+    "long prompt TTFT s": "long_ttft_s",
+    "newcomer TTFT s": "new_ttft_s",
+    "newcomer ÷ long": "new_ttft_over_long_prefill",
+    "decoders' longest gap s": "decoder_max_gap_s",
+}
 
 
 def trial(model: DecoderModel, chunk: int | None, args: argparse.Namespace, seed: int) -> dict:
@@ -113,27 +118,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         row["new_ttft_over_long_prefill"] = round(row["new_ttft_s"] / row["long_ttft_s"], 3)
         rows.append(row)
     flags = ("target", "dtype", "threads", "long_tokens", "decoders", "repeats")
-    result = run_record(
-        "specray.bench.prefill_mix_bench", argv, args, flags, rows=rows, trials=arms
-    )
-    write_run_report(args.out, "prefill_mix", result, markdown(result))
-    return result
+    return publish_run(
+        "specray.bench.prefill_mix_bench", "prefill_mix", argv, args, flags, markdown,
+        rows=rows, trials=arms,
+    )  # fmt: skip
 
 
 def markdown(result: dict[str, Any]) -> str:
-    title = (
-        f"A {result['long_tokens']}-token prompt among {result['decoders']} decoding "
-        f"requests: {result['target']} ({result['dtype']}, {result['threads']} threads, "
-        f"n-gram, median of {result['repeats']})"
-    )
-    headers = ["round budget", "long prompt TTFT s", "newcomer TTFT s", "newcomer ÷ long"]
-    headers.append("decoders' longest gap s")
-    keys = ["long_ttft_s", "new_ttft_s", "new_ttft_over_long_prefill", "decoder_max_gap_s"]
-    rows = [
-        ["whole prompts" if r["chunk"] is None else f"{r['chunk']} tokens", *(r[k] for k in keys)]
-        for r in result["rows"]
-    ]
-    return table_report(title, result["machine"], headers, rows)
+    subject = f"A {result['long_tokens']}-token prompt among {result['decoders']} decoding requests"
+    title = run_title(subject, result, "n-gram", f"median of {result['repeats']}")
+    return column_report(title, result, COLUMNS)
 
 
 def build_parser() -> argparse.ArgumentParser:

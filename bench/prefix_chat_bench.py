@@ -38,15 +38,9 @@ from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.model.prefix_cache import prefix_tokens
 from specray.actors.sampling.params import StoppingCriteria
-from specray.bench.common import (
-    bench_parser,
-    report_head,
-    resolve_preferring,
-    run_record,
-    table,
-    write_run_report,
-)
+from specray.bench.common import bench_parser, report_head, resolve_preferring, table
 from specray.bench.prompts import load_prompts
+from specray.bench.run_report import publish_run, run_title
 
 SYSTEM_PROMPT = (
     "You are a careful, friendly assistant for a small software company. Answer in plain "
@@ -155,18 +149,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 flush=True,
             )
             turns.append(row)
-    result = run_record(
+    return publish_run(
         "specray.bench.prefix_chat_bench",
+        "prefix_chat",
         argv,
         args,
         ("target", "dtype", "threads", "conversations", "turns", "max_tokens", "k"),
+        markdown,
         prefix_cache_tokens=prefix_tokens(None, args.num_slots, args.max_len),
         prefix_cache_mib=round(_pool_bytes(engines["on"]) / 2**20, 1),
         rows=turns,
         summary=summary(turns),
     )
-    write_run_report(args.out, "prefix_chat", result, markdown(result))
-    return result
 
 
 def _pool_bytes(engine: SpecEngine) -> int:
@@ -201,10 +195,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
-    title = (
-        f"Multi-turn chat, prefix cache off vs on: {result['target']} ({result['dtype']}, "
-        f"{result['threads']} threads)"
-    )
+    title = run_title("Multi-turn chat, prefix cache off vs on", result)
     headers = ["turn", "conv", "prompt tokens", "cached", "TTFT off s", "TTFT on s", "×"]
     rows = []
     for r in result["rows"]:

@@ -32,17 +32,19 @@ from specray.actors.model.block_pool import BlockPool
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.kv_cache import KVCache
 from specray.actors.model.prefix_cache import DEFAULT_BLOCK_SIZE
-from specray.bench.common import (
-    bench_parser,
-    int_list,
-    resolve_preferring,
-    run_record,
-    table_report,
-    timed_ms,
-    write_run_report,
-)
+from specray.bench.common import bench_parser, int_list, resolve_preferring, timed_ms
+from specray.bench.run_report import column_report, publish_run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COLUMNS = {
+    "dtype": "dtype",
+    "context": "context",
+    "KV MiB": "kv_mib",
+    "attach ms (once)": "attach_ms",
+    "save ms": "save_ms",
+    "gather ms per forward": "gather_ms_per_step",
+    "break-even forwards": "break_even_steps",
+}
 
 
 def measure(config: ModelConfig, dtype: torch.dtype, context: int, repeats: int) -> dict[str, Any]:
@@ -95,11 +97,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "block_size": DEFAULT_BLOCK_SIZE,
     }
     flags = ("target", "threads", "repeats")
-    result = run_record(
-        "specray.bench.prefix_copy_bench", argv, args, flags, shapes=shapes, rows=rows
-    )
-    write_run_report(args.out, "prefix_copy", result, markdown(result))
-    return result
+    return publish_run(
+        "specray.bench.prefix_copy_bench", "prefix_copy", argv, args, flags, markdown,
+        shapes=shapes, rows=rows,
+    )  # fmt: skip
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -110,11 +111,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{shapes['head_dim']}, blocks of {shapes['block_size']}; {result['threads']} threads, "
         f"best of {result['repeats']})"
     )
-    headers = ["dtype", "context", "KV MiB", "attach ms (once)", "save ms"]
-    headers += ["gather ms per forward", "break-even forwards"]
-    keys = ["dtype", "context", "kv_mib", "attach_ms", "save_ms", "gather_ms_per_step"]
-    rows = [[r[key] for key in [*keys, "break_even_steps"]] for r in result["rows"]]
-    return table_report(title, result["machine"], headers, rows)
+    return column_report(title, result, COLUMNS)
 
 
 def build_parser() -> argparse.ArgumentParser:

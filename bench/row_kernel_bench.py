@@ -22,15 +22,16 @@ from specray.actors.engine.profile import profile_verify
 from specray.actors.engine.target import LocalTarget
 from specray.actors.model.loader import load_model
 from specray.actors.parallel.linear_weights import DenseWeights
-from specray.bench.common import (
-    bench_parser,
-    int_list,
-    report_head,
-    resolve_preferring,
-    run_record,
-    table,
-    write_run_report,
-)
+from specray.bench.common import bench_parser, int_list, resolve_preferring
+from specray.bench.run_report import column_report, publish_run, run_title
+
+COLUMNS = {
+    "tokens verified": "tokens",
+    "F.linear ms": "linear_ms",
+    "chosen ms": "chosen_ms",
+    "F.linear cost(n)/cost(1)": "linear_vs_one",
+    "chosen cost(n)/cost(1)": "chosen_vs_one",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -64,28 +65,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for size in args.sizes
     ]
     flags = ("target", "dtype", "threads", "repeats")
-    result = run_record(
-        "specray.bench.row_kernel_bench", argv, args, flags, transposed_rows=choices, rows=rows
-    )
-    write_run_report(args.out, "row_kernels", result, markdown(result))
-    return result
+    return publish_run(
+        "specray.bench.row_kernel_bench", "row_kernels", argv, args, flags, markdown,
+        transposed_rows=choices, rows=rows,
+    )  # fmt: skip
 
 
 def markdown(result: dict[str, Any]) -> str:
-    title = (
-        f"Verify time with the few-row matmul choice: {result['target']} "
-        f"({result['dtype']}, {result['threads']} threads, best of {result['repeats']})"
-    )
+    subject = "Verify time with the few-row matmul choice"
+    title = run_title(subject, result, f"best of {result['repeats']}")
     chosen = (
         "Chosen by weight shape (`packed`: oneDNN's packed copy at every row count; "
         f"a number: `W · xᵀ` up to that many rows): {result['transposed_rows'] or 'none'}"
     )
-    headers = ["tokens verified", "F.linear ms", "chosen ms", "F.linear cost(n)/cost(1)"]
-    headers.append("chosen cost(n)/cost(1)")
-    keys = ["tokens", "linear_ms", "chosen_ms", "linear_vs_one", "chosen_vs_one"]
-    rows = [[r[key] for key in keys] for r in result["rows"]]
-    lines = [*report_head(title, result["machine"]), f"`{result['command']}`", "", chosen, ""]
-    return "\n".join([*lines, *table(headers, rows, 0), ""])
+    return column_report(title, result, COLUMNS, 0, notes=[f"`{result['command']}`", chosen])
 
 
 def build_parser() -> argparse.ArgumentParser:

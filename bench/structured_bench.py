@@ -34,13 +34,8 @@ from specray.actors.engine.tokenizer import chat_ids
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.grammar import Guide
 from specray.actors.sampling.params import StoppingCriteria
-from specray.bench.common import (
-    bench_parser,
-    resolve_preferring,
-    run_record,
-    table_report,
-    write_run_report,
-)
+from specray.bench.common import bench_parser, resolve_preferring
+from specray.bench.run_report import Cell, column_report, publish_run, run_title
 
 PERSON = {
     "type": "object",
@@ -109,6 +104,15 @@ PROMPTS: list[tuple[str, str, dict[str, Any]]] = [
         PERSON,
     ),
 ]
+COLUMNS: dict[str, Cell] = {
+    "drafter": "drafter",
+    "valid JSON": lambda row: f"{row['valid']}/{row['requests']}",
+    "seconds": "seconds",
+    "τ": "tau",
+    "speedup over constrained target-only": lambda row: (
+        "–" if row["speedup"] is None else f"{row['speedup']}×"
+    ),
+}
 
 
 def run_one(engine: Any, prompt_ids: list[int], schema: dict[str, Any], max_tokens: int) -> dict:
@@ -179,28 +183,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             }
         )
     flags = ("target", "dtype", "threads", "max_tokens", "k")
-    result = run_record(
-        "specray.bench.structured_bench", argv, args, flags, rows=rows, runs=records
-    )
-    write_run_report(args.out, "structured", result, markdown(result))
-    return result
+    return publish_run(
+        "specray.bench.structured_bench", "structured", argv, args, flags, markdown,
+        rows=rows, runs=records,
+    )  # fmt: skip
 
 
 def markdown(result: dict[str, Any]) -> str:
-    title = (
-        f"Schema-constrained generation: {result['target']} ({result['dtype']}, "
-        f"{result['threads']} threads, greedy, up to {result['max_tokens']} tokens, "
-        f"adaptive γ ≤ {result['k']})"
-    )
-    headers = ["drafter", "valid JSON", "seconds", "τ", "speedup over constrained target-only"]
-    rows = [
-        [
-            r["drafter"], f"{r['valid']}/{r['requests']}", r["seconds"], r["tau"],
-            "–" if r["speedup"] is None else f"{r['speedup']}×",
-        ]
-        for r in result["rows"]
-    ]  # fmt: skip
-    return table_report(title, result["machine"], headers, rows)
+    limit, gamma = f"up to {result['max_tokens']} tokens", f"adaptive γ ≤ {result['k']}"
+    title = run_title("Schema-constrained generation", result, "greedy", limit, gamma)
+    return column_report(title, result, COLUMNS)
 
 
 def build_parser() -> argparse.ArgumentParser:

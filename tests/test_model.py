@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from decode_helpers import cached_greedy
 from references import hf_greedy
 from tiny_models import VOCAB
 from transformers import AutoModelForCausalLM
@@ -67,17 +68,7 @@ def test_hidden_states_match_transformers(tiny_model_dir: Path) -> None:
 def test_greedy_generation_matches_transformers(tiny_model_dir: Path) -> None:
     prompt = [5, 9, 17, 33, 8]
     (ref,) = hf_greedy(tiny_model_dir, [prompt], 12)
-    model = load_model(tiny_model_dir)
-    cache = model.new_cache(1, 64)
-    slot = cache.allocate()
-    out = model(ForwardBatch.build([SequenceInput(slot, prompt, 0)]), cache)
-    tokens = [int(out.logits[-1].argmax())]
-    while len(tokens) < 12:
-        out = model(
-            ForwardBatch.build([SequenceInput(slot, tokens[-1:], cache.length(slot))]), cache
-        )
-        tokens.append(int(out.logits[-1].argmax()))
-    assert tokens == ref
+    assert cached_greedy(load_model(tiny_model_dir), prompt, 12, max_len=64).tokens == ref
 
 
 def test_prefill_then_decode_equals_full_forward(tiny_model_dir: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from decode_helpers import cached_greedy
 from references import hf_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -14,7 +15,6 @@ from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget
-from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import StoppingCriteria
 from specray.actors.store.resolve import resolve_model
@@ -46,20 +46,11 @@ def test_logits_and_greedy_match_transformers(qwen_dir: Path) -> None:
     del hf
 
     model = load_model(qwen_dir, torch.float32)
-    cache = model.new_cache(1, 128)
-    slot = cache.allocate()
-    out = model(ForwardBatch.build([SequenceInput(slot, ids, 0, len(ids))]), cache)
+    greedy = cached_greedy(model, ids, 16, max_len=128, prompt_rows=len(ids))
     scale = ref_logits.abs().max().item()
-    assert (out.logits - ref_logits).abs().max().item() <= 1e-4 * scale
-    assert torch.equal(out.logits.argmax(-1), ref_logits.argmax(-1))
-
-    tokens = [int(out.logits[-1].argmax())]
-    while len(tokens) < 16:
-        step = model(
-            ForwardBatch.build([SequenceInput(slot, tokens[-1:], cache.length(slot))]), cache
-        )
-        tokens.append(int(step.logits[-1].argmax()))
-    assert tokens == ref_tokens
+    assert (greedy.prompt_logits - ref_logits).abs().max().item() <= 1e-4 * scale
+    assert torch.equal(greedy.prompt_logits.argmax(-1), ref_logits.argmax(-1))
+    assert greedy.tokens == ref_tokens
 
 
 def test_speculative_greedy_equals_target_only(qwen_dir: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import assert_refused, bad_flags
 from serving_helpers import ServingThread, save_served_model, serve_config
 from transformers import AutoTokenizer
 
@@ -163,6 +164,14 @@ def _bench(server: ServingThread, out: Path, flags: list[str]) -> dict[str, Any]
     return result
 
 
+def _random_bench(
+    server: ServingThread, out: Path, output_len: int, flags: list[str]
+) -> dict[str, Any]:
+    """:func:`_bench` on random 8-token prompts, each asking for ``output_len`` tokens."""
+    lengths = ["--random-input-len", "8", "--random-output-len", str(output_len)]
+    return _bench(server, out, ["--dataset", "random", *lengths, *flags])
+
+
 @pytest.fixture(scope="module")
 def shipped_run(
     server: ServingThread, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
@@ -252,11 +261,10 @@ def test_rejected_requests_count_as_failed_with_their_status(
     server: ServingThread, tmp_path: Path
 ) -> None:
     out = tmp_path / "rejected.json"
-    flags = ["--dataset", "random", "--random-input-len", "8", "--random-output-len", "6"]
-    flags += ["--num-prompts", "3", "--request-rate", "50", "--max-concurrency", "2"]
+    flags = ["--num-prompts", "3", "--request-rate", "50", "--max-concurrency", "2"]
     # The server allows at most k = 4: every spec request fails validation.
     flags += ["--num-speculative-tokens", "99", "--warmup", "0"]
-    (run,) = _bench(server, out, flags)["runs"]
+    (run,) = _random_bench(server, out, 6, flags)["runs"]
     spec, base = run["modes"]["spec"], run["modes"]["no_spec"]
     assert (spec["requests"], spec["completed"], spec["failed"]) == (3, 0, 3)
     assert spec["failures"] == {"INVALID_ARGUMENT": 3}
@@ -272,10 +280,8 @@ def test_rejected_requests_count_as_failed_with_their_status(
 def test_phases_finish_one_arm_before_the_other_starts(
     server: ServingThread, tmp_path: Path
 ) -> None:
-    out = tmp_path / "phases.json"
-    flags = ["--dataset", "random", "--random-input-len", "8", "--random-output-len", "4"]
-    flags += ["--num-prompts", "3", "--ab-order", "phases", "--max-concurrency", "2"]
-    (run,) = _bench(server, out, flags)["runs"]
+    flags = ["--num-prompts", "3", "--ab-order", "phases", "--max-concurrency", "2"]
+    (run,) = _random_bench(server, tmp_path / "phases.json", 4, flags)["runs"]
     records = run["records"]
     assert [r["speculative"] for r in records] == [True] * 3 + [False] * 3  # spec first
     first_done = max(r["chunk_s"][-1] for r in records[:3])
@@ -286,10 +292,8 @@ def test_phases_finish_one_arm_before_the_other_starts(
 def test_a_level_sends_at_least_as_many_prompts_as_its_concurrency(
     server: ServingThread, tmp_path: Path
 ) -> None:
-    out = tmp_path / "levels.json"
-    flags = ["--dataset", "random", "--random-input-len", "8", "--random-output-len", "3"]
-    flags += ["--num-prompts", "2", "--sweep-concurrency", "1,3", "--ab-order", "phases"]
-    result = _bench(server, out, flags)
+    flags = ["--num-prompts", "2", "--sweep-concurrency", "1,3", "--ab-order", "phases"]
+    result = _random_bench(server, tmp_path / "levels.json", 3, flags)
     first, second = result["runs"]
     assert first["modes"]["spec"]["completed"] == first["modes"]["no_spec"]["completed"] == 2
     assert second["modes"]["spec"]["completed"] == second["modes"]["no_spec"]["completed"] == 3
@@ -339,23 +343,19 @@ def test_the_reproduce_command_survives_the_shell() -> None:
     assert "--no-prime-cache" in shlex.split(reproduce_command(args))
 
 
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (["--max-concurrency", "0"], "--max-concurrency must be >= 1, got 0"),
-        (["--request-rate", "-1"], "--request-rate must be > 0, got -1.0"),
-        (["--sweep-concurrency", "1,0"], "--sweep-concurrency values must be >= 1, got [1, 0]"),
-        (["--random-input-len", "3000,0"], "--random-input-len values must be >= 1, got [3000, 0]"),
-        (["--temperature", "nan"], "--temperature must be >= 0 and finite, got nan"),
-        (["--dataset", "random", "--categories", "chat"], "applies to --dataset shipped only"),
-        (["--categories", "poetry"], "unknown ['poetry']; choose from code_edit"),
-    ],
+@bad_flags(
+    (["--max-concurrency", "0"], "--max-concurrency must be >= 1, got 0"),
+    (["--request-rate", "-1"], "--request-rate must be > 0, got -1.0"),
+    (["--sweep-concurrency", "1,0"], "--sweep-concurrency values must be >= 1, got [1, 0]"),
+    (["--random-input-len", "3000,0"], "--random-input-len values must be >= 1, got [3000, 0]"),
+    (["--temperature", "nan"], "--temperature must be >= 0 and finite, got nan"),
+    (["--dataset", "random", "--categories", "chat"], "applies to --dataset shipped only"),
+    (["--categories", "poetry"], "unknown ['poetry']; choose from code_edit"),
 )
 def test_bad_flags_are_named_with_the_value(
     flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["bench", "serve", *flags]) == 2
-    assert message in capsys.readouterr().err
+    assert_refused(["bench", "serve", *flags], message, capsys)
 
 
 def test_unreachable_server_is_an_error_not_an_empty_result(
