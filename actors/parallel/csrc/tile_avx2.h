@@ -1,16 +1,10 @@
 // The block kernel's inner loop on AVX2: a tile's 16 rows as two halves of
 // 8, each 4-feature chunk multiplied by vpmaddubsw (unsigned codes times
-// signed activations, pairs summed in int16) and the int16 sums widened to
-// int32 by vpmaddwd. Activations are at most 127 in magnitude, so a chunk's
-// int16 pair sums stay within 2 * 63 * 127 for codes of up to 6 bits, and
-// several chunks can be summed in int16 before the one vpmaddwd: four for
-// codes of up to 5 bits (4 * 2 * 31 * 127 = 31496), two for 6-bit codes
-// (2 * 2 * 63 * 127 = 32004). That halves to quarters the multiplier work of
-// the widening, which is what bounds a many-row verify on this build. 8-bit
-// codes go signed, |code| times the activation signed like the code, at most
-// 2 * 128 * 127 per chunk, so they are widened chunk by chunk. Every sum is
-// exact, so the order changes no bit. Included by tiled_matmul.cpp, which
-// defines Tiles, Rounded and the layout.
+// signed activations, pairs summed in int16: at most 2 * 63 * 127, so no
+// saturation for codes of up to 6 bits; 8-bit codes go signed, |code| times
+// the activation signed like the code, at most 2 * 128 * 127) and vpmaddwd
+// (quads in int32). Included by tiled_matmul.cpp, which defines Tiles,
+// Rounded and the layout.
 #pragma once
 
 // Activation rows that share one unpacked block (16 registers: a tile's two
@@ -78,10 +72,7 @@ inline __m256 tile_values(const void* values, int fp16, int64_t tile_block, int 
   return _mm256_loadu_ps(static_cast<const float*>(values) + at);
 }
 
-// 8 rows' int16 pair sums of one chunk's 4 products (codes of up to 6 bits).
-inline __m256i chunk_pairs(__m256i codes, __m256i x) { return _mm256_maddubs_epi16(codes, x); }
-
-// 8 rows' int32 sums of one chunk's 4 products.
+// 8 rows' sums of one chunk's 4 products.
 template <int Bits>
 inline __m256i chunk_sums(__m256i codes, __m256i x) {
   const __m256i ones = _mm256_set1_epi16(1);
@@ -91,31 +82,7 @@ inline __m256i chunk_sums(__m256i codes, __m256i x) {
                                                _mm256_sign_epi8(x, signed_codes));
     return _mm256_madd_epi16(pairs, ones);
   } else {
-    return _mm256_madd_epi16(chunk_pairs(codes, x), ones);
-  }
-}
-
-// 8 rows' int32 sums over 16 features: chunks c0..c0+3 of one half, against
-// the activation's 4-byte words x4[c0..c0+3].
-template <int Bits>
-inline __m256i half_block_sums(const __m256i* const* chunk, const int32_t* x4, int c0) {
-  const auto x = [&](int c) { return _mm256_set1_epi32(x4[c0 + c]); };
-  if constexpr (Bits <= 5) {
-    const __m256i pairs = _mm256_add_epi16(
-        _mm256_add_epi16(chunk_pairs(*chunk[0], x(0)), chunk_pairs(*chunk[1], x(1))),
-        _mm256_add_epi16(chunk_pairs(*chunk[2], x(2)), chunk_pairs(*chunk[3], x(3))));
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-  } else if constexpr (Bits == 6) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    const __m256i first =
-        _mm256_add_epi16(chunk_pairs(*chunk[0], x(0)), chunk_pairs(*chunk[2], x(2)));
-    const __m256i second =
-        _mm256_add_epi16(chunk_pairs(*chunk[1], x(1)), chunk_pairs(*chunk[3], x(3)));
-    return _mm256_add_epi32(_mm256_madd_epi16(first, ones), _mm256_madd_epi16(second, ones));
-  } else {
-    return _mm256_add_epi32(
-        _mm256_add_epi32(chunk_sums<Bits>(*chunk[0], x(0)), chunk_sums<Bits>(*chunk[2], x(2))),
-        _mm256_add_epi32(chunk_sums<Bits>(*chunk[1], x(1)), chunk_sums<Bits>(*chunk[3], x(3))));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), ones);
   }
 }
 
@@ -148,14 +115,16 @@ inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile,
         const int64_t row = m0 + r;
         const int32_t* x4 = reinterpret_cast<const int32_t*>(a.codes + row * k + b * kBlock);
         const int32_t* offsets = a.offsets + (row * blocks + b) * 2;
-        const __m256i* first_chunks[4];
-        const __m256i* second_chunks[4];
-        for (int c = 0; c < 4; ++c) {
-          first_chunks[c] = half == 0 ? &chunks[c].low : &chunks[c].high;
-          second_chunks[c] = half == 0 ? &chunks[c + 4].low : &chunks[c + 4].high;
+        __m256i quarter[4];
+        for (int q = 0; q < 4; ++q) {
+          const int low = q < 2 ? q : q + 2;  // chunks 0, 1, 4, 5 start the chains
+          const __m256i* part = half == 0 ? &chunks[low].low : &chunks[low].high;
+          const __m256i* next = half == 0 ? &chunks[low + 2].low : &chunks[low + 2].high;
+          quarter[q] = _mm256_add_epi32(chunk_sums<Bits>(*part, _mm256_set1_epi32(x4[low])),
+                                        chunk_sums<Bits>(*next, _mm256_set1_epi32(x4[low + 2])));
         }
-        __m256i first_half = half_block_sums<Bits>(first_chunks, x4, 0);
-        __m256i second_half = half_block_sums<Bits>(second_chunks, x4, 4);
+        __m256i first_half = _mm256_add_epi32(quarter[0], quarter[1]);
+        __m256i second_half = _mm256_add_epi32(quarter[2], quarter[3]);
         if constexpr (Bits < 8) {  // 8-bit codes were multiplied signed: nothing to add back
           first_half = _mm256_add_epi32(first_half, _mm256_set1_epi32(offsets[0]));
           second_half = _mm256_add_epi32(second_half, _mm256_set1_epi32(offsets[1]));
