@@ -19,7 +19,7 @@ from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest
-from specray.actors.engine.target import LocalTarget, VerifyInput
+from specray.actors.engine.target import AcceptedPath, LocalTarget, VerifyInput
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model
 from specray.actors.parallel.block_kernel import SWITCH, block_kernel_reason
@@ -130,6 +130,39 @@ def test_real_file_verify_rows_equal_decodes_bit_for_bit(real_gguf_model: Decode
     for i, one in enumerate(decoded):
         assert one.logits is not None
         assert torch.equal(verified.logits[i], one.logits[0]), f"row {i}"
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_file_trees_and_prefills_with_drafts_equal_decodes(
+    real_gguf_model: DecoderModel,
+) -> None:
+    """The verify shapes a suffix drafter's rounds make, against one-token
+    decodes of the same tokens, bit for bit: a prompt's prefill that carries
+    a draft tree (first round), the accepted path a non-first branch, its
+    cache entries moved into place before the next verify, which feeds two
+    committed tokens."""
+    target = LocalTarget(real_gguf_model, num_slots=2, max_len=600)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(100, 20000, (490,), generator=gen).tolist()
+    seq = torch.randint(100, 20000, (5,), generator=gen).tolist()
+    target.verify([VerifyInput("decode", 0, prompt, 1)])
+    decoded = [
+        target.verify([VerifyInput("decode", len(prompt) + i, [token], 1)])[0].logits
+        for i, token in enumerate(seq)
+    ]
+    # Nodes: 0 a wrong first child, 1-2-4 the path seq[0:3], 3 a wrong sibling.
+    drafts, parents = [5555, seq[0], seq[1], 7777, seq[2]], (-1, -1, 1, 1, 2)
+    tree = VerifyInput("tree", 0, prompt + drafts, len(drafts) + 1, parents=parents)
+    rows = target.verify([tree])[0].logits
+    accepted = AcceptedPath(len(prompt), (1, 2, 4))
+    after = VerifyInput("tree", len(prompt) + 3, seq[3:5], 2, accepted=accepted)
+    next_rows = target.verify([after])[0].logits
+    assert rows is not None and next_rows is not None
+    path_rows = [rows[2], rows[3], rows[5], next_rows[0], next_rows[1]]
+    for i, (row, one) in enumerate(zip(path_rows, decoded, strict=True)):
+        assert one is not None
+        assert torch.equal(row, one[0]), f"token {i}"
 
 
 @pytest.mark.real_model
