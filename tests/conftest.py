@@ -11,10 +11,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from serving_helpers import ServingThread
 from store_helpers import TinyGGUF, write_tiny_gguf
 from tiny_models import family_configs, save_tiny_model
 
 from specray.cluster.local_ray import start_ray
+from specray.deploy.client import SpecrayClient
 
 FAMILIES = sorted(family_configs())
 _EXIT_STATUS = pytest.StashKey[int]()
@@ -86,3 +88,10 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def client(server: ServingThread) -> Iterator[SpecrayClient]:
+    """A gRPC client of the module's ``server`` fixture (a served model)."""
+    with SpecrayClient(server.grpc_address, timeout_s=120) as specray:
+        yield specray

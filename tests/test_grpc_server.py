@@ -74,12 +74,6 @@ def server(model_dir: Path) -> Iterator[ServingThread]:
         yield serving
 
 
-@pytest.fixture(scope="module")
-def client(server: ServingThread) -> Iterator[SpecrayClient]:
-    with SpecrayClient(server.grpc_address, timeout_s=120) as specray:
-        yield specray
-
-
 def snapshot(server: ServingThread) -> EngineSnapshot:
     return server.call(server.backend.snapshot())
 

@@ -50,12 +50,6 @@ def server(local_ray: None, model_dir: Path) -> Iterator[ServingThread]:
         yield serving
 
 
-@pytest.fixture(scope="module")
-def client(server: ServingThread) -> Iterator[SpecrayClient]:
-    with SpecrayClient(server.grpc_address, timeout_s=120) as specray:
-        yield specray
-
-
 def router_is_idle(server: ServingThread) -> bool:
     state = router_state(server)
     targets_free = all(not t.requests and not t.releasing for t in state.targets)
