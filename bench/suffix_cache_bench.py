@@ -32,7 +32,7 @@ import torch
 
 from specray.actors.drafting.suffix.drafter import SuffixConfig, SuffixDrafter
 from specray.actors.engine.engine import EngineConfig, SpecEngine
-from specray.actors.engine.request import GenerationRequest
+from specray.actors.engine.request import GenerationRequest, RequestStats
 from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.target import LocalTarget
 from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
@@ -129,7 +129,9 @@ def _arm_totals(rows: Sequence[dict[str, Any]], arm: str) -> dict[str, float]:
     tokens = sum(len(r[arm]["output_ids"]) for r in rows)
     seconds = sum(r[arm]["seconds"] for r in rows)
     return {
-        "tau": round((accepted + rounds) / rounds, 2) if rounds else 0.0,
+        "tau": round(
+            RequestStats(accepted_tokens=accepted, rounds=rounds).mean_acceptance_length, 2
+        ),
         "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
     }
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal, Protocol, TypeVar
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -44,10 +44,11 @@ from specray.deploy.gateway import QueueLimits
 from specray.deploy.validation import ValidationLimits
 from specray.deploy.weights_config import (
     WEIGHTS_HELP,
+    Dtype,
     Weights,
+    fold_legacy_dtype,
     model_dtype,
     weight_source,
-    weights_for_dtype,
 )
 
 
@@ -73,24 +74,6 @@ class LimitsConfig(BaseModel):
     max_request_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="a gRPC message or HTTP body; larger are refused"
     )
-
-
-Dtype = Literal["float32", "bfloat16"]
-
-
-class _WeightKeys(Protocol):
-    weights: Weights
-    dtype: Dtype | None
-
-
-_Settings = TypeVar("_Settings", bound=_WeightKeys)
-
-
-def _fold_legacy_dtype(settings: _Settings) -> _Settings:
-    """The model validator of every section with a ``weights`` key: the legacy
-    ``dtype`` key folded into it (see ``weights_for_dtype``)."""
-    settings.weights = weights_for_dtype(settings.weights, settings.dtype)  # type: ignore[assignment]
-    return settings
 
 
 class DrafterConfig(BaseModel):
@@ -227,7 +210,7 @@ class RouterSettings(BaseModel):
         None, ge=1, description="embedded Ray's logical CPUs; default: twice what the replicas need"
     )
 
-    _fold_dtype = model_validator(mode="after")(_fold_legacy_dtype)
+    _fold_dtype = model_validator(mode="after")(fold_legacy_dtype)
 
     @property
     def drafter(self) -> DrafterConfig | None:
@@ -321,7 +304,7 @@ class ServeConfig(BaseModel):
         DrafterSpec.parse(self.draft)
         return self
 
-    _fold_dtype = model_validator(mode="after")(_fold_legacy_dtype)
+    _fold_dtype = model_validator(mode="after")(fold_legacy_dtype)
 
     @property
     def verify_rows(self) -> int | None:

@@ -3,7 +3,7 @@ the legacy ``dtype`` key, and what the loader is told for each."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 from specray.actors.model.hardware import CHOICES
 from specray.actors.model.weight_plan import DTYPE_FORMATS
@@ -14,6 +14,23 @@ WEIGHTS_HELP = (
     "gguf: the GGUF blocks on low-bit kernels; bf16 / fp32: dense; "
     "auto: the fastest a ~2 s probe of this machine measures"
 )
+
+Dtype = Literal["float32", "bfloat16"]
+
+
+class _WeightKeys(Protocol):
+    weights: Weights
+    dtype: Dtype | None
+
+
+_Settings = TypeVar("_Settings", bound=_WeightKeys)
+
+
+def fold_legacy_dtype(settings: _Settings) -> _Settings:
+    """The model validator of every section with a ``weights`` key: the legacy
+    ``dtype`` key folded into it (see :func:`weights_for_dtype`)."""
+    settings.weights = weights_for_dtype(settings.weights, settings.dtype)  # type: ignore[assignment]
+    return settings
 
 
 def weights_for_dtype(weights: str, dtype: str | None) -> str:
