@@ -150,11 +150,18 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 
 def wait_idle(router: Any) -> RouterState:
-    """The router's state once every slot release is confirmed (a generous
-    bound on a loaded machine, not a timing assertion)."""
+    """The router's state once every slot release is confirmed and no draft
+    replica holds request state any more (its ``finish`` is fire-and-forget,
+    so it can land after the target's release). A generous bound on a loaded
+    machine, not a timing assertion."""
     for _ in range(3000):
         state = router_state(router)
-        if not state.running and not state.waiting and not any(t.releasing for t in state.targets):
+        if (
+            not state.running
+            and not state.waiting
+            and not any(t.releasing for t in state.targets)
+            and not any(d.tracked > 0 for d in state.drafts)
+        ):
             return state
         time.sleep(0.01)
     raise AssertionError(f"router never went idle: {state}")
