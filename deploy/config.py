@@ -27,6 +27,7 @@ limits:
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
@@ -50,6 +51,8 @@ from specray.deploy.weights_config import (
     model_dtype,
     weight_source,
 )
+
+_VALIDATOR_KEYS = {field.name for field in fields(ValidationLimits)}
 
 
 class LimitsConfig(BaseModel):
@@ -357,19 +360,13 @@ class ServeConfig(BaseModel):
         return QueueLimits(self.limits.max_queued_requests, self.limits.retry_after_s)
 
     def validation_limits(self, info: ModelInfo) -> ValidationLimits:
-        limits = self.limits
+        """The model's limits, and each ``limits`` key the validator has a field
+        for (the rest bound the queue and the message size)."""
         return ValidationLimits(
             max_context=info.max_context,
             vocab_size=info.vocab_size,
             max_num_speculative_tokens=info.max_num_speculative_tokens,
-            max_tokens=limits.max_tokens,
-            default_max_tokens=limits.default_max_tokens,
-            default_temperature=limits.default_temperature,
-            max_stop=limits.max_stop,
-            max_stop_length=limits.max_stop_length,
-            max_stop_token_ids=limits.max_stop_token_ids,
-            max_request_id_length=limits.max_request_id_length,
-            max_prompt_chars=limits.max_prompt_chars,
+            **self.limits.model_dump(include=_VALIDATOR_KEYS),
         )
 
 

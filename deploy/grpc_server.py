@@ -16,6 +16,7 @@ import json
 import logging
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Any
 
 import grpc
@@ -166,17 +167,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except Exception as error:
             await abort_rpc(context, error, "")
             raise
-        return pb.GetModelInfoResponse(
-            target=info.target,
-            drafts=list(info.drafts),
-            max_context=info.max_context,
-            dtype=info.dtype,
-            tensor_parallel_size=info.tensor_parallel_size,
-            vocab_size=info.vocab_size,
-            max_tokens_limit=limits.max_tokens,
-            max_num_speculative_tokens=info.max_num_speculative_tokens,
-            expert_parallel_size=info.expert_parallel_size,
-        )
+        # ModelInfo is the response's model half, field for field.
+        return pb.GetModelInfoResponse(**asdict(info), max_tokens_limit=limits.max_tokens)
 
 
 class GrpcServer:
