@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import heapq
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from specray.actors.drafting.suffix.speculate import SpeculationParams, SuffixDraft
 
@@ -80,30 +80,44 @@ def _path(
     return ids, list(range(-1, len(ids) - 1)), probs
 
 
+@dataclass(frozen=True)
+class _Node:
+    path: tuple[int, ...]  # the tokens from the match to this node, its own last
+    prob: float
+
+
 def _tree(
     seqs: Sequence[Sequence[int]], match: list[int], budget: int, min_prob: float, max_depth: int
 ) -> tuple[list[int], list[int], list[float]]:
-    ids: list[int] = []
-    parents: list[int] = []
-    probs: list[float] = []
-    frontier: list[tuple[float, int, int, list[int], int]] = []
-    pushed = 0
+    """Add one node at a time, up to ``budget``: of every continuation of the
+    match or of a node already added, the most probable; ties go to the
+    continuation of the node added first (the match before any), then to the
+    smaller token. Not a sort of all candidates by probability: rounding can
+    make a child's probability exceed its parent's by an ulp."""
+    candidates = _continuations(seqs, match, _Node((), 1.0), min_prob, max_depth)
+    position: dict[tuple[int, ...], int] = {(): -1}
+    chosen: list[_Node] = []
+    while len(chosen) < budget:
+        available = [n for n in candidates if n.path[:-1] in position and n.path not in position]
+        if not available:
+            break
+        best = min(available, key=lambda n: (-n.prob, position[n.path[:-1]], n.path[-1]))
+        position[best.path] = len(chosen)
+        chosen.append(best)
+    parents = [position[n.path[:-1]] for n in chosen]
+    return [n.path[-1] for n in chosen], parents, [n.prob for n in chosen]
 
-    def expand(path: list[int], prob: float, parent: int) -> None:
-        nonlocal pushed
-        counts = brute_next(seqs, match + path, max_depth)
-        total = sum(counts.values())
-        for token, count in _ranked(counts):
-            if prob * count / total >= min_prob:
-                item = (-(prob * count / total), pushed, token, [*path, token], parent)
-                heapq.heappush(frontier, item)
-                pushed += 1
 
-    expand([], 1.0, -1)
-    while frontier and len(ids) < budget:
-        neg_prob, _, token, path, parent = heapq.heappop(frontier)
-        ids.append(token)
-        parents.append(parent)
-        probs.append(-neg_prob)
-        expand(path, -neg_prob, len(ids) - 1)
-    return ids, parents, probs
+def _continuations(
+    seqs: Sequence[Sequence[int]], match: list[int], node: _Node, min_prob: float, max_depth: int
+) -> list[_Node]:
+    """Every descendant of ``node`` that, like all its ancestors, is at least
+    ``min_prob`` likely."""
+    counts = brute_next(seqs, match + list(node.path), max_depth)
+    total = sum(counts.values())
+    found: list[_Node] = []
+    for token, count in counts.items():
+        child = _Node((*node.path, token), node.prob * count / total)
+        if child.prob >= min_prob:
+            found += [child, *_continuations(seqs, match, child, min_prob, max_depth)]
+    return found

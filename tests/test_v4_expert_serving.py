@@ -20,6 +20,7 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,29 +116,55 @@ def layout(request: pytest.FixtureRequest) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def server(
-    two_nodes: Cluster, planned: dict[str, Any], layout: tuple[int, int]
-) -> Iterator[ServingThread]:
-    with ServingThread(cpu_config(planned, layout)) as serving:
-        yield serving
-
-
-@pytest.fixture(scope="module")
-def client(server: ServingThread) -> Iterator[SpecrayClient]:
-    with SpecrayClient(server.grpc_address, timeout_s=300) as specray:
-        yield specray
-
-
-@pytest.fixture(scope="module")
 def reference(v4_dir: Path) -> dict[int, list[int]]:
     """The no-cache greedy loop, LONG tokens per prompt (shorter runs are prefixes)."""
     prompts = {i: p for i, p in enumerate(PROMPTS)}
     return greedy_reference(v4_dir, prompts, LONG)  # type: ignore[arg-type]
 
 
-def router_state(server: ServingThread) -> RouterState:
-    state: RouterState = ray.get(server.router_backend.router.state.remote(), timeout=60)
-    return state
+@dataclass(frozen=True)
+class Served:
+    """One layout served, a client of it, and what its greedy outputs must be."""
+
+    server: ServingThread
+    client: SpecrayClient
+    reference: dict[int, list[int]]
+    layout: tuple[int, int]
+
+    @property
+    def shards(self) -> int:
+        return self.layout[0] * self.layout[1]
+
+    def router_state(self) -> RouterState:
+        router = self.server.router_backend.router
+        state: RouterState = ray.get(router.state.remote(), timeout=60)
+        return state
+
+    def greedy(self, i: int) -> GenerationResult:
+        """MAX_TOKENS greedy tokens after prompt ``i``."""
+        return self.client.generate(
+            PROMPTS[i], max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True
+        )
+
+    def greedy_stream(self, i: int) -> Iterator[GenerationResult]:
+        """LONG greedy tokens after prompt ``i``, as they come."""
+        return self.client.generate_stream(
+            PROMPTS[i], max_tokens=LONG, temperature=0.0, ignore_eos=True
+        )
+
+
+@pytest.fixture(scope="module")
+def served(
+    two_nodes: Cluster,
+    planned: dict[str, Any],
+    layout: tuple[int, int],
+    reference: dict[int, list[int]],
+) -> Iterator[Served]:
+    with (
+        ServingThread(cpu_config(planned, layout)) as server,
+        SpecrayClient(server.grpc_address, timeout_s=300) as client,
+    ):
+        yield Served(server, client, reference, layout)
 
 
 def shard_nodes(shards: int) -> list[list[str]]:
@@ -152,29 +179,19 @@ def spread_evenly(nodes: list[str], shards: int) -> bool:
     return len(set(nodes)) == 2 and nodes.count(nodes[0]) == shards // 2
 
 
-def greedy(client: SpecrayClient, i: int, max_tokens: int = MAX_TOKENS) -> GenerationResult:
-    return client.generate(PROMPTS[i], max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-
-
 @pytest.mark.slow
-def test_grpc_and_http_give_the_reference(
-    server: ServingThread,
-    client: SpecrayClient,
-    reference: dict[int, list[int]],
-    layout: tuple[int, int],
-) -> None:
-    (target,) = router_state(server).targets
-    shards = layout[0] * layout[1]
-    assert len(target.shard_pids) == shards  # one replica of tp x ep shards
-    info = client.model_info()
-    assert (info.tensor_parallel_size, info.expert_parallel_size) == layout
-    (nodes,) = shard_nodes(shards)
-    assert spread_evenly(nodes, shards)
+def test_grpc_and_http_give_the_reference(served: Served) -> None:
+    (target,) = served.router_state().targets
+    assert len(target.shard_pids) == served.shards  # one replica of tp x ep shards
+    info = served.client.model_info()
+    assert (info.tensor_parallel_size, info.expert_parallel_size) == served.layout
+    (nodes,) = shard_nodes(served.shards)
+    assert spread_evenly(nodes, served.shards)
     drafted = 0
     for i in range(len(PROMPTS)):
-        result = greedy(client, i)
-        assert result.token_ids == reference[i][:MAX_TOKENS]
-        plain = client.generate(
+        result = served.greedy(i)
+        assert result.token_ids == served.reference[i][:MAX_TOKENS]
+        plain = served.client.generate(
             PROMPTS[i], max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, speculative=False
         )
         assert plain.token_ids == result.token_ids
@@ -183,7 +200,7 @@ def test_grpc_and_http_give_the_reference(
         body["ignore_eos"] = True
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
-        url = f"{server.http_url}/v1/completions"
+        url = f"{served.server.http_url}/v1/completions"
         with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=300) as r:
             completion = json.loads(r.read())
         assert completion["choices"][0]["text"] == result.text
@@ -193,11 +210,7 @@ def test_grpc_and_http_give_the_reference(
 
 @pytest.mark.slow
 def test_specray_scale_drafts_keeps_the_output(
-    server: ServingThread,
-    client: SpecrayClient,
-    reference: dict[int, list[int]],
-    layout: tuple[int, int],
-    capsys: pytest.CaptureFixture[str],
+    served: Served, capsys: pytest.CaptureFixture[str]
 ) -> None:
     scaling = threading.Event()
     outcomes: list[bool] = []
@@ -205,21 +218,23 @@ def test_specray_scale_drafts_keeps_the_output(
     def producer() -> None:
         i = 0
         while not scaling.is_set() or i < 2:
-            outcomes.append(greedy(client, i % 2).token_ids == reference[i % 2][:MAX_TOKENS])
+            expected = served.reference[i % 2][:MAX_TOKENS]
+            outcomes.append(served.greedy(i % 2).token_ids == expected)
             i += 1
 
     def scale(drafts: int) -> int:
         flags = ["--timeout", "300", "--json", "--drafts", str(drafts)]
-        assert main(["scale", "--server", server.grpc_address, *flags]) == 0
+        assert main(["scale", "--server", served.server.grpc_address, *flags]) == 0
         result: dict[str, Any] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert (result["tensor_parallel_size"], result["expert_parallel_size"]) == layout
+        layout = (result["tensor_parallel_size"], result["expert_parallel_size"])
+        assert layout == served.layout
         return int(result["drafts"])
 
     with ThreadPoolExecutor(1) as pool:
         worker = pool.submit(producer)
         wait_until(lambda: len(outcomes) >= 1, timeout_s=300)
         up = scale(2)
-        assert len(router_state(server).drafts) == 2
+        assert len(served.router_state().drafts) == 2
         down = scale(1)
         scaling.set()
         worker.result(600)
@@ -228,47 +243,37 @@ def test_specray_scale_drafts_keeps_the_output(
 
 
 @pytest.mark.slow
-def test_killed_draft_replica_falls_back(
-    server: ServingThread, client: SpecrayClient, reference: dict[int, list[int]]
-) -> None:
-    before = router_state(server)
-    stream = client.generate_stream(PROMPTS[0], max_tokens=LONG, temperature=0.0, ignore_eos=True)
+def test_killed_draft_replica_falls_back(served: Served) -> None:
+    before = served.router_state()
+    stream = served.greedy_stream(0)
     chunks = [next(stream)]
     os.kill(before.drafts[0].pid, signal.SIGKILL)
     chunks += list(stream)
-    assert [t for c in chunks for t in c.token_ids] == reference[0]
+    assert [t for c in chunks for t in c.token_ids] == served.reference[0]
     assert chunks[-1].fallback
     wait_until(
-        lambda: router_state(server).recovery.draft_restarts > before.recovery.draft_restarts,
+        lambda: served.router_state().recovery.draft_restarts > before.recovery.draft_restarts,
         timeout_s=300,
     )
 
 
 @pytest.mark.slow
-def test_killed_expert_shard_restarts_the_group_and_loses_nothing(
-    server: ServingThread,
-    client: SpecrayClient,
-    reference: dict[int, list[int]],
-    layout: tuple[int, int],
-) -> None:
+def test_killed_expert_shard_restarts_the_group_and_loses_nothing(served: Served) -> None:
     """One shard of the only target group dies mid-stream: the whole group is
     replaced, the requests replay their committed tokens on it, none fails."""
-    before = router_state(server)
+    before = served.router_state()
     (target,) = before.targets
-    streams = [
-        client.generate_stream(PROMPTS[i], max_tokens=LONG, temperature=0.0, ignore_eos=True)
-        for i in range(len(PROMPTS))
-    ]
+    streams = [served.greedy_stream(i) for i in range(len(PROMPTS))]
     with ThreadPoolExecutor(len(streams)) as pool:
         firsts = list(pool.map(next, streams))
         os.kill(target.shard_pids[1], signal.SIGKILL)
         rests = list(pool.map(list, streams))
     for i, (first, rest) in enumerate(zip(firsts, rests, strict=True)):
         tokens = [t for c in [first, *rest] for t in c.token_ids]
-        assert tokens == reference[i], i
-    after = router_state(server)
+        assert tokens == served.reference[i], i
+    after = served.router_state()
     assert after.recovery.target_restarts == before.recovery.target_restarts + 1
     (restarted,) = after.targets
     assert set(restarted.shard_pids).isdisjoint(target.shard_pids)
-    (nodes,) = shard_nodes(layout[0] * layout[1])
+    (nodes,) = shard_nodes(served.shards)
     assert len(set(nodes)) == 2  # SPREAD is best effort: even only when both nodes are free
