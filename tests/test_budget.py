@@ -9,7 +9,13 @@ from collections.abc import Callable
 import pytest
 
 from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftUpdate
-from specray.actors.engine.budget import DepthAcceptance, Hindsight, budget_tokens, survivals
+from specray.actors.engine.budget import (
+    Baseline,
+    DepthAcceptance,
+    Hindsight,
+    budget_tokens,
+    survivals,
+)
 from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.gamma import SurvivalEstimate
 from specray.actors.engine.lifecycle import start_request
@@ -42,14 +48,15 @@ def test_three_right_copies_are_enough_to_verify_the_whole_ceiling() -> None:
     def verify(tokens: int) -> float:
         return 1.0 if tokens <= 5 else 1.77 if tokens <= 9 else 2.68
 
+    base = Baseline(1, 1.0, verify)
     estimate = DepthAcceptance()
     copy = DraftProposal(list(range(16)), from_lookup=True)
     for _ in range(3):
         estimate.update(16, 16)
-    assert budget_tokens([survivals(copy, estimate)], 1, 1.0, verify) == [16]
+    assert budget_tokens([survivals(copy, estimate)], base) == [16]
     stale = DepthAcceptance()
     stale.update(16, 16)
-    assert budget_tokens([survivals(copy, stale)], 1, 1.0, verify) == [4]  # one is not enough
+    assert budget_tokens([survivals(copy, stale)], base) == [4]  # one is not enough
 
 
 def test_survivals_multiply_along_each_path() -> None:
@@ -63,11 +70,11 @@ def test_survivals_multiply_along_each_path() -> None:
 def test_budget_follows_the_verify_cost() -> None:
     sure = [[0.99] * 16, [0.9, 0.5, 0.1]]
     # A verify whose cost hardly grows: every likely token is worth it.
-    assert budget_tokens(sure, 2, 2.0, lambda n: 1.0 + 0.001 * n) == [16, 3]
+    assert budget_tokens(sure, Baseline(2, 2.0, lambda n: 1.0 + 0.001 * n)) == [16, 3]
     # Each verified token costs as much as a decode step: nothing pays.
-    assert budget_tokens(sure, 2, 2.0, lambda n: float(n)) == [0, 0]
+    assert budget_tokens(sure, Baseline(2, 2.0, lambda n: float(n))) == [0, 0]
     # In between, the confident copy is kept and the doubtful tail cut.
-    counts = budget_tokens(sure, 2, 2.0, lambda n: 1.0 + 0.15 * n)
+    counts = budget_tokens(sure, Baseline(2, 2.0, lambda n: 1.0 + 0.15 * n))
     assert counts[0] == 16 and counts[1] < 3
 
 
@@ -87,7 +94,7 @@ def test_budget_is_never_expected_to_lose_to_plain_decoding() -> None:
             return 1.0 + slope * n
 
         base = len(drafts)
-        counts = budget_tokens(drafts, base, float(base), cost)
+        counts = budget_tokens(drafts, Baseline(base, float(base), cost))
         assert all(0 <= c <= len(d) for c, d in zip(counts, drafts, strict=True))
         expected = base + sum(sum(d[:c]) for c, d in zip(counts, drafts, strict=True))
         assert expected / cost(base + sum(counts)) >= base / cost(base) - 1e-9

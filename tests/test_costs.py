@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from specray.actors.engine.budget import budget_tokens
+from specray.actors.engine.budget import Baseline, budget_tokens
 from specray.actors.engine.costs import CostCurve, ProfiledCurve, RoundCostModel, StepCost
 from specray.actors.engine.gamma import RoundShape
 
@@ -63,8 +63,8 @@ def test_a_fixed_part_per_round_makes_more_drafts_pay() -> None:
     with_round = ProfiledCurve()
     with_round.set_profile([(1, 0.010), (2, 0.012), (8, 0.030)])
     with_round.fixed = 0.030
-    alone = budget_tokens(survivals, 1, 1.0, plain.seconds)
-    behind_a_router = budget_tokens(survivals, 1, 1.0, with_round.seconds)
+    alone = budget_tokens(survivals, Baseline(1, 1.0, plain.seconds))
+    behind_a_router = budget_tokens(survivals, Baseline(1, 1.0, with_round.seconds))
     assert behind_a_router[0] > alone[0]
 
 

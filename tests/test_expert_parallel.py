@@ -27,6 +27,7 @@ from specray.actors.model.config import ModelConfig
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model
 from specray.actors.parallel.expert import ExpertShard, PartialSum, ShardGrid
+from specray.actors.parallel.span import Span
 from specray.actors.parallel.weights import WeightSource
 from specray.actors.sampling.params import StoppingCriteria
 from specray.cluster.target_group import ShardedTarget
@@ -61,13 +62,11 @@ class RecordingSource(WeightSource):
 
     def __init__(self, model_dir: Path, aliases: tuple[tuple[str, str], ...]) -> None:
         super().__init__(model_dir, aliases)
-        self.reads: list[tuple[str, int | None, int, int | None]] = []
+        self.reads: list[tuple[str, Span | None]] = []
 
-    def read(
-        self, name: str, dim: int | None = None, start: int = 0, end: int | None = None
-    ) -> torch.Tensor:
-        self.reads.append((name, dim, start, end))
-        return super().read(name, dim, start, end)
+    def read(self, name: str, span: Span | None = None) -> torch.Tensor:
+        self.reads.append((name, span))
+        return super().read(name, span)
 
 
 @pytest.mark.parametrize(("tp", "ep"), [(1, 2), (2, 2), (1, 4)])
@@ -85,13 +84,13 @@ def test_each_rank_reads_and_holds_only_its_experts(v4_dir: Path, tp: int, ep: i
         with RecordingSource(v4_dir, config.weight_aliases) as source:
             model.load(source)
         routed = [r for r in source.reads if ".experts." in r[0]]
-        experts = {int(name.split(".experts.")[1].split(".")[0]) for name, *_ in routed}
+        experts = {int(name.split(".experts.")[1].split(".")[0]) for name, _ in routed}
         per_row = EXPERTS // ep
         first = grid.row(rank) * per_row
         assert experts == set(range(first, first + per_row))  # no other expert is read
         columns = (grid.column(rank) * inter // tp, (grid.column(rank) + 1) * inter // tp)
-        for name, dim, start, end in routed:
-            assert (dim, start, end) == ((1 if ".w2." in name else 0), *columns)
+        for name, span in routed:
+            assert span == Span(1 if ".w2." in name else 0, *columns)
         for layer, mine in zip(full.layers, model.layers, strict=True):
             for local, expert in enumerate(mine.mlp.experts.owned):
                 whole = layer.mlp.experts.expert(mine.mlp.experts.first + local)

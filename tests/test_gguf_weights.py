@@ -31,6 +31,7 @@ from specray.actors.parallel.linear_weights import (
     LinearWeights,
 )
 from specray.actors.parallel.quantized import GroupAffine
+from specray.actors.parallel.span import Span
 from specray.actors.store.gguf_file import fetch_gguf
 
 PROMPT = [5, 17, 42, 8, 99, 3, 150, 61]
@@ -81,9 +82,7 @@ class DenseGGUF(GGUFWeightSource):
     """The same file read dense (float32, as ``gguf`` dequantizes it): the
     reference a quantized load is compared against."""
 
-    def read_quantized(
-        self, name: str, dim: int | None = None, start: int = 0, end: int | None = None
-    ) -> GroupAffine | None:
+    def read_quantized(self, name: str, span: Span | None = None) -> GroupAffine | None:
         return None
 
 
@@ -117,14 +116,14 @@ def test_slices_decode_only_their_blocks(mixed_dir: Path) -> None:
     source = _source(mixed_dir)
     full = source.read("model.layers.0.mlp.down_proj.weight")  # Q4_K, 256-wide blocks
     # Half a super-block: its shared fp16 scales are read, half its groups kept.
-    right = source.read_quantized("model.layers.0.mlp.down_proj.weight", 1, 384, 512)
+    right = source.read_quantized("model.layers.0.mlp.down_proj.weight", Span(1, 384, 512))
     assert right is not None and right.kind == "Q4_K" and right.shape == (256, 128)
     assert torch.equal(right.dequantize(), full[:, 384:512])
-    rows = source.read_quantized("model.layers.0.mlp.up_proj.weight", 0, 100, 164)  # Q5_K
+    rows = source.read_quantized("model.layers.0.mlp.up_proj.weight", Span(0, 100, 164))  # Q5_K
     assert rows is not None
     assert torch.equal(rows.dequantize(), source.read("model.layers.0.mlp.up_proj.weight")[100:164])
     with pytest.raises(ValueError, match="whole groups"):
-        source.read_quantized("model.layers.0.mlp.down_proj.weight", 1, 0, 100)
+        source.read_quantized("model.layers.0.mlp.down_proj.weight", Span(1, 0, 100))
     assert source.read_quantized("model.norm.weight") is None
     assert "lm_head.weight" in source and "model.layers.5.mlp.up_proj.weight" not in source
 
@@ -344,9 +343,9 @@ def test_real_file_blocks_equal_gguf_dequantizer() -> None:
         info = index.tensors[source.gguf_name(name) or ""]
         raw = np.array(index.data(info)[:64])
         want = torch.from_numpy(gguf.quants.dequantize(raw, qtype))
-        got = source.read_quantized(name, 0, 0, 64)
+        got = source.read_quantized(name, Span(0, 0, 64))
         assert got is not None and torch.equal(got.dequantize(), want), qtype.name
-    half = source.read_quantized("model.layers.11.mlp.down_proj.weight", 1, 2432, 4864)
+    half = source.read_quantized("model.layers.11.mlp.down_proj.weight", Span(1, 2432, 4864))
     assert half is not None and half.shape == (896, 2432)
     rows = np.array(index.data(index.tensors["blk.11.ffn_down.weight"])[:16])
     want = torch.from_numpy(gguf.quants.dequantize(rows, Q.Q4_K))[:, 2432:]

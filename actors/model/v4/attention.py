@@ -42,6 +42,7 @@ from specray.actors.parallel.linear import (
     MergedReplicatedLinear,
     RowParallelLinear,
 )
+from specray.actors.parallel.span import Span
 from specray.actors.parallel.weights import WeightSource
 
 
@@ -124,7 +125,7 @@ class CompressedAttention(nn.Module):
         self.q_a_norm.load(source, f"{prefix}.q_norm")
         self.q_b_proj.load(source, f"{prefix}.wq_b")
         self.kv_norm.load(source, f"{prefix}.norm")
-        self.sinks.copy_(source.read(f"{prefix}.attn_sink", 0, *self.heads))
+        self.sinks.copy_(source.read(f"{prefix}.attn_sink", Span(0, *self.heads)))
         self.o_a_proj.load(source, f"{prefix}.wo_a")
         self.o_b_proj.load(source, f"{prefix}.wo_b")
         if self.compressor is not None:

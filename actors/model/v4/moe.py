@@ -27,6 +27,7 @@ from specray.actors.parallel.expert import ExpertShard
 from specray.actors.parallel.group import TPGroup
 from specray.actors.parallel.linear import MergedColumnParallelLinear, RowParallelLinear
 from specray.actors.parallel.linear_weights import DenseWeights, LinearWeights
+from specray.actors.parallel.span import Span
 from specray.actors.parallel.weight_loading import WeightSlice, load_linear
 from specray.actors.parallel.weights import WeightSource
 
@@ -106,10 +107,10 @@ class Expert(nn.Module):
 
     def load(self, source: WeightSource, prefix: str) -> None:
         """Reads only this shard's columns of ``{prefix}.w1`` / ``w3`` / ``w2``."""
-        start, end = self.start, self.end
-        gate, up = (WeightSlice(f"{prefix}.{w}.weight", 0, start, end) for w in ("w1", "w3"))
+        rows, cols = Span(0, self.start, self.end), Span(1, self.start, self.end)
+        gate, up = (WeightSlice(f"{prefix}.{w}.weight", rows) for w in ("w1", "w3"))
         self.gate_up = load_linear(source, [gate, up], self.gate_up)
-        down = WeightSlice(f"{prefix}.w2.weight", 1, start, end)
+        down = WeightSlice(f"{prefix}.w2.weight", cols)
         self.down = load_linear(source, [down], self.down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden]
