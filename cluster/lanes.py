@@ -17,14 +17,12 @@ from dataclasses import dataclass
 
 from specray.actors.engine.round import Drafting, RoundResult, Verifying, speculative_round
 from specray.actors.engine.scheduling import GammaScheduler
-from specray.cluster.draft_pool import DraftPool
-from specray.cluster.events import DraftLost, Event, Inbox, TargetLost
-from specray.cluster.metrics import RouterMetrics
+from specray.cluster.events import DraftLost, Event, TargetLost
+from specray.cluster.fleet import Fleet
 from specray.cluster.ports import unpin_target
 from specray.cluster.recovery import Recovery
 from specray.cluster.request_table import RequestTable
 from specray.cluster.router_state import RoundTimings
-from specray.cluster.target_pool import TargetPool
 from specray.cluster.tracked import Tracked
 
 log = logging.getLogger(__name__)
@@ -42,23 +40,17 @@ class Lanes:
     def __init__(
         self,
         table: RequestTable,
-        targets: TargetPool,
-        drafts: DraftPool | None,
+        fleet: Fleet,
         recovery: Recovery,
         scheduler: GammaScheduler,
         ports: tuple[Drafting | None, Verifying],
-        metrics: RouterMetrics,
-        inbox: Inbox,
         reattach_drafts: bool,
     ) -> None:
         self.table = table
-        self.targets = targets
-        self.drafts = drafts
+        self.fleet = fleet
         self.recovery = recovery
         self.scheduler = scheduler
         self.drafting, self.verifying = ports
-        self.metrics = metrics
-        self.inbox = inbox
         self.reattach_drafts = reattach_drafts
         self.scaling = False  # while a scale runs, waiting requests wait for it
         self.moves = Moves()
@@ -67,11 +59,11 @@ class Lanes:
 
     async def run(self, lane: int) -> None:
         while not self.closed:
-            self.inbox.clear()
+            self.fleet.inbox.clear()
             self.boundary(lane)
             batch = [self.table.tracked[rid] for rid in self.table.lanes[lane]]
             if not batch:
-                await self.inbox.wait()
+                await self.fleet.inbox.wait()
                 continue
             try:
                 await self.round(batch)
@@ -90,10 +82,10 @@ class Lanes:
         result = await speculative_round(
             [t.run for t in batch], self.drafting, self.verifying, self.scheduler
         )
-        self.apply(self.inbox.take())  # losses seen in the round, before its chunks go out
+        self.apply(self.fleet.inbox.take())  # losses seen in the round, before its chunks go out
         if result.rejection is not None:
-            self.metrics.observe_round(result.rejection)
-        self.metrics.observe_prefix_cache(result.prefix_queries, result.prefix_hits)
+            self.fleet.metrics.observe_round(result.rejection)
+        self.fleet.metrics.observe_prefix_cache(result.prefix_queries, result.prefix_hits)
         for run, output in zip(result.requests, result.outputs, strict=True):
             tracked = self.table.tracked.get(run.request_id)
             if tracked is not None:
@@ -115,7 +107,7 @@ class Lanes:
 
     def boundary(self, lane: int) -> None:
         """Between two rounds of a lane: apply losses, cancels, moves and admissions."""
-        self.apply(self.inbox.take())
+        self.apply(self.fleet.inbox.take())
         table = self.table
         for request_id in list(table.lanes[lane]):
             tracked = table.tracked[request_id]
@@ -154,7 +146,7 @@ class Lanes:
             self.recovery.count_fallbacks(fallbacks)
 
     def reconcile_target(self, tracked: Tracked) -> None:
-        pool, run = self.targets, tracked.run
+        pool, run = self.fleet.targets, tracked.run
         replica = pool.replicas.get(run.target) if run.target is not None else None
         if replica is not None and not replica.draining and not tracked.move_target:
             return
@@ -175,7 +167,7 @@ class Lanes:
         self.moves.target += 1
 
     def reconcile_draft(self, tracked: Tracked) -> None:
-        pool, run = self.drafts, tracked.run
+        pool, run = self.fleet.drafts, tracked.run
         if pool is None or not run.wants_draft:
             return
         draft = run.draft
@@ -201,16 +193,16 @@ class Lanes:
             self.moves.draft += 1
 
     def admit(self, lane: int) -> None:
-        table = self.table
+        table, pool = self.table, self.fleet.targets
         others = [len(table.lanes[i]) for i in range(len(table.lanes)) if i != lane]
         while table.waiting and (not others or len(table.lanes[lane]) <= min(others)):
-            hashes = self.targets.prefix_hashes(table.tracked[table.waiting[0]].run.tokens)
-            replica = self.targets.pick(hashes)
+            hashes = pool.prefix_hashes(table.tracked[table.waiting[0]].run.tokens)
+            replica = pool.pick(hashes)
             if replica is None:
                 return
             tracked = table.tracked[table.waiting.popleft()]
             tracked.run.target = replica.replica_id
-            self.targets.pin(replica, tracked.request_id, hashes)
+            pool.pin(replica, tracked.request_id, hashes)
             tracked.lane = lane
             table.lanes[lane][tracked.request_id] = None
             self.reconcile_draft(tracked)

@@ -12,11 +12,9 @@ left out of, or go target-only for, this round.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from specray.actors.drafting.base import DraftProposal, DraftRequest, DraftUpdate
-from specray.actors.engine.request import RunningRequest
 from specray.actors.engine.target import VerifyInput, VerifyOutput
 from specray.cluster.draft_pool import DraftPool, DraftReplicaError
 from specray.cluster.errors import TargetGroupError
@@ -62,23 +60,20 @@ class PoolVerifying:
         return all(r.target.verifies_trees for r in self.targets.replicas.values())
 
     async def verify(
-        self,
-        replica: int | None,
-        requests: Sequence[RunningRequest],
-        inputs: list[VerifyInput],
-        hidden_layers: tuple[int, ...],
+        self, replica: int | None, inputs: list[VerifyInput], hidden_layers: tuple[int, ...]
     ) -> list[VerifyOutput] | None:
+        request_ids = [item.request_id for item in inputs]
         group = self.targets.replicas.get(replica) if replica is not None else None
         if group is None:  # broke while this round was drafting
-            self._lost(replica, requests)
+            self._lost(replica, request_ids)
             return None
         try:
             return await asyncio.to_thread(group.target.verify, inputs, hidden_layers)
         except TargetGroupError as err:
             self.recovery.target_failed(group.replica_id, err)  # gang restart
-            self._lost(replica, requests)
-            for run in requests:  # replayed, unless it keeps breaking groups
-                tracked = self.table.tracked.get(run.request_id)
+            self._lost(replica, request_ids)
+            for request_id in request_ids:  # replayed, unless it keeps breaking groups
+                tracked = self.table.tracked.get(request_id)
                 if tracked is None:
                     continue
                 tracked.replays += 1
@@ -86,19 +81,19 @@ class PoolVerifying:
                     self.table.fail(tracked, err)
             return None
         except Exception as err:  # every shard refused it alike: the requests' fault
-            for run in requests:
-                tracked = self.table.tracked.get(run.request_id)
+            for request_id in request_ids:
+                tracked = self.table.tracked.get(request_id)
                 if tracked is not None:
                     self.table.fail(tracked, err)
             return None
 
-    def _lost(self, replica: int | None, requests: Sequence[RunningRequest]) -> None:
+    def _lost(self, replica: int | None, request_ids: list[str]) -> None:
         """Requests of a broken target replica re-prefill elsewhere; the ones
         in this round also restart their drafts, which drafted without a
         verdict."""
         unpin_target(self.table, replica)
-        for run in requests:
-            tracked = self.table.tracked.get(run.request_id)
+        for request_id in request_ids:
+            tracked = self.table.tracked.get(request_id)
             if tracked is not None:
                 tracked.move_draft = True
 

@@ -30,12 +30,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-from specray.cluster.draft_pool import DraftPool
 from specray.cluster.errors import TargetGroupError
-from specray.cluster.events import DraftLost, Inbox, TargetLost
-from specray.cluster.metrics import RouterMetrics
+from specray.cluster.events import DraftLost, TargetLost
+from specray.cluster.fleet import Fleet
 from specray.cluster.router_state import RecoveryState, RouterHealth
-from specray.cluster.target_pool import TargetPool
 
 log = logging.getLogger(__name__)
 
@@ -109,19 +107,9 @@ class Recovery:
     """Replaces lost replicas, watches idle ones, and decides how long
     requests wait while no target replica is up."""
 
-    def __init__(
-        self,
-        config: RecoveryConfig,
-        targets: TargetPool,
-        drafts: DraftPool | None,
-        metrics: RouterMetrics,
-        inbox: Inbox,
-    ) -> None:
+    def __init__(self, config: RecoveryConfig, fleet: Fleet) -> None:
         self.config = config
-        self._targets = targets
-        self._drafts = drafts
-        self._metrics = metrics
-        self._inbox = inbox
+        self._fleet = fleet
         self._wanted: dict[Kind, int] = {"target": 0, "draft": 0}
         self._failures: dict[Kind, int] = {"target": 0, "draft": 0}
         self._restarts: dict[Kind, deque[float]] = {
@@ -166,12 +154,12 @@ class Recovery:
     def target_failed(self, replica_id: int, why: object) -> bool:
         """A target replica broke: drop it (its group is torn down) and start a
         fresh group in its place. False if it was already handled."""
-        if self._targets.drop(replica_id) is None:
+        if self._fleet.targets.drop(replica_id) is None:
             return False
-        self._inbox.post(TargetLost(replica_id))
+        self._fleet.inbox.post(TargetLost(replica_id))
         log.warning("target replica %d lost (%s); restarting its group", replica_id, _brief(why))
         self._failures["target"] += 1
-        self._metrics.observe_failure("target")
+        self._fleet.metrics.observe_failure("target")
         self._note_targets()
         self._restore("target")
         return True
@@ -179,33 +167,34 @@ class Recovery:
     def draft_failed(self, replica_id: int, why: object) -> bool:
         """A draft replica broke: drop (kill) it and start another in its
         place. False if it was already handled."""
-        if self._drafts is None or replica_id in self._lost_drafts:
+        pool = self._fleet.drafts
+        if pool is None or replica_id in self._lost_drafts:
             return False
         self._lost_drafts.add(replica_id)
-        self._drafts.drop(replica_id)
-        self._inbox.post(DraftLost(replica_id))
+        pool.drop(replica_id)
+        self._fleet.inbox.post(DraftLost(replica_id))
         log.warning("draft replica %d lost (%s); starting another", replica_id, _brief(why))
         self._failures["draft"] += 1
-        self._metrics.observe_failure("draft")
+        self._fleet.metrics.observe_failure("draft")
         self._restore("draft")
         return True
 
     def count_fallbacks(self, count: int) -> None:
         """Requests that lost their draft replica mid-request."""
         self._fallbacks += count
-        self._metrics.observe_fallbacks(count)
+        self._fleet.metrics.observe_fallbacks(count)
 
     # -- waiting for targets ---------------------------------------------------------
 
     def targets_down_error(self) -> TargetGroupError | None:
         """Why requests waiting for a target replica must fail now; None while
         they should go on waiting (one is up, or being restarted within the bound)."""
-        if self._targets.live:
+        if self._fleet.targets.live:
             return None
         self._note_targets()
         now = time.monotonic()
         bound = self.config.target_restart_timeout_s
-        restarting = self._targets.starting > 0 or "target" in self._restoring
+        restarting = self._fleet.targets.starting > 0 or "target" in self._restoring
         if not restarting:
             return TargetGroupError("no target replica is left", "closed")
         if self._clock.expired(now, bound):
@@ -219,7 +208,7 @@ class Recovery:
         # there past the bound (seen in CI: a 120 s client deadline instead
         # of UNAVAILABLE).
         remaining = bound - (self._clock.seconds(now) or 0.0)
-        asyncio.get_running_loop().call_later(max(remaining, 0.0) + 1e-3, self._inbox.wake)
+        asyncio.get_running_loop().call_later(max(remaining, 0.0) + 1e-3, self._fleet.inbox.wake)
         return None
 
     # -- reporting -------------------------------------------------------------
@@ -227,9 +216,9 @@ class Recovery:
     def health(self) -> RouterHealth:
         self._note_targets()
         return RouterHealth(
-            targets_up=len(self._targets.live),
-            targets_starting=self._targets.starting,
-            drafts_up=len(self._drafts.live) if self._drafts is not None else 0,
+            targets_up=len(self._fleet.targets.live),
+            targets_starting=self._fleet.targets.starting,
+            drafts_up=len(self._fleet.drafts.live) if self._fleet.drafts is not None else 0,
             outage_s=self._clock.seconds(time.monotonic()),
         )
 
@@ -254,16 +243,16 @@ class Recovery:
         (a failed call, a lane waiting for a replica, a health probe) starts
         the clock, and with it the wake-up at the bound, so waiting requests
         fail even if nothing else happens meanwhile."""
-        live = len(self._targets.live)
+        live = len(self._fleet.targets.live)
         was_down = self._clock.since is not None
         self._clock.update(live > 0, time.monotonic())
-        self._metrics.set_targets_up(live)
+        self._fleet.metrics.set_targets_up(live)
         if not was_down and self._clock.since is not None:
             bound = self.config.target_restart_timeout_s
-            asyncio.get_running_loop().call_later(bound, self._inbox.wake)
+            asyncio.get_running_loop().call_later(bound, self._fleet.inbox.wake)
 
     def _deficit(self, kind: Kind) -> int:
-        pool = self._targets if kind == "target" else self._drafts
+        pool = self._fleet.targets if kind == "target" else self._fleet.drafts
         if pool is None:
             return 0
         return self._wanted[kind] - len(pool.live) - pool.starting
@@ -289,10 +278,10 @@ class Recovery:
             began = time.perf_counter()
             try:
                 if kind == "target":
-                    await self._targets.add()
+                    await self._fleet.targets.add()
                 else:
-                    assert self._drafts is not None
-                    await self._drafts.add(1)
+                    assert self._fleet.drafts is not None
+                    await self._fleet.drafts.add(1)
             except Exception as err:
                 self._failed_restarts += 1
                 wait = backoff.next()
@@ -303,10 +292,10 @@ class Recovery:
             log.info("%s replica restarted in %.2f s", kind, seconds)
             self._restarts[kind].append(seconds)
             self._restart_counts[kind] += 1
-            self._metrics.observe_restart(kind)
+            self._fleet.metrics.observe_restart(kind)
             backoff.reset()
             self._note_targets()
-            self._inbox.wake()
+            self._fleet.inbox.wake()
 
     async def _watch_loop(self, interval: float) -> None:
         while not self._closed:
@@ -317,10 +306,10 @@ class Recovery:
                 log.exception("probing replicas failed")
 
     async def _probe(self, timeout_s: float) -> None:
-        for replica_id in await self._targets.find_dead(timeout_s):
+        for replica_id in await self._fleet.targets.find_dead(timeout_s):
             self.target_failed(replica_id, "a shard's process is gone")
-        if self._drafts is not None:
-            for replica_id in await self._drafts.find_dead(timeout_s):
+        if self._fleet.drafts is not None:
+            for replica_id in await self._fleet.drafts.find_dead(timeout_s):
                 self.draft_failed(replica_id, "its process is gone")
 
 

@@ -17,29 +17,16 @@ from dataclasses import replace
 
 from specray.actors.engine.errors import DuplicateRequestError, RequestCancelledError
 from specray.actors.engine.request import RequestOutput, RunningRequest
-from specray.cluster.draft_pool import DraftPool
-from specray.cluster.events import Inbox
-from specray.cluster.metrics import RouterMetrics
-from specray.cluster.target_pool import TargetPool
+from specray.cluster.fleet import Fleet
 from specray.cluster.tracked import Tracked
 
 
 class RequestTable:
-    def __init__(
-        self,
-        targets: TargetPool,
-        drafts: DraftPool | None,
-        metrics: RouterMetrics,
-        inbox: Inbox,
-        num_lanes: int,
-    ) -> None:
+    def __init__(self, fleet: Fleet, num_lanes: int) -> None:
         self.tracked: dict[str, Tracked] = {}
         self.waiting: deque[str] = deque()
         self.lanes: list[dict[str, None]] = [{} for _ in range(num_lanes)]
-        self._targets = targets
-        self._drafts = drafts
-        self._metrics = metrics
-        self._inbox = inbox
+        self._fleet = fleet
 
     @property
     def num_running(self) -> int:
@@ -53,7 +40,7 @@ class RequestTable:
         self.tracked[run.request_id] = tracked
         self.waiting.append(run.request_id)
         self.update_gauges()
-        self._inbox.wake()
+        self._fleet.inbox.wake()
         return tracked
 
     def emit(self, tracked: Tracked, output: RequestOutput) -> None:
@@ -62,13 +49,13 @@ class RequestTable:
         stats = copy.copy(output.stats)  # later rounds keep mutating the live one
         if output.token_ids:
             if tracked.last_chunk_at is None:
-                self._metrics.observe_first_token(now - stats.created_at)
+                self._fleet.metrics.observe_first_token(now - stats.created_at)
             else:
-                self._metrics.observe_inter_token(now - tracked.last_chunk_at)
+                self._fleet.metrics.observe_inter_token(now - tracked.last_chunk_at)
             tracked.last_chunk_at = now
         tracked.chunks.put_nowait(replace(output, stats=stats))
         if output.finished:
-            self._metrics.observe_finished(now - stats.created_at)
+            self._fleet.metrics.observe_finished(now - stats.created_at)
             self.free(tracked)
 
     def cancel(self, request_id: str, why: str | None = None) -> bool:
@@ -83,7 +70,7 @@ class RequestTable:
         )
         if tracked.lane is None:  # not in any round: free now
             self.free(tracked)
-        self._inbox.wake()  # an idle lane frees it at its boundary
+        self._fleet.inbox.wake()  # an idle lane frees it at its boundary
         return True
 
     def fail(self, tracked: Tracked, err: BaseException) -> None:
@@ -100,13 +87,13 @@ class RequestTable:
         if request_id in self.waiting:
             self.waiting.remove(request_id)
         run = tracked.run
-        self._targets.release(run.target, request_id, run.tokens)
+        self._fleet.targets.release(run.target, request_id, run.tokens)
         run.target = None
-        if self._drafts is not None and run.draft.replica is not None:
-            self._drafts.detach(run.draft.replica, [request_id], run.tokens)
+        if self._fleet.drafts is not None and run.draft.replica is not None:
+            self._fleet.drafts.detach(run.draft.replica, [request_id], run.tokens)
         run.draft.detach()
         self.update_gauges()
-        self._inbox.wake()
+        self._fleet.inbox.wake()
 
     def close(self, why: str) -> None:
         """Fail every request left (the router shuts down)."""
@@ -116,4 +103,4 @@ class RequestTable:
         self.waiting.clear()
 
     def update_gauges(self) -> None:
-        self._metrics.set_queues(self.num_running, len(self.waiting))
+        self._fleet.metrics.set_queues(self.num_running, len(self.waiting))

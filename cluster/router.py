@@ -2,7 +2,9 @@
 replicas and tensor-parallel target replicas.
 
 This module is its surface — configuration, start and shutdown, the
-request calls, scaling and introspection — and the wiring of its parts:
+request calls, scaling and introspection — and the wiring of its parts,
+which share one :class:`~specray.cluster.fleet.Fleet` (the replica pools,
+the metrics and the inbox):
 
 - :class:`~specray.cluster.request_table.RequestTable`: every request, the
   waiting queue and the lanes' members; where requests enter and leave;
@@ -42,6 +44,7 @@ from specray.actors.model.config import ModelConfig
 from specray.actors.sampling.grammar import GrammarCompiler
 from specray.cluster.draft_pool import DraftPool, DraftPoolConfig
 from specray.cluster.events import Inbox
+from specray.cluster.fleet import Fleet
 from specray.cluster.lanes import Lanes
 from specray.cluster.metrics import RouterMetrics
 from specray.cluster.ports import PoolDrafting, PoolVerifying
@@ -104,7 +107,6 @@ class _Parts:
     lanes: Lanes
     scaler: Scaler
     recovery: Recovery
-    metrics: RouterMetrics
     tasks: list[asyncio.Task[None]]
 
 
@@ -114,8 +116,7 @@ class Router:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self._parts: _Parts | None = None
-        self._targets: TargetPool | None = None
-        self._drafts: DraftPool | None = None
+        self._fleet: Fleet | None = None
         self._tokenizer: Any = None
         self._eos: tuple[int, ...] = ()
         self._grammars: GrammarCompiler | None = None  # structured output
@@ -149,18 +150,19 @@ class Router:
             self._metrics_port = metrics.serve(config.metrics_port)
 
         inbox = Inbox()
-        self._targets = targets = TargetPool(config.target, inbox, config.prefix_affinity)
-        starts: list[Any] = [targets.add() for _ in range(config.num_targets)]
+        targets = TargetPool(config.target, inbox, config.prefix_affinity)
         drafts = None
         if config.draft is not None and config.num_speculative_tokens > 0:
-            self._drafts = drafts = DraftPool(config.draft)
-            if config.num_drafts:
-                starts.append(drafts.add(config.num_drafts))
+            drafts = DraftPool(config.draft)
+        self._fleet = fleet = Fleet(targets, drafts, metrics, inbox)
+        starts: list[Any] = [targets.add() for _ in range(config.num_targets)]
+        if drafts is not None and config.num_drafts:
+            starts.append(drafts.add(config.num_drafts))
         await asyncio.gather(*starts)
 
-        recovery = Recovery(config.recovery, targets, drafts, metrics, inbox)
+        recovery = Recovery(config.recovery, fleet)
         lanes_count = 2 if config.overlap else 1
-        table = RequestTable(targets, drafts, metrics, inbox, lanes_count)
+        table = RequestTable(fleet, lanes_count)
         drafting = PoolDrafting(drafts, recovery) if drafts is not None else None
         verifying = PoolVerifying(targets, recovery, table, config.recovery.max_replays)
         scheduler = GammaScheduler(
@@ -171,15 +173,7 @@ class Router:
         )
         scheduler.costs.overlap = config.overlap
         lanes = Lanes(
-            table,
-            targets,
-            drafts,
-            recovery,
-            scheduler,
-            (drafting, verifying),
-            metrics,
-            inbox,
-            config.reattach_drafts,
+            table, fleet, recovery, scheduler, (drafting, verifying), config.reattach_drafts
         )
         plan = ProfilePlan(
             config.profile,
@@ -188,21 +182,21 @@ class Router:
             config.target.max_len,
             config.max_batched_tokens,
         )
-        scaler = Scaler(targets, drafts, drafting, recovery, lanes, scheduler.costs, plan, inbox)
+        scaler = Scaler(fleet, drafting, recovery, lanes, scheduler.costs, plan)
         await scaler.profile()
         await scaler.read_hidden_layers()
         recovery.start(config.num_targets, config.num_drafts if drafts is not None else 0)
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(lanes.run(lane)) for lane in range(lanes_count)]
-        self._parts = _Parts(table, lanes, scaler, recovery, metrics, tasks)
+        self._parts = _Parts(table, lanes, scaler, recovery, tasks)
         return await self.state()
 
     async def shutdown(self) -> None:
         """Fail what is left, stop the loops and every replica."""
         self._closed = True
-        parts = self._parts
-        if self._targets is not None:
-            self._targets.close()  # before the restarts stop: a group starting is stopped
+        parts, fleet = self._parts, self._fleet
+        if fleet is not None:
+            fleet.targets.close()  # before the restarts stop: a group starting is stopped
         if parts is not None:
             await parts.recovery.close()
             parts.lanes.closed = True
@@ -210,12 +204,12 @@ class Router:
                 task.cancel()
             await asyncio.gather(*parts.tasks, return_exceptions=True)
             parts.table.close("the router shut down")
-        if self._targets is not None:
-            await self._targets.shutdown()
-        if self._drafts is not None:
-            await self._drafts.shutdown()
-        if parts is not None:
-            parts.metrics.close()
+        if fleet is not None:
+            await fleet.targets.shutdown()
+            if fleet.drafts is not None:
+                await fleet.drafts.shutdown()
+            if parts is not None:
+                fleet.metrics.close()
 
     # -- requests ---------------------------------------------------------------
 
@@ -273,15 +267,15 @@ class Router:
     # -- introspection ---------------------------------------------------------------
 
     async def state(self) -> RouterState:
-        parts = self._running()
-        assert self._targets is not None
+        parts, fleet = self._running(), self._fleet
+        assert fleet is not None
         recovery = parts.recovery.state()
-        drafts = await self._drafts.describe() if self._drafts is not None else ()
+        drafts = await fleet.drafts.describe() if fleet.drafts is not None else ()
         costs = parts.lanes.scheduler.costs
         return RouterState(
             waiting=len(parts.table.waiting),
             running=parts.table.num_running,
-            targets=self._targets.describe(),
+            targets=fleet.targets.describe(),
             drafts=drafts,
             target_moves=parts.lanes.moves.target,
             draft_moves=parts.lanes.moves.draft,
@@ -301,27 +295,27 @@ class Router:
 
     async def footprint(self) -> Footprint:
         """Per-request state on every actor, as each reports it (leak checks)."""
-        parts = self._running()
-        assert self._targets is not None
-        drafts = await self._drafts.num_requests() if self._drafts is not None else {}
-        draft_pins = await self._drafts.prefix_pins() if self._drafts is not None else {}
+        parts, fleet = self._running(), self._fleet
+        assert fleet is not None
+        drafts = await fleet.drafts.num_requests() if fleet.drafts is not None else {}
+        draft_pins = await fleet.drafts.prefix_pins() if fleet.drafts is not None else {}
         return Footprint(
             len(parts.table.tracked),
-            await self._targets.active_slots(),
+            await fleet.targets.active_slots(),
             drafts,
-            await self._targets.prefix_pins(),
+            await fleet.targets.prefix_pins(),
             draft_pins,
         )
 
     async def timings(self, reset: bool = False) -> RouterTimings:
         """Round phases and replica compute since the last reset."""
-        parts = self._running()
-        assert self._targets is not None
-        replicas = list(self._targets.replicas.values())
+        parts, fleet = self._running(), self._fleet
+        assert fleet is not None
+        replicas = list(fleet.targets.replicas.values())
         shard_stats = await asyncio.gather(
             *(asyncio.to_thread(r.target.stats, reset) for r in replicas)
         )
-        drafts = await self._drafts.stats(reset) if self._drafts is not None else {}
+        drafts = await fleet.drafts.stats(reset) if fleet.drafts is not None else {}
         timings = RouterTimings(
             router=replace(parts.lanes.timings),
             target_compute_s=sum(ranks[0].verify_s for ranks in shard_stats),

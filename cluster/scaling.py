@@ -15,13 +15,11 @@ from typing import Any
 
 from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.profile import feed_profile_sizes, profile_sizes
-from specray.cluster.draft_pool import DraftPool
-from specray.cluster.events import Inbox
+from specray.cluster.fleet import Fleet
 from specray.cluster.lanes import Lanes
 from specray.cluster.ports import PoolDrafting
 from specray.cluster.recovery import Recovery
 from specray.cluster.router_state import ScaleReport
-from specray.cluster.target_pool import TargetPool
 
 
 @dataclass(frozen=True)
@@ -42,14 +40,12 @@ class ProfilePlan:
 
 @dataclass(eq=False)
 class Scaler:
-    targets: TargetPool
-    drafts: DraftPool | None
+    fleet: Fleet
     drafting: PoolDrafting | None
     recovery: Recovery
     lanes: Lanes
     costs: RoundCostModel
     plan: ProfilePlan
-    inbox: Inbox
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
     # -- profiling ----------------------------------------------------------------
@@ -63,21 +59,22 @@ class Scaler:
         plan = self.plan
         if not plan.enabled:
             return
-        self.costs.verify.set_profile(await self.targets.profile(plan.verify_sizes()))
-        if self.drafts is not None:
-            feeds = feed_profile_sizes(self.drafts.config.spec.max_len)
-            self.costs.draft.set_profile(await self.drafts.profile(feeds))
+        self.costs.verify.set_profile(await self.fleet.targets.profile(plan.verify_sizes()))
+        if self.fleet.drafts is not None:
+            feeds = feed_profile_sizes(self.fleet.drafts.config.spec.max_len)
+            self.costs.draft.set_profile(await self.fleet.drafts.profile(feeds))
 
     async def read_hidden_layers(self) -> None:
         """The target layers the drafters read, from the first draft replica up."""
-        if self.drafting is None or self.drafting.hidden_layers or self.drafts is None:
+        pool = self.fleet.drafts
+        if self.drafting is None or self.drafting.hidden_layers or pool is None:
             return
-        if self.drafts.replicas:
-            first = next(iter(self.drafts.replicas.values()))
+        if pool.replicas:
+            first = next(iter(pool.replicas.values()))
             self.drafting.hidden_layers = tuple(await first.handle.hidden_layers.remote())
 
     async def add_target(self) -> None:
-        self.costs.verify.set_profile(await self.targets.add(self.plan.verify_sizes()))
+        self.costs.verify.set_profile(await self.fleet.targets.add(self.plan.verify_sizes()))
 
     # -- scaling -----------------------------------------------------------------
 
@@ -88,7 +85,7 @@ class Scaler:
             raise ValueError(f"targets must be >= 1, got {targets}")
         if drafts is not None and drafts < 0:
             raise ValueError(f"drafts must be >= 0, got {drafts}")
-        if drafts and self.drafts is None:
+        if drafts and self.fleet.drafts is None:
             raise ValueError("this router has no draft spec to scale")
         began = time.perf_counter()
         moves = self.lanes.moves
@@ -99,17 +96,17 @@ class Scaler:
                 await self._scale(drafts, targets)
             finally:
                 self.lanes.scaling = False
-                self.inbox.wake()
+                self.fleet.inbox.wake()
         return ScaleReport(
-            targets=len(self.targets.live),
-            drafts=len(self.drafts.live) if self.drafts is not None else 0,
+            targets=len(self.fleet.targets.live),
+            drafts=len(self.fleet.drafts.live) if self.fleet.drafts is not None else 0,
             target_moves=moves.target - before[0],
             draft_moves=moves.draft - before[1],
             seconds=time.perf_counter() - began,
         )
 
     async def _scale(self, drafts: int | None, targets: int | None) -> None:
-        pool, target_pool = self.drafts, self.targets
+        pool, target_pool = self.fleet.drafts, self.fleet.targets
         table = self.lanes.table
         self.recovery.want(targets, drafts)  # what a lost replica is replaced up to
         # Replicas already (re)starting count: they join without our help.
@@ -139,7 +136,7 @@ class Scaler:
         elif pool is not None and add_drafts:
             for request_id in pool.rebalance():
                 table.tracked[request_id].move_draft = True
-        self.inbox.wake()
+        self.fleet.inbox.wake()
 
         # Lanes move their requests at round boundaries; requests without a
         # lane (waiting) are in no round, so their drafts move from here.

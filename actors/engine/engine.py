@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -77,11 +77,7 @@ class LocalVerifying:
         return self.target.verifies_trees
 
     async def verify(
-        self,
-        replica: int | None,
-        requests: Sequence[RunningRequest],
-        inputs: list[VerifyInput],
-        hidden_layers: tuple[int, ...],
+        self, replica: int | None, inputs: list[VerifyInput], hidden_layers: tuple[int, ...]
     ) -> list[VerifyOutput] | None:
         return self.target.verify(inputs, hidden_layers)
 

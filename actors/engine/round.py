@@ -60,15 +60,11 @@ class Verifying(Protocol):
     """The target replicas a round verifies on, by replica id."""
 
     async def verify(
-        self,
-        replica: int | None,
-        requests: Sequence[RunningRequest],
-        inputs: list[VerifyInput],
-        hidden_layers: tuple[int, ...],
+        self, replica: int | None, inputs: list[VerifyInput], hidden_layers: tuple[int, ...]
     ) -> list[VerifyOutput] | None:
         """One batched forward of ``inputs`` (one per request). None when the
-        replica failed: the port has dealt with it (and with ``requests``),
-        and they are left out of this round."""
+        replica failed: the port has dealt with it (and with the requests of
+        ``inputs``), and they are left out of this round."""
         ...
 
     @property
@@ -254,7 +250,7 @@ async def verify(
     """One target replica's share of the round."""
     inputs = verify_inputs(group, drafts)
     began = time.perf_counter()
-    outputs = await verifying.verify(replica, group, inputs, hidden_layers)
+    outputs = await verifying.verify(replica, inputs, hidden_layers)
     if outputs is not None:
         num_tokens = sum(map(computed_tokens, inputs, outputs))
         if num_tokens:
