@@ -8,6 +8,7 @@ It shares the Generation server's port and its lack of authentication, so
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 import grpc
 
@@ -21,17 +22,8 @@ ADMIN_SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
 def state_message(state: ReplicaState) -> pb.ReplicaState:
-    return pb.ReplicaState(
-        backend=state.backend,
-        drafts=state.drafts,
-        targets=state.targets,
-        tensor_parallel_size=state.tensor_parallel_size,
-        running=state.running,
-        waiting=state.waiting,
-        target_moves=state.target_moves,
-        draft_moves=state.draft_moves,
-        expert_parallel_size=state.expert_parallel_size,
-    )
+    # ReplicaState is the message's Python twin, field for field.
+    return pb.ReplicaState(**asdict(state))
 
 
 def _count(name: str, value: int, low: int) -> int:
