@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from specray.deploy.client import GenerationResult, SpecrayClient, SpecrayError
 from specray.deploy.client_args import add_connection_args, connection_options, report_refusal
 from specray.deploy.generation_output import print_result
+from specray.deploy.sampling_flags import add_sampling_flags
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -23,20 +23,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument(
         "--no-speculative", action="store_true", help="target-only decoding (A/B, debugging)"
     )
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--min-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--request-id", default="")
-    source = g.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt")
-    source.add_argument("--prompt-file", type=Path)
+    source = add_sampling_flags(g, leave_unset=True)
     source.add_argument("--token-ids", help="comma-separated prompt token ids")
-    g.add_argument("--json", action="store_true", help="print one JSON object at the end")
     add_connection_args(g)
     return p
 

@@ -24,6 +24,7 @@ from specray.actors.model.weight_plan import WEIGHT_FORMATS
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 from specray.actors.store.weights_dir import weights_dir
 from specray.deploy.generation_output import print_result
+from specray.deploy.sampling_flags import add_sampling_flags
 from specray.deploy.weights_choice import choose_plan
 from specray.deploy.weights_config import WEIGHTS_HELP, weights_for_dtype
 
@@ -63,14 +64,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default=None, help="dense in this dtype"
     )
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--home", type=Path, default=None, help="model store (default $SPECRAY_HOME)")
@@ -92,10 +85,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--address", default=None, help="Ray cluster to join (default: embedded Ray on loopback)"
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt")
-    source.add_argument("--prompt-file", type=Path)
-    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    add_sampling_flags(p, leave_unset=False)
     return p
 
 
