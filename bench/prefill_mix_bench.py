@@ -77,9 +77,13 @@ def trial(model: DecoderModel, chunk: int | None, args: argparse.Namespace, seed
     last_chunk = dict.fromkeys(started, arrived["long"])
     first: dict[str, float] = {}
     gaps: list[float] = []
-    done = False
+    new_finished = False
     rounds = 0
-    while not done:
+    # The newcomer may finish before the long prompt's first token (a small
+    # round budget prefills the short prompt first): wait for both, in any order.
+    while "long" not in first or not new_finished:
+        if not engine.has_work:
+            raise RuntimeError(f"the engine went idle before the trial ended: {first}")
         outputs = engine.step()
         now = time.perf_counter()
         rounds += 1
@@ -89,7 +93,7 @@ def trial(model: DecoderModel, chunk: int | None, args: argparse.Namespace, seed
                 last_chunk[out.request_id] = now
             if out.request_id in arrived and out.token_ids and out.request_id not in first:
                 first[out.request_id] = now - arrived[out.request_id]
-        done = "long" in first and any(o.request_id == "new" and o.finished for o in outputs)
+        new_finished |= any(o.request_id == "new" and o.finished for o in outputs)
     engine.close()
     return {
         "chunk": chunk,
