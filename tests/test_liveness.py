@@ -48,14 +48,17 @@ def test_a_moving_count_is_alive_a_still_or_silent_one_is_hung(local_ray: None) 
 
     actor: Any = ray.remote(Counter).options(num_cpus=0).remote()
     ray.get(actor.progress.remote())  # started
-    watch = ProgressWatch(lambda rank: actor.progress.remote(), stall_s=0.6, probe_interval_s=0.2)
+    # A stall far above a probe's round trip, so a loaded machine's slow
+    # answers to a moving count are never taken for a stall.
+    watch = ProgressWatch(lambda rank: actor.progress.remote(), stall_s=3.0, probe_interval_s=0.2)
     began = time.monotonic()
-    for _ in range(4):
+    # Twice the stall: a count that stood still would be caught in this time.
+    while time.monotonic() < began + 2 * watch.stall_s:
         assert watch.check([0], began) is None
         time.sleep(0.3)
     ray.get(actor.set.remote(False, False))
     hang = None
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while hang is None and time.monotonic() < deadline:
         hang = watch.check([0], began)
         time.sleep(0.2)
