@@ -28,11 +28,10 @@ from specray.actors.drafting.base import (
     DraftStopping,
     DraftUpdate,
 )
-from specray.actors.drafting.draws import draft_generator, draw_tokens, token_confidences
+from specray.actors.drafting.draws import RowDraws, draft_generator, draw_rows
 from specray.actors.drafting.slots import RequestSlots
 from specray.actors.model.batch import SequenceInput
 from specray.actors.model.kv_cache import SlotCache
-from specray.actors.sampling.logits import SamplingTensors, compute_probs
 from specray.actors.sampling.params import SamplingParams
 
 OutputT = TypeVar("OutputT")
@@ -111,16 +110,16 @@ class ChainedDrafter(ABC, Generic[OutputT]):
                 stepped = self._step(seqs, [outputs[i] for i in active])
                 outputs = dict(zip(active, stepped, strict=True))
             chosen = [states[i] for i in active]
-            tokens, token_probs, confidence = self._sample([outputs[i] for i in active], chosen)
+            draws = self._sample([outputs[i] for i in active], chosen)
             for row, i in enumerate(active):
-                if not stopping.keeps(i, step + 1, confidence[row]):
+                if not stopping.keeps(i, step + 1, draws.confidence[row]):
                     budgets[i] = step
                     continue
-                drafted[i].append(tokens[row])
-                confidences[i].append(confidence[row])
+                drafted[i].append(draws.tokens[row])
+                confidences[i].append(draws.confidence[row])
                 # Greedy drafts are point masses (probs None) even in a mixed batch.
-                if token_probs is not None and not states[i].sampling.greedy:
-                    probs[i].append(token_probs[row])
+                if draws.probs is not None and not states[i].sampling.greedy:
+                    probs[i].append(draws.probs[row])
             active = [i for i in active if budgets[i] > step + 1]
         return [
             DraftProposal(ids, torch.stack(p) if p else None, confidence=c or None)
@@ -165,21 +164,18 @@ class ChainedDrafter(ABC, Generic[OutputT]):
 
     def _sample(
         self, outputs: Sequence[OutputT], states: Sequence[ChainState[OutputT]]
-    ) -> tuple[list[int], torch.Tensor | None, list[float]]:
+    ) -> RowDraws:
         """One token per row from the drafter's distribution (after the
-        request's sampling parameters), that distribution over the full
-        vocabulary unless every row is greedy, and each token's confidence
-        (:func:`token_confidences`)."""
+        request's sampling parameters), over the full vocabulary unless every
+        row is greedy (:func:`draw_rows`)."""
         logits = self._logits(outputs)  # [rows, vocab]
         vocab = self._vocab()
-        if all(s.sampling.greedy for s in states):
-            ids = logits.argmax(-1).tolist()
-            confidence = token_confidences(logits, ids)
-            return (ids if vocab is None else vocab[0][ids].tolist()), None, confidence
-        if vocab is not None:
+        greedy = all(s.sampling.greedy for s in states)
+        if vocab is not None and not greedy:
             full = torch.full((logits.shape[0], vocab[1]), -torch.inf)
             full[:, vocab[0]] = logits
             logits = full
-        probs = compute_probs(logits, SamplingTensors.from_params([s.sampling for s in states]))
-        tokens = draw_tokens(probs, [s.generator for s in states])
-        return tokens, probs, token_confidences(logits, tokens)
+        draws = draw_rows(logits, states)
+        if vocab is not None and greedy:
+            draws.tokens = vocab[0][draws.tokens].tolist()
+        return draws

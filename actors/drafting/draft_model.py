@@ -25,9 +25,9 @@ from specray.actors.drafting.base import (
     DraftStopping,
     DraftUpdate,
 )
-from specray.actors.drafting.draws import token_confidences
+from specray.actors.drafting.draws import draw_rows
 from specray.actors.drafting.feed_profile import profile_feeds
-from specray.actors.drafting.model_state import ModelDraftState, sample_rows
+from specray.actors.drafting.model_state import ModelDraftState
 from specray.actors.drafting.slots import RequestSlots
 from specray.actors.model.batch import ForwardBatch, SequenceInput
 from specray.actors.model.decoder import DecoderModel
@@ -98,17 +98,16 @@ class DraftModelDrafter:
                 for i in active
             ]
             logits = self.model(ForwardBatch.build(seqs), self.cache).logits
-            tokens, token_probs = sample_rows(logits, [states[i] for i in active])
-            confidence = token_confidences(logits, tokens)
+            draws = draw_rows(logits, [states[i] for i in active])
             for row, i in enumerate(active):
-                if not stopping.keeps(i, step + 1, confidence[row]):
+                if not stopping.keeps(i, step + 1, draws.confidence[row]):
                     budgets[i] = step  # its cache holds this step's feed, not the dropped draft
                     continue
-                drafted[i].append(tokens[row])
-                confidences[i].append(confidence[row])
-                if token_probs is not None:
-                    probs[i].append(token_probs[row])
-                feeds[i] = [tokens[row]]
+                drafted[i].append(draws.tokens[row])
+                confidences[i].append(draws.confidence[row])
+                if draws.probs is not None:
+                    probs[i].append(draws.probs[row])
+                feeds[i] = [draws.tokens[row]]
             active = [i for i in active if budgets[i] > step + 1]
         for i, (state, ids) in enumerate(zip(states, drafted, strict=True)):
             state.last_proposal = len(ids)

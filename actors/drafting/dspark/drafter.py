@@ -41,11 +41,11 @@ from specray.actors.drafting.base import (
     DraftStopping,
     DraftUpdate,
 )
-from specray.actors.drafting.draws import token_confidences
+from specray.actors.drafting.draws import draw_rows
 from specray.actors.drafting.dspark.calibration import Calibration
 from specray.actors.drafting.dspark.model import DSparkModel
 from specray.actors.drafting.feed_profile import profile_feeds
-from specray.actors.drafting.model_state import ModelDraftState, sample_rows
+from specray.actors.drafting.model_state import ModelDraftState
 from specray.actors.drafting.slots import RequestSlots
 from specray.actors.sampling.params import SamplingParams
 
@@ -214,16 +214,14 @@ class DSparkDrafter:
             rows = [r for r in rows if wanted[r] > k]
             index = torch.tensor(rows, device=previous.device)
             logits = self.model.markov_logits(base_logits[index, k], previous[index])
-            tokens, step_probs = sample_rows(logits, [states[r] for r in rows])
-            for j, (r, confidence) in enumerate(
-                zip(rows, token_confidences(logits, tokens), strict=True)
-            ):
-                drafted[r].append(tokens[j])
-                confidences[r].append(confidence)
+            draws = draw_rows(logits, [states[r] for r in rows])
+            for j, r in enumerate(rows):
+                drafted[r].append(draws.tokens[j])
+                confidences[r].append(draws.confidence[j])
                 # Greedy drafts are point masses (probs None) even in a mixed batch.
-                if step_probs is not None and not states[r].sampling.greedy:
-                    probs[r].append(step_probs[j])
-            previous[index] = torch.tensor(tokens, device=previous.device)
+                if draws.probs is not None and not states[r].sampling.greedy:
+                    probs[r].append(draws.probs[j])
+            previous[index] = torch.tensor(draws.tokens, device=previous.device)
         return drafted, probs, confidences
 
     def _confidences(
