@@ -141,6 +141,44 @@ def test_a_row_does_not_depend_on_the_rows_or_context_around_it(dtype: torch.dty
     assert torch.equal(nodes[:, :, 2], alone[:, :, 0])
 
 
+@needs_row_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_tree_node_equals_its_path_moved_into_place(dtype: torch.dtype, seed: int) -> None:
+    """A node whose ancestors lie apart in the cache (siblings between them)
+    attends exactly as the same token does once the accepted path is copied
+    into consecutive places, which is how the target keeps it: greedy
+    speculation with trees then commits what one-token decodes would."""
+    gen = torch.Generator().manual_seed(seed)
+    heads, kv_heads, head_dim, start = 8, 2, 64, 301
+    cache_k = torch.randn(1, kv_heads, 512, head_dim, generator=gen).to(dtype)
+    cache_v = torch.randn(1, kv_heads, 512, head_dim, generator=gen).to(dtype)
+    # The tree fed after the prefix: node i at start + i, parents below.
+    parents = [-1, 0, 0, 2, 2, 4]
+    path = [0, 2, 4, 5]  # the last node's ancestors and itself
+    query = torch.randn(1, heads, 1, head_dim, generator=gen).to(dtype)
+    positions = torch.arange(512)
+    in_tree = positions < start
+    in_tree[[start + node for node in path]] = True
+    assert parents[5] == 4 and parents[4] == 2 and parents[2] == 0
+    context = start + len(parents)
+    node = attend(
+        query,
+        cache_k[:, :, :context],
+        cache_v[:, :, :context],
+        in_tree[None, None, None, :context],
+        0.125,
+    )
+    moved_k, moved_v = cache_k.clone(), cache_v.clone()
+    for place, source in enumerate(path):
+        moved_k[:, :, start + place] = cache_k[:, :, start + source]
+        moved_v[:, :, start + place] = cache_v[:, :, start + source]
+    length = start + len(path)
+    causal = (positions < length)[None, None, None, :length]
+    decoded = attend(query, moved_k[:, :, :length], moved_v[:, :, :length], causal, 0.125)
+    assert torch.equal(node, decoded)
+
+
 def test_head_dims_the_row_kernel_refuses_keep_the_grouped_path() -> None:
     gen = torch.Generator().manual_seed(4)
     query = torch.randn(1, 4, 3, 12, generator=gen)  # head_dim 12: not a multiple of 16

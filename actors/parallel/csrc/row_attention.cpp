@@ -24,7 +24,11 @@
 //              vectors, added, then the 8 lanes summed pairwise;
 //   p(j) = exp(score(j) - max over visible scores) (exp8 below), 0 if masked;
 //   out = (sum over visible j in key order of p(j) * value j) / sum p, the
-//         sum of p in 8 lanes by key position mod 8, then pairwise.
+//         sum of p in 8 lanes by the key's rank among the visible keys
+//         mod 8, then pairwise. For a causal row (visible keys 0..n-1) the
+//         rank is the position; for a tree node whose ancestors lie apart
+//         in the cache it is where the key sits once the accepted path is
+//         moved into place, so the node's output equals that decode's.
 // Scores are computed for whole blocks of 8 key positions; a masked key's
 // score is never read, and a block with no visible key is skipped.
 
@@ -99,6 +103,39 @@ inline bool any_visible(const uint8_t* visible) {
   uint64_t eight;
   memcpy(&eight, visible, sizeof eight);
   return eight != 0;
+}
+
+// Whether the visible keys are exactly positions [0, n) for some n (a
+// causal row): then a key's rank among them is its position.
+inline bool visible_from_start(const uint8_t* visible, int64_t context) {
+  int64_t j = 0;
+  while (j < context && visible[j]) ++j;
+  for (; j + 8 <= context; j += 8)
+    if (any_visible(visible + j)) return false;
+  for (; j < context; ++j)
+    if (visible[j]) return false;
+  return true;
+}
+
+// The visible weights summed in 8 lanes by rank among the visible keys, then
+// pairwise: the sum a causal row makes by position, for any visible set.
+inline float sum_by_rank(const float* weights, const uint8_t* visible, int64_t context) {
+  __m256 sum = _mm256_setzero_ps();
+  alignas(32) float lanes[8];
+  int filled = 0;
+  for (int64_t j = 0; j < context; ++j) {
+    if (!visible[j]) continue;
+    lanes[filled++] = weights[j];
+    if (filled == 8) {
+      sum = _mm256_add_ps(sum, _mm256_load_ps(lanes));
+      filled = 0;
+    }
+  }
+  if (filled) {
+    for (int e = filled; e < 8; ++e) lanes[e] = 0.0f;
+    sum = _mm256_add_ps(sum, _mm256_load_ps(lanes));
+  }
+  return sum8(sum);
 }
 
 // Scores of H heads (queries, one row of dim each) for the 8 keys at key0,
@@ -217,6 +254,7 @@ void attend_group(const Q* q, const KV* keys, const KV* values, const uint8_t* v
   }
   // Softmax weights, and their sums, per head.
   alignas(32) float totals[kMaxGroup];
+  const bool causal = visible_from_start(visible, context);
   for (int64_t r = 0; r < group; ++r) {
     float* row = probs + r * stride;
     __m256 top8 = _mm256_set1_ps(-INFINITY);
@@ -233,7 +271,7 @@ void attend_group(const Q* q, const KV* keys, const KV* values, const uint8_t* v
       _mm256_storeu_ps(row + 8 * block, p);
       sum = _mm256_add_ps(sum, p);
     }
-    totals[r] = sum8(sum);
+    totals[r] = causal ? sum8(sum) : sum_by_rank(row, visible, context);
   }
   // Values, in key order, kValueHeads heads at a time.
   for (int64_t first = 0; first < group; first += kValueHeads) {
