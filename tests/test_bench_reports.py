@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from specray.bench import (
+    budget_fuzz,
     ep_bench,
     model_bench,
     prefill_chunk_bench,
@@ -30,6 +31,10 @@ RESULTS = Path(__file__).parent.parent / "bench" / "results"
 Markdown = Callable[[dict[str, Any]], str]
 # Reports with one table of ``rows`` under a machine header.
 ROW_REPORTS: dict[str, Markdown] = {
+    "budget_fuzz_qwen2.5-coder-1.5b-instruct_gguf_resend_avx512bf16": budget_fuzz.markdown,
+    "budget_fuzz_qwen2.5-coder-1.5b-instruct_gguf_resend_avx512bf16_before_rank_lanes": (
+        budget_fuzz.markdown
+    ),
     "prefill_chunk_qwen2.5-coder-0.5b-instruct_float32": prefill_chunk_bench.markdown,
     "prefill_mix_qwen2.5-coder-0.5b-instruct_float32": prefill_mix_bench.markdown,
     "prefix_chat_qwen2.5-coder-0.5b-instruct_float32": prefix_chat_bench.markdown,
