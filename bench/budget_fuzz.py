@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,19 +32,19 @@ import torch
 from specray.actors.drafting.base import DraftProposal
 from specray.actors.drafting.suffix.drafter import SuffixConfig, SuffixDrafter
 from specray.actors.engine.costs import RoundCostModel
-from specray.actors.engine.engine import EngineConfig, SpecEngine
+from specray.actors.engine.engine import SpecEngine
 from specray.actors.engine.request import GenerationRequest, RunningRequest
-from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
-from specray.actors.engine.target import LocalTarget
-from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
 from specray.actors.engine.verify_budget import VerifyBudget
-from specray.actors.model.config import ModelConfig
-from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import StoppingCriteria
-from specray.actors.store.weights_dir import weights_dir
-from specray.bench.common import bench_parser, report_head, run_record, table, write_report
-from specray.bench.prompts import load_prompts, sessions
-from specray.bench.run_report import run_title
+from specray.bench.common import bench_parser, run_record, table, write_report
+from specray.bench.prompts import Prompt
+from specray.bench.session_turns import (
+    LoadedTarget,
+    add_session_flags,
+    replay,
+    report_top,
+    run_turn,
+)
 
 
 class RandomBudget(VerifyBudget):
@@ -75,22 +74,6 @@ def fuzzed(engine: SpecEngine, seed: int) -> RandomBudget:
     return budget
 
 
-def run_turn(engine: SpecEngine, request: GenerationRequest) -> tuple[list[int], dict[str, Any]]:
-    began = time.perf_counter()
-    token_ids: list[int] = []
-    stats = None
-    for chunk in engine.generate([request]):
-        token_ids += chunk.token_ids
-        stats = chunk.stats
-    assert stats is not None
-    return token_ids, {
-        "seconds": round(time.perf_counter() - began, 3),
-        "rounds": stats.rounds,
-        "draft_tokens": stats.draft_tokens,
-        "accepted_tokens": stats.accepted_tokens,
-    }
-
-
 def first_difference(reference: Sequence[int], got: Sequence[int]) -> int | None:
     """The first position where the two differ (the shorter's length when one
     is a prefix of the other); None when equal."""
@@ -103,51 +86,38 @@ def first_difference(reference: Sequence[int], got: Sequence[int]) -> int | None
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    target_dir = weights_dir(args.target, args.weights, args.dtype)
-    model = load_model(target_dir, args.dtype, weights=args.weights)
-    tokenizer = load_tokenizer(target_dir)
-    eos = eos_token_ids(ModelConfig.from_pretrained(target_dir), tokenizer)
-
-    def engine(drafter: SuffixDrafter | None, k: int) -> SpecEngine:
-        target = LocalTarget(model, 1, args.max_len, prefix_tokens=args.prefix_tokens)
-        config = EngineConfig(1, k, max_batched_tokens=DEFAULT_MAX_BATCHED_TOKENS)
-        return SpecEngine(target, drafter, tokenizer, eos, config)
-
-    reference = engine(None, 0)
-    spec = engine(SuffixDrafter(SuffixConfig(tree=True)), args.k)
+    loaded = LoadedTarget.load(args)
+    reference = loaded.engine(None, 0, args.max_len, args.prefix_tokens)
+    drafter = SuffixDrafter(SuffixConfig(tree=True))
+    spec = loaded.engine(drafter, args.k, args.max_len, args.prefix_tokens)
     budget = fuzzed(spec, args.seed)
     stopping = StoppingCriteria(max_tokens=args.max_tokens)
     rows = []
-    for session in sessions(load_prompts(["agentic"], args.split))[: args.sessions]:
-        history: list[dict[str, str]] = []
-        for prompt in session:
-            message = {"role": "user", "content": prompt.prompt}
-            turn = [*history, message] if args.resend else [message]
-            prompt_ids = tokenizer.apply_chat_template(
-                turn, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            expected, _ = run_turn(
-                reference, GenerationRequest(f"r-{prompt.id}", list(prompt_ids), stopping=stopping)
-            )
-            rounds_before = len(budget.kept)
-            got, stats = run_turn(
-                spec, GenerationRequest(f"s-{prompt.id}", list(prompt_ids), stopping=stopping)
-            )
-            kept = budget.kept[rounds_before:]
-            rows.append(
-                {
-                    "id": prompt.id,
-                    "turn": prompt.turn,
-                    "prompt_tokens": len(prompt_ids),
-                    "output_tokens": len(expected),
-                    **stats,
-                    "largest_verify": max(kept, default=0),
-                    "first_difference": first_difference(expected, got),
-                }
-            )
-            print(rows[-1], flush=True)
-            answer = tokenizer.decode(expected, skip_special_tokens=True)
-            history += [message, {"role": "assistant", "content": answer}]
+
+    def run(prompt: Prompt, prompt_ids: list[int]) -> list[int]:
+        expected = run_turn(
+            reference, GenerationRequest(f"r-{prompt.id}", prompt_ids, stopping=stopping)
+        )
+        rounds_before = len(budget.kept)
+        got = run_turn(spec, GenerationRequest(f"s-{prompt.id}", prompt_ids, stopping=stopping))
+        rows.append(
+            {
+                "id": prompt.id,
+                "turn": prompt.turn,
+                "prompt_tokens": len(prompt_ids),
+                "output_tokens": len(expected.token_ids),
+                "seconds": got.seconds,
+                "rounds": got.stats.rounds,
+                "draft_tokens": got.stats.draft_tokens,
+                "accepted_tokens": got.stats.accepted_tokens,
+                "largest_verify": max(budget.kept[rounds_before:], default=0),
+                "first_difference": first_difference(expected.token_ids, got.token_ids),
+            }
+        )
+        print(rows[-1], flush=True)
+        return expected.token_ids
+
+    replay(loaded.tokenizer, args, run)
     flags = ("target", "weights", "dtype", "threads", "split", "max_tokens", "k", "seed", "resend")
     result = run_record(
         "specray.bench.budget_fuzz", argv, args, flags, prefix_tokens=args.prefix_tokens, rows=rows
@@ -163,10 +133,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    send = "whole conversation resent" if result["resend"] else "each turn sent alone"
-    details = (f"{result['weights']} weights", send, f"seed {result['seed']}")
-    title = run_title("Suffix drafting under a random verify budget", result, *details)
-    lines = [*report_head(title, result["machine"]), f"`{result['command']}`", ""]
+    subject = "Suffix drafting under a random verify budget"
+    lines = report_top(subject, result, f"seed {result['seed']}")
     headers = [
         "prompt",
         "turn",
@@ -208,18 +176,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = bench_parser(__doc__, target="qwen2.5-coder-0.5b-instruct", dtype="bfloat16")
-    p.add_argument("--weights", default="dense", choices=["dense", "gguf"])
-    p.add_argument("--split", default=None, choices=["eval", "train"], help="default: both")
-    p.add_argument("--sessions", type=int, default=None, help="the first N sessions; default all")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--max-len", type=int, default=4096)
-    p.add_argument("--k", type=int, default=16, help="tokens a proposal may hold at most")
+    add_session_flags(p, max_tokens=256)
     p.add_argument("--seed", type=int, default=0, help="the random budget's seed")
     p.add_argument(
         "--prefix-tokens", type=int, default=8192, help="each engine's prefix cache (0: none)"
     )
-    p.add_argument("--resend", action="store_true", help="send the whole conversation each turn")
-    p.add_argument("--tag", default="", help="suffix of the output files")
     return p
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,90 +30,63 @@ from typing import Any
 import torch
 
 from specray.actors.drafting.suffix.drafter import SuffixConfig, SuffixDrafter
-from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest, RequestStats
-from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
-from specray.actors.engine.target import LocalTarget
-from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
-from specray.actors.model.config import ModelConfig
-from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import StoppingCriteria
-from specray.actors.store.weights_dir import weights_dir
-from specray.bench.common import bench_parser, report_head, run_record, table, write_report
-from specray.bench.prompts import load_prompts, sessions
-from specray.bench.run_report import run_title
+from specray.bench.common import bench_parser, run_record, table, write_report
+from specray.bench.prompts import Prompt
+from specray.bench.session_turns import (
+    LoadedTarget,
+    TurnRun,
+    add_session_flags,
+    replay,
+    report_top,
+    run_turn,
+)
 
 ARMS = {"cache": SuffixConfig(tree=True), "no cache": SuffixConfig(tree=True, cache_tokens=0)}
 
 
-def build_engines(args: argparse.Namespace) -> dict[str, SpecEngine]:
-    target_dir = weights_dir(args.target, args.weights, args.dtype)
-    model = load_model(target_dir, args.dtype, weights=args.weights)
-    tokenizer = load_tokenizer(target_dir)
-    eos = eos_token_ids(ModelConfig.from_pretrained(target_dir), tokenizer)
-    config = EngineConfig(1, args.k, adaptive=True, max_batched_tokens=DEFAULT_MAX_BATCHED_TOKENS)
+def turn_record(run: TurnRun) -> dict[str, Any]:
     return {
-        arm: SpecEngine(
-            LocalTarget(model, 1, args.max_len), SuffixDrafter(suffix), tokenizer, eos, config
-        )
-        for arm, suffix in ARMS.items()
-    }
-
-
-def run_turn(engine: SpecEngine, request: GenerationRequest) -> dict[str, Any]:
-    began = time.perf_counter()
-    token_ids: list[int] = []
-    stats = None
-    for chunk in engine.generate([request]):
-        token_ids += chunk.token_ids
-        stats = chunk.stats
-    assert stats is not None
-    return {
-        "seconds": round(time.perf_counter() - began, 3),
-        "rounds": stats.rounds,
-        "draft_tokens": stats.draft_tokens,
-        "accepted_tokens": stats.accepted_tokens,
-        "tau": round(stats.mean_acceptance_length, 2),
-        "output_ids": token_ids,
+        "seconds": run.seconds,
+        "rounds": run.stats.rounds,
+        "draft_tokens": run.stats.draft_tokens,
+        "accepted_tokens": run.stats.accepted_tokens,
+        "tau": round(run.stats.mean_acceptance_length, 2),
+        "output_ids": run.token_ids,
     }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    engines = build_engines(args)
-    tokenizer = engines["cache"].tokenizer
-    assert tokenizer is not None
+    loaded = LoadedTarget.load(args)
+    engines = {
+        arm: loaded.engine(SuffixDrafter(suffix), args.k, args.max_len)
+        for arm, suffix in ARMS.items()
+    }
     stopping = StoppingCriteria(max_tokens=args.max_tokens)
-    chosen = sessions(load_prompts(["agentic"], args.split))[: args.sessions]
     rows = []
-    for session in chosen:
-        history: list[dict[str, str]] = []
-        for prompt in session:
-            message = {"role": "user", "content": prompt.prompt}
-            turn = [*history, message] if args.resend else [message]
-            prompt_ids = tokenizer.apply_chat_template(
-                turn, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            row: dict[str, Any] = {
-                "id": prompt.id,
-                "turn": prompt.turn,
-                "prompt_tokens": len(prompt_ids),
-            }
-            for arm, engine in engines.items():
-                request = GenerationRequest(
-                    f"{arm}-{prompt.id}", list(prompt_ids), stopping=stopping
-                )
-                row[arm] = run_turn(engine, request)
-            row["identical"] = row["cache"]["output_ids"] == row["no cache"]["output_ids"]
-            answer = tokenizer.decode(row["cache"]["output_ids"], skip_special_tokens=True)
-            history += [message, {"role": "assistant", "content": answer}]
-            print(
-                f"{prompt.id}: τ {row['cache']['tau']} with the cache, "
-                f"{row['no cache']['tau']} without; identical {row['identical']}",
-                flush=True,
-            )
-            rows.append(row)
+
+    def run(prompt: Prompt, prompt_ids: list[int]) -> list[int]:
+        row: dict[str, Any] = {
+            "id": prompt.id,
+            "turn": prompt.turn,
+            "prompt_tokens": len(prompt_ids),
+        }
+        for arm, engine in engines.items():
+            request = GenerationRequest(f"{arm}-{prompt.id}", list(prompt_ids), stopping=stopping)
+            row[arm] = turn_record(run_turn(engine, request))
+        row["identical"] = row["cache"]["output_ids"] == row["no cache"]["output_ids"]
+        print(
+            f"{prompt.id}: τ {row['cache']['tau']} with the cache, "
+            f"{row['no cache']['tau']} without; identical {row['identical']}",
+            flush=True,
+        )
+        rows.append(row)
+        return list(row["cache"]["output_ids"])
+
+    replay(loaded.tokenizer, args, run)
     flags = ("target", "weights", "dtype", "threads", "split", "max_tokens", "k", "resend")
     result = run_record("specray.bench.suffix_cache_bench", argv, args, flags, rows=rows)
     result["summary"] = summary(rows)
@@ -153,12 +125,7 @@ def summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    send = "whole conversation resent" if result["resend"] else "each turn sent alone"
-    weights = f"{result['weights']} weights"
-    title = run_title(
-        "Suffix drafter, global cache on vs off, agentic sessions", result, weights, send
-    )
-    lines = [*report_head(title, result["machine"]), f"`{result['command']}`", ""]
+    lines = report_top("Suffix drafter, global cache on vs off, agentic sessions", result)
     headers = [
         "prompt",
         "turn",
@@ -201,14 +168,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = bench_parser(__doc__, target="qwen2.5-coder-0.5b-instruct", dtype="bfloat16")
-    p.add_argument("--weights", default="dense", choices=["dense", "gguf"])
-    p.add_argument("--split", default=None, choices=["eval", "train"], help="default: both")
-    p.add_argument("--sessions", type=int, default=None, help="the first N sessions; default all")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--max-len", type=int, default=4096)
-    p.add_argument("--k", type=int, default=16, help="the adaptive budget's ceiling")
-    p.add_argument("--resend", action="store_true", help="send the whole conversation each turn")
-    p.add_argument("--tag", default="", help="suffix of the output files")
+    add_session_flags(p, max_tokens=128)
     return p
 
 

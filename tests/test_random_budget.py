@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from serving_helpers import save_served_model
 from test_spec_engine import MAX_TOKENS, _prompts, _reference
 
 from specray.actors.drafting.base import Drafter
@@ -29,7 +30,9 @@ from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
+from specray.bench import budget_fuzz
 from specray.bench.budget_fuzz import fuzzed
+from specray.bench.prompts import load_prompts, sessions
 
 
 def _suffix_tree() -> SuffixDrafter:
@@ -75,3 +78,18 @@ def test_greedy_equals_target_only_under_a_random_budget(
         assert outputs == {f"r{i}-{attempt}": reference[f"r{i}"] for i in range(len(prompts))}
     # The budget really varied what was verified.
     assert len(set(budget.kept)) >= 3
+
+
+def test_the_budget_fuzz_bench_replays_sessions_against_target_only(tmp_path: Path) -> None:
+    model = save_served_model(tmp_path / "model")
+    argv = [
+        "--target", str(model), "--dtype", "float32", "--threads", "1", "--sessions", "1",
+        "--max-tokens", "8", "--resend", "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    result = budget_fuzz.main(argv)
+    session = sessions(load_prompts(["agentic"]))[0]
+    assert [row["id"] for row in result["rows"]] == [p.id for p in session]
+    assert all(row["first_difference"] is None for row in result["rows"])
+    assert result["summary"]["identical"] == result["summary"]["turns"] == len(session)
+    text = (tmp_path / "out" / "budget_fuzz_model_dense.md").read_text()
+    assert "whole conversation resent" in text and f"in {len(session)} of {len(session)}" in text
