@@ -106,9 +106,17 @@ inline bool any_visible(const uint8_t* visible) {
 }
 
 // Whether the visible keys are exactly positions [0, n) for some n (a
-// causal row): then a key's rank among them is its position.
+// causal row): then a key's rank among them is its position. Every row of
+// every layer asks, so the leading run is read 8 mask bytes (bools, 0 or 1)
+// at a time.
 inline bool visible_from_start(const uint8_t* visible, int64_t context) {
+  constexpr uint64_t kAllVisible = 0x0101010101010101ull;
   int64_t j = 0;
+  for (; j + 8 <= context; j += 8) {
+    uint64_t eight;
+    memcpy(&eight, visible + j, sizeof eight);
+    if (eight != kAllVisible) break;
+  }
   while (j < context && visible[j]) ++j;
   for (; j + 8 <= context; j += 8)
     if (any_visible(visible + j)) return false;
