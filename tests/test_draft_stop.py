@@ -141,8 +141,8 @@ def test_the_scheduler_asks_for_the_ceiling_with_a_stop_priced_per_draft() -> No
         assert stop is not None and len(stop.round_seconds) == 9
         assert list(stop.round_seconds) == sorted(stop.round_seconds)
         assert stop.others_expected > 1.0  # the other request drafts too
-    # Compute-bound verification: once the model path's one probe is spent,
-    # nobody drafts, so nobody needs a stop.
+    # Compute-bound verification: not even a perfect drafter would pay,
+    # so nobody drafts (not even a probe) and nobody needs a stop.
     costs.verify.set_profile([(1, 0.1), (32, 3.2)])
     batch = [_decoding("a", 0.6)]
     scheduler = GammaScheduler(DraftPaths(model=True, lookup=False), costs=costs)

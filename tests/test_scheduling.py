@@ -21,8 +21,9 @@ from specray.actors.engine.gamma import (
     schedule_gammas,
 )
 from specray.actors.engine.lifecycle import start_request
+from specray.actors.engine.probe import FIRST_REPROBE_ROUNDS, PROBE_RECHECK_ROUNDS
 from specray.actors.engine.request import DraftState, GenerationRequest, RunningRequest
-from specray.actors.engine.scheduling import FIRST_REPROBE_ROUNDS, GammaScheduler
+from specray.actors.engine.scheduling import GammaScheduler
 from specray.actors.sampling.params import StoppingCriteria
 
 # -- the γ scheduler -----------------------------------------------------------
@@ -280,15 +281,56 @@ def test_a_request_far_behind_drafts_only_if_its_catch_up_pays_off() -> None:
 
 
 def test_compute_bound_verify_drafts_nothing_behind_or_not() -> None:
+    """Each verified token costs a whole step: even a drafter that is always
+    right would not pay, so the model path is never probed either (a probe
+    would only cost a catch-up and a verify) ..."""
     costs = RoundCostModel()
     costs.verify.set_profile([(1, 0.1), (64, 6.4)])
     costs.draft.set_profile([(1, 0.01), (256, 0.4)])
-    batch = [_run("a", 300, 0.6), _run("b", 1, 0.6)]
+    batch = [_run("a", 300, 0.05), _run("b", 1, 0.05)]
     scheduler = GammaScheduler(MODEL, costs=costs)
-    # The model path is tried at once, on the request least behind ...
+    for _ in range(2 * FIRST_REPROBE_ROUNDS):
+        scheduler.choose(batch)
+        assert [r.draft.gamma for r in batch] == [0, 0]
+    # ... until the load falls and verifying becomes cheap: drafts that
+    # rarely survive still do not pay, but the probe comes within
+    # PROBE_RECHECK_ROUNDS rounds.
+    costs.verify.set_profile([(1, 0.1), (64, 0.12)])
+    rounds = []
+    for _ in range(PROBE_RECHECK_ROUNDS + 1):
+        scheduler.choose(batch)
+        rounds.append([r.draft.gamma for r in batch])
+    assert rounds.count([0, 4]) == 1 and rounds.count([0, 0]) == PROBE_RECHECK_ROUNDS
+
+
+def test_a_verdict_that_drafting_cannot_pay_holds_for_its_batch_only() -> None:
+    """Verifying is flat up to two tokens and steep past them: with two
+    requests no draft can pay, so none is probed; alone, one request's
+    draft rides free, and the probe comes at once."""
+    costs = RoundCostModel()
+    costs.verify.set_profile([(1, 0.1), (2, 0.1), (3, 0.3), (64, 6.4)])
+    costs.draft.set_profile([(1, 0.01), (256, 0.4)])
+    scheduler = GammaScheduler(MODEL, costs=costs)
+    pair = [_run("a", 1, 0.05), _run("b", 1, 0.05)]
+    for _ in range(3):
+        scheduler.choose(pair)
+        assert [r.draft.gamma for r in pair] == [0, 0]
+    alone = [pair[1]]
+    scheduler.choose(alone)
+    assert alone[0].draft.gamma > 0
+
+
+def test_a_poor_drafter_is_probed_at_once_then_ever_more_rarely() -> None:
+    """Drafts that rarely survive do not pay where a perfect drafter would:
+    the model path is tried at once on the request least behind, then after
+    FIRST_REPROBE_ROUNDS rounds without drafts, then twice that."""
+    costs = RoundCostModel()
+    costs.verify.set_profile([(1, 0.1), (64, 0.12)])
+    costs.draft.set_profile([(1, 0.05), (256, 0.4)])
+    batch = [_run("a", 300, 0.05), _run("b", 1, 0.05)]
+    scheduler = GammaScheduler(MODEL, costs=costs)
     scheduler.choose(batch)
     assert [r.draft.gamma for r in batch] == [0, 4]
-    # ... then after FIRST_REPROBE_ROUNDS rounds without drafts, then twice that.
     tried = []
     for number in range(1, 3 * FIRST_REPROBE_ROUNDS + 3):
         scheduler.choose(batch)

@@ -22,16 +22,12 @@ from specray.actors.engine.gamma import (
     schedule_gammas,
 )
 from specray.actors.engine.lifecycle import gamma_limit
+from specray.actors.engine.probe import ModelProbe
 from specray.actors.engine.request import DraftState, RunningRequest
 from specray.actors.engine.verify_budget import BudgetSizing, VerifyBudget
 
 # Tokens one target replica feeds per round unless configured otherwise.
 DEFAULT_MAX_BATCHED_TOKENS = 512
-
-
-# Rounds without a model draft before the model path is tried a second time
-# (the wait doubles after each try; :meth:`GammaScheduler._probe`).
-FIRST_REPROBE_ROUNDS = 256
 
 
 class GammaScheduler:
@@ -66,9 +62,7 @@ class GammaScheduler:
         self._pool = {"lookup": SurvivalEstimate(decay=0.98), "model": SurvivalEstimate(decay=0.98)}
         self._pool_depths = DepthAcceptance(decay=0.98)
         self.budget = VerifyBudget(self.costs, self.block, budget_sizing)
-        # When the model path is tried next (see :meth:`_probe`).
-        self._rounds_since_probe = 0
-        self._probe_interval = 0  # the first chance; then FIRST_REPROBE_ROUNDS, doubling
+        self._probe = ModelProbe()
 
     def start_backlog(self, num_committed: int) -> int:
         """What a drafter taking a request over has to feed: every committed
@@ -174,20 +168,12 @@ class GammaScheduler:
             left -= more
 
     def _model_gammas(self, group: Sequence[RunningRequest], limits: list[int], base: int) -> None:
-        costs = self.costs
         alphas = [r.draft.model_acceptance.alpha for r in group]
-        entries = [0.0] * len(group)
-        if any(r.draft.backlog > 1 for r in group):
-            # Would each draft in a plain decode round, were it in step?
-            in_step = schedule_gammas(alphas, limits, costs.round_seconds, block=self.block)
-            entries = [
-                self.entry_seconds(r, alpha, limit, gamma > 0)
-                for r, alpha, limit, gamma in zip(group, alphas, limits, in_step, strict=True)
-            ]
-        gammas = self._probe(
+        gammas = self._probe.gammas(
             group,
-            schedule_gammas(alphas, limits, costs.round_seconds, base, entries, block=self.block),
             limits,
+            lambda: self._schedule(group, alphas, limits, base),
+            lambda: self._best_case(group, alphas, limits, base),
         )
         if self.block > 1:
             # A forward drafts a whole block: a request that drafts asks for
@@ -200,33 +186,39 @@ class GammaScheduler:
             run.draft.gamma = gamma
         self._stops(group, alphas, gammas, limits, base)
 
-    def _probe(
-        self, group: Sequence[RunningRequest], gammas: list[int], limits: Sequence[int]
+    def _schedule(
+        self,
+        group: Sequence[RunningRequest],
+        alphas: list[float],
+        limits: list[int],
+        base: int,
     ) -> list[int]:
-        """The model path's acceptance is learnt only from its drafts, and
-        starts from a prior (2/3): a draft model that pays only above that
-        (a slow drafter that is almost always right) would never be tried,
-        and its estimate never corrected. So when the schedule has drafted
-        nothing with the model for long enough while some request could,
-        one round drafts the ceiling for the request least behind (the
-        cheapest catch-up): at the first chance, then after
-        :data:`FIRST_REPROBE_ROUNDS` such rounds, the wait doubling each
-        time (a probe spent on a warm-up's random prompt is retried; a
-        drafter that never pays costs a vanishing share of rounds). γ still
-        depends only on past rounds, never on the drafts: lossless."""
-        if any(gammas):
-            self._rounds_since_probe = 0
-            return gammas
-        able = [i for i, limit in enumerate(limits) if limit > 0]
-        if not able:
-            return gammas
-        self._rounds_since_probe += 1
-        if self._rounds_since_probe <= self._probe_interval:
-            return gammas
-        self._rounds_since_probe = 0
-        self._probe_interval = max(2 * self._probe_interval, FIRST_REPROBE_ROUNDS)
-        chosen = min(able, key=lambda i: group[i].draft.backlog)
-        return [limits[i] if i == chosen else 0 for i in range(len(gammas))]
+        """:func:`schedule_gammas` at ``alphas``, each request charged its
+        drafter's catch-up (:meth:`entry_seconds`)."""
+        round_seconds = self.costs.round_seconds
+        entries = [0.0] * len(group)
+        if any(r.draft.backlog > 1 for r in group):
+            # Would each draft in a plain decode round, were it in step?
+            in_step = schedule_gammas(alphas, limits, round_seconds, block=self.block)
+            entries = [
+                self.entry_seconds(r, alpha, limit, gamma > 0)
+                for r, alpha, limit, gamma in zip(group, alphas, limits, in_step, strict=True)
+            ]
+        return schedule_gammas(alphas, limits, round_seconds, base, entries, block=self.block)
+
+    def _best_case(
+        self, group: Sequence[RunningRequest], alphas: list[float], limits: list[int], base: int
+    ) -> list[int]:
+        """The schedule were every draft accepted and each catch-up spread
+        over as many rounds as a request drafting at its believed
+        acceptance or better could have left: where it drafts nothing, no
+        acceptance above the believed one would draft either."""
+        entries = [
+            self.entry_seconds(r, alpha, limit, drafts_in_step=True) if r.draft.backlog > 1 else 0.0
+            for r, alpha, limit in zip(group, alphas, limits, strict=True)
+        ]
+        ones = [1.0] * len(group)
+        return schedule_gammas(ones, limits, self.costs.round_seconds, base, entries, self.block)
 
     def _stops(
         self,
