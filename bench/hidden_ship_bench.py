@@ -25,6 +25,7 @@ import torch
 
 from specray.actors.engine.round import DraftUpdate
 from specray.actors.engine.target import VerifyInput
+from specray.actors.workers.shard_model import ShardModel
 from specray.actors.workers.target_shard import ShardSpec, TargetShardWorker
 from specray.bench.common import (
     bench_parser,
@@ -105,8 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start_ray(num_cpus=4)
     try:
         slots = max(args.batches)
-        spec = ShardSpec(str(target_dir), dtype=args.dtype, num_slots=slots, max_len=256,
-                         num_threads=args.threads)  # fmt: skip
+        model = ShardModel(str(target_dir), dtype=args.dtype, num_slots=slots, max_len=256)
+        spec = ShardSpec(model, num_threads=args.threads)
         shard = ray.remote(TargetShardWorker).options(num_cpus=1).remote(spec)
         sink = ray.remote(Sink).options(num_cpus=0).remote()
         ray.get(shard.ping.remote())

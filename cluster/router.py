@@ -138,7 +138,7 @@ class Router:
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=32, thread_name_prefix="router")
         )
-        model_dir = Path(config.target.model_dir)
+        model_dir = Path(config.target.model.model_dir)
         if config.tokenizer_dir is not None:
             self._tokenizer = await asyncio.to_thread(load_tokenizer, Path(config.tokenizer_dir))
         model_config = ModelConfig.from_pretrained(model_dir)
@@ -177,9 +177,9 @@ class Router:
         )
         plan = ProfilePlan(
             config.profile,
-            config.target.num_slots,
+            config.target.model.num_slots,
             config.num_speculative_tokens,
-            config.target.max_len,
+            config.target.model.max_len,
             config.max_batched_tokens,
         )
         scaler = Scaler(fleet, drafting, recovery, lanes, scheduler.costs, plan)

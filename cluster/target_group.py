@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from specray.actors.engine.target import VerifyInput, VerifyOutput
 from specray.actors.parallel.distributed import reserve_port
 from specray.actors.workers.target_shard import (
     ShardMemory,
+    ShardModel,
     ShardSpec,
     ShardStats,
     TargetShardWorker,
@@ -127,12 +128,16 @@ class ShardedTarget:
         tp: int = 1,
         **options: Any,
     ) -> ShardedTarget:
-        """``options``: any field of :class:`ShardedTargetConfig`."""
-        return cls(ShardedTargetConfig(str(model_dir), tp, **options))
+        """``options``: any field of :class:`ShardModel` (what each rank
+        loads) or of :class:`ShardedTargetConfig`."""
+        loads = {f.name for f in fields(ShardModel)}
+        model = ShardModel(str(model_dir), **{k: v for k, v in options.items() if k in loads})
+        group = {k: v for k, v in options.items() if k not in loads}
+        return cls(ShardedTargetConfig(model, tp, **group))
 
     @property
     def max_len(self) -> int:
-        return self.config.max_len
+        return self.config.model.max_len
 
     @property
     def verifies_trees(self) -> bool:
@@ -364,22 +369,17 @@ class ShardedTarget:
         )[0]
         specs = [
             ShardSpec(
-                model_dir=config.model_dir,
+                model=config.model,
                 rank=rank,
                 size=config.shards,
                 ep=config.ep,
                 master_addr=master_addr,
                 master_port=master_port,
-                dtype=config.dtype,
-                weights=config.weights,
-                num_slots=config.num_slots,
-                max_len=config.max_len,
                 num_threads=config.threads,
                 timeout_s=config.timeout_s,
                 rendezvous_timeout_s=config.start_timeout_s,
                 device="cuda" if config.gpus_per_shard > 0 else "cpu",
                 time_collectives=config.time_collectives,
-                prefix_tokens=config.prefix_tokens,
             )
             for rank in range(config.shards)
         ]

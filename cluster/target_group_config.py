@@ -7,18 +7,16 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from specray.actors.workers.shard_model import ShardModel
+
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
 
 @dataclass(frozen=True)
 class ShardedTargetConfig:
-    model_dir: str
+    model: ShardModel  # what every rank loads
     tp: int = 1
-    dtype: str = "float32"
     ep: int = 1  # expert-parallel rows of tp ranks each: the group has tp × ep shards
-    weights: str = "dense"  # or "gguf": each rank reads its GGUF blocks (low-bit kernels)
-    num_slots: int = 8
-    max_len: int = 2048
     strategy: str = "STRICT_PACK"
     threads_per_shard: int | None = None  # default: this machine's cores / shards
     cpus_per_shard: float | None = None  # Ray CPUs per bundle; default threads_per_shard
@@ -32,7 +30,6 @@ class ShardedTargetConfig:
     timeout_s: float = 60.0
     start_timeout_s: float = 300.0  # placement, process start, rendezvous, loading
     time_collectives: bool = False
-    prefix_tokens: int = 0  # each replica's prefix cache, in positions (0: none)
 
     def __post_init__(self) -> None:
         if self.tp < 1:

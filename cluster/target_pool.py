@@ -61,7 +61,9 @@ class TargetPool:
         prefix cache only), else on the least occupied replica."""
         self.config = config
         # Blocks of the replicas' prefix caches: what affinity remembers of each.
-        self._affinity_blocks = config.prefix_tokens // DEFAULT_BLOCK_SIZE if prefix_affinity else 0
+        self._affinity_blocks = (
+            config.model.prefix_tokens // DEFAULT_BLOCK_SIZE if prefix_affinity else 0
+        )
         self.replicas: dict[int, TargetReplica] = {}
         self._inbox = inbox
         self._ids = itertools.count()
@@ -130,8 +132,8 @@ class TargetPool:
         (:meth:`prefix_hashes` of the request's tokens), else the least
         loaded. The bound keeps a hot shared prefix (a system prompt)
         from piling every request onto one replica."""
-        room = [r for r in self.live if r.occupied < self.config.num_slots]
-        return place(room, hashes, max(1, self.config.num_slots // 4))
+        room = [r for r in self.live if r.occupied < self.config.model.num_slots]
+        return place(room, hashes, max(1, self.config.model.num_slots // 4))
 
     def pin(self, replica: TargetReplica, request_id: str, hashes: Sequence[int] = ()) -> None:
         replica.requests.add(request_id)

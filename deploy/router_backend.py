@@ -31,6 +31,7 @@ from specray.actors.model.config import ModelConfig
 from specray.actors.model.prefix_cache import prefix_tokens
 from specray.actors.store.weights_dir import weights_dir
 from specray.actors.workers.draft_worker import DraftWorkerSpec
+from specray.actors.workers.shard_model import ShardModel
 from specray.cluster.draft_pool import DraftPoolConfig
 from specray.cluster.local_ray import start_ray
 from specray.cluster.recovery import RecoveryConfig
@@ -216,23 +217,26 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
     settings = planned_router(settings, home)
     dtype = settings.model_dtype
     target_dir = weights_dir(settings.target, weight_source(settings.weights), dtype, home)
-    target = ShardedTargetConfig(
+    model = ShardModel(
         str(target_dir),
-        tp=settings.planned_tp,
-        ep=settings.ep,
         dtype=dtype,
         weights=weight_source(settings.weights),
         num_slots=settings.num_slots,
         max_len=settings.max_len,
+        prefix_tokens=prefix_tokens(
+            settings.prefix_cache_tokens, settings.num_slots, settings.max_len
+        ),
+    )
+    target = ShardedTargetConfig(
+        model,
+        tp=settings.planned_tp,
+        ep=settings.ep,
         strategy=settings.strategy,
         threads_per_shard=settings.threads_per_shard,
         cpus_per_shard=settings.cpus_per_shard,
         gpus_per_shard=settings.gpus_per_shard,
         timeout_s=settings.timeout_s,
         start_timeout_s=settings.start_timeout_s,
-        prefix_tokens=prefix_tokens(
-            settings.prefix_cache_tokens, settings.num_slots, settings.max_len
-        ),
     )
     draft = None
     drafter = settings.drafter
@@ -283,7 +287,7 @@ def launch(settings: RouterSettings, home: Path | None = None, **options: Any) -
     info = model_info(
         settings.target,
         drafter.spec if drafter is not None else None,
-        ModelConfig.from_pretrained(Path(config.target.model_dir)),
+        ModelConfig.from_pretrained(Path(config.target.model.model_dir)),
         settings.max_len,
         settings.model_dtype,
         settings.planned_tp,

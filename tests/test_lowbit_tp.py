@@ -19,6 +19,7 @@ from specray.actors.model.loader import load_model
 from specray.actors.parallel.distributed import find_free_port
 from specray.actors.parallel.quantized import GroupAffine
 from specray.actors.parallel.span import Span
+from specray.actors.workers.shard_model import ShardModel
 from specray.actors.workers.target_shard import ShardSpec, TargetShardWorker
 
 ROUNDS = [
@@ -98,9 +99,8 @@ def test_each_rank_reads_and_holds_only_its_slice(model_dir: Path) -> None:
 
 
 def _rank_main(rank: int, size: int, port: int, model_dir: str, out_dir: str) -> None:
-    spec = ShardSpec(
-        model_dir, rank, size, "127.0.0.1", port, weights="gguf", num_slots=4, max_len=64
-    )
+    model = ShardModel(model_dir, weights="gguf", num_slots=4, max_len=64)
+    spec = ShardSpec(model, rank, size, "127.0.0.1", port)
     worker = TargetShardWorker(spec)
     outputs: list[VerifyOutput] = []
     for inputs in ROUNDS:

@@ -26,6 +26,7 @@ from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.model.prefix_cache import DEFAULT_BLOCK_SIZE
 from specray.actors.sampling.params import SamplingParams
 from specray.actors.workers.draft_worker import DraftWorkerSpec
+from specray.actors.workers.shard_model import ShardModel
 from specray.cluster.affinity import PrefixAffinity
 from specray.cluster.draft_pool import DraftPool, DraftPoolConfig, DraftReplica, affinity_blocks
 from specray.cluster.events import Inbox
@@ -48,7 +49,7 @@ def _ids(length: int, seed: int) -> list[int]:
 
 
 def _pool(affinity: bool) -> TargetPool:
-    config = ShardedTargetConfig("unused", num_slots=8, prefix_tokens=1024)
+    config = ShardedTargetConfig(ShardModel("unused", num_slots=8, prefix_tokens=1024))
     pool = TargetPool(config, Inbox(), prefix_affinity=affinity)
     for replica_id in (0, 1):
         capacity = 1024 // DEFAULT_BLOCK_SIZE if affinity else 0

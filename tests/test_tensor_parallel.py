@@ -28,6 +28,7 @@ from specray.actors.engine.target import (
 )
 from specray.actors.model.loader import load_model
 from specray.actors.parallel.distributed import find_free_port, init_tp_group
+from specray.actors.workers.shard_model import ShardModel
 from specray.actors.workers.target_shard import ShardSpec, TargetShardWorker
 from specray.cluster.errors import TargetGroupError
 from specray.cluster.local_ray import start_ray
@@ -112,7 +113,7 @@ def _check_matches_tp1(target: Target, model_dir: Path) -> None:
 
 
 def _rank_main(rank: int, size: int, port: int, model_dir: str, out_dir: str) -> None:
-    spec = ShardSpec(model_dir, rank, size, "127.0.0.1", port, num_slots=4, max_len=64)
+    spec = ShardSpec(ShardModel(model_dir, num_slots=4, max_len=64), rank, size, "127.0.0.1", port)
     worker = TargetShardWorker(spec)
     outputs: list[VerifyOutput] = []
     for inputs in rounds_for(worker.target.verifies_trees):  # every rank runs each; rank 0 answers

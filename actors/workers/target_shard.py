@@ -24,6 +24,7 @@ from specray.actors.model.loader import load_model
 from specray.actors.parallel.distributed import TorchDistGroup, init_tp_group
 from specray.actors.parallel.expert import ExpertShard, ShardGrid
 from specray.actors.parallel.group import SingleGroup, TPGroup
+from specray.actors.workers.shard_model import ShardModel
 from specray.actors.workers.timed_group import CollectiveStats, TimedGroup
 
 
@@ -31,21 +32,16 @@ from specray.actors.workers.timed_group import CollectiveStats, TimedGroup
 class ShardSpec:
     """Everything one rank needs to join its group and load its slices."""
 
-    model_dir: str
+    model: ShardModel
     rank: int = 0
     size: int = 1  # ranks in the group: tp × ep
     master_addr: str = "127.0.0.1"
     master_port: int = 0
-    dtype: str = "float32"
-    weights: str = "dense"  # or "gguf": the model dir's GGUF blocks, low-bit kernels
-    num_slots: int = 8
-    max_len: int = 2048
     num_threads: int = 1
     timeout_s: float = 60.0  # every collective
     rendezvous_timeout_s: float = 300.0  # waiting for the other ranks to join
     device: str = "cpu"
     time_collectives: bool = False
-    prefix_tokens: int = 0  # the prefix cache, in positions (0: none)
     ep: int = 1  # expert-parallel rows of the grid; size // ep ranks per TP group
 
     @property
@@ -105,10 +101,11 @@ class TargetShardWorker:
         self._timed = TimedGroup(tp_group) if spec.time_collectives else None
         self._timed_experts = TimedGroup(group) if spec.time_collectives else None
         experts = ExpertShard.on_grid(grid, spec.rank, self._timed_experts or group)
+        loads = spec.model
         model = load_model(
-            Path(spec.model_dir), spec.dtype, self._timed or tp_group, experts, spec.weights
+            Path(loads.model_dir), loads.dtype, self._timed or tp_group, experts, loads.weights
         )
-        self.target = LocalTarget(model, spec.num_slots, spec.max_len, spec.prefix_tokens)
+        self.target = LocalTarget(model, loads.num_slots, loads.max_len, loads.prefix_tokens)
         # Modules run so far (projections, norms, attention): how a long call
         # shows it is computing, at a grain much finer than a whole layer.
         self.progress = 0
