@@ -27,7 +27,6 @@ limits:
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +41,7 @@ from specray.actors.model.weight_plan import WeightPlan
 from specray.deploy.auth import TlsFiles
 from specray.deploy.backend import ModelInfo
 from specray.deploy.gateway import QueueLimits
+from specray.deploy.limits import LimitsConfig
 from specray.deploy.validation import ValidationLimits
 from specray.deploy.weights_config import (
     WEIGHTS_HELP,
@@ -51,32 +51,6 @@ from specray.deploy.weights_config import (
     model_dtype,
     weight_source,
 )
-
-_VALIDATOR_KEYS = {field.name for field in fields(ValidationLimits)}
-
-
-class LimitsConfig(BaseModel):
-    """What one request may ask for, and how many may wait."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_tokens: int = Field(2048, ge=1, description="cap on a request's max_tokens")
-    default_max_tokens: int = Field(256, ge=1, description="max_tokens when unset")
-    default_temperature: float = Field(1.0, ge=0, description="temperature when unset")
-    max_stop: int = Field(8, ge=0, description="stop strings per request")
-    max_stop_length: int = Field(256, ge=1, description="characters per stop string")
-    max_stop_token_ids: int = Field(32, ge=0)
-    max_request_id_length: int = Field(128, ge=1)
-    max_queued_requests: int = Field(
-        64, ge=0, description="requests waiting beyond max_batch; more get RESOURCE_EXHAUSTED"
-    )
-    retry_after_s: float = Field(1.0, gt=0, description="retry hint sent when overloaded")
-    max_prompt_chars: int | None = Field(
-        None, ge=1, description="characters of text input; default 32 per token of context"
-    )
-    max_request_bytes: int = Field(
-        4 * 1024 * 1024, ge=1024, description="a gRPC message or HTTP body; larger are refused"
-    )
 
 
 class DrafterConfig(BaseModel):
@@ -360,13 +334,12 @@ class ServeConfig(BaseModel):
         return QueueLimits(self.limits.max_queued_requests, self.limits.retry_after_s)
 
     def validation_limits(self, info: ModelInfo) -> ValidationLimits:
-        """The model's limits, and each ``limits`` key the validator has a field
-        for (the rest bound the queue and the message size)."""
+        """The model's limits and the ``limits`` section."""
         return ValidationLimits(
             max_context=info.max_context,
             vocab_size=info.vocab_size,
             max_num_speculative_tokens=info.max_num_speculative_tokens,
-            **self.limits.model_dump(include=_VALIDATOR_KEYS),
+            request=self.limits,
         )
 
 

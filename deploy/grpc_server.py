@@ -168,7 +168,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await abort_rpc(context, error, "")
             raise
         # ModelInfo is the response's model half, field for field.
-        return pb.GetModelInfoResponse(**asdict(info), max_tokens_limit=limits.max_tokens)
+        return pb.GetModelInfoResponse(**asdict(info), max_tokens_limit=limits.request.max_tokens)
 
 
 class GrpcServer:

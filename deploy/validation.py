@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
 from specray.actors.sampling.grammar import GrammarError, Guide
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 from specray.deploy.errors import InvalidRequestError
+from specray.deploy.limits import LimitsConfig
 
 MAX_SEED = 2**64 - 1
 # Text longer than this many characters per token of context cannot fit, so
@@ -53,24 +54,20 @@ class RawRequest:
 
 @dataclass(frozen=True)
 class ValidationLimits:
-    """What a request may ask for. The first three come from the model."""
+    """What a request may ask for: the model's limits, and the configured
+    ones (``request``: the serve config's ``limits`` section, its defaults
+    when not given)."""
 
     max_context: int  # prompt + max_tokens must fit
     vocab_size: int  # token ids must be below it
     max_num_speculative_tokens: int
-    max_tokens: int = 2048  # cap on max_tokens
-    default_max_tokens: int = 256  # when unset (then shortened to fit the context)
-    default_temperature: float = 1.0  # when unset, as in OpenAI's API
-    max_stop: int = 8  # stop strings per request
-    max_stop_length: int = 256  # characters per stop string
-    max_stop_token_ids: int = 32
-    max_request_id_length: int = 128
-    max_prompt_chars: int | None = None  # None: CHARS_PER_TOKEN_BOUND per token of context
+    request: LimitsConfig = field(default_factory=lambda: LimitsConfig.model_validate({}))
 
     @property
     def prompt_char_limit(self) -> int:
-        if self.max_prompt_chars is not None:
-            return self.max_prompt_chars
+        """Characters of text input; unset, CHARS_PER_TOKEN_BOUND per token of context."""
+        if self.request.max_prompt_chars is not None:
+            return self.request.max_prompt_chars
         return CHARS_PER_TOKEN_BOUND * self.max_context
 
 
@@ -117,7 +114,7 @@ class Validator:
 
     def validate(self, raw: RawRequest) -> ValidatedRequest:
         limits = self.limits
-        request_id = _request_id(raw.request_id, limits.max_request_id_length)
+        request_id = _request_id(raw.request_id, limits.request.max_request_id_length)
         prompt_ids = self._prompt(raw)
         room = limits.max_context - len(prompt_ids)
         if raw.max_tokens is None:
@@ -127,9 +124,9 @@ class Validator:
                     f"the context limit {limits.max_context:,}",
                     raw.text_field if raw.text is not None else raw.token_ids_field,
                 )
-            max_tokens = min(limits.default_max_tokens, room)
+            max_tokens = min(limits.request.default_max_tokens, room)
         else:
-            max_tokens = _int_in("max_tokens", raw.max_tokens, 1, limits.max_tokens)
+            max_tokens = _int_in("max_tokens", raw.max_tokens, 1, limits.request.max_tokens)
             if max_tokens > room:
                 raise InvalidRequestError(
                     f"prompt ({len(prompt_ids):,} tokens) + `max_tokens` ({max_tokens:,}) = "
@@ -138,7 +135,7 @@ class Validator:
                     "max_tokens",
                 )
         sampling = SamplingParams(
-            temperature=_temperature(raw.temperature, limits.default_temperature),
+            temperature=_temperature(raw.temperature, limits.request.default_temperature),
             top_k=0 if raw.top_k is None else _int_in("top_k", raw.top_k, 0, limits.vocab_size),
             top_p=1.0 if raw.top_p is None else _top_p(raw.top_p),
             min_p=0.0 if raw.min_p is None else _unit_interval("min_p", raw.min_p),
@@ -148,7 +145,10 @@ class Validator:
             max_tokens=max_tokens,
             stop=_stop_strings(raw.stop, limits),
             stop_token_ids=_token_ids(
-                "stop_token_ids", raw.stop_token_ids, limits.vocab_size, limits.max_stop_token_ids
+                "stop_token_ids",
+                raw.stop_token_ids,
+                limits.vocab_size,
+                limits.request.max_stop_token_ids,
             ),
             ignore_eos=raw.ignore_eos,
         )
@@ -274,16 +274,16 @@ def _token_ids(
 
 
 def _stop_strings(stop: Sequence[str], limits: ValidationLimits) -> tuple[str, ...]:
-    if len(stop) > limits.max_stop:
+    if len(stop) > limits.request.max_stop:
         raise InvalidRequestError(
-            f"`stop` must have at most {limits.max_stop} strings, got {len(stop)}", "stop"
+            f"`stop` must have at most {limits.request.max_stop} strings, got {len(stop)}", "stop"
         )
     for index, text in enumerate(stop):
         if not text:
             raise InvalidRequestError(f"`stop[{index}]` must not be empty", "stop")
-        if len(text) > limits.max_stop_length:
+        if len(text) > limits.request.max_stop_length:
             raise InvalidRequestError(
-                f"`stop[{index}]` must be at most {limits.max_stop_length} characters, "
+                f"`stop[{index}]` must be at most {limits.request.max_stop_length} characters, "
                 f"got {len(text)}",
                 "stop",
             )

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from specray.deploy.errors import InvalidRequestError
+from specray.deploy.limits import LimitsConfig
 from specray.deploy.validation import RawRequest, ValidatedRequest, ValidationLimits, Validator
 
 LIMITS = ValidationLimits(max_context=4096, vocab_size=151936, max_num_speculative_tokens=8)
@@ -79,7 +80,10 @@ def test_messages_name_the_field_the_limit_and_the_value(
 
 def test_prompt_plus_max_tokens_over_the_context_limit() -> None:
     limits = ValidationLimits(
-        max_context=4096, vocab_size=151936, max_num_speculative_tokens=8, max_tokens=8192
+        max_context=4096,
+        vocab_size=151936,
+        max_num_speculative_tokens=8,
+        request=LimitsConfig(max_tokens=8192),
     )
     message = message_of(limits, token_ids=[7] * 1000, max_tokens=4000)
     assert message == (
@@ -125,7 +129,7 @@ def test_wire_names_of_the_prompt_appear_in_messages() -> None:
 
 @given(
     prompt=st.lists(st.integers(0, LIMITS.vocab_size - 1), min_size=1, max_size=64),
-    max_tokens=st.integers(1, LIMITS.max_tokens),
+    max_tokens=st.integers(1, LIMITS.request.max_tokens),
     temperature=st.floats(0, 5),
     top_p=st.floats(0, 1, exclude_min=True),
     top_k=st.integers(0, LIMITS.vocab_size),
