@@ -128,7 +128,7 @@ def test_a_gguf_router_hands_its_shards_the_gguf_directory(tmp_path: Path) -> No
         {"target": str(model_dir), "weights": "gguf", "dtype": "float32", "drafts": []}
     )
     target = router_config(settings).target
-    assert (target.model_dir, target.weights, target.dtype, target.tp) == (
+    assert (target.model.model_dir, target.model.weights, target.model.dtype, target.tp) == (
         str(model_dir.absolute()),
         "gguf",
         "float32",
