@@ -10,6 +10,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scheduling_helpers import MODEL
+from scheduling_helpers import decoding_run as _run
 
 from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftUpdate
 from specray.actors.engine.backlog import backlog_after, fed_steps
@@ -20,11 +22,7 @@ from specray.actors.engine.gamma import (
     expected_tokens,
     schedule_gammas,
 )
-from specray.actors.engine.lifecycle import start_request
-from specray.actors.engine.probe import FIRST_REPROBE_ROUNDS, PROBE_RECHECK_ROUNDS
-from specray.actors.engine.request import DraftState, GenerationRequest, RunningRequest
 from specray.actors.engine.scheduling import GammaScheduler
-from specray.actors.sampling.params import StoppingCriteria
 
 # -- the γ scheduler -----------------------------------------------------------
 
@@ -212,26 +210,6 @@ def test_a_block_drafter_is_timed_as_one_step() -> None:
 # -- catching drafts up -------------------------------------------------------------
 
 
-def _run(
-    request_id: str, backlog: int, alpha: float, lookup_alpha: float = 0.5, max_tokens: int = 256
-) -> RunningRequest:
-    stopping = StoppingCriteria(max_tokens=max_tokens)
-    draft = DraftState(
-        lookup_acceptance=SurvivalEstimate.with_prior(lookup_alpha),
-        model_acceptance=SurvivalEstimate.with_prior(alpha),
-    )
-    run = start_request(
-        GenerationRequest(request_id, [3] * backlog, stopping=stopping), (), None, 4, draft
-    )
-    run.cached_len = len(run.tokens) - 1  # decoding: the target verifies one token each
-    run.target = 0
-    draft.attach(0, backlog)
-    return run
-
-
-MODEL = DraftPaths(model=True, lookup=False)
-
-
 def _flat_verify_costs() -> RoundCostModel:
     """Verifying is flat; feeding 256 tokens costs the drafter 40 one-token steps."""
     costs = RoundCostModel()
@@ -280,65 +258,6 @@ def test_a_request_far_behind_drafts_only_if_its_catch_up_pays_off() -> None:
     assert fed_steps(batch, drafts, lookup=True) == (1, 1)
 
 
-def test_compute_bound_verify_drafts_nothing_behind_or_not() -> None:
-    """Each verified token costs a whole step: even a drafter that is always
-    right would not pay, so the model path is never probed either (a probe
-    would only cost a catch-up and a verify) ..."""
-    costs = RoundCostModel()
-    costs.verify.set_profile([(1, 0.1), (64, 6.4)])
-    costs.draft.set_profile([(1, 0.01), (256, 0.4)])
-    batch = [_run("a", 300, 0.05), _run("b", 1, 0.05)]
-    scheduler = GammaScheduler(MODEL, costs=costs)
-    for _ in range(2 * FIRST_REPROBE_ROUNDS):
-        scheduler.choose(batch)
-        assert [r.draft.gamma for r in batch] == [0, 0]
-    # ... until the load falls and verifying becomes cheap: drafts that
-    # rarely survive still do not pay, but the probe comes within
-    # PROBE_RECHECK_ROUNDS rounds.
-    costs.verify.set_profile([(1, 0.1), (64, 0.12)])
-    rounds = []
-    for _ in range(PROBE_RECHECK_ROUNDS + 1):
-        scheduler.choose(batch)
-        rounds.append([r.draft.gamma for r in batch])
-    assert rounds.count([0, 4]) == 1 and rounds.count([0, 0]) == PROBE_RECHECK_ROUNDS
-
-
-def test_a_verdict_that_drafting_cannot_pay_holds_for_its_batch_only() -> None:
-    """Verifying is flat up to two tokens and steep past them: with two
-    requests no draft can pay, so none is probed; alone, one request's
-    draft rides free, and the probe comes at once."""
-    costs = RoundCostModel()
-    costs.verify.set_profile([(1, 0.1), (2, 0.1), (3, 0.3), (64, 6.4)])
-    costs.draft.set_profile([(1, 0.01), (256, 0.4)])
-    scheduler = GammaScheduler(MODEL, costs=costs)
-    pair = [_run("a", 1, 0.05), _run("b", 1, 0.05)]
-    for _ in range(3):
-        scheduler.choose(pair)
-        assert [r.draft.gamma for r in pair] == [0, 0]
-    alone = [pair[1]]
-    scheduler.choose(alone)
-    assert alone[0].draft.gamma > 0
-
-
-def test_a_poor_drafter_is_probed_at_once_then_ever_more_rarely() -> None:
-    """Drafts that rarely survive do not pay where a perfect drafter would:
-    the model path is tried at once on the request least behind, then after
-    FIRST_REPROBE_ROUNDS rounds without drafts, then twice that."""
-    costs = RoundCostModel()
-    costs.verify.set_profile([(1, 0.1), (64, 0.12)])
-    costs.draft.set_profile([(1, 0.05), (256, 0.4)])
-    batch = [_run("a", 300, 0.05), _run("b", 1, 0.05)]
-    scheduler = GammaScheduler(MODEL, costs=costs)
-    scheduler.choose(batch)
-    assert [r.draft.gamma for r in batch] == [0, 4]
-    tried = []
-    for number in range(1, 3 * FIRST_REPROBE_ROUNDS + 3):
-        scheduler.choose(batch)
-        if any(r.draft.gamma for r in batch):
-            tried.append(number)
-    assert tried == [FIRST_REPROBE_ROUNDS + 1, 3 * FIRST_REPROBE_ROUNDS + 2]
-
-
 def test_a_hybrid_copies_where_model_drafts_do_not_pay() -> None:
     """A draft model that costs most of a target step drafts nothing at
     batch 1; lookups cost a round trip, so copying is still asked for (and
@@ -359,28 +278,6 @@ def test_a_hybrid_copies_where_model_drafts_do_not_pay() -> None:
     # Fixed γ: each path the drafter has gets the ceiling.
     GammaScheduler(hybrid, adaptive=False, costs=costs).choose(batch)
     assert batch[0].draft.gamma == batch[0].draft.lookup_gamma == 4
-
-
-def test_a_slow_drafter_that_is_almost_always_right_is_found_by_its_probe() -> None:
-    """From the 2/3 prior a drafter that costs most of a target step never
-    pays; its one probe comes back all accepted and the request drafts from
-    then on (the pool's prior rises for new requests too)."""
-    costs = RoundCostModel()
-    costs.verify.set_profile([(1, 0.1), (8, 0.1)])
-    costs.draft.set_profile([(1, 0.075), (8, 0.08)])
-    scheduler = GammaScheduler(MODEL, costs=costs)
-    run = _run("a", 1, 2 / 3)
-    assert schedule_gammas([2 / 3], [4], costs.round_seconds) == [0]
-    scheduler.choose([run])
-    assert run.draft.gamma == 4
-    for _ in range(3):
-        scheduler.record(
-            run, DraftProposal([1, 2, 3, 4]), DraftUpdate("a", 4, [1, 2, 3, 4, 5], None)
-        )
-        run.draft.backlog = 1
-        scheduler.choose([run])
-        assert run.draft.gamma > 0
-    assert scheduler.new_draft_state().model_acceptance.alpha > 2 / 3
 
 
 def test_a_request_without_a_drafter_decodes_target_only() -> None:

@@ -1,0 +1,29 @@
+"""Requests as the γ scheduler sees them, for its tests."""
+
+from __future__ import annotations
+
+from specray.actors.drafting.base import DraftPaths
+from specray.actors.engine.gamma import SurvivalEstimate
+from specray.actors.engine.lifecycle import start_request
+from specray.actors.engine.request import DraftState, GenerationRequest, RunningRequest
+from specray.actors.sampling.params import StoppingCriteria
+
+
+def decoding_run(
+    request_id: str, backlog: int, alpha: float, lookup_alpha: float = 0.5, max_tokens: int = 256
+) -> RunningRequest:
+    stopping = StoppingCriteria(max_tokens=max_tokens)
+    draft = DraftState(
+        lookup_acceptance=SurvivalEstimate.with_prior(lookup_alpha),
+        model_acceptance=SurvivalEstimate.with_prior(alpha),
+    )
+    run = start_request(
+        GenerationRequest(request_id, [3] * backlog, stopping=stopping), (), None, 4, draft
+    )
+    run.cached_len = len(run.tokens) - 1  # decoding: the target verifies one token each
+    run.target = 0
+    draft.attach(0, backlog)
+    return run
+
+
+MODEL = DraftPaths(model=True, lookup=False)
