@@ -20,7 +20,8 @@ def decoding_run(
     run = start_request(
         GenerationRequest(request_id, [3] * backlog, stopping=stopping), (), None, 4, draft
     )
-    run.cached_len = len(run.tokens) - 1  # decoding: the target verifies one token each
+    run.output_ids.append(3)  # decoding: past its first token (the prompt's last here)
+    run.cached_len = len(run.tokens) - 1  # the target verifies one token each
     run.target = 0
     draft.attach(0, backlog)
     return run

@@ -202,6 +202,7 @@ def test_the_scheduler_counts_a_catch_up_chunk_off_the_backlog() -> None:
     paths = DraftPaths(model=True, lookup=False)
     scheduler = GammaScheduler(paths, adaptive=False, max_batched_tokens=16)
     run = _running("r", 50, 49)
+    run.output_ids.append(3)  # past its first token: the draft model may catch up
     run.draft.backlog = 50
     scheduler.choose([run])
     assert run.draft.gamma > 0

@@ -197,5 +197,6 @@ def test_greedy_output_is_unchanged_where_stops_cut_drafts(tiny_dir_factory) -> 
     for chunk in engine.generate(requests):
         outputs[chunk.request_id] += chunk.token_ids
     assert outputs == reference
-    assert drafter.asked and set(drafter.asked) == {8}
-    assert any(0 < n < 8 for n in drafter.lengths)  # stops cut some proposals
+    # Asked for the ceiling (less near max_tokens), and the stops cut some.
+    assert drafter.asked and max(drafter.asked) == 8
+    assert any(0 < n < asked for n, asked in zip(drafter.lengths, drafter.asked, strict=True))

@@ -230,7 +230,7 @@ def test_a_catch_up_is_spread_over_the_rounds_left() -> None:
     feed = costs.draft.seconds((300,)) - costs.draft.seconds((1,))
     assert feed > 0.4
     assert scheduler.entry_seconds(new, 0.9, 4, True) == pytest.approx(
-        feed * expected_tokens(0.9, 4) / 256
+        feed * expected_tokens(0.9, 4) / 255  # 255 tokens left after the first
     )
     assert scheduler.entry_seconds(ending, 0.9, 4, True) == pytest.approx(feed)  # one round left
     assert scheduler.entry_seconds(new, 0.9, 4, False) == pytest.approx(feed)  # no later drafts
@@ -299,3 +299,21 @@ def test_verdicts_update_the_path_they_came_by_and_queue_for_the_drafter() -> No
     # New requests start from the pool's acceptance of each path.
     fresh = scheduler.new_draft_state()
     assert fresh.lookup_acceptance.alpha > fresh.model_acceptance.alpha
+
+
+def test_a_draft_model_waits_for_the_first_token_and_copies_do_not() -> None:
+    """Before a request's first token the draft model would feed the whole
+    prompt ahead of the target's verify: it drafts from the second token on,
+    while copies (free) are asked for at once, and a drafter of the target's
+    hidden states (nothing to catch up on) drafts at once too."""
+    hybrid = DraftPaths(model=True, lookup=True)
+    fresh = _run("fresh", 300, 0.9)
+    fresh.output_ids.clear()
+    in_step = _run("in step", 1, 0.9)
+    in_step.output_ids.clear()
+    GammaScheduler(hybrid, adaptive=False).choose([fresh, in_step])
+    assert (fresh.draft.gamma, fresh.draft.lookup_gamma) == (0, 4)
+    assert (in_step.draft.gamma, in_step.draft.lookup_gamma) == (4, 4)
+    fresh.output_ids.append(5)
+    GammaScheduler(hybrid, adaptive=False).choose([fresh])
+    assert fresh.draft.gamma == 4

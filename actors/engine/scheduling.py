@@ -30,6 +30,17 @@ from specray.actors.engine.verify_budget import BudgetSizing, VerifyBudget
 DEFAULT_MAX_BATCHED_TOKENS = 512
 
 
+def waits_for_first_token(run: RunningRequest) -> bool:
+    """Whether a model drafter would make the request's first token wait for
+    its catch-up: before that token, a drafter that reads the prompt has all
+    of it to feed (on the critical path, in the round's proposal) before the
+    target can verify anything, so the first token would wait for a prefill
+    by the draft model. A model drafts from the second token on, the first
+    coming from the target's prefill as without speculation; copies cost
+    nothing and are drafted at once."""
+    return not run.output_ids and run.draft.backlog > 1
+
+
 class GammaScheduler:
     """γ per request and drafting path for every round, and what it learns
     from each: per-request acceptance, the pool's acceptance (the prior of
@@ -95,7 +106,8 @@ class GammaScheduler:
         ``draft.lookup_gamma`` (copies) at the ceiling: copying costs nothing,
         and :meth:`trim` cuts the copies once their confidence is known. Not
         adaptive, both are the ceiling; 0 for requests no drafter holds and
-        for prefill chunks.
+        for prefill chunks, and a model's 0 until a request's first token
+        (:func:`waits_for_first_token`).
 
         A model's drafts also pay for each request's backlog (:meth:`entry_seconds`).
         """
@@ -114,9 +126,13 @@ class GammaScheduler:
                 gamma_limit(r) if r.draft.replica is not None and not r.prefilling else 0
                 for r in group
             ]
+            model_limits = [
+                0 if waits_for_first_token(r) else limit
+                for r, limit in zip(group, limits, strict=True)
+            ]
             if not self.adaptive:
-                for run, gamma in zip(group, limits, strict=True):
-                    run.draft.gamma = gamma if paths.model else 0
+                for run, gamma, model_gamma in zip(group, limits, model_limits, strict=True):
+                    run.draft.gamma = model_gamma if paths.model else 0
                     run.draft.lookup_gamma = gamma if paths.lookup else 0
                 continue
             base = sum(r.feed for r in group)
@@ -124,7 +140,7 @@ class GammaScheduler:
                 for run, gamma in zip(group, limits, strict=True):
                     run.draft.lookup_gamma = gamma
             if paths.model:
-                self._model_gammas(group, limits, base)
+                self._model_gammas(group, model_limits, base)
 
     def trim(
         self, batch: Sequence[RunningRequest], drafts: Sequence[DraftProposal]
