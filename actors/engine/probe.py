@@ -77,8 +77,9 @@ class ModelProbe:
             tuple(r.feed for r in group),
         )
         verdict = self._verdicts.get(replica)
-        known = verdict is not None and verdict.batch == batch and verdict.rounds_left > 0
-        if verdict is not None and known:
+        if verdict is not None and (verdict.batch != batch or verdict.rounds_left <= 0):
+            verdict = None  # another batch, or kept long enough
+        if verdict is not None:
             verdict.rounds_left -= 1
             if not verdict.pays:
                 self._rounds_since_probe += 1
@@ -88,9 +89,8 @@ class ModelProbe:
             self._rounds_since_probe = 0
             self._verdicts.pop(replica, None)
             return gammas
-        if verdict is None or not known:
-            pays = any(best_case())
-            verdict = _Verdict(batch, pays, PROBE_RECHECK_ROUNDS - 1)
+        if verdict is None:
+            verdict = _Verdict(batch, any(best_case()), PROBE_RECHECK_ROUNDS - 1)
             self._verdicts[replica] = verdict
         self._rounds_since_probe += 1
         if not verdict.pays or self._rounds_since_probe <= self._probe_interval:
