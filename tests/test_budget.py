@@ -143,6 +143,7 @@ def _copy_rounds(
     run: RunningRequest,
     rounds: int,
     copy_of: Callable[[int, list[int]], list[int]],
+    evidence: str = "",
 ) -> list[int]:
     """``rounds`` rounds of one request whose committed tokens follow a
     periodic truth; round ``r`` proposes ``copy_of(r, the next 16 true
@@ -153,7 +154,7 @@ def _copy_rounds(
         scheduler.choose([run])
         position = len(run.tokens) - 2
         right = truth[position : position + 16]
-        copy = DraftProposal(copy_of(round_, right), from_lookup=True)
+        copy = DraftProposal(copy_of(round_, right), from_lookup=True, evidence=evidence)
         (kept,) = scheduler.trim([run], [copy])
         accepted = next((i for i, t in enumerate(kept.token_ids) if t != right[i]), len(kept))
         new = truth[position : position + accepted + 1]
@@ -197,6 +198,28 @@ def test_depths_tested_rarely_keep_their_evidence() -> None:
         100,
         lambda round_, right: right if round_ % 20 == 0 else right[:2] + [1] * 14,
     )
-    depths = run.draft.lookup_depths
+    depths = run.draft.lookup_depths[""]  # the copies name no evidence
     assert depths.conditional(3) < 0.2  # the wrong copies' first wrong depth
     assert depths.conditional(12) > 0.97
+
+
+def test_copies_are_priced_by_the_evidence_they_rest_on() -> None:
+    """One server, two kinds of copy: sure ones (a long match on an earlier
+    answer), right for all 16 tokens, and guesses, right for two. Pooled
+    into one per-depth estimate the two read alike, and a new request's
+    first guess was verified as far as a sure copy (all 16 tokens here).
+    Learned per evidence, the sure copy is verified whole and the guess is
+    cut before its first wrong token."""
+    costs = RoundCostModel()
+    costs.verify.set_profile([(1, 0.26), (2, 0.52), (4, 0.75), (8, 0.8), (17, 0.9)])
+    scheduler = GammaScheduler(DraftPaths(model=False, lookup=True), costs=costs)
+    for _ in range(3):
+        _copy_rounds(scheduler, _lookup_request(), 10, lambda _, right: right, "sure")
+        _copy_rounds(
+            scheduler, _lookup_request(), 10, lambda _, right: right[:2] + [1] * 14, "guess"
+        )
+    (sure,) = _copy_rounds(scheduler, _lookup_request(), 1, lambda _, right: right, "sure")
+    (guess,) = _copy_rounds(
+        scheduler, _lookup_request(), 1, lambda _, right: right[:2] + [1] * 14, "guess"
+    )
+    assert sure == 16 and guess <= 2

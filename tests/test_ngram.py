@@ -54,6 +54,8 @@ def test_prefers_longest_matching_ngram() -> None:
     # The 3-gram "1 2 3" matches only at the start; the 1-gram "3" matches later.
     drafter.start("r", [1, 2, 3, 40, 41, 9, 3, 50, 51, 1, 2, 3], GREEDY)
     assert _propose(drafter, "r", 2) == [40, 41]
+    (proposal,) = drafter.propose([DraftRequest("r", 2)])
+    assert proposal.evidence == "ngram 3"  # a verify budget learns copies per n-gram size
 
 
 def test_respects_num_tokens_per_request() -> None:

@@ -49,6 +49,7 @@ def test_copies_from_the_prompt_with_point_mass_proposals() -> None:
     assert proposal.draft_probs is None and proposal.from_lookup
     assert proposal.parents is None
     assert proposal.confidence == [1.0] * 10
+    assert proposal.evidence == "suffix request match 8+"  # 10 tokens matched
     assert len(_propose(drafter, "r", 4)) == 4
     drafter.accept(DraftUpdate("r", 4, [110, 111, 112, 113, 114]))
     assert _propose(drafter, "r", 16).token_ids == list(range(115, 130))
@@ -71,6 +72,8 @@ def test_finished_outputs_serve_later_requests() -> None:
     drafter.accept(DraftUpdate("second", 0, answer[:12]))
     proposal = _propose(drafter, "second", 16)
     assert proposal.token_ids == answer[12:24]
+    assert proposal.evidence == "suffix cache match 8+"  # 12 tokens matched
+    assert proposal.clipped(3).evidence == proposal.evidence
     assert drafter.global_proposals == 1
     drafter.finish("second")
 

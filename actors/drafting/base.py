@@ -131,6 +131,10 @@ class DraftProposal:
     ``i`` survives verification given that its parent did (DSpark's
     confidence head, a suffix path's frequency, a draft model's probability);
     the product along a path is the chance the whole path is accepted.
+
+    ``evidence`` names the kind of evidence a copy rests on (a suffix match's
+    tree and length class, an n-gram's size): copies of one kind tend to fare
+    alike, so a verify budget learns their acceptance per kind.
     """
 
     token_ids: list[int]
@@ -140,6 +144,7 @@ class DraftProposal:
     from_lookup: bool = False
     parents: list[int] | None = None  # [len(token_ids)]; None: a chain
     confidence: list[float] | None = None  # [len(token_ids)]
+    evidence: str = ""
 
     def __post_init__(self) -> None:
         for name, values in (("parents", self.parents), ("confidence", self.confidence)):
@@ -173,6 +178,7 @@ class DraftProposal:
             self.from_lookup,
             None,
             None if self.confidence is None else [self.confidence[i] for i in nodes],
+            self.evidence,
         )
 
     def clipped(self, num_tokens: int) -> DraftProposal:
@@ -190,6 +196,7 @@ class DraftProposal:
             self.from_lookup,
             None if self.parents is None else self.parents[:n],
             None if self.confidence is None else self.confidence[:n],
+            self.evidence,
         )
 
 

@@ -110,7 +110,7 @@ class HybridDrafter:
             return None
         found = self.lookup.match(request_id, most)
         if found.token_ids and found.ngram_size >= self.min_match:
-            return DraftProposal(found.token_ids, from_lookup=True)
+            return found.proposal()
         return None
 
     def accept(self, update: DraftUpdate) -> None:

@@ -36,6 +36,10 @@ class LookupMatch:
     token_ids: list[int]
     ngram_size: int
 
+    def proposal(self) -> DraftProposal:
+        """The match as a copy, its evidence the n-gram's size."""
+        return DraftProposal(self.token_ids, from_lookup=True, evidence=f"ngram {self.ngram_size}")
+
 
 @dataclass
 class _RequestState:
@@ -75,10 +79,7 @@ class NgramDrafter:
         self._extend(state, prompt_ids)
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
-        return [
-            DraftProposal(self.match(r.request_id, r.most).token_ids, from_lookup=True)
-            for r in requests
-        ]
+        return [self.match(r.request_id, r.most).proposal() for r in requests]
 
     def match(self, request_id: str, num_tokens: int) -> LookupMatch:
         """The proposal for one request and the size of the n-gram it came from."""

@@ -7,11 +7,12 @@ estimate for the token given its parent (``DraftProposal.confidence``: a
 suffix path's frequency, a draft model's probability, DSpark's confidence
 head; 1 when the drafter gives none) and ``conditional[d]`` is the measured
 rate at which a token at depth ``d`` was accepted when its parent was
-(:class:`DepthAcceptance`), judged on every copy in hindsight
-(:class:`Hindsight`). Verbatim copies are the reason for measuring it
-per depth: a lookup that is right for four tokens is usually right for the
-next forty, which a single per-token α (``α^i``) cannot express and which
-made a fixed k = 16 beat the adaptive γ by 2-4x on verbatim edits.
+(:class:`DepthAcceptance`, one per kind of evidence a copy rests on:
+:class:`CopyDepths`), judged on every copy in hindsight (:class:`Hindsight`).
+Verbatim copies are the reason for measuring it per depth: a lookup that is
+right for four tokens is usually right for the next forty, which a single
+per-token α (``α^i``) cannot express and which made a fixed k = 16 beat the
+adaptive γ by 2-4x on verbatim edits.
 
 :func:`budget_tokens` is DSpark's Algorithm 1 over those survivals: start
 from plain decoding, admit tokens in descending survival (a parent before
@@ -116,6 +117,7 @@ class Hindsight:
 
     start: int  # committed tokens when it was proposed
     token_ids: list[int]  # its main chain, untrimmed
+    evidence: str = ""  # what the copy rests on (:attr:`DraftProposal.evidence`)
     judged: int = 0  # leading depths judged so far
     settled: bool = False  # every depth that will be judged is
 
@@ -143,6 +145,41 @@ class Hindsight:
             return 0
         ahead = self.token_ids[matched : matched + 1]
         return matched if ahead and chain[:1] == ahead else 0
+
+
+@dataclass
+class CopyDepths:
+    """Per-depth acceptance of copies, learned apart per kind of evidence
+    (:attr:`DraftProposal.evidence`): a pool over every request, and each
+    request's own, seeded from the pool's the first time it copies on that
+    evidence.
+
+    One estimate for all copies averaged a resent answer, right for all its
+    tokens, with a two-token match's guess. Under load the budget then
+    verified a sure copy as if it were the average one, short of what a
+    fixed k = 16 verified (docs/drafting.md, "Concurrency 1, 4 and 16").
+    """
+
+    decay: float = 0.98
+    pool: dict[str, DepthAcceptance] = field(default_factory=dict)
+
+    def of(self, own: dict[str, DepthAcceptance], evidence: str) -> DepthAcceptance:
+        """A request's estimate for ``evidence``; ``own`` holds its estimates."""
+        if evidence not in own:
+            own[evidence] = self._pooled(evidence).seeded()
+        return own[evidence]
+
+    def record(
+        self, own: dict[str, DepthAcceptance], evidence: str, depth: int, accepted: bool
+    ) -> None:
+        """A verdict on one token at ``depth``, for the request and the pool."""
+        self.of(own, evidence).record(depth, accepted)
+        self._pooled(evidence).record(depth, accepted)
+
+    def _pooled(self, evidence: str) -> DepthAcceptance:
+        if evidence not in self.pool:
+            self.pool[evidence] = DepthAcceptance(decay=self.decay)
+        return self.pool[evidence]
 
 
 def survivals(draft: DraftProposal, acceptance: DepthAcceptance, offset: int = 0) -> list[float]:

@@ -120,8 +120,9 @@ class DraftState:
     lookup_gamma: int = 0  # copies asked for this round
     backlog: int = 0  # committed tokens the drafter has not fed (its next first step)
     updates: list[DraftUpdate] = field(default_factory=list)  # verdicts not yet sent
-    # How copies fared by depth: what the budget trims lookup drafts by.
-    lookup_depths: DepthAcceptance = field(default_factory=DepthAcceptance)
+    # How its copies fared by depth, per kind of evidence: what the budget
+    # trims lookup drafts by (:class:`~specray.actors.engine.budget.CopyDepths`).
+    lookup_depths: dict[str, DepthAcceptance] = field(default_factory=dict)
     hindsight: Hindsight | None = None  # the copy whose verdict it waits for
     # Survivals of its last ranked draft: what a stale-sized budget sizes by.
     last_survivals: list[float] | None = None

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftStop, DraftUpdate
 from specray.actors.engine.backlog import backlog_after, fed_steps
-from specray.actors.engine.budget import DepthAcceptance
 from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.gamma import (
     RoundShape,
@@ -71,7 +70,6 @@ class GammaScheduler:
         self.max_batched_tokens = max_batched_tokens
         # Per drafting path, the prior of new requests.
         self._pool = {"lookup": SurvivalEstimate(decay=0.98), "model": SurvivalEstimate(decay=0.98)}
-        self._pool_depths = DepthAcceptance(decay=0.98)
         self.budget = VerifyBudget(self.costs, self.block, budget_sizing)
         self._probe = ModelProbe()
 
@@ -93,7 +91,6 @@ class GammaScheduler:
         return DraftState(
             lookup_acceptance=SurvivalEstimate.with_prior(self._pool["lookup"].alpha),
             model_acceptance=SurvivalEstimate.with_prior(self._pool["model"].alpha),
-            lookup_depths=self._pool_depths.seeded(),
         )
 
     # -- before the round -------------------------------------------------------
@@ -372,7 +369,6 @@ class GammaScheduler:
             return
         first = hindsight.judged + 1
         for depth, accepted in enumerate(hindsight.judge(run.tokens), first):
-            for by_depth in (run.draft.lookup_depths, self._pool_depths):
-                by_depth.record(depth, accepted)
+            self.budget.copies.record(run.draft.lookup_depths, hindsight.evidence, depth, accepted)
         if hindsight.settled:
             run.draft.hindsight = None

@@ -33,6 +33,7 @@ from typing import Literal, get_args
 from specray.actors.drafting.base import DraftProposal
 from specray.actors.engine.budget import (
     Baseline,
+    CopyDepths,
     Hindsight,
     budget_size,
     budget_tokens,
@@ -61,6 +62,7 @@ class VerifyBudget:
         self.costs = costs
         self.block = block
         self.sizing = sizing
+        self.copies = CopyDepths()  # how copies fared, judged in hindsight
 
     def ranks(self, draft: DraftProposal) -> bool:
         """Whether ``draft`` is cut by the joint ranking (a copy or a block)."""
@@ -109,10 +111,12 @@ class VerifyBudget:
         """Per token of ``draft``, the estimate that it and its ancestors are accepted."""
         if draft.from_lookup:
             hindsight = run.draft.hindsight
-            offset = 0
+            offset, evidence = 0, draft.evidence
             if hindsight is not None:
                 offset = hindsight.continued(run.tokens, draft.main_chain().token_ids)
-            return survivals(draft, run.draft.lookup_depths, offset)
+                # A copy carried on is priced by what its first proposal rested on.
+                evidence = hindsight.evidence if offset else evidence
+            return survivals(draft, self.copies.of(run.draft.lookup_depths, evidence), offset)
         if draft.confidence is None:
             alpha = run.draft.model_acceptance.alpha
             return [alpha ** (k + 1) for k in range(len(draft))]
@@ -135,4 +139,4 @@ class VerifyBudget:
         """A new copy is judged in hindsight as the request commits tokens."""
         if draft.from_lookup and len(draft) and run.draft.hindsight is None:
             chain = draft.main_chain().token_ids
-            run.draft.hindsight = Hindsight(len(run.tokens), list(chain))
+            run.draft.hindsight = Hindsight(len(run.tokens), list(chain), draft.evidence)

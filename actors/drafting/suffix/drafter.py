@@ -19,7 +19,7 @@ confidence per token; with ``tree=True`` they are token trees.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest, DraftUpdate
 from specray.actors.drafting.suffix.cache import SuffixCache
@@ -40,6 +40,16 @@ class SuffixConfig:
     cache_prompts: bool = False
     tree: bool = False
     speculation: SpeculationParams = field(default_factory=SpeculationParams)
+
+
+def evidence(draft: SuffixDraft) -> str:
+    """The kind of evidence ``draft`` rests on: which tree it came from and
+    its match length's power-of-two class (1, 2+, 4+, 8+, 16+). A copy from
+    an earlier request's output that matches sixteen tokens is usually the
+    same text again; a two-token match in the request's own tree is a guess."""
+    where = "cache" if draft.from_cache else "request"
+    length = min(max(draft.match_len, 1), 16)
+    return f"suffix {where} match {1 << (length.bit_length() - 1)}+"
 
 
 @dataclass
@@ -81,6 +91,7 @@ class SuffixDrafter:
             from_lookup=True,
             parents=draft.parents if self.config.tree else None,
             confidence=draft.conditional_probs(),
+            evidence=evidence(draft),
         )
 
     def match(self, request_id: str, num_tokens: int) -> SuffixDraft:
@@ -97,7 +108,7 @@ class SuffixDrafter:
         if found.score > local.score:
             self.cache.use(found.source)
             self.global_proposals += 1
-            return found
+            return replace(found, from_cache=True)
         self.local_proposals += bool(local.token_ids)
         return local
 

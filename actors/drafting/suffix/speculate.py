@@ -70,6 +70,7 @@ class SuffixDraft:
     # The most recently used sequence holding the match and the first token
     # (-1 for an empty draft): what a cache counts as used.
     source: int = -1
+    from_cache: bool = False  # drawn from the global cache, not the request's own tree
 
     @property
     def score(self) -> float:
