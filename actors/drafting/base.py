@@ -133,8 +133,8 @@ class DraftProposal:
     the product along a path is the chance the whole path is accepted.
 
     ``evidence`` names the kind of evidence a copy rests on (a suffix match's
-    tree and length class, an n-gram's size): copies of one kind tend to fare
-    alike, so a verify budget learns their acceptance per kind.
+    tree and length class; n-gram lookup is one kind): copies of one kind
+    tend to fare alike, so a verify budget learns their acceptance per kind.
     """
 
     token_ids: list[int]

@@ -37,8 +37,11 @@ class LookupMatch:
     ngram_size: int
 
     def proposal(self) -> DraftProposal:
-        """The match as a copy, its evidence the n-gram's size."""
-        return DraftProposal(self.token_ids, from_lookup=True, evidence=f"ngram {self.ngram_size}")
+        """The match as a copy. Its evidence is one kind whatever the n-gram's
+        size: priced apart per size, the budget verified more and worse
+        copies under load (docs/drafting.md, "Copies priced per kind of
+        evidence")."""
+        return DraftProposal(self.token_ids, from_lookup=True, evidence="ngram")
 
 
 @dataclass
