@@ -223,3 +223,16 @@ def test_copies_are_priced_by_the_evidence_they_rest_on() -> None:
         scheduler, _lookup_request(), 1, lambda _, right: right[:2] + [1] * 14, "guess"
     )
     assert sure == 16 and guess <= 2
+
+
+def test_a_kind_of_copy_first_met_starts_from_how_copies_fared() -> None:
+    """After many right copies, the first copy on a kind of evidence the
+    server has not seen is priced from every copy's estimate: verified
+    whole. From the bare prior (0.6 per depth) this cost admits none of it."""
+    costs = RoundCostModel()
+    costs.verify.set_profile([(1, 0.26), (2, 0.52), (4, 0.75), (8, 0.8), (17, 0.9)])
+    scheduler = GammaScheduler(DraftPaths(model=False, lookup=True), costs=costs)
+    for _ in range(3):
+        _copy_rounds(scheduler, _lookup_request(), 10, lambda _, right: right, "sure")
+    (first,) = _copy_rounds(scheduler, _lookup_request(), 1, lambda _, right: right, "new")
+    assert first == 16

@@ -27,7 +27,7 @@ past verdicts, never the target's answer, so acceptance stays lossless.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from specray.actors.drafting.base import DraftProposal
 from specray.actors.model.token_tree import depths
@@ -152,7 +152,10 @@ class CopyDepths:
     """Per-depth acceptance of copies, learned apart per kind of evidence
     (:attr:`DraftProposal.evidence`): a pool over every request, and each
     request's own, seeded from the pool's the first time it copies on that
-    evidence.
+    evidence. A kind the pool has not seen starts from every copy's
+    estimate (:attr:`overall`), not from the bare prior: most kinds are
+    first met under load, where a prior of 0.6 per depth would cut their
+    first copies to a token or two however well copies fare on the server.
 
     One estimate for all copies averaged a resent answer, right for all its
     tokens, with a two-token match's guess. Under load the budget then
@@ -162,6 +165,10 @@ class CopyDepths:
 
     decay: float = 0.98
     pool: dict[str, DepthAcceptance] = field(default_factory=dict)
+    overall: DepthAcceptance = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.overall = DepthAcceptance(decay=self.decay)
 
     def of(self, own: dict[str, DepthAcceptance], evidence: str) -> DepthAcceptance:
         """A request's estimate for ``evidence``; ``own`` holds its estimates."""
@@ -175,10 +182,11 @@ class CopyDepths:
         """A verdict on one token at ``depth``, for the request and the pool."""
         self.of(own, evidence).record(depth, accepted)
         self._pooled(evidence).record(depth, accepted)
+        self.overall.record(depth, accepted)
 
     def _pooled(self, evidence: str) -> DepthAcceptance:
         if evidence not in self.pool:
-            self.pool[evidence] = DepthAcceptance(decay=self.decay)
+            self.pool[evidence] = replace(self.overall.seeded(), decay=self.decay)
         return self.pool[evidence]
 
 
