@@ -138,6 +138,15 @@ def _lookup_request() -> RunningRequest:
     return run
 
 
+def _copy_scheduler() -> GammaScheduler:
+    """A lookup drafter's scheduler under a verify cost where a copy pays
+    only when long and likely: 2 tokens cost two of 1, 17 about three (an
+    AVX2 CPU in fp32)."""
+    costs = RoundCostModel()
+    costs.verify.set_profile([(1, 0.26), (2, 0.52), (4, 0.75), (8, 0.8), (17, 0.9)])
+    return GammaScheduler(DraftPaths(model=False, lookup=True), costs=costs)
+
+
 def _copy_rounds(
     scheduler: GammaScheduler,
     run: RunningRequest,
@@ -170,9 +179,7 @@ def test_early_rejections_do_not_shut_copies_out() -> None:
     in fp32): a copy pays only when long and likely. The first two copies
     are wrong at their first token, every later one is right; judged only
     by what it verified, the budget would verify nothing ever again."""
-    costs = RoundCostModel()
-    costs.verify.set_profile([(1, 0.26), (2, 0.52), (4, 0.75), (8, 0.8), (17, 0.9)])
-    scheduler = GammaScheduler(DraftPaths(model=False, lookup=True), costs=costs)
+    scheduler = _copy_scheduler()
     run = _lookup_request()
     verified = _copy_rounds(
         scheduler, run, 30, lambda round_, right: [1] * 16 if round_ < 2 else right
@@ -188,9 +195,7 @@ def test_depths_tested_rarely_keep_their_evidence() -> None:
     it kept about one token of evidence against the prior (0.95 here),
     and a survival, the product over depths, priced long copies far below
     what they earned."""
-    costs = RoundCostModel()
-    costs.verify.set_profile([(1, 0.26), (2, 0.52), (4, 0.75), (8, 0.8), (17, 0.9)])
-    scheduler = GammaScheduler(DraftPaths(model=False, lookup=True), costs=costs)
+    scheduler = _copy_scheduler()
     run = _lookup_request()
     _copy_rounds(
         scheduler,
@@ -210,9 +215,7 @@ def test_copies_are_priced_by_the_evidence_they_rest_on() -> None:
     first guess was verified as far as a sure copy (all 16 tokens here).
     Learned per evidence, the sure copy is verified whole and the guess is
     cut before its first wrong token."""
-    costs = RoundCostModel()
-    costs.verify.set_profile([(1, 0.26), (2, 0.52), (4, 0.75), (8, 0.8), (17, 0.9)])
-    scheduler = GammaScheduler(DraftPaths(model=False, lookup=True), costs=costs)
+    scheduler = _copy_scheduler()
     for _ in range(3):
         _copy_rounds(scheduler, _lookup_request(), 10, lambda _, right: right, "sure")
         _copy_rounds(
@@ -229,9 +232,7 @@ def test_a_kind_of_copy_first_met_starts_from_how_copies_fared() -> None:
     """After many right copies, the first copy on a kind of evidence the
     server has not seen is priced from every copy's estimate: verified
     whole. From the bare prior (0.6 per depth) this cost admits none of it."""
-    costs = RoundCostModel()
-    costs.verify.set_profile([(1, 0.26), (2, 0.52), (4, 0.75), (8, 0.8), (17, 0.9)])
-    scheduler = GammaScheduler(DraftPaths(model=False, lookup=True), costs=costs)
+    scheduler = _copy_scheduler()
     for _ in range(3):
         _copy_rounds(scheduler, _lookup_request(), 10, lambda _, right: right, "sure")
     (first,) = _copy_rounds(scheduler, _lookup_request(), 1, lambda _, right: right, "new")
