@@ -236,6 +236,33 @@ def test_a_catch_up_is_spread_over_the_rounds_left() -> None:
     assert scheduler.entry_seconds(new, 0.9, 4, False) == pytest.approx(feed)  # no later drafts
 
 
+def test_a_catch_up_in_chunks_is_charged_every_chunk_left() -> None:
+    """With a round budget of 256 tokens, a request 1,024 tokens behind
+    feeds four chunks before it drafts again: each of those rounds is
+    charged all the chunks still to feed, against the rounds left once it
+    drafts. Charged only the chunk it fed, it drafted (and stalled every
+    round of the batch for a chunk) where the whole catch-up could not pay."""
+    costs = _flat_verify_costs()
+    scheduler = GammaScheduler(MODEL, costs=costs, max_batched_tokens=256)
+    assert scheduler.catch_up_chunks(1024) == [256] * 4
+    assert scheduler.catch_up_chunks(600) == [256, 256, 88]
+    assert scheduler.catch_up_chunks(256) == [256]
+    chunk = costs.draft.seconds((256,)) - costs.draft.seconds((1,))
+    one_chunk, four_chunks = (
+        _run("one", 256, 0.9, max_tokens=16),
+        _run("four", 1024, 0.9, max_tokens=16),
+    )
+    per_round = expected_tokens(0.9, 4)
+    assert scheduler.entry_seconds(one_chunk, 0.9, 4, True) == pytest.approx(chunk * per_round / 15)
+    assert scheduler.entry_seconds(four_chunks, 0.9, 4, True) == pytest.approx(
+        4 * chunk * per_round / (15 - 3)  # three rounds feed a chunk and commit one token each
+    )
+    assert scheduler.entry_seconds(four_chunks, 0.9, 4, False) == pytest.approx(4 * chunk)
+    for run in (one_chunk, four_chunks):
+        scheduler.choose([run])
+    assert one_chunk.draft.gamma > 0 and four_chunks.draft.gamma == 0
+
+
 def test_a_request_far_behind_drafts_only_if_its_catch_up_pays_off() -> None:
     """Three requests 300 tokens behind: the two with many tokens left
     draft (their catch-up, spread over ~60 rounds, is cheap); the one about

@@ -286,18 +286,34 @@ class GammaScheduler:
         every target step it overlapped (docs/router.md).
 
         With a round budget, a drafter feeds at most that many tokens per
-        call, so a long backlog is caught up over several rounds: each is
-        charged the chunk it feeds.
+        call, so a long backlog is caught up over several rounds, drafting
+        nothing until its last chunk. Each of those rounds is charged every
+        chunk still to feed: charged only its own, a prompt of n chunks
+        was weighed against a per-round gain at 1/n of its cost, and each
+        chunk looked worth feeding when the whole catch-up was not.
         """
         costs = self.costs
-        feed = self.catch_up_feed(run.draft.backlog)
-        extra = costs.draft.seconds((feed,)) - costs.draft.seconds((1,))
+        one = costs.draft.seconds((1,))
+        chunks = self.catch_up_chunks(run.draft.backlog)
+        extra = sum(costs.draft.seconds((chunk,)) - one for chunk in chunks)
         if extra <= 0.0 or limit <= 0:
             return 0.0
         if not drafts_in_step:
             return extra
-        rounds_left = run.remaining_tokens / expected_tokens(alpha, limit)
+        # The rounds that feed a chunk commit one token each and draft nothing.
+        drafting_left = run.remaining_tokens - (len(chunks) - 1)
+        rounds_left = drafting_left / expected_tokens(alpha, limit)
         return extra / max(rounds_left, 1.0)
+
+    def catch_up_chunks(self, backlog: int) -> list[int]:
+        """The feeds a drafter ``backlog`` committed tokens behind makes
+        before it drafts again: chunks of at most the round budget, the
+        last fed with its drafts."""
+        cap = self.max_batched_tokens
+        if cap is None or backlog <= cap:
+            return [backlog]
+        full, rest = divmod(backlog, cap)
+        return [cap] * full + ([rest] if rest else [])
 
     def catch_up_feed(self, backlog: int) -> int:
         """What a drafter that is ``backlog`` committed tokens behind feeds
