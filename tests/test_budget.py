@@ -125,13 +125,14 @@ def test_survivals_of_a_copy_already_right_start_deeper() -> None:
     assert estimate.conditional(40) == estimate.conditional(8)  # past the tested depths
 
 
-def _lookup_request() -> RunningRequest:
+def _lookup_request(request_id: str = "r", fixed: bool = False) -> RunningRequest:
     draft = DraftState(
         lookup_acceptance=SurvivalEstimate.with_prior(0.5),
         model_acceptance=SurvivalEstimate.with_prior(0.5),
     )
     stopping = StoppingCriteria(max_tokens=400, ignore_eos=True)
-    run = start_request(GenerationRequest("r", [3, 4], stopping=stopping), (), None, 16, draft)
+    request = GenerationRequest(request_id, [3, 4], stopping=stopping, fixed_speculation=fixed)
+    run = start_request(request, (), None, 16, draft)
     run.cached_len = len(run.tokens) - 1
     run.target = 0
     draft.attach(0, 1)
@@ -237,3 +238,21 @@ def test_a_kind_of_copy_first_met_starts_from_how_copies_fared() -> None:
         _copy_rounds(scheduler, _lookup_request(), 10, lambda _, right: right, "sure")
     (first,) = _copy_rounds(scheduler, _lookup_request(), 1, lambda _, right: right, "new")
     assert first == 16
+
+
+def test_fixed_speculation_verifies_the_whole_copy_the_budget_would_cut() -> None:
+    """A new request copying 16 tokens: from the prior, this cost admits
+    none of the copy. With fixed speculation all of it is verified, as a
+    fixed-k engine would; a budgeted neighbour is still cut (less than all:
+    the fixed copy's verify makes a few more tokens cheap)."""
+    copy = DraftProposal(list(range(10, 26)), from_lookup=True)
+    alone = _lookup_request("alone")
+    scheduler = _copy_scheduler()
+    scheduler.choose([alone])
+    assert alone.draft.lookup_gamma == 16
+    assert len(scheduler.trim([alone], [copy])[0]) == 0
+    batch = [_lookup_request("budgeted"), _lookup_request("fixed", fixed=True)]
+    scheduler = _copy_scheduler()
+    scheduler.choose(batch)
+    budgeted, fixed = scheduler.trim(batch, [copy, copy])
+    assert len(fixed) == 16 and len(budgeted) < 16

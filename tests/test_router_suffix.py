@@ -42,11 +42,17 @@ def test_greedy_with_suffix_trees_equals_target_only(
         results = await asyncio.gather(*(stream_all(suffix_router, r) for r in requests))
         return {r.request_id: result for r, result in zip(requests, results, strict=True)}
 
+    # Fixed speculation: every round verifies its whole copy, past the budget.
+    fixed = [
+        replace(r, request_id=r.request_id.replace("first", "fixed"), fixed_speculation=True)
+        for r in first
+    ]
     done = asyncio.run(run(first))
     done |= asyncio.run(run(again))  # the draft replica's cache holds the first answers
+    done |= asyncio.run(run(fixed))
     tokens = {rid: t for rid, (t, _) in done.items()}
-    assert tokens == target_only(tiny_dir_factory("qwen2"), first + again)
-    repeated = [done[r.request_id][1].stats for r in again]
+    assert tokens == target_only(tiny_dir_factory("qwen2"), first + again + fixed)
+    repeated = [done[r.request_id][1].stats for r in again + fixed]
     assert all(s.accepted_tokens > s.rounds for s in repeated)  # whole stretches per round
     state = wait_idle(suffix_router)
     assert all(d.tracked == 0 for d in state.drafts)

@@ -5,6 +5,7 @@ catching up (the learned cost curves: tests/test_costs.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
@@ -305,6 +306,21 @@ def test_a_hybrid_copies_where_model_drafts_do_not_pay() -> None:
     # Fixed γ: each path the drafter has gets the ceiling.
     GammaScheduler(hybrid, adaptive=False, costs=costs).choose(batch)
     assert batch[0].draft.gamma == batch[0].draft.lookup_gamma == 4
+
+
+def test_fixed_speculation_drafts_its_ceiling_where_drafting_does_not_pay() -> None:
+    """Verifying costs as much per token as it earns at best: the budget
+    drafts nothing for a request, while one with fixed speculation drafts
+    its whole ceiling beside it, with no stop rule."""
+    costs = RoundCostModel()
+    costs.verify.set_profile([(1, 0.1), (2, 0.2), (64, 6.4)])
+    budgeted, fixed = _run("budgeted", 1, 0.9), _run("fixed", 1, 0.9)
+    fixed.request = replace(fixed.request, fixed_speculation=True)
+    scheduler = GammaScheduler(MODEL, costs=costs)
+    scheduler.choose([budgeted, fixed])  # the model path's one probe
+    scheduler.choose([budgeted, fixed])
+    assert (budgeted.draft.gamma, fixed.draft.gamma) == (0, 4)
+    assert fixed.draft.stop is None
 
 
 def test_a_request_without_a_drafter_decodes_target_only() -> None:

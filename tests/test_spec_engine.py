@@ -19,6 +19,7 @@ from specray.actors.drafting.base import Drafter, DraftProposal
 from specray.actors.drafting.draft_model import DraftModelDrafter
 from specray.actors.drafting.hybrid import HybridDrafter
 from specray.actors.drafting.ngram import NgramDrafter
+from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.request import GenerationRequest, RequestOutput
 from specray.actors.engine.target import LocalTarget
@@ -226,3 +227,30 @@ def test_max_tokens_reached_mid_round(tiny_dir_factory) -> None:  # type: ignore
     assert tokens == reference and len(tokens) == 5
     assert last.finish_reason == "length"
     assert last.stats.draft_tokens <= 4  # γ is capped by the tokens left
+
+
+def test_fixed_speculation_drafts_its_whole_k_where_the_budget_would_not(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
+    """An adaptive engine whose measured verify cost grows with every token
+    as fast as a token could earn: the budget drafts little or nothing, while
+    a request with fixed speculation drafts all 4 every round (a copy of the
+    target, so all are accepted) and still gives target-only's tokens."""
+    target_dir = tiny_dir_factory("qwen2")
+    prompt = _prompts(1)[0]
+    stopping = StoppingCriteria(21, ignore_eos=True)
+    reference = _target_alone(target_dir, prompt, stopping)
+
+    def run(fixed: bool) -> tuple[list[int], RequestOutput]:
+        costs = RoundCostModel()
+        costs.verify.set_profile([(1, 0.1), (2, 0.2), (64, 6.4)])
+        costs.draft.set_profile([(1, 0.05), (64, 0.05)])
+        target = LocalTarget(load_model(target_dir), num_slots=4, max_len=128)
+        drafter = DraftModelDrafter(load_model(target_dir), 4, 128)
+        config = EngineConfig(max_batch=4, num_speculative_tokens=4, adaptive=True)
+        engine = SpecEngine(target, drafter, None, (), config, costs)
+        request = GenerationRequest("a", prompt, stopping=stopping, fixed_speculation=fixed)
+        return _collect(engine, request)
+
+    (budgeted, by_budget), (fixed, whole) = run(False), run(True)
+    assert budgeted == fixed == reference
+    assert whole.stats.rounds == 5 and whole.stats.accepted_tokens == whole.stats.draft_tokens == 16
+    assert by_budget.stats.rounds > 5

@@ -84,10 +84,16 @@ class GenerationRequest:
     # speculation for this request (target-only on the same path).
     num_speculative_tokens: int | None = None
     guide: Guide | None = None  # structured output: what the output must match
+    # True: every round drafts and verifies the whole k (the request's, else
+    # the engine's) whatever the measured costs, as a fixed-k engine does;
+    # False: the verify budget chooses, up to that k.
+    fixed_speculation: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise RequestRejectedError("prompt_ids must not be empty")
+        if self.fixed_speculation and self.num_speculative_tokens == 0:
+            raise RequestRejectedError("fixed_speculation needs speculation on")
 
 
 @dataclass
@@ -191,6 +197,11 @@ class RunningRequest:
     @property
     def remaining_tokens(self) -> int:
         return self.request.stopping.max_tokens - len(self.output_ids)
+
+    @property
+    def fixed(self) -> bool:
+        """Drafts and verifies its whole k every round, past the budget."""
+        return self.request.fixed_speculation
 
     @property
     def wants_draft(self) -> bool:

@@ -102,7 +102,8 @@ class GammaScheduler:
         :func:`schedule_gammas` with the model's acceptance and cost, and
         ``draft.lookup_gamma`` (copies) at the ceiling: copying costs nothing,
         and :meth:`trim` cuts the copies once their confidence is known. Not
-        adaptive, both are the ceiling; 0 for requests no drafter holds and
+        adaptive, or for a request with fixed speculation, both are the
+        ceiling, and nothing is cut; 0 for requests no drafter holds and
         for prefill chunks, and a model's 0 until a request's first token
         (:func:`waits_for_first_token`).
 
@@ -127,17 +128,20 @@ class GammaScheduler:
                 0 if waits_for_first_token(r) else limit
                 for r, limit in zip(group, limits, strict=True)
             ]
-            if not self.adaptive:
-                for run, gamma, model_gamma in zip(group, limits, model_limits, strict=True):
-                    run.draft.gamma = model_gamma if paths.model else 0
-                    run.draft.lookup_gamma = gamma if paths.lookup else 0
-                continue
-            base = sum(r.feed for r in group)
             if paths.lookup:  # copies cost nothing to propose: :meth:`trim` decides
                 for run, gamma in zip(group, limits, strict=True):
                     run.draft.lookup_gamma = gamma
-            if paths.model:
-                self._model_gammas(group, model_limits, base)
+            if not paths.model:
+                continue
+            fixed = [not self.adaptive or r.fixed for r in group]
+            whole = [m if f else 0 for m, f in zip(model_limits, fixed, strict=True)]
+            budgeted = [0 if f else m for m, f in zip(model_limits, fixed, strict=True)]
+            if any(budgeted):
+                # Fixed requests' drafts are verified whatever the others draft.
+                self._model_gammas(group, budgeted, sum(r.feed for r in group) + sum(whole))
+            for run, gamma in zip(group, whole, strict=True):
+                if gamma:
+                    run.draft.gamma = gamma
 
     def trim(
         self, batch: Sequence[RunningRequest], drafts: Sequence[DraftProposal]

@@ -71,7 +71,8 @@ class VerifyBudget:
     def trim(
         self, batch: Sequence[RunningRequest], drafts: Sequence[DraftProposal]
     ) -> list[DraftProposal]:
-        """``drafts`` cut per target replica's batch; chained drafts stay whole."""
+        """``drafts`` cut per target replica's batch; chained drafts, and
+        those of requests with fixed speculation, stay whole."""
         kept = list(drafts)
         for run, draft in zip(batch, drafts, strict=True):
             self._await_verdict(run, draft)
@@ -80,14 +81,14 @@ class VerifyBudget:
             if run.feed > 0:
                 groups.setdefault(run.target, []).append(i)
         for idx in groups.values():
-            ranked = [i for i in idx if self.ranks(drafts[i])]
+            ranked = [i for i in idx if self.ranks(drafts[i]) and not batch[i].fixed]
             if not ranked:
                 continue
             decoding = sum(not batch[i].prefilling for i in idx)
             feeds = sum(batch[i].feed for i in idx)
             verified = feeds + sum(len(drafts[i]) for i in idx if i not in ranked)
             expected = float(decoding) + sum(
-                expected_tokens(batch[i].draft.model_acceptance.alpha, len(drafts[i])) - 1.0
+                self.expected_whole(batch[i], drafts[i])
                 for i in idx
                 if i not in ranked and len(drafts[i])
             )
@@ -106,6 +107,13 @@ class VerifyBudget:
                 kept[i] = drafts[i].clipped(count)
                 batch[i].draft.last_survivals = now
         return kept
+
+    def expected_whole(self, run: RunningRequest, draft: DraftProposal) -> float:
+        """Tokens ``draft``, verified whole, is expected to add: a chained
+        model's (at its measured acceptance) and a fixed request's copy."""
+        if draft.from_lookup:
+            return sum(self.survivals(run, draft))
+        return expected_tokens(run.draft.model_acceptance.alpha, len(draft)) - 1.0
 
     def survivals(self, run: RunningRequest, draft: DraftProposal) -> list[float]:
         """Per token of ``draft``, the estimate that it and its ancestors are accepted."""
