@@ -18,6 +18,7 @@ def generation_request(request: ValidatedRequest) -> GenerationRequest:
         # 0 drafts per round is target-only decoding on the same path.
         num_speculative_tokens=request.num_speculative_tokens if request.speculative else 0,
         guide=request.guide,
+        fixed_speculation=request.fixed_speculation,
     )
 
 

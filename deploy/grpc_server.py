@@ -78,6 +78,7 @@ def raw_request(message: pb.GenerateRequest) -> RawRequest:
         seed=optional("seed"),
         speculative=optional("speculative"),
         num_speculative_tokens=optional("num_speculative_tokens"),
+        fixed_speculation=optional("fixed_speculation"),
         guide=_guide(message, guide_field),
         guide_field=guide_field or "guided_json",
     )

@@ -83,9 +83,11 @@ class SamplingBody(BaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    # specray's own: speculation on or off, and its per-round ceiling.
+    # specray's own: speculation on or off, its per-round ceiling, and
+    # whether every round verifies all of it (past the verify budget).
     speculative: bool | None = None
     num_speculative_tokens: int | None = None
+    fixed_speculation: bool | None = None
     # Structured output: OpenAI's response_format, or vLLM's guided_* names.
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | str | None = None
@@ -157,6 +159,7 @@ class SamplingBody(BaseModel):
             seed=self.seed,
             speculative=self.speculative,
             num_speculative_tokens=self.num_speculative_tokens,
+            fixed_speculation=self.fixed_speculation,
             guide=guide,
             guide_field=guide_field,
             **prompt,

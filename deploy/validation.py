@@ -44,6 +44,7 @@ class RawRequest:
     seed: int | None = None
     speculative: bool | None = None
     num_speculative_tokens: int | None = None
+    fixed_speculation: bool | None = None
     # The wire names of the prompt fields, for messages ("prompt" over HTTP).
     text_field: str = "text"
     token_ids_field: str = "token_ids"
@@ -82,6 +83,7 @@ class ValidatedRequest:
     speculative: bool
     num_speculative_tokens: int | None  # None: the backend's own setting
     guide: Guide | None = None  # structured output
+    fixed_speculation: bool = False  # verify the whole k every round, past the budget
 
     @property
     def prompt_tokens(self) -> int:
@@ -165,6 +167,7 @@ class Validator:
                 raw.num_speculative_tokens, speculative, limits
             ),
             guide=raw.guide,
+            fixed_speculation=_fixed_speculation(raw.fixed_speculation, speculative),
         )
 
     def _check_guide(self, guide: Guide, field: str) -> None:
@@ -289,6 +292,15 @@ def _stop_strings(stop: Sequence[str], limits: ValidationLimits) -> tuple[str, .
             )
         _check_unicode(f"stop[{index}]", text, "stop")
     return tuple(stop)
+
+
+def _fixed_speculation(value: bool | None, speculative: bool) -> bool:
+    if value and not speculative:
+        raise InvalidRequestError(
+            "`fixed_speculation` must be unset or false when `speculative` is false, got true",
+            "fixed_speculation",
+        )
+    return bool(value)
 
 
 def _num_speculative(value: int | None, speculative: bool, limits: ValidationLimits) -> int | None:

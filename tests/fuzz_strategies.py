@@ -135,6 +135,9 @@ def value_classes(text: str, tokens: str, max_id: int) -> dict[str, Strategy]:
                 )
             ),
         ),
+        "fixed_speculation with speculation off": st.just(
+            Bad("fixed_speculation", {"speculative": False, "fixed_speculation": True})
+        ),
         "token id >= vocabulary size": st.builds(
             lambda ids, bad, at: Bad(tokens, {tokens: [*ids[:at], bad, *ids[at:]]}),
             st.lists(valid_ids, max_size=20),

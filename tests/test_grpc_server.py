@@ -37,7 +37,9 @@ from specray.deploy.backend import Backend
 from specray.deploy.cli import main
 from specray.deploy.client import SpecrayClient, SpecrayError
 from specray.deploy.config import ServeConfig
+from specray.deploy.conversion import generation_request
 from specray.deploy.engine_backend import EngineSnapshot
+from specray.deploy.grpc_server import raw_request
 from specray.deploy.serve import build_backend
 from specray.deploy.validation import Validator
 from specray.protos.messages import build_request
@@ -121,6 +123,22 @@ def test_greedy_speculative_output_matches_target_only(client: SpecrayClient) ->
     prompts: list[str | list[int]] = [REPEATING, "def add(a, b):", [5, 9, 5, 9, 5, 9, 5]]
     drafted = drafted_without_changing_greedy_output(client, prompts, 24)
     assert drafted > 0  # the n-gram drafter did propose, so the comparison means something
+
+
+def test_fixed_speculation_travels_to_the_engine_and_keeps_greedy_output(
+    server: ServingThread, client: SpecrayClient
+) -> None:
+    """The wire field reaches the engine's request, and a fixed request's
+    greedy tokens are target-only's."""
+    validate = server.service.gateway.validator.validate
+    for fixed_speculation in (True, None):
+        message = build_request(REPEATING, fixed_speculation=fixed_speculation)
+        request = generation_request(validate(raw_request(message)))
+        assert request.fixed_speculation is bool(fixed_speculation)
+    common = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
+    fixed = client.generate(REPEATING, fixed_speculation=True, **common)
+    assert fixed.token_ids == client.generate(REPEATING, speculative=False, **common).token_ids
+    assert fixed.draft_tokens > 0
 
 
 @pytest.mark.parametrize(

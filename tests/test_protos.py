@@ -34,6 +34,7 @@ def test_the_v1_service_methods_and_fields_clients_rely_on() -> None:
         "seed",
         "speculative",
         "num_speculative_tokens",
+        "fixed_speculation",
     ):
         assert request[name].has_presence, name
     assert {"request_id", "stop", "stop_token_ids", "ignore_eos"} <= set(request)

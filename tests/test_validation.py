@@ -68,6 +68,10 @@ def message_of(limits: ValidationLimits = LIMITS, **fields: Any) -> str:
             {"speculative": False, "num_speculative_tokens": 4},
             "`num_speculative_tokens` must be unset when `speculative` is false, got 4",
         ),
+        (
+            {"speculative": False, "fixed_speculation": True},
+            "`fixed_speculation` must be unset or false when `speculative` is false, got true",
+        ),
         ({"request_id": "r" * 129}, "`request_id` must be at most 128 characters, got 129"),
         ({"request_id": " id"}, "`request_id` must be printable with no surrounding spaces"),
     ],
@@ -103,6 +107,7 @@ def test_defaults_and_zero_are_different() -> None:
     assert unset.sampling.seed is None and greedy.sampling.seed == 0
     assert unset.stopping.max_tokens == 256
     assert unset.speculative and unset.num_speculative_tokens is None
+    assert not unset.fixed_speculation and validate(fixed_speculation=True).fixed_speculation
 
 
 def test_default_max_tokens_shrinks_to_fit_the_context() -> None:

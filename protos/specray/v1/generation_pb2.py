@@ -25,31 +25,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspecray/v1/generation.proto\x12\nspecray.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xde\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.specray.v1.TokenIdsH\x00\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\rH\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x08 \x01(\rH\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x11\n\x04seed\x18\x0c \x01(\x04H\x07\x88\x01\x01\x12\x18\n\x0bspeculative\x18\r \x01(\x08H\x08\x88\x01\x01\x12#\n\x16num_speculative_tokens\x18\x0e \x01(\rH\t\x88\x01\x01\x12\x15\n\x0bguided_json\x18\x0f \x01(\tH\x01\x12\x1c\n\x12guided_json_object\x18\x10 \x01(\x08H\x01\x12\x16\n\x0cguided_regex\x18\x11 \x01(\tH\x01\x12\x31\n\rguided_choice\x18\x12 \x01(\x0b\x32\x18.specray.v1.GuidedChoiceH\x01\x42\x07\n\x05inputB\x07\n\x05guideB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x0e\n\x0c_speculativeB\x19\n\x17_num_speculative_tokens\"\x1f\n\x0cGuidedChoice\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\\\n\tSpecStats\x12\x14\n\x0c\x64raft_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\r\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x10\n\x08\x66\x61llback\x18\x04 \x01(\x08\"\xbf\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.specray.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.specray.v1.Usage\x12)\n\nspec_stats\x18\x05 \x01(\x0b\x32\x15.specray.v1.SpecStats\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"\x15\n\x13GetModelInfoRequest\"\xe8\x01\n\x14GetModelInfoResponse\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06\x64rafts\x18\x02 \x03(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x07 \x01(\r\x12\"\n\x1amax_num_speculative_tokens\x18\x08 \x01(\r\x12\x1c\n\x14\x65xpert_parallel_size\x18\t \x01(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xf5\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.specray.v1.GenerateRequest\x1a\x1c.specray.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.specray.v1.GenerateRequest\x1a\x1c.specray.v1.GenerateResponse0\x01\x12Q\n\x0cGetModelInfo\x12\x1f.specray.v1.GetModelInfoRequest\x1a .specray.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspecray/v1/generation.proto\x12\nspecray.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x94\x05\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.specray.v1.TokenIdsH\x00\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\rH\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x08 \x01(\rH\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x11\n\x04seed\x18\x0c \x01(\x04H\x07\x88\x01\x01\x12\x18\n\x0bspeculative\x18\r \x01(\x08H\x08\x88\x01\x01\x12#\n\x16num_speculative_tokens\x18\x0e \x01(\rH\t\x88\x01\x01\x12\x1e\n\x11\x66ixed_speculation\x18\x13 \x01(\x08H\n\x88\x01\x01\x12\x15\n\x0bguided_json\x18\x0f \x01(\tH\x01\x12\x1c\n\x12guided_json_object\x18\x10 \x01(\x08H\x01\x12\x16\n\x0cguided_regex\x18\x11 \x01(\tH\x01\x12\x31\n\rguided_choice\x18\x12 \x01(\x0b\x32\x18.specray.v1.GuidedChoiceH\x01\x42\x07\n\x05inputB\x07\n\x05guideB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x0e\n\x0c_speculativeB\x19\n\x17_num_speculative_tokensB\x14\n\x12_fixed_speculation\"\x1f\n\x0cGuidedChoice\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\\\n\tSpecStats\x12\x14\n\x0c\x64raft_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\r\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x10\n\x08\x66\x61llback\x18\x04 \x01(\x08\"\xbf\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.specray.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.specray.v1.Usage\x12)\n\nspec_stats\x18\x05 \x01(\x0b\x32\x15.specray.v1.SpecStats\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"\x15\n\x13GetModelInfoRequest\"\xe8\x01\n\x14GetModelInfoResponse\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06\x64rafts\x18\x02 \x03(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x07 \x01(\r\x12\"\n\x1amax_num_speculative_tokens\x18\x08 \x01(\r\x12\x1c\n\x14\x65xpert_parallel_size\x18\t \x01(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xf5\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.specray.v1.GenerateRequest\x1a\x1c.specray.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.specray.v1.GenerateRequest\x1a\x1c.specray.v1.GenerateResponse0\x01\x12Q\n\x0cGetModelInfo\x12\x1f.specray.v1.GetModelInfoRequest\x1a .specray.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specray.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1338
-  _globals['_FINISHREASON']._serialized_end=1433
+  _globals['_FINISHREASON']._serialized_start=1392
+  _globals['_FINISHREASON']._serialized_end=1487
   _globals['_TOKENIDS']._serialized_start=43
   _globals['_TOKENIDS']._serialized_end=66
   _globals['_GENERATEREQUEST']._serialized_start=69
-  _globals['_GENERATEREQUEST']._serialized_end=675
-  _globals['_GUIDEDCHOICE']._serialized_start=677
-  _globals['_GUIDEDCHOICE']._serialized_end=708
-  _globals['_USAGE']._serialized_start=710
-  _globals['_USAGE']._serialized_end=790
-  _globals['_SPECSTATS']._serialized_start=792
-  _globals['_SPECSTATS']._serialized_end=884
-  _globals['_GENERATERESPONSE']._serialized_start=887
-  _globals['_GENERATERESPONSE']._serialized_end=1078
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1080
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1101
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1104
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1336
-  _globals['_GENERATION']._serialized_start=1436
-  _globals['_GENERATION']._serialized_end=1681
+  _globals['_GENERATEREQUEST']._serialized_end=729
+  _globals['_GUIDEDCHOICE']._serialized_start=731
+  _globals['_GUIDEDCHOICE']._serialized_end=762
+  _globals['_USAGE']._serialized_start=764
+  _globals['_USAGE']._serialized_end=844
+  _globals['_SPECSTATS']._serialized_start=846
+  _globals['_SPECSTATS']._serialized_end=938
+  _globals['_GENERATERESPONSE']._serialized_start=941
+  _globals['_GENERATERESPONSE']._serialized_end=1132
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1134
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1155
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1158
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1390
+  _globals['_GENERATION']._serialized_start=1490
+  _globals['_GENERATION']._serialized_end=1735
 # @@protoc_insertion_point(module_scope)
