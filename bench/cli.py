@@ -63,6 +63,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--seed", type=int, default=0, help="prompt order, arrivals and sampling")
     p.add_argument("--num-speculative-tokens", type=int, default=None, help="spec arm's k ceiling")
+    p.add_argument(
+        "--fixed-speculation",
+        action="store_true",
+        help="the spec arm verifies its whole k every round, past the server's verify budget "
+        "(fixed k beside an adaptive run on the same server)",
+    )
     load = p.add_argument_group("load (neither --request-rate nor a cap: one request at a time)")
     load.add_argument("--request-rate", type=float, default=None, help="Poisson requests/s")
     load.add_argument(

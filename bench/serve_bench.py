@@ -72,6 +72,7 @@ SETTINGS = (
     "ignore_eos",
     "seed",
     "num_speculative_tokens",
+    "fixed_speculation",
     "request_rate",
     "max_concurrency",
     "sweep_concurrency",
@@ -100,6 +101,7 @@ class RequestOptions:
     seed: int
     num_speculative_tokens: int | None  # spec arm only; None: the server's setting
     timeout_s: float
+    fixed_speculation: bool = False  # spec arm only: its whole k every round
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ async def send_one(
         seed=options.seed + request.index,  # the same in both arms
         speculative=request.speculative,
         num_speculative_tokens=options.num_speculative_tokens if request.speculative else None,
+        fixed_speculation=True if request.speculative and options.fixed_speculation else None,
     )
     record = RequestRecord(prompt.id, prompt.category, request.speculative, time.perf_counter())
     try:
@@ -278,6 +281,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             seed=args.seed,
             num_speculative_tokens=args.num_speculative_tokens,
             timeout_s=args.timeout,
+            fixed_speculation=args.fixed_speculation,
         )
         if args.warmup:  # one-off costs (allocation, kernel choice) stay out of the numbers
             # Prompts of their own: a drafter that caches finished outputs

@@ -150,6 +150,13 @@ def lengths(settings: dict[str, Any]) -> str:
     return f"max {settings['max_tokens']} tokens{eos}"
 
 
+def budget(settings: dict[str, Any]) -> str:
+    """How the spec arm's drafts were sized (results before the flag: the budget)."""
+    if settings.get("fixed_speculation"):
+        return f"every draft verified, γ ≤ {settings['gamma']} (fixed speculation, past the budget)"
+    return f"γ ≤ {settings['gamma']}"
+
+
 def markdown(results: Sequence[dict[str, Any]]) -> str:
     lines = []
     for result in results:
@@ -164,7 +171,7 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
             f"{len(settings['prompts'])} prompts ({settings['dataset']}), each sent with "
             f"speculation on and off ({settings['ab_order']}; {priming(settings)}); "
             f"{lengths(settings)}, "
-            f"temperature {settings['temperature']}, γ ≤ {settings['gamma']}. Client: "
+            f"temperature {settings['temperature']}, {budget(settings)}. Client: "
             f"{machine_line(machine)}; started {result['started_at']}.",
             "",
             "Latencies: mean / median / p99 (linear interpolation). ITL counts a multi-token "

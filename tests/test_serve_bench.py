@@ -302,6 +302,21 @@ def test_a_level_sends_at_least_as_many_prompts_as_its_concurrency(
     assert len(set(ids)) == 3 and result["settings"]["prompts"] == ids[:2]
 
 
+def test_a_fixed_speculation_run_is_recorded_and_agrees_with_target_only(
+    server: ServingThread, tmp_path: Path
+) -> None:
+    """``--fixed-speculation`` sends the spec arm past the server's budget;
+    greedy, its tokens are still target-only's, and the result says so."""
+    flags = ["--num-prompts", "2", "--fixed-speculation", "--warmup", "0"]
+    result = _random_bench(server, tmp_path / "fixed.json", 6, flags)
+    (run,) = result["runs"]
+    assert result["settings"]["fixed_speculation"] is True
+    assert "--fixed-speculation" in result["command"].split()
+    assert run["modes"]["spec"]["completed"] == 2
+    assert run["agreement"]["pairs"] == 2 and run["agreement"]["identical"] == 2
+    assert "fixed speculation, past the budget" in (tmp_path / "fixed.md").read_text()
+
+
 def _cached_by_prompt(run: dict[str, Any], speculative: bool) -> dict[str, int]:
     return {
         r["prompt_id"]: r["cached_tokens"]
