@@ -40,6 +40,8 @@ class ArmLevel:
     out_tok_s: float  # the spec arm's output tokens/s over its span
     base_tpot_ms: float  # the same runs' target-only arm
     base_out_tok_s: float
+    # per prompt class: the spec arm's Σ tokens / Σ E2EL (a request's own rate)
+    class_tok_s: dict[str, float]
 
 
 def arm_name(result: dict[str, Any]) -> str:
@@ -53,17 +55,30 @@ def table(results: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[str, Ar
     for result in results:
         drafter = "+".join(result["model"]["drafts"]) or "none"
         for run in result["runs"]:
-            runs[(drafter, run["concurrency"], arm_name(result))].append(run["modes"])
+            runs[(drafter, run["concurrency"], arm_name(result))].append(run)
     out: dict[str, dict[int, dict[str, ArmLevel]]] = defaultdict(lambda: defaultdict(dict))
-    for (drafter, concurrency, arm), modes in sorted(runs.items()):
+    for (drafter, concurrency, arm), measured in sorted(runs.items()):
+        modes = [run["modes"] for run in measured]
+        rows = [run["categories"] for run in measured]
         out[drafter][concurrency][arm] = ArmLevel(
             len(modes),
             mean(m["spec"]["tpot_ms"]["mean"] for m in modes),
             mean(m["spec"]["output_tokens_per_s"] for m in modes),
             mean(m["no_spec"]["tpot_ms"]["mean"] for m in modes),
             mean(m["no_spec"]["output_tokens_per_s"] for m in modes),
+            _class_rates(rows),
         )
     return out
+
+
+def _class_rates(rows: list[list[dict[str, Any]]]) -> dict[str, float]:
+    """Each class's spec-arm tokens/s per request, the mean over runs."""
+    rates: dict[str, list[float]] = defaultdict(list)
+    for categories in rows:
+        for row in categories:
+            if row["spec_tokens_per_s"] is not None:
+                rates[row["category"]].append(row["spec_tokens_per_s"])
+    return {name: mean(values) for name, values in rates.items()}
 
 
 def markdown(results: Sequence[dict[str, Any]], command: str) -> str:
@@ -86,6 +101,10 @@ def markdown(results: Sequence[dict[str, Any]], command: str) -> str:
         "| best fixed ÷ budget, TPOT | budget out tok/s ÷ its no spec |",
         "|---|---:|---|---:|---:|---:|",
     ]
+    classes = [
+        "| drafter | concurrency | class | best fixed | budget ÷ best fixed, tok/s per request |",
+        "|---|---:|---|---|---:|",
+    ]
     for drafter, levels in table(results).items():
         for concurrency, arms in levels.items():
             for arm, level in arms.items():
@@ -105,7 +124,16 @@ def markdown(results: Sequence[dict[str, Any]], command: str) -> str:
                 f"| {fixed[best].tpot_ms / budget.tpot_ms:.2f} "
                 f"| {budget.out_tok_s / budget.base_out_tok_s:.2f} |"
             )
-    return "\n".join([*lines, "", *ratios, ""])
+            for name, rate in budget.class_tok_s.items():
+                rivals = {
+                    arm: f.class_tok_s[name] for arm, f in fixed.items() if name in f.class_tok_s
+                }
+                if rivals:
+                    top = max(rivals, key=lambda arm: rivals[arm])
+                    classes.append(
+                        f"| {drafter} | {concurrency} | {name} | {top} | {rate / rivals[top]:.2f} |"
+                    )
+    return "\n".join([*lines, "", *ratios, "", *classes, ""])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,9 @@ def _result(fixed: bool, k: int, tpot: float, out: float, base_out: float) -> di
     def arm(tpot_ms: float, out_tok_s: float) -> dict[str, Any]:
         return {"tpot_ms": {"mean": tpot_ms}, "output_tokens_per_s": out_tok_s}
 
-    run = {"concurrency": 4, "modes": {"spec": arm(tpot, out), "no_spec": arm(80.0, base_out)}}
+    modes = {"spec": arm(tpot, out), "no_spec": arm(80.0, base_out)}
+    rows = [{"category": "code_edit", "spec_tokens_per_s": out / 4}]
+    run = {"concurrency": 4, "modes": modes, "categories": rows}
     return {
         "model": {"drafts": ["suffix"]},
         "settings": {"fixed_speculation": fixed, "gamma": k},
@@ -41,4 +43,5 @@ def test_the_budget_is_set_beside_the_best_fixed_k(tmp_path: Path) -> None:
     assert "| suffix | 4 | adaptive | 2 | 42.0 | 85.00 | 80.0 | 50.00 |" in text
     # best fixed k = 16 by out tok/s: 85 / 100, TPOT 38 / 42, and 85 / 50 over target-only
     assert "| suffix | 4 | fixed k = 16 | 0.85 | 0.90 | 1.70 |" in text
+    assert "| suffix | 4 | code_edit | fixed k = 16 | 0.85 |" in text  # 21.25 / 25
     assert "test CPU (avx2), 2 cores" in text
