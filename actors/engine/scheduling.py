@@ -321,9 +321,8 @@ class GammaScheduler:
 
     def catch_up_feed(self, backlog: int) -> int:
         """What a drafter that is ``backlog`` committed tokens behind feeds
-        in one call (``DraftRequest.max_feed``)."""
-        cap = self.max_batched_tokens
-        return backlog if cap is None else min(backlog, cap)
+        in one call (``DraftRequest.max_feed``): its first chunk."""
+        return self.catch_up_chunks(backlog)[0]
 
     def _catching_up(self, run: RunningRequest, draft: DraftProposal) -> bool:
         """The model was asked to draft but only fed a chunk of its backlog."""
