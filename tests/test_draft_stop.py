@@ -52,6 +52,25 @@ def test_the_rule_keeps_a_draft_only_while_tokens_per_second_rise() -> None:
     assert not DraftStop((1.0, 1.0, 1.1), others_expected=10.0).keeps(2, 1.9, 0.8)
 
 
+def test_a_step_is_run_only_where_its_draft_could_pay_and_a_made_draft_is_weighed_as_paid() -> None:
+    """``tries`` before the step: could the draft pay were it certain?
+    ``keeps`` after it: with the step paid whichever way, only its
+    verification is weighed."""
+    # The second draft costs a step of 0.3 and a verified token of 0.1.
+    stop = DraftStop((1.0, 1.0, 1.4, 1e9), draft_seconds=(0.0, 0.0, 0.3, 1.0))
+    assert stop.tries(1, 1.0, 1.0)
+    assert stop.tries(2, 1.9, 0.9)  # (1.9 + 0.9) * 1.0 >= 1.9 * 1.4
+    assert not stop.tries(2, 1.2, 0.2)  # certain, it would add 0.2: 1.4 < 1.68
+    assert not stop.tries(3, 1.0, 1.0)  # no survival pays 1e9
+    # Made, the second draft is weighed against 1.3 s, not 1.0 s: kept at
+    # a survival the step alone would not have paid for.
+    assert stop.keeps(2, 1.9, 0.3)  # (1.9 + 0.3) * 1.3 >= 1.9 * 1.4
+    assert not DraftStop((1.0, 1.0, 1.4)).keeps(2, 1.9, 0.3)  # its step unpaid: 2.2 < 2.66
+    assert not stop.keeps(2, 1.9, 0.05)  # 1.95 * 1.3 < 2.66
+    with pytest.raises(ValueError, match="draft_seconds has 2 entries for 3"):
+        DraftStop((1.0, 1.0, 1.6), draft_seconds=(0.0, 0.5))
+
+
 def _head_drafter(model_dir: Path) -> HeadDrafter:
     config = ModelConfig.from_pretrained(model_dir)
     vocab = torch.arange(VOCAB)
@@ -84,6 +103,18 @@ def _propose(
     return drafter.propose([DraftRequest("r", 6, stop=stop)])[0]
 
 
+class _CountingModel:
+    """A draft model that counts its forwards."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.forwards = 0
+
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.forwards += 1
+        return self.model(*args, **kwargs)
+
+
 @pytest.mark.parametrize("kind", ["draft model", "head"])
 def test_a_model_drafter_stops_where_the_next_draft_is_not_worth_it(
     tiny_dir_factory, kind: str
@@ -93,6 +124,10 @@ def test_a_model_drafter_stops_where_the_next_draft_is_not_worth_it(
     drafters = [build(model_dir) for _ in range(3)]
     for drafter in drafters:
         _ready(drafter, "r")
+    counted = None
+    if isinstance(drafters[2], DraftModelDrafter):
+        counted = _CountingModel(drafters[2].model)
+        drafters[2].model = counted  # type: ignore[assignment]
     whole, free, stopped = (
         _propose(drafters[0], None),
         _propose(drafters[1], FLAT),
@@ -101,6 +136,10 @@ def test_a_model_drafter_stops_where_the_next_draft_is_not_worth_it(
     assert len(whole) == 6 and free.token_ids == whole.token_ids
     assert whole.confidence is not None and all(0.0 < c <= 1.0 for c in whole.confidence)
     assert stopped.token_ids == whole.token_ids[:2]
+    # No survival pays for a third draft: its step is never run.
+    assert stopped.dropped == 0
+    if counted is not None:
+        assert counted.forwards == 2
     assert stopped.confidence == pytest.approx(whole.confidence[:2])
     # A stopped proposal leaves the state a shorter one would: the next round
     # drafts the same as after a drafter that never stopped.
@@ -200,3 +239,37 @@ def test_greedy_output_is_unchanged_where_stops_cut_drafts(tiny_dir_factory) -> 
     # Asked for the ceiling (less near max_tokens), and the stops cut some.
     assert drafter.asked and max(drafter.asked) == 8
     assert any(0 < n < asked for n, asked in zip(drafter.lengths, drafter.asked, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["draft model", "head"])
+def test_a_dropped_draft_is_reported_and_no_step_runs_that_could_not_pay(
+    tiny_dir_factory, kind: str
+) -> None:  # type: ignore[no-untyped-def]
+    """A stop that lets the second draft be tried but not kept: the
+    proposal says it dropped one, a draft model ran exactly the steps it
+    reports, and the next round drafts as after a drafter that never
+    stopped. A third step, which no survival could pay for, never runs."""
+    model_dir = tiny_dir_factory("qwen2")
+    build = _model_drafter if kind == "draft model" else _head_drafter
+    drafters = [build(model_dir) for _ in range(2)]
+    for drafter in drafters:
+        _ready(drafter, "r")
+    whole = _propose(drafters[0], None)
+    assert whole.confidence is not None
+    first, second = whole.confidence[:2]
+    # The second step is tried (certain, the draft would pay) and its draft
+    # dropped (at its own confidence it does not): T2 / T1 = 1 + x.
+    x = first * (1 + second) / 2 / (1 + first)
+    counted = None
+    if isinstance(drafters[1], DraftModelDrafter):
+        counted = _CountingModel(drafters[1].model)
+        drafters[1].model = counted  # type: ignore[assignment]
+    stopped = _propose(drafters[1], (1.0, 1.0, 1.0 + x, 1e9, 1e9, 1e9, 1e9))
+    assert stopped.token_ids == whole.token_ids[:1] and stopped.dropped == 1
+    if counted is not None:
+        assert counted.forwards == stopped.model_steps == 2
+    committed = [whole.token_ids[0], 7]
+    hidden = torch.ones(2, drafters[0].head.config.fused_size) if kind == "head" else None
+    for drafter in drafters:
+        drafter.accept(DraftUpdate("r", 1, committed, hidden))
+    assert _propose(drafters[1], None).token_ids == _propose(drafters[0], None).token_ids

@@ -208,6 +208,25 @@ def test_a_block_drafter_is_timed_as_one_step() -> None:
     assert fed_steps(runs, drafts) == (4, 2, 2, 2, 1)
 
 
+def test_a_dropped_draft_is_timed_and_tracked_as_the_step_it_was() -> None:
+    """A draft model that made two drafts and dropped the second (its stop
+    rule) ran two steps and fed its first draft: timed as two steps, not
+    one (a 0.5B draft model read twice its cost), and left one token fewer
+    behind once the draft it fed is accepted."""
+    runs = [_run("a", 1, 0.5)]
+    dropped = DraftProposal([7], dropped=1)
+    assert dropped.model_steps == 2
+    assert fed_steps(runs, [dropped]) == (1, 1)
+    assert fed_steps(runs, [DraftProposal([7])]) == (1,)
+    update = DraftUpdate("a", 1, [7, 8], None)
+    assert backlog_after(1, dropped.model_steps, update) == 1
+    assert backlog_after(1, len(dropped), update) == 2
+    # A model's drafts cut off after the call count as dropped: they were
+    # made. Copies cut off were never a step.
+    assert DraftProposal([1, 2, 3, 4]).clipped(1).model_steps == 4
+    assert DraftProposal([1, 2, 3], from_lookup=True).clipped(1).model_steps == 1
+
+
 # -- catching drafts up -------------------------------------------------------------
 
 

@@ -39,31 +39,65 @@ class DraftStop:
     per second. Draft ``j`` (1 = the first) whose path survives with
     probability ``s`` (the product of the drafter's confidences along it)
     adds ``s`` expected tokens and moves the round from ``round_seconds[j -
-    1]`` to ``round_seconds[j]``; the drafter keeps it when
-    ``(E + s) / T[j] >= E / T[j - 1]``, ``E`` being the tokens the round
-    expects without it, and stops at the first draft that fails. The rule
-    reads only the drafter's own outputs, so acceptance stays lossless.
+    1]`` to ``round_seconds[j]``, ``E`` being the tokens the round expects
+    without it. Two questions are asked of it, because its confidence is
+    known only once the model step that makes it has run:
 
-    The first draft is always kept: the scheduler chose to draft at all,
-    with a catch-up feed's cost spread over the rounds left, which one
-    round's seconds cannot see.
+    - :meth:`tries`, before that step: could draft ``j`` pay were it
+      certain given its parent (``s`` its parent's survival)? If not, no
+      survival it could have would pay, and the step is not run.
+    - :meth:`keeps`, after it: is it worth verifying, now that its step is
+      paid for whichever way? Dropped, the round still costs its step
+      (``draft_seconds[j] - draft_seconds[j - 1]``).
+
+    Asked only once the step had run (as llama.cpp's ``p-min`` does), a
+    stop cost a wasted step in every round it ended; timed against the
+    drafts kept, those steps made a 0.5B draft model read twice its cost.
+
+    The first draft is always made and kept: the scheduler chose to draft
+    at all, with a catch-up feed's cost spread over the rounds left, which
+    one round's seconds cannot see. The rule reads only the drafter's own
+    outputs, so acceptance stays lossless.
     """
 
     round_seconds: tuple[float, ...]  # [most drafts + 1]: the round with j of this request's drafts
     others_expected: float = 0.0  # tokens the rest of the batch is expected to commit
+    # [most drafts + 1] or (): the drafter's share of round_seconds (() : its steps cost nothing)
+    draft_seconds: tuple[float, ...] = ()
 
-    def keeps(self, depth: int, expected: float, survival: float) -> bool:
-        """Whether draft ``depth`` is worth its cost, ``expected`` being
-        this request's expected tokens from the drafts before it (its
-        committed token included)."""
+    def __post_init__(self) -> None:
+        if self.draft_seconds and len(self.draft_seconds) != len(self.round_seconds):
+            raise ValueError(
+                f"draft_seconds has {len(self.draft_seconds)} entries for "
+                f"{len(self.round_seconds)} round_seconds"
+            )
+
+    def tries(self, depth: int, expected: float, survival: float) -> bool:
+        """Whether the step that makes draft ``depth`` is worth running,
+        ``survival`` being its parent's (1 for the first draft) and
+        ``expected`` this request's expected tokens from the drafts before
+        it (its committed token included)."""
         if depth >= len(self.round_seconds):
             return False
         if depth == 1:
             return True
-        before = self.others_expected + expected
-        return (before + survival) * self.round_seconds[depth - 1] >= (
-            before * self.round_seconds[depth]
+        return self._pays(depth, expected, survival, self.round_seconds[depth - 1])
+
+    def keeps(self, depth: int, expected: float, survival: float) -> bool:
+        """Whether draft ``depth``, made, is worth verifying."""
+        if depth >= len(self.round_seconds):
+            return False
+        if depth == 1:
+            return True
+        step = (
+            self.draft_seconds[depth] - self.draft_seconds[depth - 1] if self.draft_seconds else 0.0
         )
+        return self._pays(depth, expected, survival, self.round_seconds[depth - 1] + step)
+
+    def _pays(self, depth: int, expected: float, survival: float, without: float) -> bool:
+        """(E + s) / T[depth] >= E / ``without``, the round's seconds without it."""
+        before = self.others_expected + expected
+        return (before + survival) * without >= before * self.round_seconds[depth]
 
 
 class DraftStopping:
@@ -74,6 +108,11 @@ class DraftStopping:
         self._stops = [r.stop for r in requests]
         self._survival = [1.0] * len(requests)
         self._expected = [1.0] * len(requests)
+
+    def tries(self, index: int, depth: int) -> bool:
+        """Whether request ``index`` should run the step that makes its draft ``depth``."""
+        stop = self._stops[index]
+        return stop is None or stop.tries(depth, self._expected[index], self._survival[index])
 
     def keeps(self, index: int, depth: int, confidence: float) -> bool:
         """Whether request ``index`` keeps its draft ``depth`` of this
@@ -135,6 +174,11 @@ class DraftProposal:
     ``evidence`` names the kind of evidence a copy rests on (a suffix match's
     tree and length class; n-gram lookup is one kind): copies of one kind
     tend to fare alike, so a verify budget learns their acceptance per kind.
+
+    ``dropped`` counts drafts a chained model made and then dropped (its
+    stop rule, :meth:`DraftStop.keeps`): their steps were run, and a draft
+    model's cache holds them, so a scheduler times and tracks the call by
+    ``len + dropped`` steps.
     """
 
     token_ids: list[int]
@@ -145,6 +189,7 @@ class DraftProposal:
     parents: list[int] | None = None  # [len(token_ids)]; None: a chain
     confidence: list[float] | None = None  # [len(token_ids)]
     evidence: str = ""
+    dropped: int = 0
 
     def __post_init__(self) -> None:
         for name, values in (("parents", self.parents), ("confidence", self.confidence)):
@@ -155,6 +200,12 @@ class DraftProposal:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def model_steps(self) -> int:
+        """Drafts its chained model steps made: the ones it proposes and the
+        ones it dropped."""
+        return len(self) + self.dropped
 
     @property
     def is_tree(self) -> bool:
@@ -186,7 +237,8 @@ class DraftProposal:
         than asked, never more. A tree keeps its first ``num_tokens`` nodes
         (a node budget, not a depth): parents precede children, so they form
         a tree again, and a drafter that grows trees best first orders its
-        nodes by value."""
+        nodes by value. A model's drafts cut off count as ``dropped``: they
+        were made."""
         if len(self) <= num_tokens:
             return self
         n = num_tokens
@@ -197,6 +249,7 @@ class DraftProposal:
             None if self.parents is None else self.parents[:n],
             None if self.confidence is None else self.confidence[:n],
             self.evidence,
+            self.dropped + (0 if self.from_lookup else len(self) - n),
         )
 
 

@@ -94,12 +94,14 @@ class ChainedDrafter(ABC, Generic[OutputT]):
         probs: list[list[torch.Tensor]] = [[] for _ in states]
         confidences: list[list[float]] = [[] for _ in states]
         stopping = DraftStopping(requests)
+        dropped = [0] * len(states)
         outputs: dict[int, OutputT] = {}
         for i in active:
             last = states[i].last
             assert last is not None  # a budget needs a fed entry
             outputs[i] = last
         for step in range(max(budgets, default=0)):
+            active = [i for i in active if stopping.tries(i, step + 1)]
             if not active:
                 break
             if step > 0:
@@ -114,6 +116,7 @@ class ChainedDrafter(ABC, Generic[OutputT]):
             for row, i in enumerate(active):
                 if not stopping.keeps(i, step + 1, draws.confidence[row]):
                     budgets[i] = step
+                    dropped[i] = 1
                     continue
                 drafted[i].append(draws.tokens[row])
                 confidences[i].append(draws.confidence[row])
@@ -122,8 +125,8 @@ class ChainedDrafter(ABC, Generic[OutputT]):
                     probs[i].append(draws.probs[row])
             active = [i for i in active if budgets[i] > step + 1]
         return [
-            DraftProposal(ids, torch.stack(p) if p else None, confidence=c or None)
-            for ids, p, c in zip(drafted, probs, confidences, strict=True)
+            DraftProposal(ids, torch.stack(p) if p else None, confidence=c or None, dropped=n)
+            for ids, p, c, n in zip(drafted, probs, confidences, dropped, strict=True)
         ]
 
     def accept(self, update: DraftUpdate) -> None:

@@ -39,7 +39,7 @@ from specray.actors.sampling.params import SamplingParams
 class _DraftState(ModelDraftState):
     tokens: list[int]  # committed tokens
     cached: int  # the draft cache is valid for tokens[:cached]
-    last_proposal: int = 0
+    fed_drafts: int = 0  # drafts of the last proposal its cache holds
     hold: PrefixHold | None = None  # its shared blocks, once it looked the prefix cache up
 
     @property
@@ -88,9 +88,11 @@ class DraftModelDrafter:
         confidences: list[list[float]] = [[] for _ in states]
         stopping = DraftStopping(requests)
         feeds = [s.tokens[s.cached :] for s in states]
+        dropped = [0] * len(states)
         active = [i for i, b in enumerate(budgets) if b > 0]
         fed = set(active)  # their first step feeds every committed token they had not seen
         for step in range(max(budgets, default=0)):
+            active = [i for i in active if stopping.tries(i, step + 1)]
             if not active:
                 break
             seqs = [
@@ -102,6 +104,7 @@ class DraftModelDrafter:
             for row, i in enumerate(active):
                 if not stopping.keeps(i, step + 1, draws.confidence[row]):
                     budgets[i] = step  # its cache holds this step's feed, not the dropped draft
+                    dropped[i] = 1
                     continue
                 drafted[i].append(draws.tokens[row])
                 confidences[i].append(draws.confidence[row])
@@ -110,13 +113,14 @@ class DraftModelDrafter:
                 feeds[i] = [draws.tokens[row]]
             active = [i for i in active if budgets[i] > step + 1]
         for i, (state, ids) in enumerate(zip(states, drafted, strict=True)):
-            state.last_proposal = len(ids)
+            # Each step after the first fed the draft before it.
+            state.fed_drafts = max(len(ids) + dropped[i] - 1, 0)
             if i in fed:
                 state.cached = len(state.tokens)
         self._share(states)
         return [
-            DraftProposal(ids, torch.stack(p) if p else None, confidence=c or None)
-            for ids, p, c in zip(drafted, probs, confidences, strict=True)
+            DraftProposal(ids, torch.stack(p) if p else None, confidence=c or None, dropped=n)
+            for ids, p, c, n in zip(drafted, probs, confidences, dropped, strict=True)
         ]
 
     def _attach(self, requests: Sequence[DraftRequest], states: Sequence[_DraftState]) -> None:
@@ -158,13 +162,12 @@ class DraftModelDrafter:
 
     def accept(self, update: DraftUpdate) -> None:
         state = self._requests[update.request_id]
-        # Drafts 1..γ-1 were fed; the accepted ones among them stay cached.
-        fed_drafts = max(state.last_proposal - 1, 0)
-        if state.last_proposal:
-            state.cached = len(state.tokens) + min(update.num_accepted, fed_drafts)
+        # The accepted drafts among those fed stay cached.
+        if state.fed_drafts:
+            state.cached = len(state.tokens) + min(update.num_accepted, state.fed_drafts)
             self.cache.truncate(state.slot, state.cached)
         state.tokens.extend(update.new_token_ids)
-        state.last_proposal = 0
+        state.fed_drafts = 0
 
     def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
         return profile_feeds(

@@ -29,11 +29,11 @@ def fed_steps(
     cap: int | None = None,
     block: int = 1,
 ) -> tuple[int, ...]:
-    """The steps the drafts of one path took: a model's (each fed its
-    backlog first; a request still catching up, ``late``, fed one chunk of
-    at most ``cap`` tokens and drafted nothing), or with ``lookup`` the
-    copies'."""
-    lengths = [len(d) if d.from_lookup == lookup else 0 for d in drafts]
+    """The steps the drafts of one path took: a model's (those it dropped
+    included, :attr:`DraftProposal.dropped`; each fed its backlog first; a
+    request still catching up, ``late``, fed one chunk of at most ``cap``
+    tokens and drafted nothing), or with ``lookup`` the copies'."""
+    lengths = [d.model_steps if d.from_lookup == lookup else 0 for d in drafts]
     backlogs = [1 if lookup else r.draft.backlog for r in batch]
     if late is not None and not lookup:
         for i, behind in enumerate(late):

@@ -259,13 +259,14 @@ class GammaScheduler:
             if gammas[q] == 0:
                 continue
             shape_gammas = list(gammas)
-            seconds = []
+            seconds, drafting = [], []
             for drafts in range(limits[q] + 1):
                 shape_gammas[q] = drafts
                 shape = RoundShape.of(base + sum(shape_gammas), shape_gammas, backlogs, self.block)
                 seconds.append(max(self.costs.round_seconds(shape) - sunk, 1e-9))
+                drafting.append(self.costs.draft.seconds(shape.draft_steps))
             run.draft.gamma = limits[q]
-            run.draft.stop = DraftStop(tuple(seconds), sum(expected) - expected[q])
+            run.draft.stop = DraftStop(tuple(seconds), sum(expected) - expected[q], tuple(drafting))
 
     def entry_seconds(
         self, run: RunningRequest, alpha: float, limit: int, drafts_in_step: bool
@@ -376,7 +377,7 @@ class GammaScheduler:
         if self._catching_up(run, draft):
             state.backlog += len(update.new_token_ids) - self.catch_up_feed(state.backlog)
             return
-        fed = 0 if draft.from_lookup else len(draft)
+        fed = 0 if draft.from_lookup else draft.model_steps
         state.backlog = backlog_after(state.backlog, fed, update)
 
     def _judge_copy(self, run: RunningRequest) -> None:
