@@ -10,12 +10,21 @@ from specray.actors.sampling.params import StoppingCriteria
 
 
 def decoding_run(
-    request_id: str, backlog: int, alpha: float, lookup_alpha: float = 0.5, max_tokens: int = 256
+    request_id: str,
+    backlog: int,
+    alpha: float,
+    lookup_alpha: float = 0.5,
+    max_tokens: int = 256,
+    tested: float = 1000.0,
 ) -> RunningRequest:
+    """A request past its first token whose model acceptance is ``alpha``,
+    shown by ``tested`` drafts (many: the scheduler is not optimistic about it)."""
     stopping = StoppingCriteria(max_tokens=max_tokens)
+    model_acceptance = SurvivalEstimate.with_prior(alpha)
+    model_acceptance.tested = tested
     draft = DraftState(
         lookup_acceptance=SurvivalEstimate.with_prior(lookup_alpha),
-        model_acceptance=SurvivalEstimate.with_prior(alpha),
+        model_acceptance=model_acceptance,
     )
     run = start_request(
         GenerationRequest(request_id, [3] * backlog, stopping=stopping), (), None, 4, draft

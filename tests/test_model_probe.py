@@ -9,7 +9,7 @@ from scheduling_helpers import decoding_run as _run
 
 from specray.actors.drafting.base import DraftProposal, DraftUpdate
 from specray.actors.engine.costs import RoundCostModel
-from specray.actors.engine.gamma import schedule_gammas
+from specray.actors.engine.gamma import SurvivalEstimate, schedule_gammas
 from specray.actors.engine.probe import FIRST_REPROBE_ROUNDS, PROBE_RECHECK_ROUNDS
 from specray.actors.engine.scheduling import GammaScheduler
 
@@ -93,3 +93,47 @@ def test_a_slow_drafter_that_is_almost_always_right_is_found_by_its_probe() -> N
         scheduler.choose([run])
         assert run.draft.gamma > 0
     assert scheduler.new_draft_state().model_acceptance.alpha > 2 / 3
+
+
+def test_optimism_meets_the_estimate_as_evidence_grows() -> None:
+    fresh = SurvivalEstimate.with_prior(0.6)
+    assert fresh.optimistic > 0.8  # 0.6 + sqrt(0.24 / 4)
+    shown = SurvivalEstimate.with_prior(0.6)
+    for _ in range(100):
+        shown.update(4, 2)  # 2 of 3 tested drafts accepted, every round
+    assert shown.tested == 300
+    assert abs(shown.optimistic - shown.alpha) < 0.03
+    assert SurvivalEstimate.with_prior(1.0).optimistic == 1.0
+
+
+def test_a_request_is_tried_though_the_pool_went_sour_and_priced_by_what_it_shows() -> None:
+    """The pool's α fell (a stretch of prompts the draft model could not
+    follow), and a drafter that costs most of a target step pays only near
+    α = 1. A new request is still tried: its own α is unknown. One that
+    then shows it is almost always right drafts on; one that shows it is
+    not stops."""
+    costs = RoundCostModel()
+    costs.verify.set_profile([(1, 0.1), (8, 0.1)])
+    costs.draft.set_profile([(1, 0.06), (8, 0.065)])
+    scheduler = GammaScheduler(MODEL, costs=costs)
+    scheduler._pool["model"] = SurvivalEstimate.with_prior(0.55, weight=50.0)
+    assert schedule_gammas([0.55], [4], costs.round_seconds) == [0]
+    verdicts = {"good": 4, "poor": 0}
+    runs = {}
+    for request_id in verdicts:
+        run = _run(request_id, 1, 0.0)
+        run.draft.model_acceptance = scheduler.new_draft_state().model_acceptance
+        runs[request_id] = run
+        scheduler.choose([run])
+        assert run.draft.gamma > 0, request_id
+    drafting = {}
+    for request_id, run in runs.items():
+        accepted = verdicts[request_id]
+        for _ in range(4):
+            if run.draft.gamma:
+                update = DraftUpdate(request_id, accepted, [1] * (accepted + 1), None)
+                scheduler.record(run, DraftProposal([1, 2, 3, 4]), update)
+            run.draft.backlog = 1
+            scheduler.choose([run])
+        drafting[request_id] = run.draft.gamma > 0
+    assert drafting == {"good": True, "poor": False}

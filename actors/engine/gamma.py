@@ -11,6 +11,7 @@ less than plain decoding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -51,10 +52,30 @@ class SurvivalEstimate:
     decay: float = 0.9
     prior_accepted: float = 2.0
     prior_drafted: float = 3.0
+    tested: float = 0.0  # drafts tested since it started, never decayed (:attr:`optimistic`)
 
     @property
     def alpha(self) -> float:
         return self.accepted / self.drafted
+
+    @property
+    def optimistic(self) -> float:
+        """α plus one standard error of the evidence behind it (the drafts
+        tested since it started and the prior's pseudo-drafts), at most 1:
+        optimism under uncertainty. A request with little evidence of its
+        own is priced near the top of what it might be, so it is tried and
+        then priced by what it showed; with evidence the two meet. The
+        evidence is counted without decay: a decayed count would stay a few
+        rounds' worth, and the optimism with it.
+
+        Priced at its prior, the pool's α, one stretch of prompts a draft
+        model cannot follow (a warm-up's random tokens) kept every later
+        request from drafting: a small draft model on a CPU pays only well
+        above the prior's 2/3, the pool fell below that, and a request that
+        does not draft never shows that it is better."""
+        alpha = self.alpha
+        evidence = self.prior_drafted + self.tested
+        return min(1.0, alpha + math.sqrt(alpha * (1.0 - alpha) / (evidence + 1.0)))
 
     @classmethod
     def with_prior(cls, alpha: float, weight: float = 3.0) -> SurvivalEstimate:
@@ -70,6 +91,7 @@ class SurvivalEstimate:
         tested = num_accepted + (1 if num_accepted < num_drafts else 0)
         self.accepted = self.decay * self.accepted + num_accepted
         self.drafted = self.decay * self.drafted + tested
+        self.tested += tested
 
 
 @dataclass(frozen=True)

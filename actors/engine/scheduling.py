@@ -99,7 +99,8 @@ class GammaScheduler:
         """Set what each request does this round, per target replica (each
         verifies its own batch): ``feed``, the uncached tokens it feeds
         (:meth:`assign_feeds`), ``draft.gamma`` (a model's drafts) from
-        :func:`schedule_gammas` with the model's acceptance and cost, and
+        :func:`schedule_gammas` with the model's acceptance (optimistic:
+        :attr:`SurvivalEstimate.optimistic`) and cost, and
         ``draft.lookup_gamma`` (copies) at the ceiling: copying costs nothing,
         and :meth:`trim` cuts the copies once their confidence is known. Not
         adaptive, or for a request with fixed speculation, both are the
@@ -185,7 +186,7 @@ class GammaScheduler:
             left -= more
 
     def _model_gammas(self, group: Sequence[RunningRequest], limits: list[int], base: int) -> None:
-        alphas = [r.draft.model_acceptance.alpha for r in group]
+        alphas = [r.draft.model_acceptance.optimistic for r in group]
         gammas = self._probe.gammas(
             group,
             limits,
