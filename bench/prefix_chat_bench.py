@@ -30,8 +30,8 @@ import torch
 
 from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.engine.engine import EngineConfig, SpecEngine
+from specray.actors.engine.feeds import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.request import GenerationRequest
-from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.target import LocalTarget
 from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
 from specray.actors.model.config import ModelConfig

@@ -14,8 +14,8 @@ from transformers import PreTrainedTokenizerBase
 
 from specray.actors.drafting.base import Drafter
 from specray.actors.engine.engine import EngineConfig, SpecEngine
+from specray.actors.engine.feeds import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.request import GenerationRequest, RequestStats
-from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.target import LocalTarget
 from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
 from specray.actors.model.config import ModelConfig

@@ -153,6 +153,7 @@ class Lanes:
         tracked.move_target = False
         pool.release(run.target, tracked.request_id, run.tokens)
         run.cached_len = 0  # re-prefill wherever it lands
+        run.prefix_hint = 0  # and ask that replica what it has cached
         hashes = pool.prefix_hashes(run.tokens)
         new = pool.pick(hashes)
         if new is None:  # no room: back to the queue's front, state kept

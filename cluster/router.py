@@ -35,9 +35,10 @@ import ray
 import torch
 
 from specray.actors.engine.errors import NotRunningError
+from specray.actors.engine.feeds import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.lifecycle import grammar_for, start_request
 from specray.actors.engine.request import GenerationRequest, RequestOutput
-from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS, GammaScheduler
+from specray.actors.engine.scheduling import GammaScheduler
 from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
 from specray.actors.engine.verify_budget import BudgetSizing
 from specray.actors.model.config import ModelConfig

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from specray.actors.drafting.spec import DRAFTER_KINDS, MODEL_KINDS, DrafterSpec
 from specray.actors.engine.factory import EngineSpec
-from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
+from specray.actors.engine.feeds import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.verify_budget import BudgetSizing
 from specray.actors.model.weight_plan import WeightPlan
 from specray.deploy.auth import TlsFiles

@@ -17,8 +17,8 @@ import torch
 
 from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.factory import EngineSpec, LoadedEngine, build_engine
+from specray.actors.engine.feeds import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.request import GenerationRequest, RequestOutput
-from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.tokenizer import chat_ids
 from specray.actors.model.weight_plan import WEIGHT_FORMATS
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria

@@ -156,6 +156,58 @@ def test_a_short_prompt_is_not_queued_behind_a_long_one() -> None:
     assert batch[0].feed == 16 and sum(r.feed for r in batch) == 64
 
 
+def test_a_prompt_is_priced_by_what_its_prefix_cache_leaves_to_compute() -> None:
+    """Two prompts waiting their turn have peeked: "mostly" is cached but
+    for 6 of its 50 tokens, "cold" not at all. "mostly" goes first, whole,
+    for 6 tokens of the budget; the oldest keeps its quarter."""
+    scheduler = GammaScheduler(None, max_batched_tokens=20)
+    oldest, cold, mostly = _running("oldest", 90, 0), _running("cold", 30, 0), _running("m", 50, 0)
+    mostly.prefix_hint = 44
+    batch = [oldest, cold, mostly]
+    scheduler.choose(batch)
+    assert [r.feed for r in batch] == [5, 9, 50]
+    assert [r.feed_cost for r in batch] == [5, 9, 6] and not mostly.prefilling
+    # Chunked, the first feed covers the cached prefix and a share of the rest.
+    scheduler = GammaScheduler(None, max_batched_tokens=4)
+    scheduler.choose([mostly])
+    assert mostly.feed == 48 and mostly.feed_cost == 4
+
+
+def test_cached_prompts_sent_together_all_start_at_once(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
+    """Six prompts the target's prefix cache holds, sent together with a
+    budget that computes about one of them a round: those waiting their
+    turn ask what is cached, and every one streams its first token by the
+    third round, with the output of the no-cache reference."""
+    model_dir = tiny_dir_factory("qwen2")
+    prompts = {f"r{i}": _prompt(40, 20 + i) for i in range(6)}
+    reference = greedy_reference(model_dir, prompts, MAX_TOKENS)
+    target = LocalTarget(load_model(model_dir), num_slots=6, max_len=256, prefix_tokens=512)
+    config = EngineConfig(max_batch=6, num_speculative_tokens=3, max_batched_tokens=48)
+    engine = SpecEngine(target, None, None, (), config)
+    stopping = StoppingCriteria(max_tokens=MAX_TOKENS, ignore_eos=True)
+
+    def first_steps(tag: str) -> tuple[dict[str, int], dict[str, list[int]]]:
+        for rid, prompt in prompts.items():
+            engine.add_request(GenerationRequest(tag + rid, prompt, stopping=stopping))
+        first: dict[str, int] = {}
+        outputs: dict[str, list[int]] = {rid: [] for rid in prompts}
+        step = 0
+        while engine.has_work:
+            step += 1
+            for chunk in engine.step():
+                rid = chunk.request_id.removeprefix(tag)
+                if chunk.token_ids:
+                    first.setdefault(rid, step)
+                outputs[rid] += chunk.token_ids
+        return first, outputs
+
+    cold, outputs = first_steps("cold-")
+    assert outputs == reference and max(cold.values()) >= 5  # about one prompt a round
+    warm, outputs = first_steps("warm-")
+    assert outputs == reference
+    assert max(warm.values()) <= 3, warm
+
+
 def test_prefills_always_get_a_quarter_of_the_budget() -> None:
     scheduler = GammaScheduler(None, max_batched_tokens=8)
     batch = [_running(f"d{i}", 10, 9) for i in range(12)] + [_running("p", 40, 0)]

@@ -173,6 +173,23 @@ def test_a_fully_cached_chunk_feeds_nothing_and_reports_the_hit(tiny_dir_factory
     assert target.prefix_pins == 0
 
 
+def test_a_peek_reports_the_cached_prefix_and_holds_nothing(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
+    model = load_model(tiny_dir_factory("qwen2"))
+    target = LocalTarget(model, num_slots=2, max_len=64, prefix_tokens=64, block_size=4)
+    prompt = _tokens(30, 5)
+    target.verify([VerifyInput("a", 0, prompt, 1, lookup_ids=tuple(prompt))])
+    target.release("a")
+    asked = [VerifyInput("b", 0, [], 0, lookup_ids=tuple(prompt[:21]), peek=True)]
+    peek = target.verify(asked)[0]
+    assert peek.prefix_hit == 20 and peek.num_rows == 0
+    assert target.num_active == 0 and target.prefix_pins == 0
+    # Without a prefix cache the answer is None: nothing to ask again.
+    plain = LocalTarget(model, num_slots=1, max_len=64)
+    assert plain.verify(asked)[0].prefix_hit is None and plain.num_active == 0
+    with pytest.raises(ValueError, match="a peek offers lookup_ids and feeds no tokens"):
+        VerifyInput("b", 0, [1], 0, lookup_ids=(1,), peek=True)
+
+
 # -- greedy output with the cache equals the reference ------------------------------
 
 

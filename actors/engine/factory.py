@@ -11,8 +11,8 @@ from transformers import PreTrainedTokenizerBase
 from specray.actors.drafting.build import build_drafter, resolve_drafter
 from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.engine import EngineConfig, SpecEngine
+from specray.actors.engine.feeds import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.profile import profile_costs
-from specray.actors.engine.scheduling import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.target import LocalTarget, Target
 from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
 from specray.actors.engine.verify_budget import BudgetSizing

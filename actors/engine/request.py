@@ -165,6 +165,10 @@ class RunningRequest:
     # Uncached committed tokens this round feeds the target (the scheduler
     # sets it; fewer than all of them: a prefill chunk, see ``prefilling``).
     feed: int = 0
+    # Before its first feed: how much of its tokens the target's prefix
+    # cache held when last asked (a peek, :attr:`VerifyInput.peek`); None
+    # once the target said it has no prefix cache.
+    prefix_hint: int | None = 0
     target: int | None = None  # the target replica that verifies it (None: the only one)
     grammar: GrammarMatcher | None = None  # structured output, at the committed tokens
     # The last verify fed a token tree: the nodes it accepted, which the next
@@ -187,6 +191,24 @@ class RunningRequest:
         decoding (the newest), the prompt (or what is left of it) while
         prefilling, every token after a move to another target replica."""
         return len(self.tokens) - self.cached_len
+
+    @property
+    def cached_hint(self) -> int:
+        """Tokens its first feed is expected to find in the prefix cache
+        (0 once it has fed anything)."""
+        return (self.prefix_hint or 0) if self.cached_len == 0 else 0
+
+    @property
+    def feed_cost(self) -> int:
+        """Tokens of this round's feed the target is expected to compute:
+        the feed less what its prefix cache serves."""
+        return max(self.feed - self.cached_hint, 0)
+
+    @property
+    def peeks(self) -> bool:
+        """Fed nothing yet and sitting this round out: it asks the target
+        how much of it is cached, so its turn is priced by the rest."""
+        return self.feed == 0 and self.cached_len == 0 and self.prefix_hint is not None
 
     @property
     def prefilling(self) -> bool:

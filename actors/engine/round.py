@@ -126,11 +126,12 @@ async def speculative_round(
     verifying_at = time.perf_counter()
 
     # 3. Verify: one batched forward per target replica, all at once. A
-    # request whose prefill has no room this round sits it out.
+    # request whose prefill has no room this round sits it out, asking only
+    # how much of its prompt the target has cached.
     hidden_layers = drafting.hidden_layers if drafting is not None else ()
     groups: dict[int | None, list[int]] = {}
     for i, run in enumerate(batch):
-        if run.feed > 0:
+        if run.feed > 0 or run.peeks:
             groups.setdefault(run.target, []).append(i)
     verified = await asyncio.gather(
         *(
@@ -153,6 +154,9 @@ async def speculative_round(
     for idx, outs in zip(groups.values(), verified, strict=True):
         for i, out in zip(idx, outs or [], strict=False):
             run = batch[i]
+            if run.peeks:
+                run.prefix_hint = out.prefix_hit
+                continue
             if out.prefix_hit is not None:
                 queries, hits = queries + len(run.tokens), hits + out.prefix_hit
                 served = min(out.prefix_hit, len(run.request.prompt_ids))
@@ -274,6 +278,11 @@ def verify_inputs(
     target's prefix cache."""
     inputs = []
     for r, d in zip(running, drafts, strict=True):
+        if r.peeks:
+            inputs.append(
+                VerifyInput(r.request_id, 0, [], 0, lookup_ids=tuple(r.tokens), peek=True)
+            )
+            continue
         path, r.tree_path = r.tree_path, None
         if path is not None and path.first + len(path.nodes) != r.cached_len:
             path = None  # the cache was dropped since (a move): nothing to keep

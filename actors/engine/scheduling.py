@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftStop, DraftUpdate
 from specray.actors.engine.backlog import backlog_after, fed_steps
 from specray.actors.engine.costs import RoundCostModel
+from specray.actors.engine.feeds import assign_feeds
 from specray.actors.engine.gamma import (
     RoundShape,
     SurvivalEstimate,
@@ -24,9 +25,6 @@ from specray.actors.engine.lifecycle import gamma_limit
 from specray.actors.engine.probe import ModelProbe
 from specray.actors.engine.request import DraftState, RunningRequest
 from specray.actors.engine.verify_budget import BudgetSizing, VerifyBudget
-
-# Tokens one target replica feeds per round unless configured otherwise.
-DEFAULT_MAX_BATCHED_TOKENS = 512
 
 
 def waits_for_first_token(run: RunningRequest) -> bool:
@@ -139,7 +137,8 @@ class GammaScheduler:
             budgeted = [0 if f else m for m, f in zip(model_limits, fixed, strict=True)]
             if any(budgeted):
                 # Fixed requests' drafts are verified whatever the others draft.
-                self._model_gammas(group, budgeted, sum(r.feed for r in group) + sum(whole))
+                base = sum(r.feed_cost for r in group) + sum(whole)
+                self._model_gammas(group, budgeted, base)
             for run, gamma in zip(group, whole, strict=True):
                 if gamma:
                     run.draft.gamma = gamma
@@ -153,37 +152,9 @@ class GammaScheduler:
         return self.budget.trim(batch, drafts) if self.adaptive else list(drafts)
 
     def assign_feeds(self, group: Sequence[RunningRequest]) -> None:
-        """How many of its uncached tokens each request of one target
-        replica's batch feeds this round.
-
-        Requests that decode feed their one token and are never held back;
-        prompts (and re-prefills after a move) share the rest of the budget.
-        At least a quarter of the budget goes to prefills whatever decodes,
-        and the oldest prompt keeps a quarter of that, so every prompt moves
-        on; the rest goes to the prompts with the least left first, so a
-        short request that arrives while a long prompt prefills is not queued
-        behind all of it. A request whose turn has not come feeds nothing
-        (feed 0) and sits the round out.
-        """
-        budget = self.max_batched_tokens
-        if budget is None:
-            for run in group:
-                run.feed = run.uncached
-            return
-        decoding = sum(run.uncached for run in group if run.uncached <= 1)
-        left = max(budget - decoding, budget // 4, 1)
-        prefills = [run for run in group if run.uncached > 1]
-        for run in group:
-            run.feed = run.uncached if run.uncached <= 1 else 0
-        if not prefills:
-            return
-        oldest = prefills[0]
-        oldest.feed = min(oldest.uncached, max(left // 4, 1))
-        left -= oldest.feed
-        for run in sorted(prefills, key=lambda r: r.uncached):
-            more = min(run.uncached - run.feed, left)
-            run.feed += more
-            left -= more
+        """Each request's ``feed`` this round, within the round budget
+        (:func:`~specray.actors.engine.feeds.assign_feeds`)."""
+        assign_feeds(group, self.max_batched_tokens)
 
     def _model_gammas(self, group: Sequence[RunningRequest], limits: list[int], base: int) -> None:
         alphas = [r.draft.model_acceptance.optimistic for r in group]

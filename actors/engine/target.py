@@ -11,7 +11,10 @@ A verify from position 0 may also offer the request's committed tokens
 (``lookup_ids``): a target with a prefix cache then serves the longest
 cached prefix of them, feeds only the rest and says how much it served
 (``VerifyOutput.prefix_hit``). The target decides what it has cached; the
-round learns it from the answer of the same call.
+round learns it from the answer of the same call. A prompt that waits for
+its turn to prefill may only ask (``VerifyInput.peek``): the target says
+how much of it is cached and holds nothing for it, so the scheduler prices
+its turn by what is left to compute.
 
 Token trees keep that shape. A verify may feed a tree
 (``VerifyInput.parents`` for its draft tokens), whose nodes the target caches
@@ -56,6 +59,9 @@ class VerifyInput:
     # With start 0: the request's committed tokens, offered for a prefix
     # cache lookup. Positions served from the cache are not fed again.
     lookup_ids: tuple[int, ...] | None = None
+    # Only report how much of lookup_ids is cached (prefix_hit): no tokens,
+    # no logits, nothing attached or allocated.
+    peek: bool = False
     # The draft tokens form a tree: one parent per draft token (-1: the last
     # committed token). Logit row 0 is the last committed token's, row 1 + i
     # node i's. None: a chain.
@@ -67,6 +73,8 @@ class VerifyInput:
     def __post_init__(self) -> None:
         if self.parents is not None and len(self.parents) != self.num_logits - 1:
             raise ValueError(f"{len(self.parents)} parents for {self.num_logits - 1} drafts")
+        if self.peek and (self.token_ids or self.num_logits or self.lookup_ids is None):
+            raise ValueError("a peek offers lookup_ids and feeds no tokens")
 
     @property
     def tree_start(self) -> int:
@@ -172,6 +180,12 @@ class LocalTarget:
         feeds: list[SequenceInput | None] = []  # None: all it sent is cached already
         hits: list[int | None] = []
         for item in inputs:
+            if item.peek:
+                assert item.lookup_ids is not None
+                cached = None if self.prefix is None else self.prefix.cached_length(item.lookup_ids)
+                hits.append(cached)
+                feeds.append(None)
+                continue
             seq = self._seqs.get(item.request_id)
             if seq is None:
                 seq = self._seqs[item.request_id] = _Sequence(self.cache.allocate())
@@ -230,6 +244,8 @@ class LocalTarget:
         if self.prefix is None:
             return
         for item in inputs:
+            if item.peek:
+                continue
             seq = self._seqs[item.request_id]
             if seq.hold is not None:
                 committed = len(seq.tokens) - max(item.num_logits - 1, 0)

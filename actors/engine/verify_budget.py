@@ -85,7 +85,7 @@ class VerifyBudget:
             if not ranked:
                 continue
             decoding = sum(not batch[i].prefilling for i in idx)
-            feeds = sum(batch[i].feed for i in idx)
+            feeds = sum(batch[i].feed_cost for i in idx)
             verified = feeds + sum(len(drafts[i]) for i in idx if i not in ranked)
             expected = float(decoding) + sum(
                 self.expected_whole(batch[i], drafts[i])

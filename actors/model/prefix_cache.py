@@ -89,6 +89,12 @@ class PrefixCache:
         self.tree.pin(chain)
         return PrefixHold(chain)
 
+    def cached_length(self, token_ids: Sequence[int]) -> int:
+        """How much of ``token_ids`` an attach would serve now (whole
+        blocks, never the last token), pinning and copying nothing; the
+        blocks count as used, so they are not the first evicted."""
+        return len(self.tree.match(token_ids, len(token_ids) - 1)) * self.block_size
+
     def length(self, hold: PrefixHold) -> int:
         return len(hold.nodes) * self.block_size
 
