@@ -156,12 +156,19 @@ def test_rejected_drafts_never_reach_a_shared_block(tiny_dir_factory) -> None:  
     assert target.prefix_pins == 0 and target.num_active == 0
 
 
-def test_a_fully_cached_chunk_feeds_nothing_and_reports_the_hit(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
-    model = load_model(tiny_dir_factory("qwen2"))
-    target = LocalTarget(model, num_slots=2, max_len=64, prefix_tokens=64, block_size=4)
+def _cached_prompt(model_dir: Path) -> tuple[LocalTarget, list[int]]:
+    """A target whose prefix cache holds a finished request's 30-token prompt."""
+    target = LocalTarget(
+        load_model(model_dir), num_slots=2, max_len=64, prefix_tokens=64, block_size=4
+    )
     prompt = _tokens(30, 5)
     target.verify([VerifyInput("a", 0, prompt, 1, lookup_ids=tuple(prompt))])
     target.release("a")
+    return target, prompt
+
+
+def test_a_fully_cached_chunk_feeds_nothing_and_reports_the_hit(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
+    target, prompt = _cached_prompt(tiny_dir_factory("qwen2"))
     chunk = target.verify([VerifyInput("b", 0, prompt[:8], 0, lookup_ids=tuple(prompt))])[0]
     assert chunk.prefix_hit == 28 and chunk.num_rows == 0
     assert target.cache.length(target.slot_of("b")) == 28
@@ -174,17 +181,13 @@ def test_a_fully_cached_chunk_feeds_nothing_and_reports_the_hit(tiny_dir_factory
 
 
 def test_a_peek_reports_the_cached_prefix_and_holds_nothing(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
-    model = load_model(tiny_dir_factory("qwen2"))
-    target = LocalTarget(model, num_slots=2, max_len=64, prefix_tokens=64, block_size=4)
-    prompt = _tokens(30, 5)
-    target.verify([VerifyInput("a", 0, prompt, 1, lookup_ids=tuple(prompt))])
-    target.release("a")
+    target, prompt = _cached_prompt(tiny_dir_factory("qwen2"))
     asked = [VerifyInput("b", 0, [], 0, lookup_ids=tuple(prompt[:21]), peek=True)]
     peek = target.verify(asked)[0]
     assert peek.prefix_hit == 20 and peek.num_rows == 0
     assert target.num_active == 0 and target.prefix_pins == 0
     # Without a prefix cache the answer is None: nothing to ask again.
-    plain = LocalTarget(model, num_slots=1, max_len=64)
+    plain = LocalTarget(target.model, num_slots=1, max_len=64)
     assert plain.verify(asked)[0].prefix_hit is None and plain.num_active == 0
     with pytest.raises(ValueError, match="a peek offers lookup_ids and feeds no tokens"):
         VerifyInput("b", 0, [1], 0, lookup_ids=(1,), peek=True)
