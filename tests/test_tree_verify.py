@@ -161,7 +161,11 @@ def test_draft_proposal_trees_clip_by_node_budget() -> None:
     assert clipped.token_ids == [5, 6, 7]
     assert clipped.parents == [-1, -1, 0]
     assert clipped.confidence == [0.6, 0.3, 0.5]
-    assert DraftProposal([1, 2]).clipped(1) == DraftProposal([1])
+    # A model's draft cut off was still made: it counts as dropped.
+    assert DraftProposal([1, 2]).clipped(1) == DraftProposal([1], dropped=1)
+    assert DraftProposal([1, 2], from_lookup=True).clipped(1) == DraftProposal(
+        [1], from_lookup=True
+    )
     with pytest.raises(ValueError):
         DraftProposal([1, 2], parents=[-1, 1])
     with pytest.raises(ValueError):
