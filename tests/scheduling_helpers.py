@@ -20,11 +20,9 @@ def decoding_run(
     """A request past its first token whose model acceptance is ``alpha``,
     shown by ``tested`` drafts (many: the scheduler is not optimistic about it)."""
     stopping = StoppingCriteria(max_tokens=max_tokens)
-    model_acceptance = SurvivalEstimate.with_prior(alpha)
-    model_acceptance.tested = tested
     draft = DraftState(
         lookup_acceptance=SurvivalEstimate.with_prior(lookup_alpha),
-        model_acceptance=model_acceptance,
+        model_acceptance=SurvivalEstimate.with_prior(alpha, tested=tested),
     )
     run = start_request(
         GenerationRequest(request_id, [3] * backlog, stopping=stopping), (), None, 4, draft

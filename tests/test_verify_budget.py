@@ -29,11 +29,9 @@ def _costs() -> RoundCostModel:
 
 def _decoding(request_id: str, alpha: float = 0.9) -> RunningRequest:
     """A decoding request whose acceptance ``alpha`` its drafts have shown."""
-    model_acceptance = SurvivalEstimate.with_prior(alpha)
-    model_acceptance.tested = 1000.0  # shown: the schedule is not optimistic about it
     draft = DraftState(
         lookup_acceptance=SurvivalEstimate.with_prior(alpha),
-        model_acceptance=model_acceptance,
+        model_acceptance=SurvivalEstimate.with_prior(alpha, tested=1000.0),
     )
     stopping = StoppingCriteria(max_tokens=400, ignore_eos=True)
     run = start_request(

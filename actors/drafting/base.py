@@ -108,6 +108,7 @@ class DraftStopping:
         self._stops = [r.stop for r in requests]
         self._survival = [1.0] * len(requests)
         self._expected = [1.0] * len(requests)
+        self.dropped = [0] * len(requests)  # per request: a draft made, then dropped
 
     def tries(self, index: int, depth: int) -> bool:
         """Whether request ``index`` should run the step that makes its draft ``depth``."""
@@ -120,6 +121,7 @@ class DraftStopping:
         survival = self._survival[index] * min(max(confidence, 0.0), 1.0)
         stop = self._stops[index]
         if stop is not None and not stop.keeps(depth, self._expected[index], survival):
+            self.dropped[index] = 1
             return False
         self._survival[index] = survival
         self._expected[index] += survival

@@ -94,7 +94,6 @@ class ChainedDrafter(ABC, Generic[OutputT]):
         probs: list[list[torch.Tensor]] = [[] for _ in states]
         confidences: list[list[float]] = [[] for _ in states]
         stopping = DraftStopping(requests)
-        dropped = [0] * len(states)
         outputs: dict[int, OutputT] = {}
         for i in active:
             last = states[i].last
@@ -116,7 +115,6 @@ class ChainedDrafter(ABC, Generic[OutputT]):
             for row, i in enumerate(active):
                 if not stopping.keeps(i, step + 1, draws.confidence[row]):
                     budgets[i] = step
-                    dropped[i] = 1
                     continue
                 drafted[i].append(draws.tokens[row])
                 confidences[i].append(draws.confidence[row])
@@ -126,7 +124,7 @@ class ChainedDrafter(ABC, Generic[OutputT]):
             active = [i for i in active if budgets[i] > step + 1]
         return [
             DraftProposal(ids, torch.stack(p) if p else None, confidence=c or None, dropped=n)
-            for ids, p, c, n in zip(drafted, probs, confidences, dropped, strict=True)
+            for ids, p, c, n in zip(drafted, probs, confidences, stopping.dropped, strict=True)
         ]
 
     def accept(self, update: DraftUpdate) -> None:

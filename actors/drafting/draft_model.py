@@ -88,7 +88,6 @@ class DraftModelDrafter:
         confidences: list[list[float]] = [[] for _ in states]
         stopping = DraftStopping(requests)
         feeds = [s.tokens[s.cached :] for s in states]
-        dropped = [0] * len(states)
         active = [i for i, b in enumerate(budgets) if b > 0]
         fed = set(active)  # their first step feeds every committed token they had not seen
         for step in range(max(budgets, default=0)):
@@ -104,7 +103,6 @@ class DraftModelDrafter:
             for row, i in enumerate(active):
                 if not stopping.keeps(i, step + 1, draws.confidence[row]):
                     budgets[i] = step  # its cache holds this step's feed, not the dropped draft
-                    dropped[i] = 1
                     continue
                 drafted[i].append(draws.tokens[row])
                 confidences[i].append(draws.confidence[row])
@@ -114,13 +112,13 @@ class DraftModelDrafter:
             active = [i for i in active if budgets[i] > step + 1]
         for i, (state, ids) in enumerate(zip(states, drafted, strict=True)):
             # Each step after the first fed the draft before it.
-            state.fed_drafts = max(len(ids) + dropped[i] - 1, 0)
+            state.fed_drafts = max(len(ids) + stopping.dropped[i] - 1, 0)
             if i in fed:
                 state.cached = len(state.tokens)
         self._share(states)
         return [
             DraftProposal(ids, torch.stack(p) if p else None, confidence=c or None, dropped=n)
-            for ids, p, c, n in zip(drafted, probs, confidences, dropped, strict=True)
+            for ids, p, c, n in zip(drafted, probs, confidences, stopping.dropped, strict=True)
         ]
 
     def _attach(self, requests: Sequence[DraftRequest], states: Sequence[_DraftState]) -> None:

@@ -78,10 +78,12 @@ class SurvivalEstimate:
         return min(1.0, alpha + math.sqrt(alpha * (1.0 - alpha) / (evidence + 1.0)))
 
     @classmethod
-    def with_prior(cls, alpha: float, weight: float = 3.0) -> SurvivalEstimate:
-        """A fresh estimate whose prior is ``alpha`` worth ``weight`` drafts."""
+    def with_prior(cls, alpha: float, weight: float = 3.0, tested: float = 0.0) -> SurvivalEstimate:
+        """A fresh estimate whose prior is ``alpha`` worth ``weight`` drafts,
+        as if ``tested`` drafts had shown it (no optimism left about it)."""
         alpha = min(max(alpha, 0.0), 1.0)
-        return cls(alpha * weight, weight, prior_accepted=alpha * weight, prior_drafted=weight)
+        prior = alpha * weight
+        return cls(prior, weight, prior_accepted=prior, prior_drafted=weight, tested=tested)
 
     def update(self, num_drafts: int, num_accepted: int) -> None:
         if num_drafts == 0:

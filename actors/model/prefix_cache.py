@@ -81,7 +81,7 @@ class PrefixCache:
         never the last token) into the empty ``slot`` and set its length."""
         if self.cache.length(slot) != 0:
             raise ValueError(f"attach needs an empty slot; slot {slot} holds positions")
-        chain = self.tree.match(token_ids, len(token_ids) - 1)
+        chain = self._servable(token_ids)
         if chain:
             self.pool.load(slot, [node.block for node in chain])
             self.cache.set_length(slot, len(chain) * self.block_size)
@@ -93,7 +93,12 @@ class PrefixCache:
         """How much of ``token_ids`` an attach would serve now (whole
         blocks, never the last token), pinning and copying nothing; the
         blocks count as used, so they are not the first evicted."""
-        return len(self.tree.match(token_ids, len(token_ids) - 1)) * self.block_size
+        return len(self._servable(token_ids)) * self.block_size
+
+    def _servable(self, token_ids: Sequence[int]) -> list[BlockNode]:
+        """The cached blocks that spell a prefix of ``token_ids``, never the
+        last token (a request feeds at least that one for its logits)."""
+        return self.tree.match(token_ids, len(token_ids) - 1)
 
     def length(self, hold: PrefixHold) -> int:
         return len(hold.nodes) * self.block_size
