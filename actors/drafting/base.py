@@ -26,6 +26,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from specray.actors.drafting.confidence_map import ConfidenceMap
 from specray.actors.sampling.params import SamplingParams
 
 
@@ -57,13 +58,16 @@ class DraftStop:
     The first draft is always made and kept: the scheduler chose to draft
     at all, with a catch-up feed's cost spread over the rounds left, which
     one round's seconds cannot see. The rule reads only the drafter's own
-    outputs, so acceptance stays lossless.
+    outputs, so acceptance stays lossless; those outputs are read through
+    ``calibration``, what the scheduler saw such confidences to be worth.
     """
 
     round_seconds: tuple[float, ...]  # [most drafts + 1]: the round with j of this request's drafts
     others_expected: float = 0.0  # tokens the rest of the batch is expected to commit
     # [most drafts + 1] or (): the drafter's share of round_seconds (() : its steps cost nothing)
     draft_seconds: tuple[float, ...] = ()
+    # What the drafter's confidences were seen to be worth (None: taken as they are)
+    calibration: ConfidenceMap | None = None
 
     def __post_init__(self) -> None:
         if self.draft_seconds and len(self.draft_seconds) != len(self.round_seconds):
@@ -117,9 +121,12 @@ class DraftStopping:
 
     def keeps(self, index: int, depth: int, confidence: float) -> bool:
         """Whether request ``index`` keeps its draft ``depth`` of this
-        ``confidence`` (its probability given the drafts before it)."""
-        survival = self._survival[index] * min(max(confidence, 0.0), 1.0)
+        ``confidence`` (its probability given the drafts before it), read
+        through the stop rule's calibration."""
         stop = self._stops[index]
+        if stop is not None and stop.calibration is not None:
+            confidence = stop.calibration(confidence)
+        survival = self._survival[index] * min(max(confidence, 0.0), 1.0)
         if stop is not None and not stop.keeps(depth, self._expected[index], survival):
             self.dropped[index] = 1
             return False

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftStop, DraftUpdate
 from specray.actors.engine.backlog import backlog_after, fed_steps
+from specray.actors.engine.calibration import ConfidenceCalibration
 from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.feeds import assign_feeds
 from specray.actors.engine.gamma import (
@@ -70,6 +71,8 @@ class GammaScheduler:
         self._pool = {"lookup": SurvivalEstimate(decay=0.98), "model": SurvivalEstimate(decay=0.98)}
         self.budget = VerifyBudget(self.costs, self.block, budget_sizing)
         self._probe = ModelProbe()
+        # What a chained model's confidences are worth, for its stop rule.
+        self.calibration = ConfidenceCalibration()
 
     def start_backlog(self, num_committed: int) -> int:
         """What a drafter taking a request over has to feed: every committed
@@ -222,6 +225,7 @@ class GammaScheduler:
         seconds with each number of its drafts, the others drafting as
         scheduled, less the prefill share verified whatever is drafted."""
         sunk = self.budget.sunk_seconds(base, sum(not r.prefilling for r in group))
+        calibration = self.calibration.map()
         backlogs = [r.draft.backlog for r in group]
         expected = [
             0.0 if r.prefilling else expected_tokens(alpha, gamma)
@@ -238,7 +242,9 @@ class GammaScheduler:
                 seconds.append(max(self.costs.round_seconds(shape) - sunk, 1e-9))
                 drafting.append(self.costs.draft.seconds(shape.draft_steps))
             run.draft.gamma = limits[q]
-            run.draft.stop = DraftStop(tuple(seconds), sum(expected) - expected[q], tuple(drafting))
+            run.draft.stop = DraftStop(
+                tuple(seconds), sum(expected) - expected[q], tuple(drafting), calibration
+            )
 
     def entry_seconds(
         self, run: RunningRequest, alpha: float, limit: int, drafts_in_step: bool
@@ -330,8 +336,11 @@ class GammaScheduler:
     def record(self, run: RunningRequest, draft: DraftProposal, update: DraftUpdate) -> None:
         """One request's verdict: the acceptance of the path its proposal
         came by (a round without one lets both drift back toward their
-        priors), and how far its drafter now lags."""
+        priors), what a chained model's confidences were worth, and how far
+        its drafter now lags."""
         state = run.draft
+        if draft.confidence is not None and not draft.from_lookup and self.block == 1:
+            self.calibration.observe(draft.confidence, update.num_accepted)
         if len(draft):
             self._pool["lookup" if draft.from_lookup else "model"].update(
                 len(draft), update.num_accepted
