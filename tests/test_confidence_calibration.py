@@ -53,7 +53,7 @@ def test_no_evidence_no_map_and_little_evidence_moves_little() -> None:
 
 
 def test_a_chain_is_tested_up_to_its_first_rejection() -> None:
-    calibration = ConfidenceCalibration(bins=10)
+    calibration = ConfidenceCalibration(bins=10, decay=1.0)
     calibration.observe([0.95, 0.95, 0.95, 0.95], num_accepted=1)
     assert calibration.tested[9] == 2.0 and calibration.accepted[9] == 1.0
     calibration.observe([0.95, 0.95], num_accepted=2)  # all accepted: nothing rejected
@@ -75,6 +75,22 @@ def test_an_underconfident_drafter_is_read_as_it_proved_and_the_map_stays_monoto
     assert list(learned.values) == sorted(learned.values)
     assert learned(0.9) >= learned(0.5)
     assert learned(0.01) == pytest.approx(0.025)  # no evidence: its centre
+
+
+def test_the_map_follows_the_text_being_served() -> None:
+    """A stretch where every draft fails (random tokens) then a long one
+    where every draft holds: the map reads the second, not their mix."""
+    calibration = ConfidenceCalibration(bins=10)
+    for _ in range(100):
+        calibration.observe([0.55], num_accepted=0)
+    soured = calibration.map()
+    assert soured is not None and soured(0.55) < 0.1
+    for _ in range(300):
+        calibration.observe([0.55, 0.55], num_accepted=2)
+    recovered = calibration.map()
+    assert recovered is not None and recovered(0.55) > 0.9
+    with pytest.raises(ValueError, match="decay must be in"):
+        ConfidenceCalibration(decay=0.0)
 
 
 def test_the_stop_rule_reads_confidences_through_its_calibration() -> None:

@@ -22,21 +22,34 @@ class ConfidenceCalibration:
     Only kept drafts are tested, so a bin the stop rule always cuts would
     stay at its prior; a request's first draft is always kept
     (:meth:`DraftStop.keeps`), which gives every bin evidence.
+
+    The counts decay by ``decay`` per tested draft, so the map follows the
+    text being served: what a draft model's confidence is worth depends on
+    the text. Undecayed, a bench client's warm-up of random tokens (nearly
+    every draft rejected, whatever its confidence) set the map for the
+    code that followed.
     """
 
-    def __init__(self, bins: int = 20, prior: float = 2.0) -> None:
+    def __init__(self, bins: int = 20, prior: float = 2.0, decay: float = 0.995) -> None:
         if bins < 1:
             raise ValueError(f"bins must be >= 1, got {bins}")
         if prior <= 0:
             raise ValueError(f"prior must be > 0, got {prior}")
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
         self.prior = prior
+        self.decay = decay
         self.tested = [0.0] * bins
         self.accepted = [0.0] * bins
 
     def observe(self, confidences: Sequence[float], num_accepted: int) -> None:
         """One verified chain: the raw ``confidences`` of its drafts in order
         and how many of them the target accepted."""
-        for depth, confidence in enumerate(confidences[: num_accepted + 1]):
+        tested = confidences[: num_accepted + 1]
+        fade = self.decay ** len(tested)
+        self.tested = [count * fade for count in self.tested]
+        self.accepted = [count * fade for count in self.accepted]
+        for depth, confidence in enumerate(tested):
             b = bin_of(confidence, len(self.tested))
             self.tested[b] += 1.0
             self.accepted[b] += float(depth < num_accepted)
