@@ -21,13 +21,8 @@ from typing import Generic, TypeVar
 
 import torch
 
-from specray.actors.drafting.base import (
-    DraftPaths,
-    DraftProposal,
-    DraftRequest,
-    DraftStopping,
-    DraftUpdate,
-)
+from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest, DraftUpdate
+from specray.actors.drafting.chain_drafts import ChainDrafts
 from specray.actors.drafting.draws import RowDraws, draft_generator, draw_rows
 from specray.actors.drafting.slots import RequestSlots
 from specray.actors.model.batch import SequenceInput
@@ -90,42 +85,29 @@ class ChainedDrafter(ABC, Generic[OutputT]):
         budgets = [self._budget(s, r.num_tokens) for s, r in zip(states, requests, strict=True)]
         active = [i for i, b in enumerate(budgets) if b > 0]
         self._feed_pending([states[i] for i in active])
-        drafted: list[list[int]] = [[] for _ in states]
-        probs: list[list[torch.Tensor]] = [[] for _ in states]
-        confidences: list[list[float]] = [[] for _ in states]
-        stopping = DraftStopping(requests)
+        chain = ChainDrafts(requests)
         outputs: dict[int, OutputT] = {}
         for i in active:
             last = states[i].last
             assert last is not None  # a budget needs a fed entry
             outputs[i] = last
         for step in range(max(budgets, default=0)):
-            active = [i for i in active if stopping.tries(i, step + 1)]
+            active = [i for i in active if chain.tries(i, step + 1)]
             if not active:
                 break
             if step > 0:
                 seqs = [
-                    SequenceInput(states[i].slot, [drafted[i][-1]], states[i].fed + step - 1)
+                    SequenceInput(states[i].slot, [chain.tokens[i][-1]], states[i].fed + step - 1)
                     for i in active
                 ]
                 stepped = self._step(seqs, [outputs[i] for i in active])
                 outputs = dict(zip(active, stepped, strict=True))
-            chosen = [states[i] for i in active]
-            draws = self._sample([outputs[i] for i in active], chosen)
+            draws = self._sample([outputs[i] for i in active], [states[i] for i in active])
             for row, i in enumerate(active):
-                if not stopping.keeps(i, step + 1, draws.confidence[row]):
+                if not chain.take(i, step + 1, draws, row, states[i].sampling.greedy):
                     budgets[i] = step
-                    continue
-                drafted[i].append(draws.tokens[row])
-                confidences[i].append(draws.confidence[row])
-                # Greedy drafts are point masses (probs None) even in a mixed batch.
-                if draws.probs is not None and not states[i].sampling.greedy:
-                    probs[i].append(draws.probs[row])
             active = [i for i in active if budgets[i] > step + 1]
-        return [
-            DraftProposal(ids, torch.stack(p) if p else None, confidence=c or None, dropped=n)
-            for ids, p, c, n in zip(drafted, probs, confidences, stopping.dropped, strict=True)
-        ]
+        return chain.proposals()
 
     def accept(self, update: DraftUpdate) -> None:
         state = self._requests[update.request_id]

@@ -16,15 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-from specray.actors.drafting.base import (
-    DraftPaths,
-    DraftProposal,
-    DraftRequest,
-    DraftStopping,
-    DraftUpdate,
-)
+from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest, DraftUpdate
+from specray.actors.drafting.chain_drafts import ChainDrafts
 from specray.actors.drafting.draws import draw_rows
 from specray.actors.drafting.feed_profile import profile_feeds
 from specray.actors.drafting.model_state import ModelDraftState
@@ -83,15 +76,12 @@ class DraftModelDrafter:
             0 if late else max(0, min(r.num_tokens, self.cache.max_len - len(s.tokens)))
             for r, s, late in zip(requests, states, behind, strict=True)
         ]
-        drafted: list[list[int]] = [[] for _ in states]
-        probs: list[list[torch.Tensor]] = [[] for _ in states]
-        confidences: list[list[float]] = [[] for _ in states]
-        stopping = DraftStopping(requests)
+        chain = ChainDrafts(requests)
         feeds = [s.tokens[s.cached :] for s in states]
         active = [i for i, b in enumerate(budgets) if b > 0]
         fed = set(active)  # their first step feeds every committed token they had not seen
         for step in range(max(budgets, default=0)):
-            active = [i for i in active if stopping.tries(i, step + 1)]
+            active = [i for i in active if chain.tries(i, step + 1)]
             if not active:
                 break
             seqs = [
@@ -101,25 +91,18 @@ class DraftModelDrafter:
             logits = self.model(ForwardBatch.build(seqs), self.cache).logits
             draws = draw_rows(logits, [states[i] for i in active])
             for row, i in enumerate(active):
-                if not stopping.keeps(i, step + 1, draws.confidence[row]):
+                if chain.take(i, step + 1, draws, row, states[i].sampling.greedy):
+                    feeds[i] = [draws.tokens[row]]
+                else:
                     budgets[i] = step  # its cache holds this step's feed, not the dropped draft
-                    continue
-                drafted[i].append(draws.tokens[row])
-                confidences[i].append(draws.confidence[row])
-                if draws.probs is not None:
-                    probs[i].append(draws.probs[row])
-                feeds[i] = [draws.tokens[row]]
             active = [i for i in active if budgets[i] > step + 1]
-        for i, (state, ids) in enumerate(zip(states, drafted, strict=True)):
+        for i, state in enumerate(states):
             # Each step after the first fed the draft before it.
-            state.fed_drafts = max(len(ids) + stopping.dropped[i] - 1, 0)
+            state.fed_drafts = max(len(chain.tokens[i]) + chain.dropped[i] - 1, 0)
             if i in fed:
                 state.cached = len(state.tokens)
         self._share(states)
-        return [
-            DraftProposal(ids, torch.stack(p) if p else None, confidence=c or None, dropped=n)
-            for ids, p, c, n in zip(drafted, probs, confidences, stopping.dropped, strict=True)
-        ]
+        return chain.proposals()
 
     def _attach(self, requests: Sequence[DraftRequest], states: Sequence[_DraftState]) -> None:
         """Before a request's first feed: start its cache from the longest
