@@ -25,9 +25,8 @@ class ConfidenceCalibration:
 
     The counts decay by ``decay`` per tested draft, so the map follows the
     text being served: what a draft model's confidence is worth depends on
-    the text. Undecayed, a bench client's warm-up of random tokens (nearly
-    every draft rejected, whatever its confidence) set the map for the
-    code that followed.
+    the text. A stretch a draft model cannot follow (a bench client's
+    warm-up of random tokens) would otherwise price every later draft.
     """
 
     def __init__(self, bins: int = 20, prior: float = 2.0, decay: float = 0.995) -> None:
