@@ -1,11 +1,11 @@
 """What a drafter's raw confidence has turned out to mean: the acceptance it
 was seen to have.
 
-A draft model's confidence in a token is its own probability of it, and a
-small model of the target's family can be right more often than its
-probabilities say: fed them raw, a stop rule (:class:`DraftStop`) ends
-chains the target would have accepted. A scheduler learns the map from
-verdicts and ships it with the stop rule.
+A draft model's confidence in a token is its own probability of it, which
+need not be how often the target accepts such a token: fed it raw, a stop
+rule (:class:`DraftStop`) weighs each draft by a number the target's
+verdicts need not bear out. A scheduler learns the map from verdicts and
+ships it with the stop rule.
 """
 
 from __future__ import annotations
