@@ -182,4 +182,6 @@ def render(result: dict[str, Any]) -> str:
         if run["arm"] not in seen:
             seen.add(run["arm"])
             lines.append(f"- {run['arm']}: `{' '.join(run['server_command'])}`")
+            if run.get("weights_choice"):
+                lines.append(f"  - start-up: {run['weights_choice']}")
     return "\n".join(lines) + "\n"

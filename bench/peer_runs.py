@@ -56,6 +56,8 @@ class ArmRun:
     round: int
     records: list[RequestRecord] = field(default_factory=list)
     server_command: list[str] = field(default_factory=list)
+    # specray's start-up line saying which weight format and tp it chose, and why
+    weights_choice: str | None = None
 
 
 def llama_arm(name: str, draft_gguf: Path | None, draft_max: int) -> Arm:
@@ -152,11 +154,21 @@ def run_specray(
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ)
     try:
         address = _wait_ready(process, log, start_timeout_s)
+        run.weights_choice = weights_line(log.read_text())
         sending = _send_specray(address, prompts, warmup, options, concurrency)
         run.records = asyncio.run(sending)
     finally:
         stop_process(process, grace_s=120)
     return run
+
+
+def weights_line(server_log: str) -> str | None:
+    """The message of the server's ``weights ...`` line (deploy/weights_choice.py), if any."""
+    for line in server_log.splitlines():
+        _, sep, message = line.partition(": weights ")
+        if sep:
+            return "weights " + message
+    return None
 
 
 def _wait_ready(process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> str:

@@ -14,9 +14,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from specray.actors.model.weight_plan import WeightPlan
 from specray.bench import peer_bench
 from specray.bench.peer_report import render, summarize
-from specray.bench.peer_runs import LLAMA, Arm, llama_arm, run_llama
+from specray.bench.peer_runs import LLAMA, Arm, llama_arm, run_llama, weights_line
 from specray.bench.serve_bench import RequestOptions
 from specray.bench.serve_dataset import BenchPrompt
 from specray.bench.serve_metrics import RequestRecord
@@ -207,6 +208,10 @@ def test_report_divides_every_row_by_llama_target_only(tmp_path: Path) -> None:
     result["summary"] = list(rows.values())
     for run in result["runs"]:
         run["server_command"] = ["serve", run["arm"]]
+    plan = WeightPlan("gguf", "bfloat16", "gguf", 1, "gguf is the fastest measured")
+    server_log = f"2026-12-06 11:00:00,000 INFO specray.deploy.weights_choice: {plan.log_line()}\n"
+    first_specray = next(run for run in result["runs"] if run["arm"] == specray_arm.name)
+    first_specray["weights_choice"] = weights_line(server_log)
     result |= {
         "target_gguf": "t.gguf",
         "command": "python -m specray.bench.peer_bench ...",
@@ -229,4 +234,5 @@ def test_report_divides_every_row_by_llama_target_only(tmp_path: Path) -> None:
     assert saved.with_suffix(".md").read_text() == text
     assert "| specray cfg (spec) | 40.0 | 40.0 / 40.0 | 4.44× | 8.89× |" in text
     assert "avx2" in text
+    assert "  - start-up: weights gguf (bfloat16), tp 1: gguf is the fastest measured" in text
     assert "SPECRAY_BLOCK_KERNEL=avx2 (instruction sets restricted)" in text
