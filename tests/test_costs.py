@@ -54,6 +54,32 @@ def test_profiled_curve_fits_a_fixed_part_per_round_apart_from_the_level() -> No
     assert curve.as_dict()["fixed_s"] == curve.fixed
 
 
+def test_prefill_rounds_leave_the_fixed_part_alone() -> None:
+    """In process, verifying n drafts costs 59 + 27 (n - 1) ms with nothing
+    fixed per round, and each request starts with a 500-token prefill at
+    21 ms a token (one logit row). Learning from the prefills too read a
+    fixed part of over 50 ms; learning from draft-like rounds alone
+    keeps the curve where it is."""
+
+    def verify_ms(n: int) -> float:
+        return 59.0 + 27.0 * (n - 1)
+
+    profile = [(n, verify_ms(n) / 1000) for n in (1, 2, 4, 8, 16, 17)]
+    rounds = [(n, verify_ms(n) / 1000, n) for n in (4, 9, 12, 17, 17, 17, 6, 17)]
+    prefill = (500, 500 * 0.021, 1)
+    learned, fooled = ProfiledCurve(), ProfiledCurve()
+    for curve in (learned, fooled):
+        curve.set_profile(profile)
+    for _ in range(6):  # six requests
+        for size, seconds, logits in [prefill, *rounds * 3]:
+            learned.observe(size, seconds, logits)
+            fooled.observe(size, seconds)
+    assert learned.fixed == pytest.approx(0.0, abs=1e-3)
+    assert learned.seconds(1) == pytest.approx(0.059, rel=0.02)
+    assert learned.seconds(17) == pytest.approx(verify_ms(17) / 1000, rel=0.02)
+    assert fooled.fixed > 0.05  # what the prefills did to it
+
+
 def test_a_fixed_part_per_round_makes_more_drafts_pay() -> None:
     """The same survivals and forward costs: with 30 ms a round besides the
     forward, the budget verifies more of the drafts than without."""

@@ -156,15 +156,27 @@ class ProfiledCurve(_ShapeAndLevel):
     would look as dear as ever beside a round that costs more than the
     forward; so it is fit apart (:class:`LineFit`) once rounds of different
     sizes were seen, which is what lets speculation pay for it.
+
+    Only rounds like the profile's teach the level and the fixed part: every
+    token fed with its logit row, as drafts are. A prompt's tokens are fed
+    without one (only its last row is read), so a prefill costs less per
+    token than the profile's shape says, and hundreds of tokens of it lie
+    far out along the line fit. On an AVX2-only machine one 500-token
+    prefill per request read as a fixed 120-160 ms per round on the 1.5B
+    (a one-token verify priced at three times its cost, with the slope cut
+    to a third), and the budget verified 15-token copies it should have cut
+    (``tests/test_costs.py::test_prefill_rounds_leave_the_fixed_part_alone``).
     """
 
     fallback: CostCurve = field(default_factory=CostCurve)
     fixed: float = 0.0
     _fit: LineFit = field(default_factory=LineFit)
 
-    def observe(self, size: int, seconds: float) -> None:
+    def observe(self, size: int, seconds: float, logits: int | None = None) -> None:
+        """A round of ``size`` tokens took ``seconds``; ``logits``: the rows
+        it returned (all ``size`` when None)."""
         self.fallback.observe(size, seconds)
-        if self._shape is None:
+        if self._shape is None or (logits is not None and logits < size):
             return
         relative = self._shape.seconds(size)
         self._fit.add(relative, seconds)

@@ -258,7 +258,8 @@ async def verify(
     if outputs is not None:
         num_tokens = sum(map(computed_tokens, inputs, outputs))
         if num_tokens:
-            scheduler.observe_verify(num_tokens, time.perf_counter() - began)
+            logits = sum(item.num_logits for item in inputs)
+            scheduler.observe_verify(num_tokens, time.perf_counter() - began, logits)
     return outputs
 
 

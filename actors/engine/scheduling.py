@@ -330,8 +330,9 @@ class GammaScheduler:
         else:
             self.costs.lookup.observe(fed_steps(batch, drafts, lookup=True), seconds)
 
-    def observe_verify(self, num_tokens: int, seconds: float) -> None:
-        self.costs.verify.observe(num_tokens, seconds)
+    def observe_verify(self, num_tokens: int, seconds: float, logits: int | None = None) -> None:
+        """A verify of ``num_tokens`` fed tokens, ``logits`` rows returned."""
+        self.costs.verify.observe(num_tokens, seconds, logits)
 
     def record(self, run: RunningRequest, draft: DraftProposal, update: DraftUpdate) -> None:
         """One request's verdict: the acceptance of the path its proposal
