@@ -148,6 +148,35 @@ class Hindsight:
 
 
 @dataclass
+class ProposedCopy:
+    """A copy as proposed (a chain or a tree) with the survival the budget
+    estimated for each token, waiting to be judged in hindsight: a token
+    survived if it and its ancestors match the tokens the request commits
+    next. Every proposal is judged, verified or not, as :class:`Hindsight`
+    judges the tracked copy; what it teaches is how far the estimates are
+    off (:class:`~specray.actors.engine.calibration.SurvivalCalibration`)."""
+
+    start: int  # committed tokens when it was proposed
+    token_ids: list[int]
+    parents: list[int]  # per token, its parent's index (-1: the last committed token)
+    estimates: list[float]  # per token, its estimated survival
+
+    def verdicts(self, tokens: Sequence[int]) -> list[bool] | None:
+        """Per token whether it survived, once the committed ``tokens``
+        settle them all (every token with a surviving parent lies within
+        them); None before."""
+        committed = tokens[self.start :]
+        survived: list[bool] = []
+        for node, depth in enumerate(depths(self.parents)):
+            parent = self.parents[node]
+            alive = parent < 0 or survived[parent]
+            if alive and depth >= len(committed):
+                return None
+            survived.append(alive and committed[depth] == self.token_ids[node])
+        return survived
+
+
+@dataclass
 class CopyDepths:
     """Per-depth acceptance of copies, learned apart per kind of evidence
     (:attr:`DraftProposal.evidence`): a pool over every request, and each

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specray.actors.drafting.base import DraftStop, DraftUpdate
-from specray.actors.engine.budget import DepthAcceptance, Hindsight
+from specray.actors.engine.budget import DepthAcceptance, Hindsight, ProposedCopy
 from specray.actors.engine.errors import RequestRejectedError
 from specray.actors.engine.gamma import SurvivalEstimate
 from specray.actors.engine.stopping import FinishReason, StopChecker
@@ -130,6 +130,7 @@ class DraftState:
     # trims lookup drafts by (:class:`~specray.actors.engine.budget.CopyDepths`).
     lookup_depths: dict[str, DepthAcceptance] = field(default_factory=dict)
     hindsight: Hindsight | None = None  # the copy whose verdict it waits for
+    proposed: list[ProposedCopy] = field(default_factory=list)  # copies not yet judged
     # Survivals of its last ranked draft: what a stale-sized budget sizes by.
     last_survivals: list[float] | None = None
 

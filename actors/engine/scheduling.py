@@ -365,7 +365,9 @@ class GammaScheduler:
     def _judge_copy(self, run: RunningRequest) -> None:
         """The per-depth acceptance of copies learns from the request's
         pending copy, a depth at a time as its committed tokens settle it
-        (:class:`~specray.actors.engine.budget.Hindsight`)."""
+        (:class:`~specray.actors.engine.budget.Hindsight`); the budget's
+        calibration from every proposed copy they settle."""
+        self.budget.judge(run)
         hindsight = run.draft.hindsight
         if hindsight is None:
             return

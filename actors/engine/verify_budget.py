@@ -14,7 +14,10 @@ are not ranked here: each cost a model step, so they are cut while drafting
 Survival of a block draft is the product of its confidences along the block
 (DSpark's calibrated ``c_k``, or the draft probabilities where the drafter
 has no confidence head); of a copy, the per-depth acceptance measured in
-hindsight times its confidence (:func:`~specray.actors.engine.budget.survivals`).
+hindsight times its confidence (:func:`~specray.actors.engine.budget.survivals`),
+mapped to what such estimates turned out to mean
+(:class:`~specray.actors.engine.calibration.SurvivalCalibration`, taught by
+every proposed copy as the request commits tokens).
 
 Sizing. ``fresh`` sizes and ranks with this round's survivals. ``stale``
 sizes the batch from each request's survivals one round old and ranks the
@@ -35,10 +38,12 @@ from specray.actors.engine.budget import (
     Baseline,
     CopyDepths,
     Hindsight,
+    ProposedCopy,
     budget_size,
     budget_tokens,
     survivals,
 )
+from specray.actors.engine.calibration import SurvivalCalibration
 from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.gamma import expected_tokens
 from specray.actors.engine.request import RunningRequest
@@ -63,6 +68,7 @@ class VerifyBudget:
         self.block = block
         self.sizing = sizing
         self.copies = CopyDepths()  # how copies fared, judged in hindsight
+        self.calibration = SurvivalCalibration()  # what the copies' survivals meant
 
     def ranks(self, draft: DraftProposal) -> bool:
         """Whether ``draft`` is cut by the joint ranking (a copy or a block)."""
@@ -118,18 +124,23 @@ class VerifyBudget:
     def survivals(self, run: RunningRequest, draft: DraftProposal) -> list[float]:
         """Per token of ``draft``, the estimate that it and its ancestors are accepted."""
         if draft.from_lookup:
-            hindsight = run.draft.hindsight
-            offset, evidence = 0, draft.evidence
-            if hindsight is not None:
-                offset = hindsight.continued(run.tokens, draft.main_chain().token_ids)
-                # A copy carried on is priced by what its first proposal rested on.
-                evidence = hindsight.evidence if offset else evidence
-            return survivals(draft, self.copies.of(run.draft.lookup_depths, evidence), offset)
+            return [self.calibration(s) for s in self.copy_estimates(run, draft)]
         if draft.confidence is None:
             alpha = run.draft.model_acceptance.alpha
             return [alpha ** (k + 1) for k in range(len(draft))]
         clamped = [min(max(c, 0.0), 1.0) for c in draft.confidence]
         return list(accumulate(clamped, lambda survival, c: survival * c))
+
+    def copy_estimates(self, run: RunningRequest, draft: DraftProposal) -> list[float]:
+        """Per token of a copy, survival as the per-depth acceptance and the
+        drafter's confidence estimate it, before calibration."""
+        hindsight = run.draft.hindsight
+        offset, evidence = 0, draft.evidence
+        if hindsight is not None:
+            offset = hindsight.continued(run.tokens, draft.main_chain().token_ids)
+            # A copy carried on is priced by what its first proposal rested on.
+            evidence = hindsight.evidence if offset else evidence
+        return survivals(draft, self.copies.of(run.draft.lookup_depths, evidence), offset)
 
     def verify_beyond(self, feeds: int, decoding: int) -> Callable[[int], float]:
         """Verify seconds of a batch, less a prefill's share."""
@@ -144,7 +155,25 @@ class VerifyBudget:
         return max(verify(feeds) - verify(decoding), 0.0) if feeds > decoding else 0.0
 
     def _await_verdict(self, run: RunningRequest, draft: DraftProposal) -> None:
-        """A new copy is judged in hindsight as the request commits tokens."""
-        if draft.from_lookup and len(draft) and run.draft.hindsight is None:
+        """A copy is judged in hindsight as the request commits tokens: a
+        new one depth by depth, and every one for calibration."""
+        if not draft.from_lookup or not len(draft):
+            return
+        if run.draft.hindsight is None:
             chain = draft.main_chain().token_ids
             run.draft.hindsight = Hindsight(len(run.tokens), list(chain), draft.evidence)
+        parents = draft.parents if draft.parents is not None else list(range(-1, len(draft) - 1))
+        estimates = self.copy_estimates(run, draft)
+        copy = ProposedCopy(len(run.tokens), list(draft.token_ids), list(parents), estimates)
+        run.draft.proposed.append(copy)
+
+    def judge(self, run: RunningRequest) -> None:
+        """Calibrates with the request's proposed copies its committed tokens now settle."""
+        waiting = []
+        for copy in run.draft.proposed:
+            verdicts = copy.verdicts(run.tokens)
+            if verdicts is None:
+                waiting.append(copy)
+            else:
+                self.calibration.observe(copy.estimates, verdicts)
+        run.draft.proposed = waiting
