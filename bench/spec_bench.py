@@ -316,6 +316,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "match_vs_hf_plain": match_rates(comparisons, "vs_hf_plain"),
         "comparisons": comparisons,
         "goals": evaluate_goals(rows),
+        "survival_calibration": {
+            r.label: r.engine.scheduler.budget.calibration.report()
+            for r in runners
+            if isinstance(r, OursRunner) and r.adaptive
+        },
         "records": [asdict(r) for r in records],
     }
     if args.fp32_check > 0 and args.dtype != "float32":

@@ -58,6 +58,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         *_divergence_table(result["comparisons"], "vs_hf_same_drafter", "HF, same drafter"),
     ]
+    lines += calibration_tables(result.get("survival_calibration", {}))
     check = result.get("fp32_check")
     if check:
         title = f"our fp32 target-only ({check['max_tokens']} tokens)"
@@ -67,6 +68,29 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"- {goal}: {_fmt_goal(value)}")
     lines.append("")
     return "\n".join(lines)
+
+
+def calibration_tables(calibrations: dict[str, list[dict[str, float]]]) -> list[str]:
+    """Per adaptive run, its copies' estimated survival against what the
+    tokens did, judged in hindsight over the whole run, and the map's value."""
+    lines: list[str] = []
+    for label, rows in calibrations.items():
+        if not rows:
+            continue
+        lines += [
+            "",
+            f"Copies' survival, {label} (every proposed token judged in hindsight, all prompts):",
+            "",
+            "| estimate bin | tokens | mean estimate | survived | calibrated |",
+            "|---|---|---|---|---|",
+        ]
+        for row in rows:
+            lines.append(
+                f"| [{row['low']:.2f}, {row['high']:.2f}) | {row['judged']:.0f} | "
+                f"{cell(row['estimate'], 3)} | {cell(row['survived'], 3)} | "
+                f"{cell(row['calibrated'], 3)} |"
+            )
+    return lines
 
 
 def _divergence_table(comparisons: Sequence[dict[str, Any]], key: str, title: str) -> list[str]:

@@ -282,6 +282,10 @@ def test_survival_calibration_maps_estimates_to_what_they_meant() -> None:
     assert calibration(0.35) == pytest.approx(0.75, abs=0.03)
     assert calibration(0.55) >= calibration(0.35)  # never priced below a lower estimate
     assert calibration(0.05) == pytest.approx(0.05)
+    (row,) = calibration.report()
+    assert row["judged"] == 120 and row["low"] == pytest.approx(0.3)
+    assert row["estimate"] == pytest.approx(0.35) and row["survived"] == pytest.approx(0.75)
+    assert row["calibrated"] == calibration(0.35)
 
 
 def test_copies_a_drafter_undersells_are_verified_as_they_fare() -> None:

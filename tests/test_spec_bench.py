@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from specray.actors.engine.calibration import SurvivalCalibration
 from specray.actors.engine.gamma import expected_tokens, speedup
 from specray.bench.common import alpha_from_tau, cpu_flags, first_divergence, parse_drafters
 from specray.bench.prompts import CATEGORIES, PROMPT_DIR, SESSION_CATEGORIES, SPLITS, load_prompts
 from specray.bench.spec_analysis import compare_outputs, match_rates, summarize
 from specray.bench.spec_bench import pick_prompts
+from specray.bench.spec_report import calibration_tables
 from specray.bench.spec_runners import RoundTiming, RunRecord
 
 
@@ -166,3 +168,13 @@ def test_prompt_files_are_valid_jsonl_with_the_documented_fields() -> None:
             sessions = {"session", "turn"} if path.stem in SESSION_CATEGORIES else set()
             assert set(record) == {"id", "category", "split", "prompt"} | sessions
             assert record["category"] == path.stem
+
+
+def test_the_report_shows_each_adaptive_runs_survival_calibration() -> None:
+    calibration = SurvivalCalibration()
+    calibration.observe([0.36, 0.32, 0.9], [True, False, True])
+    lines = calibration_tables({"suffix+adaptive": calibration.report(), "ngram+adaptive": []})
+    assert any("suffix+adaptive" in line for line in lines)
+    assert not any("ngram+adaptive" in line for line in lines)  # nothing judged: no table
+    assert "| [0.30, 0.35) | 1 | 0.320 | 0.000 |" in "\n".join(lines)
+    assert "| [0.35, 0.40) | 1 | 0.360 | 1.000 |" in "\n".join(lines)

@@ -88,6 +88,8 @@ class SurvivalCalibration:
         self.tested = [0.0] * bins
         self.survived = [0.0] * bins
         self._rates: tuple[float, ...] | None = None
+        # Per bin, undecayed: tokens judged, their estimates' sum, survivors (:meth:`report`).
+        self._totals = [[0, 0.0, 0] for _ in range(bins)]
 
     def observe(self, estimates: Sequence[float], survived: Sequence[bool]) -> None:
         """One judged copy: each token's estimated survival and whether it survived."""
@@ -98,7 +100,29 @@ class SurvivalCalibration:
             b = bin_of(estimate, len(self.tested))
             self.tested[b] += 1.0
             self.survived[b] += float(right)
+            total = self._totals[b]
+            total[0] += 1
+            total[1] += estimate
+            total[2] += int(right)
         self._rates = None
+
+    def report(self) -> list[dict[str, float]]:
+        """Per bin with evidence, over every token ever judged: the bin's
+        edges, tokens judged, their mean estimate, the share that
+        survived, and what the map now gives the bin."""
+        width = 1.0 / len(self._totals)
+        return [
+            {
+                "low": b * width,
+                "high": (b + 1) * width,
+                "judged": judged,
+                "estimate": estimates / judged,
+                "survived": survived / judged,
+                "calibrated": self((b + 0.5) * width),
+            }
+            for b, (judged, estimates, survived) in enumerate(self._totals)
+            if judged
+        ]
 
     def __call__(self, estimate: float) -> float:
         """The survival an ``estimate`` has meant; the estimate itself where
