@@ -161,10 +161,11 @@ class ProfiledCurve(_ShapeAndLevel):
     token fed with its logit row, as drafts are. A prompt's tokens are fed
     without one (only its last row is read), so a prefill costs less per
     token than the profile's shape says, and hundreds of tokens of it lie
-    far out along the line fit. On an AVX2-only machine one 500-token
-    prefill per request read as a fixed 120-160 ms per round on the 1.5B
-    (a one-token verify priced at three times its cost, with the slope cut
-    to a third), and the budget verified 15-token copies it should have cut
+    far out along the line fit. On a curve modelled on the 1.5B GGUF on an
+    AVX2-only machine, one 500-token prefill per request read as a fixed
+    part of over 50 ms a round where there is none: a one-token verify
+    priced dear and each further token cheap, so the budget verified long
+    n-gram guesses it should have cut
     (``tests/test_costs.py::test_prefill_rounds_leave_the_fixed_part_alone``).
     """
 
