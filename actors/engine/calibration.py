@@ -72,9 +72,9 @@ class SurvivalCalibration:
     The estimate multiplies per-depth rates learned from one tracked copy at
     a time with the drafter's own confidence, and it was far off: on an
     AVX2-only machine (1.5B, held-out verbatim edits, in process) suffix
-    copies estimated to survive at 0.35 survived at 0.76, n-gram copies at
-    0.25 survived at 0.37, and under that steep verify curve the budget cut
-    copies that would have paid. Every proposed copy is judged in hindsight,
+    copies estimated at 0.30-0.35 survived 0.72 of the time, n-gram copies
+    at 0.85-0.90 only 0.75 (docs/drafting.md, "Calibrated survivals"), and
+    under that steep verify curve the budget cut copies that would have paid. Every proposed copy is judged in hindsight,
     verified or not (:class:`~specray.actors.engine.budget.ProposedCopy`),
     so what the budget cuts still teaches the map. The counts decay by
     ``decay`` per judged token, so the map follows the text being served.
