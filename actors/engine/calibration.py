@@ -74,9 +74,10 @@ class SurvivalCalibration:
     AVX2-only machine (1.5B, held-out verbatim edits, in process) suffix
     copies estimated at 0.30-0.35 survived 0.72 of the time, n-gram copies
     at 0.85-0.90 only 0.75 (docs/drafting.md, "Calibrated survivals"), and
-    under that steep verify curve the budget cut copies that would have paid. Every proposed copy is judged in hindsight,
-    verified or not (:class:`~specray.actors.engine.budget.ProposedCopy`),
-    so what the budget cuts still teaches the map. The counts decay by
+    under that steep verify curve the budget cut copies that would have paid.
+    Every proposed copy is judged in hindsight, verified or not
+    (:class:`~specray.actors.engine.budget.ProposedCopy`), so what the
+    budget cuts still teaches the map. The counts decay by
     ``decay`` per judged token, so the map follows the text being served.
     """
 
