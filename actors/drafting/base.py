@@ -217,6 +217,14 @@ class DraftProposal:
         return len(self) + self.dropped
 
     @property
+    def node_parents(self) -> list[int]:
+        """Each token's parent index (-1: the last committed token), a
+        chain's included."""
+        if self.parents is not None:
+            return self.parents
+        return list(range(-1, len(self) - 1))
+
+    @property
     def is_tree(self) -> bool:
         """Whether some token is not the child of the one before it."""
         return self.parents is not None and any(p != i - 1 for i, p in enumerate(self.parents))

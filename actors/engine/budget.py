@@ -223,7 +223,7 @@ def survivals(draft: DraftProposal, acceptance: DepthAcceptance, offset: int = 0
     """Per token of ``draft``, the estimate that it and its ancestors are
     accepted; ``offset``: depths of the same copy already committed
     (:meth:`Hindsight.continued`)."""
-    parents = draft.parents if draft.parents is not None else list(range(-1, len(draft) - 1))
+    parents = draft.node_parents
     confidence = draft.confidence or [1.0] * len(draft)
     out: list[float] = []
     for node, depth in enumerate(depths(parents)):

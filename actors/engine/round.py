@@ -353,10 +353,7 @@ def accept_tree_drafts(
     outputs: Sequence[VerifyOutput],
 ) -> TreeRejectionResult:
     """Acceptance when some draft is a tree (a chain is a tree too)."""
-    trees = [
-        TreeDraft(d.token_ids, d.parents or list(range(-1, len(d) - 1)), d.draft_probs)
-        for d in drafts
-    ]
+    trees = [TreeDraft(d.token_ids, d.node_parents, d.draft_probs) for d in drafts]
     greedy = [r.sampling.greedy for r in running]
     argmax = [out.greedy_ids() if g else None for g, out in zip(greedy, outputs, strict=True)]
     target_probs: list[torch.Tensor | None] = [None] * len(running)

@@ -80,8 +80,7 @@ class VerifyBudget:
         """``drafts`` cut per target replica's batch; chained drafts, and
         those of requests with fixed speculation, stay whole."""
         kept = list(drafts)
-        for run, draft in zip(batch, drafts, strict=True):
-            self._await_verdict(run, draft)
+        copies = [self._await_verdict(run, draft) for run, draft in zip(batch, drafts, strict=True)]
         groups: dict[int | None, list[int]] = {}
         for i, run in enumerate(batch):
             if run.feed > 0:
@@ -94,13 +93,13 @@ class VerifyBudget:
             feeds = sum(batch[i].feed_cost for i in idx)
             verified = feeds + sum(len(drafts[i]) for i in idx if i not in ranked)
             expected = float(decoding) + sum(
-                self.expected_whole(batch[i], drafts[i])
+                self.expected_whole(batch[i], drafts[i], copies[i])
                 for i in idx
                 if i not in ranked and len(drafts[i])
             )
             # A prefill's tokens are verified whatever is drafted (see schedule_gammas).
             base = Baseline(verified, expected, self.verify_beyond(feeds, decoding))
-            fresh = [self.survivals(batch[i], drafts[i]) for i in ranked]
+            fresh = [self.survivals(batch[i], drafts[i], copies[i]) for i in ranked]
             size = None
             if self.sizing == "stale":
                 older = [
@@ -114,17 +113,23 @@ class VerifyBudget:
                 batch[i].draft.last_survivals = now
         return kept
 
-    def expected_whole(self, run: RunningRequest, draft: DraftProposal) -> float:
+    def expected_whole(
+        self, run: RunningRequest, draft: DraftProposal, copy: ProposedCopy | None
+    ) -> float:
         """Tokens ``draft``, verified whole, is expected to add: a chained
         model's (at its measured acceptance) and a fixed request's copy."""
-        if draft.from_lookup:
-            return sum(self.survivals(run, draft))
+        if copy is not None:
+            return sum(self.survivals(run, draft, copy))
         return expected_tokens(run.draft.model_acceptance.alpha, len(draft)) - 1.0
 
-    def survivals(self, run: RunningRequest, draft: DraftProposal) -> list[float]:
-        """Per token of ``draft``, the estimate that it and its ancestors are accepted."""
-        if draft.from_lookup:
-            return [self.calibration(s) for s in self.copy_estimates(run, draft)]
+    def survivals(
+        self, run: RunningRequest, draft: DraftProposal, copy: ProposedCopy | None
+    ) -> list[float]:
+        """Per token of ``draft``, the estimate that it and its ancestors are
+        accepted; ``copy``: the draft as a proposed copy, whose estimates
+        are calibrated (None for a model's draft)."""
+        if copy is not None:
+            return [self.calibration(s) for s in copy.estimates]
         if draft.confidence is None:
             alpha = run.draft.model_acceptance.alpha
             return [alpha ** (k + 1) for k in range(len(draft))]
@@ -154,18 +159,22 @@ class VerifyBudget:
         verify = self.costs.verify.seconds
         return max(verify(feeds) - verify(decoding), 0.0) if feeds > decoding else 0.0
 
-    def _await_verdict(self, run: RunningRequest, draft: DraftProposal) -> None:
+    def _await_verdict(self, run: RunningRequest, draft: DraftProposal) -> ProposedCopy | None:
         """A copy is judged in hindsight as the request commits tokens: a
-        new one depth by depth, and every one for calibration."""
+        new one depth by depth, and every one for calibration. The copy
+        with its estimates, which price it this round; None for a model's
+        draft or an empty one."""
         if not draft.from_lookup or not len(draft):
-            return
+            return None
         if run.draft.hindsight is None:
             chain = draft.main_chain().token_ids
             run.draft.hindsight = Hindsight(len(run.tokens), list(chain), draft.evidence)
-        parents = draft.parents if draft.parents is not None else list(range(-1, len(draft) - 1))
         estimates = self.copy_estimates(run, draft)
-        copy = ProposedCopy(len(run.tokens), list(draft.token_ids), list(parents), estimates)
+        copy = ProposedCopy(
+            len(run.tokens), list(draft.token_ids), list(draft.node_parents), estimates
+        )
         run.draft.proposed.append(copy)
+        return copy
 
     def judge(self, run: RunningRequest) -> None:
         """Calibrates with the request's proposed copies its committed tokens now settle."""
