@@ -2,23 +2,19 @@
 // 8, each 4-feature chunk multiplied by vpmaddubsw (unsigned codes times
 // signed activations, pairs summed in int16: at most 2 * 63 * 127, so no
 // saturation for codes of up to 6 bits; 8-bit codes go signed, |code| times
-// the activation signed like the code, at most 2 * 128 * 127) and vpmaddwd
-// (quads in int32). Included by tiled_matmul.cpp, which defines Tiles,
-// Rounded and the layout.
+// the activation signed like the code, at most 2 * 128 * 127), pair sums of
+// several chunks added in int16 where they cannot overflow, then vpmaddwd
+// (quads in int32). One half of a tile's rows at a time, block after block,
+// so its accumulators stay in registers. Included by tiled_matmul.cpp,
+// which defines Tiles, Rounded and the layout.
 #pragma once
 
 // Activation rows that share one unpacked block. A half's eight rows of
-// accumulators, its scales and a row's partial sums overrun the 16 vector
-// registers a little, but unpacking (the 6-bit codes' bit planes above all)
-// is paid once per eight rows instead of four: a 9-row verify unpacks each
-// block twice, not three times.
+// accumulators and its eight chunks of codes fill the 16 vector registers,
+// but unpacking (the 6-bit codes' bit planes above all) is paid once per
+// eight rows instead of four: a 9-row verify unpacks each block twice, not
+// three times.
 constexpr int kRowTile = 8;
-
-// Rows 0-7 and 8-15 of one chunk: 4 bytes per row.
-struct Chunk {
-  __m256i low;
-  __m256i high;
-};
 
 // 0xFF in byte j where bit j of mask is set.
 inline __m256i bytes_of_bits(uint32_t mask) {
@@ -29,35 +25,27 @@ inline __m256i bytes_of_bits(uint32_t mask) {
   return _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
 }
 
-// The 8 chunks of unsigned codes of block (t, b).
+// The 8 chunks of unsigned codes of block (t, b), rows 0-7 (half 0) or 8-15 (half 1).
 template <int Bits>
-inline void unpack(const Tiles& w, int64_t tile_block, Chunk* chunks) {
+inline void unpack_half(const Tiles& w, int64_t tile_block, int half, __m256i* codes) {
   if constexpr (Bits == 8) {
-    const uint8_t* codes = w.codes + tile_block * kChunks * 64;
-    for (int c = 0; c < kChunks; ++c) {
-      chunks[c].low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c * 64));
-      chunks[c].high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c * 64 + 32));
-    }
+    const uint8_t* at = w.codes + tile_block * kChunks * 64 + half * 32;
+    for (int c = 0; c < kChunks; ++c)
+      codes[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + c * 64));
   } else {
-    const uint8_t* nibbles = w.nibbles + tile_block * 4 * 64;
+    const uint8_t* nibbles = w.nibbles + tile_block * 4 * 64 + half * 32;
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     for (int c = 0; c < 4; ++c) {
-      const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nibbles + c * 64));
-      const __m256i high =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nibbles + c * 64 + 32));
-      chunks[c] = {_mm256_and_si256(low, low4), _mm256_and_si256(high, low4)};
-      chunks[c + 4] = {_mm256_and_si256(_mm256_srli_epi16(low, 4), low4),
-                       _mm256_and_si256(_mm256_srli_epi16(high, 4), low4)};
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nibbles + c * 64));
+      codes[c] = _mm256_and_si256(packed, low4);
+      codes[c + 4] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
     }
     const uint64_t* planes = w.planes + tile_block * (Bits - 4) * kChunks;
     for (int plane = 0; plane < Bits - 4; ++plane) {
       const __m256i bit = _mm256_set1_epi8(static_cast<char>(16 << plane));
       for (int c = 0; c < kChunks; ++c) {
-        const uint64_t set = planes[plane * kChunks + c];
-        chunks[c].low = _mm256_or_si256(
-            chunks[c].low, _mm256_and_si256(bytes_of_bits(static_cast<uint32_t>(set)), bit));
-        chunks[c].high = _mm256_or_si256(
-            chunks[c].high, _mm256_and_si256(bytes_of_bits(static_cast<uint32_t>(set >> 32)), bit));
+        const uint32_t set = static_cast<uint32_t>(planes[plane * kChunks + c] >> (32 * half));
+        codes[c] = _mm256_or_si256(codes[c], _mm256_and_si256(bytes_of_bits(set), bit));
       }
     }
   }
@@ -75,89 +63,134 @@ inline __m256 tile_values(const void* values, int fp16, int64_t tile_block, int 
   return _mm256_loadu_ps(static_cast<const float*>(values) + at);
 }
 
-// 8 rows' sums of one chunk's 4 products.
+// 8 rows' int16 pair sums of one chunk's 4 products (vpmaddubsw).
 template <int Bits>
-inline __m256i chunk_sums(__m256i codes, __m256i x) {
-  const __m256i ones = _mm256_set1_epi16(1);
+inline __m256i chunk_pairs(__m256i codes, __m256i x) {
   if constexpr (Bits == 8) {
     const __m256i signed_codes = _mm256_xor_si256(codes, _mm256_set1_epi8(static_cast<char>(0x80)));
-    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(signed_codes, signed_codes),
-                                               _mm256_sign_epi8(x, signed_codes));
-    return _mm256_madd_epi16(pairs, ones);
+    return _mm256_maddubs_epi16(_mm256_sign_epi8(signed_codes, signed_codes),
+                                _mm256_sign_epi8(x, signed_codes));
   } else {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), ones);
+    return _mm256_maddubs_epi16(codes, x);
   }
 }
 
-// Output rows of tile t for activation rows [m0, m0 + Rows).
+// Chunks whose pair sums add up in int16 before vpmaddwd widens them: a
+// pair sum is at most 2 * (2^Bits - 1) * 127, so 8 of 4-bit codes (30480),
+// 4 of 5-bit (31496), 2 of 6-bit (32004), 1 of 8-bit. Integer sums are
+// exact in any order: the result is bit for bit what one vpmaddwd per
+// chunk gave, for half the widening multiplies or fewer.
+template <int Bits>
+constexpr int kChunksPerWiden = Bits == 4 ? 8 : Bits == 5 ? 4 : Bits == 6 ? 2 : 1;
+
+// 8 rows' int32 sums of chunks [first, first + Count) of one half: each
+// chunk c times activation codes x4[c].
+template <int Bits, int Count>
+inline __m256i chunk_sums(const __m256i* codes, const int32_t* x4, int first) {
+  constexpr int kRun = kChunksPerWiden<Bits> < Count ? kChunksPerWiden<Bits> : Count;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i total = _mm256_setzero_si256();
+  for (int run = first; run < first + Count; run += kRun) {
+    __m256i pairs = _mm256_setzero_si256();
+    for (int c = run; c < run + kRun; ++c) {
+      pairs = _mm256_add_epi16(pairs, chunk_pairs<Bits>(codes[c], _mm256_set1_epi32(x4[c])));
+    }
+    total = _mm256_add_epi32(total, _mm256_madd_epi16(pairs, ones));
+  }
+  return total;
+}
+
+// One block of rows 0-7 (half 0) or 8-15 (half 1) of tile t, for activation
+// rows [m0, m0 + Rows): added into sums[r]. Always inlined, so that the
+// caller's accumulators stay in registers.
+template <int Bits, int Group, int Rows>
+__attribute__((always_inline)) inline void block_rows(const Tiles& w, const Rounded& a,
+                                                      int64_t k, int64_t tile, int64_t b,
+                                                      int64_t m0, int half, __m256* sums) {
+  const int64_t blocks = k / kBlock;
+  constexpr int kGroups = kBlock / Group;
+  const int64_t tile_block = tile * blocks + b;
+  const bool offset = w.offsets != nullptr;
+  __m256i codes[kChunks];
+  unpack_half<Bits>(w, tile_block, half, codes);
+  const __m256 first_scales = tile_values(w.scales, w.fp16_scales, tile_block, kGroups, 0, half);
+  const __m256 second_scales =
+      kGroups == 2 ? tile_values(w.scales, w.fp16_scales, tile_block, kGroups, 1, half)
+                   : first_scales;
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 first_offsets =
+      offset ? tile_values(w.offsets, w.fp16_scales, tile_block, kGroups, 0, half) : zero;
+  const __m256 second_offsets =
+      offset && kGroups == 2
+          ? tile_values(w.offsets, w.fp16_scales, tile_block, kGroups, 1, half)
+          : first_offsets;
+  for (int r = 0; r < Rows; ++r) {
+    const int64_t row = m0 + r;
+    const int32_t* x4 = reinterpret_cast<const int32_t*>(a.codes + row * k + b * kBlock);
+    const int32_t* offsets = a.offsets + (row * blocks + b) * 2;
+    // 8-bit codes were multiplied signed: nothing to add back.
+    const int32_t first_offset = Bits < 8 ? offsets[0] : 0;
+    const int32_t second_offset = Bits < 8 ? offsets[1] : 0;
+    __m256i first_half, second_half;
+    if constexpr (kGroups == 1 && kChunksPerWiden<Bits> >= kChunks) {
+      first_half = chunk_sums<Bits, kChunks>(codes, x4, 0);
+      second_half = _mm256_set1_epi32(first_offset + second_offset);
+    } else {
+      first_half = _mm256_add_epi32(chunk_sums<Bits, kChunks / 2>(codes, x4, 0),
+                                    _mm256_set1_epi32(first_offset));
+      second_half = _mm256_add_epi32(chunk_sums<Bits, kChunks / 2>(codes, x4, kChunks / 2),
+                                     _mm256_set1_epi32(second_offset));
+    }
+    const __m256 x_scale = _mm256_set1_ps(a.scales[row * blocks + b]);
+    __m256& out = sums[r];
+    const float* x_sums = a.sums + (row * blocks + b) * 2;
+    if constexpr (kGroups == 1) {
+      const __m256i total = _mm256_add_epi32(first_half, second_half);
+      out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(first_scales, x_scale), out);
+      if (offset) out = _mm256_fmadd_ps(first_offsets, _mm256_set1_ps(x_sums[0] + x_sums[1]), out);
+    } else {
+      out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first_half),
+                            _mm256_mul_ps(first_scales, x_scale), out);
+      out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second_half),
+                            _mm256_mul_ps(second_scales, x_scale), out);
+      if (offset) {
+        out = _mm256_fmadd_ps(first_offsets, _mm256_set1_ps(x_sums[0]), out);
+        out = _mm256_fmadd_ps(second_offsets, _mm256_set1_ps(x_sums[1]), out);
+      }
+    }
+  }
+}
+
+// Output rows of tile t for activation rows [m0, m0 + Rows). One or two
+// rows are bound by memory: both halves of each block while its codes are
+// in cache, one pass over the weight. More rows are bound by arithmetic: one
+// half at a time over all blocks, its accumulators held in registers.
 template <int Bits, int Group, int Rows, typename Out>
 inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile, int64_t m0,
                       int64_t n_out, Out* y) {
   const int64_t blocks = k / kBlock;
-  constexpr int kGroups = kBlock / Group;
-  __m256 acc[Rows][2];
-  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  Chunk chunks[kChunks];
-  const bool offset = w.offsets != nullptr;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t tile_block = tile * blocks + b;
-    unpack<Bits>(w, tile_block, chunks);
+  __m256 acc[2][Rows];
+  for (int r = 0; r < Rows; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+  if constexpr (Rows <= 2) {
+    for (int64_t b = 0; b < blocks; ++b)
+#pragma GCC unroll 2
+      for (int half = 0; half < 2; ++half)
+        block_rows<Bits, Group, Rows>(w, a, k, tile, b, m0, half, acc[half]);
+  } else {
     for (int half = 0; half < 2; ++half) {
-      const __m256 first_scales = tile_values(w.scales, w.fp16_scales, tile_block, kGroups, 0, half);
-      const __m256 second_scales =
-          kGroups == 2 ? tile_values(w.scales, w.fp16_scales, tile_block, kGroups, 1, half)
-                       : first_scales;
-      const __m256 zero = _mm256_setzero_ps();
-      const __m256 first_offsets =
-          offset ? tile_values(w.offsets, w.fp16_scales, tile_block, kGroups, 0, half) : zero;
-      const __m256 second_offsets =
-          offset && kGroups == 2
-              ? tile_values(w.offsets, w.fp16_scales, tile_block, kGroups, 1, half)
-              : first_offsets;
-      for (int r = 0; r < Rows; ++r) {
-        const int64_t row = m0 + r;
-        const int32_t* x4 = reinterpret_cast<const int32_t*>(a.codes + row * k + b * kBlock);
-        const int32_t* offsets = a.offsets + (row * blocks + b) * 2;
-        __m256i quarter[4];
-        for (int q = 0; q < 4; ++q) {
-          const int low = q < 2 ? q : q + 2;  // chunks 0, 1, 4, 5 start the chains
-          const __m256i* part = half == 0 ? &chunks[low].low : &chunks[low].high;
-          const __m256i* next = half == 0 ? &chunks[low + 2].low : &chunks[low + 2].high;
-          quarter[q] = _mm256_add_epi32(chunk_sums<Bits>(*part, _mm256_set1_epi32(x4[low])),
-                                        chunk_sums<Bits>(*next, _mm256_set1_epi32(x4[low + 2])));
-        }
-        __m256i first_half = _mm256_add_epi32(quarter[0], quarter[1]);
-        __m256i second_half = _mm256_add_epi32(quarter[2], quarter[3]);
-        if constexpr (Bits < 8) {  // 8-bit codes were multiplied signed: nothing to add back
-          first_half = _mm256_add_epi32(first_half, _mm256_set1_epi32(offsets[0]));
-          second_half = _mm256_add_epi32(second_half, _mm256_set1_epi32(offsets[1]));
-        }
-        const __m256 x_scale = _mm256_set1_ps(a.scales[row * blocks + b]);
-        __m256& out = acc[r][half];
-        const float* x_sums = a.sums + (row * blocks + b) * 2;
-        if constexpr (kGroups == 1) {
-          const __m256i sums = _mm256_add_epi32(first_half, second_half);
-          out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(first_scales, x_scale), out);
-          if (offset) out = _mm256_fmadd_ps(first_offsets, _mm256_set1_ps(x_sums[0] + x_sums[1]), out);
-        } else {
-          out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first_half),
-                                _mm256_mul_ps(first_scales, x_scale), out);
-          out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second_half),
-                                _mm256_mul_ps(second_scales, x_scale), out);
-          if (offset) {
-            out = _mm256_fmadd_ps(first_offsets, _mm256_set1_ps(x_sums[0]), out);
-            out = _mm256_fmadd_ps(second_offsets, _mm256_set1_ps(x_sums[1]), out);
-          }
-        }
-      }
+      __m256 sums[Rows];
+      for (int r = 0; r < Rows; ++r) sums[r] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b)
+        block_rows<Bits, Group, Rows>(w, a, k, tile, b, m0, half, sums);
+      for (int r = 0; r < Rows; ++r) acc[half][r] = sums[r];
     }
   }
   const int64_t n0 = tile * kTileRows;
   const int valid = static_cast<int>(n_out - n0 < kTileRows ? n_out - n0 : kTileRows);
   for (int r = 0; r < Rows; ++r) {
     alignas(32) float lanes[kTileRows];
-    _mm256_store_ps(lanes, acc[r][0]);
-    _mm256_store_ps(lanes + 8, acc[r][1]);
+    _mm256_store_ps(lanes, acc[0][r]);
+    _mm256_store_ps(lanes + 8, acc[1][r]);
     specray::store_lanes(lanes, y + (m0 + r) * n_out + n0, valid);
   }
 }
