@@ -133,6 +133,30 @@ def test_largest_codes_times_largest_activations_do_not_overflow(qtype: Q) -> No
             assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), (end, kernel.vnni)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 130])  # one thread, or the threads of a prefill
+def test_activations_round_half_to_even_on_their_block_scale(rows: int) -> None:
+    """Through a weight that copies input i to output i (8-bit codes, scale
+    1), the output is each activation as the kernel rounded it: ties go to
+    the even code, as torch.round does, in every block and row."""
+    ties = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 126.5, -126.5] + [0.25] * 22)
+    x = torch.stack([ties * (1 + row % 3) for row in range(rows)]).repeat(1, 2)
+    x[:, 32:] *= -0.5  # a second block, on its own scale
+    identity = GroupAffine(
+        codes=torch.eye(64, dtype=torch.int8),
+        scales=torch.ones(64, 2),
+        offsets=None,
+        group_size=32,
+        code_min=-128,
+        code_max=127,
+        kind="Q8_0",
+    )
+    scales = x.reshape(rows, 2, 32).abs().amax(-1, keepdim=True) / 127
+    want = (torch.round(x.reshape(rows, 2, 32) / scales) * scales).reshape(rows, 64)
+    assert want[0, 1] == 0 and want[0, 3] == 2 and want[0, 6] == -2  # the ties above
+    for kernel in _variants():
+        assert torch.equal(BlockWeights(identity, torch.float32, kernel)(x), want), kernel.vnni
+
+
 def test_bfloat16_in_and_out_rounds_once_at_the_end() -> None:
     matrix = _matrix(Q.Q5_0)
     x = _activations(5, 512, torch.bfloat16)

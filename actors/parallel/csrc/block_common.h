@@ -27,47 +27,61 @@ inline void store(float value, uint16_t* out) {
   *out = static_cast<uint16_t>(bits >> 16);
 }
 
-template <typename In>
-inline float load_value(const In* x, int64_t i);
-template <>
-inline float load_value(const float* x, int64_t i) { return x[i]; }
-template <>
-inline float load_value(const uint16_t* x, int64_t i) {
-  const uint32_t bits = static_cast<uint32_t>(x[i]) << 16;
-  float value;
-  memcpy(&value, &bits, sizeof value);
-  return value;
-}
-
-// Each 32-value block of each row to int8 on the scale max|x| / 127, rounded
-// half to even (torch.round); an all-zero block keeps scale 0.
-template <typename In>
-void quantize(const In* x, int64_t rows, int64_t k, int8_t* codes, float* scales) {
-  const int64_t blocks = k / kBlock;
-  for (int64_t row = 0; row < rows; ++row) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t start = row * k + b * kBlock;
-      float values[kBlock];
-      float largest = 0.0f;
-      for (int j = 0; j < kBlock; ++j) {
-        values[j] = load_value(x, start + j);
-        largest = std::fmax(largest, std::fabs(values[j]));
-      }
-      const float scale = largest / 127.0f;
-      scales[row * blocks + b] = scale;
-      const float divisor = scale > 0.0f ? scale : 1.0f;
-      for (int j = 0; j < kBlock; ++j)
-        codes[start + j] = static_cast<int8_t>(std::nearbyint(values[j] / divisor));
-    }
-  }
-}
-
 // Eight values widened to float32 lanes.
 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
 
 inline __m256 load8(const uint16_t* x) {
   const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+// Each 32-value block of each row to int8 on the scale max|x| / 127, rounded
+// half to even (torch.round: vcvtps2dq under the default rounding mode); an
+// all-zero block keeps scale 0. Also each half block's sum of codes, which
+// the matmuls need for the weights' offsets. Vectorised because a verify
+// of k rows rounds k times every activation of the model, on one thread
+// unless the rows are many (a prefill): scalar, that was a tenth of a
+// 9-row verify. IEEE division, so every code equals the scalar
+// nearbyint(x / scale).
+template <typename In>
+void quantize(const In* x, int64_t rows, int64_t k, int8_t* codes, float* scales,
+              int32_t* half_sums, int threads) {
+  const int64_t count = rows * (k / kBlock);
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  // Threads pay for themselves only on long runs of rows.
+  const int team = rows * k >= (int64_t{1} << 16) ? threads : 1;
+#pragma omp parallel for num_threads(team) schedule(static)
+  for (int64_t i = 0; i < count; ++i) {
+    __m256 values[4];
+    __m256 largest = _mm256_setzero_ps();
+    for (int q = 0; q < 4; ++q) {
+      values[q] = load8(x + i * kBlock + 8 * q);
+      // The running maximum second: a NaN lane keeps it, as std::fmax would.
+      largest = _mm256_max_ps(_mm256_and_ps(values[q], magnitude), largest);
+    }
+    __m128 folded = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
+    folded = _mm_max_ps(folded, _mm_movehl_ps(folded, folded));
+    folded = _mm_max_ss(folded, _mm_shuffle_ps(folded, folded, 1));
+    const float scale = _mm_cvtss_f32(folded) / 127.0f;
+    scales[i] = scale;
+    const __m256 divisor = _mm256_set1_ps(scale > 0.0f ? scale : 1.0f);
+    __m256i rounded[4];
+    for (int q = 0; q < 4; ++q) rounded[q] = _mm256_cvtps_epi32(_mm256_div_ps(values[q], divisor));
+    // |code| <= 127: the saturating packs are exact.
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(rounded[0], rounded[1]),
+                                             _mm256_packs_epi32(rounded[2], rounded[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i * kBlock),
+                        _mm256_permutevar8x32_epi32(bytes, order));
+    const __m256i first = _mm256_add_epi32(rounded[0], rounded[1]);
+    const __m256i second = _mm256_add_epi32(rounded[2], rounded[3]);
+    const __m256i pairs = _mm256_hadd_epi32(first, second);
+    const __m256i quads = _mm256_hadd_epi32(pairs, pairs);
+    const __m128i halves =
+        _mm_add_epi32(_mm256_castsi256_si128(quads), _mm256_extracti128_si256(quads, 1));
+    half_sums[2 * i] = _mm_cvtsi128_si32(halves);
+    half_sums[2 * i + 1] = _mm_extract_epi32(halves, 1);
+  }
 }
 
 // The eight lanes summed pairwise, in one fixed order.
@@ -110,22 +124,27 @@ inline void store_lanes(const float* lanes, Out* out, int valid) {
 }
 
 struct RoundedRows {
-  const int8_t* codes;  // [rows, k]
-  const float* scales;  // [rows, k / 32]
+  const int8_t* codes;       // [rows, k]
+  const float* scales;       // [rows, k / 32]
+  const int32_t* half_sums;  // [rows, k / 32, 2]: the sum of each half block's codes
 };
 
 // x's rows rounded per block, into this thread's buffers (reused by the
 // next call on the same thread).
-inline RoundedRows round_rows(const void* x, int x_dtype, int64_t rows, int64_t k) {
+inline RoundedRows round_rows(const void* x, int x_dtype, int64_t rows, int64_t k, int threads) {
   thread_local std::vector<int8_t> codes;
   thread_local std::vector<float> scales;
+  thread_local std::vector<int32_t> half_sums;
   codes.resize(static_cast<size_t>(rows * k));
   scales.resize(static_cast<size_t>(rows * (k / kBlock)));
+  half_sums.resize(static_cast<size_t>(rows * (k / kBlock) * 2));
   if (x_dtype == 0)
-    quantize(static_cast<const float*>(x), rows, k, codes.data(), scales.data());
+    quantize(static_cast<const float*>(x), rows, k, codes.data(), scales.data(),
+             half_sums.data(), threads);
   else
-    quantize(static_cast<const uint16_t*>(x), rows, k, codes.data(), scales.data());
-  return {codes.data(), scales.data()};
+    quantize(static_cast<const uint16_t*>(x), rows, k, codes.data(), scales.data(),
+             half_sums.data(), threads);
+  return {codes.data(), scales.data(), half_sums.data()};
 }
 
 // run(out as float*) for dtype 0 (float32), run(out as uint16_t*) for 1 (bfloat16).

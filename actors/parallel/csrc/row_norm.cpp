@@ -24,7 +24,6 @@
 namespace {
 
 using specray::load8;
-using specray::load_value;
 using specray::round_to;
 using specray::store8;
 using specray::sum8;

@@ -100,17 +100,25 @@ inline __m256i chunk_sums(const __m256i* codes, const int32_t* x4, int first) {
   return total;
 }
 
+// What a block's integer sums need to become values: the code offset
+// (code_min * the block's activation codes, in int32), the weight's float
+// offsets (offset * the block's activation sum), or both. Known per weight,
+// so the inner loop carries only the terms its format has.
+enum class Affine { kShifted, kOffsets, kBoth };
+
 // One block of rows 0-7 (half 0) or 8-15 (half 1) of tile t, for activation
 // rows [m0, m0 + Rows): added into sums[r]. Always inlined, so that the
 // caller's accumulators stay in registers.
-template <int Bits, int Group, int Rows>
+template <int Bits, int Group, int Rows, Affine Terms>
 __attribute__((always_inline)) inline void block_rows(const Tiles& w, const Rounded& a,
                                                       int64_t k, int64_t tile, int64_t b,
                                                       int64_t m0, int half, __m256* sums) {
   const int64_t blocks = k / kBlock;
   constexpr int kGroups = kBlock / Group;
+  // 8-bit codes were multiplied signed: nothing to add back.
+  constexpr bool kShift = Bits < 8 && Terms != Affine::kOffsets;
+  constexpr bool kOffset = Terms != Affine::kShifted;
   const int64_t tile_block = tile * blocks + b;
-  const bool offset = w.offsets != nullptr;
   __m256i codes[kChunks];
   unpack_half<Bits>(w, tile_block, half, codes);
   const __m256 first_scales = tile_values(w.scales, w.fp16_scales, tile_block, kGroups, 0, half);
@@ -119,41 +127,38 @@ __attribute__((always_inline)) inline void block_rows(const Tiles& w, const Roun
                    : first_scales;
   const __m256 zero = _mm256_setzero_ps();
   const __m256 first_offsets =
-      offset ? tile_values(w.offsets, w.fp16_scales, tile_block, kGroups, 0, half) : zero;
+      kOffset ? tile_values(w.offsets, w.fp16_scales, tile_block, kGroups, 0, half) : zero;
   const __m256 second_offsets =
-      offset && kGroups == 2
+      kOffset && kGroups == 2
           ? tile_values(w.offsets, w.fp16_scales, tile_block, kGroups, 1, half)
           : first_offsets;
+#pragma GCC unroll 8
   for (int r = 0; r < Rows; ++r) {
     const int64_t row = m0 + r;
+    const int64_t row_block = row * blocks + b;
     const int32_t* x4 = reinterpret_cast<const int32_t*>(a.codes + row * k + b * kBlock);
-    const int32_t* offsets = a.offsets + (row * blocks + b) * 2;
-    // 8-bit codes were multiplied signed: nothing to add back.
-    const int32_t first_offset = Bits < 8 ? offsets[0] : 0;
-    const int32_t second_offset = Bits < 8 ? offsets[1] : 0;
-    __m256i first_half, second_half;
-    if constexpr (kGroups == 1 && kChunksPerWiden<Bits> >= kChunks) {
-      first_half = chunk_sums<Bits, kChunks>(codes, x4, 0);
-      second_half = _mm256_set1_epi32(first_offset + second_offset);
-    } else {
-      first_half = _mm256_add_epi32(chunk_sums<Bits, kChunks / 2>(codes, x4, 0),
-                                    _mm256_set1_epi32(first_offset));
-      second_half = _mm256_add_epi32(chunk_sums<Bits, kChunks / 2>(codes, x4, kChunks / 2),
-                                     _mm256_set1_epi32(second_offset));
-    }
-    const __m256 x_scale = _mm256_set1_ps(a.scales[row * blocks + b]);
+    const __m256 x_scale = _mm256_set1_ps(a.scales[row_block]);
     __m256& out = sums[r];
-    const float* x_sums = a.sums + (row * blocks + b) * 2;
     if constexpr (kGroups == 1) {
-      const __m256i total = _mm256_add_epi32(first_half, second_half);
+      __m256i total = chunk_sums<Bits, kChunks>(codes, x4, 0);
+      if constexpr (kShift) total = _mm256_add_epi32(total, _mm256_set1_epi32(a.block_offsets[row_block]));
       out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(first_scales, x_scale), out);
-      if (offset) out = _mm256_fmadd_ps(first_offsets, _mm256_set1_ps(x_sums[0] + x_sums[1]), out);
+      if constexpr (kOffset)
+        out = _mm256_fmadd_ps(first_offsets, _mm256_set1_ps(a.block_sums[row_block]), out);
     } else {
+      __m256i first_half = chunk_sums<Bits, kChunks / 2>(codes, x4, 0);
+      __m256i second_half = chunk_sums<Bits, kChunks / 2>(codes, x4, kChunks / 2);
+      if constexpr (kShift) {
+        const int32_t* offsets = a.offsets + row_block * 2;
+        first_half = _mm256_add_epi32(first_half, _mm256_set1_epi32(offsets[0]));
+        second_half = _mm256_add_epi32(second_half, _mm256_set1_epi32(offsets[1]));
+      }
       out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first_half),
                             _mm256_mul_ps(first_scales, x_scale), out);
       out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second_half),
                             _mm256_mul_ps(second_scales, x_scale), out);
-      if (offset) {
+      if constexpr (kOffset) {
+        const float* x_sums = a.sums + row_block * 2;
         out = _mm256_fmadd_ps(first_offsets, _mm256_set1_ps(x_sums[0]), out);
         out = _mm256_fmadd_ps(second_offsets, _mm256_set1_ps(x_sums[1]), out);
       }
@@ -165,9 +170,9 @@ __attribute__((always_inline)) inline void block_rows(const Tiles& w, const Roun
 // rows are bound by memory: both halves of each block while its codes are
 // in cache, one pass over the weight. More rows are bound by arithmetic: one
 // half at a time over all blocks, its accumulators held in registers.
-template <int Bits, int Group, int Rows, typename Out>
-inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile, int64_t m0,
-                      int64_t n_out, Out* y) {
+template <int Bits, int Group, int Rows, Affine Terms, typename Out>
+inline void tile_terms(const Tiles& w, const Rounded& a, int64_t k, int64_t tile, int64_t m0,
+                       int64_t n_out, Out* y) {
   const int64_t blocks = k / kBlock;
   __m256 acc[2][Rows];
   for (int r = 0; r < Rows; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
@@ -175,13 +180,13 @@ inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile,
     for (int64_t b = 0; b < blocks; ++b)
 #pragma GCC unroll 2
       for (int half = 0; half < 2; ++half)
-        block_rows<Bits, Group, Rows>(w, a, k, tile, b, m0, half, acc[half]);
+        block_rows<Bits, Group, Rows, Terms>(w, a, k, tile, b, m0, half, acc[half]);
   } else {
     for (int half = 0; half < 2; ++half) {
       __m256 sums[Rows];
       for (int r = 0; r < Rows; ++r) sums[r] = _mm256_setzero_ps();
       for (int64_t b = 0; b < blocks; ++b)
-        block_rows<Bits, Group, Rows>(w, a, k, tile, b, m0, half, sums);
+        block_rows<Bits, Group, Rows, Terms>(w, a, k, tile, b, m0, half, sums);
       for (int r = 0; r < Rows; ++r) acc[half][r] = sums[r];
     }
   }
@@ -193,4 +198,15 @@ inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile,
     _mm256_store_ps(lanes + 8, acc[1][r]);
     specray::store_lanes(lanes, y + (m0 + r) * n_out + n0, valid);
   }
+}
+
+template <int Bits, int Group, int Rows, typename Out>
+inline void tile_rows(const Tiles& w, const Rounded& a, int64_t k, int64_t tile, int64_t m0,
+                      int64_t n_out, Out* y) {
+  if (w.offsets == nullptr)
+    tile_terms<Bits, Group, Rows, Affine::kShifted>(w, a, k, tile, m0, n_out, y);
+  else if (w.code_min == 0)
+    tile_terms<Bits, Group, Rows, Affine::kOffsets>(w, a, k, tile, m0, n_out, y);
+  else
+    tile_terms<Bits, Group, Rows, Affine::kBoth>(w, a, k, tile, m0, n_out, y);
 }

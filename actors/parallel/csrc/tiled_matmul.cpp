@@ -62,6 +62,8 @@ struct Rounded {
   const float* scales;     // [rows, k / 32]
   const int32_t* offsets;  // [rows, k / 32, 2]: code_min * sum of each half's codes
   const float* sums;       // [rows, k / 32, 2]: scale * sum of each half's codes
+  const int32_t* block_offsets;  // [rows, k / 32]: both halves' offsets added
+  const float* block_sums;       // [rows, k / 32]: both halves' sums added
 };
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -171,23 +173,26 @@ int specray_tiled_matmul(const void* x, int x_dtype, int64_t rows, int64_t k,
                          int bits, int group, int code_min, int64_t n_out, void* y, int y_dtype,
                          int threads) {
   if (k % kBlock || (group != 32 && group != 16)) return 1;
-  const specray::RoundedRows rounded = specray::round_rows(x, x_dtype, rows, k);
-  const int8_t* x_codes = rounded.codes;
-  thread_local std::vector<int32_t> offsets;
-  thread_local std::vector<float> sums;
-  const int64_t blocks = k / kBlock;
-  offsets.resize(static_cast<size_t>(rows * blocks * 2));
-  sums.resize(static_cast<size_t>(rows * blocks * 2));
-  for (int64_t i = 0; i < rows * blocks; ++i) {
+  const specray::RoundedRows rounded = specray::round_rows(x, x_dtype, rows, k, threads);
+  thread_local std::vector<int32_t> offsets, block_offsets;
+  thread_local std::vector<float> sums, block_sums;
+  const int64_t row_blocks = rows * (k / kBlock);
+  offsets.resize(static_cast<size_t>(row_blocks * 2));
+  sums.resize(static_cast<size_t>(row_blocks * 2));
+  block_offsets.resize(static_cast<size_t>(row_blocks));
+  block_sums.resize(static_cast<size_t>(row_blocks));
+  for (int64_t i = 0; i < row_blocks; ++i) {
     for (int half = 0; half < 2; ++half) {
-      int32_t sum = 0;
-      for (int j = 0; j < kBlock / 2; ++j) sum += x_codes[i * kBlock + half * (kBlock / 2) + j];
-      offsets[i * 2 + half] = code_min * sum;
-      sums[i * 2 + half] = rounded.scales[i] * static_cast<float>(sum);
+      offsets[2 * i + half] = code_min * rounded.half_sums[2 * i + half];
+      sums[2 * i + half] = rounded.scales[i] * static_cast<float>(rounded.half_sums[2 * i + half]);
     }
+    block_offsets[i] = offsets[2 * i] + offsets[2 * i + 1];
+    // The order in which the block's two products were added before.
+    block_sums[i] = sums[2 * i] + sums[2 * i + 1];
   }
   const Tiles w{nibbles, planes, codes, scales, weight_offsets, bits, group, code_min, fp16_scales};
-  const Rounded a{rounded.codes, rounded.scales, offsets.data(), sums.data()};
+  const Rounded a{rounded.codes, rounded.scales, offsets.data(), sums.data(), block_offsets.data(),
+                  block_sums.data()};
   return specray::with_dtype(y, y_dtype, [&](auto* out) {
     return group == 32 ? tiled_bits<32>(w, a, rows, k, n_out, out, threads)
                        : tiled_bits<16>(w, a, rows, k, n_out, out, threads);
