@@ -40,7 +40,7 @@ from specray.actors.engine.lifecycle import grammar_for, start_request
 from specray.actors.engine.request import GenerationRequest, RequestOutput
 from specray.actors.engine.scheduling import GammaScheduler
 from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
-from specray.actors.engine.verify_budget import BudgetSizing
+from specray.actors.engine.verify_budget import DEFAULT_FLOOR, BudgetSizing
 from specray.actors.model.config import ModelConfig
 from specray.actors.sampling.grammar import GrammarCompiler
 from specray.cluster.draft_pool import DraftPool, DraftPoolConfig
@@ -79,6 +79,9 @@ class RouterConfig:
     max_batched_tokens: int | None = DEFAULT_MAX_BATCHED_TOKENS
     # How the verify budget sizes a batch: "fresh" or "stale" (verify_budget.py).
     budget_sizing: BudgetSizing = "fresh"
+    # The least share of its rate without speculation the verify budget
+    # leaves any request of a batch; 0: off (verify_budget.py).
+    budget_floor: float = DEFAULT_FLOOR
     overlap: bool = False  # two micro-batches: one drafts while the other verifies
     # Admit a request where its prefix is likely cached (cluster/affinity.py);
     # False: on the least occupied target replica.
@@ -171,6 +174,7 @@ class Router:
             config.adaptive,
             max_batched_tokens=config.max_batched_tokens,
             budget_sizing=config.budget_sizing,
+            budget_floor=config.budget_floor,
         )
         scheduler.costs.overlap = config.overlap
         lanes = Lanes(

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from specray.actors.drafting.spec import DRAFTER_KINDS, MODEL_KINDS, DrafterSpec
 from specray.actors.engine.factory import EngineSpec
 from specray.actors.engine.feeds import DEFAULT_MAX_BATCHED_TOKENS
-from specray.actors.engine.verify_budget import BudgetSizing
+from specray.actors.engine.verify_budget import DEFAULT_FLOOR, BudgetSizing
 from specray.actors.model.weight_plan import WeightPlan
 from specray.deploy.auth import TlsFiles
 from specray.deploy.backend import ModelInfo
@@ -144,6 +144,14 @@ class RouterSettings(BaseModel):
         "round's survivals) or stale (last round's, so the batch shape is known before "
         "drafting; DSpark's production setting)",
     )
+    budget_floor: float = Field(
+        DEFAULT_FLOOR,
+        ge=0.0,
+        le=1.0,
+        description="the least share of its rate without speculation the verify budget leaves "
+        "any request of a batch: drafts whose verification would slow a request that gains "
+        "nothing from them (or a prefill) below it are not verified; 0 turns it off",
+    )
     overlap: bool = Field(False, description="two micro-batches: draft one, verify the other")
     num_slots: int = Field(8, ge=1, description="requests one target replica batches (max_batch)")
     max_len: int = Field(4096, ge=2, description="KV cache length: prompt + output")
@@ -246,6 +254,7 @@ class ServeConfig(BaseModel):
     k: int = Field(4, ge=0, description="draft tokens per round, or its ceiling")
     adaptive: bool = True
     budget_sizing: BudgetSizing = Field("fresh", description="as the router's")
+    budget_floor: float = Field(DEFAULT_FLOOR, ge=0.0, le=1.0, description="as the router's")
     max_batch: int = Field(8, ge=1)
     max_len: int = Field(4096, ge=2, description="KV cache length: prompt + output")
     max_num_batched_tokens: int | None = Field(
@@ -323,6 +332,7 @@ class ServeConfig(BaseModel):
             num_speculative_tokens=self.k,
             adaptive=self.adaptive,
             budget_sizing=self.budget_sizing,
+            budget_floor=self.budget_floor,
             max_batch=self.max_batch,
             max_len=self.max_len,
             max_batched_tokens=self.max_num_batched_tokens,

@@ -267,6 +267,7 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
         num_speculative_tokens=settings.k,
         adaptive=settings.adaptive,
         budget_sizing=settings.budget_sizing,
+        budget_floor=settings.budget_floor,
         max_batched_tokens=settings.max_num_batched_tokens,
         overlap=settings.overlap,
         prefix_affinity=settings.prefix_affinity,

@@ -4,6 +4,8 @@ a batch sized from survivals one round old."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from specray.actors.drafting.base import DraftPaths, DraftProposal
@@ -13,6 +15,7 @@ from specray.actors.engine.gamma import SurvivalEstimate
 from specray.actors.engine.lifecycle import start_request
 from specray.actors.engine.request import DraftState, GenerationRequest, RunningRequest
 from specray.actors.engine.scheduling import GammaScheduler
+from specray.actors.engine.verify_budget import BudgetSizing
 from specray.actors.sampling.params import StoppingCriteria
 
 BLOCK = DraftPaths(model=True, lookup=False, block=5, reads_prompt=False)
@@ -53,11 +56,16 @@ def _kept(scheduler: GammaScheduler, drafts: list[DraftProposal]) -> list[int]:
     return [len(d) for d in scheduler.trim(batch, drafts)]
 
 
+def _throughput(paths: DraftPaths, sizing: BudgetSizing = "fresh") -> GammaScheduler:
+    """Algorithm 1 alone: no floor for the requests that gain nothing."""
+    return GammaScheduler(paths, costs=_costs(), budget_sizing=sizing, budget_floor=0.0)
+
+
 def test_blocks_of_several_requests_are_ranked_jointly() -> None:
     """Survivals 0.95^k beat the batch's rate all the way; 0.3 never does:
     the confident block is verified whole and the weak one not at all, the
     same cut as Algorithm 1 on the two blocks' survival products."""
-    scheduler = GammaScheduler(BLOCK, costs=_costs())
+    scheduler = _throughput(BLOCK)
     assert _kept(scheduler, [_block(0.95), _block(0.3)]) == [5, 0]
     products = [[0.95 ** (k + 1) for k in range(5)], [0.3 ** (k + 1) for k in range(5)]]
     assert budget_tokens(products, Baseline(2, 2.0, scheduler.costs.verify.seconds)) == [5, 0]
@@ -67,8 +75,28 @@ def test_blocks_of_several_requests_are_ranked_jointly() -> None:
     assert _kept(scheduler, [_block(0.8)]) == expected and 0 < expected[0] < 5
 
 
+def test_the_default_floor_keeps_the_weak_request_from_paying_for_the_sure_one() -> None:
+    """The same two blocks under the default floor: five more tokens would
+    double the round, and the request whose block is cut would decode at
+    half its rate, so neither is verified; a block that costs the round
+    less than 1 / 0.95 of its time is (verifying 2 tokens costs 1 here, a
+    third 1.2: past the floor; on a verify whose rows are nearly free, as
+    on a GPU, it is not)."""
+    assert _kept(GammaScheduler(BLOCK, costs=_costs()), [_block(0.95), _block(0.3)]) == [0, 0]
+    flat = RoundCostModel()
+    flat.verify.set_profile([(2, 1.0), (12, 1.04)])
+    kept = _kept(GammaScheduler(BLOCK, costs=flat), [_block(0.95), _block(0.3)])
+    assert kept[0] == 5
+
+
+def test_a_floor_outside_zero_to_one_is_refused_by_name() -> None:
+    message = "budget floor must be in [0, 1] (0: off), got 1.5"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GammaScheduler(BLOCK, budget_floor=1.5)
+
+
 def test_without_a_confidence_head_the_measured_acceptance_ranks() -> None:
-    scheduler = GammaScheduler(BLOCK, costs=_costs())
+    scheduler = _throughput(BLOCK)
     batch = [_decoding("sure", alpha=0.95), _decoding("unsure", alpha=0.2)]
     plain = DraftProposal([5, 6, 7, 8, 9])
     assert [len(d) for d in scheduler.trim(batch, [plain, plain])] == [5, 0]
@@ -97,8 +125,8 @@ def test_stale_sizing_keeps_last_rounds_size_and_ranks_fresh_survivals() -> None
     """Round one: one confident block, one weak, five tokens admitted. Round
     two both blocks are weak; fresh sizing admits none, stale sizing still
     verifies five, the five likeliest of the fresh survivals."""
-    fresh = GammaScheduler(BLOCK, costs=_costs())
-    stale = GammaScheduler(BLOCK, costs=_costs(), budget_sizing="stale")
+    fresh = _throughput(BLOCK)
+    stale = _throughput(BLOCK, "stale")
     batches = {"fresh": [_decoding("a"), _decoding("b")], "stale": [_decoding("a"), _decoding("b")]}
     for name, scheduler in (("fresh", fresh), ("stale", stale)):
         first = scheduler.trim(batches[name], [_block(0.95), _block(0.3)])

@@ -17,7 +17,9 @@ adaptive γ by 2-4x on verbatim edits.
 :func:`budget_tokens` is DSpark's Algorithm 1 over those survivals: start
 from plain decoding, admit tokens in descending survival (a parent before
 its children, since survival never grows down a path), and keep the prefix
-with the most expected tokens per second under the measured verify cost.
+with the most expected tokens per second under the measured verify cost,
+among those that leave no request of the batch below a floor of the rate
+it gets without them (:class:`Floor`).
 Drafts already paid for by a model step stay; the budget trims copies,
 which cost nothing to propose, so a lookup drafter is asked for its ceiling
 and the budget decides afterwards. The choice reads only the drafts and
@@ -244,8 +246,49 @@ class Baseline:
     verify_seconds: Callable[[int], float]
 
 
+@dataclass(frozen=True)
+class Floor:
+    """The least share ``rate`` of its rate without the ranked drafts that
+    the budget leaves any request of the batch, in expected tokens per
+    second: a prefix whose verification would slow some request below it
+    is not admitted.
+
+    Admitted tokens lengthen the round for every request in it, and those
+    whose own drafts gain nothing pay for the others'. Throughput alone
+    does not see them: on a compute-bound CPU at concurrency 16 the batch
+    verified about two rows per request, the requests it drafted for
+    finished early, and the one with nothing to copy, now alone on the
+    critical path, took 1.7x as long a round and finished last, so
+    sixteen requests took longer with speculation than without
+    (docs/drafting.md, "The floor"). Alone in a batch, a request is never
+    held back: any prefix that raises its rate keeps it above the floor.
+
+    ``bystanders``: requests of the batch that no ranked token speeds up
+    (prefilling, drafting nothing, or verifying a chained model's draft
+    whole); any of them holds the round to ``1 / rate`` of its time.
+    ``sunk_seconds``: the round's seconds that the baseline's
+    ``verify_seconds`` leaves out (a prefill's share), which every request
+    of the round waits for too.
+    """
+
+    rate: float
+    bystanders: int = 0
+    sunk_seconds: float = 0.0
+
+    def allows(self, base: Baseline, seconds: float, slowest_gain: float) -> bool:
+        """Whether a round of ``seconds`` (as ``base.verify_seconds`` counts
+        them) keeps every request above the floor, ``slowest_gain`` being
+        the least expected tokens a ranked request gains from the prefix."""
+        slowest = 1.0 if self.bystanders else 1.0 + slowest_gain
+        reference = base.verify_seconds(base.tokens) + self.sunk_seconds
+        return (seconds + self.sunk_seconds) * self.rate <= reference * slowest
+
+
 def budget_tokens(
-    node_survivals: Sequence[Sequence[float]], base: Baseline, size: int | None = None
+    node_survivals: Sequence[Sequence[float]],
+    base: Baseline,
+    size: int | None = None,
+    floor: Floor | None = None,
 ) -> list[int]:
     """How many leading tokens of each request's draft to verify.
 
@@ -253,21 +296,24 @@ def budget_tokens(
     (in draft order; a token's ancestors come before it). Admitting a token
     adds one verified token and its survival to the expected tokens; the
     best prefix of the admission order wins, the empty one (``base`` alone)
-    included. ``size``: admit that many instead (all there are, if fewer),
-    in the same order: a budget sized beforehand by :func:`budget_size`.
+    included, among those ``floor`` allows (None: all). ``size``: admit that
+    many instead (all there are, if fewer), in the same order: a budget
+    sized beforehand by :func:`budget_size`.
     """
     candidates = _admission_order(node_survivals)
     if size is None:
-        size = _best_prefix(candidates, base)
+        size = _best_prefix(candidates, base, len(node_survivals), floor)
     counts = [0] * len(node_survivals)
     for _, i, q in candidates[:size]:
         counts[q] = max(counts[q], i + 1)
     return counts
 
 
-def budget_size(node_survivals: Sequence[Sequence[float]], base: Baseline) -> int:
+def budget_size(
+    node_survivals: Sequence[Sequence[float]], base: Baseline, floor: Floor | None = None
+) -> int:
     """How many draft tokens :func:`budget_tokens` admits, in all."""
-    return _best_prefix(_admission_order(node_survivals), base)
+    return _best_prefix(_admission_order(node_survivals), base, len(node_survivals), floor)
 
 
 def _admission_order(
@@ -280,15 +326,30 @@ def _admission_order(
     )
 
 
-def _best_prefix(candidates: Sequence[tuple[float, int, int]], base: Baseline) -> int:
-    """The admitted prefix of ``candidates`` with the most expected tokens per second."""
+def _best_prefix(
+    candidates: Sequence[tuple[float, int, int]],
+    base: Baseline,
+    requests: int,
+    floor: Floor | None,
+) -> int:
+    """The admitted prefix of ``candidates`` with the most expected tokens
+    per second that ``floor`` allows."""
     best = base.expected / max(base.verify_seconds(base.tokens), 1e-12)
     taken_best = 0
     expected, verified = base.expected, base.tokens
-    for taken, (neg_survival, _, _) in enumerate(candidates, 1):
+    gains = [0.0] * requests  # per ranked request, the expected tokens admitted
+    admitted = [0] * requests
+    idle = requests  # ranked requests with nothing admitted yet
+    for taken, (neg_survival, _, q) in enumerate(candidates, 1):
         expected -= neg_survival
         verified += 1
-        rate = expected / max(base.verify_seconds(verified), 1e-12)
-        if rate > best:
+        gains[q] -= neg_survival
+        idle -= admitted[q] == 0
+        admitted[q] += 1
+        seconds = base.verify_seconds(verified)
+        rate = expected / max(seconds, 1e-12)
+        if rate > best and (
+            floor is None or floor.allows(base, seconds, 0.0 if idle else min(gains))
+        ):
             best, taken_best = rate, taken
     return taken_best

@@ -31,7 +31,7 @@ from specray.actors.engine.request import GenerationRequest, RequestOutput, Runn
 from specray.actors.engine.round import speculative_round
 from specray.actors.engine.scheduling import GammaScheduler
 from specray.actors.engine.target import Target, VerifyInput, VerifyOutput
-from specray.actors.engine.verify_budget import BudgetSizing
+from specray.actors.engine.verify_budget import DEFAULT_FLOOR, BudgetSizing
 from specray.actors.sampling.grammar import GrammarCompiler, GrammarMatcher
 from specray.actors.workers.draft_worker import DraftWorker
 
@@ -48,6 +48,9 @@ class EngineConfig:
     max_batched_tokens: int | None = None
     # How the verify budget sizes a batch: "fresh" or "stale" (verify_budget.py).
     budget_sizing: BudgetSizing = "fresh"
+    # The least share of its rate without speculation the verify budget
+    # leaves any request of a batch; 0: off (verify_budget.py).
+    budget_floor: float = DEFAULT_FLOOR
 
 
 class LocalDrafting:
@@ -117,6 +120,7 @@ class SpecEngine:
             costs,
             self.config.max_batched_tokens,
             self.config.budget_sizing,
+            self.config.budget_floor,
         )
         # Prefix cache lookups so far, in tokens: offered, and found cached.
         self.prefix_queries = 0

@@ -15,7 +15,7 @@ from specray.actors.engine.feeds import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.profile import profile_costs
 from specray.actors.engine.target import LocalTarget, Target
 from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
-from specray.actors.engine.verify_budget import BudgetSizing
+from specray.actors.engine.verify_budget import DEFAULT_FLOOR, BudgetSizing
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.model.prefix_cache import prefix_tokens
@@ -40,6 +40,7 @@ class EngineSpec:
     # quarter of the KV slots' positions, 0: no prefix caching.
     prefix_cache_tokens: int | None = None
     budget_sizing: BudgetSizing = "fresh"  # how the verify budget sizes a batch (verify_budget.py)
+    budget_floor: float = DEFAULT_FLOOR  # least share of its plain rate a request keeps
     home: Path | None = None
 
     @property
@@ -91,6 +92,7 @@ def build_engine(spec: EngineSpec, target: Target | None = None) -> LoadedEngine
             spec.adaptive,
             spec.max_batched_tokens,
             spec.budget_sizing,
+            spec.budget_floor,
         ),
         costs,
         grammars=GrammarCompiler(tokenizer, config.vocab_size),

@@ -25,7 +25,7 @@ from specray.actors.engine.gamma import (
 from specray.actors.engine.lifecycle import gamma_limit
 from specray.actors.engine.probe import ModelProbe
 from specray.actors.engine.request import DraftState, RunningRequest
-from specray.actors.engine.verify_budget import BudgetSizing, VerifyBudget
+from specray.actors.engine.verify_budget import DEFAULT_FLOOR, BudgetSizing, VerifyBudget
 
 
 def waits_for_first_token(run: RunningRequest) -> bool:
@@ -50,7 +50,9 @@ class GammaScheduler:
     round (vLLM's ``max_num_batched_tokens``): prompts prefill in chunks
     that ride alongside the requests that decode (see :meth:`assign_feeds`);
     None feeds every prompt whole. ``budget_sizing``: how the verify
-    budget sizes a batch (:mod:`specray.actors.engine.verify_budget`).
+    budget sizes a batch, and ``budget_floor`` the least share of its
+    rate without speculation it leaves any request of one
+    (:mod:`specray.actors.engine.verify_budget`).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class GammaScheduler:
         costs: RoundCostModel | None = None,
         max_batched_tokens: int | None = None,
         budget_sizing: BudgetSizing = "fresh",
+        budget_floor: float = DEFAULT_FLOOR,
     ) -> None:
         if max_batched_tokens is not None and max_batched_tokens < 1:
             raise ValueError(f"max_batched_tokens must be >= 1, got {max_batched_tokens}")
@@ -69,7 +72,7 @@ class GammaScheduler:
         self.max_batched_tokens = max_batched_tokens
         # Per drafting path, the prior of new requests.
         self._pool = {"lookup": SurvivalEstimate(decay=0.98), "model": SurvivalEstimate(decay=0.98)}
-        self.budget = VerifyBudget(self.costs, self.block, budget_sizing)
+        self.budget = VerifyBudget(self.costs, self.block, budget_sizing, budget_floor)
         self._probe = ModelProbe()
         # What a chained model's confidences are worth, for its stop rule.
         self.calibration = ConfidenceCalibration()

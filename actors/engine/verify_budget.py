@@ -25,6 +25,11 @@ fresh ones into it (DSpark §5.2: the verify shape is then known before the
 drafts come back, which a GPU target uses to launch a captured graph of that
 size). A request's first ranked round has no older survivals and sizes with
 its fresh ones.
+
+Floor. Admitted tokens lengthen the round for every request of the batch,
+so the budget admits no prefix that would leave a request (one with nothing
+ranked, or a prefill) below ``floor`` of its rate without them
+(:class:`~specray.actors.engine.budget.Floor`); 0 turns that off.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from specray.actors.drafting.base import DraftProposal
 from specray.actors.engine.budget import (
     Baseline,
     CopyDepths,
+    Floor,
     Hindsight,
     ProposedCopy,
     budget_size,
@@ -50,6 +56,9 @@ from specray.actors.engine.request import RunningRequest
 
 BudgetSizing = Literal["fresh", "stale"]
 SIZINGS: tuple[str, ...] = get_args(BudgetSizing)
+# No request of a batch below 0.95 of its rate without the ranked drafts:
+# the issue's floor for speculation as a whole, kept per request and round.
+DEFAULT_FLOOR = 0.95
 
 
 class VerifyBudget:
@@ -60,13 +69,17 @@ class VerifyBudget:
         costs: RoundCostModel,
         block: int = 1,
         sizing: BudgetSizing = "fresh",
+        floor: float = DEFAULT_FLOOR,
     ) -> None:
         """``block``: drafts one model step yields."""
         if sizing not in SIZINGS:
             raise ValueError(f"budget sizing must be one of {', '.join(SIZINGS)}, got {sizing!r}")
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"budget floor must be in [0, 1] (0: off), got {floor}")
         self.costs = costs
         self.block = block
         self.sizing = sizing
+        self.floor = floor
         self.copies = CopyDepths()  # how copies fared, judged in hindsight
         self.calibration = SurvivalCalibration()  # what the copies' survivals meant
 
@@ -99,6 +112,10 @@ class VerifyBudget:
             )
             # A prefill's tokens are verified whatever is drafted (see schedule_gammas).
             base = Baseline(verified, expected, self.verify_beyond(feeds, decoding))
+            floor = None
+            if self.floor > 0:
+                bystanders = len(idx) - len(ranked)
+                floor = Floor(self.floor, bystanders, self.sunk_seconds(feeds, decoding))
             fresh = [self.survivals(batch[i], drafts[i], copies[i]) for i in ranked]
             size = None
             if self.sizing == "stale":
@@ -106,8 +123,8 @@ class VerifyBudget:
                     batch[i].draft.last_survivals or now
                     for i, now in zip(ranked, fresh, strict=True)
                 ]
-                size = budget_size(older, base)
-            counts = budget_tokens(fresh, base, size)
+                size = budget_size(older, base, floor)
+            counts = budget_tokens(fresh, base, size, floor)
             for i, now, count in zip(ranked, fresh, counts, strict=True):
                 kept[i] = drafts[i].clipped(count)
                 batch[i].draft.last_survivals = now
