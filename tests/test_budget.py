@@ -14,6 +14,7 @@ from specray.actors.engine.budget import (
     DepthAcceptance,
     Floor,
     Hindsight,
+    Pace,
     ProposedCopy,
     budget_tokens,
     survivals,
@@ -116,10 +117,12 @@ def test_the_floor_keeps_a_bystander_from_paying_for_the_others_drafts() -> None
     sure = [[0.99] * 2 for _ in range(15)]
     base = Baseline(16, 16.0, _rows)
     assert sum(budget_tokens(sure, base)) == 30
-    floored = budget_tokens(sure, base, floor=Floor(0.95, bystanders=1))
+    floored = budget_tokens(sure, base, floor=Floor(0.95, bystanders=[Pace()]))
     # 17 units of round * (1 / 0.95) allows 0.89 more units: no whole row.
     assert floored == [0] * 15
-    roomy = budget_tokens(sure, Baseline(16, 16.0, lambda n: 10.0 + n), floor=Floor(0.95, 1))
+    roomy = budget_tokens(
+        sure, Baseline(16, 16.0, lambda n: 10.0 + n), floor=Floor(0.95, bystanders=[Pace()])
+    )
     # 26 units * (1 / 0.95) allows 1.36 more: one row, to the likeliest token.
     assert sum(roomy) == 1
 
@@ -159,8 +162,26 @@ def test_the_floor_counts_the_prefill_share_the_baseline_leaves_out() -> None:
     round, so the same drafts lengthen it by a smaller share."""
     sure = [[0.99] * 3]
     base = Baseline(2, 2.0, _rows)
-    assert budget_tokens(sure, base, floor=Floor(0.95, bystanders=1)) == [0]
-    assert budget_tokens(sure, base, floor=Floor(0.95, bystanders=1, sunk_seconds=40.0)) == [2]
+    assert budget_tokens(sure, base, floor=Floor(0.95, bystanders=[Pace()])) == [0]
+    assert budget_tokens(sure, base, floor=Floor(0.95, bystanders=[Pace()], sunk_seconds=40.0)) == [
+        2
+    ]
+
+
+def test_a_request_ahead_of_its_plain_pace_carries_the_others_drafts() -> None:
+    """The floor holds over a request's decode so far: a bystander whose own
+    copies earlier committed 30 tokens in 10 rounds of 17 units (plain
+    pace: 10 rounds) lets the batch admit the others' sure copies; one
+    that has only ever decoded a token a round does not."""
+    sure = [[0.99] * 2 for _ in range(15)]
+    base = Baseline(16, 16.0, _rows)
+    ahead = Pace(rounds=10, tokens=30.0, seconds=170.0, plain_seconds=170.0)
+    level = Pace(rounds=10, tokens=10.0, seconds=170.0, plain_seconds=170.0)
+    assert sum(budget_tokens(sure, base, floor=Floor(0.95, bystanders=[ahead]))) == 30
+    assert sum(budget_tokens(sure, base, floor=Floor(0.95, bystanders=[level]))) == 0
+    # Its pace moves on with each round priced and committed.
+    level.advance(1, 17.0, 17.0)
+    assert (level.rounds, level.tokens, level.seconds) == (11, 11.0, 187.0)
 
 
 def test_hindsight_judges_a_copy_as_its_tokens_commit() -> None:

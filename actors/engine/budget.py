@@ -246,42 +246,89 @@ class Baseline:
     verify_seconds: Callable[[int], float]
 
 
+@dataclass
+class Pace:
+    """A request's decode so far as the verify cost prices it: the
+    ``rounds`` it took part in, the ``tokens`` they committed, their
+    ``seconds``, and ``plain_seconds``, what the same rounds would have
+    taken with no ranked draft admitted. Its rate without speculation is a
+    token per plain round, ``rounds / plain_seconds``; with it,
+    ``tokens / seconds``."""
+
+    rounds: int = 0
+    tokens: float = 0.0
+    seconds: float = 0.0
+    plain_seconds: float = 0.0
+
+    def advance(self, tokens: int, seconds: float, plain_seconds: float) -> None:
+        """One more round: ``tokens`` in ``seconds`` (``plain_seconds`` without drafts)."""
+        self.rounds += 1
+        self.tokens += tokens
+        self.seconds += seconds
+        self.plain_seconds += plain_seconds
+
+    def longest_round(self, expected: float, plain_seconds: float, rate: float) -> float:
+        """The longest next round, expected to commit ``expected`` tokens
+        (``plain_seconds`` without drafts), that keeps the request at
+        ``rate`` or more of its rate without speculation, rounds so far
+        included."""
+        return (self.tokens + expected) * (self.plain_seconds + plain_seconds) / (
+            rate * (self.rounds + 1)
+        ) - self.seconds
+
+
 @dataclass(frozen=True)
 class Floor:
     """The least share ``rate`` of its rate without the ranked drafts that
-    the budget leaves any request of the batch, in expected tokens per
-    second: a prefix whose verification would slow some request below it
-    is not admitted.
+    the budget leaves any request of the batch over its decode so far, in
+    expected tokens per second: a prefix whose verification would slow some
+    request below it is not admitted.
 
     Admitted tokens lengthen the round for every request in it, and those
     whose own drafts gain nothing pay for the others'. Throughput alone
     does not see them: on a compute-bound CPU at concurrency 16 the batch
     verified about two rows per request, the requests it drafted for
-    finished early, and the one with nothing to copy, now alone on the
-    critical path, took 1.7x as long a round and finished last, so
-    sixteen requests took longer with speculation than without
-    (docs/drafting.md, "The floor"). Alone in a batch, a request is never
-    held back: any prefix that raises its rate keeps it above the floor.
+    finished early, and the one with nothing to copy, alone on the critical
+    path, took rounds 1.7x as long and finished last, so sixteen requests
+    took longer with speculation than without (docs/drafting.md, "The
+    floor"). Over the decode so far (:class:`Pace`), not per round: a
+    request its own copies put ahead can carry the others' for a while, and
+    held to the floor in every round, a batch where one request had nothing
+    to copy verified no drafts at all and paid for drafting anyway (a
+    request alone in its batch pays only for its own drafts, and the
+    budget sets it no floor).
 
-    ``bystanders``: requests of the batch that no ranked token speeds up
+    ``paces``: the ranked requests', in the order of their survivals;
+    ``bystanders``: those of requests no ranked token speeds up
     (prefilling, drafting nothing, or verifying a chained model's draft
-    whole); any of them holds the round to ``1 / rate`` of its time.
-    ``sunk_seconds``: the round's seconds that the baseline's
-    ``verify_seconds`` leaves out (a prefill's share), which every request
-    of the round waits for too.
+    whole), each expected to commit one token. ``sunk_seconds``: the
+    round's seconds that the baseline's ``verify_seconds`` leaves out (a
+    prefill's share), which every request of the round waits for too.
     """
 
     rate: float
-    bystanders: int = 0
+    paces: Sequence[Pace] = ()
+    bystanders: Sequence[Pace] = ()
     sunk_seconds: float = 0.0
 
-    def allows(self, base: Baseline, seconds: float, slowest_gain: float) -> bool:
-        """Whether a round of ``seconds`` (as ``base.verify_seconds`` counts
-        them) keeps every request above the floor, ``slowest_gain`` being
-        the least expected tokens a ranked request gains from the prefix."""
-        slowest = 1.0 if self.bystanders else 1.0 + slowest_gain
-        reference = base.verify_seconds(base.tokens) + self.sunk_seconds
-        return (seconds + self.sunk_seconds) * self.rate <= reference * slowest
+    def limits(self, base: Baseline, requests: int) -> tuple[float, list[float]]:
+        """The longest round the bystanders allow, and each of the
+        ``requests`` ranked ones with nothing admitted, as
+        ``base.verify_seconds`` counts seconds."""
+        plain = self.plain_seconds(base)
+        by = [p.longest_round(1.0, plain, self.rate) for p in self.bystanders]
+        return min(by, default=float("inf")) - self.sunk_seconds, [
+            self.ranked_limit(base, q, 0.0) for q in range(requests)
+        ]
+
+    def ranked_limit(self, base: Baseline, q: int, gain: float) -> float:
+        """The longest round ranked request ``q`` allows, gaining ``gain`` tokens."""
+        pace = self.paces[q] if q < len(self.paces) else Pace()
+        plain = self.plain_seconds(base)
+        return pace.longest_round(1.0 + gain, plain, self.rate) - self.sunk_seconds
+
+    def plain_seconds(self, base: Baseline) -> float:
+        return base.verify_seconds(base.tokens) + self.sunk_seconds
 
 
 def budget_tokens(
@@ -338,18 +385,19 @@ def _best_prefix(
     taken_best = 0
     expected, verified = base.expected, base.tokens
     gains = [0.0] * requests  # per ranked request, the expected tokens admitted
-    admitted = [0] * requests
-    idle = requests  # ranked requests with nothing admitted yet
+    bystanders, limits = (
+        floor.limits(base, requests)
+        if floor is not None
+        else (float("inf"), [float("inf")] * requests)
+    )
     for taken, (neg_survival, _, q) in enumerate(candidates, 1):
         expected -= neg_survival
         verified += 1
         gains[q] -= neg_survival
-        idle -= admitted[q] == 0
-        admitted[q] += 1
+        if floor is not None:
+            limits[q] = floor.ranked_limit(base, q, gains[q])
         seconds = base.verify_seconds(verified)
         rate = expected / max(seconds, 1e-12)
-        if rate > best and (
-            floor is None or floor.allows(base, seconds, 0.0 if idle else min(gains))
-        ):
+        if rate > best and seconds <= min(bystanders, min(limits)):
             best, taken_best = rate, taken
     return taken_best

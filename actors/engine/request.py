@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specray.actors.drafting.base import DraftStop, DraftUpdate
-from specray.actors.engine.budget import DepthAcceptance, Hindsight, ProposedCopy
+from specray.actors.engine.budget import DepthAcceptance, Hindsight, Pace, ProposedCopy
 from specray.actors.engine.errors import RequestRejectedError
 from specray.actors.engine.gamma import SurvivalEstimate
 from specray.actors.engine.stopping import FinishReason, StopChecker
@@ -133,6 +133,11 @@ class DraftState:
     proposed: list[ProposedCopy] = field(default_factory=list)  # copies not yet judged
     # Survivals of its last ranked draft: what a stale-sized budget sizes by.
     last_survivals: list[float] | None = None
+    # Its decode so far as the verify cost prices it, which the budget's
+    # floor keeps near its pace without speculation; and this round's
+    # priced seconds, with and without the drafts admitted.
+    pace: Pace = field(default_factory=Pace)
+    round_seconds: tuple[float, float] | None = None
 
     @property
     def most(self) -> int:

@@ -343,6 +343,7 @@ class GammaScheduler:
         priors), what a chained model's confidences were worth, and how far
         its drafter now lags."""
         state = run.draft
+        self.budget.settle(run, len(update.new_token_ids))
         if draft.confidence is not None and not draft.from_lookup and self.block == 1:
             self.calibration.observe(draft.confidence, update.num_accepted)
         if len(draft):

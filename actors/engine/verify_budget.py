@@ -28,8 +28,10 @@ its fresh ones.
 
 Floor. Admitted tokens lengthen the round for every request of the batch,
 so the budget admits no prefix that would leave a request (one with nothing
-ranked, or a prefill) below ``floor`` of its rate without them
-(:class:`~specray.actors.engine.budget.Floor`); 0 turns that off.
+ranked, or a prefill) below ``floor`` of its rate without them, over its
+decode so far as the verify cost prices each round
+(:class:`~specray.actors.engine.budget.Floor`, :class:`~specray.actors.engine.budget.Pace`);
+a request alone in its batch has no floor, and 0 turns it off.
 """
 
 from __future__ import annotations
@@ -100,11 +102,14 @@ class VerifyBudget:
                 groups.setdefault(run.target, []).append(i)
         for idx in groups.values():
             ranked = [i for i in idx if self.ranks(drafts[i]) and not batch[i].fixed]
-            if not ranked:
-                continue
             decoding = sum(not batch[i].prefilling for i in idx)
             feeds = sum(batch[i].feed_cost for i in idx)
             verified = feeds + sum(len(drafts[i]) for i in idx if i not in ranked)
+            sunk = self.sunk_seconds(feeds, decoding)
+            plain = self.verify_beyond(feeds, decoding)(verified) + sunk
+            if not ranked:
+                self._price(batch, idx, plain, plain)
+                continue
             expected = float(decoding) + sum(
                 self.expected_whole(batch[i], drafts[i], copies[i])
                 for i in idx
@@ -113,9 +118,13 @@ class VerifyBudget:
             # A prefill's tokens are verified whatever is drafted (see schedule_gammas).
             base = Baseline(verified, expected, self.verify_beyond(feeds, decoding))
             floor = None
-            if self.floor > 0:
-                bystanders = len(idx) - len(ranked)
-                floor = Floor(self.floor, bystanders, self.sunk_seconds(feeds, decoding))
+            if self.floor > 0 and len(idx) > 1:  # alone, it pays only for its own drafts
+                floor = Floor(
+                    self.floor,
+                    [batch[i].draft.pace for i in ranked],
+                    [batch[i].draft.pace for i in idx if i not in ranked],
+                    sunk,
+                )
             fresh = [self.survivals(batch[i], drafts[i], copies[i]) for i in ranked]
             size = None
             if self.sizing == "stale":
@@ -128,7 +137,25 @@ class VerifyBudget:
             for i, now, count in zip(ranked, fresh, counts, strict=True):
                 kept[i] = drafts[i].clipped(count)
                 batch[i].draft.last_survivals = now
+            self._price(batch, idx, base.verify_seconds(verified + sum(counts)) + sunk, plain)
         return kept
+
+    @staticmethod
+    def _price(
+        batch: Sequence[RunningRequest], idx: Sequence[int], seconds: float, plain: float
+    ) -> None:
+        """Each request of a target replica's batch waits ``seconds`` this
+        round, ``plain`` without the ranked drafts: what its pace adds once
+        its tokens are committed (:meth:`settle`)."""
+        for i in idx:
+            batch[i].draft.round_seconds = (seconds, plain)
+
+    @staticmethod
+    def settle(run: RunningRequest, tokens: int) -> None:
+        """The round's ``tokens`` committed: the request's pace moves on."""
+        if run.draft.round_seconds is not None:
+            run.draft.pace.advance(tokens, *run.draft.round_seconds)
+            run.draft.round_seconds = None
 
     def expected_whole(
         self, run: RunningRequest, draft: DraftProposal, copy: ProposedCopy | None
