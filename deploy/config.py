@@ -150,7 +150,8 @@ class RouterSettings(BaseModel):
         le=1.0,
         description="the least share of its rate without speculation the verify budget leaves "
         "any request of a batch: drafts whose verification would slow a request that gains "
-        "nothing from them (or a prefill) below it are not verified; 0 turns it off",
+        "nothing from them (or a prefill) below it are not verified; 0 (the default) "
+        "turns it off (docs/drafting.md, 'The floor')",
     )
     overlap: bool = Field(False, description="two micro-batches: draft one, verify the other")
     num_slots: int = Field(8, ge=1, description="requests one target replica batches (max_batch)")

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from specray.actors.drafting.base import DraftPaths, DraftProposal
+from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftUpdate
 from specray.actors.engine.budget import Baseline, budget_size, budget_tokens
 from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.gamma import SurvivalEstimate
@@ -75,18 +75,47 @@ def test_blocks_of_several_requests_are_ranked_jointly() -> None:
     assert _kept(scheduler, [_block(0.8)]) == expected and 0 < expected[0] < 5
 
 
-def test_the_default_floor_keeps_the_weak_request_from_paying_for_the_sure_one() -> None:
-    """The same two blocks under the default floor: five more tokens would
+def test_a_floor_keeps_the_weak_request_from_paying_for_the_sure_one() -> None:
+    """The same two blocks under a floor of 0.95: five more tokens would
     double the round, and the request whose block is cut would decode at
     half its rate, so neither is verified; a block that costs the round
     less than 1 / 0.95 of its time is (verifying 2 tokens costs 1 here, a
     third 1.2: past the floor; on a verify whose rows are nearly free, as
     on a GPU, it is not)."""
-    assert _kept(GammaScheduler(BLOCK, costs=_costs()), [_block(0.95), _block(0.3)]) == [0, 0]
+    floored = GammaScheduler(BLOCK, costs=_costs(), budget_floor=0.95)
+    assert _kept(floored, [_block(0.95), _block(0.3)]) == [0, 0]
     flat = RoundCostModel()
     flat.verify.set_profile([(2, 1.0), (12, 1.04)])
-    kept = _kept(GammaScheduler(BLOCK, costs=flat), [_block(0.95), _block(0.3)])
+    kept = _kept(GammaScheduler(BLOCK, costs=flat, budget_floor=0.95), [_block(0.95), _block(0.3)])
     assert kept[0] == 5
+
+
+def _bystander_slowdown(floor: float, rounds: int = 200) -> float:
+    """Three requests with sure blocks and one with nothing to draft,
+    ``rounds`` rounds through ``trim`` and ``record``: the bystander's
+    priced seconds over what its rounds would have taken without drafts."""
+    costs = RoundCostModel()
+    costs.verify.set_profile([(4, 1.0), (24, 5.0)])  # each row a fifth of a 4-row round
+    scheduler = GammaScheduler(BLOCK, costs=costs, budget_floor=floor)
+    batch = [_decoding(f"r{i}") for i in range(4)]
+    for _ in range(rounds):
+        kept = scheduler.trim(batch, [_block(0.97)] * 3 + [DraftProposal([])])
+        for run, draft in zip(batch, kept, strict=True):
+            new = [1] * (len(draft) + 1)
+            run.tokens.extend(new)
+            run.cached_len = len(run.tokens) - 1
+            scheduler.record(run, draft, DraftUpdate(run.request.request_id, len(draft), new, None))
+    pace = batch[3].draft.pace
+    assert pace.rounds == rounds and pace.tokens == rounds
+    return pace.seconds / pace.plain_seconds
+
+
+def test_over_many_rounds_the_bystander_keeps_the_floor() -> None:
+    """Algorithm 1 alone verifies the sure blocks every round and the
+    bystander's rounds grow by half or more; under a floor of 0.95 its
+    rounds, summed, stay within 1 / 0.95 of plain decoding's."""
+    assert _bystander_slowdown(0.0) > 1.5
+    assert 1.0 < _bystander_slowdown(0.95) <= 1 / 0.95 + 1e-9
 
 
 def test_a_floor_outside_zero_to_one_is_refused_by_name() -> None:

@@ -287,16 +287,15 @@ class Floor:
     Admitted tokens lengthen the round for every request in it, and those
     whose own drafts gain nothing pay for the others'. Throughput alone
     does not see them: on a compute-bound CPU at concurrency 16 the batch
-    verified about two rows per request, the requests it drafted for
-    finished early, and the one with nothing to copy, alone on the critical
-    path, took rounds 1.7x as long and finished last, so sixteen requests
-    took longer with speculation than without (docs/drafting.md, "The
-    floor"). Over the decode so far (:class:`Pace`), not per round: a
-    request its own copies put ahead can carry the others' for a while, and
-    held to the floor in every round, a batch where one request had nothing
-    to copy verified no drafts at all and paid for drafting anyway (a
-    request alone in its batch pays only for its own drafts, and the
-    budget sets it no floor).
+    verified its sure copies, the requests it drafted for finished early,
+    and the one with nothing to copy waited through every longer round and
+    finished last, so sixteen requests took longer with speculation than
+    without (docs/drafting.md, "The floor"). Over the decode so far
+    (:class:`Pace`), not per round: a request its own copies put ahead can
+    carry the others' for a while, and held to the floor in every round, a
+    batch where one request had nothing to copy verified no drafts at all
+    and paid for drafting anyway (a request alone in its batch pays only
+    for its own drafts, and the budget sets it no floor).
 
     ``paces``: the ranked requests', in the order of their survivals;
     ``bystanders``: those of requests no ranked token speeds up
