@@ -40,8 +40,8 @@ inline __m256 load8(const uint16_t* x) {
 // all-zero block keeps scale 0. Also each half block's sum of codes, which
 // the matmuls need for the weights' offsets. Vectorised because a verify
 // of k rows rounds k times every activation of the model, on one thread
-// unless the rows are many (a prefill): scalar, that was a tenth of a
-// 9-row verify. IEEE division, so every code equals the scalar
+// unless the rows are many (a prefill), where a scalar loop was a visible
+// share of the verify. IEEE division, so every code equals the scalar
 // nearbyint(x / scale).
 template <typename In>
 void quantize(const In* x, int64_t rows, int64_t k, int8_t* codes, float* scales,
