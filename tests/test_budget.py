@@ -12,15 +12,14 @@ from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftUpdate
 from specray.actors.engine.budget import (
     Baseline,
     DepthAcceptance,
-    Floor,
     Hindsight,
-    Pace,
     ProposedCopy,
     budget_tokens,
     survivals,
 )
 from specray.actors.engine.calibration import SurvivalCalibration
 from specray.actors.engine.costs import RoundCostModel
+from specray.actors.engine.floor import Floor, Pace
 from specray.actors.engine.gamma import SurvivalEstimate
 from specray.actors.engine.lifecycle import start_request
 from specray.actors.engine.request import DraftState, GenerationRequest, RunningRequest

@@ -19,7 +19,7 @@ from plain decoding, admit tokens in descending survival (a parent before
 its children, since survival never grows down a path), and keep the prefix
 with the most expected tokens per second under the measured verify cost,
 among those that leave no request of the batch below a floor of the rate
-it gets without them (:class:`Floor`).
+it gets without them (:class:`~specray.actors.engine.floor.Floor`).
 Drafts already paid for by a model step stay; the budget trims copies,
 which cost nothing to propose, so a lookup drafter is asked for its ceiling
 and the budget decides afterwards. The choice reads only the drafts and
@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from specray.actors.drafting.base import DraftProposal
+from specray.actors.engine.floor import Floor
 from specray.actors.model.token_tree import depths
 
 MAX_DEPTH = 64  # deeper tokens share the last depth's estimate
@@ -246,90 +247,6 @@ class Baseline:
     verify_seconds: Callable[[int], float]
 
 
-@dataclass
-class Pace:
-    """A request's decode so far as the verify cost prices it: the
-    ``rounds`` it took part in, the ``tokens`` they committed, their
-    ``seconds``, and ``plain_seconds``, what the same rounds would have
-    taken with no ranked draft admitted. Its rate without speculation is a
-    token per plain round, ``rounds / plain_seconds``; with it,
-    ``tokens / seconds``."""
-
-    rounds: int = 0
-    tokens: float = 0.0
-    seconds: float = 0.0
-    plain_seconds: float = 0.0
-
-    def advance(self, tokens: int, seconds: float, plain_seconds: float) -> None:
-        """One more round: ``tokens`` in ``seconds`` (``plain_seconds`` without drafts)."""
-        self.rounds += 1
-        self.tokens += tokens
-        self.seconds += seconds
-        self.plain_seconds += plain_seconds
-
-    def longest_round(self, expected: float, plain_seconds: float, rate: float) -> float:
-        """The longest next round, expected to commit ``expected`` tokens
-        (``plain_seconds`` without drafts), that keeps the request at
-        ``rate`` or more of its rate without speculation, rounds so far
-        included."""
-        return (self.tokens + expected) * (self.plain_seconds + plain_seconds) / (
-            rate * (self.rounds + 1)
-        ) - self.seconds
-
-
-@dataclass(frozen=True)
-class Floor:
-    """The least share ``rate`` of its rate without the ranked drafts that
-    the budget leaves any request of the batch over its decode so far, in
-    expected tokens per second: a prefix whose verification would slow some
-    request below it is not admitted.
-
-    Admitted tokens lengthen the round for every request in it, and those
-    whose own drafts gain nothing pay for the others'. Throughput alone
-    does not see them: on a compute-bound CPU at concurrency 16 the batch
-    verified its sure copies, the requests it drafted for finished early,
-    and the one with nothing to copy waited through every longer round and
-    finished last, so sixteen requests took longer with speculation than
-    without (docs/drafting.md, "The floor"). Over the decode so far
-    (:class:`Pace`), not per round: a request its own copies put ahead can
-    carry the others' for a while, and held to the floor in every round, a
-    batch where one request had nothing to copy verified no drafts at all
-    and paid for drafting anyway (a request alone in its batch pays only
-    for its own drafts, and the budget sets it no floor).
-
-    ``paces``: the ranked requests', in the order of their survivals;
-    ``bystanders``: those of requests no ranked token speeds up
-    (prefilling, drafting nothing, or verifying a chained model's draft
-    whole), each expected to commit one token. ``sunk_seconds``: the
-    round's seconds that the baseline's ``verify_seconds`` leaves out (a
-    prefill's share), which every request of the round waits for too.
-    """
-
-    rate: float
-    paces: Sequence[Pace] = ()
-    bystanders: Sequence[Pace] = ()
-    sunk_seconds: float = 0.0
-
-    def limits(self, base: Baseline, requests: int) -> tuple[float, list[float]]:
-        """The longest round the bystanders allow, and each of the
-        ``requests`` ranked ones with nothing admitted, as
-        ``base.verify_seconds`` counts seconds."""
-        plain = self.plain_seconds(base)
-        by = [p.longest_round(1.0, plain, self.rate) for p in self.bystanders]
-        return min(by, default=float("inf")) - self.sunk_seconds, [
-            self.ranked_limit(base, q, 0.0) for q in range(requests)
-        ]
-
-    def ranked_limit(self, base: Baseline, q: int, gain: float) -> float:
-        """The longest round ranked request ``q`` allows, gaining ``gain`` tokens."""
-        pace = self.paces[q] if q < len(self.paces) else Pace()
-        plain = self.plain_seconds(base)
-        return pace.longest_round(1.0 + gain, plain, self.rate) - self.sunk_seconds
-
-    def plain_seconds(self, base: Baseline) -> float:
-        return base.verify_seconds(base.tokens) + self.sunk_seconds
-
-
 def budget_tokens(
     node_survivals: Sequence[Sequence[float]],
     base: Baseline,
@@ -384,17 +301,16 @@ def _best_prefix(
     taken_best = 0
     expected, verified = base.expected, base.tokens
     gains = [0.0] * requests  # per ranked request, the expected tokens admitted
-    bystanders, limits = (
-        floor.limits(base, requests)
-        if floor is not None
-        else (float("inf"), [float("inf")] * requests)
-    )
+    bystanders, limits, plain = float("inf"), [float("inf")] * requests, 0.0
+    if floor is not None:
+        plain = base.verify_seconds(base.tokens) + floor.sunk_seconds
+        bystanders, limits = floor.limits(plain, requests)
     for taken, (neg_survival, _, q) in enumerate(candidates, 1):
         expected -= neg_survival
         verified += 1
         gains[q] -= neg_survival
         if floor is not None:
-            limits[q] = floor.ranked_limit(base, q, gains[q])
+            limits[q] = floor.ranked_limit(plain, q, gains[q])
         seconds = base.verify_seconds(verified)
         rate = expected / max(seconds, 1e-12)
         if rate > best and seconds <= min(bystanders, min(limits)):

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 import torch
 
 from specray.actors.drafting.base import DraftStop, DraftUpdate
-from specray.actors.engine.budget import DepthAcceptance, Hindsight, Pace, ProposedCopy
+from specray.actors.engine.budget import DepthAcceptance, Hindsight, ProposedCopy
 from specray.actors.engine.errors import RequestRejectedError
+from specray.actors.engine.floor import Pace
 from specray.actors.engine.gamma import SurvivalEstimate
 from specray.actors.engine.stopping import FinishReason, StopChecker
 from specray.actors.engine.target import AcceptedPath

@@ -30,7 +30,7 @@ Floor. Admitted tokens lengthen the round for every request of the batch,
 so the budget admits no prefix that would leave a request (one with nothing
 ranked, or a prefill) below ``floor`` of its rate without them, over its
 decode so far as the verify cost prices each round
-(:class:`~specray.actors.engine.budget.Floor`, :class:`~specray.actors.engine.budget.Pace`);
+(:class:`~specray.actors.engine.floor.Floor`, :class:`~specray.actors.engine.floor.Pace`);
 a request alone in its batch has no floor, and 0 turns it off.
 """
 
@@ -44,7 +44,6 @@ from specray.actors.drafting.base import DraftProposal
 from specray.actors.engine.budget import (
     Baseline,
     CopyDepths,
-    Floor,
     Hindsight,
     ProposedCopy,
     budget_size,
@@ -53,6 +52,7 @@ from specray.actors.engine.budget import (
 )
 from specray.actors.engine.calibration import SurvivalCalibration
 from specray.actors.engine.costs import RoundCostModel
+from specray.actors.engine.floor import Floor
 from specray.actors.engine.gamma import expected_tokens
 from specray.actors.engine.request import RunningRequest
 
@@ -110,7 +110,7 @@ class VerifyBudget:
             feeds = sum(batch[i].feed_cost for i in idx)
             verified = feeds + sum(len(drafts[i]) for i in idx if i not in ranked)
             sunk = self.sunk_seconds(feeds, decoding)
-            plain = self.verify_beyond(feeds, decoding)(verified) + sunk
+            plain = self.costs.verify.seconds(verified)  # the whole round, sunk share included
             if not ranked:
                 self._price(batch, idx, plain, plain)
                 continue
