@@ -1,8 +1,9 @@
-"""Where one decode step's time goes: torch's profiler over one-token verifies
-of a loaded model, per operator and per kind of work.
+"""Where one decode step's (or one k-row verify's) time goes: torch's profiler
+over verifies of a loaded model, per operator and per kind of work.
 
-A decode step here is ``LocalTarget.verify`` of one token after a short
-context, as the engine runs it. The steps are timed twice: plain (the wall
+A step here is ``LocalTarget.verify`` of ``--rows`` tokens (1: a decode step)
+after a short context, as the engine runs it, each row's logits reduced to
+its argmax as the greedy server asks. The steps are timed twice: plain (the wall
 time per token) and under the profiler (its own overhead inflates them).
 The profiler's self time per operator is grouped into the low-bit and dense
 matmuls, attention, norms and elementwise work, cache writes and the rest;
@@ -10,6 +11,9 @@ what the wall time holds beyond all operators is Python and dispatch
 between them.
 
     python -m specray.bench.decode_profile --weights gguf --threads 2 --tag _avx512bf16
+    python -m specray.bench.decode_profile --model qwen2.5-coder-1.5b-instruct --rows 8
+
+With more than one row the files are named ``..._rows<k>``.
 
 Writes ``decode_profile_<model>_<weights><tag>.{json,md}`` under ``--out``.
 """
@@ -98,9 +102,9 @@ class KernelClock:
 
 
 def decode_steps(
-    target: LocalTarget, context: int, steps: int, clock: KernelClock | None = None
+    target: LocalTarget, context: int, steps: int, rows: int = 1, clock: KernelClock | None = None
 ) -> float:
-    """Seconds per one-token verify over ``steps`` steps after ``context``
+    """Seconds per ``rows``-token verify over ``steps`` steps after ``context``
     tokens; ``clock`` counts the kernel's time in those steps only."""
     target.release(ID)
     target.verify([VerifyInput(ID, 0, [11] * context, 1)])
@@ -108,7 +112,8 @@ def decode_steps(
         clock.seconds = 0.0
     began = time.perf_counter()
     for step in range(steps):
-        target.verify([VerifyInput(ID, context + step, [13], 1)])
+        start = context + step * rows
+        target.verify([VerifyInput(ID, start, [13] * rows, rows, argmax_only=True)])
     return (time.perf_counter() - began) / steps
 
 
@@ -117,23 +122,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     dtype, weights = FORMATS[args.weights]
     model_dir = resolve_model(args.model)
+    rows = args.rows
     target = LocalTarget(
-        load_model(model_dir, dtype, weights=weights), 1, args.context + 2 * args.steps + 8
+        load_model(model_dir, dtype, weights=weights), 1, args.context + rows * args.steps + 8
     )
-    decode_steps(target, args.context, 4)  # warm-up: kernel choice, allocation
-    wall = min(decode_steps(target, args.context, args.steps) for _ in range(args.repeats))
+    decode_steps(target, args.context, 4, rows)  # warm-up: kernel choice, allocation
+    wall = min(decode_steps(target, args.context, args.steps, rows) for _ in range(args.repeats))
     kernel_split = None
     clock = KernelClock(target.model)
     if clock.weights:
         with clock:
             splits = []
             for _ in range(args.repeats):
-                step = decode_steps(target, args.context, args.steps, clock)
+                step = decode_steps(target, args.context, args.steps, rows, clock)
                 splits.append((step * 1e3, clock.seconds / args.steps * 1e3))
         step_ms, kernel_ms = min(splits)
         kernel_split = {"step_ms": step_ms, "kernel_ms": kernel_ms, "calls": len(clock.weights)}
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        profiled = decode_steps(target, args.context, args.steps)
+        profiled = decode_steps(target, args.context, args.steps, rows)
     ops = [
         {
             "op": e.key,
@@ -155,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "weights": args.weights,
         "threads": args.threads,
         "context": args.context,
+        "rows": rows,
         "steps": args.steps,
         "wall_ms": wall * 1e3,
         "profiled_wall_ms": profiled * 1e3,
@@ -163,22 +170,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "ops": ops,
         "kernel_split": kernel_split,
     }
-    stem = f"decode_profile_{Path(args.model).name}_{args.weights}{args.tag}"
+    shape = f"_rows{rows}" if rows > 1 else ""
+    stem = f"decode_profile_{Path(args.model).name}_{args.weights}{shape}{args.tag}"
     write_report(args.out, stem, result, markdown(result, args.top))
     return result
 
 
 def markdown(result: dict[str, Any], top: int) -> str:
     profiled, in_ops = result["profiled_wall_ms"], result["in_ops_ms"]
+    rows = result.get("rows", 1)
+    step = "One decode step" if rows == 1 else f"One verify of {rows} rows"
     lines = report_head(
-        f"One decode step of {result['model']} ({result['weights']}), "
+        f"{step} of {result['model']} ({result['weights']}), "
         f"{result['threads']} threads, context {result['context']}",
         result["machine"],
     )
     lines += [
         f"`{result['command']}`",
         "",
-        f"Wall time per token {result['wall_ms']:.1f} ms (best of the plain runs); "
+        f"Wall time per step {result['wall_ms']:.1f} ms (best of the plain runs); "
         f"{profiled:.1f} ms under the profiler, whose operators' self times add up to "
         f"{in_ops:.1f} ms. What is left between them (Python, dispatch) is "
         f"{max(profiled - in_ops, 0.0):.1f} ms: the self times of intra-op threads can "
@@ -187,7 +197,7 @@ def markdown(result: dict[str, Any], top: int) -> str:
     ]
     kinds = sorted(result["kinds_ms"].items(), key=lambda kv: -kv[1])
     lines += table(
-        ["kind", "ms per token", "share of profiled wall"],
+        ["kind", "ms per step", "share of profiled wall"],
         [(k, f"{ms:.2f}", f"{ms / profiled:.0%}") for k, ms in kinds],
     )
     split = result.get("kernel_split")
@@ -202,7 +212,7 @@ def markdown(result: dict[str, Any], top: int) -> str:
         ]
     lines += ["", f"Top {top} operators by self time:", ""]
     lines += table(
-        ["operator", "calls per token", "ms per token", "kind"],
+        ["operator", "calls per step", "ms per step", "kind"],
         [(o["op"], o["calls"], f"{o['ms']:.2f}", kind_of(o["op"])) for o in result["ops"][:top]],
     )
     return "\n".join(lines) + "\n"
@@ -214,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="gguf", choices=sorted(FORMATS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--context", type=int, default=64, help="tokens before the decoded ones")
-    p.add_argument("--steps", type=int, default=20, help="decode steps per run")
+    p.add_argument("--steps", type=int, default=20, help="steps per run")
+    p.add_argument("--rows", type=int, default=1, help="tokens verified per step (1: decode)")
     p.add_argument("--repeats", type=int, default=3, help="plain runs; the best is reported")
     p.add_argument("--top", type=int, default=15, help="operators listed")
     p.add_argument("--tag", default="", help="suffix of the result files' names")

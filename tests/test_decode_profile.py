@@ -42,7 +42,23 @@ def test_a_profile_accounts_for_the_step(tiny_dir_factory, tmp_path: Path) -> No
     assert result["kinds_ms"]["dense matmul"] > 0 and result["kinds_ms"]["attention"] > 0
     assert sum(result["kinds_ms"].values()) == pytest.approx(result["in_ops_ms"])
     assert all(op["calls"] >= 0 and op["ms"] > 0 for op in result["ops"])
-    assert "ms per token" in (tmp_path / f"decode_profile_{model_dir.name}_fp32.md").read_text()
+    assert "ms per step" in (tmp_path / f"decode_profile_{model_dir.name}_fp32.md").read_text()
+
+
+def test_a_verify_of_several_rows_is_profiled_as_one_step(tiny_dir_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    model_dir = tiny_dir_factory("qwen2")
+    flags = ["--model", str(model_dir), "--weights", "fp32", "--threads", "1", "--steps", "3"]
+    flags += ["--repeats", "1", "--out", str(tmp_path)]
+    one, five = main(flags), main([*flags, "--rows", "5"])
+    assert five["rows"] == 5 and five["wall_ms"] > 0
+
+    def matmuls(result: dict) -> int:  # type: ignore[type-arg]
+        return sum(op["calls"] for op in result["ops"] if kind_of(op["op"]) == "dense matmul")
+
+    # One forward per step: a layer's projections run once per step, not once per row.
+    assert matmuls(five) == matmuls(one) > 0
+    report = (tmp_path / f"decode_profile_{model_dir.name}_fp32_rows5.md").read_text()
+    assert "One verify of 5 rows" in report
 
 
 def test_the_block_kernel_share_of_a_step_is_timed_without_the_profiler(tmp_path: Path) -> None:
@@ -53,7 +69,7 @@ def test_the_block_kernel_share_of_a_step_is_timed_without_the_profiler(tmp_path
     clock = KernelClock(model)
     assert clock.weights
     with clock:
-        step = decode_steps(target, 8, 3, clock)
+        step = decode_steps(target, 8, 3, clock=clock)
         assert 0 < clock.seconds / 3 < step  # the prefill before the steps is not counted
     # Once timed, the weights go back to their plain calls.
     assert all(weights._bound is None for weights in clock.weights)
