@@ -43,7 +43,7 @@ class PackedBlocks:
     output rows); the parts a format does not use are empty."""
 
     nibbles: torch.Tensor  # uint8: bits 4-6
-    planes: torch.Tensor  # int64: bits 5-6
+    highs: torch.Tensor  # uint8: bits 5-6
     codes: torch.Tensor  # uint8: bits 8
     scales: torch.Tensor  # float32 or float16
     offsets: torch.Tensor | None  # as the scales: value = scale * code + offset
@@ -246,7 +246,7 @@ def _weight_args(weights: PackedBlocks) -> tuple[int | None, ...]:
     """The weight's arguments, in the order every entry point takes them."""
     return (
         weights.nibbles.data_ptr(),
-        weights.planes.data_ptr(),
+        weights.highs.data_ptr(),
         weights.codes.data_ptr(),
         weights.scales.data_ptr(),
         int(weights.scales.dtype == torch.float16),

@@ -37,7 +37,7 @@ from specray.actors.parallel.weight_format import LinearWeights, frozen
 
 BLOCK = 32
 BLOCK_GROUP_SIZES = (16, 32)
-# Code bits the kernel unpacks: 4 in nibbles, up to 2 more in bit planes, or 8.
+# Code bits the kernel unpacks: 4 in nibbles, up to 2 more in high bits, or 8.
 CODE_BITS = (4, 5, 6, 8)
 TILE_ROWS = 16
 # Activation dtypes the kernel reads and writes; others are cast to float32.
@@ -79,11 +79,11 @@ class BlockWeights(LinearWeights):
         self.group_size = matrix.group_size
         # 8-bit codes are stored as code + 128, so that every width is unsigned.
         self.code_min = -128 if self.bits == 8 else matrix.code_min
-        nibbles, planes, codes, scales, offsets = _tiles(matrix, self.bits, self.code_min)
+        nibbles, highs, codes, scales, offsets = _tiles(matrix, self.bits, self.code_min)
         # Scales and offsets in fp16, as the file stores Q4_0 / Q5_0 / Q8_0 /
         # Q4_1 / Q5_1's (exact); the K-quants' products d * sc and dmin * m
         # round to nearest (module docstring).
-        self.nibbles, self.planes, self.codes = frozen(nibbles), frozen(planes), frozen(codes)
+        self.nibbles, self.highs, self.codes = frozen(nibbles), frozen(highs), frozen(codes)
         self.scales = frozen(scales.half())
         self.offsets = None if offsets is None else frozen(offsets.half())
         self._bound: BoundMatmul | None = None
@@ -107,7 +107,7 @@ class BlockWeights(LinearWeights):
     def packed(self) -> PackedBlocks:
         return PackedBlocks(
             self.nibbles,
-            self.planes,
+            self.highs,
             self.codes,
             self.scales,
             self.offsets,
@@ -166,25 +166,19 @@ def _tiles(
     scales = scales.contiguous()
     offsets = None if offsets is None else offsets.contiguous()
     if bits == 8:
-        return _EMPTY_U8, _EMPTY_I64, chunks.to(torch.uint8).contiguous(), scales, offsets
+        return _EMPTY_U8, _EMPTY_U8, chunks.to(torch.uint8).contiguous(), scales, offsets
     low = chunks & 15
     nibbles = (low[:, :, :4] | (low[:, :, 4:] << 4)).to(torch.uint8).contiguous()
     if bits == 4:
-        return nibbles, _EMPTY_I64, _EMPTY_U8, scales, offsets
-    planes = torch.stack(
-        [_bits_to_words(chunks, 4 + plane) for plane in range(bits - 4)], dim=2
-    )  # [tiles, blocks, planes, 8 chunks]
-    return nibbles, planes.contiguous(), _EMPTY_U8, scales, offsets
-
-
-def _bits_to_words(values: torch.Tensor, bit: int) -> torch.Tensor:
-    """Bit ``bit`` of each of the last dimension's 64 values as one int64
-    word (bit j from value j; two's complement for bit 63)."""
-    word = torch.zeros(values.shape[:-1], dtype=torch.int64)
-    for position in range(64):
-        word |= ((values[..., position].to(torch.int64) >> bit) & 1) << position
-    return word
+        return nibbles, _EMPTY_U8, _EMPTY_U8, scales, offsets
+    # The bits above the nibble, width w per code, 8 / w chunks to a byte:
+    # chunk g * (8 / w) + j at bits [w * j, w * j + w) of high group g.
+    width = bits - 4
+    per_byte = 8 // width
+    high = (chunks >> 4).view(tiles, blocks, width, per_byte, TILE_ROWS * 4)
+    shifts = (torch.arange(per_byte, dtype=torch.int16) * width).view(per_byte, 1)
+    highs = (high << shifts).sum(dim=3)  # [tiles, blocks, width, 64]
+    return nibbles, highs.to(torch.uint8).contiguous(), _EMPTY_U8, scales, offsets
 
 
 _EMPTY_U8 = torch.empty(0, dtype=torch.uint8)
-_EMPTY_I64 = torch.empty(0, dtype=torch.int64)

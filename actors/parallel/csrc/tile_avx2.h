@@ -11,18 +11,30 @@
 
 // Activation rows that share one unpacked block. A half's eight rows of
 // accumulators and its eight chunks of codes fill the 16 vector registers,
-// but unpacking (the 6-bit codes' bit planes above all) is paid once per
-// eight rows instead of four: a 9-row verify unpacks each block twice, not
+// but unpacking is paid once per eight rows instead of four: a 9-row verify unpacks each block twice, not
 // three times.
 constexpr int kRowTile = 8;
 
-// 0xFF in byte j where bit j of mask is set.
-inline __m256i bytes_of_bits(uint32_t mask) {
-  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2,
-                                          2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-  const __m256i select = _mm256_set1_epi64x(0x8040201008040201LL);
-  const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(mask)), spread);
-  return _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
+// Bits [from, from + width) of each byte moved to bits [4, 4 + width), the
+// rest cleared by the caller's mask. The 16-bit shifts carry bits across the
+// two bytes of a lane only into positions the mask clears.
+template <int From>
+inline __m256i high_to_bit4(__m256i packed) {
+  if constexpr (From < 4) return _mm256_slli_epi16(packed, 4 - From);
+  else if constexpr (From > 4) return _mm256_srli_epi16(packed, From - 4);
+  else return packed;
+}
+
+// Chunks (Group * kPerByte + J ...) of the 8: their high bits, or-ed in.
+template <int Bits, int J>
+inline void add_highs(__m256i packed, int first, __m256i* codes) {
+  if constexpr (J < 8 / (Bits - 4)) {
+    constexpr int kWidth = Bits - 4;
+    const __m256i mask = _mm256_set1_epi8(static_cast<char>(((1 << kWidth) - 1) << 4));
+    codes[first + J] =
+        _mm256_or_si256(codes[first + J], _mm256_and_si256(high_to_bit4<J * kWidth>(packed), mask));
+    add_highs<Bits, J + 1>(packed, first, codes);
+  }
 }
 
 // The 8 chunks of unsigned codes of block (t, b), rows 0-7 (half 0) or 8-15 (half 1).
@@ -40,12 +52,13 @@ inline void unpack_half(const Tiles& w, int64_t tile_block, int half, __m256i* c
       codes[c] = _mm256_and_si256(packed, low4);
       codes[c + 4] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
     }
-    const uint64_t* planes = w.planes + tile_block * (Bits - 4) * kChunks;
-    for (int plane = 0; plane < Bits - 4; ++plane) {
-      const __m256i bit = _mm256_set1_epi8(static_cast<char>(16 << plane));
-      for (int c = 0; c < kChunks; ++c) {
-        const uint32_t set = static_cast<uint32_t>(planes[plane * kChunks + c] >> (32 * half));
-        codes[c] = _mm256_or_si256(codes[c], _mm256_and_si256(bytes_of_bits(set), bit));
+    if constexpr (Bits > 4) {
+      constexpr int kWidth = Bits - 4;
+      const uint8_t* highs = w.highs + tile_block * kWidth * 64 + half * 32;
+      for (int group = 0; group < kWidth; ++group) {
+        const __m256i packed =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(highs + group * 64));
+        add_highs<Bits, 0>(packed, group * (8 / kWidth), codes);
       }
     }
   }

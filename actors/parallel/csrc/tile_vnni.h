@@ -8,6 +8,26 @@
 // the 32 vector registers.
 constexpr int kRowTile = 8;
 
+// Bits [from, from + width) of each byte moved to bits [4, 4 + width), the
+// rest cleared by the caller's mask (as in tile_avx2.h).
+template <int From>
+inline __m512i high_to_bit4(__m512i packed) {
+  if constexpr (From < 4) return _mm512_slli_epi16(packed, 4 - From);
+  else if constexpr (From > 4) return _mm512_srli_epi16(packed, From - 4);
+  else return packed;
+}
+
+template <int Bits, int J>
+inline void add_highs(__m512i packed, int first, __m512i* chunks) {
+  if constexpr (J < 8 / (Bits - 4)) {
+    constexpr int kWidth = Bits - 4;
+    const __m512i mask = _mm512_set1_epi8(static_cast<char>(((1 << kWidth) - 1) << 4));
+    chunks[first + J] = _mm512_or_si512(chunks[first + J],
+                                        _mm512_and_si512(high_to_bit4<J * kWidth>(packed), mask));
+    add_highs<Bits, J + 1>(packed, first, chunks);
+  }
+}
+
 // The 8 chunks of unsigned codes of block (t, b).
 template <int Bits>
 inline void unpack(const Tiles& w, int64_t tile_block, __m512i* chunks) {
@@ -23,12 +43,12 @@ inline void unpack(const Tiles& w, int64_t tile_block, __m512i* chunks) {
       chunks[c] = _mm512_and_si512(packed, low4);
       chunks[c + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
     }
-    const uint64_t* planes = w.planes + tile_block * (Bits - 4) * kChunks;
-    for (int plane = 0; plane < Bits - 4; ++plane) {
-      const __m512i bit = _mm512_set1_epi8(static_cast<char>(16 << plane));
-      for (int c = 0; c < kChunks; ++c) {
-        const __mmask64 set = planes[plane * kChunks + c];
-        chunks[c] = _mm512_or_si512(chunks[c], _mm512_maskz_mov_epi8(set, bit));
+    if constexpr (Bits > 4) {
+      constexpr int kWidth = Bits - 4;
+      const uint8_t* highs = w.highs + tile_block * kWidth * 64;
+      for (int group = 0; group < kWidth; ++group) {
+        const __m512i packed = _mm512_loadu_si512(reinterpret_cast<const void*>(highs + group * 64));
+        add_highs<Bits, 0>(packed, group * (8 / kWidth), chunks);
       }
     }
   }

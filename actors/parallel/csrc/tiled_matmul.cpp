@@ -20,8 +20,12 @@
 // with u = code - code_min (0 .. 2^bits; 8-bit codes as code + 128), and
 // chunk c (c = 0..7) the 64 bytes u[16t + i][32b + 4c + j] at byte 4i + j:
 //   bits 4-6: nibbles[t, b, 4, 64]: byte = chunk c | chunk (c + 4) << 4
-//             planes[t, b, bits - 4, 8]: u64 whose bit j is bit (4 + plane)
-//             of byte j of chunk c
+//             highs[t, b, bits - 4, 64]: the bits above the nibble, aligned
+//             with the chunks' bytes so that a shift and a mask move them in
+//             place: with width w = bits - 4, byte e of high group g holds, at
+//             bits [w * j, w * j + w), the high bits of byte e of chunk
+//             g * (8 / w) + j (5 bits: chunk c at bit c; 6 bits: chunk 4g + j
+//             at bits 2j, 2j + 1)
 //   bits 8:   codes[t, b, 8, 64]: the chunks themselves
 //   scales[t, b, 32 / group, 16]: float32 or fp16, rows of the tile last
 //   offsets[t, b, 32 / group, 16]: as the scales, or none (value = scale *
@@ -47,7 +51,7 @@ constexpr int kChunks = kBlock / 4;
 
 struct Tiles {
   const uint8_t* nibbles;
-  const uint64_t* planes;
+  const uint8_t* highs;
   const uint8_t* codes;
   const void* scales;
   const void* offsets;  // nullptr: none; in the scales' type
@@ -120,9 +124,10 @@ inline int code_byte(const Tiles& w, int64_t tile_block, int c, int e) {
   if (w.bits == 8) return w.codes[(tile_block * kChunks + c) * 64 + e];
   const uint8_t packed = w.nibbles[(tile_block * 4 + c % 4) * 64 + e];
   int u = c < 4 ? packed & 0x0F : packed >> 4;
-  for (int plane = 0; plane < w.bits - 4; ++plane) {
-    const uint64_t set = w.planes[(tile_block * (w.bits - 4) + plane) * kChunks + c];
-    u |= static_cast<int>((set >> e) & 1u) << (4 + plane);
+  if (w.bits > 4) {
+    const int width = w.bits - 4, per_byte = 8 / width;
+    const uint8_t high = w.highs[(tile_block * width + c / per_byte) * 64 + e];
+    u |= ((high >> (width * (c % per_byte))) & ((1 << width) - 1)) << 4;
   }
   return u;
 }
@@ -168,7 +173,7 @@ extern "C" {
 // Returns 0 on success, 1 for a format it does not know.
 // x_dtype / y_dtype: 0 float32, 1 bfloat16; code_min is -128 for 8-bit codes.
 int specray_tiled_matmul(const void* x, int x_dtype, int64_t rows, int64_t k,
-                         const uint8_t* nibbles, const uint64_t* planes, const uint8_t* codes,
+                         const uint8_t* nibbles, const uint8_t* highs, const uint8_t* codes,
                          const void* scales, int fp16_scales, const void* weight_offsets,
                          int bits, int group, int code_min, int64_t n_out, void* y, int y_dtype,
                          int threads) {
@@ -190,7 +195,7 @@ int specray_tiled_matmul(const void* x, int x_dtype, int64_t rows, int64_t k,
     // The order in which the block's two products were added before.
     block_sums[i] = sums[2 * i] + sums[2 * i + 1];
   }
-  const Tiles w{nibbles, planes, codes, scales, weight_offsets, bits, group, code_min, fp16_scales};
+  const Tiles w{nibbles, highs, codes, scales, weight_offsets, bits, group, code_min, fp16_scales};
   const Rounded a{rounded.codes, rounded.scales, offsets.data(), sums.data(), block_offsets.data(),
                   block_sums.data()};
   return specray::with_dtype(y, y_dtype, [&](auto* out) {
@@ -199,12 +204,12 @@ int specray_tiled_matmul(const void* x, int x_dtype, int64_t rows, int64_t k,
   });
 }
 
-int specray_tiled_dequantize(const uint8_t* nibbles, const uint64_t* planes, const uint8_t* codes,
+int specray_tiled_dequantize(const uint8_t* nibbles, const uint8_t* highs, const uint8_t* codes,
                              const void* scales, int fp16_scales, const void* weight_offsets,
                              int bits, int group, int code_min, int64_t k, int64_t first,
                              int64_t last, void* out, int out_dtype, int threads) {
   if (k % kBlock || (group != 32 && group != 16)) return 1;
-  const Tiles w{nibbles, planes, codes, scales, weight_offsets, bits, group, code_min, fp16_scales};
+  const Tiles w{nibbles, highs, codes, scales, weight_offsets, bits, group, code_min, fp16_scales};
   return specray::with_dtype(out, out_dtype, [&](auto* dense) {
     dequantize_tiles(w, k, first, last, dense, threads);
     return 0;
