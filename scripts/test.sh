@@ -19,4 +19,5 @@ trap 'rm -rf "$typeroot"' EXIT
 ln -s "$root" "$typeroot/specray"
 MYPYPATH="$typeroot" "$py" -m mypy -p specray.actors -p specray.cluster -p specray.deploy
 
-"$py" -m pytest "$@"
+# The slowest tests named at the end of every run, to keep the suite short.
+"$py" -m pytest --durations=25 "$@"
