@@ -19,5 +19,10 @@ trap 'rm -rf "$typeroot"' EXIT
 ln -s "$root" "$typeroot/specray"
 MYPYPATH="$typeroot" "$py" -m mypy -p specray.actors -p specray.cluster -p specray.deploy
 
-# The slowest tests named at the end of every run, to keep the suite short.
-"$py" -m pytest --durations=25 "$@"
+# Two workers (SPECRAY_TEST_WORKERS; 0 runs in this process), each given
+# whole test files, so a module's Ray instance and servers stay in one
+# process: most of a test's time is spent waiting for processes to start
+# and answer, which left half of two cores idle. The slowest tests are
+# named at the end of every run, to keep the suite short.
+"$py" -m pytest -n "${SPECRAY_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder \
+  --durations=25 "$@"

@@ -21,6 +21,20 @@ from specray.deploy.client import SpecrayClient
 FAMILIES = sorted(family_configs())
 _EXIT_STATUS = pytest.StashKey[int]()
 
+# Under pytest-xdist (scripts/test.sh runs two workers) each worker gets its
+# share of the cores: two processes each spinning torch's default thread
+# pool on 2 cores slow each other several times over.
+if _workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with slow tests first, each module's tests kept together and
+    in order: scripts/test.sh hands whole files to its workers in this
+    order, and a long module handed out last would run alone at the end."""
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow_modules)
+
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     session.config.stash[_EXIT_STATUS] = int(exitstatus)
