@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftUpdate
+from specray.actors.drafting.ngram import LookupMatch
 from specray.actors.engine.budget import (
     Baseline,
     DepthAcceptance,
@@ -390,3 +391,42 @@ def test_copies_a_drafter_undersells_are_verified_as_they_fare() -> None:
     uncalibrated.budget.judge = lambda run: None  # type: ignore[method-assign]
     stuck = _copy_rounds(uncalibrated, _lookup_request(), 30, right, confidence=0.8)
     assert max(stuck[-10:]) <= 8
+
+
+def test_short_ngram_matches_are_ranked_below_long_ones() -> None:
+    """Copies from 1-gram matches that are always wrong, alternating with
+    copies from 5-gram matches that are always right, all of one kind of
+    evidence. The match's size, stated as the first token's confidence
+    (``LookupMatch.proposal``), lets the calibrated budget tell them apart:
+    it verifies the long matches' copies whole and next to nothing of the
+    short ones'. Priced alike, every wrong copy made the budget cut the
+    right one after it to nothing."""
+
+    def verified_by_size(ranked: bool) -> dict[int, list[int]]:
+        costs = RoundCostModel()
+        costs.verify.set_profile([(n, 0.059 + 0.027 * (n - 1)) for n in (1, 2, 4, 8, 16, 17)])
+        scheduler = GammaScheduler(DraftPaths(model=False, lookup=True), costs=costs)
+        run = _lookup_request()
+        truth = [7 + i % 50 for i in range(2000)]
+        verified: dict[int, list[int]] = {1: [], 5: []}
+        for round_ in range(60):
+            scheduler.choose([run])
+            position = len(run.tokens) - 2
+            right = truth[position : position + 16]
+            size = 5 if round_ % 2 else 1
+            copy = LookupMatch(right if size == 5 else [999] * 16, size).proposal()
+            if not ranked:
+                copy = DraftProposal(copy.token_ids, from_lookup=True, evidence=copy.evidence)
+            (kept,) = scheduler.trim([run], [copy])
+            accepted = next((i for i, t in enumerate(kept.token_ids) if t != right[i]), len(kept))
+            new = truth[position : position + accepted + 1]
+            run.tokens.extend(new)
+            run.cached_len = len(run.tokens) - 1
+            scheduler.record(run, kept, DraftUpdate("r", accepted, new, None))
+            verified[size].append(len(kept))
+        return {size: lengths[-10:] for size, lengths in verified.items()}
+
+    ranked, alike = verified_by_size(ranked=True), verified_by_size(ranked=False)
+    assert min(ranked[5]) == 16 and max(ranked[1]) <= 1
+    # Alike, each wrong copy costs the next right one its verification.
+    assert sum(alike[5]) < sum(ranked[5]) * 0.75

@@ -56,6 +56,17 @@ def test_prefers_longest_matching_ngram() -> None:
     assert _propose(drafter, "r", 2) == [40, 41]
     (proposal,) = drafter.propose([DraftRequest("r", 2)])
     assert proposal.evidence == "ngram"  # one kind, whatever the n-gram's size
+    assert proposal.confidence == [0.75, 1.0]  # ranked by it: 3 / (3 + 1) first
+
+
+def test_a_one_token_match_states_less_confidence_than_a_longer_one() -> None:
+    drafter = NgramDrafter(max_ngram=3, min_ngram=1)
+    drafter.start("short", [5, 60, 61, 9, 5], GREEDY)
+    drafter.start("long", [4, 5, 60, 61, 9, 4, 5], GREEDY)
+    short, long = drafter.propose([DraftRequest("short", 2), DraftRequest("long", 2)])
+    assert short.token_ids == long.token_ids == [60, 61]
+    assert short.confidence is not None and long.confidence is not None
+    assert short.confidence[0] == 0.5 < long.confidence[0] == pytest.approx(2 / 3)
 
 
 def test_respects_num_tokens_per_request() -> None:

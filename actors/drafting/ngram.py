@@ -40,8 +40,15 @@ class LookupMatch:
         """The match as a copy. Its evidence is one kind whatever the n-gram's
         size: priced apart per size, the budget verified more and worse
         copies under load (docs/drafting.md, "Copies priced per kind of
-        evidence")."""
-        return DraftProposal(self.token_ids, from_lookup=True, evidence="ngram")
+        evidence"). The size ranks copies instead, as the first token's
+        confidence ``n / (n + 1)``: the budget's calibration of survivals
+        learns what each rank is worth from every copy at once."""
+        confidence = [1.0] * len(self.token_ids)
+        if confidence:
+            confidence[0] = self.ngram_size / (self.ngram_size + 1)
+        return DraftProposal(
+            self.token_ids, from_lookup=True, evidence="ngram", confidence=confidence
+        )
 
 
 @dataclass
