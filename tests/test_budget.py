@@ -244,16 +244,30 @@ def _copy_rounds(
     periodic truth; round ``r`` proposes ``copy_of(r, the next 16 true
     tokens)``, each token with the drafter's ``confidence``. Each round's
     verified copy length."""
+
+    def proposal_of(round_: int, right: list[int]) -> DraftProposal:
+        token_ids = copy_of(round_, right)
+        stated = None if confidence is None else [confidence] * len(token_ids)
+        return DraftProposal(token_ids, from_lookup=True, confidence=stated, evidence=evidence)
+
+    return _proposal_rounds(scheduler, run, rounds, proposal_of)
+
+
+def _proposal_rounds(
+    scheduler: GammaScheduler,
+    run: RunningRequest,
+    rounds: int,
+    proposal_of: Callable[[int, list[int]], DraftProposal],
+) -> list[int]:
+    """As :func:`_copy_rounds`, round ``r`` proposing ``proposal_of(r, the
+    next 16 true tokens)``."""
     truth = [7 + i % 50 for i in range(40 * rounds)]
     verified = []
     for round_ in range(rounds):
         scheduler.choose([run])
         position = len(run.tokens) - 2
         right = truth[position : position + 16]
-        token_ids = copy_of(round_, right)
-        stated = None if confidence is None else [confidence] * len(token_ids)
-        copy = DraftProposal(token_ids, from_lookup=True, confidence=stated, evidence=evidence)
-        (kept,) = scheduler.trim([run], [copy])
+        (kept,) = scheduler.trim([run], [proposal_of(round_, right)])
         accepted = next((i for i, t in enumerate(kept.token_ids) if t != right[i]), len(kept))
         new = truth[position : position + accepted + 1]
         run.tokens.extend(new)
@@ -406,25 +420,16 @@ def test_short_ngram_matches_are_ranked_below_long_ones() -> None:
         costs = RoundCostModel()
         costs.verify.set_profile([(n, 0.059 + 0.027 * (n - 1)) for n in (1, 2, 4, 8, 16, 17)])
         scheduler = GammaScheduler(DraftPaths(model=False, lookup=True), costs=costs)
-        run = _lookup_request()
-        truth = [7 + i % 50 for i in range(2000)]
-        verified: dict[int, list[int]] = {1: [], 5: []}
-        for round_ in range(60):
-            scheduler.choose([run])
-            position = len(run.tokens) - 2
-            right = truth[position : position + 16]
+
+        def proposal_of(round_: int, right: list[int]) -> DraftProposal:
             size = 5 if round_ % 2 else 1
             copy = LookupMatch(right if size == 5 else [999] * 16, size).proposal()
-            if not ranked:
-                copy = DraftProposal(copy.token_ids, from_lookup=True, evidence=copy.evidence)
-            (kept,) = scheduler.trim([run], [copy])
-            accepted = next((i for i, t in enumerate(kept.token_ids) if t != right[i]), len(kept))
-            new = truth[position : position + accepted + 1]
-            run.tokens.extend(new)
-            run.cached_len = len(run.tokens) - 1
-            scheduler.record(run, kept, DraftUpdate("r", accepted, new, None))
-            verified[size].append(len(kept))
-        return {size: lengths[-10:] for size, lengths in verified.items()}
+            if ranked:
+                return copy
+            return DraftProposal(copy.token_ids, from_lookup=True, evidence=copy.evidence)
+
+        verified = _proposal_rounds(scheduler, _lookup_request(), 60, proposal_of)
+        return {1: verified[0::2][-10:], 5: verified[1::2][-10:]}
 
     ranked, alike = verified_by_size(ranked=True), verified_by_size(ranked=False)
     assert min(ranked[5]) == 16 and max(ranked[1]) <= 1
