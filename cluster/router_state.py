@@ -101,7 +101,8 @@ class RoundTimings:
     round_s: float = 0.0  # whole rounds
     propose_s: float = 0.0  # waiting for draft replicas
     verify_s: float = 0.0  # waiting for target replicas
-    local_s: float = 0.0  # γ, accept, commit, stream: work the in-process engine does too
+    # γ, the budget's cut, accept, commit, stream: work the in-process engine does too
+    local_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ class RoundTimes:
 
     propose_s: float = 0.0  # waiting for drafters
     verify_s: float = 0.0  # waiting for targets
-    local_s: float = 0.0  # γ, accept, commit, stream: the round's own work
+    local_s: float = 0.0  # γ, the budget's cut, accept, commit, stream: the round's own work
 
 
 @dataclass
@@ -115,12 +115,14 @@ async def speculative_round(
     # A structured request's drafts end at the first token its grammar
     # forbids; a target that verifies chains only gets each tree's main chain.
     trees = verifying.verifies_trees
+    proposals = await propose(batch, drafting, scheduler)
+    proposed_at = time.perf_counter()
     # The budget then cuts copies to what is worth verifying.
     drafts = scheduler.trim(
         batch,
         [
             constrain_draft(r, d if trees else d.main_chain())
-            for r, d in zip(batch, await propose(batch, drafting, scheduler), strict=True)
+            for r, d in zip(batch, proposals, strict=True)
         ],
     )
     verifying_at = time.perf_counter()
@@ -167,9 +169,10 @@ async def speculative_round(
             runs.append(run)
             kept.append(drafts[i])
             outputs.append(constrain_output(run, drafts[i], out))
-    times = RoundTimes(verifying_at - proposing, verified_at - verifying_at)
+    times = RoundTimes(proposed_at - proposing, verified_at - verifying_at)
+    before_verify = (proposing - began) + (verifying_at - proposed_at)
     if not runs:
-        times.local_s = (proposing - began) + (time.perf_counter() - verified_at)
+        times.local_s = before_verify + (time.perf_counter() - verified_at)
         return RoundResult([], [], None, times, queries, hits)
 
     # 4. Accept: lossless rejection sampling against the target (over
@@ -197,7 +200,7 @@ async def speculative_round(
         stream_round(run, new_ids)
         for run, new_ids in zip(runs, rejection.output_token_ids, strict=True)
     ]
-    times.local_s = (proposing - began) + (time.perf_counter() - verified_at)
+    times.local_s = before_verify + (time.perf_counter() - verified_at)
     return RoundResult(runs, chunks, rejection, times, queries, hits)
 
 

@@ -1,0 +1,64 @@
+"""Where a round's wall time goes: the wait for the drafters apart from
+the budget's cut, which is the round's own work."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest, DraftUpdate
+from specray.actors.engine.gamma import SurvivalEstimate
+from specray.actors.engine.lifecycle import start_request
+from specray.actors.engine.request import DraftState, GenerationRequest, RunningRequest
+from specray.actors.engine.round import speculative_round
+from specray.actors.engine.scheduling import GammaScheduler
+from specray.actors.engine.target import VerifyInput, VerifyOutput
+from specray.actors.sampling.params import StoppingCriteria
+
+DRAFTER_S = 0.02
+BUDGET_S = 0.3
+
+
+class _SlowDrafter:
+    hidden_layers: tuple[int, ...] = ()
+
+    async def propose(
+        self, replica: int, asks: list[DraftRequest], updates: list[DraftUpdate]
+    ) -> list[DraftProposal] | None:
+        await asyncio.sleep(DRAFTER_S)
+        return [DraftProposal([5, 6], from_lookup=True) for _ in asks]
+
+
+class _LostTarget:
+    verifies_trees = True
+
+    async def verify(
+        self, replica: int | None, inputs: list[VerifyInput], hidden_layers: tuple[int, ...]
+    ) -> list[VerifyOutput] | None:
+        return None  # the replica failed: the round ends without committing
+
+
+class _SlowBudget(GammaScheduler):
+    def trim(
+        self, batch: Sequence[RunningRequest], drafts: Sequence[DraftProposal]
+    ) -> list[DraftProposal]:
+        time.sleep(BUDGET_S)
+        return list(drafts)
+
+
+def test_the_drafter_wait_leaves_out_the_budget() -> None:
+    draft = DraftState(
+        lookup_acceptance=SurvivalEstimate.with_prior(0.5),
+        model_acceptance=SurvivalEstimate.with_prior(0.5),
+    )
+    stopping = StoppingCriteria(max_tokens=40, ignore_eos=True)
+    run = start_request(GenerationRequest("r", [3, 4], stopping=stopping), (), None, 4, draft)
+    run.cached_len = len(run.tokens) - 1
+    run.target = 0
+    draft.attach(0, 1)
+    scheduler = _SlowBudget(DraftPaths(model=False, lookup=True))
+    result = asyncio.run(speculative_round([run], _SlowDrafter(), _LostTarget(), scheduler))
+    assert result.requests == []
+    assert DRAFTER_S <= result.times.propose_s < BUDGET_S
+    assert result.times.local_s >= BUDGET_S
