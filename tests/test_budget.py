@@ -332,8 +332,8 @@ def test_short_ngram_matches_are_ranked_below_long_ones() -> None:
     evidence. The match's size, stated as the first token's confidence
     (``LookupMatch.proposal``), lets the calibrated budget tell them apart:
     it verifies the long matches' copies whole and next to nothing of the
-    short ones'. Priced alike, every wrong copy made the budget cut the
-    right one after it to nothing."""
+    short ones'. Priced alike it cannot tell them apart, and verifies the
+    wrong copies about as much as the right ones."""
 
     def verified_by_size(ranked: bool) -> dict[int, list[int]]:
         costs = RoundCostModel()
@@ -352,5 +352,4 @@ def test_short_ngram_matches_are_ranked_below_long_ones() -> None:
 
     ranked, alike = verified_by_size(ranked=True), verified_by_size(ranked=False)
     assert min(ranked[5]) == 16 and max(ranked[1]) <= 1
-    # Alike, each wrong copy costs the next right one its verification.
-    assert sum(alike[5]) < sum(ranked[5]) * 0.75
+    assert sum(alike[1]) > 0.5 * sum(alike[5])

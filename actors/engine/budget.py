@@ -240,11 +240,15 @@ def survivals(draft: DraftProposal, acceptance: DepthAcceptance, offset: int = 0
 class Baseline:
     """A batch before any ranked draft token is admitted: ``tokens`` it
     verifies anyway, the ``expected`` tokens it commits anyway, and
-    ``verify_seconds(n)``, what verifying ``n`` tokens costs."""
+    ``verify_seconds(n)``, what verifying ``n`` tokens costs.
+    ``call_seconds``: what a round that verifies drafts pays beyond the
+    verify (the call to the drafter, where nothing else needs it), so
+    that drafts must win it back before they are worth verifying."""
 
     tokens: int
     expected: float
     verify_seconds: Callable[[int], float]
+    call_seconds: float = 0.0
 
 
 def budget_tokens(
@@ -311,7 +315,7 @@ def _best_prefix(
         gains[q] -= neg_survival
         if floor is not None:
             limits[q] = floor.ranked_limit(plain, q, gains[q])
-        seconds = base.verify_seconds(verified)
+        seconds = base.verify_seconds(verified) + base.call_seconds
         rate = expected / max(seconds, 1e-12)
         if rate > best and seconds <= min(bystanders, min(limits)):
             best, taken_best = rate, taken

@@ -6,6 +6,7 @@ verify budget's survivals of copies."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from specray.actors.drafting.confidence_map import ConfidenceMap, bin_of
 
@@ -131,6 +132,40 @@ class SurvivalCalibration:
         if self._rates is None:
             self._rates = monotone_rates(self.tested, self.survived, self.prior)
         return self._rates[bin_of(estimate, len(self._rates))]
+
+
+@dataclass
+class OwnRecord:
+    """How one request's copies fared against the survival the shared
+    calibration promised them: a ratio that scales its copies' survivals.
+
+    The calibration pools every request, and requests differ: on an
+    AVX2-only machine through the server (1.5B, n-gram, concurrency 4) the
+    rounds where two or three requests were left, the ones whose copies
+    kept failing, verified tokens promised 0.58-0.76 that survived
+    0.39-0.45, while the full batch's were promised 0.75 and survived
+    0.87; the small batches paid for tokens that did not come. Scaled by
+    each request's own record, promised and survived agreed within 0.05 in
+    every batch size. The counts decay by ``decay`` per judged copy, and
+    ``prior`` tokens that kept their promise start it at 1.
+    """
+
+    prior: float = 4.0
+    decay: float = 0.97
+    promised: float = 0.0
+    survived: float = 0.0
+
+    def observe(self, promised: Sequence[float], survived: Sequence[bool]) -> None:
+        """One judged copy: per token, its calibrated survival and the verdict."""
+        self.promised = self.promised * self.decay + sum(promised)
+        self.survived = self.survived * self.decay + sum(survived)
+
+    @property
+    def ratio(self) -> float:
+        return (self.survived + self.prior) / (self.promised + self.prior)
+
+    def __call__(self, survival: float) -> float:
+        return min(1.0, survival * self.ratio)
 
 
 def monotone_rates(

@@ -9,6 +9,7 @@ import torch
 
 from specray.actors.drafting.base import DraftStop, DraftUpdate
 from specray.actors.engine.budget import DepthAcceptance, Hindsight, ProposedCopy
+from specray.actors.engine.calibration import OwnRecord
 from specray.actors.engine.errors import RequestRejectedError
 from specray.actors.engine.floor import Pace
 from specray.actors.engine.gamma import SurvivalEstimate
@@ -132,6 +133,7 @@ class DraftState:
     lookup_depths: dict[str, DepthAcceptance] = field(default_factory=dict)
     hindsight: Hindsight | None = None  # the copy whose verdict it waits for
     proposed: list[ProposedCopy] = field(default_factory=list)  # copies not yet judged
+    own: OwnRecord = field(default_factory=OwnRecord)  # its copies against their calibration
     # Survivals of its last ranked draft: what a stale-sized budget sizes by.
     last_survivals: list[float] | None = None
     # Its decode so far as the verify cost prices it, which the budget's
