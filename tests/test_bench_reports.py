@@ -21,6 +21,7 @@ from specray.bench import (
     prefix_chat_bench,
     prefix_copy_bench,
     router_compare,
+    router_phases,
     row_kernel_bench,
     structured_bench,
     tp_bench,
@@ -40,6 +41,7 @@ ROW_REPORTS: dict[str, Markdown] = {
     "prefix_chat_qwen2.5-coder-0.5b-instruct_float32": prefix_chat_bench.markdown,
     "prefix_copy_qwen2.5-coder-0.5b-instruct": prefix_copy_bench.markdown,
     "row_kernels_qwen2.5-coder-0.5b-instruct_float32": row_kernel_bench.markdown,
+    "router_phases_qwen1.5b_gguf_ngram_sameserver_own_avx2_avx2": router_phases.markdown,
     "structured_qwen2.5-coder-1.5b-instruct_float32": structured_bench.markdown,
 }
 # Reports of our model against transformers' (a row per measure).
