@@ -139,14 +139,16 @@ class OwnRecord:
     """How one request's copies fared against the survival the shared
     calibration promised them: a ratio that scales its copies' survivals.
 
-    The calibration pools every request, and requests differ: on an
-    AVX2-only machine through the server (1.5B, n-gram, concurrency 4) the
-    rounds where two or three requests were left, the ones whose copies
-    kept failing, verified tokens promised 0.58-0.76 that survived
-    0.39-0.45, while the full batch's were promised 0.75 and survived
-    0.87; the small batches paid for tokens that did not come. Scaled by
-    each request's own record, promised and survived agreed within 0.05 in
-    every batch size. The counts decay by ``decay`` per judged copy, and
+    The calibration pools every request, and requests differ. Through the
+    server at concurrency 4 (1.5B, n-gram, an AVX2-only machine, the budget's
+    predictions logged round by round in one instrumented run), the rounds
+    where two or three requests were left, the ones whose copies kept
+    failing, verified tokens that survived well below what they were
+    promised, while the full batch's survived above it: the small batches
+    paid for tokens that did not come. Scaled by each request's own record,
+    promise and survival agreed in every batch size
+    (``bench/results/serve/qwen1.5b_gguf_ngram_sameserver_own_adaptive_1_avx2.md``
+    is the served result). The counts decay by ``decay`` per judged copy, and
     ``prior`` tokens that kept their promise start it at 1.
     """
 

@@ -31,9 +31,10 @@ its fresh ones.
 Call. Where only copies are drafted, the call that fetched them is part
 of what a drafted round costs (:meth:`VerifyBudget.call_seconds`): a
 batch verifies copies only when they win back the call as well as their
-rows. Through the server on an AVX2-only machine at concurrency 4, rounds
-of two decoding requests verified copies the verify cost priced as an even
-trade, and ran at 15 tokens/s against 20 without them.
+rows. Through the router on an AVX2-only machine the call to an n-gram
+draft replica took 7.5-15.2 ms a round around a lookup of 0.2-1.5 ms
+(docs/router.md, "Where a served round's time goes"), and copies the verify
+cost priced as an even trade made rounds slower than rounds without them.
 
 Floor. Admitted tokens lengthen the round for every request of the batch,
 so the budget admits no prefix that would leave a request (one with nothing
