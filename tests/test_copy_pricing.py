@@ -4,33 +4,19 @@ against the shared calibration, and the call that fetched the copies."""
 from __future__ import annotations
 
 import pytest
+from scheduling_helpers import decoding_run
 
 from specray.actors.drafting.base import DraftPaths, DraftProposal
 from specray.actors.engine.budget import Baseline, ProposedCopy, budget_tokens
 from specray.actors.engine.calibration import OwnRecord
 from specray.actors.engine.costs import RoundCostModel
-from specray.actors.engine.gamma import SurvivalEstimate
-from specray.actors.engine.lifecycle import start_request
-from specray.actors.engine.request import DraftState, GenerationRequest, RunningRequest
+from specray.actors.engine.request import RunningRequest
 from specray.actors.engine.scheduling import GammaScheduler
 from specray.actors.engine.verify_budget import VerifyBudget
-from specray.actors.sampling.params import StoppingCriteria
 
 
 def _request(request_id: str = "r") -> RunningRequest:
-    draft = DraftState(
-        lookup_acceptance=SurvivalEstimate.with_prior(0.5),
-        model_acceptance=SurvivalEstimate.with_prior(0.5),
-    )
-    stopping = StoppingCriteria(max_tokens=400, ignore_eos=True)
-    run = start_request(
-        GenerationRequest(request_id, [3, 4], stopping=stopping), (), None, 16, draft
-    )
-    run.cached_len = len(run.tokens) - 1
-    run.target = 0
-    run.feed = 1
-    draft.attach(0, 1)
-    return run
+    return decoding_run(request_id, backlog=2, alpha=0.5, max_gamma=16)
 
 
 def test_own_record_starts_even_and_follows_recent_copies() -> None:
