@@ -17,3 +17,8 @@ if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ] \
   "$venv/bin/python" -m pip install -q -c "$root/constraints.txt" -e "$root[dev]"
   touch "$stamp"
 fi
+# The compiled CPU kernels (actors/parallel/csrc), built once per source and
+# compiler (about a minute of one core), so that no server start or test
+# waits on the build. Where they cannot run here this prints why.
+"$venv/bin/python" -c 'from specray.actors.parallel.block_kernel import block_kernel_reason
+print("compiled CPU kernels:", block_kernel_reason() or "ready")'

@@ -9,6 +9,7 @@ import torch
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.gguf_source import GGUFWeightSource
+from specray.actors.parallel.block_kernel import block_kernel_reason
 from specray.actors.parallel.expert import ExpertShard
 from specray.actors.parallel.group import SingleGroup, TPGroup
 from specray.actors.parallel.int8_kernels import choose_int8_kernels
@@ -68,6 +69,12 @@ def load_model(
     )
     with source:
         model.load(source)
+    if torch.get_default_device().type == "cpu":  # a GPU shard sets its device as default
+        # Every CPU forward runs the compiled kernels (attention rows, norms,
+        # rotary, cache rows): build them now, within the start-up deadline,
+        # not in the first forward, which a verify deadline bounds (a build
+        # takes about a minute of one core).
+        block_kernel_reason()
     choose_row_kernels(model)
     choose_int8_kernels(model)
     return model.eval()

@@ -6,6 +6,7 @@ be built here (not x86, no AVX2/FMA/F16C, no compiler, an unwritable store)
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import os
@@ -84,8 +85,19 @@ def _compile(compiler: str, flags: tuple[str, ...], csrc: Path) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside the target and renamed into place: processes that start
-    # together (TP ranks, draft replicas) each see a whole file or none.
+    # One build at a time: a build takes about a minute of one core, and
+    # processes that start together (TP ranks, draft replicas, test workers)
+    # would otherwise each build the same file on the same cores.
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            _build(compiler, flags, sources, target)
+    return target
+
+
+def _build(compiler: str, flags: tuple[str, ...], sources: list[Path], target: Path) -> None:
+    # Built beside the target and renamed into place: a process that loads
+    # without the lock sees a whole file or none.
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         built = Path(work) / target.name
         result = subprocess.run(
@@ -99,4 +111,3 @@ def _compile(compiler: str, flags: tuple[str, ...], csrc: Path) -> Path:
                 f"compiling the block kernel with {compiler} failed: {error}"
             )
         os.replace(built, target)
-    return target
