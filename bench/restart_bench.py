@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "dtype": args.dtype,
                 "threads_per_shard": 1,
                 "max_len": 512,
-                "drafts": [{"kind": "ngram"}],
+                "drafts": [{"kind": "ngram", "placement": "actor"}],  # killed by pid
                 "num_drafts": 2,
                 "profile": False,
             }

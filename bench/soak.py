@@ -180,8 +180,12 @@ async def _chaos(router: Any, config: SoakConfig, stop_at: float, report: SoakRe
         state: RouterState = await router.state.remote()
         # A replica killed a moment ago can still be listed before the router
         # notices: killing it again would count a second kill of one failure.
+        # One in the router's process has no process of its own to kill.
         victims = [
-            d for d in state.drafts if d.tracked >= 0 and not d.draining and d.pid not in killed
+            d
+            for d in state.drafts
+            if d.placement == "actor" and d.tracked >= 0 and not d.draining
+            if d.pid not in killed
         ]
         if not victims:  # every replica is down or restarting: wait for one
             continue
@@ -225,6 +229,8 @@ def _serve_config(args: argparse.Namespace) -> Any:
     router["drafts"] = [
         {"kind": "ngram"} if args.draft == "ngram" else {"kind": "model", "model": args.draft}
     ]
+    # The chaos kills replica processes: each drafter in an actor of its own.
+    router["drafts"][0]["placement"] = "actor"
     return ServeConfig.model_validate(
         {
             "backend": "router",

@@ -1,4 +1,6 @@
-"""A pool of draft replicas, each a :class:`DraftWorker` in its own Ray actor.
+"""A pool of draft replicas, each a :class:`DraftWorker` in its own Ray actor
+or, for a drafter that only looks up, in the router's process
+(:mod:`specray.cluster.inline_draft`).
 
 Requests are pinned to one replica (their draft state lives there); a new
 request goes to a replica that is not draining: where a drafter keeps
@@ -23,7 +25,7 @@ import contextlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError, RayTaskError
@@ -35,9 +37,12 @@ from specray.actors.model.prefix_cache import DEFAULT_BLOCK_SIZE
 from specray.actors.sampling.params import SamplingParams
 from specray.actors.workers.draft_worker import DraftWorker, DraftWorkerSpec, DraftWorkerStats
 from specray.cluster.affinity import PrefixAffinity, block_hashes, place
+from specray.cluster.inline_draft import INLINE_KINDS, InlineDraftError, InlineDraftHandle
 from specray.cluster.router_state import DraftReplicaState
 
 _MAX_UNSETTLED = 64
+DraftPlacement = Literal["actor", "router"]
+PLACEMENTS: tuple[str, ...] = get_args(DraftPlacement)
 
 
 class DraftReplicaError(RuntimeError):
@@ -56,6 +61,18 @@ class DraftPoolConfig:
     timeout_s: float = 30.0  # bound on every propose
     start_timeout_s: float = 300.0  # process start and model load
     affinity: bool = True  # place requests where their prefix was drafted (see pick)
+    # actor: each replica a Ray actor of its own; router: in the router's
+    # process (lookup drafters only: :mod:`specray.cluster.inline_draft`)
+    placement: DraftPlacement = "actor"
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.placement == "router" and self.spec.drafter.kind not in INLINE_KINDS:
+            raise ValueError(
+                f"placement 'router' is for drafters that only look up "
+                f"({', '.join(INLINE_KINDS)}), not kind {self.spec.drafter.kind!r}"
+            )
 
 
 @dataclass
@@ -117,12 +134,15 @@ class DraftPool:
             self.starting -= count
 
     async def _start(self, count: int) -> list[int]:
-        handles = [
-            self._actor.options(num_cpus=self.config.num_cpus, max_restarts=0).remote(
-                self.config.spec
-            )
-            for _ in range(count)
-        ]
+        if self.config.placement == "router":
+            handles: list[Any] = [InlineDraftHandle(self.config.spec) for _ in range(count)]
+        else:
+            handles = [
+                self._actor.options(num_cpus=self.config.num_cpus, max_restarts=0).remote(
+                    self.config.spec
+                )
+                for _ in range(count)
+            ]
         try:
             pids = await asyncio.wait_for(
                 asyncio.gather(*(h.ping.remote() for h in handles)),
@@ -130,7 +150,7 @@ class DraftPool:
             )
         except BaseException:
             for handle in handles:
-                ray.kill(handle, no_restart=True)
+                _kill(handle)
             raise
         ids = []
         for handle, pid in zip(handles, pids, strict=True):
@@ -171,16 +191,14 @@ class DraftPool:
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(settle, self.config.timeout_s)
-        with contextlib.suppress(RayError):  # already gone
-            ray.kill(replica.handle, no_restart=True)
+        _kill(replica.handle)
 
     def drop(self, replica_id: int) -> DraftReplica | None:
         """Forget a failed replica at once and kill it; returns it if known."""
         replica = self.replicas.pop(replica_id, None)
         if replica is not None:
             replica.requests.clear()  # their state died with it (a drain waits on none)
-            with contextlib.suppress(RayError):
-                ray.kill(replica.handle, no_restart=True)
+            _kill(replica.handle)
         return replica
 
     def rebalance(self) -> list[str]:
@@ -284,7 +302,7 @@ class DraftPool:
             raise DraftReplicaError(
                 f"draft replica {replica_id} died: {err}", replica_id, "died"
             ) from err
-        except RayTaskError as err:
+        except (RayTaskError, InlineDraftError) as err:
             self.drop(replica_id)
             raise DraftReplicaError(
                 f"draft replica {replica_id} failed: {err}", replica_id, "failed"
@@ -315,7 +333,12 @@ class DraftPool:
         held = await self.num_requests()
         return tuple(
             DraftReplicaState(
-                r.replica_id, r.pid, r.occupied, held.get(r.replica_id, -1), r.draining
+                r.replica_id,
+                r.pid,
+                r.occupied,
+                held.get(r.replica_id, -1),
+                r.draining,
+                self.config.placement,
             )
             for r in self.replicas.values()
         )
@@ -349,6 +372,14 @@ class DraftPool:
     async def shutdown(self) -> None:
         for replica in list(self.replicas.values()):
             self.drop(replica.replica_id)
+
+
+def _kill(handle: Any) -> None:
+    """Stop a replica's actor; one in the router's process is just let go."""
+    if isinstance(handle, InlineDraftHandle):
+        return
+    with contextlib.suppress(RayError):  # already gone
+        ray.kill(handle, no_restart=True)
 
 
 async def _awaitable(ref: Any) -> Any:

@@ -24,6 +24,7 @@ class DraftReplicaState:
     pinned: int  # requests the router pinned here
     tracked: int  # requests the replica itself holds state for (-1: unreachable)
     draining: bool
+    placement: str = "actor"  # "router": in the router's process (``pid`` is the router's)
 
 
 @dataclass(frozen=True)

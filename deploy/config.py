@@ -33,7 +33,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from specray.actors.drafting.spec import DRAFTER_KINDS, MODEL_KINDS, DrafterSpec
+from specray.actors.drafting.spec import (
+    DRAFTER_KINDS,
+    MODEL_KINDS,
+    PURE_LOOKUP_KINDS,
+    DrafterSpec,
+)
 from specray.actors.engine.factory import EngineSpec
 from specray.actors.engine.feeds import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.verify_budget import DEFAULT_FLOOR, BudgetSizing
@@ -76,12 +81,23 @@ class DrafterConfig(BaseModel):
     )
     threads: int = Field(1, ge=1, description="torch threads of one replica")
     cpus: float = Field(1.0, ge=0, description="Ray CPUs one replica reserves")
+    placement: Literal["auto", "actor", "router"] = Field(
+        "auto",
+        description="where a replica runs: actor (a Ray actor of its own) or router (in the "
+        f"router's process: {', '.join(PURE_LOOKUP_KINDS)} only, which spare a Ray call a round); "
+        "auto: router for those kinds, else actor",
+    )
     max_ngram: int = Field(5, ge=1)
     min_ngram: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _is_a_drafter(self) -> DrafterConfig:
         self.spec  # noqa: B018 -- the spec's own checks, with its messages
+        if self.placement == "router" and self.kind not in PURE_LOOKUP_KINDS:
+            raise ValueError(
+                f"placement: 'router' is for drafters that only look up "
+                f"({', '.join(PURE_LOOKUP_KINDS)}); kind {self.kind!r} runs a model: use 'actor'"
+            )
         if self.weights != "dense" and self.kind not in MODEL_KINDS:
             raise ValueError(
                 f"weights: {self.weights!r} is for a draft model (kind "
@@ -92,6 +108,13 @@ class DrafterConfig(BaseModel):
     @property
     def spec(self) -> DrafterSpec:
         return DrafterSpec(self.kind, self.model, self.max_ngram, self.min_ngram)
+
+    @property
+    def placed(self) -> Literal["actor", "router"]:
+        """Where the replicas run, ``auto`` resolved."""
+        if self.placement == "auto":
+            return "router" if self.kind in PURE_LOOKUP_KINDS else "actor"
+        return self.placement
 
     @classmethod
     def from_spec(cls, spec: DrafterSpec) -> DrafterConfig:

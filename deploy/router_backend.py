@@ -258,6 +258,7 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
             num_cpus=drafter.cpus,
             start_timeout_s=settings.start_timeout_s,
             affinity=settings.prefix_affinity,
+            placement=drafter.placed,
         )
     return RouterConfig(
         target=target,
@@ -310,7 +311,7 @@ def embedded_ray_cpus(settings: RouterSettings) -> int:
     per_shard = settings.cpus_per_shard if settings.cpus_per_shard is not None else threads
     needed = settings.num_targets * settings.shards * per_shard
     drafter = settings.drafter
-    if drafter is not None:
+    if drafter is not None and drafter.placed == "actor":
         needed += settings.num_drafts * drafter.cpus
     return max(os.cpu_count() or 1, math.ceil(2 * needed))
 

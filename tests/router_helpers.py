@@ -51,19 +51,25 @@ def target_only(model_dir: Path, requests: list[GenerationRequest]) -> dict[str,
 
 
 def router_config(
-    model_dir: Path, draft: DrafterSpec | None = None, **options: Any
+    model_dir: Path,
+    draft: DrafterSpec | None = None,
+    draft_placement: str = "auto",
+    **options: Any,
 ) -> RouterConfig:
     """A router over a tiny checkpoint, built the way ``specray serve`` builds
     one (from :class:`RouterSettings`): fp32, one thread and one Ray CPU per
-    actor. ``options`` set settings; any other :class:`RouterConfig` field
-    is replaced afterwards."""
+    actor; ``draft`` placed as ``draft_placement`` says (auto: a lookup
+    drafter in the router's process). ``options`` set settings; any other
+    :class:`RouterConfig` field is replaced afterwards."""
     fields: dict[str, Any] = {
         "target": str(model_dir),
         "dtype": "float32",
         "tp": 1,
         "threads_per_shard": 1,
         "max_len": MAX_LEN,
-        "drafts": [] if draft is None else [DrafterConfig.from_spec(draft).model_dump()],
+        "drafts": []
+        if draft is None
+        else [DrafterConfig.from_spec(draft).model_dump() | {"placement": draft_placement}],
     }
     extras = {}
     for key, value in options.items():

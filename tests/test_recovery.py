@@ -49,7 +49,7 @@ def test_killed_draft_replica_falls_back_with_identical_output(
     reference = target_only(model_dir, requests)
     # Fixed γ: every round asks the drafts, so the death is seen mid-request.
     spec = DrafterSpec("ngram", max_ngram=3)
-    config = router_config(model_dir, spec, num_drafts=2, adaptive=False, metrics_port=0)
+    config = router_config(model_dir, spec, "actor", num_drafts=2, adaptive=False, metrics_port=0)
     router = launch_router(config)
     victim_pid = router_state(router).drafts[0].pid
 

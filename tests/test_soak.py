@@ -51,7 +51,8 @@ def test_soak_loses_and_garbles_nothing_while_drafts_are_killed(
     local_ray: None, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     model_dir = save_served_model(tmp_path_factory.mktemp("served"))
-    router = {"num_drafts": 2, "num_slots": CONCURRENCY, "max_len": 256}
+    drafts = [{"kind": "ngram", "max_ngram": 3, "placement": "actor"}]  # killed by pid
+    router = {"num_drafts": 2, "num_slots": CONCURRENCY, "max_len": 256, "drafts": drafts}
     limits = {"max_tokens": 64, "max_queued_requests": CONCURRENCY}
     config = router_serve_config(model_dir, router, limits)
     soak = SoakConfig(

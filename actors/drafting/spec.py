@@ -37,6 +37,9 @@ PREFIXES = {
 DRAFTER_KINDS = (*MODELLESS, "model", *PREFIXES)
 LOOKUP_KINDS = ("ngram", "hybrid", "suffix", "suffix_hybrid")  # they copy from the context
 MODEL_KINDS = ("model", "hybrid", "suffix_hybrid")  # a draft model (name or path)
+# Lookup and nothing else: no model, no hidden states, well under a
+# millisecond a round (what may run in the router's own process).
+PURE_LOOKUP_KINDS = ("ngram", "suffix")
 HIDDEN_STATE_KINDS = ("head", "dspark", "mtp")  # fed the target's hidden states
 
 
