@@ -80,6 +80,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="one run per cap, e.g. 1,4,8,16 (for TPOT vs concurrency)",
     )
+    load.add_argument(
+        "--waves",
+        type=int,
+        default=1,
+        help="each level sends at least this many times its concurrency cap of prompts: one "
+        "wave measures its slowest request's span, several the sustained throughput",
+    )
     p.add_argument("--ab-order", default="pairs", choices=AB_ORDERS, help="see the module doc")
     p.add_argument(
         "--warmup",
@@ -129,6 +136,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         ("temperature", lambda v: v >= 0 and math.isfinite(v), ">= 0 and finite"),
         ("timeout", lambda v: v > 0, "> 0"),
         ("warmup", lambda v: v >= 0, ">= 0"),
+        ("waves", lambda v: v >= 1, ">= 1"),
         ("draft_cost", lambda v: v >= 0, ">= 0"),
         ("verify_cost", lambda v: v > 0, "> 0"),
     ]

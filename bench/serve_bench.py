@@ -76,6 +76,7 @@ SETTINGS = (
     "request_rate",
     "max_concurrency",
     "sweep_concurrency",
+    "waves",
     "ab_order",
     "tokenizer",
     "random_input_len",
@@ -226,7 +227,7 @@ def build_prompts(
     (``--num-prompts``, or the whole split, or 16 random). The list is longer
     when a concurrency level needs more: prompts are then cycled (shipped:
     ids suffixed ``#2``...) or drawn further (random)."""
-    deepest = max((load.max_concurrency or 0 for load in levels(args)), default=0)
+    deepest = args.waves * max((load.max_concurrency or 0 for load in levels(args)), default=0)
     if args.dataset == RANDOM:
         vocab = vocab_size(tokenizer, info)
         base = args.num_prompts or 16
@@ -246,12 +247,17 @@ def vocab_size(tokenizer: PreTrainedTokenizerBase | None, info: pb.GetModelInfoR
     return tokenizer.vocab_size if tokenizer is not None else info.vocab_size
 
 
-def level_prompts(prompts: list[BenchPrompt], base: int, load: LoadShape) -> list[BenchPrompt]:
-    """The prompts one level sends: the first ``base``, or as many as its
-    concurrency cap when that is larger, so a level of concurrency c really
-    has c requests in flight (the prompt set is cycled round-robin by
-    category, so any prefix stays balanced)."""
-    return prompts[: max(base, load.max_concurrency or 0)]
+def level_prompts(
+    prompts: list[BenchPrompt], base: int, load: LoadShape, waves: int = 1
+) -> list[BenchPrompt]:
+    """The prompts one level sends: the first ``base``, or ``waves`` times
+    its concurrency cap when that is larger, so a level of concurrency c
+    really has c requests in flight, and with several waves keeps them in
+    flight as requests finish (the prompt set is cycled round-robin by
+    category, so any prefix stays balanced). One wave's output over its
+    span is its slowest request's pace; a closed loop over several is the
+    server's sustained throughput."""
+    return prompts[: max(base, waves * (load.max_concurrency or 0))]
 
 
 def levels(args: argparse.Namespace) -> list[LoadShape]:
@@ -294,7 +300,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         primed: set[str] = set()
         for number, load in enumerate(levels(args)):
             spec_first = number % 2 == 0
-            sent = level_prompts(prompts, base, load)
+            sent = level_prompts(prompts, base, load, args.waves)
             if args.prime_cache:
                 await prime(stub, [p for p in sent if p.id not in primed], options, load)
                 primed.update(p.id for p in sent)

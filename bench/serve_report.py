@@ -168,7 +168,8 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
             "",
             f"`{result['command']}`",
             "",
-            f"{len(settings['prompts'])} prompts ({settings['dataset']}), each sent with "
+            f"{len(settings['prompts'])} prompts ({settings['dataset']}){waves(settings)}, "
+            "each sent with "
             f"speculation on and off ({settings['ab_order']}; {priming(settings)}); "
             f"{lengths(settings)}, "
             f"temperature {settings['temperature']}, {budget(settings)}. Client: "
@@ -191,6 +192,14 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
 
 # Drafters that keep finished requests' outputs and draft later requests from them.
 CACHING_DRAFTERS = ("suffix",)
+
+
+def waves(settings: dict[str, Any]) -> str:
+    """How many prompts a level sends beyond the set (results older than the flag: one wave)."""
+    count = settings.get("waves", 1)
+    if count <= 1:
+        return ""
+    return f" and at least {count} times its concurrency per level, cycled ({count} waves)"
 
 
 def priming(settings: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ from specray.bench.serve_dataset import (
     random_prompts,
     shipped_prompts,
 )
-from specray.bench.serve_report import cache_caveat
+from specray.bench.serve_report import cache_caveat, markdown
 from specray.deploy.cli import build_parser, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -300,6 +300,20 @@ def test_a_level_sends_at_least_as_many_prompts_as_its_concurrency(
     ids = [r["prompt_id"] for r in second["records"] if r["speculative"]]
     assert ids[:2] == [r["prompt_id"] for r in first["records"] if r["speculative"]]
     assert len(set(ids)) == 3 and result["settings"]["prompts"] == ids[:2]
+
+
+def test_waves_keep_a_level_busy_with_several_times_its_concurrency(
+    server: ServingThread, tmp_path: Path
+) -> None:
+    """``--waves 2``: a level of concurrency 2 sends 4 prompts (closed loop,
+    so finished requests are replaced), a level of 1 its ``--num-prompts``."""
+    flags = ["--num-prompts", "3", "--sweep-concurrency", "1,2", "--waves", "2", "--ab-order"]
+    result = _random_bench(server, tmp_path / "waves.json", 3, [*flags, "phases"])
+    first, second = result["runs"]
+    assert first["modes"]["spec"]["completed"] == 3
+    assert second["modes"]["spec"]["completed"] == second["modes"]["no_spec"]["completed"] == 4
+    assert result["settings"]["waves"] == 2 and "--waves 2" in result["command"]
+    assert "(2 waves)" in markdown([result])
 
 
 def test_a_fixed_speculation_run_is_recorded_and_agrees_with_target_only(
