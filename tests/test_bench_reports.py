@@ -42,6 +42,8 @@ ROW_REPORTS: dict[str, Markdown] = {
     "prefix_copy_qwen2.5-coder-0.5b-instruct": prefix_copy_bench.markdown,
     "row_kernels_qwen2.5-coder-0.5b-instruct_float32": row_kernel_bench.markdown,
     "router_phases_qwen1.5b_gguf_ngram_sameserver_own_avx2_avx2": router_phases.markdown,
+    "router_phases_qwen1.5b_gguf_ngram_placement_actor_avx2_avx2": router_phases.markdown,
+    "router_phases_qwen1.5b_gguf_ngram_placement_router_avx2_avx2": router_phases.markdown,
     "structured_qwen2.5-coder-1.5b-instruct_float32": structured_bench.markdown,
 }
 # Reports of our model against transformers' (a row per measure).
