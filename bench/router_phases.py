@@ -56,6 +56,8 @@ class ArmResult:
     local_ms: float
     draft_tokens: int
     accepted_tokens: int
+    verified_per_round: float  # tokens the target computed, per round
+    priced_verify_ms: float  # what the verify cost model priced them at, per round
 
     @property
     def tokens_per_s(self) -> float:
@@ -115,6 +117,8 @@ def run_arm(
         local_ms=phases.local_s * per_round,
         draft_tokens=sum(c.stats.draft_tokens for c in finished),
         accepted_tokens=sum(c.stats.accepted_tokens for c in finished),
+        verified_per_round=phases.verified_tokens / max(phases.rounds, 1),
+        priced_verify_ms=phases.priced_verify_s * per_round,
     )
 
 
@@ -123,7 +127,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [f"`{result['command']}`", ""]
     lines += [
         "Per round, in ms: the router's whole round; its wait for the draft replicas and "
-        "the compute inside them; its wait for the target and the target's forward; "
+        "the compute inside them; the tokens the target computed (verified) and what the "
+        "verify cost model priced them at before it learned from the round (priced); its "
+        "wait for the target and the target's forward; "
         "its own work (γ, the budget's cut, accept, commit, stream). spec ÷ none: the "
         "arm's tokens/s over the target-only arm's of the same pair.",
         "",
@@ -156,6 +162,8 @@ def markdown(result: dict[str, Any]) -> str:
                 cell(run["round_ms"], 1),
                 cell(run["propose_wait_ms"], 1),
                 cell(run["draft_compute_ms"], 1),
+                cell(run.get("verified_per_round"), 1),
+                cell(run.get("priced_verify_ms"), 1),
                 cell(run["verify_wait_ms"], 1),
                 cell(run["target_compute_ms"], 1),
                 cell(run["local_ms"], 1),
@@ -173,6 +181,8 @@ def markdown(result: dict[str, Any]) -> str:
         "round",
         "draft wait",
         "draft compute",
+        "verified",
+        "priced",
         "verify wait",
         "target compute",
         "router",

@@ -102,6 +102,8 @@ class Lanes:
         timings.propose_s += result.times.propose_s
         timings.verify_s += result.times.verify_s
         timings.local_s += result.times.local_s
+        timings.verified_tokens += result.times.verified_tokens
+        timings.priced_verify_s += result.times.priced_verify_s
 
     # -- the boundary -----------------------------------------------------------
 

@@ -104,6 +104,8 @@ class RoundTimings:
     verify_s: float = 0.0  # waiting for target replicas
     # γ, the budget's cut, accept, commit, stream: work the in-process engine does too
     local_s: float = 0.0
+    verified_tokens: int = 0  # tokens the targets computed
+    priced_verify_s: float = 0.0  # what the verify cost model priced those forwards at
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,11 @@ from typing import Protocol
 import torch
 
 from specray.actors.drafting.base import DraftProposal, DraftRequest, DraftUpdate
+from specray.actors.engine.constraints import constrain_draft, constrain_output
 from specray.actors.engine.lifecycle import stream_round
 from specray.actors.engine.request import RequestOutput, RunningRequest
 from specray.actors.engine.scheduling import GammaScheduler
 from specray.actors.engine.target import AcceptedPath, VerifyInput, VerifyOutput
-from specray.actors.sampling.grammar import mask_logits
 from specray.actors.sampling.logits import SamplingTensors, compute_probs
 from specray.actors.sampling.rejection import DraftBatch, RejectionResult, rejection_sample
 from specray.actors.sampling.tree_rejection import (
@@ -81,6 +81,8 @@ class RoundTimes:
     propose_s: float = 0.0  # waiting for drafters
     verify_s: float = 0.0  # waiting for targets
     local_s: float = 0.0  # γ, the budget's cut, accept, commit, stream: the round's own work
+    verified_tokens: int = 0  # tokens the targets computed
+    priced_verify_s: float = 0.0  # their price in the verify cost model, before it learned
 
 
 @dataclass
@@ -135,6 +137,7 @@ async def speculative_round(
     for i, run in enumerate(batch):
         if run.feed > 0 or run.peeks:
             groups.setdefault(run.target, []).append(i)
+    times = RoundTimes()
     verified = await asyncio.gather(
         *(
             verify(
@@ -144,6 +147,7 @@ async def speculative_round(
                 [drafts[i] for i in idx],
                 hidden_layers,
                 scheduler,
+                times,
             )
             for replica, idx in groups.items()
         )
@@ -169,7 +173,7 @@ async def speculative_round(
             runs.append(run)
             kept.append(drafts[i])
             outputs.append(constrain_output(run, drafts[i], out))
-    times = RoundTimes(proposed_at - proposing, verified_at - verifying_at)
+    times.propose_s, times.verify_s = proposed_at - proposing, verified_at - verifying_at
     before_verify = (proposing - began) + (verifying_at - proposed_at)
     if not runs:
         times.local_s = before_verify + (time.perf_counter() - verified_at)
@@ -253,14 +257,17 @@ async def verify(
     drafts: list[DraftProposal],
     hidden_layers: tuple[int, ...],
     scheduler: GammaScheduler,
+    times: RoundTimes,
 ) -> list[VerifyOutput] | None:
-    """One target replica's share of the round."""
+    """One target replica's share of the round, its tokens and price in ``times``."""
     inputs = verify_inputs(group, drafts)
     began = time.perf_counter()
     outputs = await verifying.verify(replica, inputs, hidden_layers)
     if outputs is not None:
         num_tokens = sum(map(computed_tokens, inputs, outputs))
         if num_tokens:
+            times.verified_tokens += num_tokens
+            times.priced_verify_s += scheduler.costs.verify.seconds(num_tokens)
             logits = sum(item.num_logits for item in inputs)
             scheduler.observe_verify(num_tokens, time.perf_counter() - began, logits)
     return outputs
@@ -304,24 +311,6 @@ def verify_inputs(
             )
         )
     return inputs
-
-
-def constrain_draft(run: RunningRequest, draft: DraftProposal) -> DraftProposal:
-    """The draft cut at the first token the request's grammar forbids (a
-    tree's main chain: a grammar follows one sequence)."""
-    if run.grammar is None or not len(draft):
-        return draft
-    chain = draft.main_chain()
-    return chain.clipped(run.grammar.clip(chain.token_ids))
-
-
-def constrain_output(run: RunningRequest, draft: DraftProposal, out: VerifyOutput) -> VerifyOutput:
-    """The target's logits with what the request's grammar forbids at each
-    position masked out: the distribution acceptance then samples from."""
-    if run.grammar is None:
-        return out
-    allowed = run.grammar.masks(draft.token_ids)
-    return VerifyOutput(mask_logits(out.full_logits(), allowed), out.hidden_states)
 
 
 def accept_drafts(
