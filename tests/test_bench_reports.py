@@ -44,6 +44,7 @@ ROW_REPORTS: dict[str, Markdown] = {
     "router_phases_qwen1.5b_gguf_ngram_sameserver_own_avx2_avx2": router_phases.markdown,
     "router_phases_qwen1.5b_gguf_ngram_placement_actor_avx2_avx2": router_phases.markdown,
     "router_phases_qwen1.5b_gguf_ngram_placement_router_avx2_avx2": router_phases.markdown,
+    "router_phases_qwen1.5b_gguf_ngram_placement_router_avx2_priced_avx2": router_phases.markdown,
     "structured_qwen2.5-coder-1.5b-instruct_float32": structured_bench.markdown,
 }
 # Reports of our model against transformers' (a row per measure).
