@@ -50,7 +50,8 @@ class _SlowBudget(GammaScheduler):
         return list(drafts)
 
 
-def test_the_drafter_wait_leaves_out_the_budget() -> None:
+def _decoding_request() -> RunningRequest:
+    """A request past its prefill, drafting on replica 0, verified on target 0."""
     draft = DraftState(
         lookup_acceptance=SurvivalEstimate.with_prior(0.5),
         model_acceptance=SurvivalEstimate.with_prior(0.5),
@@ -60,6 +61,11 @@ def test_the_drafter_wait_leaves_out_the_budget() -> None:
     run.cached_len = len(run.tokens) - 1
     run.target = 0
     draft.attach(0, 1)
+    return run
+
+
+def test_the_drafter_wait_leaves_out_the_budget() -> None:
+    run = _decoding_request()
     scheduler = _SlowBudget(DraftPaths(model=False, lookup=True))
     result = asyncio.run(speculative_round([run], _SlowDrafter(), _LostTarget(), scheduler))
     assert result.requests == []
@@ -85,15 +91,7 @@ VERIFY_S = 0.05
 def test_a_round_reports_its_verified_tokens_at_the_price_the_budget_saw() -> None:
     """The price is the cost model's before it learns from the round, so a
     benchmark can hold the budget's prediction against the wait."""
-    draft = DraftState(
-        lookup_acceptance=SurvivalEstimate.with_prior(0.5),
-        model_acceptance=SurvivalEstimate.with_prior(0.5),
-    )
-    stopping = StoppingCriteria(max_tokens=40, ignore_eos=True)
-    run = start_request(GenerationRequest("r", [3, 4], stopping=stopping), (), None, 4, draft)
-    run.cached_len = len(run.tokens) - 1
-    run.target = 0
-    draft.attach(0, 1)
+    run = _decoding_request()
     scheduler = GammaScheduler(DraftPaths(model=False, lookup=True), adaptive=False)
     scheduler.costs.verify.set_profile([(1, 0.01), (3, 0.02), (8, 0.04)])
     priced = scheduler.costs.verify.seconds(3)  # the newest token and the two copies
