@@ -58,6 +58,8 @@ class ArmResult:
     accepted_tokens: int
     verified_per_round: float  # tokens the target computed, per round
     priced_verify_ms: float  # what the verify cost model priced them at, per round
+    # by tokens verified in a round: its rounds, mean price and mean wait in ms
+    verify_by_size: dict[str, dict[str, float]]
 
     @property
     def tokens_per_s(self) -> float:
@@ -119,6 +121,14 @@ def run_arm(
         accepted_tokens=sum(c.stats.accepted_tokens for c in finished),
         verified_per_round=phases.verified_tokens / max(phases.rounds, 1),
         priced_verify_ms=phases.priced_verify_s * per_round,
+        verify_by_size={
+            str(tokens): {
+                "rounds": size.rounds,
+                "priced_ms": 1e3 * size.priced_s / size.rounds,
+                "wait_ms": 1e3 * size.wait_s / size.rounds,
+            }
+            for tokens, size in sorted(phases.by_verified.items())
+        },
     )
 
 

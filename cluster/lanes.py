@@ -104,6 +104,10 @@ class Lanes:
         timings.local_s += result.times.local_s
         timings.verified_tokens += result.times.verified_tokens
         timings.priced_verify_s += result.times.priced_verify_s
+        if result.times.verified_tokens:
+            timings.add_verify(
+                result.times.verified_tokens, result.times.priced_verify_s, result.times.verify_s
+            )
 
     # -- the boundary -----------------------------------------------------------
 

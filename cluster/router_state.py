@@ -94,6 +94,15 @@ class RouterState:
 
 
 @dataclass
+class SizeTimings:
+    """The rounds of one verified size (:attr:`RoundTimings.by_verified`)."""
+
+    rounds: int = 0
+    priced_s: float = 0.0
+    wait_s: float = 0.0
+
+
+@dataclass
 class RoundTimings:
     """Where the router's rounds spent their time, summed over rounds and lanes."""
 
@@ -106,6 +115,16 @@ class RoundTimings:
     local_s: float = 0.0
     verified_tokens: int = 0  # tokens the targets computed
     priced_verify_s: float = 0.0  # what the verify cost model priced those forwards at
+    # By the tokens a round's targets computed: its rounds, their price and
+    # their wait for the targets. Whether the budget priced a round's extra
+    # tokens right shows here, where an average over sizes cannot show it.
+    by_verified: dict[int, SizeTimings] = field(default_factory=dict)
+
+    def add_verify(self, tokens: int, priced_s: float, wait_s: float) -> None:
+        size = self.by_verified.setdefault(tokens, SizeTimings())
+        size.rounds += 1
+        size.priced_s += priced_s
+        size.wait_s += wait_s
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,23 @@ def test_unary_generate(ngram_router: Any, tiny_dir_factory) -> None:  # type: i
     assert all(o.finish_reason == "length" and o.stats.rounds > 0 for o in outputs)
 
 
+def test_timings_price_every_verified_round_by_its_size(ngram_router: Any) -> None:
+    """Each round with a verify lands in the bucket of the tokens it
+    verified, with the price the cost model gave it and its wait; the
+    buckets add up to the totals. The n-gram drafter runs in the router's
+    process: its rounds wait on no Ray call."""
+    ray.get(ngram_router.timings.remote(True))
+    asyncio.run(run_all(ngram_router, [tiny_request(i, prefix="t") for i in range(2)]))
+    phases = ray.get(ngram_router.timings.remote()).router
+    sizes = phases.by_verified
+    assert phases.rounds >= 1 and sum(s.rounds for s in sizes.values()) == phases.rounds
+    assert sum(n * s.rounds for n, s in sizes.items()) == phases.verified_tokens
+    assert sum(s.priced_s for s in sizes.values()) == pytest.approx(phases.priced_verify_s)
+    assert sum(s.wait_s for s in sizes.values()) == pytest.approx(phases.verify_s)
+    assert all(s.priced_s > 0 and s.wait_s > 0 for s in sizes.values())
+    assert [d.placement for d in router_state(ngram_router).drafts] == ["router"]
+
+
 @pytest.mark.slow
 def test_target_only_router(local_ray: None, tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
     model_dir = tiny_dir_factory("qwen2")
