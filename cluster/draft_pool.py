@@ -37,7 +37,7 @@ from specray.actors.model.prefix_cache import DEFAULT_BLOCK_SIZE
 from specray.actors.sampling.params import SamplingParams
 from specray.actors.workers.draft_worker import DraftWorker, DraftWorkerSpec, DraftWorkerStats
 from specray.cluster.affinity import PrefixAffinity, block_hashes, place
-from specray.cluster.inline_draft import INLINE_KINDS, InlineDraftError, InlineDraftHandle
+from specray.cluster.inline_draft import InlineDraftError, InlineDraftHandle, check_inline
 from specray.cluster.router_state import DraftReplicaState
 
 _MAX_UNSETTLED = 64
@@ -68,11 +68,8 @@ class DraftPoolConfig:
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        if self.placement == "router" and self.spec.drafter.kind not in INLINE_KINDS:
-            raise ValueError(
-                f"placement 'router' is for drafters that only look up "
-                f"({', '.join(INLINE_KINDS)}), not kind {self.spec.drafter.kind!r}"
-            )
+        if self.placement == "router":
+            check_inline(self.spec.drafter.kind)
 
 
 @dataclass

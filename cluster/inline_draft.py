@@ -24,9 +24,15 @@ from typing import Any
 from specray.actors.drafting.spec import PURE_LOOKUP_KINDS
 from specray.actors.workers.draft_worker import DraftWorker, DraftWorkerSpec
 
-# Drafters that may run with the router: no model, no hidden states, so no
-# threads of their own to take from the router's process.
-INLINE_KINDS = PURE_LOOKUP_KINDS
+
+def check_inline(kind: str) -> None:
+    """Only a drafter that looks up and nothing else (no model, no hidden
+    states, no threads of its own) may run in the router's process."""
+    if kind not in PURE_LOOKUP_KINDS:
+        raise ValueError(
+            f"placement 'router' is for drafters that only look up "
+            f"({', '.join(PURE_LOOKUP_KINDS)}); kind {kind!r} runs a model: use 'actor'"
+        )
 
 
 class InlineDraftError(RuntimeError):

@@ -102,8 +102,6 @@ class Lanes:
         timings.propose_s += result.times.propose_s
         timings.verify_s += result.times.verify_s
         timings.local_s += result.times.local_s
-        timings.verified_tokens += result.times.verified_tokens
-        timings.priced_verify_s += result.times.priced_verify_s
         if result.times.verified_tokens:
             timings.add_verify(
                 result.times.verified_tokens, result.times.priced_verify_s, result.times.verify_s

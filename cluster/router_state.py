@@ -113,12 +113,20 @@ class RoundTimings:
     verify_s: float = 0.0  # waiting for target replicas
     # γ, the budget's cut, accept, commit, stream: work the in-process engine does too
     local_s: float = 0.0
-    verified_tokens: int = 0  # tokens the targets computed
-    priced_verify_s: float = 0.0  # what the verify cost model priced those forwards at
     # By the tokens a round's targets computed: its rounds, their price and
     # their wait for the targets. Whether the budget priced a round's extra
     # tokens right shows here, where an average over sizes cannot show it.
     by_verified: dict[int, SizeTimings] = field(default_factory=dict)
+
+    @property
+    def verified_tokens(self) -> int:
+        """Tokens the targets computed."""
+        return sum(tokens * size.rounds for tokens, size in self.by_verified.items())
+
+    @property
+    def priced_verify_s(self) -> float:
+        """What the verify cost model priced those forwards at."""
+        return sum(size.priced_s for size in self.by_verified.values())
 
     def add_verify(self, tokens: int, priced_s: float, wait_s: float) -> None:
         size = self.by_verified.setdefault(tokens, SizeTimings())

@@ -43,6 +43,7 @@ from specray.actors.engine.factory import EngineSpec
 from specray.actors.engine.feeds import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.verify_budget import DEFAULT_FLOOR, BudgetSizing
 from specray.actors.model.weight_plan import WeightPlan
+from specray.cluster.inline_draft import check_inline
 from specray.deploy.auth import TlsFiles
 from specray.deploy.backend import ModelInfo
 from specray.deploy.gateway import QueueLimits
@@ -93,11 +94,8 @@ class DrafterConfig(BaseModel):
     @model_validator(mode="after")
     def _is_a_drafter(self) -> DrafterConfig:
         self.spec  # noqa: B018 -- the spec's own checks, with its messages
-        if self.placement == "router" and self.kind not in PURE_LOOKUP_KINDS:
-            raise ValueError(
-                f"placement: 'router' is for drafters that only look up "
-                f"({', '.join(PURE_LOOKUP_KINDS)}); kind {self.kind!r} runs a model: use 'actor'"
-            )
+        if self.placement == "router":
+            check_inline(self.kind)
         if self.weights != "dense" and self.kind not in MODEL_KINDS:
             raise ValueError(
                 f"weights: {self.weights!r} is for a draft model (kind "

@@ -92,10 +92,10 @@ def test_only_lookup_drafters_are_placed_with_the_router() -> None:
     assert DrafterConfig(kind="suffix", placement="actor").placed == "actor"
     assert DrafterConfig(kind="hybrid", model="m").placed == "actor"
     assert DrafterConfig(kind="model", model="m").placed == "actor"
-    with pytest.raises(ValidationError, match="placement: 'router' is for drafters that only"):
+    with pytest.raises(ValidationError, match="placement 'router' is for drafters that only"):
         DrafterConfig(kind="model", model="m", placement="router")
     spec = DraftWorkerSpec(drafter=DrafterSpec("hybrid", "m"))
-    with pytest.raises(ValueError, match="not kind 'hybrid'"):
+    with pytest.raises(ValueError, match="kind 'hybrid' runs a model"):
         DraftPoolConfig(spec, placement="router")
     with pytest.raises(ValueError, match="placement must be one of"):
         DraftPoolConfig(spec, placement="elsewhere")  # type: ignore[arg-type]
