@@ -199,7 +199,67 @@ def markdown(result: dict[str, Any]) -> str:
         "drafted",
         "acceptance",
     ]
-    return "\n".join([*lines, *table(headers, rows, left=3), ""])
+    return "\n".join([*lines, *table(headers, rows, left=3), *by_size(arms), ""])
+
+
+def _plain_round(arms: Sequence[dict[str, Any]], run: dict[str, Any]) -> tuple[int, float] | None:
+    """The target-only arm's decode round of ``run``'s level and pair: its
+    most frequent verified size (the prompts' prefill rounds are the rest)
+    and that size's wait in ms."""
+    for other in arms:
+        if (other["arm"], other["concurrency"], other["pair"]) == (
+            "none",
+            run["concurrency"],
+            run["pair"],
+        ) and other.get("verify_by_size"):
+            sizes = other["verify_by_size"]
+            size = max(sizes, key=lambda s: sizes[s]["rounds"])
+            return int(size), sizes[size]["wait_ms"]
+    return None
+
+
+def by_size(arms: Sequence[dict[str, Any]]) -> list[str]:
+    """The speculative arms' rounds by the tokens their targets verified:
+    what the budget priced them at and what they took, and the tokens such
+    a round must commit to pay for its time beside a target-only round
+    (``plain`` tokens in ``plain ms``): ``break-even`` =
+    plain × wait ÷ plain ms. A round of ``v`` verified tokens commits at most
+    ``v``, so ``v ÷ break-even`` is the most speculation can gain with such
+    rounds even if every drafted token were accepted."""
+    rows = []
+    for run in arms:
+        plain = _plain_round(arms, run)
+        if run["arm"] != "spec" or plain is None:
+            continue
+        plain_tokens, plain_ms = plain
+        for size, entry in sorted(run["verify_by_size"].items(), key=lambda kv: int(kv[0])):
+            even = plain_tokens * entry["wait_ms"] / plain_ms
+            rows.append(
+                [
+                    run["concurrency"],
+                    run["pair"],
+                    size,
+                    int(entry["rounds"]),
+                    cell(entry["priced_ms"], 1),
+                    cell(entry["wait_ms"], 1),
+                    f"{plain_tokens} in {cell(plain_ms, 1)}",
+                    cell(even),
+                    cell(int(size) / even),
+                ]
+            )
+    if not rows:
+        return []
+    headers = ["c", "pair", "verified", "rounds", "priced", "verify wait", "plain"]
+    headers += ["break-even", "verified ÷ break-even"]
+    text = (
+        "Speculative rounds by the tokens their target verified (ms): what the budget "
+        "priced them at, what they took, the target-only decode round of the same level "
+        "(tokens in ms), and the tokens a round must commit to pay for its time beside it "
+        "(break-even). A round commits at most the tokens it verifies, so verified ÷ "
+        "break-even bounds what speculation gains with such rounds, were every drafted "
+        "token accepted."
+    )
+    return ["", text, "", *table(headers, rows, left=2)]
 
 
 def _config_name(path: Path) -> str:

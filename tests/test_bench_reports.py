@@ -41,12 +41,19 @@ ROW_REPORTS: dict[str, Markdown] = {
     "prefix_chat_qwen2.5-coder-0.5b-instruct_float32": prefix_chat_bench.markdown,
     "prefix_copy_qwen2.5-coder-0.5b-instruct": prefix_copy_bench.markdown,
     "row_kernels_qwen2.5-coder-0.5b-instruct_float32": row_kernel_bench.markdown,
-    "router_phases_qwen1.5b_gguf_ngram_sameserver_own_avx2_avx2": router_phases.markdown,
-    "router_phases_qwen1.5b_gguf_ngram_placement_actor_avx2_avx2": router_phases.markdown,
-    "router_phases_qwen1.5b_gguf_ngram_placement_router_avx2_avx2": router_phases.markdown,
-    "router_phases_qwen1.5b_gguf_ngram_placement_router_avx2_priced_avx2": router_phases.markdown,
     "structured_qwen2.5-coder-1.5b-instruct_float32": structured_bench.markdown,
 }
+# Router phases: a row per arm, then (where the JSON has them) the
+# speculative arms' rounds by verified size.
+PHASE_REPORTS = [
+    "router_phases_qwen1.5b_gguf_ngram_sameserver_own_avx2_avx2",
+    "router_phases_qwen1.5b_gguf_ngram_placement_actor_avx2_avx2",
+    "router_phases_qwen1.5b_gguf_ngram_placement_router_avx2_avx2",
+    "router_phases_qwen1.5b_gguf_ngram_placement_router_avx2_priced_avx2",
+    "router_phases_suffix_adaptive_k16_suffix_verbatim_c1",
+    "router_phases_suffix_fixed_k16_verbatim_c1",
+    "router_phases_suffix_fixed_k8_verbatim_c1",
+]
 # Reports of our model against transformers' (a row per measure).
 VERSUS_REPORTS: dict[str, Markdown] = {
     "model_qwen2.5-coder-0.5b-instruct_bfloat16": model_bench.markdown,
@@ -84,6 +91,24 @@ def test_a_report_renders_its_committed_rows(stem: str) -> None:
     header, *body = tables(text)
     assert len(body) == len(result["rows"])
     assert all(len(row) == len(header) for row in body)
+
+
+@pytest.mark.parametrize("stem", PHASE_REPORTS)
+def test_a_phases_report_renders_its_arms_and_their_rounds_by_size(stem: str) -> None:
+    result, text = render(stem, router_phases.markdown)
+    assert f"({', '.join(result['machine']['cpu_flags'])})" in text
+    arms, *sizes = text.split("\n\n|")[1:]
+    assert len(tables("|" + arms)) == 1 + len(result["rows"])
+    spec = [r for r in result["rows"] if r["arm"] == "spec" and r.get("verify_by_size")]
+    if not spec:
+        assert sizes == []
+        return
+    (by_size,) = sizes
+    header, *body = tables("|" + by_size)
+    assert len(body) == sum(len(r["verify_by_size"]) for r in spec)
+    verified, even, bound = (header.index(h) for h in header[2:3] + header[-2:])
+    for row in body:  # the bound is the verified tokens over the break-even ones
+        assert float(row[bound]) == pytest.approx(int(row[verified]) / float(row[even]), rel=0.02)
 
 
 @pytest.mark.parametrize("stem", list(SHARD_REPORTS))
