@@ -225,7 +225,9 @@ def by_size(arms: Sequence[dict[str, Any]]) -> list[str]:
     (``plain`` tokens in ``plain ms``): ``break-even`` =
     plain × wait ÷ plain ms. A round of ``v`` verified tokens commits at most
     ``v``, so ``v ÷ break-even`` is the most speculation can gain with such
-    rounds even if every drafted token were accepted."""
+    rounds even if every drafted token were accepted. Rounds smaller than
+    the plain one are left out: they served fewer requests (a level's
+    last ones), and a plain round of those is not measured."""
     rows = []
     for run in arms:
         plain = _plain_round(arms, run)
@@ -233,6 +235,8 @@ def by_size(arms: Sequence[dict[str, Any]]) -> list[str]:
             continue
         plain_tokens, plain_ms = plain
         for size, entry in sorted(run["verify_by_size"].items(), key=lambda kv: int(kv[0])):
+            if int(size) < plain_tokens:
+                continue
             even = plain_tokens * entry["wait_ms"] / plain_ms
             rows.append(
                 [
@@ -257,7 +261,8 @@ def by_size(arms: Sequence[dict[str, Any]]) -> list[str]:
         "(tokens in ms), and the tokens a round must commit to pay for its time beside it "
         "(break-even). A round commits at most the tokens it verifies, so verified ÷ "
         "break-even bounds what speculation gains with such rounds, were every drafted "
-        "token accepted."
+        "token accepted. Rounds smaller than the plain one (a level's last requests) "
+        "are left out."
     )
     return ["", text, "", *table(headers, rows, left=2)]
 
