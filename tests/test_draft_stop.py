@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from references import greedy_reference
+from scheduling_helpers import decoding_run
 from tiny_models import VOCAB
 
 from specray.actors.drafting.base import (
@@ -26,9 +27,7 @@ from specray.actors.drafting.head.drafter import HeadDrafter
 from specray.actors.drafting.head.model import DraftHead
 from specray.actors.engine.costs import RoundCostModel
 from specray.actors.engine.engine import EngineConfig, SpecEngine
-from specray.actors.engine.gamma import SurvivalEstimate
-from specray.actors.engine.lifecycle import start_request
-from specray.actors.engine.request import DraftState, GenerationRequest
+from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.scheduling import GammaScheduler
 from specray.actors.engine.target import LocalTarget
 from specray.actors.model.config import ModelConfig
@@ -150,44 +149,29 @@ def test_a_model_drafter_stops_where_the_next_draft_is_not_worth_it(
     assert _propose(drafters[2], None).token_ids == _propose(drafters[0], None).token_ids
 
 
-def _decoding(request_id: str, alpha: float) -> object:
-    draft = DraftState(
-        lookup_acceptance=SurvivalEstimate.with_prior(0.5),
-        model_acceptance=SurvivalEstimate.with_prior(alpha),
-    )
-    run = start_request(
-        GenerationRequest(request_id, [3], stopping=StoppingCriteria(max_tokens=64)),
-        (),
-        None,
-        8,
-        draft,
-    )
-    run.cached_len = len(run.tokens) - 1
-    run.target = 0
-    draft.attach(0, 1)
-    return run
-
-
 def test_the_scheduler_asks_for_the_ceiling_with_a_stop_priced_per_draft() -> None:
     costs = RoundCostModel()
     costs.verify.set_profile([(1, 0.1), (4, 0.12), (32, 0.9)])
     costs.draft.set_profile([(1, 0.01), (64, 0.05)])
-    batch = [_decoding("a", 0.9), _decoding("b", 0.9)]
-    GammaScheduler(DraftPaths(model=True, lookup=False), costs=costs).choose(batch)  # type: ignore[arg-type]
+    batch = [
+        decoding_run("a", 1, 0.9, max_tokens=64, max_gamma=8),
+        decoding_run("b", 1, 0.9, max_tokens=64, max_gamma=8),
+    ]
+    GammaScheduler(DraftPaths(model=True, lookup=False), costs=costs).choose(batch)
     for run in batch:
-        stop = run.draft.stop  # type: ignore[attr-defined]
-        assert run.draft.gamma == 8  # type: ignore[attr-defined]
+        stop = run.draft.stop
+        assert run.draft.gamma == 8
         assert stop is not None and len(stop.round_seconds) == 9
         assert list(stop.round_seconds) == sorted(stop.round_seconds)
         assert stop.others_expected > 1.0  # the other request drafts too
     # Compute-bound verification: not even a perfect drafter would pay,
     # so nobody drafts (not even a probe) and nobody needs a stop.
     costs.verify.set_profile([(1, 0.1), (32, 3.2)])
-    batch = [_decoding("a", 0.6)]
+    batch = [decoding_run("a", 1, 0.6, max_tokens=64, max_gamma=8)]
     scheduler = GammaScheduler(DraftPaths(model=True, lookup=False), costs=costs)
-    scheduler.choose(batch)  # type: ignore[arg-type]
-    scheduler.choose(batch)  # type: ignore[arg-type]
-    assert batch[0].draft.gamma == 0 and batch[0].draft.stop is None  # type: ignore[attr-defined]
+    scheduler.choose(batch)
+    scheduler.choose(batch)
+    assert batch[0].draft.gamma == 0 and batch[0].draft.stop is None
 
 
 class _Recording(DraftModelDrafter):

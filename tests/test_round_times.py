@@ -9,15 +9,13 @@ import time
 from collections.abc import Sequence
 
 import torch
+from scheduling_helpers import decoding_run
 
 from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest, DraftUpdate
-from specray.actors.engine.gamma import SurvivalEstimate
-from specray.actors.engine.lifecycle import start_request
-from specray.actors.engine.request import DraftState, GenerationRequest, RunningRequest
+from specray.actors.engine.request import RunningRequest
 from specray.actors.engine.round import speculative_round
 from specray.actors.engine.scheduling import GammaScheduler
 from specray.actors.engine.target import VerifyInput, VerifyOutput
-from specray.actors.sampling.params import StoppingCriteria
 
 DRAFTER_S = 0.02
 BUDGET_S = 0.3
@@ -50,22 +48,8 @@ class _SlowBudget(GammaScheduler):
         return list(drafts)
 
 
-def _decoding_request() -> RunningRequest:
-    """A request past its prefill, drafting on replica 0, verified on target 0."""
-    draft = DraftState(
-        lookup_acceptance=SurvivalEstimate.with_prior(0.5),
-        model_acceptance=SurvivalEstimate.with_prior(0.5),
-    )
-    stopping = StoppingCriteria(max_tokens=40, ignore_eos=True)
-    run = start_request(GenerationRequest("r", [3, 4], stopping=stopping), (), None, 4, draft)
-    run.cached_len = len(run.tokens) - 1
-    run.target = 0
-    draft.attach(0, 1)
-    return run
-
-
 def test_the_drafter_wait_leaves_out_the_budget() -> None:
-    run = _decoding_request()
+    run = decoding_run("r", 1, 0.5, max_tokens=40)
     scheduler = _SlowBudget(DraftPaths(model=False, lookup=True))
     result = asyncio.run(speculative_round([run], _SlowDrafter(), _LostTarget(), scheduler))
     assert result.requests == []
@@ -91,7 +75,7 @@ VERIFY_S = 0.05
 def test_a_round_reports_its_verified_tokens_at_the_price_the_budget_saw() -> None:
     """The price is the cost model's before it learns from the round, so a
     benchmark can hold the budget's prediction against the wait."""
-    run = _decoding_request()
+    run = decoding_run("r", 1, 0.5, max_tokens=40)
     scheduler = GammaScheduler(DraftPaths(model=False, lookup=True), adaptive=False)
     scheduler.costs.verify.set_profile([(1, 0.01), (3, 0.02), (8, 0.04)])
     priced = scheduler.costs.verify.seconds(3)  # the newest token and the two copies
