@@ -60,6 +60,8 @@ class ArmResult:
     priced_verify_ms: float  # what the verify cost model priced them at, per round
     # by tokens verified in a round: its rounds, mean price and mean wait in ms
     verify_by_size: dict[str, dict[str, float]]
+    # the router's verify cost model when the arm began (level, shape, fixed part)
+    verify_costs: dict[str, Any] | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -96,6 +98,7 @@ def run_arm(
 ) -> ArmResult:
     requests = _requests(prompts, f"{arm}-c{concurrency}-{pair}", arm, max_tokens)
     ray.get(router.timings.remote(True))
+    costs = ray.get(router.state.remote()).verify_costs
     began = time.perf_counter()
     finished = asyncio.run(_serve(router, requests, concurrency))
     wall = time.perf_counter() - began
@@ -129,6 +132,7 @@ def run_arm(
             }
             for tokens, size in sorted(phases.by_verified.items())
         },
+        verify_costs=costs,
     )
 
 
@@ -285,6 +289,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--split", default="eval")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--pairs", type=int, default=1, help="spec / none pairs per level")
+    p.add_argument(
+        "--prime-tokens",
+        type=int,
+        default=None,
+        help="tokens per request of the unmeasured target-only pass (default --max-tokens; "
+        "1 fills the prefix cache alone, as specray bench serve --prime-cache does)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--tag", default="")
@@ -303,7 +314,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 args.seed,
                 attachment.tokenizer,
             )
-            run_arm(router, prompts, "none", concurrency, -1, args.max_tokens)  # fills the cache
+            # fills the prefix cache (and, with as many tokens as the arms, shows
+            # the cost model rounds of this level before either arm)
+            run_arm(router, prompts, "none", concurrency, -1, args.prime_tokens or args.max_tokens)
             for pair in range(args.pairs):
                 for arm in ARMS:
                     arms.append(run_arm(router, prompts, arm, concurrency, pair, args.max_tokens))
@@ -313,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if started_ray:
             ray.shutdown()
     flags = ["concurrency", "prompts", "categories", "split", "max_tokens", "pairs", "seed"]
+    flags += ["prime_tokens"]
     result = run_record(
         "specray.bench.router_phases",
         argv,
