@@ -28,7 +28,8 @@ import ray
 from specray.actors.engine.request import GenerationRequest, RequestOutput
 from specray.actors.sampling.params import StoppingCriteria
 from specray.bench.common import cell, int_list, report_head, run_record, table, write_report
-from specray.bench.serve_dataset import shipped_prompts
+from specray.bench.serve_bench import WARMUP_PROMPT_TOKENS
+from specray.bench.serve_dataset import random_prompts, shipped_prompts
 from specray.cluster.router import RouterTimings, open_stream
 from specray.deploy.config import load_config
 from specray.deploy.router_backend import launch, start_ray_for
@@ -290,6 +291,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--pairs", type=int, default=1, help="spec / none pairs per level")
     p.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="random prompts sent first, speculation on and off, unmeasured "
+        "(as specray bench serve --warmup)",
+    )
+    p.add_argument(
         "--prime-tokens",
         type=int,
         default=None,
@@ -306,6 +314,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     router = attachment.router
     arms: list[ArmResult] = []
     try:
+        if args.warmup:
+            # What specray bench serve --warmup sends first: random prompts,
+            # each with speculation on and off, nothing of them measured.
+            vocab = attachment.tokenizer.vocab_size
+            fresh = random_prompts(args.warmup, [WARMUP_PROMPT_TOKENS], vocab, args.seed + 1)
+            for arm in ARMS:
+                run_arm(router, fresh, arm, 1, -2, args.max_tokens)
         for concurrency in args.concurrency:
             prompts = shipped_prompts(
                 args.prompts or max(concurrency, 4),
@@ -326,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if started_ray:
             ray.shutdown()
     flags = ["concurrency", "prompts", "categories", "split", "max_tokens", "pairs", "seed"]
-    flags += ["prime_tokens"]
+    flags += ["prime_tokens", "warmup"]
     result = run_record(
         "specray.bench.router_phases",
         argv,
