@@ -63,6 +63,8 @@ class ArmResult:
     verify_by_size: dict[str, dict[str, float]]
     # the router's verify cost model when the arm began (level, shape, fixed part)
     verify_costs: dict[str, Any] | None = None
+    # the budget's shared copy estimates when the arm began (VerifyBudget.describe)
+    copy_estimates: dict[str, Any] | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -99,7 +101,7 @@ def run_arm(
 ) -> ArmResult:
     requests = _requests(prompts, f"{arm}-c{concurrency}-{pair}", arm, max_tokens)
     ray.get(router.timings.remote(True))
-    costs = ray.get(router.state.remote()).verify_costs
+    state = ray.get(router.state.remote())
     began = time.perf_counter()
     finished = asyncio.run(_serve(router, requests, concurrency))
     wall = time.perf_counter() - began
@@ -133,7 +135,8 @@ def run_arm(
             }
             for tokens, size in sorted(phases.by_verified.items())
         },
-        verify_costs=costs,
+        verify_costs=state.verify_costs,
+        copy_estimates=state.copy_estimates,
     )
 
 

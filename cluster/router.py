@@ -289,6 +289,7 @@ class Router:
             verify_costs=costs.verify.as_dict(),
             draft_costs=costs.draft.as_dict(),
             recovery=recovery,
+            copy_estimates=parts.lanes.scheduler.budget.describe(),
         )
 
     async def ping(self) -> bool:

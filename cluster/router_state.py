@@ -91,6 +91,7 @@ class RouterState:
     verify_costs: dict[str, Any]  # level (s) × shape (tokens -> relative cost)
     draft_costs: dict[str, Any]  # level (s) × shape (tokens fed in a step -> relative cost)
     recovery: RecoveryState = field(default_factory=RecoveryState)
+    copy_estimates: dict[str, Any] = field(default_factory=dict)  # VerifyBudget.describe()
 
 
 @dataclass

@@ -93,3 +93,20 @@ def test_the_call_is_charged_only_where_copies_alone_need_it() -> None:
     assert budget.call_seconds(group) == pytest.approx(0.007)
     group[1].draft.gamma = 3  # a model drafts in the same call: the call is paid anyway
     assert budget.call_seconds(group) == 0.0
+
+
+def test_the_budget_describes_the_copy_estimates_requests_start_from() -> None:
+    """What a new request's copies are priced from, readable from outside:
+    the pooled per-depth acceptance per kind of evidence and the
+    calibration's map, moving as verdicts come in."""
+    budget = VerifyBudget(RoundCostModel())
+    fresh = budget.describe()
+    assert fresh["depths"] == [1, 2, 4, 8, 16]
+    assert fresh["pool"] == {"overall": [pytest.approx(0.6)] * 5}  # the prior
+    own: dict = {}
+    for _ in range(50):  # n-gram copies wrong at their first token
+        budget.copies.record(own, "ngram", 1, False)
+    described = budget.describe()
+    assert described["pool"]["ngram"][0] < 0.05
+    assert described["pool"]["overall"][0] < 0.05
+    assert described["calibration"]["0.5"] == budget.calibration(0.5)

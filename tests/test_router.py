@@ -114,6 +114,7 @@ def test_cost_shapes_are_profiled_at_start(model_router: Any, ngram_router: Any)
     for router, feeds in ((model_router, True), (ngram_router, False)):
         state: RouterState = ray.get(router.state.remote())
         assert 1 in state.verify_costs["shape"] and state.verify_costs["level_s"] > 0
+        assert "overall" in state.copy_estimates["pool"]  # what copies are priced from
         assert bool(state.draft_costs["shape"]) == feeds
         if feeds:
             assert max(state.draft_costs["shape"]) >= 64  # catch-ups of a prompt's length

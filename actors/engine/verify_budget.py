@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from itertools import accumulate
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from specray.actors.drafting.base import DraftProposal
 from specray.actors.engine.budget import (
@@ -98,6 +98,19 @@ class VerifyBudget:
         self.floor = floor
         self.copies = CopyDepths()  # how copies fared, judged in hindsight
         self.calibration = SurvivalCalibration()  # what the copies' survivals meant
+
+    def describe(self) -> dict[str, Any]:
+        """The copy estimates shared across requests, for a look from
+        outside: per kind of evidence the pooled acceptance at some depths
+        given the parent's (``overall``: every kind's), and what the survival
+        calibration maps some estimates to. A request starts from these."""
+        depths = (1, 2, 4, 8, 16)
+        pool = {"overall": self.copies.overall, **self.copies.pool}
+        return {
+            "depths": list(depths),
+            "pool": {kind: [est.conditional(d) for d in depths] for kind, est in pool.items()},
+            "calibration": {str(x): self.calibration(x) for x in (0.1, 0.3, 0.5, 0.7, 0.9)},
+        }
 
     def ranks(self, draft: DraftProposal) -> bool:
         """Whether ``draft`` is cut by the joint ranking (a copy or a block)."""
