@@ -52,6 +52,7 @@ PHASE_REPORTS = [
     "router_phases_qwen1.5b_gguf_ngram_placement_router_avx2_priced_avx2",
     "router_phases_qwen1.5b_gguf_ngram_placement_router_avx2_c16_waves3",
     "router_phases_qwen1.5b_gguf_ngram_placement_router_avx2_c16_waves3_cold",
+    "router_phases_qwen1.5b_gguf_ngram_placement_router_avx2_c16_waves3_warmup",
     "router_phases_suffix_adaptive_k16_suffix_verbatim_c1",
     "router_phases_suffix_fixed_k16_verbatim_c1",
     "router_phases_suffix_fixed_k8_verbatim_c1",
