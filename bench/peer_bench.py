@@ -44,8 +44,8 @@ from specray.bench.common import machine_info, resolve_preferring
 from specray.bench.llama_server import server_version
 from specray.bench.peer_report import render, summarize
 from specray.bench.peer_runs import LLAMA, SPECRAY, Arm, ArmRun, llama_arm, run_llama, run_specray
-from specray.bench.serve_bench import WARMUP_PROMPT_TOKENS, RequestOptions, load_tokenizer
-from specray.bench.serve_dataset import random_prompts, shipped_prompts
+from specray.bench.serve_bench import RequestOptions, load_tokenizer
+from specray.bench.serve_dataset import shipped_prompts, warmup_prompts
 
 # Settings that restrict the instruction sets the code runs on (an AVX512
 # machine run as an AVX2 one): recorded, and named in the report's header.
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     categories = args.categories.split(",") if args.categories else None
     split = None if args.split == "all" else args.split
     prompts = shipped_prompts(args.num_prompts, categories, split, args.seed, tokenizer)
-    warmup = random_prompts(1, [WARMUP_PROMPT_TOKENS], tokenizer.vocab_size, args.seed + 1)
+    warmup = warmup_prompts(1, tokenizer.vocab_size, args.seed)
     options = RequestOptions(args.max_tokens, 0.0, False, args.seed, None, args.timeout)
     chosen = arms(args)
     target_gguf = _gguf(args.target)

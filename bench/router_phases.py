@@ -28,8 +28,7 @@ import ray
 from specray.actors.engine.request import GenerationRequest, RequestOutput
 from specray.actors.sampling.params import StoppingCriteria
 from specray.bench.common import cell, int_list, report_head, run_record, table, write_report
-from specray.bench.serve_bench import WARMUP_PROMPT_TOKENS
-from specray.bench.serve_dataset import random_prompts, shipped_prompts
+from specray.bench.serve_dataset import shipped_prompts, warmup_prompts
 from specray.cluster.router import RouterTimings, open_stream
 from specray.deploy.config import load_config
 from specray.deploy.router_backend import launch, start_ray_for
@@ -238,8 +237,8 @@ def by_size(arms: Sequence[dict[str, Any]]) -> list[str]:
     last ones), and a plain round of those is not measured."""
     rows = []
     for run in arms:
-        plain = _plain_round(arms, run)
-        if run["arm"] != "spec" or plain is None:
+        plain = _plain_round(arms, run) if run["arm"] == "spec" else None
+        if plain is None:
             continue
         plain_tokens, plain_ms = plain
         for size, entry in sorted(run["verify_by_size"].items(), key=lambda kv: int(kv[0])):
@@ -320,8 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.warmup:
             # What specray bench serve --warmup sends first: random prompts,
             # each with speculation on and off, nothing of them measured.
-            vocab = attachment.tokenizer.vocab_size
-            fresh = random_prompts(args.warmup, [WARMUP_PROMPT_TOKENS], vocab, args.seed + 1)
+            fresh = warmup_prompts(args.warmup, attachment.tokenizer.vocab_size, args.seed)
             for arm in ARMS:
                 run_arm(router, fresh, arm, 1, -2, args.max_tokens)
         for concurrency in args.concurrency:

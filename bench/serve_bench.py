@@ -52,6 +52,7 @@ from specray.bench.serve_dataset import (
     arrival_offsets,
     random_prompts,
     shipped_prompts,
+    warmup_prompts,
 )
 from specray.bench.serve_metrics import RequestRecord, category_rows, mode_summary, output_agreement
 from specray.bench.serve_report import attach_limit
@@ -59,8 +60,6 @@ from specray.protos.messages import FINISH_REASONS, build_request
 from specray.protos.specray.v1 import generation_pb2 as pb
 from specray.protos.specray.v1 import generation_pb2_grpc as pb_grpc
 
-# Length of each warm-up prompt (random token ids, sent in both arms).
-WARMUP_PROMPT_TOKENS = 64
 # The flags that shape a run, recorded in the result and in its command line.
 SETTINGS = (
     "dataset",
@@ -293,7 +292,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             # Prompts of their own: a drafter that caches finished outputs
             # (suffix) would draft a measured prompt from its warm-up's copy.
             vocab = vocab_size(tokenizer, info)
-            fresh = random_prompts(args.warmup, [WARMUP_PROMPT_TOKENS], vocab, args.seed + 1)
+            fresh = warmup_prompts(args.warmup, vocab, args.seed)
             warm = ab_schedule(fresh, "pairs")
             await run_load(stub, warm, options, LoadShape(math.inf, 1), "warmup")
         runs = []

@@ -16,6 +16,8 @@ from specray.bench.prompts import load_prompts
 
 RANDOM = "random"  # the dataset (and category) of random token-id prompts
 AB_ORDERS = ("pairs", "phases")
+# Length of each warm-up prompt (random token ids, sent in both arms).
+WARMUP_PROMPT_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,13 @@ def random_prompts(
         )
         for i in range(num_prompts)
     ]
+
+
+def warmup_prompts(count: int, vocab_size: int, seed: int) -> list[BenchPrompt]:
+    """The unmeasured warm-up a bench sends first: ``count`` random prompts
+    of :data:`WARMUP_PROMPT_TOKENS` ids, drawn with ``seed + 1`` so they
+    differ from any measured random prompt of the same seed."""
+    return random_prompts(count, [WARMUP_PROMPT_TOKENS], vocab_size, seed + 1)
 
 
 def ab_schedule(
