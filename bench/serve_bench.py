@@ -56,6 +56,7 @@ from specray.bench.serve_dataset import (
 )
 from specray.bench.serve_metrics import RequestRecord, category_rows, mode_summary, output_agreement
 from specray.bench.serve_report import attach_limit
+from specray.bench.server_diagnostics import arm_names, read_diagnostics
 from specray.protos.messages import FINISH_REASONS, build_request
 from specray.protos.specray.v1 import generation_pb2 as pb
 from specray.protos.specray.v1 import generation_pb2_grpc as pb_grpc
@@ -308,9 +309,14 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             # no batch holds both (each arm then sees the same arrivals).
             parts = [plan[: len(sent)], plan[len(sent) :]] if args.ab_order == "phases" else [plan]
             records = []
-            for part in parts:
+            diagnostics: dict[str, Any] = {}
+            for arm, part in zip(arm_names(len(parts), spec_first), parts, strict=True):
+                start = await read_diagnostics(channel, True, args.timeout)
                 records += await run_load(stub, part, options, load, f"bench{number}")
-            runs.append(summarize_run(records, load, spec_first))
+                end = await read_diagnostics(channel, True, args.timeout)
+                if start is not None and end is not None:
+                    diagnostics[arm] = {"start": start, "end": end}
+            runs.append(summarize_run(records, load, spec_first) | {"diagnostics": diagnostics})
             failed = sum(not r.ok for r in records)
             print(
                 f"run {number + 1}: {len(records)} requests ({failed} failed), concurrency "

@@ -7,6 +7,7 @@ with AdminClient("127.0.0.1:50051") as admin:
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -44,3 +45,17 @@ class AdminClient(ChannelClient):
         except grpc.RpcError as error:
             raise SpecrayError.from_rpc(error) from None
         return response.state
+
+    def diagnostics(self, reset_rounds: bool = False) -> dict[str, Any]:
+        """The router's cost models, shared copy estimates and rounds by size
+        (``reset_rounds``: count rounds afresh from now)."""
+        try:
+            response: pb.GetDiagnosticsResponse = self._stub.GetDiagnostics(
+                pb.GetDiagnosticsRequest(reset_rounds=reset_rounds),
+                timeout=self.timeout_s,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as error:
+            raise SpecrayError.from_rpc(error) from None
+        found: dict[str, Any] = json.loads(response.json)
+        return found

@@ -7,6 +7,7 @@ It shares the Generation server's port and its lack of authentication, so
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 
@@ -14,7 +15,7 @@ import grpc
 
 from specray.deploy.errors import InvalidRequestError, UnsupportedError, abort_rpc
 from specray.deploy.gateway import Gateway
-from specray.deploy.replicas import MAX_REPLICAS, ReplicaState, Scalable
+from specray.deploy.replicas import MAX_REPLICAS, Diagnosable, ReplicaState, Scalable
 from specray.protos.specray.v1 import admin_pb2 as pb
 from specray.protos.specray.v1 import admin_pb2_grpc as pb_grpc
 
@@ -40,6 +41,12 @@ class AdminServicer(pb_grpc.AdminServicer):
         backend = self._gateway.backend
         if not isinstance(backend, Scalable):
             raise UnsupportedError("this backend cannot report or change its replicas")
+        return backend
+
+    def _diagnosable(self) -> Diagnosable:
+        backend = self._gateway.backend
+        if not isinstance(backend, Diagnosable):
+            raise UnsupportedError("this backend keeps no router diagnostics")
         return backend
 
     async def Scale(
@@ -72,6 +79,16 @@ class AdminServicer(pb_grpc.AdminServicer):
             await abort_rpc(context, error, "state")
             raise
         return pb.GetStateResponse(state=state_message(state))
+
+    async def GetDiagnostics(
+        self, request: pb.GetDiagnosticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetDiagnosticsResponse:
+        try:
+            found = await self._diagnosable().diagnostics(request.reset_rounds)
+        except Exception as error:
+            await abort_rpc(context, error, "diagnostics")
+            raise
+        return pb.GetDiagnosticsResponse(json=json.dumps(found))
 
 
 def add_admin_servicer(gateway: Gateway, server: grpc.aio.Server) -> None:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 # More replicas than this in one request is a typo, not a plan.
 MAX_REPLICAS = 256
@@ -30,3 +30,12 @@ class Scalable(Protocol):
     async def replicas(self) -> ReplicaState: ...
 
     async def scale(self, drafts: int, targets: int) -> None: ...
+
+
+@runtime_checkable
+class Diagnosable(Protocol):
+    """A backend that can say what its speculation decisions rest on."""
+
+    async def diagnostics(self, reset_rounds: bool = False) -> dict[str, Any]:
+        """JSON-ready: cost models, shared copy estimates, rounds by size."""
+        ...

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from specray.cluster.draft_pool import DraftPoolConfig
 from specray.cluster.local_ray import start_ray
 from specray.cluster.recovery import RecoveryConfig
 from specray.cluster.router import RouterConfig, launch_router, open_stream
-from specray.cluster.router_state import RouterHealth, RouterState
+from specray.cluster.router_state import RouterHealth, RouterState, RouterTimings
 from specray.cluster.target_group_config import ShardedTargetConfig
 from specray.deploy.backend import Backend, Chunk, ModelInfo, model_info
 from specray.deploy.config import RouterSettings, ServeConfig
@@ -167,6 +167,25 @@ class RouterBackend:
 
     def capacity(self) -> int:
         return max(self._num_targets, 1) * self._num_slots
+
+    async def diagnostics(self, reset_rounds: bool = False) -> dict[str, Any]:
+        """The router's cost models and shared copy estimates now, and its
+        rounds since the last reset (``reset_rounds``: start afresh after)."""
+        try:
+            state = await self._state()
+            timings: RouterTimings = await self._router.timings.remote(reset_rounds)
+        except Exception as error:
+            raise _cause(error) from error
+        return {
+            "verify_costs": state.verify_costs,
+            "draft_costs": state.draft_costs,
+            "copy_estimates": state.copy_estimates,
+            "rounds": asdict(timings.router)
+            | {
+                "target_compute_s": timings.target_compute_s,
+                "draft_compute_s": timings.draft_compute_s,
+            },
+        }
 
     async def close(self) -> None:
         """Stop the router (when owned); requests still in flight fail as unavailable."""

@@ -33,6 +33,7 @@ from serving_helpers import (
 
 from specray.actors.engine.target import LocalTarget, VerifyInput, VerifyOutput
 from specray.actors.model.loader import load_model
+from specray.deploy.admin_client import AdminClient
 from specray.deploy.backend import Backend
 from specray.deploy.cli import main
 from specray.deploy.client import SpecrayClient, SpecrayError
@@ -96,6 +97,17 @@ def test_binds_loopback_on_an_ephemeral_port(server: ServingThread) -> None:
     host, port = server.grpc_address.rsplit(":", 1)
     assert host == "127.0.0.1" and int(port) > 0
     assert ServeConfig.model_validate({}).host == "127.0.0.1"
+
+
+def test_admin_over_the_engine_reports_but_neither_scales_nor_diagnoses(
+    server: ServingThread,
+) -> None:
+    with AdminClient(server.grpc_address, timeout_s=30) as admin:
+        assert (admin.state().backend, admin.state().targets) == ("engine", 1)
+        for call in (admin.diagnostics, lambda: admin.scale(drafts=2)):
+            with pytest.raises(SpecrayError) as refused:
+                call()
+            assert refused.value.code == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_model_info(client: SpecrayClient, model_dir: Path) -> None:

@@ -31,6 +31,7 @@ from serving_helpers import (
     wait_until,
 )
 
+from specray.deploy.admin_client import AdminClient
 from specray.deploy.cli import build_parser, main
 from specray.deploy.client import SpecrayClient
 from specray.deploy.config import ServeConfig
@@ -82,6 +83,53 @@ def test_reflection_lists_generation_and_admin(server: ServingThread) -> None:
     with grpc.insecure_channel(server.grpc_address) as channel:
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
     assert {"specray.v1.Generation", "specray.v1.Admin", "grpc.health.v1.Health"} <= set(services)
+
+
+def test_diagnostics_count_one_requests_rounds_and_start_afresh(
+    server: ServingThread, client: SpecrayClient
+) -> None:
+    """Admin's diagnostics over the router: the rounds one request ran, by
+    the tokens each verified, add up to what its response reports; reading
+    with a reset starts the count afresh; the cost models and the copy
+    estimates requests start from are there."""
+    wait_until(lambda: router_is_idle(server))
+    with AdminClient(server.grpc_address, timeout_s=60) as admin:
+        admin.diagnostics(reset_rounds=True)
+        result = client.generate(REPEATING, max_tokens=32, ignore_eos=True, temperature=0.0)
+        found = admin.diagnostics(reset_rounds=True)
+        after = admin.diagnostics()
+    by_size = found["rounds"]["by_verified"]
+    verified = sum(int(tokens) * size["rounds"] for tokens, size in by_size.items())
+    fed = result.prompt_tokens - result.cached_tokens
+    assert result.draft_tokens > 0
+    # The first round feeds the prompt; each later one its last token and the drafts.
+    assert verified == fed + (result.rounds - 1) + result.draft_tokens
+    assert found["rounds"]["request_rounds"] == sum(s["rounds"] for s in by_size.values())
+    assert after["rounds"]["rounds"] == 0 and after["rounds"]["by_verified"] == {}
+    assert found["verify_costs"] and "overall" in found["copy_estimates"]["pool"]
+
+
+def test_bench_serve_records_each_arms_rounds(server: ServingThread, tmp_path: Path) -> None:
+    """``specray bench serve`` against the router keeps each arm's own
+    rounds (counted afresh per arm): a target-only arm verified exactly its
+    requests' fed prompts and one token per later round, the speculative
+    arm that plus the drafts its responses report."""
+    wait_until(lambda: router_is_idle(server))
+    out = tmp_path / "arms.json"
+    argv = ["bench", "serve", "--server", server.grpc_address, "--dataset", "random"]
+    argv += ["--random-input-len", "8", "--random-output-len", "12", "--num-prompts", "3"]
+    argv += ["--ab-order", "phases", "--max-concurrency", "2", "--save-result", str(out)]
+    assert main(argv) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    for arm, speculative in (("spec", True), ("no_spec", False)):
+        records = [r for r in run["records"] if r["speculative"] == speculative]
+        rounds = run["diagnostics"][arm]["end"]["rounds"]["by_verified"]
+        verified = sum(int(tokens) * size["rounds"] for tokens, size in rounds.items())
+        fed = sum(r["prompt_tokens"] - r["cached_tokens"] for r in records)
+        later = sum(r["rounds"] - 1 for r in records)
+        drafts = sum(r["draft_tokens"] for r in records)
+        assert verified == fed + later + drafts
+        assert "pool" in run["diagnostics"][arm]["start"]["copy_estimates"]
 
 
 def test_model_info_reports_the_router(client: SpecrayClient, model_dir: Path) -> None:

@@ -286,6 +286,7 @@ def test_phases_finish_one_arm_before_the_other_starts(
     first_done = max(r["chunk_s"][-1] for r in records[:3])
     assert first_done <= min(r["send_s"] for r in records[3:])
     assert run["modes"]["spec"]["completed"] == run["modes"]["no_spec"]["completed"] == 3
+    assert run["diagnostics"] == {}  # the in-process engine keeps no router diagnostics
 
 
 def test_a_level_sends_at_least_as_many_prompts_as_its_concurrency(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16specray/v1/admin.proto\x12\nspecray.v1\"P\n\x0cScaleRequest\x12\x13\n\x06\x64rafts\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x07targets\x18\x02 \x01(\rH\x01\x88\x01\x01\x42\t\n\x07_draftsB\n\n\x08_targets\"I\n\rScaleResponse\x12\'\n\x05state\x18\x01 \x01(\x0b\x32\x18.specray.v1.ReplicaState\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x11\n\x0fGetStateRequest\";\n\x10GetStateResponse\x12\'\n\x05state\x18\x01 \x01(\x0b\x32\x18.specray.v1.ReplicaState\"\xc9\x01\n\x0cReplicaState\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0e\n\x06\x64rafts\x18\x02 \x01(\r\x12\x0f\n\x07targets\x18\x03 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x14\n\x0ctarget_moves\x18\x07 \x01(\x04\x12\x13\n\x0b\x64raft_moves\x18\x08 \x01(\x04\x12\x1c\n\x14\x65xpert_parallel_size\x18\t \x01(\r2\x8c\x01\n\x05\x41\x64min\x12<\n\x05Scale\x12\x18.specray.v1.ScaleRequest\x1a\x19.specray.v1.ScaleResponse\x12\x45\n\x08GetState\x12\x1b.specray.v1.GetStateRequest\x1a\x1c.specray.v1.GetStateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16specray/v1/admin.proto\x12\nspecray.v1\"P\n\x0cScaleRequest\x12\x13\n\x06\x64rafts\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x07targets\x18\x02 \x01(\rH\x01\x88\x01\x01\x42\t\n\x07_draftsB\n\n\x08_targets\"I\n\rScaleResponse\x12\'\n\x05state\x18\x01 \x01(\x0b\x32\x18.specray.v1.ReplicaState\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x11\n\x0fGetStateRequest\";\n\x10GetStateResponse\x12\'\n\x05state\x18\x01 \x01(\x0b\x32\x18.specray.v1.ReplicaState\"-\n\x15GetDiagnosticsRequest\x12\x14\n\x0creset_rounds\x18\x01 \x01(\x08\"&\n\x16GetDiagnosticsResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\"\xc9\x01\n\x0cReplicaState\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0e\n\x06\x64rafts\x18\x02 \x01(\r\x12\x0f\n\x07targets\x18\x03 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x14\n\x0ctarget_moves\x18\x07 \x01(\x04\x12\x13\n\x0b\x64raft_moves\x18\x08 \x01(\x04\x12\x1c\n\x14\x65xpert_parallel_size\x18\t \x01(\r2\xe5\x01\n\x05\x41\x64min\x12<\n\x05Scale\x12\x18.specray.v1.ScaleRequest\x1a\x19.specray.v1.ScaleResponse\x12\x45\n\x08GetState\x12\x1b.specray.v1.GetStateRequest\x1a\x1c.specray.v1.GetStateResponse\x12W\n\x0eGetDiagnostics\x12!.specray.v1.GetDiagnosticsRequest\x1a\".specray.v1.GetDiagnosticsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATEREQUEST']._serialized_end=212
   _globals['_GETSTATERESPONSE']._serialized_start=214
   _globals['_GETSTATERESPONSE']._serialized_end=273
-  _globals['_REPLICASTATE']._serialized_start=276
-  _globals['_REPLICASTATE']._serialized_end=477
-  _globals['_ADMIN']._serialized_start=480
-  _globals['_ADMIN']._serialized_end=620
+  _globals['_GETDIAGNOSTICSREQUEST']._serialized_start=275
+  _globals['_GETDIAGNOSTICSREQUEST']._serialized_end=320
+  _globals['_GETDIAGNOSTICSRESPONSE']._serialized_start=322
+  _globals['_GETDIAGNOSTICSRESPONSE']._serialized_end=360
+  _globals['_REPLICASTATE']._serialized_start=363
+  _globals['_REPLICASTATE']._serialized_end=564
+  _globals['_ADMIN']._serialized_start=567
+  _globals['_ADMIN']._serialized_end=796
 # @@protoc_insertion_point(module_scope)

@@ -33,6 +33,18 @@ class GetStateResponse(_message.Message):
     state: ReplicaState
     def __init__(self, state: _Optional[_Union[ReplicaState, _Mapping]] = ...) -> None: ...
 
+class GetDiagnosticsRequest(_message.Message):
+    __slots__ = ("reset_rounds",)
+    RESET_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    reset_rounds: bool
+    def __init__(self, reset_rounds: _Optional[bool] = ...) -> None: ...
+
+class GetDiagnosticsResponse(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...
+
 class ReplicaState(_message.Message):
     __slots__ = ("backend", "drafts", "targets", "tensor_parallel_size", "running", "waiting", "target_moves", "draft_moves", "expert_parallel_size")
     BACKEND_FIELD_NUMBER: _ClassVar[int]

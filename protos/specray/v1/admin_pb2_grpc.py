@@ -46,6 +46,11 @@ class AdminStub:
                 request_serializer=specray_dot_v1_dot_admin__pb2.GetStateRequest.SerializeToString,
                 response_deserializer=specray_dot_v1_dot_admin__pb2.GetStateResponse.FromString,
                 _registered_method=True)
+        self.GetDiagnostics = channel.unary_unary(
+                '/specray.v1.Admin/GetDiagnostics',
+                request_serializer=specray_dot_v1_dot_admin__pb2.GetDiagnosticsRequest.SerializeToString,
+                response_deserializer=specray_dot_v1_dot_admin__pb2.GetDiagnosticsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -71,6 +76,16 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDiagnostics(self, request, context):
+        """What the router's speculation decisions rest on now, for an operator
+        asking why speculation pays or does not: its verify and draft cost
+        models, the copy estimates every request starts from, and its rounds
+        by the tokens they verified. UNIMPLEMENTED for the in-process engine.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -83,6 +98,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetState,
                     request_deserializer=specray_dot_v1_dot_admin__pb2.GetStateRequest.FromString,
                     response_serializer=specray_dot_v1_dot_admin__pb2.GetStateResponse.SerializeToString,
+            ),
+            'GetDiagnostics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDiagnostics,
+                    request_deserializer=specray_dot_v1_dot_admin__pb2.GetDiagnosticsRequest.FromString,
+                    response_serializer=specray_dot_v1_dot_admin__pb2.GetDiagnosticsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +160,33 @@ class Admin:
             '/specray.v1.Admin/GetState',
             specray_dot_v1_dot_admin__pb2.GetStateRequest.SerializeToString,
             specray_dot_v1_dot_admin__pb2.GetStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDiagnostics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specray.v1.Admin/GetDiagnostics',
+            specray_dot_v1_dot_admin__pb2.GetDiagnosticsRequest.SerializeToString,
+            specray_dot_v1_dot_admin__pb2.GetDiagnosticsResponse.FromString,
             options,
             channel_credentials,
             insecure,
