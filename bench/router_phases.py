@@ -19,7 +19,7 @@ import argparse
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import ray
 
 from specray.actors.engine.request import GenerationRequest, RequestOutput
 from specray.actors.sampling.params import StoppingCriteria
+from specray.bench import round_sizes
 from specray.bench.common import cell, int_list, report_head, run_record, table, write_report
 from specray.bench.serve_dataset import shipped_prompts, warmup_prompts
 from specray.cluster.router import RouterTimings, open_stream
@@ -126,14 +127,9 @@ def run_arm(
         accepted_tokens=sum(c.stats.accepted_tokens for c in finished),
         verified_per_round=phases.verified_tokens / max(phases.rounds, 1),
         priced_verify_ms=phases.priced_verify_s * per_round,
-        verify_by_size={
-            str(tokens): {
-                "rounds": size.rounds,
-                "priced_ms": 1e3 * size.priced_s / size.rounds,
-                "wait_ms": 1e3 * size.wait_s / size.rounds,
-            }
-            for tokens, size in sorted(phases.by_verified.items())
-        },
+        verify_by_size=round_sizes.sizes_ms(
+            {str(tokens): asdict(size) for tokens, size in phases.by_verified.items()}
+        ),
         verify_costs=state.verify_costs,
         copy_estimates=state.copy_estimates,
     )
@@ -209,69 +205,29 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join([*lines, *table(headers, rows, left=3), *by_size(arms), ""])
 
 
-def _plain_round(arms: Sequence[dict[str, Any]], run: dict[str, Any]) -> tuple[int, float] | None:
-    """The target-only arm's decode round of ``run``'s level and pair: its
-    most frequent verified size (the prompts' prefill rounds are the rest)
-    and that size's wait in ms."""
+def _plain_sizes(arms: Sequence[dict[str, Any]], run: dict[str, Any]) -> round_sizes.Sizes:
+    """The target-only arm's rounds by size at ``run``'s level and pair."""
     for other in arms:
-        if (other["arm"], other["concurrency"], other["pair"]) == (
-            "none",
-            run["concurrency"],
-            run["pair"],
-        ) and other.get("verify_by_size"):
-            sizes = other["verify_by_size"]
-            size = max(sizes, key=lambda s: sizes[s]["rounds"])
-            return int(size), sizes[size]["wait_ms"]
-    return None
+        key = (other["arm"], other["concurrency"], other["pair"])
+        if key == ("none", run["concurrency"], run["pair"]) and other.get("verify_by_size"):
+            found: round_sizes.Sizes = other["verify_by_size"]
+            return found
+    return {}
 
 
 def by_size(arms: Sequence[dict[str, Any]]) -> list[str]:
-    """The speculative arms' rounds by the tokens their targets verified:
-    what the budget priced them at and what they took, and the tokens such
-    a round must commit to pay for its time beside a target-only round
-    (``plain`` tokens in ``plain ms``): ``break-even`` =
-    plain × wait ÷ plain ms. A round of ``v`` verified tokens commits at most
-    ``v``, so ``v ÷ break-even`` is the most speculation can gain with such
-    rounds even if every drafted token were accepted. Rounds smaller than
-    the plain one are left out: they served fewer requests (a level's
-    last ones), and a plain round of those is not measured."""
+    """The speculative arms' rounds by verified size beside the same level's
+    target-only round (:mod:`specray.bench.round_sizes`)."""
     rows = []
     for run in arms:
-        plain = _plain_round(arms, run) if run["arm"] == "spec" else None
+        plain = round_sizes.plain_round(_plain_sizes(arms, run)) if run["arm"] == "spec" else None
         if plain is None:
             continue
-        plain_tokens, plain_ms = plain
-        for size, entry in sorted(run["verify_by_size"].items(), key=lambda kv: int(kv[0])):
-            if int(size) < plain_tokens:
-                continue
-            even = plain_tokens * entry["wait_ms"] / plain_ms
-            rows.append(
-                [
-                    run["concurrency"],
-                    run["pair"],
-                    size,
-                    int(entry["rounds"]),
-                    cell(entry["priced_ms"], 1),
-                    cell(entry["wait_ms"], 1),
-                    f"{plain_tokens} in {cell(plain_ms, 1)}",
-                    cell(even),
-                    cell(int(size) / even),
-                ]
-            )
+        for row in round_sizes.size_rows(run["verify_by_size"], plain):
+            rows.append([run["concurrency"], run["pair"], *row])
     if not rows:
         return []
-    headers = ["c", "pair", "verified", "rounds", "priced", "verify wait", "plain"]
-    headers += ["break-even", "verified ÷ break-even"]
-    text = (
-        "Speculative rounds by the tokens their target verified (ms): what the budget "
-        "priced them at, what they took, the target-only decode round of the same level "
-        "(tokens in ms), and the tokens a round must commit to pay for its time beside it "
-        "(break-even). A round commits at most the tokens it verifies, so verified ÷ "
-        "break-even bounds what speculation gains with such rounds, were every drafted "
-        "token accepted. Rounds smaller than the plain one (a level's last requests) "
-        "are left out."
-    )
-    return ["", text, "", *table(headers, rows, left=2)]
+    return ["", round_sizes.TEXT, "", *table(["c", "pair", *round_sizes.HEADERS], rows, left=2)]
 
 
 def _config_name(path: Path) -> str:

@@ -29,6 +29,7 @@ from typing import Any
 from specray.bench.common import first_divergence
 
 SPEC, BASE = "spec", "no_spec"  # the two arms of the A/B run
+ARM_NAMES = {SPEC: "spec", BASE: "no spec"}  # as reports name them
 ALL = "all"  # the row pooling every category
 
 

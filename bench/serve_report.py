@@ -11,10 +11,10 @@ from typing import Any
 
 from specray.actors.engine.gamma import speedup
 from specray.bench.common import alpha_from_tau, cell, machine_line
-from specray.bench.serve_metrics import ALL, BASE, SPEC
+from specray.bench.serve_metrics import ALL, ARM_NAMES, BASE, SPEC
+from specray.bench.server_diagnostics import diagnostics_lines
 
 LATENCIES = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2el_ms", "E2EL"))
-ARM_NAMES = {SPEC: "spec", BASE: "no spec"}
 
 
 def attach_limit(
@@ -98,6 +98,7 @@ def run_tables(run: dict[str, Any], greedy: bool) -> list[str]:
             f"{agreement['pairs']} pairs" + (f"; first divergence: {where}." if where else "."),
         ]
     lines += failure_lines(run)
+    lines += diagnostics_lines(run)
     return [*lines, ""]
 
 

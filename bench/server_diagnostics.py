@@ -15,6 +15,9 @@ from typing import Any
 
 import grpc
 
+from specray.bench import round_sizes
+from specray.bench.common import cell, table
+from specray.bench.serve_metrics import ARM_NAMES
 from specray.protos.specray.v1 import admin_pb2 as admin_pb
 from specray.protos.specray.v1 import admin_pb2_grpc as admin_grpc
 
@@ -45,3 +48,52 @@ def arm_names(parts: int, spec_first: bool) -> list[str]:
     if parts == 1:
         return ["both"]
     return ["spec", "no_spec"] if spec_first else ["no_spec", "spec"]
+
+
+def _estimates_row(arm: str, when: str, found: dict[str, Any]) -> list[str]:
+    estimates = found["copy_estimates"]
+    pooled = estimates.get("pool", {}).get("overall")
+    calibration = estimates.get("calibration", {})
+    return [
+        arm,
+        when,
+        " / ".join(cell(v) for v in pooled) if pooled else "–",
+        " / ".join(cell(v) for v in calibration.values()) if calibration else "–",
+    ]
+
+
+def diagnostics_lines(run: dict[str, Any]) -> list[str]:
+    """A served level's diagnostics as Markdown: the copy estimates each arm
+    started and ended with, and the speculative arm's rounds by verified
+    size beside the target-only arm's decode round; nothing where the
+    server offered none."""
+    found = run.get("diagnostics") or {}
+    if not found:
+        return []
+    rows = [
+        _estimates_row(ARM_NAMES.get(arm, arm), when, reads[when])
+        for arm, reads in found.items()
+        for when in ("start", "end")
+    ]
+    first = next(iter(found.values()))["start"]["copy_estimates"]
+    depths = " / ".join(str(d) for d in first.get("depths", ()))
+    points = " / ".join(first.get("calibration", {}))
+    lines = [
+        "",
+        "The router's shared copy estimates (Admin diagnostics): pooled acceptance "
+        f"given the parent's at depths {depths}, and what the survival calibration "
+        f"maps estimates of {points} to. A request starts from these.",
+        "",
+        *table(["arm", "at", "pooled acceptance", "calibration"], rows, left=2),
+    ]
+    if "spec" in found and "no_spec" in found:
+        plain = round_sizes.plain_round(sizes_of(found["no_spec"]))
+        if plain is not None:
+            size_rows = round_sizes.size_rows(sizes_of(found["spec"]), plain)
+            lines += ["", round_sizes.TEXT, "", *table(round_sizes.HEADERS, size_rows, left=1)]
+    return lines
+
+
+def sizes_of(reads: dict[str, Any]) -> round_sizes.Sizes:
+    """An arm's rounds by size, as its closing read counted them."""
+    return round_sizes.sizes_ms(reads["end"]["rounds"]["by_verified"])
