@@ -20,6 +20,7 @@ from specray.bench import (
     prefill_mix_bench,
     prefix_chat_bench,
     prefix_copy_bench,
+    round_sizes,
     router_compare,
     router_phases,
     row_kernel_bench,
@@ -142,6 +143,7 @@ def test_a_served_report_renders_its_diagnostics(stem: str) -> None:
     spec_sizes = diagnostics["spec"]["end"]["rounds"]["by_verified"]
     kept = {s: v for s, v in spec_sizes.items() if int(s) >= int(plain) and v["rounds"]}
     header, *body = tables("|" + by_size)
+    assert header == round_sizes.HEADERS
     assert [row[0] for row in body] == sorted(kept, key=int)
     for row in body:
         size = kept[row[0]]
