@@ -4,6 +4,8 @@ draft steps' cost and overlap."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from specray.actors.engine.budget import Baseline, budget_tokens
@@ -116,3 +118,59 @@ def test_step_cost_prices_a_catch_up_by_the_drafter_profile() -> None:
     cost.observe((1, 1), 0.04)
     assert cost.seconds((64, 1)) == pytest.approx(0.18)
     assert cost.as_dict()["level_s"] == pytest.approx(0.02)
+
+
+def _rounds_at(sizes: list[int], repeats: int) -> list[int]:
+    """Mostly full batches of 16, now and then a round verifying drafts."""
+    return [size for _ in range(repeats) for size in [16, 16, 16, *sizes]]
+
+
+def test_rounds_bend_a_profile_that_priced_big_rounds_cheap() -> None:
+    """A forward costs 50 ms a token; the start-up profile caught 16 tokens
+    in a slow moment (1.25x), so 32 looked only 1.6x as dear as 16 and each
+    token past a full batch cheap. Rounds of 16 to 48 tokens bend the curve
+    back: 32 and 48 are priced within a few per cent of 2x and 3x 16."""
+
+    def truth(n: int) -> float:
+        return 0.05 * n
+
+    curve = ProfiledCurve()
+    curve.set_profile(
+        [(n, truth(n) * (1.25 if n == 16 else 1.0)) for n in (1, 2, 4, 8, 16, 32, 64)]
+    )
+    curve.observe(16, truth(16))
+    assert curve.seconds(32) / curve.seconds(16) == pytest.approx(1.6)
+    for size in _rounds_at([20, 24, 32, 40, 48], 60):
+        curve.observe(size, truth(size))
+    assert curve.seconds(16) == pytest.approx(truth(16), rel=0.02)
+    for size in (24, 32, 48):
+        assert curve.seconds(size) == pytest.approx(truth(size), rel=0.05)
+    assert curve.as_dict()["correction"][32] > 1.2
+
+
+def test_rounds_of_the_reference_size_alone_keep_the_profile() -> None:
+    """Every round verifies 16 tokens, at a level that swings: the level
+    follows and nothing bends, so other sizes keep the profile's ratios."""
+    profile = [(1, 0.05), (8, 0.3), (16, 0.8), (32, 1.5)]
+    curve = ProfiledCurve()
+    curve.set_profile(profile)
+    for i in range(200):
+        curve.observe(16, 0.8 * (1.0 + 0.3 * math.sin(i)))
+    assert curve.as_dict()["correction"] == {}
+    assert curve.seconds(32) / curve.seconds(16) == pytest.approx(1.5 / 0.8, rel=1e-6)
+
+
+def test_a_load_swing_moves_the_level_not_the_shape() -> None:
+    """The profile is right; halfway the machine slows 2x at every size.
+    The corrections stay near 1, so the ratio between sizes stays right."""
+
+    def truth(n: int, slow: float) -> float:
+        return slow * 0.05 * n
+
+    curve = ProfiledCurve()
+    curve.set_profile([(n, truth(n, 1.0)) for n in (1, 2, 4, 8, 16, 32, 64)])
+    sizes = _rounds_at([20, 32, 48], 80)
+    for i, size in enumerate(sizes):
+        curve.observe(size, truth(size, 1.0 if i < len(sizes) // 2 else 2.0))
+    assert all(0.9 < f < 1.1 for f in curve.as_dict()["correction"].values())
+    assert curve.seconds(48) / curve.seconds(16) == pytest.approx(3.0, rel=0.05)

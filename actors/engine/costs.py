@@ -17,6 +17,7 @@ from every call.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,10 +143,71 @@ class LineFit:
 
 
 @dataclass
+class ShapeCorrection:
+    """Per knot of a profiled shape (a size it was timed at), the factor
+    rounds have shown its relative cost to be off by.
+
+    The profile times each size once or a few times, back to back, when a
+    replica starts; on a shared machine one slow forward at a knot bends the
+    whole curve for as long as the replica lives. On an AVX2-only machine
+    (1.5B, n-gram, concurrency 16) two servers started minutes apart
+    profiled 32 tokens at 2.14x and 1.63x the cost of 16; the second priced
+    every token past a full batch at 0.63 of a decode token's share where it
+    cost 0.8-0.9, so its budget verified rounds that could not pay. The
+    level follows the rounds but only scales the curve; this bends it back.
+
+    A round of ``n`` tokens between knots ``lo`` and ``hi`` teaches both in
+    proportion to how near it lies, in log space, toward what it waited
+    over what the curve priced. The knot most rounds land near (most
+    decayed weight) is the reference and stays 1: the level carries the
+    scale there, so a round at the reference moves the level alone and the
+    corrections only ever say how other sizes compare with it.
+    """
+
+    rate: float = 0.3  # log step per round wholly at one knot
+    decay: float = 0.99  # of each knot's weight, per round
+    limit: float = 3.0  # a factor stays within [1 / limit, limit]
+    factors: dict[int, float] = field(default_factory=dict)
+    weights: dict[int, float] = field(default_factory=dict)
+
+    def learn(self, knots: list[int], size: int, ratio: float) -> bool:
+        """A round of ``size`` waited ``ratio`` times its price; whether a
+        factor moved."""
+        shares = _knot_shares(knots, size)
+        self.weights = {k: w * self.decay for k, w in self.weights.items()}
+        for knot, share in shares:
+            self.weights[knot] = self.weights.get(knot, 0.0) + share
+        reference = max(self.weights, key=lambda k: self.weights[k])
+        step = math.log(max(ratio, 1e-9)) * self.rate
+        bound = math.log(self.limit)
+        moved = False
+        for knot, share in shares:
+            if knot == reference or share <= 0.0:
+                continue
+            old = math.log(self.factors.get(knot, 1.0))
+            self.factors[knot] = math.exp(min(max(old + step * share, -bound), bound))
+            moved = True
+        return moved
+
+
+def _knot_shares(knots: list[int], size: int) -> list[tuple[int, float]]:
+    """The knots a size lies between and its nearness to each (summing to
+    1); the nearest end knot alone outside them."""
+    if size <= knots[0]:
+        return [(knots[0], 1.0)]
+    if size >= knots[-1]:
+        return [(knots[-1], 1.0)]
+    hi = bisect.bisect_left(knots, size)
+    lo = hi - 1
+    frac = (size - knots[lo]) / (knots[hi] - knots[lo])
+    return [(knots[lo], 1.0 - frac), (knots[hi], frac)]
+
+
+@dataclass
 class ProfiledCurve(_ShapeAndLevel):
-    """``fixed + level × shape(size)``: shape from a profile, level and fixed
-    part from observations. Until a profile is set it is a plain
-    :class:`CostCurve`.
+    """``fixed + level × shape(size)``: shape from a profile, bent by what
+    rounds showed (:class:`ShapeCorrection`), level and fixed part from
+    observations. Until a profile is set it is a plain :class:`CostCurve`.
 
     The fixed part is what a verify costs whatever its size beyond the
     profiled forward: the round trip to a remote target, and the work other
@@ -154,24 +216,33 @@ class ProfiledCurve(_ShapeAndLevel):
     profile, timed back to back in the target's process, has none of it.
     Folded into the level it would scale with the tokens, and a draft token
     would look as dear as ever beside a round that costs more than the
-    forward; so it is fit apart (:class:`LineFit`) once rounds of different
-    sizes were seen, which is what lets speculation pay for it.
+    forward; so it is fit apart (:class:`LineFit`, against the profile's
+    own shape, so that the correction bends only what the fixed part and
+    the level leave unexplained) once rounds of different sizes were seen,
+    which is what lets speculation pay for it.
 
-    Only rounds like the profile's teach the level and the fixed part: every
-    token fed with its logit row, as drafts are. A prompt's tokens are fed
-    without one (only its last row is read), so a prefill costs less per
-    token than the profile's shape says, and hundreds of tokens of it lie
-    far out along the line fit. On a curve modelled on the 1.5B GGUF on an
-    AVX2-only machine, one 500-token prefill per request read as a fixed
-    part of over 50 ms a round where there is none: a one-token verify
-    priced dear and each further token cheap, so the budget verified long
-    n-gram guesses it should have cut
+    Only rounds like the profile's teach the level, the fixed part and the
+    correction: every token fed with its logit row, as drafts are. A
+    prompt's tokens are fed without one (only its last row is read), so a
+    prefill costs less per token than the profile's shape says, and
+    hundreds of tokens of it lie far out along the line fit. On a curve
+    modelled on the 1.5B GGUF on an AVX2-only machine, one 500-token prefill
+    per request read as a fixed part of over 50 ms a round where there is
+    none: a one-token verify priced dear and each further token cheap, so
+    the budget verified long n-gram guesses it should have cut
     (``tests/test_costs.py::test_prefill_rounds_leave_the_fixed_part_alone``).
     """
 
     fallback: CostCurve = field(default_factory=CostCurve)
     fixed: float = 0.0
+    correction: ShapeCorrection = field(default_factory=ShapeCorrection)
     _fit: LineFit = field(default_factory=LineFit)
+    _bent: CostCurve | None = None  # the shape times the correction, per knot
+
+    def set_profile(self, points: list[tuple[int, float]]) -> None:
+        super().set_profile(points)
+        self.correction = ShapeCorrection()
+        self._bent = None
 
     def observe(self, size: int, seconds: float, logits: int | None = None) -> None:
         """A round of ``size`` tokens took ``seconds``; ``logits``: the rows
@@ -179,20 +250,38 @@ class ProfiledCurve(_ShapeAndLevel):
         self.fallback.observe(size, seconds)
         if self._shape is None or (logits is not None and logits < size):
             return
-        relative = self._shape.seconds(size)
-        self._fit.add(relative, seconds)
+        self._fit.add(self._shape.seconds(size), seconds)
         fixed = self._fit.intercept()
         if fixed is not None:
             self.fixed = fixed
-        self._learn(max(seconds - self.fixed, 1e-9), relative)
+        beyond = max(seconds - self.fixed, 1e-9)
+        if self._level is not None:
+            priced = self._level * self._relative(size)
+            if self.correction.learn(self._knots(), size, beyond / max(priced, 1e-12)):
+                self._bent = None
+        self._learn(beyond, self._relative(size))
 
     def seconds(self, size: int) -> float:
         if self._shape is None or self._level is None:
             return self.fallback.seconds(size)
-        return self.fixed + self._level * self._shape.seconds(size)
+        return self.fixed + self._level * self._relative(size)
+
+    def _knots(self) -> list[int]:
+        assert self._shape is not None
+        return sorted(self._shape.as_dict())
+
+    def _relative(self, size: int) -> float:
+        """The profiled shape at ``size``, bent by the correction (monotone)."""
+        if self._bent is None:
+            assert self._shape is not None
+            self._bent = CostCurve(decay=0.0)
+            for knot, relative in self._shape.as_dict().items():
+                self._bent.observe(knot, relative * self.correction.factors.get(knot, 1.0))
+        return self._bent.seconds(size)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**super().as_dict(), "fixed_s": self.fixed}
+        bent = {k: round(v, 3) for k, v in sorted(self.correction.factors.items())}
+        return {**super().as_dict(), "fixed_s": self.fixed, "correction": bent}
 
 
 @dataclass
