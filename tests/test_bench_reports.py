@@ -62,6 +62,7 @@ PHASE_REPORTS = [
 # Served runs that recorded the router's diagnostics (Admin) per arm.
 SERVED_DIAGNOSTICS = [
     "serve/qwen1.5b_gguf_ngram_inline_waves3_c16_diagnostics_avx2",
+    "serve/qwen1.5b_gguf_ngram_inline_waves3_c16_diagnostics2_avx2",
 ]
 # Reports of our model against transformers' (a row per measure).
 VERSUS_REPORTS: dict[str, Markdown] = {
