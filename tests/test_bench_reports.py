@@ -63,6 +63,7 @@ PHASE_REPORTS = [
 SERVED_DIAGNOSTICS = [
     "serve/qwen1.5b_gguf_ngram_inline_waves3_c16_diagnostics_avx2",
     "serve/qwen1.5b_gguf_ngram_inline_waves3_c16_diagnostics2_avx2",
+    "serve/qwen1.5b_gguf_ngram_inline_waves3_c16_bent_avx2",
 ]
 # Reports of our model against transformers' (a row per measure).
 VERSUS_REPORTS: dict[str, Markdown] = {
