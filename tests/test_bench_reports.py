@@ -25,6 +25,7 @@ from specray.bench import (
     router_phases,
     row_kernel_bench,
     serve_report,
+    server_diagnostics,
     structured_bench,
     tp_bench,
     v4_bench,
@@ -64,6 +65,7 @@ SERVED_DIAGNOSTICS = [
     "serve/qwen1.5b_gguf_ngram_inline_waves3_c16_diagnostics_avx2",
     "serve/qwen1.5b_gguf_ngram_inline_waves3_c16_diagnostics2_avx2",
     "serve/qwen1.5b_gguf_ngram_inline_waves3_c16_bent_avx2",
+    "serve/qwen1.5b_gguf_ngram_inline_waves3_bent_avx2",
 ]
 # Reports of our model against transformers' (a row per measure).
 VERSUS_REPORTS: dict[str, Markdown] = {
@@ -132,26 +134,29 @@ def test_a_phases_report_renders_its_arms_and_their_rounds_by_size(stem: str) ->
 
 @pytest.mark.parametrize("stem", SERVED_DIAGNOSTICS)
 def test_a_served_report_renders_its_diagnostics(stem: str) -> None:
-    """The copy estimates at each arm's start and end, then the speculative
-    arm's rounds by size beside the target-only arm's decode round."""
+    """Per level, the copy estimates at each arm's start and end, then the
+    speculative arm's rounds by size beside the target-only arm's decode
+    round, each level's lines within the report."""
     result, text = render(stem, lambda r: serve_report.markdown([r]))
-    (run,) = result["runs"]
-    diagnostics = run["diagnostics"]
-    estimates, by_size = text.split("\n\n|")[-2:]
-    assert len(tables("|" + estimates)) == 1 + 2 * len(diagnostics)
-    plain_sizes = diagnostics["no_spec"]["end"]["rounds"]["by_verified"]
-    plain = max(plain_sizes, key=lambda s: plain_sizes[s]["rounds"])
-    plain_ms = 1e3 * plain_sizes[plain]["wait_s"] / plain_sizes[plain]["rounds"]
-    spec_sizes = diagnostics["spec"]["end"]["rounds"]["by_verified"]
-    kept = {s: v for s, v in spec_sizes.items() if int(s) >= int(plain) and v["rounds"]}
-    header, *body = tables("|" + by_size)
-    assert header == round_sizes.HEADERS
-    assert [row[0] for row in body] == sorted(kept, key=int)
-    for row in body:
-        size = kept[row[0]]
-        even = int(plain) * (1e3 * size["wait_s"] / size["rounds"]) / plain_ms
-        assert float(row[-2]) == pytest.approx(even, abs=0.01)
-        assert float(row[-1]) == pytest.approx(int(row[0]) / even, abs=0.01)
+    for run in result["runs"]:
+        diagnostics = run["diagnostics"]
+        lines = server_diagnostics.diagnostics_lines(run)
+        assert "\n".join(lines) in text
+        estimates, by_size = "\n".join(lines).split("\n\n|")[-2:]
+        assert len(tables("|" + estimates)) == 1 + 2 * len(diagnostics)
+        plain_sizes = diagnostics["no_spec"]["end"]["rounds"]["by_verified"]
+        plain = max(plain_sizes, key=lambda s: plain_sizes[s]["rounds"])
+        plain_ms = 1e3 * plain_sizes[plain]["wait_s"] / plain_sizes[plain]["rounds"]
+        spec_sizes = diagnostics["spec"]["end"]["rounds"]["by_verified"]
+        kept = {s: v for s, v in spec_sizes.items() if int(s) >= int(plain) and v["rounds"]}
+        header, *body = tables("|" + by_size)
+        assert header == round_sizes.HEADERS
+        assert [row[0] for row in body] == sorted(kept, key=int)
+        for row in body:
+            size = kept[row[0]]
+            even = int(plain) * (1e3 * size["wait_s"] / size["rounds"]) / plain_ms
+            assert float(row[-2]) == pytest.approx(even, abs=0.01)
+            assert float(row[-1]) == pytest.approx(int(row[0]) / even, abs=0.01)
 
 
 @pytest.mark.parametrize("stem", list(SHARD_REPORTS))
