@@ -151,10 +151,11 @@ class ShapeCorrection:
     replica starts; on a shared machine one slow forward at a knot bends the
     whole curve for as long as the replica lives. On an AVX2-only machine
     (1.5B, n-gram, concurrency 16) two servers started minutes apart
-    profiled 32 tokens at 2.14x and 1.63x the cost of 16; the second priced
-    every token past a full batch at 0.63 of a decode token's share where it
-    cost 0.8-0.9, so its budget verified rounds that could not pay. The
-    level follows the rounds but only scales the curve; this bends it back.
+    profiled 32 tokens at 2.14x and 1.63x the cost of 16; for its whole
+    level the second priced each token from 16 to 32 at 39.6 ms where it
+    cost 47.9 ms, so copies that break even at 0.89 acceptance looked paid
+    for at 0.69 (docs/router.md). The level follows the rounds but only
+    scales the curve; this bends it back.
 
     A round of ``n`` tokens between knots ``lo`` and ``hi`` teaches both in
     proportion to how near it lies, in log space, toward what it waited
