@@ -310,12 +310,15 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             parts = [plan[: len(sent)], plan[len(sent) :]] if args.ab_order == "phases" else [plan]
             records = []
             diagnostics: dict[str, Any] = {}
+            # One read between parts: it ends one part's round count and
+            # holds what the next part starts from.
+            start = await read_diagnostics(channel, True, args.timeout)
             for arm, part in zip(arm_names(len(parts), spec_first), parts, strict=True):
-                start = await read_diagnostics(channel, True, args.timeout)
                 records += await run_load(stub, part, options, load, f"bench{number}")
                 end = await read_diagnostics(channel, True, args.timeout)
                 if start is not None and end is not None:
                     diagnostics[arm] = {"start": start, "end": end}
+                start = end
             runs.append(summarize_run(records, load, spec_first) | {"diagnostics": diagnostics})
             failed = sum(not r.ok for r in records)
             print(
