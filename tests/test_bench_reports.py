@@ -60,6 +60,7 @@ PHASE_REPORTS = [
     "router_phases_suffix_fixed_k16_verbatim_c1",
     "router_phases_suffix_fixed_k8_verbatim_c1",
     "router_phases_suffix_adaptive_k16_suffix_verbatim_c1_bent",
+    "router_phases_suffix_fixed_k16_verbatim_c1_bent",
 ]
 # Served runs that recorded the router's diagnostics (Admin) per arm.
 SERVED_DIAGNOSTICS = [
