@@ -195,7 +195,9 @@ def test_scale_drafts_and_targets_during_a_stream(local_ray: None, tiny_dir_fact
             await asyncio.gather(*clients)
 
         stream = asyncio.create_task(producer())
-        while len(submitted) < 8:
+        # Scale once the router holds the stream, not when the clients have
+        # merely sent it: a scale that finds no request pinned moves none.
+        while sum(d.pinned for d in (await router.state.remote()).drafts) < 4:
             await asyncio.sleep(0.01)
         reports = [
             await router.scale.remote(drafts=2),
