@@ -20,6 +20,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from typing import Any
 
 from specray.bench.common import machine_header, machine_info, stop_process, write_report
 
+# The log line in which the router accounts for its start (cluster/router.py).
+STARTED = "router started in "
 # What a process is, from its command line (first match wins).
 ROLES = (
     ("ray::TargetShard", "target shard"),
@@ -78,34 +81,37 @@ def role(pid: int) -> str:
 def measure(serve_args: Sequence[str], timeout_s: float) -> dict[str, Any]:
     command = [sys.executable, "-m", "specray.deploy.cli", "serve", "--port", "0"]
     command += ["--http-port", "0", *serve_args]
-    began = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    ready_s = None
-    ready_line = ""
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            if "ready" in line:
-                ready_s = time.perf_counter() - began
-                ready_line = line.strip()
-                break
-            if time.perf_counter() - began > timeout_s:
-                break
-        if ready_s is None:
-            raise RuntimeError(f"`specray serve` was not ready within {timeout_s:g} s")
-        time.sleep(5)  # let the replicas settle after their profiles
-        by_role: dict[str, int] = defaultdict(int)
-        counts: dict[str, int] = defaultdict(int)
-        for pid in descendants(proc.pid):
-            name = role(pid)
-            by_role[name] += rss_bytes(pid)
-            counts[name] += 1
-    finally:
-        stop_process(proc, grace_s=120)
+    with tempfile.TemporaryFile("w+") as log:  # for the router's account of its start
+        began = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+        ready_s, ready_line = None, ""
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                if "ready" in line:
+                    ready_s = time.perf_counter() - began
+                    ready_line = line.strip()
+                    break
+                if time.perf_counter() - began > timeout_s:
+                    break
+            if ready_s is None:
+                raise RuntimeError(f"`specray serve` was not ready within {timeout_s:g} s")
+            time.sleep(5)  # let the replicas settle after their profiles
+            by_role: dict[str, int] = defaultdict(int)
+            counts: dict[str, int] = defaultdict(int)
+            for pid in descendants(proc.pid):
+                name = role(pid)
+                by_role[name] += rss_bytes(pid)
+                counts[name] += 1
+        finally:
+            stop_process(proc, grace_s=120)
+        log.seek(0)
+        started = [line.split(STARTED, 1)[1].strip() for line in log if STARTED in line]
     return {
         "command": " ".join(command),
         "ready_s": round(ready_s, 1),
         "ready_line": ready_line,
+        "router_started": started[0] if started else None,
         "rss_gb_by_role": {k: round(v / 1e9, 2) for k, v in sorted(by_role.items())},
         "processes_by_role": dict(sorted(counts.items())),
         "rss_gb_total": round(sum(by_role.values()) / 1e9, 2),
@@ -122,6 +128,10 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Ready after **{result['ready_s']} s**; **{result['rss_gb_total']} GB** resident in all.",
         "",
+    ]
+    if result.get("router_started"):
+        lines += [f"The router's own start (its log): {result['router_started']}.", ""]
+    lines += [
         "| process | count | resident GB |",
         "|---|---:|---:|",
     ]

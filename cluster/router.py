@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -58,6 +59,7 @@ from specray.cluster.router_state import (
     RouterState,
     RouterTimings,
     ScaleReport,
+    StartupTimes,
 )
 from specray.cluster.scaling import ProfilePlan, Scaler
 from specray.cluster.target_group_config import ShardedTargetConfig
@@ -126,6 +128,7 @@ class Router:
         self._grammars: GrammarCompiler | None = None  # structured output
         self._metrics_port: int | None = None
         self._closed = False
+        self._startup: StartupTimes | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -133,6 +136,7 @@ class Router:
         """Start the replicas, the metrics endpoint and the round loops."""
         if self._parts is not None:
             return await self.state()
+        began = time.perf_counter()
         config = self.config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)  # the router's own process
@@ -163,6 +167,7 @@ class Router:
         if drafts is not None and config.num_drafts:
             starts.append(drafts.add(config.num_drafts))
         await asyncio.gather(*starts)
+        replicas_s = time.perf_counter() - began
 
         recovery = Recovery(config.recovery, fleet)
         lanes_count = 2 if config.overlap else 1
@@ -188,8 +193,9 @@ class Router:
             config.max_batched_tokens,
         )
         scaler = Scaler(fleet, drafting, recovery, lanes, scheduler.costs, plan)
-        await scaler.profile()
+        profile = await scaler.profile()
         await scaler.read_hidden_layers()
+        self._startup = StartupTimes(replicas_s, profile, time.perf_counter() - began)
         recovery.start(config.num_targets, config.num_drafts if drafts is not None else 0)
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(lanes.run(lane)) for lane in range(lanes_count)]
@@ -290,6 +296,7 @@ class Router:
             draft_costs=costs.draft.as_dict(),
             recovery=recovery,
             copy_estimates=parts.lanes.scheduler.budget.describe(),
+            startup=self._startup,
         )
 
     async def ping(self) -> bool:
@@ -362,7 +369,9 @@ def launch_router(config: RouterConfig, **options: Any) -> Any:
     actor: Any = ray.remote(Router)
     actor = actor.options(num_cpus=0, max_concurrency=1000, runtime_env=runtime_env, **options)
     handle = actor.remote(config)
-    ray.get(handle.start.remote())
+    state: RouterState = ray.get(handle.start.remote())
+    if state.startup is not None:
+        log.info("router started in %s", state.startup.describe())
     return handle
 
 

@@ -79,6 +79,35 @@ class Footprint:
 
 
 @dataclass(frozen=True)
+class StartupProfile:
+    """The cost curves' shapes as timed when the router started."""
+
+    verify_sizes: tuple[int, ...]  # tokens one verify was timed at
+    verify_s: float
+    draft_s: float  # the first draft replica's feeds (0: none, or a lookup)
+
+
+@dataclass(frozen=True)
+class StartupTimes:
+    """Where a router's start went, in seconds: its replicas started and
+    loaded side by side, then the profiles one after the other."""
+
+    replicas_s: float
+    profile: StartupProfile
+    total_s: float
+
+    def describe(self) -> str:
+        profile = self.profile
+        largest = max(profile.verify_sizes, default=0)
+        return (
+            f"{self.total_s:.1f} s: replicas started and loaded {self.replicas_s:.1f} s, "
+            f"verify cost profiled {profile.verify_s:.1f} s "
+            f"({len(profile.verify_sizes)} sizes up to {largest} tokens), "
+            f"draft cost profiled {profile.draft_s:.1f} s"
+        )
+
+
+@dataclass(frozen=True)
 class RouterState:
     waiting: int
     running: int
@@ -92,6 +121,7 @@ class RouterState:
     draft_costs: dict[str, Any]  # level (s) × shape (tokens fed in a step -> relative cost)
     recovery: RecoveryState = field(default_factory=RecoveryState)
     copy_estimates: dict[str, Any] = field(default_factory=dict)  # VerifyBudget.describe()
+    startup: StartupTimes | None = None  # None: a state not read from a started router
 
 
 @dataclass

@@ -19,7 +19,7 @@ from specray.cluster.fleet import Fleet
 from specray.cluster.lanes import Lanes
 from specray.cluster.ports import PoolDrafting
 from specray.cluster.recovery import Recovery
-from specray.cluster.router_state import ScaleReport
+from specray.cluster.router_state import ScaleReport, StartupProfile
 
 
 @dataclass(frozen=True)
@@ -50,19 +50,25 @@ class Scaler:
 
     # -- profiling ----------------------------------------------------------------
 
-    async def profile(self) -> None:
+    async def profile(self) -> StartupProfile:
         """The cost curves' shapes, timed once every replica is up and one
         after the other: a profile taken while another replica loads or
         profiles reads that one's load too (on shared cores a draft step
         timed during the target's profile came out several times too slow,
         and the scheduler never drafted)."""
         plan = self.plan
-        if not plan.enabled:
-            return
-        self.costs.verify.set_profile(await self.fleet.targets.profile(plan.verify_sizes()))
-        if self.fleet.drafts is not None:
+        sizes = plan.verify_sizes()
+        began = time.perf_counter()
+        if sizes:
+            self.costs.verify.set_profile(await self.fleet.targets.profile(sizes))
+        verified = time.perf_counter()
+        draft_s = 0.0
+        if plan.enabled and self.fleet.drafts is not None:
             feeds = feed_profile_sizes(self.fleet.drafts.config.spec.max_len)
-            self.costs.draft.set_profile(await self.fleet.drafts.profile(feeds))
+            points = await self.fleet.drafts.profile(feeds)
+            self.costs.draft.set_profile(points)
+            draft_s = time.perf_counter() - verified if points else 0.0
+        return StartupProfile(tuple(sizes), verified - began, draft_s)
 
     async def read_hidden_layers(self) -> None:
         """The target layers the drafters read, from the first draft replica up."""

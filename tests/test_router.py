@@ -110,7 +110,8 @@ def test_sampled_output_equals_the_in_process_engine(model_router: Any, tiny_dir
 
 def test_cost_shapes_are_profiled_at_start(model_router: Any, ngram_router: Any) -> None:
     """The verify shape and, for a drafter with a cache, its feed shape are
-    timed once every replica is up; lookup has no feed to time."""
+    timed once every replica is up; lookup has no feed to time. The state
+    says how long the start and each of its parts took."""
     for router, feeds in ((model_router, True), (ngram_router, False)):
         state: RouterState = ray.get(router.state.remote())
         assert 1 in state.verify_costs["shape"] and state.verify_costs["level_s"] > 0
@@ -118,6 +119,14 @@ def test_cost_shapes_are_profiled_at_start(model_router: Any, ngram_router: Any)
         assert bool(state.draft_costs["shape"]) == feeds
         if feeds:
             assert max(state.draft_costs["shape"]) >= 64  # catch-ups of a prompt's length
+        # ... and the start says what they took, beside loading the replicas
+        startup = state.startup
+        assert startup is not None and startup.replicas_s > 0
+        assert startup.profile.verify_sizes == tuple(sorted(state.verify_costs["shape"]))
+        assert (startup.profile.draft_s > 0) == feeds
+        parts = startup.replicas_s + startup.profile.verify_s + startup.profile.draft_s
+        assert parts <= startup.total_s
+        assert f"{len(startup.profile.verify_sizes)} sizes" in startup.describe()
 
 
 def test_unary_generate(ngram_router: Any, tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
