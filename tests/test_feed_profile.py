@@ -3,8 +3,11 @@ a catch-up (a new request's prompt, a stretch without drafts)."""
 
 from __future__ import annotations
 
+import time
+
 from specray.actors.drafting.base import CatchesUp, DraftPaths
 from specray.actors.drafting.draft_model import DraftModelDrafter
+from specray.actors.drafting.feed_profile import profile_feeds
 from specray.actors.drafting.hybrid import HybridDrafter
 from specray.actors.drafting.ngram import NgramDrafter
 from specray.actors.drafting.spec import DrafterSpec
@@ -33,3 +36,20 @@ def test_worker_reports_its_drafter_profile(tiny_dir_factory) -> None:  # type: 
     lookup = DraftWorker(DraftWorkerSpec())
     assert lookup.drafter.paths == DraftWorkerSpec().drafter.paths == DraftPaths(False, True)
     assert lookup.feed_profile([1, 4]) == []  # copies feed nothing
+
+
+def test_a_size_stops_repeating_once_its_feeds_took_enough(tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
+    """Long feeds are steady: timing them three times over is most of a
+    start-up on a small CPU, so a size whose runs took ``enough_s`` moves on."""
+    cache = DraftModelDrafter(load_model(tiny_dir_factory("qwen2", 7)), 1, 64).cache
+    fed: list[int] = []
+
+    def feed(slot: int, size: int) -> None:
+        fed.append(size)
+        time.sleep(0.002 * size)
+
+    profile_feeds(cache, [1, 16], feed, repeats=3, enough_s=0.025)
+    assert fed == [1, 1, 1, 16]  # 1 token: 3 runs under 25 ms; 16: one of 32 ms
+    fed.clear()
+    assert [size for size, _ in profile_feeds(cache, [1, 16], feed, enough_s=1e9)] == [1, 16]
+    assert fed == [1, 1, 1, 16, 16, 16] and cache.num_free_slots == 1
