@@ -72,10 +72,11 @@ class DrafterConfig(BaseModel):
         None, description="kind model or hybrid: registered name or local path; head: its dir"
     )
     dtype: Dtype | None = Field(None, description="default: the router's dtype")
-    weights: Literal["dense", "gguf"] = Field(
-        "dense",
-        description="a draft model's weights: dense (safetensors in dtype) or gguf (its GGUF "
-        "blocks, on the block kernel where it runs; docs/weights.md)",
+    weights: Literal["auto", "dense", "gguf"] = Field(
+        "auto",
+        description="a draft model's weights: dense (safetensors in dtype), gguf (its GGUF "
+        "blocks, on the block kernel where it runs; docs/weights.md), or auto: the format "
+        "the start-up probe measured fastest for one row, where it ran (else dense)",
     )
     num_slots: int | None = Field(
         None, ge=1, description="requests one replica drafts for; default the router's num_slots"
@@ -96,7 +97,7 @@ class DrafterConfig(BaseModel):
         self.spec  # noqa: B018 -- the spec's own checks, with its messages
         if self.placement == "router":
             check_inline(self.kind)
-        if self.weights != "dense" and self.kind not in MODEL_KINDS:
+        if self.weights == "gguf" and self.kind not in MODEL_KINDS:
             raise ValueError(
                 f"weights: {self.weights!r} is for a draft model (kind "
                 f"{', '.join(MODEL_KINDS)}); kind {self.kind!r} has no weights"

@@ -17,7 +17,7 @@ from specray.deploy.cli import build_parser
 from specray.deploy.config import RouterSettings, ServeConfig
 from specray.deploy.router_backend import router_config
 from specray.deploy.serve import apply_overrides
-from specray.deploy.weights_choice import choose_plan, planned_config
+from specray.deploy.weights_choice import choose_plan, planned_config, planned_drafts
 
 DENSE = {name: AVX2_TIMINGS[name] for name in ("fp32", "bf16")}
 
@@ -134,3 +134,36 @@ def test_a_gguf_router_hands_its_shards_the_gguf_directory(tmp_path: Path) -> No
         "float32",
         1,
     )
+
+
+def test_draft_models_left_to_auto_take_the_fastest_one_row_format(tmp_path: Path) -> None:
+    """A draft step is one row: a draft model at ``weights: auto`` runs on
+    its GGUF blocks where the probe measured those fastest for one row (as
+    on AVX2) and it has a GGUF file; dense (the router's dtype) otherwise,
+    and without a probe. Lookup drafters keep no weights."""
+    measured = recommend(AVX2_TIMINGS, AVX2, gguf_int4_share=0.7, verify_rows=9)
+    plan = plan_weights("auto", None, measured)
+    assert plan.draft == measured.decode and plan.draft is not None
+    assert plan.draft.weights == "gguf"
+    assert plan.log_line().endswith("Draft models: gguf, the fastest measured for one row.")
+    with_gguf = str(write_tiny_qwen2(tmp_path / "blocks"))
+    without = str(tmp_path / "dense")  # a directory with no GGUF in it
+    registered = "qwen2.5-coder-0.5b-instruct"  # every registered model is a GGUF
+    cases = [  # a drafter as configured: its weights planned, and unprobed
+        ({"kind": "hybrid", "model": registered}, "gguf", "dense"),
+        ({"kind": "model", "model": with_gguf}, "gguf", "dense"),
+        ({"kind": "model", "model": without}, "dense", "dense"),
+        ({"kind": "model", "model": with_gguf, "weights": "dense"}, "dense", "dense"),
+        ({"kind": "ngram"}, "dense", "dense"),  # no weights to choose
+    ]
+    for drafter, probed, unprobed in cases:
+        settings = RouterSettings.model_validate({"target": "t", "drafts": [drafter]})
+        assert settings.drafts[0].weights == drafter.get("weights", "auto")
+        planned = planned_drafts(settings.with_plan(plan), plan.draft).drafts[0]
+        assert (planned.weights, planned.dtype) == (probed, None)  # the router's dtype
+        alone = planned_drafts(settings.with_plan(plan_weights("fp32", 1, None)), None)
+        assert alone.drafts[0].weights == unprobed
+    with pytest.raises(ValueError, match="is for a draft model"):
+        RouterSettings.model_validate(
+            {"target": "t", "drafts": [{"kind": "ngram", "weights": "gguf"}]}
+        )

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specray.actors.model.hardware import CHOICES, Recommendation
+from specray.actors.model.hardware import CHOICES, Choice, Recommendation
 
 WEIGHT_FORMATS = ("auto", "gguf", "bf16", "fp32")
 DTYPE_FORMATS = {"float32": "fp32", "bfloat16": "bf16"}
@@ -39,9 +39,15 @@ class WeightPlan:
     weights: str  # dense | gguf
     tp: int
     reason: str  # one line for the server's log
+    # A draft model's format where the probe ran: the fastest measured for
+    # one row, a draft step's work. None: nothing measured.
+    draft: Choice | None = None
 
     def log_line(self) -> str:
-        return f"weights {self.format} ({self.dtype}), tp {self.tp}: {self.reason}"
+        line = f"weights {self.format} ({self.dtype}), tp {self.tp}: {self.reason}"
+        if self.draft is not None:
+            line += f" Draft models: {self.draft.format}, the fastest measured for one row."
+        return line
 
 
 def needs_probe(weights: str) -> bool:
@@ -75,7 +81,10 @@ def plan_weights(
     chosen_tp, tp_reason = _choose_tp(tp, device)
     reasons.append(tp_reason)
     model_dtype = dtype or choice.dtype
-    return WeightPlan(choice.format, model_dtype, choice.weights, chosen_tp, " ".join(reasons))
+    draft = recommendation.decode if recommendation is not None else None
+    return WeightPlan(
+        choice.format, model_dtype, choice.weights, chosen_tp, " ".join(reasons), draft
+    )
 
 
 def _choose_tp(tp: int | None, device: str) -> tuple[int, str]:
