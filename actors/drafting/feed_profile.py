@@ -18,8 +18,9 @@ def profile_feeds(
     """Best-of-``repeats`` seconds of ``feed(slot, n)`` from an empty slot of
     ``cache``, for each ``n`` in ``sizes`` that fits in it. A size stops
     repeating once its runs took ``enough_s``: a long feed is compute-bound
-    and steady, and three of each up to 256 tokens were 209 of a 265 s
-    start-up with a bf16 0.5B draft model on an AVX2-only machine. The slot
+    and steady, and three of each up to 256 tokens were 211 of a 270 s
+    router start with a bf16 0.5B draft model on an AVX2-only machine
+    (bench/results/startup_default_config_accounted.md). The slot
     is borrowed and freed again."""
     slot = cache.allocate()
     try:
