@@ -140,6 +140,15 @@ def resolve_preferring(name: str, dtype: str) -> Path:
         return resolve_model(name)
 
 
+def config_stem(path: Path) -> str:
+    """A serve config's file name without its ``.serve.yaml`` (or ``.yaml``,
+    ``.yml``) ending: what a report made from it is named after."""
+    name = path.name
+    for suffix in (".serve.yaml", ".yaml", ".yml"):
+        name = name.removesuffix(suffix)
+    return name
+
+
 def int_list(text: str) -> list[int]:
     """``"1,4,8"`` → [1, 4, 8]: the argparse type of a flag that takes several
     sizes (an empty item is skipped)."""

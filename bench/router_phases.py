@@ -28,7 +28,15 @@ import ray
 from specray.actors.engine.request import GenerationRequest, RequestOutput
 from specray.actors.sampling.params import StoppingCriteria
 from specray.bench import round_sizes
-from specray.bench.common import cell, int_list, report_head, run_record, table, write_report
+from specray.bench.common import (
+    cell,
+    config_stem,
+    int_list,
+    report_head,
+    run_record,
+    table,
+    write_report,
+)
 from specray.bench.serve_dataset import shipped_prompts, warmup_prompts
 from specray.cluster.router import RouterTimings, open_stream
 from specray.deploy.config import load_config
@@ -230,13 +238,6 @@ def by_size(arms: Sequence[dict[str, Any]]) -> list[str]:
     return ["", round_sizes.TEXT, "", *table(["c", "pair", *round_sizes.HEADERS], rows, left=2)]
 
 
-def _config_name(path: Path) -> str:
-    name = path.name
-    for suffix in (".serve.yaml", ".yaml", ".yml"):
-        name = name.removesuffix(suffix)
-    return name
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     write_report(
         args.out,
-        f"router_phases_{_config_name(args.config)}{args.tag}",
+        f"router_phases_{config_stem(args.config)}{args.tag}",
         result,
         markdown(result),
     )

@@ -31,7 +31,7 @@ import torch
 
 from specray.actors.engine.target import LocalTarget, Target, VerifyInput
 from specray.actors.model.loader import load_model
-from specray.bench.common import int_list, report_head, run_record, table, write_report
+from specray.bench.common import config_stem, int_list, report_head, run_record, table, write_report
 from specray.cluster.target_group import ShardedTarget
 from specray.deploy.config import load_config
 from specray.deploy.router_backend import router_config, start_ray_for
@@ -109,13 +109,6 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _config_name(path: Path) -> str:
-    name = path.name
-    for suffix in (".serve.yaml", ".yaml", ".yml"):
-        name = name.removesuffix(suffix)
-    return name
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m specray.bench.shard_decode",
@@ -161,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows=rows,
     )
     write_report(
-        args.out, f"shard_decode_{_config_name(args.config)}{args.tag}", result, markdown(result)
+        args.out, f"shard_decode_{config_stem(args.config)}{args.tag}", result, markdown(result)
     )
     return result
 

@@ -262,11 +262,10 @@ def router_config(settings: RouterSettings, home: Path | None = None) -> RouterC
     if drafter is not None:
         draft_dtype = drafter.dtype or dtype
         num_slots = drafter.num_slots or settings.num_slots
-        draft_weights = "dense" if drafter.weights == "auto" else drafter.weights  # unprobed
         spec = DraftWorkerSpec(
-            drafter=resolve_drafter(drafter.spec, home, draft_dtype, draft_weights),
+            drafter=resolve_drafter(drafter.spec, home, draft_dtype, drafter.weights),
             dtype=draft_dtype,
-            weights=draft_weights,
+            weights=drafter.weights,
             num_slots=num_slots,
             max_len=settings.max_len,
             num_threads=drafter.threads,

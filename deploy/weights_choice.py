@@ -49,9 +49,10 @@ def choose_plan(
 
 
 def planned_router(settings: RouterSettings, home: Path | None = None) -> RouterSettings:
-    """``settings`` with weights and tp concrete (probing when needed)."""
+    """``settings`` with weights, tp and draft models' weights concrete
+    (probing when needed; drafts planned before are kept)."""
     if settings.planned:
-        return settings
+        return planned_drafts(settings, None, home)
     plan = choose_plan(
         settings.target, settings.weights, settings.tp, settings.verify_rows, home, settings.dtype
     )
