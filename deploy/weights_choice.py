@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,12 +34,16 @@ def choose_plan(
     verify_rows: int | None,  # k + 1 with a drafter; None: target-only
     home: Path | None = None,
     dtype: str | None = None,  # a configured model dtype, kept
+    draft_models: Sequence[str] = (),  # draft models left at weights: auto
 ) -> WeightPlan:
     """The plan for ``target``, probing this machine when ``weights`` is
-    ``auto``; logged in one line."""
+    ``auto`` or a draft model's weights are; logged in one line."""
     recommendation = None
-    if needs_probe(weights):
-        gguf = kept_gguf(target, home)
+    if needs_probe(weights) or draft_models:
+        # A configured target still leaves a draft model's format to measure:
+        # the probe then speaks for the draft's file.
+        source = target if needs_probe(weights) else draft_models[0]
+        gguf = kept_gguf(source, home)
         share = int4_share(gguf) if gguf is not None else None
         threads = len(os.sched_getaffinity(0))
         recommendation = probe(share, verify_rows=verify_rows or 1, threads=threads)
@@ -50,13 +55,38 @@ def choose_plan(
 
 def planned_router(settings: RouterSettings, home: Path | None = None) -> RouterSettings:
     """``settings`` with weights, tp and draft models' weights concrete
-    (probing when needed; drafts planned before are kept)."""
-    if settings.planned:
+    (probing when needed; what was planned before is kept)."""
+    draft_models = auto_draft_models(settings, home)
+    if settings.planned and not draft_models:
         return planned_drafts(settings, None, home)
     plan = choose_plan(
-        settings.target, settings.weights, settings.tp, settings.verify_rows, home, settings.dtype
+        settings.target,
+        settings.weights,
+        settings.tp,
+        settings.verify_rows,
+        home,
+        settings.dtype,
+        draft_models,
     )
     return planned_drafts(settings.with_plan(plan), plan.draft, home)
+
+
+def auto_draft_models(settings: RouterSettings, home: Path | None = None) -> list[str]:
+    """The draft models left at ``weights: auto`` that have a GGUF file to
+    choose (every registered model is one; a directory must hold its own)."""
+    return [
+        drafter.model
+        for drafter in settings.drafts
+        if drafter.weights == "auto" and drafter.model is not None and _has_gguf(drafter, home)
+    ]
+
+
+def _has_gguf(drafter: DrafterConfig, home: Path | None) -> bool:
+    return (
+        drafter.kind in MODEL_KINDS
+        and drafter.model is not None
+        and (drafter.model in REGISTRY or kept_gguf(drafter.model, home) is not None)
+    )
 
 
 def planned_drafts(
@@ -72,13 +102,7 @@ def planned_drafts(
     def planned(drafter: DrafterConfig) -> DrafterConfig:
         if drafter.weights != "auto":
             return drafter
-        blocks = (
-            choice is not None
-            and choice.weights == "gguf"
-            and drafter.kind in MODEL_KINDS
-            and drafter.model is not None
-            and (drafter.model in REGISTRY or kept_gguf(drafter.model, home) is not None)
-        )
+        blocks = choice is not None and choice.weights == "gguf" and _has_gguf(drafter, home)
         return drafter.model_copy(update={"weights": "gguf" if blocks else "dense"})
 
     return settings.model_copy(update={"drafts": [planned(d) for d in settings.drafts]})
@@ -88,13 +112,7 @@ def planned_config(config: ServeConfig) -> ServeConfig:
     """The active backend's weights (and the router's tp) planned, and the
     plan logged, once at start-up."""
     if config.backend == "router":
-        router = config.router
-        plan = choose_plan(
-            router.target, router.weights, router.tp, router.verify_rows, config.home
-        )
-        return config.model_copy(
-            update={"router": planned_drafts(router.with_plan(plan), plan.draft, config.home)}
-        )
+        return config.model_copy(update={"router": planned_router(config.router, config.home)})
     return planned_engine(config)
 
 

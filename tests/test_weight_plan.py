@@ -17,7 +17,13 @@ from specray.deploy.cli import build_parser
 from specray.deploy.config import RouterSettings, ServeConfig
 from specray.deploy.router_backend import router_config
 from specray.deploy.serve import apply_overrides
-from specray.deploy.weights_choice import choose_plan, planned_config, planned_drafts
+from specray.deploy.weights_choice import (
+    auto_draft_models,
+    choose_plan,
+    planned_config,
+    planned_drafts,
+    planned_router,
+)
 
 DENSE = {name: AVX2_TIMINGS[name] for name in ("fp32", "bf16")}
 
@@ -167,3 +173,40 @@ def test_draft_models_left_to_auto_take_the_fastest_one_row_format(tmp_path: Pat
         RouterSettings.model_validate(
             {"target": "t", "drafts": [{"kind": "ngram", "weights": "gguf"}]}
         )
+
+
+def test_a_configured_target_still_probes_for_draft_models_left_to_auto(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Naming the target's weights leaves a draft model's to measure: the
+    probe runs for the draft alone (on its GGUF file), the target keeps its
+    configured format and dtype, and the draft takes the probe's one-row
+    choice (dense only where nothing was measured, as the unprobed case)."""
+    draft_dir = str(write_tiny_qwen2(tmp_path / "draft"))
+    settings = RouterSettings.model_validate(
+        {
+            "target": "t",
+            "weights": "gguf",
+            "tp": 1,
+            "dtype": "float32",
+            "drafts": [{"kind": "suffix_hybrid", "model": draft_dir}],
+        }
+    )
+    assert settings.planned  # the target needs nothing measured
+    assert auto_draft_models(settings) == [draft_dir]
+    with caplog.at_level(logging.INFO, logger="specray.deploy.weights_choice"):
+        planned = planned_router(settings)
+    (line,) = [record.getMessage() for record in caplog.records]
+    assert line.startswith("weights gguf (float32), tp 1: gguf as configured. cpu: ")
+    assert "decode -> " in line and "Draft models: " in line
+    assert (planned.weights, planned.dtype, planned.tp) == ("gguf", "float32", 1)
+    chosen = line.rsplit("Draft models: ", 1)[1].split(",")[0]
+    assert planned.drafts[0].weights == ("gguf" if chosen == "gguf" else "dense")
+    # Planned once, it stays: a second pass probes nothing.
+    caplog.clear()
+    assert planned_router(planned) == planned and not caplog.records
+    # A draft with nothing to choose does not start a probe.
+    lookup = settings.model_copy(
+        update={"drafts": [settings.drafts[0].model_copy(update={"kind": "ngram", "model": None})]}
+    )
+    assert auto_draft_models(lookup) == []

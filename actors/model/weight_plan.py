@@ -78,6 +78,8 @@ def plan_weights(
     else:
         choice = CHOICES[weights]
         reasons.append(f"{weights} as configured.")
+        if recommendation is not None:  # probed for the draft models alone
+            reasons.append(recommendation.reason)
     chosen_tp, tp_reason = _choose_tp(tp, device)
     reasons.append(tp_reason)
     model_dtype = dtype or choice.dtype
