@@ -75,10 +75,13 @@ def diagnostics_lines(run: dict[str, Any]) -> list[str]:
         for arm, reads in found.items()
         for when in ("start", "end")
     ]
-    first = next(iter(found.values()))["start"]["copy_estimates"]
+    first_read = next(iter(found.values()))["start"]
+    first = first_read["copy_estimates"]
     depths = " / ".join(str(d) for d in first.get("depths", ()))
     points = " / ".join(first.get("calibration", {}))
-    lines = [
+    loaded = ", ".join(f"{role} {what}" for role, what in first_read.get("weights", {}).items())
+    lines = ["", f"Weights the replicas loaded (Admin diagnostics): {loaded}."] if loaded else []
+    lines += [
         "",
         "The router's shared copy estimates (Admin diagnostics): pooled acceptance "
         f"given the parent's at depths {depths}, and what the survival calibration "

@@ -297,6 +297,7 @@ class Router:
             recovery=recovery,
             copy_estimates=parts.lanes.scheduler.budget.describe(),
             startup=self._startup,
+            weights=loaded_weights(self.config),
         )
 
     async def ping(self) -> bool:
@@ -371,8 +372,19 @@ def launch_router(config: RouterConfig, **options: Any) -> Any:
     handle = actor.remote(config)
     state: RouterState = ray.get(handle.start.remote())
     if state.startup is not None:
-        log.info("router started in %s", state.startup.describe())
+        weights = ", ".join(f"{role} {what}" for role, what in state.weights.items())
+        log.info("router started in %s; weights: %s", state.startup.describe(), weights)
     return handle
+
+
+def loaded_weights(config: RouterConfig) -> dict[str, str]:
+    """The weights each kind of replica loads: format (model dtype)."""
+    model = config.target.model
+    weights = {"target": f"{model.weights} ({model.dtype})"}
+    if config.draft is not None and config.draft.spec.drafter.model is not None:
+        spec = config.draft.spec
+        weights["draft"] = f"{spec.weights} ({spec.dtype})"
+    return weights
 
 
 def open_stream(router: Any, request: GenerationRequest) -> Any:

@@ -122,6 +122,10 @@ class RouterState:
     recovery: RecoveryState = field(default_factory=RecoveryState)
     copy_estimates: dict[str, Any] = field(default_factory=dict)  # VerifyBudget.describe()
     startup: StartupTimes | None = None  # None: a state not read from a started router
+    # What the replicas were told to load, e.g. {"target": "gguf (bfloat16)"}:
+    # a start-up probe chooses it, so a slow server shows here whether it ran
+    # on the format planned. "draft" only where the drafter has a model.
+    weights: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -177,6 +177,7 @@ class RouterBackend:
         except Exception as error:
             raise _cause(error) from error
         return {
+            "weights": state.weights,
             "verify_costs": state.verify_costs,
             "draft_costs": state.draft_costs,
             "copy_estimates": state.copy_estimates,

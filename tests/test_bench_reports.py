@@ -200,3 +200,22 @@ def test_router_compare_pairs_each_round() -> None:
     assert by_key["spec", 8]["median_ratio"] == 1.25
     with pytest.raises(ValueError, match="whole rounds"):
         router_compare.compare(runs[:3], ["new", "old"])
+
+
+def test_a_served_report_names_the_weights_the_replicas_loaded() -> None:
+    """Where the server's diagnostics say what its replicas loaded (the
+    start-up probe chose it), the report says it before the estimates;
+    older results without it render as they did."""
+    result = json.loads((RESULTS / f"{SERVED_DIAGNOSTICS[0]}.json").read_text())
+    run = result["runs"][0]
+    before = server_diagnostics.diagnostics_lines(run)
+    assert not any("Weights" in line for line in before)
+    first = next(iter(run["diagnostics"].values()))["start"]
+    first["weights"] = {"target": "gguf (bfloat16)", "draft": "gguf (bfloat16)"}
+    after = server_diagnostics.diagnostics_lines(run)
+    assert after[:2] == [
+        "",
+        "Weights the replicas loaded (Admin diagnostics): "
+        "target gguf (bfloat16), draft gguf (bfloat16).",
+    ]
+    assert after[2:] == before

@@ -127,6 +127,9 @@ def test_cost_shapes_are_profiled_at_start(model_router: Any, ngram_router: Any)
         parts = startup.replicas_s + startup.profile.verify_s + startup.profile.draft_s
         assert parts <= startup.total_s
         assert f"{len(startup.profile.verify_sizes)} sizes" in startup.describe()
+        # ... and what each kind of replica was told to load (a lookup loads nothing)
+        assert set(state.weights) == ({"target", "draft"} if feeds else {"target"})
+        assert state.weights["target"].startswith("dense (")
 
 
 def test_unary_generate(ngram_router: Any, tiny_dir_factory) -> None:  # type: ignore[no-untyped-def]
