@@ -116,10 +116,10 @@ def weight_megabytes(drafter: Drafter, gamma: int) -> float:
         per_step += head.lm_head.numel() * head.lm_head.element_size()
         return gamma * per_step / 1e6
     assert isinstance(drafter, DSparkDrafter)
-    model = drafter.model
-    once = size(model.layers) + size(model.fc) + size(model.lm_head)
-    markov = 0 if model.markov_head is None else model.markov_head.markov_w2
-    per_step = 0 if isinstance(markov, int) else markov.numel() * markov.element_size()
+    dspark = drafter.model
+    once = size(dspark.layers) + size(dspark.fc) + size(dspark.lm_head)
+    markov = None if dspark.markov_head is None else dspark.markov_head.markov_w2
+    per_step = 0 if markov is None else markov.numel() * markov.element_size()
     return (once + gamma * per_step) / 1e6
 
 
@@ -210,7 +210,7 @@ def main() -> None:
         drafters[f"model-{Path(args.draft_model).name}"] = build_drafter(
             spec, args.dtype, slots, max_len
         )
-    rows = []
+    rows: list[dict[str, Any]] = []
     for batch in batches:
         seconds = round_seconds(
             drafters,

@@ -68,7 +68,7 @@ class Run:
         )
         self.hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
         (out,) = self.target.verify([VerifyInput("bench", 0, prompt, 1)])
-        self.token, self.start = int(out.logits[-1].argmax()), len(prompt)
+        self.token, self.start = int(out.greedy_ids()[-1]), len(prompt)
         self.tokens: list[int] = []
         self.caller_ms: list[float] = []
         self.decode(args.warmup, record=False)
@@ -81,7 +81,7 @@ class Run:
             if record:
                 self.caller_ms.append((time.perf_counter() - began) * 1e3)
             self.tokens.append(self.token)
-            self.token, self.start = int(out.logits[-1].argmax()), self.start + 1
+            self.token, self.start = int(out.greedy_ids()[-1]), self.start + 1
 
     def report(self) -> dict[str, Any]:
         stats, memory = self.target.stats(), self.target.memory()

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         slots = max(args.batches)
         model = ShardModel(str(target_dir), dtype=args.dtype, num_slots=slots, max_len=256)
         spec = ShardSpec(model, num_threads=args.threads)
-        shard = ray.remote(TargetShardWorker).options(num_cpus=1).remote(spec)
+        worker: Any = ray.remote(TargetShardWorker)
+        shard = worker.options(num_cpus=1).remote(spec)
         sink = ray.remote(Sink).options(num_cpus=0).remote()
         ray.get(shard.ping.remote())
         rows = [

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -167,7 +168,7 @@ def time_models(
     prefill: dict[str, list[float]] = {fmt: [] for fmt in runners}
     for _ in range(max(1, repeats // 3)):
         for fmt, runner in runners.items():
-            prefill[fmt].append(_once_ms(lambda r=runner: r.forward(range(100, 612), 0, 1)))
+            prefill[fmt].append(_once_ms(functools.partial(runner.forward, range(100, 612), 0, 1)))
     out: dict[str, dict[str, Any]] = {}
     for fmt in runners:
         verify = {k: statistics.median(samples[fmt][k]) for k in VERIFY_KS}

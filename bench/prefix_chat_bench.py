@@ -33,7 +33,7 @@ from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.feeds import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.request import GenerationRequest
 from specray.actors.engine.target import LocalTarget
-from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
+from specray.actors.engine.tokenizer import conversation_ids, eos_token_ids, load_tokenizer
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.loader import load_model
 from specray.actors.model.prefix_cache import prefix_tokens
@@ -121,25 +121,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "content": messages[(conv + turn * args.conversations) % len(messages)],
                 }
             )
-            prompt_ids = tokenizer.apply_chat_template(
-                history, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
+            prompt_ids = conversation_ids(tokenizer, history)
             row: dict[str, Any] = {
                 "turn": turn,
                 "conversation": conv,
                 "prompt_tokens": len(prompt_ids),
             }
             for mode in MODES:
-                request = GenerationRequest(
-                    f"{mode}-{conv}-{turn}", list(prompt_ids), stopping=stopping
-                )
+                request = GenerationRequest(f"{mode}-{conv}-{turn}", prompt_ids, stopping=stopping)
                 row[mode] = run_turn(engines[mode], request)
             off, on = row["off"], row["on"]
             row["identical"] = off["output_ids"] == on["output_ids"]
             history.append(
                 {
                     "role": "assistant",
-                    "content": tokenizer.decode(off["output_ids"], skip_special_tokens=True),
+                    "content": str(tokenizer.decode(off["output_ids"], skip_special_tokens=True)),
                 }
             )
             print(

@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.warmup:
             # What specray bench serve --warmup sends first: random prompts,
             # each with speculation on and off, nothing of them measured.
+            if attachment.tokenizer is None:
+                raise SystemExit("--warmup needs the target's tokenizer; its directory has none")
             fresh = warmup_prompts(args.warmup, attachment.tokenizer.vocab_size, args.seed)
             for arm in ARMS:
                 run_arm(router, fresh, arm, 1, -2, args.max_tokens)

@@ -17,7 +17,7 @@ from specray.actors.engine.engine import EngineConfig, SpecEngine
 from specray.actors.engine.feeds import DEFAULT_MAX_BATCHED_TOKENS
 from specray.actors.engine.request import GenerationRequest, RequestStats
 from specray.actors.engine.target import LocalTarget
-from specray.actors.engine.tokenizer import eos_token_ids, load_tokenizer
+from specray.actors.engine.tokenizer import conversation_ids, eos_token_ids, load_tokenizer
 from specray.actors.model.config import ModelConfig
 from specray.actors.model.decoder import DecoderModel
 from specray.actors.model.loader import load_model
@@ -94,10 +94,8 @@ def replay(
         for prompt in session:
             message = {"role": "user", "content": prompt.prompt}
             turn = [*history, message] if args.resend else [message]
-            prompt_ids = tokenizer.apply_chat_template(
-                turn, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            answer = tokenizer.decode(run(prompt, list(prompt_ids)), skip_special_tokens=True)
+            prompt_ids = conversation_ids(tokenizer, turn)
+            answer = str(tokenizer.decode(run(prompt, prompt_ids), skip_special_tokens=True))
             history += [message, {"role": "assistant", "content": answer}]
 
 

@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         prompt_ids = chat_ids(tokenizer, text)
         for name, loaded in engines.items():
             run = run_one(loaded.engine, prompt_ids, schema, args.max_tokens)
-            out_text = tokenizer.decode(run.pop("token_ids"), skip_special_tokens=True)
+            out_text = str(tokenizer.decode(run.pop("token_ids"), skip_special_tokens=True))
             run |= {"prompt": label, "valid": is_valid(out_text, schema), "text": out_text}
             records[name].append(run)
             print(f"{label:10s} {name:30s} {run['seconds']:.2f}s valid={run['valid']}")

@@ -78,7 +78,7 @@ class Run:
         self.step_ms: list[float] = []
         self.tokens: list[int] = []
         (out,) = self.target.verify([VerifyInput("bench", 0, prompt, 1)])
-        self.next_token, self.start = int(out.logits[-1].argmax()), len(prompt)
+        self.next_token, self.start = int(out.greedy_ids()[-1]), len(prompt)
         self.decode(args.warmup, record=False)
         self.target.stats(reset=True)
 
@@ -90,7 +90,7 @@ class Run:
             if record:
                 self.step_ms.append((time.perf_counter() - began) * 1e3)
             self.tokens.append(self.next_token)
-            self.next_token, self.start = int(out.logits[-1].argmax()), self.start + 1
+            self.next_token, self.start = int(out.greedy_ids()[-1]), self.start + 1
 
     def report(self, probe_iters: int) -> dict[str, Any]:
         stats = self.target.stats()

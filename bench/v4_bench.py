@@ -49,7 +49,7 @@ VERIFY_KS = (1, 2, 3, 4, 6, 8, 12, 16)
 CONTEXT = 256
 PROMPT = [100 + (i * 37) % 3000 for i in range(CONTEXT)]
 
-CONFIG = dict(
+CONFIG: dict[str, Any] = dict(
     vocab_size=32000,
     hidden_size=1024,
     moe_intermediate_size=512,
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_dir = Path(tmp)
         torch.manual_seed(0)
         hf_config = DeepseekV4Config(**CONFIG)
-        DeepseekV4ForCausalLM(hf_config).to(dtype).save_pretrained(model_dir)
+        hf_model: Any = DeepseekV4ForCausalLM(hf_config)
+        hf_model.to(dtype).save_pretrained(model_dir)
         mtp = {name: t.to(dtype) for name, t in mtp_tensors(hf_config, seed=1).items()}
         save_file(mtp, str(model_dir / "mtp.safetensors"))
         ours = CachedFeeds(load_model(model_dir, dtype), PROMPT, max(VERIFY_KS))

@@ -17,7 +17,7 @@ py="$root/.venv/bin/python"
 typeroot="$(mktemp -d)"
 trap 'rm -rf "$typeroot"' EXIT
 ln -s "$root" "$typeroot/specray"
-MYPYPATH="$typeroot" "$py" -m mypy -p specray.actors -p specray.cluster -p specray.deploy
+MYPYPATH="$typeroot" "$py" -m mypy -p specray.actors -p specray.cluster -p specray.deploy -p specray.bench
 
 # Two workers (SPECRAY_TEST_WORKERS; 0 runs in this process), each given
 # whole test files, so a module's Ray instance and servers stay in one

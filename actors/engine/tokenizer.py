@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -34,8 +35,16 @@ def eos_token_ids(
 def chat_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """``text`` as one user turn of the tokenizer's chat template, ready for
     the assistant's answer."""
+    return conversation_ids(tokenizer, [{"role": "user", "content": text}])
+
+
+def conversation_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]
+) -> list[int]:
+    """``messages`` (role, content) through the tokenizer's chat template,
+    ready for the assistant's answer."""
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}],
+        [dict(message) for message in messages],
         add_generation_prompt=True,
         tokenize=True,
         return_dict=False,
