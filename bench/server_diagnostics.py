@@ -18,6 +18,7 @@ import grpc
 from specray.bench import round_sizes
 from specray.bench.common import cell, table
 from specray.bench.serve_metrics import ARM_NAMES
+from specray.cluster.router_state import describe_weights
 from specray.protos.specray.v1 import admin_pb2 as admin_pb
 from specray.protos.specray.v1 import admin_pb2_grpc as admin_grpc
 
@@ -79,7 +80,7 @@ def diagnostics_lines(run: dict[str, Any]) -> list[str]:
     first = first_read["copy_estimates"]
     depths = " / ".join(str(d) for d in first.get("depths", ()))
     points = " / ".join(first.get("calibration", {}))
-    loaded = ", ".join(f"{role} {what}" for role, what in first_read.get("weights", {}).items())
+    loaded = describe_weights(first_read.get("weights", {}))
     lines = ["", f"Weights the replicas loaded (Admin diagnostics): {loaded}."] if loaded else []
     lines += [
         "",

@@ -60,6 +60,7 @@ from specray.cluster.router_state import (
     RouterTimings,
     ScaleReport,
     StartupTimes,
+    describe_weights,
 )
 from specray.cluster.scaling import ProfilePlan, Scaler
 from specray.cluster.target_group_config import ShardedTargetConfig
@@ -372,7 +373,7 @@ def launch_router(config: RouterConfig, **options: Any) -> Any:
     handle = actor.remote(config)
     state: RouterState = ray.get(handle.start.remote())
     if state.startup is not None:
-        weights = ", ".join(f"{role} {what}" for role, what in state.weights.items())
+        weights = describe_weights(state.weights)
         log.info("router started in %s; weights: %s", state.startup.describe(), weights)
     return handle
 

@@ -4,6 +4,7 @@ actor holds, and the outcome of a scale call."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +106,11 @@ class StartupTimes:
             f"({len(profile.verify_sizes)} sizes up to {largest} tokens), "
             f"draft cost profiled {profile.draft_s:.1f} s"
         )
+
+
+def describe_weights(weights: Mapping[str, str]) -> str:
+    """:attr:`RouterState.weights` in one phrase: ``target gguf (bfloat16), ...``."""
+    return ", ".join(f"{role} {what}" for role, what in weights.items())
 
 
 @dataclass(frozen=True)

@@ -74,12 +74,11 @@ def plan_weights(
         choice = recommendation.verify if drafting else recommendation.decode
         work = f"a {recommendation.verify_rows}-row verify" if drafting else "one-row decode"
         reasons.append(f"{choice.format} is the fastest measured for {work}.")
-        reasons.append(recommendation.reason)
     else:
         choice = CHOICES[weights]
         reasons.append(f"{weights} as configured.")
-        if recommendation is not None:  # probed for the draft models alone
-            reasons.append(recommendation.reason)
+    if recommendation is not None:  # measured for the target, or for draft models alone
+        reasons.append(recommendation.reason)
     chosen_tp, tp_reason = _choose_tp(tp, device)
     reasons.append(tp_reason)
     model_dtype = dtype or choice.dtype
