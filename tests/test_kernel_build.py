@@ -74,3 +74,28 @@ def test_loading_a_cpu_model_builds_the_kernels_before_its_first_forward(
     monkeypatch.setattr(loader, "block_kernel_reason", lambda: asked.append("built") or None)
     model = loader.load_model(tiny_dir_factory("qwen2"))
     assert asked == ["built"] and not model.training
+
+
+def test_a_change_to_any_header_builds_a_new_library(tmp_path: Path) -> None:
+    """The store's key covers every header of the sources' tree, so an edit
+    to one is never served from a library built before it."""
+    compiler = tmp_path / "fake-g++"
+    compiler.write_text(FAKE_COMPILER)
+    compiler.chmod(compiler.stat().st_mode | stat.S_IEXEC)
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    for source in (*kernel_build.SOURCES, *(path.name for path in CSRC.glob("*.h"))):
+        (csrc / source).write_bytes((CSRC / source).read_bytes())
+    args = (str(tmp_path / "home"), str(compiler), str(tmp_path / "builds.log"))
+    os.environ["SPECRAY_HOME"], os.environ["BUILD_LOG"] = args[0], args[2]
+    try:
+        first = kernel_build._compile(str(compiler), CXX_FLAGS, csrc)
+        headers = sorted(csrc.glob("*.h"))
+        assert {path.name for path in headers} >= {"block_common.h", "tile_unpack.h"}
+        libraries = {first}
+        for header in headers:
+            header.write_text(header.read_text() + "\n// edited\n")
+            libraries.add(kernel_build._compile(str(compiler), CXX_FLAGS, csrc))
+        assert len(libraries) == len(headers) + 1
+    finally:
+        del os.environ["SPECRAY_HOME"], os.environ["BUILD_LOG"]

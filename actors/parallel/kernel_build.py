@@ -21,7 +21,6 @@ from specray.actors.store.layout import default_home
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("tiled_matmul.cpp", "row_attention.cpp", "row_norm.cpp", "rotary.cpp", "cache_rows.cpp")
-HEADERS = ("block_common.h", "tile_vnni.h", "tile_avx2.h")
 NEEDED_FLAGS = frozenset({"avx2", "fma", "f16c"})
 # No contraction into fused multiply-adds where the source has a multiply
 # then an add: dequantized values round twice, as the checkpoint defines.
@@ -77,7 +76,9 @@ def _compile(compiler: str, flags: tuple[str, ...], csrc: Path) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     sources = [csrc / name for name in SOURCES]
     key = hashlib.sha256()
-    for path in (*sources, *(csrc / name for name in HEADERS)):
+    # Every header of the tree, found rather than listed: one missing from a
+    # list would leave a library built from its old text in the store.
+    for path in (*sources, *sorted(csrc.glob("*.h"))):
         key.update(path.read_bytes())
     key.update(version.encode())
     key.update(" ".join(flags).encode())

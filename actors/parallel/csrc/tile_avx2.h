@@ -15,53 +15,27 @@
 // three times.
 constexpr int kRowTile = 8;
 
-// Bits [from, from + width) of each byte moved to bits [4, 4 + width), the
-// rest cleared by the caller's mask. The 16-bit shifts carry bits across the
-// two bytes of a lane only into positions the mask clears.
-template <int From>
-inline __m256i high_to_bit4(__m256i packed) {
-  if constexpr (From < 4) return _mm256_slli_epi16(packed, 4 - From);
-  else if constexpr (From > 4) return _mm256_srli_epi16(packed, From - 4);
-  else return packed;
-}
+#include "tile_unpack.h"
 
-// Chunks (Group * kPerByte + J ...) of the 8: their high bits, or-ed in.
-template <int Bits, int J>
-inline void add_highs(__m256i packed, int first, __m256i* codes) {
-  if constexpr (J < 8 / (Bits - 4)) {
-    constexpr int kWidth = Bits - 4;
-    const __m256i mask = _mm256_set1_epi8(static_cast<char>(((1 << kWidth) - 1) << 4));
-    codes[first + J] =
-        _mm256_or_si256(codes[first + J], _mm256_and_si256(high_to_bit4<J * kWidth>(packed), mask));
-    add_highs<Bits, J + 1>(packed, first, codes);
+// The byte operations tile_unpack.h reads codes with, at this width.
+struct Avx2Bytes {
+  using V = __m256i;
+  static __m256i load(const uint8_t* at) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
   }
-}
+  static __m256i splat(char value) { return _mm256_set1_epi8(value); }
+  static __m256i bit_and(__m256i a, __m256i b) { return _mm256_and_si256(a, b); }
+  static __m256i bit_or(__m256i a, __m256i b) { return _mm256_or_si256(a, b); }
+  template <int N>
+  static __m256i shift_left16(__m256i v) { return _mm256_slli_epi16(v, N); }
+  template <int N>
+  static __m256i shift_right16(__m256i v) { return _mm256_srli_epi16(v, N); }
+};
 
 // The 8 chunks of unsigned codes of block (t, b), rows 0-7 (half 0) or 8-15 (half 1).
 template <int Bits>
 inline void unpack_half(const Tiles& w, int64_t tile_block, int half, __m256i* codes) {
-  if constexpr (Bits == 8) {
-    const uint8_t* at = w.codes + tile_block * kChunks * 64 + half * 32;
-    for (int c = 0; c < kChunks; ++c)
-      codes[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + c * 64));
-  } else {
-    const uint8_t* nibbles = w.nibbles + tile_block * 4 * 64 + half * 32;
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
-    for (int c = 0; c < 4; ++c) {
-      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nibbles + c * 64));
-      codes[c] = _mm256_and_si256(packed, low4);
-      codes[c + 4] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
-    }
-    if constexpr (Bits > 4) {
-      constexpr int kWidth = Bits - 4;
-      const uint8_t* highs = w.highs + tile_block * kWidth * 64 + half * 32;
-      for (int group = 0; group < kWidth; ++group) {
-        const __m256i packed =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(highs + group * 64));
-        add_highs<Bits, 0>(packed, group * (8 / kWidth), codes);
-      }
-    }
-  }
+  unpack_codes<Avx2Bytes, Bits>(w, tile_block, half * 32, codes);
 }
 
 // Rows 0-7 (half 0) or 8-15 (half 1) of a per-row value of group g of block (t, b).

@@ -8,50 +8,27 @@
 // the 32 vector registers.
 constexpr int kRowTile = 8;
 
-// Bits [from, from + width) of each byte moved to bits [4, 4 + width), the
-// rest cleared by the caller's mask (as in tile_avx2.h).
-template <int From>
-inline __m512i high_to_bit4(__m512i packed) {
-  if constexpr (From < 4) return _mm512_slli_epi16(packed, 4 - From);
-  else if constexpr (From > 4) return _mm512_srli_epi16(packed, From - 4);
-  else return packed;
-}
+#include "tile_unpack.h"
 
-template <int Bits, int J>
-inline void add_highs(__m512i packed, int first, __m512i* chunks) {
-  if constexpr (J < 8 / (Bits - 4)) {
-    constexpr int kWidth = Bits - 4;
-    const __m512i mask = _mm512_set1_epi8(static_cast<char>(((1 << kWidth) - 1) << 4));
-    chunks[first + J] = _mm512_or_si512(chunks[first + J],
-                                        _mm512_and_si512(high_to_bit4<J * kWidth>(packed), mask));
-    add_highs<Bits, J + 1>(packed, first, chunks);
+// The byte operations tile_unpack.h reads codes with, at this width.
+struct Avx512Bytes {
+  using V = __m512i;
+  static __m512i load(const uint8_t* at) {
+    return _mm512_loadu_si512(reinterpret_cast<const void*>(at));
   }
-}
+  static __m512i splat(char value) { return _mm512_set1_epi8(value); }
+  static __m512i bit_and(__m512i a, __m512i b) { return _mm512_and_si512(a, b); }
+  static __m512i bit_or(__m512i a, __m512i b) { return _mm512_or_si512(a, b); }
+  template <int N>
+  static __m512i shift_left16(__m512i v) { return _mm512_slli_epi16(v, N); }
+  template <int N>
+  static __m512i shift_right16(__m512i v) { return _mm512_srli_epi16(v, N); }
+};
 
-// The 8 chunks of unsigned codes of block (t, b).
+// The 8 chunks of unsigned codes of block (t, b), all 16 rows.
 template <int Bits>
 inline void unpack(const Tiles& w, int64_t tile_block, __m512i* chunks) {
-  if constexpr (Bits == 8) {
-    const uint8_t* codes = w.codes + tile_block * kChunks * 64;
-    for (int c = 0; c < kChunks; ++c)
-      chunks[c] = _mm512_loadu_si512(reinterpret_cast<const void*>(codes + c * 64));
-  } else {
-    const uint8_t* nibbles = w.nibbles + tile_block * 4 * 64;
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    for (int c = 0; c < 4; ++c) {
-      const __m512i packed = _mm512_loadu_si512(reinterpret_cast<const void*>(nibbles + c * 64));
-      chunks[c] = _mm512_and_si512(packed, low4);
-      chunks[c + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
-    }
-    if constexpr (Bits > 4) {
-      constexpr int kWidth = Bits - 4;
-      const uint8_t* highs = w.highs + tile_block * kWidth * 64;
-      for (int group = 0; group < kWidth; ++group) {
-        const __m512i packed = _mm512_loadu_si512(reinterpret_cast<const void*>(highs + group * 64));
-        add_highs<Bits, 0>(packed, group * (8 / kWidth), chunks);
-      }
-    }
-  }
+  unpack_codes<Avx512Bytes, Bits>(w, tile_block, 0, chunks);
 }
 
 // The 16 rows' scales of group g of block (t, b).
