@@ -87,10 +87,12 @@ def load_all(
     dtype: str,
     with_hf: bool,
     weights: str = "dense",
+    draft_weights: str = "dense",
 ) -> Loaded:
     """HF first: casting an fp32 checkpoint on load peaks at about three times
     the bf16 size (10.6 GB for the 1.5B), best paid before anything else is
-    resident. ``weights``: the target's (draft models stay dense)."""
+    resident. ``weights``: the target's; ``draft_weights``: the draft
+    models' (as a served draft entry's ``weights``)."""
     torch_dtype = parse_dtype(dtype)
     hf_target = None
     hf_drafts: dict[str, Any] = {}
@@ -100,7 +102,7 @@ def load_all(
         for name, d in draft_dirs.items():
             hf_drafts[name] = AutoModelForCausalLM.from_pretrained(d, dtype=torch_dtype).eval()
             gc.collect()
-    drafts = {name: load_model(d, dtype) for name, d in draft_dirs.items()}
+    drafts = {name: load_model(d, dtype, weights=draft_weights) for name, d in draft_dirs.items()}
     for model in [*drafts.values(), *hf_drafts.values(), hf_target]:
         if model is not None:
             model.specray_counter = ForwardCounter(model)
@@ -268,7 +270,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     max_len = max(map(len, prompt_ids.values())) + args.max_tokens + 2 * max_k + 8
 
     load_start = time.perf_counter()
-    loaded = load_all(target_dir, draft_dirs, args.dtype, not args.no_hf, args.weights)
+    loaded = load_all(
+        target_dir, draft_dirs, args.dtype, not args.no_hf, args.weights, args.draft_weights
+    )
     loaded.heads = load_heads(drafters, target_dir, args.dtype)
     print(f"loaded in {time.perf_counter() - load_start:.1f} s", flush=True)
     costs = measure_costs(loaded, drafters, args.calibration_repeats)
@@ -295,6 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "drafters": drafters,
         "dtype": args.dtype,
         "weights": args.weights,
+        "draft_weights": args.draft_weights,
         "max_tokens": args.max_tokens,
         "threads": args.threads,
         "repeats": args.repeats,
@@ -366,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="dense",
         choices=["dense", "gguf"],
         help="the target's: the checkpoint in --dtype, or its GGUF's blocks (low-bit kernels)",
+    )
+    p.add_argument(
+        "--draft-weights",
+        default="dense",
+        choices=["dense", "gguf"],
+        help="the draft models' (model and hybrid drafters), as --weights is the target's",
     )
     p.add_argument("--split", default="eval", choices=["train", "eval", "all"])
     p.add_argument(

@@ -13,6 +13,8 @@ from specray.bench.common import ALL, HF, SPECRAY, TARGET_ONLY, cell, machine_li
 def markdown(result: dict[str, Any]) -> str:
     machine = result["machine"]
     gguf = ", GGUF blocks" if result.get("weights", "dense") == "gguf" else ""
+    if result.get("draft_weights", "dense") == "gguf":
+        gguf += ", draft models on GGUF blocks"
     lines = [
         f"### {result['target']} ({result['dtype']}{gguf}, {result['threads']} threads, "
         f"max {result['max_tokens']} tokens, {len(result['prompts'])} prompts, "

@@ -29,6 +29,7 @@ from specray.actors.parallel.weight_format import LinearWeights
 from specray.actors.sampling.params import SamplingParams, StoppingCriteria
 from specray.actors.store.gguf_file import fetch_gguf
 from specray.actors.workers.draft_worker import DraftWorkerSpec
+from specray.bench.spec_bench import load_all
 from specray.deploy.config import DrafterConfig
 
 MAX_TOKENS = 20
@@ -210,6 +211,27 @@ def test_a_draft_replica_runs_its_model_on_gguf_blocks(model_dir: Path) -> None:
     assert want in formats and "DenseWeights" not in formats
     alone = _generate(model_dir, torch.float32, None, 1, "weight_only")
     assert _generate(model_dir, torch.float32, drafter, 5, "weight_only") == alone
+
+
+def test_the_spec_bench_loads_draft_models_on_their_gguf_blocks_when_asked(
+    model_dir: Path,
+    tiny_dir_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    """``spec_bench --draft-weights gguf``: the in-process bench's draft
+    models run their GGUF blocks, as a served draft entry's do, while the
+    target keeps its own format; the default stays dense."""
+    target_dir = tiny_dir_factory("qwen2")
+    blocks = "BlockWeights" if block_kernel_reason() is None else "Int4Weights"
+
+    def formats(model: torch.nn.Module) -> set[str]:
+        return {type(m).__name__ for m in model.modules() if isinstance(m, LinearWeights)}
+
+    loaded = load_all(target_dir, {"draft": model_dir}, "float32", False, draft_weights="gguf")
+    assert blocks in formats(loaded.drafts["draft"])
+    assert "DenseWeights" not in formats(loaded.drafts["draft"])
+    assert formats(loaded.target) == {"DenseWeights"}
+    dense = load_all(target_dir, {"draft": target_dir}, "float32", False)
+    assert formats(dense.drafts["draft"]) == {"DenseWeights"}
 
 
 def test_weights_are_refused_for_drafters_without_a_model() -> None:
