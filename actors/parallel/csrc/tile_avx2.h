@@ -11,31 +11,16 @@
 
 // Activation rows that share one unpacked block. A half's eight rows of
 // accumulators and its eight chunks of codes fill the 16 vector registers,
-// but unpacking is paid once per eight rows instead of four: a 9-row verify unpacks each block twice, not
-// three times.
+// but unpacking is paid once per eight rows instead of four: a 9-row verify
+// unpacks each block twice, not three times.
 constexpr int kRowTile = 8;
 
 #include "tile_unpack.h"
 
-// The byte operations tile_unpack.h reads codes with, at this width.
-struct Avx2Bytes {
-  using V = __m256i;
-  static __m256i load(const uint8_t* at) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
-  }
-  static __m256i splat(char value) { return _mm256_set1_epi8(value); }
-  static __m256i bit_and(__m256i a, __m256i b) { return _mm256_and_si256(a, b); }
-  static __m256i bit_or(__m256i a, __m256i b) { return _mm256_or_si256(a, b); }
-  template <int N>
-  static __m256i shift_left16(__m256i v) { return _mm256_slli_epi16(v, N); }
-  template <int N>
-  static __m256i shift_right16(__m256i v) { return _mm256_srli_epi16(v, N); }
-};
-
 // The 8 chunks of unsigned codes of block (t, b), rows 0-7 (half 0) or 8-15 (half 1).
 template <int Bits>
 inline void unpack_half(const Tiles& w, int64_t tile_block, int half, __m256i* codes) {
-  unpack_codes<Avx2Bytes, Bits>(w, tile_block, half * 32, codes);
+  unpack_codes<32, Bits>(w, tile_block, half * 32, codes);
 }
 
 // Rows 0-7 (half 0) or 8-15 (half 1) of a per-row value of group g of block (t, b).

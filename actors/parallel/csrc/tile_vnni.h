@@ -10,25 +10,10 @@ constexpr int kRowTile = 8;
 
 #include "tile_unpack.h"
 
-// The byte operations tile_unpack.h reads codes with, at this width.
-struct Avx512Bytes {
-  using V = __m512i;
-  static __m512i load(const uint8_t* at) {
-    return _mm512_loadu_si512(reinterpret_cast<const void*>(at));
-  }
-  static __m512i splat(char value) { return _mm512_set1_epi8(value); }
-  static __m512i bit_and(__m512i a, __m512i b) { return _mm512_and_si512(a, b); }
-  static __m512i bit_or(__m512i a, __m512i b) { return _mm512_or_si512(a, b); }
-  template <int N>
-  static __m512i shift_left16(__m512i v) { return _mm512_slli_epi16(v, N); }
-  template <int N>
-  static __m512i shift_right16(__m512i v) { return _mm512_srli_epi16(v, N); }
-};
-
 // The 8 chunks of unsigned codes of block (t, b), all 16 rows.
 template <int Bits>
 inline void unpack(const Tiles& w, int64_t tile_block, __m512i* chunks) {
-  unpack_codes<Avx512Bytes, Bits>(w, tile_block, 0, chunks);
+  unpack_codes<64, Bits>(w, tile_block, 0, chunks);
 }
 
 // The 16 rows' scales of group g of block (t, b).
