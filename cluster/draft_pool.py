@@ -9,8 +9,10 @@ prefix cache), the one that was sent most of its prefix within a bound on
 imbalance (:func:`specray.cluster.affinity.place`), else the least loaded. Starting and
 finishing a request are sent without waiting: a replica runs its caller's
 calls in submission order, so the next :meth:`DraftPool.propose` to it comes
-after them, and awaits their outcome along with its own. A replica that dies
-or does not answer within ``timeout_s`` surfaces as a
+after them, and awaits their outcome along with its own. A replica that dies,
+or shows no progress for ``timeout_s`` while a proposal is pending
+(:func:`specray.cluster.liveness.await_progressing`: a long catch-up under
+load is computing, not hung), surfaces as a
 :class:`DraftReplicaError`; the pool drops (and kills) it, and the caller
 re-attaches its requests elsewhere by starting them again with their
 committed tokens.
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import ray
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
 
 from specray.actors.drafting.base import DraftProposal, DraftRequest, DraftUpdate
 from specray.actors.drafting.spec import MODEL_KINDS
@@ -38,6 +40,7 @@ from specray.actors.sampling.params import SamplingParams
 from specray.actors.workers.draft_worker import DraftWorker, DraftWorkerSpec, DraftWorkerStats
 from specray.cluster.affinity import PrefixAffinity, block_hashes, place
 from specray.cluster.inline_draft import InlineDraftError, InlineDraftHandle, check_inline
+from specray.cluster.liveness import StalledError, await_progressing
 from specray.cluster.router_state import DraftReplicaState
 
 _MAX_UNSETTLED = 64
@@ -58,7 +61,7 @@ class DraftReplicaError(RuntimeError):
 class DraftPoolConfig:
     spec: DraftWorkerSpec
     num_cpus: float = 1.0  # Ray CPUs per replica; spec.num_threads is what it uses
-    timeout_s: float = 30.0  # bound on every propose
+    timeout_s: float = 30.0  # a pending propose's longest stretch without progress
     start_timeout_s: float = 300.0  # process start and model load
     affinity: bool = True  # place requests where their prefix was drafted (see pick)
     # actor: each replica a Ray actor of its own; router: in the router's
@@ -102,13 +105,24 @@ def affinity_blocks(spec: DraftWorkerSpec) -> int:
     return tokens // DEFAULT_BLOCK_SIZE
 
 
+class DraftReplicaActor(DraftWorker):
+    """A :class:`DraftWorker` as a Ray actor whose progress is answered in a
+    concurrency group of its own, beside a running proposal. (Ray's
+    decorator types the method as a remote one: the override is the same
+    call.)"""
+
+    @ray.method(concurrency_group="probe")
+    def progress(self) -> int:  # type: ignore[override]
+        return super().progress()
+
+
 class DraftPool:
     def __init__(self, config: DraftPoolConfig) -> None:
         self.config = config
         self._affinity_blocks = affinity_blocks(config.spec) if config.affinity else 0
         self.replicas: dict[int, DraftReplica] = {}
         self._ids = itertools.count()
-        self._actor: Any = ray.remote(DraftWorker)
+        self._actor: Any = ray.remote(concurrency_groups={"probe": 1})(DraftReplicaActor)  # type: ignore[call-overload]
         self._background: set[asyncio.Task[Any]] = set()
         self.starting = 0  # replicas being started
 
@@ -284,15 +298,15 @@ class DraftPool:
         unsettled, replica.unsettled = replica.unsettled, []
         refs = [*unsettled, replica.handle.propose.remote(list(requests), list(updates))]
         try:
-            results = await asyncio.wait_for(
-                asyncio.gather(*(_awaitable(ref) for ref in refs)), self.config.timeout_s
+            results = await await_progressing(
+                asyncio.gather(*(_awaitable(ref) for ref in refs)),
+                lambda: _awaitable(replica.handle.progress.remote()),
+                self.config.timeout_s,
             )
-        except (TimeoutError, GetTimeoutError) as err:
+        except StalledError as err:
             self.drop(replica_id)
             raise DraftReplicaError(
-                f"draft replica {replica_id} gave no answer within {self.config.timeout_s:g} s",
-                replica_id,
-                "timeout",
+                f"draft replica {replica_id} {err}", replica_id, "timeout"
             ) from err
         except RayActorError as err:
             self.drop(replica_id)

@@ -1,4 +1,4 @@
-"""Telling a shard that computes from one that is hung, by progress.
+"""Telling a worker that computes from one that is hung, by progress.
 
 A fixed deadline per call cannot do both: a long prefill on a slow machine
 outlasts any deadline short enough to catch a hang quickly, and the router
@@ -9,17 +9,26 @@ beside the call, not behind it). A shard is hung when it answers no probe
 within the interval (a stopped or wedged process), or when its count has not
 moved for ``stall_s`` (stuck, e.g. in a collective with a peer that is gone).
 A shard whose count moves is computing, however long the call takes.
+
+Draft replicas are watched the same way (:func:`await_progressing`, on the
+router's event loop): a draft model's proposal that first feeds the prompts
+of many new requests can take longer on two busy cores than any deadline
+that still catches a hang, and a replica dropped for it restarts, loads its
+model on the same cores and is sent the same catch-up again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray.exceptions import RayError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,26 @@ class Hang:
 
     ranks: tuple[int, ...]
     detail: str
+
+
+@dataclass
+class StallClock:
+    """When one worker's progress count last moved."""
+
+    stall_s: float  # no progress for this long: hung
+    _seen: int | None = None
+    _moved_at: float | None = None
+
+    def stalled(self, count: int, now: float, began: float) -> bool:
+        """Whether ``count``, read at ``now``, has not moved for ``stall_s``
+        (``began``: when the call was sent)."""
+        if self._seen != count:
+            self._seen = count
+            # The first answer only sets the baseline: the call may have
+            # waited behind an earlier one that made the count move.
+            self._moved_at = began if self._moved_at is None else now
+        assert self._moved_at is not None
+        return now - self._moved_at >= self.stall_s
 
 
 @dataclass
@@ -43,8 +72,7 @@ class ProgressWatch:
     # probe that runs beside the call, and a short deadline must not turn
     # that into a false hang.
     answer_s: float = 2.0
-    _seen: dict[int, int] = field(default_factory=dict)
-    _moved_at: dict[int, float] = field(default_factory=dict)
+    _clocks: dict[int, StallClock] = field(default_factory=dict)
 
     @classmethod
     def for_deadline(cls, probe: Callable[[int], Any], timeout_s: float) -> ProgressWatch:
@@ -68,13 +96,44 @@ class ProgressWatch:
                 count = int(ray.get(ref))
             except RayError as err:
                 return Hang((rank,), f"failed its probe: {err}")
-            if self._seen.get(rank) != count:
-                self._seen[rank] = count
-                # The first answer only sets the baseline: the call may have
-                # waited behind an earlier one that made the count move.
-                self._moved_at[rank] = now if rank in self._moved_at else began
-            if now - self._moved_at[rank] >= self.stall_s:
+            clock = self._clocks.setdefault(rank, StallClock(self.stall_s))
+            if clock.stalled(count, now, began):
                 stalled.append(rank)
         if stalled:
             return Hang(tuple(stalled), f"made no progress for {self.stall_s:g} s")
         return None
+
+
+async def await_progressing(
+    answer: Awaitable[T],
+    probe: Callable[[], Awaitable[int]],
+    stall_s: float,
+    answer_s: float = 2.0,
+) -> T:
+    """``answer``'s result, waited for as long as ``probe()`` (the worker's
+    progress count, answered beside the call) keeps moving; a :class:`Hang`
+    as :class:`StalledError` once it has not moved for ``stall_s``, or a
+    probe goes unanswered for ``answer_s`` or the interval. Probes every
+    ``stall_s / 2`` (at most 10 s), as :meth:`ProgressWatch.for_deadline`."""
+    task = asyncio.ensure_future(answer)
+    interval = min(stall_s / 2, 10.0)
+    clock = StallClock(stall_s)
+    began = time.monotonic()
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=interval)
+            if done:
+                return task.result()
+            wait_s = max(interval, answer_s)
+            try:
+                count = await asyncio.wait_for(probe(), wait_s)
+            except TimeoutError:
+                raise StalledError(f"answered no probe within {wait_s:g} s") from None
+            if clock.stalled(int(count), time.monotonic(), began):
+                raise StalledError(f"made no progress for {stall_s:g} s")
+    finally:
+        task.cancel()
+
+
+class StalledError(RuntimeError):
+    """A watched call's worker stopped showing progress."""

@@ -1,11 +1,12 @@
-"""Liveness by progress: a target group that computes is never taken for
-hung, however long one round takes; one that answers no probe, or stops
-making progress, still is. Real Ray actors on loopback."""
+"""Liveness by progress: a target group or a draft replica that computes is
+never taken for hung, however long one round takes; one that answers no
+probe, or stops making progress, still is. Real Ray actors on loopback."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,12 @@ import torch
 from references import greedy_no_cache
 from router_helpers import router_config, router_state, run_all, target_only
 
+from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.engine.request import GenerationRequest
 from specray.actors.model.loader import load_model
 from specray.actors.sampling.params import StoppingCriteria
 from specray.actors.store.random_qwen2 import write_random_qwen2
-from specray.cluster.liveness import ProgressWatch
+from specray.cluster.liveness import ProgressWatch, StalledError, await_progressing
 from specray.cluster.router import launch_router
 
 CONTEXT = 2048  # the checkpoint's context, and the router's max_len
@@ -67,6 +69,36 @@ def test_a_moving_count_is_alive_a_still_or_silent_one_is_hung(local_ray: None) 
     hang = ProgressWatch(lambda rank: actor.progress.remote(), 60.0, 1.0, 1.0).check([0], began)
     assert hang is not None and "no probe" in hang.detail
     ray.kill(actor)
+
+
+def test_a_pending_answer_is_awaited_while_its_count_moves() -> None:
+    """``await_progressing``: an answer that takes four stall windows comes
+    back while the probed count moves; one whose count stands still, or
+    whose probe goes unanswered, raises :class:`StalledError`."""
+
+    async def outcome(count_moves: bool, answers: bool, answer_after_s: float) -> str:
+        counted = 0
+
+        async def probe() -> int:
+            nonlocal counted
+            if not answers:
+                await asyncio.sleep(60)
+            counted += count_moves
+            return counted
+
+        async def answer() -> str:
+            await asyncio.sleep(answer_after_s)
+            return "answer"
+
+        try:
+            return await await_progressing(answer(), probe, stall_s=0.2, answer_s=0.1)
+        except StalledError as err:
+            return str(err)
+
+    assert asyncio.run(outcome(True, True, 0.8)) == "answer"
+    assert asyncio.run(outcome(False, True, 0.8)) == "made no progress for 0.2 s"
+    assert asyncio.run(outcome(True, False, 0.8)) == "answered no probe within 0.1 s"
+    assert asyncio.run(outcome(False, False, 0.05)) == "answer"  # done before any probe
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +162,36 @@ def test_the_longest_prompt_is_served_without_a_restart(
     assert state.recovery.target_failures == 0 and state.recovery.target_restarts == 0
     assert got == reference
     assert elapsed > 2 * config.target.timeout_s  # the deadline alone would have cut it
+
+
+@pytest.mark.slow
+def test_a_draft_models_long_catch_up_is_not_taken_for_a_hang(
+    local_ray: None, long_model: tuple[Path, GenerationRequest, Any, float]
+) -> None:
+    """A draft model (the checkpoint itself) whose first proposal feeds a
+    prompt filling the context in one call, with a draft deadline far
+    shorter than that feed: the replica's count moves all along, so it is
+    never dropped, and the output is target-only's."""
+    model_dir, request, reference, prefill_s = long_model
+    config = router_config(
+        model_dir,
+        DrafterSpec("model", str(model_dir)),
+        max_len=CONTEXT,
+        k=2,
+        adaptive=False,  # every round drafts: the first one feeds the whole prompt
+        max_num_batched_tokens=None,  # in one call, not in chunks
+        profile=False,
+    )
+    assert config.draft is not None
+    draft = replace(config.draft, timeout_s=max(0.25, prefill_s / 3))
+    router = launch_router(replace(config, draft=draft))
+    try:
+        began = time.monotonic()
+        got = asyncio.run(run_all(router, [request]))
+        elapsed = time.monotonic() - began
+        state = router_state(router)
+    finally:
+        ray.get(router.shutdown.remote())
+    assert state.recovery.draft_failures == 0 and state.recovery.draft_restarts == 0
+    assert got == reference
+    assert elapsed > 2 * draft.timeout_s  # the deadline alone would have cut it

@@ -368,6 +368,15 @@ class CatchesUp(Protocol):
 
 
 @runtime_checkable
+class RunsModels(Protocol):
+    """A drafter that computes with torch modules: the ones a replica counts
+    the forwards of, so that a long proposal (a catch-up under load) shows
+    it is computing rather than hung."""
+
+    def models(self) -> Sequence[torch.nn.Module]: ...
+
+
+@runtime_checkable
 class SharesPrefixes(Protocol):
     """A drafter whose cache shares prefixes across requests (a draft model
     with a prefix cache): the pins its requests hold, 0 once none runs."""

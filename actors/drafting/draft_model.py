@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from specray.actors.drafting.base import DraftPaths, DraftProposal, DraftRequest, DraftUpdate
 from specray.actors.drafting.chain_drafts import ChainDrafts
 from specray.actors.drafting.draws import draw_rows
@@ -55,6 +57,9 @@ class DraftModelDrafter:
         self.cache = model.new_cache(num_slots, max_len)
         self.prefix = PrefixCache(self.cache, prefix_tokens) if prefix_tokens else None
         self._requests: RequestSlots[_DraftState] = RequestSlots(self.cache, "draft model")
+
+    def models(self) -> Sequence[torch.nn.Module]:
+        return [self.model]
 
     @property
     def prefix_pins(self) -> int:

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+import torch
+
 from specray.actors.drafting.base import (
     CatchesUp,
     Drafter,
@@ -28,6 +30,7 @@ from specray.actors.drafting.base import (
     DraftProposal,
     DraftRequest,
     DraftUpdate,
+    RunsModels,
     SharesPrefixes,
 )
 from specray.actors.drafting.ngram import NgramDrafter
@@ -123,6 +126,9 @@ class HybridDrafter:
 
     def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
         return self.model.feed_profile(sizes) if isinstance(self.model, CatchesUp) else []
+
+    def models(self) -> Sequence[torch.nn.Module]:
+        return self.model.models() if isinstance(self.model, RunsModels) else []
 
     @property
     def prefix_pins(self) -> int:

@@ -34,6 +34,9 @@ class MTPDrafter(ChainedDrafter[MTPOutput]):
         self.model = model
         self.hidden_layers: tuple[int, ...] = (model.config.num_layers - 1,)
 
+    def models(self) -> Sequence[torch.nn.Module]:
+        return [self.model]
+
     def _feed(self, feeding: Sequence[ChainState[MTPOutput]]) -> list[MTPOutput]:
         batch = ForwardBatch.build(
             [SequenceInput(s.slot, s.pending_tokens, s.fed) for s in feeding]

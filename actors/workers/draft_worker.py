@@ -25,11 +25,13 @@ from specray.actors.drafting.base import (
     DraftProposal,
     DraftRequest,
     DraftUpdate,
+    RunsModels,
     SharesPrefixes,
 )
 from specray.actors.drafting.build import build_drafter
 from specray.actors.drafting.spec import DrafterSpec
 from specray.actors.sampling.params import SamplingParams
+from specray.actors.workers.progress import ForwardCount
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,11 @@ class DraftWorker:
             torch.set_num_threads(source.num_threads)
             source = source.build()
         self.drafter = source
+        self._forwards = ForwardCount(source.models() if isinstance(source, RunsModels) else ())
         self._requests: set[str] = set()
         self._propose_calls = 0
         self._propose_s = 0.0
+        self._answered = 0  # proposals ever answered (stats() resets the calls)
 
     def hidden_layers(self) -> tuple[int, ...]:
         """Target layers whose hidden states the drafter reads; () for none."""
@@ -107,6 +111,7 @@ class DraftWorker:
         finally:
             self._propose_s += time.perf_counter() - began
             self._propose_calls += 1
+            self._answered += 1
 
     def _propose(
         self, requests: Sequence[DraftRequest], updates: Sequence[DraftUpdate]
@@ -153,6 +158,12 @@ class DraftWorker:
         if reset:
             self._propose_calls, self._propose_s = 0, 0.0
         return stats
+
+    def progress(self) -> int:
+        """Leaf modules the drafter's models have run, and proposals answered:
+        it moves while a long proposal (a catch-up of many prompts under
+        load) computes, and stops in a hung replica."""
+        return self._forwards.count + self._answered
 
     def ping(self) -> int:
         """This replica's process id (alive check, and for failure tests)."""

@@ -24,6 +24,7 @@ from specray.actors.model.loader import load_model
 from specray.actors.parallel.distributed import TorchDistGroup, init_tp_group
 from specray.actors.parallel.expert import ExpertShard, ShardGrid
 from specray.actors.parallel.group import SingleGroup, TPGroup
+from specray.actors.workers.progress import ForwardCount
 from specray.actors.workers.shard_model import ShardModel
 from specray.actors.workers.timed_group import CollectiveStats, TimedGroup
 
@@ -106,12 +107,7 @@ class TargetShardWorker:
             Path(loads.model_dir), loads.dtype, self._timed or tp_group, experts, loads.weights
         )
         self.target = LocalTarget(model, loads.num_slots, loads.max_len, loads.prefix_tokens)
-        # Modules run so far (projections, norms, attention): how a long call
-        # shows it is computing, at a grain much finer than a whole layer.
-        self.progress = 0
-        for module in model.modules():
-            if not any(module.children()):
-                module.register_forward_hook(self._count_step)
+        self._forwards = ForwardCount([model])
         self._verify_calls = 0
         self._verify_s = 0.0
 
@@ -119,8 +115,10 @@ class TargetShardWorker:
     def rank(self) -> int:
         return self.spec.rank
 
-    def _count_step(self, *_: object) -> None:
-        self.progress += 1
+    @property
+    def progress(self) -> int:
+        """Leaf modules run so far: how a long call shows it is computing."""
+        return self._forwards.count
 
     def verify(
         self, inputs: Sequence[VerifyInput], hidden_layers: tuple[int, ...] = ()

@@ -147,6 +147,9 @@ class DSparkDrafter:
             state.context_start = state.context_end = first_position
         state.pending.append(target_hidden)
 
+    def models(self) -> Sequence[torch.nn.Module]:
+        return [self.model]
+
     def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
         fused = self.model.config.fused_size
         device = self.model.norm.weight.device

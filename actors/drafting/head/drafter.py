@@ -26,6 +26,9 @@ class HeadDrafter(ChainedDrafter[HeadStep]):
         self.head = head
         self.hidden_layers: tuple[int, ...] = tuple(head.config.hidden_layers)
 
+    def models(self) -> Sequence[torch.nn.Module]:
+        return [self.head]
+
     def feed_profile(self, sizes: Sequence[int]) -> list[tuple[int, float]]:
         fused = self.head.config.fused_size
 
