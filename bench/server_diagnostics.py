@@ -1,6 +1,7 @@
 """What a served run's speculation decisions rested on, read over Admin
 ``GetDiagnostics``: the router's cost models and shared copy estimates at
-the start and end of each arm, and the arm's rounds by verified size.
+the start and end of each arm, the replicas it lost meanwhile, and the
+arm's rounds by verified size.
 
 A router keeps what earlier requests taught it (the client's warm-up
 included), so a served level's result depends on more than its prompts;
@@ -82,6 +83,7 @@ def diagnostics_lines(run: dict[str, Any]) -> list[str]:
     points = " / ".join(first.get("calibration", {}))
     loaded = describe_weights(first_read.get("weights", {}))
     lines = ["", f"Weights the replicas loaded (Admin diagnostics): {loaded}."] if loaded else []
+    lines += losses_lines(found)
     lines += [
         "",
         "The router's shared copy estimates (Admin diagnostics): pooled acceptance "
@@ -96,6 +98,21 @@ def diagnostics_lines(run: dict[str, Any]) -> list[str]:
             size_rows = round_sizes.size_rows(sizes_of(found["spec"]), plain)
             lines += ["", round_sizes.TEXT, "", *table(round_sizes.HEADERS, size_rows, left=1)]
     return lines
+
+
+def losses_lines(found: dict[str, Any]) -> list[str]:
+    """The replicas each arm's router lost (and replaced) while it ran: a
+    lost replica's restart shares the cores with the rest, so an arm that
+    lost one was slowed by more than its own work. Nothing for results
+    from before the diagnostics counted them."""
+    parts = []
+    for arm, reads in found.items():
+        start, end = reads["start"].get("recovery"), reads["end"].get("recovery")
+        if start is None or end is None:
+            return []
+        lost = [end[f"{kind}_failures"] - start[f"{kind}_failures"] for kind in ("draft", "target")]
+        parts.append(f"{ARM_NAMES.get(arm, arm)} {lost[0]} draft, {lost[1]} target")
+    return ["", f"Replicas lost during each arm (Admin diagnostics): {'; '.join(parts)}."]
 
 
 def sizes_of(reads: dict[str, Any]) -> round_sizes.Sizes:

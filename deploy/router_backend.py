@@ -169,8 +169,9 @@ class RouterBackend:
         return max(self._num_targets, 1) * self._num_slots
 
     async def diagnostics(self, reset_rounds: bool = False) -> dict[str, Any]:
-        """The router's cost models and shared copy estimates now, and its
-        rounds since the last reset (``reset_rounds``: start afresh after)."""
+        """The router's cost models, shared copy estimates and replica losses
+        now, and its rounds since the last reset (``reset_rounds``: start
+        afresh after)."""
         try:
             state = await self._state()
             timings: RouterTimings = await self._router.timings.remote(reset_rounds)
@@ -181,6 +182,10 @@ class RouterBackend:
             "verify_costs": state.verify_costs,
             "draft_costs": state.draft_costs,
             "copy_estimates": state.copy_estimates,
+            "recovery": {
+                "draft_failures": state.recovery.draft_failures,
+                "target_failures": state.recovery.target_failures,
+            },
             "rounds": asdict(timings.router)
             | {
                 "target_compute_s": timings.target_compute_s,

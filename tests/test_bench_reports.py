@@ -219,3 +219,22 @@ def test_a_served_report_names_the_weights_the_replicas_loaded() -> None:
         "target gguf (bfloat16), draft gguf (bfloat16).",
     ]
     assert after[2:] == before
+
+
+def test_a_served_report_says_which_arm_lost_replicas() -> None:
+    """Where the diagnostics count replica losses, the report says each
+    arm's (the restarts share the cores with the arm's own work)."""
+    result = json.loads((RESULTS / f"{SERVED_DIAGNOSTICS[0]}.json").read_text())
+    run = result["runs"][0]
+    before = server_diagnostics.diagnostics_lines(run)
+    for arm, lost in (("spec", 3), ("no_spec", 0)):
+        reads = run["diagnostics"][arm]
+        reads["start"]["recovery"] = {"draft_failures": 2, "target_failures": 1}
+        reads["end"]["recovery"] = {"draft_failures": 2 + lost, "target_failures": 1}
+    after = server_diagnostics.diagnostics_lines(run)
+    line = (
+        "Replicas lost during each arm (Admin diagnostics): "
+        "spec 3 draft, 0 target; no spec 0 draft, 0 target."
+    )
+    assert [x for x in after if x.startswith("Replicas")] == [line]
+    assert [x for x in after if not x.startswith("Replicas")] == ["", *before]

@@ -108,6 +108,7 @@ def test_diagnostics_count_one_requests_rounds_and_start_afresh(
     assert after["rounds"]["rounds"] == 0 and after["rounds"]["by_verified"] == {}
     assert found["verify_costs"] and "overall" in found["copy_estimates"]["pool"]
     assert found["weights"] == {"target": "dense (float32)"}  # an n-gram drafter loads none
+    assert found["recovery"] == {"draft_failures": 0, "target_failures": 0}
 
 
 def test_bench_serve_records_each_arms_rounds(server: ServingThread, tmp_path: Path) -> None:
