@@ -131,6 +131,19 @@ def long_model(
     return directory, request, target_only(directory, [request]), prefill_s
 
 
+def _serve(config: Any, request: GenerationRequest) -> tuple[Any, float, Any]:
+    """``request`` through a router of ``config``: its output, the seconds
+    it took and the router's state after it."""
+    router = launch_router(config)
+    try:
+        began = time.monotonic()
+        got = asyncio.run(run_all(router, [request]))
+        elapsed = time.monotonic() - began
+        return got, elapsed, router_state(router)
+    finally:
+        ray.get(router.shutdown.remote())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", [None, 256])
 def test_the_longest_prompt_is_served_without_a_restart(
@@ -151,14 +164,7 @@ def test_the_longest_prompt_is_served_without_a_restart(
         max_num_batched_tokens=budget,
         profile=False,
     )
-    router = launch_router(config)
-    try:
-        began = time.monotonic()
-        got = asyncio.run(run_all(router, [request]))
-        elapsed = time.monotonic() - began
-        state = router_state(router)
-    finally:
-        ray.get(router.shutdown.remote())
+    got, elapsed, state = _serve(config, request)
     assert state.recovery.target_failures == 0 and state.recovery.target_restarts == 0
     assert got == reference
     assert elapsed > 2 * config.target.timeout_s  # the deadline alone would have cut it
@@ -184,14 +190,7 @@ def test_a_draft_models_long_catch_up_is_not_taken_for_a_hang(
     )
     assert config.draft is not None
     draft = replace(config.draft, timeout_s=max(0.25, prefill_s / 3))
-    router = launch_router(replace(config, draft=draft))
-    try:
-        began = time.monotonic()
-        got = asyncio.run(run_all(router, [request]))
-        elapsed = time.monotonic() - began
-        state = router_state(router)
-    finally:
-        ray.get(router.shutdown.remote())
+    got, elapsed, state = _serve(replace(config, draft=draft), request)
     assert state.recovery.draft_failures == 0 and state.recovery.draft_restarts == 0
     assert got == reference
     assert elapsed > 2 * draft.timeout_s  # the deadline alone would have cut it
