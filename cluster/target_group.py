@@ -102,7 +102,7 @@ class TargetShard:
     def progress(self) -> int:
         """Model modules this shard has run: answered beside a running call
         (its own concurrency group), so a long call still shows it computes."""
-        return self._worker.progress if self._worker is not None else 0
+        return self._worker.forwards.count if self._worker is not None else 0
 
 
 class ShardedTarget:

@@ -107,18 +107,14 @@ class TargetShardWorker:
             Path(loads.model_dir), loads.dtype, self._timed or tp_group, experts, loads.weights
         )
         self.target = LocalTarget(model, loads.num_slots, loads.max_len, loads.prefix_tokens)
-        self._forwards = ForwardCount([model])
+        # How a long call shows it is computing (the group's liveness probe).
+        self.forwards = ForwardCount([model])
         self._verify_calls = 0
         self._verify_s = 0.0
 
     @property
     def rank(self) -> int:
         return self.spec.rank
-
-    @property
-    def progress(self) -> int:
-        """Leaf modules run so far: how a long call shows it is computing."""
-        return self._forwards.count
 
     def verify(
         self, inputs: Sequence[VerifyInput], hidden_layers: tuple[int, ...] = ()
