@@ -39,6 +39,13 @@ class Hang:
     detail: str
 
 
+def probe_interval(stall_s: float) -> float:
+    """How often a pending call's worker is probed: twice per ``stall_s``
+    window (a hang is caught about as fast as a deadline caught it), at
+    most every 10 s."""
+    return min(stall_s / 2, 10.0)
+
+
 @dataclass
 class StallClock:
     """When one worker's progress count last moved."""
@@ -77,8 +84,8 @@ class ProgressWatch:
     @classmethod
     def for_deadline(cls, probe: Callable[[int], Any], timeout_s: float) -> ProgressWatch:
         """A watch that catches a hang about as fast as a ``timeout_s``
-        deadline did: probes twice per window, at most every 10 s."""
-        return cls(probe, stall_s=timeout_s, probe_interval_s=min(timeout_s / 2, 10.0))
+        deadline did (:func:`probe_interval`)."""
+        return cls(probe, stall_s=timeout_s, probe_interval_s=probe_interval(timeout_s))
 
     def check(self, pending: Sequence[int], began: float) -> Hang | None:
         """Probe the ``pending`` ranks once; a :class:`Hang` if any is hung.
@@ -111,12 +118,12 @@ async def await_progressing(
     answer_s: float = 2.0,
 ) -> T:
     """``answer``'s result, waited for as long as ``probe()`` (the worker's
-    progress count, answered beside the call) keeps moving; a :class:`Hang`
-    as :class:`StalledError` once it has not moved for ``stall_s``, or a
-    probe goes unanswered for ``answer_s`` or the interval. Probes every
-    ``stall_s / 2`` (at most 10 s), as :meth:`ProgressWatch.for_deadline`."""
+    progress count, answered beside the call) keeps moving. Raises
+    :class:`StalledError` once the count has not moved for ``stall_s``, or a
+    probe goes unanswered for ``answer_s`` or the interval
+    (:func:`probe_interval`), as :meth:`ProgressWatch.check` judges a shard."""
     task = asyncio.ensure_future(answer)
-    interval = min(stall_s / 2, 10.0)
+    interval = probe_interval(stall_s)
     clock = StallClock(stall_s)
     began = time.monotonic()
     try:

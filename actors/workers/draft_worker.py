@@ -85,7 +85,6 @@ class DraftWorker:
         self._requests: set[str] = set()
         self._propose_calls = 0
         self._propose_s = 0.0
-        self._answered = 0  # proposals ever answered (stats() resets the calls)
 
     def hidden_layers(self) -> tuple[int, ...]:
         """Target layers whose hidden states the drafter reads; () for none."""
@@ -111,7 +110,6 @@ class DraftWorker:
         finally:
             self._propose_s += time.perf_counter() - began
             self._propose_calls += 1
-            self._answered += 1
 
     def _propose(
         self, requests: Sequence[DraftRequest], updates: Sequence[DraftUpdate]
@@ -160,10 +158,11 @@ class DraftWorker:
         return stats
 
     def progress(self) -> int:
-        """Leaf modules the drafter's models have run, and proposals answered:
-        it moves while a long proposal (a catch-up of many prompts under
-        load) computes, and stops in a hung replica."""
-        return self._forwards.count + self._answered
+        """Leaf modules the drafter's models have run: it moves while a long
+        proposal (a catch-up of many prompts under load) computes, and stops
+        in a hung replica. A drafter without models never moves it: its
+        proposals are lookups, held to ``timeout_s`` as before."""
+        return self._forwards.count
 
     def ping(self) -> int:
         """This replica's process id (alive check, and for failure tests)."""
